@@ -1,0 +1,26 @@
+"""CoreDiffLib: CoreDiff low-dose CT denoising as a library, a CLI and a Slicer backend.
+
+CoreDiff (Gao et al., IEEE TMI 2024, arXiv:2304.01814) is a *generalized* diffusion model:
+sampling starts warm from the low-dose image itself and walks towards the clean image in a
+few steps with a mean-preserving degradation operator. The package keeps one idea per module:
+
+- :mod:`CoreDiffLib.intensity`   HU <-> network range
+- :mod:`CoreDiffLib.degradation` the operator D(x0, xT, t) and its schedule
+- :mod:`CoreDiffLib.network`     CLEAR-Net (context + time embedding + EMM)
+- :mod:`CoreDiffLib.diffusion`   the T-step warm-start sampler
+- :mod:`CoreDiffLib.training`    the two-stage loss, EMA, checkpoints
+- :mod:`CoreDiffLib.models`      shipped weights, manifests, loading
+- :mod:`CoreDiffLib.inference`   whole-volume denoising with progress and cancel
+- :mod:`CoreDiffLib.io`          volumes (NRRD, NIfTI, MHA, DICOM) via SimpleITK
+- :mod:`CoreDiffLib.metrics`     PSNR / SSIM / RMSE as the paper reports them
+- :mod:`CoreDiffLib.simulation`  phantoms and physically simulated low-dose CT
+- :mod:`CoreDiffLib.cli`         the ``corediff`` command
+
+Nothing here imports Slicer, Qt or VTK.
+"""
+
+__version__ = "0.1.0"
+
+
+class CoreDiffError(Exception):
+    """A user-facing problem (bad input, wrong model...). The message says what to do."""

@@ -1,0 +1,329 @@
+"""The ``corediff`` command line: denoise, train, compare, simulate, models, devices.
+
+Every user-facing failure is a :class:`CoreDiffError` printed as one line,
+``corediff: error: <what is wrong and what to do>``, with exit code 2; nothing is written.
+``--progress lines`` prints ``PROGRESS done total`` lines on stdout for GUIs (Slicer).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+from . import CoreDiffError, __version__
+
+
+# ----------------------------------------------------------------------------- progress
+class Progress:
+    """Reports (done, total) as a tqdm bar, as machine-readable lines, or not at all."""
+
+    def __init__(self, mode: str, unit: str = "slice", desc: str = ""):
+        self.mode, self.unit, self.desc, self._bar = mode, unit, desc, None
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.mode == "lines":
+            print(f"PROGRESS {done} {total}", flush=True)
+        elif self.mode == "bar":
+            if self._bar is None:
+                from tqdm import tqdm
+                self._bar = tqdm(total=total, unit=self.unit, desc=self.desc, file=sys.stderr)
+            self._bar.update(done - self._bar.n)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+def info(args: argparse.Namespace, message: str) -> None:
+    """Human-readable status: 'INFO ...' on stdout in lines mode, stderr otherwise."""
+    if getattr(args, "progress", "bar") == "lines":
+        print(f"INFO {message}", flush=True)
+    elif getattr(args, "progress", "bar") != "none" or getattr(args, "verbose", False):
+        print(message, file=sys.stderr, flush=True)
+
+
+def _add_progress(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--progress", choices=["bar", "lines", "none"], default="bar",
+                   help="progress display: tqdm bar (default), 'PROGRESS done total' lines, or none")
+
+
+# ----------------------------------------------------------------------------- denoise
+def cmd_denoise(args: argparse.Namespace) -> int:
+    from .inference import Denoiser, denoise_volume
+    from .io import check_output_path, read_volume, write_volume
+
+    check_output_path(args.input, args.output)
+    volume = read_volume(args.input)
+    denoiser = Denoiser.load(args.model, args.device, args.steps, args.adaptation)
+    cfg = denoiser.model.config
+    info(args, f"{Path(args.input).name}: {volume.shape[0]} slices of {volume.shape[1]}x{volume.shape[2]}, "
+               f"model width {cfg.width}, T={args.steps or cfg.steps}, device {denoiser.device}")
+    progress = Progress(args.progress, desc="denoising")
+    t0 = time.perf_counter()
+    try:
+        result = denoise_volume(volume.array, batch_size=args.batch_size, progress=progress,
+                                denoiser=denoiser)
+    finally:
+        progress.close()
+    seconds = time.perf_counter() - t0
+    out = write_volume(volume.with_array(result), args.output)
+    info(args, f"wrote {out} ({seconds:.1f} s, {seconds / volume.shape[0]:.2f} s/slice)")
+    return 0
+
+
+def add_denoise_parser(sub) -> None:
+    p = sub.add_parser("denoise", help="denoise a CT volume (file or DICOM folder)")
+    p.add_argument("input", help="LDCT volume: .nrrd, .nii(.gz), .mha or a DICOM folder")
+    p.add_argument("output", help="output file (.nrrd, .nii.gz, .mha) or a new DICOM folder")
+    p.add_argument("--model", default="default", help="shipped model name or .safetensors file")
+    p.add_argument("--adaptation", default=None, help="one-shot adaptation name or file")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    p.add_argument("--batch-size", type=int, default=None, help="slices per batch (memory bound)")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's T)")
+    _add_progress(p)
+    p.set_defaults(func=cmd_denoise)
+
+
+# ----------------------------------------------------------------------------- train
+def cmd_train(args: argparse.Namespace) -> int:
+    from .io import find_pairs, read_pair_list, read_volume
+    from .models import save_weights
+    from .network import NetworkConfig
+    from .training import TrainConfig, train
+
+    pairs = read_pair_list(args.data) if Path(args.data).is_file() else find_pairs(args.data, args.dose_tag)
+    info(args, f"{len(pairs)} NDCT/LDCT pairs")
+    volumes = []
+    for nd, ld in pairs:
+        a, b = read_volume(nd), read_volume(ld)
+        if a.shape != b.shape:
+            raise CoreDiffError(f"{nd} {a.shape} and {ld} {b.shape} differ in shape: pairs must be aligned")
+        volumes.append((a.array, b.array))
+    net_cfg = NetworkConfig(width=args.width, use_context=not args.no_context, use_emm=not args.no_emm,
+                            steps=args.steps)
+    cfg = TrainConfig(iterations=args.iterations, batch_size=args.batch_size, patch_size=args.patch_size,
+                      lr=args.lr, seed=args.seed, checkpoint_every=args.checkpoint_every,
+                      ema_start=min(2000, args.iterations // 5), threads=args.threads)
+    checkpoint = args.checkpoint or str(Path(args.output).with_suffix(".ckpt"))
+    device = "cuda" if args.device == "auto" and _cuda() else ("cpu" if args.device == "auto" else args.device)
+    ema, state = train(volumes, net_cfg, cfg, checkpoint=checkpoint, device=device,
+                       log=lambda m: info(args, m))
+    import os
+    if int(os.environ.get("RANK", "0")) == 0:
+        sha = save_weights(ema, args.output, {"iterations": state.iteration, "train_config": vars(cfg),
+                                              "data": [[str(a), str(b)] for a, b in pairs]})
+        info(args, f"wrote {args.output} (sha256 {sha[:12]}…, {state.iteration} iterations)")
+    return 0
+
+
+def _cuda() -> bool:
+    import torch
+    return torch.cuda.is_available()
+
+
+def add_train_parser(sub) -> None:
+    p = sub.add_parser("train", help="train CLEAR-Net on paired NDCT/LDCT volumes")
+    p.add_argument("data", help="folder of NDCT/LDCT pairs matched by name, or a 'ndct,ldct' list file")
+    p.add_argument("--out", dest="output", required=True, help="output weights (.safetensors)")
+    p.add_argument("--dose-tag", default=None, help="LDCT dose tag to use when several exist (e.g. 25)")
+    p.add_argument("--iterations", type=int, default=20000)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--patch-size", type=int, default=64, help="training patch size (0 = whole slices)")
+    p.add_argument("--width", type=int, default=64, help="network width (64 = the paper)")
+    p.add_argument("--steps", type=int, default=10, help="T, sampling steps")
+    p.add_argument("--no-context", action="store_true", help="ablation: no adjacent slices")
+    p.add_argument("--no-emm", action="store_true", help="ablation: no error-modulated module")
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint", default=None, help="resumable checkpoint (default: OUT.ckpt)")
+    p.add_argument("--checkpoint-every", type=int, default=500)
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = all)")
+    p.add_argument("--device", default="auto")
+    _add_progress(p)
+    p.set_defaults(func=cmd_train)
+
+
+# ----------------------------------------------------------------------------- compare
+def cmd_compare(args: argparse.Namespace) -> int:
+    import csv
+
+    from .figures import comparison_figure
+    from .io import read_volume
+    from .metrics import mean_metrics, volume_metrics
+
+    denoised = read_volume(args.denoised)
+    ldct = read_volume(args.ldct) if args.ldct else None
+    ref = read_volume(args.reference) if args.reference else None
+    for other, name in ((ldct, "--ldct"), (ref, "--reference")):
+        if other is not None and other.shape != denoised.shape:
+            raise CoreDiffError(f"{name} volume {other.shape} and denoised volume {denoised.shape} differ "
+                                "in shape: compare volumes of the same scan")
+    rows = []
+    if ref is not None:
+        series = [("denoised", denoised)] + ([("ldct", ldct)] if ldct is not None else [])
+        table = {name: volume_metrics(v.array, ref.array) for name, v in series}
+        print(f"{'slice':>5} " + " ".join(f"{n + ' PSNR':>14} {n + ' SSIM':>14} {n + ' RMSE':>14}" for n, _ in series))
+        for k in range(denoised.shape[0]):
+            row = {"slice": k}
+            for name, _ in series:
+                m = table[name][k]
+                row.update({f"{name}_psnr": m.psnr, f"{name}_ssim": m.ssim, f"{name}_rmse_hu": m.rmse_hu})
+            rows.append(row)
+            print(f"{k:>5} " + " ".join(f"{row[f'{n}_psnr']:>14.2f} {row[f'{n}_ssim']:>14.4f} "
+                                         f"{row[f'{n}_rmse_hu']:>14.1f}" for n, _ in series))
+        print("mean  " + " ".join(
+            f"{m.psnr:>14.2f} {m.ssim:>14.4f} {m.rmse_hu:>14.1f}"
+            for m in (mean_metrics(table[n]) for n, _ in series)))
+        if args.csv:
+            with open(args.csv, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+                writer.writeheader()
+                writer.writerows(rows)
+            info(args, f"wrote {args.csv}")
+    else:
+        info(args, "no --reference: metrics need a normal-dose volume; writing the figure only")
+    if args.figure:
+        k = args.slice if args.slice is not None else denoised.shape[0] // 2
+        if not 0 <= k < denoised.shape[0]:
+            raise CoreDiffError(f"--slice {k} is out of range 0..{denoised.shape[0] - 1}")
+        panels = {}
+        if ldct is not None:
+            panels["LDCT"] = ldct.array[k]
+        panels["CoreDiff"] = denoised.array[k]
+        if ref is not None:
+            panels["NDCT (reference)"] = ref.array[k]
+        diff = ("LDCT", "CoreDiff") if ldct is not None else None
+        comparison_figure(panels, args.figure, title=f"slice {k}", difference=diff)
+        info(args, f"wrote {args.figure}")
+    return 0
+
+
+def add_compare_parser(sub) -> None:
+    p = sub.add_parser("compare", help="PSNR/SSIM/RMSE per slice and a side-by-side figure")
+    p.add_argument("denoised", help="denoised volume")
+    p.add_argument("--ldct", help="the low-dose input volume")
+    p.add_argument("--reference", help="normal-dose reference volume (needed for metrics)")
+    p.add_argument("--csv", help="write per-slice metrics to this CSV")
+    p.add_argument("--figure", help="write a side-by-side PNG here")
+    p.add_argument("--slice", type=int, default=None, help="slice for the figure (default: middle)")
+    p.set_defaults(func=cmd_compare, progress="bar")
+
+
+# ----------------------------------------------------------------------------- simulate
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from .simulation import simulate_dataset
+
+    doses = args.dose
+    for d in doses:
+        if not 0 < d <= 1:
+            raise CoreDiffError(f"--dose {d} is out of range: give a fraction of the full dose in (0, 1], "
+                                "e.g. 0.25 for quarter dose")
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    try:
+        paths = simulate_dataset(args.out, doses if len(doses) > 1 else doses[0], args.count, args.slices,
+                                 size=args.size, seed=args.seed, progress=args.progress != "none")
+    except ValueError as exc:
+        raise CoreDiffError(str(exc)) from None
+    info(args, f"wrote {len(paths)} volumes to {args.out}")
+    return 0
+
+
+def add_simulate_parser(sub) -> None:
+    p = sub.add_parser("simulate", help="simulate paired NDCT/LDCT volumes from phantoms")
+    p.add_argument("--dose", type=float, nargs="+", required=True, help="dose fraction(s), e.g. 0.25 0.1")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--count", type=int, default=1, help="number of phantom volumes")
+    p.add_argument("--slices", type=int, default=16, help="slices per volume")
+    p.add_argument("--size", type=int, default=512, help="in-plane size (pixels)")
+    p.add_argument("--seed", type=int, default=0)
+    _add_progress(p)
+    p.set_defaults(func=cmd_simulate)
+
+
+# ----------------------------------------------------------------------------- models / devices
+def cmd_models(args: argparse.Namespace) -> int:
+    from .models import WEIGHTS_DIR, load_manifest
+    manifest = load_manifest()
+    rows = [{"name": name, "path": str(WEIGHTS_DIR / e["file"]), "kind": "model",
+             "description": e.get("description", ""), "dose": e.get("dose"),
+             "default": name == manifest.get("default")}
+            for name, e in manifest.get("models", {}).items()]
+    try:
+        from .oneshot import list_adaptations
+        rows += list_adaptations()
+    except ImportError:
+        pass
+    if args.json:
+        print(json.dumps(rows, indent=1))
+    else:
+        for r in rows:
+            star = "*" if r.get("default") else " "
+            print(f"{star} {r['name']:<24} {r['kind']:<10} {r.get('description', '')}")
+    return 0
+
+
+def cmd_devices(args: argparse.Namespace) -> int:
+    import torch
+    rows = [{"name": "cpu", "label": f"CPU ({torch.get_num_threads()} threads)", "memory_gb": None}]
+    for i in range(torch.cuda.device_count() if torch.cuda.is_available() else 0):
+        prop = torch.cuda.get_device_properties(i)
+        gb = prop.total_memory / 2**30
+        rows.append({"name": f"cuda:{i}", "label": f"{prop.name} ({gb:.0f} GiB)", "memory_gb": round(gb, 1)})
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        rows.append({"name": "mps", "label": "Apple GPU (MPS)", "memory_gb": None})
+    if args.json:
+        print(json.dumps(rows, indent=1))
+    else:
+        for r in rows:
+            print(f"{r['name']:<8} {r['label']}")
+    return 0
+
+
+def add_info_parsers(sub) -> None:
+    p = sub.add_parser("models", help="list shipped models and saved one-shot adaptations")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_models)
+    p = sub.add_parser("devices", help="list compute devices PyTorch can use")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_devices)
+
+
+# ----------------------------------------------------------------------------- main
+#: Every sub-command registers itself here; later modules append their own.
+PARSERS: list[Callable] = [add_denoise_parser, add_train_parser, add_compare_parser,
+                           add_simulate_parser, add_info_parsers]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="corediff", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"corediff {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in PARSERS:
+        add(sub)
+    return parser
+
+
+def _terminate(signum, frame):  # SIGTERM -> unwind normally so temporary files are removed
+    raise SystemExit(128 + signum)
+
+
+def main(argv: list[str] | None = None) -> int:
+    signal.signal(signal.SIGTERM, _terminate)
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except CoreDiffError as exc:
+        print(f"corediff: error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    except KeyboardInterrupt:
+        print("corediff: error: interrupted; no output was written", file=sys.stderr, flush=True)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,331 @@
+"""Reading and writing CT volumes (NRRD, NIfTI, MHA/MHD, DICOM series) with SimpleITK.
+
+Arrays are (slices, rows, cols) float32 in HU — the same (K, J, I) order as Slicer's
+``arrayFromVolume`` — and carry their geometry (spacing, origin, direction) so nothing is
+lost on the way back. Outputs are written atomically: a temporary sibling, then a rename,
+so a crash or a cancel never leaves a half-written file, and the input is never touched.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from . import CoreDiffError
+
+FILE_SUFFIXES = (".nrrd", ".nhdr", ".nii", ".nii.gz", ".mha", ".mhd")
+#: Values at or below this are treated as "outside the field of view" padding (-2000, -3024...).
+PADDING_THRESHOLD_HU = -1500.0
+#: DICOM tags copied from the source series to a denoised series (patient / study level).
+_COPIED_TAGS = (
+    "0010|0010", "0010|0020", "0010|0030", "0010|0040", "0010|1010",  # patient
+    "0020|000d", "0008|0020", "0008|0030", "0008|0050", "0008|0090", "0020|0010",  # study
+    "0008|1030", "0008|0070", "0008|1090", "0018|0050", "0018|0060", "0018|1150", "0018|1151",
+    "0018|1210", "0020|0052", "0020|1040", "0008|0080",
+)
+
+
+@dataclass
+class Volume:
+    """A CT volume in HU with its physical geometry (ITK/LPS conventions)."""
+
+    array: np.ndarray                       # (slices, rows, cols) float32 HU
+    spacing: tuple[float, float, float]     # (x, y, z) mm
+    origin: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    direction: tuple[float, ...] = (1, 0, 0, 0, 1, 0, 0, 0, 1)
+    pixel_type: str = "float32"             # numpy dtype of the stored pixels, for writing back
+    dicom_tags: dict[str, str] = field(default_factory=dict)  # first slice's tags (DICOM input)
+    source: str = ""
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.array.shape)  # type: ignore[return-value]
+
+    def with_array(self, array: np.ndarray) -> "Volume":
+        """Same geometry and tags, new voxels (used for outputs)."""
+        return Volume(np.asarray(array, dtype=np.float32), self.spacing, self.origin, self.direction,
+                      self.pixel_type, dict(self.dicom_tags), self.source)
+
+
+# ----------------------------------------------------------------------------- paths
+def is_file_path(path: str | os.PathLike) -> bool:
+    return str(path).lower().endswith(FILE_SUFFIXES)
+
+
+def check_output_path(input_path: str | os.PathLike | None, output_path: str | os.PathLike) -> None:
+    """Refuse outputs that would overwrite or live inside the input, or have an unknown type."""
+    out = Path(output_path).expanduser().resolve()
+    if input_path is not None:
+        src = Path(input_path).expanduser().resolve()
+        if out == src:
+            raise CoreDiffError(f"output {output_path} is the input: choose a different output path "
+                                "(the input is never overwritten)")
+        if src.is_dir() and src in out.parents:
+            raise CoreDiffError(f"output {output_path} is inside the input DICOM folder: write it elsewhere")
+    if not is_file_path(out):
+        if out.suffix and out.suffix.lower() not in ("",):
+            raise CoreDiffError(f"unknown output type '{out.suffix}': use .nrrd, .nii.gz, .mha or a "
+                                "folder name for a DICOM series")
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise CoreDiffError(f"output folder {output_path} exists and is not empty: "
+                                "choose a new folder for the DICOM series")
+    if not out.parent.exists():
+        raise CoreDiffError(f"output folder {out.parent} does not exist: create it first")
+
+
+# ----------------------------------------------------------------------------- reading
+def _read_dicom_series(folder: Path) -> tuple[sitk.Image, dict[str, str]]:
+    reader = sitk.ImageSeriesReader()
+    series = reader.GetGDCMSeriesIDs(str(folder))
+    if not series:
+        raise CoreDiffError(f"{folder} holds no DICOM series: point to a folder of .dcm slices "
+                            "or to a .nrrd/.nii.gz/.mha file")
+    # Several series in one folder: take the one with the most slices (the main CT series).
+    files = max((reader.GetGDCMSeriesFileNames(str(folder), s) for s in series), key=len)
+    reader.SetFileNames(files)
+    reader.MetaDataDictionaryArrayUpdateOn()
+    reader.LoadPrivateTagsOn()
+    image = reader.Execute()  # applies RescaleSlope / RescaleIntercept -> HU
+    tags = {k: reader.GetMetaData(0, k) for k in reader.GetMetaDataKeys(0)}
+    modality = tags.get("0008|0060", "CT").strip()
+    if modality and modality != "CT":
+        raise CoreDiffError(f"{folder} is a {modality} series, not CT: CoreDiff denoises CT in HU only")
+    return image, tags
+
+
+def read_volume(path: str | os.PathLike) -> Volume:
+    """Read a CT volume in HU. Raises :class:`CoreDiffError` with an actionable message."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise CoreDiffError(f"input {path} does not exist")
+    try:
+        if p.is_dir():
+            image, tags = _read_dicom_series(p)
+        else:
+            if not is_file_path(p) and p.suffix.lower() != ".dcm":
+                raise CoreDiffError(f"unsupported input type '{p.suffix}': use .nrrd, .nii(.gz), .mha, "
+                                    "or a DICOM folder")
+            image, tags = sitk.ReadImage(str(p)), {}
+    except RuntimeError as exc:  # SimpleITK's reader errors
+        first = str(exc).strip().splitlines()[-1] if str(exc).strip() else "unreadable"
+        raise CoreDiffError(f"cannot read {path}: {first}") from None
+
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise CoreDiffError(f"{path} has {image.GetNumberOfComponentsPerPixel()} components per voxel "
+                            "(colour or vector image): CoreDiff needs a scalar CT volume in HU")
+    if image.GetDimension() not in (2, 3):
+        raise CoreDiffError(f"{path} is {image.GetDimension()}-D: give one 3-D CT volume "
+                            "(split time series into separate volumes)")
+    if image.GetDimension() == 2:
+        image = sitk.JoinSeries(image)
+    array = sitk.GetArrayFromImage(image)
+    if array.ndim != 3:
+        raise CoreDiffError(f"{path} has shape {array.shape}: expected (slices, rows, cols)")
+    pixel_type = str(array.dtype)
+    array = array.astype(np.float32, copy=False)
+    validate_ct_array(array, str(path))
+    return Volume(array, tuple(image.GetSpacing()), tuple(image.GetOrigin()),
+                  tuple(image.GetDirection()), pixel_type, tags, str(p))
+
+
+def validate_ct_array(array: np.ndarray, name: str = "volume") -> None:
+    """Reject what is not a CT volume in HU, with a message that says how to fix it."""
+    if array.ndim != 3 or min(array.shape) < 1:
+        raise CoreDiffError(f"{name} has shape {array.shape}: expected (slices, rows, cols)")
+    if array.shape[1] < 16 or array.shape[2] < 16:
+        raise CoreDiffError(f"{name} slices are {array.shape[1]}x{array.shape[2]}: at least 16x16 needed")
+    if not np.isfinite(array).all():
+        bad = int((~np.isfinite(array)).sum())
+        raise CoreDiffError(f"{name} contains {bad} NaN/inf voxels: fix or mask them before denoising")
+    lo, hi = float(array.min()), float(array.max())
+    if lo > -500.0:
+        raise CoreDiffError(
+            f"{name} does not look like CT in HU (minimum {lo:.0f}, but air is about -1000 HU). "
+            "If it is CT stored without its rescale intercept, subtract 1024; MR, PET and "
+            "ultrasound images cannot be denoised with CoreDiff")
+    if hi > 40000.0:
+        raise CoreDiffError(f"{name} has values up to {hi:.0f}, far beyond CT's HU range: "
+                            "is it raw detector data or a non-CT image?")
+
+
+# ----------------------------------------------------------------------------- writing
+def _to_image(volume: Volume, array: np.ndarray) -> sitk.Image:
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing(tuple(float(s) for s in volume.spacing))
+    image.SetOrigin(tuple(float(o) for o in volume.origin))
+    image.SetDirection(tuple(float(d) for d in volume.direction))
+    return image
+
+
+def _cast_like_input(volume: Volume) -> np.ndarray:
+    """Write in the input's pixel type when it can hold the values (rounded), else float32."""
+    arr = volume.array
+    dtype = np.dtype(volume.pixel_type)
+    if np.issubdtype(dtype, np.integer):
+        info = np.iinfo(dtype)
+        rounded = np.rint(arr)
+        if rounded.min() >= info.min and rounded.max() <= info.max:
+            return rounded.astype(dtype)
+        if rounded.min() >= -32768 and rounded.max() <= 32767:
+            return rounded.astype(np.int16)
+    return arr.astype(np.float32)
+
+
+def write_volume(volume: Volume, path: str | os.PathLike, series_description: str | None = None) -> Path:
+    """Write atomically to a file (by extension) or a new DICOM series folder."""
+    out = Path(path).expanduser()
+    pixels = _cast_like_input(volume)
+    if is_file_path(out):
+        tmp = out.with_name(f".{out.name}.partial-{os.getpid()}" + "".join(out.suffixes[-2:]))
+        try:
+            sitk.WriteImage(_to_image(volume, pixels), str(tmp), True)
+            os.replace(tmp, out)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+        return out
+    tmpdir = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        _write_dicom_series(volume, pixels, tmpdir, series_description or "CoreDiff denoised")
+        if out.exists():
+            out.rmdir()  # check_output_path guaranteed it is empty
+        os.replace(tmpdir, out)
+    finally:
+        if tmpdir.exists():
+            shutil.rmtree(tmpdir, ignore_errors=True)
+    return out
+
+
+def _write_dicom_series(volume: Volume, pixels: np.ndarray, folder: Path, description: str) -> None:
+    """One file per slice; patient/study tags kept, a new series UID, DERIVED image type."""
+    if pixels.dtype not in (np.int16, np.uint16):
+        pixels = np.clip(np.rint(volume.array), -32768, 32767).astype(np.int16)
+    image = _to_image(volume, pixels)
+    src = volume.dicom_tags
+    now = _dt.datetime.now()
+    uid_root = "1.2.826.0.1.3680043.2.1125"
+    series_uid = f"{uid_root}.{now:%Y%m%d%H%M%S}.{os.getpid()}.{np.random.randint(1, 1 << 30)}"
+    source_desc = src.get("0008|103e", "").strip()
+    common = {k: src[k] for k in _COPIED_TAGS if k in src}
+    if "0020|000d" not in common:  # no source study: make one so viewers group it properly
+        common["0020|000d"] = series_uid + ".1"
+    common.update({
+        "0008|0060": "CT",
+        "0008|0008": "DERIVED\\SECONDARY",
+        "0020|000e": series_uid,
+        "0008|103e": (f"{source_desc} - {description}" if source_desc else description)[:64],
+        "0008|0021": f"{now:%Y%m%d}", "0008|0031": f"{now:%H%M%S}",
+        "0020|0011": str(int(src.get("0020|0011", "0") or 0) + 1000),
+        "0028|1052": "0", "0028|1053": "1", "0028|1054": "HU",
+        "0020|0037": "\\".join(f"{d:.6f}" for d in (*volume.direction[0::3], *volume.direction[1::3])),
+    })
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    for k in range(image.GetDepth()):
+        sl = image[:, :, k]
+        for tag, value in common.items():
+            sl.SetMetaData(tag, value)
+        pos = image.TransformIndexToPhysicalPoint((0, 0, k))
+        sl.SetMetaData("0020|0032", "\\".join(f"{p:.6f}" for p in pos))
+        sl.SetMetaData("0020|0013", str(k + 1))
+        sl.SetMetaData("0008|0018", f"{series_uid}.{k + 1}")
+        writer.SetFileName(str(folder / f"slice_{k + 1:04d}.dcm"))
+        writer.Execute(sl)
+
+
+# ----------------------------------------------------------------------------- datasets
+_NDCT_TOKENS = {"ndct", "full", "fulldose", "fd", "nd", "hd", "normal", "normaldose", "target"}
+_LDCT_PREFIXES = ("ldct", "quarter", "quarterdose", "qd", "ld", "low", "lowdose", "input")
+_DICOM_SUFFIXES = (".dcm", ".ima", "")
+
+
+def _role_and_key(rel: str) -> tuple[str, str, str] | None:
+    """('ndct'|'ldct', pairing key, dose tag) from a relative path, or None if neither."""
+    import re
+    name = rel.lower()
+    for suf in FILE_SUFFIXES:
+        if name.endswith(suf):
+            name = name[: -len(suf)]
+            break
+    tokens = [t for t in re.split(r"[/\\_\-. ]+", name) if t]
+    for i, tok in enumerate(tokens):
+        rest = "_".join(tokens[:i] + tokens[i + 1:])
+        if tok in _NDCT_TOKENS:
+            return "ndct", rest, ""
+        for prefix in _LDCT_PREFIXES:
+            if tok.startswith(prefix) and (tok == prefix or tok[len(prefix):].isdigit()):
+                return "ldct", rest, tok[len(prefix):]
+    return None
+
+
+def _volume_candidates(folder: Path) -> list[Path]:
+    found = []
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        vis = [f for f in files if not f.startswith(".")]
+        found += [Path(root) / f for f in sorted(vis) if is_file_path(f)]
+        if any(Path(f).suffix.lower() in _DICOM_SUFFIXES and not is_file_path(f) for f in vis) \
+                and Path(root) != folder:
+            found.append(Path(root))
+    return found
+
+
+def find_pairs(folder: str | os.PathLike, dose_tag: str | None = None) -> list[tuple[Path, Path]]:
+    """NDCT/LDCT pairs in a folder, matched by name.
+
+    Works for this project's simulations (``case000_ndct.nrrd`` / ``case000_ldct25.nrrd``),
+    Mayo-style DICOM trees (``L067/full_1mm/`` / ``L067/quarter_1mm/``) and similar layouts:
+    the role token (ndct/full/fd vs ldct/quarter/qd, optionally with a dose number) is
+    removed and the rest of the path must match. ``dose_tag`` ('25') picks one LDCT dose.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CoreDiffError(f"training data folder {folder} does not exist")
+    ndct: dict[str, Path] = {}
+    ldct: dict[str, list[tuple[str, Path]]] = {}
+    for path in _volume_candidates(folder):
+        parsed = _role_and_key(str(path.relative_to(folder)))
+        if parsed is None:
+            continue
+        role, key, tag = parsed
+        if role == "ndct":
+            ndct[key] = path
+        else:
+            ldct.setdefault(key, []).append((tag, path))
+    pairs = []
+    for key, options in sorted(ldct.items()):
+        if key not in ndct:
+            continue
+        chosen = [p for tag, p in options if dose_tag is None or tag == str(dose_tag)]
+        if dose_tag is None and len(chosen) > 1:
+            tags = sorted(tag for tag, _ in options)
+            raise CoreDiffError(f"{key} has several LDCT doses ({', '.join(tags)}): choose one with "
+                                "--dose-tag")
+        pairs += [(ndct[key], p) for p in chosen]
+    if not pairs:
+        raise CoreDiffError(f"no NDCT/LDCT pairs found in {folder}: name them like case1_ndct.nrrd / "
+                            "case1_ldct.nrrd (or full_*/quarter_* DICOM folders), or pass a list file")
+    return pairs
+
+
+def read_pair_list(path: str | os.PathLike) -> list[tuple[Path, Path]]:
+    """A text/CSV file with one 'ndct_path,ldct_path' per line (relative to the file)."""
+    base = Path(path).parent
+    pairs = []
+    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#") or line.lower().startswith("ndct"):
+            continue
+        parts = [p.strip() for p in line.replace("\t", ",").split(",")]
+        if len(parts) != 2:
+            raise CoreDiffError(f"{path}:{n}: expected 'ndct_path,ldct_path', got '{line}'")
+        pairs.append(tuple(p if Path(p).is_absolute() else base / p for p in map(Path, parts)))
+    if not pairs:
+        raise CoreDiffError(f"{path} lists no pairs")
+    return pairs  # type: ignore[return-value]

@@ -1,0 +1,60 @@
+"""Image-quality metrics exactly as the CoreDiff paper reports them.
+
+Both images are clipped to the [-1000, 1000] HU window and scaled to [0, 1]; PSNR and SSIM
+(11x11 Gaussian window, sigma 1.5, scikit-image's implementation) are computed per slice on
+that scale, RMSE in HU on the clipped values. Volume figures are means over slices.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from skimage.metrics import structural_similarity
+
+from .intensity import METRIC_WINDOW_HU
+
+_LO, _HI = METRIC_WINDOW_HU
+
+
+def _window(hu: np.ndarray) -> np.ndarray:
+    return (np.clip(np.asarray(hu, dtype=np.float64), _LO, _HI) - _LO) / (_HI - _LO)
+
+
+def psnr(image_hu: np.ndarray, reference_hu: np.ndarray) -> float:
+    mse = float(np.mean((_window(image_hu) - _window(reference_hu)) ** 2))
+    return float("inf") if mse == 0 else 10.0 * np.log10(1.0 / mse)
+
+
+def rmse_hu(image_hu: np.ndarray, reference_hu: np.ndarray) -> float:
+    return float(np.sqrt(np.mean((_window(image_hu) - _window(reference_hu)) ** 2)) * (_HI - _LO))
+
+
+def ssim(image_hu: np.ndarray, reference_hu: np.ndarray) -> float:
+    """SSIM of one 2-D slice (Gaussian 11x11, sigma 1.5, as in the paper)."""
+    return float(structural_similarity(_window(image_hu), _window(reference_hu), data_range=1.0,
+                                       gaussian_weights=True, sigma=1.5, use_sample_covariance=False))
+
+
+@dataclass
+class SliceMetrics:
+    psnr: float
+    ssim: float
+    rmse_hu: float
+
+
+def slice_metrics(image_hu: np.ndarray, reference_hu: np.ndarray) -> SliceMetrics:
+    return SliceMetrics(psnr(image_hu, reference_hu), ssim(image_hu, reference_hu),
+                        rmse_hu(image_hu, reference_hu))
+
+
+def volume_metrics(volume_hu: np.ndarray, reference_hu: np.ndarray) -> list[SliceMetrics]:
+    """Per-slice metrics of two (slices, rows, cols) volumes."""
+    if volume_hu.shape != reference_hu.shape:
+        raise ValueError(f"shapes differ: {volume_hu.shape} vs {reference_hu.shape}")
+    return [slice_metrics(a, b) for a, b in zip(volume_hu, reference_hu)]
+
+
+def mean_metrics(per_slice: list[SliceMetrics]) -> SliceMetrics:
+    return SliceMetrics(float(np.mean([m.psnr for m in per_slice])),
+                        float(np.mean([m.ssim for m in per_slice])),
+                        float(np.mean([m.rmse_hu for m in per_slice])))

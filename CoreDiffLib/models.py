@@ -1,0 +1,113 @@
+"""Model weights: safetensors files described by a manifest, verified by sha256 on load.
+
+A weights file is self-describing (its safetensors metadata holds the architecture), and the
+shipped ones are listed in ``weights/manifest.json`` with their dose, training recipe and
+validation metrics. Names resolve to shipped files; anything else is treated as a path.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from . import CoreDiffError
+from .network import ClearNet, NetworkConfig
+
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+MANIFEST = WEIGHTS_DIR / "manifest.json"
+DEFAULT_MODEL = "default"
+
+
+def sha256_of(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def load_manifest() -> dict:
+    """{"default": name, "models": {name: {...}}}; empty when nothing is shipped yet."""
+    if not MANIFEST.exists():
+        return {"default": None, "models": {}}
+    return json.loads(MANIFEST.read_text())
+
+
+def shipped_models() -> dict[str, dict]:
+    return load_manifest().get("models", {})
+
+
+def save_weights(model: ClearNet, path: str | os.PathLike, metadata: dict | None = None) -> str:
+    """Save weights + architecture as safetensors (atomically). Returns the file's sha256."""
+    path = Path(path)
+    meta = {"format": "corediff-clearnet-v1", "config": json.dumps(model.config.to_dict())}
+    meta.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()})
+    tmp = path.with_name(path.name + ".partial")
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(tmp), metadata=meta)
+    os.replace(tmp, path)
+    return sha256_of(path)
+
+
+def resolve_model(name_or_path: str | os.PathLike | None) -> tuple[Path, dict]:
+    """Map a shipped model name (or None = default) or a file path to (file, manifest entry)."""
+    manifest = load_manifest()
+    models = manifest.get("models", {})
+    name = str(name_or_path) if name_or_path is not None else DEFAULT_MODEL
+    if name == DEFAULT_MODEL:
+        name = manifest.get("default") or ""
+        if not name:
+            raise CoreDiffError("no trained model is shipped in this installation: pass --model FILE")
+    if name in models:
+        entry = models[name]
+        return WEIGHTS_DIR / entry["file"], entry
+    path = Path(name).expanduser()
+    if path.exists():
+        return path, {}
+    known = ", ".join(sorted(models)) or "none"
+    raise CoreDiffError(f"model '{name_or_path}' is neither a shipped model ({known}) nor an existing file")
+
+
+def read_weights_config(path: str | os.PathLike) -> tuple[NetworkConfig, dict]:
+    """Architecture and metadata stored in a weights file, without loading tensors."""
+    from safetensors import safe_open
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CoreDiffError(f"model file {path} is not a readable safetensors file ({exc}); "
+                            "re-download it or pick another model") from None
+    if meta.get("format") != "corediff-clearnet-v1" or "config" not in meta:
+        raise CoreDiffError(f"model file {path} is not a CoreDiff CLEAR-Net checkpoint "
+                            "(no CoreDiff architecture metadata)")
+    return NetworkConfig.from_dict(json.loads(meta["config"])), meta
+
+
+def load_model(name_or_path: str | os.PathLike | None = None, device: str | torch.device = "cpu",
+               verify: bool = True) -> ClearNet:
+    """Build CLEAR-Net from a shipped name or a weights file; checks sha256 for shipped models."""
+    path, entry = resolve_model(name_or_path)
+    if not path.exists():
+        raise CoreDiffError(f"model file {path} is missing from the installation: reinstall CoreDiffLib")
+    if verify and entry.get("sha256"):
+        actual = sha256_of(path)
+        if actual != entry["sha256"]:
+            raise CoreDiffError(f"model file {path} is corrupt or was modified: sha256 {actual[:12]}… "
+                                f"does not match the manifest ({entry['sha256'][:12]}…); reinstall it")
+    config, _ = read_weights_config(path)
+    model = ClearNet(config)
+    try:
+        state = load_file(str(path))
+        model.load_state_dict(state, strict=True)
+    except (SafetensorError, RuntimeError, OSError) as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise CoreDiffError(f"model file {path} does not match the CLEAR-Net architecture it declares "
+                            f"({first}); it is corrupt or from another model") from None
+    model.weights_path = str(path)  # type: ignore[attr-defined]
+    model.weights_sha256 = entry.get("sha256") or sha256_of(path)  # type: ignore[attr-defined]
+    return model.eval().to(device)

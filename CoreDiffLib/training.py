@@ -1,0 +1,232 @@
+"""Training CLEAR-Net with CoreDiff's two-stage loss.
+
+Stage I teaches the network to restore x0 from a state x_t = D(x0, xT, t). Stage II feeds
+it its own Stage-I estimate (re-degraded to t-1) with EMM switched on, so the network learns
+to correct the error it will meet at sampling time. Loss = 0.5 MSE_I + 0.5 MSE_II, gradients
+through both. The network is fully convolutional, so it trains on patches (cheap on a CPU)
+and runs on whole slices. Runs unchanged under ``torchrun`` (DistributedDataParallel).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from . import CoreDiffError
+from .degradation import alpha_schedule, degrade
+from .diffusion import network_input
+from .intensity import hu_to_unit
+from .network import ClearNet, NetworkConfig
+
+
+@dataclass
+class TrainConfig:
+    iterations: int = 150_000
+    batch_size: int = 8
+    patch_size: int = 64          # 0 = whole slices
+    lr: float = 2e-4
+    ema_decay: float = 0.995
+    ema_every: int = 10
+    ema_start: int = 2000         # before this iteration the EMA is a plain copy
+    seed: int = 0
+    checkpoint_every: int = 500
+    log_every: int = 50
+    threads: int = 0              # torch CPU threads, 0 = torch default
+
+
+# ----------------------------------------------------------------------------- data
+class PairedSlices:
+    """Paired NDCT / LDCT volumes in [0, 1], sampled as random (context, target) patches.
+
+    Neighbours come from the LDCT volume with edges replicated, exactly as at inference.
+    Patches that are almost all air are re-drawn: they teach nothing and dominate CT FOVs.
+    """
+
+    def __init__(self, pairs: Sequence[tuple[np.ndarray, np.ndarray]], patch_size: int = 64,
+                 seed: int = 0):
+        if not pairs:
+            raise CoreDiffError("no training pairs: give at least one NDCT/LDCT pair")
+        self.pairs = []
+        for ndct, ldct in pairs:
+            if ndct.shape != ldct.shape:
+                raise CoreDiffError(f"NDCT {ndct.shape} and LDCT {ldct.shape} volumes differ in shape")
+            self.pairs.append((hu_to_unit(ndct), hu_to_unit(ldct)))
+        self.patch = patch_size
+        self.rng = np.random.default_rng(seed)
+        self._air = float(hu_to_unit(np.float32(-900.0)))
+
+    def _one(self) -> tuple[np.ndarray, np.ndarray]:
+        for _ in range(10):
+            ndct, ldct = self.pairs[self.rng.integers(len(self.pairs))]
+            s, h, w = ldct.shape
+            i = int(self.rng.integers(s))
+            idx = [max(i - 1, 0), i, min(i + 1, s - 1)]
+            p = self.patch or min(h, w)
+            p = min(p, h, w)
+            y = int(self.rng.integers(h - p + 1))
+            x = int(self.rng.integers(w - p + 1))
+            ctx = ldct[idx, y:y + p, x:x + p]
+            tgt = ndct[i:i + 1, y:y + p, x:x + p]
+            if (tgt > self._air).mean() > 0.3:
+                break
+        k = int(self.rng.integers(4))
+        flip = bool(self.rng.integers(2))
+        ctx, tgt = np.rot90(ctx, k, axes=(1, 2)), np.rot90(tgt, k, axes=(1, 2))
+        if flip:
+            ctx, tgt = ctx[:, :, ::-1], tgt[:, :, ::-1]
+        return np.ascontiguousarray(ctx), np.ascontiguousarray(tgt)
+
+    def batch(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        items = [self._one() for _ in range(n)]
+        ctx = torch.from_numpy(np.stack([a for a, _ in items]))
+        tgt = torch.from_numpy(np.stack([b for _, b in items]))
+        return ctx, tgt
+
+
+# ----------------------------------------------------------------------------- loss
+def corediff_loss(model: torch.nn.Module, config: NetworkConfig, ldct_stack: torch.Tensor,
+                  ndct: torch.Tensor, t: int) -> torch.Tensor:
+    """The two-stage CoreDiff loss for one batch at time index t (shared by the batch)."""
+    alphas = alpha_schedule(config.steps).to(ndct.device)
+    xT = ldct_stack[:, ldct_stack.shape[1] // 2:][:, :1] if config.use_context else ldct_stack
+    ctx = ldct_stack if config.use_context else None
+    tb = torch.full((ndct.shape[0],), t, device=ndct.device, dtype=torch.long)
+
+    x_t = degrade(ndct, xT, alphas[t])
+    x0_hat = model(network_input(x_t, ctx, config.use_context), tb)
+    loss_1 = F.mse_loss(x0_hat, ndct)
+    if t == 0:
+        return loss_1
+    x_prev = degrade(x0_hat, xT, alphas[t - 1])
+    emm_prev = x0_hat if config.use_emm else None
+    x0_hat_2 = model(network_input(x_prev, ctx, config.use_context), tb - 1, emm_prev, xT)
+    return 0.5 * loss_1 + 0.5 * F.mse_loss(x0_hat_2, ndct)
+
+
+# ----------------------------------------------------------------------------- distributed
+def _dist_info() -> tuple[int, int, int]:
+    """(rank, world_size, local_rank) from torchrun's environment, (0, 1, 0) otherwise."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0"))
+
+
+# ----------------------------------------------------------------------------- loop
+@dataclass
+class TrainState:
+    iteration: int = 0
+    losses: list[float] = field(default_factory=list)
+
+
+def _update_ema(ema: ClearNet, model: ClearNet, decay: float) -> None:
+    with torch.no_grad():
+        for pe, pm in zip(ema.parameters(), model.parameters()):
+            pe.mul_(decay).add_(pm.detach(), alpha=1.0 - decay)
+
+
+def save_checkpoint(path: Path, model: ClearNet, ema: ClearNet, optimizer: torch.optim.Optimizer,
+                    state: TrainState, net_cfg: NetworkConfig, train_cfg: TrainConfig,
+                    rng: np.random.Generator) -> None:
+    """Everything needed to resume bit-for-bit; written atomically (temp file + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({
+        "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
+        "iteration": state.iteration, "losses": state.losses,
+        "network_config": net_cfg.to_dict(), "train_config": asdict(train_cfg),
+        "numpy_rng": json.dumps(rng.bit_generator.state), "torch_rng": torch.get_rng_state(),
+    }, tmp)
+    os.replace(tmp, path)
+
+
+def train(pairs: Sequence[tuple[np.ndarray, np.ndarray]], net_cfg: NetworkConfig, cfg: TrainConfig,
+          checkpoint: str | Path | None = None, resume: bool = True, device: str = "cpu",
+          log: Callable[[str], None] = print) -> tuple[ClearNet, TrainState]:
+    """Train (or resume) a model on HU volume pairs. Returns the EMA model and the state.
+
+    Under torchrun each process trains on its own data stream (rank-seeded) and gradients are
+    averaged by DDP, so all replicas hold identical weights.
+    """
+    rank, world, local_rank = _dist_info()
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if device.startswith("cuda") else "gloo"
+        dist.init_process_group(backend)
+        if device.startswith("cuda"):
+            device = f"cuda:{local_rank}"
+            torch.cuda.set_device(local_rank)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    model = ClearNet(net_cfg).to(device)
+    ema = copy.deepcopy(model).eval()
+    for p in ema.parameters():
+        p.requires_grad_(False)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    data = PairedSlices(pairs, cfg.patch_size, seed=cfg.seed + 1000 * rank)
+    state = TrainState()
+    step_rng = np.random.default_rng(cfg.seed + 7)  # same t on every rank each iteration
+
+    ckpt = Path(checkpoint) if checkpoint else None
+    if ckpt and resume and ckpt.exists():
+        saved = torch.load(ckpt, map_location=device, weights_only=True)
+        if NetworkConfig.from_dict(saved["network_config"]) != net_cfg:
+            raise CoreDiffError(f"checkpoint {ckpt} is for another architecture "
+                                f"({saved['network_config']}); use a new --checkpoint path")
+        model.load_state_dict(saved["model"])
+        ema.load_state_dict(saved["ema"])
+        optimizer.load_state_dict(saved["optimizer"])
+        state = TrainState(saved["iteration"], list(saved["losses"]))
+        step_rng.bit_generator.state = json.loads(saved["numpy_rng"])
+        torch.set_rng_state(saved["torch_rng"])
+        if rank == 0:
+            log(f"resumed from {ckpt} at iteration {state.iteration}")
+
+    net = model
+    if world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[local_rank] if device.startswith("cuda") else None)
+
+    t0, window = time.time(), []
+    while state.iteration < cfg.iterations:
+        ctx, tgt = data.batch(cfg.batch_size)
+        ctx, tgt = ctx.to(device), tgt.to(device)
+        t = int(step_rng.integers(net_cfg.steps))
+        loss = corediff_loss(net, net_cfg, ctx, tgt, t)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        state.iteration += 1
+        window.append(float(loss))
+        if state.iteration % cfg.ema_every == 0:
+            if state.iteration < cfg.ema_start:
+                ema.load_state_dict(model.state_dict())
+            else:
+                _update_ema(ema, model, cfg.ema_decay)
+        if state.iteration % cfg.log_every == 0:
+            mean = float(np.mean(window))
+            state.losses.append(mean)
+            window = []
+            if rank == 0:
+                rate = cfg.log_every / max(time.time() - t0, 1e-9)
+                rmse_hu = math.sqrt(mean) * 4096.0
+                log(f"iter {state.iteration}/{cfg.iterations}  loss {mean:.3e} (~{rmse_hu:.1f} HU rms)  "
+                    f"{rate:.2f} it/s")
+            t0 = time.time()
+        if ckpt and rank == 0 and (state.iteration % cfg.checkpoint_every == 0
+                                   or state.iteration == cfg.iterations):
+            save_checkpoint(ckpt, model, ema, optimizer, state, net_cfg, cfg, step_rng)
+    if state.iteration < cfg.ema_start:  # short runs: the EMA would still be a stale copy
+        ema.load_state_dict(model.state_dict())
+    if world > 1:
+        dist.barrier()
+    return ema, state
