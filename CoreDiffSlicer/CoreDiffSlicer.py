@@ -1,0 +1,1426 @@
+"""CoreDiff low-dose CT denoising for 3D Slicer.
+
+Module / Widget / Logic / Test in the shape of Slicer's scripted-module template
+(Utilities/Templates/Modules/Scripted/TemplateKey.py).
+
+All heavy work runs in a separate process: the library's command line interface
+(``python -m CoreDiffLib.cli``) started with ``slicer.util.launchConsoleProcess``.
+Its stdout (progress lines) is read on a background thread into a queue that a
+``qt.QTimer`` drains on the GUI thread, so Slicer never freezes and every run can be
+cancelled. Volumes travel through NRRD files in ``slicer.util.tempDirectory()``; the
+geometry of the result is re-applied from the input node, so the output's IJKToRAS is
+exactly the input's.
+
+Qt properties are accessed as attributes (``button.enabled = False``), as PythonQt does.
+"""
+
+import json
+import logging
+import os
+import pathlib
+import queue
+import re
+import shutil
+import sys
+import threading
+import time
+import uuid
+from typing import Annotated, Optional
+
+import numpy as np
+import qt
+import ctk
+import vtk
+
+import slicer
+from slicer.ScriptedLoadableModule import (
+    ScriptedLoadableModule,
+    ScriptedLoadableModuleLogic,
+    ScriptedLoadableModuleTest,
+    ScriptedLoadableModuleWidget,
+)
+from slicer.util import VTKObservationMixin
+from slicer.parameterNodeWrapper import (
+    GuiConnector,
+    WithinRange,
+    parameterNodeGuiConnector,
+    parameterNodeWrapper,
+)
+from slicer import vtkMRMLMarkupsROINode, vtkMRMLScalarVolumeNode
+
+
+#
+# Where CoreDiffLib lives
+#
+
+def coreDiffLibParentDir() -> Optional[str]:
+    """Directory that contains the ``CoreDiffLib`` package.
+
+    Installed extension: ``CoreDiffLib/`` sits beside this file in ``qt-scripted-modules/``.
+    Source tree: this file is ``<repo>/CoreDiffSlicer/CoreDiffSlicer.py`` and the package is
+    ``<repo>/CoreDiffLib``.
+    """
+    here = os.path.dirname(os.path.abspath(__file__))
+    for candidate in (here, os.path.dirname(here)):
+        if os.path.isfile(os.path.join(candidate, "CoreDiffLib", "__init__.py")):
+            return candidate
+    return None
+
+
+def _ensureCoreDiffLibImportable() -> None:
+    parent = coreDiffLibParentDir()
+    if parent and parent not in sys.path:
+        sys.path.append(parent)
+
+
+_ensureCoreDiffLibImportable()
+
+
+#
+# CoreDiffSlicer
+#
+
+class CoreDiffSlicer(ScriptedLoadableModule):
+    """Uses ScriptedLoadableModule base class, available at:
+    https://github.com/Slicer/Slicer/blob/main/Base/Python/slicer/ScriptedLoadableModule.py
+    """
+
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = "CoreDiff Denoising"
+        self.parent.categories = ["Filtering.Denoising"]
+        self.parent.dependencies = []
+        self.parent.contributors = ["CoreDiffSlicer contributors"]
+        self.parent.helpText = """
+Reduces noise in low-dose CT volumes with CoreDiff, a generalized diffusion model that
+restores each axial slice using its two neighbours as context.
+<ul>
+<li><b>Denoise</b>: pick the CT volume, a model and a device, press Denoise. The result is a
+new volume (the input is never modified) with exactly the input's geometry. Work runs in a
+separate process: Slicer stays responsive and Cancel stops it at once.</li>
+<li><b>Compare</b>: input and result side by side with linked slices and the same window/level,
+a flicker toggle, and the mean and standard deviation in HU inside an ROI before and after.</li>
+<li><b>One-shot adaptation</b>: adapt to a new dose level or scanner from one reference slice
+(with a matching normal-dose slice, or an unpaired normal-dose slice); the adaptation is saved and
+appears in the model list.</li>
+</ul>
+<b>Limits.</b> Research use only; not for diagnosis. Unless you choose your own model file, the
+shipped models were trained on physically simulated low-dose data (projection-domain Poisson and
+electronic noise, filtered back-projection) of synthetic phantoms, not on patient scans. Denoising
+can remove or invent fine detail: always compare with the original. Intensities are assumed to be
+in Hounsfield units.
+"""
+        self.parent.acknowledgementText = """
+Based on CoreDiff: Q. Gao, Z. Li, J. Zhang, Y. Zhang, H. Shan, "CoreDiff: Contextual
+Error-Modulated Generalized Diffusion Model for Low-Dose CT Denoising and Generalization",
+IEEE Transactions on Medical Imaging, 2024 (arXiv:2304.01814). This Slicer extension and its
+library are independent implementations by the CoreDiffSlicer contributors.
+"""
+
+
+#
+# Parameter node GUI connectors for widgets the built-in connectors do not cover
+#
+
+@parameterNodeGuiConnector
+class CtkComboBoxItemDataToStrConnector(GuiConnector):
+    """Binds a str parameter to the *item data* of a ``ctkComboBox`` whose items are filled at
+    run time (model list, detected devices). The built-in QComboBox connector needs a fixed
+    ``Choice`` annotation; it only matches ``type(widget) == qt.QComboBox``, so it never claims a
+    ctkComboBox."""
+
+    @staticmethod
+    def canRepresent(widget, datatype) -> bool:
+        return type(widget) == ctk.ctkComboBox and datatype == str
+
+    @staticmethod
+    def create(widget, datatype):
+        if CtkComboBoxItemDataToStrConnector.canRepresent(widget, datatype):
+            return CtkComboBoxItemDataToStrConnector(widget)
+        return None
+
+    def __init__(self, widget):
+        super().__init__()
+        self._widget = widget
+
+    def _connect(self):
+        self._widget.currentIndexChanged.connect(self._onIndexChanged)
+
+    def _disconnect(self):
+        self._widget.currentIndexChanged.disconnect(self._onIndexChanged)
+
+    def _onIndexChanged(self, index):
+        self.changed()
+
+    def widget(self):
+        return self._widget
+
+    def read(self) -> str:
+        index = self._widget.currentIndex
+        if index < 0:
+            return ""
+        data = self._widget.itemData(index)
+        return "" if data is None else str(data)
+
+    def write(self, value) -> None:
+        index = self._widget.findData(value)
+        if index < 0:
+            # Value not (yet) in the list, e.g. the model list is still loading: show it as is.
+            self._widget.addItem(value or "(default)", value)
+            index = self._widget.findData(value)
+        self._widget.currentIndex = index
+
+
+@parameterNodeGuiConnector
+class CtkSliderWidgetToIntConnector(GuiConnector):
+    """Binds a bounded int parameter to a ``ctkSliderWidget`` (the built-in one handles float)."""
+
+    @staticmethod
+    def canRepresent(widget, datatype) -> bool:
+        from slicer.parameterNodeWrapper import unannotatedType
+        return type(widget) == ctk.ctkSliderWidget and unannotatedType(datatype) == int
+
+    @staticmethod
+    def create(widget, datatype):
+        if CtkSliderWidgetToIntConnector.canRepresent(widget, datatype):
+            return CtkSliderWidgetToIntConnector(widget, datatype)
+        return None
+
+    def __init__(self, widget, datatype):
+        super().__init__()
+        from slicer.parameterNodeWrapper import findFirstAnnotation, splitAnnotations
+        self._widget = widget
+        withinRange = findFirstAnnotation(splitAnnotations(datatype)[1], WithinRange)
+        if withinRange is None:
+            raise RuntimeError("CtkSliderWidgetToIntConnector needs a WithinRange annotation")
+        self._widget.decimals = 0
+        self._widget.singleStep = 1
+        self._widget.minimum = withinRange.minimum
+        self._widget.maximum = withinRange.maximum
+
+    def _connect(self):
+        self._widget.valueChanged.connect(self._onValueChanged)
+
+    def _disconnect(self):
+        self._widget.valueChanged.disconnect(self._onValueChanged)
+
+    def _onValueChanged(self, value):
+        self.changed()
+
+    def widget(self):
+        return self._widget
+
+    def read(self) -> int:
+        return int(round(self._widget.value))
+
+    def write(self, value) -> None:
+        self._widget.value = float(value)
+
+
+#
+# CoreDiffSlicerParameterNode
+#
+
+@parameterNodeWrapper
+class CoreDiffSlicerParameterNode:
+    """State of the module, saved with the scene.
+
+    inputVolume - the CT volume to denoise (HU).
+    outputVolume - where to put the result; None (default) creates a new volume "<input> denoised".
+    model - item data of the model list: "" = library default, "model:<name>", "adaptation:<name>".
+    modelFile - a user model/checkpoint file; when set it overrides ``model``.
+    device - "auto", "cpu" or a detected device name ("cuda:0", "mps").
+    steps - number of sampling steps T (network evaluations per slice).
+    batchSize - slices per batch, 0 = chosen by the library from the device memory.
+    showComparison - show the before/after layout when a run finishes.
+    roi - region for the noise readout (None: a box at the centre of the current Red slice).
+    os* - one-shot adaptation wizard.
+    """
+    inputVolume: vtkMRMLScalarVolumeNode
+    outputVolume: vtkMRMLScalarVolumeNode
+    model: str = ""
+    modelFile: pathlib.Path
+    device: str = "auto"
+    steps: Annotated[int, WithinRange(1, 50)] = 10
+    batchSize: Annotated[int, WithinRange(0, 512)] = 0
+    showComparison: bool = True
+    roi: vtkMRMLMarkupsROINode
+    osLdctVolume: vtkMRMLScalarVolumeNode
+    osSlice: Annotated[int, WithinRange(0, 100000)] = 0
+    osPaired: bool = True
+    osNdctVolume: vtkMRMLScalarVolumeNode
+    osNdctSlice: Annotated[int, WithinRange(0, 100000)] = 0
+    osName: str = ""
+
+
+#
+# Background process running the corediff CLI
+#
+
+_PROGRESS_RE = re.compile(r"^PROGRESS\s+(\d+)\s+(\d+)\s*$")
+_ERROR_PREFIX = "corediff: error:"
+
+
+class CoreDiffProcess:
+    """One run of the corediff command line interface in a separate process.
+
+    stdout+stderr (merged by ``launchConsoleProcess``) are read line by line on a background
+    thread into a queue; a ``qt.QTimer`` drains the queue on the GUI thread and calls the
+    callbacks there. ``cancel()`` kills the whole process tree.
+    """
+
+    POLL_INTERVAL_MS = 100
+
+    def __init__(self, args, cwd=None, onProgress=None, onInfo=None, onFinished=None, keepOutput=False):
+        self.keepOutput = keepOutput  # keep every non-protocol line in self.output (JSON answers)
+        self.output = []
+        self.args = [str(a) for a in args]
+        self.cwd = cwd
+        self.onProgress = onProgress  # (done, total)
+        self.onInfo = onInfo  # (text)
+        self.onFinished = onFinished  # (process) - read returnCode / errorMessage / cancelled
+        self.proc = None
+        self.returnCode = None
+        self.cancelled = False
+        self.finished = False
+        self.errorMessage = None
+        self.result = None
+        self.infoLines = []
+        self.outputTail = []
+        self.done = 0
+        self.total = 0
+        self.startTime = None
+        self._queue = queue.Queue()
+        self._thread = None
+        self._timer = None
+
+    def start(self):
+        logging.info("CoreDiff: running " + " ".join(self.args))
+        self.startTime = time.time()
+        # useStartupEnvironment=False: the child gets Slicer's Python environment (PythonSlicer).
+        self.proc = slicer.util.launchConsoleProcess(self.args, useStartupEnvironment=False, cwd=self.cwd)
+        self._thread = threading.Thread(target=self._readOutput, name="CoreDiffProcessReader", daemon=True)
+        self._thread.start()
+        self._timer = qt.QTimer()
+        self._timer.interval = self.POLL_INTERVAL_MS
+        self._timer.timeout.connect(self.poll)
+        self._timer.start()
+        return self
+
+    # background thread: never touches Qt or MRML
+    def _readOutput(self):
+        stream = self.proc.stdout
+        try:
+            for line in iter(stream.readline, ""):
+                self._queue.put(("line", line.rstrip("\r\n")))
+        except (ValueError, OSError, UnicodeDecodeError):
+            pass  # stream closed by cancel
+        rc = self.proc.wait()
+        self._queue.put(("exit", rc))
+
+    def _handleLine(self, line):
+        match = _PROGRESS_RE.match(line)
+        if match:
+            self.done, self.total = int(match.group(1)), int(match.group(2))
+            if self.onProgress:
+                self.onProgress(self.done, self.total)
+            return
+        if line.startswith("INFO "):
+            text = line[5:].strip()
+            self.infoLines.append(text)
+            if self.onInfo:
+                self.onInfo(text)
+            return
+        if line.startswith("RESULT "):
+            self.result = line[7:].strip()
+            return
+        if line.startswith(_ERROR_PREFIX):
+            self.errorMessage = line[len(_ERROR_PREFIX):].strip()
+        if self.keepOutput:
+            self.output.append(line)
+        elif line.strip():
+            logging.info("corediff: " + line)
+        if line.strip():
+            self.outputTail = (self.outputTail + [line])[-20:]
+
+    def poll(self):
+        """Drain the queue (GUI thread). Returns True while the process is running."""
+        if self.finished:
+            return False
+        while True:
+            try:
+                kind, value = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if kind == "line":
+                self._handleLine(value)
+            else:
+                self.returnCode = value
+                self._finish()
+                return False
+        return True
+
+    def _finish(self):
+        if self.finished:
+            return
+        self.finished = True
+        if self._timer is not None:
+            self._timer.stop()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        if self.returnCode not in (0, None) and not self.cancelled and not self.errorMessage:
+            tail = [l for l in self.outputTail if l.strip()]
+            self.errorMessage = tail[-1] if tail else f"the denoising process failed (exit code {self.returnCode})"
+        if self.onFinished:
+            self.onFinished(self)
+
+    @property
+    def succeeded(self):
+        return self.finished and not self.cancelled and self.returnCode == 0
+
+    @property
+    def running(self):
+        return self.proc is not None and not self.finished
+
+    def secondsLeft(self):
+        if not self.startTime or self.done <= 0 or self.total <= 0:
+            return None
+        elapsed = time.time() - self.startTime
+        return elapsed / self.done * (self.total - self.done)
+
+    def cancel(self):
+        """Kill the process and all its children (PythonSlicer is a launcher; torch may fork)."""
+        if self.finished or self.proc is None:
+            return
+        self.cancelled = True
+        killProcessTree(self.proc.pid)
+        try:
+            self.proc.wait(timeout=10)
+        except Exception:
+            pass
+        # Drain what is left, then finish (the reader thread posts "exit").
+        deadline = time.time() + 10
+        while not self.finished and time.time() < deadline:
+            self.poll()
+            time.sleep(0.01)
+        if not self.finished:
+            self.returnCode = self.proc.poll()
+            self._finish()
+
+    def wait(self, timeout=None):
+        """Block until finished while processing Qt events (scripts and self-tests)."""
+        deadline = None if timeout is None else time.time() + timeout
+        while not self.finished:
+            slicer.app.processEvents()
+            self.poll()
+            if deadline is not None and time.time() > deadline:
+                raise TimeoutError("corediff did not finish in time")
+            time.sleep(0.02)
+        return self.succeeded
+
+
+def killProcessTree(pid):
+    """Kill a process and all its descendants, children first."""
+    try:
+        import psutil
+    except ImportError:
+        import signal
+        try:
+            os.kill(pid, signal.SIGKILL if hasattr(signal, "SIGKILL") else signal.SIGTERM)
+        except OSError:
+            pass
+        return
+    try:
+        parent = psutil.Process(pid)
+    except psutil.NoSuchProcess:
+        return
+    procs = parent.children(recursive=True)
+    for child in procs:
+        try:
+            child.kill()
+        except psutil.NoSuchProcess:
+            pass
+    try:
+        parent.kill()
+    except psutil.NoSuchProcess:
+        pass
+    psutil.wait_procs(procs + [parent], timeout=10)
+
+
+#
+# CoreDiffSlicerWidget
+#
+
+class CoreDiffSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    """Uses ScriptedLoadableModuleWidget base class, available at:
+    https://github.com/Slicer/Slicer/blob/main/Base/Python/slicer/ScriptedLoadableModule.py
+    """
+
+    ONE_SHOT_STEP_TITLES = [
+        "1. Low-dose volume of the new dose level",
+        "2. Reference slice (follows the Red view)",
+        "3. Normal-dose reference",
+        "4. Name and adapt",
+        "5. Saved: apply to the whole volume",
+    ]
+
+    def __init__(self, parent=None) -> None:
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)  # needed for parameter node observation
+        self.logic = None
+        self._parameterNode = None
+        self._parameterNodeGuiTag = None
+        self._job = None
+        self._oneShotJob = None
+        self._lastPair = None  # (inputNode, outputNode) of the last run
+        self._flickerTimer = None
+        self._flickerOn = False
+        self._observedSliceNode = None
+        self._modelEntries = []
+        self._deviceEntries = []
+        self._lastAdaptation = None
+
+    def setup(self) -> None:
+        ScriptedLoadableModuleWidget.setup(self)
+
+        uiWidget = slicer.util.loadUI(self.resourcePath("UI/CoreDiffSlicer.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+
+        # MRML widgets get the scene through the .ui connections from mrmlSceneChanged(vtkMRMLScene*).
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+
+        self.logic = CoreDiffSlicerLogic()
+
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+
+        # Buttons
+        self.ui.applyButton.clicked.connect(self.onApplyButton)
+        self.ui.refreshModelsButton.clicked.connect(self.refreshModelsAndDevices)
+        self.ui.compareButton.clicked.connect(self.onCompareButton)
+        self.ui.flickerButton.toggled.connect(self.onFlickerToggled)
+        self.ui.measureButton.clicked.connect(self.onMeasureButton)
+        self.ui.oneShotBackButton.clicked.connect(self.onOneShotBack)
+        self.ui.oneShotNextButton.clicked.connect(self.onOneShotNext)
+        self.ui.oneShotAdaptButton.clicked.connect(self.onOneShotAdapt)
+        self.ui.oneShotApplyButton.clicked.connect(self.onOneShotApply)
+        self.ui.oneShotSliceSlider.valueChanged.connect(self.onOneShotSliceChanged)
+
+        self.ui.progressBar.visible = False
+        self.ui.oneShotProgressBar.visible = False
+        self.ui.statusLabel.text = ""
+        self._setOneShotStep(0)
+
+        self.initializeParameterNode()
+        self.refreshModelsAndDevices()
+
+    def cleanup(self) -> None:
+        """Called when the application closes and the module widget is destroyed."""
+        self._stopFlicker()
+        for job in (self._job, self._oneShotJob):
+            if job is not None and job.running:
+                job.cancel()
+        self.removeObservers()
+
+    def enter(self) -> None:
+        self.initializeParameterNode()
+
+    def exit(self) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
+
+    def onSceneStartClose(self, caller, event) -> None:
+        self._stopFlicker()
+        self._lastPair = None
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event) -> None:
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def initializeParameterNode(self) -> None:
+        self.setParameterNode(self.logic.getParameterNode())
+        if not self._parameterNode.inputVolume:
+            firstVolumeNode = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+            if firstVolumeNode:
+                self._parameterNode.inputVolume = firstVolumeNode
+
+    def setParameterNode(self, inputParameterNode: Optional[CoreDiffSlicerParameterNode]) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
+        self._parameterNode = inputParameterNode
+        if self._parameterNode:
+            # Binds every widget that has the SlicerParameterName dynamic property in the .ui.
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
+        self._onParameterNodeModified()
+
+    def _onParameterNodeModified(self, caller=None, event=None) -> None:
+        self._checkCanApply()
+        self._updateOneShotGui()
+
+    # --- Denoise -----------------------------------------------------------------------------
+
+    def _checkCanApply(self, caller=None, event=None) -> None:
+        if self._job is not None and self._job.running:
+            self.ui.applyButton.text = "Cancel"
+            self.ui.applyButton.toolTip = "Stop denoising; the scene is left as it was"
+            self.ui.applyButton.enabled = True
+            return
+        self.ui.applyButton.text = "Denoise"
+        p = self._parameterNode
+        reason = None
+        if not p or not p.inputVolume:
+            reason = "Select an input volume"
+        elif p.inputVolume.GetImageData() is None:
+            reason = "The input volume has no image data"
+        elif p.outputVolume and p.outputVolume.GetID() == p.inputVolume.GetID():
+            reason = "The output must differ from the input (leave it on 'Create new volume')"
+        elif self._oneShotJob is not None and self._oneShotJob.running:
+            reason = "A one-shot adaptation is running"
+        self.ui.applyButton.enabled = reason is None
+        self.ui.applyButton.toolTip = reason or "Denoise the input volume into a new volume"
+        if p and p.outputVolume and p.inputVolume and p.outputVolume.GetID() == p.inputVolume.GetID():
+            self.ui.statusLabel.text = reason
+
+    def onApplyButton(self) -> None:
+        if self._job is not None and self._job.running:
+            self.onCancel()
+            return
+        p = self._parameterNode
+        if not self.logic.checkDependencies(interactive=True):
+            self.ui.statusLabel.text = "Missing Python packages: denoising not started."
+            return
+        self._startDenoise(p.inputVolume, p.outputVolume, self.logic.modelArguments(p.model, p.modelFile))
+
+    def _startDenoise(self, inputNode, outputNode, modelArgs) -> None:
+        p = self._parameterNode
+        self.ui.progressBar.visible = True
+        self.ui.progressBar.minimum = 0
+        self.ui.progressBar.maximum = 0  # busy until the first PROGRESS line
+        self.ui.progressBar.value = 0
+        self.ui.progressBar.format = "starting..."
+        self.ui.statusLabel.text = f"Denoising {inputNode.GetName()}..."
+        try:
+            self._job = self.logic.startDenoise(
+                inputNode, outputNode, modelArgs=modelArgs, device=p.device, steps=p.steps,
+                batchSize=p.batchSize, onProgress=self._onDenoiseProgress, onInfo=self._onInfo,
+                onFinished=self._onDenoiseFinished)
+        except Exception as e:
+            self._job = None
+            self.ui.progressBar.visible = False
+            self.ui.statusLabel.text = f"Failed to start: {e}"
+            slicer.util.errorDisplay(f"Failed to start denoising: {e}")
+            logging.exception("CoreDiff: failed to start")
+        self._checkCanApply()
+
+    def onCancel(self) -> None:
+        if self._job is not None and self._job.running:
+            self.ui.statusLabel.text = "Cancelling..."
+            self.logic.cancel(self._job)
+
+    def _onInfo(self, text) -> None:
+        self.ui.statusLabel.text = text
+
+    def _onDenoiseProgress(self, done, total) -> None:
+        bar = self.ui.progressBar
+        bar.maximum = max(total, 1)
+        bar.value = min(done, total)
+        left = self._job.secondsLeft() if self._job is not None else None
+        bar.format = f"{done} / {total} slices" + (f", {formatDuration(left)} left" if left is not None else "")
+
+    def _onDenoiseFinished(self, job, outputNode, message) -> None:
+        self.ui.progressBar.visible = False
+        if job.cancelled:
+            self.ui.statusLabel.text = "Cancelled. Nothing was changed."
+        elif outputNode is not None:
+            seconds = time.time() - job.startTime
+            self.ui.statusLabel.text = f"Done in {formatDuration(seconds)}: {outputNode.GetName()}"
+            self._lastPair = (job.inputNode, outputNode)
+            if self._parameterNode and self._parameterNode.showComparison:
+                self.logic.showComparison(job.inputNode, outputNode)
+        else:
+            self.ui.statusLabel.text = f"Failed: {message}"
+            slicer.util.errorDisplay(f"Denoising failed:\n{message}", windowTitle="CoreDiff")
+        self._checkCanApply()
+
+    # --- Models and devices ------------------------------------------------------------------
+
+    def refreshModelsAndDevices(self) -> None:
+        self.ui.refreshModelsButton.enabled = False
+        self.logic.queryJson(["models", "--json"], self._onModelsListed)
+        self.logic.queryJson(["devices", "--json"], self._onDevicesListed)
+
+    def _onModelsListed(self, entries, error) -> None:
+        self.ui.refreshModelsButton.enabled = True
+        if error:
+            self.ui.statusLabel.text = f"Could not list models: {error}"
+            entries = []
+        self._modelEntries = entries or []
+        items = [("Default model", "")]
+        for e in self._modelEntries:
+            key = ("adaptation:" if e.get("kind") == "adaptation" else "model:") + str(e.get("name"))
+            label = str(e.get("name"))
+            if e.get("kind") == "adaptation":
+                label = "One-shot: " + label
+            if e.get("dose"):
+                label += f" ({e.get('dose')})"
+            items.append((label, key))
+        current = self._parameterNode.model if self._parameterNode else ""
+        fillComboBox(self.ui.modelComboBox, items, current)
+        for i, e in enumerate(self._modelEntries):
+            self.ui.modelComboBox.setItemData(i + 1, e.get("description") or e.get("path") or "", qt.Qt.ToolTipRole)
+
+    def _onDevicesListed(self, entries, error) -> None:
+        items = [("Auto (fastest available)", "auto")]
+        self._deviceEntries = entries or []
+        hasGpu = False
+        for e in self._deviceEntries:
+            name = str(e.get("name"))
+            if name == "cpu":
+                items.append(("CPU", "cpu"))
+            else:
+                hasGpu = True
+                label = e.get("label") or name
+                items.append((f"GPU: {label}", name))
+        if not any(k == "cpu" for _, k in items):
+            items.append(("CPU", "cpu"))
+        current = self._parameterNode.device if self._parameterNode else "auto"
+        fillComboBox(self.ui.deviceComboBox, items, current)
+        self.ui.deviceComboBox.toolTip = (
+            "Detected: " + ", ".join(l for l, _ in items[1:]) if entries else
+            "Device detection failed: " + str(error))
+        if entries is not None and not hasGpu:
+            self.ui.deviceComboBox.toolTip += "\nNo GPU found: denoising runs on the CPU (about a minute per slice at full size)."
+
+    # --- Compare -----------------------------------------------------------------------------
+
+    def _comparisonPair(self):
+        p = self._parameterNode
+        if self._lastPair and all(slicer.mrmlScene.IsNodePresent(n) for n in self._lastPair):
+            return self._lastPair
+        if p and p.inputVolume and p.outputVolume and p.outputVolume.GetID() != p.inputVolume.GetID():
+            return (p.inputVolume, p.outputVolume)
+        return None
+
+    def onCompareButton(self) -> None:
+        pair = self._comparisonPair()
+        if not pair:
+            slicer.util.errorDisplay("Run Denoise first (or select an output volume).", windowTitle="CoreDiff")
+            return
+        self.logic.showComparison(*pair)
+
+    def onFlickerToggled(self, on) -> None:
+        pair = self._comparisonPair()
+        if on and not pair:
+            self.ui.flickerButton.checked = False
+            return
+        if on:
+            self._flickerPair = pair
+            self._flickerOn = False
+            if self._flickerTimer is None:
+                self._flickerTimer = qt.QTimer()
+                self._flickerTimer.interval = 600
+                self._flickerTimer.timeout.connect(self._flickerStep)
+            self.logic.setFlicker(pair[0], pair[1], showOutput=False)
+            self._flickerTimer.start()
+        else:
+            self._stopFlicker()
+
+    def _flickerStep(self) -> None:
+        self._flickerOn = not self._flickerOn
+        self.logic.setFlicker(self._flickerPair[0], self._flickerPair[1], showOutput=self._flickerOn)
+
+    def _stopFlicker(self) -> None:
+        if self._flickerTimer is not None and self._flickerTimer.active:
+            self._flickerTimer.stop()
+            self.logic.setFlicker(self._flickerPair[0], self._flickerPair[1], showOutput=None)
+
+    def onMeasureButton(self) -> None:
+        pair = self._comparisonPair()
+        if not pair:
+            slicer.util.errorDisplay("Run Denoise first (or select an output volume).", windowTitle="CoreDiff")
+            return
+        try:
+            stats = self.logic.roiStatistics(pair[0], pair[1], self._parameterNode.roi)
+        except ValueError as e:
+            self.ui.roiResultsLabel.text = str(e)
+            return
+        self.ui.roiResultsLabel.text = formatRoiStatistics(stats)
+
+    # --- One-shot wizard ---------------------------------------------------------------------
+
+    def _setOneShotStep(self, step) -> None:
+        self.ui.oneShotStack.currentIndex = step
+        self.ui.oneShotStepLabel.text = self.ONE_SHOT_STEP_TITLES[step]
+        if step == 1:
+            self._observeRedSlice(True)
+            self._syncSliceFromRed()
+        else:
+            self._observeRedSlice(False)
+        self._updateOneShotGui()
+
+    def _oneShotStepValid(self, step) -> Optional[str]:
+        p = self._parameterNode
+        if p is None:
+            return "No parameter node"
+        if step == 0 and not p.osLdctVolume:
+            return "Select the low-dose volume"
+        if step == 2:
+            if not p.osNdctVolume:
+                return "Select the normal-dose volume"
+            if p.osNdctVolume.GetID() == (p.osLdctVolume.GetID() if p.osLdctVolume else None):
+                return "The normal-dose volume must differ from the low-dose volume"
+            if p.osPaired and p.osLdctVolume:
+                a = p.osLdctVolume.GetImageData().GetDimensions()
+                b = p.osNdctVolume.GetImageData().GetDimensions()
+                if tuple(a) != tuple(b):
+                    return "Paired volumes must have the same size (uncheck 'paired' for an unaligned normal-dose scan)"
+        if step == 3 and (self._oneShotJob is None or not self._oneShotJob.succeeded):
+            return "Adapt first"
+        return None
+
+    def _updateOneShotGui(self) -> None:
+        if not hasattr(self, "ui"):
+            return
+        step = self.ui.oneShotStack.currentIndex
+        running = self._oneShotJob is not None and self._oneShotJob.running
+        problem = self._oneShotStepValid(step)
+        self.ui.oneShotBackButton.enabled = step > 0 and not running
+        self.ui.oneShotNextButton.enabled = step < 4 and problem is None and not running
+        self.ui.oneShotNextButton.toolTip = problem or ""
+        p = self._parameterNode
+        if p is not None:
+            self.ui.oneShotNdctSliceSpinBox.enabled = not p.osPaired
+            if p.osLdctVolume is not None and p.osLdctVolume.GetImageData() is not None:
+                nSlices = p.osLdctVolume.GetImageData().GetDimensions()[2]
+                if self.ui.oneShotSliceSlider.maximum != nSlices - 1:
+                    self.ui.oneShotSliceSlider.maximum = nSlices - 1
+                self.ui.oneShotSliceLabel.text = f"slice {p.osSlice} of 0..{nSlices - 1}"
+            if not p.osName and p.osLdctVolume is not None:
+                p.osName = re.sub(r"[^A-Za-z0-9_.-]+", "_", p.osLdctVolume.GetName()) + "_oneshot"
+            adaptProblem = None
+            if not p.osName:
+                adaptProblem = "Enter a name"
+            elif self._job is not None and self._job.running:
+                adaptProblem = "A denoising run is in progress"
+            self.ui.oneShotAdaptButton.enabled = running or (adaptProblem is None and p.osLdctVolume is not None
+                                                             and p.osNdctVolume is not None)
+            self.ui.oneShotAdaptButton.text = "Cancel" if running else "Adapt"
+        self.ui.oneShotApplyButton.enabled = self._lastAdaptation is not None and not running
+
+    def onOneShotNext(self) -> None:
+        step = self.ui.oneShotStack.currentIndex
+        if self._oneShotStepValid(step) is None and step < 4:
+            self._setOneShotStep(step + 1)
+
+    def onOneShotBack(self) -> None:
+        step = self.ui.oneShotStack.currentIndex
+        if step > 0:
+            self._setOneShotStep(step - 1)
+
+    def _observeRedSlice(self, on) -> None:
+        sliceNode = self.logic.redSliceNode()
+        if self._observedSliceNode is not None:
+            self.removeObserver(self._observedSliceNode, vtk.vtkCommand.ModifiedEvent, self._onRedSliceModified)
+            self._observedSliceNode = None
+        if on and sliceNode is not None:
+            self._observedSliceNode = sliceNode
+            self.addObserver(sliceNode, vtk.vtkCommand.ModifiedEvent, self._onRedSliceModified)
+
+    def _syncSliceFromRed(self) -> None:
+        p = self._parameterNode
+        if p is None or p.osLdctVolume is None:
+            return
+        k = self.logic.redSliceIndex(p.osLdctVolume)
+        if k is not None and k != p.osSlice:
+            p.osSlice = k
+
+    def _onRedSliceModified(self, caller=None, event=None) -> None:
+        self._syncSliceFromRed()
+
+    def onOneShotSliceChanged(self, value) -> None:
+        p = self._parameterNode
+        if p is None or p.osLdctVolume is None or self.ui.oneShotStack.currentIndex != 1:
+            return
+        if self.logic.redSliceIndex(p.osLdctVolume) != int(value):
+            self.logic.setRedSliceIndex(p.osLdctVolume, int(value))
+
+    def onOneShotAdapt(self) -> None:
+        if self._oneShotJob is not None and self._oneShotJob.running:
+            self.logic.cancel(self._oneShotJob)
+            return
+        p = self._parameterNode
+        if not self.logic.checkDependencies(interactive=True):
+            return
+        self.ui.oneShotProgressBar.visible = True
+        self.ui.oneShotProgressBar.maximum = 0
+        self.ui.oneShotProgressBar.value = 0
+        self.ui.oneShotStatusLabel.text = "Adapting..."
+        self._lastAdaptation = None
+        try:
+            self._oneShotJob = self.logic.startOneShot(
+                p.osLdctVolume, p.osSlice, p.osNdctVolume, paired=p.osPaired, ndctSlice=p.osNdctSlice,
+                name=p.osName, modelArgs=self.logic.modelArguments(p.model, p.modelFile, withAdaptation=False),
+                onProgress=self._onOneShotProgress, onFinished=self._onOneShotFinished)
+        except Exception as e:
+            self.ui.oneShotProgressBar.visible = False
+            self.ui.oneShotStatusLabel.text = f"Failed to start: {e}"
+            slicer.util.errorDisplay(f"Failed to start the one-shot adaptation: {e}")
+        self._updateOneShotGui()
+        self._checkCanApply()
+
+    def _onOneShotProgress(self, done, total) -> None:
+        self.ui.oneShotProgressBar.maximum = max(total, 1)
+        self.ui.oneShotProgressBar.value = min(done, total)
+
+    def _onOneShotFinished(self, job, resultPath, message) -> None:
+        self.ui.oneShotProgressBar.visible = False
+        if job.cancelled:
+            self.ui.oneShotStatusLabel.text = "Cancelled."
+        elif resultPath:
+            self._lastAdaptation = (self._parameterNode.osName, resultPath)
+            self.ui.oneShotStatusLabel.text = f"Saved as '{self._parameterNode.osName}'"
+            self.ui.oneShotResultLabel.text = (
+                f"Adaptation '{self._parameterNode.osName}' saved to\n{resultPath}\n"
+                "It is now in the model list.")
+            self.refreshModelsAndDevices()
+            self._setOneShotStep(4)
+        else:
+            self.ui.oneShotStatusLabel.text = f"Failed: {message}"
+            slicer.util.errorDisplay(f"One-shot adaptation failed:\n{message}", windowTitle="CoreDiff")
+        self._updateOneShotGui()
+        self._checkCanApply()
+
+    def onOneShotApply(self) -> None:
+        """One click: denoise the whole low-dose volume with the new adaptation."""
+        if not self._lastAdaptation:
+            return
+        p = self._parameterNode
+        name, _ = self._lastAdaptation
+        p.model = "adaptation:" + name
+        p.modelFile = pathlib.Path()
+        p.inputVolume = p.osLdctVolume
+        p.outputVolume = None
+        self._startDenoise(p.osLdctVolume, None, self.logic.modelArguments(p.model, p.modelFile))
+
+
+def fillComboBox(comboBox, items, currentData) -> None:
+    """Replace the items (label, data) of a combo box, keeping ``currentData`` selected."""
+    wasBlocked = comboBox.blockSignals(True)
+    try:
+        comboBox.clear()
+        for label, data in items:
+            comboBox.addItem(label, data)
+        index = comboBox.findData(currentData)
+        if index < 0:
+            comboBox.addItem(currentData or "(default)", currentData)
+            index = comboBox.findData(currentData)
+        comboBox.currentIndex = index
+    finally:
+        comboBox.blockSignals(wasBlocked)
+
+
+def formatDuration(seconds) -> str:
+    if seconds is None:
+        return "?"
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds // 3600} h {(seconds % 3600) // 60:02d} min"
+
+
+def formatRoiStatistics(stats) -> str:
+    b, a = stats["before"], stats["after"]
+    drop = (1.0 - a["std"] / b["std"]) * 100.0 if b["std"] > 0 else 0.0
+    return (f"ROI ({stats['voxels']} voxels, {stats['where']})\n"
+            f"Before: mean {b['mean']:.1f} HU, SD {b['std']:.1f} HU\n"
+            f"After:  mean {a['mean']:.1f} HU, SD {a['std']:.1f} HU\n"
+            f"Noise (SD) reduced by {drop:.0f} %")
+
+
+#
+# CoreDiffSlicerLogic
+#
+
+class CoreDiffSlicerLogic(ScriptedLoadableModuleLogic):
+    """Runs the CoreDiff library in a separate process and moves volumes in and out.
+
+    Can be used without the widget::
+
+        logic = CoreDiffSlicerLogic()
+        outputNode = logic.denoise(inputNode, steps=10)  # blocks, processing Qt events
+    """
+
+    REQUIRED_PACKAGES = {"safetensors": "safetensors", "skimage": "scikit-image", "tqdm": "tqdm",
+                         "psutil": "psutil", "scipy": "scipy"}
+    TORCH_REQUIREMENT = ">=2.1"
+    CT_WINDOW, CT_LEVEL = 350.0, 40.0
+
+    def __init__(self) -> None:
+        ScriptedLoadableModuleLogic.__init__(self)
+        self._dependenciesOk = False
+        self._jobs = []
+
+    def getParameterNode(self):
+        return CoreDiffSlicerParameterNode(super().getParameterNode())
+
+    # --- environment -------------------------------------------------------------------------
+
+    @staticmethod
+    def pythonExecutable() -> str:
+        """PythonSlicer in Slicer (same Python environment as Slicer, without the GUI)."""
+        exe = shutil.which("PythonSlicer")
+        if exe:
+            return exe
+        candidate = os.path.join(os.path.dirname(sys.executable), "PythonSlicer" + (".exe" if os.name == "nt" else ""))
+        if os.path.isfile(candidate):
+            return candidate
+        return sys.executable
+
+    def cliCommand(self, *args) -> list:
+        return [self.pythonExecutable(), "-m", "CoreDiffLib.cli"] + [str(a) for a in args]
+
+    def checkDependencies(self, interactive=True) -> bool:
+        """torch through the PyTorch extension, the rest through pip (after asking)."""
+        if self._dependenciesOk:
+            return True
+        import importlib.util
+        if importlib.util.find_spec("torch") is None:
+            try:
+                import PyTorchUtils
+            except ImportError:
+                slicer.util.errorDisplay("CoreDiff needs PyTorch. Install the 'PyTorch' extension from the "
+                                         "Extensions Manager and restart Slicer.", windowTitle="CoreDiff")
+                return False
+            torchLogic = PyTorchUtils.PyTorchUtilsLogic()
+            if not torchLogic.torchInstalled():
+                if not interactive:
+                    return False
+                torch = torchLogic.installTorch(askConfirmation=True, torchVersionRequirement=self.TORCH_REQUIREMENT)
+                if torch is None:
+                    return False
+        missing = [pip for mod, pip in self.REQUIRED_PACKAGES.items() if importlib.util.find_spec(mod) is None]
+        if missing:
+            if not interactive:
+                return False
+            if not slicer.util.confirmOkCancelDisplay(
+                    "CoreDiff needs these Python packages: " + ", ".join(missing) + ".\nInstall them now?",
+                    windowTitle="CoreDiff"):
+                return False
+            slicer.util.pip_install(" ".join(missing))
+        if coreDiffLibParentDir() is None:
+            slicer.util.errorDisplay("The CoreDiffLib package was not found next to the module.", windowTitle="CoreDiff")
+            return False
+        self._dependenciesOk = True
+        return True
+
+    @staticmethod
+    def modelArguments(model: str, modelFile=None, withAdaptation=True) -> list:
+        """CLI arguments for the model choice (a user file overrides the list)."""
+        if modelFile is not None and str(modelFile) not in ("", "."):
+            return ["--model", str(modelFile)]
+        if not model:
+            return []
+        kind, _, name = model.partition(":")
+        if kind == "adaptation":
+            return ["--adaptation", name] if withAdaptation else []
+        return ["--model", name]
+
+    # --- processes ---------------------------------------------------------------------------
+
+    def _launch(self, args, onProgress=None, onInfo=None, onFinished=None) -> CoreDiffProcess:
+        job = CoreDiffProcess(self.cliCommand(*args), cwd=coreDiffLibParentDir(),
+                              onProgress=onProgress, onInfo=onInfo, onFinished=onFinished)
+        self._jobs.append(job)
+        return job.start()
+
+    def queryJson(self, args, callback) -> CoreDiffProcess:
+        """Run ``corediff <args>`` (which prints JSON) in the background; callback(data, error)."""
+        def finished(job):
+            self._jobs.remove(job)
+            if not job.succeeded:
+                callback(None, job.errorMessage or "cancelled")
+                return
+            text = "\n".join(job.output)
+            try:
+                # stderr is merged into stdout: skip any warning printed before or after the JSON
+                start = min(i for i in (text.find("["), text.find("{")) if i >= 0)
+                data, _ = json.JSONDecoder().raw_decode(text[start:])
+            except ValueError as e:
+                callback(None, f"unexpected output: {e}")
+                return
+            callback(data, None)
+        job = CoreDiffProcess(self.cliCommand(*args), cwd=coreDiffLibParentDir(), onFinished=finished,
+                              keepOutput=True)
+        self._jobs.append(job)
+        return job.start()
+
+    def cancel(self, job) -> None:
+        job.cancel()
+
+    # --- volumes in and out ------------------------------------------------------------------
+
+    @staticmethod
+    def writeVolume(volumeNode, path) -> None:
+        """Write the voxels of a volume node to NRRD with its geometry converted to LPS."""
+        import SimpleITK as sitk
+        array = slicer.util.arrayFromVolume(volumeNode)
+        image = sitk.GetImageFromArray(np.ascontiguousarray(array))
+        ijkToRAS = vtk.vtkMatrix4x4()
+        volumeNode.GetIJKToRASMatrix(ijkToRAS)
+        spacing = [float(s) for s in volumeNode.GetSpacing()]
+        direction = []
+        for row in range(3):
+            for col in range(3):
+                value = ijkToRAS.GetElement(row, col) / spacing[col]
+                direction.append(-value if row < 2 else value)  # RAS -> LPS
+        origin = [-ijkToRAS.GetElement(0, 3), -ijkToRAS.GetElement(1, 3), ijkToRAS.GetElement(2, 3)]
+        image.SetSpacing(spacing)
+        image.SetOrigin(origin)
+        image.SetDirection(direction)
+        sitk.WriteImage(image, str(path), False)
+
+    @staticmethod
+    def readArray(path) -> np.ndarray:
+        import SimpleITK as sitk
+        return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+
+    @staticmethod
+    def defaultOutputName(inputNode) -> str:
+        return slicer.mrmlScene.GenerateUniqueName(f"{inputNode.GetName()} denoised")
+
+    def startDenoise(self, inputNode, outputNode=None, modelArgs=(), device="auto", steps=10, batchSize=0,
+                     onProgress=None, onInfo=None, onFinished=None) -> CoreDiffProcess:
+        """Start denoising in the background. onFinished(job, outputNode or None, errorMessage).
+
+        The output node is created (or updated) only on success, so the scene is unchanged
+        after a failure or a cancel.
+        """
+        if inputNode is None or inputNode.GetImageData() is None:
+            raise ValueError("the input volume has no image data")
+        if outputNode is not None and outputNode.GetID() == inputNode.GetID():
+            raise ValueError("the output volume must differ from the input volume")
+        runDir = slicer.util.tempDirectory("CoreDiff-" + uuid.uuid4().hex[:8])
+        inputPath = os.path.join(runDir, "input.nrrd")
+        outputPath = os.path.join(runDir, "output.nrrd")
+        try:
+            self.writeVolume(inputNode, inputPath)
+        except Exception:
+            shutil.rmtree(runDir, ignore_errors=True)
+            raise
+        args = ["denoise", inputPath, outputPath, *modelArgs, "--device", device or "auto",
+                "--steps", int(steps), "--progress", "lines"]
+        if batchSize:
+            args += ["--batch-size", int(batchSize)]
+
+        def finished(job):
+            if job in self._jobs:
+                self._jobs.remove(job)
+            resultNode, message = None, None
+            try:
+                if job.succeeded:
+                    resultNode = self._importResult(inputNode, outputNode, outputPath)
+                elif not job.cancelled:
+                    message = job.errorMessage
+            except Exception as e:
+                logging.exception("CoreDiff: could not load the result")
+                message = f"could not load the result: {e}"
+                resultNode = None
+            finally:
+                shutil.rmtree(runDir, ignore_errors=True)
+            if onFinished:
+                onFinished(job, resultNode, message)
+
+        job = CoreDiffProcess(self.cliCommand(*args), cwd=coreDiffLibParentDir(),
+                              onProgress=onProgress, onInfo=onInfo, onFinished=finished)
+        job.inputNode = inputNode
+        job.runDir = runDir
+        self._jobs.append(job)
+        try:
+            return job.start()
+        except Exception:
+            self._jobs.remove(job)
+            shutil.rmtree(runDir, ignore_errors=True)
+            raise
+
+    def _importResult(self, inputNode, outputNode, outputPath):
+        array = self.readArray(outputPath).astype(np.float32, copy=False)
+        expected = slicer.util.arrayFromVolume(inputNode).shape
+        if tuple(array.shape) != tuple(expected):
+            raise ValueError(f"result has shape {array.shape}, input has {expected}")
+        ijkToRAS = vtk.vtkMatrix4x4()
+        inputNode.GetIJKToRASMatrix(ijkToRAS)
+        if outputNode is None:
+            outputNode = slicer.util.addVolumeFromArray(array, ijkToRAS, self.defaultOutputName(inputNode))
+        else:
+            slicer.util.updateVolumeFromArray(outputNode, array)
+            outputNode.SetIJKToRASMatrix(ijkToRAS)
+        if outputNode.GetDisplayNode() is None:
+            outputNode.CreateDefaultDisplayNodes()
+        window, level = self.displayWindowLevel(inputNode)
+        outDisplay = outputNode.GetDisplayNode()
+        outDisplay.SetAutoWindowLevel(False)
+        outDisplay.SetWindowLevel(window, level)
+        # Beside the input in the subject hierarchy
+        shNode = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(slicer.mrmlScene)
+        inItem = shNode.GetItemByDataNode(inputNode)
+        outItem = shNode.GetItemByDataNode(outputNode)
+        if inItem and outItem:
+            shNode.SetItemParent(outItem, shNode.GetItemParent(inItem))
+        return outputNode
+
+    def displayWindowLevel(self, inputNode):
+        """The input's window/level if the user set one, else the CT soft-tissue window (W 350 / L 40)."""
+        display = inputNode.GetDisplayNode()
+        if display is not None and not display.GetAutoWindowLevel():
+            return display.GetWindow(), display.GetLevel()
+        return self.CT_WINDOW, self.CT_LEVEL
+
+    def denoise(self, inputNode, outputNode=None, model="", modelFile=None, device="auto", steps=10,
+                batchSize=0, timeout=None):
+        """Blocking convenience wrapper (scripts, self-test). Returns the output node."""
+        result = {}
+
+        def finished(job, node, message):
+            result.update(node=node, message=message, cancelled=job.cancelled)
+        job = self.startDenoise(inputNode, outputNode, self.modelArguments(model, modelFile), device, steps,
+                                batchSize, onFinished=finished)
+        job.wait(timeout)
+        if result.get("node") is None:
+            raise RuntimeError(result.get("message") or "cancelled")
+        return result["node"]
+
+    def startOneShot(self, ldctNode, sliceIndex, ndctNode, paired=True, ndctSlice=None, name="oneshot",
+                     modelArgs=(), onProgress=None, onFinished=None) -> CoreDiffProcess:
+        """Adapt to a new dose level from one slice. onFinished(job, adaptationPath or None, error)."""
+        runDir = slicer.util.tempDirectory("CoreDiff-oneshot-" + uuid.uuid4().hex[:8])
+        ldctPath = os.path.join(runDir, "ldct.nrrd")
+        ndctPath = os.path.join(runDir, "ndct.nrrd")
+        try:
+            self.writeVolume(ldctNode, ldctPath)
+            self.writeVolume(ndctNode, ndctPath)
+        except Exception:
+            shutil.rmtree(runDir, ignore_errors=True)
+            raise
+        args = ["oneshot", *modelArgs, "--ldct", ldctPath, "--slice", int(sliceIndex)]
+        if paired:
+            args += ["--ndct", ndctPath]
+        else:
+            args += ["--ndct-unpaired", ndctPath]
+            if ndctSlice is not None:
+                args += ["--ndct-slice", int(ndctSlice)]
+        args += ["--name", name, "--progress", "lines"]
+
+        def finished(job):
+            if job in self._jobs:
+                self._jobs.remove(job)
+            shutil.rmtree(runDir, ignore_errors=True)
+            path = job.result if job.succeeded else None
+            message = None if job.succeeded or job.cancelled else job.errorMessage
+            if job.succeeded and not path:
+                message = "the adaptation finished without reporting where it was saved"
+            if onFinished:
+                onFinished(job, path, message)
+
+        job = CoreDiffProcess(self.cliCommand(*args), cwd=coreDiffLibParentDir(),
+                              onProgress=onProgress, onFinished=finished)
+        job.runDir = runDir
+        self._jobs.append(job)
+        return job.start()
+
+    # --- views -------------------------------------------------------------------------------
+
+    @staticmethod
+    def _compositeNode(viewName):
+        return slicer.app.layoutManager().sliceWidget(viewName).sliceLogic().GetSliceCompositeNode()
+
+    def redSliceNode(self):
+        layoutManager = slicer.app.layoutManager()
+        if layoutManager is None or layoutManager.sliceWidget("Red") is None:
+            return None
+        return layoutManager.sliceWidget("Red").mrmlSliceNode()
+
+    def showComparison(self, inputNode, outputNode) -> None:
+        """Side-by-side: input in Red, output in Yellow, linked, same window/level."""
+        layoutManager = slicer.app.layoutManager()
+        layoutManager.setLayout(slicer.vtkMRMLLayoutNode.SlicerLayoutSideBySideView)
+        window, level = self.displayWindowLevel(inputNode)
+        for node in (inputNode, outputNode):
+            if node.GetDisplayNode() is None:
+                node.CreateDefaultDisplayNodes()
+            node.GetDisplayNode().SetAutoWindowLevel(False)
+            node.GetDisplayNode().SetWindowLevel(window, level)
+        for viewName, volume in (("Red", inputNode), ("Yellow", outputNode)):
+            composite = self._compositeNode(viewName)
+            composite.SetBackgroundVolumeID(volume.GetID())
+            composite.SetForegroundVolumeID(None)
+            composite.SetLinkedControl(True)
+            composite.SetHotLinkedControl(True)
+            # Same orientation in both views so linked slices show the same anatomy.
+            layoutManager.sliceWidget(viewName).mrmlSliceNode().SetOrientation("Axial")
+        for viewName in ("Red", "Yellow"):
+            layoutManager.sliceWidget(viewName).sliceLogic().FitSliceToAll()
+
+    def setFlicker(self, inputNode, outputNode, showOutput) -> None:
+        """Red view: input as background, output as foreground at opacity 0 or 1 (None: restore)."""
+        composite = self._compositeNode("Red")
+        composite.SetBackgroundVolumeID(inputNode.GetID())
+        if showOutput is None:
+            composite.SetForegroundVolumeID(None)
+            composite.SetForegroundOpacity(0.0)
+            return
+        composite.SetForegroundVolumeID(outputNode.GetID())
+        composite.SetForegroundOpacity(1.0 if showOutput else 0.0)
+
+    def redSliceIndex(self, volumeNode) -> Optional[int]:
+        """Index K of the volume slice at the centre of the Red view."""
+        sliceNode = self.redSliceNode()
+        if sliceNode is None or volumeNode is None or volumeNode.GetImageData() is None:
+            return None
+        sliceToRAS = sliceNode.GetSliceToRAS()
+        ras = [sliceToRAS.GetElement(i, 3) for i in range(3)] + [1.0]
+        rasToIJK = vtk.vtkMatrix4x4()
+        volumeNode.GetRASToIJKMatrix(rasToIJK)
+        ijk = rasToIJK.MultiplyPoint(ras)
+        nSlices = volumeNode.GetImageData().GetDimensions()[2]
+        return int(min(max(round(ijk[2]), 0), nSlices - 1))
+
+    def setRedSliceIndex(self, volumeNode, k) -> None:
+        """Move the Red view to the centre of slice K of the volume."""
+        sliceNode = self.redSliceNode()
+        if sliceNode is None:
+            return
+        dims = volumeNode.GetImageData().GetDimensions()
+        ijkToRAS = vtk.vtkMatrix4x4()
+        volumeNode.GetIJKToRASMatrix(ijkToRAS)
+        ras = ijkToRAS.MultiplyPoint([(dims[0] - 1) / 2.0, (dims[1] - 1) / 2.0, float(k), 1.0])
+        sliceNode.JumpSliceByCentering(ras[0], ras[1], ras[2])
+
+    def roiStatistics(self, inputNode, outputNode, roiNode=None, sliceIndex=None) -> dict:
+        """Mean and SD (HU) inside the ROI, before and after.
+
+        With no ROI node: a box of 1/5 of the in-plane size at the centre of the current Red slice.
+        """
+        before = slicer.util.arrayFromVolume(inputNode)
+        after = slicer.util.arrayFromVolume(outputNode)
+        nk, nj, ni = before.shape
+        if roiNode is not None:
+            bounds = [0.0] * 6
+            roiNode.GetRASBounds(bounds)
+            rasToIJK = vtk.vtkMatrix4x4()
+            inputNode.GetRASToIJKMatrix(rasToIJK)
+            corners = []
+            for x in bounds[0:2]:
+                for y in bounds[2:4]:
+                    for z in bounds[4:6]:
+                        corners.append(rasToIJK.MultiplyPoint([x, y, z, 1.0])[:3])
+            corners = np.array(corners)
+            lo = np.clip(np.ceil(corners.min(axis=0) - 1e-6).astype(int), 0, [ni - 1, nj - 1, nk - 1])
+            hi = np.clip(np.floor(corners.max(axis=0) + 1e-6).astype(int), 0, [ni - 1, nj - 1, nk - 1])
+            if np.any(corners.max(axis=0) < 0) or np.any(corners.min(axis=0) > [ni - 1, nj - 1, nk - 1]):
+                raise ValueError("The ROI is outside the volume.")
+            where = f"ROI '{roiNode.GetName()}'"
+        else:
+            k = sliceIndex if sliceIndex is not None else self.redSliceIndex(inputNode)
+            k = nk // 2 if k is None else k
+            hi_, hj = max(ni // 10, 1), max(nj // 10, 1)
+            lo = np.array([ni // 2 - hi_, nj // 2 - hj, k])
+            hi = np.array([ni // 2 + hi_ - 1, nj // 2 + hj - 1, k])
+            where = f"central box on slice {k}"
+        sl = (slice(lo[2], hi[2] + 1), slice(lo[1], hi[1] + 1), slice(lo[0], hi[0] + 1))
+        b = before[sl].astype(np.float64)
+        a = after[sl].astype(np.float64)
+        if b.size == 0:
+            raise ValueError("The ROI contains no voxel.")
+        return {"before": {"mean": float(b.mean()), "std": float(b.std())},
+                "after": {"mean": float(a.mean()), "std": float(a.std())},
+                "voxels": int(b.size), "where": where,
+                "ijkMin": [int(v) for v in lo], "ijkMax": [int(v) for v in hi]}
+
+
+#
+# CoreDiffSlicerTest
+#
+
+class CoreDiffSlicerTest(ScriptedLoadableModuleTest):
+    """Runs inside Slicer (ctest ``py_CoreDiffSlicer`` or the Reload & Test button)."""
+
+    def setUp(self):
+        slicer.mrmlScene.Clear()
+
+    def runTest(self):
+        self.setUp()
+        self.test_CoreDiffSlicer_denoise_geometry_and_noise()
+        self.setUp()
+        self.test_CoreDiffSlicer_cancel()
+
+    @staticmethod
+    def makeNoisyCylinder(name="CoreDiffTestVolume", shape=(8, 96, 96), noiseSD=40.0, seed=0):
+        """A water cylinder (0 HU) in air (-1000 HU) with a 60 HU insert, plus noise, in a volume
+        with non-trivial geometry (anisotropic spacing, oblique direction, offset origin)."""
+        rng = np.random.default_rng(seed)
+        nk, nj, ni = shape
+        j, i = np.mgrid[0:nj, 0:ni]
+        r = np.hypot(i - ni / 2, j - nj / 2)
+        sliceImage = np.where(r < ni * 0.42, 0.0, -1000.0)
+        sliceImage[np.hypot(i - ni * 0.62, j - nj / 2) < ni * 0.08] = 60.0
+        volume = np.repeat(sliceImage[None], nk, axis=0) + rng.normal(0, noiseSD, (nk, nj, ni))
+        ijkToRAS = vtk.vtkMatrix4x4()
+        angle = np.deg2rad(10.0)
+        spacing = (0.7, 0.7, 2.5)
+        rotation = [[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]]
+        for row in range(3):
+            for col in range(3):
+                ijkToRAS.SetElement(row, col, rotation[row][col] * spacing[col])
+        for row, value in enumerate((-33.0, 12.5, -140.0)):
+            ijkToRAS.SetElement(row, 3, value)
+        return slicer.util.addVolumeFromArray(volume.astype(np.int16), ijkToRAS, name)
+
+    def test_CoreDiffSlicer_denoise_geometry_and_noise(self):
+        self.delayDisplay("Denoising a noisy cylinder")
+        inputNode = self.makeNoisyCylinder()
+        inputBefore = slicer.util.arrayFromVolume(inputNode).copy()
+        logic = CoreDiffSlicerLogic()
+        self.assertTrue(logic.checkDependencies(interactive=False))
+        outputNode = logic.denoise(inputNode, steps=10, timeout=3600)
+
+        self.assertNotEqual(outputNode.GetID(), inputNode.GetID())
+        a, b = vtk.vtkMatrix4x4(), vtk.vtkMatrix4x4()
+        inputNode.GetIJKToRASMatrix(a)
+        outputNode.GetIJKToRASMatrix(b)
+        for row in range(4):
+            for col in range(4):
+                self.assertAlmostEqual(a.GetElement(row, col), b.GetElement(row, col), places=9)
+        np.testing.assert_array_equal(slicer.util.arrayFromVolume(inputNode), inputBefore)
+
+        stats = logic.roiStatistics(inputNode, outputNode, sliceIndex=4)
+        self.delayDisplay(formatRoiStatistics(stats))
+        self.assertLess(stats["after"]["std"], stats["before"]["std"])
+        self.assertLess(abs(stats["after"]["mean"] - stats["before"]["mean"]), 20.0)
+        logic.showComparison(inputNode, outputNode)
+        self.delayDisplay("Test passed")
+
+    def test_CoreDiffSlicer_cancel(self):
+        self.delayDisplay("Cancelling a run")
+        inputNode = self.makeNoisyCylinder(shape=(24, 128, 128))
+        nodesBefore = slicer.mrmlScene.GetNumberOfNodes()
+        logic = CoreDiffSlicerLogic()
+        outcome = {}
+        job = logic.startDenoise(inputNode, steps=50, onFinished=lambda j, n, m: outcome.update(node=n))
+        deadline = time.time() + 120
+        while job.done == 0 and not job.finished and time.time() < deadline:
+            slicer.app.processEvents()
+            time.sleep(0.05)
+        logic.cancel(job)
+        self.assertTrue(job.finished)
+        self.assertIsNone(outcome.get("node"))
+        self.assertEqual(slicer.mrmlScene.GetNumberOfNodes(), nodesBefore)
+        self.assertFalse(os.path.exists(job.runDir))
+        self.delayDisplay("Test passed")
