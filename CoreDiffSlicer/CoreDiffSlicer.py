@@ -576,8 +576,6 @@ class CoreDiffSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         reason = None
         if not p or not p.inputVolume:
             reason = "Select an input volume"
-        elif p.inputVolume.GetImageData() is None:
-            reason = "The input volume has no image data"
         elif p.outputVolume and p.outputVolume.GetID() == p.inputVolume.GetID():
             reason = "The output must differ from the input (leave it on 'Create new volume')"
         elif self._oneShotJob is not None and self._oneShotJob.running:

@@ -1,0 +1,142 @@
+"""The .ui and the module agree: widgets, classes, parameter bindings, scene wiring."""
+
+import re
+import typing
+import xml.etree.ElementTree as ET
+
+import pytest
+
+import slicer_harness as H
+from slicer_harness.fixtures import makeVolume, makeWidget, slicerEnv, waitIdle  # noqa: F401
+
+UI_PATH = H.REPO_ROOT + "/CoreDiffSlicer/Resources/UI/CoreDiffSlicer.ui"
+SOURCE = open(H.MODULE_PATH, encoding="utf-8").read()
+
+# Class each referenced widget must have: the module relies on its API.
+EXPECTED_CLASSES = {
+    "inputSelector": "qMRMLNodeComboBox", "outputSelector": "qMRMLNodeComboBox",
+    "roiSelector": "qMRMLNodeComboBox", "oneShotLdctSelector": "qMRMLNodeComboBox",
+    "oneShotNdctSelector": "qMRMLNodeComboBox",
+    "modelComboBox": "ctkComboBox", "deviceComboBox": "ctkComboBox",
+    "modelPathLineEdit": "ctkPathLineEdit", "stepsSliderWidget": "ctkSliderWidget",
+    "batchSizeSpinBox": "QSpinBox", "showComparisonCheckBox": "QCheckBox",
+    "applyButton": "QPushButton", "progressBar": "QProgressBar", "statusLabel": "QLabel",
+    "refreshModelsButton": "QPushButton", "compareButton": "QPushButton", "flickerButton": "QPushButton",
+    "measureButton": "QPushButton", "roiResultsLabel": "QLabel",
+    "oneShotStack": "QStackedWidget", "oneShotStepLabel": "QLabel", "oneShotBackButton": "QPushButton",
+    "oneShotNextButton": "QPushButton", "oneShotSliceSlider": "QSlider", "oneShotSliceLabel": "QLabel",
+    "oneShotPairedCheckBox": "QCheckBox", "oneShotNdctSliceSpinBox": "QSpinBox",
+    "oneShotNameLineEdit": "QLineEdit", "oneShotAdaptButton": "QPushButton",
+    "oneShotProgressBar": "QProgressBar", "oneShotStatusLabel": "QLabel",
+    "oneShotResultLabel": "QLabel", "oneShotApplyButton": "QPushButton",
+    "advancedCollapsibleButton": "ctkCollapsibleButton",
+}
+
+
+def uiWidgets():
+    root = ET.parse(UI_PATH).getroot()
+    return {w.get("name"): w for w in root.iter("widget")}
+
+
+def test_top_level_is_qMRMLWidget():
+    root = ET.parse(UI_PATH).getroot()
+    top = root.find("widget")
+    assert top.get("class") == "qMRMLWidget"
+
+
+def test_every_referenced_widget_exists_with_expected_class():
+    widgets = uiWidgets()
+    referenced = set(re.findall(r"self\.ui\.(\w+)", SOURCE))
+    assert referenced, "the module references no widget?"
+    missing = referenced - set(widgets)
+    assert not missing, f"widgets used by CoreDiffSlicer.py but absent from the .ui: {missing}"
+    for name in referenced:
+        assert name in EXPECTED_CLASSES, f"add the expected class of {name} to this test"
+        assert widgets[name].get("class") == EXPECTED_CLASSES[name], name
+
+
+def test_every_parameter_is_bound_by_exactly_one_widget(slicerEnv):  # noqa: F811
+    slicer, module, _ = slicerEnv
+    widgets = uiWidgets()
+    bound = {}
+    for name, w in widgets.items():
+        for prop in w.findall("property"):
+            if prop.get("name") == "SlicerParameterName":
+                assert prop.get("stdset") == "0", f"{name}: SlicerParameterName must be a dynamic property"
+                bound.setdefault(prop.find("string").text, []).append(name)
+    params = set(typing.get_type_hints(module.CoreDiffSlicerParameterNode, include_extras=True))
+    assert set(bound) == params, (set(bound) ^ params)
+    assert all(len(v) == 1 for v in bound.values()), bound
+
+
+def test_connectGui_finds_a_connector_for_every_binding(slicerEnv):  # noqa: F811
+    """Slicer raises RuntimeError when no GuiConnector fits a (widget, type) pair."""
+    slicer, module, _ = slicerEnv
+    widget = makeWidget(module)
+    tag = widget._parameterNodeGuiTag
+    connectors = widget._parameterNode._parameterGUIs[tag]
+    params = set(typing.get_type_hints(module.CoreDiffSlicerParameterNode, include_extras=True))
+    assert set(connectors) == params
+    # the custom connectors are the ones chosen for the dynamic combo boxes and the int slider
+    assert type(connectors["model"]).__name__ == "CtkComboBoxItemDataToStrConnector"
+    assert type(connectors["device"]).__name__ == "CtkComboBoxItemDataToStrConnector"
+    assert type(connectors["steps"]).__name__ == "CtkSliderWidgetToIntConnector"
+
+
+
+def test_gui_and_parameter_node_stay_in_sync(slicerEnv):  # noqa: F811
+    slicer, module, _ = slicerEnv
+    widget = makeWidget(module)
+    p = widget._parameterNode
+    widget.ui.stepsSliderWidget.value = 3.0
+    assert p.steps == 3 and isinstance(p.steps, int)
+    p.steps = 7
+    assert widget.ui.stepsSliderWidget.value == 7.0
+    with pytest.raises(ValueError):
+        p.steps = 0  # WithinRange(1, 50)
+    with pytest.raises(TypeError):
+        p.steps = 2.5
+    widget.ui.batchSizeSpinBox.setValue(4)
+    assert p.batchSize == 4
+    widget.ui.showComparisonCheckBox.setChecked(False)
+    assert p.showComparison is False
+
+
+
+def test_scene_reaches_node_combo_boxes_through_ui_connections(slicerEnv):  # noqa: F811
+    slicer, module, _ = slicerEnv
+    widget = makeWidget(module)
+    node, _ = makeVolume()
+    for name in ("inputSelector", "outputSelector", "oneShotLdctSelector", "oneShotNdctSelector"):
+        combo = getattr(widget.ui, name)
+        assert combo.mrmlScene() is slicer.mrmlScene, name
+        assert combo.nodeCount() == 1, name
+    # input auto-selected (noneEnabled false) and Denoise enabled
+    assert widget._parameterNode.inputVolume is node
+    assert widget.ui.applyButton.property("enabled")
+    assert widget.ui.outputSelector.currentNode() is None  # "Create new volume"
+
+
+
+def test_output_equal_to_input_is_refused(slicerEnv):  # noqa: F811
+    slicer, module, _ = slicerEnv
+    widget = makeWidget(module)
+    node, _ = makeVolume()
+    widget._parameterNode.outputVolume = node
+    assert not widget.ui.applyButton.property("enabled")
+    assert "differ" in widget.ui.applyButton.property("toolTip")
+    widget._parameterNode.outputVolume = None
+    assert widget.ui.applyButton.property("enabled")
+    with pytest.raises(ValueError):
+        widget.logic.startDenoise(node, node)
+
+
+
+def test_module_metadata(slicerEnv):  # noqa: F811
+    slicer, module, _ = slicerEnv
+    m = module.CoreDiffSlicer(H.moduleParent())
+    assert m.parent.title == "CoreDiff Denoising"
+    assert m.parent.categories == ["Filtering.Denoising"]
+    assert "research use only" in m.parent.helpText.lower()
+    assert "simulated" in m.parent.helpText
+    assert "2304.01814" in m.parent.acknowledgementText and "IEEE" in m.parent.acknowledgementText
