@@ -626,10 +626,10 @@ class CoreDiffSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _onDenoiseProgress(self, done, total) -> None:
         bar = self.ui.progressBar
-        bar.maximum = max(total, 1)
-        bar.value = min(done, total)
         left = self._job.secondsLeft() if self._job is not None else None
         bar.format = f"{done} / {total} slices" + (f", {formatDuration(left)} left" if left is not None else "")
+        bar.maximum = max(total, 1)
+        bar.value = min(done, total)
 
     def _onDenoiseFinished(self, job, outputNode, message) -> None:
         self.ui.progressBar.visible = False
@@ -900,8 +900,7 @@ class CoreDiffSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         p = self._parameterNode
         name, _ = self._lastAdaptation
-        p.model = "adaptation:" + name
-        p.modelFile = pathlib.Path()
+        p.model = "adaptation:" + name  # the base model (list entry or file) stays as it was
         p.inputVolume = p.osLdctVolume
         p.outputVolume = None
         self._startDenoise(p.osLdctVolume, None, self.logic.modelArguments(p.model, p.modelFile))
@@ -1021,15 +1020,22 @@ class CoreDiffSlicerLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def modelArguments(model: str, modelFile=None, withAdaptation=True) -> list:
-        """CLI arguments for the model choice (a user file overrides the list)."""
-        if modelFile is not None and str(modelFile) not in ("", "."):
-            return ["--model", str(modelFile)]
-        if not model:
-            return []
-        kind, _, name = model.partition(":")
-        if kind == "adaptation":
-            return ["--adaptation", name] if withAdaptation else []
-        return ["--model", name]
+        """CLI arguments for the model choice.
+
+        ``model`` is the model list's item data ("" = library default, "model:<name>",
+        "adaptation:<name>"); a user model file replaces the base model. An adaptation is tied to
+        the base model it was learned for, so it is passed together with that base model.
+        """
+        args = []
+        hasFile = modelFile is not None and str(modelFile) not in ("", ".")
+        if hasFile:
+            args += ["--model", str(modelFile)]
+        kind, _, name = (model or "").partition(":")
+        if kind == "model" and name and not hasFile:
+            args += ["--model", name]
+        elif kind == "adaptation" and name and withAdaptation:
+            args += ["--adaptation", name]
+        return args
 
     # --- processes ---------------------------------------------------------------------------
 
@@ -1113,8 +1119,9 @@ class CoreDiffSlicerLogic(ScriptedLoadableModuleLogic):
         except Exception:
             shutil.rmtree(runDir, ignore_errors=True)
             raise
-        args = ["denoise", inputPath, outputPath, *modelArgs, "--device", device or "auto",
-                "--steps", int(steps), "--progress", "lines"]
+        args = ["denoise", inputPath, outputPath, *modelArgs, "--device", device or "auto", "--progress", "lines"]
+        if steps and "--adaptation" not in modelArgs:  # an adaptation weighs all T steps of its model
+            args += ["--steps", int(steps)]
         if batchSize:
             args += ["--batch-size", int(batchSize)]
 

@@ -96,9 +96,9 @@ def test_gui_and_parameter_node_stay_in_sync(slicerEnv):  # noqa: F811
         p.steps = 0  # WithinRange(1, 50)
     with pytest.raises(TypeError):
         p.steps = 2.5
-    widget.ui.batchSizeSpinBox.setValue(4)
+    widget.ui.batchSizeSpinBox.setProperty("value", 4)
     assert p.batchSize == 4
-    widget.ui.showComparisonCheckBox.setChecked(False)
+    widget.ui.showComparisonCheckBox.setProperty("checked", False)
     assert p.showComparison is False
 
 

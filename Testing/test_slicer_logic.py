@@ -1,0 +1,213 @@
+"""The module's process machinery against the real `corediff` CLI in a subprocess.
+
+Qt properties are read and written with property()/setProperty(): the module runs with PySide's
+true_property feature (PythonQt-like), and PySide may keep that mode active in callers' frames
+right after module code ran, so getter/setter methods are avoided here.
+"""
+
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import psutil
+import pytest
+import vtk
+
+import slicer_harness as H
+from slicer_harness.fixtures import makeVolume, makeWidget, slicerEnv, spin, tinyModel, waitIdle  # noqa: F401
+
+
+def matrixOf(node):
+    m = vtk.vtkMatrix4x4()
+    node.GetIJKToRASMatrix(m)
+    return np.array([[m.GetElement(r, c) for c in range(4)] for r in range(4)])
+
+
+def cliHas(subcommand):
+    r = subprocess.run([sys.executable, "-m", "CoreDiffLib.cli", subcommand, "--help"], cwd=H.REPO_ROOT,
+                       capture_output=True, text=True)
+    return r.returncode == 0
+
+
+def test_denoise_button_creates_new_node_with_input_geometry(slicerEnv, tinyModel):  # noqa: F811
+    slicer, module, tempDir = slicerEnv
+    widget = makeWidget(module)
+    sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(slicer.mrmlScene)
+    folder = sh.CreateFolderItem(sh.GetSceneItemID(), "Patient 1")
+    inputNode, _ = makeVolume((4, 64, 64))
+    sh.SetItemParent(sh.GetItemByDataNode(inputNode), folder)
+    before = slicer.util.arrayFromVolume(inputNode).copy()
+    p = widget._parameterNode
+    assert p.inputVolume is inputNode
+    widget.ui.modelPathLineEdit.currentPath = tinyModel
+    assert str(p.modelFile) == tinyModel
+    p.steps = 2
+    p.device = "cpu"
+    progressValues = []
+    widget.ui.progressBar.valueChanged.connect(lambda v: progressValues.append(
+        (v, widget.ui.progressBar.property("maximum"), widget.ui.progressBar.property("format"))))
+    nodesBefore = slicer.mrmlScene.GetNumberOfNodes()
+
+    widget.ui.applyButton.click()
+    assert widget.ui.applyButton.property("text") == "Cancel"
+    args = H.launched[-1].args
+    assert args[:3] == [sys.executable, "-m", "CoreDiffLib.cli"] and args[3] == "denoise"
+    assert ["--model", tinyModel] == args[args.index("--model"):args.index("--model") + 2]
+    assert "--progress" in args and "lines" in args
+    spin(slicer, lambda: not widget._job.running, timeout=90)
+
+    assert widget.ui.applyButton.property("text") == "Denoise"
+    assert widget.ui.statusLabel.property("text").startswith("Done"), widget.ui.statusLabel.property("text")
+    outputNode = slicer.mrmlScene.GetFirstNodeByName("LDCT denoised")
+    assert outputNode is not None and outputNode is not inputNode
+    assert slicer.mrmlScene.GetNumberOfNodes() == nodesBefore + 2  # volume + display node
+    np.testing.assert_array_equal(matrixOf(outputNode), matrixOf(inputNode))
+    np.testing.assert_array_equal(slicer.util.arrayFromVolume(inputNode), before)
+    out = slicer.util.arrayFromVolume(outputNode)
+    assert out.shape == before.shape and out.dtype == np.float32 and np.isfinite(out).all()
+    # progress reached total (4 slices), with slices done / total and time left shown
+    assert progressValues and progressValues[-1][0] == progressValues[-1][1] == 4
+    assert "4 / 4 slices" in progressValues[-1][2]
+    # beside the input, CT window, side-by-side comparison
+    assert sh.GetItemParent(sh.GetItemByDataNode(outputNode)) == folder
+    d = outputNode.GetDisplayNode()
+    assert (d.GetWindow(), d.GetLevel(), d.GetAutoWindowLevel()) == (350.0, 40.0, 0)
+    lm = slicer.app.layoutManager()
+    assert lm.layout == slicer.vtkMRMLLayoutNode.SlicerLayoutSideBySideView
+    red = lm.sliceWidget("Red").mrmlSliceCompositeNode()
+    yellow = lm.sliceWidget("Yellow").mrmlSliceCompositeNode()
+    assert red.GetBackgroundVolumeID() == inputNode.GetID()
+    assert yellow.GetBackgroundVolumeID() == outputNode.GetID()
+    assert red.GetLinkedControl() and yellow.GetLinkedControl()
+    assert inputNode.GetDisplayNode().GetWindow() == 350.0
+    assert os.listdir(tempDir) == []  # temp NRRDs removed
+
+    # flicker alternates the output over the input in the Red view
+    widget.ui.flickerButton.setProperty("checked", True)
+    seen = set()
+    spin(slicer, lambda: seen.add(red.GetForegroundOpacity()) or len(seen) == 2, timeout=5)
+    assert red.GetForegroundVolumeID() == outputNode.GetID()
+    widget.ui.flickerButton.setProperty("checked", False)
+    assert red.GetForegroundVolumeID() is None
+
+    # ROI noise readout: an ROI on the central region of slice 2
+    roi = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "noise ROI")
+    ijkToRAS = vtk.vtkMatrix4x4()
+    inputNode.GetIJKToRASMatrix(ijkToRAS)
+    roi.SetCenter(ijkToRAS.MultiplyPoint([31.5, 31.5, 2, 1])[:3])
+    roi.SetSize(10, 10, 1)
+    widget.ui.roiSelector.setCurrentNode(roi)
+    assert widget._parameterNode.roi is roi
+    widget.ui.measureButton.click()
+    text = widget.ui.roiResultsLabel.property("text")
+    assert "Before: mean" in text and "After:" in text and "noise ROI" in text
+    stats = widget.logic.roiStatistics(inputNode, outputNode, roi)
+    assert stats["ijkMin"][2] == stats["ijkMax"][2] == 2
+    k0, j0, i0 = stats["ijkMin"][2], stats["ijkMin"][1], stats["ijkMin"][0]
+    k1, j1, i1 = stats["ijkMax"][2], stats["ijkMax"][1], stats["ijkMax"][0]
+    region = before[k0:k1 + 1, j0:j1 + 1, i0:i1 + 1].astype(float)
+    assert stats["before"]["std"] == pytest.approx(region.std())
+    assert stats["before"]["mean"] == pytest.approx(region.mean())
+    assert [m for m in H.displayed if m[0] == "error"] == []
+
+
+def test_cancel_stops_process_tree_and_leaves_scene_unchanged(slicerEnv, tinyModel):  # noqa: F811
+    slicer, module, tempDir = slicerEnv
+    widget = makeWidget(module)
+    inputNode, _ = makeVolume((64, 128, 128))
+    p = widget._parameterNode
+    p.modelFile = __import__("pathlib").Path(tinyModel)
+    p.steps = 2
+    p.batchSize = 1
+    p.device = "cpu"
+    nodesBefore = slicer.mrmlScene.GetNumberOfNodes()
+    widget.ui.applyButton.click()
+    job = widget._job
+    spin(slicer, lambda: job.done >= 1 or job.finished, timeout=90)  # mid-run: first slices done
+    assert not job.finished, job.errorMessage
+    assert job.done < job.total
+    proc = psutil.Process(job.proc.pid)
+    family = [proc] + proc.children(recursive=True)
+    assert os.listdir(tempDir) != []
+    widget.ui.applyButton.click()  # the Denoise button is Cancel while running
+    assert job.finished and job.cancelled
+    for ps in family:
+        assert not ps.is_running() or ps.status() == psutil.STATUS_ZOMBIE
+    assert slicer.mrmlScene.GetNumberOfNodes() == nodesBefore
+    assert os.listdir(tempDir) == []
+    assert widget.ui.applyButton.property("text") == "Denoise"
+    assert "Cancelled" in widget.ui.statusLabel.property("text")
+    assert H.displayed == []
+
+
+def test_failing_run_shows_library_message(slicerEnv, tmp_path):  # noqa: F811
+    slicer, module, tempDir = slicerEnv
+    widget = makeWidget(module)
+    inputNode, _ = makeVolume((2, 32, 32))
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(b"this is not a safetensors file")
+    widget._parameterNode.modelFile = corrupt
+    widget._parameterNode.device = "cpu"
+    nodesBefore = slicer.mrmlScene.GetNumberOfNodes()
+    widget.ui.applyButton.click()
+    spin(slicer, lambda: not widget._job.running, timeout=90)
+    errors = [t for kind, t in H.displayed if kind == "error"]
+    assert len(errors) == 1
+    message = widget._job.errorMessage
+    assert message and "Traceback" not in message
+    assert message in errors[0] and message in widget.ui.statusLabel.property("text")
+    assert slicer.mrmlScene.GetNumberOfNodes() == nodesBefore
+    assert os.listdir(tempDir) == []
+
+
+@pytest.mark.skipif(not cliHas("oneshot"), reason="`corediff oneshot` is not in the library yet")
+def test_one_shot_wizard_produces_an_adaptation(slicerEnv, tinyModel, tmp_path, monkeypatch):  # noqa: F811
+    slicer, module, tempDir = slicerEnv
+    monkeypatch.setenv("COREDIFF_HOME", str(tmp_path / "corediff-home"))  # inherited by the CLI
+    widget = makeWidget(module)
+    ldct, _ = makeVolume((4, 64, 64), name="LDCT10", seed=1, noiseSD=80)
+    ndct, _ = makeVolume((4, 64, 64), name="NDCT", seed=2, noiseSD=5)
+    p = widget._parameterNode
+    p.modelFile = __import__("pathlib").Path(tinyModel)
+    ui = widget.ui
+    assert ui.oneShotStack.property("currentIndex") == 0
+    ui.oneShotLdctSelector.setCurrentNode(ldct)
+    ui.oneShotNextButton.click()
+    assert ui.oneShotStack.property("currentIndex") == 1
+    ui.oneShotSliceSlider.setProperty("value", 2)  # moves the Red view ...
+    assert widget.logic.redSliceIndex(ldct) == 2
+    widget.logic.setRedSliceIndex(ldct, 1)  # ... and follows it
+    assert p.osSlice == 1
+    ui.oneShotNextButton.click()
+    ui.oneShotNdctSelector.setCurrentNode(ndct)
+    ui.oneShotNextButton.click()
+    assert ui.oneShotStack.property("currentIndex") == 3
+    ui.oneShotNameLineEdit.setProperty("text", "test_dose10")
+    ui.oneShotAdaptButton.click()
+    spin(slicer, lambda: not widget._oneShotJob.running, timeout=110)
+    assert widget._oneShotJob.succeeded, widget._oneShotJob.errorMessage
+    name, path = widget._lastAdaptation
+    assert name == "test_dose10" and os.path.isfile(path)
+    assert ui.oneShotStack.property("currentIndex") == 4
+    assert str(tmp_path / "corediff-home") in path
+    # it now appears in the model list (refreshed from `corediff models --json`) ...
+    waitIdle(slicer, widget, timeout=90)
+    combo = ui.modelComboBox
+    assert combo.itemData(0) == ""  # library default first
+    assert "adaptation:test_dose10" in [combo.itemData(i) for i in range(combo.property("count"))]
+    devices = [ui.deviceComboBox.itemData(i) for i in range(ui.deviceComboBox.property("count"))]
+    assert devices[0] == "auto" and "cpu" in devices  # from `corediff devices --json`
+    assert ui.refreshModelsButton.property("enabled")
+    # ... and one click applies it to the whole volume
+    ui.oneShotApplyButton.click()
+    args = H.launched[-1].args
+    assert args[3] == "denoise" and "--adaptation" in args and "test_dose10" in args
+    assert ["--model", tinyModel] == args[args.index("--model"):args.index("--model") + 2]
+    spin(slicer, lambda: not widget._job.running, timeout=90)
+    assert widget._job.succeeded, widget._job.errorMessage
+    out = slicer.mrmlScene.GetFirstNodeByName("LDCT10 denoised")
+    assert out is not None
+    np.testing.assert_array_equal(matrixOf(out), matrixOf(ldct))
+    assert os.listdir(tempDir) == []
