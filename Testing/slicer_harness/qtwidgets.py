@@ -27,7 +27,6 @@ class ctkCollapsibleButton(QtWidgets.QFrame):
         super().__init__(parent)
         self._text = ""
         self._collapsed = False
-        self.setContentsMargins(4, self.HEADER + 2, 4, 4)
         self.setFrameShape(QtWidgets.QFrame.StyledPanel)
 
     def _getText(self):
@@ -45,14 +44,27 @@ class ctkCollapsibleButton(QtWidgets.QFrame):
         if collapsed == self._collapsed:
             return
         self._collapsed = collapsed
-        for child in self.findChildren(QtWidgets.QWidget, options=QtCore.Qt.FindDirectChildrenOnly):
-            child.setVisible(not collapsed)
+        self._applyChrome()
         self.setMaximumHeight(self.HEADER + 4 if collapsed else 16777215)
         self.contentsCollapsed.emit(collapsed)
         self.update()
 
     text = QtCore.Property(str, _getText, _setText)
     collapsed = QtCore.Property(bool, _getCollapsed, _setCollapsed)
+
+    def _applyChrome(self):
+        # keep the contents below the header and children visibility in line with ``collapsed``
+        layout = self.layout()
+        if layout is not None:
+            m = layout.contentsMargins()
+            if m.top() < self.HEADER + 4:
+                layout.setContentsMargins(m.left(), self.HEADER + 4, m.right(), m.bottom())
+        for child in self.findChildren(QtWidgets.QWidget, options=QtCore.Qt.FindDirectChildrenOnly):
+            child.setVisible(not self._collapsed)
+
+    def showEvent(self, event):
+        self._applyChrome()
+        super().showEvent(event)
 
     def mousePressEvent(self, event):
         if event.position().y() <= self.HEADER:
