@@ -1188,7 +1188,7 @@ class CoreDiffSlicerLogic(ScriptedLoadableModuleLogic):
             return display.GetWindow(), display.GetLevel()
         return self.CT_WINDOW, self.CT_LEVEL
 
-    def denoise(self, inputNode, outputNode=None, model="", modelFile=None, device="auto", steps=10,
+    def denoise(self, inputNode, outputNode=None, model="", modelFile=None, device="auto", steps=None,
                 batchSize=0, timeout=None):
         """Blocking convenience wrapper (scripts, self-test). Returns the output node."""
         result = {}
@@ -1394,7 +1394,7 @@ class CoreDiffSlicerTest(ScriptedLoadableModuleTest):
         inputBefore = slicer.util.arrayFromVolume(inputNode).copy()
         logic = CoreDiffSlicerLogic()
         self.assertTrue(logic.checkDependencies(interactive=False))
-        outputNode = logic.denoise(inputNode, steps=10, timeout=3600)
+        outputNode = logic.denoise(inputNode, timeout=3600)  # the model's own number of steps
 
         self.assertNotEqual(outputNode.GetID(), inputNode.GetID())
         a, b = vtk.vtkMatrix4x4(), vtk.vtkMatrix4x4()
@@ -1414,15 +1414,16 @@ class CoreDiffSlicerTest(ScriptedLoadableModuleTest):
 
     def test_CoreDiffSlicer_cancel(self):
         self.delayDisplay("Cancelling a run")
-        inputNode = self.makeNoisyCylinder(shape=(24, 128, 128))
+        inputNode = self.makeNoisyCylinder(shape=(64, 256, 256))
         nodesBefore = slicer.mrmlScene.GetNumberOfNodes()
         logic = CoreDiffSlicerLogic()
         outcome = {}
-        job = logic.startDenoise(inputNode, steps=50, onFinished=lambda j, n, m: outcome.update(node=n))
+        job = logic.startDenoise(inputNode, steps=None, batchSize=1, onFinished=lambda j, n, m: outcome.update(node=n))
         deadline = time.time() + 120
         while job.done == 0 and not job.finished and time.time() < deadline:
             slicer.app.processEvents()
             time.sleep(0.05)
+        self.assertFalse(job.finished, job.errorMessage)  # still running: cancel it mid-run
         logic.cancel(job)
         self.assertTrue(job.finished)
         self.assertIsNone(outcome.get("node"))
