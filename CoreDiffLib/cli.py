@@ -295,8 +295,10 @@ def add_info_parsers(sub) -> None:
 
 # ----------------------------------------------------------------------------- main
 #: Every sub-command registers itself here; later modules append their own.
+from .oneshot import add_oneshot_parser  # noqa: E402  (one-shot adaptation, issue #5)
+
 PARSERS: list[Callable] = [add_denoise_parser, add_train_parser, add_compare_parser,
-                           add_simulate_parser, add_info_parsers]
+                           add_simulate_parser, add_info_parsers, add_oneshot_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:

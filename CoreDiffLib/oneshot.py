@@ -1,0 +1,797 @@
+"""One-shot learning (OSL): adapt a frozen CoreDiff model to a new dose level from ONE slice.
+
+CoreDiff's sampler produces an estimate of the clean image at every one of its T steps.
+A model trained at one dose, applied to another, still produces useful estimates, but the
+best one is no longer the last: at a higher noise level earlier (smoother) estimates, or a
+blend of several, are closer to the truth. OSL learns T scalar logits ``w`` (initialised to
+zero, i.e. uniform weights) and combines the steps as
+
+    x_opt = sum_k softmax(w)_k * x_k
+
+The network stays frozen, so the T-step sampling runs ONCE on the whole reference slice
+and the T outputs are cached; the logits are then fitted on random patches of the cached
+outputs, which takes seconds. The result is a tiny JSON file (:class:`Adaptation`) tied to
+the base model's sha256 and to its T; the same model serves every dose level.
+
+Two ways to supervise the logits:
+
+* **paired** — the reference LDCT slice's own NDCT (same scan, aligned): patch MSE, with an
+  optional SSIM term. This directly minimises the error the paper's metrics measure.
+* **unpaired** — a normal-dose slice that is *not* aligned with the reference (by default
+  two slices further on, as in the paper's reference code, or another scan altogether).
+  The paper uses a VGG perceptual loss, whose ImageNet weights cannot be downloaded here.
+  We use :func:`texture_loss` instead: per-patch *log band energies* of a fixed multi-scale
+  Gaussian-derivative filter bank (first derivatives and Laplacian at scales ~1, 2, 4 px),
+  computed on the soft-tissue window (a smooth tanh window on [-100, 200] HU). Why:
+
+  - What the logits control is the noise/smoothness trade-off of the output, i.e. how much
+    energy it has in each spatial-frequency band of soft tissue (its noise power spectrum
+    and edge sharpness). Band energies measure exactly that.
+  - A band energy is a mean of squared filter responses over a patch: it does not depend on
+    *where* inside the patch a structure or noise grain lies, so a shift of a few pixels or
+    the small anatomical change between neighbouring slices barely changes it (measured in
+    ``Testing/test_oneshot.py``: a 3-pixel shift changes the loss by a few percent of its
+    range over the step weights, whereas MSE changes by orders of magnitude).
+  - Logarithms make bands and patches count equally whatever their contrast, so strong
+    edges (bone, air) do not drown the noise texture that distinguishes the steps; the
+    tanh window compresses air and bone for the same reason and keeps gradients everywhere.
+  - The filters are fixed, hand-designed and deterministic: nothing to download or train.
+
+Everything is deterministic for a given seed (patch positions come from a seeded NumPy
+generator; the optimiser is plain Adam with a cosine-decayed step on a CPU tensor).
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import math
+import os
+import re
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import CoreDiffError
+from .intensity import HU_MIN, HU_RANGE
+
+FORMAT = "corediff-oneshot-v1"
+MODES = ("paired", "unpaired")
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,99}$")
+
+ProgressFn = Callable[[int, int], None]
+
+
+# ----------------------------------------------------------------------------- storage
+def adaptations_dir() -> Path:
+    """``$COREDIFF_HOME/adaptations`` (default ``~/.corediff/adaptations``); not created here."""
+    home = os.environ.get("COREDIFF_HOME") or "~/.corediff"
+    return Path(home).expanduser() / "adaptations"
+
+
+def validate_name(name: str) -> str:
+    """An adaptation name is a plain file stem: letters, digits, '.', '_', '+', '-'."""
+    name = str(name)
+    if not name or "/" in name or "\\" in name or (os.sep in name) or (os.altsep and os.altsep in name):
+        raise CoreDiffError(f"adaptation name '{name}' must be a plain name without path separators "
+                            "(use --out FILE to choose where the file goes)")
+    if name in (".", "..") or not _NAME_RE.match(name):
+        raise CoreDiffError(f"adaptation name '{name}' is not allowed: use 1-100 letters, digits, "
+                            "'.', '_', '+' or '-', starting with a letter or digit")
+    return name
+
+
+def default_path(name: str) -> Path:
+    return adaptations_dir() / f"{validate_name(name)}.json"
+
+
+def resolve_adaptation(name_or_path: str | os.PathLike) -> Path:
+    """An existing file path, or a saved name in :func:`adaptations_dir`."""
+    text = str(name_or_path)
+    path = Path(text).expanduser()
+    if path.is_file():
+        return path
+    looks_like_name = bool(_NAME_RE.match(text)) and "/" not in text and "\\" not in text
+    if looks_like_name:
+        candidate = adaptations_dir() / f"{text}.json"
+        if candidate.is_file():
+            return candidate
+        known = ", ".join(r["name"] for r in list_adaptations()) or "none saved yet"
+        raise CoreDiffError(f"adaptation '{text}' is neither a file nor a saved adaptation in "
+                            f"{adaptations_dir()} (known: {known}); run 'corediff oneshot' first")
+    raise CoreDiffError(f"adaptation file {text} does not exist")
+
+
+def model_identity(model: torch.nn.Module) -> str:
+    """The sha256 an adaptation is tied to: the weights file's (set by ``load_model``), or,
+    for a model built in memory, a hash of its parameters prefixed ``state:``."""
+    sha = getattr(model, "weights_sha256", None)
+    if sha:
+        return str(sha)
+    h = hashlib.sha256()
+    for key, value in sorted(model.state_dict().items()):
+        h.update(key.encode())
+        h.update(value.detach().cpu().contiguous().float().numpy().tobytes())
+    return "state:" + h.hexdigest()
+
+
+# ----------------------------------------------------------------------------- the adaptation
+def combine_steps(steps: torch.Tensor, logits: torch.Tensor | Sequence[float]) -> torch.Tensor:
+    """sum_k softmax(logits)_k * steps[k] for steps (T, ...) — differentiable, not clamped."""
+    w = torch.as_tensor(logits, dtype=steps.dtype, device=steps.device)
+    if w.ndim != 1 or w.shape[0] != steps.shape[0]:
+        raise ValueError(f"{w.shape[0] if w.ndim == 1 else w.shape} weights for {steps.shape[0]} steps")
+    p = torch.softmax(w, dim=0)
+    return torch.tensordot(p, steps, dims=1)
+
+
+@dataclass
+class Adaptation:
+    """T logits that blend a frozen model's per-step outputs for one dose level / scanner."""
+
+    name: str
+    base_sha256: str
+    dose: str | None
+    mode: str                     # 'paired' | 'unpaired'
+    reference_slice: int
+    ndct_slice: int
+    steps: int                    # T of the base model
+    weights: list[float]          # logits; softmax(weights) are the step weights
+    info: dict = field(default_factory=dict)  # loss, iterations, seed, sources, timings...
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise CoreDiffError(f"adaptation mode '{self.mode}' is not one of {', '.join(MODES)}")
+        if len(self.weights) != self.steps:
+            raise CoreDiffError(f"adaptation '{self.name}' has {len(self.weights)} weights for T={self.steps}")
+        self.weights = [float(v) for v in self.weights]
+        if not all(math.isfinite(v) for v in self.weights):
+            raise CoreDiffError(f"adaptation '{self.name}' has non-finite weights: it is corrupt")
+
+    @property
+    def probabilities(self) -> list[float]:
+        """softmax(weights): the blend of steps (sums to 1); index 0 = first sampling step."""
+        return torch.softmax(torch.tensor(self.weights, dtype=torch.float64), 0).tolist()
+
+    def combine(self, steps: torch.Tensor) -> torch.Tensor:
+        """(T, B, 1, H, W) per-step estimates -> (B, 1, H, W) blend clamped to [0, 1]."""
+        if steps.shape[0] != self.steps:
+            raise CoreDiffError(f"adaptation '{self.name}' weighs {self.steps} steps but the sampler "
+                                f"produced {steps.shape[0]}: run all of the model's T steps")
+        return combine_steps(steps, self.weights).clamp(0.0, 1.0)
+
+    def to_dict(self) -> dict:
+        d = {"format": FORMAT, **asdict(self)}
+        d["probabilities"] = [round(p, 6) for p in self.probabilities]  # informational
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "adaptation") -> "Adaptation":
+        if not isinstance(d, dict) or d.get("format") != FORMAT:
+            raise CoreDiffError(f"{source} is not a CoreDiff one-shot adaptation (format {FORMAT} expected)")
+        try:
+            return cls(name=str(d["name"]), base_sha256=str(d["base_sha256"]), dose=d.get("dose"),
+                       mode=str(d["mode"]), reference_slice=int(d["reference_slice"]),
+                       ndct_slice=int(d["ndct_slice"]), steps=int(d["steps"]),
+                       weights=list(d["weights"]), info=dict(d.get("info") or {}))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CoreDiffError(f"{source} is an incomplete or corrupt adaptation ({exc!r})") from None
+
+    def save(self, path: str | os.PathLike | None = None) -> Path:
+        """Write JSON atomically (temp file + rename) to ``path`` or the user directory."""
+        out = Path(path).expanduser() if path is not None else default_path(self.name)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent)
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(self.to_dict(), f, indent=1)
+                f.write("\n")
+            os.replace(tmp, out)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return out
+
+    @classmethod
+    def read(cls, path: str | os.PathLike) -> "Adaptation":
+        try:
+            d = json.loads(Path(path).read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise CoreDiffError(f"cannot read adaptation {path}: {exc}") from None
+        return cls.from_dict(d, str(path))
+
+
+def load_adaptation(name_or_path, model: torch.nn.Module) -> Adaptation:
+    """Load a saved adaptation (name or file) and check it belongs to ``model``."""
+    if isinstance(name_or_path, Adaptation):
+        adaptation, source = name_or_path, f"adaptation '{name_or_path.name}'"
+    else:
+        path = resolve_adaptation(name_or_path)
+        adaptation, source = Adaptation.read(path), str(path)
+    sha = model_identity(model)
+    if adaptation.base_sha256 != sha:
+        raise CoreDiffError(f"{source} was learned for another model (sha256 {adaptation.base_sha256[:12]}…), "
+                            f"not this one ({sha[:12]}…): use it with its own model, or run "
+                            "'corediff oneshot' for this model")
+    T = model.config.steps
+    if adaptation.steps != T:
+        raise CoreDiffError(f"{source} has {adaptation.steps} step weights but the model samples T={T} steps")
+    return adaptation
+
+
+def list_adaptations() -> list[dict]:
+    """Saved adaptations, for ``corediff models`` and the Slicer module."""
+    folder = adaptations_dir()
+    rows = []
+    if not folder.is_dir():
+        return rows
+    for path in sorted(folder.glob("*.json")):
+        try:
+            a = Adaptation.read(path)
+        except CoreDiffError:
+            continue
+        probs = a.probabilities
+        best = int(np.argmax(probs))
+        desc = (f"one-shot {a.mode} adaptation" + (f" for dose {a.dose}" if a.dose else "")
+                + f", T={a.steps}, peak weight {probs[best]:.2f} on step {best + 1}")
+        rows.append({"name": path.stem, "path": str(path), "kind": "adaptation", "description": desc,
+                     "dose": a.dose, "base_sha256": a.base_sha256, "mode": a.mode})
+    return rows
+
+
+# ----------------------------------------------------------------------------- losses
+LEVELS = 3                      # filter-bank scales ~1, 2, 4 px
+SOFT_TISSUE_HU = (-150.0, 250.0)  # the soft-tissue mask: fat to contrast-enhanced organs
+_ENERGY_EPS_HU2 = 1.0           # floor of a band energy (HU^2): flat regions compare equal
+
+
+def _hu(x: torch.Tensor) -> torch.Tensor:
+    return x * HU_RANGE + HU_MIN
+
+
+def _gaussian_derivative_bank(sigma: float = 1.0, radius: int = 3) -> torch.Tensor:
+    """(3, 1, 7, 7): d/dx, d/dy and the Laplacian of a Gaussian, zero-mean, unit L2 norm.
+
+    With unit norm, white noise of standard deviation s gives a band energy of s^2 in every
+    filter, so the energies read as "noise power in HU^2" per band.
+    """
+    r = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    yy, xx = torch.meshgrid(r, r, indexing="ij")
+    g = torch.exp(-(xx ** 2 + yy ** 2) / (2 * sigma ** 2))
+    g = g / g.sum()
+    bank = torch.stack([-xx / sigma ** 2 * g, -yy / sigma ** 2 * g,
+                        ((xx ** 2 + yy ** 2) / sigma ** 4 - 2 / sigma ** 2) * g])
+    bank = bank - bank.mean(dim=(1, 2), keepdim=True)  # no response to a constant
+    bank = bank / bank.flatten(1).norm(dim=1)[:, None, None]
+    return bank[:, None].float()
+
+
+_BANK = _gaussian_derivative_bank()
+_RADIUS = _BANK.shape[-1] // 2
+
+
+def filter_responses(x_unit: torch.Tensor, levels: int = LEVELS) -> list[torch.Tensor]:
+    """(N, 1, H, W) images in [0, 1] -> per level l, (N, 3, H/2^l - 6, W/2^l - 6) responses in HU.
+
+    Level l filters the image average-pooled by 2^l ('valid' convolution, no padding), so
+    the bank covers scales of ~1, 2 and 4 pixels. The map is linear in the image, which
+    lets :func:`fit_step_weights` filter every step's output once and blend the responses.
+    """
+    y = _hu(x_unit)
+    out = []
+    for level in range(levels):
+        if level:
+            y = F.avg_pool2d(y, 2)
+        out.append(F.conv2d(y, _BANK.to(y.device, y.dtype)))
+    return out
+
+
+def soft_tissue_masks(x_unit: torch.Tensor, levels: int = LEVELS) -> list[torch.Tensor]:
+    """Per level, (N, 1, h, w) 0/1 weights aligned with :func:`filter_responses`: 1 where the
+    filter's whole footprint lies in soft tissue of the (slightly smoothed) image.
+
+    Keeping air, lung and bone out keeps their large edges from swamping the soft-tissue
+    noise texture that distinguishes the steps; the mask is fixed (it never depends on the
+    weights being learned).
+    """
+    lo, hi = SOFT_TISSUE_HU
+    k = torch.exp(-torch.arange(-4, 5, dtype=x_unit.dtype, device=x_unit.device) ** 2 / 8.0)
+    k = k / k.sum()
+    hu = _hu(x_unit)
+    hu = F.conv2d(F.pad(hu, (4, 4, 0, 0), mode="replicate"), k.view(1, 1, 1, 9))
+    hu = F.conv2d(F.pad(hu, (0, 0, 4, 4), mode="replicate"), k.view(1, 1, 9, 1))
+    m = ((hu > lo) & (hu < hi)).to(x_unit.dtype)
+    out = []
+    size = 2 * _RADIUS + 1
+    for level in range(levels):
+        if level:
+            m = F.avg_pool2d(m, 2)
+        inside = F.avg_pool2d(m, size, stride=1)  # footprint fraction, aligned with 'valid'
+        out.append((inside > 0.999).to(x_unit.dtype))
+    return out
+
+
+def masked_log_energy(responses: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, 3, h, w) responses, (B, 1, h, w) mask -> (B, 3) log mean-square over the mask,
+    and (B, 1) the mask's area fraction."""
+    area = mask.sum(dim=(2, 3))
+    energy = (responses.pow(2) * mask).sum(dim=(2, 3)) / area.clamp_min(1.0)
+    return torch.log(energy + _ENERGY_EPS_HU2), area / mask[0, 0].numel()
+
+
+def texture_distance(out_feats: Sequence[torch.Tensor], out_masks: Sequence[torch.Tensor],
+                     tgt_feats: Sequence[torch.Tensor], tgt_masks: Sequence[torch.Tensor],
+                     min_area: float = 0.2) -> tuple[torch.Tensor, int]:
+    """Mean squared difference of masked log band energies over patches, levels and filters,
+    and the number of terms it averages.
+
+    A (patch, level) pair counts only when both masks cover at least ``min_area`` of it.
+    """
+    total = out_feats[0].new_zeros(())
+    count = 0
+    for fo, mo, ft, mt in zip(out_feats, out_masks, tgt_feats, tgt_masks):
+        eo, ao = masked_log_energy(fo, mo)
+        et, at = masked_log_energy(ft, mt)
+        keep = ((ao >= min_area) & (at >= min_area)).to(eo.dtype)
+        total = total + ((eo - et).pow(2) * keep).sum()
+        count += int(keep.sum()) * eo.shape[1]
+    return total / max(count, 1), count
+
+
+def texture_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Misalignment-tolerant loss between two batches of patches (B, 1, h, w) in [0, 1]:
+    per-patch log band energies of the soft tissue (see the module docstring).
+
+    Each patch's soft-tissue mask comes from the patch itself (the output's is detached).
+    """
+    loss, count = texture_distance(filter_responses(output), soft_tissue_masks(output.detach()),
+                                   filter_responses(target), soft_tissue_masks(target))
+    if count == 0:
+        raise CoreDiffError("these patches hold too little soft tissue for the unpaired loss: "
+                            "pick a reference slice through the body (abdomen, pelvis, chest wall)")
+    return loss
+
+
+def _ssim(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    r = torch.arange(-5, 6, dtype=x.dtype, device=x.device)
+    g = torch.exp(-r ** 2 / (2 * 1.5 ** 2))
+    g = (g / g.sum())
+    k = (g[:, None] * g[None, :])[None, None]
+    mu_x, mu_y = F.conv2d(x, k), F.conv2d(y, k)
+    sxx = F.conv2d(x * x, k) - mu_x ** 2
+    syy = F.conv2d(y * y, k) - mu_y ** 2
+    sxy = F.conv2d(x * y, k) - mu_x * mu_y
+    c1, c2 = 0.01 ** 2, 0.03 ** 2
+    s = ((2 * mu_x * mu_y + c1) * (2 * sxy + c2)) / ((mu_x ** 2 + mu_y ** 2 + c1) * (sxx + syy + c2))
+    return s.mean()
+
+
+def paired_loss(output: torch.Tensor, target: torch.Tensor, ssim_weight: float = 0.0) -> torch.Tensor:
+    """MSE in the network's [0, 1] range (+ ssim_weight * (1 - SSIM) on [-1000, 1000] HU)."""
+    loss = F.mse_loss(output, target)
+    if ssim_weight:
+        def win(v):
+            return ((_hu(v).clamp(-1000.0, 1000.0) + 1000.0) / 2000.0)
+        loss = loss + ssim_weight * (1.0 - _ssim(win(output), win(target)))
+    return loss
+
+
+# ----------------------------------------------------------------------------- fitting
+@torch.no_grad()
+def reference_step_outputs(model: torch.nn.Module, ldct_hu: np.ndarray, slice_index: int,
+                           progress: Callable[[], None] | None = None) -> torch.Tensor:
+    """Run the T-step sampler once on one slice (neighbours as context, edges replicated).
+
+    Returns the per-step estimates (T, 1, H, W) in [0, 1] on the CPU. ``progress`` is
+    called after every network evaluation.
+    """
+    from .diffusion import sample
+    from .inference import context_stack
+
+    n = ldct_hu.shape[0]
+    if not 0 <= slice_index < n:
+        raise CoreDiffError(f"reference slice {slice_index} is out of range 0..{n - 1}")
+    device = next(model.parameters()).device
+    stack = torch.from_numpy(context_stack(ldct_hu, slice_index, slice_index + 1)).to(device)
+    if not model.config.use_context:
+        stack = stack[:, 1:2]
+    handle = model.register_forward_hook(lambda *_: progress()) if progress else None
+    try:
+        result = sample(model, stack, None, keep_steps=True)
+    finally:
+        if handle is not None:
+            handle.remove()
+    return result.steps[:, 0].float().cpu()  # (T, 1, H, W)
+
+
+def _valid_corners(mask: np.ndarray, patch: int, min_fraction: float) -> np.ndarray:
+    """Top-left corners of patches with at least ``min_fraction`` of ``mask`` inside."""
+    h, w = mask.shape
+    ii = np.pad(np.cumsum(np.cumsum(mask.astype(np.float64), 0), 1), ((1, 0), (1, 0)))
+    s = ii[patch:, patch:] - ii[:-patch, patch:] - ii[patch:, :-patch] + ii[:-patch, :-patch]
+    ys, xs = np.nonzero(s >= min_fraction * patch * patch)
+    return np.stack([ys, xs], axis=1)
+
+
+def _patch_corners(guide_hu: np.ndarray, patch: int) -> np.ndarray:
+    """Candidate patch corners, preferring soft tissue, then body, then anywhere."""
+    from scipy.ndimage import gaussian_filter
+    lo, hi = SOFT_TISSUE_HU
+    guide_hu = gaussian_filter(np.asarray(guide_hu, dtype=np.float32), 2.0)
+    for mask, frac in (((guide_hu > lo) & (guide_hu < hi), 0.5), (guide_hu > -500, 0.5)):
+        corners = _valid_corners(mask, patch, frac)
+        if len(corners) >= 16:
+            return corners
+    h, w = guide_hu.shape
+    ys, xs = np.meshgrid(np.arange(h - patch + 1), np.arange(w - patch + 1), indexing="ij")
+    return np.stack([ys.ravel(), xs.ravel()], axis=1)
+
+
+@dataclass
+class FitResult:
+    logits: list[float]
+    loss_uniform: float           # loss of the uniform blend on fixed evaluation patches
+    loss_final: float             # loss of the learned blend on the same patches
+    history: list[float]          # training loss per iteration
+
+
+def _crop(x: torch.Tensor, ys: np.ndarray, xs: np.ndarray, size: int, dim: int = 0) -> torch.Tensor:
+    """Stack ``x[..., y:y+size, x:x+size]`` over corners along a new dimension ``dim``."""
+    return torch.stack([x[..., int(y):int(y) + size, int(x_):int(x_) + size] for y, x_ in zip(ys, xs)], dim=dim)
+
+
+def _box_sums(maps: torch.Tensor, ys: np.ndarray, xs: np.ndarray, size: int) -> torch.Tensor:
+    """(C, h, w) maps -> (N, C) sums over the windows [y:y+size, x:x+size] (integral image)."""
+    ii = F.pad(maps.double().cumsum(1).cumsum(2), (1, 0, 1, 0))
+    y0, x0 = torch.as_tensor(ys, dtype=torch.long), torch.as_tensor(xs, dtype=torch.long)
+    y1, x1 = y0 + size, x0 + size
+    return (ii[:, y1, x1] - ii[:, y0, x1] - ii[:, y1, x0] + ii[:, y0, x0]).T
+
+
+def _pool(corners: np.ndarray, size: int, seed: int) -> np.ndarray:
+    """Up to ``size`` distinct patch corners, drawn with a seeded generator."""
+    rng = np.random.default_rng(seed + 104729)
+    if len(corners) <= size:
+        return corners
+    return corners[np.sort(rng.choice(len(corners), size=size, replace=False))]
+
+
+def fit_step_weights(steps: torch.Tensor, target_unit: torch.Tensor, mode: str = "paired", *,
+                     iterations: int = 600, patch_size: int = 96, batch_size: int = 8,
+                     lr: float = 0.05, seed: int = 0, ssim_weight: float = 0.0,
+                     pool_size: int = 256, guide_unit: torch.Tensor | None = None,
+                     progress: ProgressFn | None = None,
+                     cancel: Callable[[], bool] | None = None) -> FitResult:
+    """Fit the T logits on random patches of cached per-step outputs.
+
+    ``steps``: (T, 1, H, W) or (T, H, W) in [0, 1]; ``target_unit``: (H', W') or (1, H', W')
+    normal-dose slice in [0, 1]. Paired: H' = H and patches are co-located; loss
+    :func:`paired_loss`. Unpaired: :func:`texture_distance` on co-located patches (the
+    target may have another size: corners are mapped by relative position). Both losses are
+    quadratic forms in the weights on a patch (the MSE of a blend; the band energy of a blend,
+    since the filter bank is linear), so their matrices are precomputed once for up to
+    ``pool_size`` random patches and every iteration is a few tiny matrix products on a
+    batch drawn from that pool (with ``ssim_weight`` the paired loss is computed directly).
+    Adam with a cosine-decayed step size; logits start at 0 (uniform weights). ``guide_unit`` (H, W), default the last step,
+    picks where patches are drawn and the output's soft-tissue mask: :func:`adapt` passes
+    the LDCT reference slice, which does not depend on how well the model copes with the dose.
+    ``progress(i, iterations)``.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}")
+    if steps.ndim == 4:
+        steps = steps[:, 0]
+    target = target_unit[0] if target_unit.ndim == 3 else target_unit
+    steps, target = steps.detach().float().cpu(), target.detach().float().cpu()
+    T, H, W = steps.shape
+    Ht, Wt = target.shape
+    if mode == "paired" and (Ht, Wt) != (H, W):
+        raise CoreDiffError(f"paired target {Ht}x{Wt} and reference slice {H}x{W} differ in size")
+    p = min(patch_size, H, W, Ht, Wt)
+    min_patch = 2 ** (LEVELS - 1) * (2 * _RADIUS + 1) * 2
+    if mode == "unpaired" and p < min_patch:
+        raise CoreDiffError(f"the unpaired texture loss needs slices and patches of at least "
+                            f"{min_patch}x{min_patch} pixels")
+    guide = steps[-1] if guide_unit is None else guide_unit.detach().float().cpu().reshape(H, W)
+    corners = _patch_corners(_hu(guide).numpy(), p)
+    rng = np.random.default_rng(seed)
+
+    def target_corners(cs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        ty = np.rint(cs[:, 0] * (Ht - p) / max(H - p, 1)).astype(int) if Ht != H else cs[:, 0]
+        tx = np.rint(cs[:, 1] * (Wt - p) / max(W - p, 1)).astype(int) if Wt != W else cs[:, 1]
+        return ty, tx
+
+    if mode == "paired" and ssim_weight:
+        def make_batch(cs: np.ndarray):
+            ty, tx = target_corners(cs)
+            return _crop(steps[:, None], cs[:, 0], cs[:, 1], p, dim=1), _crop(target[None], ty, tx, p)
+
+        def batch_loss(batch, logits: torch.Tensor) -> tuple[torch.Tensor, int]:
+            src, tgt = batch
+            return paired_loss(combine_steps(src, logits), tgt, ssim_weight), 1
+    elif mode == "paired":
+        # Since the weights sum to 1, blend - target = sum_k w_k (x_k - target), so a patch's
+        # MSE is the quadratic form w^T D w with D_kl = mean(d_k d_l), d_k = x_k - target:
+        # precompute D for a pool of patches; iterations are then tiny matrix products.
+        pool = _pool(corners, pool_size, seed)
+        d = (steps - target[None]).double()
+        grams_p = torch.stack([_box_sums(d[k] * d, pool[:, 0], pool[:, 1], p) for k in range(T)], 1)
+        grams_p = (grams_p / (p * p)).float()                               # (N, T, T)
+        corners = np.arange(len(pool))[:, None]  # batches now index the pool
+
+        def make_batch(cs: np.ndarray):
+            return cs[:, 0]
+
+        def batch_loss(idx, logits: torch.Tensor) -> tuple[torch.Tensor, int]:
+            w = torch.softmax(logits, 0)
+            return torch.einsum("k,nkj,j->n", w, grams_p[idx], w).mean(), 1
+    else:
+        # The masked band energy of a blend is a quadratic form in the weights,
+        # E(p) = p^T G p with G_kl = sum(M r_k r_l) / sum(M): precompute G for a pool of
+        # patches once, then every iteration is a few tiny matrix products.
+        resp = filter_responses(steps[:, None])            # per level (T, 3, h, w)
+        out_masks = soft_tissue_masks(guide[None, None])   # the reference slice's soft tissue
+        tgt_resp = filter_responses(target[None, None])
+        tgt_masks = soft_tissue_masks(target[None, None])
+        pool = _pool(corners, pool_size, seed)
+        ty, tx = target_corners(pool)
+        grams, tgt_energy, keep = [], [], []
+        for level in range(LEVELS):
+            q = (p >> level) - 2 * _RADIUS
+            ys, xs, tys, txs = pool[:, 0] >> level, pool[:, 1] >> level, ty >> level, tx >> level
+            r = resp[level].double()                                       # (T, 3, h, w)
+            m = out_masks[level][0, 0].double()
+            area = _box_sums(m[None], ys, xs, q)                           # (N, 1)
+            g = torch.stack([_box_sums((r[k] * m * r).reshape(T * 3, *m.shape), ys, xs, q).view(-1, T, 3)
+                             for k in range(T)], 2)                        # (N, T=l, T=k, 3)
+            grams.append((g.permute(0, 3, 2, 1) / area.clamp_min(1.0)[:, :, None, None]).float())
+            rt, mt = tgt_resp[level][0].double(), tgt_masks[level][0, 0].double()
+            area_t = _box_sums(mt[None], tys, txs, q)
+            e_t = _box_sums(rt.pow(2) * mt, tys, txs, q) / area_t.clamp_min(1.0)   # (N, 3)
+            tgt_energy.append(torch.log(e_t + _ENERGY_EPS_HU2).float())
+            keep.append(((area >= 0.2 * q * q) & (area_t >= 0.2 * q * q)).float()[:, 0])
+        grams_all = torch.stack(grams, 1)                                  # (N, L, 3, T, T)
+        tgt_all = torch.stack(tgt_energy, 1)                               # (N, L, 3)
+        keep_all = torch.stack(keep, 1)[:, :, None].expand_as(tgt_all)     # (N, L, 3)
+        corners = np.arange(len(pool))[:, None]  # batches now index the pool
+
+        def make_batch(cs: np.ndarray):
+            return cs[:, 0]
+
+        def batch_loss(idx, logits: torch.Tensor) -> tuple[torch.Tensor, int]:
+            w = torch.softmax(logits, 0)
+            energy = torch.einsum("k,nlfkj,j->nlf", w, grams_all[idx], w)
+            k = keep_all[idx]
+            n = int(k.sum())
+            diff = (torch.log(energy + _ENERGY_EPS_HU2) - tgt_all[idx]).pow(2) * k
+            return diff.sum() / max(n, 1), n
+
+    # fixed evaluation patches (their own stream) to report uniform vs learned loss
+    eval_rng = np.random.default_rng(seed + 7919)
+    eval_batch = make_batch(corners[eval_rng.integers(len(corners), size=max(32, batch_size))])
+    logits = torch.zeros(T, dtype=torch.float32, requires_grad=True)
+    with torch.no_grad():
+        loss_uniform, n_eval = batch_loss(eval_batch, logits)
+    if n_eval == 0:
+        raise CoreDiffError("the reference slices hold too little soft tissue for the unpaired loss: "
+                            "pick a slice through the body (abdomen, pelvis, chest wall)")
+    # Adam written out for one small vector: torch.optim's first use imports torch._dynamo,
+    # which alone costs seconds on a busy CPU.
+    m1, m2, t_adam = torch.zeros(T), torch.zeros(T), 0
+    history: list[float] = []
+    report = max(1, iterations // 50)
+    if progress:
+        progress(0, iterations)
+    for it in range(iterations):
+        if cancel is not None and cancel():
+            from .inference import Cancelled
+            raise Cancelled("cancelled by the user; no adaptation was written")
+        step_size = lr * 0.5 * (1.0 + math.cos(math.pi * it / max(iterations, 1)))
+        loss, n = batch_loss(make_batch(corners[rng.integers(len(corners), size=batch_size)]), logits)
+        if n:
+            (grad,) = torch.autograd.grad(loss, logits)
+            t_adam += 1
+            m1.mul_(0.9).add_(grad, alpha=0.1)
+            m2.mul_(0.999).addcmul_(grad, grad, value=0.001)
+            with torch.no_grad():
+                logits -= step_size * (m1 / (1 - 0.9 ** t_adam)) / ((m2 / (1 - 0.999 ** t_adam)).sqrt() + 1e-8)
+        history.append(float(loss.detach()))
+        if progress and ((it + 1) % report == 0 or it + 1 == iterations):
+            progress(it + 1, iterations)
+    with torch.no_grad():
+        loss_final, _ = batch_loss(eval_batch, logits)
+    return FitResult([float(v) for v in logits.detach()], float(loss_uniform), float(loss_final), history)
+
+
+def adapt(model: torch.nn.Module, ldct_hu: np.ndarray, slice_index: int, ndct_hu: np.ndarray, *,
+          mode: str = "paired", ndct_slice: int | None = None, name: str = "adaptation",
+          dose: str | None = None, iterations: int = 600, patch_size: int = 96, batch_size: int = 8,
+          lr: float = 0.05, seed: int = 0, ssim_weight: float = 0.0,
+          progress: ProgressFn | None = None, cancel: Callable[[], bool] | None = None,
+          info: dict | None = None) -> Adaptation:
+    """Learn an :class:`Adaptation` of ``model`` from one reference slice of a new dose.
+
+    ``ldct_hu``: (S, H, W) LDCT volume in HU at the new dose; ``slice_index`` picks the
+    reference slice (its neighbours are the context). ``ndct_hu``: (S', H', W') normal-dose
+    volume in HU (or a single (H', W') slice). Paired: the NDCT of the same scan, aligned
+    (slice ``slice_index`` is used). Unpaired: any normal-dose volume; ``ndct_slice``
+    defaults to ``slice_index + 2`` clamped to the volume, as in the paper's reference code.
+    ``progress(done, total)`` counts T network evaluations plus the fitting iterations.
+    """
+    validate_name(name)
+    if mode not in MODES:
+        raise CoreDiffError(f"mode must be 'paired' or 'unpaired', not '{mode}'")
+    ldct_hu = np.asarray(ldct_hu, dtype=np.float32)
+    ndct_hu = np.asarray(ndct_hu, dtype=np.float32)
+    if ldct_hu.ndim == 2:
+        ldct_hu = ldct_hu[None]
+    if ndct_hu.ndim == 2:
+        ndct_hu = ndct_hu[None]
+    n = ldct_hu.shape[0]
+    if not 0 <= slice_index < n:
+        raise CoreDiffError(f"reference slice {slice_index} is out of range 0..{n - 1} "
+                            f"(the LDCT volume has {n} slices)")
+    if mode == "paired":
+        if ndct_hu.shape != ldct_hu.shape:
+            raise CoreDiffError(f"paired NDCT {ndct_hu.shape} and LDCT {ldct_hu.shape} differ in shape: "
+                                "paired mode needs the aligned NDCT of the same scan (use unpaired mode otherwise)")
+        if ndct_slice not in (None, slice_index):
+            raise CoreDiffError("paired mode uses the NDCT of the reference slice itself: do not give an NDCT slice")
+        ndct_slice = slice_index
+    else:
+        m = ndct_hu.shape[0]
+        if ndct_slice is None:
+            ndct_slice = min(slice_index + 2, m - 1)
+        if not 0 <= ndct_slice < m:
+            raise CoreDiffError(f"NDCT slice {ndct_slice} is out of range 0..{m - 1}")
+    T = model.config.steps
+    total = T + iterations
+    done = [0]
+
+    def tick() -> None:
+        done[0] += 1
+        if progress:
+            progress(done[0], total)
+
+    if progress:
+        progress(0, total)
+    import time
+    t0 = time.perf_counter()
+    steps = reference_step_outputs(model, ldct_hu, slice_index, progress=tick)
+    t_sample = time.perf_counter() - t0
+    if cancel is not None and cancel():
+        from .inference import Cancelled
+        raise Cancelled("cancelled by the user; no adaptation was written")
+    target = torch.from_numpy(((np.clip(ndct_hu[ndct_slice], HU_MIN, HU_MIN + HU_RANGE) - HU_MIN)
+                               / HU_RANGE).astype(np.float32))
+    guide = torch.from_numpy(((np.clip(ldct_hu[slice_index], HU_MIN, HU_MIN + HU_RANGE) - HU_MIN)
+                              / HU_RANGE).astype(np.float32))
+    fit = fit_step_weights(steps, target, mode, iterations=iterations, patch_size=patch_size,
+                           batch_size=batch_size, lr=lr, seed=seed, ssim_weight=ssim_weight,
+                           guide_unit=guide,
+                           progress=(lambda i, _n: progress(T + i, total)) if progress else None,
+                           cancel=cancel)
+    t_fit = time.perf_counter() - t0 - t_sample
+    meta = {
+        "loss": ("mse" + (f"+{ssim_weight:g}*(1-ssim)" if ssim_weight else "")) if mode == "paired"
+        else "texture: log band energies, Gaussian-derivative bank x3 scales, soft-tissue window",
+        "iterations": iterations, "patch_size": patch_size, "batch_size": batch_size, "lr": lr,
+        "seed": seed, "loss_uniform": fit.loss_uniform, "loss_final": fit.loss_final,
+        "seconds_sampling": round(t_sample, 2), "seconds_fitting": round(t_fit, 2),
+        "created": _dt.datetime.now().isoformat(timespec="seconds"),
+        "base_model": getattr(model, "weights_path", None),
+    }
+    meta.update(info or {})
+    return Adaptation(name=name, base_sha256=model_identity(model), dose=dose, mode=mode,
+                      reference_slice=int(slice_index), ndct_slice=int(ndct_slice), steps=T,
+                      weights=fit.logits, info=meta)
+
+
+# ----------------------------------------------------------------------------- command line
+def _same_spacing(a: Sequence[float], b: Sequence[float], rel: float = 1e-3) -> bool:
+    return all(abs(x - y) <= rel * max(abs(x), abs(y), 1e-6) for x, y in zip(a, b))
+
+
+def cmd_oneshot(args) -> int:
+    """``corediff oneshot``: learn and save an adaptation; last stdout line ``RESULT <path>``."""
+    from .cli import Progress, info
+    from .inference import pick_device
+    from .io import read_volume
+    from .models import load_model
+
+    # everything that can be checked cheaply is checked before any heavy work
+    name = validate_name(args.name)
+    if args.ndct_slice is not None and args.ndct_unpaired is None:
+        raise CoreDiffError("--ndct-slice is for unpaired mode: use it with --ndct-unpaired")
+    if args.iterations < 0:
+        raise CoreDiffError(f"--iterations must be >= 0, got {args.iterations}")
+    if args.out:
+        out = Path(args.out).expanduser()
+        if out.suffix.lower() != ".json":
+            raise CoreDiffError(f"--out {args.out}: an adaptation is a .json file")
+        if not out.parent.is_dir():
+            raise CoreDiffError(f"output folder {out.parent} does not exist: create it first")
+    else:
+        out = default_path(name)
+    if out.exists() and not args.overwrite:
+        raise CoreDiffError(f"{out} already exists: choose another --name/--out or pass --overwrite")
+    paired = args.ndct is not None
+    model = load_model(args.model, pick_device(args.device))
+    ldct = read_volume(args.ldct)
+    n = ldct.shape[0]
+    if not 0 <= args.slice < n:
+        raise CoreDiffError(f"--slice {args.slice} is out of range 0..{n - 1} ({args.ldct} has {n} slices)")
+    ndct = read_volume(args.ndct if paired else args.ndct_unpaired)
+    if paired:
+        if ndct.shape != ldct.shape:
+            raise CoreDiffError(f"--ndct volume {ndct.shape} and --ldct volume {ldct.shape} differ in shape: "
+                                "paired mode needs the aligned normal-dose scan of the same patient "
+                                "(use --ndct-unpaired for a non-aligned one)")
+        if not _same_spacing(ndct.spacing, ldct.spacing):
+            raise CoreDiffError(f"--ndct spacing {tuple(round(s, 4) for s in ndct.spacing)} differs from "
+                                f"--ldct spacing {tuple(round(s, 4) for s in ldct.spacing)}: paired volumes "
+                                "must share their geometry (use --ndct-unpaired otherwise)")
+        ndct_slice = None
+    else:
+        m = ndct.shape[0]
+        ndct_slice = args.ndct_slice if args.ndct_slice is not None else min(args.slice + 2, m - 1)
+        if not 0 <= ndct_slice < m:
+            raise CoreDiffError(f"--ndct-slice {ndct_slice} is out of range 0..{m - 1} "
+                                f"({args.ndct_unpaired} has {m} slices)")
+        if not _same_spacing(ndct.spacing[:2], ldct.spacing[:2], rel=0.1):
+            info(args, "note: the unpaired NDCT's pixel spacing differs from the LDCT's by more than 10 %; "
+                       "texture statistics are compared per pixel")
+    info(args, f"one-shot {'paired' if paired else 'unpaired'} adaptation '{name}': reference slice {args.slice}"
+               f" of {Path(args.ldct).name}, NDCT slice {args.slice if paired else ndct_slice}, "
+               f"T={model.config.steps}, {args.iterations} iterations")
+    progress = Progress(args.progress, unit="it", desc="one-shot")
+    try:
+        adaptation = adapt(model, ldct.array, args.slice, ndct.array, mode="paired" if paired else "unpaired",
+                           ndct_slice=ndct_slice, name=name, dose=args.dose, iterations=args.iterations,
+                           patch_size=args.patch_size, seed=args.seed, ssim_weight=args.ssim_weight,
+                           progress=progress,
+                           info={"ldct": str(Path(args.ldct).resolve()),
+                                 "ndct": str(Path(args.ndct or args.ndct_unpaired).resolve()),
+                                 "model": str(args.model)})
+    finally:
+        progress.close()
+    path = adaptation.save(out)
+    probs = ", ".join(f"{p:.2f}" for p in adaptation.probabilities)
+    meta = adaptation.info
+    info(args, f"step weights (first..last step): {probs}")
+    info(args, f"loss {meta['loss_uniform']:.4g} (uniform) -> {meta['loss_final']:.4g}; "
+               f"sampling {meta['seconds_sampling']:.1f} s, fitting {meta['seconds_fitting']:.1f} s")
+    print(f"RESULT {path}", flush=True)
+    return 0
+
+
+def add_oneshot_parser(sub) -> None:
+    from .cli import _add_progress
+    p = sub.add_parser("oneshot", help="adapt a model to a new dose level from one reference slice",
+                       description="Learn T step weights (one-shot learning) that adapt a trained model to a "
+                                   "new dose level or scanner from ONE reference LDCT slice and a normal-dose "
+                                   "slice: paired (--ndct, the same scan) or unpaired (--ndct-unpaired).")
+    p.add_argument("--model", default="default", help="shipped model name or .safetensors file")
+    p.add_argument("--ldct", required=True, help="LDCT volume at the new dose (file or DICOM folder)")
+    p.add_argument("--slice", type=int, required=True, help="reference slice index (0-based) in --ldct")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--ndct", help="paired: the aligned normal-dose volume of the same scan")
+    g.add_argument("--ndct-unpaired", help="unpaired: a normal-dose volume, not aligned")
+    p.add_argument("--ndct-slice", type=int, default=None,
+                   help="unpaired: slice of --ndct-unpaired to use (default: --slice + 2, clamped)")
+    p.add_argument("--name", required=True, help="adaptation name (saved as NAME.json in the user folder)")
+    p.add_argument("--dose", default=None, help="dose label stored with the adaptation, e.g. 10%%")
+    p.add_argument("--out", default=None, help="write the adaptation to this .json instead")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing adaptation")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--iterations", type=int, default=600, help="optimisation steps (default 600)")
+    p.add_argument("--patch-size", type=int, default=96, help="patch size for the fit (default 96)")
+    p.add_argument("--ssim-weight", type=float, default=0.0, help="paired: add w*(1-SSIM) to the MSE")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    _add_progress(p)
+    p.set_defaults(func=cmd_oneshot)

@@ -1,0 +1,373 @@
+"""One-shot learning (issue #5): step weights, losses, storage, CLI and bad input.
+
+Everything runs on tiny images and a width-8 network so the file stays well under a minute.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage as ndi
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from CoreDiffLib import CoreDiffError  # noqa: E402
+from CoreDiffLib import oneshot  # noqa: E402
+from CoreDiffLib.cli import main  # noqa: E402
+from CoreDiffLib.intensity import hu_to_unit  # noqa: E402
+from CoreDiffLib.io import Volume, read_volume, write_volume  # noqa: E402
+from CoreDiffLib.models import load_model, save_weights  # noqa: E402
+from CoreDiffLib.network import ClearNet, NetworkConfig  # noqa: E402
+from CoreDiffLib.oneshot import (Adaptation, adapt, combine_steps, fit_step_weights,  # noqa: E402
+                                 list_adaptations, load_adaptation, texture_loss)
+
+T = 10
+
+
+# ----------------------------------------------------------------------------- data
+def phantom(n_slices: int = 6, size: int = 128, seed: int = 0) -> np.ndarray:
+    """Body ellipse (soft tissue with texture), organs drifting along z, a bone disc (HU)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size] / size * 2 - 1
+    body = (xx / 0.9) ** 2 + (yy / 0.75) ** 2 < 1
+    blobs = [(rng.uniform(-0.5, 0.5), rng.uniform(-0.4, 0.4), rng.uniform(0.1, 0.25),
+              rng.uniform(0.1, 0.2), hu) for hu in (-90.0, 70.0, 110.0, 30.0)]
+    tex = ndi.gaussian_filter(rng.normal(size=(n_slices, size, size)), (1.0, 2.0, 2.0))
+    tex *= 15.0 / tex.std()
+    vol = np.full((n_slices, size, size), -1000.0, np.float32)
+    for z in range(n_slices):
+        s = vol[z]
+        s[body] = 40.0 + tex[z][body]
+        for cx, cy, a, b, hu in blobs:
+            s[(((xx - cx - 0.02 * z) / a) ** 2 + ((yy - cy) / b) ** 2 < 1) & body] = hu + tex[z][body].mean()
+        s[((xx - 0.55) ** 2 + (yy + 0.1) ** 2 < 0.01) & body] = 700.0
+    return vol
+
+
+def noisy(vol: np.ndarray, sigma_hu: float, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    n = ndi.gaussian_filter(rng.normal(size=vol.shape), (0, 0.7, 0.7))
+    return (vol + n * (sigma_hu / n.std())).astype(np.float32)
+
+
+def step_stack(clean_hu: np.ndarray, seed: int = 0) -> torch.Tensor:
+    """Synthetic per-step outputs (T, 1, H, W): noise falls step by step, then blur sets in,
+    so step 5 is clearly the closest to the clean slice."""
+    rng = np.random.default_rng(seed)
+    noise = [120, 90, 70, 50, 30, 8, 8, 8, 8, 8]
+    blur = [0, 0, 0, 0, 0, 0, 1.0, 1.6, 2.2, 3.0]
+    out = []
+    for k in range(T):
+        x = ndi.gaussian_filter(clean_hu, blur[k]) if blur[k] else clean_hu.copy()
+        n = ndi.gaussian_filter(rng.normal(size=x.shape), 0.7)
+        out.append(x + n * (noise[k] / n.std()))
+    return torch.from_numpy(hu_to_unit(np.stack(out).astype(np.float32)))[:, None]
+
+
+def rmse_hu(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(((a - b) * 4096.0).pow(2).mean().sqrt())
+
+
+def tiny_model(seed: int = 0) -> ClearNet:
+    """A width-8 CLEAR-Net whose residual output is scaled down: a near-identity denoiser whose
+    T steps still differ, so sampling is cheap and every code path runs."""
+    torch.manual_seed(seed)
+    net = ClearNet(NetworkConfig(width=8))
+    with torch.no_grad():
+        net.out.weight.mul_(0.05)
+        net.out.bias.zero_()
+    return net.eval()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: one thread is fastest and does not fight other jobs for the cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
+def user_home(tmp_path, monkeypatch):
+    home = tmp_path / "corediff_home"
+    monkeypatch.setenv("COREDIFF_HOME", str(home))
+    return home
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """A saved tiny model and small NDCT / LDCT volumes on disk."""
+    d = tmp_path_factory.mktemp("oneshot")
+    model_path = d / "tiny.safetensors"
+    save_weights(tiny_model(), model_path)
+    other_path = d / "other.safetensors"
+    save_weights(tiny_model(seed=1), other_path)
+    clean = phantom(5, 64, seed=3)
+    spacing = (0.8, 0.8, 2.0)
+    paths = {"model": model_path, "other": other_path, "dir": d}
+    for key, vol in (("ndct", noisy(clean, 10, 1)), ("ldct", noisy(clean, 60, 2))):
+        paths[key] = write_volume(Volume(vol, spacing), d / f"{key}.nrrd")
+    paths["ndct_spacing"] = write_volume(Volume(noisy(clean, 10, 1), (0.8, 0.8, 3.0)), d / "ndct_sp.nrrd")
+    paths["ndct_shape"] = write_volume(Volume(noisy(clean[:4], 10, 1), spacing), d / "ndct_short.nrrd")
+    mr = np.abs(noisy(clean, 10, 1)) * 0.2 + 10  # MR-like: no air at -1000
+    paths["mr"] = write_volume(Volume(mr.astype(np.float32), spacing), d / "mr.nrrd")
+    return paths
+
+
+# ----------------------------------------------------------------------------- weights
+def test_weights_start_uniform_and_are_softmax_normalised():
+    steps = step_stack(phantom(1, 64)[0])
+    fit = fit_step_weights(steps, steps[5, 0], "paired", iterations=0)
+    assert fit.logits == [0.0] * T
+    a = Adaptation("u", "sha", None, "paired", 0, 0, T, fit.logits)
+    assert np.allclose(a.probabilities, 1.0 / T)
+    b = Adaptation("b", "sha", None, "paired", 0, 0, T, [0.3 * k for k in range(T)])
+    p = np.array(b.probabilities)
+    assert abs(p.sum() - 1.0) < 1e-9 and (p > 0).all()
+    assert np.allclose(p, np.exp(b.weights) / np.exp(b.weights).sum())
+
+
+def test_combine_is_the_weighted_sum_clamped():
+    g = torch.Generator().manual_seed(0)
+    steps = torch.rand(T, 2, 1, 16, 16, generator=g) * 1.2 - 0.1
+    logits = torch.randn(T, generator=g).tolist()
+    a = Adaptation("c", "sha", None, "paired", 0, 0, T, logits)
+    w = torch.softmax(torch.tensor(logits), 0)
+    expected = sum(w[k] * steps[k] for k in range(T))
+    assert torch.allclose(combine_steps(steps, logits), expected, atol=1e-6)
+    assert torch.allclose(a.combine(steps), expected.clamp(0, 1), atol=1e-6)
+    assert a.combine(steps).shape == (2, 1, 16, 16)
+    with pytest.raises(CoreDiffError, match="weighs 10 steps"):
+        a.combine(steps[:5])
+
+
+# ----------------------------------------------------------------------------- fitting
+def test_paired_moves_weight_to_the_best_step_and_lowers_the_error():
+    clean = phantom(1, 128, seed=5)[0]
+    steps = step_stack(clean, seed=1)
+    target = torch.from_numpy(hu_to_unit(clean))
+    errors = [rmse_hu(steps[k, 0], target) for k in range(T)]
+    assert int(np.argmin(errors)) == 5
+    fit = fit_step_weights(steps, target, "paired", iterations=300, seed=0)
+    p = torch.softmax(torch.tensor(fit.logits), 0)
+    assert int(p.argmax()) == 5 and float(p[5]) > 3.0 / T
+    uniform = rmse_hu(combine_steps(steps, torch.zeros(T))[0], target)
+    learned = rmse_hu(combine_steps(steps, fit.logits)[0], target)
+    assert learned < 0.6 * uniform
+    assert fit.loss_final < fit.loss_uniform
+
+
+def test_fit_is_deterministic_for_a_seed():
+    clean = phantom(1, 128, seed=2)[0]
+    steps = step_stack(clean, seed=2)
+    target = torch.from_numpy(hu_to_unit(clean))
+    for mode in ("paired", "unpaired"):
+        a = fit_step_weights(steps, target, mode, iterations=60, patch_size=64, seed=4)
+        b = fit_step_weights(steps, target, mode, iterations=60, patch_size=64, seed=4)
+        c = fit_step_weights(steps, target, mode, iterations=60, patch_size=64, seed=5)
+        assert a.logits == b.logits and a.history == b.history
+        assert a.logits != c.logits
+
+
+def test_unpaired_loss_tolerates_misalignment_and_still_lowers_the_error():
+    vol = phantom(6, 128, seed=7)
+    ndct = noisy(vol, 10, 3)  # a normal-dose scan has some noise of its own
+    clean_ref = vol[2]
+    steps = step_stack(clean_ref, seed=3)
+    aligned = torch.from_numpy(hu_to_unit(ndct[2]))[None, None]
+    shifted = torch.roll(aligned, shifts=(3, -2), dims=(2, 3))
+    # the loss of the candidate blends barely moves when the target is shifted ...
+    blends = [torch.zeros(T)] + [torch.eye(T)[k] * 4.0 for k in range(T)]
+    outs = [combine_steps(steps, w)[None] for w in blends]
+    tex_aligned = np.array([float(texture_loss(o, aligned)) for o in outs])
+    tex_shifted = np.array([float(texture_loss(o, shifted)) for o in outs])
+    spread = tex_aligned.max() - tex_aligned.min()
+    assert np.abs(tex_shifted - tex_aligned).max() < 0.1 * spread
+    assert int(np.argmin(tex_aligned)) == int(np.argmin(tex_shifted))
+    # ... whereas MSE is dominated by the misalignment
+    mse_aligned = np.array([float(((o - aligned) ** 2).mean()) for o in outs])
+    mse_shifted = np.array([float(((o - shifted) ** 2).mean()) for o in outs])
+    assert np.abs(mse_shifted - mse_aligned).max() > 0.3 * (mse_aligned.max() - mse_aligned.min())
+    # fitted against a non-aligned slice (two slices away, anatomy moved), the blend is
+    # closer to the truth than the uniform blend
+    target = torch.from_numpy(hu_to_unit(ndct[4]))
+    fit = fit_step_weights(steps, target, "unpaired", iterations=300, patch_size=64, seed=0)
+    truth = torch.from_numpy(hu_to_unit(clean_ref))
+    uniform = rmse_hu(combine_steps(steps, torch.zeros(T))[0], truth)
+    learned = rmse_hu(combine_steps(steps, fit.logits)[0], truth)
+    assert learned < 0.85 * uniform, (uniform, learned, torch.softmax(torch.tensor(fit.logits), 0))
+    assert fit.loss_final < fit.loss_uniform
+
+
+def test_adapt_runs_the_sampler_once_and_records_everything():
+    net = tiny_model()
+    clean = phantom(4, 64, seed=1)
+    ldct, ndct = noisy(clean, 60, 1), noisy(clean, 10, 2)
+    calls = []
+    net.register_forward_hook(lambda *_: calls.append(1))
+    seen = []
+    a = adapt(net, ldct, 3, ndct, mode="unpaired", name="u1", dose="10%", iterations=20,
+              patch_size=64, progress=lambda d, n: seen.append((d, n)))
+    assert len(calls) == T  # one T-step sampling of the reference slice, nothing more
+    assert a.ndct_slice == 3 and a.reference_slice == 3  # 3 + 2 clamped to the last slice
+    assert a.mode == "unpaired" and a.dose == "10%" and a.steps == T and len(a.weights) == T
+    assert a.base_sha256 == oneshot.model_identity(net)
+    assert seen[0] == (0, T + 20) and seen[-1] == (T + 20, T + 20)
+    b = adapt(net, ldct, 3, ndct, mode="unpaired", name="u1", dose="10%", iterations=20, patch_size=64)
+    assert a.weights == b.weights
+    assert adapt(net, ldct, 0, ndct, mode="unpaired", iterations=0, patch_size=64).ndct_slice == 2
+
+
+# ----------------------------------------------------------------------------- storage
+def test_save_load_round_trip_and_listing(user_home):
+    net = tiny_model()
+    a = Adaptation("dose10", oneshot.model_identity(net), "10%", "paired", 4, 4, T,
+                   [0.1 * k for k in range(T)], {"loss": "mse"})
+    path = a.save()
+    assert path == user_home / "adaptations" / "dose10.json"
+    assert not [p for p in path.parent.iterdir() if p.name != "dose10.json"]  # no temp file left
+    data = json.loads(path.read_text())
+    assert data["format"] == "corediff-oneshot-v1" and len(data["weights"]) == T
+    for ref in ("dose10", str(path)):
+        b = load_adaptation(ref, net)
+        assert b.weights == a.weights and b.mode == "paired" and b.dose == "10%"
+    rows = list_adaptations()
+    assert [r["name"] for r in rows] == ["dose10"]
+    assert rows[0]["kind"] == "adaptation" and rows[0]["base_sha256"] == a.base_sha256
+    assert set(rows[0]) >= {"name", "path", "kind", "description", "dose", "base_sha256"}
+
+
+def test_refuses_another_model_or_another_T(tmp_path):
+    net, other = tiny_model(0), tiny_model(1)
+    a = Adaptation("x", oneshot.model_identity(net), None, "paired", 0, 0, T, [0.0] * T)
+    path = a.save(tmp_path / "x.json")
+    with pytest.raises(CoreDiffError, match="another model"):
+        load_adaptation(path, other)
+    short = ClearNet(NetworkConfig(width=8, steps=5))
+    b = Adaptation("y", oneshot.model_identity(short), None, "paired", 0, 0, T, [0.0] * T)
+    with pytest.raises(CoreDiffError, match="T=5"):
+        load_adaptation(b.save(tmp_path / "y.json"), short)
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(CoreDiffError, match="cannot read"):
+        load_adaptation(tmp_path / "bad.json", net)
+    with pytest.raises(CoreDiffError, match="neither a file nor a saved adaptation"):
+        load_adaptation("nosuch", net)
+
+
+# ----------------------------------------------------------------------------- CLI
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    rc = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_cli_end_to_end(files, user_home, capsys, tmp_path):
+    rc, out, err = run_cli(capsys, "oneshot", "--model", files["model"], "--ldct", files["ldct"],
+                           "--slice", 2, "--ndct", files["ndct"], "--name", "d10", "--dose", "10%",
+                           "--iterations", 40, "--progress", "lines")
+    assert rc == 0, err
+    lines = out.strip().splitlines()
+    saved = user_home / "adaptations" / "d10.json"
+    assert lines[-1] == f"RESULT {saved}"
+    progress = [tuple(map(int, line.split()[1:])) for line in lines if line.startswith("PROGRESS ")]
+    assert progress[0] == (0, T + 40) and progress[-1] == (T + 40, T + 40)
+    a = Adaptation.read(saved)
+    assert a.mode == "paired" and a.dose == "10%" and a.reference_slice == a.ndct_slice == 2
+    net = load_model(files["model"])
+    assert a.base_sha256 == net.weights_sha256
+
+    rc, out, err = run_cli(capsys, "oneshot", "--model", files["model"], "--ldct", files["ldct"],
+                           "--slice", 1, "--ndct-unpaired", files["ndct"], "--ndct-slice", 4,
+                           "--name", "u10", "--out", tmp_path / "u10.json", "--iterations", 30,
+                           "--patch-size", 64, "--progress", "none")
+    assert rc == 0, err
+    u = Adaptation.read(tmp_path / "u10.json")
+    assert u.mode == "unpaired" and u.ndct_slice == 4
+    assert out.strip().splitlines()[-1] == f"RESULT {tmp_path / 'u10.json'}"
+
+    # denoise uses it (by name and by file), and it changes the result vs no adaptation
+    outs = {}
+    for key, extra in (("plain", []), ("name", ["--adaptation", "d10"]),
+                       ("file", ["--adaptation", tmp_path / "u10.json"])):
+        dest = tmp_path / f"den_{key}.nrrd"
+        rc, _, err = run_cli(capsys, "denoise", files["ldct"], dest, "--model", files["model"],
+                             "--device", "cpu", "--progress", "none", *extra)
+        assert rc == 0, err
+        outs[key] = read_volume(dest).array
+    assert not np.allclose(outs["plain"], outs["name"])
+
+    rc, out, _ = run_cli(capsys, "models", "--json")
+    assert rc == 0 and "d10" in [r["name"] for r in json.loads(out) if r["kind"] == "adaptation"]
+
+
+def one_error_line(err: str) -> str:
+    lines = [line for line in err.strip().splitlines() if line]
+    assert len(lines) == 1 and lines[0].startswith("corediff: error: "), err
+    return lines[0]
+
+
+@pytest.mark.parametrize("case, match", [
+    ("slice", "out of range"),
+    ("negative_slice", "out of range"),
+    ("shape", "differ in shape"),
+    ("spacing", "spacing"),
+    ("not_ct", "does not look like CT"),
+    ("name", "path separators"),
+    ("ndct_slice", "out of range"),
+    ("ndct_slice_paired", "unpaired mode"),
+])
+def test_cli_bad_input_fails_cleanly_and_writes_nothing(files, user_home, capsys, tmp_path, case, match):
+    args = {"--model": files["model"], "--ldct": files["ldct"], "--slice": 2, "--ndct": files["ndct"],
+            "--name": "bad", "--iterations": 5}
+    if case == "slice":
+        args["--slice"] = 5
+    elif case == "negative_slice":
+        args["--slice"] = -1
+    elif case == "shape":
+        args["--ndct"] = files["ndct_shape"]
+    elif case == "spacing":
+        args["--ndct"] = files["ndct_spacing"]
+    elif case == "not_ct":
+        args["--ndct"] = files["mr"]
+    elif case == "name":
+        args["--name"] = "../evil"
+    elif case == "ndct_slice":
+        del args["--ndct"]
+        args.update({"--ndct-unpaired": files["ndct"], "--ndct-slice": 9})
+    elif case == "ndct_slice_paired":
+        args["--ndct-slice"] = 1
+    argv = ["oneshot"] + [str(x) for kv in args.items() for x in kv]
+    before = sorted(p.name for p in tmp_path.iterdir())
+    rc, out, err = run_cli(capsys, *argv)
+    assert rc == 2
+    assert match in one_error_line(err)
+    assert "RESULT" not in out
+    assert not (user_home / "adaptations").exists() or not any((user_home / "adaptations").iterdir())
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_denoise_refuses_an_adaptation_of_another_model(files, capsys, tmp_path):
+    other = load_model(files["other"])
+    a = Adaptation("o", other.weights_sha256, None, "paired", 0, 0, T, [0.0] * T)
+    path = a.save(tmp_path / "o.json")
+    dest = tmp_path / "den.nrrd"
+    rc, _, err = run_cli(capsys, "denoise", files["ldct"], dest, "--model", files["model"],
+                         "--adaptation", path, "--device", "cpu", "--progress", "none")
+    assert rc == 2 and "another model" in one_error_line(err)
+    assert not dest.exists()
+
+
+def test_existing_adaptation_is_not_overwritten_without_flag(files, user_home, capsys):
+    saved = Adaptation("keep", "sha", None, "paired", 0, 0, T, [0.0] * T).save()
+    before = saved.read_text()
+    rc, _, err = run_cli(capsys, "oneshot", "--model", files["model"], "--ldct", files["ldct"], "--slice", 2,
+                         "--ndct", files["ndct"], "--name", "keep", "--iterations", 5, "--progress", "none")
+    assert rc == 2 and "--overwrite" in one_error_line(err)
+    assert saved.read_text() == before
