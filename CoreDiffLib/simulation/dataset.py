@@ -70,20 +70,32 @@ class _Recon:
         self.g, self.px, self.size = geometry, pixel_mm, size
         self.doses, self.I0, self.sig, self.window, self.rng = doses, I0, electronic_sigma, window, rng
         self.keys = sorted(set(doses) | {1.0}, reverse=True)
+        self.threads = 1  # the machine is shared; astra's CPU projector is single-threaded too
 
     def run(self, hu_slices: np.ndarray, tick: Optional[Callable[[int], None]] = None):
-        """hu (B,N,N) -> dict dose(incl. 1.0) -> HU (B,N,N) float32."""
+        """hu (B,N,N) -> dict dose(incl. 1.0) -> HU (B,N,N) float32.
+
+        Slices are projected one by one, then reconstructed in blocks (all doses of up to
+        ~32 sinograms per FBP call) so the back-projection matrix is shared.
+        """
         B = hu_slices.shape[0]
-        out = {d: np.empty_like(hu_slices, dtype=np.float32) for d in self.keys}
-        for i in range(B):
-            sino = forward_project(hu_to_mu(hu_slices[i]), self.g, self.px)
-            noisy = nested_dose_noise(sino, self.doses, self.I0, self.sig, self.rng)
-            rec = fbp(np.stack([noisy[d] for d in self.keys]), self.g, self.size, self.px,
-                      window=self.window, threads=1)
-            for j, d in enumerate(self.keys):
-                out[d][i] = mu_to_hu(rec[j])
+        nk = len(self.keys)
+        out = {d: np.empty(hu_slices.shape, dtype=np.float32) for d in self.keys}
+        block = max(1, 32 // nk)
+        for s0 in range(0, B, block):
+            idx = range(s0, min(B, s0 + block))
+            sinos = []
+            for i in idx:
+                sino = forward_project(hu_to_mu(hu_slices[i]), self.g, self.px)
+                noisy = nested_dose_noise(sino, self.doses, self.I0, self.sig, self.rng)
+                sinos.extend(noisy[d] for d in self.keys)
+            rec = fbp(np.stack(sinos), self.g, self.size, self.px, window=self.window,
+                      threads=self.threads)
+            for j, i in enumerate(idx):
+                for k, d in enumerate(self.keys):
+                    out[d][i] = mu_to_hu(rec[j * nk + k])
             if tick:
-                tick(1)
+                tick(len(idx))
         return out
 
 

@@ -222,7 +222,7 @@ def ramp_filter_response(n_det: int, ds: float, window: str = "hann", cutoff: fl
 
 
 def fbp(sinogram: np.ndarray, geometry: FanBeamGeometry, size: int, pixel_mm: float,
-        window: str = "hann", cutoff: float = 1.0, views_per_chunk: int = 4,
+        window: str = "hann", cutoff: float = 1.0, views_per_chunk: Optional[int] = None,
         threads: Optional[int] = None) -> np.ndarray:
     """Fan-beam FBP (flat detector) of line integrals -> mu image (1/mm).
 
@@ -234,7 +234,13 @@ def fbp(sinogram: np.ndarray, geometry: FanBeamGeometry, size: int, pixel_mm: fl
     360 degree scan.  When ``n_views`` is a multiple of 4 the four quarter-turns share one
     set of per-pixel coordinates (the geometry of view v + n/4 is that of view v rotated by
     90 degrees), and the four partial images are rotated back and summed: ~4x less
-    coordinate arithmetic.  Measured ~1.7 s per 512^2 slice at 1152 views on 2 threads.
+    coordinate arithmetic.
+
+    Two back-projection kernels: for one or two sinograms ``grid_sample`` (~3.5 s CPU per
+    512^2 sinogram at 1152 views, one thread); for batches, a sparse interpolation matrix
+    per chunk of views (CSR, 2 entries per pixel and view, 1/U^2 folded in) multiplied by
+    all sinograms at once: the matrix is built once per chunk and shared, so 8 sinograms
+    cost ~0.75 s CPU each and 16 cost ~0.6 s each.  Pass many slices (and doses) at once.
     """
     import torch
     import torch.nn.functional as F
@@ -265,29 +271,19 @@ def fbp(sinogram: np.ndarray, geometry: FanBeamGeometry, size: int, pixel_mm: fl
             st = torch.from_numpy(s) * torch.from_numpy(cosw)
             spec = torch.fft.rfft(st, n=n_fft, dim=-1) * torch.from_numpy(Hf).to(torch.float32)
             q = torch.fft.irfft(spec, n=n_fft, dim=-1)[..., :nd]  # (B, nv, nd)
-            # (B*nsym, 1, nq, nd): quarter k of every sinogram is its own "image"
-            qq = q.reshape(B * nsym, 1, nq, nd).contiguous()
-
             c = (torch.arange(size, dtype=torch.float64) - (size - 1) / 2.0) * pixel_mm
             X = c.repeat(size).to(torch.float32)                   # x (mm) per pixel
             Y = (-c).repeat_interleave(size).to(torch.float32)     # y (mm) per pixel, row 0 = +y
             beta = torch.from_numpy(geometry.angles()[:nq]).to(torch.float32)
-            acc = torch.zeros(B * nsym, size * size, dtype=torch.float32)
-            gscale = 2.0 * R / (ds * nd)
-            gshift = -2.0 * off / nd
-            for v0 in range(0, nq, views_per_chunk):
-                b = beta[v0:v0 + views_per_chunk]
-                nb = b.shape[0]
-                sb, cb = torch.sin(b)[:, None], torch.cos(b)[:, None]
-                # source at R(sin b, -cos b); central ray (-sin b, cos b); detector axis (cos b, sin b)
-                inv = 1.0 / (R - X * sb + Y * cb)                   # 1 / depth along central ray
-                gx = (X * cb + Y * sb) * inv * gscale + gshift      # normalised channel coord
-                gy = ((torch.arange(v0, v0 + nb, dtype=torch.float32) + 0.5) * (2.0 / nq) - 1.0)
-                grid = torch.stack([gx, gy[:, None].expand_as(gx)], -1)[None]
-                vals = F.grid_sample(qq, grid.expand(B * nsym, -1, -1, -1), mode="bilinear",
-                                     padding_mode="zeros", align_corners=False)[:, 0]
-                w = inv * inv * (R * R)                             # 1/U^2
-                acc += torch.einsum("bvp,vp->bp", vals, w)
+            group = max(1, 128 // nsym)  # sinograms per sparse product (bounded memory)
+            parts = []
+            for g0 in range(0, B, group):
+                qg = q[g0:g0 + group]
+                if qg.shape[0] * nsym >= 8:
+                    parts.append(_bp_sparse(qg, X, Y, beta, R, ds, off, nsym, views_per_chunk))
+                else:
+                    parts.append(_bp_grid(qg, X, Y, beta, R, ds, off, nsym, views_per_chunk))
+            acc = torch.cat(parts, 0)
             acc = acc.view(B, nsym, size, size)
             img = acc[:, 0].clone()
             for k in range(1, nsym):
@@ -297,3 +293,68 @@ def fbp(sinogram: np.ndarray, geometry: FanBeamGeometry, size: int, pixel_mm: fl
     finally:
         torch.set_num_threads(old_threads)
     return out[0] if squeeze else out
+
+
+def _bp_grid(q, X, Y, beta, R, ds, off, nsym, V):
+    """Back-projection by grid_sample; q (B, nv, nd) filtered -> (B*nsym, P)."""
+    import torch
+    import torch.nn.functional as F
+
+    B, nv, nd = q.shape
+    nq = nv // nsym
+    V = V or 4
+    qq = q.reshape(B * nsym, 1, nq, nd).contiguous()
+    acc = torch.zeros(B * nsym, X.shape[0], dtype=torch.float32)
+    gscale = 2.0 * R / (ds * nd)
+    gshift = -2.0 * off / nd
+    for v0 in range(0, nq, V):
+        b = beta[v0:v0 + V]
+        nb = b.shape[0]
+        sb, cb = torch.sin(b)[:, None], torch.cos(b)[:, None]
+        # source at R(sin b, -cos b); central ray (-sin b, cos b); detector axis (cos b, sin b)
+        inv = 1.0 / (R - X * sb + Y * cb)                   # 1 / depth along the central ray
+        gx = (X * cb + Y * sb) * inv * gscale + gshift      # normalised channel coordinate
+        gy = (torch.arange(v0, v0 + nb, dtype=torch.float32) + 0.5) * (2.0 / nq) - 1.0
+        grid = torch.stack([gx, gy[:, None].expand_as(gx)], -1)[None]
+        vals = F.grid_sample(qq, grid.expand(B * nsym, -1, -1, -1), mode="bilinear",
+                             padding_mode="zeros", align_corners=False)[:, 0]
+        w = inv * inv * (R * R)                             # 1/U^2
+        acc += torch.einsum("bvp,vp->bp", vals, w)
+    return acc
+
+
+def _bp_sparse(q, X, Y, beta, R, ds, off, nsym, V):
+    """Back-projection by a per-chunk sparse interpolation matrix shared by all sinograms."""
+    import warnings
+
+    import torch
+
+    B, nv, nd = q.shape
+    nq = nv // nsym
+    V = V or 8
+    P = X.shape[0]
+    ndp = nd + 2  # one zero channel each side: out-of-fan pixels read 0
+    qp = torch.nn.functional.pad(q, (1, 1))                   # (B, nv, ndp)
+    # rows = (view-in-quarter, channel), columns = (sinogram, quarter)
+    Q = qp.reshape(B, nsym, nq, ndp).permute(2, 3, 0, 1).reshape(nq * ndp, B * nsym).contiguous()
+    acc = torch.zeros(P, B * nsym, dtype=torch.float32)
+    crow_full = torch.arange(P + 1, dtype=torch.int64)
+    centre = (nd - 1) / 2.0 - off + 1.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for v0 in range(0, nq, V):
+            b = beta[v0:v0 + V]
+            nb = b.shape[0]
+            sb, cb = torch.sin(b)[:, None], torch.cos(b)[:, None]
+            inv = 1.0 / (R - X * sb + Y * cb)
+            f = (X * cb + Y * sb) * inv * (R / ds) + centre
+            f.clamp_(0.0, ndp - 1.001)
+            i0 = f.floor()
+            w1 = f - i0
+            wU = inv * inv * (R * R)
+            i0 = i0.to(torch.int64) + (torch.arange(v0, v0 + nb) * ndp)[:, None]
+            col = torch.stack([i0, i0 + 1], -1).permute(1, 0, 2).reshape(-1)
+            val = torch.stack([wU - w1 * wU, w1 * wU], -1).permute(1, 0, 2).reshape(-1)
+            M = torch.sparse_csr_tensor(crow_full * (2 * nb), col, val, size=(P, nq * ndp))
+            acc += M @ Q
+    return acc.T.contiguous()
