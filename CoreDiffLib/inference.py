@@ -97,6 +97,8 @@ class Denoiser:
         dev = pick_device(device)
         net = model if isinstance(model, ClearNet) else load_model(model, dev)
         net = net.to(dev).eval()
+        if steps is not None and not 1 <= steps <= net.config.steps:
+            raise CoreDiffError(f"steps must be between 1 and {net.config.steps} (the model's T), got {steps}")
         if adaptation is not None and not hasattr(adaptation, "combine"):
             from .oneshot import load_adaptation
             adaptation = load_adaptation(adaptation, net)

@@ -19,9 +19,9 @@ DISPLAY_WINDOW_HU = (-100.0, 200.0)
 
 def hu_to_unit(hu):
     """Clip HU to [-1024, 3072] and map to [0, 1]. Works on numpy arrays and torch tensors."""
-    if isinstance(hu, np.ndarray):
-        return ((np.clip(hu, HU_MIN, HU_MAX) - HU_MIN) / HU_RANGE).astype(np.float32)
-    return (hu.clamp(HU_MIN, HU_MAX) - HU_MIN) / HU_RANGE
+    if hasattr(hu, "clamp"):  # torch tensor
+        return (hu.clamp(HU_MIN, HU_MAX) - HU_MIN) / HU_RANGE
+    return ((np.clip(np.asarray(hu, dtype=np.float32), HU_MIN, HU_MAX) - HU_MIN) / HU_RANGE).astype(np.float32)
 
 
 def unit_to_hu(x):

@@ -206,7 +206,7 @@ def train(pairs: Sequence[tuple[np.ndarray, np.ndarray]], net_cfg: NetworkConfig
         loss.backward()
         optimizer.step()
         state.iteration += 1
-        window.append(float(loss))
+        window.append(float(loss.detach()))
         if state.iteration % cfg.ema_every == 0:
             if state.iteration < cfg.ema_start:
                 ema.load_state_dict(model.state_dict())

@@ -1,0 +1,183 @@
+"""The `corediff` command as a user runs it: a real subprocess, real files."""
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from CoreDiffLib.io import read_volume
+from CoreDiffLib.models import save_weights
+from CoreDiffLib.network import ClearNet, NetworkConfig
+
+from conftest import synthetic_ct, write_image
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def corediff(*args, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "CoreDiffLib.cli", *map(str, args)], capture_output=True,
+                          text=True, cwd=cwd or REPO, timeout=300)
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def files_in(folder: Path) -> set[str]:
+    return {p.name for p in folder.iterdir()}
+
+
+def test_denoise_keeps_geometry_and_leaves_the_input_untouched(tmp_path, ct_file, identity_model_path):
+    before = digest(ct_file)
+    out = tmp_path / "den.nrrd"
+    r = corediff("denoise", ct_file, out, "--model", identity_model_path, "--progress", "lines",
+                 "--batch-size", "4")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    progress = [tuple(map(int, line.split()[1:])) for line in lines if line.startswith("PROGRESS")]
+    assert progress[0] == (0, 6) and progress[-1] == (6, 6)
+    assert digest(ct_file) == before
+    src, den = read_volume(ct_file), read_volume(out)
+    assert den.shape == src.shape and den.pixel_type == "int16"
+    assert den.spacing == pytest.approx(src.spacing) and den.origin == pytest.approx(src.origin)
+    assert den.direction == pytest.approx(src.direction)
+    # an identity network gives back the input, clipped to the model's [-1024, 3072] HU range
+    np.testing.assert_allclose(den.array, np.clip(src.array, -1024, 3072), atol=1.0)
+    assert files_in(tmp_path) == {"ldct.nrrd", "den.nrrd"}
+
+
+def test_single_slice_volume_denoises_with_replicated_neighbours(tmp_path, identity_model_path):
+    src = write_image(tmp_path / "one.nrrd", synthetic_ct(1, 48))
+    r = corediff("denoise", src, tmp_path / "out.mha", "--model", identity_model_path, "--progress", "none")
+    assert r.returncode == 0, r.stderr
+    assert read_volume(tmp_path / "out.mha").shape == (1, 48, 48)
+
+
+def test_padding_outside_the_field_of_view_is_kept(tmp_path, identity_model_path):
+    arr = synthetic_ct(3, 48)
+    arr[:, :4, :] = -3024
+    src = write_image(tmp_path / "pad.nrrd", arr)
+    out = tmp_path / "o.nrrd"
+    assert corediff("denoise", src, out, "--model", identity_model_path, "--progress", "none").returncode == 0
+    assert (read_volume(out).array[:, :4, :] == -3024).all()
+
+
+def test_dicom_in_dicom_out(tmp_path, ct_file, identity_model_path):
+    series = tmp_path / "series"
+    assert corediff("denoise", ct_file, series, "--model", identity_model_path, "--progress", "none").returncode == 0
+    r = corediff("denoise", series, tmp_path / "series_den", "--model", identity_model_path, "--progress", "none")
+    assert r.returncode == 0, r.stderr
+    out = read_volume(tmp_path / "series_den")
+    assert len(list((tmp_path / "series_den").iterdir())) == 6
+    assert "CoreDiff" in out.dicom_tags["0008|103e"]
+
+
+def _corrupt_model(tmp_path: Path) -> Path:
+    p = tmp_path / "corrupt.safetensors"
+    p.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all" + bytes(64))
+    return p
+
+
+def _other_architecture(tmp_path: Path) -> Path:
+    from safetensors.torch import save_file
+    import torch
+    p = tmp_path / "other.safetensors"
+    save_file({"weight": torch.zeros(3, 3)}, str(p), metadata={"format": "something-else"})
+    return p
+
+
+def _mismatched_tensors(tmp_path: Path) -> Path:
+    """Declares width 8 but holds width-16 tensors."""
+    import json
+    from safetensors.torch import save_file
+    net = ClearNet(NetworkConfig(width=16))
+    p = tmp_path / "mismatch.safetensors"
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(p),
+              metadata={"format": "corediff-clearnet-v1", "config": json.dumps(NetworkConfig(width=8).to_dict())})
+    return p
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing_input", "does not exist"),
+    ("output_is_input", "is the input"),
+    ("mr_input", "does not look like CT"),
+    ("nan_input", "NaN/inf"),
+    ("corrupt_model", "not a readable safetensors"),
+    ("other_architecture", "not a CoreDiff CLEAR-Net"),
+    ("mismatched_model", "does not match the CLEAR-Net architecture"),
+    ("unknown_model", "neither a shipped model"),
+    ("bad_steps", "steps must be between"),
+])
+def test_bad_input_gets_one_clear_line_and_writes_nothing(tmp_path, ct_file, tiny_model_path, case, message):
+    inp, out, model, extra = ct_file, tmp_path / "out.nrrd", tiny_model_path, []
+    if case == "missing_input":
+        inp = tmp_path / "nope.nrrd"
+    elif case == "output_is_input":
+        out = ct_file
+    elif case == "mr_input":
+        inp = write_image(tmp_path / "mr.nrrd", np.random.default_rng(0).uniform(0, 900, (3, 32, 32)))
+    elif case == "nan_input":
+        arr = synthetic_ct(2, 32)
+        arr[1, 5, 5] = np.inf
+        inp = write_image(tmp_path / "nan.nrrd", arr, dtype=np.float32)
+    elif case == "corrupt_model":
+        model = _corrupt_model(tmp_path)
+    elif case == "other_architecture":
+        model = _other_architecture(tmp_path)
+    elif case == "mismatched_model":
+        model = _mismatched_tensors(tmp_path)
+    elif case == "unknown_model":
+        model = "no-such-model"
+    elif case == "bad_steps":
+        extra = ["--steps", "50"]
+    before = {p.name: digest(p) for p in tmp_path.iterdir() if p.is_file()}
+    r = corediff("denoise", inp, out, "--model", model, "--progress", "none", *extra)
+    assert r.returncode == 2
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("corediff: error: ") and message in last, r.stderr
+    assert "Traceback" not in r.stderr
+    assert {p.name: digest(p) for p in tmp_path.iterdir() if p.is_file()} == before
+
+
+def test_compare_writes_table_csv_and_figure(tmp_path):
+    ref = synthetic_ct(3, 48, noise_hu=0)
+    ldct = ref + np.random.default_rng(0).normal(0, 40, ref.shape)
+    den = ref + np.random.default_rng(1).normal(0, 10, ref.shape)
+    paths = [write_image(tmp_path / f"{n}.nrrd", a) for n, a in (("ref", ref), ("ldct", ldct), ("den", den))]
+    r = corediff("compare", paths[2], "--ldct", paths[1], "--reference", paths[0], "--csv", tmp_path / "m.csv",
+                 "--figure", tmp_path / "fig.png")
+    assert r.returncode == 0, r.stderr
+    mean = [line for line in r.stdout.splitlines() if line.startswith("mean")][0].split()[1:]
+    den_psnr, den_ssim, den_rmse, ld_psnr, ld_ssim, ld_rmse = map(float, mean)
+    assert den_psnr > ld_psnr + 6 and den_ssim > ld_ssim and den_rmse < ld_rmse
+    assert den_rmse == pytest.approx(10, rel=0.15) and ld_rmse == pytest.approx(40, rel=0.15)
+    rows = (tmp_path / "m.csv").read_text().splitlines()
+    assert rows[0].startswith("slice,denoised_psnr") and len(rows) == 4
+    assert (tmp_path / "fig.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_train_command_writes_a_loadable_model(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    ref = synthetic_ct(4, 48, noise_hu=0)
+    write_image(data / "c1_ndct.nrrd", ref)
+    write_image(data / "c1_ldct.nrrd", ref + np.random.default_rng(0).normal(0, 40, ref.shape))
+    out = tmp_path / "m.safetensors"
+    r = corediff("train", data, "--out", out, "--iterations", "20", "--width", "8", "--batch-size", "2",
+                 "--patch-size", "32", "--progress", "none", "--checkpoint-every", "10")
+    assert r.returncode == 0, r.stderr
+    from CoreDiffLib.models import load_model
+    assert load_model(out).config.width == 8
+    assert (tmp_path / "m.ckpt").exists()
+
+
+def test_models_and_devices_list_as_json():
+    import json
+    r = corediff("devices", "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)[0]["name"] == "cpu"
+    r = corediff("models", "--json")
+    assert r.returncode == 0 and isinstance(json.loads(r.stdout), list)

@@ -1,0 +1,149 @@
+"""Volume I/O: geometry and values survive a round trip; bad inputs are refused clearly."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from CoreDiffLib import CoreDiffError
+from CoreDiffLib.io import check_output_path, find_pairs, read_pair_list, read_volume, write_volume
+
+from conftest import synthetic_ct, write_image
+
+
+@pytest.mark.parametrize("name", ["v.nrrd", "v.nii.gz", "v.mha", "dicom_out"])
+def test_round_trip_keeps_geometry_and_values(tmp_path, name):
+    src = write_image(tmp_path / "src.nrrd", synthetic_ct(4, 32),
+                      direction=(1, 0, 0, 0, 1, 0, 0, 0, 1) if name == "dicom_out" else (1, 0, 0, 0, -1, 0, 0, 0, 1))
+    vol = read_volume(src)
+    assert vol.pixel_type == "int16" and vol.array.dtype == np.float32
+    out = write_volume(vol, tmp_path / name)
+    back = read_volume(out)
+    np.testing.assert_array_equal(back.array, vol.array)
+    np.testing.assert_allclose(back.spacing, vol.spacing, atol=1e-4)
+    np.testing.assert_allclose(back.origin, vol.origin, atol=1e-4)
+    np.testing.assert_allclose(back.direction, vol.direction, atol=1e-6)
+    assert not list(tmp_path.glob(".*partial*"))
+
+
+def test_dicom_output_keeps_patient_tags_with_a_new_series(tmp_path):
+    vol = read_volume(write_image(tmp_path / "s.nrrd", synthetic_ct(3, 32), direction=(1, 0, 0, 0, 1, 0, 0, 0, 1)))
+    first = write_volume(vol, tmp_path / "first")
+    src = read_volume(first)
+    src.dicom_tags["0010|0010"] = "Doe^Jane"
+    src.dicom_tags["0010|0020"] = "PID123"
+    second = write_volume(src.with_array(src.array), tmp_path / "second", "CoreDiff denoised")
+    out = read_volume(second)
+    assert out.dicom_tags["0010|0010"].strip() == "Doe^Jane"
+    assert out.dicom_tags["0010|0020"].strip() == "PID123"
+    assert out.dicom_tags["0020|000e"] != src.dicom_tags["0020|000e"]
+    assert out.dicom_tags["0020|000d"] == src.dicom_tags["0020|000d"]
+    assert "CoreDiff" in out.dicom_tags["0008|103e"]
+
+
+def test_dicom_rescale_slope_and_intercept_are_honoured(tmp_path):
+    """CT stored with intercept -1024 (typical scanners: raw values = HU + 1024) reads back in HU.
+
+    GDCM stores (value - intercept) / slope, so giving it HU with these tags produces files
+    whose raw pixels are HU + 1024, as a scanner writes them."""
+    hu = synthetic_ct(2, 32, noise_hu=0).round()
+    folder = tmp_path / "scanner"
+    folder.mkdir()
+    img = sitk.GetImageFromArray(hu.astype(np.int16))
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    for k in range(img.GetDepth()):
+        sl = img[:, :, k]
+        for tag, val in {"0008|0060": "CT", "0028|1052": "-1024", "0028|1053": "1",
+                         "0020|000e": "1.2.3.4.5", "0020|0013": str(k + 1),
+                         "0020|0032": f"0\\0\\{k * 2.0}", "0020|0037": "1\\0\\0\\0\\1\\0",
+                         "0008|0018": f"1.2.3.4.5.{k + 1}"}.items():
+            sl.SetMetaData(tag, val)
+        writer.SetFileName(str(folder / f"{k}.dcm"))
+        writer.Execute(sl)
+    vol = read_volume(folder)
+    assert float(vol.dicom_tags["0028|1052"]) == -1024
+    np.testing.assert_allclose(vol.array, hu, atol=0.5)
+
+
+def test_output_path_checks(tmp_path, ct_file):
+    with pytest.raises(CoreDiffError, match="is the input"):
+        check_output_path(ct_file, ct_file)
+    with pytest.raises(CoreDiffError, match="unknown output type"):
+        check_output_path(ct_file, tmp_path / "out.txt")
+    with pytest.raises(CoreDiffError, match="does not exist"):
+        check_output_path(ct_file, tmp_path / "nope" / "out.nrrd")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x.dcm").write_bytes(b"x")
+    with pytest.raises(CoreDiffError, match="not empty"):
+        check_output_path(ct_file, tmp_path / "full")
+    check_output_path(ct_file, tmp_path / "fresh.nii.gz")
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing", "does not exist"),
+    ("garbage", "cannot read"),
+    ("mr", "does not look like CT"),
+    ("rgb", "components per voxel"),
+    ("four_d", "4-D"),
+    ("nan", "NaN/inf"),
+    ("suffix", "unsupported input type"),
+])
+def test_bad_inputs_are_refused_clearly(tmp_path, case, message):
+    path = tmp_path / "in.nrrd"
+    if case == "garbage":
+        path.write_bytes(b"NRRD0004\nthis is not a volume\n")
+    elif case == "mr":
+        write_image(path, np.random.default_rng(0).uniform(0, 1200, (3, 32, 32)))
+    elif case == "rgb":
+        img = sitk.GetImageFromArray(np.zeros((3, 32, 32, 3), np.uint8), isVector=True)
+        sitk.WriteImage(img, str(path))
+    elif case == "four_d":
+        frame = sitk.GetImageFromArray(np.full((3, 32, 32), -1000, np.int16))
+        sitk.WriteImage(sitk.JoinSeries([frame, frame]), str(path))
+    elif case == "nan":
+        arr = synthetic_ct(2, 32)
+        arr[0, 3, 3] = np.nan
+        write_image(path, arr, dtype=np.float32)
+    elif case == "suffix":
+        path = tmp_path / "in.txt"
+        path.write_text("x")
+    with pytest.raises(CoreDiffError, match=message):
+        read_volume(path)
+
+
+def test_single_slice_and_2d_images_read_as_one_slice(tmp_path):
+    img = sitk.GetImageFromArray(synthetic_ct(1, 32)[0].astype(np.int16))
+    sitk.WriteImage(img, str(tmp_path / "slice.nrrd"))
+    assert read_volume(tmp_path / "slice.nrrd").shape == (1, 32, 32)
+
+
+def test_pairs_are_matched_by_name(tmp_path):
+    for name in ["case000_abdomen_ndct.nrrd", "case000_abdomen_ldct25.nrrd", "case000_abdomen_ldct10.nrrd",
+                 "case001_head_ndct.nrrd", "case001_head_ldct25.nrrd", "notes.nrrd"]:
+        (tmp_path / name).write_bytes(b"")
+    pairs = find_pairs(tmp_path, dose_tag="25")
+    assert [(a.name, b.name) for a, b in pairs] == [
+        ("case000_abdomen_ndct.nrrd", "case000_abdomen_ldct25.nrrd"),
+        ("case001_head_ndct.nrrd", "case001_head_ldct25.nrrd")]
+    with pytest.raises(CoreDiffError, match="several LDCT doses"):
+        find_pairs(tmp_path)
+
+
+def test_mayo_style_dicom_folders_pair_up(tmp_path):
+    for d in ["L067/full_1mm", "L067/quarter_1mm", "L096/full_1mm", "L096/quarter_1mm"]:
+        (tmp_path / d).mkdir(parents=True)
+        (tmp_path / d / "001.IMA").write_bytes(b"")
+    pairs = find_pairs(tmp_path)
+    assert [(a.relative_to(tmp_path).as_posix(), b.relative_to(tmp_path).as_posix()) for a, b in pairs] == [
+        ("L067/full_1mm", "L067/quarter_1mm"), ("L096/full_1mm", "L096/quarter_1mm")]
+
+
+def test_pair_list_file(tmp_path):
+    (tmp_path / "list.csv").write_text("ndct,ldct\na_nd.nrrd,a_ld.nrrd\n# comment\n/abs/b.nrrd, /abs/c.nrrd\n")
+    pairs = read_pair_list(tmp_path / "list.csv")
+    assert pairs[0] == (tmp_path / "a_nd.nrrd", tmp_path / "a_ld.nrrd")
+    assert str(pairs[1][0]) == "/abs/b.nrrd"
+    (tmp_path / "bad.csv").write_text("only_one_column\n")
+    with pytest.raises(CoreDiffError, match="expected"):
+        read_pair_list(tmp_path / "bad.csv")

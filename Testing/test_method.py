@@ -1,0 +1,159 @@
+"""The CoreDiff method: operator, schedule, network, sampler, training."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from CoreDiffLib.degradation import alpha_schedule, degrade
+from CoreDiffLib.diffusion import sample, step_indices
+from CoreDiffLib.network import ClearNet, NetworkConfig, count_parameters
+from CoreDiffLib.training import PairedSlices, TrainConfig, corediff_loss, train
+
+from conftest import synthetic_ct
+
+
+def test_schedule_matches_reference_values():
+    a = alpha_schedule(10)
+    expected = [0.999] + [1 - t / 9 for t in range(1, 10)]
+    assert torch.allclose(a, torch.tensor(expected), atol=1e-6)
+    assert a[-1] == 0 and a[0] == pytest.approx(0.999)
+    assert torch.all(a[1:] < a[:-1])
+    assert alpha_schedule(1).tolist() == [0.0]
+    with pytest.raises(ValueError):
+        alpha_schedule(0)
+
+
+def test_operator_is_the_formula_and_preserves_the_mean():
+    g = torch.Generator().manual_seed(0)
+    x0, xT = torch.rand(2, 1, 8, 8, generator=g), torch.rand(2, 1, 8, 8, generator=g)
+    for a in alpha_schedule(10):
+        out = degrade(x0, xT, a)
+        assert torch.allclose(out, a * x0 + (1 - a) * xT)
+        assert out.mean() == pytest.approx(float(a * x0.mean() + (1 - a) * xT.mean()), abs=1e-6)
+    per_sample = degrade(x0, xT, torch.tensor([1.0, 0.0]))
+    assert torch.equal(per_sample[0], x0[0]) and torch.equal(per_sample[1], xT[1])
+
+
+def test_paper_configuration_has_about_4_8_million_parameters():
+    n = count_parameters(ClearNet(NetworkConfig()))
+    assert 4.7e6 < n < 4.9e6, n
+
+
+def test_ablations_change_the_architecture():
+    full = ClearNet(NetworkConfig(width=8))
+    no_ctx = ClearNet(NetworkConfig(width=8, use_context=False))
+    no_emm = ClearNet(NetworkConfig(width=8, use_emm=False))
+    assert full.enc1[0].in_channels == 3 and no_ctx.enc1[0].in_channels == 1
+    assert full.emm is not None and no_emm.emm is None
+    assert count_parameters(no_emm) < count_parameters(full)
+
+
+def test_emm_changes_the_output_only_when_given_a_previous_estimate():
+    torch.manual_seed(0)
+    net = ClearNet(NetworkConfig(width=8)).eval()
+    x = torch.rand(1, 3, 32, 32)
+    t = torch.tensor([4])
+    plain = net(x, t)
+    modulated = net(x, t, x0_prev=torch.rand(1, 1, 32, 32), xT=x[:, 1:2])
+    assert plain.shape == (1, 1, 32, 32)
+    assert not torch.allclose(plain, modulated)
+
+
+class RecordingNet(ClearNet):
+    """CLEAR-Net that records what the sampler feeds it."""
+
+    def __init__(self):
+        super().__init__(NetworkConfig(width=8))
+        self.calls = []
+
+    def forward(self, x, t, x0_prev=None, xT=None):
+        self.calls.append((x.clone(), t.clone(), None if x0_prev is None else x0_prev.clone()))
+        return super().forward(x, t, x0_prev, xT)
+
+
+def test_sampler_starts_from_the_ldct_and_returns_every_step():
+    torch.manual_seed(0)
+    net = RecordingNet().eval()
+    stack = torch.rand(2, 3, 30, 34)  # odd sizes: the sampler pads internally
+    result = sample(net, stack)
+    assert result.final.shape == (2, 1, 30, 34)
+    assert result.steps.shape == (10, 2, 1, 30, 34)
+    assert len(net.calls) == 10
+    first_x, first_t, first_prev = net.calls[0]
+    assert torch.equal(first_x[:, :, :30, :34], stack)      # warm start: x_T is the LDCT itself
+    assert first_t.tolist() == [9, 9] and first_prev is None  # no EMM on the first step
+    assert [c[1][0].item() for c in net.calls] == list(range(9, -1, -1))
+    for x, _, prev in net.calls[1:]:
+        assert torch.equal(x[:, 0, :30, :34], stack[:, 0])    # neighbours stay raw LDCT
+        assert torch.equal(x[:, 2, :30, :34], stack[:, 2])
+        assert prev is not None
+    assert torch.allclose(result.final, result.steps[-1].clamp(0, 1))
+    assert result.final.min() >= 0 and result.final.max() <= 1
+
+
+def test_fewer_steps_skip_through_the_trained_schedule():
+    assert step_indices(10) == list(range(9, -1, -1))
+    assert step_indices(10, 1) == [9]
+    assert step_indices(10, 4)[0] == 9 and step_indices(10, 4)[-1] == 0
+    with pytest.raises(ValueError):
+        step_indices(10, 11)
+
+
+def test_sampler_with_an_identity_network_returns_the_input():
+    net = ClearNet(NetworkConfig(width=8)).eval()
+    torch.nn.init.zeros_(net.out.weight)
+    torch.nn.init.zeros_(net.out.bias)
+    stack = torch.rand(1, 3, 16, 16)
+    assert torch.allclose(sample(net, stack).final, stack[:, 1:2], atol=1e-5)
+
+
+def test_loss_uses_both_stages_and_stage_one_only_at_t0():
+    torch.manual_seed(0)
+    cfg = NetworkConfig(width=8)
+    net = ClearNet(cfg)
+    ctx, tgt = torch.rand(2, 3, 16, 16), torch.rand(2, 1, 16, 16)
+    calls = []
+    net.register_forward_hook(lambda m, i, o: calls.append(1))
+    corediff_loss(net, cfg, ctx, tgt, t=5)
+    assert len(calls) == 2
+    calls.clear()
+    corediff_loss(net, cfg, ctx, tgt, t=0)
+    assert len(calls) == 1
+
+
+def test_a_few_hundred_steps_drive_the_loss_down(tmp_path):
+    ndct = [synthetic_ct(6, 48, seed=s, noise_hu=5) for s in range(2)]
+    rng = np.random.default_rng(1)
+    pairs = [(v, v + rng.normal(0, 60, v.shape).astype(np.float32)) for v in ndct]
+    cfg = TrainConfig(iterations=300, batch_size=4, patch_size=32, log_every=50, ema_start=100,
+                      checkpoint_every=150, seed=0)
+    ckpt = tmp_path / "run.ckpt"
+    _, state = train(pairs, NetworkConfig(width=8), cfg, checkpoint=ckpt, log=lambda m: None)
+    assert state.iteration == 300
+    first, last = state.losses[0], state.losses[-1]
+    assert last < 0.5 * first, state.losses
+    assert ckpt.exists() and not (tmp_path / "run.ckpt.tmp").exists()
+
+
+def test_training_resumes_from_its_checkpoint(tmp_path):
+    v = synthetic_ct(4, 32, seed=3, noise_hu=5)
+    pairs = [(v, v + 40 * np.random.default_rng(0).standard_normal(v.shape).astype(np.float32))]
+    ckpt = tmp_path / "c.ckpt"
+    cfg = TrainConfig(iterations=20, batch_size=2, patch_size=32, log_every=10, checkpoint_every=10)
+    a, _ = train(pairs, NetworkConfig(width=8), cfg, checkpoint=ckpt, log=lambda m: None)
+    cfg2 = TrainConfig(iterations=30, batch_size=2, patch_size=32, log_every=10, checkpoint_every=10)
+    logs = []
+    _, state = train(pairs, NetworkConfig(width=8), cfg2, checkpoint=ckpt, log=logs.append)
+    assert state.iteration == 30 and any("resumed" in m and "20" in m for m in logs)
+    with pytest.raises(Exception, match="another architecture"):
+        train(pairs, NetworkConfig(width=16), cfg2, checkpoint=ckpt, log=lambda m: None)
+
+
+def test_patch_sampler_replicates_edges_and_pairs_context_with_target():
+    ndct = synthetic_ct(1, 32, seed=0, noise_hu=0)
+    data = PairedSlices([(ndct, ndct)], patch_size=16, seed=0)
+    ctx, tgt = data.batch(3)
+    assert ctx.shape == (3, 3, 16, 16) and tgt.shape == (3, 1, 16, 16)
+    # single-slice volume: both neighbours are the slice itself, and LDCT == NDCT here
+    assert torch.equal(ctx[:, 0], ctx[:, 1]) and torch.equal(ctx[:, 1], tgt[:, 0])
