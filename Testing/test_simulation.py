@@ -93,9 +93,12 @@ def test_forward_projection_of_cylinder_is_chord_length(cylinder):
 def test_noiseless_fbp_reproduces_phantom():
     """Interior mean |error| of a noiseless scan is small.
 
-    Threshold: measured ~3-6 HU at 128^2 (3 mm pixels, the error is resolution loss at
-    edges of bone/air through the Hann filter; flat regions are within ~1 HU); 12 HU
-    leaves margin while a wrong weighting/scale (tens to hundreds of HU) fails.
+    Measured at 128^2 (2.97 mm pixels, 360 views): interior MAE 9.4-12.5 HU over seeds
+    0-3 -- the error sits at bone/air/organ edges (resolution loss through the Hann
+    window and the pixel footprint); in flat soft tissue the MAE is ~3 HU (the texture is
+    smoothed) and the mean bias < 0.6 HU.  At 512^2 with the clinical geometry the
+    interior MAE is ~9 HU and ~2 HU in soft tissue.  Thresholds 15 / 5 / 1.5 HU leave
+    margin while a wrong weighting, scale or orientation (tens to hundreds of HU) fails.
     """
     ph, sp = make_phantom("abdomen", 1, N, seed=2)
     rec = mu_to_hu(fbp(forward_project(hu_to_mu(ph[0]), GEOM, sp[0]), GEOM, N, sp[0]))
@@ -103,11 +106,12 @@ def test_noiseless_fbp_reproduces_phantom():
     from scipy import ndimage
     interior = ndimage.binary_erosion(body, iterations=3)
     mae = np.abs(rec - ph[0])[interior].mean()
-    assert mae < 12.0, mae
-    # flat soft tissue far from edges: mean within 3 HU
+    assert mae < 15.0, mae
+    # flat soft tissue away from edges: small error, no bias
     flat = ndimage.binary_erosion((ph[0] > 30) & (ph[0] < 90), iterations=3)
     assert flat.sum() > 50
-    assert abs((rec - ph[0])[flat].mean()) < 3.0
+    assert np.abs(rec - ph[0])[flat].mean() < 5.0
+    assert abs((rec - ph[0])[flat].mean()) < 1.5
     # orientation: an off-centre object stays where it is
     X, Y = _grid(N, sp[0])
     hu = np.full((N, N), -1000.0, np.float32)
@@ -126,7 +130,7 @@ def test_noise_scales_as_inverse_sqrt_dose_and_preserves_mean(cylinder):
     doses = [1.0, 0.25, 0.1]
     stds, means = {}, {}
     for d in doses:
-        noisy = np.stack([add_projection_noise(sino, d, rng=rng) for _ in range(3)])
+        noisy = np.stack([add_projection_noise(sino, d, rng=rng) for _ in range(4)])
         rec = mu_to_hu(fbp(noisy, GEOM, N, px))
         stds[d] = float((rec - clean)[:, roi].std())
         means[d] = float(rec[:, roi].mean())

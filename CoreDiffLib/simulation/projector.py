@@ -223,7 +223,7 @@ def ramp_filter_response(n_det: int, ds: float, window: str = "hann", cutoff: fl
 
 def fbp(sinogram: np.ndarray, geometry: FanBeamGeometry, size: int, pixel_mm: float,
         window: str = "hann", cutoff: float = 1.0, views_per_chunk: Optional[int] = None,
-        threads: Optional[int] = None) -> np.ndarray:
+        threads: Optional[int] = 1) -> np.ndarray:
     """Fan-beam FBP (flat detector) of line integrals -> mu image (1/mm).
 
     ``sinogram``: (n_views, n_detectors) or (B, n_views, n_detectors); returns (size, size)
@@ -241,6 +241,10 @@ def fbp(sinogram: np.ndarray, geometry: FanBeamGeometry, size: int, pixel_mm: fl
     per chunk of views (CSR, 2 entries per pixel and view, 1/U^2 folded in) multiplied by
     all sinograms at once: the matrix is built once per chunk and shared, so 8 sinograms
     cost ~0.75 s CPU each and 16 cost ~0.6 s each.  Pass many slices (and doses) at once.
+
+    ``threads``: torch intra-op threads for the call (restored afterwards).  Default 1:
+    on a shared 2-core machine two OpenMP threads were measured 10-30x *slower* than one
+    under load; ``None`` keeps torch's current setting.
     """
     import torch
     import torch.nn.functional as F
