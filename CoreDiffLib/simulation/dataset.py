@@ -127,10 +127,48 @@ def _write(arr: np.ndarray, spacing, path: str) -> None:
     a = np.clip(np.rint(arr), -32768, 32767).astype(np.int16)
     img = sitk.GetImageFromArray(a)
     img.SetSpacing(tuple(float(s) for s in spacing))
-    base, ext = os.path.splitext(path)
-    tmp = f"{base}.tmp{os.getpid()}{ext}"
+    d, fn = os.path.split(path)
+    tmp = os.path.join(d, f".tmp{os.getpid()}_{fn}")  # keeps the extension for the writer
     sitk.WriteImage(img, tmp, True)
     os.replace(tmp, path)
+
+
+def _workers(workers, count) -> int:
+    if workers is None:
+        env = os.environ.get("COREDIFF_SIM_WORKERS", "").strip()
+        try:
+            workers = int(env) if env else 1
+        except ValueError:
+            raise ValueError(f"COREDIFF_SIM_WORKERS must be an integer, got {env!r}") from None
+    try:
+        workers = int(workers)
+    except (TypeError, ValueError):
+        raise ValueError(f"workers must be an integer >= 1, got {workers!r}") from None
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    return max(1, min(workers, count, os.cpu_count() or 1))
+
+
+def _simulate_case(job: dict, tick: Optional[Callable[[int], None]] = None):
+    """One case: phantom -> scans at every dose -> files.  Top-level so it pickles."""
+    out_dir, kind, fmt = job["out_dir"], job["kind"], job["fmt"]
+    name = f"case{job['index']:03d}_{kind}"
+    hu, spacing = make_phantom(kind, job["n_slices"], job["size"], slice_mm=job["slice_mm"],
+                               seed=job["case_seed"])
+    rng = np.random.default_rng([job["case_seed"], 7919])
+    rec = _Recon(job["geometry"], spacing[0], job["size"], job["doses"], job["I0"],
+                 job["electronic_sigma"], job["window"], rng).run(hu, tick)
+    files = {"ndct": f"{name}_ndct.{fmt}"}
+    paths = [os.path.join(out_dir, files["ndct"])]
+    _write(rec[1.0], spacing, paths[0])
+    for d in job["doses"]:
+        fn = f"{name}_ldct{dose_tag(d)}.{fmt}"
+        _write(rec[d], spacing, os.path.join(out_dir, fn))
+        paths.append(os.path.join(out_dir, fn))
+        files[f"ldct{dose_tag(d)}"] = fn
+    entry = {"case": name, "kind": kind, "seed": job["case_seed"], "files": files,
+             "spacing_mm": list(spacing), "shape_zyx": list(hu.shape)}
+    return entry, paths
 
 
 def simulate_dataset(out_dir: str, dose: Union[float, Sequence[float]] = 0.25, count: int = 4,
@@ -139,11 +177,16 @@ def simulate_dataset(out_dir: str, dose: Union[float, Sequence[float]] = 0.25, c
                      progress: Union[bool, Callable[[int, int], None]] = True,
                      geometry: Optional[FanBeamGeometry] = None, I0: float = DEFAULT_I0,
                      electronic_sigma: float = DEFAULT_ELECTRONIC_SIGMA, window: str = "hann",
-                     slice_mm: float = 1.0) -> List[str]:
+                     slice_mm: float = 1.0, workers: Optional[int] = None) -> List[str]:
     """Simulate ``count`` paired cases (kinds cycled) into ``out_dir``; return written paths.
 
     ``progress``: True for a tqdm bar (per slice), False for none, or a callable
     ``progress(done_slices, total_slices)``.
+    ``workers``: processes simulating cases in parallel (each single-threaded).  Default:
+    the ``COREDIFF_SIM_WORKERS`` environment variable, else 1 (the machines are shared).
+    Cost: ~4.4 CPU-seconds per 512^2 slice at one dose with the default geometry
+    (astra projection ~3.0 s + two batched FBPs ~0.6 s each + phantom/noise/IO), so two
+    workers on an idle 2-core machine make ~300 slices in ~11 minutes.
     """
     geometry = geometry or FanBeamGeometry()
     doses = _doses(dose)
@@ -176,25 +219,28 @@ def simulate_dataset(out_dir: str, dose: Union[float, Sequence[float]] = 0.25, c
     written: List[str] = []
     cases = []
     t0 = time.time()
+    jobs = [dict(out_dir=out_dir, index=c, kind=kinds[c % len(kinds)],
+                 case_seed=int(seed) * 100003 + c, n_slices=n_slices, size=size, doses=doses,
+                 geometry=geometry, I0=I0, electronic_sigma=electronic_sigma, window=window,
+                 slice_mm=slice_mm, fmt=fmt) for c in range(count)]
+    workers = _workers(workers, count)
     try:
-        for c in range(count):
-            kind = kinds[c % len(kinds)]
-            case_seed = int(seed) * 100003 + c
-            name = f"case{c:03d}_{kind}"
-            hu, spacing = make_phantom(kind, n_slices, size, slice_mm=slice_mm, seed=case_seed)
-            rng = np.random.default_rng([case_seed, 7919])
-            rec = _Recon(geometry, spacing[0], size, doses, I0, electronic_sigma, window,
-                         rng).run(hu, tick)
-            files = {"ndct": f"{name}_ndct.{fmt}"}
-            _write(rec[1.0], spacing, os.path.join(out_dir, files["ndct"]))
-            written.append(os.path.join(out_dir, files["ndct"]))
-            for d in doses:
-                fn = f"{name}_ldct{dose_tag(d)}.{fmt}"
-                _write(rec[d], spacing, os.path.join(out_dir, fn))
-                written.append(os.path.join(out_dir, fn))
-                files[f"ldct{dose_tag(d)}"] = fn
-            cases.append({"case": name, "kind": kind, "seed": case_seed, "files": files,
-                          "spacing_mm": list(spacing), "shape_zyx": list(hu.shape)})
+        if workers == 1:
+            for job in jobs:
+                entry, paths = _simulate_case(job, tick)
+                cases.append(entry)
+                written.extend(paths)
+        else:
+            import multiprocessing as mp
+            from concurrent.futures import ProcessPoolExecutor
+
+            with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as ex:
+                futures = [ex.submit(_simulate_case, job) for job in jobs]
+                for fut in futures:  # in case order; progress advances per finished case
+                    entry, paths = fut.result()
+                    cases.append(entry)
+                    written.extend(paths)
+                    tick(n_slices)
     finally:
         if bar is not None:
             bar.close()
