@@ -206,6 +206,25 @@ def test_unpaired_loss_tolerates_misalignment_and_still_lowers_the_error():
     assert fit.loss_final < fit.loss_uniform
 
 
+def test_unpaired_fidelity_anchor_rejects_a_biased_step():
+    """Band energies ignore the mean: a step with the right texture but a +150 HU bias would
+    win on texture alone; the low-pass fidelity to the (aligned) LDCT rejects it."""
+    vol = phantom(6, 128, seed=8)
+    ndct = noisy(vol, 10, 4)
+    steps = step_stack(vol[2], seed=4)
+    steps[5] += 150.0 / 4096.0
+    ldct = torch.from_numpy(hu_to_unit(noisy(vol[2:3], 60, 5)[0]))
+    target = torch.from_numpy(hu_to_unit(ndct[4]))
+    truth = torch.from_numpy(hu_to_unit(vol[2]))
+    kw = dict(iterations=300, patch_size=64, seed=0, guide_unit=ldct)
+    plain = fit_step_weights(steps, target, "unpaired", **kw)
+    anchored = fit_step_weights(steps, target, "unpaired", anchor_unit=ldct, **kw)
+    p_plain = torch.softmax(torch.tensor(plain.logits), 0)
+    p_anch = torch.softmax(torch.tensor(anchored.logits), 0)
+    assert float(p_anch[5]) < 0.5 * float(p_plain[5])
+    assert rmse_hu(combine_steps(steps, anchored.logits)[0], truth) < rmse_hu(combine_steps(steps, plain.logits)[0], truth)
+
+
 def test_adapt_runs_the_sampler_once_and_records_everything():
     net = tiny_model()
     clean = phantom(4, 64, seed=1)
