@@ -183,7 +183,7 @@ class Adaptation:
         if steps.shape[0] != self.steps:
             raise CoreDiffError(f"adaptation '{self.name}' weighs {self.steps} steps but the sampler "
                                 f"produced {steps.shape[0]}: run all of the model's T steps")
-        return combine_steps(steps, self.weights).clamp(0.0, 1.0)
+        return combine_steps(steps.float(), self.weights).clamp(0.0, 1.0)  # fp32 even for bf16 steps
 
     def to_dict(self) -> dict:
         d = {"format": FORMAT, **asdict(self)}

@@ -21,6 +21,8 @@ cached per-step outputs (exactly what ``denoise --adaptation`` computes).
     python Testing/benchmarks/oneshot_benchmark.py --model corediff-25 --out oneshot.md
     python Testing/benchmarks/oneshot_benchmark.py --model my25.safetensors --size 256 \\
         --count 2 --slices 4 --out oneshot.md
+    # no shipped weights yet: small stand-in models trained here (25 % and a 5 % upper bound)
+    python Testing/benchmarks/oneshot_benchmark.py --quick-train 2000 --quick-upper 0.05 --out oneshot.md
 
 Prints a markdown table and writes it (with the settings and the learned step weights) to
 ``--out``.
@@ -67,7 +69,7 @@ class _StepCapture:
 
 def per_step_outputs(model, volume_hu: np.ndarray, device: str) -> torch.Tensor:
     cap = _StepCapture()
-    den = Denoiser(model, torch.device(device), None, cap)
+    den = Denoiser.load(model, device, None, adaptation=cap)
     denoise_volume(volume_hu, denoiser=den, batch_size=1 if device == "cpu" else None)
     return cap.take()
 
@@ -94,6 +96,38 @@ def simulate(kind: str, n_slices: int, size: int, doses: list[float], seed: int)
     return ndct, ldct
 
 
+def quick_models(args, log) -> tuple[str, dict]:
+    """Train small stand-in models when no shipped ones exist: one at --base-dose, and one per
+    --quick-upper dose, on simulated phantoms with seeds 100+ (far from the test seeds).
+    Files are kept in --workdir and reused (training resumes from its checkpoint)."""
+    from CoreDiffLib.models import save_weights
+    from CoreDiffLib.network import NetworkConfig
+    from CoreDiffLib.training import TrainConfig, train
+
+    work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    doses = [args.base_dose] + [d for d in args.quick_upper if d != args.base_dose]
+    paths = {d: work / f"quick-{round(d * 100):d}-w{args.quick_width}-it{args.quick_train}.safetensors"
+             for d in doses}
+    if not all(p.exists() for p in paths.values()):
+        log(f"simulating {args.quick_cases} training phantoms (seeds 100..) at doses {doses}")
+        data = [simulate(args.kind, args.quick_slices, args.size, doses, 100 + i) for i in range(args.quick_cases)]
+        for d, path in paths.items():
+            if path.exists():
+                continue
+            log(f"training a quick width-{args.quick_width} model at {d * 100:g} % dose "
+                f"({args.quick_train} iterations)")
+            pairs = [(nd, ld[d]) for nd, ld in data]
+            cfg = TrainConfig(iterations=args.quick_train, batch_size=4, patch_size=64, lr=args.quick_lr,
+                              seed=args.seed, checkpoint_every=250, log_every=100,
+                              ema_start=min(2000, args.quick_train // 5))
+            ema, state = train(pairs, NetworkConfig(width=args.quick_width), cfg,
+                               checkpoint=path.with_suffix(".ckpt"), log=log)
+            save_weights(ema, path, {"iterations": state.iteration, "dose": d, "quick": True})
+    base = str(paths[args.base_dose])
+    return base, {d: str(p) for d, p in paths.items() if d != args.base_dose}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="corediff-25", help="base model (name or file), trained at --base-dose")
@@ -114,6 +148,15 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
     ap.add_argument("--out", default=None, help="also write the markdown report here")
+    ap.add_argument("--quick-train", type=int, default=0,
+                    help="no shipped weights: train small stand-in models for this many iterations")
+    ap.add_argument("--quick-upper", type=float, nargs="*", default=[],
+                    help="with --quick-train: doses to train stand-in upper-bound models for")
+    ap.add_argument("--quick-width", type=int, default=16)
+    ap.add_argument("--quick-cases", type=int, default=4)
+    ap.add_argument("--quick-slices", type=int, default=8)
+    ap.add_argument("--quick-lr", type=float, default=5e-4)
+    ap.add_argument("--workdir", default="oneshot_bench_work", help="where quick models are kept")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -123,11 +166,14 @@ def main(argv=None) -> int:
         print(f"[{time.perf_counter() - t_start:7.1f}s] {msg}", file=sys.stderr, flush=True)
 
     manifest = shipped_models()
-    base = load_model(args.model, args.device)
     uppers = {}
+    if args.quick_train:
+        args.model, quick_uppers = quick_models(args, log)
+        uppers.update(quick_uppers)
+    base = load_model(args.model, args.device)
     for d in args.doses:
         name = f"corediff-{round(d * 100):d}"
-        if name in manifest:
+        if name in manifest and d not in uppers:
             uppers[d] = name
     for item in args.upper:
         d, _, m = item.partition("=")
