@@ -111,16 +111,17 @@ def default_path(name: str) -> Path:
 
 
 def resolve_adaptation(name_or_path: str | os.PathLike) -> Path:
-    """An existing file path, or a saved name in :func:`adaptations_dir`."""
+    """A saved name in :func:`adaptations_dir` (checked first), else an existing file path."""
     text = str(name_or_path)
-    path = Path(text).expanduser()
-    if path.is_file():
-        return path
     looks_like_name = bool(_NAME_RE.match(text)) and "/" not in text and "\\" not in text
     if looks_like_name:
         candidate = adaptations_dir() / f"{text}.json"
         if candidate.is_file():
             return candidate
+    path = Path(text).expanduser()
+    if path.is_file():
+        return path
+    if looks_like_name and not text.lower().endswith(".json"):
         known = ", ".join(r["name"] for r in list_adaptations()) or "none saved yet"
         raise CoreDiffError(f"adaptation '{text}' is neither a file nor a saved adaptation in "
                             f"{adaptations_dir()} (known: {known}); run 'corediff oneshot' first")

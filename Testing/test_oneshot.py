@@ -341,6 +341,8 @@ def one_error_line(err: str) -> str:
     ("name", "path separators"),
     ("ndct_slice", "out of range"),
     ("ndct_slice_paired", "unpaired mode"),
+    ("out_type", "is a .json file"),
+    ("out_folder", "does not exist"),
 ])
 def test_cli_bad_input_fails_cleanly_and_writes_nothing(files, user_home, capsys, tmp_path, case, match):
     args = {"--model": files["model"], "--ldct": files["ldct"], "--slice": 2, "--ndct": files["ndct"],
@@ -362,6 +364,10 @@ def test_cli_bad_input_fails_cleanly_and_writes_nothing(files, user_home, capsys
         args.update({"--ndct-unpaired": files["ndct"], "--ndct-slice": 9})
     elif case == "ndct_slice_paired":
         args["--ndct-slice"] = 1
+    elif case == "out_type":
+        args["--out"] = tmp_path / "a.nrrd"
+    elif case == "out_folder":
+        args["--out"] = tmp_path / "missing" / "a.json"
     argv = ["oneshot"] + [str(x) for kv in args.items() for x in kv]
     before = sorted(p.name for p in tmp_path.iterdir())
     rc, out, err = run_cli(capsys, *argv)
