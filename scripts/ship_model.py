@@ -1,0 +1,62 @@
+#!/usr/bin/env python
+"""Export a training checkpoint's EMA weights as a shipped model and record it in the manifest.
+
+    python scripts/ship_model.py runs/corediff-25.ckpt --name corediff-25 --dose 0.25 \
+        --description "..." --recipe "..." [--default] [--metrics metrics.json]
+
+The training checkpoint (optimizer state included) is kept beside the weights so training can
+be resumed later with ``corediff train ... --checkpoint``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from CoreDiffLib.models import MANIFEST, WEIGHTS_DIR, load_manifest, save_weights  # noqa: E402
+from CoreDiffLib.network import ClearNet, NetworkConfig  # noqa: E402
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("checkpoint")
+    p.add_argument("--name", required=True)
+    p.add_argument("--dose", type=float, required=True)
+    p.add_argument("--description", default="")
+    p.add_argument("--recipe", default="")
+    p.add_argument("--metrics", default=None, help="JSON file with validation metrics")
+    p.add_argument("--default", action="store_true", help="make this the default model")
+    a = p.parse_args()
+
+    ckpt = torch.load(a.checkpoint, map_location="cpu", weights_only=True)
+    config = NetworkConfig.from_dict(ckpt["network_config"])
+    model = ClearNet(config)
+    model.load_state_dict(ckpt["ema"])
+    iterations = int(ckpt["iteration"])
+    file = f"{a.name}.safetensors"
+    sha = save_weights(model, WEIGHTS_DIR / file, {"iterations": iterations, "dose": a.dose,
+                                                   "train_config": ckpt["train_config"]})
+    manifest = load_manifest()
+    manifest.setdefault("models", {})[a.name] = {
+        "file": file, "sha256": sha, "dose": a.dose, "description": a.description,
+        "architecture": config.to_dict(), "iterations": iterations,
+        "train_config": ckpt["train_config"], "recipe": a.recipe,
+        "final_training_loss": ckpt["losses"][-1] if ckpt["losses"] else None,
+        "validation": json.loads(Path(a.metrics).read_text()) if a.metrics else None,
+    }
+    if a.default or not manifest.get("default"):
+        manifest["default"] = a.name
+    tmp = MANIFEST.with_suffix(".partial")
+    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+    os.replace(tmp, MANIFEST)
+    print(f"shipped {a.name}: {file} sha256 {sha[:16]}… ({iterations} iterations)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
