@@ -53,25 +53,22 @@ def _add_progress(p: argparse.ArgumentParser) -> None:
 
 # ----------------------------------------------------------------------------- denoise
 def cmd_denoise(args: argparse.Namespace) -> int:
-    from .inference import Denoiser, denoise_volume
-    from .io import check_output_path, read_volume, write_volume
+    from .inference import Denoiser, denoise_file
+    from .io import check_output_path
 
     check_output_path(args.input, args.output)
-    volume = read_volume(args.input)
-    denoiser = Denoiser.load(args.model, args.device, args.steps, args.adaptation)
-    cfg = denoiser.model.config
-    info(args, f"{Path(args.input).name}: {volume.shape[0]} slices of {volume.shape[1]}x{volume.shape[2]}, "
-               f"model width {cfg.width}, T={args.steps or cfg.steps}, device {denoiser.device}")
     progress = Progress(args.progress, desc="denoising")
     t0 = time.perf_counter()
-    try:
-        result = denoise_volume(volume.array, batch_size=args.batch_size, progress=progress,
-                                denoiser=denoiser)
+    try:  # streamed: memory bounded by the batch size, not by the number of slices
+        out, shape, _ = denoise_file(
+            args.input, args.output,
+            lambda: Denoiser.load(args.model, args.device, args.steps, args.adaptation,
+                                  precision=args.precision, channels_last=args.channels_last),
+            batch_size=args.batch_size, progress=progress, log=lambda m: info(args, m))
     finally:
         progress.close()
     seconds = time.perf_counter() - t0
-    out = write_volume(volume.with_array(result), args.output)
-    info(args, f"wrote {out} ({seconds:.1f} s, {seconds / volume.shape[0]:.2f} s/slice)")
+    info(args, f"wrote {out} ({seconds:.1f} s, {seconds / shape[0]:.2f} s/slice)")
     return 0
 
 
@@ -84,6 +81,10 @@ def add_denoise_parser(sub) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     p.add_argument("--batch-size", type=int, default=None, help="slices per batch (memory bound)")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's T)")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "tf32", "bf16", "fp16"],
+                   help="network precision (auto: the fastest one known safe on the device)")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="channels-last activations (default: per device)")
     _add_progress(p)
     p.set_defaults(func=cmd_denoise)
 
@@ -107,7 +108,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                             steps=args.steps)
     cfg = TrainConfig(iterations=args.iterations, batch_size=args.batch_size, patch_size=args.patch_size,
                       lr=args.lr, seed=args.seed, checkpoint_every=args.checkpoint_every,
-                      ema_start=min(2000, args.iterations // 5), threads=args.threads)
+                      ema_start=args.ema_start if args.ema_start is not None else min(2000, args.iterations // 5),
+                      threads=args.threads, keep_every=args.keep_every)
     checkpoint = args.checkpoint or str(Path(args.output).with_suffix(".ckpt"))
     device = "cuda" if args.device == "auto" and _cuda() else ("cpu" if args.device == "auto" else args.device)
     ema, state = train(volumes, net_cfg, cfg, checkpoint=checkpoint, device=device,
@@ -142,6 +144,9 @@ def add_train_parser(sub) -> None:
     p.add_argument("--checkpoint", default=None, help="resumable checkpoint (default: OUT.ckpt)")
     p.add_argument("--checkpoint-every", type=int, default=500)
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = all)")
+    p.add_argument("--ema-start", type=int, default=None,
+                   help="iteration where the EMA starts averaging (default: min(2000, iterations/5))")
+    p.add_argument("--keep-every", type=int, default=0, help="also keep a snapshot checkpoint every N iterations")
     p.add_argument("--device", default="auto")
     _add_progress(p)
     p.set_defaults(func=cmd_train)
@@ -293,12 +298,18 @@ def add_info_parsers(sub) -> None:
     p.set_defaults(func=cmd_devices)
 
 
+# ----------------------------------------------------------------------------- bench
+def add_bench_parser(sub) -> None:
+    from .benchmark import add_bench_parser as add  # lazy: keeps `corediff --help` light
+    add(sub)
+
+
 # ----------------------------------------------------------------------------- main
 #: Every sub-command registers itself here; later modules append their own.
 from .oneshot import add_oneshot_parser  # noqa: E402  (one-shot adaptation, issue #5)
 
 PARSERS: list[Callable] = [add_denoise_parser, add_train_parser, add_compare_parser,
-                           add_simulate_parser, add_info_parsers, add_oneshot_parser]
+                           add_simulate_parser, add_info_parsers, add_oneshot_parser, add_bench_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,13 +1,28 @@
 """Whole-volume denoising: the one function the CLI, the Slicer module and scripts call.
 
 Slices are denoised in batches, each with its two LDCT neighbours (edges replicated), so
-memory is bounded by the batch size, not by the number of slices. A progress callback and a
-cancel flag make it usable from a GUI; nothing is written here — callers own the output.
+memory is bounded by the batch size, not by the number of slices: the input may be any
+array-like that gives slices by index (a numpy array, a ``np.memmap``, or a
+:class:`VolumeSource` that reads slabs from a file), and the output can go to a
+caller-provided array (``out=``, e.g. a memmap). :func:`denoise_file` streams file to file.
+A progress callback and a cancel flag make it usable from a GUI.
+
+Each device runs the network its fastest *safe* way (:func:`CoreDiffLib.runtime.auto_settings`,
+measured with ``corediff bench``): on CPU channels-last activations, one thread per physical
+core and ONNX Runtime for narrow models; on CUDA channels-last and strict fp32 until the GPU
+benchmark clears bf16. ``precision=`` / ``channels_last=`` / ``runtime=`` override it.
 """
 from __future__ import annotations
 
+import gzip
+import os
+import shutil
+import tempfile
 import threading
-from dataclasses import dataclass
+import warnings
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Union
 
 import numpy as np
@@ -19,8 +34,10 @@ from .intensity import hu_to_unit, unit_to_hu
 from .io import PADDING_THRESHOLD_HU, validate_ct_array
 from .models import load_model
 from .network import ClearNet
+from .runtime import PRECISIONS, RunSettings, auto_settings, build_net, check_applicable, physical_cores
 
 ProgressFn = Callable[[int, int], None]
+LogFn = Callable[[str], None]
 CancelFlag = Union[Callable[[], bool], threading.Event, None]
 
 
@@ -57,12 +74,14 @@ def default_batch_size(device: torch.device, height: int, width: int, width_chan
     """A batch that fits comfortably: activations scale with pixels x channels."""
     if device.type == "cpu":
         return 2  # CPU throughput barely improves with larger batches; keep memory low
-    per_slice_gb = height * width * width_channels * 4 * 40 / 1e9  # ~40 live feature maps
-    try:
-        free = torch.cuda.mem_get_info()[0] / 1e9 if device.type == "cuda" else 8.0
-    except Exception:  # pragma: no cover - driver quirks
-        free = 8.0
-    return int(max(1, min(32, free * 0.5 // max(per_slice_gb, 1e-3))))
+    if device.type == "cuda":  # bigger batches fill the GPU; the OOM fallback halves them
+        per_slice_gb = height * width * width_channels * 4 * 40 / 1e9  # ~40 live feature maps
+        try:
+            free = torch.cuda.mem_get_info(device)[0] / 1e9
+        except Exception:  # pragma: no cover - driver quirks
+            free = 8.0
+        return int(max(1, min(64, free * 0.5 // max(per_slice_gb, 1e-3))))
+    return 4  # MPS: unified memory, no free-memory query
 
 
 def _is_cancelled(cancel: CancelFlag) -> bool:
@@ -76,24 +95,79 @@ def _is_cancelled(cancel: CancelFlag) -> bool:
 def context_stack(volume_hu: np.ndarray, start: int, stop: int) -> np.ndarray:
     """(B, 3, H, W) in [0, 1]: slices start..stop-1 with neighbours, edges replicated."""
     n = volume_hu.shape[0]
+    lo, hi = max(start - 1, 0), min(stop + 1, n)
+    slab = np.asarray(volume_hu[lo:hi], dtype=np.float32)  # one contiguous read (file slabs, memmaps)
     idx = np.arange(start, stop)
-    triples = np.stack([np.clip(idx - 1, 0, n - 1), idx, np.clip(idx + 1, 0, n - 1)], axis=1)
-    return hu_to_unit(np.asarray(volume_hu[triples.ravel()], dtype=np.float32)).reshape(
-        len(idx), 3, *volume_hu.shape[1:])
+    triples = np.stack([np.clip(idx - 1, 0, n - 1), idx, np.clip(idx + 1, 0, n - 1)], axis=1) - lo
+    return hu_to_unit(slab[triples.ravel()]).reshape(len(idx), 3, *slab.shape[1:])
+
+
+def _settings_for(device: torch.device, width: int, precision: str | None, channels_last: bool | None,
+                  runtime: str | None) -> RunSettings:
+    auto = auto_settings(device, width)
+    precision = (precision or "auto").lower()
+    if precision != "auto" and precision not in PRECISIONS:
+        raise CoreDiffError(f"unknown precision '{precision}': use auto, fp32, tf32, bf16 or fp16")
+    runtime = (runtime or "auto").lower()
+    settings = RunSettings(
+        auto.precision if precision == "auto" else precision,
+        auto.channels_last if channels_last is None else bool(channels_last),
+        auto.backend if runtime == "auto" else runtime)
+    if settings.backend == "onnx" and settings.channels_last:
+        settings = RunSettings(settings.precision, False, "onnx")
+    if settings.backend == "onnx" and settings.precision != "fp32":  # asked for a precision: torch
+        settings = RunSettings(settings.precision, True if channels_last is None else bool(channels_last),
+                               "eager")
+    why = check_applicable(settings, device)
+    if why:
+        raise CoreDiffError(f"cannot run {settings.label()} on {device}: {why}")
+    return settings
 
 
 @dataclass
 class Denoiser:
-    """A loaded model on a device with its sampling settings."""
+    """A loaded model on a device with its sampling and execution settings.
+
+    ``settings`` is how the network is run (precision, memory format, back-end); by default
+    the fastest safe one for the device. ``net`` is the sampler-ready callable built from it.
+    """
 
     model: ClearNet
     device: torch.device
     steps: int | None = None
     adaptation: object | None = None  # a oneshot.Adaptation: combines per-step outputs
+    settings: RunSettings | None = None
+    threads: int | None = None
+    net: object | None = field(default=None, repr=False)
+
+    def __post_init__(self):
+        if self.settings is None:
+            self.settings = _settings_for(self.device, self.model.config.width, None, None, None)
+        if self.device.type == "cpu":
+            # one thread per physical core: SMT siblings only contend for the same FMA units
+            self.threads = self.threads or min(torch.get_num_threads(), physical_cores())
+            torch.set_num_threads(self.threads)
+        if self.net is None:
+            try:
+                self.net = build_net(self.model, self.device, self.settings, self.threads)
+            except CoreDiffError:
+                raise
+            except Exception as exc:  # e.g. an ONNX export problem: fall back to eager PyTorch
+                if self.settings.backend == "eager":
+                    raise
+                fallback = RunSettings(self.settings.precision if self.settings.backend != "onnx" else "fp32",
+                                       self.device.type != "mps", "eager")
+                warnings.warn(f"{self.settings.label()} unavailable ({exc}); using {fallback.label()}")
+                self.settings = fallback
+                self.net = build_net(self.model, self.device, fallback, self.threads)
 
     @classmethod
     def load(cls, model: str | ClearNet | None = "default", device: str = "auto",
-             steps: int | None = None, adaptation=None) -> "Denoiser":
+             steps: int | None = None, adaptation=None, precision: str | None = "auto",
+             channels_last: bool | None = None, runtime: str | None = "auto",
+             threads: int | None = None) -> "Denoiser":
+        """``precision`` auto|fp32|tf32|bf16|fp16, ``channels_last`` None = device default,
+        ``runtime`` auto|eager|compile|cudagraphs|onnx, ``threads`` CPU threads (None = cores)."""
         dev = pick_device(device)
         net = model if isinstance(model, ClearNet) else load_model(model, dev)
         net = net.to(dev).eval()
@@ -104,37 +178,77 @@ class Denoiser:
             adaptation = load_adaptation(adaptation, net)
         if adaptation is not None and steps not in (None, net.config.steps):
             raise CoreDiffError("a one-shot adaptation weighs all T steps: do not change --steps with it")
-        return cls(net, dev, steps, adaptation)
+        settings = _settings_for(dev, net.config.width, precision, channels_last, runtime)
+        return cls(net, dev, steps, adaptation, settings, threads)
 
     def denoise_batch(self, stack_unit: np.ndarray) -> np.ndarray:
         """(B, 3, H, W) context stacks in [0, 1] -> (B, H, W) denoised in [0, 1]."""
-        x = torch.from_numpy(stack_unit).to(self.device)
-        if not self.model.config.use_context:
-            x = x[:, 1:2]
-        result = sample(self.model, x, self.steps, keep_steps=self.adaptation is not None)
-        out = self.adaptation.combine(result.steps) if self.adaptation is not None else result.final
-        return out[:, 0].float().cpu().numpy()
+        with torch.inference_mode():
+            x = torch.from_numpy(np.ascontiguousarray(stack_unit, dtype=np.float32)).to(self.device)
+            if not self.model.config.use_context:
+                x = x[:, 1:2]
+            result = sample(self.net, x, self.steps, keep_steps=self.adaptation is not None)
+            out = self.adaptation.combine(result.steps) if self.adaptation is not None else result.final
+            return out[:, 0].float().cpu().numpy()
 
 
-def denoise_volume(volume_hu: np.ndarray, model: str | ClearNet | None = "default",
+def _validate_streamed(volume, name: str = "input volume", chunk: int = 32) -> None:
+    """:func:`validate_ct_array` without a full-volume float copy: min/max/finite by slabs."""
+    if volume.ndim != 3 or min(volume.shape) < 1 or volume.shape[1] < 16 or volume.shape[2] < 16:
+        validate_ct_array(np.zeros(volume.shape, np.float32) if volume.ndim != 3 else
+                          np.zeros((1,) + tuple(volume.shape[1:]), np.float32), name)
+    lo, hi, bad = np.inf, -np.inf, 0
+    for k in range(0, volume.shape[0], chunk):
+        slab = np.asarray(volume[k:k + chunk])
+        if np.issubdtype(slab.dtype, np.floating):
+            finite = np.isfinite(slab)
+            if not finite.all():
+                bad += int((~finite).sum())
+                continue
+        lo, hi = min(lo, float(slab.min())), max(hi, float(slab.max()))
+    if bad:
+        raise CoreDiffError(f"{name} contains {bad} NaN/inf voxels: fix or mask them before denoising")
+    probe = np.full((1, 16, 16), lo, np.float32)
+    probe[0, 0, 0] = hi
+    validate_ct_array(probe, name)
+
+
+def _is_oom(exc: BaseException) -> bool:
+    oom = getattr(torch.cuda, "OutOfMemoryError", None)
+    return (oom is not None and isinstance(exc, oom)) or (
+        isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower())
+
+
+def denoise_volume(volume_hu, model: str | ClearNet | None = "default",
                    device: str = "auto", batch_size: int | None = None, steps: int | None = None,
                    adaptation=None, progress: ProgressFn | None = None,
-                   cancel: CancelFlag = None, denoiser: Denoiser | None = None) -> np.ndarray:
-    """Denoise a (slices, rows, cols) CT volume in HU; returns a new float32 HU array.
+                   cancel: CancelFlag = None, denoiser: Denoiser | None = None,
+                   out: np.ndarray | None = None, log: LogFn | None = None,
+                   precision: str | None = "auto", channels_last: bool | None = None) -> np.ndarray:
+    """Denoise a (slices, rows, cols) CT volume in HU; returns a float32 HU array.
 
-    The input is never modified. Voxels at or below -1500 HU (outside-FOV padding such as
-    -2000 or -3024) are fed to the network as air and restored unchanged in the output.
+    The input is never modified; it may be a numpy array, a memmap or a :class:`VolumeSource`
+    (anything indexable by slice ranges with ``shape``/``ndim``). ``out`` (same shape, any
+    float or integer dtype) receives the result slab by slab and is returned; otherwise a new
+    array is allocated. Voxels at or below -1500 HU (outside-FOV padding such as -2000 or
+    -3024) are fed to the network as air and restored unchanged in the output.
     ``progress(done, total)`` is called after each batch; when ``cancel`` (a callable or a
-    ``threading.Event``) turns true, :class:`Cancelled` is raised between batches.
+    ``threading.Event``) turns true, :class:`Cancelled` is raised between batches. On CUDA
+    out-of-memory the batch size halves and the run goes on; ``log(message)`` is told.
     """
-    volume_hu = np.asarray(volume_hu)
+    if isinstance(volume_hu, np.ndarray) or not hasattr(volume_hu, "shape"):
+        volume_hu = np.asarray(volume_hu)
     if volume_hu.ndim == 2:
         volume_hu = volume_hu[None]
-    validate_ct_array(volume_hu.astype(np.float32, copy=False), "input volume")
-    den = denoiser or Denoiser.load(model, device, steps, adaptation)
+    _validate_streamed(volume_hu)
+    den = denoiser or Denoiser.load(model, device, steps, adaptation, precision, channels_last)
     n, h, w = volume_hu.shape
     bs = batch_size or default_batch_size(den.device, h, w, den.model.config.width)
-    out = np.empty((n, h, w), dtype=np.float32)
+    if out is None:
+        out = np.empty((n, h, w), dtype=np.float32)
+    elif tuple(out.shape) != (n, h, w):
+        raise ValueError(f"out has shape {out.shape}, expected {(n, h, w)}")
+    integer_out = np.issubdtype(out.dtype, np.integer)
     done = 0
     if progress:
         progress(0, n)
@@ -144,20 +258,397 @@ def denoise_volume(volume_hu: np.ndarray, model: str | ClearNet | None = "defaul
         stop = min(done + bs, n)
         try:
             unit = den.denoise_batch(context_stack(volume_hu, done, stop))
-        except torch.cuda.OutOfMemoryError:
+        except Exception as exc:
+            if not _is_oom(exc):
+                raise
             if bs == 1:
                 raise CoreDiffError("the GPU ran out of memory even with one slice per batch: "
                                     "use --device cpu") from None
-            torch.cuda.empty_cache()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
             bs = max(1, bs // 2)
-            if progress:
-                progress(done, n)
+            if log:
+                log(f"out of GPU memory: continuing with batch size {bs}")
             continue
-        out[done:stop] = unit_to_hu(unit)
+        hu = unit_to_hu(unit)
+        src = np.asarray(volume_hu[done:stop])
+        padding = src <= PADDING_THRESHOLD_HU
+        if padding.any():
+            hu[padding] = src[padding]
+        if integer_out:
+            info = np.iinfo(out.dtype)
+            hu = np.clip(np.rint(hu), info.min, info.max)
+        out[done:stop] = hu
         done = stop
         if progress:
             progress(done, n)
-    padding = volume_hu <= PADDING_THRESHOLD_HU
-    if padding.any():
-        out[padding] = volume_hu[padding]
     return out
+
+
+# ----------------------------------------------------------------------------- streamed files
+#: numpy dtypes of the SimpleITK scalar pixel types a CT file can hold
+_SITK_DTYPES = {"sitkInt8": np.int8, "sitkUInt8": np.uint8, "sitkInt16": np.int16, "sitkUInt16": np.uint16,
+                "sitkInt32": np.int32, "sitkUInt32": np.uint32, "sitkFloat32": np.float32,
+                "sitkFloat64": np.float64}
+_NRRD_TYPES = {"short": np.int16, "short int": np.int16, "signed short": np.int16, "int16": np.int16,
+               "int16_t": np.int16, "ushort": np.uint16, "unsigned short": np.uint16, "uint16": np.uint16,
+               "int": np.int32, "signed int": np.int32, "int32": np.int32, "uint": np.uint32,
+               "unsigned int": np.uint32, "uint32": np.uint32, "float": np.float32, "double": np.float64,
+               "uchar": np.uint8, "uint8": np.uint8, "unsigned char": np.uint8, "char": np.int8,
+               "signed char": np.int8, "int8": np.int8}
+
+
+class VolumeSource:
+    """A CT file read slab by slab: ``shape``, ``ndim``, ``dtype`` and ``src[a:b]`` -> (b-a, H, W).
+
+    Uncompressed MHA and NIfTI are read in place through SimpleITK's streaming extraction;
+    raw NRRD is memory-mapped; gzip NRRD, compressed MHA and .nii.gz are first inflated
+    chunk by chunk into a temporary file (bounded memory, one pass). ``open`` returns None
+    for what cannot be streamed (DICOM folders, detached headers, big-endian data...).
+    """
+
+    def __init__(self, shape, dtype, reader=None, array=None, info=None, temp_files=()):
+        self.shape = tuple(int(s) for s in shape)
+        self.ndim = 3
+        self.dtype = np.dtype(dtype)
+        self._reader, self._array = reader, array  # array: a RawSlabs (explicit reads, no mmap)
+        self.info = info or {}
+        self._temps = list(temp_files)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, key):
+        if not isinstance(key, slice):
+            raise TypeError("VolumeSource supports slab slices src[a:b] only")
+        a, b, step = key.indices(self.shape[0])
+        if step != 1:
+            raise TypeError("VolumeSource slabs must be contiguous")
+        if self._array is not None:
+            return np.asarray(self._array[a:b])
+        import SimpleITK as sitk
+        if b <= a:
+            return np.empty((0,) + self.shape[1:], self.dtype)
+        self._reader.SetExtractIndex((0, 0, a))
+        self._reader.SetExtractSize((self.shape[2], self.shape[1], b - a))
+        return sitk.GetArrayFromImage(self._reader.Execute())
+
+    def close(self) -> None:
+        self._array = None
+        for p in self._temps:
+            try:
+                os.unlink(p)
+            except OSError:
+                pass
+        self._temps = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    @classmethod
+    def open(cls, path, temp_dir=None) -> "VolumeSource | None":
+        import SimpleITK as sitk
+        p = Path(path)
+        name = p.name.lower()
+        if not p.is_file() or not name.endswith((".mha", ".mhd", ".nii", ".nii.gz", ".nrrd")):
+            return None
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(p))
+        try:
+            reader.ReadImageInformation()
+        except RuntimeError:
+            return None  # let the full reader produce its actionable error
+        size = reader.GetSize()
+        if reader.GetDimension() != 3 or reader.GetNumberOfComponents() != 1:
+            return None
+        dtype = {getattr(sitk, k): v for k, v in _SITK_DTYPES.items()}.get(reader.GetPixelID())
+        shape = (size[2], size[1], size[0])
+        info = {"spacing": tuple(reader.GetSpacing()), "origin": tuple(reader.GetOrigin()),
+                "direction": tuple(reader.GetDirection()),
+                "pixel_type": str(np.dtype(dtype)) if dtype is not None else "float32", "source": str(p)}
+        nbytes = None if dtype is None else int(np.prod(shape)) * np.dtype(dtype).itemsize
+        try:
+            if name.endswith(".nrrd"):
+                return cls._open_nrrd(p, shape, info, nbytes, temp_dir)
+            if name.endswith((".mha", ".mhd")):
+                header = _read_text_header(p, b"ElementDataFile")
+                compressed = "compresseddata = true" in header.lower()
+                if not compressed:
+                    return cls(shape, dtype or np.float32, reader=reader, info=info)
+                if not name.endswith(".mha") or nbytes is None:
+                    return None
+                return cls._inflate(p, len(header), shape, dtype, info, nbytes, temp_dir, "zlib")
+            if name.endswith(".nii"):
+                return cls(shape, dtype or np.float32, reader=reader, info=info)
+            if name.endswith(".nii.gz"):
+                fd, tmp = tempfile.mkstemp(suffix=".nii", prefix="corediff-in-", dir=temp_dir)
+                with os.fdopen(fd, "wb") as f, gzip.open(p, "rb") as g:
+                    shutil.copyfileobj(g, f, 1 << 22)
+                r2 = sitk.ImageFileReader()
+                r2.SetFileName(tmp)
+                r2.ReadImageInformation()
+                return cls(shape, dtype or np.float32, reader=r2, info=info, temp_files=[tmp])
+        except (OSError, ValueError, EOFError, zlib.error):
+            return None
+        return None
+
+    @classmethod
+    def _open_nrrd(cls, p, shape, info, nbytes, temp_dir):
+        raw = _head_bytes(p, 1 << 16)
+        end = raw.find(b"\n\n")
+        if end < 0 or nbytes is None:
+            return None
+        fields = {}
+        for line in raw[:end].decode("latin-1").splitlines()[1:]:
+            if ":" in line and not line.startswith("#"):
+                k, v = line.split(":", 1)
+                fields[k.strip().lower()] = v.strip().lstrip("=").strip()
+        dtype = _NRRD_TYPES.get(fields.get("type", "").lower())
+        if dtype is None or "data file" in fields or "datafile" in fields or fields.get("line skip", "0") != "0" \
+                or fields.get("byte skip", "0") != "0":
+            return None
+        if np.dtype(dtype).itemsize > 1 and fields.get("endian", "little") != "little":
+            return None
+        offset = end + 2
+        encoding = fields.get("encoding", "raw").lower()
+        if encoding == "raw":
+            if p.stat().st_size < offset + nbytes:
+                return None
+            return cls(shape, dtype, array=RawSlabs(p, shape, dtype, offset), info=info)
+        if encoding in ("gzip", "gz"):
+            return cls._inflate(p, offset, shape, dtype, info, nbytes, temp_dir, "gzip")
+        return None
+
+    @classmethod
+    def _inflate(cls, p, offset, shape, dtype, info, nbytes, temp_dir, kind):
+        fd, tmp = tempfile.mkstemp(suffix=".raw", prefix="corediff-in-", dir=temp_dir)
+        try:
+            with os.fdopen(fd, "wb") as f, open(p, "rb") as src:
+                src.seek(offset)
+                z = zlib.decompressobj(16 + zlib.MAX_WBITS if kind == "gzip" else zlib.MAX_WBITS)
+                while True:
+                    chunk = src.read(1 << 22)
+                    if not chunk:
+                        break
+                    f.write(z.decompress(chunk))
+                    if z.eof:
+                        break
+                f.write(z.flush())
+            if os.path.getsize(tmp) < nbytes:
+                raise ValueError("short data")
+            return cls(shape, dtype, array=RawSlabs(tmp, shape, dtype), info=info, temp_files=[tmp])
+        except BaseException:
+            os.unlink(tmp)
+            raise
+
+
+class RawSlabs:
+    """Slices of a raw little-endian (z, y, x) array in a file, read and written with plain
+    file I/O. Unlike ``np.memmap``, touched pages do not stay mapped into the process, so
+    resident memory stays at one slab however large the volume is."""
+
+    def __init__(self, path, shape, dtype, offset: int = 0, mode: str = "r"):
+        self.path, self.shape, self.offset = str(path), tuple(shape), int(offset)
+        self.dtype = np.dtype(dtype).newbyteorder("<")
+        self.ndim = 3
+        self._slice = int(np.prod(self.shape[1:])) * self.dtype.itemsize
+        if mode == "w+":
+            with open(self.path, "r+b" if os.path.exists(self.path) else "wb") as f:
+                f.truncate(self.offset + self._slice * self.shape[0])
+
+    def _range(self, key) -> tuple[int, int]:
+        if not isinstance(key, slice):
+            raise TypeError("slab access takes a slice a:b")
+        a, b, step = key.indices(self.shape[0])
+        if step != 1:
+            raise TypeError("slabs must be contiguous")
+        return a, max(a, b)
+
+    def __getitem__(self, key) -> np.ndarray:
+        a, b = self._range(key)
+        with open(self.path, "rb") as f:
+            f.seek(self.offset + a * self._slice)
+            data = np.fromfile(f, dtype=self.dtype, count=(b - a) * self._slice // self.dtype.itemsize)
+        if data.size * self.dtype.itemsize != (b - a) * self._slice:
+            raise ValueError(f"{self.path} is shorter than its header says")
+        return data.reshape((b - a,) + self.shape[1:]).astype(self.dtype.newbyteorder("="), copy=False)
+
+    def __setitem__(self, key, value) -> None:
+        a, b = self._range(key)
+        data = np.ascontiguousarray(np.broadcast_to(np.asarray(value).astype(self.dtype, copy=False),
+                                                    (b - a,) + self.shape[1:]))
+        with open(self.path, "r+b") as f:
+            f.seek(self.offset + a * self._slice)
+            f.write(data.tobytes())
+
+
+def _head_bytes(p: Path, n: int) -> bytes:
+    with open(p, "rb") as f:
+        return f.read(n)
+
+
+def _read_text_header(p: Path, last_key: bytes) -> str:
+    head = _head_bytes(p, 1 << 16)
+    i = head.find(last_key)
+    if i < 0:
+        raise ValueError("no header end")
+    j = head.find(b"\n", i)
+    return head[:j + 1].decode("latin-1")
+
+
+def output_dtype(pixel_type: str) -> np.dtype:
+    """Keep integer CT types that hold [-1024, 3072] and any padding; else float32."""
+    dt = np.dtype(pixel_type)
+    if dt in (np.dtype(np.int16), np.dtype(np.int32)):
+        return dt
+    return np.dtype(np.float32)
+
+
+class StreamedOutput:
+    """Collects a denoised volume in a temporary raw file next to the output (``array``, a
+    :class:`RawSlabs`) and writes the final file at the end, slab by slab, then renames it
+    into place (atomic; memory bounded by one slab).
+
+    .mha (uncompressed), .nrrd (gzip) and .nii / .nii.gz are written as a header made by
+    SimpleITK for one slice of the same geometry (with the slice count patched) followed by
+    the streamed voxels; other outputs (.mhd, .nhdr, DICOM) go through :func:`io.write_volume`.
+    """
+
+    def __init__(self, path, shape, info: dict, dtype):
+        self.path = Path(path).expanduser()
+        self.shape, self.info, self.dtype = tuple(shape), info, np.dtype(dtype)
+        fd, self._raw = tempfile.mkstemp(prefix=f".{self.path.name}.partial-", suffix=".raw",
+                                         dir=self.path.parent)
+        os.close(fd)
+        self.array = RawSlabs(self._raw, self.shape, self.dtype, mode="w+")
+
+    def _header(self) -> bytes:
+        import SimpleITK as sitk
+        name = self.path.name.lower()
+        one = sitk.GetImageFromArray(np.zeros((1,) + self.shape[1:], self.dtype))
+        one.SetSpacing(tuple(float(s) for s in self.info["spacing"]))
+        one.SetOrigin(tuple(float(o) for o in self.info["origin"]))
+        one.SetDirection(tuple(float(d) for d in self.info["direction"]))
+        ext = ".nii" if name.endswith((".nii", ".nii.gz")) else Path(name).suffix
+        fd, tmp = tempfile.mkstemp(suffix=ext, dir=self.path.parent, prefix=".corediff-header-")
+        os.close(fd)
+        try:
+            sitk.WriteImage(one, tmp, ext == ".nrrd")
+            data = Path(tmp).read_bytes()
+        finally:
+            os.unlink(tmp)
+        nz, ny, nx = self.shape
+        if ext == ".mha":
+            end = data.index(b"ElementDataFile = LOCAL\n") + len(b"ElementDataFile = LOCAL\n")
+            head = data[:end].decode("latin-1")
+            head = head.replace(f"DimSize = {nx} {ny} 1\n", f"DimSize = {nx} {ny} {nz}\n")
+            if f"DimSize = {nx} {ny} {nz}\n" not in head:
+                raise ValueError("unexpected MHA header")
+            return head.encode("latin-1")
+        if ext == ".nrrd":
+            end = data.index(b"\n\n") + 2
+            head = data[:end].decode("latin-1")
+            if f"sizes: {nx} {ny} 1\n" not in head or "encoding: gzip" not in head:
+                raise ValueError("unexpected NRRD header")
+            return head.replace(f"sizes: {nx} {ny} 1\n", f"sizes: {nx} {ny} {nz}\n").encode("latin-1")
+        import struct
+        vox_offset = int(struct.unpack("<f", data[108:112])[0])
+        dims = list(struct.unpack("<8h", data[40:56]))
+        if dims[:4] != [3, nx, ny, 1] or nz > 32767:
+            raise ValueError("unexpected NIfTI header")
+        dims[3] = nz
+        head = bytearray(data[:vox_offset])
+        head[40:56] = struct.pack("<8h", *dims)
+        return bytes(head)
+
+    def commit(self) -> Path:
+        name = self.path.name.lower()
+        tmp = self.path.with_name(f".{self.path.name}.partial-{os.getpid()}")
+        try:
+            if name.endswith((".mha", ".nrrd", ".nii", ".nii.gz")):
+                header = self._header()
+                gz = name.endswith((".nrrd", ".nii.gz"))
+                with open(tmp, "wb") as f:
+                    if name.endswith(".nii.gz"):
+                        sink = gzip.GzipFile(fileobj=f, mode="wb", compresslevel=4)
+                        sink.write(header)
+                    else:
+                        f.write(header)
+                        sink = gzip.GzipFile(fileobj=f, mode="wb", compresslevel=4) if gz else f
+                    step = max(1, (1 << 24) // max(1, int(np.prod(self.shape[1:])) * self.dtype.itemsize))
+                    for k in range(0, self.shape[0], step):
+                        sink.write(np.ascontiguousarray(self.array[k:k + step]).astype("<" + self.dtype.str[1:],
+                                                                                         copy=False).tobytes())
+                    if sink is not f:
+                        sink.close()
+            else:
+                from .io import Volume, write_volume
+                vol = Volume(self.array[:].astype(np.float32), self.info["spacing"], self.info["origin"],
+                             self.info["direction"], str(self.dtype), dict(self.info.get("dicom_tags", {})),
+                             self.info.get("source", ""))
+                self.close()
+                return write_volume(vol, self.path)
+            os.replace(tmp, self.path)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+            self.close()
+        return self.path
+
+    def close(self) -> None:
+        self.array = None
+        if os.path.exists(self._raw):
+            os.unlink(self._raw)
+
+
+def denoise_file(input_path, output_path, denoiser, batch_size: int | None = None,
+                 progress: ProgressFn | None = None, cancel: CancelFlag = None,
+                 log: LogFn | None = None, temp_dir=None) -> tuple[Path, tuple[int, int, int], bool]:
+    """Denoise a volume file into ``output_path`` with memory bounded by the batch size.
+
+    ``denoiser`` is a :class:`Denoiser` or a no-argument callable returning one (called once
+    the input has been opened and validated, so input errors come first).
+    Returns (output path, shape, streamed). ``streamed`` is False when the input had to be
+    read whole (DICOM folders and other non-streamable inputs); the output is still written
+    from a temporary memmap when its format allows. Nothing is left behind on error/cancel.
+    """
+    from .io import read_volume, write_volume
+    src = VolumeSource.open(input_path, temp_dir=temp_dir)
+    try:
+        if src is None:
+            volume = read_volume(input_path)
+            info = {"spacing": volume.spacing, "origin": volume.origin, "direction": volume.direction,
+                    "pixel_type": volume.pixel_type, "source": volume.source, "dicom_tags": volume.dicom_tags}
+            data, streamed = volume.array, False
+        else:
+            info, data, streamed = src.info, src, True
+            _validate_streamed(data, str(input_path))
+        den = denoiser if isinstance(denoiser, Denoiser) else denoiser()
+        if log:
+            cfg = den.model.config
+            log(f"{Path(input_path).name}: {data.shape[0]} slices of {data.shape[1]}x{data.shape[2]}, "
+                f"model width {cfg.width}, T={den.steps or cfg.steps}, device {den.device}, "
+                f"{den.settings.label()}, {'streamed' if streamed else 'read whole'}")
+        name = Path(output_path).name.lower()
+        if not name.endswith((".mha", ".nrrd", ".nii", ".nii.gz")):  # DICOM, .mhd, .nhdr
+            result = denoise_volume(data, batch_size=batch_size, progress=progress, cancel=cancel,
+                                    denoiser=den, log=log)
+            from .io import Volume
+            vol = Volume(result, info["spacing"], info["origin"], info["direction"], info["pixel_type"],
+                         dict(info.get("dicom_tags", {})), info.get("source", ""))
+            return write_volume(vol, output_path), tuple(data.shape), streamed
+        sink = StreamedOutput(output_path, data.shape, info, output_dtype(info["pixel_type"]))
+        try:
+            denoise_volume(data, batch_size=batch_size, progress=progress, cancel=cancel, denoiser=den,
+                           out=sink.array, log=log)
+            path = sink.commit()
+        except BaseException:
+            sink.close()
+            raise
+    finally:
+        if src is not None:
+            src.close()
+    return path, tuple(data.shape), streamed

@@ -42,6 +42,7 @@ class TrainConfig:
     checkpoint_every: int = 500
     log_every: int = 50
     threads: int = 0              # torch CPU threads, 0 = torch default
+    keep_every: int = 0           # also keep a snapshot NAME.itN.ckpt every N iterations (0 = never)
 
 
 # ----------------------------------------------------------------------------- data
@@ -120,6 +121,28 @@ def _dist_info() -> tuple[int, int, int]:
     return int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0"))
 
 
+class _LossModule(torch.nn.Module):
+    """The whole two-stage loss as one forward pass, so DistributedDataParallel sees exactly
+    one forward per backward (the loss calls the network twice, the second time through its
+    own first output)."""
+
+    def __init__(self, model: ClearNet, config: NetworkConfig):
+        super().__init__()
+        self.model, self.config = model, config
+
+    def forward(self, ldct_stack: torch.Tensor, ndct: torch.Tensor, t: int) -> torch.Tensor:
+        return corediff_loss(self.model, self.config, ldct_stack, ndct, t)
+
+
+def _state_sha256(module: torch.nn.Module) -> str:
+    import hashlib
+    h = hashlib.sha256()
+    for k, v in sorted(module.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
 # ----------------------------------------------------------------------------- loop
 @dataclass
 class TrainState:
@@ -191,22 +214,30 @@ def train(pairs: Sequence[tuple[np.ndarray, np.ndarray]], net_cfg: NetworkConfig
         if rank == 0:
             log(f"resumed from {ckpt} at iteration {state.iteration}")
 
-    net = model
+    loss_fn = _LossModule(model, net_cfg)
     if world > 1:
-        net = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[local_rank] if device.startswith("cuda") else None)
+        # find_unused_parameters: EMM takes no part when t == 0 (stage I only); t is the same
+        # on every rank, so all replicas agree on which parameters were used
+        loss_fn = torch.nn.parallel.DistributedDataParallel(
+            loss_fn, device_ids=[local_rank] if device.startswith("cuda") else None,
+            find_unused_parameters=net_cfg.use_emm)
+    debug_dir = os.environ.get("COREDIFF_DDP_DEBUG_DIR")  # tests: per-rank weights hash + losses
+    debug = {"losses": [], "ts": []}
 
     t0, window = time.time(), []
     while state.iteration < cfg.iterations:
         ctx, tgt = data.batch(cfg.batch_size)
         ctx, tgt = ctx.to(device), tgt.to(device)
         t = int(step_rng.integers(net_cfg.steps))
-        loss = corediff_loss(net, net_cfg, ctx, tgt, t)
+        loss = loss_fn(ctx, tgt, t)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         state.iteration += 1
         window.append(float(loss.detach()))
+        if debug_dir:
+            debug["losses"].append(window[-1])
+            debug["ts"].append(t)
         if state.iteration % cfg.ema_every == 0:
             if state.iteration < cfg.ema_start:
                 ema.load_state_dict(model.state_dict())
@@ -225,8 +256,16 @@ def train(pairs: Sequence[tuple[np.ndarray, np.ndarray]], net_cfg: NetworkConfig
         if ckpt and rank == 0 and (state.iteration % cfg.checkpoint_every == 0
                                    or state.iteration == cfg.iterations):
             save_checkpoint(ckpt, model, ema, optimizer, state, net_cfg, cfg, step_rng)
+        if ckpt and rank == 0 and cfg.keep_every and state.iteration % cfg.keep_every == 0:
+            snapshot = ckpt.with_name(f"{ckpt.stem}.it{state.iteration}{ckpt.suffix}")
+            save_checkpoint(snapshot, model, ema, optimizer, state, net_cfg, cfg, step_rng)
     if state.iteration < cfg.ema_start:  # short runs: the EMA would still be a stale copy
         ema.load_state_dict(model.state_dict())
     if world > 1:
         dist.barrier()
+    if debug_dir:
+        Path(debug_dir).mkdir(parents=True, exist_ok=True)
+        debug.update(rank=rank, world_size=world, backend=dist.get_backend() if world > 1 else None,
+                     model_sha256=_state_sha256(model), ema_sha256=_state_sha256(ema))
+        (Path(debug_dir) / f"rank{rank}.json").write_text(json.dumps(debug))
     return ema, state

@@ -1,0 +1,422 @@
+"""``corediff bench``: what each way of running CoreDiff costs, and whether it stays accurate.
+
+Every variant (batch size x precision x memory format x back-end x CPU threads) runs the
+exact sampler (:func:`CoreDiffLib.diffusion.sample`, one network evaluation per step) on the
+same input slices. Reported per variant: seconds per slice (median of the timed repeats
+after a warm-up pass), slices per second, peak memory (GPU: ``max_memory_allocated``; CPU:
+peak RSS above the level before the pass, sampled every 5 ms), the speed-up against the
+baseline row (eager fp32, contiguous, batch 1) measured *in the same run*, and the accuracy
+against that baseline: mean |difference| in HU and the PSNR change against the normal-dose
+reference (a simulated NDCT when :mod:`CoreDiffLib.simulation` is usable, else a synthetic
+phantom). A variant that moves PSNR by more than 0.05 dB is marked "not allowed".
+
+Timed repeats are interleaved across variants (round-robin), so a background load that comes
+and goes hits every variant alike and the ratios stay meaningful on a busy machine.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from . import CoreDiffError
+from .diffusion import sample
+from .inference import context_stack, pick_device
+from .intensity import unit_to_hu
+from .metrics import psnr
+from .network import ClearNet, NetworkConfig, count_parameters
+from .runtime import RunSettings, build_net, check_applicable, physical_cores
+
+MAX_DRIFT_DB = 0.05
+
+
+# ----------------------------------------------------------------------------- inputs
+def bench_input(size: int, slices: int, seed: int = 0, log=print) -> tuple[np.ndarray, np.ndarray, str]:
+    """(ldct_hu, ndct_hu, kind): a simulated pair when the simulator runs here, else synthetic.
+
+    Cached under $COREDIFF_CACHE (default ~/.cache/corediff): simulating 512x512 slices costs
+    tens of seconds and every ``corediff bench`` run on the same size reuses it.
+    """
+    from .runtime import onnx_cache_dir
+    cache = onnx_cache_dir().parent / f"bench_input_{size}_{slices}_{seed}.npz"
+    if cache.exists():
+        try:
+            d = np.load(cache)
+            return d["ldct"], d["ndct"], str(d["kind"])
+        except Exception:
+            pass
+    ldct, ndct, kind = _make_bench_input(size, slices, seed, log)
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(f".{cache.name}.{os.getpid()}.npz")
+        np.savez(tmp, ldct=ldct, ndct=ndct, kind=np.array(kind))
+        os.replace(tmp, cache)
+    except OSError:
+        pass
+    return ldct, ndct, kind
+
+
+def _make_bench_input(size: int, slices: int, seed: int, log) -> tuple[np.ndarray, np.ndarray, str]:
+    try:
+        from .simulation import simulate_pair  # type: ignore[attr-defined]
+    except Exception:
+        try:
+            from .simulation.dataset import simulate_pair  # type: ignore
+        except Exception:
+            simulate_pair = None
+    if simulate_pair is not None:
+        try:
+            ndct, ldct, _ = simulate_pair("abdomen", n_slices=slices, size=size, dose=0.25, seed=seed)
+            return np.asarray(ldct, np.float32), np.asarray(ndct, np.float32), "simulated 25% dose (abdomen)"
+        except Exception as exc:  # simulator missing a dependency (astra) or failing
+            log(f"note: simulate_pair unavailable ({type(exc).__name__}: {str(exc)[:80]}); "
+                "using a synthetic phantom with image-domain noise")
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size] / size - 0.5
+    ndct = np.full((slices, size, size), -1000.0, np.float32)
+    body = (xx / 0.42) ** 2 + (yy / 0.33) ** 2 < 1
+    for k in range(slices):
+        sl = ndct[k]
+        sl[body] = 40.0
+        sl[(xx - 0.15) ** 2 + (yy + 0.05) ** 2 < (0.08 + 0.005 * k) ** 2] = 60.0   # organ
+        sl[(xx + 0.1) ** 2 + (yy - 0.1) ** 2 < 0.04 ** 2] = 700.0                  # bone
+        sl[(xx + 0.2) ** 2 + (yy + 0.1) ** 2 < 0.07 ** 2] = -80.0                  # fat
+    ldct = ndct + rng.normal(0, 25.0, ndct.shape).astype(np.float32) * body
+    return ldct.astype(np.float32), ndct, "synthetic phantom + image-domain noise (not realistic)"
+
+
+# ----------------------------------------------------------------------------- memory
+class PeakRSS:
+    """Peak resident memory of this process above its level at start (a sampling thread)."""
+
+    def __init__(self, interval: float = 0.005):
+        import psutil
+        self._proc = psutil.Process()
+        self.interval = interval
+
+    def __enter__(self):
+        self.base = self.peak = self._proc.memory_info().rss
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self):
+        while not self._stop.wait(self.interval):
+            self.peak = max(self.peak, self._proc.memory_info().rss)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._proc.memory_info().rss)
+
+    @property
+    def delta_mb(self) -> float:
+        return (self.peak - self.base) / 2**20
+
+
+# ----------------------------------------------------------------------------- variants
+@dataclass
+class Variant:
+    model_name: str
+    settings: RunSettings
+    batch: int
+    threads: int
+    steps: int
+    baseline: bool = False
+    row: dict = field(default_factory=dict)
+    times: list = field(default_factory=list)
+    net: object = None
+    output: np.ndarray | None = None
+
+    def label(self) -> str:
+        return self.settings.label()
+
+
+def _load_model(spec: str, steps_T: int) -> tuple[str, ClearNet]:
+    """'w16' / '16' -> random-init width 16; anything else: a shipped name or a weights file."""
+    s = str(spec)
+    if s.isdigit() or (s[:1] == "w" and s[1:].isdigit()):
+        width = int(s.lstrip("w"))
+        torch.manual_seed(0)
+        net = ClearNet(NetworkConfig(width=width, steps=steps_T)).eval()
+        with torch.no_grad():  # a small residual like a trained net's, so drift is visible
+            net.out.weight.mul_(0.02)
+            net.out.bias.zero_()
+        return f"w{width} untrained", net
+    from .models import load_model
+    return s, load_model(s, "cpu")
+
+
+def _run_pass(v: Variant, stack: np.ndarray, device: torch.device) -> tuple[float, np.ndarray]:
+    """Denoise all input slices in batches of v.batch; returns (seconds, HU output)."""
+    torch.set_num_threads(v.threads)
+    n = stack.shape[0]
+    outs = []
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for start in range(0, n, v.batch):
+            x = torch.from_numpy(stack[start:start + v.batch]).to(device, non_blocking=True)
+            if not v.net.config.use_context:
+                x = x[:, 1:2]
+            outs.append(sample(v.net, x, v.steps, keep_steps=False).final[:, 0])
+        sync()
+        seconds = time.perf_counter() - t0
+        out = torch.cat(outs).float().cpu().numpy()
+    return seconds, unit_to_hu(out)
+
+
+def run_benchmark(models: list[str], size: int = 512, device: str = "auto", batch_sizes=(1,),
+                  precisions=("fp32",), channels_last=(False, True), backends=("eager",),
+                  threads=(None,), repeats: int = 3, slices: int | None = None,
+                  steps: int | None = None, trained_steps: int = 10, seed: int = 0,
+                  log=print) -> dict:
+    """Run the grid; returns {"meta": ..., "rows": [...]} (rows as printed)."""
+    dev = pick_device(device)
+    cores = physical_cores()
+    threads = [t or cores for t in threads] if dev.type == "cpu" else [torch.get_num_threads()]
+    batch_sizes = sorted(set(int(b) for b in batch_sizes))
+    n = int(slices or max(batch_sizes))
+    if n % max(batch_sizes):
+        n = max(batch_sizes) * -(-n // max(batch_sizes))
+    ldct, ndct, kind = bench_input(size, n + 2, seed, log)
+    stack = context_stack(ldct, 1, n + 1)       # real neighbours for every timed slice
+    ndct = ndct[1:n + 1]
+    ldct_c = ldct[1:n + 1]
+    meta = {"device": str(dev), "device_name": _device_name(dev), "torch": torch.__version__,
+            "python": platform.python_version(), "size": size, "slices": n, "repeats": repeats,
+            "input": kind, "ldct_psnr": _mean_psnr(ldct_c, ndct), "physical_cores": cores,
+            "load_average_start": _loadavg(), "max_drift_db": MAX_DRIFT_DB}
+    log(f"device {meta['device_name']}; {n} slices of {size}x{size}; input: {kind}; "
+        f"LDCT PSNR {meta['ldct_psnr']:.2f} dB; load average {meta['load_average_start']}")
+
+    variants: list[Variant] = []
+    skipped: list[dict] = []
+    for spec in models:
+        name, model = _load_model(spec, trained_steps)
+        T = model.config.steps
+        run_steps = steps or T
+        base = Variant(name, RunSettings("fp32", False, "eager"), 1, threads[0] if dev.type != "cpu" else cores,
+                       run_steps, baseline=True)
+        grid = [base]
+        for b in batch_sizes:
+            for p in precisions:
+                for cl in channels_last:
+                    for be in backends:
+                        for th in threads:
+                            s = RunSettings(p, cl, be)
+                            if (s, b, th) == (base.settings, base.batch, base.threads):
+                                continue
+                            why = check_applicable(s, dev)
+                            if why:
+                                skipped.append({"model": name, "variant": s.label(), "batch": b,
+                                                "threads": th, "note": why})
+                                continue
+                            grid.append(Variant(name, s, b, th, run_steps))
+        for v in grid:
+            try:
+                torch.set_num_threads(v.threads)
+                v.net = build_net(copy.deepcopy(model), dev, v.settings, threads=v.threads)
+            except Exception as exc:
+                skipped.append({"model": name, "variant": v.label(), "batch": v.batch,
+                                "threads": v.threads, "note": f"failed to build: {exc}"[:200]})
+                v.net = None
+                if v.baseline:
+                    raise
+            v.row = {"model": name, "width": model.config.width, "params": count_parameters(model),
+                     "T": T, "steps_run": run_steps, "variant": v.label(), "batch": v.batch,
+                     "threads": v.threads, "baseline": v.baseline}
+            variants.append(v)
+    variants = [v for v in variants if v.net is not None]
+
+    # warm-up pass: compiles/captures, gives the accuracy output and the memory peak
+    for v in variants:
+        try:
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+                before = torch.cuda.memory_allocated()
+            with PeakRSS() as rss:
+                t_first, v.output = _run_pass(v, stack, dev)
+            v.row["first_pass_s"] = t_first
+            v.row["peak_mb"] = ((torch.cuda.max_memory_allocated() - before) / 2**20
+                                if dev.type == "cuda" else rss.delta_mb)
+            v.row["peak_kind"] = "GPU allocated" if dev.type == "cuda" else "host RSS delta"
+        except Exception as exc:
+            v.row["error"] = f"{type(exc).__name__}: {exc}"[:300]
+            v.net = None
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+    live = [v for v in variants if v.net is not None]
+    log(f"warm-up done ({len(live)} variants); timing {repeats} interleaved repeats")
+    for r in range(repeats):
+        for v in live:
+            try:
+                v.times.append(_run_pass(v, stack, dev)[0])
+            except Exception as exc:  # e.g. OOM in one repeat
+                v.row["error"] = f"{type(exc).__name__}: {exc}"[:300]
+    # rows
+    baselines = {v.model_name: v for v in variants if v.baseline}
+    for v in variants:
+        row = v.row
+        b = baselines.get(v.model_name)
+        if v.times:
+            row["s_per_slice"] = statistics.median(v.times) / n
+            if v.steps != row["T"]:
+                row["s_per_slice_at_T"] = row["s_per_slice"] * row["T"] / v.steps
+            row["slices_per_s"] = 1.0 / row["s_per_slice"]
+            row["repeats_s"] = [t / n for t in v.times]
+            row["best_s_per_slice"] = min(v.times) / n
+        if v.output is not None:
+            row["psnr"] = _mean_psnr(v.output, ndct)
+        if b is not None and b.output is not None and v.output is not None:
+            row["mean_abs_diff_hu"] = float(np.mean(np.abs(v.output - b.output)))
+            row["max_abs_diff_hu"] = float(np.max(np.abs(v.output - b.output)))
+            row["psnr_drift_db"] = row["psnr"] - b.row["psnr"]
+            row["allowed"] = bool(abs(row["psnr_drift_db"]) <= MAX_DRIFT_DB)
+        if b is not None and b.times and v.times:
+            row["speedup"] = b.row["s_per_slice"] / row["s_per_slice"]
+            row["speedup_best"] = b.row["best_s_per_slice"] / row["best_s_per_slice"]
+    meta["load_average_end"] = _loadavg()
+    return {"meta": meta, "rows": [v.row for v in variants], "skipped": skipped}
+
+
+def _mean_psnr(images: np.ndarray, refs: np.ndarray) -> float:
+    return float(np.mean([psnr(a, b) for a, b in zip(images, refs)]))
+
+
+def _loadavg():
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:  # pragma: no cover
+        return None
+
+
+def _device_name(dev: torch.device) -> str:
+    if dev.type == "cuda":
+        return torch.cuda.get_device_name(dev)
+    if dev.type == "cpu":
+        return f"CPU {platform.processor() or platform.machine()} ({physical_cores()} cores)"
+    return str(dev)
+
+
+# ----------------------------------------------------------------------------- reporting
+COLUMNS = [("model", "model", "{}"), ("variant", "variant", "{}"), ("batch", "B", "{}"),
+           ("threads", "thr", "{}"), ("s_per_slice", "s/slice", "{:.4f}"),
+           ("s_per_slice_at_T", "s/slice@T", "{:.3f}"), ("slices_per_s", "slices/s", "{:.2f}"),
+           ("speedup", "speed-up", "{:.2f}x"), ("speedup_best", "(best)", "{:.2f}x"), ("peak_mb", "peak MB", "{:.0f}"),
+           ("mean_abs_diff_hu", "|dHU|", "{:.2g}"), ("psnr", "PSNR dB", "{:.2f}"),
+           ("psnr_drift_db", "dPSNR", "{:+.3f}")]
+
+
+def _cells(row: dict) -> list[str]:
+    cells = []
+    for key, _, fmt in COLUMNS:
+        val = row.get(key)
+        cells.append("" if val is None else fmt.format(val))
+    if row.get("error"):
+        verdict = "FAILED: " + row["error"][:60]
+    elif row.get("baseline"):
+        verdict = "baseline"
+    elif "allowed" in row:
+        verdict = "ok" if row["allowed"] else "not allowed (> 0.05 dB)"
+    else:
+        verdict = ""
+    return cells + [verdict]
+
+
+def format_table(result: dict, markdown: bool = False) -> str:
+    head = [h for _, h, _ in COLUMNS] + ["accuracy"]
+    rows = [_cells(r) for r in result["rows"]]
+    m = result["meta"]
+    lines = []
+    title = (f"CoreDiff benchmark on {m['device_name']} (torch {m['torch']}), {m['slices']} slices of "
+             f"{m['size']}x{m['size']}, {m['repeats']} repeats; input: {m['input']}, LDCT PSNR "
+             f"{m['ldct_psnr']:.2f} dB; load average {m['load_average_start']} -> {m['load_average_end']}")
+    if markdown:
+        lines.append(f"**{title}**\n")
+        lines.append("| " + " | ".join(head) + " |")
+        lines.append("|" + "---|" * len(head))
+        lines += ["| " + " | ".join(c) + " |" for c in rows]
+    else:
+        widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
+        lines.append(title)
+        lines.append("  ".join(h.ljust(w) for h, w in zip(head, widths)))
+        lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+    notes: dict = {}
+    for s in result["skipped"]:
+        notes.setdefault(s["note"], set()).add(s["variant"])
+    for note, labels in notes.items():
+        lines.append(f"{'- ' if markdown else ''}skipped {', '.join(sorted(labels))}: {note}")
+    if any("s_per_slice_at_T" in r for r in result["rows"]):
+        lines.append(f"{'- ' if markdown else ''}s/slice@T: measured with fewer sampling steps and "
+                     "scaled linearly to the model's T (each step is one network evaluation).")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- CLI
+def _csv(text: str, cast=str) -> list:
+    return [cast(x.strip()) for x in str(text).split(",") if x.strip()]
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    models = list(args.model or []) + [f"w{w}" for w in (args.width or [])]
+    if not models:
+        models = ["w64"]
+    backends = _csv(args.compile)
+    threads = [int(t) for t in _csv(args.threads)] if args.threads else [None]
+    cl = {None: (False,), "both": (False, True), "only": (True,)}[args.channels_last]
+    log = (lambda m: print(m, file=sys.stderr, flush=True))
+    result = run_benchmark(models, size=args.size, device=args.device,
+                           batch_sizes=_csv(args.batch_sizes, int), precisions=_csv(args.precisions),
+                           channels_last=cl, backends=backends, threads=threads, repeats=args.repeats,
+                           slices=args.slices, steps=args.steps, log=log)
+    print(format_table(result))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1, default=str)
+        log(f"wrote {args.json}")
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(format_table(result, markdown=True) + "\n")
+        log(f"wrote {args.markdown}")
+    if any(r.get("baseline") and r.get("error") for r in result["rows"]):
+        raise CoreDiffError("the baseline variant failed; see the table")
+    return 0
+
+
+def add_bench_parser(sub) -> None:
+    p = sub.add_parser("bench", help="measure speed, memory and accuracy of the ways to run a model")
+    p.add_argument("--model", action="append", help="shipped model name or .safetensors file (repeatable)")
+    p.add_argument("--width", type=int, action="append",
+                   help="benchmark an untrained network of this width (repeatable; 64 = the paper)")
+    p.add_argument("--size", type=int, default=512, help="slice size in pixels (default 512)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    p.add_argument("--batch-sizes", default="1", help="comma list, e.g. 1,2,4")
+    p.add_argument("--precisions", default="fp32", help="comma list of fp32,tf32,bf16,fp16")
+    p.add_argument("--channels-last", nargs="?", const="both", default=None, choices=["both", "only"],
+                   help="also run channels-last variants ('--channels-last only': only those)")
+    p.add_argument("--compile", default="eager",
+                   help="comma list of back-ends: eager,compile,cudagraphs,onnx")
+    p.add_argument("--threads", default=None, help="CPU threads to try, comma list (default: physical cores)")
+    p.add_argument("--repeats", type=int, default=3, help="timed repeats after the warm-up (median)")
+    p.add_argument("--slices", type=int, default=None, help="slices per pass (default: largest batch)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="sampling steps actually run (default T); fewer steps time fewer network "
+                        "evaluations and the table also scales s/slice to T")
+    p.add_argument("--json", default=None, help="write all rows as JSON")
+    p.add_argument("--markdown", default=None, help="write the table as Markdown")
+    p.set_defaults(func=cmd_bench, progress="none")

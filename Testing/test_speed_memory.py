@@ -1,0 +1,245 @@
+"""Speed paths must compute the same thing; memory must not grow with the number of slices.
+
+No timing assertions: speed figures come from ``corediff bench`` (printed). What is asserted:
+every execution back-end reproduces eager fp32 on the exact sampler, the benchmark reports
+its rows/notes/accuracy verdicts, inapplicable combinations are skipped with a reason, the
+file-to-file path streams (peak RSS for 1,000 slices ~ peak RSS for 100 slices), streamed
+outputs equal the in-memory result with the input's geometry, and a CUDA out-of-memory
+halves the batch with a message instead of failing.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from conftest import synthetic_ct, write_image
+
+from CoreDiffLib import CoreDiffError
+from CoreDiffLib.diffusion import sample
+from CoreDiffLib.inference import (Denoiser, StreamedOutput, VolumeSource, context_stack, denoise_file,
+                                   denoise_volume)
+from CoreDiffLib.io import read_volume
+from CoreDiffLib.models import save_weights
+from CoreDiffLib.network import ClearNet, NetworkConfig
+from CoreDiffLib.runtime import RunSettings, auto_settings, build_net, check_applicable
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _onnx_cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("COREDIFF_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+def tiny_net(width: int = 8, seed: int = 0) -> ClearNet:
+    torch.manual_seed(seed)
+    net = ClearNet(NetworkConfig(width=width, steps=4)).eval()
+    with torch.no_grad():
+        net.out.weight.mul_(0.05)
+    return net
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("w") / "tiny.safetensors"
+    save_weights(tiny_net(4), path)
+    return path
+
+
+# ----------------------------------------------------------------------------- back-ends
+@pytest.mark.parametrize("settings", [RunSettings("fp32", True, "eager"), RunSettings("fp32", False, "onnx")],
+                         ids=lambda s: s.label())
+def test_backends_reproduce_eager_fp32_sampler(settings):
+    pytest.importorskip("onnxruntime") if settings.backend == "onnx" else None
+    net = tiny_net()
+    stack = torch.from_numpy(context_stack(synthetic_ct(4, 40), 0, 4))
+    ref = sample(net, stack).steps
+    fast = build_net(tiny_net(), torch.device("cpu"), settings)
+    got = sample(fast, stack).steps            # every step, EMM off (first) and on (rest)
+    assert got.shape == ref.shape
+    assert float((got - ref).abs().max()) < 1e-5
+
+
+def test_inapplicable_combinations_are_explained():
+    cpu = torch.device("cpu")
+    assert "CUDA" in check_applicable(RunSettings("tf32", False, "eager"), cpu)
+    assert "CUDA graphs" in check_applicable(RunSettings("fp32", False, "cudagraphs"), cpu)
+    assert "fp16" in check_applicable(RunSettings("fp16", False, "eager"), cpu)
+    assert check_applicable(RunSettings("bf16", True, "eager"), cpu) is None
+    with pytest.raises(CoreDiffError, match="fp16"):
+        Denoiser.load(tiny_net(), "cpu", precision="fp16")
+
+
+def test_device_defaults_and_overrides(monkeypatch):
+    cpu = auto_settings(torch.device("cpu"), 64)
+    assert (cpu.precision, cpu.channels_last, cpu.backend) == ("fp32", True, "eager")
+    cuda = auto_settings(torch.device("cuda"), 64)
+    assert cuda.precision == "fp32" and cuda.channels_last      # safe until the GPU bench clears bf16
+    monkeypatch.setenv("COREDIFF_PRECISION", "bf16")
+    assert auto_settings(torch.device("cuda"), 64).precision == "bf16"
+    den = Denoiser.load(tiny_net(), "cpu", precision="fp32", channels_last=False, runtime="eager")
+    assert den.settings == RunSettings("fp32", False, "eager")
+    assert den.threads >= 1 and torch.get_num_threads() == den.threads
+
+
+def test_bf16_autocast_is_really_used_and_bounded():
+    vol = synthetic_ct(3, 48)
+    ref = denoise_volume(vol, tiny_net(), "cpu", precision="fp32")
+    bf = denoise_volume(vol, tiny_net(), "cpu", precision="bf16")
+    diff = float(np.abs(bf - ref).mean())
+    assert 0.0 < diff < 0.01 * 4096             # bf16 changes numbers, within 1% of the HU range
+    # whether that drift is acceptable is judged by `corediff bench` (<= 0.05 dB PSNR)
+
+
+# ----------------------------------------------------------------------------- benchmark
+def test_bench_cli_reports_rows_accuracy_and_skips(tmp_path, weights):
+    from CoreDiffLib.cli import main
+    out = tmp_path / "bench.json"
+    md = tmp_path / "bench.md"
+    rc = main(["bench", "--model", str(weights), "--width", "4", "--size", "32", "--batch-sizes", "1,2",
+               "--precisions", "fp32,fp16,tf32", "--channels-last", "--compile", "eager,onnx,cudagraphs",
+               "--repeats", "1", "--steps", "2", "--json", str(out), "--markdown", str(md)])
+    assert rc == 0
+    result = json.loads(out.read_text())
+    rows = result["rows"]
+    models = {r["model"] for r in rows}
+    assert len(models) == 2                       # a weights file and an untrained width, one table
+    for model in models:
+        mine = [r for r in rows if r["model"] == model]
+        base = [r for r in mine if r["baseline"]]
+        assert len(base) == 1 and base[0]["variant"] == "eager/fp32" and base[0]["batch"] == 1
+        assert base[0]["speedup"] == pytest.approx(1.0)
+        for r in mine:
+            assert r["s_per_slice"] > 0 and r["slices_per_s"] > 0 and "peak_mb" in r
+            assert r["s_per_slice_at_T"] == pytest.approx(r["s_per_slice"] * r["T"] / 2)
+            assert "psnr" in r and np.isfinite(r["psnr"])
+            if r["variant"].split("/")[1] == "fp32":     # fp32 layouts/back-ends: same numbers
+                assert r["mean_abs_diff_hu"] < 1e-2 and r["allowed"]
+            assert r["allowed"] == (abs(r["psnr_drift_db"]) <= 0.05)
+        assert {r["batch"] for r in mine} == {1, 2}
+        assert any(r["variant"] == "onnx/fp32" for r in mine)
+    notes = " ".join(s["note"] for s in result["skipped"])
+    assert "TF32" in notes and "CUDA graphs" in notes and "fp16" in notes
+    assert "| model |" in md.read_text() and "baseline" in md.read_text()
+
+
+# ----------------------------------------------------------------------------- streaming
+@pytest.mark.parametrize("ext,compress", [(".nrrd", True), (".nrrd", False), (".mha", True), (".mha", False),
+                                          (".nii.gz", True), (".nii", False)])
+def test_streamed_file_equals_in_memory_result(tmp_path, weights, ext, compress):
+    vol = synthetic_ct(7, 40, seed=3)
+    vol[:, :2] = -3024                               # outside-FOV padding is kept as is
+    src = tmp_path / f"in{ext}"
+    img = sitk.GetImageFromArray(vol.astype(np.int16))
+    img.SetSpacing((0.7, 0.8, 2.5))
+    img.SetOrigin((-10.0, 20.0, 30.0))
+    img.SetDirection((1, 0, 0, 0, -1, 0, 0, 0, 1))
+    sitk.WriteImage(img, str(src), compress)
+    with VolumeSource.open(src) as s:
+        assert s is not None and s.shape == vol.shape
+        assert np.array_equal(s[2:5], vol[2:5].astype(np.int16))
+    den = Denoiser.load(str(weights), "cpu")
+    out = tmp_path / f"out{ext}"
+    path, shape, streamed = denoise_file(src, out, den, batch_size=3)
+    assert streamed and shape == vol.shape
+    got, ref_in = read_volume(path), read_volume(src)
+    want = denoise_volume(ref_in.array, denoiser=den, batch_size=2)
+    assert np.abs(got.array - np.rint(want)).max() <= 1.0   # int16 output, rounding
+    assert np.all(got.array[:, :2] == -3024)
+    assert got.pixel_type == "int16"
+    assert got.spacing == pytest.approx(ref_in.spacing) and got.origin == pytest.approx(ref_in.origin)
+    assert got.direction == pytest.approx(ref_in.direction)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([src.name, out.name])  # no temp left
+
+
+def test_cancel_leaves_no_output(tmp_path, weights):
+    from CoreDiffLib.inference import Cancelled
+    src = write_image(tmp_path / "in.mha", synthetic_ct(6, 32))
+    calls = []
+    with pytest.raises(Cancelled):
+        denoise_file(src, tmp_path / "out.nrrd", Denoiser.load(str(weights), "cpu"), batch_size=2,
+                     progress=lambda d, n: calls.append(d), cancel=lambda: len(calls) > 1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.mha"]
+
+
+_PEAK_SCRIPT = r"""
+import resource, sys
+from CoreDiffLib.cli import main
+rc = main(["denoise", sys.argv[1], sys.argv[2], "--model", sys.argv[3], "--device", "cpu", "--steps", "1",
+           "--batch-size", "4", "--progress", "none"])
+print("PEAK_KB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+sys.exit(rc)
+"""
+
+
+def _write_big(path: Path, n: int, size: int) -> None:
+    """An int16 CT-like volume written slab-wise through a memmap-backed raw NRRD."""
+    base = synthetic_ct(4, size, seed=1).astype(np.int16)
+    header = (f"NRRD0004\ntype: short\ndimension: 3\nsizes: {size} {size} {n}\nendian: little\n"
+              "encoding: raw\nspace: left-posterior-superior\nspace directions: (0.8,0,0) (0,0.8,0) (0,0,1)\n"
+              "space origin: (0,0,0)\n\n").encode()
+    with open(path, "wb") as f:
+        f.write(header)
+        for k in range(n):
+            f.write(base[k % 4].tobytes())
+
+
+def test_peak_memory_does_not_grow_with_slices(tmp_path, weights):
+    size = 160
+    peaks = {}
+    for n in (100, 1000):
+        src = tmp_path / f"vol{n}.nrrd"
+        _write_big(src, n, size)
+        out = tmp_path / f"den{n}.mha"
+        env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+        proc = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, str(src), str(out), str(weights)],
+                              env=env, capture_output=True, text=True, timeout=240)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        peaks[n] = int(proc.stdout.split("PEAK_KB")[1].split()[0]) / 1024
+        with VolumeSource.open(out) as s:
+            assert s.shape == (n, size, size) and s.dtype == np.int16
+            first, last = np.asarray(s[1:2]), np.asarray(s[n - 3:n - 2])  # same slices + neighbours
+            assert np.array_equal(first, last) and first.std() > 10
+    volume_mb = 1000 * size * size * 4 / 2**20        # the 1,000-slice volume as float32
+    print(f"\npeak RSS of `corediff denoise`: 100 slices {peaks[100]:.0f} MB, 1000 slices "
+          f"{peaks[1000]:.0f} MB (1,000 slices of {size}x{size} = {volume_mb:.0f} MB as float32)")
+    assert peaks[1000] - peaks[100] < 0.25 * volume_mb
+
+
+# ----------------------------------------------------------------------------- OOM
+class _FlakyGPU:
+    """Behaves like a Denoiser whose GPU holds at most ``limit`` slices per batch."""
+
+    def __init__(self, limit: int):
+        self.limit, self.batches = limit, []
+        self.device = torch.device("cuda")
+        self.model = tiny_net()
+
+    def denoise_batch(self, stack):
+        if stack.shape[0] > self.limit:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        self.batches.append(stack.shape[0])
+        return stack[:, 1]            # identity "denoiser": input centre slice in [0, 1]
+
+
+def test_out_of_memory_halves_batch_and_continues():
+    vol = synthetic_ct(11, 32)
+    fake, messages = _FlakyGPU(limit=2), []
+    out = denoise_volume(vol, denoiser=fake, batch_size=8, log=messages.append)
+    assert messages == ["out of GPU memory: continuing with batch size 4",
+                        "out of GPU memory: continuing with batch size 2"]
+    assert fake.batches == [2, 2, 2, 2, 2, 1] and sum(fake.batches) == 11
+    assert np.allclose(out, np.clip(vol, -1024, 3072), atol=1e-3)
+
+
+def test_out_of_memory_with_one_slice_is_a_clear_error():
+    with pytest.raises(CoreDiffError, match="even with one slice"):
+        denoise_volume(synthetic_ct(3, 32), denoiser=_FlakyGPU(limit=0), batch_size=2)
