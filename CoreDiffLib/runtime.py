@@ -37,9 +37,11 @@ BACKENDS = ("eager", "compile", "cudagraphs", "onnx")
 #: benchmark (Testing/benchmarks/gpu_benchmark.sh) shows that bf16 keeps the PSNR drift
 #: under 0.05 dB on a trained model -- then change this one entry (or set COREDIFF_PRECISION).
 AUTO_PRECISION = {"cpu": "fp32", "cuda": "fp32", "mps": "fp32"}
-#: Widths at or below which ONNX Runtime beat eager PyTorch on CPU (measured; see DESIGN notes
-#: in the benchmark report). Wider networks run faster in PyTorch's oneDNN channels-last path.
-ONNX_MAX_WIDTH = 32
+#: Widths up to which ONNX Runtime is the CPU default: it beat eager PyTorch (contiguous and
+#: channels-last) at every width measured, 512x512, 2 cores, same-run ratios vs eager fp32:
+#: width 16 2.5-3.8x (channels-last 0.9-1.6x), 32 2.5x (1.3x), 64 1.4-1.9x (0.7-1.35x);
+#: Testing/benchmarks/results/cpu_*.md. Wider networks are unmeasured: eager channels-last.
+ONNX_MAX_WIDTH = 64
 
 
 @dataclass(frozen=True)
@@ -62,14 +64,21 @@ def onnx_available() -> bool:
 
 
 def auto_settings(device: torch.device, width: int) -> RunSettings:
-    """The fastest settings known to be safe on this device type (see module notes)."""
+    """The fastest settings known to be safe on this device type (see module notes).
+
+    Environment overrides: COREDIFF_PRECISION (fp32|tf32|bf16|fp16, CUDA) and
+    COREDIFF_RUNTIME (eager|compile|cudagraphs|onnx)."""
     env = os.environ.get("COREDIFF_PRECISION", "").strip().lower()
     precision = env if env in PRECISIONS else AUTO_PRECISION.get(device.type, "fp32")
+    forced = os.environ.get("COREDIFF_RUNTIME", "").strip().lower()
     if device.type == "cpu":
         backend = "onnx" if width <= ONNX_MAX_WIDTH and onnx_available() else "eager"
-        return RunSettings("fp32", channels_last=True, backend=backend)
+        if forced in ("eager", "compile", "onnx"):
+            backend = forced
+        return RunSettings("fp32", channels_last=backend != "onnx", backend=backend)
     if device.type == "cuda":
-        return RunSettings(precision, channels_last=True, backend="eager")
+        return RunSettings(precision, channels_last=True,
+                           backend=forced if forced in ("eager", "compile", "cudagraphs") else "eager")
     return RunSettings("fp32", channels_last=False, backend="eager")
 
 

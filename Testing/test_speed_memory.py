@@ -79,8 +79,12 @@ def test_inapplicable_combinations_are_explained():
 
 
 def test_device_defaults_and_overrides(monkeypatch):
-    cpu = auto_settings(torch.device("cpu"), 64)
-    assert (cpu.precision, cpu.channels_last, cpu.backend) == ("fp32", True, "eager")
+    cpu = auto_settings(torch.device("cpu"), 64)                # measured winner on CPU: ONNX Runtime
+    assert (cpu.precision, cpu.backend) == ("fp32", "onnx")
+    wide = auto_settings(torch.device("cpu"), 128)              # unmeasured widths: eager channels-last
+    assert (wide.precision, wide.channels_last, wide.backend) == ("fp32", True, "eager")
+    monkeypatch.setenv("COREDIFF_RUNTIME", "eager")
+    assert auto_settings(torch.device("cpu"), 16) == RunSettings("fp32", True, "eager")
     cuda = auto_settings(torch.device("cuda"), 64)
     assert cuda.precision == "fp32" and cuda.channels_last      # safe until the GPU bench clears bf16
     monkeypatch.setenv("COREDIFF_PRECISION", "bf16")
