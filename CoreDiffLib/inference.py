@@ -8,9 +8,9 @@ caller-provided array (``out=``, e.g. a memmap). :func:`denoise_file` streams fi
 A progress callback and a cancel flag make it usable from a GUI.
 
 Each device runs the network its fastest *safe* way (:func:`CoreDiffLib.runtime.auto_settings`,
-measured with ``corediff bench``): on CPU channels-last activations, one thread per physical
-core and ONNX Runtime for narrow models; on CUDA channels-last and strict fp32 until the GPU
-benchmark clears bf16. ``precision=`` / ``channels_last=`` / ``runtime=`` override it.
+measured with ``corediff bench``): on CPU ONNX Runtime (eager channels-last PyTorch when it
+is not installed) with one thread per physical core; on CUDA channels-last and strict fp32
+until the GPU benchmark clears bf16. ``precision=`` / ``channels_last=`` / ``runtime=`` override it.
 """
 from __future__ import annotations
 
