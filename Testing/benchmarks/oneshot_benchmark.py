@@ -223,7 +223,12 @@ def main(argv=None) -> int:
             rows.append((pct, f"upper bound: model trained at {pct} ({uppers[d]})", up))
             gap = up.psnr - none.psnr
             for mode in ("paired", "unpaired"):
-                share = (osl[mode].psnr - none.psnr) / gap if abs(gap) > 1e-9 else float("nan")
+                if gap < 0.1:
+                    weights_text.append(f"- {pct} {mode} OSL: gap share undefined: the upper bound "
+                                        f"({up.psnr:.2f} dB) is not better than no adaptation ({none.psnr:.2f} dB); "
+                                        f"OSL {osl[mode].psnr:.2f} dB")
+                    continue
+                share = (osl[mode].psnr - none.psnr) / gap
                 weights_text.append(f"- {pct} {mode} OSL recovers {100 * share:.0f} % of the PSNR gap "
                                     f"({none.psnr:.2f} -> {osl[mode].psnr:.2f} dB; upper bound {up.psnr:.2f} dB)")
         else:
