@@ -32,6 +32,7 @@ class NetworkConfig:
     time_dim: int = 32         # sinusoidal embedding size
     time_hidden: int = 128     # hidden size of the time MLP
     steps: int = 10            # T, the number of sampling steps the model was trained for
+    hu_scale: float = 200.0    # internal normalisation: 0 HU -> 0, +-hu_scale HU -> +-1 (0 = off)
 
     @property
     def in_channels(self) -> int:
@@ -116,6 +117,9 @@ class ClearNet(nn.Module):
         self.up1 = nn.ConvTranspose2d(2 * w, w, 2, stride=2)
         self.dec1 = _conv_stack(w, w, 2)
         self.out = nn.Conv2d(w, 1, 1)
+        # Start as the identity (x0_hat = x_t): training only has to learn the correction.
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
 
     @property
     def centre_channel(self) -> int:
@@ -135,16 +139,32 @@ class ClearNet(nn.Module):
             feats = modulated
         return feats
 
+    def _normalise(self, x: torch.Tensor | None) -> torch.Tensor | None:
+        """[0, 1] network range -> 0 HU at 0 and +-hu_scale HU at +-1.
+
+        Soft-tissue contrast and CT noise are a few HU, i.e. ~1e-3 in the [0, 1] range; on
+        that scale the correction the network must output is tiny and training crawls.
+        Normalising to ~unit soft-tissue scale (and scaling the residual back) is a fixed
+        reparametrisation: the model is the same function class, it just learns far faster.
+        Zero padding then also means "water", not "air", at image borders.
+        """
+        if x is None or not self.config.hu_scale:
+            return x
+        return (x - 1024.0 / 4096.0) * (4096.0 / self.config.hu_scale)
+
     def forward(self, x: torch.Tensor, t: torch.Tensor, x0_prev: torch.Tensor | None = None,
                 xT: torch.Tensor | None = None) -> torch.Tensor:
-        f1, f2, f3, f4 = self.time_features(t, x0_prev, xT)
+        f1, f2, f3, f4 = self.time_features(t, self._normalise(x0_prev), self._normalise(xT))
+        c = self.centre_channel
+        residual_scale = self.config.hu_scale / 4096.0 if self.config.hu_scale else 1.0
+        x_in = x
+        x = self._normalise(x)
         h1 = self.enc1(x) + f1
         h2 = self.enc2(F.avg_pool2d(h1, 2)) + f2
         h3 = self.enc3(F.avg_pool2d(h2, 2))
         d2 = self.dec2(self.up2(h3) + h2) + f3
         d1 = self.dec1(self.up1(d2) + h1) + f4
-        c = self.centre_channel
-        return self.out(d1) + x[:, c:c + 1]
+        return self.out(d1) * residual_scale + x_in[:, c:c + 1]
 
 
 def count_parameters(model: nn.Module) -> int:

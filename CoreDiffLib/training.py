@@ -99,7 +99,8 @@ def corediff_loss(model: torch.nn.Module, config: NetworkConfig, ldct_stack: tor
                   ndct: torch.Tensor, t: int) -> torch.Tensor:
     """The two-stage CoreDiff loss for one batch at time index t (shared by the batch)."""
     alphas = alpha_schedule(config.steps).to(ndct.device)
-    xT = ldct_stack[:, ldct_stack.shape[1] // 2:][:, :1] if config.use_context else ldct_stack
+    c = ldct_stack.shape[1] // 2
+    xT = ldct_stack[:, c:c + 1]  # the centre LDCT slice, whether or not the model sees context
     ctx = ldct_stack if config.use_context else None
     tb = torch.full((ndct.shape[0],), t, device=ndct.device, dtype=torch.long)
 

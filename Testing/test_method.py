@@ -52,6 +52,7 @@ def test_ablations_change_the_architecture():
 def test_emm_changes_the_output_only_when_given_a_previous_estimate():
     torch.manual_seed(0)
     net = ClearNet(NetworkConfig(width=8)).eval()
+    torch.nn.init.normal_(net.out.weight, std=0.1)  # the output conv starts at zero (identity)
     x = torch.rand(1, 3, 32, 32)
     t = torch.tensor([4])
     plain = net(x, t)
@@ -100,10 +101,8 @@ def test_fewer_steps_skip_through_the_trained_schedule():
         step_indices(10, 11)
 
 
-def test_sampler_with_an_identity_network_returns_the_input():
+def test_a_new_network_starts_as_the_identity_so_the_sampler_returns_the_input():
     net = ClearNet(NetworkConfig(width=8)).eval()
-    torch.nn.init.zeros_(net.out.weight)
-    torch.nn.init.zeros_(net.out.bias)
     stack = torch.rand(1, 3, 16, 16)
     assert torch.allclose(sample(net, stack).final, stack[:, 1:2], atol=1e-5)
 
@@ -157,3 +156,15 @@ def test_patch_sampler_replicates_edges_and_pairs_context_with_target():
     assert ctx.shape == (3, 3, 16, 16) and tgt.shape == (3, 1, 16, 16)
     # single-slice volume: both neighbours are the slice itself, and LDCT == NDCT here
     assert torch.equal(ctx[:, 0], ctx[:, 1]) and torch.equal(ctx[:, 1], tgt[:, 0])
+
+
+@pytest.mark.parametrize("cfg", [NetworkConfig(width=8, use_context=False), NetworkConfig(width=8, use_emm=False)])
+def test_ablations_train_and_sample(cfg):
+    torch.manual_seed(0)
+    net = ClearNet(cfg)
+    ctx, tgt = torch.rand(2, 3, 16, 16), torch.rand(2, 1, 16, 16)
+    loss = corediff_loss(net, cfg, ctx, tgt, t=5)
+    loss.backward()
+    assert torch.isfinite(loss)
+    stack = ctx if cfg.use_context else ctx[:, 1:2]
+    assert sample(net.eval(), stack).steps.shape == (10, 2, 1, 16, 16)

@@ -1,4 +1,7 @@
-"""Render the extension icon and screenshot (run: python Testing/slicer_harness/render_resources.py).
+"""Render the extension icon and screenshot.
+
+    python Testing/slicer_harness/render_resources.py [LDCT DENOISED SECONDS]
+
 
 Icon: a CT-like slice, left half noisy (low dose) and right half clean (denoised), 128x128.
 Screenshot: the real module panel (the .ui loaded through the harness with the real widget code)
@@ -76,36 +79,49 @@ def makeIcon(path):
     out.save(path)
 
 
-def makeScreenshot(path):
+def makeScreenshot(path, ldctPath, denoisedPath, seconds):
+    """The real panel beside the real result: the bundled sample LDCT and the shipped model's
+    output of it (``scripts/demo.sh`` writes it), with the ROI readout computed from them."""
     import tempfile
+    import json
+    import subprocess
     import vtk
+    import SimpleITK as sitk
+    ldct = sitk.GetArrayFromImage(sitk.ReadImage(ldctPath)).astype(np.float32)
+    den = sitk.GetArrayFromImage(sitk.ReadImage(denoisedPath)).astype(np.float32)
+    k = ldct.shape[0] // 2
+    noisy, clean = ldct[k], den[k]
+    models = json.loads(subprocess.run([sys.executable, "-m", "CoreDiffLib.cli", "models", "--json"],
+                                       capture_output=True, text=True, check=True).stdout)
+    default = next(m for m in models if m.get("default"))
     slicer = H.install(tempfile.mkdtemp())
     module = H.loadModule()
     widget = module.CoreDiffSlicerWidget(H.moduleWidgetParent())
     widget.setup()
     for job in list(widget.logic._jobs):
         job.cancel()
-    widget._onModelsListed([{"name": "mayo25", "kind": "model", "dose": "25%"},
-                            {"name": "scannerX_10pct", "kind": "adaptation", "dose": "10%"}], None)
-    widget._onDevicesListed([{"name": "cpu", "label": "CPU", "memory_gb": None},
-                             {"name": "cuda:0", "label": "NVIDIA RTX 4090 (24 GiB)", "memory_gb": 24.0}], None)
-    noisy, clean = phantomSlice(384, seed=7, noise=55.0)
-    vol = np.repeat(noisy[None], 3, axis=0).astype(np.int16)
+    widget._onModelsListed(models, None)
+    widget._onDevicesListed([{"name": "cpu", "label": "CPU (2 threads)", "memory_gb": None}], None)
     m = vtk.vtkMatrix4x4()
-    node = H.volumeFromArray(vol, m, "Abdomen 10% dose")
+    node = H.volumeFromArray(ldct.astype(np.int16), m, "Sample abdomen 25% dose")
     p = widget._parameterNode
     p.inputVolume = node
-    p.model = "model:mayo25"
-    p.device = "cuda:0"
+    p.model = "model:" + default["name"]
+    p.device = "cpu"
+    n = ldct.shape[0]
     widget.ui.compareCollapsibleButton.collapsed = False
     widget.ui.progressBar.setVisible(True)
-    widget.ui.progressBar.setMaximum(120)
-    widget.ui.progressBar.setValue(120)
-    widget.ui.progressBar.setFormat("120 / 120 slices")
-    widget.ui.statusLabel.setText("Done in 14 s: Abdomen 10% dose denoised")
+    widget.ui.progressBar.setMaximum(n)
+    widget.ui.progressBar.setValue(n)
+    widget.ui.progressBar.setFormat(f"{n} / {n} slices")
+    widget.ui.statusLabel.setText(f"Done in {seconds:.0f} s: Sample abdomen 25% dose denoised")
+    # ROI: a 24x24 box in the liver of the middle slice (same box drawn on both views)
+    y0, x0, r = 236, 150, 24
+    before, after = ldct[k, y0:y0 + r, x0:x0 + r], den[k, y0:y0 + r, x0:x0 + r]
     widget.ui.roiResultsLabel.setText(
-        "ROI (420 voxels, ROI 'liver')\nBefore: mean 61.8 HU, SD 41.3 HU\n"
-        "After:  mean 60.9 HU, SD 9.7 HU\nNoise (SD) reduced by 77 %")
+        f"ROI ({r * r} voxels, slice {k})\nBefore: mean {before.mean():.1f} HU, SD {before.std():.1f} HU\n"
+        f"After:  mean {after.mean():.1f} HU, SD {after.std():.1f} HU\n"
+        f"Noise (SD) reduced by {100 * (1 - after.std() / before.std()):.0f} %")
     panel = widget.parent
     panel.resize(max(panel.minimumSizeHint().width(), 420), 820)
     panel.show()
@@ -119,22 +135,22 @@ def makeScreenshot(path):
     painter = QtGui.QPainter(shot)
     painter.drawImage(0, 0, panelImage)
     viewW = (W - pw - 6) // 2
-    for idx, (title, color, hu) in enumerate((("Red: Abdomen 10% dose", QtGui.QColor(200, 60, 60), noisy),
-                                             ("Yellow: Abdomen 10% dose denoised", QtGui.QColor(220, 200, 60), clean))):
-        x0 = pw + 6 + idx * viewW
-        painter.fillRect(x0, 0, viewW - 4, 22, color)
+    size = noisy.shape[1]
+    for idx, (title, color, hu) in enumerate((("Red: Sample abdomen 25% dose", QtGui.QColor(200, 60, 60), noisy),
+                                             ("Yellow: Sample abdomen 25% dose denoised", QtGui.QColor(220, 200, 60), clean))):
+        xv = pw + 6 + idx * viewW
+        painter.fillRect(xv, 0, viewW - 4, 22, color)
         painter.setPen(QtGui.QColor(0, 0, 0))
-        painter.drawText(QtCore.QRect(x0 + 6, 0, viewW - 10, 22), QtCore.Qt.AlignVCenter, title + "   (linked)")
-        painter.fillRect(x0, 22, viewW - 4, Hh - 22, QtGui.QColor(0, 0, 0))
+        painter.drawText(QtCore.QRect(xv + 6, 0, viewW - 10, 22), QtCore.Qt.AlignVCenter, title + "   (linked)")
+        painter.fillRect(xv, 22, viewW - 4, Hh - 22, QtGui.QColor(0, 0, 0))
         img = toQImage(hu).scaled(viewW - 4, viewW - 4, QtCore.Qt.KeepAspectRatio, QtCore.Qt.SmoothTransformation)
-        painter.drawImage(x0, 22 + (Hh - 22 - img.height()) // 2, img)
+        top = 22 + (Hh - 22 - img.height()) // 2
+        painter.drawImage(xv, top, img)
         painter.setPen(QtGui.QColor(255, 255, 255))
-        painter.drawText(QtCore.QRect(x0 + 8, Hh - 28, viewW - 20, 20), QtCore.Qt.AlignLeft,
-                         "W 350 L 40")
-        # liver ROI box
+        painter.drawText(QtCore.QRect(xv + 8, Hh - 28, viewW - 20, 20), QtCore.Qt.AlignLeft, "W 350 L 40")
         painter.setPen(QtGui.QPen(QtGui.QColor(60, 160, 255), 2))
-        s = (viewW - 4) / 384
-        painter.drawRect(int(x0 + 85 * s), int(22 + (Hh - 22 - img.height()) // 2 + 150 * s), int(30 * s), int(30 * s))
+        sc = (viewW - 4) / size
+        painter.drawRect(int(xv + x0 * sc), int(top + y0 * sc), int(r * sc), int(r * sc))
     painter.end()
     shot.save(path)
 
@@ -144,5 +160,8 @@ if __name__ == "__main__":
     os.makedirs(os.path.join(RES, "Icons"), exist_ok=True)
     os.makedirs(os.path.join(RES, "Screenshots"), exist_ok=True)
     makeIcon(os.path.join(RES, "Icons", "CoreDiffSlicer.png"))
-    makeScreenshot(os.path.join(RES, "Screenshots", "CoreDiffSlicer-1.png"))
+    # args: LDCT volume, its denoised output, seconds the denoising took (scripts/demo.sh output)
+    if len(sys.argv) == 4:
+        makeScreenshot(os.path.join(RES, "Screenshots", "CoreDiffSlicer-1.png"), sys.argv[1], sys.argv[2],
+                       float(sys.argv[3]))
     print("written")
