@@ -48,7 +48,7 @@ def held_out(dose: float, cache: Path, kinds=("abdomen", "thorax", "head"), slic
     return cases
 
 
-def training_slices(train_dir: Path, dose: float, n: int = 4) -> tuple[np.ndarray, np.ndarray]:
+def training_slices(train_dir: Path, dose: float, n: int = 3) -> tuple[np.ndarray, np.ndarray]:
     from CoreDiffLib.io import find_pairs
     from CoreDiffLib.simulation.dataset import dose_tag
     nd_path, ld_path = find_pairs(train_dir, dose_tag(dose))[0]
@@ -90,7 +90,7 @@ def main() -> int:
     if not a.no_bm3d:
         from CoreDiffLib.baselines import bm3d_denoise, tune_bm3d_sigma
         ld_train, nd_train = training_slices(Path(a.train_dir), a.dose)
-        sigma, scores = tune_bm3d_sigma(ld_train, nd_train, [10, 15, 20, 30, 45, 60], psnr)
+        sigma, scores = tune_bm3d_sigma(ld_train, nd_train, [10, 20, 35], psnr)
         print(f"BM3D sigma tuned on training slices: {sigma} HU ({scores})", flush=True)
         run(f"BM3D (σ={sigma:g} HU)", lambda v: bm3d_denoise(v, sigma))
     if a.redcnn:
