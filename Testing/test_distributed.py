@@ -38,9 +38,9 @@ def test_torchrun_two_processes_identical_replicas(pair_folder, tmp_path):
                COREDIFF_DDP_DEBUG_DIR=str(debug), OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "CoreDiffLib.cli", "train", str(pair_folder), "--out", str(out),
-           "--iterations", "60", "--batch-size", "2", "--patch-size", "32", "--width", "8",
+           "--iterations", "200", "--lr", "1e-3", "--batch-size", "2", "--patch-size", "32", "--width", "8",
            "--threads", "1", "--checkpoint-every", "1000", "--device", "cpu", "--progress", "lines"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=150, cwd=tmp_path)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     ranks = [json.loads((debug / f"rank{r}.json").read_text()) for r in range(2)]
     assert [r["world_size"] for r in ranks] == [2, 2]
@@ -52,8 +52,8 @@ def test_torchrun_two_processes_identical_replicas(pair_folder, tmp_path):
     assert ranks[0]["losses"] != ranks[1]["losses"]            # different patches per rank
     for r in ranks:
         losses = np.asarray(r["losses"])
-        assert np.mean(losses[-15:]) < 0.7 * np.mean(losses[:15]), losses
+        assert np.mean(losses[-20:]) < 0.7 * np.mean(losses[:20]), losses
     assert out.exists()                                        # rank 0 wrote the weights
     assert out.with_suffix(".ckpt").exists()
-    print(f"DDP: {len(ranks[0]['losses'])} iterations/rank, loss {np.mean(ranks[0]['losses'][:15]):.3e} -> "
-          f"{np.mean(ranks[0]['losses'][-15:]):.3e}, replicas identical (sha256 {ranks[0]['model_sha256'][:12]})")
+    print(f"DDP: {len(ranks[0]['losses'])} iterations/rank, loss {np.mean(ranks[0]['losses'][:20]):.3e} -> "
+          f"{np.mean(ranks[0]['losses'][-20:]):.3e}, replicas identical (sha256 {ranks[0]['model_sha256'][:12]})")

@@ -126,7 +126,7 @@ def test_a_few_hundred_steps_drive_the_loss_down(tmp_path):
     rng = np.random.default_rng(1)
     pairs = [(v, v + rng.normal(0, 60, v.shape).astype(np.float32)) for v in ndct]
     cfg = TrainConfig(iterations=300, batch_size=4, patch_size=32, log_every=50, ema_start=100,
-                      checkpoint_every=150, seed=0)
+                      checkpoint_every=150, seed=0, lr=1e-3)
     ckpt = tmp_path / "run.ckpt"
     _, state = train(pairs, NetworkConfig(width=8), cfg, checkpoint=ckpt, log=lambda m: None)
     assert state.iteration == 300

@@ -90,7 +90,7 @@ def main() -> int:
     if not a.no_bm3d:
         from CoreDiffLib.baselines import bm3d_denoise, tune_bm3d_sigma
         ld_train, nd_train = training_slices(Path(a.train_dir), a.dose)
-        sigma, scores = tune_bm3d_sigma(ld_train, nd_train, [10, 20, 35], psnr)
+        sigma, scores = tune_bm3d_sigma(ld_train, nd_train, [20, 35, 50, 70], psnr)
         print(f"BM3D sigma tuned on training slices: {sigma} HU ({scores})", flush=True)
         run(f"BM3D (σ={sigma:g} HU)", lambda v: bm3d_denoise(v, sigma))
     if a.redcnn:
