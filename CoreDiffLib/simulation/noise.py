@@ -103,14 +103,10 @@ def simulate_ldct(ndct_hu_slices: np.ndarray, dose: Union[float, Iterable[float]
     with ``return_ndct`` also the full-dose reconstruction (same noise realisation family,
     same filter) as ``(ldct, ndct)``.  ``pixel_mm`` defaults to 380 mm / N.
     """
-    from .projector import FanBeamGeometry, check_fits, fbp, forward_project, hu_to_mu, mu_to_hu
+    from .projector import (FanBeamGeometry, as_square_batch, check_fits, fbp, forward_project, hu_to_mu,
+                            mu_to_hu)
 
-    hu = np.asarray(ndct_hu_slices, dtype=np.float32)
-    squeeze = hu.ndim == 2
-    if squeeze:
-        hu = hu[None]
-    if hu.ndim != 3 or hu.shape[1] != hu.shape[2]:
-        raise ValueError(f"expected square (N,N) or (B,N,N) HU slices, got {hu.shape}")
+    hu, squeeze = as_square_batch(ndct_hu_slices, "simulate_ldct")
     size = hu.shape[-1]
     geometry = geometry or FanBeamGeometry()
     pixel_mm = float(pixel_mm) if pixel_mm else 380.0 / size

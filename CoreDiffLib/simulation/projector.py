@@ -157,6 +157,17 @@ def _astra_geoms(geometry: FanBeamGeometry, size: int, pixel_mm: float):
     return vol, proj
 
 
+def as_square_batch(images, what: str) -> tuple[np.ndarray, bool]:
+    """(N, N) or (B, N, N) -> float32 (B, N, N) and whether a single image was given."""
+    arr = np.asarray(images, dtype=np.float32)
+    single = arr.ndim == 2
+    if single:
+        arr = arr[None]
+    if arr.ndim != 3 or arr.shape[1] != arr.shape[2]:
+        raise ValueError(f"{what} expects square (N,N) or (B,N,N) images, got {arr.shape}")
+    return arr, single
+
+
 def forward_project(mu_image: np.ndarray, geometry: FanBeamGeometry, pixel_mm: float) -> np.ndarray:
     """Line integrals of ``mu_image`` (1/mm, shape (N, N) or (B, N, N), row 0 = +y).
 
@@ -165,12 +176,7 @@ def forward_project(mu_image: np.ndarray, geometry: FanBeamGeometry, pixel_mm: f
     """
     import astra
 
-    arr = np.asarray(mu_image, dtype=np.float32)
-    squeeze = arr.ndim == 2
-    if squeeze:
-        arr = arr[None]
-    if arr.ndim != 3 or arr.shape[1] != arr.shape[2]:
-        raise ValueError(f"forward_project expects square (N,N) or (B,N,N) images, got {arr.shape}")
+    arr, squeeze = as_square_batch(mu_image, "forward_project")
     size = arr.shape[-1]
     vol, proj = _astra_geoms(geometry, size, pixel_mm)
     pid = astra.create_projector("line_fanflat", proj, vol)
