@@ -30,8 +30,7 @@ import torch
 
 from . import CoreDiffError
 from .diffusion import sample
-from .intensity import hu_to_unit, unit_to_hu
-from .io import PADDING_THRESHOLD_HU, validate_ct_array
+from .intensity import PADDING_THRESHOLD_HU, hu_to_unit, unit_to_hu, validate_ct_array
 from .models import load_model
 from .network import ClearNet
 from .runtime import PRECISIONS, RunSettings, auto_settings, build_net, check_applicable, physical_cores

@@ -18,10 +18,9 @@ import numpy as np
 import SimpleITK as sitk
 
 from . import CoreDiffError
+from .intensity import PADDING_THRESHOLD_HU, validate_ct_array  # noqa: F401  (re-exported)
 
 FILE_SUFFIXES = (".nrrd", ".nhdr", ".nii", ".nii.gz", ".mha", ".mhd")
-#: Values at or below this are treated as "outside the field of view" padding (-2000, -3024...).
-PADDING_THRESHOLD_HU = -1500.0
 #: DICOM tags copied from the source series to a denoised series (patient / study level).
 _COPIED_TAGS = (
     "0010|0010", "0010|0020", "0010|0030", "0010|0040", "0010|1010",  # patient
@@ -132,26 +131,6 @@ def read_volume(path: str | os.PathLike) -> Volume:
     validate_ct_array(array, str(path))
     return Volume(array, tuple(image.GetSpacing()), tuple(image.GetOrigin()),
                   tuple(image.GetDirection()), pixel_type, tags, str(p))
-
-
-def validate_ct_array(array: np.ndarray, name: str = "volume") -> None:
-    """Reject what is not a CT volume in HU, with a message that says how to fix it."""
-    if array.ndim != 3 or min(array.shape) < 1:
-        raise CoreDiffError(f"{name} has shape {array.shape}: expected (slices, rows, cols)")
-    if array.shape[1] < 16 or array.shape[2] < 16:
-        raise CoreDiffError(f"{name} slices are {array.shape[1]}x{array.shape[2]}: at least 16x16 needed")
-    if not np.isfinite(array).all():
-        bad = int((~np.isfinite(array)).sum())
-        raise CoreDiffError(f"{name} contains {bad} NaN/inf voxels: fix or mask them before denoising")
-    lo, hi = float(array.min()), float(array.max())
-    if lo > -500.0:
-        raise CoreDiffError(
-            f"{name} does not look like CT in HU (minimum {lo:.0f}, but air is about -1000 HU). "
-            "If it is CT stored without its rescale intercept, subtract 1024; MR, PET and "
-            "ultrasound images cannot be denoised with CoreDiff")
-    if hi > 40000.0:
-        raise CoreDiffError(f"{name} has values up to {hi:.0f}, far beyond CT's HU range: "
-                            "is it raw detector data or a non-CT image?")
 
 
 # ----------------------------------------------------------------------------- writing

@@ -43,6 +43,9 @@ class TrainConfig:
     log_every: int = 50
     threads: int = 0              # torch CPU threads, 0 = torch default
     keep_every: int = 0           # also keep a snapshot NAME.itN.ckpt every N iterations (0 = never)
+    precision: str = "fp32"       # "bf16": autocast matmuls/convs (GPU training, ~2-3x faster there)
+    time_limit_s: float = 0.0     # stop (and checkpoint) after this much wall time; 0 = no limit
+    lr_schedule: str = "constant"  # "cosine": decay to 0 over the iterations or the time limit
 
 
 # ----------------------------------------------------------------------------- data
@@ -151,6 +154,19 @@ class TrainState:
     losses: list[float] = field(default_factory=list)
 
 
+def _progress(cfg: TrainConfig, state: TrainState, started: float, world: int) -> float:
+    """Fraction of the run done: by iterations, or by wall time when a time limit ends it first.
+
+    A budgeted run (say "4 minutes on the GPU we have") cannot know its iteration count in
+    advance; decaying by elapsed time still ends it at lr 0, where the weights settle. Under
+    DDP only iterations count, so that every replica applies the same learning rate.
+    """
+    done = state.iteration / max(cfg.iterations, 1)
+    if cfg.time_limit_s and world == 1:
+        done = max(done, (time.time() - started) / cfg.time_limit_s)
+    return min(done, 1.0)
+
+
 def _update_ema(ema: ClearNet, model: ClearNet, decay: float) -> None:
     with torch.no_grad():
         for pe, pm in zip(ema.parameters(), model.parameters()):
@@ -190,8 +206,17 @@ def train(pairs: Sequence[tuple[np.ndarray, np.ndarray]], net_cfg: NetworkConfig
             torch.cuda.set_device(local_rank)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    if cfg.lr_schedule not in ("constant", "cosine"):
+        raise CoreDiffError(f"lr schedule must be constant or cosine, not {cfg.lr_schedule!r}")
+    if cfg.precision not in ("fp32", "bf16"):
+        raise CoreDiffError(f"training precision must be fp32 or bf16, not {cfg.precision!r}")
+    on_cuda = device.startswith("cuda")
+    if on_cuda:
+        torch.backends.cudnn.benchmark = True  # fixed patch shape: let cuDNN pick its fastest kernels
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = ClearNet(net_cfg).to(device)
+    if on_cuda:  # NHWC is what tensor-core convolutions want; the state dict is unaffected
+        model = model.to(memory_format=torch.channels_last)
     ema = copy.deepcopy(model).eval()
     for p in ema.parameters():
         p.requires_grad_(False)
@@ -225,12 +250,22 @@ def train(pairs: Sequence[tuple[np.ndarray, np.ndarray]], net_cfg: NetworkConfig
     debug_dir = os.environ.get("COREDIFF_DDP_DEBUG_DIR")  # tests: per-rank weights hash + losses
     debug = {"losses": [], "ts": []}
 
-    t0, window = time.time(), []
-    while state.iteration < cfg.iterations:
+    autocast = torch.autocast(device_type="cuda" if on_cuda else "cpu", dtype=torch.bfloat16,
+                              enabled=cfg.precision == "bf16")
+    memory_format = torch.channels_last if on_cuda else torch.contiguous_format
+    started = t0 = time.time()
+    window: list[float] = []
+    stop_at = cfg.iterations
+    while state.iteration < stop_at:
         ctx, tgt = data.batch(cfg.batch_size)
-        ctx, tgt = ctx.to(device), tgt.to(device)
+        ctx = ctx.to(device, non_blocking=True).contiguous(memory_format=memory_format)
+        tgt = tgt.to(device, non_blocking=True).contiguous(memory_format=memory_format)
         t = int(step_rng.integers(net_cfg.steps))
-        loss = loss_fn(ctx, tgt, t)
+        if cfg.lr_schedule == "cosine":
+            for group in optimizer.param_groups:
+                group["lr"] = cfg.lr * 0.5 * (1.0 + math.cos(math.pi * _progress(cfg, state, started, world)))
+        with autocast:
+            loss = loss_fn(ctx, tgt, t).float()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -254,8 +289,16 @@ def train(pairs: Sequence[tuple[np.ndarray, np.ndarray]], net_cfg: NetworkConfig
                 log(f"iter {state.iteration}/{cfg.iterations}  loss {mean:.3e} (~{rmse_hu:.1f} HU rms)  "
                     f"{rate:.2f} it/s")
             t0 = time.time()
+        if cfg.time_limit_s and (world == 1 or state.iteration % cfg.log_every == 0):
+            over = time.time() - started > cfg.time_limit_s
+            if world > 1:  # every rank must stop at the same iteration, or DDP deadlocks
+                flag = torch.tensor([float(over)], device=device)
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                over = bool(flag.item())
+            if over:
+                stop_at = state.iteration
         if ckpt and rank == 0 and (state.iteration % cfg.checkpoint_every == 0
-                                   or state.iteration == cfg.iterations):
+                                   or state.iteration == stop_at):
             save_checkpoint(ckpt, model, ema, optimizer, state, net_cfg, cfg, step_rng)
         if ckpt and rank == 0 and cfg.keep_every and state.iteration % cfg.keep_every == 0:
             snapshot = ckpt.with_name(f"{ckpt.stem}.it{state.iteration}{ckpt.suffix}")

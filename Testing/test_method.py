@@ -168,3 +168,38 @@ def test_ablations_train_and_sample(cfg):
     assert torch.isfinite(loss)
     stack = ctx if cfg.use_context else ctx[:, 1:2]
     assert sample(net.eval(), stack).steps.shape == (10, 2, 1, 16, 16)
+
+
+def test_a_time_limit_stops_training_early_and_still_checkpoints(tmp_path):
+    v = synthetic_ct(4, 32, seed=3, noise_hu=5)
+    pairs = [(v, v + 40 * np.random.default_rng(0).standard_normal(v.shape).astype(np.float32))]
+    ckpt = tmp_path / "c.ckpt"
+    cfg = TrainConfig(iterations=10**9, batch_size=2, patch_size=32, log_every=5, checkpoint_every=10**6,
+                      time_limit_s=1.0)
+    _, state = train(pairs, NetworkConfig(width=8), cfg, checkpoint=ckpt, log=lambda m: None)
+    assert 0 < state.iteration < 10**9
+    saved = torch.load(ckpt, weights_only=True)
+    assert saved["iteration"] == state.iteration  # the stopping point is resumable
+
+
+def test_bf16_autocast_training_runs_and_keeps_fp32_weights():
+    v = synthetic_ct(4, 32, seed=4, noise_hu=5)
+    pairs = [(v, v + 40 * np.random.default_rng(1).standard_normal(v.shape).astype(np.float32))]
+    cfg = TrainConfig(iterations=6, batch_size=2, patch_size=32, log_every=3, precision="bf16")
+    ema, state = train(pairs, NetworkConfig(width=8), cfg, log=lambda m: None)
+    assert state.iteration == 6 and all(np.isfinite(state.losses))
+    assert all(p.dtype == torch.float32 for p in ema.parameters())
+    with pytest.raises(Exception, match="fp32 or bf16"):
+        train(pairs, NetworkConfig(width=8), TrainConfig(iterations=1, precision="fp16"), log=lambda m: None)
+
+
+def test_training_and_inference_import_without_simpleitk():
+    """GPU servers often lack SimpleITK: only file I/O may need it."""
+    import subprocess
+    import sys
+    code = ("import sys; sys.modules['SimpleITK'] = None\n"
+            "import CoreDiffLib.training, CoreDiffLib.inference, CoreDiffLib.benchmark, CoreDiffLib.metrics\n"
+            "from CoreDiffLib.inference import Denoiser\n"
+            "print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr

@@ -1,0 +1,78 @@
+#!/usr/bin/env python
+"""Pack simulated NDCT/LDCT pairs into one small file for a GPU machine without SimpleITK.
+
+    python scripts/pack_training_data.py --dose-tag 25 --train data/train --test data/test --out .gpu
+
+A rented GPU server often has PyTorch but no SimpleITK and little room for uploads, so the
+pairs travel as int16 arrays in an xz-compressed .npz (``train.npz.xz``, ``test.npz.xz``).
+Training volumes are cropped to the body (plus a margin): air outside the patient costs
+upload bytes and teaches nothing. Held-out volumes stay whole so they are scored on full slices.
+``scripts/gpu_session.py`` reads them back with :func:`load_packed`.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import lzma
+import sys
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def body_box(ndct: np.ndarray, margin: int, min_size: int) -> tuple[slice, slice]:
+    """Rows/cols holding anything denser than air in any slice, grown by margin and to min_size."""
+    inside = (ndct > -900).any(axis=0)
+    boxes = []
+    for axis, n in ((1, ndct.shape[1]), (0, ndct.shape[2])):
+        idx = np.where(inside.any(axis=axis))[0]
+        lo, hi = (idx.min(), idx.max() + 1) if idx.size else (0, n)
+        lo, hi = max(lo - margin, 0), min(hi + margin, n)
+        while hi - lo < min(min_size, n):  # grow symmetrically until a patch fits
+            lo, hi = max(lo - 1, 0), min(hi + 1, n)
+        boxes.append(slice(int(lo), int(hi)))
+    return boxes[0], boxes[1]
+
+
+def pack(folder: Path, dose_tag: str, crop: bool, margin: int = 16, min_size: int = 256) -> bytes:
+    from CoreDiffLib.io import find_pairs, read_volume
+    arrays = {}
+    for nd_path, ld_path in find_pairs(folder, dose_tag):
+        nd, ld = read_volume(nd_path).array, read_volume(ld_path).array
+        rows, cols = body_box(nd, margin, min_size) if crop else (slice(None), slice(None))
+        name = Path(nd_path).name.split("_ndct")[0]
+        arrays[f"{name}/ndct"] = np.round(nd[:, rows, cols]).astype(np.int16)
+        arrays[f"{name}/ldct"] = np.round(ld[:, rows, cols]).astype(np.int16)
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return lzma.compress(buf.getvalue(), preset=6)
+
+
+def load_packed(path: str | Path) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """[(case name, ndct HU float32, ldct HU float32)] from a packed file."""
+    data = np.load(io.BytesIO(lzma.decompress(Path(path).read_bytes())))
+    names = sorted({k.split("/")[0] for k in data.files})
+    return [(n, data[f"{n}/ndct"].astype(np.float32), data[f"{n}/ldct"].astype(np.float32)) for n in names]
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--dose-tag", default="25")
+    p.add_argument("--train", default=str(REPO / "data" / "train"))
+    p.add_argument("--test", default=str(REPO / "data" / "test"))
+    p.add_argument("--out", default=str(REPO / ".gpu"))
+    a = p.parse_args()
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for split, folder, crop in (("train", a.train, True), ("test", a.test, False)):
+        blob = pack(Path(folder), a.dose_tag, crop)
+        (out / f"{split}.npz.xz").write_bytes(blob)
+        print(f"{split}: {len(load_packed(out / f'{split}.npz.xz'))} cases, {len(blob) / 1e6:.1f} MB")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
