@@ -96,8 +96,8 @@ def stage_train(a, out: Path, log) -> Path:
     pairs = [(nd, ld) for _, nd, ld in cases]
     log(f"train: {len(cases)} volumes, {sum(nd.shape[0] for nd, _ in pairs)} slices, "
         f"shapes {[nd.shape for nd, _ in pairs]}")
-    net_cfg = NetworkConfig(width=a.width)
-    log(f"CLEAR-Net width {a.width}: {count_parameters(ClearNet(net_cfg)):,} parameters")
+    net_cfg = NetworkConfig(width=a.width, use_context=a.variant != "noctx", use_emm=a.variant != "noemm")
+    log(f"CLEAR-Net width {a.width} ({a.variant}): {count_parameters(ClearNet(net_cfg)):,} parameters")
     cfg = TrainConfig(iterations=a.max_iterations, batch_size=a.batch_size, patch_size=a.patch_size,
                       lr=a.lr, lr_schedule="cosine", ema_decay=0.99, ema_every=5, ema_start=a.ema_start,
                       seed=0, checkpoint_every=10**9, log_every=100, precision="bf16",
@@ -109,11 +109,12 @@ def stage_train(a, out: Path, log) -> Path:
     meta = {"iterations": state.iteration, "dose": 0.25, "train_seconds": round(seconds, 1),
             "device": device_name(a.device), "train_config": vars(cfg),
             "losses_every_100": state.losses}
-    weights = Path("/tmp/corediff-25-w64.safetensors")
+    weights = Path(f"/tmp/{a.stem}.safetensors")
     save_weights(ema.cpu(), weights, meta)
-    for p in save_shards(ema.cpu(), out, "corediff-25-w64", meta):
-        log(f"wrote {p.name} ({p.stat().st_size / 1e6:.1f} MB)")
-    (out / "train_losses.json").write_text(json.dumps({"iterations": state.iteration, "seconds": seconds,
+    if not a.no_shards:
+        for p in save_shards(ema.cpu(), out, a.stem, meta):
+            log(f"wrote {p.name} ({p.stat().st_size / 1e6:.1f} MB)")
+    (out / f"train_losses{a.suffix}.json").write_text(json.dumps({"iterations": state.iteration, "seconds": seconds,
                                                         "losses_every_100": state.losses}))
     return weights
 
@@ -131,11 +132,12 @@ def stage_score(a, weights: Path, out: Path, log) -> None:
     ndct = np.concatenate([nd for _, nd, _ in cases])
     ldct = np.concatenate([ld for _, _, ld in cases])
     rows = {"LDCT": mean_metrics(volume_metrics(ldct, ndct))}
-    models = {"CoreDiff w64 (GPU)": load_model(weights, device=a.device),
-              "CoreDiff w16 (shipped, CPU-trained)": load_model("corediff-25", device=a.device)}
-    half = load_model(weights, device="cpu")
-    half.load_state_dict({k: v.half().float() for k, v in half.state_dict().items()})
-    models["CoreDiff w64, fp16-stored weights"] = half.to(a.device)
+    models = {f"{a.stem} (GPU)": load_model(weights, device=a.device)}
+    if a.score_all:
+        models["CoreDiff w16 (shipped, CPU-trained)"] = load_model("corediff-25", device=a.device)
+        half = load_model(weights, device="cpu")
+        half.load_state_dict({k: v.half().float() for k, v in half.state_dict().items()})
+        models[f"{a.stem}, fp16-stored weights"] = half.to(a.device)
     for label, model in models.items():
         for steps in (10, 1):
             t0 = time.time()
@@ -144,7 +146,7 @@ def stage_score(a, weights: Path, out: Path, log) -> None:
             rows[f"{label} T={steps}"] = mean_metrics(volume_metrics(den, ndct))
             log(f"{label} T={steps}: {rows[f'{label} T={steps}']} ({time.time() - t0:.1f} s)")
     table = {k: {"psnr": v.psnr, "ssim": v.ssim, "rmse_hu": v.rmse_hu} for k, v in rows.items()}
-    (out / "quality_gpu.json").write_text(json.dumps(table, indent=2))
+    (out / f"quality_gpu{a.suffix}.json").write_text(json.dumps(table, indent=2))
     for k, v in table.items():
         log(f"| {k} | {v['psnr']:.2f} | {v['ssim']:.4f} | {v['rmse_hu']:.1f} |")
 
@@ -202,6 +204,13 @@ def main() -> int:
     p.add_argument("--max-iterations", type=int, default=1_000_000)
     p.add_argument("--train-minutes", type=float, default=4.5)
     p.add_argument("--bench-minutes", type=float, default=2.0)
+    p.add_argument("--variant", choices=("full", "noemm", "noctx"), default="full",
+                   help="the full model or an ablation (without EMM / without context)")
+    p.add_argument("--stages", default="train,score,bench", help="comma list of train,score,bench")
+    p.add_argument("--weights", default=None, help="score/bench this weights file instead of training")
+    p.add_argument("--score-all", action=argparse.BooleanOptionalAction, default=True,
+                   help="also score the shipped CPU model and fp16-stored weights")
+    p.add_argument("--no-shards", action="store_true", help="do not return the trained weights")
     p.add_argument("--test-cases", type=int, default=0, help="score on the first N held-out cases (0 = all)")
     p.add_argument("--dry-run", action="store_true",
                    help="rehearse every stage on the CPU with the budgets given (check the script before renting)")
@@ -212,15 +221,20 @@ def main() -> int:
         return 0
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    log = log_to(out / "session.log")
+    a.stem = "corediff-25-w64" + ("" if a.variant == "full" else f"-{a.variant}")
+    a.suffix = "" if a.variant == "full" else f"-{a.variant}"
+    log = log_to(out / f"session{a.suffix}.log")
     a.device = "cpu" if a.dry_run else "cuda"
     log(f"torch {torch.__version__}, cuda {torch.version.cuda}, "
         f"gpu {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none'}")
     if a.device == "cuda" and not torch.cuda.is_available():
         log("no CUDA device: nothing to do (--dry-run rehearses on the CPU)")
         return 2
-    weights = None
+    weights = Path(a.weights) if a.weights else None
+    stages = a.stages.split(",")
     for name, stage in (("train", stage_train), ("score", stage_score), ("bench", stage_bench)):
+        if name not in stages:
+            continue
         t0 = time.time()
         try:
             if name == "train":

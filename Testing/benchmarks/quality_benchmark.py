@@ -30,21 +30,30 @@ from CoreDiffLib.io import Volume, read_volume, write_volume  # noqa: E402
 from CoreDiffLib.metrics import mean_metrics, psnr, volume_metrics  # noqa: E402
 
 
+#: Held-out LDCT is simulated for all of these at once (nested photon thinning), so every
+#: dose pairs with the same NDCT realisation; simulating one dose at a time would redraw the
+#: NDCT noise and silently un-pair the files already cached.
+HELD_OUT_DOSES = (0.25, 0.1, 0.05)
+
+
 def held_out(dose: float, cache: Path, kinds=("abdomen", "thorax", "head"), slices: int = 4,
              size: int = 512) -> list[tuple[str, np.ndarray, np.ndarray]]:
     """(name, ndct, ldct) for each held-out case, simulated once and cached as NRRD."""
     from CoreDiffLib.simulation import simulate_pair
     from CoreDiffLib.simulation.dataset import dose_tag
     cache.mkdir(parents=True, exist_ok=True)
+    doses = sorted(set(HELD_OUT_DOSES) | {dose}, reverse=True)
     cases = []
     for i, kind in enumerate(kinds):
         name = f"test{9000 + i}_{kind}"
-        nd_path, ld_path = cache / f"{name}_ndct.nrrd", cache / f"{name}_ldct{dose_tag(dose)}.nrrd"
-        if not (nd_path.exists() and ld_path.exists()):
-            nd, ld, spacing = simulate_pair(kind, slices, size, dose, seed=9000 + i)
-            for arr, path in ((nd, nd_path), (ld, ld_path)):
-                write_volume(Volume(arr, spacing, pixel_type="int16"), path)
-        cases.append((name, read_volume(nd_path).array, read_volume(ld_path).array))
+        nd_path = cache / f"{name}_ndct.nrrd"
+        ld_paths = {d: cache / f"{name}_ldct{dose_tag(d)}.nrrd" for d in doses}
+        if not (nd_path.exists() and all(p.exists() for p in ld_paths.values())):
+            nd, lds, spacing = simulate_pair(kind, slices, size, list(doses), seed=9000 + i)
+            write_volume(Volume(nd, spacing, pixel_type="int16"), nd_path)
+            for d, path in ld_paths.items():
+                write_volume(Volume(lds[d], spacing, pixel_type="int16"), path)
+        cases.append((name, read_volume(nd_path).array, read_volume(ld_paths[dose]).array))
     return cases
 
 
