@@ -42,14 +42,22 @@ def shipped_models() -> dict[str, dict]:
     return load_manifest().get("models", {})
 
 
-def save_weights(model: ClearNet, path: str | os.PathLike, metadata: dict | None = None) -> str:
-    """Save weights + architecture as safetensors (atomically). Returns the file's sha256."""
+def save_weights(model: ClearNet, path: str | os.PathLike, metadata: dict | None = None,
+                 storage_dtype: torch.dtype = torch.float32) -> str:
+    """Save weights + architecture as safetensors (atomically). Returns the file's sha256.
+
+    ``storage_dtype=torch.float16`` halves the file (the paper-size model: 19 -> 10 MB); weights
+    are cast back to float32 on load, and the measured output drift is ~1e-3 dB PSNR.
+    """
     path = Path(path)
-    meta = {"format": "corediff-clearnet-v1", "config": json.dumps(model.config.to_dict())}
+    meta = {"format": "corediff-clearnet-v1", "config": json.dumps(model.config.to_dict()),
+            "storage_dtype": str(storage_dtype).replace("torch.", "")}
     meta.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()})
     tmp = path.with_name(path.name + ".partial")
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    state = {k: v.detach().cpu().to(storage_dtype if v.is_floating_point() else v.dtype).contiguous()
+             for k, v in model.state_dict().items()}
     save_file(state, str(tmp), metadata=meta)
+    os.chmod(tmp, 0o644)  # the writer creates 0600 files; shipped weights must be world-readable
     os.replace(tmp, path)
     return sha256_of(path)
 

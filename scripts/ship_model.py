@@ -3,9 +3,11 @@
 
     python scripts/ship_model.py runs/corediff-25.ckpt --name corediff-25 --dose 0.25 \
         --description "..." --recipe "..." [--default] [--metrics metrics.json]
+    python scripts/ship_model.py runs/corediff-25-w64.safetensors --name corediff-25-w64 ... --storage fp16
 
-The training checkpoint (optimizer state included) is kept beside the weights so training can
-be resumed later with ``corediff train ... --checkpoint``.
+The input is a training checkpoint (.ckpt: its EMA weights are shipped; keep the checkpoint
+beside them so training can be resumed with ``corediff train ... --checkpoint``) or a weights
+file (.safetensors, e.g. from ``scripts/gpu_session.py``). ``--storage fp16`` halves the file.
 """
 from __future__ import annotations
 
@@ -31,20 +33,30 @@ def main() -> int:
     p.add_argument("--recipe", default="")
     p.add_argument("--metrics", default=None, help="JSON file with validation metrics")
     p.add_argument("--default", action="store_true", help="make this the default model")
+    p.add_argument("--storage", choices=("fp32", "fp16"), default="fp32", help="dtype stored in the file")
     a = p.parse_args()
 
-    ckpt = torch.load(a.checkpoint, map_location="cpu", weights_only=True)
-    config = NetworkConfig.from_dict(ckpt["network_config"])
-    model = ClearNet(config)
-    model.load_state_dict(ckpt["ema"])
+    if a.checkpoint.endswith(".safetensors"):
+        from CoreDiffLib.models import load_model, read_weights_config
+        model = load_model(a.checkpoint)
+        config, meta = read_weights_config(a.checkpoint)
+        losses = json.loads(meta.get("losses_every_100", "[]"))
+        ckpt = {"iteration": json.loads(meta.get("iterations", "0")), "losses": losses,
+                "train_config": json.loads(meta.get("train_config", "{}"))}
+    else:
+        ckpt = torch.load(a.checkpoint, map_location="cpu", weights_only=True)
+        config = NetworkConfig.from_dict(ckpt["network_config"])
+        model = ClearNet(config)
+        model.load_state_dict(ckpt["ema"])
     iterations = int(ckpt["iteration"])
     file = f"{a.name}.safetensors"
     sha = save_weights(model, WEIGHTS_DIR / file, {"iterations": iterations, "dose": a.dose,
-                                                   "train_config": ckpt["train_config"]})
+                                                   "train_config": ckpt["train_config"]},
+                       storage_dtype=torch.float16 if a.storage == "fp16" else torch.float32)
     manifest = load_manifest()
     manifest.setdefault("models", {})[a.name] = {
         "file": file, "sha256": sha, "dose": a.dose, "description": a.description,
-        "architecture": config.to_dict(), "iterations": iterations,
+        "architecture": config.to_dict(), "iterations": iterations, "storage": a.storage,
         "train_config": ckpt["train_config"], "recipe": a.recipe,
         "final_training_loss": ckpt["losses"][-1] if ckpt["losses"] else None,
         "validation": json.loads(Path(a.metrics).read_text()) if a.metrics else None,

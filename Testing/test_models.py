@@ -1,0 +1,65 @@
+"""Shipped weights, weight storage and the RED-CNN baseline."""
+from __future__ import annotations
+
+import json
+import shutil
+import stat
+
+import pytest
+import torch
+
+from CoreDiffLib import CoreDiffError
+from CoreDiffLib.baselines import REDCNN
+from CoreDiffLib.models import MANIFEST, WEIGHTS_DIR, load_model, save_weights, shipped_models
+from CoreDiffLib.network import ClearNet, NetworkConfig
+
+
+def test_every_shipped_model_loads_verified_and_is_world_readable():
+    models = shipped_models()
+    assert json.loads(MANIFEST.read_text())["default"] in models
+    for name, entry in models.items():
+        path = WEIGHTS_DIR / entry["file"]
+        assert path.stat().st_mode & stat.S_IROTH, f"{path} is not world-readable"
+        model = load_model(name)  # checks the sha256 against the manifest
+        assert model.config == NetworkConfig.from_dict(entry["architecture"])
+        assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+def test_a_modified_shipped_file_is_refused(tmp_path, monkeypatch):
+    import CoreDiffLib.models as models
+    weights = tmp_path / "weights"
+    shutil.copytree(WEIGHTS_DIR, weights, ignore=shutil.ignore_patterns("checkpoints"))
+    monkeypatch.setattr(models, "WEIGHTS_DIR", weights)
+    monkeypatch.setattr(models, "MANIFEST", weights / "manifest.json")
+    entry = shipped_models()["corediff-25"]
+    with open(weights / entry["file"], "r+b") as f:
+        f.seek(-8, 2)
+        f.write(b"\x00" * 8)
+    with pytest.raises(CoreDiffError, match="corrupt or was modified"):
+        models.load_model("corediff-25")
+
+
+def test_fp16_storage_halves_the_file_and_loads_as_fp32(tmp_path):
+    torch.manual_seed(0)
+    net = ClearNet(NetworkConfig(width=8))
+    for p in net.parameters():  # a trained-looking network, not the zero-initialised identity
+        p.data.normal_(0, 0.05)
+    full, half = tmp_path / "full.safetensors", tmp_path / "half.safetensors"
+    save_weights(net, full)
+    save_weights(net, half, storage_dtype=torch.float16)
+    assert half.stat().st_size < 0.6 * full.stat().st_size
+    a, b = load_model(full).eval(), load_model(half).eval()
+    assert all(p.dtype == torch.float32 for p in b.parameters())
+    x, t = torch.rand(1, 3, 32, 32) * 0.1 + 0.2, torch.tensor([5])
+    with torch.no_grad():
+        diff_hu = (a(x, t) - b(x, t)).abs().max().item() * 4096
+    assert 0 < diff_hu < 0.5  # rounded weights, not a different model
+
+
+def test_redcnn_starts_as_the_identity_and_the_original_does_not():
+    torch.manual_seed(0)
+    x = torch.rand(2, 1, 40, 40) * 0.3 + 0.15
+    assert torch.allclose(REDCNN(16)(x), x, atol=1e-6)
+    assert not torch.allclose(REDCNN(16, hu_scale=0)(x), x, atol=1e-3)
+    out = REDCNN(16)(torch.zeros(1, 1, 40, 40))  # below -1024 HU is clipped, as the original's ReLU
+    assert out.min() >= 0
