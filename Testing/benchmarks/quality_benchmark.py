@@ -28,6 +28,7 @@ from CoreDiffLib.figures import comparison_figure  # noqa: E402
 from CoreDiffLib.inference import denoise_volume  # noqa: E402
 from CoreDiffLib.io import Volume, read_volume, write_volume  # noqa: E402
 from CoreDiffLib.metrics import mean_metrics, psnr, volume_metrics  # noqa: E402
+from CoreDiffLib.models import sha256_of  # noqa: E402
 
 
 #: Held-out LDCT is simulated for all of these at once (nested photon thinning), so every
@@ -57,6 +58,20 @@ def held_out(dose: float, cache: Path, kinds=("abdomen", "thorax", "head"), slic
     return cases
 
 
+def weights_sha(model: str) -> str:
+    from CoreDiffLib.models import resolve_model
+    return sha256_of(resolve_model(model)[0])
+
+
+def row_cache(folder: str | None, label: str, identity: str, dose: float, slices: int) -> Path | None:
+    if not folder:
+        return None
+    import hashlib
+    key = hashlib.sha256(f"{label}|{identity}|{dose}|{slices}".encode()).hexdigest()[:16]
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    return Path(folder) / f"row_{key}.npz"
+
+
 def training_slices(train_dir: Path, dose: float, n: int = 3) -> tuple[np.ndarray, np.ndarray]:
     from CoreDiffLib.io import find_pairs
     from CoreDiffLib.simulation.dataset import dose_tag
@@ -70,6 +85,11 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dose", type=float, default=0.25)
     p.add_argument("--model", default="default", help="CoreDiff model (name or file)")
+    p.add_argument("--model-label", default="CoreDiff", help="row label of --model")
+    p.add_argument("--also", action="append", default=[], metavar="LABEL=MODEL",
+                   help="another CoreDiff model scored at T=1 and T=10, e.g. 'CoreDiff w64 (GPU)=corediff-25-w64'")
+    p.add_argument("--cache", default=None,
+                   help="keep each row's output here and reuse it when the same row (same weights) is asked again")
     p.add_argument("--ablation", action="append", default=[], metavar="LABEL=FILE",
                    help="extra CoreDiff models, e.g. 'w/o CTX=runs/noctx.safetensors'")
     p.add_argument("--redcnn", default=None, help="RED-CNN weights (.pt state dict)")
@@ -88,30 +108,44 @@ def main() -> int:
     cases = held_out(a.dose, Path(a.test_dir), slices=a.slices)
     ndct = np.concatenate([c[1] for c in cases])
     results: dict[str, list[np.ndarray]] = {"LDCT": [c[2] for c in cases]}
+    import hashlib
+    data_key = hashlib.sha256(b"".join(c[2].tobytes() + c[1].tobytes() for c in cases)).hexdigest()[:16]
     seconds: dict[str, float] = {}
 
-    def run(label, fn):
+    def run(label, fn, identity: str = ""):
+        """One row: denoise every held-out case, or reuse the cached output of the same row."""
+        cached = row_cache(a.cache, label, identity + data_key, a.dose, a.slices)
+        if cached and cached.exists():
+            d = np.load(cached)
+            results[label] = [d[f"case{i}"] for i in range(len(cases))]
+            seconds[label] = float(d["seconds"])
+            print(f"{label}: reused {cached.name}", flush=True)
+            return
         t0 = time.perf_counter()
         results[label] = [fn(c[2]) for c in cases]
         seconds[label] = (time.perf_counter() - t0) / len(ndct)
         print(f"{label}: {seconds[label]:.2f} s/slice", flush=True)
+        if cached:
+            np.savez(cached, seconds=seconds[label], **{f"case{i}": v for i, v in enumerate(results[label])})
 
     if not a.no_bm3d:
         from CoreDiffLib.baselines import bm3d_denoise, tune_bm3d_sigma
         ld_train, nd_train = training_slices(Path(a.train_dir), a.dose)
         sigma, scores = tune_bm3d_sigma(ld_train, nd_train, [20, 35, 50, 70], psnr)
         print(f"BM3D sigma tuned on training slices: {sigma} HU ({scores})", flush=True)
-        run(f"BM3D (σ={sigma:g} HU)", lambda v: bm3d_denoise(v, sigma))
+        run(f"BM3D (σ={sigma:g} HU)", lambda v: bm3d_denoise(v, sigma), f"sigma={sigma}")
     if a.redcnn:
         from CoreDiffLib.baselines import REDCNN, redcnn_denoise
         net = REDCNN(a.redcnn_filters)
         net.load_state_dict(torch.load(a.redcnn, map_location="cpu", weights_only=True))
-        run("RED-CNN", lambda v: redcnn_denoise(net.eval(), v))
-    run("CoreDiff T=1", lambda v: denoise_volume(v, a.model, "cpu", steps=1))
-    run("CoreDiff T=10", lambda v: denoise_volume(v, a.model, "cpu"))
+        run("RED-CNN", lambda v: redcnn_denoise(net.eval(), v), sha256_of(a.redcnn))
+    for label, model in [(a.model_label, a.model)] + [spec.split("=", 1) for spec in a.also]:
+        sha = weights_sha(model)
+        run(f"{label} T=1", lambda v, m=model: denoise_volume(v, m, "cpu", steps=1), sha)
+        run(f"{label} T=10", lambda v, m=model: denoise_volume(v, m, "cpu"), sha)
     for spec in a.ablation:
         label, path = spec.split("=", 1)
-        run(f"CoreDiff {label}", lambda v, path=path: denoise_volume(v, path, "cpu"))
+        run(f"CoreDiff {label}", lambda v, path=path: denoise_volume(v, path, "cpu"), weights_sha(path))
 
     rows = []
     for label, vols in results.items():
