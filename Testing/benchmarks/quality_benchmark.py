@@ -98,6 +98,7 @@ def main() -> int:
     p.add_argument("--test-dir", default=str(REPO / "data" / "test"))
     p.add_argument("--slices", type=int, default=4, help="slices per held-out case")
     p.add_argument("--no-bm3d", action="store_true")
+    p.add_argument("--bm3d-sigma", type=float, default=None, help="skip tuning: BM3D sigma in HU")
     p.add_argument("--out", default=str(REPO / "docs" / "benchmarks"))
     a = p.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -131,9 +132,12 @@ def main() -> int:
     if not a.no_bm3d:
         from CoreDiffLib.baselines import bm3d_denoise, tune_bm3d_sigma
         ld_train, nd_train = training_slices(Path(a.train_dir), a.dose)
-        sigma, scores = tune_bm3d_sigma(ld_train, nd_train, [20, 35, 50, 70], psnr)
-        print(f"BM3D sigma tuned on training slices: {sigma} HU ({scores})", flush=True)
-        run(f"BM3D (σ={sigma:g} HU)", lambda v: bm3d_denoise(v, sigma), f"sigma={sigma}")
+        if a.bm3d_sigma:  # tuned by an earlier run of this script (its log says so)
+            sigma = a.bm3d_sigma
+        else:
+            sigma, scores = tune_bm3d_sigma(ld_train, nd_train, [20, 35, 50, 70, 100, 140], psnr)
+            print(f"BM3D sigma tuned on training slices: {sigma} HU ({scores})", flush=True)
+        run(f"BM3D (σ={sigma:g} HU)", lambda v: bm3d_denoise(v, sigma), f"sigma={sigma:g}")
     if a.redcnn:
         from CoreDiffLib.baselines import REDCNN, redcnn_denoise
         net = REDCNN(a.redcnn_filters)
