@@ -106,6 +106,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         volumes.append((a.array, b.array))
     net_cfg = NetworkConfig(width=args.width, use_context=not args.no_context, use_emm=not args.no_emm,
                             steps=args.steps)
+    init_state = None
+    if args.init_weights:
+        from .models import load_model
+        init = load_model(args.init_weights)
+        net_cfg, init_state = init.config, init.state_dict()
+        info(args, f"starting from {args.init_weights} (its architecture: width {net_cfg.width}, "
+                   f"CTX {net_cfg.use_context}, EMM {net_cfg.use_emm}, T={net_cfg.steps})")
     cfg = TrainConfig(iterations=args.iterations, batch_size=args.batch_size, patch_size=args.patch_size,
                       lr=args.lr, seed=args.seed, checkpoint_every=args.checkpoint_every,
                       ema_start=args.ema_start if args.ema_start is not None else min(2000, args.iterations // 5),
@@ -114,7 +121,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     checkpoint = args.checkpoint or str(Path(args.output).with_suffix(".ckpt"))
     device = "cuda" if args.device == "auto" and _cuda() else ("cpu" if args.device == "auto" else args.device)
     ema, state = train(volumes, net_cfg, cfg, checkpoint=checkpoint, device=device,
-                       log=lambda m: info(args, m))
+                       log=lambda m: info(args, m), init_state=init_state)
     import os
     if int(os.environ.get("RANK", "0")) == 0:
         sha = save_weights(ema, args.output, {"iterations": state.iteration, "train_config": vars(cfg),
@@ -140,6 +147,9 @@ def add_train_parser(sub) -> None:
     p.add_argument("--steps", type=int, default=10, help="T, sampling steps")
     p.add_argument("--no-context", action="store_true", help="ablation: no adjacent slices")
     p.add_argument("--no-emm", action="store_true", help="ablation: no error-modulated module")
+    p.add_argument("--init-weights", default=None, metavar="MODEL",
+                   help="start from these weights (shipped name or file; its architecture wins over "
+                        "--width/--no-context/--no-emm/--steps): fine-tune on your own data")
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant",
                    help="cosine: decay to 0 by the last iteration (or by --time-limit, if sooner)")

@@ -191,8 +191,12 @@ def save_checkpoint(path: Path, model: ClearNet, ema: ClearNet, optimizer: torch
 
 def train(pairs: Sequence[tuple[np.ndarray, np.ndarray]], net_cfg: NetworkConfig, cfg: TrainConfig,
           checkpoint: str | Path | None = None, resume: bool = True, device: str = "cpu",
-          log: Callable[[str], None] = print) -> tuple[ClearNet, TrainState]:
+          log: Callable[[str], None] = print,
+          init_state: dict[str, torch.Tensor] | None = None) -> tuple[ClearNet, TrainState]:
     """Train (or resume) a model on HU volume pairs. Returns the EMA model and the state.
+
+    ``init_state`` starts from given weights (fine-tuning a shipped model on new data, or
+    continuing a run of which only the weights survive); a checkpoint, if resumed, wins.
 
     Under torchrun each process trains on its own data stream (rank-seeded) and gradients are
     averaged by DDP, so all replicas hold identical weights.
@@ -217,6 +221,8 @@ def train(pairs: Sequence[tuple[np.ndarray, np.ndarray]], net_cfg: NetworkConfig
     model = ClearNet(net_cfg).to(device)
     if on_cuda:  # NHWC is what tensor-core convolutions want; the state dict is unaffected
         model = model.to(memory_format=torch.channels_last)
+    if init_state is not None:
+        model.load_state_dict(init_state)
     ema = copy.deepcopy(model).eval()
     for p in ema.parameters():
         p.requires_grad_(False)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from CoreDiffLib.io import read_volume
 from CoreDiffLib.models import save_weights
@@ -181,3 +182,20 @@ def test_models_and_devices_list_as_json():
     assert r.returncode == 0 and json.loads(r.stdout)[0]["name"] == "cpu"
     r = corediff("models", "--json")
     assert r.returncode == 0 and isinstance(json.loads(r.stdout), list)
+
+
+def test_train_can_start_from_shipped_weights(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    ref = synthetic_ct(4, 48, noise_hu=0)
+    write_image(data / "c1_ndct.nrrd", ref)
+    write_image(data / "c1_ldct.nrrd", ref + np.random.default_rng(0).normal(0, 40, ref.shape))
+    out = tmp_path / "ft.safetensors"
+    r = corediff("train", data, "--out", out, "--iterations", "2", "--batch-size", "2", "--patch-size", "32",
+                 "--init-weights", "corediff-25", "--lr", "1e-12", "--width", "8", "--progress", "lines")
+    assert r.returncode == 0, r.stderr
+    from CoreDiffLib.models import load_model
+    start, tuned = load_model("corediff-25"), load_model(out)
+    assert tuned.config == start.config  # the file's architecture, not --width 8
+    for (k, a), b in zip(start.state_dict().items(), tuned.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-6), k
