@@ -161,12 +161,18 @@ def test_compare_writes_table_csv_and_figure(tmp_path):
     assert (tmp_path / "fig.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_train_command_writes_a_loadable_model(tmp_path):
+def _paired_training_folder(tmp_path: Path) -> Path:
+    """One NDCT/LDCT pair, named as `corediff train` finds pairs."""
     data = tmp_path / "data"
     data.mkdir()
     ref = synthetic_ct(4, 48, noise_hu=0)
     write_image(data / "c1_ndct.nrrd", ref)
     write_image(data / "c1_ldct.nrrd", ref + np.random.default_rng(0).normal(0, 40, ref.shape))
+    return data
+
+
+def test_train_command_writes_a_loadable_model(tmp_path):
+    data = _paired_training_folder(tmp_path)
     out = tmp_path / "m.safetensors"
     r = corediff("train", data, "--out", out, "--iterations", "20", "--width", "8", "--batch-size", "2",
                  "--patch-size", "32", "--progress", "none", "--checkpoint-every", "10")
@@ -185,11 +191,7 @@ def test_models_and_devices_list_as_json():
 
 
 def test_train_can_start_from_shipped_weights(tmp_path):
-    data = tmp_path / "data"
-    data.mkdir()
-    ref = synthetic_ct(4, 48, noise_hu=0)
-    write_image(data / "c1_ndct.nrrd", ref)
-    write_image(data / "c1_ldct.nrrd", ref + np.random.default_rng(0).normal(0, 40, ref.shape))
+    data = _paired_training_folder(tmp_path)
     out = tmp_path / "ft.safetensors"
     r = corediff("train", data, "--out", out, "--iterations", "2", "--batch-size", "2", "--patch-size", "32",
                  "--init-weights", "corediff-25", "--lr", "1e-12", "--width", "8", "--progress", "lines")
