@@ -240,6 +240,8 @@ def train(pairs: Sequence[tuple[np.ndarray, np.ndarray]], net_cfg: NetworkConfig
         model.load_state_dict(saved["model"])
         ema.load_state_dict(saved["ema"])
         optimizer.load_state_dict(saved["optimizer"])
+        for group in optimizer.param_groups:  # this run's --lr, not where a cosine run left it (~0)
+            group["lr"] = cfg.lr
         state = TrainState(saved["iteration"], list(saved["losses"]))
         step_rng.bit_generator.state = json.loads(saved["numpy_rng"])
         torch.set_rng_state(saved["torch_rng"])

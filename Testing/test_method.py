@@ -203,3 +203,15 @@ def test_training_and_inference_import_without_simpleitk():
             "print('ok')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr
+
+
+def test_resuming_a_finished_cosine_run_uses_the_new_learning_rate(tmp_path):
+    v = synthetic_ct(4, 32, seed=5, noise_hu=5)
+    pairs = [(v, v + 40 * np.random.default_rng(2).standard_normal(v.shape).astype(np.float32))]
+    ckpt = tmp_path / "c.ckpt"
+    train(pairs, NetworkConfig(width=8), TrainConfig(iterations=4, batch_size=2, patch_size=32, log_every=2,
+                                                     lr_schedule="cosine"), checkpoint=ckpt, log=lambda m: None)
+    assert torch.load(ckpt, weights_only=True)["optimizer"]["param_groups"][0]["lr"] < 2e-4 / 5  # decayed
+    train(pairs, NetworkConfig(width=8), TrainConfig(iterations=6, batch_size=2, patch_size=32, log_every=2,
+                                                     lr=3e-4), checkpoint=ckpt, log=lambda m: None)
+    assert torch.load(ckpt, weights_only=True)["optimizer"]["param_groups"][0]["lr"] == 3e-4
