@@ -55,13 +55,11 @@ def log_to(path: Path):
     return log
 
 
-def save_shards(model: ClearNet, out: Path, stem: str, metadata: dict) -> list[Path]:
-    """The weights file split in two halves (by tensor), each a valid safetensors file."""
-    from safetensors.torch import save_file
-    full = out.parent / f".{stem}.safetensors"
-    save_weights(model, full, metadata)
+def save_shards(weights: Path, out: Path, stem: str) -> list[Path]:
+    """Split a weights file in two halves (by tensor), each a valid safetensors file."""
     from safetensors import safe_open
-    with safe_open(str(full), framework="pt") as f:
+    from safetensors.torch import save_file
+    with safe_open(str(weights), framework="pt") as f:
         meta = f.metadata()
         keys = list(f.keys())
         tensors = {k: f.get_tensor(k) for k in keys}
@@ -112,7 +110,7 @@ def stage_train(a, out: Path, log) -> Path:
     weights = Path(f"/tmp/{a.stem}.safetensors")
     save_weights(ema.cpu(), weights, meta)
     if not a.no_shards:
-        for p in save_shards(ema.cpu(), out, a.stem, meta):
+        for p in save_shards(weights, out, a.stem):
             log(f"wrote {p.name} ({p.stat().st_size / 1e6:.1f} MB)")
     (out / f"train_losses{a.suffix}.json").write_text(json.dumps({"iterations": state.iteration, "seconds": seconds,
                                                         "losses_every_100": state.losses}))
@@ -123,14 +121,14 @@ def device_name(device: str) -> str:
     return torch.cuda.get_device_name(0) if device == "cuda" else "cpu"
 
 
-def held_out(a) -> list[tuple[str, np.ndarray, np.ndarray]]:
-    return load_packed(Path(a.data) / "test.npz.xz")[:a.test_cases or None]
+def held_out(a) -> tuple[list[tuple[str, np.ndarray, np.ndarray]], np.ndarray, np.ndarray]:
+    """The packed held-out cases, and all their NDCT / LDCT slices stacked."""
+    cases = load_packed(Path(a.data) / "test.npz.xz")[:a.test_cases or None]
+    return cases, np.concatenate([nd for _, nd, _ in cases]), np.concatenate([ld for _, _, ld in cases])
 
 
 def stage_score(a, weights: Path, out: Path, log) -> None:
-    cases = held_out(a)
-    ndct = np.concatenate([nd for _, nd, _ in cases])
-    ldct = np.concatenate([ld for _, _, ld in cases])
+    cases, ndct, ldct = held_out(a)
     rows = {"LDCT": mean_metrics(volume_metrics(ldct, ndct))}
     models = {f"{a.stem} (GPU)": load_model(weights, device=a.device)}
     if a.score_all:
@@ -154,10 +152,8 @@ def stage_score(a, weights: Path, out: Path, log) -> None:
 def stage_bench(a, weights: Path, out: Path, log) -> None:
     # the benchmark's input: the held-out slices, put where `corediff bench` caches its input
     cache = Path("/tmp/corediff-cache")
-    (cache).mkdir(parents=True, exist_ok=True)
-    cases = held_out(a)
-    ndct = np.concatenate([nd for _, nd, _ in cases])
-    ldct = np.concatenate([ld for _, _, ld in cases])
+    cache.mkdir(parents=True, exist_ok=True)
+    _, ndct, ldct = held_out(a)
     n = ldct.shape[0] - 2  # the benchmark reads one extra slice on each side (context)
     np.savez(cache / f"bench_input_512_{n + 2}_0.npz", ldct=ldct, ndct=ndct,
              kind=np.array("simulated 25% dose, held-out phantoms"))
