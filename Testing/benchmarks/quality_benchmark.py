@@ -13,6 +13,7 @@ figure (the same slice from each method with a zoomed region) to --out.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 import time
@@ -66,7 +67,6 @@ def weights_sha(model: str) -> str:
 def row_cache(folder: str | None, label: str, identity: str, dose: float, slices: int) -> Path | None:
     if not folder:
         return None
-    import hashlib
     key = hashlib.sha256(f"{label}|{identity}|{dose}|{slices}".encode()).hexdigest()[:16]
     Path(folder).mkdir(parents=True, exist_ok=True)
     return Path(folder) / f"row_{key}.npz"
@@ -111,7 +111,6 @@ def main() -> int:
     cases = held_out(a.dose, Path(a.test_dir), slices=a.slices)
     ndct = np.concatenate([c[1] for c in cases])
     results: dict[str, list[np.ndarray]] = {"LDCT": [c[2] for c in cases]}
-    import hashlib
     data_key = hashlib.sha256(b"".join(c[2].tobytes() + c[1].tobytes() for c in cases)).hexdigest()[:16]
     seconds: dict[str, float] = {}
 
@@ -133,10 +132,10 @@ def main() -> int:
 
     if not a.no_bm3d:
         from CoreDiffLib.baselines import bm3d_denoise, tune_bm3d_sigma
-        ld_train, nd_train = training_slices(Path(a.train_dir), a.dose)
         if a.bm3d_sigma:  # tuned by an earlier run of this script (its log says so)
             sigma = a.bm3d_sigma
         else:
+            ld_train, nd_train = training_slices(Path(a.train_dir), a.dose)
             grid = [float(x) for x in a.bm3d_grid.split(",")]
             sigma, scores = tune_bm3d_sigma(ld_train, nd_train, grid, psnr)
             if sigma == max(grid):
