@@ -121,6 +121,23 @@ def simulate_pair(kind: str = "abdomen", n_slices: int = 3, size: int = 512,
     return res + (hu,) if return_phantom else res
 
 
+def noise_free_reconstruction(kind: str = "abdomen", n_slices: int = 3, size: int = 512, seed: int = 0,
+                              geometry: Optional[FanBeamGeometry] = None, window: str = "hann",
+                              slice_mm: float = 1.0) -> np.ndarray:
+    """What :func:`simulate_pair` with the same arguments would reconstruct at infinite dose.
+
+    The same phantom, geometry and filter, but no photon or electronic noise: the image a
+    denoiser should ideally return.  The NDCT carries full-dose noise of its own, so scoring
+    against NDCT alone caps every method's gain (see ``Testing/benchmarks``); this is the
+    noise-free reference a simulation can offer and a real scan cannot.
+    """
+    geometry = geometry or FanBeamGeometry()
+    size, n_slices, _ = _validate(size, n_slices, (kind,), geometry)
+    hu, spacing = make_phantom(kind, n_slices, size, slice_mm=slice_mm, seed=seed)
+    sinos = np.stack([forward_project(hu_to_mu(s), geometry, spacing[0]) for s in hu])
+    return mu_to_hu(fbp(sinos, geometry, size, spacing[0], window=window)).astype(np.float32)
+
+
 def _write(arr: np.ndarray, spacing, path: str) -> None:
     import SimpleITK as sitk
 

@@ -1,0 +1,47 @@
+"""The quality benchmark's ceiling and noise split, on synthetic nested noise with known answers."""
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+_spec = importlib.util.spec_from_file_location(
+    "quality_benchmark", Path(__file__).parent / "benchmarks" / "quality_benchmark.py")
+qb = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(qb)
+
+
+@pytest.fixture(scope="module")
+def nested():
+    """Soft-tissue truth; NDCT = truth + n1; LDCT at 25 % = NDCT + independent noise of 3x the variance."""
+    rng = np.random.default_rng(0)
+    truth = np.full((2, 96, 96), 40.0, np.float32)
+    truth[:, 30:60, 30:60] = 80.0
+    ndct = truth + rng.normal(0, 5.0, truth.shape).astype(np.float32)
+    ldct = ndct + rng.normal(0, 5.0 * np.sqrt(3.0), truth.shape).astype(np.float32)
+    return truth, ndct, ldct
+
+
+def test_best_ndct_estimate_keeps_a_dose_fraction_of_the_noise_and_gains_10log10_1_over_dose(nested):
+    truth, ndct, ldct = nested
+    oracles = qb.ceiling_oracles(ldct, ndct, truth)
+    (label_truth, img_truth), (label_best, img_best) = oracles.items()
+    assert img_truth is truth
+    k = float(label_best.split("+ ")[1].split("·")[0])
+    assert k == pytest.approx(0.25, abs=0.02)
+    gain_db = 10 * np.log10(((ldct - ndct) ** 2).mean() / ((img_best - ndct) ** 2).mean())
+    assert gain_db == pytest.approx(10 * np.log10(4.0), abs=0.2)  # the +6 dB ceiling at 25 %
+    # the noise-free image itself scores worse against NDCT than the best blend
+    assert ((truth - ndct) ** 2).mean() > ((img_best - ndct) ** 2).mean()
+
+
+def test_noise_decomposition_separates_passed_noise_from_other_error(nested):
+    truth, ndct, ldct = nested
+    k, rest = qb.noise_decomposition(ldct, ldct, truth)
+    assert k == pytest.approx(1.0) and rest == pytest.approx(0.0, abs=1e-3)
+    k, rest = qb.noise_decomposition(ndct, ldct, truth)
+    assert k == pytest.approx(0.25, abs=0.02)
+    assert rest == pytest.approx(5.0 * np.sqrt(0.75), rel=0.05)  # NDCT noise not explained by LDCT
+    biased = truth + 0.5 * (ldct - truth) + 3.0
+    k, rest = qb.noise_decomposition(biased, ldct, truth)
+    assert k == pytest.approx(0.5, abs=0.02) and rest == pytest.approx(3.0, abs=0.3)  # the bias
