@@ -138,11 +138,20 @@ def _mods(rng, kmax=4, amp=0.03):
             for k in range(2, kmax + 1)]
 
 
-def _wave(z, rng, amp, period=(60.0, 140.0)):
-    """A smooth random function of z (for slow drifts of structures along the body axis)."""
-    p = rng.uniform(*period)
-    ph = rng.uniform(0, 2 * np.pi)
-    return amp * math.sin(2 * math.pi * z / p + ph)
+def _draw_wave(rng, amp, period=(60.0, 140.0)) -> tuple[float, float, float]:
+    """(amplitude, period mm, phase) of a slow drift along the body axis, drawn once per volume.
+
+    Drawn once, not per slice: redrawing them for every slice made the body outline jump by
+    up to ~3 mm between 1 mm slices, which no real anatomy does and which left the adjacent
+    slices that CLEAR-Net reads as context with little to offer.
+    """
+    return float(amp), float(rng.uniform(*period)), float(rng.uniform(0, 2 * np.pi))
+
+
+def _wave(z, wave: tuple[float, float, float]) -> float:
+    """The drift of :func:`_draw_wave` at height z (mm): smooth in z."""
+    amp, period, phase = wave
+    return amp * math.sin(2 * math.pi * z / period + phase)
 
 
 def _vessel_tree(rng, root, direction, length, radius, depth, out):
@@ -238,7 +247,7 @@ def _spine(S, A, z, cx, cy, scale=1.0):
 def _abdomen_slice(S, A, z):
     rng_p = A.params
     zr = z + A.z0
-    a, b, cy = _body_outline(S, A, z, 1.0 + _wave(zr, A.prng[0], 0.02))
+    a, b, cy = _body_outline(S, A, z, 1.0 + _wave(zr, A.outline_wave))
     # muscle wall and peritoneal cavity (intra-abdominal fat)
     ai, bi = a - A.fat_mm, b - A.fat_mm * 0.8
     S.paint(50.0 + A.tex_soft, 0, cy, ai, bi, mods=A.body_mods)
@@ -309,7 +318,7 @@ def _abdomen_slice(S, A, z):
 
 def _thorax_slice(S, A, z):
     zr = z + A.z0
-    a, b, cy = _body_outline(S, A, z, 1.0 + _wave(zr, A.prng[0], 0.02))
+    a, b, cy = _body_outline(S, A, z, 1.0 + _wave(zr, A.outline_wave))
     ai, bi = a - A.fat_mm, b - A.fat_mm * 0.7
     S.paint(50.0 + A.tex_soft, 0, cy, ai, bi, mods=A.body_mods)
     # rib cage: ribs are oval bone sections on the cage ellipse, drifting with z
@@ -365,7 +374,7 @@ def _thorax_slice(S, A, z):
 
 def _head_slice(S, A, z):
     zr = z + A.z0
-    f = 1.0 + _wave(zr, A.prng[0], 0.03) - 0.000025 * zr * zr
+    f = 1.0 + _wave(zr, A.outline_wave) - 0.000025 * zr * zr
     a, b, cy = _body_outline(S, A, z, f)
     # scalp: soft tissue
     S.paint(35.0, 0, cy, a - 1.5, b - 1.5, mods=A.body_mods)
@@ -402,6 +411,7 @@ def _head_slice(S, A, z):
 def _setup(A: _Anatomy, rng, n_slices, slice_mm):
     kind = A.kind
     A.prng = [np.random.default_rng(rng.integers(1 << 31)) for _ in range(4)]
+    A.outline_wave = _draw_wave(A.prng[0], 0.03 if kind == "head" else 0.02)
     A.liver_hu = float(rng.uniform(-8, 8))
     zext = n_slices * slice_mm
     if kind == "abdomen":
