@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -57,7 +58,7 @@ def comparison_figure(panels: dict[str, np.ndarray], path: str | os.PathLike, ti
             vmin, vmax, cmap = -100, 100, "gray"
         axes[0, col].imshow(img, cmap=cmap, vmin=vmin, vmax=vmax)
         axes[0, col].add_patch(plt.Rectangle((x, y), zoom, zoom, fill=False, ec="yellow", lw=1))
-        axes[0, col].set_title(label, fontsize=10)
+        axes[0, col].set_title(textwrap.fill(label, 26), fontsize=10)  # long labels would overlap
         axes[1, col].imshow(img[y:y + zoom, x:x + zoom], cmap=cmap, vmin=vmin, vmax=vmax)
         for ax in axes[:, col]:
             ax.set_xticks([]), ax.set_yticks([])
