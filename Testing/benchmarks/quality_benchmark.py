@@ -63,28 +63,40 @@ def held_out(dose: float, cache: Path, kinds=("abdomen", "thorax", "head"), slic
             write_volume(Volume(nd, spacing, pixel_type="int16"), nd_path)
             for d, path in ld_paths.items():
                 write_volume(Volume(lds[d], spacing, pixel_type="int16"), path)
+        nd = read_volume(nd_path)
         truth_path = cache / f"{name}_noisefree.nrrd"  # phantom only: independent of the noise draw
         if not truth_path.exists():
             truth = noise_free_reconstruction(kind, slices, size, seed=9000 + i)
-            write_volume(Volume(truth, read_volume(nd_path).spacing, pixel_type="float32"), truth_path)
-        cases.append((name, read_volume(nd_path).array, read_volume(ld_paths[dose]).array,
-                      read_volume(truth_path).array))
+            write_volume(Volume(truth, nd.spacing, pixel_type="float32"), truth_path)
+        cases.append((name, nd.array, read_volume(ld_paths[dose]).array, read_volume(truth_path).array))
     return cases
 
 
-def noise_decomposition(out: np.ndarray, ldct: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
+def noise_share(e_in: np.ndarray, e_out: np.ndarray) -> float:
+    """Least-squares slope of an output's error on the input's error: the share of input noise kept."""
+    return float((e_in * e_out).sum() / (e_in * e_in).sum())
+
+
+def soft_tissue_mask(truth: np.ndarray) -> np.ndarray:
+    """Soft tissue (−300…300 HU) of the noise-free image, eroded 3 pixels in-plane (no edges)."""
+    from scipy import ndimage
+    soft = (truth > -300) & (truth < 300)
+    return ndimage.binary_erosion(soft, structure=np.ones((1, 3, 3)), iterations=3)
+
+
+def noise_decomposition(out: np.ndarray, ldct: np.ndarray, truth: np.ndarray,
+                        mask: np.ndarray | None = None) -> tuple[float, float]:
     """(k, rest): the error against the noise-free image in soft tissue, split in two.
 
     k is the fraction of the LDCT's noise the method passes through (least-squares slope of
     out − truth on LDCT − truth; 1 for the input, ≈ dose for the NDCT) and ``rest`` the RMS
     (HU) of what is left: blur, bias and the method's own artefacts. A method that scores
-    lower may have less ``rest`` and simply keep more noise.
+    lower may have less ``rest`` and simply keep more noise. ``mask``: the
+    :func:`soft_tissue_mask` of ``truth``, when several methods are split against it.
     """
-    from scipy import ndimage
-    soft = (truth > -300) & (truth < 300)
-    mask = ndimage.binary_erosion(soft, structure=np.ones((1, 3, 3)), iterations=3)
+    mask = soft_tissue_mask(truth) if mask is None else mask
     e_in, e_out = (ldct - truth)[mask], (out - truth)[mask]
-    k = float((e_in * e_out).sum() / (e_in * e_in).sum())
+    k = noise_share(e_in, e_out)
     return k, float(np.sqrt(np.mean((e_out - k * e_in) ** 2)))
 
 
@@ -95,8 +107,8 @@ def ceiling_oracles(ldct: np.ndarray, ndct: np.ndarray, truth: np.ndarray) -> di
     NDCT keeps a fraction k of the LDCT noise: truth + k·(LDCT − truth), k fitted by least
     squares over all slices (≈ dose).
     """
-    e_ld, e_nd = ldct - truth, ndct - truth
-    k = float((e_ld * e_nd).sum() / (e_ld * e_ld).sum())
+    e_ld = ldct - truth
+    k = noise_share(e_ld, ndct - truth)
     return {"Oracle: the noise-free image": truth,
             f"Oracle: noise-free + {k:.3f}·(LDCT − noise-free)": truth + k * e_ld}
 
@@ -200,12 +212,12 @@ def main() -> int:
         run(f"CoreDiff {label}", lambda v, path=path: denoise_volume(v, path, "cpu"), weights_sha(path))
 
     truth = np.concatenate([c[3] for c in cases])
-    oracles = ceiling_oracles(np.concatenate(results["LDCT"]), ndct, truth)
+    stacked = {label: np.concatenate(vols) for label, vols in results.items()}
+    oracles = ceiling_oracles(stacked["LDCT"], ndct, truth)
     rows = []
-    for label, vols in list(results.items()) + [(k, [v]) for k, v in oracles.items()]:
-        out_vol = np.concatenate(vols)
+    for label, out_vol in list(stacked.items()) + list(oracles.items()):
         m = mean_metrics(volume_metrics(out_vol, ndct))
-        t = None if vols[0] is truth else mean_metrics(volume_metrics(out_vol, truth))
+        t = None if out_vol is truth else mean_metrics(volume_metrics(out_vol, truth))
         rows.append({"method": label, "psnr": m.psnr, "ssim": m.ssim, "rmse_hu": m.rmse_hu,
                      "psnr_noisefree": t.psnr if t else None, "ssim_noisefree": t.ssim if t else None,
                      "rmse_hu_noisefree": t.rmse_hu if t else None,
@@ -225,13 +237,13 @@ def main() -> int:
         lines.append(f"| {r['method']} | {r['psnr']:.2f} | {r['ssim']:.4f} | {r['rmse_hu']:.1f} "
                      f"| {cell(r['psnr_noisefree'], '{:.2f}')} | {cell(r['ssim_noisefree'], '{:.4f}')} "
                      f"| {cell(r['rmse_hu_noisefree'], '{:.1f}')} | {cell(r['s_per_slice'], '{:.2f}')} |")
-    ldct_all = np.concatenate(results["LDCT"])
     lines += ["", "Error against the noise-free image in soft tissue (−300…300 HU, eroded), split into the "
               "fraction k of the LDCT noise a method passes through and the RMS of the rest (blur, bias, "
               "artefacts):", "", "| Method | noise kept k | rest (HU) |", "|---|---|---|"]
     by_label = {r["method"]: r for r in rows}
-    for label, vols in [("NDCT", [ndct])] + list(results.items()):
-        k_kept, rest = noise_decomposition(np.concatenate(vols), ldct_all, truth)
+    soft = soft_tissue_mask(truth)
+    for label, out_vol in [("NDCT", ndct)] + list(stacked.items()):
+        k_kept, rest = noise_decomposition(out_vol, stacked["LDCT"], truth, soft)
         lines.append(f"| {label} | {k_kept:.3f} | {rest:.2f} |")
         if label in by_label:
             by_label[label].update(noise_kept_k=k_kept, noise_rest_hu=rest)
