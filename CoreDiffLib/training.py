@@ -167,6 +167,11 @@ def _progress(cfg: TrainConfig, state: TrainState, started: float, world: int) -
     return min(done, 1.0)
 
 
+def cosine_lr(base_lr: float, progress: float) -> float:
+    """Cosine decay from base_lr at progress 0 to 0 at progress 1: the weights settle at the end."""
+    return base_lr * 0.5 * (1.0 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
+
+
 def _update_ema(ema: ClearNet, model: ClearNet, decay: float) -> None:
     with torch.no_grad():
         for pe, pm in zip(ema.parameters(), model.parameters()):
@@ -271,7 +276,7 @@ def train(pairs: Sequence[tuple[np.ndarray, np.ndarray]], net_cfg: NetworkConfig
         t = int(step_rng.integers(net_cfg.steps))
         if cfg.lr_schedule == "cosine":
             for group in optimizer.param_groups:
-                group["lr"] = cfg.lr * 0.5 * (1.0 + math.cos(math.pi * _progress(cfg, state, started, world)))
+                group["lr"] = cosine_lr(cfg.lr, _progress(cfg, state, started, world))
         with autocast:
             loss = loss_fn(ctx, tgt, t).float()
         optimizer.zero_grad(set_to_none=True)

@@ -63,3 +63,29 @@ def test_redcnn_starts_as_the_identity_and_the_original_does_not():
     assert not torch.allclose(REDCNN(16, hu_scale=0)(x), x, atol=1e-3)
     out = REDCNN(16)(torch.zeros(1, 1, 40, 40))  # below -1024 HU is clipped, as the original's ReLU
     assert out.min() >= 0
+
+
+def test_redcnn_fine_tunes_from_given_weights_within_a_time_limit():
+    import numpy as np
+    from CoreDiffLib.baselines import train_redcnn
+    rng = np.random.default_rng(0)
+    ndct = rng.normal(40, 20, (3, 32, 32)).astype(np.float32)
+    pairs = [(ndct, ndct + rng.normal(0, 30, ndct.shape).astype(np.float32))]
+    start = train_redcnn(pairs, 3, patch_size=24, filters=4, log=lambda m: None)
+    same = train_redcnn(pairs, 0, filters=4, init_state=start.state_dict(), log=lambda m: None)
+    assert all(torch.equal(a, b) for a, b in zip(start.state_dict().values(), same.state_dict().values()))
+    messages: list[str] = []
+    tuned = train_redcnn(pairs, 10**6, patch_size=24, filters=4, init_state=start.state_dict(),
+                         time_limit_s=0.5, lr_schedule="cosine", log=messages.append)
+    assert any("stopped at iteration" in m for m in messages)  # the limit ended it, not 10**6 its
+    assert not all(torch.equal(a, b) for a, b in zip(start.state_dict().values(), tuned.state_dict().values()))
+    with pytest.raises(ValueError, match="cosine"):
+        train_redcnn(pairs, 1, filters=4, lr_schedule="linear", log=lambda m: None)
+
+
+def test_cosine_lr_decays_from_the_base_rate_to_zero():
+    from CoreDiffLib.training import cosine_lr
+    assert cosine_lr(2e-4, 0.0) == pytest.approx(2e-4)
+    assert cosine_lr(2e-4, 0.5) == pytest.approx(1e-4)
+    assert cosine_lr(2e-4, 1.0) == pytest.approx(0.0, abs=1e-12)
+    assert cosine_lr(2e-4, 3.0) == pytest.approx(0.0, abs=1e-12)  # past the end: stays settled

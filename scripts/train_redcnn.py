@@ -2,6 +2,8 @@
 """Train the RED-CNN baseline on the same simulated pairs and patch sampler as CoreDiff.
 
     python scripts/train_redcnn.py data/train --dose-tag 25 --iterations 3000 --out runs/redcnn-25.pt
+    python scripts/train_redcnn.py data/train --dose-tag 10 --init runs/redcnn-25.pt \
+        --iterations 100000 --time-limit 28 --lr-schedule cosine --out runs/redcnn-10.pt
 """
 from __future__ import annotations
 
@@ -25,12 +27,20 @@ def main() -> int:
     p.add_argument("--patch-size", type=int, default=64)
     p.add_argument("--filters", type=int, default=32)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--init", default=None, metavar="PT",
+                   help="start from these RED-CNN weights (fine-tuning to another dose)")
+    p.add_argument("--time-limit", type=float, default=0.0, metavar="MINUTES",
+                   help="stop after this many minutes (0 = run all iterations)")
+    p.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant",
+                   help="cosine: decay to 0 by the last iteration or the time limit, if sooner")
     p.add_argument("--out", required=True)
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     pairs = [(read_volume(n).array, read_volume(l).array) for n, l in find_pairs(a.data, a.dose_tag)]
+    init = torch.load(a.init, map_location="cpu", weights_only=True) if a.init else None
     model = train_redcnn(pairs, a.iterations, a.batch_size, a.patch_size, filters=a.filters,
-                         log=lambda m: print(m, flush=True))
+                         log=lambda m: print(m, flush=True), init_state=init,
+                         time_limit_s=a.time_limit * 60.0, lr_schedule=a.lr_schedule)
     torch.save(model.state_dict(), a.out)
     print(f"wrote {a.out}")
     return 0
