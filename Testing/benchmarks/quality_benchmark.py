@@ -146,7 +146,8 @@ def main() -> int:
                    help="keep each row's output here and reuse it when the same row (same weights) is asked again")
     p.add_argument("--ablation", action="append", default=[], metavar="LABEL=FILE",
                    help="extra CoreDiff models, e.g. 'w/o CTX=runs/noctx.safetensors'")
-    p.add_argument("--redcnn", default=None, help="RED-CNN weights (.pt state dict)")
+    p.add_argument("--redcnn", action="append", default=[], metavar="[LABEL=]FILE",
+                   help="RED-CNN weights (.pt state dict), row label 'RED-CNN' unless given; repeatable")
     p.add_argument("--redcnn-filters", type=int, default=32)
     p.add_argument("--train-dir", default=str(REPO / "data" / "train"))
     p.add_argument("--test-dir", default=str(REPO / "data" / "test"))
@@ -197,11 +198,12 @@ def main() -> int:
                       flush=True)
             print(f"BM3D sigma tuned on training slices: {sigma} HU ({scores})", flush=True)
         run(f"BM3D (σ={sigma:g} HU)", lambda v: bm3d_denoise(v, sigma), f"sigma={sigma:g}")
-    if a.redcnn:
+    for spec in a.redcnn:
         from CoreDiffLib.baselines import REDCNN, redcnn_denoise
+        label, path = spec.split("=", 1) if "=" in spec else ("RED-CNN", spec)
         net = REDCNN(a.redcnn_filters)
-        net.load_state_dict(torch.load(a.redcnn, map_location="cpu", weights_only=True))
-        run("RED-CNN", lambda v: redcnn_denoise(net.eval(), v), sha256_of(a.redcnn))
+        net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        run(label, lambda v, net=net: redcnn_denoise(net.eval(), v), sha256_of(path))
     corediff_rows = [] if a.baselines_only else [(a.model_label, a.model)] + [spec.split("=", 1) for spec in a.also]
     for label, model in corediff_rows:
         sha = weights_sha(model)
