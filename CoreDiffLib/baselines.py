@@ -2,8 +2,8 @@
 
 * **RED-CNN** (Chen et al., IEEE TMI 2017): a residual encoder-decoder CNN, the classic
   supervised LDCT denoiser — 5 valid 5x5 convolutions and 5 transposed convolutions with
-  96 filters and three residual shortcuts. Trained here on the same data, patches and
-  iterations as CoreDiff, with a plain MSE loss and CLEAR-Net's normalisation.
+  96 filters and three residual shortcuts. Trained here on the same data and patches as
+  CoreDiff, in no more CPU time, with a plain MSE loss and CLEAR-Net's normalisation.
 * **BM3D** (the ``bm3d`` package): non-learned collaborative filtering; its noise sigma is
   tuned on training data by :func:`tune_bm3d_sigma`.
 """
