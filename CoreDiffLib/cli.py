@@ -117,7 +117,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                       lr=args.lr, seed=args.seed, checkpoint_every=args.checkpoint_every,
                       ema_start=args.ema_start if args.ema_start is not None else min(2000, args.iterations // 5),
                       threads=args.threads, keep_every=args.keep_every, precision=args.precision,
-                      time_limit_s=60.0 * args.time_limit, lr_schedule=args.lr_schedule)
+                      time_limit_s=60.0 * args.time_limit, lr_schedule=args.lr_schedule,
+                      t_sampling=args.t_sampling)
     checkpoint = args.checkpoint or str(Path(args.output).with_suffix(".ckpt"))
     device = "cuda" if args.device == "auto" and _cuda() else ("cpu" if args.device == "auto" else args.device)
     ema, state = train(volumes, net_cfg, cfg, checkpoint=checkpoint, device=device,
@@ -153,6 +154,9 @@ def add_train_parser(sub) -> None:
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant",
                    help="cosine: decay to 0 by the last iteration (or by --time-limit, if sooner)")
+    p.add_argument("--t-sampling", choices=("uniform", "late"), default="uniform",
+                   help="how often each time index is trained: uniform (the paper) or late "
+                        "(p(t) ∝ t+1, more updates on the LDCT-like states)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--checkpoint", default=None, help="resumable checkpoint (default: OUT.ckpt)")
     p.add_argument("--checkpoint-every", type=int, default=500)

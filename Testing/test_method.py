@@ -1,6 +1,8 @@
 """The CoreDiff method: operator, schedule, network, sampler, training."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -180,6 +182,23 @@ def test_a_time_limit_stops_training_early_and_still_checkpoints(tmp_path):
     assert 0 < state.iteration < 10**9
     saved = torch.load(ckpt, weights_only=True)
     assert saved["iteration"] == state.iteration  # the stopping point is resumable
+
+
+def test_late_time_sampling_trains_the_ldct_end_more_often(tmp_path, monkeypatch):
+    from CoreDiffLib.training import time_index_probabilities
+    assert time_index_probabilities(10, "uniform") is None
+    p = time_index_probabilities(10, "late")
+    assert p.sum() == pytest.approx(1.0) and np.all(np.diff(p) > 0)
+    assert p[-1] == pytest.approx(10 / 55)  # the 1-step sampler's state: 18 % instead of 10 %
+    with pytest.raises(Exception, match="uniform or late"):
+        time_index_probabilities(10, "early")
+    v = synthetic_ct(4, 32, seed=5, noise_hu=5)
+    pairs = [(v, v + 40 * np.random.default_rng(2).standard_normal(v.shape).astype(np.float32))]
+    monkeypatch.setenv("COREDIFF_DDP_DEBUG_DIR", str(tmp_path))  # records the t of every iteration
+    cfg = TrainConfig(iterations=400, batch_size=1, patch_size=16, log_every=100, t_sampling="late")
+    train(pairs, NetworkConfig(width=4), cfg, log=lambda m: None)
+    ts = np.array(json.loads((tmp_path / "rank0.json").read_text())["ts"])
+    assert (ts >= 5).mean() > 0.62  # 40/55 = 0.73 expected; uniform would give 0.5
 
 
 def test_bf16_autocast_training_runs_and_keeps_fp32_weights():
