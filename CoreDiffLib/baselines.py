@@ -18,7 +18,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from .intensity import hu_to_unit, unit_to_hu
-from .training import PairedSlices, cosine_lr
+from .training import LR_SCHEDULES, PairedSlices, cosine_lr, run_progress
 
 
 class REDCNN(nn.Module):
@@ -68,7 +68,7 @@ def train_redcnn(pairs: Sequence[tuple[np.ndarray, np.ndarray]], iterations: int
     recipe CoreDiff's 10 % and 5 % models get (start from the 25 % weights, a fixed number of
     CPU minutes, lr decayed to 0 by the time limit), so both are compared on the same budget.
     """
-    if lr_schedule not in ("constant", "cosine"):
+    if lr_schedule not in LR_SCHEDULES:
         raise ValueError(f"lr schedule must be constant or cosine, not {lr_schedule!r}")
     torch.manual_seed(seed)
     model = REDCNN(filters)
@@ -79,11 +79,8 @@ def train_redcnn(pairs: Sequence[tuple[np.ndarray, np.ndarray]], iterations: int
     t0 = time.time()
     for it in range(1, iterations + 1):
         if lr_schedule == "cosine":
-            done = it / iterations
-            if time_limit_s:
-                done = max(done, (time.time() - t0) / time_limit_s)
             for group in opt.param_groups:
-                group["lr"] = cosine_lr(lr, done)
+                group["lr"] = cosine_lr(lr, run_progress(it, iterations, time.time() - t0, time_limit_s))
         ctx, tgt = data.batch(batch_size)
         loss = F.mse_loss(model(ctx[:, 1:2]), tgt)
         opt.zero_grad(set_to_none=True)

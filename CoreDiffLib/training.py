@@ -29,6 +29,9 @@ from .intensity import hu_to_unit
 from .network import ClearNet, NetworkConfig
 
 
+LR_SCHEDULES = ("constant", "cosine")
+
+
 @dataclass
 class TrainConfig:
     iterations: int = 150_000
@@ -45,7 +48,7 @@ class TrainConfig:
     keep_every: int = 0           # also keep a snapshot NAME.itN.ckpt every N iterations (0 = never)
     precision: str = "fp32"       # "bf16": autocast matmuls/convs (GPU training, ~2-3x faster there)
     time_limit_s: float = 0.0     # stop (and checkpoint) after this much wall time; 0 = no limit
-    lr_schedule: str = "constant"  # "cosine": decay to 0 over the iterations or the time limit
+    lr_schedule: str = "constant"  # one of LR_SCHEDULES; "cosine": decay to 0 over the iterations or the time limit
     t_sampling: str = "uniform"   # "late": p(t) ∝ t + 1, see time_index_probabilities
 
 
@@ -155,16 +158,15 @@ class TrainState:
     losses: list[float] = field(default_factory=list)
 
 
-def _progress(cfg: TrainConfig, state: TrainState, started: float, world: int) -> float:
-    """Fraction of the run done: by iterations, or by wall time when a time limit ends it first.
+def run_progress(iteration: int, iterations: int, elapsed_s: float = 0.0, time_limit_s: float = 0.0) -> float:
+    """Fraction of a run done: by iterations, or by wall time when a time limit ends it first.
 
     A budgeted run (say "4 minutes on the GPU we have") cannot know its iteration count in
-    advance; decaying by elapsed time still ends it at lr 0, where the weights settle. Under
-    DDP only iterations count, so that every replica applies the same learning rate.
+    advance; decaying by elapsed time still ends it at lr 0, where the weights settle.
     """
-    done = state.iteration / max(cfg.iterations, 1)
-    if cfg.time_limit_s and world == 1:
-        done = max(done, (time.time() - started) / cfg.time_limit_s)
+    done = iteration / max(iterations, 1)
+    if time_limit_s:
+        done = max(done, elapsed_s / time_limit_s)
     return min(done, 1.0)
 
 
@@ -231,7 +233,7 @@ def train(pairs: Sequence[tuple[np.ndarray, np.ndarray]], net_cfg: NetworkConfig
             torch.cuda.set_device(local_rank)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    if cfg.lr_schedule not in ("constant", "cosine"):
+    if cfg.lr_schedule not in LR_SCHEDULES:
         raise CoreDiffError(f"lr schedule must be constant or cosine, not {cfg.lr_schedule!r}")
     t_probabilities = time_index_probabilities(net_cfg.steps, cfg.t_sampling)
     if cfg.precision not in ("fp32", "bf16"):
@@ -294,7 +296,10 @@ def train(pairs: Sequence[tuple[np.ndarray, np.ndarray]], net_cfg: NetworkConfig
                 else step_rng.choice(net_cfg.steps, p=t_probabilities))
         if cfg.lr_schedule == "cosine":
             for group in optimizer.param_groups:
-                group["lr"] = cosine_lr(cfg.lr, _progress(cfg, state, started, world))
+                # under DDP only iterations count, so every replica applies the same rate
+                progress = run_progress(state.iteration, cfg.iterations, time.time() - started,
+                                        cfg.time_limit_s if world == 1 else 0.0)
+                group["lr"] = cosine_lr(cfg.lr, progress)
         with autocast:
             loss = loss_fn(ctx, tgt, t).float()
         optimizer.zero_grad(set_to_none=True)

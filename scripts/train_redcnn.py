@@ -16,6 +16,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from CoreDiffLib.baselines import train_redcnn  # noqa: E402
 from CoreDiffLib.io import find_pairs, read_volume  # noqa: E402
+from CoreDiffLib.training import LR_SCHEDULES  # noqa: E402
 
 
 def main() -> int:
@@ -31,7 +32,7 @@ def main() -> int:
                    help="start from these RED-CNN weights (fine-tuning to another dose)")
     p.add_argument("--time-limit", type=float, default=0.0, metavar="MINUTES",
                    help="stop after this many minutes (0 = run all iterations)")
-    p.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant",
+    p.add_argument("--lr-schedule", choices=LR_SCHEDULES, default="constant",
                    help="cosine: decay to 0 by the last iteration or the time limit, if sooner")
     p.add_argument("--out", required=True)
     a = p.parse_args()
