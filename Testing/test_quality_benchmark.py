@@ -45,3 +45,22 @@ def test_noise_decomposition_separates_passed_noise_from_other_error(nested):
     biased = truth + 0.5 * (ldct - truth) + 3.0
     k, rest = qb.noise_decomposition(biased, ldct, truth)
     assert k == pytest.approx(0.5, abs=0.02) and rest == pytest.approx(3.0, abs=0.3)  # the bias
+
+
+def test_paired_comparison_sees_a_consistent_small_gain_that_slice_spread_hides():
+    rng = np.random.default_rng(1)
+    base = rng.uniform(45, 55, 12)                      # slices differ by up to 10 dB
+    better = base + 0.2 + rng.normal(0, 0.02, 12)       # a steady 0.2 dB gain on every slice
+    coin = base + rng.normal(0, 0.3, 12)                 # no gain, just jitter
+    lines, stats = qb.paired_lines({"ref": list(base), "better": list(better), "coin": list(coin)},
+                                   "ref", [4, 4, 4])
+    assert stats["better"]["better"] == 12 and 0.15 < stats["better"]["ci"][0] < 0.2 < stats["better"]["ci"][1]
+    assert stats["coin"]["ci"][0] < 0 < stats["coin"]["ci"][1]
+    assert len(stats["better"]["per_case"]) == 3 and all(0.15 < x < 0.25 for x in stats["better"]["per_case"])
+    assert len(lines) == 4 and lines[2].startswith("| better | +0.2")
+
+
+def test_paired_difference_refuses_unpaired_input():
+    from CoreDiffLib.metrics import paired_difference
+    with pytest.raises(ValueError, match="paired"):
+        paired_difference([1.0, 2.0, 3.0], [1.0, 2.0])
