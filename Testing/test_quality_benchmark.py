@@ -64,3 +64,10 @@ def test_paired_difference_refuses_unpaired_input():
     from CoreDiffLib.metrics import paired_difference
     with pytest.raises(ValueError, match="paired"):
         paired_difference([1.0, 2.0, 3.0], [1.0, 2.0])
+
+
+def test_a_dose_not_in_the_cached_nested_set_is_refused_rather_than_redrawn(tmp_path):
+    (tmp_path / "test9000_abdomen_ndct.nrrd").write_bytes(b"cached")
+    with pytest.raises(SystemExit, match="simulated together"):
+        qb.held_out(0.5, tmp_path, kinds=("abdomen",))
+    assert (tmp_path / "test9000_abdomen_ndct.nrrd").read_bytes() == b"cached"

@@ -4,7 +4,9 @@
     python Testing/benchmarks/quality_benchmark.py --dose 0.25 --out docs/benchmarks
 
 Held-out phantoms use seeds 9000+ (training uses small seeds) and are cached under
-``data/test``. Rows: the LDCT input, BM3D (sigma tuned on training slices), RED-CNN (if a
+``data/test``; ``--split validation`` scores on a second held-out set (seeds 8000+,
+``data/val``) for choices made by measurement, e.g. which weights to ship, so that the test
+table is never used to pick what it then reports. Rows: the LDCT input, BM3D (sigma tuned on training slices), RED-CNN (if a
 trained file is given), CoreDiff with T=1 (one network evaluation) and T=10, and the CTX / EMM
 ablations (if their weights are given). Metrics as the paper: PSNR / SSIM / RMSE (HU) on the
 [-1000, 1000] HU window, per slice then averaged. Prints a markdown table, writes it and a
@@ -45,28 +47,40 @@ from CoreDiffLib.models import sha256_of  # noqa: E402
 #: NDCT noise and silently un-pair the files already cached.
 HELD_OUT_DOSES = (0.25, 0.1, 0.05)
 
+#: held-out splits: (name prefix, first phantom seed, default cache folder); the shipped training
+#: data use other phantom seeds (`corediff simulate --seed 1`: 100003 + case)
+SPLITS = {"test": ("test", 9000, REPO / "data" / "test"), "validation": ("val", 8000, REPO / "data" / "val")}
+
 
 def held_out(dose: float, cache: Path, kinds=("abdomen", "thorax", "head"), slices: int = 4,
-             size: int = 512) -> list[tuple[str, np.ndarray, np.ndarray, np.ndarray]]:
+             size: int = 512, split: str = "test") -> list[tuple[str, np.ndarray, np.ndarray, np.ndarray]]:
     """(name, ndct, ldct, noise-free) for each held-out case, simulated once and cached as NRRD."""
     from CoreDiffLib.simulation import noise_free_reconstruction, simulate_pair
     from CoreDiffLib.simulation.dataset import dose_tag
     cache.mkdir(parents=True, exist_ok=True)
     doses = sorted(set(HELD_OUT_DOSES) | {dose}, reverse=True)
     cases = []
+    prefix, first_seed, _ = SPLITS[split]
     for i, kind in enumerate(kinds):
-        name = f"test{9000 + i}_{kind}"
+        seed = first_seed + i
+        name = f"{prefix}{seed}_{kind}"
         nd_path = cache / f"{name}_ndct.nrrd"
         ld_paths = {d: cache / f"{name}_ldct{dose_tag(d)}.nrrd" for d in doses}
-        if not (nd_path.exists() and all(p.exists() for p in ld_paths.values())):
-            nd, lds, spacing = simulate_pair(kind, slices, size, list(doses), seed=9000 + i)
+        missing = [p.name for p in ld_paths.values() if not p.exists()]
+        if nd_path.exists() and missing:
+            # re-simulating would redraw the NDCT noise under every table already scored on it
+            raise SystemExit(f"{cache} holds {nd_path.name} but not {', '.join(missing)}: its doses were "
+                             f"simulated together ({', '.join(f'{d:g}' for d in HELD_OUT_DOSES)}); pick "
+                             "one of those, or move the folder away to simulate a new set")
+        if not nd_path.exists():
+            nd, lds, spacing = simulate_pair(kind, slices, size, list(doses), seed=seed)
             write_volume(Volume(nd, spacing, pixel_type="int16"), nd_path)
             for d, path in ld_paths.items():
                 write_volume(Volume(lds[d], spacing, pixel_type="int16"), path)
         nd = read_volume(nd_path)
         truth_path = cache / f"{name}_noisefree.nrrd"  # phantom only: independent of the noise draw
         if not truth_path.exists():
-            truth = noise_free_reconstruction(kind, slices, size, seed=9000 + i)
+            truth = noise_free_reconstruction(kind, slices, size, seed=seed)
             write_volume(Volume(truth, nd.spacing, pixel_type="float32"), truth_path)
         cases.append((name, nd.array, read_volume(ld_paths[dose]).array, read_volume(truth_path).array))
     return cases
@@ -174,7 +188,9 @@ def main() -> int:
                    help="RED-CNN weights (.pt state dict), row label 'RED-CNN' unless given; repeatable")
     p.add_argument("--redcnn-filters", type=int, default=32)
     p.add_argument("--train-dir", default=str(REPO / "data" / "train"))
-    p.add_argument("--test-dir", default=str(REPO / "data" / "test"))
+    p.add_argument("--split", choices=tuple(SPLITS), default="test",
+                   help="held-out set: test (seeds 9000+, the reported tables) or validation (seeds 8000+)")
+    p.add_argument("--test-dir", default=None, help="cache of the held-out set (default data/test or data/val)")
     p.add_argument("--slices", type=int, default=4, help="slices per held-out case")
     p.add_argument("--no-bm3d", action="store_true")
     p.add_argument("--bm3d-sigma", type=float, default=None, help="skip tuning: BM3D sigma in HU")
@@ -189,7 +205,7 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     pct = f"{a.dose * 100:g}"
 
-    cases = held_out(a.dose, Path(a.test_dir), slices=a.slices)
+    cases = held_out(a.dose, Path(a.test_dir or SPLITS[a.split][2]), slices=a.slices, split=a.split)
     ndct = np.concatenate([c[1] for c in cases])
     results: dict[str, list[np.ndarray]] = {"LDCT": [c[2] for c in cases]}
     data_key = hashlib.sha256(b"".join(c[2].tobytes() + c[1].tobytes() for c in cases)).hexdigest()[:16]
@@ -254,7 +270,7 @@ def main() -> int:
                      "psnr_noisefree": t.psnr if t else None, "ssim_noisefree": t.ssim if t else None,
                      "rmse_hu_noisefree": t.rmse_hu if t else None,
                      "oracle": label in oracles, "s_per_slice": seconds.get(label)})
-    lines = [f"Held-out phantoms ({len(cases)} cases × {a.slices} slices, 512², {pct} % dose); "
+    lines = [f"Held-out {'validation ' if a.split == 'validation' else ''}phantoms ({len(cases)} cases × {a.slices} slices, 512², {pct} % dose); "
              "metrics on [-1000, 1000] HU, mean over slices; against the NDCT (the paper's protocol) "
              "and against the noise-free reconstruction of the same phantom.", "",
              "| Method | PSNR (dB) | SSIM | RMSE (HU) | PSNR vs noise-free | SSIM vs noise-free "
