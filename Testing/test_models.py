@@ -4,14 +4,22 @@ from __future__ import annotations
 import json
 import shutil
 import stat
+import subprocess
+import sys
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from CoreDiffLib import CoreDiffError
 from CoreDiffLib.baselines import REDCNN
 from CoreDiffLib.models import MANIFEST, WEIGHTS_DIR, load_model, save_weights, shipped_models
 from CoreDiffLib.network import ClearNet, NetworkConfig
+from CoreDiffLib.training import TrainConfig, train
+
+from conftest import synthetic_ct
 
 
 def test_every_shipped_model_loads_verified_and_is_world_readable():
@@ -89,3 +97,23 @@ def test_cosine_lr_decays_from_the_base_rate_to_zero():
     assert cosine_lr(2e-4, 0.5) == pytest.approx(1e-4)
     assert cosine_lr(2e-4, 1.0) == pytest.approx(0.0, abs=1e-12)
     assert cosine_lr(2e-4, 3.0) == pytest.approx(0.0, abs=1e-12)  # past the end: stays settled
+
+
+def test_ship_model_exports_ema_or_final_weights_without_touching_the_manifest(tmp_path):
+    v = synthetic_ct(4, 32, seed=3, noise_hu=5)
+    pairs = [(v, v + 40 * np.random.default_rng(0).standard_normal(v.shape).astype(np.float32))]
+    ckpt = tmp_path / "c.ckpt"
+    train(pairs, NetworkConfig(width=8), TrainConfig(iterations=12, batch_size=2, patch_size=32, ema_start=2,
+                                                     ema_every=1, checkpoint_every=12), checkpoint=ckpt, log=lambda m: None)
+    saved = torch.load(ckpt, map_location="cpu", weights_only=True)
+    manifest_before = MANIFEST.read_bytes()
+    script = Path(__file__).resolve().parents[1] / "scripts" / "ship_model.py"
+    for kind, key in (("ema", "ema"), ("raw", "model")):
+        out = tmp_path / f"{kind}.safetensors"
+        subprocess.run([sys.executable, str(script), str(ckpt), "--name", "x", "--dose", "0.25",
+                        "--weights", kind, "--export-only", str(out)], check=True, capture_output=True)
+        exported = load_file(out)
+        assert all(torch.equal(exported[k], saved[key][k].float()) for k in exported)
+    assert not torch.equal(load_file(tmp_path / "ema.safetensors")["out.weight"],
+                           load_file(tmp_path / "raw.safetensors")["out.weight"])
+    assert MANIFEST.read_bytes() == manifest_before

@@ -5,8 +5,9 @@
         --description "..." --recipe "..." [--default] [--metrics metrics.json]
     python scripts/ship_model.py runs/corediff-25-w64.safetensors --name corediff-25-w64 ... --storage fp16
 
-The input is a training checkpoint (.ckpt: its EMA weights are shipped; keep the checkpoint
-beside them so training can be resumed with ``corediff train ... --checkpoint``) or a weights
+The input is a training checkpoint (.ckpt: its EMA weights are shipped, or with ``--weights raw``
+the optimiser's own final weights, where a validation run found them better; keep the
+checkpoint beside them so training can be resumed with ``corediff train ... --checkpoint``) or a weights
 file (.safetensors, e.g. from ``scripts/gpu_session.py``). ``--storage fp16`` halves the file.
 """
 from __future__ import annotations
@@ -34,6 +35,10 @@ def main() -> int:
     p.add_argument("--metrics", default=None, help="JSON file with validation metrics")
     p.add_argument("--default", action="store_true", help="make this the default model")
     p.add_argument("--storage", choices=("fp32", "fp16"), default="fp32", help="dtype stored in the file")
+    p.add_argument("--weights", choices=("ema", "raw"), default="ema",
+                   help="from a .ckpt: the EMA average (default) or the final optimiser weights")
+    p.add_argument("--export-only", metavar="FILE", default=None,
+                   help="write the weights to FILE and leave the manifest alone (e.g. to score them first)")
     a = p.parse_args()
 
     if a.checkpoint.endswith(".safetensors"):
@@ -47,16 +52,20 @@ def main() -> int:
         ckpt = torch.load(a.checkpoint, map_location="cpu", weights_only=True)
         config = NetworkConfig.from_dict(ckpt["network_config"])
         model = ClearNet(config)
-        model.load_state_dict(ckpt["ema"])
+        model.load_state_dict(ckpt["ema" if a.weights == "ema" else "model"])
     iterations = int(ckpt["iteration"])
     file = f"{a.name}.safetensors"
-    sha = save_weights(model, WEIGHTS_DIR / file, {"iterations": iterations, "dose": a.dose,
-                                                   "train_config": ckpt["train_config"]},
+    sha = save_weights(model, Path(a.export_only) if a.export_only else WEIGHTS_DIR / file,
+                       {"iterations": iterations, "dose": a.dose, "weights": a.weights,
+                        "train_config": ckpt["train_config"]},
                        storage_dtype=torch.float16 if a.storage == "fp16" else torch.float32)
+    if a.export_only:
+        print(f"wrote {a.export_only} ({a.weights} weights, {iterations} iterations, sha256 {sha[:16]}…)")
+        return 0
     manifest = load_manifest()
     manifest.setdefault("models", {})[a.name] = {
         "file": file, "sha256": sha, "dose": a.dose, "description": a.description,
-        "architecture": config.to_dict(), "iterations": iterations, "storage": a.storage,
+        "architecture": config.to_dict(), "iterations": iterations, "storage": a.storage, "weights": a.weights,
         "train_config": ckpt["train_config"], "recipe": a.recipe,
         "final_training_loss": ckpt["losses"][-1] if ckpt["losses"] else None,
         "validation": json.loads(Path(a.metrics).read_text()) if a.metrics else None,
