@@ -3,10 +3,10 @@
 
     python Testing/benchmarks/quality_benchmark.py --dose 0.25 --out docs/benchmarks
 
-Held-out phantoms use seeds 9000+ (training uses small seeds) and are cached under
-``data/test``; ``--split validation`` scores on a second held-out set (seeds 8000+,
-``data/val``) for choices made by measurement, e.g. which weights to ship, so that the test
-table is never used to pick what it then reports. Rows: the LDCT input, BM3D (sigma tuned on training slices), RED-CNN (if a
+Held-out phantoms use seeds 9000+ (never used in training) and are cached under ``data/test``;
+``--split validation`` scores on a second held-out set (seeds 8000+, ``data/val``) for choices
+made by measurement, e.g. which weights to ship, so that the test table never picks what it
+then reports. Rows: the LDCT input, BM3D (sigma tuned on training slices), RED-CNN (if a
 trained file is given), CoreDiff with T=1 (one network evaluation) and T=10, and the CTX / EMM
 ablations (if their weights are given). Metrics as the paper: PSNR / SSIM / RMSE (HU) on the
 [-1000, 1000] HU window, per slice then averaged. Prints a markdown table, writes it and a
@@ -270,7 +270,8 @@ def main() -> int:
                      "psnr_noisefree": t.psnr if t else None, "ssim_noisefree": t.ssim if t else None,
                      "rmse_hu_noisefree": t.rmse_hu if t else None,
                      "oracle": label in oracles, "s_per_slice": seconds.get(label)})
-    lines = [f"Held-out {'validation ' if a.split == 'validation' else ''}phantoms ({len(cases)} cases × {a.slices} slices, 512², {pct} % dose); "
+    split_name = "validation phantoms" if a.split == "validation" else "phantoms"
+    lines = [f"Held-out {split_name} ({len(cases)} cases × {a.slices} slices, 512², {pct} % dose); "
              "metrics on [-1000, 1000] HU, mean over slices; against the NDCT (the paper's protocol) "
              "and against the noise-free reconstruction of the same phantom.", "",
              "| Method | PSNR (dB) | SSIM | RMSE (HU) | PSNR vs noise-free | SSIM vs noise-free "
