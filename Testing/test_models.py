@@ -116,4 +116,9 @@ def test_ship_model_exports_ema_or_final_weights_without_touching_the_manifest(t
         assert all(torch.equal(exported[k], saved[key][k].float()) for k in exported)
     assert not torch.equal(load_file(tmp_path / "ema.safetensors")["out.weight"],
                            load_file(tmp_path / "raw.safetensors")["out.weight"])
+    refused = subprocess.run([sys.executable, str(script), str(tmp_path / "ema.safetensors"), "--name", "x",
+                              "--dose", "0.25", "--weights", "raw", "--export-only", str(tmp_path / "r.safetensors")],
+                             capture_output=True, text=True)
+    assert refused.returncode == 2 and "needs a training checkpoint" in refused.stderr
+    assert not (tmp_path / "r.safetensors").exists()
     assert MANIFEST.read_bytes() == manifest_before

@@ -40,6 +40,8 @@ def main() -> int:
     p.add_argument("--export-only", metavar="FILE", default=None,
                    help="write the weights to FILE and leave the manifest alone (e.g. to score them first)")
     a = p.parse_args()
+    if a.weights == "raw" and a.checkpoint.endswith(".safetensors"):
+        p.error("--weights raw needs a training checkpoint (.ckpt): a weights file holds one set only")
 
     if a.checkpoint.endswith(".safetensors"):
         from CoreDiffLib.models import load_model, read_weights_config
