@@ -28,6 +28,8 @@ def main() -> int:
     p.add_argument("--patch-size", type=int, default=64)
     p.add_argument("--filters", type=int, default=32)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0,
+                   help="weight initialisation and patch sampling (train twice to see the spread)")
     p.add_argument("--init", default=None, metavar="PT",
                    help="start from these RED-CNN weights (fine-tuning to another dose)")
     p.add_argument("--time-limit", type=float, default=0.0, metavar="MINUTES",
@@ -39,7 +41,7 @@ def main() -> int:
     torch.set_num_threads(a.threads)
     pairs = [(read_volume(n).array, read_volume(l).array) for n, l in find_pairs(a.data, a.dose_tag)]
     init = torch.load(a.init, map_location="cpu", weights_only=True) if a.init else None
-    model = train_redcnn(pairs, a.iterations, a.batch_size, a.patch_size, filters=a.filters,
+    model = train_redcnn(pairs, a.iterations, a.batch_size, a.patch_size, filters=a.filters, seed=a.seed,
                          log=lambda m: print(m, flush=True), init_state=init,
                          time_limit_s=a.time_limit * 60.0, lr_schedule=a.lr_schedule)
     torch.save(model.state_dict(), a.out)
