@@ -8,12 +8,14 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from CoreDiffLib import CoreDiffError  # noqa: E402
 from CoreDiffLib.baselines import train_redcnn  # noqa: E402
 from CoreDiffLib.io import find_pairs, read_volume  # noqa: E402
 from CoreDiffLib.training import LR_SCHEDULES  # noqa: E402
@@ -39,12 +41,17 @@ def main() -> int:
     p.add_argument("--out", required=True)
     a = p.parse_args()
     torch.set_num_threads(a.threads)
-    pairs = [(read_volume(n).array, read_volume(l).array) for n, l in find_pairs(a.data, a.dose_tag)]
+    try:
+        pairs = [(read_volume(n).array, read_volume(l).array) for n, l in find_pairs(a.data, a.dose_tag)]
+    except CoreDiffError as e:
+        p.error(str(e))
     init = torch.load(a.init, map_location="cpu", weights_only=True) if a.init else None
     model = train_redcnn(pairs, a.iterations, a.batch_size, a.patch_size, filters=a.filters, seed=a.seed,
                          log=lambda m: print(m, flush=True), init_state=init,
                          time_limit_s=a.time_limit * 60.0, lr_schedule=a.lr_schedule)
-    torch.save(model.state_dict(), a.out)
+    partial = f"{a.out}.partial"  # an interrupted save never leaves a truncated file at --out
+    torch.save(model.state_dict(), partial)
+    os.replace(partial, a.out)
     print(f"wrote {a.out}")
     return 0
 
