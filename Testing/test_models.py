@@ -124,10 +124,15 @@ def test_ship_model_exports_ema_or_final_weights_without_touching_the_manifest(t
     assert MANIFEST.read_bytes() == manifest_before
 
 
-def test_train_redcnn_script_refuses_a_missing_data_folder_cleanly(tmp_path):
+def test_train_redcnn_script_refuses_bad_input_cleanly_and_keeps_its_files(tmp_path):
     script = Path(__file__).resolve().parents[1] / "scripts" / "train_redcnn.py"
     out = tmp_path / "r.pt"
     refused = subprocess.run([sys.executable, str(script), str(tmp_path / "nowhere"), "--iterations", "2",
                               "--out", str(out)], capture_output=True, text=True)
     assert refused.returncode == 2 and "does not exist" in refused.stderr
     assert "Traceback" not in refused.stderr and not out.exists()
+    out.write_bytes(b"starting weights")
+    same = subprocess.run([sys.executable, str(script), str(tmp_path), "--init", str(out), "--out", str(out)],
+                          capture_output=True, text=True)
+    assert same.returncode == 2 and "--out is the --init" in same.stderr
+    assert out.read_bytes() == b"starting weights"

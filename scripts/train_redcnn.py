@@ -40,6 +40,8 @@ def main() -> int:
                    help="cosine: decay to 0 by the last iteration or the time limit, if sooner")
     p.add_argument("--out", required=True)
     a = p.parse_args()
+    if a.init and Path(a.init).resolve() == Path(a.out).resolve():
+        p.error("--out is the --init weights file: choose another output (the starting weights are kept)")
     torch.set_num_threads(a.threads)
     try:
         pairs = [(read_volume(n).array, read_volume(l).array) for n, l in find_pairs(a.data, a.dose_tag)]
