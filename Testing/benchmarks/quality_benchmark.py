@@ -214,8 +214,12 @@ def main() -> int:
     seconds: dict[str, float] = {}
     in_figure = ["LDCT"]  # row labels the figure shows, in order
 
-    def run(label, fn, identity: str = ""):
-        """One row: denoise every held-out case, or reuse the cached output of the same row."""
+    def run(label, fn, identity: str = "", show: bool = False):
+        """One row: denoise every held-out case, or reuse the cached output of the same row.
+
+        ``show`` puts the row in the figure as well as in the tables."""
+        if show:
+            in_figure.append(label)
         cached = row_cache(a.cache, label, identity + data_key, a.dose, a.slices)
         if cached and cached.exists():
             d = np.load(cached)
@@ -242,22 +246,18 @@ def main() -> int:
                 print(f"warning: the best BM3D sigma is the grid's largest ({sigma} HU): extend --bm3d-grid",
                       flush=True)
             print(f"BM3D sigma tuned on training slices: {sigma} HU ({scores})", flush=True)
-        run(f"BM3D (σ={sigma:g} HU)", lambda v: bm3d_denoise(v, sigma), f"sigma={sigma:g}")
-        in_figure.append(f"BM3D (σ={sigma:g} HU)")
-    for spec in a.redcnn:
+        run(f"BM3D (σ={sigma:g} HU)", lambda v: bm3d_denoise(v, sigma), f"sigma={sigma:g}", show=True)
+    for i, spec in enumerate(a.redcnn):
         from CoreDiffLib.baselines import REDCNN, redcnn_denoise
         label, path = spec.split("=", 1) if "=" in spec else ("RED-CNN", spec)
         net = REDCNN(a.redcnn_filters)
         net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-        run(label, lambda v, net=net: redcnn_denoise(net.eval(), v), sha256_of(path))
-        if spec == a.redcnn[0]:
-            in_figure.append(label)
+        run(label, lambda v, net=net: redcnn_denoise(net.eval(), v), sha256_of(path), show=i == 0)
     corediff_rows = [] if a.baselines_only else [(a.model_label, a.model)] + [spec.split("=", 1) for spec in a.also]
     for label, model in corediff_rows:
         sha = weights_sha(model)
-        run(f"{label} T=1", lambda v, m=model: denoise_volume(v, m, "cpu", steps=1), sha)
-        run(f"{label} T=10", lambda v, m=model: denoise_volume(v, m, "cpu"), sha)
-        in_figure += [f"{label} T=1", f"{label} T=10"]
+        run(f"{label} T=1", lambda v, m=model: denoise_volume(v, m, "cpu", steps=1), sha, show=True)
+        run(f"{label} T=10", lambda v, m=model: denoise_volume(v, m, "cpu"), sha, show=True)
     for spec in ([] if a.baselines_only else a.ablation):
         label, path = spec.split("=", 1)
         run(f"CoreDiff {label}", lambda v, path=path: denoise_volume(v, path, "cpu"), weights_sha(path))
