@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from . import CoreDiffError
+from .atomic import atomic_path, write_text_atomic
 from .diffusion import sample
 from .inference import context_stack, pick_device
 from .intensity import unit_to_hu
@@ -58,9 +59,8 @@ def bench_input(size: int, slices: int, seed: int = 0, log=print) -> tuple[np.nd
     ldct, ndct, kind = _make_bench_input(size, slices, seed, log)
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_name(f".{cache.name}.{os.getpid()}.npz")
-        np.savez(tmp, ldct=ldct, ndct=ndct, kind=np.array(kind))
-        os.replace(tmp, cache)
+        with atomic_path(cache) as tmp:
+            np.savez(tmp, ldct=ldct, ndct=ndct, kind=np.array(kind))
     except OSError:
         pass
     return ldct, ndct, kind
@@ -386,12 +386,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
                            slices=args.slices, steps=args.steps, log=log)
     print(format_table(result))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1, default=str)
+        write_text_atomic(args.json, json.dumps(result, indent=1, default=str))
         log(f"wrote {args.json}")
     if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(format_table(result, markdown=True) + "\n")
+        write_text_atomic(args.markdown, format_table(result, markdown=True) + "\n")
         log(f"wrote {args.markdown}")
     if any(r.get("baseline") and r.get("error") for r in result["rows"]):
         raise CoreDiffError("the baseline variant failed; see the table")

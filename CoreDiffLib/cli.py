@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 from . import CoreDiffError, __version__
+from .atomic import atomic_path
 
 
 # ----------------------------------------------------------------------------- progress
@@ -205,7 +206,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
             f"{m.psnr:>14.2f} {m.ssim:>14.4f} {m.rmse_hu:>14.1f}"
             for m in (mean_metrics(table[n]) for n, _ in series)))
         if args.csv:
-            with open(args.csv, "w", newline="") as f:
+            with atomic_path(args.csv) as tmp, open(tmp, "w", newline="") as f:
                 writer = csv.DictWriter(f, fieldnames=list(rows[0]))
                 writer.writeheader()
                 writer.writerows(rows)

@@ -11,6 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from .atomic import atomic_path  # noqa: E402
 from .intensity import DISPLAY_WINDOW_HU  # noqa: E402
 
 
@@ -65,8 +66,9 @@ def comparison_figure(panels: dict[str, np.ndarray], path: str | os.PathLike, ti
     fig.suptitle(title or f"window [{lo:.0f}, {hi:.0f}] HU", fontsize=11)
     fig.tight_layout()
     out = Path(path)
-    tmp = out.with_name(f".{out.stem}.partial{out.suffix}")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, out)
+    try:
+        with atomic_path(out) as tmp:
+            fig.savefig(tmp, dpi=110)
+    finally:
+        plt.close(fig)
     return out

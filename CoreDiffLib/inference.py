@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from . import CoreDiffError
+from .atomic import atomic_path
 from .diffusion import sample
 from .intensity import PADDING_THRESHOLD_HU, hu_to_unit, unit_to_hu, validate_ct_array
 from .models import load_model
@@ -565,35 +566,30 @@ class StreamedOutput:
 
     def commit(self) -> Path:
         name = self.path.name.lower()
-        tmp = self.path.with_name(f".{self.path.name}.partial-{os.getpid()}")
         try:
-            if name.endswith((".mha", ".nrrd", ".nii", ".nii.gz")):
-                header = self._header()
-                gz = name.endswith((".nrrd", ".nii.gz"))
-                with open(tmp, "wb") as f:
-                    if name.endswith(".nii.gz"):
-                        sink = gzip.GzipFile(fileobj=f, mode="wb", compresslevel=4)
-                        sink.write(header)
-                    else:
-                        f.write(header)
-                        sink = gzip.GzipFile(fileobj=f, mode="wb", compresslevel=4) if gz else f
-                    step = max(1, (1 << 24) // max(1, int(np.prod(self.shape[1:])) * self.dtype.itemsize))
-                    for k in range(0, self.shape[0], step):
-                        sink.write(np.ascontiguousarray(self.array[k:k + step]).astype("<" + self.dtype.str[1:],
-                                                                                         copy=False).tobytes())
-                    if sink is not f:
-                        sink.close()
-            else:
+            if not name.endswith((".mha", ".nrrd", ".nii", ".nii.gz")):
                 from .io import Volume, write_volume
                 vol = Volume(self.array[:].astype(np.float32), self.info["spacing"], self.info["origin"],
                              self.info["direction"], str(self.dtype), dict(self.info.get("dicom_tags", {})),
                              self.info.get("source", ""))
                 self.close()
                 return write_volume(vol, self.path)
-            os.replace(tmp, self.path)
+            header = self._header()
+            gz = name.endswith((".nrrd", ".nii.gz"))
+            with atomic_path(self.path) as tmp, open(tmp, "wb") as f:
+                if name.endswith(".nii.gz"):
+                    sink = gzip.GzipFile(fileobj=f, mode="wb", compresslevel=4)
+                    sink.write(header)
+                else:
+                    f.write(header)
+                    sink = gzip.GzipFile(fileobj=f, mode="wb", compresslevel=4) if gz else f
+                step = max(1, (1 << 24) // max(1, int(np.prod(self.shape[1:])) * self.dtype.itemsize))
+                for k in range(0, self.shape[0], step):
+                    sink.write(np.ascontiguousarray(self.array[k:k + step]).astype("<" + self.dtype.str[1:],
+                                                                                     copy=False).tobytes())
+                if sink is not f:
+                    sink.close()
         finally:
-            if tmp.exists():
-                tmp.unlink()
             self.close()
         return self.path
 

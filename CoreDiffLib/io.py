@@ -18,6 +18,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from . import CoreDiffError
+from .atomic import atomic_path
 from .intensity import PADDING_THRESHOLD_HU, validate_ct_array  # noqa: F401  (re-exported)
 
 FILE_SUFFIXES = (".nrrd", ".nhdr", ".nii", ".nii.gz", ".mha", ".mhd")
@@ -161,13 +162,8 @@ def write_volume(volume: Volume, path: str | os.PathLike, series_description: st
     out = Path(path).expanduser()
     pixels = _cast_like_input(volume)
     if is_file_path(out):
-        tmp = out.with_name(f".{out.name}.partial-{os.getpid()}" + "".join(out.suffixes[-2:]))
-        try:
+        with atomic_path(out) as tmp:
             sitk.WriteImage(_to_image(volume, pixels), str(tmp), True)
-            os.replace(tmp, out)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
         return out
     tmpdir = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:

@@ -16,6 +16,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from . import CoreDiffError
+from .atomic import atomic_path
 from .network import ClearNet, NetworkConfig
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
@@ -53,12 +54,11 @@ def save_weights(model: ClearNet, path: str | os.PathLike, metadata: dict | None
     meta = {"format": "corediff-clearnet-v1", "config": json.dumps(model.config.to_dict()),
             "storage_dtype": str(storage_dtype).replace("torch.", "")}
     meta.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()})
-    tmp = path.with_name(path.name + ".partial")
     state = {k: v.detach().cpu().to(storage_dtype if v.is_floating_point() else v.dtype).contiguous()
              for k, v in model.state_dict().items()}
-    save_file(state, str(tmp), metadata=meta)
-    os.chmod(tmp, 0o644)  # the writer creates 0600 files; shipped weights must be world-readable
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata=meta)
+        os.chmod(tmp, 0o644)  # the writer creates 0600 files; shipped weights must be world-readable
     return sha256_of(path)
 
 

@@ -68,7 +68,6 @@ import json
 import math
 import os
 import re
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -78,6 +77,7 @@ import torch
 import torch.nn.functional as F
 
 from . import CoreDiffError
+from .atomic import write_text_atomic
 from .intensity import HU_MIN, HU_RANGE
 
 FORMAT = "corediff-oneshot-v1"
@@ -207,16 +207,7 @@ class Adaptation:
         """Write JSON atomically (temp file + rename) to ``path`` or the user directory."""
         out = Path(path).expanduser() if path is not None else default_path(self.name)
         out.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent)
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(self.to_dict(), f, indent=1)
-                f.write("\n")
-            os.replace(tmp, out)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        return out
+        return write_text_atomic(out, json.dumps(self.to_dict(), indent=1) + "\n")
 
     @classmethod
     def read(cls, path: str | os.PathLike) -> "Adaptation":

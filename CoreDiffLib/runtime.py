@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from . import CoreDiffError
+from .atomic import atomic_path
 from .network import ClearNet
 
 PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
@@ -269,15 +270,13 @@ def export_onnx(model: ClearNet, folder: str | os.PathLike | None = None,
             continue
         path = folder / f"clearnet-{key}-{'emm' if emm else 'plain'}.onnx"
         if not path.exists():
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
             axes = {"x": {0: "b", 2: "h", 3: "w"}, "p": {0: "b", 2: "h", 3: "w"},
                     "xT": {0: "b", 2: "h", 3: "w"}, "t": {0: "b"}, "y": {0: "b", 2: "h", 3: "w"}}
-            with warnings.catch_warnings(), torch.no_grad():
+            with warnings.catch_warnings(), torch.no_grad(), atomic_path(path) as tmp:
                 warnings.simplefilter("ignore")
                 torch.onnx.export(_Forward(model, emm), (x, t, p, xT), str(tmp),
                                   input_names=["x", "t", "p", "xT"], output_names=["y"],
                                   dynamic_axes=axes, opset_version=17, dynamo=False)
-            os.replace(tmp, path)
         paths[emm] = path
     if check:
         net = OnnxNet(model, paths=paths)

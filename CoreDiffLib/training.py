@@ -23,6 +23,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from . import CoreDiffError
+from .atomic import atomic_path
 from .degradation import alpha_schedule, degrade
 from .diffusion import network_input
 from .intensity import hu_to_unit
@@ -202,14 +203,13 @@ def save_checkpoint(path: Path, model: ClearNet, ema: ClearNet, optimizer: torch
     """Everything needed to resume bit-for-bit; written atomically (temp file + rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({
-        "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
-        "iteration": state.iteration, "losses": state.losses,
-        "network_config": net_cfg.to_dict(), "train_config": asdict(train_cfg),
-        "numpy_rng": json.dumps(rng.bit_generator.state), "torch_rng": torch.get_rng_state(),
-    }, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save({
+            "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
+            "iteration": state.iteration, "losses": state.losses,
+            "network_config": net_cfg.to_dict(), "train_config": asdict(train_cfg),
+            "numpy_rng": json.dumps(rng.bit_generator.state), "torch_rng": torch.get_rng_state(),
+        }, tmp)
 
 
 def train(pairs: Sequence[tuple[np.ndarray, np.ndarray]], net_cfg: NetworkConfig, cfg: TrainConfig,

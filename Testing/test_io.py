@@ -147,3 +147,37 @@ def test_pair_list_file(tmp_path):
     (tmp_path / "bad.csv").write_text("only_one_column\n")
     with pytest.raises(CoreDiffError, match="expected"):
         read_pair_list(tmp_path / "bad.csv")
+
+
+def test_atomic_path_replaces_only_on_success_and_keeps_the_old_file_on_failure(tmp_path):
+    from CoreDiffLib.atomic import atomic_path, partial_path, write_text_atomic
+
+    target = tmp_path / "table.md"
+    target.write_text("old")
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            tmp.write_text("half a ta")
+            raise RuntimeError("writer failed")
+    assert target.read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["table.md"]  # no partial left behind
+    write_text_atomic(target, "new")
+    assert target.read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["table.md"]
+    # the writer picks the format by extension: the temporary name keeps it (".nii.gz" whole)
+    assert partial_path(tmp_path / "v.nii.gz").name.endswith(".nii.gz")
+    assert partial_path(tmp_path / "fig.png").suffix == ".png"
+    assert partial_path(target) != partial_path(target)  # concurrent writers never collide
+
+
+def test_atomic_outputs_get_ordinary_permissions_not_a_private_temp_files(tmp_path):
+    import os
+    import stat
+
+    from CoreDiffLib.atomic import write_text_atomic
+
+    old = os.umask(0o022)
+    try:
+        out = write_text_atomic(tmp_path / "metrics.csv", "a,b\n")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o644

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from CoreDiffLib.atomic import write_text_atomic  # noqa: E402
 from CoreDiffLib.models import MANIFEST, WEIGHTS_DIR, load_manifest, save_weights  # noqa: E402
 from CoreDiffLib.network import ClearNet, NetworkConfig  # noqa: E402
 
@@ -74,9 +74,7 @@ def main() -> int:
     }
     if a.default or not manifest.get("default"):
         manifest["default"] = a.name
-    tmp = MANIFEST.with_suffix(".partial")
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(tmp, MANIFEST)
+    write_text_atomic(MANIFEST, json.dumps(manifest, indent=2) + "\n")
     print(f"shipped {a.name}: {file} sha256 {sha[:16]}… ({iterations} iterations)")
     return 0
 

@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from CoreDiffLib import CoreDiffError  # noqa: E402
+from CoreDiffLib.atomic import atomic_path  # noqa: E402
 from CoreDiffLib.baselines import train_redcnn  # noqa: E402
 from CoreDiffLib.io import find_pairs, read_volume  # noqa: E402
 from CoreDiffLib.training import LR_SCHEDULES  # noqa: E402
@@ -51,9 +51,8 @@ def main() -> int:
     model = train_redcnn(pairs, a.iterations, a.batch_size, a.patch_size, filters=a.filters, seed=a.seed,
                          log=lambda m: print(m, flush=True), init_state=init,
                          time_limit_s=a.time_limit * 60.0, lr_schedule=a.lr_schedule)
-    partial = f"{a.out}.partial"  # an interrupted save never leaves a truncated file at --out
-    torch.save(model.state_dict(), partial)
-    os.replace(partial, a.out)
+    with atomic_path(a.out) as tmp:  # an interrupted save never leaves a truncated file at --out
+        torch.save(model.state_dict(), tmp)
     print(f"wrote {a.out}")
     return 0
 

@@ -18,6 +18,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from ..atomic import atomic_path, write_text_atomic
 from .noise import DEFAULT_ELECTRONIC_SIGMA, DEFAULT_I0, _check_dose, nested_dose_noise
 from .phantom import DEFAULT_FOV_MM, KINDS, make_phantom, phantom_radius_mm
 from .projector import FanBeamGeometry, check_fits, fbp, forward_project, hu_to_mu, mu_to_hu
@@ -144,10 +145,8 @@ def _write(arr: np.ndarray, spacing, path: str) -> None:
     a = np.clip(np.rint(arr), -32768, 32767).astype(np.int16)
     img = sitk.GetImageFromArray(a)
     img.SetSpacing(tuple(float(s) for s in spacing))
-    d, fn = os.path.split(path)
-    tmp = os.path.join(d, f".tmp{os.getpid()}_{fn}")  # keeps the extension for the writer
-    sitk.WriteImage(img, tmp, True)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        sitk.WriteImage(img, str(tmp), True)
 
 
 def _workers(workers, count) -> int:
@@ -271,9 +270,6 @@ def simulate_dataset(out_dir: str, dose: Union[float, Sequence[float]] = 0.25, c
         "dtype": "int16 HU", "cases": cases, "seconds": round(time.time() - t0, 2),
     }
     mpath = os.path.join(out_dir, "manifest.json")
-    tmp = mpath + f".tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(manifest, f, indent=2)
-    os.replace(tmp, mpath)
+    write_text_atomic(mpath, json.dumps(manifest, indent=2))
     written.append(mpath)
     return written

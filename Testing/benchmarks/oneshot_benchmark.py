@@ -30,7 +30,6 @@ Prints a markdown table and writes it (with the settings and the learned step we
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -42,6 +41,7 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from CoreDiffLib.atomic import write_text_atomic  # noqa: E402
 from CoreDiffLib.inference import Denoiser, denoise_volume  # noqa: E402
 from CoreDiffLib.intensity import unit_to_hu  # noqa: E402
 from CoreDiffLib.metrics import mean_metrics, volume_metrics  # noqa: E402
@@ -248,9 +248,7 @@ def main(argv=None) -> int:
     print(report)
     if args.out:
         out = Path(args.out)
-        tmp = out.with_name(out.name + f".partial-{os.getpid()}")
-        tmp.write_text("# One-shot learning evaluation\n\n" + report)
-        os.replace(tmp, out)
+        write_text_atomic(out, "# One-shot learning evaluation\n\n" + report)
     return 0
 
 

@@ -37,6 +37,7 @@ import torch
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
+from CoreDiffLib.atomic import atomic_path, write_text_atomic  # noqa: E402
 from CoreDiffLib.figures import comparison_figure  # noqa: E402
 from CoreDiffLib.inference import denoise_volume  # noqa: E402
 from CoreDiffLib.io import Volume, read_volume, write_volume  # noqa: E402
@@ -231,8 +232,9 @@ def main() -> int:
         results[label] = [fn(c[2]) for c in cases]
         seconds[label] = (time.perf_counter() - t0) / len(ndct)
         print(f"{label}: {seconds[label]:.2f} s/slice", flush=True)
-        if cached:
-            np.savez(cached, seconds=seconds[label], **{f"case{i}": v for i, v in enumerate(results[label])})
+        if cached:  # atomic: an interrupted run must not leave a torn cache for the next one
+            with atomic_path(cached) as tmp:
+                np.savez(tmp, seconds=seconds[label], **{f"case{i}": v for i, v in enumerate(results[label])})
 
     if not a.no_bm3d:
         from CoreDiffLib.baselines import bm3d_denoise, tune_bm3d_sigma
@@ -314,8 +316,8 @@ def main() -> int:
         by_label[label]["paired_vs_reference"] = dict(st, reference=reference)
     table = "\n".join(lines)
     print(table)
-    (out / f"quality_{pct}.md").write_text(table + "\n")
-    (out / f"quality_{pct}.json").write_text(json.dumps(rows, indent=1))
+    write_text_atomic(out / f"quality_{pct}.md", table + "\n")
+    write_text_atomic(out / f"quality_{pct}.json", json.dumps(rows, indent=1))
     k = cases[0][1].shape[0] // 2
     panels = {label: results[label][0][k] for label in in_figure}
     panels["NDCT"] = cases[0][1][k]

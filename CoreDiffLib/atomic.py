@@ -1,0 +1,52 @@
+"""Writing a file so that no reader ever sees half of it.
+
+Every output CoreDiff writes (denoised volumes, weights, checkpoints, manifests, figures,
+tables, caches) goes first to a hidden temporary sibling and is renamed over the target only
+once it is complete. ``os.replace`` within one folder is atomic, so a crash, a cancel, a full
+disk or an exception in the writer leaves either the old file or none at all, never a torn
+one, and a reader of a cache or a checkpoint cannot load garbage.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+from pathlib import Path
+from typing import Iterator
+
+
+def partial_path(target: str | os.PathLike) -> Path:
+    """A unique hidden sibling of ``target`` that keeps its extension.
+
+    The extension is kept because SimpleITK, matplotlib and NumPy choose the format by it
+    (``.nii.gz`` counts as one); process id and a random token keep concurrent writers of
+    the same target apart.
+    """
+    target = Path(target)
+    suffix = "".join(target.suffixes[-2:]) if target.name.lower().endswith(".gz") else target.suffix
+    return target.with_name(f".{target.name}.partial-{os.getpid()}-{secrets.token_hex(3)}{suffix}")
+
+
+@contextlib.contextmanager
+def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path to write; rename it onto ``target`` if the block succeeds.
+
+    If the block raises (or is interrupted), the temporary file is deleted and ``target`` is
+    left exactly as it was. The writer creates the file itself, so it gets the usual
+    permissions (the umask), not a private temp file's.
+    """
+    tmp = partial_path(target)
+    try:
+        yield tmp
+        os.replace(tmp, target)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+def write_text_atomic(target: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to ``target`` atomically (UTF-8); returns the target as a Path."""
+    target = Path(target)
+    with atomic_path(target) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return target
