@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from CoreDiffLib.io import read_volume
-from CoreDiffLib.models import save_weights
 from CoreDiffLib.network import ClearNet, NetworkConfig
 
 from conftest import synthetic_ct, write_image

@@ -8,7 +8,6 @@ right after module code ran, so getter/setter methods are avoided here.
 import os
 import subprocess
 import sys
-import time
 
 import numpy as np
 import psutil

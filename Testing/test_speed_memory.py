@@ -24,7 +24,7 @@ from conftest import synthetic_ct, write_image
 
 from CoreDiffLib import CoreDiffError
 from CoreDiffLib.diffusion import sample
-from CoreDiffLib.inference import (Denoiser, StreamedOutput, VolumeSource, context_stack, denoise_file,
+from CoreDiffLib.inference import (Denoiser, VolumeSource, context_stack, denoise_file,
                                    denoise_volume)
 from CoreDiffLib.io import read_volume
 from CoreDiffLib.models import save_weights

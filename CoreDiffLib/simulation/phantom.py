@@ -245,7 +245,6 @@ def _spine(S, A, z, cx, cy, scale=1.0):
 
 
 def _abdomen_slice(S, A, z):
-    rng_p = A.params
     zr = z + A.z0
     a, b, cy = _body_outline(S, A, z, 1.0 + _wave(zr, A.outline_wave))
     # muscle wall and peritoneal cavity (intra-abdominal fat)
@@ -328,7 +327,7 @@ def _thorax_slice(S, A, z):
     for sgn in (-1, 1):
         lx = sgn * 0.48 * cage_a
         la, lb = 0.47 * cage_a, 0.86 * cage_b
-        m = S.paint(-860.0 + A.tex_lung, lx, cy - 2, la, lb, mods=A.lung_mods[sgn])
+        S.paint(-860.0 + A.tex_lung, lx, cy - 2, la, lb, mods=A.lung_mods[sgn])
         lung_masks.append(S.full_mask(lx, cy - 2, la, lb, mods=A.lung_mods[sgn]))
     lung = np.maximum(lung_masks[0], lung_masks[1])
     for seg in A.lung_vessels:

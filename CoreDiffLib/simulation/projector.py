@@ -35,7 +35,7 @@ spot, no quarter-detector offset by default (``detector_offset`` exposes it), no
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Optional
 
 import numpy as np
@@ -257,7 +257,6 @@ def fbp(sinogram: np.ndarray, geometry: FanBeamGeometry, size: int, pixel_mm: fl
     under load; ``None`` keeps torch's current setting.
     """
     import torch
-    import torch.nn.functional as F
 
     s = np.asarray(sinogram, dtype=np.float32)
     squeeze = s.ndim == 2
