@@ -22,6 +22,8 @@ from .atomic import atomic_path
 from .intensity import PADDING_THRESHOLD_HU, validate_ct_array  # noqa: F401  (re-exported)
 
 FILE_SUFFIXES = (".nrrd", ".nhdr", ".nii", ".nii.gz", ".mha", ".mhd")
+#: formats whose header names a separate data file
+DETACHED_SUFFIXES = (".nhdr", ".mhd")
 #: DICOM tags copied from the source series to a denoised series (patient / study level).
 _COPIED_TAGS = (
     "0010|0010", "0010|0020", "0010|0030", "0010|0040", "0010|1010",  # patient
@@ -161,6 +163,8 @@ def write_volume(volume: Volume, path: str | os.PathLike, series_description: st
     """Write atomically to a file (by extension) or a new DICOM series folder."""
     out = Path(path).expanduser()
     pixels = _cast_like_input(volume)
+    if out.name.lower().endswith(DETACHED_SUFFIXES):
+        return _write_detached(_to_image(volume, pixels), out)
     if is_file_path(out):
         with atomic_path(out) as tmp:
             sitk.WriteImage(_to_image(volume, pixels), str(tmp), True)
@@ -174,6 +178,26 @@ def write_volume(volume: Volume, path: str | os.PathLike, series_description: st
     finally:
         if tmpdir.exists():
             shutil.rmtree(tmpdir, ignore_errors=True)
+    return out
+
+
+def _write_detached(image: sitk.Image, out: Path) -> Path:
+    """.mhd / .nhdr: a header plus a data file the header names (v.zraw, v.raw.gz).
+
+    Written under a temporary name, the header would point to a temporary data file name;
+    so both are written with their final names in a hidden folder beside the target, and
+    moved out data first, header last: no header ever points to missing or partial data.
+    """
+    tmpdir = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        header = tmpdir / out.name
+        sitk.WriteImage(image, str(header), True)
+        for data in tmpdir.iterdir():
+            if data != header:
+                os.replace(data, out.parent / data.name)
+        os.replace(header, out)
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
     return out
 
 

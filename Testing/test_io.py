@@ -11,7 +11,7 @@ from CoreDiffLib.io import check_output_path, find_pairs, read_pair_list, read_v
 from conftest import synthetic_ct, write_image
 
 
-@pytest.mark.parametrize("name", ["v.nrrd", "v.nii.gz", "v.mha", "dicom_out"])
+@pytest.mark.parametrize("name", ["v.nrrd", "v.nii.gz", "v.mha", "v.mhd", "v.nhdr", "dicom_out"])
 def test_round_trip_keeps_geometry_and_values(tmp_path, name):
     src = write_image(tmp_path / "src.nrrd", synthetic_ct(4, 32),
                       direction=(1, 0, 0, 0, 1, 0, 0, 0, 1) if name == "dicom_out" else (1, 0, 0, 0, -1, 0, 0, 0, 1))
@@ -23,7 +23,8 @@ def test_round_trip_keeps_geometry_and_values(tmp_path, name):
     np.testing.assert_allclose(back.spacing, vol.spacing, atol=1e-4)
     np.testing.assert_allclose(back.origin, vol.origin, atol=1e-4)
     np.testing.assert_allclose(back.direction, vol.direction, atol=1e-6)
-    assert not list(tmp_path.glob(".*partial*"))
+    # nothing hidden left behind; a detached header (.mhd/.nhdr) names its data file's final name
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
 def test_dicom_output_keeps_patient_tags_with_a_new_series(tmp_path):
