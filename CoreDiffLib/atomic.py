@@ -11,6 +11,8 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Iterator
 
@@ -42,6 +44,21 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+
+
+@contextlib.contextmanager
+def partial_folder(target: str | os.PathLike) -> Iterator[Path]:
+    """A new hidden folder beside ``target``, removed with whatever is left in it on exit.
+
+    For outputs that are several files (a DICOM series, a .mhd header and its data): the
+    caller writes them here and moves them into place itself, in an order that is safe.
+    """
+    target = Path(target)
+    folder = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def write_text_atomic(target: str | os.PathLike, text: str) -> Path:

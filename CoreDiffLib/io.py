@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,7 +16,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from . import CoreDiffError
-from .atomic import atomic_path
+from .atomic import atomic_path, partial_folder
 from .intensity import PADDING_THRESHOLD_HU, validate_ct_array  # noqa: F401  (re-exported)
 
 FILE_SUFFIXES = (".nrrd", ".nhdr", ".nii", ".nii.gz", ".mha", ".mhd")
@@ -169,15 +167,11 @@ def write_volume(volume: Volume, path: str | os.PathLike, series_description: st
         with atomic_path(out) as tmp:
             sitk.WriteImage(_to_image(volume, pixels), str(tmp), True)
         return out
-    tmpdir = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
+    with partial_folder(out) as tmpdir:
         _write_dicom_series(volume, pixels, tmpdir, series_description or "CoreDiff denoised")
         if out.exists():
             out.rmdir()  # check_output_path guaranteed it is empty
         os.replace(tmpdir, out)
-    finally:
-        if tmpdir.exists():
-            shutil.rmtree(tmpdir, ignore_errors=True)
     return out
 
 
@@ -188,16 +182,13 @@ def _write_detached(image: sitk.Image, out: Path) -> Path:
     so both are written with their final names in a hidden folder beside the target, and
     moved out data first, header last: no header ever points to missing or partial data.
     """
-    tmpdir = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
+    with partial_folder(out) as tmpdir:
         header = tmpdir / out.name
         sitk.WriteImage(image, str(header), True)
         for data in tmpdir.iterdir():
             if data != header:
                 os.replace(data, out.parent / data.name)
         os.replace(header, out)
-    finally:
-        shutil.rmtree(tmpdir, ignore_errors=True)
     return out
 
 
