@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def corediff(*args, cwd=None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "CoreDiffLib.cli", *map(str, args)], capture_output=True,
-                          text=True, cwd=cwd or REPO, timeout=300)
+                          encoding="utf-8", cwd=cwd or REPO, timeout=300)  # the CLI prints UTF-8 whatever this process's locale
 
 
 def digest(path: Path) -> str:
