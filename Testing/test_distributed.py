@@ -40,7 +40,7 @@ def test_torchrun_two_processes_identical_replicas(pair_folder, tmp_path):
            "-m", "CoreDiffLib.cli", "train", str(pair_folder), "--out", str(out),
            "--iterations", "200", "--lr", "1e-3", "--batch-size", "2", "--patch-size", "32", "--width", "8",
            "--threads", "1", "--checkpoint-every", "1000", "--device", "cpu", "--progress", "lines"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400, cwd=tmp_path)
+    proc = subprocess.run(cmd, env=env, capture_output=True, encoding="utf-8", timeout=400, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     ranks = [json.loads((debug / f"rank{r}.json").read_text()) for r in range(2)]
     assert [r["world_size"] for r in ranks] == [2, 2]

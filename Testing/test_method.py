@@ -220,7 +220,7 @@ def test_training_and_inference_import_without_simpleitk():
             "import CoreDiffLib.training, CoreDiffLib.inference, CoreDiffLib.benchmark, CoreDiffLib.metrics\n"
             "from CoreDiffLib.inference import Denoiser\n"
             "print('ok')")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, encoding="utf-8")
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr
 
 

@@ -118,7 +118,7 @@ def test_ship_model_exports_ema_or_final_weights_without_touching_the_manifest(t
                            load_file(tmp_path / "raw.safetensors")["out.weight"])
     refused = subprocess.run([sys.executable, str(script), str(tmp_path / "ema.safetensors"), "--name", "x",
                               "--dose", "0.25", "--weights", "raw", "--export-only", str(tmp_path / "r.safetensors")],
-                             capture_output=True, text=True)
+                             capture_output=True, encoding="utf-8")
     assert refused.returncode == 2 and "needs a training checkpoint" in refused.stderr
     assert not (tmp_path / "r.safetensors").exists()
     assert MANIFEST.read_bytes() == manifest_before
@@ -128,11 +128,11 @@ def test_train_redcnn_script_refuses_bad_input_cleanly_and_keeps_its_files(tmp_p
     script = Path(__file__).resolve().parents[1] / "scripts" / "train_redcnn.py"
     out = tmp_path / "r.pt"
     refused = subprocess.run([sys.executable, str(script), str(tmp_path / "nowhere"), "--iterations", "2",
-                              "--out", str(out)], capture_output=True, text=True)
+                              "--out", str(out)], capture_output=True, encoding="utf-8")
     assert refused.returncode == 2 and "does not exist" in refused.stderr
     assert "Traceback" not in refused.stderr and not out.exists()
     out.write_bytes(b"starting weights")
     same = subprocess.run([sys.executable, str(script), str(tmp_path), "--init", str(out), "--out", str(out)],
-                          capture_output=True, text=True)
+                          capture_output=True, encoding="utf-8")
     assert same.returncode == 2 and "--out is the --init" in same.stderr
     assert out.read_bytes() == b"starting weights"

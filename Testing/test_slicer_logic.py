@@ -26,7 +26,7 @@ def matrixOf(node):
 
 def cliHas(subcommand):
     r = subprocess.run([sys.executable, "-m", "CoreDiffLib.cli", subcommand, "--help"], cwd=H.REPO_ROOT,
-                       capture_output=True, text=True)
+                       capture_output=True, encoding="utf-8")
     return r.returncode == 0
 
 

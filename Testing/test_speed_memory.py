@@ -205,7 +205,7 @@ def test_peak_memory_does_not_grow_with_slices(tmp_path, weights):
         out = tmp_path / f"den{n}.mha"
         env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
         proc = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, str(src), str(out), str(weights)],
-                              env=env, capture_output=True, text=True, timeout=240)
+                              env=env, capture_output=True, encoding="utf-8", timeout=240)
         assert proc.returncode == 0, proc.stderr[-3000:]
         peaks[n] = int(proc.stdout.split("PEAK_KB")[1].split()[0]) / 1024
         with VolumeSource.open(out) as s:
