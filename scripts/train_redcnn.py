@@ -36,6 +36,8 @@ def main() -> int:
                    help="start from these RED-CNN weights (fine-tuning to another dose)")
     p.add_argument("--time-limit", type=float, default=0.0, metavar="MINUTES",
                    help="stop after this many minutes (0 = run all iterations)")
+    p.add_argument("--lr", type=float, default=1e-4,
+                   help="Adam's (peak) learning rate; 1e-4 trained the shipped baselines")
     p.add_argument("--lr-schedule", choices=LR_SCHEDULES, default="constant",
                    help="cosine: decay to 0 by the last iteration or the time limit, if sooner")
     p.add_argument("--out", required=True)
@@ -50,7 +52,7 @@ def main() -> int:
     init = torch.load(a.init, map_location="cpu", weights_only=True) if a.init else None
     model = train_redcnn(pairs, a.iterations, a.batch_size, a.patch_size, filters=a.filters, seed=a.seed,
                          log=lambda m: print(m, flush=True), init_state=init,
-                         time_limit_s=a.time_limit * 60.0, lr_schedule=a.lr_schedule)
+                         time_limit_s=a.time_limit * 60.0, lr=a.lr, lr_schedule=a.lr_schedule)
     with atomic_path(a.out) as tmp:  # an interrupted save never leaves a truncated file at --out
         torch.save(model.state_dict(), tmp)
     print(f"wrote {a.out}")
