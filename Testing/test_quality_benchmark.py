@@ -71,3 +71,39 @@ def test_a_dose_not_in_the_cached_nested_set_is_refused_rather_than_redrawn(tmp_
     with pytest.raises(SystemExit, match="simulated together"):
         qb.held_out(0.5, tmp_path, kinds=("abdomen",))
     assert (tmp_path / "test9000_abdomen_ndct.nrrd").read_bytes() == b"cached"
+
+
+def test_a_cached_set_of_another_slice_count_is_refused_and_kept(tmp_path):
+    from CoreDiffLib.io import Volume, write_volume
+    vol = Volume(np.full((4, 16, 16), -1000, np.int16), (1.0, 1.0, 1.0), pixel_type="int16")
+    for name in ("ndct", "ldct25", "ldct10", "ldct5"):
+        write_volume(vol, tmp_path / f"test9000_abdomen_{name}.nrrd")
+    before = (tmp_path / "test9000_abdomen_ndct.nrrd").read_bytes()
+    with pytest.raises(SystemExit, match="4-slice volumes, not 6"):
+        qb.held_out(0.25, tmp_path, kinds=("abdomen",), slices=6)
+    assert (tmp_path / "test9000_abdomen_ndct.nrrd").read_bytes() == before
+
+
+def test_each_volume_size_has_its_own_held_out_folder():
+    assert qb.default_cache("test", 4) == qb.REPO / "data" / "test"
+    assert qb.default_cache("test", 6) == qb.REPO / "data" / "test-6slices"
+    assert qb.default_cache("validation", 6) == qb.REPO / "data" / "val-6slices"
+
+
+def test_end_slices_are_scored_apart_from_the_inner_ones():
+    """Two 4-slice cases; 'edgy' is perfect inside and off at the ends: only the end table sees it."""
+    rng = np.random.default_rng(2)
+    ndct = [rng.normal(0, 20, (4, 32, 32)).astype(np.float32) for _ in range(2)]
+    cases = [(f"case{i}", nd, nd + 5.0, nd) for i, nd in enumerate(ndct)]
+    edgy = []
+    for nd in ndct:
+        v = nd.copy()
+        v[[0, -1]] += 30.0
+        edgy.append(v)
+    results = {"ref": [nd + 5.0 for nd in ndct], "edgy": edgy}
+    by_label = {"ref": {}, "edgy": {}}
+    lines = qb.end_slice_lines(results, cases, "ref", by_label)
+    assert "(4; one neighbour each" in lines[1]
+    end = by_label["edgy"]["end_slices"]
+    assert end["rmse_hu"] == pytest.approx(30.0, rel=1e-3) and by_label["ref"]["end_slices"]["rmse_hu"] == pytest.approx(5.0, rel=1e-3)
+    assert end["paired_vs_reference"]["better"] == 0 and end["paired_vs_reference"]["n"] == 4

@@ -3,10 +3,16 @@
 
     python Testing/benchmarks/quality_benchmark.py --dose 0.25 --out docs/benchmarks
 
-Held-out phantoms use seeds 9000+ (never used in training) and are cached under ``data/test``;
-``--split validation`` scores on a second held-out set (seeds 8000+, ``data/val``) for choices
-made by measurement, e.g. which weights to ship, so that the test table never picks what it
-then reports. Rows: the LDCT input, BM3D (sigma tuned on training slices), RED-CNN (if a
+Held-out phantoms use seeds 9000+ (never used in training) and are cached under ``data/test``
+(``data/test-6slices`` etc. for other slice counts); ``--split validation`` scores on a second
+held-out set (seeds 8000+, ``data/val``) for choices made by measurement, e.g. which weights to
+ship, so that the test table never picks what it then reports.
+
+Scored slices lie *inside* their volume (``--margin``, default 1): a scan has hundreds of
+slices and CoreDiff reads each one's neighbours as context, so a thin test volume whose scored
+slices include its first and last (no neighbour there; the missing one is replicated) would
+test the network mostly where a scan barely has slices. The volume's two end slices get a
+table of their own. Rows: the LDCT input, BM3D (sigma tuned on training slices), RED-CNN (if a
 trained file is given), CoreDiff with T=1 (one network evaluation) and T=10, and the CTX / EMM
 ablations (if their weights are given). Metrics as the paper: PSNR / SSIM / RMSE (HU) on the
 [-1000, 1000] HU window, per slice then averaged. Prints a markdown table, writes it and a
@@ -55,6 +61,12 @@ HELD_OUT_DOSES = (0.25, 0.1, 0.05)
 SPLITS = {"test": ("test", 9000, REPO / "data" / "test"), "validation": ("val", 8000, REPO / "data" / "val")}
 
 
+def default_cache(split: str, volume_slices: int) -> Path:
+    """data/test for the original 4-slice volumes, data/test-6slices etc. for other sizes."""
+    folder = SPLITS[split][2]
+    return folder if volume_slices == 4 else folder.with_name(f"{folder.name}-{volume_slices}slices")
+
+
 def held_out(dose: float, cache: Path, kinds=("abdomen", "thorax", "head"), slices: int = 4,
              size: int = 512, split: str = "test") -> list[tuple[str, np.ndarray, np.ndarray, np.ndarray]]:
     """(name, ndct, ldct, noise-free) for each held-out case, simulated once and cached as NRRD."""
@@ -81,6 +93,9 @@ def held_out(dose: float, cache: Path, kinds=("abdomen", "thorax", "head"), slic
             for d, path in ld_paths.items():
                 write_volume(Volume(lds[d], spacing, pixel_type="int16"), path)
         nd = read_volume(nd_path)
+        if nd.array.shape[0] != slices:
+            raise SystemExit(f"{cache} holds {nd.array.shape[0]}-slice volumes, not {slices}: give another "
+                             "--test-dir (each slice count is a held-out set of its own)")
         truth_path = cache / f"{name}_noisefree.nrrd"  # phantom only: independent of the noise draw
         if not truth_path.exists():
             truth = noise_free_reconstruction(kind, slices, size, seed=seed)
@@ -176,6 +191,32 @@ def training_slices(train_dir: Path, dose: float, n: int = 3) -> tuple[np.ndarra
     return ld[idx], nd[idx]
 
 
+def end_slice_lines(results: dict[str, list[np.ndarray]], cases, reference: str,
+                    by_label: dict[str, dict]) -> list[str]:
+    """Markdown for each volume's first and last slice, where CoreDiff has one neighbour only.
+
+    A scan has two such slices in hundreds; they are scored apart so that the main table
+    reflects the inside of a scan and this one what to expect at its ends.
+    """
+    ends = [0, -1]
+    ndct_end = np.concatenate([c[1][ends] for c in cases])
+    psnr_end: dict[str, list[float]] = {}
+    lines = ["", f"The volumes' first and last slices ({len(ndct_end)}; one neighbour each, CoreDiff "
+             "replicates the missing one; not in the tables above), against the NDCT:", "",
+             "| Method | PSNR (dB) | SSIM | RMSE (HU) |", "|---|---|---|---|"]
+    for label, vols in results.items():
+        per_slice = volume_metrics(np.concatenate([v[ends] for v in vols]), ndct_end)
+        psnr_end[label] = [s.psnr for s in per_slice]
+        m = mean_metrics(per_slice)
+        lines.append(f"| {label} | {m.psnr:.2f} | {m.ssim:.4f} | {m.rmse_hu:.1f} |")
+        if label in by_label:
+            by_label[label]["end_slices"] = {"psnr": m.psnr, "ssim": m.ssim, "rmse_hu": m.rmse_hu}
+    paired, stats = paired_lines(psnr_end, reference, [len(ends)] * len(cases))
+    for label, st in stats.items():
+        by_label[label]["end_slices"]["paired_vs_reference"] = dict(st, reference=reference)
+    return lines + ["", f"Paired with {reference} on those slices:", ""] + paired
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dose", type=float, default=0.25)
@@ -193,8 +234,12 @@ def main() -> int:
     p.add_argument("--train-dir", default=str(REPO / "data" / "train"))
     p.add_argument("--split", choices=tuple(SPLITS), default="test",
                    help="held-out set: test (seeds 9000+, the reported tables) or validation (seeds 8000+)")
-    p.add_argument("--test-dir", default=None, help="cache of the held-out set (default data/test or data/val)")
-    p.add_argument("--slices", type=int, default=4, help="slices per held-out case")
+    p.add_argument("--test-dir", default=None,
+                   help="cache of the held-out set (default data/test or data/val, with -Nslices for other sizes)")
+    p.add_argument("--slices", type=int, default=4, help="scored slices per held-out case")
+    p.add_argument("--margin", type=int, default=1,
+                   help="unscored neighbour slices simulated on each side of the scored ones, as inside a "
+                        "scan (0: the tables before 2026-11-30, whose volumes began and ended at scored slices)")
     p.add_argument("--no-bm3d", action="store_true")
     p.add_argument("--bm3d-sigma", type=float, default=None, help="skip tuning: BM3D sigma in HU")
     p.add_argument("--bm3d-grid", default="20,35,50,70,100,140", help="BM3D sigmas (HU) tried on training slices")
@@ -208,8 +253,15 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     pct = f"{a.dose * 100:g}"
 
-    cases = held_out(a.dose, Path(a.test_dir or SPLITS[a.split][2]), slices=a.slices, split=a.split)
-    ndct = np.concatenate([c[1] for c in cases])
+    if a.margin < 0 or a.slices < 1:
+        raise SystemExit("--slices must be >= 1 and --margin >= 0")
+    volume_slices = a.slices + 2 * a.margin
+    cases = held_out(a.dose, Path(a.test_dir or default_cache(a.split, volume_slices)), slices=volume_slices,
+                     split=a.split)
+    scored = slice(a.margin, a.margin + a.slices)
+    ndct = np.concatenate([c[1][scored] for c in cases])
+    # every method denoises whole volumes (CoreDiff reads the margin slices as context); the
+    # tables score the inner slices
     results: dict[str, list[np.ndarray]] = {"LDCT": [c[2] for c in cases]}
     data_key = hashlib.sha256(b"".join(c[2].tobytes() + c[1].tobytes() for c in cases)).hexdigest()[:16]
     seconds: dict[str, float] = {}
@@ -230,7 +282,7 @@ def main() -> int:
             return
         t0 = time.perf_counter()
         results[label] = [fn(c[2]) for c in cases]
-        seconds[label] = (time.perf_counter() - t0) / len(ndct)
+        seconds[label] = (time.perf_counter() - t0) / sum(c[2].shape[0] for c in cases)
         print(f"{label}: {seconds[label]:.2f} s/slice", flush=True)
         if cached:  # atomic: an interrupted run must not leave a torn cache for the next one
             with atomic_path(cached) as tmp:
@@ -264,8 +316,8 @@ def main() -> int:
         label, path = spec.split("=", 1)
         run(f"CoreDiff {label}", lambda v, path=path: denoise_volume(v, path, "cpu"), weights_sha(path))
 
-    truth = np.concatenate([c[3] for c in cases])
-    stacked = {label: np.concatenate(vols) for label, vols in results.items()}
+    truth = np.concatenate([c[3][scored] for c in cases])
+    stacked = {label: np.concatenate([v[scored] for v in vols]) for label, vols in results.items()}
     oracles = ceiling_oracles(stacked["LDCT"], ndct, truth)
     rows = []
     psnr_per_slice: dict[str, list[float]] = {}
@@ -280,7 +332,9 @@ def main() -> int:
                      "rmse_hu_noisefree": t.rmse_hu if t else None,
                      "oracle": label in oracles, "s_per_slice": seconds.get(label)})
     split_name = "validation phantoms" if a.split == "validation" else "phantoms"
-    lines = [f"Held-out {split_name} ({len(cases)} cases × {a.slices} slices, 512², {pct} % dose); "
+    inside = (f" inside {volume_slices}-slice volumes, so each has both neighbours as in a scan (the "
+              "volumes' end slices are scored apart, below)" if a.margin else "")
+    lines = [f"Held-out {split_name} ({len(cases)} cases × {a.slices} slices{inside}, 512², {pct} % dose); "
              "metrics on [-1000, 1000] HU, mean over slices; against the NDCT (the paper's protocol) "
              "and against the noise-free reconstruction of the same phantom.", "",
              "| Method | PSNR (dB) | SSIM | RMSE (HU) | PSNR vs noise-free | SSIM vs noise-free "
@@ -308,17 +362,19 @@ def main() -> int:
     reference = a.reference or (f"{a.model_label} T=10" if not a.baselines_only else "LDCT")
     if reference not in psnr_per_slice:
         raise SystemExit(f"--reference {reference!r} is not a row; rows: {', '.join(psnr_per_slice)}")
-    paired, paired_stats = paired_lines(psnr_per_slice, reference, [c[1].shape[0] for c in cases])
+    paired, paired_stats = paired_lines(psnr_per_slice, reference, [a.slices] * len(cases))
     lines += ["", f"Paired with {reference} on the same {len(ndct)} slices (PSNR vs NDCT; Student-t interval "
               "over slices, optimistic since slices of one phantom are correlated; per case: "
               f"{', '.join(c[0] for c in cases)}):", ""] + paired
     for label, st in paired_stats.items():
         by_label[label]["paired_vs_reference"] = dict(st, reference=reference)
+    if a.margin:
+        lines += end_slice_lines(results, cases, reference, by_label)
     table = "\n".join(lines)
     print(table)
     write_text_atomic(out / f"quality_{pct}.md", table + "\n")
     write_text_atomic(out / f"quality_{pct}.json", json.dumps(rows, indent=1))
-    k = cases[0][1].shape[0] // 2
+    k = a.margin + a.slices // 2
     panels = {label: results[label][0][k] for label in in_figure}
     panels["NDCT"] = cases[0][1][k]
     panels["Noise-free"] = cases[0][3][k]
