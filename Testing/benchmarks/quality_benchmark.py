@@ -10,7 +10,7 @@ ship, so that the test table never picks what it then reports.
 
 Scored slices lie *inside* their volume (``--margin``, default 1): a scan has hundreds of
 slices and CoreDiff reads each one's neighbours as context, so a thin test volume whose scored
-slices include its first and last (no neighbour there; the missing one is replicated) would
+slices include its first and last (one neighbour there; the slice stands in for the other) would
 test the network mostly where a scan barely has slices. The volume's two end slices get a
 table of their own. Rows: the LDCT input, BM3D (sigma tuned on training slices), RED-CNN (if a
 trained file is given), CoreDiff with T=1 (one network evaluation) and T=10, and the CTX / EMM
@@ -202,7 +202,7 @@ def end_slice_lines(results: dict[str, list[np.ndarray]], cases, reference: str,
     ndct_end = np.concatenate([c[1][ends] for c in cases])
     psnr_end: dict[str, list[float]] = {}
     lines = ["", f"The volumes' first and last slices ({len(ndct_end)}; one neighbour each, CoreDiff "
-             "replicates the missing one; not in the tables above), against the NDCT:", "",
+             "stands the slice itself in for the missing one; not in the tables above), against the NDCT:", "",
              "| Method | PSNR (dB) | SSIM | RMSE (HU) |", "|---|---|---|---|"]
     for label, vols in results.items():
         per_slice = volume_metrics(np.concatenate([v[ends] for v in vols]), ndct_end)
