@@ -137,7 +137,10 @@ def main(argv=None) -> int:
                     help="DOSE=MODEL upper bounds (default: corediff-<pct> from the manifest)")
     ap.add_argument("--kind", default="abdomen")
     ap.add_argument("--size", type=int, default=512)
-    ap.add_argument("--slices", type=int, default=4, help="slices per test volume")
+    ap.add_argument("--slices", type=int, default=4, help="scored slices per test volume")
+    ap.add_argument("--margin", type=int, default=1,
+                    help="unscored slices simulated on each side of the scored ones, so every scored slice "
+                         "has both neighbours as inside a scan (0: the reports before 2026-11-30)")
     ap.add_argument("--count", type=int, default=2, help="held-out test phantoms (seeds 9000...)")
     ap.add_argument("--test-seed", type=int, default=9000)
     ap.add_argument("--ref-seed", type=int, default=8999, help="phantom the reference slice comes from")
@@ -184,18 +187,27 @@ def main(argv=None) -> int:
     log(f"simulating reference phantom (seed {args.ref_seed}) and {args.count} test phantoms "
         f"({args.kind}, {args.size}^2) at doses {args.doses}")
     ref_ndct, ref_ldct = simulate(args.kind, args.ref_slices, args.size, args.doses, args.ref_seed)
-    tests = [simulate(args.kind, args.slices, args.size, args.doses, args.test_seed + i) for i in range(args.count)]
-    refs = [nd for nd, _ in tests]
+    if args.margin < 0 or args.slices < 1:
+        ap.error("--slices must be >= 1 and --margin >= 0")
+    tests = [simulate(args.kind, args.slices + 2 * args.margin, args.size, args.doses, args.test_seed + i)
+             for i in range(args.count)]
+    scored = slice(args.margin, args.margin + args.slices)
+    refs = [nd[scored] for nd, _ in tests]
+
+    def score(volumes: list[np.ndarray]):
+        """Metrics on the scored slices of whole-volume outputs (the margins were context)."""
+        return metrics_of([v[scored] for v in volumes], refs)
 
     rows, weights_text = [], []
     for d in args.doses:
         pct = f"{d * 100:g} %"
         ldcts = [ld[d] for _, ld in tests]
-        rows.append((pct, "LDCT input", metrics_of(ldcts, refs)))
-        log(f"dose {pct}: sampling the base model on {sum(v.shape[0] for v in ldcts)} test slices")
+        rows.append((pct, "LDCT input", score(ldcts)))
+        log(f"dose {pct}: sampling the base model on {sum(v.shape[0] for v in ldcts)} test slices "
+            f"({args.slices} per volume scored)")
         steps = [per_step_outputs(base, v, args.device) for v in ldcts]
         T = steps[0].shape[0]
-        none = metrics_of([single_hu(s, -1) for s in steps], refs)
+        none = score([single_hu(s, -1) for s in steps])
         rows.append((pct, f"no adaptation ({Path(str(args.model)).stem}, last step)", none))
         osl = {}
         for mode in ("paired", "unpaired"):
@@ -203,23 +215,23 @@ def main(argv=None) -> int:
             a = adapt(base, ref_ldct[d], args.ref_slice, ref_ndct, mode=mode, name=f"bench-{mode}",
                       dose=pct, iterations=args.iterations, seed=args.seed)
             secs = time.perf_counter() - t0
-            m = metrics_of([blend_hu(s, a.weights) for s in steps], refs)
+            m = score([blend_hu(s, a.weights) for s in steps])
             osl[mode] = m
             rows.append((pct, f"{mode} OSL (1 slice, NDCT slice {a.ndct_slice})", m))
             weights_text.append(f"- {pct} {mode}: weights (step 1..{T}) = "
                                 + ", ".join(f"{p:.3f}" for p in a.probabilities)
                                 + f"; adaptation {secs:.1f} s")
             log(weights_text[-1][2:])
-        uniform = metrics_of([blend_hu(s, [0.0] * T) for s in steps], refs)
+        uniform = score([blend_hu(s, [0.0] * T) for s in steps])
         rows.append((pct, "uniform blend of the T steps (OSL's starting point)", uniform))
-        singles = [metrics_of([single_hu(s, k) for s in steps], refs) for k in range(T)]
+        singles = [score([single_hu(s, k) for s in steps]) for k in range(T)]
         best_k = int(np.argmax([m.psnr for m in singles]))
         rows.append((pct, f"oracle: best single step ({best_k + 1} of {T}) chosen on the test set", singles[best_k]))
         if d in uppers:
             log(f"dose {pct}: upper bound {uppers[d]}")
             up_model = load_model(uppers[d], args.device)
-            up = metrics_of([unit_to_hu(per_step_outputs(up_model, v, args.device)[-1].clamp(0, 1).numpy())
-                             for v in ldcts], refs)
+            up = score([unit_to_hu(per_step_outputs(up_model, v, args.device)[-1].clamp(0, 1).numpy())
+                        for v in ldcts])
             rows.append((pct, f"upper bound: model trained at {pct} ({uppers[d]})", up))
             gap = up.psnr - none.psnr
             for mode in ("paired", "unpaired"):
@@ -240,7 +252,8 @@ def main(argv=None) -> int:
                                       for pct, name, m in rows)
     settings = (f"base model `{args.model}` (trained at {args.base_dose * 100:g} % dose, T={base.config.steps}, "
                 f"width {base.config.width}); {args.count} held-out {args.kind} phantoms (seeds "
-                f"{args.test_seed}..{args.test_seed + args.count - 1}) x {args.slices} slices of {args.size}^2; "
+                f"{args.test_seed}..{args.test_seed + args.count - 1}) x {args.slices} slices of {args.size}^2"
+                f"{f' inside {args.slices + 2 * args.margin}-slice volumes' if args.margin else ''}; "
                 f"reference slice {args.ref_slice} of phantom seed {args.ref_seed}; {args.iterations} iterations; "
                 f"metrics on [-1000, 1000] HU vs the full-dose reconstruction; "
                 f"{time.perf_counter() - t_start:.0f} s in all on {torch.get_num_threads()} CPU threads")
