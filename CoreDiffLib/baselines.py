@@ -61,19 +61,27 @@ class REDCNN(nn.Module):
 def train_redcnn(pairs: Sequence[tuple[np.ndarray, np.ndarray]], iterations: int, batch_size: int = 8,
                  patch_size: int = 64, lr: float = 1e-4, seed: int = 0, filters: int = 96,
                  log: Callable[[str], None] = print, init_state: dict[str, torch.Tensor] | None = None,
-                 time_limit_s: float = 0.0, lr_schedule: str = "constant") -> REDCNN:
+                 time_limit_s: float = 0.0, lr_schedule: str = "constant", device: str = "cpu",
+                 precision: str = "fp32") -> REDCNN:
     """Supervised MSE training on the same patch sampler CoreDiff uses.
 
     ``init_state``, ``time_limit_s`` and a cosine ``lr_schedule`` give RED-CNN the fine-tuning
     recipe CoreDiff's 10 % and 5 % models get (start from the 25 % weights, a fixed number of
     CPU minutes, lr decayed to 0 by the time limit), so both are compared on the same budget.
+    ``device`` and ``precision`` ("bf16": autocast) match CoreDiff's GPU training, for the same
+    reason. The model comes back on the CPU.
     """
     if lr_schedule not in LR_SCHEDULES:
         raise ValueError(f"lr schedule must be constant or cosine, not {lr_schedule!r}")
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"training precision must be fp32 or bf16, not {precision!r}")
     torch.manual_seed(seed)
     model = REDCNN(filters)
     if init_state is not None:
         model.load_state_dict(init_state)
+    model.to(device)
+    autocast = torch.autocast(device_type="cuda" if device.startswith("cuda") else "cpu",
+                              dtype=torch.bfloat16, enabled=precision == "bf16")
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     data = PairedSlices(pairs, patch_size, seed=seed)
     t0 = time.time()
@@ -82,7 +90,8 @@ def train_redcnn(pairs: Sequence[tuple[np.ndarray, np.ndarray]], iterations: int
             for group in opt.param_groups:
                 group["lr"] = cosine_lr(lr, run_progress(it, iterations, time.time() - t0, time_limit_s))
         ctx, tgt = data.batch(batch_size)
-        loss = F.mse_loss(model(ctx[:, 1:2]), tgt)
+        with autocast:
+            loss = F.mse_loss(model(ctx[:, 1:2].to(device)).float(), tgt.to(device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -92,7 +101,7 @@ def train_redcnn(pairs: Sequence[tuple[np.ndarray, np.ndarray]], iterations: int
         if time_limit_s and time.time() - t0 > time_limit_s:
             log(f"RED-CNN stopped at iteration {it}: time limit {time_limit_s / 60:.1f} min")
             break
-    return model.eval()
+    return model.cpu().eval()
 
 
 @torch.no_grad()

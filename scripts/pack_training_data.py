@@ -2,9 +2,11 @@
 """Pack simulated NDCT/LDCT pairs into one small file for a GPU machine without SimpleITK.
 
     python scripts/pack_training_data.py --dose-tag 25 --train data/train --test data/test --out .gpu
+    python scripts/pack_training_data.py --dose-tag 25 10 5 --test "" --out .gpu   # three doses, no test set
 
 A rented GPU server often has PyTorch but no SimpleITK and little room for uploads, so the
-pairs travel as int16 arrays in an xz-compressed .npz (``train.npz.xz``, ``test.npz.xz``).
+pairs travel as int16 arrays in an xz-compressed .npz (``train.npz.xz``, ``test.npz.xz``);
+several doses share one copy of each NDCT volume (their LDCTs are simulated from it).
 Training volumes are cropped to the body (plus a margin): air outside the patient costs
 upload bytes and teaches nothing. Held-out volumes stay whole so they are scored on full slices.
 ``scripts/gpu_session.py`` reads them back with :func:`load_packed`.
@@ -16,6 +18,7 @@ import io
 import lzma
 import sys
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
@@ -37,40 +40,49 @@ def body_box(ndct: np.ndarray, margin: int, min_size: int) -> tuple[slice, slice
     return boxes[0], boxes[1]
 
 
-def pack(folder: Path, dose_tag: str, crop: bool, margin: int = 16, min_size: int = 256) -> bytes:
+def pack(folder: Path, dose_tags: Sequence[str], crop: bool, margin: int = 16, min_size: int = 256) -> bytes:
+    """``NAME/ndct`` and ``NAME/ldct-TAG`` int16 arrays for every case, xz-compressed."""
     from CoreDiffLib.io import find_pairs, read_volume
     arrays = {}
-    for nd_path, ld_path in find_pairs(folder, dose_tag):
-        nd, ld = read_volume(nd_path).array, read_volume(ld_path).array
-        rows, cols = body_box(nd, margin, min_size) if crop else (slice(None), slice(None))
-        name = Path(nd_path).name.split("_ndct")[0]
-        arrays[f"{name}/ndct"] = np.round(nd[:, rows, cols]).astype(np.int16)
-        arrays[f"{name}/ldct"] = np.round(ld[:, rows, cols]).astype(np.int16)
+    for tag in dose_tags:
+        for nd_path, ld_path in find_pairs(folder, tag):
+            nd, ld = read_volume(nd_path).array, read_volume(ld_path).array
+            rows, cols = body_box(nd, margin, min_size) if crop else (slice(None), slice(None))
+            name = Path(nd_path).name.split("_ndct")[0]
+            arrays[f"{name}/ndct"] = np.round(nd[:, rows, cols]).astype(np.int16)
+            arrays[f"{name}/ldct-{tag}"] = np.round(ld[:, rows, cols]).astype(np.int16)
     buf = io.BytesIO()
     np.savez(buf, **arrays)
     return lzma.compress(buf.getvalue(), preset=6)
 
 
-def load_packed(path: str | Path) -> list[tuple[str, np.ndarray, np.ndarray]]:
-    """[(case name, ndct HU float32, ldct HU float32)] from a packed file."""
+def load_packed(path: str | Path, dose_tag: str = "25") -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """[(case name, ndct HU float32, ldct HU float32)] at one dose from a packed file."""
     data = np.load(io.BytesIO(lzma.decompress(Path(path).read_bytes())))
     names = sorted({k.split("/")[0] for k in data.files})
-    return [(n, data[f"{n}/ndct"].astype(np.float32), data[f"{n}/ldct"].astype(np.float32)) for n in names]
+    tags = sorted({k.split("/ldct-")[1] for k in data.files if "/ldct-" in k})
+    if dose_tag not in tags:
+        raise KeyError(f"{path} holds dose tags {tags}, not {dose_tag!r}")
+    return [(n, data[f"{n}/ndct"].astype(np.float32), data[f"{n}/ldct-{dose_tag}"].astype(np.float32))
+            for n in names]
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--dose-tag", default="25")
+    p.add_argument("--dose-tag", nargs="+", default=["25"], help="one or more dose tags")
     p.add_argument("--train", default=str(REPO / "data" / "train"))
-    p.add_argument("--test", default=str(REPO / "data" / "test"))
+    p.add_argument("--test", default=str(REPO / "data" / "test"), help='"" packs no test set')
     p.add_argument("--out", default=str(REPO / ".gpu"))
     a = p.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     for split, folder, crop in (("train", a.train, True), ("test", a.test, False)):
+        if not folder:
+            continue
         blob = pack(Path(folder), a.dose_tag, crop)
         (out / f"{split}.npz.xz").write_bytes(blob)
-        print(f"{split}: {len(load_packed(out / f'{split}.npz.xz'))} cases, {len(blob) / 1e6:.1f} MB")
+        cases = load_packed(out / f"{split}.npz.xz", a.dose_tag[0])
+        print(f"{split}: {len(cases)} cases at dose tags {a.dose_tag}, {len(blob) / 1e6:.1f} MB")
     return 0
 
 
