@@ -286,7 +286,7 @@ def train(pairs: Sequence[tuple[np.ndarray, np.ndarray]], net_cfg: NetworkConfig
                               enabled=cfg.precision == "bf16")
     memory_format = torch.channels_last if on_cuda else torch.contiguous_format
     started = t0 = time.time()
-    window: list[float] = []
+    window: list[torch.Tensor] = []
     stop_at = cfg.iterations
     while state.iteration < stop_at:
         ctx, tgt = data.batch(cfg.batch_size)
@@ -306,9 +306,9 @@ def train(pairs: Sequence[tuple[np.ndarray, np.ndarray]], net_cfg: NetworkConfig
         loss.backward()
         optimizer.step()
         state.iteration += 1
-        window.append(float(loss.detach()))
+        window.append(loss.detach())  # a tensor: reading it every iteration would stall a GPU
         if debug_dir:
-            debug["losses"].append(window[-1])
+            debug["losses"].append(float(window[-1]))
             debug["ts"].append(t)
         if state.iteration % cfg.ema_every == 0:
             if state.iteration < cfg.ema_start:
@@ -316,7 +316,7 @@ def train(pairs: Sequence[tuple[np.ndarray, np.ndarray]], net_cfg: NetworkConfig
             else:
                 _update_ema(ema, model, cfg.ema_decay)
         if state.iteration % cfg.log_every == 0:
-            mean = float(np.mean(window))
+            mean = float(torch.stack(window).double().mean())
             state.losses.append(mean)
             window = []
             if rank == 0:
