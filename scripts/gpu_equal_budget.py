@@ -7,7 +7,7 @@
         --job redcnn-25:redcnn:25:.gpu/init/redcnn-25.pt:2.5e-4 ...                  # there
 
 Why: on equal CPU budgets RED-CNN stays a few tenths of a dB ahead of the width-16 CoreDiff,
-and three further 28-minute CPU rounds at 25 % did not move the gap. A GPU slot gives each model
+and three 28-minute CPU rounds at 25 % did not move the gap. A GPU slot gives each model
 many times the pixels of a CPU round, which tests whether much more training changes the
 ranking. Every job is its own process and all run at once, so each model gets the same wall
 time on the same GPU (the iterations each reached are reported); each starts from its latest
@@ -99,7 +99,7 @@ def run_job(job: Job, a: argparse.Namespace, work: Path) -> dict:
         raw = ClearNet(start.config)
         raw.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=True)["model"])
         meta = {"iterations": state.iteration, "dose_tag": job.dose_tag, "init": Path(job.init).name,
-                "train_config": asdict(cfg), "device": torch.cuda.get_device_name(0) if a.device == "cuda" else "cpu"}
+                "train_config": asdict(cfg), "losses_every_100": state.losses, "device": torch.cuda.get_device_name(0) if a.device == "cuda" else "cpu"}
         save_weights(raw, work / f"{job.name}-raw.safetensors", meta)
         save_weights(ema.cpu(), work / f"{job.name}-ema.safetensors", meta)
         iterations, losses = state.iteration, state.losses[-5:]

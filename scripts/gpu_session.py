@@ -12,7 +12,7 @@ its results as soon as it has them; a stage that fails is reported and the next 
           zero over --train-minutes. Weights (EMA) come back as two fp32 safetensors shards
           (file-size limits of the transfer); ``--merge`` joins them here.
 2. score  the held-out phantoms: PSNR / SSIM / RMSE at T = 10 and T = 1 for the new model, the
-          shipped CPU-trained model and the LDCT input; and the drift from storing the weights
+          shipped width-16 model and the LDCT input; and the drift from storing the weights
           in fp16 (what would halve the shipped file).
 3. bench  ``corediff bench`` on the trained model: precisions x batch, eager and CUDA graphs,
           then torch.compile, each checked against eager fp32 (0.05 dB rule).
@@ -132,7 +132,7 @@ def stage_score(a, weights: Path, out: Path, log) -> None:
     rows = {"LDCT": mean_metrics(volume_metrics(ldct, ndct))}
     models = {f"{a.stem} (GPU)": load_model(weights, device=a.device)}
     if a.score_all:
-        models["CoreDiff w16 (shipped, CPU-trained)"] = load_model("corediff-25", device=a.device)
+        models["CoreDiff w16 (shipped corediff-25)"] = load_model("corediff-25", device=a.device)
         half = load_model(weights, device="cpu")
         half.load_state_dict({k: v.half().float() for k, v in half.state_dict().items()})
         models[f"{a.stem}, fp16-stored weights"] = half.to(a.device)

@@ -36,13 +36,11 @@ def main() -> int:
     p.add_argument("--default", action="store_true", help="make this the default model")
     p.add_argument("--storage", choices=("fp32", "fp16"), default="fp32", help="dtype stored in the file")
     p.add_argument("--weights", choices=("ema", "raw"), default="ema",
-                   help="from a .ckpt: the EMA average (default) or the final optimiser weights")
+                   help="from a .ckpt: the EMA average (default) or the final optimiser weights; "
+                        "for a .safetensors file: which of the two it holds (recorded in the manifest)")
     p.add_argument("--export-only", metavar="FILE", default=None,
                    help="write the weights to FILE and leave the manifest alone (e.g. to score them first)")
     a = p.parse_args()
-    if a.weights == "raw" and a.checkpoint.endswith(".safetensors"):
-        p.error("--weights raw needs a training checkpoint (.ckpt): a weights file holds one set only")
-
     if a.checkpoint.endswith(".safetensors"):
         from CoreDiffLib.models import load_model, read_weights_config
         model = load_model(a.checkpoint)
