@@ -217,7 +217,8 @@ def main() -> int:
         return 0
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    a.stem = "corediff-25-w64" + ("" if a.variant == "full" else f"-{a.variant}")
+    a.stem = (Path(a.weights).stem if a.weights and "train" not in a.stages.split(",")
+              else "corediff-25-w64" + ("" if a.variant == "full" else f"-{a.variant}"))
     a.suffix = "" if a.variant == "full" else f"-{a.variant}"
     log = log_to(out / f"session{a.suffix}.log")
     a.device = "cpu" if a.dry_run else "cuda"
