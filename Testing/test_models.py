@@ -119,8 +119,13 @@ def test_ship_model_exports_ema_or_final_weights_without_touching_the_manifest(t
     refused = subprocess.run([sys.executable, str(script), str(tmp_path / "ema.safetensors"), "--name", "x",
                               "--dose", "0.25", "--weights", "raw", "--export-only", str(tmp_path / "r.safetensors")],
                              capture_output=True, encoding="utf-8")
-    assert refused.returncode == 2 and "needs a training checkpoint" in refused.stderr
+    assert refused.returncode == 2 and "holds the ema weights" in refused.stderr
     assert not (tmp_path / "r.safetensors").exists()
+    relabelled = subprocess.run([sys.executable, str(script), str(tmp_path / "raw.safetensors"), "--name", "x",
+                                 "--dose", "0.25", "--weights", "raw", "--export-only", str(tmp_path / "r.safetensors")],
+                                capture_output=True, encoding="utf-8")
+    assert relabelled.returncode == 0, relabelled.stderr  # the file says it holds the final weights
+    assert torch.equal(load_file(tmp_path / "r.safetensors")["out.weight"], saved["model"]["out.weight"].float())
     assert MANIFEST.read_bytes() == manifest_before
 
 

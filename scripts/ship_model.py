@@ -37,7 +37,8 @@ def main() -> int:
     p.add_argument("--storage", choices=("fp32", "fp16"), default="fp32", help="dtype stored in the file")
     p.add_argument("--weights", choices=("ema", "raw"), default="ema",
                    help="from a .ckpt: the EMA average (default) or the final optimiser weights; "
-                        "for a .safetensors file: which of the two it holds (recorded in the manifest)")
+                        "for a .safetensors file: which of the two it holds, recorded in the manifest (checked "
+                        "against the file's own record where it has one)")
     p.add_argument("--export-only", metavar="FILE", default=None,
                    help="write the weights to FILE and leave the manifest alone (e.g. to score them first)")
     a = p.parse_args()
@@ -45,6 +46,10 @@ def main() -> int:
         from CoreDiffLib.models import load_model, read_weights_config
         model = load_model(a.checkpoint)
         config, meta = read_weights_config(a.checkpoint)
+        held = meta.get("weights")  # written by this script and by gpu_equal_budget.py
+        if held and held != a.weights:
+            p.error(f"{a.checkpoint} holds the {held} weights, not the {a.weights} ones: a weights file "
+                    "holds one set only (a training checkpoint .ckpt holds both)")
         losses = json.loads(meta.get("losses_every_100", "[]"))
         ckpt = {"iteration": json.loads(meta.get("iterations", "0")), "losses": losses,
                 "train_config": json.loads(meta.get("train_config", "{}"))}
