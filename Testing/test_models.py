@@ -141,3 +141,52 @@ def test_train_redcnn_script_refuses_bad_input_cleanly_and_keeps_its_files(tmp_p
                           capture_output=True, encoding="utf-8")
     assert same.returncode == 2 and "--out is the --init" in same.stderr
     assert out.read_bytes() == b"starting weights"
+
+
+def test_gpu_equal_budget_round_rehearses_on_the_cpu_and_returns_loadable_weights(tmp_path):
+    """The GPU round's whole path (pack several doses, train both models side by side, tarball)."""
+    import tarfile
+    from conftest import write_image
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    from pack_training_data import load_packed
+
+    data = tmp_path / "data"
+    data.mkdir()
+    ndct = synthetic_ct(6, 64, seed=5, noise_hu=5)
+    rng = np.random.default_rng(1)
+    write_image(data / "case000_ndct.nrrd", ndct)
+    for tag, sigma in (("25", 20), ("10", 40)):
+        write_image(data / f"case000_ldct{tag}.nrrd", ndct + sigma * rng.standard_normal(ndct.shape))
+    scripts = Path(__file__).resolve().parents[1] / "scripts"
+    packed = tmp_path / "packed"
+    subprocess.run([sys.executable, str(scripts / "pack_training_data.py"), "--dose-tag", "25", "10",
+                    "--train", str(data), "--test", "", "--out", str(packed)], check=True, capture_output=True)
+    (_, nd25, ld25), = load_packed(packed / "train.npz.xz", "25")
+    (_, nd10, ld10), = load_packed(packed / "train.npz.xz", "10")
+    assert np.array_equal(nd25, nd10) and np.array_equal(nd25, ndct.astype(np.int16))  # as written
+    assert (ld10 - nd10).std() > 1.5 * (ld25 - nd25).std()  # each dose kept its own LDCT
+    with pytest.raises(KeyError, match="not '5'"):
+        load_packed(packed / "train.npz.xz", "5")
+
+    save_weights(ClearNet(NetworkConfig(width=8)), tmp_path / "cd.safetensors")
+    torch.save(REDCNN(32).state_dict(), tmp_path / "rc.pt")
+    out, work = tmp_path / "out", tmp_path / "work"
+    run = subprocess.run([sys.executable, str(scripts / "gpu_equal_budget.py"), "--data", str(packed),
+                          "--out", str(out), "--work", str(work), "--device", "cpu", "--precision", "fp32",
+                          "--minutes", "0.05", "--batch-size", "2", "--patch-size", "32", "--threads", "1",
+                          "--job", f"cd-25:corediff:25:{tmp_path / 'cd.safetensors'}:2e-4",
+                          "--job", f"rc-10:redcnn:10:{tmp_path / 'rc.pt'}:2.5e-4"],
+                         capture_output=True, encoding="utf-8", timeout=300)
+    assert run.returncode == 0, run.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert all(job["iterations"] > 0 for job in summary["jobs"].values())
+    with tarfile.open(out / "equal_budget.tar.gz") as tar:
+        safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}  # Python >= 3.11.4
+        tar.extractall(tmp_path / "back", **safe)
+    back = tmp_path / "back" / "equal_budget"
+    for kind in ("raw", "ema"):
+        model = load_model(back / f"cd-25-{kind}.safetensors")
+        assert model.config == NetworkConfig(width=8)
+        from CoreDiffLib.models import read_weights_config
+        assert read_weights_config(back / f"cd-25-{kind}.safetensors")[1]["weights"] == kind
+    REDCNN(32).load_state_dict(torch.load(back / "rc-10.pt", weights_only=True))

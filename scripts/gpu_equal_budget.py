@@ -99,7 +99,8 @@ def run_job(job: Job, a: argparse.Namespace, work: Path) -> dict:
         raw = ClearNet(start.config)
         raw.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=True)["model"])
         meta = {"iterations": state.iteration, "dose_tag": job.dose_tag, "init": Path(job.init).name,
-                "train_config": asdict(cfg), "losses_every_100": state.losses, "device": torch.cuda.get_device_name(0) if a.device == "cuda" else "cpu"}
+                "train_config": asdict(cfg), "losses_every_100": state.losses,
+                "device": torch.cuda.get_device_name(0) if a.device == "cuda" else "cpu"}
         save_weights(raw, work / f"{job.name}-raw.safetensors", dict(meta, weights="raw"))
         save_weights(ema.cpu(), work / f"{job.name}-ema.safetensors", dict(meta, weights="ema"))
         iterations, losses = state.iteration, state.losses[-5:]
