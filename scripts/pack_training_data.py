@@ -43,14 +43,16 @@ def body_box(ndct: np.ndarray, margin: int, min_size: int) -> tuple[slice, slice
 def pack(folder: Path, dose_tags: Sequence[str], crop: bool, margin: int = 16, min_size: int = 256) -> bytes:
     """``NAME/ndct`` and ``NAME/ldct-TAG`` int16 arrays for every case, xz-compressed."""
     from CoreDiffLib.io import find_pairs, read_volume
-    arrays = {}
+    arrays, boxes = {}, {}
     for tag in dose_tags:
         for nd_path, ld_path in find_pairs(folder, tag):
-            nd, ld = read_volume(nd_path).array, read_volume(ld_path).array
-            rows, cols = body_box(nd, margin, min_size) if crop else (slice(None), slice(None))
             name = Path(nd_path).name.split("_ndct")[0]
-            arrays[f"{name}/ndct"] = np.round(nd[:, rows, cols]).astype(np.int16)
-            arrays[f"{name}/ldct-{tag}"] = np.round(ld[:, rows, cols]).astype(np.int16)
+            if name not in boxes:  # the NDCT is shared by every dose: read and crop it once
+                nd = read_volume(nd_path).array
+                boxes[name] = body_box(nd, margin, min_size) if crop else (slice(None), slice(None))
+                arrays[f"{name}/ndct"] = np.round(nd[:, boxes[name][0], boxes[name][1]]).astype(np.int16)
+            rows, cols = boxes[name]
+            arrays[f"{name}/ldct-{tag}"] = np.round(read_volume(ld_path).array[:, rows, cols]).astype(np.int16)
     buf = io.BytesIO()
     np.savez(buf, **arrays)
     return lzma.compress(buf.getvalue(), preset=6)
