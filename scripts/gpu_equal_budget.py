@@ -140,8 +140,8 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     if a.run_one:
-        result = run_job(Job.parse(a.run_one), a, work)
-        (work / f"{Job.parse(a.run_one).name}.json").write_text(json.dumps(result, indent=1))
+        job = Job.parse(a.run_one)
+        (work / f"{job.name}.json").write_text(json.dumps(run_job(job, a, work), indent=1))
         return 0
     jobs = [Job.parse(spec) for spec in a.job]
     if not jobs:
@@ -157,9 +157,8 @@ def main() -> int:
         return 2
     child_args = sys.argv[1:]
     procs = {}
-    for job in jobs:
-        spec = ":".join([job.name, job.model, job.dose_tag, job.init, str(job.lr)])
-        env = dict(os.environ, OMP_NUM_THREADS=str(a.threads), PYTHONUNBUFFERED="1")
+    env = dict(os.environ, OMP_NUM_THREADS=str(a.threads), PYTHONUNBUFFERED="1")
+    for job, spec in zip(jobs, a.job):
         procs[job.name] = subprocess.Popen([sys.executable, __file__, *child_args, "--run-one", spec], env=env)
     samples, t0 = [], time.time()
     while any(proc.poll() is None for proc in procs.values()):

@@ -161,6 +161,8 @@ def main(argv=None) -> int:
     ap.add_argument("--quick-lr", type=float, default=5e-4)
     ap.add_argument("--workdir", default="oneshot_bench_work", help="where quick models are kept")
     args = ap.parse_args(argv)
+    if args.margin < 0 or args.slices < 1:  # before any model is trained or phantom simulated
+        ap.error("--slices must be >= 1 and --margin >= 0")
     if args.threads:
         torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
@@ -187,8 +189,6 @@ def main(argv=None) -> int:
     log(f"simulating reference phantom (seed {args.ref_seed}) and {args.count} test phantoms "
         f"({args.kind}, {args.size}^2) at doses {args.doses}")
     ref_ndct, ref_ldct = simulate(args.kind, args.ref_slices, args.size, args.doses, args.ref_seed)
-    if args.margin < 0 or args.slices < 1:
-        ap.error("--slices must be >= 1 and --margin >= 0")
     tests = [simulate(args.kind, args.slices + 2 * args.margin, args.size, args.doses, args.test_seed + i)
              for i in range(args.count)]
     scored = slice(args.margin, args.margin + args.slices)
