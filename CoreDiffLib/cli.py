@@ -97,6 +97,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .network import NetworkConfig
     from .training import TrainConfig, train
 
+    if args.widen and not args.init_weights:
+        raise CoreDiffError("--widen widens the --init-weights model: give --init-weights too")
     pairs = read_pair_list(args.data) if Path(args.data).is_file() else find_pairs(args.data, args.dose_tag)
     info(args, f"{len(pairs)} NDCT/LDCT pairs")
     volumes = []
@@ -111,8 +113,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.init_weights:
         from .models import load_model
         init = load_model(args.init_weights)
+        if args.widen:
+            from .network import widened
+            init = widened(init, args.widen, seed=args.seed)
         net_cfg, init_state = init.config, init.state_dict()
-        info(args, f"starting from {args.init_weights} (its architecture: width {net_cfg.width}, "
+        info(args, f"starting from {args.init_weights}{f' widened {args.widen}x' if args.widen else ''} "
+                   f"(its architecture: width {net_cfg.width}, "
                    f"CTX {net_cfg.use_context}, EMM {net_cfg.use_emm}, T={net_cfg.steps})")
     cfg = TrainConfig(iterations=args.iterations, batch_size=args.batch_size, patch_size=args.patch_size,
                       lr=args.lr, seed=args.seed, checkpoint_every=args.checkpoint_every,
@@ -152,6 +158,9 @@ def add_train_parser(sub) -> None:
     p.add_argument("--init-weights", default=None, metavar="MODEL",
                    help="start from these weights (shipped name or file; its architecture wins over "
                         "--width/--no-context/--no-emm/--steps): fine-tune on your own data")
+    p.add_argument("--widen", type=int, default=0, metavar="K",
+                   help="start from the --init-weights model made K times wider, computing the same "
+                        "function (e.g. a trained width-16 model as the start of a width-32 one)")
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant",
                    help="cosine: decay to 0 by the last iteration (or by --time-limit, if sooner)")

@@ -14,12 +14,15 @@ Both are switchable for ablations; ``width`` scales every layer (64 = the paper,
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
 import torch.nn.functional as F
+
+from . import CoreDiffError
 
 
 @dataclass(frozen=True)
@@ -169,3 +172,47 @@ class ClearNet(nn.Module):
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+@torch.no_grad()
+def widened(model: ClearNet, factor: int = 2, seed: int = 0) -> ClearNet:
+    """The same function in a CLEAR-Net ``factor`` times wider (Net2Net-style widening).
+
+    Why: a trained narrow model is a far better start for a wide one than random weights, so
+    more capacity can be tried without paying again for everything the narrow one learned.
+    Every width-dependent channel is copied ``factor`` times; a layer reading copied channels
+    splits each original input weight among the copies in random proportions summing to one,
+    so the output is unchanged while the copies get different gradients and can diverge.
+    The network has no normalisation layers, so copying and splitting is exact.
+    """
+    if factor < 2:
+        raise CoreDiffError(f"widening factor must be an integer >= 2, not {factor}")
+    wide = ClearNet(dataclasses.replace(model.config, width=model.config.width * factor))
+    gen = torch.Generator().manual_seed(seed)
+    chunked = {id(e.features[-1]) for e in (model.emm or [])}  # outputs [gamma, beta]: copy each half
+    for (name, old), (_, new) in zip(model.named_modules(), wide.named_modules()):
+        if not isinstance(old, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
+            continue
+        out_dim, in_dim = (1, 0) if isinstance(old, nn.ConvTranspose2d) else (0, 1)
+        w = old.weight.detach()
+        if new.weight.shape[in_dim] != w.shape[in_dim]:  # reads copied channels: split the weights
+            c = w.shape[in_dim]
+            share = torch.rand(factor, c, generator=gen) + 0.5
+            share = (share / share.sum(0)).reshape(-1)  # copy k of channel i: share[k * c + i]
+            shape = [1] * w.dim()
+            shape[in_dim] = factor * c
+            w = torch.cat([w] * factor, in_dim) * share.reshape(shape).to(w.dtype)
+        tensors = {"weight": w, "bias": old.bias.detach() if old.bias is not None else None}
+        for key, t in tensors.items():
+            if t is None:
+                continue
+            dim = out_dim if key == "weight" else 0
+            target = getattr(new, key)
+            if target.shape[dim] != t.shape[dim]:  # writes copied channels
+                halves = t.chunk(2, dim) if id(old) in chunked else (t,)
+                t = torch.cat([torch.cat([h] * factor, dim) for h in halves], dim)
+            if t.shape != target.shape:
+                raise CoreDiffError(f"cannot widen {name}.{key}: {tuple(t.shape)} does not grow into "
+                                    f"{tuple(target.shape)} (widths whose EMM size is not a multiple)")
+            target.copy_(t)
+    return wide.train(model.training)

@@ -200,3 +200,19 @@ def test_train_can_start_from_shipped_weights(tmp_path):
     assert tuned.config == start.config  # the file's architecture, not --width 8
     for (k, a), b in zip(start.state_dict().items(), tuned.state_dict().values()):
         assert torch.allclose(a, b, atol=1e-6), k
+
+
+def test_train_can_widen_shipped_weights_into_a_wider_model_of_the_same_function(tmp_path):
+    data = _paired_training_folder(tmp_path)
+    out = tmp_path / "w32.safetensors"
+    r = corediff("train", data, "--out", out, "--iterations", "1", "--batch-size", "1", "--patch-size", "32",
+                 "--init-weights", "corediff-25", "--widen", "2", "--lr", "1e-12", "--progress", "none")
+    assert r.returncode == 0, r.stderr
+    from CoreDiffLib.diffusion import sample
+    from CoreDiffLib.models import load_model
+    start, wide = load_model("corediff-25").eval(), load_model(out).eval()
+    assert wide.config.width == 2 * start.config.width
+    stack = torch.rand(1, 3, 32, 32) * 0.1 + 0.22
+    assert float((sample(start, stack).final - sample(wide, stack).final).abs().max()) * 4096 < 0.05  # HU
+    r = corediff("train", data, "--out", tmp_path / "x.safetensors", "--widen", "2", "--progress", "none")
+    assert r.returncode == 2 and "--init-weights" in r.stderr and not (tmp_path / "x.safetensors").exists()

@@ -9,7 +9,8 @@ import torch
 
 from CoreDiffLib.degradation import alpha_schedule, degrade
 from CoreDiffLib.diffusion import sample, step_indices
-from CoreDiffLib.network import ClearNet, NetworkConfig, count_parameters
+from CoreDiffLib import CoreDiffError
+from CoreDiffLib.network import ClearNet, NetworkConfig, count_parameters, widened
 from CoreDiffLib.training import PairedSlices, TrainConfig, corediff_loss, train
 
 from conftest import synthetic_ct
@@ -158,6 +159,28 @@ def test_patch_sampler_replicates_edges_and_pairs_context_with_target():
     assert ctx.shape == (3, 3, 16, 16) and tgt.shape == (3, 1, 16, 16)
     # single-slice volume: both neighbours are the slice itself, and LDCT == NDCT here
     assert torch.equal(ctx[:, 0], ctx[:, 1]) and torch.equal(ctx[:, 1], tgt[:, 0])
+
+
+@pytest.mark.parametrize("width,factor", [(8, 2), (4, 2), (8, 4)])
+def test_a_widened_network_computes_the_same_function_and_its_copies_can_diverge(width, factor):
+    torch.manual_seed(0)
+    net = ClearNet(NetworkConfig(width=width))
+    for p in net.parameters():  # a trained-looking network, not the zero-initialised identity
+        p.data.normal_(0, 0.1)
+    wide = widened(net.eval(), factor, seed=1)
+    assert wide.config.width == width * factor and not wide.training
+    assert count_parameters(wide) > 2 * count_parameters(net)
+    stack = torch.rand(2, 3, 16, 16) * 0.1 + 0.22
+    narrow_steps, wide_steps = sample(net, stack).steps, sample(wide, stack).steps  # EMM on after step 1
+    assert float((narrow_steps - wide_steps).abs().max()) * 4096 < 1e-2  # HU
+    loss = corediff_loss(wide.train(), wide.config, stack, stack[:, 1:2] * 0.9, t=5)
+    loss.backward()
+    g = wide.enc1[0].weight.grad  # copies of one channel read by layers that split them unevenly
+    assert not torch.allclose(g[:width], g[width:2 * width])
+    with pytest.raises(CoreDiffError, match="integer >= 2"):
+        widened(net, 1)
+    with pytest.raises(CoreDiffError, match="cannot widen"):
+        widened(ClearNet(NetworkConfig(width=6)), 2)  # its EMM (4 channels) cannot grow to 6
 
 
 @pytest.mark.parametrize("cfg", [NetworkConfig(width=8, use_context=False), NetworkConfig(width=8, use_emm=False)])
