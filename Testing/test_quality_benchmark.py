@@ -107,3 +107,22 @@ def test_end_slices_are_scored_apart_from_the_inner_ones():
     end = by_label["edgy"]["end_slices"]
     assert end["rmse_hu"] == pytest.approx(30.0, rel=1e-3) and by_label["ref"]["end_slices"]["rmse_hu"] == pytest.approx(5.0, rel=1e-3)
     assert end["paired_vs_reference"]["better"] == 0 and end["paired_vs_reference"]["n"] == 4
+
+
+def test_the_test_time_ensemble_turns_each_output_back_before_averaging():
+    import torch
+    spec = importlib.util.spec_from_file_location("tta_benchmark", Path(__file__).parent / "benchmarks" / "tta_benchmark.py")
+    tta = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tta)
+    stack = torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    from CoreDiffLib.intensity import unit_to_hu
+    centre = unit_to_hu(stack[0, 1].numpy())
+    # an orientation-blind denoiser comes back unchanged from all 8 orientations
+    assert np.allclose(tta.ensemble(lambda x: x[:, 1:2], stack, tta.ORIENTATIONS), centre, atol=1e-3)
+    # a denoiser that shifts its input one pixel right is, turned back, shifted in each of the 4
+    # directions twice: the ensemble is the mean of the 4 shifts, not 8 copies of one
+    shifted = tta.ensemble(lambda x: torch.roll(x[:, 1:2], 1, dims=3), stack, tta.ORIENTATIONS)
+    c = stack[0, 1]
+    expected = unit_to_hu(sum(torch.roll(c, s, d) for s in (1, -1) for d in (0, 1)).numpy() / 4)
+    assert np.allclose(shifted, expected, atol=1e-3)
+    assert len(set(tta.ORIENTATIONS)) == 8
