@@ -99,6 +99,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     if args.widen and not args.init_weights:
         raise CoreDiffError("--widen widens the --init-weights model: give --init-weights too")
+    if args.widen and args.widen < 2:
+        raise CoreDiffError(f"--widen {args.widen}: give an integer factor >= 2 (e.g. 2: width 16 -> 32)")
     pairs = read_pair_list(args.data) if Path(args.data).is_file() else find_pairs(args.data, args.dose_tag)
     info(args, f"{len(pairs)} NDCT/LDCT pairs")
     volumes = []

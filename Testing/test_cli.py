@@ -216,3 +216,6 @@ def test_train_can_widen_shipped_weights_into_a_wider_model_of_the_same_function
     assert float((sample(start, stack).final - sample(wide, stack).final).abs().max()) * 4096 < 0.05  # HU
     r = corediff("train", data, "--out", tmp_path / "x.safetensors", "--widen", "2", "--progress", "none")
     assert r.returncode == 2 and "--init-weights" in r.stderr and not (tmp_path / "x.safetensors").exists()
+    r = corediff("train", data, "--out", tmp_path / "x.safetensors", "--init-weights", "corediff-25", "--widen", "1",
+                 "--progress", "none")
+    assert r.returncode == 2 and ">= 2" in r.stderr and not (tmp_path / "x.safetensors").exists()
