@@ -201,7 +201,7 @@ def widened(model: ClearNet, factor: int = 2, seed: int = 0) -> ClearNet:
             share = (share / share.sum(0)).reshape(-1)  # copy k of channel i: share[k * c + i]
             shape = [1] * w.dim()
             shape[in_dim] = factor * c
-            w = torch.cat([w] * factor, in_dim) * share.reshape(shape).to(w.dtype)
+            w = torch.cat([w] * factor, in_dim) * share.reshape(shape).to(w)  # w's dtype and device
         tensors = {"weight": w, "bias": old.bias.detach() if old.bias is not None else None}
         for key, t in tensors.items():
             if t is None:

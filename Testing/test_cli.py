@@ -189,28 +189,27 @@ def test_models_and_devices_list_as_json():
     assert r.returncode == 0 and isinstance(json.loads(r.stdout), list)
 
 
-def test_train_can_start_from_shipped_weights(tmp_path):
+def _fine_tune_shipped(tmp_path, *extra) -> tuple:
+    """corediff-25 and what `train --init-weights corediff-25 EXTRA` at a negligible lr wrote."""
     data = _paired_training_folder(tmp_path)
     out = tmp_path / "ft.safetensors"
     r = corediff("train", data, "--out", out, "--iterations", "2", "--batch-size", "2", "--patch-size", "32",
-                 "--init-weights", "corediff-25", "--lr", "1e-12", "--width", "8", "--progress", "lines")
+                 "--init-weights", "corediff-25", "--lr", "1e-12", "--progress", "lines", *extra)
     assert r.returncode == 0, r.stderr
     from CoreDiffLib.models import load_model
-    start, tuned = load_model("corediff-25"), load_model(out)
+    return data, load_model("corediff-25").eval(), load_model(out).eval()
+
+
+def test_train_can_start_from_shipped_weights(tmp_path):
+    _, start, tuned = _fine_tune_shipped(tmp_path, "--width", "8")
     assert tuned.config == start.config  # the file's architecture, not --width 8
     for (k, a), b in zip(start.state_dict().items(), tuned.state_dict().values()):
         assert torch.allclose(a, b, atol=1e-6), k
 
 
 def test_train_can_widen_shipped_weights_into_a_wider_model_of_the_same_function(tmp_path):
-    data = _paired_training_folder(tmp_path)
-    out = tmp_path / "w32.safetensors"
-    r = corediff("train", data, "--out", out, "--iterations", "1", "--batch-size", "1", "--patch-size", "32",
-                 "--init-weights", "corediff-25", "--widen", "2", "--lr", "1e-12", "--progress", "none")
-    assert r.returncode == 0, r.stderr
+    data, start, wide = _fine_tune_shipped(tmp_path, "--widen", "2")
     from CoreDiffLib.diffusion import sample
-    from CoreDiffLib.models import load_model
-    start, wide = load_model("corediff-25").eval(), load_model(out).eval()
     assert wide.config.width == 2 * start.config.width
     stack = torch.rand(1, 3, 32, 32) * 0.1 + 0.22
     assert float((sample(start, stack).final - sample(wide, stack).final).abs().max()) * 4096 < 0.05  # HU
