@@ -14,9 +14,8 @@ Both are switchable for ablations; ``width`` scales every layer (64 = the paper,
 """
 from __future__ import annotations
 
-import dataclasses
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from torch import nn
@@ -187,7 +186,7 @@ def widened(model: ClearNet, factor: int = 2, seed: int = 0) -> ClearNet:
     """
     if factor < 2:
         raise CoreDiffError(f"widening factor must be an integer >= 2, not {factor}")
-    wide = ClearNet(dataclasses.replace(model.config, width=model.config.width * factor))
+    wide = ClearNet(replace(model.config, width=model.config.width * factor))
     gen = torch.Generator().manual_seed(seed)
     chunked = {id(e.features[-1]) for e in (model.emm or [])}  # outputs [gamma, beta]: copy each half
     for (name, old), (_, new) in zip(model.named_modules(), wide.named_modules()):
