@@ -33,8 +33,8 @@ from quality_benchmark import default_cache, held_out  # noqa: E402
 ORIENTATIONS = [(k, flip) for k in range(4) for flip in (False, True)]
 
 
-def ensemble(fn, stack: torch.Tensor, orientations) -> np.ndarray:
-    """Mean of fn over the given orientations of a (1, C, H, W) stack, each turned back; HU."""
+def oriented_outputs(fn, stack: torch.Tensor, orientations) -> torch.Tensor:
+    """fn on each orientation of a (1, C, H, W) stack, each output turned back: (N, 1, 1, H, W)."""
     outs = []
     for k, flip in orientations:
         x = torch.rot90(stack, k, (2, 3))
@@ -42,7 +42,12 @@ def ensemble(fn, stack: torch.Tensor, orientations) -> np.ndarray:
         y = fn(x)
         y = torch.flip(y, (3,)) if flip else y
         outs.append(torch.rot90(y, -k, (2, 3)))
-    return unit_to_hu(torch.stack(outs).mean(0)[0, 0].numpy())
+    return torch.stack(outs)
+
+
+def ensemble(fn, stack: torch.Tensor, orientations) -> np.ndarray:
+    """Mean of fn over the given orientations of a (1, C, H, W) stack, each turned back; HU."""
+    return unit_to_hu(oriented_outputs(fn, stack, orientations).mean(0)[0, 0].numpy())
 
 
 def main() -> int:
@@ -70,9 +75,10 @@ def main() -> int:
             for i in range(1, ldct.shape[0] - 1):  # inner slices: both neighbours, as in the tables
                 stack = torch.from_numpy(context_stack(ldct, i, i + 1))
                 for label, fn in methods.items():
-                    scores.setdefault(label, []).append(psnr(ensemble(fn, stack, ORIENTATIONS[:1]), ndct[i]))
+                    outs = oriented_outputs(fn, stack, ORIENTATIONS)  # the first is the plain output
+                    scores.setdefault(label, []).append(psnr(unit_to_hu(outs[0, 0, 0].numpy()), ndct[i]))
                     scores.setdefault(f"{label} + 8-fold ensemble", []).append(
-                        psnr(ensemble(fn, stack, ORIENTATIONS), ndct[i]))
+                        psnr(unit_to_hu(outs.mean(0)[0, 0].numpy()), ndct[i]))
             print(f"{name}: {time.time() - t0:.0f} s", flush=True)
     n = len(scores["RED-CNN"])
     print(f"\n{a.split} set, {tag} % dose, {n} inner slices, PSNR vs NDCT (dB); "
