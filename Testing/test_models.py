@@ -33,6 +33,22 @@ def test_every_shipped_model_loads_verified_and_is_world_readable():
         assert all(p.dtype == torch.float32 for p in model.parameters())
 
 
+def test_pip_package_data_carries_every_shipped_model_and_the_sample():
+    """`pip install` ships only files that pyproject's package-data globs match: a new model file
+    of another name or suffix would install without its weights, and fail on first load."""
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+    root = WEIGHTS_DIR.parents[1]
+    config = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
+    shipped = set()
+    for package, patterns in config["package-data"].items():
+        assert package in config["packages"], f"{package} has package data but is not listed in packages"
+        folder = root.joinpath(*package.split("."))
+        shipped |= {f for pattern in patterns for f in folder.glob(pattern)}
+    wanted = {WEIGHTS_DIR / e["file"] for e in shipped_models().values()} | {MANIFEST}
+    wanted |= set((root / "CoreDiffLib" / "data").glob("sample_*.nrrd"))
+    assert len(wanted) > 3 and wanted <= shipped, f"not in the pip package: {sorted(wanted - shipped)}"
+
+
 def test_a_modified_shipped_file_is_refused(tmp_path, monkeypatch):
     import CoreDiffLib.models as models
     weights = tmp_path / "weights"
