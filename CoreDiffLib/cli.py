@@ -99,16 +99,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     if args.widen and not args.init_weights:
         raise CoreDiffError("--widen widens the --init-weights model: give --init-weights too")
-    if args.widen and args.widen < 2:
-        raise CoreDiffError(f"--widen {args.widen}: give an integer factor >= 2 (e.g. 2: width 16 -> 32)")
-    pairs = read_pair_list(args.data) if Path(args.data).is_file() else find_pairs(args.data, args.dose_tag)
-    info(args, f"{len(pairs)} NDCT/LDCT pairs")
-    volumes = []
-    for nd, ld in pairs:
-        a, b = read_volume(nd), read_volume(ld)
-        if a.shape != b.shape:
-            raise CoreDiffError(f"{nd} {a.shape} and {ld} {b.shape} differ in shape: pairs must be aligned")
-        volumes.append((a.array, b.array))
+    # the starting weights first: a bad file or widening factor is refused before the data are read
     net_cfg = NetworkConfig(width=args.width, use_context=not args.no_context, use_emm=not args.no_emm,
                             steps=args.steps)
     init_state = None
@@ -122,6 +113,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         info(args, f"starting from {args.init_weights}{f' widened {args.widen}x' if args.widen else ''} "
                    f"(its architecture: width {net_cfg.width}, "
                    f"CTX {net_cfg.use_context}, EMM {net_cfg.use_emm}, T={net_cfg.steps})")
+    pairs = read_pair_list(args.data) if Path(args.data).is_file() else find_pairs(args.data, args.dose_tag)
+    info(args, f"{len(pairs)} NDCT/LDCT pairs")
+    volumes = []
+    for nd, ld in pairs:
+        a, b = read_volume(nd), read_volume(ld)
+        if a.shape != b.shape:
+            raise CoreDiffError(f"{nd} {a.shape} and {ld} {b.shape} differ in shape: pairs must be aligned")
+        volumes.append((a.array, b.array))
     cfg = TrainConfig(iterations=args.iterations, batch_size=args.batch_size, patch_size=args.patch_size,
                       lr=args.lr, seed=args.seed, checkpoint_every=args.checkpoint_every,
                       ema_start=args.ema_start if args.ema_start is not None else min(2000, args.iterations // 5),

@@ -118,10 +118,11 @@ def test_the_test_time_ensemble_turns_each_output_back_before_averaging():
     from CoreDiffLib.intensity import unit_to_hu
     centre = unit_to_hu(stack[0, 1].numpy())
     # an orientation-blind denoiser comes back unchanged from all 8 orientations
-    assert np.allclose(tta.ensemble(lambda x: x[:, 1:2], stack, tta.ORIENTATIONS), centre, atol=1e-3)
+    assert np.allclose(tta.ensemble(tta.oriented_outputs(lambda x: x[:, 1:2], stack, tta.ORIENTATIONS)), centre, atol=1e-3)
     # a denoiser that shifts its input one pixel right is, turned back, shifted in each of the 4
     # directions twice: the ensemble is the mean of the 4 shifts, not 8 copies of one
-    shifted = tta.ensemble(lambda x: torch.roll(x[:, 1:2], 1, dims=3), stack, tta.ORIENTATIONS)
+    shift_right = lambda x: torch.roll(x[:, 1:2], 1, dims=3)  # noqa: E731
+    shifted = tta.ensemble(tta.oriented_outputs(shift_right, stack, tta.ORIENTATIONS))
     c = stack[0, 1]
     expected = unit_to_hu(sum(torch.roll(c, s, d) for s in (1, -1) for d in (0, 1)).numpy() / 4)
     assert np.allclose(shifted, expected, atol=1e-3)

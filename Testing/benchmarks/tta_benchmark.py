@@ -45,9 +45,9 @@ def oriented_outputs(fn, stack: torch.Tensor, orientations) -> torch.Tensor:
     return torch.stack(outs)
 
 
-def ensemble(fn, stack: torch.Tensor, orientations) -> np.ndarray:
-    """Mean of fn over the given orientations of a (1, C, H, W) stack, each turned back; HU."""
-    return unit_to_hu(oriented_outputs(fn, stack, orientations).mean(0)[0, 0].numpy())
+def ensemble(outs: torch.Tensor) -> np.ndarray:
+    """The ensemble of oriented_outputs' (N, 1, 1, H, W): their mean, in HU."""
+    return unit_to_hu(outs.mean(0)[0, 0].numpy())
 
 
 def main() -> int:
@@ -77,8 +77,7 @@ def main() -> int:
                 for label, fn in methods.items():
                     outs = oriented_outputs(fn, stack, ORIENTATIONS)  # the first is the plain output
                     scores.setdefault(label, []).append(psnr(unit_to_hu(outs[0, 0, 0].numpy()), ndct[i]))
-                    scores.setdefault(f"{label} + 8-fold ensemble", []).append(
-                        psnr(unit_to_hu(outs.mean(0)[0, 0].numpy()), ndct[i]))
+                    scores.setdefault(f"{label} + 8-fold ensemble", []).append(psnr(ensemble(outs), ndct[i]))
             print(f"{name}: {time.time() - t0:.0f} s", flush=True)
     n = len(scores["RED-CNN"])
     print(f"\n{a.split} set, {tag} % dose, {n} inner slices, PSNR vs NDCT (dB); "
