@@ -26,7 +26,7 @@ from . import CoreDiffError
 from .atomic import atomic_path
 from .degradation import alpha_schedule, degrade
 from .diffusion import network_input
-from .intensity import hu_to_unit
+from .intensity import METRIC_WINDOW_HU, hu_to_unit
 from .network import ClearNet, NetworkConfig
 
 
@@ -51,6 +51,7 @@ class TrainConfig:
     time_limit_s: float = 0.0     # stop (and checkpoint) after this much wall time; 0 = no limit
     lr_schedule: str = "constant"  # one of LR_SCHEDULES; "cosine": decay to 0 over the iterations or the time limit
     t_sampling: str = "uniform"   # "late": p(t) ∝ t + 1, see time_index_probabilities
+    ssim_weight: float = 0.0      # > 0: add ssim_weight x (1 - SSIM) to the MSE, see restoration_loss
 
 
 # ----------------------------------------------------------------------------- data
@@ -103,8 +104,44 @@ class PairedSlices:
 
 
 # ----------------------------------------------------------------------------- loss
+_SSIM_RADIUS, _SSIM_SIGMA = 5, 1.5  # scikit-image's Gaussian SSIM window (truncate 3.5): 11 x 11
+
+
+def window_ssim(image: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """Mean SSIM of two (N, 1, H, W) batches in network units, on the metric window.
+
+    Differentiable, and the same number :func:`CoreDiffLib.metrics.ssim` reports (both are
+    clipped to [-1000, 1000] HU, Gaussian window 11 x 11, sigma 1.5, over the pixels whose window
+    lies inside the image), so that training can aim at it: an MSE-trained model passes the
+    paper's PSNR yet can stay behind on SSIM, which weighs the high-contrast edges differently.
+    """
+    lo, hi = (float(hu_to_unit(v)) for v in METRIC_WINDOW_HU)
+    x = (image.clamp(lo, hi) - lo) / (hi - lo)
+    y = (reference.clamp(lo, hi) - lo) / (hi - lo)
+    r = torch.arange(-_SSIM_RADIUS, _SSIM_RADIUS + 1, dtype=x.dtype, device=x.device)
+    g = torch.exp(-r ** 2 / (2 * _SSIM_SIGMA ** 2))
+    g = g / g.sum()
+
+    def blur(a: torch.Tensor) -> torch.Tensor:  # separable, "valid": no padding
+        return F.conv2d(F.conv2d(a, g.view(1, 1, 1, -1)), g.view(1, 1, -1, 1))
+
+    mx, my = blur(x), blur(y)
+    vx, vy, cxy = blur(x * x) - mx * mx, blur(y * y) - my * my, blur(x * y) - mx * my
+    c1, c2 = 0.01 ** 2, 0.03 ** 2
+    ssim_map = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2))
+    return ssim_map.mean()
+
+
+def restoration_loss(x0_hat: torch.Tensor, ndct: torch.Tensor, ssim_weight: float = 0.0) -> torch.Tensor:
+    """MSE against the NDCT (the paper's loss), plus ``ssim_weight`` x (1 - SSIM) if asked for."""
+    loss = F.mse_loss(x0_hat, ndct)
+    if ssim_weight:
+        loss = loss + ssim_weight * (1.0 - window_ssim(x0_hat.float(), ndct.float()))
+    return loss
+
+
 def corediff_loss(model: torch.nn.Module, config: NetworkConfig, ldct_stack: torch.Tensor,
-                  ndct: torch.Tensor, t: int) -> torch.Tensor:
+                  ndct: torch.Tensor, t: int, ssim_weight: float = 0.0) -> torch.Tensor:
     """The two-stage CoreDiff loss for one batch at time index t (shared by the batch)."""
     alphas = alpha_schedule(config.steps).to(ndct.device)
     c = ldct_stack.shape[1] // 2
@@ -114,13 +151,13 @@ def corediff_loss(model: torch.nn.Module, config: NetworkConfig, ldct_stack: tor
 
     x_t = degrade(ndct, xT, alphas[t])
     x0_hat = model(network_input(x_t, ctx, config.use_context), tb)
-    loss_1 = F.mse_loss(x0_hat, ndct)
+    loss_1 = restoration_loss(x0_hat, ndct, ssim_weight)
     if t == 0:
         return loss_1
     x_prev = degrade(x0_hat, xT, alphas[t - 1])
     emm_prev = x0_hat if config.use_emm else None
     x0_hat_2 = model(network_input(x_prev, ctx, config.use_context), tb - 1, emm_prev, xT)
-    return 0.5 * loss_1 + 0.5 * F.mse_loss(x0_hat_2, ndct)
+    return 0.5 * loss_1 + 0.5 * restoration_loss(x0_hat_2, ndct, ssim_weight)
 
 
 # ----------------------------------------------------------------------------- distributed
@@ -135,12 +172,12 @@ class _LossModule(torch.nn.Module):
     one forward per backward (the loss calls the network twice, the second time through its
     own first output)."""
 
-    def __init__(self, model: ClearNet, config: NetworkConfig):
+    def __init__(self, model: ClearNet, config: NetworkConfig, ssim_weight: float = 0.0):
         super().__init__()
-        self.model, self.config = model, config
+        self.model, self.config, self.ssim_weight = model, config, ssim_weight
 
     def forward(self, ldct_stack: torch.Tensor, ndct: torch.Tensor, t: int) -> torch.Tensor:
-        return corediff_loss(self.model, self.config, ldct_stack, ndct, t)
+        return corediff_loss(self.model, self.config, ldct_stack, ndct, t, self.ssim_weight)
 
 
 def _state_sha256(module: torch.nn.Module) -> str:
@@ -272,7 +309,7 @@ def train(pairs: Sequence[tuple[np.ndarray, np.ndarray]], net_cfg: NetworkConfig
         if rank == 0:
             log(f"resumed from {ckpt} at iteration {state.iteration}")
 
-    loss_fn = _LossModule(model, net_cfg)
+    loss_fn = _LossModule(model, net_cfg, cfg.ssim_weight)
     if world > 1:
         # find_unused_parameters: EMM takes no part when t == 0 (stage I only); t is the same
         # on every rank, so all replicas agree on which parameters were used
@@ -321,8 +358,9 @@ def train(pairs: Sequence[tuple[np.ndarray, np.ndarray]], net_cfg: NetworkConfig
             window = []
             if rank == 0:
                 rate = cfg.log_every / max(time.time() - t0, 1e-9)
-                rmse_hu = math.sqrt(mean) * 4096.0
-                log(f"iter {state.iteration}/{cfg.iterations}  loss {mean:.3e} (~{rmse_hu:.1f} HU rms)  "
+                scale = (f"~{math.sqrt(mean) * 4096.0:.1f} HU rms" if not cfg.ssim_weight
+                         else "MSE + SSIM term")  # the pure MSE reads as an RMS error in HU
+                log(f"iter {state.iteration}/{cfg.iterations}  loss {mean:.3e} ({scale})  "
                     f"{rate:.2f} it/s")
             t0 = time.time()
         if cfg.time_limit_s and (world == 1 or state.iteration % cfg.log_every == 0):

@@ -218,3 +218,5 @@ def test_train_can_widen_shipped_weights_into_a_wider_model_of_the_same_function
     r = corediff("train", data, "--out", tmp_path / "x.safetensors", "--init-weights", "corediff-25", "--widen", "1",
                  "--progress", "none")
     assert r.returncode == 2 and ">= 2" in r.stderr and not (tmp_path / "x.safetensors").exists()
+    r = corediff("train", data, "--out", tmp_path / "x.safetensors", "--ssim-weight", "-1", "--progress", "none")
+    assert r.returncode == 2 and "--ssim-weight" in r.stderr and not (tmp_path / "x.safetensors").exists()

@@ -11,7 +11,9 @@ from CoreDiffLib.degradation import alpha_schedule, degrade
 from CoreDiffLib.diffusion import sample, step_indices
 from CoreDiffLib import CoreDiffError
 from CoreDiffLib.network import ClearNet, NetworkConfig, count_parameters, widened
-from CoreDiffLib.training import PairedSlices, TrainConfig, corediff_loss, train
+from CoreDiffLib.intensity import hu_to_unit
+from CoreDiffLib.metrics import ssim
+from CoreDiffLib.training import PairedSlices, TrainConfig, corediff_loss, restoration_loss, train, window_ssim
 
 from conftest import synthetic_ct
 
@@ -122,6 +124,24 @@ def test_loss_uses_both_stages_and_stage_one_only_at_t0():
     calls.clear()
     corediff_loss(net, cfg, ctx, tgt, t=0)
     assert len(calls) == 1
+
+
+def test_the_training_ssim_is_the_reported_metric_and_has_a_gradient():
+    ndct = synthetic_ct(2, 96, seed=3, noise_hu=5)
+    noisy = ndct + np.random.default_rng(0).normal(0, 40, ndct.shape).astype(np.float32)
+    x = torch.from_numpy(hu_to_unit(noisy))[:, None].requires_grad_(True)
+    y = torch.from_numpy(hu_to_unit(ndct))[:, None]
+    expected = np.mean([ssim(noisy[k], ndct[k]) for k in range(2)])
+    got = window_ssim(x.double(), y.double())
+    assert abs(got.item() - expected) < 1e-6 and expected < 0.99
+    got.backward()
+    assert x.grad.abs().sum() > 0
+    assert float(window_ssim(y, y)) == pytest.approx(1.0, abs=1e-6)
+    # weight 0 is exactly the paper's MSE; a weight adds weight x (1 - SSIM)
+    x32 = x.detach().float()
+    mse = torch.mean((x32 - y) ** 2)
+    assert float(restoration_loss(x32, y)) == pytest.approx(float(mse), rel=1e-6)
+    assert float(restoration_loss(x32, y, 1e-3)) == pytest.approx(float(mse) + 1e-3 * (1 - expected), rel=1e-4)
 
 
 def test_a_few_hundred_steps_drive_the_loss_down(tmp_path):

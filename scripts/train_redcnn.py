@@ -40,8 +40,12 @@ def main() -> int:
                    help="Adam's (peak) learning rate; 1e-4 trained the shipped baselines")
     p.add_argument("--lr-schedule", choices=LR_SCHEDULES, default="constant",
                    help="cosine: decay to 0 by the last iteration or the time limit, if sooner")
+    p.add_argument("--ssim-weight", type=float, default=0.0, metavar="W",
+                   help="add W x (1 - SSIM) to the MSE, as `corediff train --ssim-weight` does")
     p.add_argument("--out", required=True)
     a = p.parse_args()
+    if not a.ssim_weight >= 0:
+        p.error(f"--ssim-weight {a.ssim_weight} is negative: give 0 (MSE only) or a weight > 0")
     if a.init and Path(a.init).resolve() == Path(a.out).resolve():
         p.error("--out is the --init weights file: choose another output (the starting weights are kept)")
     torch.set_num_threads(a.threads)
@@ -52,7 +56,8 @@ def main() -> int:
     init = torch.load(a.init, map_location="cpu", weights_only=True) if a.init else None
     model = train_redcnn(pairs, a.iterations, a.batch_size, a.patch_size, filters=a.filters, seed=a.seed,
                          log=lambda m: print(m, flush=True), init_state=init,
-                         time_limit_s=a.time_limit * 60.0, lr=a.lr, lr_schedule=a.lr_schedule)
+                         time_limit_s=a.time_limit * 60.0, lr=a.lr, lr_schedule=a.lr_schedule,
+                         ssim_weight=a.ssim_weight)
     with atomic_path(a.out) as tmp:  # an interrupted save never leaves a truncated file at --out
         torch.save(model.state_dict(), tmp)
     print(f"wrote {a.out}")
