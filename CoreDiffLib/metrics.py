@@ -15,6 +15,7 @@ from skimage.metrics import structural_similarity
 from .intensity import METRIC_WINDOW_HU
 
 _LO, _HI = METRIC_WINDOW_HU
+_SSIM_CROP = 5  # scikit-image averages the SSIM map without the (11 - 1) / 2 border pixels
 
 
 def _window(hu: np.ndarray) -> np.ndarray:
@@ -32,8 +33,15 @@ def rmse_hu(image_hu: np.ndarray, reference_hu: np.ndarray) -> float:
 
 def ssim(image_hu: np.ndarray, reference_hu: np.ndarray) -> float:
     """SSIM of one 2-D slice (Gaussian 11x11, sigma 1.5, as in the paper)."""
-    return float(structural_similarity(_window(image_hu), _window(reference_hu), data_range=1.0,
-                                       gaussian_weights=True, sigma=1.5, use_sample_covariance=False))
+    return float(ssim_map(image_hu, reference_hu).mean())
+
+
+def ssim_map(image_hu: np.ndarray, reference_hu: np.ndarray) -> np.ndarray:
+    """Per-pixel SSIM of one 2-D slice, cropped to where the 11x11 window fits, as :func:`ssim`
+    averages it: to see which regions (air, lung, soft tissue, bone) a difference comes from."""
+    _, full = structural_similarity(_window(image_hu), _window(reference_hu), data_range=1.0,
+                                    gaussian_weights=True, sigma=1.5, use_sample_covariance=False, full=True)
+    return full[_SSIM_CROP:-_SSIM_CROP, _SSIM_CROP:-_SSIM_CROP]
 
 
 @dataclass

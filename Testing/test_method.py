@@ -12,7 +12,7 @@ from CoreDiffLib.diffusion import sample, step_indices
 from CoreDiffLib import CoreDiffError
 from CoreDiffLib.network import ClearNet, NetworkConfig, count_parameters, widened
 from CoreDiffLib.intensity import hu_to_unit
-from CoreDiffLib.metrics import ssim
+from CoreDiffLib.metrics import ssim, ssim_map
 from CoreDiffLib.training import PairedSlices, TrainConfig, corediff_loss, restoration_loss, train, window_ssim
 
 from conftest import synthetic_ct
@@ -134,6 +134,7 @@ def test_the_training_ssim_is_the_reported_metric_and_has_a_gradient():
     expected = np.mean([ssim(noisy[k], ndct[k]) for k in range(2)])
     got = window_ssim(x.double(), y.double())
     assert abs(got.item() - expected) < 1e-6 and expected < 0.99
+    assert ssim_map(noisy[0], ndct[0]).shape == (96 - 10, 96 - 10)  # the window's border is not scored
     got.backward()
     assert x.grad.abs().sum() > 0
     assert float(window_ssim(y, y)) == pytest.approx(1.0, abs=1e-6)
