@@ -112,8 +112,9 @@ def window_ssim(image: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
 
     Differentiable, and the same number :func:`CoreDiffLib.metrics.ssim` reports (both are
     clipped to [-1000, 1000] HU, Gaussian window 11 x 11, sigma 1.5, over the pixels whose window
-    lies inside the image), so that training can aim at it: an MSE-trained model passes the
-    paper's PSNR yet can stay behind on SSIM, which weighs the high-contrast edges differently.
+    lies inside the image), so that training can aim at it: an MSE-trained model can lead in
+    PSNR yet trail in SSIM, which weighs the air's exact level heavily because the window's
+    floor (-1000 HU) cuts through its noise (docs/benchmarks/ssim_loss/).
     """
     lo, hi = (float(hu_to_unit(v)) for v in METRIC_WINDOW_HU)
     x = (image.clamp(lo, hi) - lo) / (hi - lo)
