@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
@@ -103,6 +104,13 @@ def train_redcnn(pairs: Sequence[tuple[np.ndarray, np.ndarray]], iterations: int
             log(f"RED-CNN stopped at iteration {it}: time limit {time_limit_s / 60:.1f} min")
             break
     return model.cpu().eval()
+
+
+def load_redcnn(path: str | Path, filters: int = 32) -> REDCNN:
+    """A RED-CNN saved by ``scripts/train_redcnn.py`` (a state dict), on the CPU, in eval mode."""
+    model = REDCNN(filters)
+    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    return model.eval()
 
 
 @torch.no_grad()

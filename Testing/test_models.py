@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from CoreDiffLib import CoreDiffError
-from CoreDiffLib.baselines import REDCNN
+from CoreDiffLib.baselines import REDCNN, load_redcnn
 from CoreDiffLib.models import MANIFEST, WEIGHTS_DIR, load_model, save_weights, shipped_models
 from CoreDiffLib.network import ClearNet, NetworkConfig
 from CoreDiffLib.training import TrainConfig, train
@@ -205,4 +205,4 @@ def test_gpu_equal_budget_round_rehearses_on_the_cpu_and_returns_loadable_weight
         assert model.config == NetworkConfig(width=8)
         from CoreDiffLib.models import read_weights_config
         assert read_weights_config(back / f"cd-25-{kind}.safetensors")[1]["weights"] == kind
-    REDCNN(32).load_state_dict(torch.load(back / "rc-10.pt", weights_only=True))
+    assert not load_redcnn(back / "rc-10.pt").training  # a loadable RED-CNN, ready to denoise

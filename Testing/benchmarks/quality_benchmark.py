@@ -302,11 +302,10 @@ def main() -> int:
             print(f"BM3D sigma tuned on training slices: {sigma} HU ({scores})", flush=True)
         run(f"BM3D (σ={sigma:g} HU)", lambda v: bm3d_denoise(v, sigma), f"sigma={sigma:g}", show=True)
     for i, spec in enumerate(a.redcnn):
-        from CoreDiffLib.baselines import REDCNN, redcnn_denoise
+        from CoreDiffLib.baselines import load_redcnn, redcnn_denoise
         label, path = spec.split("=", 1) if "=" in spec else ("RED-CNN", spec)
-        net = REDCNN(a.redcnn_filters)
-        net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-        run(label, lambda v, net=net: redcnn_denoise(net.eval(), v), sha256_of(path), show=i == 0)
+        net = load_redcnn(path, a.redcnn_filters)
+        run(label, lambda v, net=net: redcnn_denoise(net, v), sha256_of(path), show=i == 0)
     corediff_rows = [] if a.baselines_only else [(a.model_label, a.model)] + [spec.split("=", 1) for spec in a.also]
     for label, model in corediff_rows:
         sha = weights_sha(model)

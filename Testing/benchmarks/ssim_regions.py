@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quality_benchmark import default_cache, held_out  # noqa: E402
-from CoreDiffLib.baselines import REDCNN, redcnn_denoise  # noqa: E402
+from CoreDiffLib.baselines import load_redcnn, redcnn_denoise  # noqa: E402
 from CoreDiffLib.inference import denoise_volume  # noqa: E402
 from CoreDiffLib.metrics import ssim_map  # noqa: E402
 
@@ -59,9 +59,7 @@ def main() -> int:
         methods[label] = lambda v, name=name, steps=steps: denoise_volume(
             v, name, device="cpu", steps=int(steps) if steps else None, progress=None)
     for label, path in map(_spec, a.redcnn):
-        net = REDCNN(32)
-        net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-        methods[label] = lambda v, net=net.eval(): redcnn_denoise(net, v)
+        methods[label] = lambda v, net=load_redcnn(path): redcnn_denoise(net, v)
 
     # per method and region: summed SSIM, pixel count, summed (noise-free - output) in HU
     sums = {m: {r: [0.0, 0, 0.0] for r in REGIONS} for m in methods}

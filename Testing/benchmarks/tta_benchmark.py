@@ -22,7 +22,7 @@ import torch
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from CoreDiffLib.baselines import REDCNN  # noqa: E402
+from CoreDiffLib.baselines import load_redcnn  # noqa: E402
 from CoreDiffLib.diffusion import sample  # noqa: E402
 from CoreDiffLib.inference import context_stack  # noqa: E402
 from CoreDiffLib.intensity import unit_to_hu  # noqa: E402
@@ -60,9 +60,7 @@ def main() -> int:
     tag = f"{a.dose * 100:g}"
     cases = held_out(a.dose, default_cache(a.split, 6), slices=6, split=a.split)
     corediff = load_model(a.model or f"corediff-{tag}").eval()
-    redcnn = REDCNN(32)
-    redcnn.load_state_dict(torch.load(a.redcnn, map_location="cpu", weights_only=True))
-    redcnn.eval()
+    redcnn = load_redcnn(a.redcnn)
     methods = {
         "CoreDiff T=10": lambda x: sample(corediff, x).final,
         "CoreDiff T=1": lambda x: sample(corediff, x, 1).final,
