@@ -32,7 +32,6 @@ from CoreDiffLib.metrics import ssim_map  # noqa: E402
 #: regions by the noise-free image's HU (lower bound inclusive)
 REGIONS = {"air (< -950 HU)": (-np.inf, -950), "lung (-950..-300)": (-950, -300),
            "soft tissue (-300..300)": (-300, 300), "bone (> 300)": (300, np.inf)}
-CROP = 5  # ssim_map drops the 5-pixel border; crop the masks to match
 
 
 def _spec(text: str) -> tuple[str, str]:
@@ -63,13 +62,14 @@ def main() -> int:
 
     # per method and region: summed SSIM, pixel count, summed (noise-free - output) in HU
     sums = {m: {r: [0.0, 0, 0.0] for r in REGIONS} for m in methods}
-    for name, ndct, ldct, truth in held_out(a.dose, default_cache(a.split, 6), slices=6, split=a.split):
+    for _, ndct, ldct, truth in held_out(a.dose, default_cache(a.split, 6), slices=6, split=a.split):
         for label, fn in methods.items():
             out = fn(ldct)
             for k in range(1, ndct.shape[0] - 1):
                 smap = ssim_map(out[k], ndct[k])
-                tr = truth[k][CROP:-CROP, CROP:-CROP]
-                err = tr - out[k][CROP:-CROP, CROP:-CROP]
+                c = (ndct.shape[-1] - smap.shape[-1]) // 2  # the border ssim_map leaves out
+                tr = truth[k][c:-c, c:-c]
+                err = tr - out[k][c:-c, c:-c]
                 for region, (lo, hi) in REGIONS.items():
                     mask = (tr >= lo) & (tr < hi)
                     acc = sums[label][region]
