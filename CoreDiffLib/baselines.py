@@ -63,15 +63,16 @@ def train_redcnn(pairs: Sequence[tuple[np.ndarray, np.ndarray]], iterations: int
                  patch_size: int = 64, lr: float = 1e-4, seed: int = 0, filters: int = 96,
                  log: Callable[[str], None] = print, init_state: dict[str, torch.Tensor] | None = None,
                  time_limit_s: float = 0.0, lr_schedule: str = "constant", device: str = "cpu",
-                 precision: str = "fp32", ssim_weight: float = 0.0) -> REDCNN:
+                 precision: str = "fp32", ssim_weight: float = 0.0, anywhere_share: float = 0.0) -> REDCNN:
     """Supervised MSE training on the same patch sampler CoreDiff uses.
 
     ``init_state``, ``time_limit_s`` and a cosine ``lr_schedule`` give RED-CNN the fine-tuning
     recipe CoreDiff's 10 % and 5 % models get (start from the 25 % weights, a fixed number of
     CPU minutes, lr decayed to 0 by the time limit), so both are compared on the same budget.
     ``device`` and ``precision`` ("bf16": autocast) match CoreDiff's GPU training, for the same
-    reason, and ``ssim_weight`` its optional SSIM term (see ``training.restoration_loss``). The
-    model comes back on the CPU.
+    reason, and ``ssim_weight`` and ``anywhere_share`` its optional SSIM term and air patches
+    (see ``training.restoration_loss`` and ``training.PairedSlices``). The model comes back on
+    the CPU.
     """
     if lr_schedule not in LR_SCHEDULES:
         raise ValueError(f"lr schedule must be constant or cosine, not {lr_schedule!r}")
@@ -85,7 +86,7 @@ def train_redcnn(pairs: Sequence[tuple[np.ndarray, np.ndarray]], iterations: int
     autocast = torch.autocast(device_type="cuda" if device.startswith("cuda") else "cpu",
                               dtype=torch.bfloat16, enabled=precision == "bf16")
     opt = torch.optim.Adam(model.parameters(), lr=lr)
-    data = PairedSlices(pairs, patch_size, seed=seed)
+    data = PairedSlices(pairs, patch_size, seed=seed, anywhere_share=anywhere_share)
     t0 = time.time()
     for it in range(1, iterations + 1):
         if lr_schedule == "cosine":

@@ -99,6 +99,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     if args.widen and not args.init_weights:
         raise CoreDiffError("--widen widens the --init-weights model: give --init-weights too")
+    if not 0 <= args.anywhere_share <= 1:  # also refuses nan
+        raise CoreDiffError(f"--anywhere-share {args.anywhere_share} is not a share: give a number in [0, 1]")
     if not args.ssim_weight >= 0:  # also refuses nan
         raise CoreDiffError(f"--ssim-weight {args.ssim_weight} is negative: give 0 (MSE only) or a weight > 0")
     # the starting weights first: a bad file or widening factor is refused before the data are read
@@ -128,7 +130,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                       ema_start=args.ema_start if args.ema_start is not None else min(2000, args.iterations // 5),
                       threads=args.threads, keep_every=args.keep_every, precision=args.precision,
                       time_limit_s=60.0 * args.time_limit, lr_schedule=args.lr_schedule,
-                      t_sampling=args.t_sampling, ssim_weight=args.ssim_weight)
+                      t_sampling=args.t_sampling, ssim_weight=args.ssim_weight,
+                      anywhere_share=args.anywhere_share)
     checkpoint = args.checkpoint or str(Path(args.output).with_suffix(".ckpt"))
     device = "cuda" if args.device == "auto" and _cuda() else ("cpu" if args.device == "auto" else args.device)
     ema, state = train(volumes, net_cfg, cfg, checkpoint=checkpoint, device=device,
@@ -173,6 +176,9 @@ def add_train_parser(sub) -> None:
     p.add_argument("--ssim-weight", type=float, default=0.0, metavar="W",
                    help="add W x (1 - SSIM on the metric window) to the paper's MSE loss (default 0: "
                         "MSE only); about 3e-5 gives the two terms gradients of equal size for a trained model")
+    p.add_argument("--anywhere-share", type=float, default=0.0, metavar="S",
+                   help="share of training patches drawn anywhere on the slice, open air included "
+                        "(default 0: patches that are almost all air are re-drawn)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--checkpoint", default=None, help="resumable checkpoint (default: OUT.ckpt)")
     p.add_argument("--checkpoint-every", type=int, default=500)

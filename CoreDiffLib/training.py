@@ -52,6 +52,7 @@ class TrainConfig:
     lr_schedule: str = "constant"  # one of LR_SCHEDULES; "cosine": decay to 0 over the iterations or the time limit
     t_sampling: str = "uniform"   # "late": p(t) ∝ t + 1, see time_index_probabilities
     ssim_weight: float = 0.0      # > 0: add ssim_weight x (1 - SSIM) to the MSE, see restoration_loss
+    anywhere_share: float = 0.0   # share of patches drawn anywhere, air included, see PairedSlices
 
 
 # ----------------------------------------------------------------------------- data
@@ -59,13 +60,18 @@ class PairedSlices:
     """Paired NDCT / LDCT volumes in [0, 1], sampled as random (context, target) patches.
 
     Neighbours come from the LDCT volume with edges replicated, exactly as at inference.
-    Patches that are almost all air are re-drawn: they teach nothing and dominate CT FOVs.
+    Patches that are almost all air are re-drawn: they dominate CT FOVs and hold little to
+    learn. Little is not nothing: a model that never sees open air may sample it a few HU off,
+    and air is most of a slice's SSIM. ``anywhere_share`` of the patches skip the re-draw and
+    so show the air in its true proportion.
     """
 
     def __init__(self, pairs: Sequence[tuple[np.ndarray, np.ndarray]], patch_size: int = 64,
-                 seed: int = 0):
+                 seed: int = 0, anywhere_share: float = 0.0):
         if not pairs:
             raise CoreDiffError("no training pairs: give at least one NDCT/LDCT pair")
+        if not 0.0 <= anywhere_share <= 1.0:  # also refuses nan
+            raise CoreDiffError(f"the share of patches drawn anywhere must be in [0, 1], not {anywhere_share}")
         self.pairs = []
         for ndct, ldct in pairs:
             if ndct.shape != ldct.shape:
@@ -74,8 +80,11 @@ class PairedSlices:
         self.patch = patch_size
         self.rng = np.random.default_rng(seed)
         self._air = float(hu_to_unit(np.float32(-900.0)))
+        self.anywhere_share = anywhere_share
 
     def _one(self) -> tuple[np.ndarray, np.ndarray]:
+        # drawn only when asked for, so that the default keeps the random stream of earlier runs
+        anywhere = self.anywhere_share > 0 and self.rng.random() < self.anywhere_share
         for _ in range(10):
             ndct, ldct = self.pairs[self.rng.integers(len(self.pairs))]
             s, h, w = ldct.shape
@@ -87,7 +96,7 @@ class PairedSlices:
             x = int(self.rng.integers(w - p + 1))
             ctx = ldct[idx, y:y + p, x:x + p]
             tgt = ndct[i:i + 1, y:y + p, x:x + p]
-            if (tgt > self._air).mean() > 0.3:
+            if anywhere or (tgt > self._air).mean() > 0.3:
                 break
         k = int(self.rng.integers(4))
         flip = bool(self.rng.integers(2))
@@ -289,7 +298,7 @@ def train(pairs: Sequence[tuple[np.ndarray, np.ndarray]], net_cfg: NetworkConfig
     for p in ema.parameters():
         p.requires_grad_(False)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    data = PairedSlices(pairs, cfg.patch_size, seed=cfg.seed + 1000 * rank)
+    data = PairedSlices(pairs, cfg.patch_size, seed=cfg.seed + 1000 * rank, anywhere_share=cfg.anywhere_share)
     state = TrainState()
     step_rng = np.random.default_rng(cfg.seed + 7)  # same t on every rank each iteration
 

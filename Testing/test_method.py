@@ -182,6 +182,21 @@ def test_patch_sampler_replicates_edges_and_pairs_context_with_target():
     assert torch.equal(ctx[:, 0], ctx[:, 1]) and torch.equal(ctx[:, 1], tgt[:, 0])
 
 
+def test_patch_sampler_redraws_open_air_unless_asked_to_draw_anywhere():
+    volume = np.full((1, 64, 64), -1000.0, np.float32)
+    volume[:, :, :32] = 40.0  # a body on the left: 28 of 49 patch columns are > 30 % body
+    share_with_body = {}
+    for share in (0.0, 0.5, 1.0):
+        data = PairedSlices([(volume, volume)], patch_size=16, seed=0, anywhere_share=share)
+        _, tgt = data.batch(400)
+        share_with_body[share] = float(((tgt > 0.2).float().mean(dim=(1, 2, 3)) > 0.3).float().mean())
+    # anywhere: ~ 28 / 49 = 0.57 of the patches; re-drawn up to 10 times: 1 - 0.43^10 ~ 1
+    assert 0.45 < share_with_body[1.0] < 0.7 and share_with_body[0.0] > 0.98
+    assert share_with_body[1.0] < share_with_body[0.5] < share_with_body[0.0]
+    with pytest.raises(CoreDiffError, match="anywhere"):
+        PairedSlices([(volume, volume)], anywhere_share=1.5)
+
+
 @pytest.mark.parametrize("width,factor", [(8, 2), (4, 2), (8, 4)])
 def test_a_widened_network_computes_the_same_function_and_its_copies_can_diverge(width, factor):
     torch.manual_seed(0)
