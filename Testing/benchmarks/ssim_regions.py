@@ -4,8 +4,9 @@
 SSIM on the paper's [-1000, 1000] HU window is a mean over every pixel of the slice, and most
 pixels of a 512² CT slice are air, where the window's floor clips the NDCT's noise. This splits
 the SSIM map of each method (against the NDCT) by what the noise-free phantom shows there (air,
-lung, soft tissue, bone) and reports each region's share of the slice-mean SSIM gap, plus the
-mean level each method gives the air, against the noise-free image.
+lung, soft tissue, bone) and reports each region's share of the slice-mean SSIM gap, the same
+for the squared error on the window (what PSNR and RMSE average), plus the mean level each
+method gives the air, against the noise-free image.
 
     python Testing/benchmarks/ssim_regions.py --dose 0.1 --split validation \\
         --model "CoreDiff w32=corediff-10-w32" \\
@@ -27,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quality_benchmark import default_cache, held_out  # noqa: E402
 from CoreDiffLib.baselines import load_redcnn, redcnn_denoise  # noqa: E402
 from CoreDiffLib.inference import denoise_volume  # noqa: E402
+from CoreDiffLib.intensity import METRIC_WINDOW_HU  # noqa: E402
 from CoreDiffLib.metrics import ssim_map  # noqa: E402
 
 #: regions by the noise-free image's HU (lower bound inclusive)
@@ -60,8 +62,9 @@ def main() -> int:
     for label, path in map(_spec, a.redcnn):
         methods[label] = lambda v, net=load_redcnn(path): redcnn_denoise(net, v)
 
-    # per method and region: summed SSIM, pixel count, summed (noise-free - output) in HU
-    sums = {m: {r: [0.0, 0, 0.0] for r in REGIONS} for m in methods}
+    # per method and region: summed SSIM, pixel count, summed (noise-free - output) in HU,
+    # summed squared error against the NDCT on the metric window (HU²)
+    sums = {m: {r: [0.0, 0, 0.0, 0.0] for r in REGIONS} for m in methods}
     for _, ndct, ldct, truth in held_out(a.dose, default_cache(a.split, 6), slices=6, split=a.split):
         for label, fn in methods.items():
             out = fn(ldct)
@@ -70,13 +73,16 @@ def main() -> int:
                 c = (ndct.shape[-1] - smap.shape[-1]) // 2  # the border ssim_map leaves out
                 tr = truth[k][c:-c, c:-c]
                 err = tr - out[k][c:-c, c:-c]
+                sq = (np.clip(out[k][c:-c, c:-c], *METRIC_WINDOW_HU)
+                      - np.clip(ndct[k][c:-c, c:-c], *METRIC_WINDOW_HU)).astype(np.float64) ** 2
                 for region, (lo, hi) in REGIONS.items():
                     mask = (tr >= lo) & (tr < hi)
                     acc = sums[label][region]
                     acc[0] += float(smap[mask].sum()); acc[1] += int(mask.sum()); acc[2] += float(err[mask].sum())
+                    acc[3] += float(sq[mask].sum())
     labels = list(methods)
     ref = labels[0]
-    total_px = sum(n for _, n, _ in sums[ref].values())
+    total_px = sum(acc[1] for acc in sums[ref].values())
     print(f"SSIM against the NDCT by region ({a.split} phantoms, {a.dose:g} dose, 12 inner slices); "
           f"Δ = method − {ref}; a region's share of the slice-mean gap is its Δ × its share of pixels.\n")
     print("| region | pixels | " + " | ".join(f"SSIM {m}" for m in labels)
@@ -90,9 +96,24 @@ def main() -> int:
         shares = [(mm - means[0]) * n / total_px for mm in means[1:]]
         print(f"| {region} | {n / total_px:.3f} | " + " | ".join(f"{v:.4f}" for v in means)
               + " | " + " | ".join(f"{v:+.5f}" for v in shares) + " |")
-    overall = [sum(s for s, _, _ in sums[m].values()) / total_px for m in labels]
+    overall = [sum(acc[0] for acc in sums[m].values()) / total_px for m in labels]
     print("| all | 1 | " + " | ".join(f"{v:.4f}" for v in overall) + " | "
           + " | ".join(f"{v - overall[0]:+.5f}" for v in overall[1:]) + " |")
+
+    print(f"\nRMSE against the NDCT on the window {METRIC_WINDOW_HU} HU by region (HU), and each region's "
+          "share of the slice's mean squared error (HU²), whose total gives PSNR and RMSE.\n")
+    print("| region | " + " | ".join(f"RMSE {m}" for m in labels) + " | "
+          + " | ".join(f"MSE share {m}" for m in labels) + " |")
+    print("|---|" + "---|" * (2 * len(labels)))
+    for region in REGIONS:
+        n = sums[ref][region][1]
+        if n == 0:
+            continue
+        print(f"| {region} | " + " | ".join(f"{np.sqrt(sums[m][region][3] / n):.2f}" for m in labels) + " | "
+              + " | ".join(f"{sums[m][region][3] / total_px:.2f}" for m in labels) + " |")
+    mse = [sum(acc[3] for acc in sums[m].values()) / total_px for m in labels]
+    print("| all | " + " | ".join(f"{np.sqrt(v):.2f}" for v in mse) + " | "
+          + " | ".join(f"{v:.2f}" for v in mse) + " |")
     print("\nMean level in the air, noise-free − method (HU): "
           + ", ".join(f"{m} {sums[m]['air (< -950 HU)'][2] / max(sums[m]['air (< -950 HU)'][1], 1):+.2f}"
                       for m in labels))
