@@ -228,6 +228,7 @@ def test_simulate_dataset_writes_files(tmp_path):
     m = json.loads((tmp_path / "manifest.json").read_text())
     assert m["doses"] == [0.25, 0.1] and m["seed"] == 5 and m["size"] == N
     assert m["geometry"]["n_views"] == 360
+    assert m["software"]["numpy"] == np.__version__  # a seed reproduces the data only with these
     assert not [p for p in os.listdir(tmp_path) if ".tmp" in p]
 
 
