@@ -12,7 +12,7 @@ from CoreDiffLib.diffusion import sample, step_indices
 from CoreDiffLib import CoreDiffError
 from CoreDiffLib.network import ClearNet, NetworkConfig, count_parameters, widened
 from CoreDiffLib.intensity import hu_to_unit
-from CoreDiffLib.metrics import ssim, ssim_map
+from CoreDiffLib.metrics import ssim, ssim_map, ssim_terms
 from CoreDiffLib.training import PairedSlices, TrainConfig, corediff_loss, restoration_loss, train, window_ssim
 
 from conftest import synthetic_ct
@@ -293,3 +293,15 @@ def test_resuming_a_finished_cosine_run_uses_the_new_learning_rate(tmp_path):
     train(pairs, NetworkConfig(width=8), TrainConfig(iterations=6, batch_size=2, patch_size=32, log_every=2,
                                                      lr=3e-4), checkpoint=ckpt, log=lambda m: None)
     assert torch.load(ckpt, weights_only=True)["optimizer"]["param_groups"][0]["lr"] == 3e-4
+
+
+def test_ssim_splits_into_a_luminance_and_a_contrast_structure_factor():
+    """Their product is scikit-image's SSIM map; a pure level shift in the air lands in luminance."""
+    air = np.full((1, 64, 64), -1000.0, np.float32) + np.random.default_rng(4).normal(0, 10, (1, 64, 64)).astype(np.float32)
+    shifted = air + 2.0  # 2 HU brighter, same texture
+    lum, cs = ssim_terms(shifted[0], air[0])
+    np.testing.assert_allclose(lum * cs, ssim_map(shifted[0], air[0]), atol=1e-6)
+    assert lum.shape == ssim_map(shifted[0], air[0]).shape
+    # clipping at -1000 HU makes the shifted image's texture differ a little too, but the level
+    # is what costs: the luminance loss dwarfs the contrast-structure loss
+    assert 1 - lum.mean() > 3 * (1 - cs.mean()) > 0

@@ -5,7 +5,8 @@ SSIM on the paper's [-1000, 1000] HU window is a mean over every pixel of the sl
 pixels of a 512² CT slice are air, where the window's floor clips the NDCT's noise. This splits
 the SSIM map of each method (against the NDCT) by what the noise-free phantom shows there (air,
 lung, soft tissue, bone) and reports each region's share of the slice-mean SSIM gap, the same
-for the squared error on the window (what PSNR and RMSE average), plus the mean level each
+for the squared error on the window (what PSNR and RMSE average), SSIM's luminance and
+contrast-structure factors by region (a level error or a texture error), plus the mean level each
 method gives the air, against the noise-free image.
 
     python Testing/benchmarks/ssim_regions.py --dose 0.1 --split validation \\
@@ -29,7 +30,7 @@ from quality_benchmark import default_cache, held_out  # noqa: E402
 from CoreDiffLib.baselines import load_redcnn, redcnn_denoise  # noqa: E402
 from CoreDiffLib.inference import denoise_volume  # noqa: E402
 from CoreDiffLib.intensity import METRIC_WINDOW_HU  # noqa: E402
-from CoreDiffLib.metrics import ssim_map  # noqa: E402
+from CoreDiffLib.metrics import ssim_map, ssim_terms  # noqa: E402
 
 #: regions by the noise-free image's HU (lower bound inclusive)
 REGIONS = {"air (< -950 HU)": (-np.inf, -950), "lung (-950..-300)": (-950, -300),
@@ -63,13 +64,15 @@ def main() -> int:
         methods[label] = lambda v, net=load_redcnn(path): redcnn_denoise(net, v)
 
     # per method and region: summed SSIM, pixel count, summed (noise-free - output) in HU,
-    # summed squared error against the NDCT on the metric window (HU²)
-    sums = {m: {r: [0.0, 0, 0.0, 0.0] for r in REGIONS} for m in methods}
+    # summed squared error against the NDCT on the metric window (HU²), summed luminance and
+    # contrast-structure factors of the SSIM
+    sums = {m: {r: [0.0, 0, 0.0, 0.0, 0.0, 0.0] for r in REGIONS} for m in methods}
     for _, ndct, ldct, truth in held_out(a.dose, default_cache(a.split, 6), slices=6, split=a.split):
         for label, fn in methods.items():
             out = fn(ldct)
             for k in range(1, ndct.shape[0] - 1):
                 smap = ssim_map(out[k], ndct[k])
+                lum, cs = ssim_terms(out[k], ndct[k])
                 c = (ndct.shape[-1] - smap.shape[-1]) // 2  # the border ssim_map leaves out
                 tr = truth[k][c:-c, c:-c]
                 err = tr - out[k][c:-c, c:-c]
@@ -80,6 +83,7 @@ def main() -> int:
                     acc = sums[label][region]
                     acc[0] += float(smap[mask].sum()); acc[1] += int(mask.sum()); acc[2] += float(err[mask].sum())
                     acc[3] += float(sq[mask].sum())
+                    acc[4] += float(lum[mask].sum()); acc[5] += float(cs[mask].sum())
     labels = list(methods)
     ref = labels[0]
     total_px = sum(acc[1] for acc in sums[ref].values())
@@ -114,6 +118,17 @@ def main() -> int:
     mse = [sum(acc[3] for acc in sums[m].values()) / total_px for m in labels]
     print("| all | " + " | ".join(f"{np.sqrt(v):.2f}" for v in mse) + " | "
           + " | ".join(f"{v:.2f}" for v in mse) + " |")
+    print("\nSSIM's two factors by region (their product, pixel by pixel, is the SSIM map): "
+          "luminance (local level) and contrast-structure (local texture).\n")
+    print("| region | " + " | ".join(f"luminance {m}" for m in labels) + " | "
+          + " | ".join(f"contrast-structure {m}" for m in labels) + " |")
+    print("|---|" + "---|" * (2 * len(labels)))
+    for region in REGIONS:
+        n = sums[ref][region][1]
+        if n == 0:
+            continue
+        print(f"| {region} | " + " | ".join(f"{sums[m][region][4] / n:.5f}" for m in labels) + " | "
+              + " | ".join(f"{sums[m][region][5] / n:.5f}" for m in labels) + " |")
     print("\nMean level in the air, noise-free − method (HU): "
           + ", ".join(f"{m} {sums[m]['air (< -950 HU)'][2] / max(sums[m]['air (< -950 HU)'][1], 1):+.2f}"
                       for m in labels))
