@@ -63,14 +63,15 @@ def train_redcnn(pairs: Sequence[tuple[np.ndarray, np.ndarray]], iterations: int
                  patch_size: int = 64, lr: float = 1e-4, seed: int = 0, filters: int = 96,
                  log: Callable[[str], None] = print, init_state: dict[str, torch.Tensor] | None = None,
                  time_limit_s: float = 0.0, lr_schedule: str = "constant", device: str = "cpu",
-                 precision: str = "fp32", ssim_weight: float = 0.0, anywhere_share: float = 0.0) -> REDCNN:
+                 precision: str = "fp32", ssim_weight: float = 0.0, anywhere_share: float = 0.0,
+                 level_weight: float = 0.0) -> REDCNN:
     """Supervised MSE training on the same patch sampler CoreDiff uses.
 
     ``init_state``, ``time_limit_s`` and a cosine ``lr_schedule`` give RED-CNN the fine-tuning
     recipe CoreDiff's 10 % and 5 % models get (start from the 25 % weights, a fixed number of
     CPU minutes, lr decayed to 0 by the time limit), so both are compared on the same budget.
     ``device`` and ``precision`` ("bf16": autocast) match CoreDiff's GPU training, for the same
-    reason, and ``ssim_weight`` and ``anywhere_share`` its optional SSIM term and air patches
+    reason, and ``ssim_weight``, ``level_weight`` and ``anywhere_share`` its optional loss terms and air patches
     (see ``training.restoration_loss`` and ``training.PairedSlices``). The model comes back on
     the CPU.
     """
@@ -94,7 +95,8 @@ def train_redcnn(pairs: Sequence[tuple[np.ndarray, np.ndarray]], iterations: int
                 group["lr"] = cosine_lr(lr, run_progress(it, iterations, time.time() - t0, time_limit_s))
         ctx, tgt = data.batch(batch_size)
         with autocast:
-            loss = restoration_loss(model(ctx[:, 1:2].to(device)).float(), tgt.to(device), ssim_weight)
+            loss = restoration_loss(model(ctx[:, 1:2].to(device)).float(), tgt.to(device), ssim_weight,
+                                    level_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

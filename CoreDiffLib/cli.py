@@ -103,6 +103,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise CoreDiffError(f"--anywhere-share {args.anywhere_share} is not a share: give a number in [0, 1]")
     if not args.ssim_weight >= 0:  # also refuses nan
         raise CoreDiffError(f"--ssim-weight {args.ssim_weight} is negative: give 0 (MSE only) or a weight > 0")
+    if not args.level_weight >= 0:
+        raise CoreDiffError(f"--level-weight {args.level_weight} is negative: give 0 (MSE only) or a weight > 0")
     # the starting weights first: a bad file or widening factor is refused before the data are read
     net_cfg = NetworkConfig(width=args.width, use_context=not args.no_context, use_emm=not args.no_emm,
                             steps=args.steps)
@@ -131,7 +133,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                       threads=args.threads, keep_every=args.keep_every, precision=args.precision,
                       time_limit_s=60.0 * args.time_limit, lr_schedule=args.lr_schedule,
                       t_sampling=args.t_sampling, ssim_weight=args.ssim_weight,
-                      anywhere_share=args.anywhere_share)
+                      anywhere_share=args.anywhere_share, level_weight=args.level_weight)
     checkpoint = args.checkpoint or str(Path(args.output).with_suffix(".ckpt"))
     device = "cuda" if args.device == "auto" and _cuda() else ("cpu" if args.device == "auto" else args.device)
     ema, state = train(volumes, net_cfg, cfg, checkpoint=checkpoint, device=device,
@@ -176,6 +178,9 @@ def add_train_parser(sub) -> None:
     p.add_argument("--ssim-weight", type=float, default=0.0, metavar="W",
                    help="add W x (1 - SSIM on the metric window) to the paper's MSE loss (default 0: "
                         "MSE only); about 3e-5 gives the two terms gradients of equal size for a trained model")
+    p.add_argument("--level-weight", type=float, default=0.0, metavar="W",
+                   help="add W x the MSE of 8x8 block means to the paper's MSE loss (default 0): the same "
+                        "optimum, W + 1 times the weight on local-level errors of a fraction of a HU")
     p.add_argument("--anywhere-share", type=float, default=0.0, metavar="S",
                    help="share of training patches drawn anywhere on the slice, open air included "
                         "(default 0: patches that are almost all air are re-drawn)")

@@ -220,6 +220,9 @@ def test_train_can_widen_shipped_weights_into_a_wider_model_of_the_same_function
     assert r.returncode == 2 and ">= 2" in r.stderr and not (tmp_path / "x.safetensors").exists()
     r = corediff("train", data, "--out", tmp_path / "x.safetensors", "--ssim-weight", "-1", "--progress", "none")
     assert r.returncode == 2 and "--ssim-weight" in r.stderr and not (tmp_path / "x.safetensors").exists()
+    for bad in ("-1", "nan"):
+        r = corediff("train", data, "--out", tmp_path / "x.safetensors", "--level-weight", bad, "--progress", "none")
+        assert r.returncode == 2 and "--level-weight" in r.stderr and not (tmp_path / "x.safetensors").exists()
     for bad in ("1.5", "-0.1", "nan"):
         r = corediff("train", data, "--out", tmp_path / "x.safetensors", "--anywhere-share", bad, "--progress", "none")
         assert r.returncode == 2 and "--anywhere-share" in r.stderr and not (tmp_path / "x.safetensors").exists()

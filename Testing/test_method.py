@@ -305,3 +305,18 @@ def test_ssim_splits_into_a_luminance_and_a_contrast_structure_factor():
     # clipping at -1000 HU makes the shifted image's texture differ a little too, but the level
     # is what costs: the luminance loss dwarfs the contrast-structure loss
     assert 1 - lum.mean() > 3 * (1 - cs.mean()) > 0
+
+
+def test_the_level_term_weighs_local_level_errors_and_leaves_zero_mean_texture_to_the_mse():
+    target = torch.rand(2, 1, 64, 64) * 0.1 + 0.2
+    offset = target + 1e-3  # the same image, a constant level off
+    mse = float(torch.mean((offset - target) ** 2))
+    assert float(restoration_loss(offset, target, level_weight=10.0)) == pytest.approx(11 * mse, rel=1e-4)
+    # a ±e checkerboard averages to zero over every 8x8 block: the term adds nothing
+    yy, xx = torch.meshgrid(torch.arange(64), torch.arange(64), indexing="ij")
+    textured = target + 1e-3 * ((yy + xx) % 2 * 2 - 1).float()
+    assert float(restoration_loss(textured, target, level_weight=10.0)) == pytest.approx(
+        float(restoration_loss(textured, target)), rel=1e-4)
+    # patches that are not a multiple of the block still count every pixel
+    odd = target[..., :60, :60]
+    assert float(restoration_loss(odd + 1e-3, odd, level_weight=10.0)) == pytest.approx(11e-6, rel=1e-3)

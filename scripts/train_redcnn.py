@@ -42,6 +42,8 @@ def main() -> int:
                    help="cosine: decay to 0 by the last iteration or the time limit, if sooner")
     p.add_argument("--ssim-weight", type=float, default=0.0, metavar="W",
                    help="add W x (1 - SSIM) to the MSE, as `corediff train --ssim-weight` does")
+    p.add_argument("--level-weight", type=float, default=0.0, metavar="W",
+                   help="add W x the MSE of 8x8 block means, as `corediff train --level-weight` does")
     p.add_argument("--anywhere-share", type=float, default=0.0, metavar="S",
                    help="share of patches drawn anywhere, open air included, as `corediff train "
                         "--anywhere-share` does")
@@ -51,6 +53,8 @@ def main() -> int:
         p.error(f"--anywhere-share {a.anywhere_share} is not a share: give a number in [0, 1]")
     if not a.ssim_weight >= 0:
         p.error(f"--ssim-weight {a.ssim_weight} is negative: give 0 (MSE only) or a weight > 0")
+    if not a.level_weight >= 0:
+        p.error(f"--level-weight {a.level_weight} is negative: give 0 (MSE only) or a weight > 0")
     if a.init and Path(a.init).resolve() == Path(a.out).resolve():
         p.error("--out is the --init weights file: choose another output (the starting weights are kept)")
     torch.set_num_threads(a.threads)
@@ -62,7 +66,8 @@ def main() -> int:
     model = train_redcnn(pairs, a.iterations, a.batch_size, a.patch_size, filters=a.filters, seed=a.seed,
                          log=lambda m: print(m, flush=True), init_state=init,
                          time_limit_s=a.time_limit * 60.0, lr=a.lr, lr_schedule=a.lr_schedule,
-                         ssim_weight=a.ssim_weight, anywhere_share=a.anywhere_share)
+                         ssim_weight=a.ssim_weight, anywhere_share=a.anywhere_share,
+                         level_weight=a.level_weight)
     with atomic_path(a.out) as tmp:  # an interrupted save never leaves a truncated file at --out
         torch.save(model.state_dict(), tmp)
     print(f"wrote {a.out}")
