@@ -152,3 +152,22 @@ def test_a_freshly_simulated_held_out_set_records_the_software_that_made_it(tmp_
 
     (tmp_path / "manifest.json").unlink()  # a cache made before manifests existed
     assert "before its manifest" in qb.held_out_provenance(tmp_path, [c[0] for c in cases])
+
+
+def test_air_texture_measures_how_far_the_local_level_of_open_air_wanders():
+    import sys
+    sys.path.insert(0, str(Path(__file__).parent / "benchmarks"))
+    import air_texture as at
+    truth = np.full((128, 128), -1000.0)
+    truth[40:80, 40:80] = 40.0  # a body: the air next to it is not open air
+    mask = at.open_air(truth)
+    assert not mask[35:85, 35:85].any() and mask[10:20, 100:120].all() and not mask[:8].any()
+    rng = np.random.default_rng(1)
+    ndct = truth - 2.0 + rng.normal(0, 7, truth.shape)
+    level, spread, off, corr = at.air_texture(ndct, ndct, mask)
+    assert off == 0 and corr == pytest.approx(1.0) and level == pytest.approx(-2.0, abs=0.3)
+    assert spread == pytest.approx(7 / (2 * np.sqrt(np.pi) * 1.5), rel=0.15)  # white noise through SSIM's window
+    smooth = np.full_like(ndct, -1002.0)
+    assert at.air_texture(smooth, ndct, mask)[1] == pytest.approx(0.0, abs=1e-9)
+    textured = smooth + rng.normal(0, 7, truth.shape)  # as much texture, none of it the NDCT's
+    assert at.air_texture(textured, ndct, mask)[2] > at.air_texture(smooth, ndct, mask)[2]

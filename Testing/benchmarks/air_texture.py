@@ -1,0 +1,91 @@
+#!/usr/bin/env python
+"""How much does each method's open air wander in local level?
+
+SSIM's luminance factor compares Gaussian local means (σ = 1.5 px, SSIM's own window); in the
+air, where the metric window's floor puts those means near 0, it is what RED-CNN's SSIM lead
+over CoreDiff is made of (``ssim_regions.py``). This measures, in the open air of one held-out
+phantom (pixels ~20 px or more from anything denser than −950 HU in the noise-free image), how
+much each image's local mean varies, how far it is from the NDCT's, and how correlated with it.
+
+    python Testing/benchmarks/air_texture.py --dose 0.25 --model "CoreDiff=corediff-25-w32" \\
+        --model "CoreDiff 1 step=corediff-25-w32:1" \\
+        --redcnn "RED-CNN=Testing/benchmarks/models/redcnn32-gpu-25.pt"
+
+A conditional-mean estimate of the NDCT wanders less than the NDCT itself; more than that is
+texture the method made or kept, none of which the NDCT shares.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy.ndimage import gaussian_filter
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from quality_benchmark import default_cache, held_out  # noqa: E402
+from ssim_regions import _spec  # noqa: E402
+from CoreDiffLib.baselines import load_redcnn, redcnn_denoise  # noqa: E402
+from CoreDiffLib.inference import denoise_volume  # noqa: E402
+from CoreDiffLib.intensity import METRIC_WINDOW_HU  # noqa: E402
+
+
+def local_mean(image: np.ndarray) -> np.ndarray:
+    """SSIM's local mean: Gaussian σ = 1.5 px, 11 taps."""
+    return gaussian_filter(image.astype(np.float64), sigma=1.5, truncate=3.5)
+
+
+def open_air(truth: np.ndarray, margin: int = 8) -> np.ndarray:
+    """Air at least ~20 px from anything denser than −950 HU, away from the image border."""
+    near_body = gaussian_filter((truth > -950).astype(np.float64), 8) >= 1e-3
+    mask = ~near_body
+    mask[:margin] = mask[-margin:] = False
+    mask[:, :margin] = mask[:, -margin:] = False
+    return mask
+
+
+def air_texture(out: np.ndarray, ndct: np.ndarray, mask: np.ndarray) -> tuple[float, float, float, float]:
+    """(mean + 1000, local-mean std, std of the clipped local-mean difference to the NDCT,
+    correlation of the local means with the NDCT's), HU, over ``mask`` of one slice."""
+    lm, lm_ref = local_mean(out), local_mean(ndct)
+    diff = local_mean(np.clip(out, *METRIC_WINDOW_HU)) - local_mean(np.clip(ndct, *METRIC_WINDOW_HU))
+    spread, spread_ref = float(lm[mask].std()), float(lm_ref[mask].std())
+    # a perfectly flat image has no correlation to speak of
+    corr = float(np.corrcoef(lm[mask], lm_ref[mask])[0, 1]) if spread > 0 and spread_ref > 0 else float("nan")
+    return float(out[mask].mean()) + 1000.0, spread, float(diff[mask].std()), corr
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--dose", type=float, default=0.25)
+    p.add_argument("--split", choices=("test", "validation"), default="validation")
+    p.add_argument("--case", type=int, default=0, help="which held-out phantom (0 abdomen, 1 thorax, 2 head)")
+    p.add_argument("--model", action="append", default=[], metavar="LABEL=MODEL[:STEPS]")
+    p.add_argument("--redcnn", action="append", default=[], metavar="LABEL=FILE")
+    p.add_argument("--threads", type=int, default=1)
+    a = p.parse_args()
+    torch.set_num_threads(a.threads)
+    name, ndct, ldct, truth = held_out(a.dose, default_cache(a.split, 6), slices=6, split=a.split)[a.case]
+    images = {"NDCT": ndct, "LDCT": ldct}
+    for label, spec in map(_spec, a.model):
+        model, _, steps = spec.rpartition(":") if spec.rpartition(":")[2].isdigit() else (spec, "", "")
+        images[label] = denoise_volume(ldct, model, device="cpu", steps=int(steps) if steps else None,
+                                       progress=None)
+    for label, path in map(_spec, a.redcnn):
+        images[label] = redcnn_denoise(load_redcnn(path), ldct)
+    inner = range(1, ndct.shape[0] - 1)
+    print(f"Open air of {name} ({a.split}, {a.dose:g} dose, {len(inner)} inner slices), HU\n")
+    print("| image | mean + 1000 | local-mean std | std of the clipped local-mean difference to the NDCT "
+          "| correlation of the local means with the NDCT's |")
+    print("|---|---|---|---|---|")
+    for label, image in images.items():
+        rows = [air_texture(image[k], ndct[k], open_air(truth[k])) for k in inner]
+        m = np.mean(rows, axis=0)
+        print(f"| {label} | {m[0]:+.2f} | {m[1]:.2f} | {m[2]:.2f} | {m[3]:.2f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
