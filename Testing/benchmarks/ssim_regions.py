@@ -106,29 +106,27 @@ def main() -> int:
 
     print(f"\nRMSE against the NDCT on the window {METRIC_WINDOW_HU} HU by region (HU), and each region's "
           "share of the slice's mean squared error (HU²), whose total gives PSNR and RMSE.\n")
-    print("| region | " + " | ".join(f"RMSE {m}" for m in labels) + " | "
-          + " | ".join(f"MSE share {m}" for m in labels) + " |")
-    print("|---|" + "---|" * (2 * len(labels)))
-    for region in REGIONS:
-        n = sums[ref][region][1]
-        if n == 0:
-            continue
-        print(f"| {region} | " + " | ".join(f"{np.sqrt(sums[m][region][3] / n):.2f}" for m in labels) + " | "
-              + " | ".join(f"{sums[m][region][3] / total_px:.2f}" for m in labels) + " |")
+
+    def region_table(left: str, right: str, left_cell, right_cell) -> None:
+        """One row per region: ``left_cell(acc, n)`` for every method, then ``right_cell``."""
+        print("| region | " + " | ".join(f"{left} {m}" for m in labels) + " | "
+              + " | ".join(f"{right} {m}" for m in labels) + " |")
+        print("|---|" + "---|" * (2 * len(labels)))
+        for region in REGIONS:
+            n = sums[ref][region][1]
+            if n:
+                print(f"| {region} | " + " | ".join(left_cell(sums[m][region], n) for m in labels) + " | "
+                      + " | ".join(right_cell(sums[m][region], n) for m in labels) + " |")
+
+    region_table("RMSE", "MSE share", lambda acc, n: f"{np.sqrt(acc[3] / n):.2f}",
+                 lambda acc, n: f"{acc[3] / total_px:.2f}")
     mse = [sum(acc[3] for acc in sums[m].values()) / total_px for m in labels]
     print("| all | " + " | ".join(f"{np.sqrt(v):.2f}" for v in mse) + " | "
           + " | ".join(f"{v:.2f}" for v in mse) + " |")
     print("\nSSIM's two factors by region (their product, pixel by pixel, is the SSIM map): "
           "luminance (local level) and contrast-structure (local texture).\n")
-    print("| region | " + " | ".join(f"luminance {m}" for m in labels) + " | "
-          + " | ".join(f"contrast-structure {m}" for m in labels) + " |")
-    print("|---|" + "---|" * (2 * len(labels)))
-    for region in REGIONS:
-        n = sums[ref][region][1]
-        if n == 0:
-            continue
-        print(f"| {region} | " + " | ".join(f"{sums[m][region][4] / n:.5f}" for m in labels) + " | "
-              + " | ".join(f"{sums[m][region][5] / n:.5f}" for m in labels) + " |")
+    region_table("luminance", "contrast-structure", lambda acc, n: f"{acc[4] / n:.5f}",
+                 lambda acc, n: f"{acc[5] / n:.5f}")
     print("\nMean level in the air, noise-free − method (HU): "
           + ", ".join(f"{m} {sums[m]['air (< -950 HU)'][2] / max(sums[m]['air (< -950 HU)'][1], 1):+.2f}"
                       for m in labels))
