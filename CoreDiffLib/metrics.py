@@ -44,14 +44,13 @@ def ssim_map(image_hu: np.ndarray, reference_hu: np.ndarray) -> np.ndarray:
     return full[_SSIM_CROP:-_SSIM_CROP, _SSIM_CROP:-_SSIM_CROP]
 
 
-
 def ssim_terms(image_hu: np.ndarray, reference_hu: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """SSIM's two factors per pixel, cropped as :func:`ssim_map`: luminance and contrast-structure.
 
     Their product is the SSIM map. They tell a level error from a texture error: in the air the
     window's floor (−1000 HU) puts both images' local means near 0 on the [0, 1] scale, where the
-    luminance factor's constant C1 = 1e-4 is all that cushions it, so a local level off by 1 HU
-    costs ~0.002 there, while the same error inside the body costs almost nothing.
+    luminance factor's constant C1 = 1e-4 is all that cushions it, so local means (of the clipped
+    images) 1 HU apart cost ~0.0025 there, while the same error inside the body costs almost nothing.
     """
     from scipy.ndimage import gaussian_filter
 
