@@ -44,6 +44,13 @@ def ssim_map(image_hu: np.ndarray, reference_hu: np.ndarray) -> np.ndarray:
     return full[_SSIM_CROP:-_SSIM_CROP, _SSIM_CROP:-_SSIM_CROP]
 
 
+def ssim_local_mean(image: np.ndarray) -> np.ndarray:
+    """SSIM's local mean: scikit-image's Gaussian window (sigma 1.5, 11 taps), any scale."""
+    from scipy.ndimage import gaussian_filter
+
+    return gaussian_filter(np.asarray(image, dtype=np.float64), sigma=1.5, truncate=3.5)
+
+
 def ssim_terms(image_hu: np.ndarray, reference_hu: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """SSIM's two factors per pixel, cropped as :func:`ssim_map`: luminance and contrast-structure.
 
@@ -52,14 +59,9 @@ def ssim_terms(image_hu: np.ndarray, reference_hu: np.ndarray) -> tuple[np.ndarr
     luminance factor's constant C1 = 1e-4 is all that cushions it, so local means (of the clipped
     images) 1 HU apart cost ~0.0025 there, while the same error inside the body costs almost nothing.
     """
-    from scipy.ndimage import gaussian_filter
-
     x, y = _window(image_hu), _window(reference_hu)
     c1, c2 = 0.01 ** 2, 0.03 ** 2  # scikit-image's K1, K2 with data_range 1
-
-    def mean(a: np.ndarray) -> np.ndarray:  # scikit-image's Gaussian window: sigma 1.5, 11 taps
-        return gaussian_filter(a, sigma=1.5, truncate=3.5)
-
+    mean = ssim_local_mean
     mx, my = mean(x), mean(y)
     vx, vy, cxy = mean(x * x) - mx * mx, mean(y * y) - my * my, mean(x * y) - mx * my
     luminance = (2 * mx * my + c1) / (mx * mx + my * my + c1)

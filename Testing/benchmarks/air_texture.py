@@ -26,15 +26,9 @@ from scipy.ndimage import gaussian_filter
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quality_benchmark import default_cache, held_out  # noqa: E402
-from ssim_regions import _spec  # noqa: E402
-from CoreDiffLib.baselines import load_redcnn, redcnn_denoise  # noqa: E402
-from CoreDiffLib.inference import denoise_volume  # noqa: E402
+from ssim_regions import denoisers  # noqa: E402
 from CoreDiffLib.intensity import METRIC_WINDOW_HU  # noqa: E402
-
-
-def local_mean(image: np.ndarray) -> np.ndarray:
-    """SSIM's local mean: Gaussian σ = 1.5 px, 11 taps."""
-    return gaussian_filter(image.astype(np.float64), sigma=1.5, truncate=3.5)
+from CoreDiffLib.metrics import ssim_local_mean as local_mean  # noqa: E402
 
 
 def open_air(truth: np.ndarray, margin: int = 8) -> np.ndarray:
@@ -69,12 +63,7 @@ def main() -> int:
     torch.set_num_threads(a.threads)
     name, ndct, ldct, truth = held_out(a.dose, default_cache(a.split, 6), slices=6, split=a.split)[a.case]
     images = {"NDCT": ndct, "LDCT": ldct}
-    for label, spec in map(_spec, a.model):
-        model, _, steps = spec.rpartition(":") if spec.rpartition(":")[2].isdigit() else (spec, "", "")
-        images[label] = denoise_volume(ldct, model, device="cpu", steps=int(steps) if steps else None,
-                                       progress=None)
-    for label, path in map(_spec, a.redcnn):
-        images[label] = redcnn_denoise(load_redcnn(path), ldct)
+    images.update({label: denoise(ldct) for label, denoise in denoisers(a.model, a.redcnn).items()})
     inner = range(1, ndct.shape[0] - 1)
     print(f"Open air of {name} ({a.split}, {a.dose:g} dose, {len(inner)} inner slices), HU\n")
     print("| image | mean + 1000 | local-mean std | std of the clipped local-mean difference to the NDCT "

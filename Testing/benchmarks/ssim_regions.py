@@ -42,6 +42,18 @@ def _spec(text: str) -> tuple[str, str]:
     return (label, value) if sep else (Path(text).stem, text)
 
 
+def denoisers(models: list[str], redcnns: list[str]) -> dict:
+    """label -> function(LDCT volume) -> output volume, from ``--model`` / ``--redcnn`` specs."""
+    methods = {}
+    for label, spec in map(_spec, models):
+        name, _, steps = spec.rpartition(":") if spec.rpartition(":")[2].isdigit() else (spec, "", "")
+        methods[label] = lambda v, name=name, steps=steps: denoise_volume(
+            v, name, device="cpu", steps=int(steps) if steps else None, progress=None)
+    for label, path in map(_spec, redcnns):
+        methods[label] = lambda v, net=load_redcnn(path): redcnn_denoise(net, v)
+    return methods
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dose", type=float, default=0.25)
@@ -55,13 +67,7 @@ def main() -> int:
         p.error("give at least one --model or --redcnn")
     torch.set_num_threads(a.threads)
 
-    methods = {}
-    for label, spec in map(_spec, a.model):
-        name, _, steps = spec.rpartition(":") if spec.rpartition(":")[2].isdigit() else (spec, "", "")
-        methods[label] = lambda v, name=name, steps=steps: denoise_volume(
-            v, name, device="cpu", steps=int(steps) if steps else None, progress=None)
-    for label, path in map(_spec, a.redcnn):
-        methods[label] = lambda v, net=load_redcnn(path): redcnn_denoise(net, v)
+    methods = denoisers(a.model, a.redcnn)
 
     # per method and region: summed SSIM, pixel count, summed (noise-free - output) in HU,
     # summed squared error against the NDCT on the metric window (HU²), summed luminance and
