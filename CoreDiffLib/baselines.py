@@ -64,14 +64,15 @@ def train_redcnn(pairs: Sequence[tuple[np.ndarray, np.ndarray]], iterations: int
                  log: Callable[[str], None] = print, init_state: dict[str, torch.Tensor] | None = None,
                  time_limit_s: float = 0.0, lr_schedule: str = "constant", device: str = "cpu",
                  precision: str = "fp32", ssim_weight: float = 0.0, anywhere_share: float = 0.0,
-                 level_weight: float = 0.0) -> REDCNN:
+                 level_weight: float = 0.0, level_window: str = "block8") -> REDCNN:
     """Supervised MSE training on the same patch sampler CoreDiff uses.
 
     ``init_state``, ``time_limit_s`` and a cosine ``lr_schedule`` give RED-CNN the fine-tuning
     recipe CoreDiff's 10 % and 5 % models get (start from the 25 % weights, a fixed number of
     CPU minutes, lr decayed to 0 by the time limit), so both are compared on the same budget.
     ``device`` and ``precision`` ("bf16": autocast) match CoreDiff's GPU training, for the same
-    reason, and ``ssim_weight``, ``level_weight`` and ``anywhere_share`` its optional loss terms and air patches
+    reason, and ``ssim_weight``, ``level_weight`` / ``level_window`` and ``anywhere_share`` its optional loss
+    terms and air patches
     (see ``training.restoration_loss`` and ``training.PairedSlices``). The model comes back on
     the CPU.
     """
@@ -96,7 +97,7 @@ def train_redcnn(pairs: Sequence[tuple[np.ndarray, np.ndarray]], iterations: int
         ctx, tgt = data.batch(batch_size)
         with autocast:
             loss = restoration_loss(model(ctx[:, 1:2].to(device)).float(), tgt.to(device), ssim_weight,
-                                    level_weight)
+                                    level_weight, level_window)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -133,7 +133,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                       threads=args.threads, keep_every=args.keep_every, precision=args.precision,
                       time_limit_s=60.0 * args.time_limit, lr_schedule=args.lr_schedule,
                       t_sampling=args.t_sampling, ssim_weight=args.ssim_weight,
-                      anywhere_share=args.anywhere_share, level_weight=args.level_weight)
+                      anywhere_share=args.anywhere_share, level_weight=args.level_weight,
+                      level_window=args.level_window)
     checkpoint = args.checkpoint or str(Path(args.output).with_suffix(".ckpt"))
     device = "cuda" if args.device == "auto" and _cuda() else ("cpu" if args.device == "auto" else args.device)
     ema, state = train(volumes, net_cfg, cfg, checkpoint=checkpoint, device=device,
@@ -179,8 +180,11 @@ def add_train_parser(sub) -> None:
                    help="add W x (1 - SSIM on the metric window) to the paper's MSE loss (default 0: "
                         "MSE only); about 3e-5 gives the two terms gradients of equal size for a trained model")
     p.add_argument("--level-weight", type=float, default=0.0, metavar="W",
-                   help="add W x the MSE of 8x8 block means to the paper's MSE loss (default 0): the same "
-                        "optimum, W + 1 times the weight on local-level errors of a fraction of a HU")
+                   help="add W x the MSE of local levels (--level-window) to the paper's MSE loss (default 0): "
+                        "the same optimum, more weight on local-level errors of a fraction of a HU")
+    p.add_argument("--level-window", choices=("block8", "ssim"), default="block8",
+                   help="the local levels --level-weight compares: 8x8 block means (default) or SSIM's "
+                        "own Gaussian local means (sigma 1.5 px)")
     p.add_argument("--anywhere-share", type=float, default=0.0, metavar="S",
                    help="share of training patches drawn anywhere on the slice, open air included "
                         "(default 0: patches that are almost all air are re-drawn)")

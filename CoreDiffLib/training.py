@@ -53,7 +53,8 @@ class TrainConfig:
     t_sampling: str = "uniform"   # "late": p(t) ∝ t + 1, see time_index_probabilities
     ssim_weight: float = 0.0      # > 0: add ssim_weight x (1 - SSIM) to the MSE, see restoration_loss
     anywhere_share: float = 0.0   # share of patches drawn anywhere, air included, see PairedSlices
-    level_weight: float = 0.0     # > 0: add level_weight x the MSE of 8x8 block means, see restoration_loss
+    level_weight: float = 0.0     # > 0: add level_weight x the MSE of local levels, see restoration_loss
+    level_window: str = "block8"  # which local levels: one of LEVEL_WINDOWS
 
 
 # ----------------------------------------------------------------------------- data
@@ -117,6 +118,14 @@ class PairedSlices:
 _SSIM_RADIUS, _SSIM_SIGMA = 5, 1.5  # scikit-image's Gaussian SSIM window (truncate 3.5): 11 x 11
 
 
+def ssim_local_mean(a: torch.Tensor) -> torch.Tensor:
+    """SSIM's local mean of an (N, 1, H, W) batch: its Gaussian window, separable, "valid" (no padding)."""
+    r = torch.arange(-_SSIM_RADIUS, _SSIM_RADIUS + 1, dtype=a.dtype, device=a.device)
+    g = torch.exp(-r ** 2 / (2 * _SSIM_SIGMA ** 2))
+    g = g / g.sum()
+    return F.conv2d(F.conv2d(a, g.view(1, 1, 1, -1)), g.view(1, 1, -1, 1))
+
+
 def window_ssim(image: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     """Mean SSIM of two (N, 1, H, W) batches in network units, on the metric window.
 
@@ -129,13 +138,7 @@ def window_ssim(image: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     lo, hi = (float(hu_to_unit(v)) for v in METRIC_WINDOW_HU)
     x = (image.clamp(lo, hi) - lo) / (hi - lo)
     y = (reference.clamp(lo, hi) - lo) / (hi - lo)
-    r = torch.arange(-_SSIM_RADIUS, _SSIM_RADIUS + 1, dtype=x.dtype, device=x.device)
-    g = torch.exp(-r ** 2 / (2 * _SSIM_SIGMA ** 2))
-    g = g / g.sum()
-
-    def blur(a: torch.Tensor) -> torch.Tensor:  # separable, "valid": no padding
-        return F.conv2d(F.conv2d(a, g.view(1, 1, 1, -1)), g.view(1, 1, -1, 1))
-
+    blur = ssim_local_mean
     mx, my = blur(x), blur(y)
     vx, vy, cxy = blur(x * x) - mx * mx, blur(y * y) - my * my, blur(x * y) - mx * my
     c1, c2 = 0.01 ** 2, 0.03 ** 2
@@ -143,32 +146,44 @@ def window_ssim(image: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     return ssim_map.mean()
 
 
-#: side of the blocks whose means ``level_weight`` compares (pixels)
+#: side of the blocks whose means ``level_weight`` compares (pixels), with level window "block8"
 LEVEL_BLOCK = 8
+#: what ``level_weight`` compares: 8x8 block means, or SSIM's own Gaussian local means (sigma 1.5 px)
+LEVEL_WINDOWS = ("block8", "ssim")
+
+
+def local_level(a: torch.Tensor, window: str = "block8") -> torch.Tensor:
+    """The local level of an (N, 1, H, W) batch that the level term compares, see LEVEL_WINDOWS."""
+    if window == "ssim":
+        return ssim_local_mean(a)
+    if window == "block8":
+        return F.avg_pool2d(a, LEVEL_BLOCK, ceil_mode=True)
+    raise ValueError(f"level window {window!r}: expected one of {LEVEL_WINDOWS}")
 
 
 def restoration_loss(x0_hat: torch.Tensor, ndct: torch.Tensor, ssim_weight: float = 0.0,
-                     level_weight: float = 0.0) -> torch.Tensor:
+                     level_weight: float = 0.0, level_window: str = "block8") -> torch.Tensor:
     """MSE against the NDCT (the paper's loss), plus optional terms.
 
     ``ssim_weight`` adds W x (1 - SSIM on the metric window). ``level_weight`` adds W x the MSE
-    of the two images' 8x8 block means: the same minimiser as the MSE (the conditional mean of
-    the NDCT), but W + 1 times the weight on errors of local level. A level error of a fraction
-    of a HU is lost in the pixel MSE's noise (~5 HU rms per pixel), yet it is what SSIM's
-    luminance factor punishes in the air (see ``metrics.ssim_terms``).
+    of the two images' local levels (``level_window``: 8x8 block means, or SSIM's Gaussian
+    window): the same minimiser as the MSE (the conditional mean of the NDCT), but more weight on
+    errors of local level. A level error of a fraction of a HU is lost in the pixel MSE's noise
+    (~5 HU rms per pixel), yet it is what SSIM's luminance factor punishes in the air (see
+    ``metrics.ssim_terms``). Neither image is clipped to the metric window here: that would move
+    the optimum (see docs/benchmarks/level/).
     """
     loss = F.mse_loss(x0_hat, ndct)
     if ssim_weight:
         loss = loss + ssim_weight * (1.0 - window_ssim(x0_hat.float(), ndct.float()))
     if level_weight:
-        loss = loss + level_weight * F.mse_loss(F.avg_pool2d(x0_hat, LEVEL_BLOCK, ceil_mode=True),
-                                                F.avg_pool2d(ndct, LEVEL_BLOCK, ceil_mode=True))
+        loss = loss + level_weight * F.mse_loss(local_level(x0_hat, level_window), local_level(ndct, level_window))
     return loss
 
 
 def corediff_loss(model: torch.nn.Module, config: NetworkConfig, ldct_stack: torch.Tensor,
                   ndct: torch.Tensor, t: int, ssim_weight: float = 0.0,
-                  level_weight: float = 0.0) -> torch.Tensor:
+                  level_weight: float = 0.0, level_window: str = "block8") -> torch.Tensor:
     """The two-stage CoreDiff loss for one batch at time index t (shared by the batch)."""
     alphas = alpha_schedule(config.steps).to(ndct.device)
     c = ldct_stack.shape[1] // 2
@@ -178,13 +193,13 @@ def corediff_loss(model: torch.nn.Module, config: NetworkConfig, ldct_stack: tor
 
     x_t = degrade(ndct, xT, alphas[t])
     x0_hat = model(network_input(x_t, ctx, config.use_context), tb)
-    loss_1 = restoration_loss(x0_hat, ndct, ssim_weight, level_weight)
+    loss_1 = restoration_loss(x0_hat, ndct, ssim_weight, level_weight, level_window)
     if t == 0:
         return loss_1
     x_prev = degrade(x0_hat, xT, alphas[t - 1])
     emm_prev = x0_hat if config.use_emm else None
     x0_hat_2 = model(network_input(x_prev, ctx, config.use_context), tb - 1, emm_prev, xT)
-    return 0.5 * loss_1 + 0.5 * restoration_loss(x0_hat_2, ndct, ssim_weight, level_weight)
+    return 0.5 * loss_1 + 0.5 * restoration_loss(x0_hat_2, ndct, ssim_weight, level_weight, level_window)
 
 
 # ----------------------------------------------------------------------------- distributed
@@ -200,13 +215,14 @@ class _LossModule(torch.nn.Module):
     own first output)."""
 
     def __init__(self, model: ClearNet, config: NetworkConfig, ssim_weight: float = 0.0,
-                 level_weight: float = 0.0):
+                 level_weight: float = 0.0, level_window: str = "block8"):
         super().__init__()
         self.model, self.config = model, config
-        self.ssim_weight, self.level_weight = ssim_weight, level_weight
+        self.ssim_weight, self.level_weight, self.level_window = ssim_weight, level_weight, level_window
 
     def forward(self, ldct_stack: torch.Tensor, ndct: torch.Tensor, t: int) -> torch.Tensor:
-        return corediff_loss(self.model, self.config, ldct_stack, ndct, t, self.ssim_weight, self.level_weight)
+        return corediff_loss(self.model, self.config, ldct_stack, ndct, t, self.ssim_weight, self.level_weight,
+                             self.level_window)
 
 
 def _state_sha256(module: torch.nn.Module) -> str:
@@ -338,7 +354,7 @@ def train(pairs: Sequence[tuple[np.ndarray, np.ndarray]], net_cfg: NetworkConfig
         if rank == 0:
             log(f"resumed from {ckpt} at iteration {state.iteration}")
 
-    loss_fn = _LossModule(model, net_cfg, cfg.ssim_weight, cfg.level_weight)
+    loss_fn = _LossModule(model, net_cfg, cfg.ssim_weight, cfg.level_weight, cfg.level_window)
     if world > 1:
         # find_unused_parameters: EMM takes no part when t == 0 (stage I only); t is the same
         # on every rank, so all replicas agree on which parameters were used

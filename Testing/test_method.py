@@ -12,8 +12,9 @@ from CoreDiffLib.diffusion import sample, step_indices
 from CoreDiffLib import CoreDiffError
 from CoreDiffLib.network import ClearNet, NetworkConfig, count_parameters, widened
 from CoreDiffLib.intensity import hu_to_unit
-from CoreDiffLib.metrics import ssim, ssim_map, ssim_terms
-from CoreDiffLib.training import PairedSlices, TrainConfig, corediff_loss, restoration_loss, train, window_ssim
+from CoreDiffLib.metrics import ssim, ssim_local_mean, ssim_map, ssim_terms
+from CoreDiffLib.training import (PairedSlices, TrainConfig, corediff_loss, restoration_loss, train, window_ssim,
+                                  ssim_local_mean as ssim_window_mean)
 
 from conftest import synthetic_ct
 
@@ -320,3 +321,21 @@ def test_the_level_term_weighs_local_level_errors_and_leaves_zero_mean_texture_t
     # patches that are not a multiple of the block still count every pixel
     odd = target[..., :60, :60]
     assert float(restoration_loss(odd + 1e-3, odd, level_weight=10.0)) == pytest.approx(11e-6, rel=1e-3)
+
+
+def test_the_ssim_window_level_term_compares_ssims_own_local_means():
+    target = torch.rand(2, 1, 48, 48) * 0.1 + 0.2
+    mse = 1e-6  # a constant 1e-3 offset: its local means are off by the same everywhere
+    assert float(restoration_loss(target + 1e-3, target, level_weight=10.0, level_window="ssim")) == \
+        pytest.approx(11 * mse, rel=1e-3)
+    # the window is the metric's own: the same local means as metrics.ssim_local_mean, inside the image
+    image = np.random.default_rng(5).random((40, 40))
+    torch_means = ssim_window_mean(torch.tensor(image)[None, None])[0, 0].numpy()
+    np.testing.assert_allclose(torch_means, ssim_local_mean(image)[5:-5, 5:-5], atol=1e-12)
+    # fine texture averages out in a sigma-1.5 window far more than a level error does
+    yy, xx = torch.meshgrid(torch.arange(48), torch.arange(48), indexing="ij")
+    textured = target + 1e-3 * ((yy + xx) % 2 * 2 - 1).float()
+    extra = float(restoration_loss(textured, target, level_weight=10.0, level_window="ssim")) - mse
+    assert abs(extra) < 0.01 * 10 * mse
+    with pytest.raises(ValueError, match="level window"):
+        restoration_loss(target, target, level_weight=1.0, level_window="blocks")

@@ -43,7 +43,9 @@ def main() -> int:
     p.add_argument("--ssim-weight", type=float, default=0.0, metavar="W",
                    help="add W x (1 - SSIM) to the MSE, as `corediff train --ssim-weight` does")
     p.add_argument("--level-weight", type=float, default=0.0, metavar="W",
-                   help="add W x the MSE of 8x8 block means, as `corediff train --level-weight` does")
+                   help="add W x the MSE of local levels, as `corediff train --level-weight` does")
+    p.add_argument("--level-window", choices=("block8", "ssim"), default="block8",
+                   help="which local levels --level-weight compares, as `corediff train --level-window`")
     p.add_argument("--anywhere-share", type=float, default=0.0, metavar="S",
                    help="share of patches drawn anywhere, open air included, as `corediff train "
                         "--anywhere-share` does")
@@ -67,7 +69,7 @@ def main() -> int:
                          log=lambda m: print(m, flush=True), init_state=init,
                          time_limit_s=a.time_limit * 60.0, lr=a.lr, lr_schedule=a.lr_schedule,
                          ssim_weight=a.ssim_weight, anywhere_share=a.anywhere_share,
-                         level_weight=a.level_weight)
+                         level_weight=a.level_weight, level_window=a.level_window)
     with atomic_path(a.out) as tmp:  # an interrupted save never leaves a truncated file at --out
         torch.save(model.state_dict(), tmp)
     print(f"wrote {a.out}")
