@@ -164,10 +164,14 @@ def test_air_texture_measures_how_far_the_local_level_of_open_air_wanders():
     assert not mask[35:85, 35:85].any() and mask[10:20, 100:120].all() and not mask[:8].any()
     rng = np.random.default_rng(1)
     ndct = truth - 2.0 + rng.normal(0, 7, truth.shape)
-    level, spread, off, corr = at.air_texture(ndct, ndct, mask)
-    assert off == 0 and corr == pytest.approx(1.0) and level == pytest.approx(-2.0, abs=0.3)
-    assert spread == pytest.approx(7 / (2 * np.sqrt(np.pi) * 1.5), rel=0.15)  # white noise through SSIM's window
-    smooth = np.full_like(ndct, -1002.0)
-    assert at.air_texture(smooth, ndct, mask)[1] == pytest.approx(0.0, abs=1e-9)
-    textured = smooth + rng.normal(0, 7, truth.shape)  # as much texture, none of it the NDCT's
-    assert at.air_texture(textured, ndct, mask)[2] > at.air_texture(smooth, ndct, mask)[2]
+    itself = at.air_texture(ndct, ndct, mask)
+    assert itself.offset == itself.off_std == itself.off_rms == 0 and itself.corr == pytest.approx(1.0)
+    assert itself.level == pytest.approx(-2.0, abs=0.3)
+    assert itself.spread == pytest.approx(7 / (2 * np.sqrt(np.pi) * 1.5), rel=0.15)  # white noise, SSIM's window
+    smooth = at.air_texture(np.full_like(ndct, -1002.0), ndct, mask)
+    assert smooth.spread == pytest.approx(0.0, abs=1e-9)
+    # the window's floor keeps the NDCT's noise above -1000 only: E[max(0, N(-2, 7²))] = 1.91 HU
+    # above the smooth image's clipped air, which sits at the floor
+    assert smooth.offset == pytest.approx(-1.91, abs=0.2) and smooth.off_rms >= abs(smooth.offset)
+    textured = at.air_texture(np.full_like(ndct, -1002.0) + rng.normal(0, 7, truth.shape), ndct, mask)
+    assert textured.off_std > smooth.off_std  # as much texture as the NDCT, none of it the NDCT's

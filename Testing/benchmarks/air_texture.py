@@ -5,7 +5,8 @@ SSIM's luminance factor compares Gaussian local means (σ = 1.5 px, SSIM's own w
 air, where the metric window's floor puts those means near 0, it is what RED-CNN's SSIM lead
 over CoreDiff is made of (``ssim_regions.py``). This measures, in the open air of one held-out
 phantom (pixels ~20 px or more from anything denser than −950 HU in the noise-free image), how
-much each image's local mean varies, how far it is from the NDCT's, and how correlated with it.
+much each image's local mean varies, how far it is from the NDCT's (on average and in spread: the
+luminance factor pays ~0.0025 x the mean square, HU²), and how correlated with it.
 
     python Testing/benchmarks/air_texture.py --dose 0.25 --model "CoreDiff=corediff-25-w32" \\
         --model "CoreDiff 1 step=corediff-25-w32:1" \\
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -40,15 +42,33 @@ def open_air(truth: np.ndarray, margin: int = 8) -> np.ndarray:
     return mask
 
 
-def air_texture(out: np.ndarray, ndct: np.ndarray, mask: np.ndarray) -> tuple[float, float, float, float]:
-    """(mean + 1000, local-mean std, std of the clipped local-mean difference to the NDCT,
-    correlation of the local means with the NDCT's), HU, over ``mask`` of one slice."""
+class AirTexture(NamedTuple):
+    """One image's open air against the NDCT's, HU."""
+    level: float      # mean + 1000 (unclipped)
+    spread: float     # std of the local mean
+    offset: float     # mean of the clipped local-mean difference to the NDCT
+    off_std: float    # std of that difference
+    corr: float       # correlation of the local means with the NDCT's
+
+    @property
+    def off_rms(self) -> float:
+        """What SSIM's luminance factor pays for in the air: ~0.0025 x rms² (``metrics.ssim_terms``)."""
+        return float(np.hypot(self.offset, self.off_std))
+
+
+def air_texture(out: np.ndarray, ndct: np.ndarray, mask: np.ndarray) -> AirTexture:
+    """How one slice's open air (``mask``) compares with the NDCT's, in local level.
+
+    The offset is there even for an unbiased image: the window's floor (−1000 HU) cuts the
+    NDCT's pixel noise in half, so its clipped air sits ~σ/√(2π) above −1000, and an image
+    smoother than the NDCT sits lower once clipped."""
     lm, lm_ref = local_mean(out), local_mean(ndct)
     diff = local_mean(np.clip(out, *METRIC_WINDOW_HU)) - local_mean(np.clip(ndct, *METRIC_WINDOW_HU))
     spread, spread_ref = float(lm[mask].std()), float(lm_ref[mask].std())
     # a perfectly flat image has no correlation to speak of
     corr = float(np.corrcoef(lm[mask], lm_ref[mask])[0, 1]) if spread > 0 and spread_ref > 0 else float("nan")
-    return float(out[mask].mean()) + 1000.0, spread, float(diff[mask].std()), corr
+    return AirTexture(float(out[mask].mean()) + 1000.0, spread, float(diff[mask].mean()), float(diff[mask].std()),
+                      corr)
 
 
 def main() -> int:
@@ -66,13 +86,15 @@ def main() -> int:
     images.update({label: denoise(ldct) for label, denoise in denoisers(a.model, a.redcnn).items()})
     inner = range(1, ndct.shape[0] - 1)
     print(f"Open air of {name} ({a.split}, {a.dose:g} dose, {len(inner)} inner slices), HU\n")
-    print("| image | mean + 1000 | local-mean std | std of the clipped local-mean difference to the NDCT "
-          "| correlation of the local means with the NDCT's |")
-    print("|---|---|---|---|---|")
+    print("| image | mean + 1000 | local-mean std | clipped local-mean difference to the NDCT: mean "
+          "| its std | its rms | correlation of the local means with the NDCT's |")
+    print("|---|---|---|---|---|---|---|")
     for label, image in images.items():
         rows = [air_texture(image[k], ndct[k], open_air(truth[k])) for k in inner]
-        m = np.mean(rows, axis=0)
-        print(f"| {label} | {m[0]:+.2f} | {m[1]:.2f} | {m[2]:.2f} | {m[3]:.2f} |")
+        m = AirTexture(*np.mean(rows, axis=0))
+        rms = float(np.sqrt(np.mean([r.off_rms ** 2 for r in rows])))
+        print(f"| {label} | {m.level:+.2f} | {m.spread:.2f} | {m.offset:+.2f} | {m.off_std:.2f} | {rms:.2f} "
+              f"| {m.corr:.2f} |")
     return 0
 
 
