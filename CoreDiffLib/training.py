@@ -177,7 +177,8 @@ def restoration_loss(x0_hat: torch.Tensor, ndct: torch.Tensor, ssim_weight: floa
     if ssim_weight:
         loss = loss + ssim_weight * (1.0 - window_ssim(x0_hat.float(), ndct.float()))
     if level_weight:
-        loss = loss + level_weight * F.mse_loss(local_level(x0_hat, level_window), local_level(ndct, level_window))
+        loss = loss + level_weight * F.mse_loss(local_level(x0_hat, level_window),
+                                                local_level(ndct, level_window))
     return loss
 
 
@@ -320,6 +321,11 @@ def train(pairs: Sequence[tuple[np.ndarray, np.ndarray]], net_cfg: NetworkConfig
     t_probabilities = time_index_probabilities(net_cfg.steps, cfg.t_sampling)
     if cfg.precision not in ("fp32", "bf16"):
         raise CoreDiffError(f"training precision must be fp32 or bf16, not {cfg.precision!r}")
+    if cfg.level_window not in LEVEL_WINDOWS:
+        raise CoreDiffError(f"level window must be one of {LEVEL_WINDOWS}, not {cfg.level_window!r}")
+    if cfg.level_weight and cfg.level_window == "ssim" and 0 < cfg.patch_size < 2 * _SSIM_RADIUS + 1:
+        raise CoreDiffError(f"{cfg.patch_size}-px patches are smaller than SSIM's 11 x 11 window: "
+                            "give --patch-size 11 or more for --level-window ssim")
     on_cuda = device.startswith("cuda")
     if on_cuda:
         torch.backends.cudnn.benchmark = True  # fixed patch shape: let cuDNN pick its fastest kernels
