@@ -19,7 +19,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from .intensity import hu_to_unit, unit_to_hu
-from .training import LR_SCHEDULES, PairedSlices, cosine_lr, restoration_loss, run_progress
+from .training import LR_SCHEDULES, PairedSlices, check_level_term, cosine_lr, restoration_loss, run_progress
 
 
 class REDCNN(nn.Module):
@@ -80,6 +80,7 @@ def train_redcnn(pairs: Sequence[tuple[np.ndarray, np.ndarray]], iterations: int
         raise ValueError(f"lr schedule must be constant or cosine, not {lr_schedule!r}")
     if precision not in ("fp32", "bf16"):
         raise ValueError(f"training precision must be fp32 or bf16, not {precision!r}")
+    check_level_term(level_weight, level_window, patch_size)
     torch.manual_seed(seed)
     model = REDCNN(filters)
     if init_state is not None:

@@ -161,6 +161,16 @@ def local_level(a: torch.Tensor, window: str = "block8") -> torch.Tensor:
     raise ValueError(f"level window {window!r}: expected one of {LEVEL_WINDOWS}")
 
 
+def check_level_term(level_weight: float, level_window: str, patch_size: int) -> None:
+    """Refuse, before any training, a level term that :func:`local_level` could not compute
+    (CoreDiff's and RED-CNN's trainers share it, as they share :func:`restoration_loss`)."""
+    if level_window not in LEVEL_WINDOWS:
+        raise CoreDiffError(f"level window must be one of {LEVEL_WINDOWS}, not {level_window!r}")
+    if level_weight and level_window == "ssim" and 0 < patch_size < 2 * _SSIM_RADIUS + 1:
+        raise CoreDiffError(f"{patch_size}-px patches are smaller than SSIM's 11 x 11 window: "
+                            "give --patch-size 11 or more for --level-window ssim")
+
+
 def restoration_loss(x0_hat: torch.Tensor, ndct: torch.Tensor, ssim_weight: float = 0.0,
                      level_weight: float = 0.0, level_window: str = "block8") -> torch.Tensor:
     """MSE against the NDCT (the paper's loss), plus optional terms.
@@ -321,11 +331,7 @@ def train(pairs: Sequence[tuple[np.ndarray, np.ndarray]], net_cfg: NetworkConfig
     t_probabilities = time_index_probabilities(net_cfg.steps, cfg.t_sampling)
     if cfg.precision not in ("fp32", "bf16"):
         raise CoreDiffError(f"training precision must be fp32 or bf16, not {cfg.precision!r}")
-    if cfg.level_window not in LEVEL_WINDOWS:
-        raise CoreDiffError(f"level window must be one of {LEVEL_WINDOWS}, not {cfg.level_window!r}")
-    if cfg.level_weight and cfg.level_window == "ssim" and 0 < cfg.patch_size < 2 * _SSIM_RADIUS + 1:
-        raise CoreDiffError(f"{cfg.patch_size}-px patches are smaller than SSIM's 11 x 11 window: "
-                            "give --patch-size 11 or more for --level-window ssim")
+    check_level_term(cfg.level_weight, cfg.level_window, cfg.patch_size)
     on_cuda = device.startswith("cuda")
     if on_cuda:
         torch.backends.cudnn.benchmark = True  # fixed patch shape: let cuDNN pick its fastest kernels

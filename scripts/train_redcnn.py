@@ -18,7 +18,7 @@ from CoreDiffLib import CoreDiffError  # noqa: E402
 from CoreDiffLib.atomic import atomic_path  # noqa: E402
 from CoreDiffLib.baselines import train_redcnn  # noqa: E402
 from CoreDiffLib.io import find_pairs, read_volume  # noqa: E402
-from CoreDiffLib.training import LR_SCHEDULES  # noqa: E402
+from CoreDiffLib.training import LEVEL_WINDOWS, LR_SCHEDULES  # noqa: E402
 
 
 def main() -> int:
@@ -44,7 +44,7 @@ def main() -> int:
                    help="add W x (1 - SSIM) to the MSE, as `corediff train --ssim-weight` does")
     p.add_argument("--level-weight", type=float, default=0.0, metavar="W",
                    help="add W x the MSE of local levels, as `corediff train --level-weight` does")
-    p.add_argument("--level-window", choices=("block8", "ssim"), default="block8",
+    p.add_argument("--level-window", choices=LEVEL_WINDOWS, default="block8",
                    help="which local levels --level-weight compares, as `corediff train --level-window`")
     p.add_argument("--anywhere-share", type=float, default=0.0, metavar="S",
                    help="share of patches drawn anywhere, open air included, as `corediff train "
@@ -65,11 +65,14 @@ def main() -> int:
     except CoreDiffError as e:
         p.error(str(e))
     init = torch.load(a.init, map_location="cpu", weights_only=True) if a.init else None
-    model = train_redcnn(pairs, a.iterations, a.batch_size, a.patch_size, filters=a.filters, seed=a.seed,
-                         log=lambda m: print(m, flush=True), init_state=init,
-                         time_limit_s=a.time_limit * 60.0, lr=a.lr, lr_schedule=a.lr_schedule,
-                         ssim_weight=a.ssim_weight, anywhere_share=a.anywhere_share,
-                         level_weight=a.level_weight, level_window=a.level_window)
+    try:
+        model = train_redcnn(pairs, a.iterations, a.batch_size, a.patch_size, filters=a.filters, seed=a.seed,
+                             log=lambda m: print(m, flush=True), init_state=init,
+                             time_limit_s=a.time_limit * 60.0, lr=a.lr, lr_schedule=a.lr_schedule,
+                             ssim_weight=a.ssim_weight, anywhere_share=a.anywhere_share,
+                             level_weight=a.level_weight, level_window=a.level_window)
+    except CoreDiffError as e:  # refused before training: nothing is written
+        p.error(str(e))
     with atomic_path(a.out) as tmp:  # an interrupted save never leaves a truncated file at --out
         torch.save(model.state_dict(), tmp)
     print(f"wrote {a.out}")
