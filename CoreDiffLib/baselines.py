@@ -19,7 +19,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from .intensity import hu_to_unit, unit_to_hu
-from .training import LR_SCHEDULES, PairedSlices, check_level_term, cosine_lr, restoration_loss, run_progress
+from .training import LR_SCHEDULES, MSE_ONLY, LossTerms, PairedSlices, cosine_lr, restoration_loss, run_progress
 
 
 class REDCNN(nn.Module):
@@ -63,24 +63,23 @@ def train_redcnn(pairs: Sequence[tuple[np.ndarray, np.ndarray]], iterations: int
                  patch_size: int = 64, lr: float = 1e-4, seed: int = 0, filters: int = 96,
                  log: Callable[[str], None] = print, init_state: dict[str, torch.Tensor] | None = None,
                  time_limit_s: float = 0.0, lr_schedule: str = "constant", device: str = "cpu",
-                 precision: str = "fp32", ssim_weight: float = 0.0, anywhere_share: float = 0.0,
-                 level_weight: float = 0.0, level_window: str = "block8") -> REDCNN:
+                 precision: str = "fp32", loss_terms: LossTerms = MSE_ONLY,
+                 anywhere_share: float = 0.0) -> REDCNN:
     """Supervised MSE training on the same patch sampler CoreDiff uses.
 
     ``init_state``, ``time_limit_s`` and a cosine ``lr_schedule`` give RED-CNN the fine-tuning
     recipe CoreDiff's 10 % and 5 % models get (start from the 25 % weights, a fixed number of
     CPU minutes, lr decayed to 0 by the time limit), so both are compared on the same budget.
     ``device`` and ``precision`` ("bf16": autocast) match CoreDiff's GPU training, for the same
-    reason, and ``ssim_weight``, ``level_weight`` / ``level_window`` and ``anywhere_share`` its optional loss
-    terms and air patches
-    (see ``training.restoration_loss`` and ``training.PairedSlices``). The model comes back on
+    reason, and ``loss_terms`` and ``anywhere_share`` its optional loss terms and air patches
+    (see ``training.LossTerms`` and ``training.PairedSlices``). The model comes back on
     the CPU.
     """
     if lr_schedule not in LR_SCHEDULES:
         raise ValueError(f"lr schedule must be constant or cosine, not {lr_schedule!r}")
     if precision not in ("fp32", "bf16"):
         raise ValueError(f"training precision must be fp32 or bf16, not {precision!r}")
-    check_level_term(level_weight, level_window, patch_size)
+    loss_terms.check_patch_size(patch_size)
     torch.manual_seed(seed)
     model = REDCNN(filters)
     if init_state is not None:
@@ -97,8 +96,7 @@ def train_redcnn(pairs: Sequence[tuple[np.ndarray, np.ndarray]], iterations: int
                 group["lr"] = cosine_lr(lr, run_progress(it, iterations, time.time() - t0, time_limit_s))
         ctx, tgt = data.batch(batch_size)
         with autocast:
-            loss = restoration_loss(model(ctx[:, 1:2].to(device)).float(), tgt.to(device), ssim_weight,
-                                    level_weight, level_window)
+            loss = restoration_loss(model(ctx[:, 1:2].to(device)).float(), tgt.to(device), loss_terms)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -95,16 +95,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .io import find_pairs, read_pair_list, read_volume
     from .models import save_weights
     from .network import NetworkConfig
-    from .training import TrainConfig, train
+    from .training import LossTerms, TrainConfig, train
 
     if args.widen and not args.init_weights:
         raise CoreDiffError("--widen widens the --init-weights model: give --init-weights too")
     if not 0 <= args.anywhere_share <= 1:  # also refuses nan
         raise CoreDiffError(f"--anywhere-share {args.anywhere_share} is not a share: give a number in [0, 1]")
-    if not args.ssim_weight >= 0:  # also refuses nan
-        raise CoreDiffError(f"--ssim-weight {args.ssim_weight} is negative: give 0 (MSE only) or a weight > 0")
-    if not args.level_weight >= 0:
-        raise CoreDiffError(f"--level-weight {args.level_weight} is negative: give 0 (MSE only) or a weight > 0")
+    terms = LossTerms(args.ssim_weight, args.level_weight, args.level_window)  # refuses bad weights here
+    terms.check_patch_size(args.patch_size)
     # the starting weights first: a bad file or widening factor is refused before the data are read
     net_cfg = NetworkConfig(width=args.width, use_context=not args.no_context, use_emm=not args.no_emm,
                             steps=args.steps)
@@ -132,9 +130,9 @@ def cmd_train(args: argparse.Namespace) -> int:
                       ema_start=args.ema_start if args.ema_start is not None else min(2000, args.iterations // 5),
                       threads=args.threads, keep_every=args.keep_every, precision=args.precision,
                       time_limit_s=60.0 * args.time_limit, lr_schedule=args.lr_schedule,
-                      t_sampling=args.t_sampling, ssim_weight=args.ssim_weight,
-                      anywhere_share=args.anywhere_share, level_weight=args.level_weight,
-                      level_window=args.level_window)
+                      t_sampling=args.t_sampling, anywhere_share=args.anywhere_share,
+                      ssim_weight=terms.ssim_weight, level_weight=terms.level_weight,
+                      level_window=terms.level_window)
     checkpoint = args.checkpoint or str(Path(args.output).with_suffix(".ckpt"))
     device = "cuda" if args.device == "auto" and _cuda() else ("cpu" if args.device == "auto" else args.device)
     ema, state = train(volumes, net_cfg, cfg, checkpoint=checkpoint, device=device,

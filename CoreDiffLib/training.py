@@ -56,6 +56,11 @@ class TrainConfig:
     level_weight: float = 0.0     # > 0: add level_weight x the MSE of local levels, see restoration_loss
     level_window: str = "block8"  # which local levels: one of LEVEL_WINDOWS
 
+    @property
+    def loss_terms(self) -> "LossTerms":
+        """The three loss fields as one value (kept flat here: manifests and checkpoints store them so)."""
+        return LossTerms(self.ssim_weight, self.level_weight, self.level_window)
+
 
 # ----------------------------------------------------------------------------- data
 class PairedSlices:
@@ -161,19 +166,44 @@ def local_level(a: torch.Tensor, window: str = "block8") -> torch.Tensor:
     raise ValueError(f"level window {window!r}: expected one of {LEVEL_WINDOWS}")
 
 
-def check_level_term(level_weight: float, level_window: str, patch_size: int) -> None:
-    """Refuse, before any training, a level term that :func:`local_level` could not compute
-    (CoreDiff's and RED-CNN's trainers share it, as they share :func:`restoration_loss`)."""
-    if level_window not in LEVEL_WINDOWS:
-        raise CoreDiffError(f"level window must be one of {LEVEL_WINDOWS}, not {level_window!r}")
-    if level_weight and level_window == "ssim" and 0 < patch_size < 2 * _SSIM_RADIUS + 1:
-        raise CoreDiffError(f"{patch_size}-px patches are smaller than SSIM's 11 x 11 window: "
-                            "give --patch-size 11 or more for --level-window ssim")
+@dataclass(frozen=True)
+class LossTerms:
+    """The optional terms either trainer may add to the paper's MSE (all off by default).
+
+    One value that CoreDiff's trainer, RED-CNN's, their command lines and the loss share, so a
+    term is defined, checked and passed in one place. Invalid weights or windows are refused when
+    the value is made, before any data are read or anything is written.
+    """
+
+    ssim_weight: float = 0.0      # > 0: add ssim_weight x (1 - SSIM on the metric window)
+    level_weight: float = 0.0     # > 0: add level_weight x the MSE of local levels
+    level_window: str = "block8"  # which local levels: one of LEVEL_WINDOWS
+
+    def __post_init__(self) -> None:
+        for flag, weight in (("--ssim-weight", self.ssim_weight), ("--level-weight", self.level_weight)):
+            if not weight >= 0:  # also refuses nan
+                raise CoreDiffError(f"{flag} {weight} is negative: give 0 (MSE only) or a weight > 0")
+        if self.level_window not in LEVEL_WINDOWS:
+            raise CoreDiffError(f"level window must be one of {LEVEL_WINDOWS}, not {self.level_window!r}")
+
+    @property
+    def mse_only(self) -> bool:
+        """True when the loss is the paper's plain MSE (its value then reads as an RMS error)."""
+        return not (self.ssim_weight or self.level_weight)
+
+    def check_patch_size(self, patch_size: int) -> None:
+        """Refuse patches the level term could not compute on (0 = whole slices, always fine)."""
+        if self.level_weight and self.level_window == "ssim" and 0 < patch_size < 2 * _SSIM_RADIUS + 1:
+            raise CoreDiffError(f"{patch_size}-px patches are smaller than SSIM's 11 x 11 window: "
+                                "give --patch-size 11 or more for --level-window ssim")
 
 
-def restoration_loss(x0_hat: torch.Tensor, ndct: torch.Tensor, ssim_weight: float = 0.0,
-                     level_weight: float = 0.0, level_window: str = "block8") -> torch.Tensor:
-    """MSE against the NDCT (the paper's loss), plus optional terms.
+#: the paper's loss: MSE alone
+MSE_ONLY = LossTerms()
+
+
+def restoration_loss(x0_hat: torch.Tensor, ndct: torch.Tensor, terms: LossTerms = MSE_ONLY) -> torch.Tensor:
+    """MSE against the NDCT (the paper's loss), plus the optional ``terms``.
 
     ``ssim_weight`` adds W x (1 - SSIM on the metric window). ``level_weight`` adds W x the MSE
     of the two images' local levels (``level_window``: 8x8 block means, or SSIM's Gaussian
@@ -184,17 +214,16 @@ def restoration_loss(x0_hat: torch.Tensor, ndct: torch.Tensor, ssim_weight: floa
     the optimum (see docs/benchmarks/level/).
     """
     loss = F.mse_loss(x0_hat, ndct)
-    if ssim_weight:
-        loss = loss + ssim_weight * (1.0 - window_ssim(x0_hat.float(), ndct.float()))
-    if level_weight:
-        loss = loss + level_weight * F.mse_loss(local_level(x0_hat, level_window),
-                                                local_level(ndct, level_window))
+    if terms.ssim_weight:
+        loss = loss + terms.ssim_weight * (1.0 - window_ssim(x0_hat.float(), ndct.float()))
+    if terms.level_weight:
+        loss = loss + terms.level_weight * F.mse_loss(local_level(x0_hat, terms.level_window),
+                                                      local_level(ndct, terms.level_window))
     return loss
 
 
 def corediff_loss(model: torch.nn.Module, config: NetworkConfig, ldct_stack: torch.Tensor,
-                  ndct: torch.Tensor, t: int, ssim_weight: float = 0.0,
-                  level_weight: float = 0.0, level_window: str = "block8") -> torch.Tensor:
+                  ndct: torch.Tensor, t: int, terms: LossTerms = MSE_ONLY) -> torch.Tensor:
     """The two-stage CoreDiff loss for one batch at time index t (shared by the batch)."""
     alphas = alpha_schedule(config.steps).to(ndct.device)
     c = ldct_stack.shape[1] // 2
@@ -204,13 +233,13 @@ def corediff_loss(model: torch.nn.Module, config: NetworkConfig, ldct_stack: tor
 
     x_t = degrade(ndct, xT, alphas[t])
     x0_hat = model(network_input(x_t, ctx, config.use_context), tb)
-    loss_1 = restoration_loss(x0_hat, ndct, ssim_weight, level_weight, level_window)
+    loss_1 = restoration_loss(x0_hat, ndct, terms)
     if t == 0:
         return loss_1
     x_prev = degrade(x0_hat, xT, alphas[t - 1])
     emm_prev = x0_hat if config.use_emm else None
     x0_hat_2 = model(network_input(x_prev, ctx, config.use_context), tb - 1, emm_prev, xT)
-    return 0.5 * loss_1 + 0.5 * restoration_loss(x0_hat_2, ndct, ssim_weight, level_weight, level_window)
+    return 0.5 * loss_1 + 0.5 * restoration_loss(x0_hat_2, ndct, terms)
 
 
 # ----------------------------------------------------------------------------- distributed
@@ -225,15 +254,12 @@ class _LossModule(torch.nn.Module):
     one forward per backward (the loss calls the network twice, the second time through its
     own first output)."""
 
-    def __init__(self, model: ClearNet, config: NetworkConfig, ssim_weight: float = 0.0,
-                 level_weight: float = 0.0, level_window: str = "block8"):
+    def __init__(self, model: ClearNet, config: NetworkConfig, terms: LossTerms = MSE_ONLY):
         super().__init__()
-        self.model, self.config = model, config
-        self.ssim_weight, self.level_weight, self.level_window = ssim_weight, level_weight, level_window
+        self.model, self.config, self.terms = model, config, terms
 
     def forward(self, ldct_stack: torch.Tensor, ndct: torch.Tensor, t: int) -> torch.Tensor:
-        return corediff_loss(self.model, self.config, ldct_stack, ndct, t, self.ssim_weight, self.level_weight,
-                             self.level_window)
+        return corediff_loss(self.model, self.config, ldct_stack, ndct, t, self.terms)
 
 
 def _state_sha256(module: torch.nn.Module) -> str:
@@ -331,7 +357,8 @@ def train(pairs: Sequence[tuple[np.ndarray, np.ndarray]], net_cfg: NetworkConfig
     t_probabilities = time_index_probabilities(net_cfg.steps, cfg.t_sampling)
     if cfg.precision not in ("fp32", "bf16"):
         raise CoreDiffError(f"training precision must be fp32 or bf16, not {cfg.precision!r}")
-    check_level_term(cfg.level_weight, cfg.level_window, cfg.patch_size)
+    terms = cfg.loss_terms
+    terms.check_patch_size(cfg.patch_size)
     on_cuda = device.startswith("cuda")
     if on_cuda:
         torch.backends.cudnn.benchmark = True  # fixed patch shape: let cuDNN pick its fastest kernels
@@ -366,7 +393,7 @@ def train(pairs: Sequence[tuple[np.ndarray, np.ndarray]], net_cfg: NetworkConfig
         if rank == 0:
             log(f"resumed from {ckpt} at iteration {state.iteration}")
 
-    loss_fn = _LossModule(model, net_cfg, cfg.ssim_weight, cfg.level_weight, cfg.level_window)
+    loss_fn = _LossModule(model, net_cfg, terms)
     if world > 1:
         # find_unused_parameters: EMM takes no part when t == 0 (stage I only); t is the same
         # on every rank, so all replicas agree on which parameters were used
@@ -415,7 +442,7 @@ def train(pairs: Sequence[tuple[np.ndarray, np.ndarray]], net_cfg: NetworkConfig
             window = []
             if rank == 0:
                 rate = cfg.log_every / max(time.time() - t0, 1e-9)
-                scale = (f"~{math.sqrt(mean) * 4096.0:.1f} HU rms" if not (cfg.ssim_weight or cfg.level_weight)
+                scale = (f"~{math.sqrt(mean) * 4096.0:.1f} HU rms" if terms.mse_only
                          else "MSE + extra terms")  # the pure MSE reads as an RMS error in HU
                 log(f"iter {state.iteration}/{cfg.iterations}  loss {mean:.3e} ({scale})  "
                     f"{rate:.2f} it/s")

@@ -13,8 +13,8 @@ from CoreDiffLib import CoreDiffError
 from CoreDiffLib.network import ClearNet, NetworkConfig, count_parameters, widened
 from CoreDiffLib.intensity import hu_to_unit
 from CoreDiffLib.metrics import ssim, ssim_local_mean, ssim_map, ssim_terms
-from CoreDiffLib.training import (PairedSlices, TrainConfig, corediff_loss, restoration_loss, train, window_ssim,
-                                  ssim_local_mean as ssim_window_mean)
+from CoreDiffLib.training import (MSE_ONLY, LossTerms, PairedSlices, TrainConfig, corediff_loss, local_level,
+                                  restoration_loss, train, window_ssim, ssim_local_mean as ssim_window_mean)
 
 from conftest import synthetic_ct
 
@@ -143,7 +143,7 @@ def test_the_training_ssim_is_the_reported_metric_and_has_a_gradient():
     x32 = x.detach().float()
     mse = torch.mean((x32 - y) ** 2)
     assert float(restoration_loss(x32, y)) == pytest.approx(float(mse), rel=1e-6)
-    assert float(restoration_loss(x32, y, 1e-3)) == pytest.approx(float(mse) + 1e-3 * (1 - expected), rel=1e-4)
+    assert float(restoration_loss(x32, y, LossTerms(ssim_weight=1e-3))) == pytest.approx(float(mse) + 1e-3 * (1 - expected), rel=1e-4)
 
 
 def test_a_few_hundred_steps_drive_the_loss_down(tmp_path):
@@ -312,21 +312,21 @@ def test_the_level_term_weighs_local_level_errors_and_leaves_zero_mean_texture_t
     target = torch.rand(2, 1, 64, 64) * 0.1 + 0.2
     offset = target + 1e-3  # the same image, a constant level off
     mse = float(torch.mean((offset - target) ** 2))
-    assert float(restoration_loss(offset, target, level_weight=10.0)) == pytest.approx(11 * mse, rel=1e-4)
+    assert float(restoration_loss(offset, target, LossTerms(level_weight=10.0))) == pytest.approx(11 * mse, rel=1e-4)
     # a ±e checkerboard averages to zero over every 8x8 block: the term adds nothing
     yy, xx = torch.meshgrid(torch.arange(64), torch.arange(64), indexing="ij")
     textured = target + 1e-3 * ((yy + xx) % 2 * 2 - 1).float()
-    assert float(restoration_loss(textured, target, level_weight=10.0)) == pytest.approx(
+    assert float(restoration_loss(textured, target, LossTerms(level_weight=10.0))) == pytest.approx(
         float(restoration_loss(textured, target)), rel=1e-4)
     # patches that are not a multiple of the block still count every pixel
     odd = target[..., :60, :60]
-    assert float(restoration_loss(odd + 1e-3, odd, level_weight=10.0)) == pytest.approx(11e-6, rel=1e-3)
+    assert float(restoration_loss(odd + 1e-3, odd, LossTerms(level_weight=10.0))) == pytest.approx(11e-6, rel=1e-3)
 
 
 def test_the_ssim_window_level_term_compares_ssims_own_local_means():
     target = torch.rand(2, 1, 48, 48) * 0.1 + 0.2
     mse = 1e-6  # a constant 1e-3 offset: its local means are off by the same everywhere
-    assert float(restoration_loss(target + 1e-3, target, level_weight=10.0, level_window="ssim")) == \
+    assert float(restoration_loss(target + 1e-3, target, LossTerms(level_weight=10.0, level_window="ssim"))) == \
         pytest.approx(11 * mse, rel=1e-3)
     # the window is the metric's own: the same local means as metrics.ssim_local_mean, inside the image
     image = np.random.default_rng(5).random((40, 40))
@@ -335,7 +335,22 @@ def test_the_ssim_window_level_term_compares_ssims_own_local_means():
     # fine texture averages out in a sigma-1.5 window far more than a level error does
     yy, xx = torch.meshgrid(torch.arange(48), torch.arange(48), indexing="ij")
     textured = target + 1e-3 * ((yy + xx) % 2 * 2 - 1).float()
-    extra = float(restoration_loss(textured, target, level_weight=10.0, level_window="ssim")) - mse
+    extra = float(restoration_loss(textured, target, LossTerms(level_weight=10.0, level_window="ssim"))) - mse
     assert abs(extra) < 0.01 * 10 * mse
     with pytest.raises(ValueError, match="level window"):
-        restoration_loss(target, target, level_weight=1.0, level_window="blocks")
+        local_level(target, "blocks")
+
+
+def test_loss_terms_refuse_what_the_loss_could_not_compute_before_any_training():
+    from CoreDiffLib import CoreDiffError
+    assert MSE_ONLY.mse_only and not LossTerms(level_weight=1.0).mse_only
+    for bad, message in (({"level_window": "blocks"}, "level window"), ({"ssim_weight": -1.0}, "--ssim-weight"),
+                         ({"level_weight": float("nan")}, "--level-weight")):
+        with pytest.raises(CoreDiffError, match=message):
+            LossTerms(**bad)
+    with pytest.raises(CoreDiffError, match="--patch-size 11"):
+        LossTerms(level_weight=1.0, level_window="ssim").check_patch_size(8)
+    LossTerms(level_weight=1.0, level_window="ssim").check_patch_size(0)  # whole slices
+    LossTerms(level_weight=1.0).check_patch_size(8)  # 8x8 blocks fit
+    with pytest.raises(CoreDiffError, match="--ssim-weight"):  # train() refuses it too, before any step
+        train([], NetworkConfig(width=8), TrainConfig(ssim_weight=-1.0), log=lambda m: None)

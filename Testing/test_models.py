@@ -17,7 +17,7 @@ from CoreDiffLib import CoreDiffError
 from CoreDiffLib.baselines import REDCNN, load_redcnn
 from CoreDiffLib.models import MANIFEST, WEIGHTS_DIR, load_model, save_weights, shipped_models
 from CoreDiffLib.network import ClearNet, NetworkConfig
-from CoreDiffLib.training import TrainConfig, train
+from CoreDiffLib.training import LossTerms, TrainConfig, train
 
 from conftest import synthetic_ct
 
@@ -107,7 +107,8 @@ def test_redcnn_fine_tunes_from_given_weights_within_a_time_limit():
         train_redcnn(pairs, 1, filters=4, lr_schedule="linear", log=lambda m: None)
     from CoreDiffLib import CoreDiffError
     with pytest.raises(CoreDiffError, match="--patch-size 11"):  # the same refusal as corediff train's
-        train_redcnn(pairs, 1, patch_size=8, filters=4, level_weight=1.0, level_window="ssim", log=lambda m: None)
+        train_redcnn(pairs, 1, patch_size=8, filters=4, loss_terms=LossTerms(level_weight=1.0, level_window="ssim"),
+                     log=lambda m: None)
 
 
 def test_cosine_lr_decays_from_the_base_rate_to_zero():

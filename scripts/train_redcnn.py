@@ -18,7 +18,7 @@ from CoreDiffLib import CoreDiffError  # noqa: E402
 from CoreDiffLib.atomic import atomic_path  # noqa: E402
 from CoreDiffLib.baselines import train_redcnn  # noqa: E402
 from CoreDiffLib.io import find_pairs, read_volume  # noqa: E402
-from CoreDiffLib.training import LEVEL_WINDOWS, LR_SCHEDULES  # noqa: E402
+from CoreDiffLib.training import LEVEL_WINDOWS, LR_SCHEDULES, LossTerms  # noqa: E402
 
 
 def main() -> int:
@@ -53,10 +53,11 @@ def main() -> int:
     a = p.parse_args()
     if not 0 <= a.anywhere_share <= 1:
         p.error(f"--anywhere-share {a.anywhere_share} is not a share: give a number in [0, 1]")
-    if not a.ssim_weight >= 0:
-        p.error(f"--ssim-weight {a.ssim_weight} is negative: give 0 (MSE only) or a weight > 0")
-    if not a.level_weight >= 0:
-        p.error(f"--level-weight {a.level_weight} is negative: give 0 (MSE only) or a weight > 0")
+    try:  # refused before the data are read: nothing is written
+        terms = LossTerms(a.ssim_weight, a.level_weight, a.level_window)
+        terms.check_patch_size(a.patch_size)
+    except CoreDiffError as e:
+        p.error(str(e))
     if a.init and Path(a.init).resolve() == Path(a.out).resolve():
         p.error("--out is the --init weights file: choose another output (the starting weights are kept)")
     torch.set_num_threads(a.threads)
@@ -69,8 +70,7 @@ def main() -> int:
         model = train_redcnn(pairs, a.iterations, a.batch_size, a.patch_size, filters=a.filters, seed=a.seed,
                              log=lambda m: print(m, flush=True), init_state=init,
                              time_limit_s=a.time_limit * 60.0, lr=a.lr, lr_schedule=a.lr_schedule,
-                             ssim_weight=a.ssim_weight, anywhere_share=a.anywhere_share,
-                             level_weight=a.level_weight, level_window=a.level_window)
+                             loss_terms=terms, anywhere_share=a.anywhere_share)
     except CoreDiffError as e:  # refused before training: nothing is written
         p.error(str(e))
     with atomic_path(a.out) as tmp:  # an interrupted save never leaves a truncated file at --out
