@@ -175,3 +175,22 @@ def test_air_texture_measures_how_far_the_local_level_of_open_air_wanders():
     assert smooth.offset == pytest.approx(-1.91, abs=0.2) and smooth.off_rms >= abs(smooth.offset)
     textured = at.air_texture(np.full_like(ndct, -1002.0) + rng.normal(0, 7, truth.shape), ndct, mask)
     assert textured.off_std > smooth.off_std  # as much texture as the NDCT, none of it the NDCT's
+
+
+def test_noise_passthrough_recovers_how_much_of_each_slices_ldct_noise_an_output_keeps():
+    import sys
+    sys.path.insert(0, str(Path(__file__).parent / "benchmarks"))
+    import noise_passthrough as npt
+    rng = np.random.default_rng(2)
+    truth = np.full((3, 96, 96), -1000.0)
+    truth[:, 30:70, 30:70] = 40.0
+    ldct = truth + rng.normal(0, 20, truth.shape)
+    blur = rng.normal(0, 1.5, truth.shape)  # error that no slice's noise explains
+    out = truth.copy()  # slice 1 keeps a quarter of its own noise and 7 % of slice 0's
+    out[1] = truth[1] + 0.25 * (ldct[1] - truth[1]) + 0.07 * (ldct[0] - truth[0]) + blur[1]
+    air = npt.open_air(truth[1])
+    fit = npt.passthrough(out, ldct, truth, 1, air)
+    assert fit.centre == pytest.approx(0.25, abs=0.01) and fit.previous == pytest.approx(0.07, abs=0.01)
+    assert fit.following == pytest.approx(0.0, abs=0.01) and fit.rest == pytest.approx(1.5, rel=0.05)
+    tissue = npt.soft_tissue(truth[1])
+    assert tissue[40:60, 40:60].all() and not tissue[30:33, 30:70].any() and not (tissue & air).any()

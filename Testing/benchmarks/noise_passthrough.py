@@ -1,0 +1,88 @@
+#!/usr/bin/env python
+"""Which slices' LDCT noise does each method pass into its output, and where?
+
+A simulation knows every image's noise: the LDCT's is ``LDCT − noise-free`` on each slice. This
+fits, per region (the open air around the body; soft tissue, −300…300 HU eroded), each method's
+error against the noise-free image as a least-squares mix of the LDCT noise of the slice itself
+and of its two neighbours, and reports the weights and the rms of what is left (blur, bias,
+texture the method made). CLEAR-Net reads the neighbours as context: their *anatomy* is what it is
+for, but their noise is independent of the slice's (and of its NDCT's), so any weight on it is
+error against either reference. The NDCT row is the yardstick: it keeps a fraction ≈ dose of the
+slice's own LDCT noise (noise insertion) and none of the neighbours'.
+
+    python Testing/benchmarks/noise_passthrough.py --dose 0.25 --case 0 --model "CoreDiff=corediff-25-w32" \\
+        --redcnn "RED-CNN=Testing/benchmarks/models/redcnn32-gpu-25.pt"
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Callable, NamedTuple
+
+import numpy as np
+import torch
+from scipy.ndimage import binary_erosion
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from air_texture import open_air  # noqa: E402
+from quality_benchmark import default_cache, held_out  # noqa: E402
+from ssim_regions import denoisers  # noqa: E402
+
+
+def soft_tissue(truth: np.ndarray) -> np.ndarray:
+    """−300…300 HU in the noise-free slice, eroded by 3 px so that edges (blur) stay out."""
+    return binary_erosion((truth > -300) & (truth < 300), iterations=3)
+
+
+REGIONS: dict[str, Callable[[np.ndarray], np.ndarray]] = {"open air": open_air, "soft tissue": soft_tissue}
+
+
+class Passthrough(NamedTuple):
+    """Least-squares weights of a slice's error on the LDCT noise of the slice and its neighbours."""
+    centre: float
+    previous: float
+    following: float
+    rest: float  # rms (HU) of the error the three do not explain
+
+
+def passthrough(out: np.ndarray, ldct: np.ndarray, truth: np.ndarray, k: int, mask: np.ndarray) -> Passthrough:
+    """Fit ``out[k] − truth[k]`` over ``mask`` by the LDCT noise of slices k, k − 1 and k + 1."""
+    noise = [(ldct[j] - truth[j])[mask] for j in (k, k - 1, k + 1)]
+    x = np.stack(noise, axis=1).astype(np.float64)
+    y = (out[k] - truth[k])[mask].astype(np.float64)
+    w, *_ = np.linalg.lstsq(x, y, rcond=None)
+    return Passthrough(*map(float, w), float(np.sqrt(np.mean((y - x @ w) ** 2))))
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--dose", type=float, default=0.25)
+    p.add_argument("--split", choices=("test", "validation"), default="validation")
+    p.add_argument("--case", type=int, default=0, help="which held-out phantom (0 abdomen, 1 thorax, 2 head)")
+    p.add_argument("--model", action="append", default=[], metavar="LABEL=MODEL[:STEPS]")
+    p.add_argument("--redcnn", action="append", default=[], metavar="LABEL=FILE")
+    p.add_argument("--threads", type=int, default=1)
+    a = p.parse_args()
+    torch.set_num_threads(a.threads)
+    name, ndct, ldct, truth = held_out(a.dose, default_cache(a.split, 6), slices=6, split=a.split)[a.case]
+    images = {"NDCT": ndct}
+    images.update({label: denoise(ldct) for label, denoise in denoisers(a.model, a.redcnn).items()})
+    inner = range(1, ndct.shape[0] - 1)  # slices with both neighbours
+    print(f"LDCT noise passed through, {name} ({a.split}, {a.dose:g} dose, {len(inner)} inner slices): "
+          "weights on the slice's own LDCT noise and on each neighbour's; rest = rms of the error "
+          "against the noise-free image they do not explain (HU)\n")
+    print("| image | " + " | ".join(f"{r}: own / previous / next | rest" for r in REGIONS) + " |")
+    print("|---|" + "---|---|" * len(REGIONS))
+    for label, image in images.items():
+        cells = []
+        for region in REGIONS.values():
+            fits = [passthrough(image, ldct, truth, k, region(truth[k])) for k in inner]
+            m = Passthrough(*np.mean(fits, axis=0))
+            cells.append(f"{m.centre:.3f} / {m.previous:+.3f} / {m.following:+.3f} | {m.rest:.2f}")
+        print(f"| {label} | " + " | ".join(cells) + " |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
