@@ -149,6 +149,13 @@ def test_a_freshly_simulated_held_out_set_records_the_software_that_made_it(tmp_
     assert case["software"]["numpy"] == np.__version__
     line = qb.held_out_provenance(tmp_path, [c[0] for c in cases])
     assert f"numpy {np.__version__}" in line and "torch" in line
+    # the data themselves: the same voxels give the same fingerprint, one changed voxel another
+    key = qb.held_out_fingerprint(cases)
+    assert len(key) == 16 and key == qb.held_out_fingerprint(qb.held_out(0.25, tmp_path, kinds=("abdomen", "head"),
+                                                                          slices=4, size=16))
+    changed = [(n, nd, ld.copy(), t) for n, nd, ld, t in cases]
+    changed[1][2][0, 0, 0] += 1.0
+    assert qb.held_out_fingerprint(changed) != key
 
     (tmp_path / "manifest.json").unlink()  # a cache made before manifests existed
     assert "before its manifest" in qb.held_out_provenance(tmp_path, [c[0] for c in cases])
