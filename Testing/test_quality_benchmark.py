@@ -199,11 +199,13 @@ def test_noise_passthrough_recovers_how_much_of_each_slices_ldct_noise_an_output
     fit = npt.passthrough(out, ldct, truth, 1, air)
     assert fit.centre == pytest.approx(0.25, abs=0.01) and fit.previous == pytest.approx(0.07, abs=0.01)
     assert fit.following == pytest.approx(0.0, abs=0.01) and fit.rest == pytest.approx(1.5, rel=0.05)
-    tissue = npt.soft_tissue(truth[1])
+    tissue = npt.REGIONS["soft tissue"](truth)[1]
     assert tissue[40:60, 40:60].all() and not tissue[30:33, 30:70].any() and not (tissue & air).any()
+    assert (npt.REGIONS["open air"](truth)[1] == air).all()
     # undoing a defect: without the neighbour's noise, or at the truth's level, the air is closer to the truth
     out[1] += 3.0
-    scores = npt.what_if(out, ldct, ldct, truth, 1)  # (the LDCT stands in for the NDCT here)
+    fit = npt.passthrough(out, ldct, truth, 1, air)
+    scores = npt.what_if(out, ldct, ldct, truth, 1, air, fit)  # (the LDCT stands in for the NDCT here)
     rmse_truth = {variant: m[5] for variant, m in scores.items()}
     assert rmse_truth["neighbours' noise out of the open air"] < rmse_truth["as it is"]
     assert rmse_truth["open air's level set to the truth's"] < rmse_truth["as it is"]

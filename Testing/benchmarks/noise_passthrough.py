@@ -22,20 +22,20 @@ from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
-from scipy.ndimage import binary_erosion
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from air_texture import open_air  # noqa: E402
-from quality_benchmark import default_cache, held_out  # noqa: E402
+from quality_benchmark import default_cache, held_out, soft_tissue_mask  # noqa: E402
 from ssim_regions import denoisers  # noqa: E402
 
 
-def soft_tissue(truth: np.ndarray) -> np.ndarray:
-    """−300…300 HU in the noise-free slice, eroded by 3 px so that edges (blur) stay out."""
-    return binary_erosion((truth > -300) & (truth < 300), iterations=3)
+def open_air_mask(truth: np.ndarray) -> np.ndarray:
+    """:func:`air_texture.open_air` of each slice of a noise-free volume."""
+    return np.stack([open_air(s) for s in truth])
 
 
-REGIONS: dict[str, Callable[[np.ndarray], np.ndarray]] = {"open air": open_air, "soft tissue": soft_tissue}
+#: region -> its mask over a noise-free volume (soft tissue as the quality tables' k / rest use it)
+REGIONS: dict[str, Callable[[np.ndarray], np.ndarray]] = {"open air": open_air_mask, "soft tissue": soft_tissue_mask}
 
 
 class Passthrough(NamedTuple):
@@ -55,13 +55,12 @@ def passthrough(out: np.ndarray, ldct: np.ndarray, truth: np.ndarray, k: int, ma
     return Passthrough(*map(float, w), float(np.sqrt(np.mean((y - x @ w) ** 2))))
 
 
-def what_if(out: np.ndarray, ldct: np.ndarray, ndct: np.ndarray, truth: np.ndarray, k: int) -> dict[str, tuple]:
+def what_if(out: np.ndarray, ldct: np.ndarray, ndct: np.ndarray, truth: np.ndarray, k: int,
+            air: np.ndarray, fit: Passthrough) -> dict[str, tuple]:
     """Slice k's metrics as it is and with one defect undone, to size what fixing each would be worth:
-    the neighbours' noise (as fitted in the open air) taken out there or everywhere, or the open air's
-    mean level set to the truth's. Diagnostics that use the noise-free image: not methods."""
+    the neighbours' noise (``fit``, fitted over the open air ``air``) taken out there or everywhere,
+    or the open air's mean level set to the truth's. Diagnostics that use the noise-free image: not methods."""
     from CoreDiffLib.metrics import psnr, rmse_hu, ssim
-    air = open_air(truth[k])
-    fit = passthrough(out, ldct, truth, k, air)
     neighbours = fit.previous * (ldct[k - 1] - truth[k - 1]) + fit.following * (ldct[k + 1] - truth[k + 1])
     in_air, leveled = out[k].copy(), out[k].copy()
     in_air[air] -= neighbours[air]
@@ -94,21 +93,23 @@ def main() -> int:
         images = {"NDCT": ndct}
         images.update({label: denoise(ldct) for label, denoise in methods.items()})
         inner = range(1, ndct.shape[0] - 1)  # slices with both neighbours
+        masks = {region: mask_of(truth) for region, mask_of in REGIONS.items()}  # once per case, for every method
         print(f"LDCT noise passed through, {name} ({a.split}, {a.dose:g} dose, {len(inner)} inner slices): "
               "weights on the slice's own LDCT noise and on each neighbour's; rest = rms of the error "
               "against the noise-free image they do not explain (HU)\n")
         print("| image | " + " | ".join(f"{r}: own / previous / next | rest" for r in REGIONS) + " |")
         print("|---|" + "---|---|" * len(REGIONS))
         for label, image in images.items():
+            fits = {region: [passthrough(image, ldct, truth, k, mask[k]) for k in inner]
+                    for region, mask in masks.items()}
             cells = []
-            for region in REGIONS.values():
-                fits = [passthrough(image, ldct, truth, k, region(truth[k])) for k in inner]
-                m = Passthrough(*np.mean(fits, axis=0))
+            for region_fits in fits.values():
+                m = Passthrough(*np.mean(region_fits, axis=0))
                 cells.append(f"{m.centre:.3f} / {m.previous:+.3f} / {m.following:+.3f} | {m.rest:.2f}")
             print(f"| {label} | " + " | ".join(cells) + " |", flush=True)
             if a.what_if and label != "NDCT":
-                for k in inner:
-                    for variant, metrics in what_if(image, ldct, ndct, truth, k).items():
+                for k, air_fit in zip(inner, fits["open air"]):
+                    for variant, metrics in what_if(image, ldct, ndct, truth, k, masks["open air"][k], air_fit).items():
                         scores.setdefault(label, {}).setdefault(variant, []).append(metrics)
         print()
     if scores:
