@@ -18,6 +18,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from . import CoreDiffError
 from .intensity import hu_to_unit, unit_to_hu
 from .training import LR_SCHEDULES, MSE_ONLY, LossTerms, PairedSlices, cosine_lr, restoration_loss, run_progress
 
@@ -80,6 +81,8 @@ def train_redcnn(pairs: Sequence[tuple[np.ndarray, np.ndarray]], iterations: int
     if precision not in ("fp32", "bf16"):
         raise ValueError(f"training precision must be fp32 or bf16, not {precision!r}")
     loss_terms.check_patch_size(patch_size)
+    if loss_terms.context_noise_weight:
+        raise CoreDiffError("RED-CNN sees one slice, not its neighbours: the context-noise term does not apply")
     torch.manual_seed(seed)
     model = REDCNN(filters)
     if init_state is not None:

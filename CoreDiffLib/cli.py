@@ -101,7 +101,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise CoreDiffError("--widen widens the --init-weights model: give --init-weights too")
     if not 0 <= args.anywhere_share <= 1:  # also refuses nan
         raise CoreDiffError(f"--anywhere-share {args.anywhere_share} is not a share: give a number in [0, 1]")
-    terms = LossTerms(args.ssim_weight, args.level_weight, args.level_window)  # refuses bad weights here
+    terms = LossTerms(args.ssim_weight, args.level_weight, args.level_window,  # refuses bad weights here
+                      args.context_noise_weight)
     terms.check_patch_size(args.patch_size)
     # the starting weights first: a bad file or widening factor is refused before the data are read
     net_cfg = NetworkConfig(width=args.width, use_context=not args.no_context, use_emm=not args.no_emm,
@@ -117,6 +118,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         info(args, f"starting from {args.init_weights}{f' widened {args.widen}x' if args.widen else ''} "
                    f"(its architecture: width {net_cfg.width}, "
                    f"CTX {net_cfg.use_context}, EMM {net_cfg.use_emm}, T={net_cfg.steps})")
+    terms.check_network(net_cfg)
     pairs = read_pair_list(args.data) if Path(args.data).is_file() else find_pairs(args.data, args.dose_tag)
     info(args, f"{len(pairs)} NDCT/LDCT pairs")
     volumes = []
@@ -132,7 +134,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                       time_limit_s=60.0 * args.time_limit, lr_schedule=args.lr_schedule,
                       t_sampling=args.t_sampling, anywhere_share=args.anywhere_share,
                       ssim_weight=terms.ssim_weight, level_weight=terms.level_weight,
-                      level_window=terms.level_window)
+                      level_window=terms.level_window, context_noise_weight=terms.context_noise_weight)
     checkpoint = args.checkpoint or str(Path(args.output).with_suffix(".ckpt"))
     device = "cuda" if args.device == "auto" and _cuda() else ("cpu" if args.device == "auto" else args.device)
     ema, state = train(volumes, net_cfg, cfg, checkpoint=checkpoint, device=device,
@@ -183,6 +185,10 @@ def add_train_parser(sub) -> None:
     p.add_argument("--level-window", choices=("block8", "ssim"), default="block8",
                    help="the local levels --level-weight compares: 8x8 block means (default) or SSIM's "
                         "own Gaussian local means (sigma 1.5 px)")
+    p.add_argument("--context-noise-weight", type=float, default=0.0, metavar="W",
+                   help="add W x the mean square of the output's response to the adjacent slices' low-dose "
+                        "noise (default 0): each neighbour's noise is mirrored (2 NDCT - LDCT) and the two "
+                        "outputs compared; costs a third network pass per iteration")
     p.add_argument("--anywhere-share", type=float, default=0.0, metavar="S",
                    help="share of training patches drawn anywhere on the slice, open air included "
                         "(default 0: patches that are almost all air are re-drawn)")

@@ -55,11 +55,12 @@ class TrainConfig:
     anywhere_share: float = 0.0   # share of patches drawn anywhere, air included, see PairedSlices
     level_weight: float = 0.0     # > 0: add level_weight x the MSE of local levels, see restoration_loss
     level_window: str = "block8"  # which local levels: one of LEVEL_WINDOWS
+    context_noise_weight: float = 0.0  # > 0: penalise the output's response to the neighbours' noise
 
     @property
     def loss_terms(self) -> "LossTerms":
-        """The three loss fields as one value (kept flat here: manifests and checkpoints store them so)."""
-        return LossTerms(self.ssim_weight, self.level_weight, self.level_window)
+        """The loss fields as one value (kept flat here: manifests and checkpoints store them so)."""
+        return LossTerms(self.ssim_weight, self.level_weight, self.level_window, self.context_noise_weight)
 
 
 # ----------------------------------------------------------------------------- data
@@ -89,7 +90,7 @@ class PairedSlices:
         self._air = float(hu_to_unit(np.float32(-900.0)))
         self.anywhere_share = anywhere_share
 
-    def _one(self) -> tuple[np.ndarray, np.ndarray]:
+    def _one(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         # drawn only when asked for, so that the default keeps the random stream of earlier runs
         anywhere = self.anywhere_share > 0 and self.rng.random() < self.anywhere_share
         for _ in range(10):
@@ -102,21 +103,28 @@ class PairedSlices:
             y = int(self.rng.integers(h - p + 1))
             x = int(self.rng.integers(w - p + 1))
             ctx = ldct[idx, y:y + p, x:x + p]
-            tgt = ndct[i:i + 1, y:y + p, x:x + p]
-            if anywhere or (tgt > self._air).mean() > 0.3:
+            clean = ndct[idx, y:y + p, x:x + p]
+            if anywhere or (clean[1] > self._air).mean() > 0.3:
                 break
         k = int(self.rng.integers(4))
         flip = bool(self.rng.integers(2))
-        ctx, tgt = np.rot90(ctx, k, axes=(1, 2)), np.rot90(tgt, k, axes=(1, 2))
+        ctx, clean = np.rot90(ctx, k, axes=(1, 2)), np.rot90(clean, k, axes=(1, 2))
         if flip:
-            ctx, tgt = ctx[:, :, ::-1], tgt[:, :, ::-1]
-        return np.ascontiguousarray(ctx), np.ascontiguousarray(tgt)
+            ctx, clean = ctx[:, :, ::-1], clean[:, :, ::-1]
+        return np.ascontiguousarray(ctx), np.ascontiguousarray(clean[1:2]), np.ascontiguousarray(clean)
 
     def batch(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        items = [self._one() for _ in range(n)]
-        ctx = torch.from_numpy(np.stack([a for a, _ in items]))
-        tgt = torch.from_numpy(np.stack([b for _, b in items]))
+        """n (LDCT context stack, NDCT target) patch pairs: (n, 3, p, p) and (n, 1, p, p)."""
+        ctx, tgt, _ = self.batch_with_clean_context(n)
         return ctx, tgt
+
+    def batch_with_clean_context(self, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """As :meth:`batch`, plus the NDCT stack of the same three slices (n, 3, p, p).
+
+        The same random draws as :meth:`batch`, so asking for it does not change a run's data.
+        """
+        items = [self._one() for _ in range(n)]
+        return tuple(torch.from_numpy(np.stack([item[j] for item in items])) for j in range(3))
 
 
 # ----------------------------------------------------------------------------- loss
@@ -178,9 +186,11 @@ class LossTerms:
     ssim_weight: float = 0.0      # > 0: add ssim_weight x (1 - SSIM on the metric window)
     level_weight: float = 0.0     # > 0: add level_weight x the MSE of local levels
     level_window: str = "block8"  # which local levels: one of LEVEL_WINDOWS
+    context_noise_weight: float = 0.0  # > 0: add W x the output's response to the neighbours' noise
 
     def __post_init__(self) -> None:
-        for flag, weight in (("--ssim-weight", self.ssim_weight), ("--level-weight", self.level_weight)):
+        for flag, weight in (("--ssim-weight", self.ssim_weight), ("--level-weight", self.level_weight),
+                             ("--context-noise-weight", self.context_noise_weight)):
             if not weight >= 0:  # also refuses nan
                 raise CoreDiffError(f"{flag} {weight} is negative: give 0 (MSE only) or a weight > 0")
         if self.level_window not in LEVEL_WINDOWS:
@@ -189,13 +199,19 @@ class LossTerms:
     @property
     def mse_only(self) -> bool:
         """True when the loss is the paper's plain MSE (its value then reads as an RMS error)."""
-        return not (self.ssim_weight or self.level_weight)
+        return not (self.ssim_weight or self.level_weight or self.context_noise_weight)
 
     def check_patch_size(self, patch_size: int) -> None:
         """Refuse patches the level term could not compute on (0 = whole slices, always fine)."""
         if self.level_weight and self.level_window == "ssim" and 0 < patch_size < 2 * _SSIM_RADIUS + 1:
             raise CoreDiffError(f"{patch_size}-px patches are smaller than SSIM's 11 x 11 window: "
                                 "give --patch-size 11 or more for --level-window ssim")
+
+    def check_network(self, config: NetworkConfig) -> None:
+        """Refuse the context-noise term for a network that sees no neighbours (it would be 0)."""
+        if self.context_noise_weight and not config.use_context:
+            raise CoreDiffError("--context-noise-weight needs a network that sees the adjacent slices: "
+                                "drop --no-context, or drop the term")
 
 
 #: the paper's loss: MSE alone
@@ -222,9 +238,36 @@ def restoration_loss(x0_hat: torch.Tensor, ndct: torch.Tensor, terms: LossTerms 
     return loss
 
 
+def mirror_neighbour_noise(ldct_stack: torch.Tensor, ndct_stack: torch.Tensor) -> torch.Tensor:
+    """The LDCT context stack with each neighbour's low-dose noise negated: 2 x NDCT - LDCT.
+
+    Our LDCT counts are a binomial thinning of the NDCT's, so LDCT - NDCT is the extra noise of
+    the lower dose, independent of the anatomy and close to symmetric: the mirrored neighbour is
+    as likely an LDCT slice as the real one, with the same anatomy. The centre slice is kept, and
+    so is a neighbour that is the centre slice repeated (the volume's first and last slices).
+    """
+    c = ldct_stack.shape[1] // 2
+    out = ldct_stack.clone()
+    for j in range(ldct_stack.shape[1]):
+        if j == c:
+            continue
+        repeated = (ldct_stack[:, j] == ldct_stack[:, c]).flatten(1).all(1)
+        mirrored = 2 * ndct_stack[:, j] - ldct_stack[:, j]
+        out[:, j] = torch.where(repeated[:, None, None], ldct_stack[:, j], mirrored)
+    return out
+
+
 def corediff_loss(model: torch.nn.Module, config: NetworkConfig, ldct_stack: torch.Tensor,
-                  ndct: torch.Tensor, t: int, terms: LossTerms = MSE_ONLY) -> torch.Tensor:
-    """The two-stage CoreDiff loss for one batch at time index t (shared by the batch)."""
+                  ndct: torch.Tensor, t: int, terms: LossTerms = MSE_ONLY,
+                  mirrored_stack: torch.Tensor | None = None) -> torch.Tensor:
+    """The two-stage CoreDiff loss for one batch at time index t (shared by the batch).
+
+    With ``terms.context_noise_weight`` > 0, ``mirrored_stack`` (see :func:`mirror_neighbour_noise`)
+    is run through the first stage too, and W x the mean square of half the two outputs'
+    difference is added: the part of the output that follows the neighbours' noise, which an
+    MSE-trained CLEAR-Net lets through at 3-12 % (docs/benchmarks/context_noise/). Its anatomy
+    is the same in both inputs, so only the response to noise is penalised.
+    """
     alphas = alpha_schedule(config.steps).to(ndct.device)
     c = ldct_stack.shape[1] // 2
     xT = ldct_stack[:, c:c + 1]  # the centre LDCT slice, whether or not the model sees context
@@ -234,6 +277,11 @@ def corediff_loss(model: torch.nn.Module, config: NetworkConfig, ldct_stack: tor
     x_t = degrade(ndct, xT, alphas[t])
     x0_hat = model(network_input(x_t, ctx, config.use_context), tb)
     loss_1 = restoration_loss(x0_hat, ndct, terms)
+    if terms.context_noise_weight:
+        if mirrored_stack is None or not config.use_context:
+            raise CoreDiffError("the context-noise term needs a network with context and the mirrored stack")
+        x0_mirrored = model(network_input(x_t, mirrored_stack, True), tb)
+        loss_1 = loss_1 + terms.context_noise_weight * (0.5 * (x0_hat - x0_mirrored)).pow(2).mean()
     if t == 0:
         return loss_1
     x_prev = degrade(x0_hat, xT, alphas[t - 1])
@@ -258,8 +306,9 @@ class _LossModule(torch.nn.Module):
         super().__init__()
         self.model, self.config, self.terms = model, config, terms
 
-    def forward(self, ldct_stack: torch.Tensor, ndct: torch.Tensor, t: int) -> torch.Tensor:
-        return corediff_loss(self.model, self.config, ldct_stack, ndct, t, self.terms)
+    def forward(self, ldct_stack: torch.Tensor, ndct: torch.Tensor, t: int,
+                mirrored_stack: torch.Tensor | None = None) -> torch.Tensor:
+        return corediff_loss(self.model, self.config, ldct_stack, ndct, t, self.terms, mirrored_stack)
 
 
 def _state_sha256(module: torch.nn.Module) -> str:
@@ -359,6 +408,7 @@ def train(pairs: Sequence[tuple[np.ndarray, np.ndarray]], net_cfg: NetworkConfig
         raise CoreDiffError(f"training precision must be fp32 or bf16, not {cfg.precision!r}")
     terms = cfg.loss_terms
     terms.check_patch_size(cfg.patch_size)
+    terms.check_network(net_cfg)
     on_cuda = device.startswith("cuda")
     if on_cuda:
         torch.backends.cudnn.benchmark = True  # fixed patch shape: let cuDNN pick its fastest kernels
@@ -410,7 +460,9 @@ def train(pairs: Sequence[tuple[np.ndarray, np.ndarray]], net_cfg: NetworkConfig
     window: list[torch.Tensor] = []
     stop_at = cfg.iterations
     while state.iteration < stop_at:
-        ctx, tgt = data.batch(cfg.batch_size)
+        ctx, tgt, clean_ctx = data.batch_with_clean_context(cfg.batch_size)
+        mirrored = (mirror_neighbour_noise(ctx, clean_ctx).to(device, non_blocking=True)
+                    .contiguous(memory_format=memory_format) if terms.context_noise_weight else None)
         ctx = ctx.to(device, non_blocking=True).contiguous(memory_format=memory_format)
         tgt = tgt.to(device, non_blocking=True).contiguous(memory_format=memory_format)
         t = int(step_rng.integers(net_cfg.steps) if t_probabilities is None
@@ -422,7 +474,7 @@ def train(pairs: Sequence[tuple[np.ndarray, np.ndarray]], net_cfg: NetworkConfig
                                         cfg.time_limit_s if world == 1 else 0.0)
                 group["lr"] = cosine_lr(cfg.lr, progress)
         with autocast:
-            loss = loss_fn(ctx, tgt, t).float()
+            loss = loss_fn(ctx, tgt, t, mirrored).float()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

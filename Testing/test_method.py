@@ -14,7 +14,7 @@ from CoreDiffLib.network import ClearNet, NetworkConfig, count_parameters, widen
 from CoreDiffLib.intensity import hu_to_unit
 from CoreDiffLib.metrics import ssim, ssim_local_mean, ssim_map, ssim_terms
 from CoreDiffLib.training import (MSE_ONLY, LossTerms, PairedSlices, TrainConfig, corediff_loss, local_level,
-                                  restoration_loss, train, window_ssim, ssim_local_mean as ssim_window_mean)
+                                  mirror_neighbour_noise, restoration_loss, train, window_ssim, ssim_local_mean as ssim_window_mean)
 
 from conftest import synthetic_ct
 
@@ -196,6 +196,68 @@ def test_patch_sampler_redraws_open_air_unless_asked_to_draw_anywhere():
     assert share_with_body[1.0] < share_with_body[0.5] < share_with_body[0.0]
     with pytest.raises(CoreDiffError, match="anywhere"):
         PairedSlices([(volume, volume)], anywhere_share=1.5)
+
+
+def test_clean_context_comes_from_the_same_draws_and_mirrors_only_the_neighbours_noise():
+    ndct = synthetic_ct(4, 32, seed=0, noise_hu=0)
+    ldct = ndct + np.random.default_rng(1).normal(0, 40, ndct.shape).astype(np.float32)
+    ctx, tgt = PairedSlices([(ndct, ldct)], patch_size=16, seed=3).batch(6)
+    ctx2, tgt2, clean = PairedSlices([(ndct, ldct)], patch_size=16, seed=3).batch_with_clean_context(6)
+    assert torch.equal(ctx, ctx2) and torch.equal(tgt, tgt2) and torch.equal(clean[:, 1:2], tgt)
+    mirrored = mirror_neighbour_noise(ctx, clean)
+    assert torch.equal(mirrored[:, 1], ctx[:, 1])  # the centre slice keeps its noise
+    for j in (0, 2):
+        repeated = (ctx[:, j] == ctx[:, 1]).flatten(1).all(1)  # the volume's ends: the centre repeated
+        assert torch.equal(mirrored[repeated, j], ctx[repeated, j])
+        inner = ~repeated
+        assert inner.any()
+        # the neighbour's noise (LDCT - NDCT) is negated, its anatomy (the NDCT) kept
+        assert torch.allclose(mirrored[inner, j] - clean[inner, j], clean[inner, j] - ctx[inner, j], atol=1e-6)
+    assert torch.equal(ctx, ctx2)  # the input was not modified
+
+
+def test_the_context_noise_term_penalises_only_the_response_to_the_neighbours_noise():
+    torch.manual_seed(0)
+    cfg = NetworkConfig(width=8)
+    net = ClearNet(cfg)
+    for p in net.parameters():  # a network that reads its inputs, not the zero-initialised identity
+        p.data.normal_(0, 0.1)
+    ctx, tgt = torch.rand(2, 3, 16, 16) * 0.1 + 0.22, torch.rand(2, 1, 16, 16) * 0.1 + 0.22
+    terms = LossTerms(context_noise_weight=3.0)
+    assert not terms.mse_only
+    base = corediff_loss(net, cfg, ctx, tgt, t=0)
+    # the same neighbours: nothing to respond to, the term is 0
+    same = corediff_loss(net, cfg, ctx, tgt, 0, terms, ctx.clone())
+    assert same.item() == pytest.approx(base.item(), rel=1e-6)
+    other = ctx.clone()
+    other[:, 0] += 0.01
+    from CoreDiffLib.diffusion import network_input
+    x_t = degrade(tgt, ctx[:, 1:2], alpha_schedule(10)[0])
+    tb = torch.zeros(2, dtype=torch.long)
+    response = 0.5 * (net(network_input(x_t, ctx, True), tb) - net(network_input(x_t, other, True), tb))
+    expected = base.item() + 3.0 * response.pow(2).mean().item()
+    with_term = corediff_loss(net, cfg, ctx, tgt, 0, terms, other)
+    assert with_term.item() == pytest.approx(expected, rel=1e-5) and with_term.item() > base.item()
+    term_only = with_term - base
+    term_only.backward()
+    assert float(net.enc1[0].weight.grad.abs().sum()) > 0  # the term alone trains the network
+    with pytest.raises(CoreDiffError, match="mirrored"):
+        corediff_loss(net, cfg, ctx, tgt, 0, terms)
+    with pytest.raises(CoreDiffError, match="adjacent slices"):
+        terms.check_network(NetworkConfig(width=8, use_context=False))
+    with pytest.raises(CoreDiffError, match="--context-noise-weight"):
+        LossTerms(context_noise_weight=-1.0)
+
+
+def test_training_with_the_context_noise_term_runs_and_refuses_a_network_without_context():
+    ndct = synthetic_ct(3, 24, seed=0, noise_hu=0)
+    ldct = ndct + np.random.default_rng(1).normal(0, 40, ndct.shape).astype(np.float32)
+    cfg = TrainConfig(iterations=4, batch_size=2, patch_size=16, log_every=2, context_noise_weight=2.0)
+    logs: list[str] = []
+    _, state = train([(ndct, ldct)], NetworkConfig(width=8), cfg, log=logs.append)
+    assert state.iteration == 4 and any("extra terms" in m for m in logs)
+    with pytest.raises(CoreDiffError, match="adjacent slices"):
+        train([(ndct, ldct)], NetworkConfig(width=8, use_context=False), cfg, log=lambda m: None)
 
 
 @pytest.mark.parametrize("width,factor", [(8, 2), (4, 2), (8, 4)])

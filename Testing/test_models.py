@@ -109,6 +109,9 @@ def test_redcnn_fine_tunes_from_given_weights_within_a_time_limit():
     with pytest.raises(CoreDiffError, match="--patch-size 11"):  # the same refusal as corediff train's
         train_redcnn(pairs, 1, patch_size=8, filters=4, loss_terms=LossTerms(level_weight=1.0, level_window="ssim"),
                      log=lambda m: None)
+    with pytest.raises(CoreDiffError, match="neighbours"):  # RED-CNN sees one slice
+        train_redcnn(pairs, 1, patch_size=16, filters=4, loss_terms=LossTerms(context_noise_weight=1.0),
+                     log=lambda m: None)
 
 
 def test_cosine_lr_decays_from_the_base_rate_to_zero():
