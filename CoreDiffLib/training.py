@@ -242,7 +242,7 @@ def mirror_neighbour_noise(ldct_stack: torch.Tensor, ndct_stack: torch.Tensor) -
     """The LDCT context stack with each neighbour's low-dose noise negated: 2 x NDCT - LDCT.
 
     Our LDCT counts are a binomial thinning of the NDCT's, so LDCT - NDCT is the extra noise of
-    the lower dose, independent of the anatomy and close to symmetric: the mirrored neighbour is
+    the lower dose, uncorrelated with the NDCT and close to symmetric: the mirrored neighbour is
     as likely an LDCT slice as the real one, with the same anatomy. The centre slice is kept, and
     so is a neighbour that is the centre slice repeated (the volume's first and last slices).
     """
@@ -265,8 +265,9 @@ def corediff_loss(model: torch.nn.Module, config: NetworkConfig, ldct_stack: tor
     With ``terms.context_noise_weight`` > 0, ``mirrored_stack`` (see :func:`mirror_neighbour_noise`)
     is run through the first stage too, and W x the mean square of half the two outputs'
     difference is added: the part of the output that follows the neighbours' noise, which an
-    MSE-trained CLEAR-Net lets through at 3-12 % (docs/benchmarks/context_noise/). Its anatomy
-    is the same in both inputs, so only the response to noise is penalised.
+    MSE-trained CLEAR-Net lets through at 1-12 % (docs/benchmarks/context_noise/). Its anatomy
+    is the same in both inputs, so only the response to noise is penalised. Measured at 10 %: it
+    cuts that share but costs more anatomy than it saves noise (not used for the shipped models).
     """
     alphas = alpha_schedule(config.steps).to(ndct.device)
     c = ldct_stack.shape[1] // 2
