@@ -102,7 +102,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if not 0 <= args.anywhere_share <= 1:  # also refuses nan
         raise CoreDiffError(f"--anywhere-share {args.anywhere_share} is not a share: give a number in [0, 1]")
     terms = LossTerms(args.ssim_weight, args.level_weight, args.level_window,  # refuses bad weights here
-                      args.context_noise_weight)
+                      args.context_noise_weight, args.context_noise_region)
     terms.check_patch_size(args.patch_size)
     # the starting weights first: a bad file or widening factor is refused before the data are read
     net_cfg = NetworkConfig(width=args.width, use_context=not args.no_context, use_emm=not args.no_emm,
@@ -134,7 +134,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                       time_limit_s=60.0 * args.time_limit, lr_schedule=args.lr_schedule,
                       t_sampling=args.t_sampling, anywhere_share=args.anywhere_share,
                       ssim_weight=terms.ssim_weight, level_weight=terms.level_weight,
-                      level_window=terms.level_window, context_noise_weight=terms.context_noise_weight)
+                      level_window=terms.level_window, context_noise_weight=terms.context_noise_weight,
+                      context_noise_region=terms.context_noise_region)
     checkpoint = args.checkpoint or str(Path(args.output).with_suffix(".ckpt"))
     device = "cuda" if args.device == "auto" and _cuda() else ("cpu" if args.device == "auto" else args.device)
     ema, state = train(volumes, net_cfg, cfg, checkpoint=checkpoint, device=device,
@@ -189,6 +190,9 @@ def add_train_parser(sub) -> None:
                    help="add W x the mean square of the output's response to the adjacent slices' low-dose "
                         "noise (default 0): each neighbour's noise is mirrored (2 NDCT - LDCT) and the two "
                         "outputs compared; costs a third network pass per iteration")
+    p.add_argument("--context-noise-region", choices=("everywhere", "air"), default="everywhere",
+                   help="where --context-noise-weight counts: every pixel (default) or only the NDCT's air "
+                        "(< -900 HU), where the neighbours carry no anatomy")
     p.add_argument("--anywhere-share", type=float, default=0.0, metavar="S",
                    help="share of training patches drawn anywhere on the slice, open air included "
                         "(default 0: patches that are almost all air are re-drawn)")

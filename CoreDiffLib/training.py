@@ -56,14 +56,20 @@ class TrainConfig:
     level_weight: float = 0.0     # > 0: add level_weight x the MSE of local levels, see restoration_loss
     level_window: str = "block8"  # which local levels: one of LEVEL_WINDOWS
     context_noise_weight: float = 0.0  # > 0: penalise the output's response to the neighbours' noise
+    context_noise_region: str = "everywhere"  # where: one of CONTEXT_NOISE_REGIONS
 
     @property
     def loss_terms(self) -> "LossTerms":
         """The loss fields as one value (kept flat here: manifests and checkpoints store them so)."""
-        return LossTerms(self.ssim_weight, self.level_weight, self.level_window, self.context_noise_weight)
+        return LossTerms(self.ssim_weight, self.level_weight, self.level_window, self.context_noise_weight,
+                         self.context_noise_region)
 
 
 # ----------------------------------------------------------------------------- data
+#: below this (HU) a pixel counts as air: for the patch re-draw and the context-noise term's "air" region
+AIR_HU = -900.0
+
+
 class PairedSlices:
     """Paired NDCT / LDCT volumes in [0, 1], sampled as random (context, target) patches.
 
@@ -87,7 +93,7 @@ class PairedSlices:
             self.pairs.append((hu_to_unit(ndct), hu_to_unit(ldct)))
         self.patch = patch_size
         self.rng = np.random.default_rng(seed)
-        self._air = float(hu_to_unit(np.float32(-900.0)))
+        self._air = float(hu_to_unit(np.float32(AIR_HU)))
         self.anywhere_share = anywhere_share
 
     def _one(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -163,6 +169,9 @@ def window_ssim(image: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
 LEVEL_BLOCK = 8
 #: what ``level_weight`` compares: 8x8 block means, or SSIM's own Gaussian local means (sigma 1.5 px)
 LEVEL_WINDOWS = ("block8", "ssim")
+#: where the context-noise term counts: the whole patch, or only pixels whose NDCT is air (< AIR_HU),
+#: where the neighbours carry no anatomy to lose
+CONTEXT_NOISE_REGIONS = ("everywhere", "air")
 
 
 def local_level(a: torch.Tensor, window: str = "block8") -> torch.Tensor:
@@ -187,6 +196,7 @@ class LossTerms:
     level_weight: float = 0.0     # > 0: add level_weight x the MSE of local levels
     level_window: str = "block8"  # which local levels: one of LEVEL_WINDOWS
     context_noise_weight: float = 0.0  # > 0: add W x the output's response to the neighbours' noise
+    context_noise_region: str = "everywhere"  # where that term counts: one of CONTEXT_NOISE_REGIONS
 
     def __post_init__(self) -> None:
         for flag, weight in (("--ssim-weight", self.ssim_weight), ("--level-weight", self.level_weight),
@@ -195,6 +205,9 @@ class LossTerms:
                 raise CoreDiffError(f"{flag} {weight} is negative: give 0 (MSE only) or a weight > 0")
         if self.level_window not in LEVEL_WINDOWS:
             raise CoreDiffError(f"level window must be one of {LEVEL_WINDOWS}, not {self.level_window!r}")
+        if self.context_noise_region not in CONTEXT_NOISE_REGIONS:
+            raise CoreDiffError(f"context-noise region must be one of {CONTEXT_NOISE_REGIONS}, "
+                                f"not {self.context_noise_region!r}")
 
     @property
     def mse_only(self) -> bool:
@@ -266,8 +279,10 @@ def corediff_loss(model: torch.nn.Module, config: NetworkConfig, ldct_stack: tor
     is run through the first stage too, and W x the mean square of half the two outputs'
     difference is added: the part of the output that follows the neighbours' noise, which an
     MSE-trained CLEAR-Net lets through at 1-12 % (docs/benchmarks/context_noise/). Its anatomy
-    is the same in both inputs, so only the response to noise is penalised. Measured at 10 %: it
-    cuts that share but costs more anatomy than it saves noise (not used for the shipped models).
+    is the same in both inputs, so only the response to noise is penalised. Measured at 10 %
+    everywhere: it cuts that share but costs more anatomy than it saves noise (not used for the
+    shipped models). ``terms.context_noise_region`` "air" counts only pixels whose NDCT is air,
+    where the neighbours carry no anatomy (the mean is still over all pixels).
     """
     alphas = alpha_schedule(config.steps).to(ndct.device)
     c = ldct_stack.shape[1] // 2
@@ -282,7 +297,10 @@ def corediff_loss(model: torch.nn.Module, config: NetworkConfig, ldct_stack: tor
         if mirrored_stack is None or not config.use_context:
             raise CoreDiffError("the context-noise term needs a network with context and the mirrored stack")
         x0_mirrored = model(network_input(x_t, mirrored_stack, True), tb)
-        loss_1 = loss_1 + terms.context_noise_weight * (0.5 * (x0_hat - x0_mirrored)).pow(2).mean()
+        response = (0.5 * (x0_hat - x0_mirrored)).pow(2)
+        if terms.context_noise_region == "air":
+            response = response * (ndct < float(hu_to_unit(np.float32(AIR_HU)))).to(response.dtype)
+        loss_1 = loss_1 + terms.context_noise_weight * response.mean()
     if t == 0:
         return loss_1
     x_prev = degrade(x0_hat, xT, alphas[t - 1])

@@ -238,6 +238,16 @@ def test_the_context_noise_term_penalises_only_the_response_to_the_neighbours_no
     expected = base.item() + 3.0 * response.pow(2).mean().item()
     with_term = corediff_loss(net, cfg, ctx, tgt, 0, terms, other)
     assert with_term.item() == pytest.approx(expected, rel=1e-5) and with_term.item() > base.item()
+    # "air": only pixels whose NDCT is air count; this target is soft tissue (0.22-0.32 ~ -100..+300 HU)
+    in_air_only = corediff_loss(net, cfg, ctx, tgt, 0, LossTerms(context_noise_weight=3.0,
+                                                                 context_noise_region="air"), other)
+    assert in_air_only.item() == pytest.approx(base.item(), rel=1e-6)
+    air_tgt = torch.zeros_like(tgt)  # -1000 HU everywhere: the "air" term is the whole term
+    assert corediff_loss(net, cfg, ctx, air_tgt, 0, LossTerms(context_noise_weight=3.0, context_noise_region="air"),
+                         other).item() == pytest.approx(corediff_loss(net, cfg, ctx, air_tgt, 0, terms, other).item(),
+                                                        rel=1e-6)
+    with pytest.raises(CoreDiffError, match="context-noise region"):
+        LossTerms(context_noise_weight=1.0, context_noise_region="lungs")
     term_only = with_term - base
     term_only.backward()
     assert float(net.enc1[0].weight.grad.abs().sum()) > 0  # the term alone trains the network
