@@ -68,6 +68,7 @@ class TrainConfig:
 # ----------------------------------------------------------------------------- data
 #: below this (HU) a pixel counts as air: for the patch re-draw and the context-noise term's "air" region
 AIR_HU = -900.0
+AIR_UNIT = float(hu_to_unit(np.float32(AIR_HU)))  # the same in network units
 
 
 class PairedSlices:
@@ -93,7 +94,6 @@ class PairedSlices:
             self.pairs.append((hu_to_unit(ndct), hu_to_unit(ldct)))
         self.patch = patch_size
         self.rng = np.random.default_rng(seed)
-        self._air = float(hu_to_unit(np.float32(AIR_HU)))
         self.anywhere_share = anywhere_share
 
     def _one(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -110,7 +110,7 @@ class PairedSlices:
             x = int(self.rng.integers(w - p + 1))
             ctx = ldct[idx, y:y + p, x:x + p]
             clean = ndct[idx, y:y + p, x:x + p]
-            if anywhere or (clean[1] > self._air).mean() > 0.3:
+            if anywhere or (clean[1] > AIR_UNIT).mean() > 0.3:
                 break
         k = int(self.rng.integers(4))
         flip = bool(self.rng.integers(2))
@@ -294,12 +294,13 @@ def corediff_loss(model: torch.nn.Module, config: NetworkConfig, ldct_stack: tor
     x0_hat = model(network_input(x_t, ctx, config.use_context), tb)
     loss_1 = restoration_loss(x0_hat, ndct, terms)
     if terms.context_noise_weight:
-        if mirrored_stack is None or not config.use_context:
-            raise CoreDiffError("the context-noise term needs a network with context and the mirrored stack")
+        terms.check_network(config)
+        if mirrored_stack is None:
+            raise CoreDiffError("the context-noise term needs the mirrored stack (see mirror_neighbour_noise)")
         x0_mirrored = model(network_input(x_t, mirrored_stack, True), tb)
         response = (0.5 * (x0_hat - x0_mirrored)).pow(2)
         if terms.context_noise_region == "air":
-            response = response * (ndct < float(hu_to_unit(np.float32(AIR_HU)))).to(response.dtype)
+            response = response * (ndct < AIR_UNIT).to(response.dtype)
         loss_1 = loss_1 + terms.context_noise_weight * response.mean()
     if t == 0:
         return loss_1
