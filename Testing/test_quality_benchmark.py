@@ -209,3 +209,24 @@ def test_noise_passthrough_recovers_how_much_of_each_slices_ldct_noise_an_output
     rmse_truth = {variant: m[5] for variant, m in scores.items()}
     assert rmse_truth["neighbours' noise out of the open air"] < rmse_truth["as it is"]
     assert rmse_truth["open air's level set to the truth's"] < rmse_truth["as it is"]
+
+
+def test_denoised_context_keeps_each_centre_out_of_its_neighbours_first_pass():
+    import sys
+    sys.path.insert(0, str(Path(__file__).parent / "benchmarks"))
+    import denoised_context as dc
+    from CoreDiffLib.inference import context_stack
+    from CoreDiffLib.intensity import hu_to_unit
+    volume = np.stack([np.full((4, 4), 100.0 * k) for k in range(5)])  # slice k is 100·k HU everywhere
+    unit = hu_to_unit(volume.astype(np.float32))
+    without_next, without_previous = dc.one_sided_stacks(unit)
+    for k in range(5):  # neither one-sided context holds the slice on its missing side
+        assert [s[0, 0] for s in without_next[k]] == [unit[max(k - 1, 0), 0, 0], unit[k, 0, 0], unit[k, 0, 0]]
+        assert [s[0, 0] for s in without_previous[k]] == [unit[k, 0, 0], unit[k, 0, 0], unit[min(k + 1, 4), 0, 0]]
+    stacks = context_stack(volume, 0, 5)
+    swapped = dc.with_neighbours(stacks, volume + 1, volume + 2)  # the inner slices 1..3
+    assert swapped.shape == (3, 3, 4, 4)
+    for j, k in enumerate(range(1, 4)):  # centre untouched; previous from k - 1, next from k + 1
+        assert swapped[j, 1, 0, 0] == stacks[k, 1, 0, 0]
+        assert swapped[j, 0, 0, 0] == pytest.approx(hu_to_unit(np.float32(100.0 * (k - 1) + 1)))
+        assert swapped[j, 2, 0, 0] == pytest.approx(hu_to_unit(np.float32(100.0 * (k + 1) + 2)))
