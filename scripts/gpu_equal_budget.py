@@ -14,11 +14,13 @@ time on the same GPU (the iterations each reached are reported); each starts fro
 CPU-trained weights and uses its own CPU recipe's learning rate, cosine-decayed to 0 by the
 time limit, bf16 autocast, and the same larger batch of larger patches.
 
-A job is NAME:MODEL:DOSE_TAG:INIT_WEIGHTS:PEAK_LR with MODEL ``corediff`` (CLEAR-Net, the
+A job is NAME:MODEL:DOSE_TAG:INIT_WEIGHTS:PEAK_LR[:ANYWHERE_SHARE] with MODEL ``corediff`` (CLEAR-Net, the
 architecture is read from the init weights) or ``redcnn`` (RED-CNN, 32 filters, a .pt state
-dict). Everything comes back as one ``equal_budget.tar.gz`` (the transfer takes few files):
-CoreDiff's final and EMA weights as safetensors, RED-CNN's as .pt, each job's log, and
-``summary.json`` (iterations, patches, seconds, last losses, GPU utilisation samples).
+dict) and ANYWHERE_SHARE the share of patches drawn anywhere, open air included (default 0;
+``corediff train --anywhere-share``). Each job comes back as one ``NAME.tar.gz`` (a transfer
+takes few files, each under 16 MB): CoreDiff's final and EMA weights as safetensors, RED-CNN's as
+.pt, the job's log and figures; beside them ``summary.json`` (iterations, patches, seconds, last
+losses, GPU utilisation samples).
 """
 from __future__ import annotations
 
@@ -44,13 +46,17 @@ class Job:
     dose_tag: str
     init: str
     lr: float
+    anywhere_share: float = 0.0  # share of patches drawn anywhere, open air included
 
     @classmethod
     def parse(cls, spec: str) -> "Job":
         parts = spec.split(":")
-        if len(parts) != 5 or parts[1] not in ("corediff", "redcnn"):
-            raise ValueError(f"job {spec!r}: expected NAME:corediff|redcnn:DOSE_TAG:INIT:LR")
-        return cls(parts[0], parts[1], parts[2], parts[3], float(parts[4]))
+        if len(parts) not in (5, 6) or parts[1] not in ("corediff", "redcnn"):
+            raise ValueError(f"job {spec!r}: expected NAME:corediff|redcnn:DOSE_TAG:INIT:LR[:ANYWHERE_SHARE]")
+        share = float(parts[5]) if len(parts) == 6 else 0.0
+        if not 0.0 <= share <= 1.0:
+            raise ValueError(f"job {spec!r}: the anywhere share must be in [0, 1], not {share}")
+        return cls(parts[0], parts[1], parts[2], parts[3], float(parts[4]), share)
 
 
 def run_job(job: Job, a: argparse.Namespace, work: Path) -> dict:
@@ -84,7 +90,8 @@ def run_job(job: Job, a: argparse.Namespace, work: Path) -> dict:
 
         model = train_redcnn(pairs, 10**9, a.batch_size, a.patch_size, lr=job.lr, seed=a.seed,
                              filters=32, log=keep, init_state=init, time_limit_s=seconds,
-                             lr_schedule="cosine", device=a.device, precision=a.precision)
+                             lr_schedule="cosine", device=a.device, precision=a.precision,
+                             anywhere_share=job.anywhere_share)
         torch.save(model.state_dict(), work / f"{job.name}.pt")
         iterations, losses = stopped[-1], []
     else:
@@ -92,7 +99,7 @@ def run_job(job: Job, a: argparse.Namespace, work: Path) -> dict:
         cfg = TrainConfig(iterations=10**9, batch_size=a.batch_size, patch_size=a.patch_size, lr=job.lr,
                           lr_schedule="cosine", ema_decay=0.995, ema_every=10, ema_start=500, seed=a.seed,
                           checkpoint_every=10**9, log_every=100, precision=a.precision,
-                          time_limit_s=seconds)
+                          time_limit_s=seconds, anywhere_share=job.anywhere_share)
         ckpt = Path(f"/tmp/{job.name}.ckpt")
         ema, state = train(pairs, start.config, cfg, checkpoint=ckpt, resume=False, device=a.device,
                            log=log, init_state=start.state_dict())
@@ -175,8 +182,10 @@ def main() -> int:
         print(name, summary["jobs"][name], flush=True)
     (work / "summary.json").write_text(json.dumps(summary, indent=1))
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    with tarfile.open(out / "equal_budget.tar.gz", "w:gz") as tar:
-        tar.add(work, arcname="equal_budget")
+    for name in procs:  # one tarball per job: a transfer returns files of up to 16 MB each
+        with tarfile.open(out / f"{name}.tar.gz", "w:gz") as tar:
+            for path in sorted(work.glob(f"{name}[.-]*")):
+                tar.add(path, arcname=f"equal_budget/{path.name}")
     return 0 if all(proc.returncode == 0 for proc in procs.values()) else 1
 
 
