@@ -197,15 +197,18 @@ def test_gpu_equal_budget_round_rehearses_on_the_cpu_and_returns_loadable_weight
     run = subprocess.run([sys.executable, str(scripts / "gpu_equal_budget.py"), "--data", str(packed),
                           "--out", str(out), "--work", str(work), "--device", "cpu", "--precision", "fp32",
                           "--minutes", "0.05", "--batch-size", "2", "--patch-size", "32", "--threads", "1",
-                          "--job", f"cd-25:corediff:25:{tmp_path / 'cd.safetensors'}:2e-4",
+                          "--job", f"cd-25:corediff:25:{tmp_path / 'cd.safetensors'}:2e-4:0.5",
                           "--job", f"rc-10:redcnn:10:{tmp_path / 'rc.pt'}:2.5e-4"],
                          capture_output=True, encoding="utf-8", timeout=300)
     assert run.returncode == 0, run.stderr
     summary = json.loads((out / "summary.json").read_text())
     assert all(job["iterations"] > 0 for job in summary["jobs"].values())
-    with tarfile.open(out / "equal_budget.tar.gz") as tar:
-        safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}  # Python >= 3.11.4
-        tar.extractall(tmp_path / "back", **safe)
+    assert [summary["jobs"][name]["anywhere_share"] for name in ("cd-25", "rc-10")] == [0.5, 0.0]
+    safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}  # Python >= 3.11.4
+    for name in ("cd-25", "rc-10"):  # one tarball per job, each holding that job's files only
+        with tarfile.open(out / f"{name}.tar.gz") as tar:
+            assert all(Path(member).name.startswith(name) for member in tar.getnames())
+            tar.extractall(tmp_path / "back", **safe)
     back = tmp_path / "back" / "equal_budget"
     for kind in ("raw", "ema"):
         model = load_model(back / f"cd-25-{kind}.safetensors")
@@ -213,3 +216,10 @@ def test_gpu_equal_budget_round_rehearses_on_the_cpu_and_returns_loadable_weight
         from CoreDiffLib.models import read_weights_config
         assert read_weights_config(back / f"cd-25-{kind}.safetensors")[1]["weights"] == kind
     assert not load_redcnn(back / "rc-10.pt").training  # a loadable RED-CNN, ready to denoise
+
+    bad = subprocess.run([sys.executable, str(scripts / "gpu_equal_budget.py"), "--data", str(packed),
+                          "--out", str(tmp_path / "bad"), "--work", str(tmp_path / "badwork"), "--device", "cpu",
+                          "--job", f"cd:corediff:25:{tmp_path / 'cd.safetensors'}:2e-4:1.5"],
+                         capture_output=True, encoding="utf-8", timeout=120)
+    assert bad.returncode == 2 and "anywhere share must be in [0, 1]" in bad.stderr
+    assert not list((tmp_path / "bad").glob("*"))  # refused before any job ran

@@ -150,7 +150,10 @@ def main() -> int:
         job = Job.parse(a.run_one)
         (work / f"{job.name}.json").write_text(json.dumps(run_job(job, a, work), indent=1))
         return 0
-    jobs = [Job.parse(spec) for spec in a.job]
+    try:
+        jobs = [Job.parse(spec) for spec in a.job]
+    except ValueError as exc:
+        p.error(str(exc))
     if not jobs:
         p.error("give at least one --job")
     for job in jobs:
