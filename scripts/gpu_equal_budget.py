@@ -143,9 +143,7 @@ def main() -> int:
     p.add_argument("--run-one", default=None, help=argparse.SUPPRESS)  # a child process: one job
     a = p.parse_args()
     out = Path(a.out)
-    work = Path(a.work)  # outside OUT: only the tarball and the summary travel back
-    work.mkdir(parents=True, exist_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
+    work = Path(a.work)  # outside OUT: only the per-job tarballs and the summary travel back
     if a.run_one:
         job = Job.parse(a.run_one)
         (work / f"{job.name}.json").write_text(json.dumps(run_job(job, a, work), indent=1))
@@ -159,6 +157,8 @@ def main() -> int:
     for job in jobs:
         if not Path(job.init).exists():
             p.error(f"job {job.name}: no init weights at {job.init}")
+    work.mkdir(parents=True, exist_ok=True)  # only once the jobs are known to be sound
+    out.mkdir(parents=True, exist_ok=True)
     import torch
     print(f"torch {torch.__version__}, cuda {torch.version.cuda}, "
           f"gpu {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none'}", flush=True)
@@ -183,7 +183,6 @@ def main() -> int:
         summary["jobs"][name] = (json.loads(result_file.read_text()) if result_file.exists()
                                  else {"failed": f"exit {proc.returncode}"})
         print(name, summary["jobs"][name], flush=True)
-    (work / "summary.json").write_text(json.dumps(summary, indent=1))
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     for name in procs:  # one tarball per job: a transfer returns files of up to 16 MB each
         with tarfile.open(out / f"{name}.tar.gz", "w:gz") as tar:
