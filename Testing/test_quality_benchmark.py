@@ -230,3 +230,22 @@ def test_denoised_context_keeps_each_centre_out_of_its_neighbours_first_pass():
         assert swapped[j, 1, 0, 0] == stacks[k, 1, 0, 0]
         assert swapped[j, 0, 0, 0] == pytest.approx(hu_to_unit(np.float32(100.0 * (k - 1) + 1)))
         assert swapped[j, 2, 0, 0] == pytest.approx(hu_to_unit(np.float32(100.0 * (k + 1) + 2)))
+
+
+def test_readme_manifest_and_the_measured_table_agree_on_every_shipped_models_score():
+    """The numbers a user reads (README), the ones a model carries (manifest) and the run that
+    measured them (docs/benchmarks/shipped/) must not drift apart when a model is replaced."""
+    from CoreDiffLib.models import MANIFEST
+    manifest = json.loads(MANIFEST.read_text())["models"]
+    readme = (qb.REPO / "README.md").read_text(encoding="utf-8")
+    for pct in ("25", "10", "5"):
+        rows = {r["method"]: r for r in json.loads(
+            (qb.REPO / "docs" / "benchmarks" / "shipped" / f"quality_{pct}.json").read_text())}
+        for name, label in ((f"corediff-{pct}", f"CoreDiff corediff-{pct} (default) T=10"),
+                            (f"corediff-{pct}-w32", f"CoreDiff corediff-{pct}-w32 T=10")):
+            measured, carried = rows[label], manifest[name]["validation"]
+            assert round(measured["psnr"], 2) == pytest.approx(carried["psnr_t10"], abs=1e-9), name
+            assert round(measured["ssim"], 4) == pytest.approx(round(carried["ssim_t10"], 4), abs=1e-9), name
+            assert round(measured["rmse_hu"], 2) == pytest.approx(carried["rmse_hu_t10"], abs=1e-9), name
+            cell = f"{measured['psnr']:.2f} / {measured['ssim']:.4f} / {measured['rmse_hu']:.2f}"
+            assert cell in readme, f"README lacks {name}'s measured {cell}"
