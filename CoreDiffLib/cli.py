@@ -54,7 +54,7 @@ def _add_progress(p: argparse.ArgumentParser) -> None:
 
 # ----------------------------------------------------------------------------- denoise
 def cmd_denoise(args: argparse.Namespace) -> int:
-    from .inference import Denoiser, denoise_file
+    from .inference import denoise_file
     from .io import check_output_path
 
     check_output_path(args.input, args.output)
@@ -63,14 +63,36 @@ def cmd_denoise(args: argparse.Namespace) -> int:
     try:  # streamed: memory bounded by the batch size, not by the number of slices
         out, shape, _ = denoise_file(
             args.input, args.output,
-            lambda: Denoiser.load(args.model, args.device, args.steps, args.adaptation,
-                                  precision=args.precision, channels_last=args.channels_last),
+            lambda: load_denoiser(args),
             batch_size=args.batch_size, progress=progress, log=lambda m: info(args, m))
     finally:
         progress.close()
     seconds = time.perf_counter() - t0
     info(args, f"wrote {out} ({seconds:.1f} s, {seconds / shape[0]:.2f} s/slice)")
     return 0
+
+
+def load_denoiser(args: argparse.Namespace):
+    """The ``denoise`` command's Denoiser; says so when ``--steps auto`` chose one step."""
+    from .inference import AUTO_STEPS, Denoiser
+    den = Denoiser.load(args.model, args.device, args.steps, args.adaptation,
+                        precision=args.precision, channels_last=args.channels_last)
+    trained = den.model.config.steps
+    if args.steps == AUTO_STEPS and den.steps is not None and den.steps < trained:
+        info(args, f"one sampling step on the CPU (--steps auto): a tenth of the time of all {trained}, and "
+                   f"0.02-0.06 dB below them for the -w32 models on held-out phantoms; --steps {trained} "
+                   "runs the paper's full sampler")
+    return den
+
+
+def steps_argument(text: str) -> int | str:
+    """``--steps``: 'auto' or a whole number (the range is checked against the model)."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not 'auto' or a whole number of steps") from None
 
 
 def add_denoise_parser(sub) -> None:
@@ -81,7 +103,9 @@ def add_denoise_parser(sub) -> None:
     p.add_argument("--adaptation", default=None, help="one-shot adaptation name or file")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     p.add_argument("--batch-size", type=int, default=None, help="slices per batch (memory bound)")
-    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's T)")
+    p.add_argument("--steps", type=steps_argument, default="auto",
+                   help="sampling steps, 1 to the model's T (10), or auto (default): all T on a GPU, one on "
+                        "a CPU, where it is ten times faster and 0.02-0.06 dB below T for the -w32 models")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "tf32", "bf16", "fp16"],
                    help="network precision (auto: the fastest one known safe on the device)")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,

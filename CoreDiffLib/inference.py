@@ -45,6 +45,22 @@ class Cancelled(CoreDiffError):
     """Raised when the caller's cancel flag was set; nothing was produced."""
 
 
+#: ``steps="auto"``: what the CLI and the Slicer module use unless told a number.
+AUTO_STEPS = "auto"
+
+
+def auto_steps(trained_steps: int, device: torch.device, adaptation: bool = False) -> int:
+    """The sampling steps ``steps="auto"`` picks: all T on a GPU, one on a CPU.
+
+    Why: on the held-out phantoms (validation and test) one step of the shipped width-32 models
+    is 0.02-0.06 dB below ten against the NDCT and -0.01 to +0.15 dB against the noise-free
+    image, for a tenth of the CPU time, and beats ten steps of the width-16 models on every
+    slice; on a GPU ten steps cost about a second per 100 slices, so the paper's sampler runs
+    there. A one-shot adaptation weighs all T steps, so it gets them.
+    """
+    return trained_steps if adaptation or device.type != "cpu" else 1
+
+
 def pick_device(device: str = "auto") -> torch.device:
     """'auto' prefers CUDA, then Apple MPS, then CPU; an explicit device must exist."""
     device = (device or "auto").lower()
@@ -163,19 +179,23 @@ class Denoiser:
 
     @classmethod
     def load(cls, model: str | ClearNet | None = "default", device: str = "auto",
-             steps: int | None = None, adaptation=None, precision: str | None = "auto",
+             steps: int | str | None = None, adaptation=None, precision: str | None = "auto",
              channels_last: bool | None = None, runtime: str | None = "auto",
              threads: int | None = None) -> "Denoiser":
-        """``precision`` auto|fp32|tf32|bf16|fp16, ``channels_last`` None = device default,
+        """``steps`` None = the model's T, or ``"auto"`` (:func:`auto_steps`), or a number;
+        ``precision`` auto|fp32|tf32|bf16|fp16, ``channels_last`` None = device default,
         ``runtime`` auto|eager|compile|cudagraphs|onnx, ``threads`` CPU threads (None = cores)."""
         dev = pick_device(device)
         net = model if isinstance(model, ClearNet) else load_model(model, dev)
         net = net.to(dev).eval()
-        if steps is not None and not 1 <= steps <= net.config.steps:
-            raise CoreDiffError(f"steps must be between 1 and {net.config.steps} (the model's T), got {steps}")
         if adaptation is not None and not hasattr(adaptation, "combine"):
             from .oneshot import load_adaptation
             adaptation = load_adaptation(adaptation, net)
+        if steps == AUTO_STEPS:
+            steps = auto_steps(net.config.steps, dev, adaptation is not None)
+        if steps is not None and (isinstance(steps, str) or not 1 <= steps <= net.config.steps):
+            raise CoreDiffError(f"steps must be 'auto' or between 1 and {net.config.steps} (the model's T), "
+                                f"got {steps!r}")
         if adaptation is not None and steps not in (None, net.config.steps):
             raise CoreDiffError("a one-shot adaptation weighs all T steps: do not change --steps with it")
         settings = _settings_for(dev, net.config.width, precision, channels_last, runtime)
@@ -220,7 +240,7 @@ def _is_oom(exc: BaseException) -> bool:
 
 
 def denoise_volume(volume_hu, model: str | ClearNet | None = "default",
-                   device: str = "auto", batch_size: int | None = None, steps: int | None = None,
+                   device: str = "auto", batch_size: int | None = None, steps: int | str | None = None,
                    adaptation=None, progress: ProgressFn | None = None,
                    cancel: CancelFlag = None, denoiser: Denoiser | None = None,
                    out: np.ndarray | None = None, log: LogFn | None = None,
@@ -625,7 +645,7 @@ def denoise_file(input_path, output_path, denoiser, batch_size: int | None = Non
         if log:
             cfg = den.model.config
             log(f"{Path(input_path).name}: {data.shape[0]} slices of {data.shape[1]}x{data.shape[2]}, "
-                f"model width {cfg.width}, T={den.steps or cfg.steps}, device {den.device}, "
+                f"model width {cfg.width}, {den.steps or cfg.steps} of T={cfg.steps} steps, device {den.device}, "
                 f"{den.settings.label()}, {'streamed' if streamed else 'read whole'}")
         name = Path(output_path).name.lower()
         if not name.endswith((".mha", ".nrrd", ".nii", ".nii.gz")):  # DICOM, .mhd, .nhdr

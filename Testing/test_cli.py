@@ -50,6 +50,27 @@ def test_denoise_keeps_geometry_and_leaves_the_input_untouched(tmp_path, ct_file
     assert files_in(tmp_path) == {"ldct.nrrd", "den.nrrd"}
 
 
+def test_steps_default_to_auto_one_on_a_cpu_and_a_number_overrides_it(tmp_path, ct_file):
+    from CoreDiffLib.models import save_weights
+    torch.manual_seed(0)
+    net = ClearNet(NetworkConfig(width=8))
+    torch.nn.init.normal_(net.out.weight, std=0.05)  # not the identity a new network starts as
+    model = tmp_path / "random.safetensors"
+    save_weights(net, model)
+    outputs = {}
+    for steps in (None, "auto", "1", "10"):
+        out = tmp_path / f"den_{steps}.nrrd"
+        r = corediff("denoise", ct_file, out, "--model", model, "--device", "cpu", "--progress", "lines",
+                     *(["--steps", steps] if steps else []))
+        assert r.returncode == 0, r.stderr
+        assert f"{1 if steps in (None, 'auto', '1') else 10} of T=10 steps" in r.stdout
+        assert ("one sampling step on the CPU (--steps auto)" in r.stdout) == (steps in (None, "auto"))
+        outputs[steps] = read_volume(out).array
+    np.testing.assert_array_equal(outputs[None], outputs["1"])
+    np.testing.assert_array_equal(outputs["auto"], outputs["1"])
+    assert np.abs(outputs["10"].astype(float) - outputs["1"]).max() > 0  # ten steps are another result
+
+
 def test_single_slice_volume_denoises_with_replicated_neighbours(tmp_path, identity_model_path):
     src = write_image(tmp_path / "one.nrrd", synthetic_ct(1, 48))
     r = corediff("denoise", src, tmp_path / "out.mha", "--model", identity_model_path, "--progress", "none")
@@ -110,7 +131,8 @@ def _mismatched_tensors(tmp_path: Path) -> Path:
     ("other_architecture", "not a CoreDiff CLEAR-Net"),
     ("mismatched_model", "does not match the CLEAR-Net architecture"),
     ("unknown_model", "neither a shipped model"),
-    ("bad_steps", "steps must be between"),
+    ("bad_steps", "steps must be 'auto' or between 1 and 10"),
+    ("word_steps", "'fast' is not 'auto' or a whole number of steps"),
 ])
 def test_bad_input_gets_one_clear_line_and_writes_nothing(tmp_path, ct_file, tiny_model_path, case, message):
     inp, out, model, extra = ct_file, tmp_path / "out.nrrd", tiny_model_path, []
@@ -134,11 +156,14 @@ def test_bad_input_gets_one_clear_line_and_writes_nothing(tmp_path, ct_file, tin
         model = "no-such-model"
     elif case == "bad_steps":
         extra = ["--steps", "50"]
+    elif case == "word_steps":
+        extra = ["--steps", "fast"]
     before = {p.name: digest(p) for p in tmp_path.iterdir() if p.is_file()}
     r = corediff("denoise", inp, out, "--model", model, "--progress", "none", *extra)
     assert r.returncode == 2
     last = r.stderr.strip().splitlines()[-1]
-    assert last.startswith("corediff: error: ") and message in last, r.stderr
+    # argparse's own refusals (a malformed option) name the subcommand
+    assert last.startswith(("corediff: error: ", "corediff denoise: error: ")) and message in last, r.stderr
     assert "Traceback" not in r.stderr
     assert {p.name: digest(p) for p in tmp_path.iterdir() if p.is_file()} == before
 

@@ -94,6 +94,23 @@ def test_device_defaults_and_overrides(monkeypatch):
     assert den.threads >= 1 and torch.get_num_threads() == den.threads
 
 
+def test_automatic_steps_are_all_of_them_on_a_gpu_one_on_a_cpu_and_all_with_an_adaptation():
+    from CoreDiffLib.inference import auto_steps
+    from CoreDiffLib.oneshot import Adaptation
+    T = 10
+    assert auto_steps(T, torch.device("cpu")) == 1
+    assert auto_steps(T, torch.device("cuda")) == T and auto_steps(T, torch.device("mps")) == T
+    assert auto_steps(T, torch.device("cpu"), adaptation=True) == T
+    net = tiny_net()
+    T = net.config.steps
+    assert Denoiser.load(net, "cpu", steps="auto", runtime="eager").steps == 1
+    assert Denoiser.load(net, "cpu", steps=None, runtime="eager").steps is None  # the library's default: T
+    adaptation = Adaptation("a", "sha", None, "paired", 0, 0, T, [0.0] * T)
+    assert Denoiser.load(net, "cpu", steps="auto", adaptation=adaptation, runtime="eager").steps == T
+    with pytest.raises(CoreDiffError, match=f"'auto' or between 1 and {T}"):
+        Denoiser.load(net, "cpu", steps="fast")
+
+
 def test_bf16_autocast_is_really_used_and_bounded():
     vol = synthetic_ct(3, 48)
     ref = denoise_volume(vol, tiny_net(), "cpu", precision="fp32")
