@@ -230,7 +230,8 @@ class CoreDiffSlicerParameterNode:
     model - item data of the model list: "" = library default, "model:<name>", "adaptation:<name>".
     modelFile - a user model/checkpoint file; when set it overrides ``model``.
     device - "auto", "cpu" or a detected device name ("cuda:0", "mps").
-    steps - number of sampling steps T (network evaluations per slice).
+    autoSteps - let the library choose the sampling steps: all T on a GPU, one on a CPU.
+    steps - sampling steps (network evaluations per slice) when autoSteps is off.
     batchSize - slices per batch, 0 = chosen by the library from the device memory.
     showComparison - show the before/after layout when a run finishes.
     roi - region for the noise readout (None: a box at the centre of the current Red slice).
@@ -241,6 +242,7 @@ class CoreDiffSlicerParameterNode:
     model: str = ""
     modelFile: pathlib.Path
     device: str = "auto"
+    autoSteps: bool = True
     steps: Annotated[int, WithinRange(1, 50)] = 10
     batchSize: Annotated[int, WithinRange(0, 512)] = 0
     showComparison: bool = True
@@ -560,6 +562,7 @@ class CoreDiffSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._onParameterNodeModified()
 
     def _onParameterNodeModified(self, caller=None, event=None) -> None:
+        self.ui.stepsSliderWidget.enabled = not (self._parameterNode and self._parameterNode.autoSteps)
         self._checkCanApply()
         self._updateOneShotGui()
 
@@ -605,7 +608,8 @@ class CoreDiffSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.statusLabel.text = f"Denoising {inputNode.GetName()}..."
         try:
             self._job = self.logic.startDenoise(
-                inputNode, outputNode, modelArgs=modelArgs, device=p.device, steps=p.steps,
+                inputNode, outputNode, modelArgs=modelArgs, device=p.device,
+                steps=None if p.autoSteps else p.steps,
                 batchSize=p.batchSize, onProgress=self._onDenoiseProgress, onInfo=self._onInfo,
                 onFinished=self._onDenoiseFinished)
         except Exception as e:
@@ -1100,9 +1104,11 @@ class CoreDiffSlicerLogic(ScriptedLoadableModuleLogic):
     def defaultOutputName(inputNode) -> str:
         return slicer.mrmlScene.GenerateUniqueName(f"{inputNode.GetName()} denoised")
 
-    def startDenoise(self, inputNode, outputNode=None, modelArgs=(), device="auto", steps=10, batchSize=0,
+    def startDenoise(self, inputNode, outputNode=None, modelArgs=(), device="auto", steps=None, batchSize=0,
                      onProgress=None, onInfo=None, onFinished=None) -> CoreDiffProcess:
         """Start denoising in the background. onFinished(job, outputNode or None, errorMessage).
+
+        ``steps`` None lets the library choose (``--steps auto``: all T on a GPU, one on a CPU).
 
         The output node is created (or updated) only on success, so the scene is unchanged
         after a failure or a cancel.
@@ -1394,7 +1400,7 @@ class CoreDiffSlicerTest(ScriptedLoadableModuleTest):
         inputBefore = slicer.util.arrayFromVolume(inputNode).copy()
         logic = CoreDiffSlicerLogic()
         self.assertTrue(logic.checkDependencies(interactive=False))
-        outputNode = logic.denoise(inputNode, timeout=3600)  # the model's own number of steps
+        outputNode = logic.denoise(inputNode, timeout=3600)  # --steps auto: all T on a GPU, one on a CPU
 
         self.assertNotEqual(outputNode.GetID(), inputNode.GetID())
         a, b = vtk.vtkMatrix4x4(), vtk.vtkMatrix4x4()

@@ -42,6 +42,7 @@ def test_denoise_button_creates_new_node_with_input_geometry(slicerEnv, tinyMode
     assert p.inputVolume is inputNode
     widget.ui.modelPathLineEdit.currentPath = tinyModel
     assert str(p.modelFile) == tinyModel
+    p.autoSteps = False  # a chosen number of steps reaches the CLI
     p.steps = 2
     p.device = "cpu"
     progressValues = []
@@ -54,6 +55,7 @@ def test_denoise_button_creates_new_node_with_input_geometry(slicerEnv, tinyMode
     args = H.launched[-1].args
     assert args[:3] == [sys.executable, "-m", "CoreDiffLib.cli"] and args[3] == "denoise"
     assert ["--model", tinyModel] == args[args.index("--model"):args.index("--model") + 2]
+    assert ["--steps", "2"] == [str(a) for a in args[args.index("--steps"):args.index("--steps") + 2]]
     assert "--progress" in args and "lines" in args
     spin(slicer, lambda: not widget._job.running, timeout=90)
 
@@ -118,6 +120,7 @@ def test_cancel_stops_process_tree_and_leaves_scene_unchanged(slicerEnv, tinyMod
     inputNode, _ = makeVolume((64, 128, 128))
     p = widget._parameterNode
     p.modelFile = __import__("pathlib").Path(tinyModel)
+    p.autoSteps = False
     p.steps = 2
     p.batchSize = 1
     p.device = "cpu"
@@ -204,6 +207,7 @@ def test_one_shot_wizard_produces_an_adaptation(slicerEnv, tinyModel, tmp_path, 
     args = H.launched[-1].args
     assert args[3] == "denoise" and "--adaptation" in args and "test_dose10" in args
     assert ["--model", tinyModel] == args[args.index("--model"):args.index("--model") + 2]
+    assert "--steps" not in args  # an adaptation weighs all of its model's steps
     spin(slicer, lambda: not widget._job.running, timeout=90)
     assert widget._job.succeeded, widget._job.errorMessage
     out = slicer.mrmlScene.GetFirstNodeByName("LDCT10 denoised")

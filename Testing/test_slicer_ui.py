@@ -19,6 +19,7 @@ EXPECTED_CLASSES = {
     "oneShotNdctSelector": "qMRMLNodeComboBox",
     "modelComboBox": "ctkComboBox", "deviceComboBox": "ctkComboBox",
     "modelPathLineEdit": "ctkPathLineEdit", "stepsSliderWidget": "ctkSliderWidget",
+    "autoStepsCheckBox": "QCheckBox",
     "batchSizeSpinBox": "QSpinBox", "showComparisonCheckBox": "QCheckBox",
     "applyButton": "QPushButton", "progressBar": "QProgressBar", "statusLabel": "QLabel",
     "refreshModelsButton": "QPushButton", "compareButton": "QPushButton", "flickerButton": "QPushButton",
@@ -96,6 +97,13 @@ def test_gui_and_parameter_node_stay_in_sync(slicerEnv):  # noqa: F811
         p.steps = 0  # WithinRange(1, 50)
     with pytest.raises(TypeError):
         p.steps = 2.5
+    # automatic steps by default (the library's --steps auto): the slider is off until unticked
+    assert p.autoSteps is True and widget.ui.autoStepsCheckBox.property("checked")
+    assert not widget.ui.stepsSliderWidget.property("enabled")
+    widget.ui.autoStepsCheckBox.setProperty("checked", False)
+    assert p.autoSteps is False and widget.ui.stepsSliderWidget.property("enabled")
+    p.autoSteps = True
+    assert not widget.ui.stepsSliderWidget.property("enabled")
     widget.ui.batchSizeSpinBox.setProperty("value", 4)
     assert p.batchSize == 4
     widget.ui.showComparisonCheckBox.setProperty("checked", False)
