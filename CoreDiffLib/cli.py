@@ -78,6 +78,9 @@ def load_denoiser(args: argparse.Namespace):
     den = Denoiser.load(args.model, args.device, args.steps, args.adaptation,
                         precision=args.precision, channels_last=args.channels_last)
     trained = den.model.config.steps
+    if args.adaptation is not None and args.model == "default":
+        base = getattr(den.model, "weights_path", None)
+        info(args, f"adaptation {args.adaptation} on the model it was learned for: {Path(base).name if base else '?'}")
     if args.steps == AUTO_STEPS and den.steps is not None and den.steps < trained:
         info(args, f"one sampling step on the CPU (--steps auto): a tenth of the time of all {trained}, and "
                    f"0.02-0.06 dB below them for the -w32 models on held-out phantoms; --steps {trained} "

@@ -32,7 +32,7 @@ from . import CoreDiffError
 from .atomic import atomic_path
 from .diffusion import sample
 from .intensity import PADDING_THRESHOLD_HU, hu_to_unit, unit_to_hu, validate_ct_array
-from .models import load_model
+from .models import DEFAULT_MODEL, load_model
 from .network import ClearNet
 from .runtime import PRECISIONS, RunSettings, auto_settings, build_net, check_applicable, physical_cores
 
@@ -186,6 +186,9 @@ class Denoiser:
         ``precision`` auto|fp32|tf32|bf16|fp16, ``channels_last`` None = device default,
         ``runtime`` auto|eager|compile|cudagraphs|onnx, ``threads`` CPU threads (None = cores)."""
         dev = pick_device(device)
+        if adaptation is not None and model in (None, DEFAULT_MODEL):
+            from .oneshot import adaptation_base_model  # an adaptation brings its own base model
+            model = adaptation_base_model(adaptation) or model
         net = model if isinstance(model, ClearNet) else load_model(model, dev)
         net = net.to(dev).eval()
         if adaptation is not None and not hasattr(adaptation, "combine"):

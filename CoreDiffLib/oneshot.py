@@ -218,18 +218,40 @@ class Adaptation:
         return cls.from_dict(d, str(path))
 
 
+def _read_adaptation(name_or_path) -> tuple[Adaptation, str]:
+    if isinstance(name_or_path, Adaptation):
+        return name_or_path, f"adaptation '{name_or_path.name}'"
+    path = resolve_adaptation(name_or_path)
+    return Adaptation.read(path), str(path)
+
+
+def adaptation_base_model(name_or_path) -> str | None:
+    """The model an adaptation was learned for: a shipped model's name, or the weights file it
+    recorded if that file still has the recorded sha256; None when neither is found.
+
+    Why: an adaptation only fits its own base model, and the default model can change between
+    releases (it did on 2026-12-04), so "the default" is not where an old adaptation belongs.
+    """
+    from .models import sha256_of, shipped_models
+    adaptation, _ = _read_adaptation(name_or_path)
+    for name, entry in shipped_models().items():
+        if entry.get("sha256") == adaptation.base_sha256:
+            return name
+    recorded = adaptation.info.get("base_model")
+    if recorded and Path(recorded).is_file() and sha256_of(recorded) == adaptation.base_sha256:
+        return str(recorded)
+    return None
+
+
 def load_adaptation(name_or_path, model: torch.nn.Module) -> Adaptation:
     """Load a saved adaptation (name or file) and check it belongs to ``model``."""
-    if isinstance(name_or_path, Adaptation):
-        adaptation, source = name_or_path, f"adaptation '{name_or_path.name}'"
-    else:
-        path = resolve_adaptation(name_or_path)
-        adaptation, source = Adaptation.read(path), str(path)
+    adaptation, source = _read_adaptation(name_or_path)
     sha = model_identity(model)
     if adaptation.base_sha256 != sha:
-        raise CoreDiffError(f"{source} was learned for another model (sha256 {adaptation.base_sha256[:12]}…), "
-                            f"not this one ({sha[:12]}…): use it with its own model, or run "
-                            "'corediff oneshot' for this model")
+        base = adaptation.info.get("model") or adaptation.info.get("base_model")
+        raise CoreDiffError(f"{source} was learned for another model ({f'{base}, ' if base else ''}sha256 "
+                            f"{adaptation.base_sha256[:12]}…), not this one ({sha[:12]}…): use it with its own "
+                            "model, or run 'corediff oneshot' for this model")
     T = model.config.steps
     if adaptation.steps != T:
         raise CoreDiffError(f"{source} has {adaptation.steps} step weights but the model samples T={T} steps")

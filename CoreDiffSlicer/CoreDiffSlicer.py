@@ -1028,7 +1028,7 @@ class CoreDiffSlicerLogic(ScriptedLoadableModuleLogic):
 
         ``model`` is the model list's item data ("" = library default, "model:<name>",
         "adaptation:<name>"); a user model file replaces the base model. An adaptation is tied to
-        the base model it was learned for, so it is passed together with that base model.
+        the base model it was learned for; without a model file the CLI loads that base model.
         """
         args = []
         hasFile = modelFile is not None and str(modelFile) not in ("", ".")

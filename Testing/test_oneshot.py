@@ -389,6 +389,36 @@ def test_denoise_refuses_an_adaptation_of_another_model(files, capsys, tmp_path)
     assert not dest.exists()
 
 
+def test_an_adaptation_without_a_model_brings_its_own_base_model(files, capsys, tmp_path):
+    """The default model changed once (2026-12-04): an adaptation of another model still works
+    without --model, and one whose base is unknown is refused naming that base."""
+    from CoreDiffLib.inference import Denoiser
+    from CoreDiffLib.models import shipped_models
+    from CoreDiffLib.oneshot import adaptation_base_model
+    other = load_model(files["other"])
+    a = Adaptation("o", other.weights_sha256, None, "paired", 0, 0, T, [0.0] * T,
+                   info={"model": str(files["other"]), "base_model": str(files["other"])})
+    path = a.save(tmp_path / "o.json")
+    assert adaptation_base_model(path) == str(files["other"])
+    den = Denoiser.load(adaptation=path, device="cpu")  # model: the default, so the adaptation's base
+    assert den.model.weights_sha256 == other.weights_sha256 and den.steps in (None, T)
+    dest = tmp_path / "den.nrrd"
+    rc, _, err = run_cli(capsys, "denoise", files["ldct"], dest, "--adaptation", path, "--device", "cpu",
+                         "--progress", "none")
+    assert rc == 0, err
+    assert dest.exists()
+    # a shipped base model is found by its sha256 alone
+    name, entry = next(iter(shipped_models().items()))
+    assert adaptation_base_model(Adaptation("s", entry["sha256"], None, "paired", 0, 0, T, [0.0] * T)) == name
+    # a base that is neither shipped nor on disk any more: the default is tried and refused, by name
+    lost = Adaptation("l", "0" * 64, None, "paired", 0, 0, T, [0.0] * T, info={"model": "my-old-model"})
+    assert adaptation_base_model(lost) is None
+    rc, _, err = run_cli(capsys, "denoise", files["ldct"], tmp_path / "x.nrrd", "--adaptation",
+                         lost.save(tmp_path / "l.json"), "--device", "cpu", "--progress", "none")
+    assert rc == 2 and "another model (my-old-model, sha256 000000000000" in one_error_line(err)
+    assert not (tmp_path / "x.nrrd").exists()
+
+
 def test_existing_adaptation_is_not_overwritten_without_flag(files, user_home, capsys):
     saved = Adaptation("keep", "sha", None, "paired", 0, 0, T, [0.0] * T).save()
     before = saved.read_text()
