@@ -204,6 +204,21 @@ class Denoiser:
         settings = _settings_for(dev, net.config.width, precision, channels_last, runtime)
         return cls(net, dev, steps, adaptation, settings, threads)
 
+    def provenance(self) -> dict[str, str]:
+        """What makes this Denoiser's outputs, for their headers: the number of steps depends on
+        the device with ``--steps auto``, so a file read later must say what ran."""
+        from . import __version__
+        path = getattr(self.model, "weights_path", None)
+        T = self.model.config.steps
+        meta = {"corediff_version": __version__,
+                "corediff_model": Path(path).stem if path else "in-memory network",
+                "corediff_model_sha256": str(getattr(self.model, "weights_sha256", "") or ""),
+                "corediff_steps": f"{self.steps or T} of {T}",
+                "corediff_device": self.device.type, "corediff_runtime": self.settings.label()}
+        if self.adaptation is not None:
+            meta["corediff_adaptation"] = str(getattr(self.adaptation, "name", ""))
+        return meta
+
     def denoise_batch(self, stack_unit: np.ndarray) -> np.ndarray:
         """(B, 3, H, W) context stacks in [0, 1] -> (B, H, W) denoised in [0, 1]."""
         with torch.inference_mode():
@@ -540,9 +555,10 @@ class StreamedOutput:
     the streamed voxels; other outputs (.mhd, .nhdr, DICOM) go through :func:`io.write_volume`.
     """
 
-    def __init__(self, path, shape, info: dict, dtype):
+    def __init__(self, path, shape, info: dict, dtype, metadata: dict[str, str] | None = None):
         self.path = Path(path).expanduser()
         self.shape, self.info, self.dtype = tuple(shape), info, np.dtype(dtype)
+        self.metadata = metadata
         fd, self._raw = tempfile.mkstemp(prefix=f".{self.path.name}.partial-", suffix=".raw",
                                          dir=self.path.parent)
         os.close(fd)
@@ -555,6 +571,8 @@ class StreamedOutput:
         one.SetSpacing(tuple(float(s) for s in self.info["spacing"]))
         one.SetOrigin(tuple(float(o) for o in self.info["origin"]))
         one.SetDirection(tuple(float(d) for d in self.info["direction"]))
+        from .io import set_provenance
+        set_provenance(one, self.metadata)
         ext = ".nii" if name.endswith((".nii", ".nii.gz")) else Path(name).suffix
         fd, tmp = tempfile.mkstemp(suffix=ext, dir=self.path.parent, prefix=".corediff-header-")
         os.close(fd)
@@ -596,7 +614,7 @@ class StreamedOutput:
                              self.info["direction"], str(self.dtype), dict(self.info.get("dicom_tags", {})),
                              self.info.get("source", ""))
                 self.close()
-                return write_volume(vol, self.path)
+                return write_volume(vol, self.path, metadata=self.metadata)
             header = self._header()
             gz = name.endswith((".nrrd", ".nii.gz"))
             with atomic_path(self.path) as tmp, open(tmp, "wb") as f:
@@ -657,8 +675,8 @@ def denoise_file(input_path, output_path, denoiser, batch_size: int | None = Non
             from .io import Volume
             vol = Volume(result, info["spacing"], info["origin"], info["direction"], info["pixel_type"],
                          dict(info.get("dicom_tags", {})), info.get("source", ""))
-            return write_volume(vol, output_path), tuple(data.shape), streamed
-        sink = StreamedOutput(output_path, data.shape, info, output_dtype(info["pixel_type"]))
+            return write_volume(vol, output_path, metadata=den.provenance()), tuple(data.shape), streamed
+        sink = StreamedOutput(output_path, data.shape, info, output_dtype(info["pixel_type"]), den.provenance())
         try:
             denoise_volume(data, batch_size=batch_size, progress=progress, cancel=cancel, denoiser=den,
                            out=sink.array, log=log)

@@ -135,12 +135,31 @@ def read_volume(path: str | os.PathLike) -> Volume:
 
 
 # ----------------------------------------------------------------------------- writing
-def _to_image(volume: Volume, array: np.ndarray) -> sitk.Image:
+def _to_image(volume: Volume, array: np.ndarray, metadata: dict[str, str] | None = None) -> sitk.Image:
     image = sitk.GetImageFromArray(array)
     image.SetSpacing(tuple(float(s) for s in volume.spacing))
     image.SetOrigin(tuple(float(o) for o in volume.origin))
     image.SetDirection(tuple(float(d) for d in volume.direction))
+    set_provenance(image, metadata)
     return image
+
+
+def provenance_summary(metadata: dict[str, str]) -> str:
+    """One line for the formats with a single free-text field (NIfTI descrip: 80 characters,
+    DICOM ImageComments): which model, how many steps, which adaptation."""
+    text = f"CoreDiff {metadata.get('corediff_model', '?')}, {metadata.get('corediff_steps', '?')} steps"
+    if metadata.get("corediff_adaptation"):
+        text += f", adaptation {metadata['corediff_adaptation']}"
+    return text
+
+
+def set_provenance(image: sitk.Image, metadata: dict[str, str] | None) -> None:
+    """Record what made an image in its header: NRRD and MetaImage keep every key (read back
+    with SimpleITK's GetMetaData), NIfTI the one-line summary in its descrip field."""
+    for key, value in (metadata or {}).items():
+        image.SetMetaData(key, str(value))
+    if metadata:
+        image.SetMetaData("ITK_FileNotes", provenance_summary(metadata)[:79])
 
 
 def _cast_like_input(volume: Volume) -> np.ndarray:
@@ -157,18 +176,23 @@ def _cast_like_input(volume: Volume) -> np.ndarray:
     return arr.astype(np.float32)
 
 
-def write_volume(volume: Volume, path: str | os.PathLike, series_description: str | None = None) -> Path:
-    """Write atomically to a file (by extension) or a new DICOM series folder."""
+def write_volume(volume: Volume, path: str | os.PathLike, series_description: str | None = None,
+                 metadata: dict[str, str] | None = None) -> Path:
+    """Write atomically to a file (by extension) or a new DICOM series folder.
+
+    ``metadata``: what made the volume (:meth:`inference.Denoiser.provenance`), kept in the
+    header (:func:`set_provenance`; DICOM: ImageComments)."""
     out = Path(path).expanduser()
     pixels = _cast_like_input(volume)
     if out.name.lower().endswith(DETACHED_SUFFIXES):
-        return _write_detached(_to_image(volume, pixels), out)
+        return _write_detached(_to_image(volume, pixels, metadata), out)
     if is_file_path(out):
         with atomic_path(out) as tmp:
-            sitk.WriteImage(_to_image(volume, pixels), str(tmp), True)
+            sitk.WriteImage(_to_image(volume, pixels, metadata), str(tmp), True)
         return out
     with partial_folder(out) as tmpdir:
-        _write_dicom_series(volume, pixels, tmpdir, series_description or "CoreDiff denoised")
+        _write_dicom_series(volume, pixels, tmpdir, series_description or "CoreDiff denoised",
+                            provenance_summary(metadata) if metadata else None)
         if out.exists():
             out.rmdir()  # check_output_path guaranteed it is empty
         os.replace(tmpdir, out)
@@ -192,8 +216,10 @@ def _write_detached(image: sitk.Image, out: Path) -> Path:
     return out
 
 
-def _write_dicom_series(volume: Volume, pixels: np.ndarray, folder: Path, description: str) -> None:
-    """One file per slice; patient/study tags kept, a new series UID, DERIVED image type."""
+def _write_dicom_series(volume: Volume, pixels: np.ndarray, folder: Path, description: str,
+                        comments: str | None = None) -> None:
+    """One file per slice; patient/study tags kept, a new series UID, DERIVED image type;
+    ``comments`` (what made it) go to ImageComments."""
     if pixels.dtype not in (np.int16, np.uint16):
         pixels = np.clip(np.rint(volume.array), -32768, 32767).astype(np.int16)
     image = _to_image(volume, pixels)
@@ -215,6 +241,8 @@ def _write_dicom_series(volume: Volume, pixels: np.ndarray, folder: Path, descri
         "0028|1052": "0", "0028|1053": "1", "0028|1054": "HU",
         "0020|0037": "\\".join(f"{d:.6f}" for d in (*volume.direction[0::3], *volume.direction[1::3])),
     })
+    if comments:
+        common["0020|4000"] = comments
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
     for k in range(image.GetDepth()):

@@ -71,6 +71,25 @@ def test_steps_default_to_auto_one_on_a_cpu_and_a_number_overrides_it(tmp_path, 
     assert np.abs(outputs["10"].astype(float) - outputs["1"]).max() > 0  # ten steps are another result
 
 
+@pytest.mark.parametrize("name", ["out.nrrd", "out.mha", "out.nii.gz", "out.nii", "out.mhd", "dicom_out"])
+def test_the_output_says_which_model_and_how_many_steps_made_it(tmp_path, ct_file, identity_model_path, name):
+    import SimpleITK as sitk
+    out = tmp_path / name
+    r = corediff("denoise", ct_file, out, "--model", identity_model_path, "--device", "cpu", "--progress", "none")
+    assert r.returncode == 0, r.stderr
+    summary = "CoreDiff identity, 1 of 10 steps"  # --steps auto on a CPU
+    image = sitk.ReadImage(str(sorted(out.iterdir())[0] if out.is_dir() else out))
+    if name.startswith("dicom"):
+        assert image.GetMetaData("0020|4000").strip() == summary  # ImageComments
+    elif name.startswith("out.nii"):
+        assert image.GetMetaData("descrip") == summary
+    else:
+        assert image.GetMetaData("corediff_model") == "identity"
+        assert image.GetMetaData("corediff_steps") == "1 of 10"
+        assert image.GetMetaData("corediff_model_sha256") == digest(identity_model_path)
+        assert image.GetMetaData("corediff_device") == "cpu"
+
+
 def test_single_slice_volume_denoises_with_replicated_neighbours(tmp_path, identity_model_path):
     src = write_image(tmp_path / "one.nrrd", synthetic_ct(1, 48))
     r = corediff("denoise", src, tmp_path / "out.mha", "--model", identity_model_path, "--progress", "none")
