@@ -641,7 +641,9 @@ class CoreDiffSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.statusLabel.text = "Cancelled. Nothing was changed."
         elif outputNode is not None:
             seconds = time.time() - job.startTime
-            self.ui.statusLabel.text = f"Done in {formatDuration(seconds)}: {outputNode.GetName()}"
+            model, steps = outputNode.GetAttribute("CoreDiff.model"), outputNode.GetAttribute("CoreDiff.steps")
+            ran = f" ({model}, {steps} steps)" if model and steps else ""
+            self.ui.statusLabel.text = f"Done in {formatDuration(seconds)}: {outputNode.GetName()}{ran}"
             self._lastPair = (job.inputNode, outputNode)
             if self._parameterNode and self._parameterNode.showComparison:
                 self.logic.showComparison(job.inputNode, outputNode)
@@ -1161,6 +1163,16 @@ class CoreDiffSlicerLogic(ScriptedLoadableModuleLogic):
             shutil.rmtree(runDir, ignore_errors=True)
             raise
 
+    @staticmethod
+    def readProvenance(path) -> dict:
+        """The ``corediff_*`` header keys the library writes (model, steps, device...), unprefixed."""
+        import SimpleITK as sitk
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(path))
+        reader.ReadImageInformation()
+        prefix = "corediff_"
+        return {k[len(prefix):]: reader.GetMetaData(k) for k in reader.GetMetaDataKeys() if k.startswith(prefix)}
+
     def _importResult(self, inputNode, outputNode, outputPath):
         array = self.readArray(outputPath).astype(np.float32, copy=False)
         expected = slicer.util.arrayFromVolume(inputNode).shape
@@ -1173,6 +1185,8 @@ class CoreDiffSlicerLogic(ScriptedLoadableModuleLogic):
         else:
             slicer.util.updateVolumeFromArray(outputNode, array)
             outputNode.SetIJKToRASMatrix(ijkToRAS)
+        for key, value in self.readProvenance(outputPath).items():  # saved with the scene
+            outputNode.SetAttribute(f"CoreDiff.{key}", value)
         if outputNode.GetDisplayNode() is None:
             outputNode.CreateDefaultDisplayNodes()
         window, level = self.displayWindowLevel(inputNode)
@@ -1403,6 +1417,8 @@ class CoreDiffSlicerTest(ScriptedLoadableModuleTest):
         outputNode = logic.denoise(inputNode, timeout=3600)  # --steps auto: all T on a GPU, one on a CPU
 
         self.assertNotEqual(outputNode.GetID(), inputNode.GetID())
+        self.assertTrue(outputNode.GetAttribute("CoreDiff.model"))  # what made it travels with the node
+        self.assertRegex(outputNode.GetAttribute("CoreDiff.steps") or "", r"^\d+ of \d+$")
         a, b = vtk.vtkMatrix4x4(), vtk.vtkMatrix4x4()
         inputNode.GetIJKToRASMatrix(a)
         outputNode.GetIJKToRASMatrix(b)

@@ -63,6 +63,11 @@ def test_denoise_button_creates_new_node_with_input_geometry(slicerEnv, tinyMode
     assert widget.ui.statusLabel.property("text").startswith("Done"), widget.ui.statusLabel.property("text")
     outputNode = slicer.mrmlScene.GetFirstNodeByName("LDCT denoised")
     assert outputNode is not None and outputNode is not inputNode
+    # what made it: on the node (saved with the scene) and in the status line
+    modelName = os.path.splitext(os.path.basename(tinyModel))[0]
+    assert outputNode.GetAttribute("CoreDiff.model") == modelName
+    assert outputNode.GetAttribute("CoreDiff.steps") == "2 of 2"  # the fixture model has T = 2
+    assert f"({modelName}, 2 of 2 steps)" in widget.ui.statusLabel.property("text")
     assert slicer.mrmlScene.GetNumberOfNodes() == nodesBefore + 2  # volume + display node
     np.testing.assert_array_equal(matrixOf(outputNode), matrixOf(inputNode))
     np.testing.assert_array_equal(slicer.util.arrayFromVolume(inputNode), before)
@@ -214,3 +219,12 @@ def test_one_shot_wizard_produces_an_adaptation(slicerEnv, tinyModel, tmp_path, 
     assert out is not None
     np.testing.assert_array_equal(matrixOf(out), matrixOf(ldct))
     assert os.listdir(tempDir) == []
+
+
+def test_the_shipped_in_slicer_self_test_passes_here(slicerEnv):  # noqa: F811
+    """CoreDiffSlicerTest is what `ctest -R py_CoreDiffSlicer` and Reload & Test run in Slicer;
+    here it runs on the harness with the shipped default model (denoise, geometry, provenance
+    attributes, noise down, cancel)."""
+    slicer, module, tempDir = slicerEnv
+    module.CoreDiffSlicerTest().runTest()
+    assert os.listdir(tempDir) == []  # nothing left behind by either run
