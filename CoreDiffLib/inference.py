@@ -640,6 +640,48 @@ class StreamedOutput:
             os.unlink(self._raw)
 
 
+@dataclass(frozen=True)
+class AxialLayout:
+    """How to view a volume stored sagittally or coronally as axial slices, and back.
+
+    ``perm`` transposes the (k, j, i) array to (head-foot, anterior-posterior, left-right)
+    order; ``flips`` are the axes (after it) that run against the usual axial layout.
+    """
+    perm: tuple[int, int, int]
+    flips: tuple[int, ...]
+    storage: str  # "sagittal" or "coronal"
+
+    def to_axial(self, array: np.ndarray) -> np.ndarray:
+        out = np.transpose(array, self.perm)
+        return np.flip(out, self.flips) if self.flips else out
+
+    def from_axial(self, array: np.ndarray) -> np.ndarray:
+        out = np.flip(array, self.flips) if self.flips else array
+        return np.transpose(out, np.argsort(self.perm))
+
+
+def axial_layout(direction, shape) -> AxialLayout | None:
+    """None when the volume's slices (array axis 0) are axial, else how to make them so.
+
+    CLEAR-Net denoises axial slices with their axial neighbours as context, as it was trained;
+    a reformatted series stored sagittally or coronally has its axial planes along another
+    array axis. Column c of the ITK direction matrix is index axis c in LPS space (index axis c
+    is array axis 2 - c); the axis closest to each of z, y, x is matched to it. A single image,
+    an oblique matrix without a clear match, or a slab too thin to give axial planes of at least
+    16 pixels is left as it is (None): it has no other way to be denoised.
+    """
+    d = np.asarray(direction, dtype=np.float64).reshape(3, 3)
+    index_axes = [int(np.argmax(np.abs(d[row]))) for row in (2, 1, 0)]  # for z, y, x
+    if sorted(index_axes) != [0, 1, 2] or index_axes[0] == 2 or shape[0] == 1:
+        return None
+    perm = tuple(2 - c for c in index_axes)
+    if min(shape[perm[1]], shape[perm[2]]) < 16:
+        return None
+    flips = tuple(k for k, (row, c) in enumerate(zip((2, 1, 0), index_axes))
+                  if d[row, c] < 0 and k > 0)  # in-plane only: the slice order does not matter
+    return AxialLayout(perm, flips, "sagittal" if index_axes[0] == 0 else "coronal")
+
+
 def denoise_file(input_path, output_path, denoiser, batch_size: int | None = None,
                  progress: ProgressFn | None = None, cancel: CancelFlag = None,
                  log: LogFn | None = None, temp_dir=None) -> tuple[Path, tuple[int, int, int], bool]:
@@ -662,16 +704,24 @@ def denoise_file(input_path, output_path, denoiser, batch_size: int | None = Non
         else:
             info, data, streamed = src.info, src, True
             _validate_streamed(data, str(input_path))
+        layout = axial_layout(info["direction"], data.shape)
+        if layout is not None:  # stored sagittally / coronally: denoise its axial planes, in memory
+            data, streamed = layout.to_axial(np.asarray(data[0:data.shape[0]])), False
         den = denoiser if isinstance(denoiser, Denoiser) else denoiser()
         if log:
             cfg = den.model.config
             log(f"{Path(input_path).name}: {data.shape[0]} slices of {data.shape[1]}x{data.shape[2]}, "
                 f"model width {cfg.width}, {den.steps or cfg.steps} of T={cfg.steps} steps, device {den.device}, "
                 f"{den.settings.label()}, {'streamed' if streamed else 'read whole'}")
+            if layout is not None:
+                log(f"its slices are not axial ({layout.storage} storage): denoising its axial planes, as the "
+                    "models were trained, and writing them back in its own order")
         name = Path(output_path).name.lower()
-        if not name.endswith((".mha", ".nrrd", ".nii", ".nii.gz")):  # DICOM, .mhd, .nhdr
+        if layout is not None or not name.endswith((".mha", ".nrrd", ".nii", ".nii.gz")):  # DICOM, .mhd, .nhdr
             result = denoise_volume(data, batch_size=batch_size, progress=progress, cancel=cancel,
                                     denoiser=den, log=log)
+            if layout is not None:
+                result = np.ascontiguousarray(layout.from_axial(result))
             from .io import Volume
             vol = Volume(result, info["spacing"], info["origin"], info["direction"], info["pixel_type"],
                          dict(info.get("dicom_tags", {})), info.get("source", ""))

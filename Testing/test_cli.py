@@ -90,6 +90,43 @@ def test_the_output_says_which_model_and_how_many_steps_made_it(tmp_path, ct_fil
         assert image.GetMetaData("corediff_device") == "cpu"
 
 
+def test_a_volume_stored_sagittally_or_coronally_is_denoised_in_its_axial_planes(tmp_path):
+    """A reformatted series keeps its axial planes along another array axis: they are what gets
+    denoised (as the models were trained), and the output keeps the input's own layout."""
+    from CoreDiffLib.models import save_weights
+    torch.manual_seed(0)
+    net = ClearNet(NetworkConfig(width=8))
+    torch.nn.init.normal_(net.out.weight, std=0.05)  # not the identity a new network starts as
+    model = tmp_path / "random.safetensors"
+    save_weights(net, model)
+    axial = synthetic_ct(20, 48)  # (z, y, x)
+    spacing_xyz = (0.7, 0.8, 2.5)
+    cases = {  # name: (array, direction, spacing, how the axial result maps onto it)
+        "axial": (axial, (1, 0, 0, 0, 1, 0, 0, 0, 1), spacing_xyz, lambda a: a),
+        "sagittal": (axial.transpose(2, 1, 0), (0, 0, 1, 0, 1, 0, 1, 0, 0), (2.5, 0.8, 0.7),
+                     lambda a: a.transpose(2, 1, 0)),
+        "coronal": (axial.transpose(1, 0, 2), (1, 0, 0, 0, 0, 1, 0, 1, 0), (0.7, 2.5, 0.8),
+                    lambda a: a.transpose(1, 0, 2)),
+        "sagittal, y reversed": (axial.transpose(2, 1, 0)[:, ::-1], (0, 0, 1, 0, -1, 0, 1, 0, 0), (2.5, 0.8, 0.7),
+                                 lambda a: a.transpose(2, 1, 0)[:, ::-1]),
+    }
+    results = {}
+    for name, (array, direction, spacing, _) in cases.items():
+        src = write_image(tmp_path / f"{name}.nrrd", array, spacing=spacing, direction=direction)
+        before = digest(src)
+        r = corediff("denoise", src, tmp_path / f"{name}_out.nrrd", "--model", model, "--device", "cpu",
+                     "--progress", "lines")
+        assert r.returncode == 0, r.stderr
+        assert ("its slices are not axial" in r.stdout) == (name != "axial"), r.stdout
+        assert digest(src) == before
+        out = read_volume(tmp_path / f"{name}_out.nrrd")
+        assert out.shape == array.shape and out.direction == pytest.approx(direction)
+        results[name] = out.array.astype(np.float64)
+    assert np.abs(results["axial"] - axial).max() > 1  # the model does change the image
+    for name, (_, _, _, as_stored) in cases.items():
+        np.testing.assert_allclose(results[name], as_stored(results["axial"]), atol=1.0, err_msg=name)
+
+
 def test_single_slice_volume_denoises_with_replicated_neighbours(tmp_path, identity_model_path):
     src = write_image(tmp_path / "one.nrrd", synthetic_ct(1, 48))
     r = corediff("denoise", src, tmp_path / "out.mha", "--model", identity_model_path, "--progress", "none")
