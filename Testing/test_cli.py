@@ -65,6 +65,7 @@ def test_steps_default_to_auto_one_on_a_cpu_and_a_number_overrides_it(tmp_path, 
         assert r.returncode == 0, r.stderr
         assert f"{1 if steps in (None, 'auto', '1') else 10} of T=10 steps" in r.stdout
         assert ("one sampling step on the CPU (--steps auto)" in r.stdout) == (steps in (None, "auto"))
+        assert "slice spacing 2.5 mm: the models were trained on 1 mm slices" in r.stdout
         outputs[steps] = read_volume(out).array
     np.testing.assert_array_equal(outputs[None], outputs["1"])
     np.testing.assert_array_equal(outputs["auto"], outputs["1"])
@@ -118,6 +119,7 @@ def test_a_volume_stored_sagittally_or_coronally_is_denoised_in_its_axial_planes
                      "--progress", "lines")
         assert r.returncode == 0, r.stderr
         assert ("its slices are not axial" in r.stdout) == (name != "axial"), r.stdout
+        assert "slice spacing 2.5 mm" in r.stdout  # the head-foot axis's, whatever the storage
         assert digest(src) == before
         out = read_volume(tmp_path / f"{name}_out.nrrd")
         assert out.shape == array.shape and out.direction == pytest.approx(direction)
