@@ -627,6 +627,7 @@ class CoreDiffSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _onInfo(self, text) -> None:
         self.ui.statusLabel.text = text
+        logging.info(f"CoreDiff: {text}")  # the status line moves on; notes on the input stay in the log
 
     def _onDenoiseProgress(self, done, total) -> None:
         bar = self.ui.progressBar
