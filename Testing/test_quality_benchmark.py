@@ -241,8 +241,8 @@ def test_readme_manifest_and_the_measured_table_agree_on_every_shipped_models_sc
     for pct in ("25", "10", "5"):
         rows = {r["method"]: r for r in json.loads(
             (qb.REPO / "docs" / "benchmarks" / "shipped" / f"quality_{pct}.json").read_text())}
-        for name, label in ((f"corediff-{pct}", f"CoreDiff corediff-{pct} (default) T=10"),
-                            (f"corediff-{pct}-w32", f"CoreDiff corediff-{pct}-w32 T=10")):
+        for name, label in ((f"corediff-{pct}", f"CoreDiff corediff-{pct} (width 16) T=10"),
+                            (f"corediff-{pct}-w32", f"CoreDiff corediff-{pct}-w32 (default) T=10")):
             measured, carried = rows[label], manifest[name]["validation"]
             assert round(measured["psnr"], 2) == pytest.approx(carried["psnr_t10"], abs=1e-9), name
             assert round(measured["ssim"], 4) == pytest.approx(round(carried["ssim_t10"], 4), abs=1e-9), name
