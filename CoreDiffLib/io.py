@@ -191,7 +191,9 @@ def write_volume(volume: Volume, path: str | os.PathLike, series_description: st
             sitk.WriteImage(_to_image(volume, pixels, metadata), str(tmp), True)
         return out
     with partial_folder(out) as tmpdir:
-        _write_dicom_series(volume, pixels, tmpdir, series_description or "CoreDiff denoised",
+        model = (metadata or {}).get("corediff_model")  # in PACS lists, which model made the series
+        _write_dicom_series(volume, pixels, tmpdir,
+                            series_description or ("CoreDiff denoised" + (f" ({model})" if model else "")),
                             provenance_summary(metadata) if metadata else None)
         if out.exists():
             out.rmdir()  # check_output_path guaranteed it is empty

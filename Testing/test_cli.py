@@ -82,6 +82,7 @@ def test_the_output_says_which_model_and_how_many_steps_made_it(tmp_path, ct_fil
     image = sitk.ReadImage(str(sorted(out.iterdir())[0] if out.is_dir() else out))
     if name.startswith("dicom"):
         assert image.GetMetaData("0020|4000").strip() == summary  # ImageComments
+        assert image.GetMetaData("0008|103e").strip().endswith("CoreDiff denoised (identity)")  # SeriesDescription
     elif name.startswith("out.nii"):
         assert image.GetMetaData("descrip") == summary
     else:
