@@ -233,6 +233,8 @@ def adaptation_base_model(name_or_path) -> str | None:
     releases (it did on 2026-12-04), so "the default" is not where an old adaptation belongs.
     """
     from .models import sha256_of, shipped_models
+    if not isinstance(name_or_path, (str, os.PathLike, Adaptation)):
+        return None  # an in-memory stand-in with its own combine(): nothing recorded to look up
     adaptation, _ = _read_adaptation(name_or_path)
     for name, entry in shipped_models().items():
         if entry.get("sha256") == adaptation.base_sha256:
