@@ -59,6 +59,11 @@ def test_paired_comparison_sees_a_consistent_small_gain_that_slice_spread_hides(
     assert stats["coin"]["ci"][0] < 0 < stats["coin"]["ci"][1]
     assert len(stats["better"]["per_case"]) == 3 and all(0.15 < x < 0.25 for x in stats["better"]["per_case"])
     assert len(lines) == 4 and lines[2].startswith("| better | +0.2")
+    # the same for SSIM: differences of 1e-4 need five decimals and keep the metric's name
+    lines, stats = qb.paired_lines({"ref": [0.99] * 3, "up": [0.99012, 0.99011, 0.99013]}, "ref", [3],
+                                   metric="SSIM", unit="", digits=5)
+    assert lines[0].startswith("| Method | ΔSSIM vs ref |") and lines[2].startswith("| up | +0.00012 |")
+    assert stats["up"]["delta_ssim"] == pytest.approx(0.00012) and stats["up"]["better"] == 3
 
 
 def test_paired_difference_refuses_unpaired_input():

@@ -181,27 +181,29 @@ def ceiling_oracles(ldct: np.ndarray, ndct: np.ndarray, truth: np.ndarray) -> di
             f"Oracle: noise-free + {k:.3f}·(LDCT − noise-free)": truth + k * e_ld}
 
 
-def paired_lines(psnr_per_slice: dict[str, list[float]], reference: str,
-                 case_slices: list[int]) -> tuple[list[str], dict[str, dict]]:
-    """Markdown rows comparing every method with ``reference`` slice by slice (PSNR vs NDCT).
+def paired_lines(per_slice: dict[str, list[float]], reference: str, case_slices: list[int],
+                 metric: str = "PSNR", unit: str = " (dB)", digits: int = 2) -> tuple[list[str], dict[str, dict]]:
+    """Markdown rows comparing every method with ``reference`` slice by slice (one metric vs NDCT).
 
-    Mean differences of a few tenths of a dB are what separates the learned methods here;
-    the paired interval and the per-case means say whether such a gap is consistent or chance.
+    Mean differences of a few tenths of a dB (or a few 1e-4 of SSIM) are what separates the
+    learned methods here; the paired interval and the per-case means say whether such a gap is
+    consistent or chance.
     """
-    ref = psnr_per_slice[reference]
+    ref = per_slice[reference]
     bounds = np.cumsum([0] + list(case_slices))
-    lines = [f"| Method | ΔPSNR vs {reference} (dB) | 95 % interval | slices better than the reference "
-             "| Δ per case (dB) |", "|---|---|---|---|---|"]
+    f = f"{{:+.{digits}f}}"
+    lines = [f"| Method | Δ{metric} vs {reference}{unit} | 95 % interval | slices better than the reference "
+             f"| Δ per case{unit} |", "|---|---|---|---|---|"]
     stats = {}
-    for label, scores in psnr_per_slice.items():
+    for label, scores in per_slice.items():
         if label == reference:
             continue
         d = paired_difference(scores, ref)
         per_case = [float(np.mean(np.subtract(scores, ref)[lo:hi])) for lo, hi in zip(bounds[:-1], bounds[1:])]
-        stats[label] = {"delta_psnr": d.mean, "ci": [d.low, d.high], "better": d.a_better, "n": d.n,
-                        "per_case": per_case}
-        lines.append(f"| {label} | {d.mean:+.2f} | [{d.low:+.2f}, {d.high:+.2f}] | {d.a_better}/{d.n} "
-                     f"| {', '.join(f'{x:+.2f}' for x in per_case)} |")
+        stats[label] = {f"delta_{metric.lower()}": d.mean, "ci": [d.low, d.high], "better": d.a_better,
+                        "n": d.n, "per_case": per_case}
+        lines.append(f"| {label} | {f.format(d.mean)} | [{f.format(d.low)}, {f.format(d.high)}] | {d.a_better}/{d.n} "
+                     f"| {', '.join(f.format(x) for x in per_case)} |")
     return lines, stats
 
 
@@ -356,10 +358,12 @@ def main() -> int:
     oracles = ceiling_oracles(stacked["LDCT"], ndct, truth)
     rows = []
     psnr_per_slice: dict[str, list[float]] = {}
+    ssim_per_slice: dict[str, list[float]] = {}
     for label, out_vol in list(stacked.items()) + list(oracles.items()):
         per_slice = volume_metrics(out_vol, ndct)
         if label in stacked:
             psnr_per_slice[label] = [s.psnr for s in per_slice]
+            ssim_per_slice[label] = [s.ssim for s in per_slice]
         m = mean_metrics(per_slice)
         t = None if out_vol is truth else mean_metrics(volume_metrics(out_vol, truth))
         rows.append({"method": label, "psnr": m.psnr, "ssim": m.ssim, "rmse_hu": m.rmse_hu,
@@ -403,8 +407,12 @@ def main() -> int:
     lines += ["", f"Paired with {reference} on the same {len(ndct)} slices (PSNR vs NDCT; Student-t interval "
               "over slices, optimistic since slices of one phantom are correlated; per case: "
               f"{', '.join(c[0] for c in cases)}):", ""] + paired
+    paired_ssim, ssim_stats = paired_lines(ssim_per_slice, reference, [a.slices] * len(cases),
+                                           metric="SSIM", unit="", digits=5)
+    lines += ["", "The same for SSIM vs NDCT:", ""] + paired_ssim
     for label, st in paired_stats.items():
         by_label[label]["paired_vs_reference"] = dict(st, reference=reference)
+        by_label[label]["paired_ssim_vs_reference"] = dict(ssim_stats[label], reference=reference)
     if a.margin:
         lines += end_slice_lines(results, cases, reference, by_label)
     table = "\n".join(lines)
