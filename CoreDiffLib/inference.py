@@ -724,7 +724,7 @@ def denoise_file(input_path, output_path, denoiser, batch_size: int | None = Non
             if slice_mm >= WIDE_SLICE_MM:
                 log(f"slice spacing {slice_mm:g} mm: the models were trained on 1 mm slices, and their "
                     "neighbour context helps less the further apart the slices are (held-out phantoms, 25 %: "
-                    "+0.82 dB at 1 mm, +0.32 at 3 mm, +0.01 at 5 mm; docs/benchmarks/spacing)")
+                    "+0.82 dB at 1 mm, +0.32 at 3 mm, +0.02 at 5 mm; docs/benchmarks/spacing)")
         name = Path(output_path).name.lower()
         if layout is not None or not name.endswith((".mha", ".nrrd", ".nii", ".nii.gz")):  # DICOM, .mhd, .nhdr
             result = denoise_volume(data, batch_size=batch_size, progress=progress, cancel=cancel,

@@ -88,6 +88,9 @@ def test_a_cached_set_of_another_slice_count_is_refused_and_kept(tmp_path):
     with pytest.raises(SystemExit, match="4-slice volumes, not 6"):
         qb.held_out(0.25, tmp_path, kinds=("abdomen",), slices=6)
     assert (tmp_path / "test9000_abdomen_ndct.nrrd").read_bytes() == before
+    with pytest.raises(SystemExit, match="1 mm slices, not 3 mm"):  # each spacing is a set of its own
+        qb.held_out(0.25, tmp_path, kinds=("abdomen",), slices=4, slice_mm=3.0)
+    assert (tmp_path / "test9000_abdomen_ndct.nrrd").read_bytes() == before
 
 
 def test_each_volume_size_has_its_own_held_out_folder():

@@ -68,8 +68,12 @@ def default_cache(split: str, volume_slices: int) -> Path:
 
 
 def held_out(dose: float, cache: Path, kinds=("abdomen", "thorax", "head"), slices: int = 4,
-             size: int = 512, split: str = "test") -> list[tuple[str, np.ndarray, np.ndarray, np.ndarray]]:
-    """(name, ndct, ldct, noise-free) for each held-out case, simulated once and cached as NRRD."""
+             size: int = 512, split: str = "test",
+             slice_mm: float = 1.0) -> list[tuple[str, np.ndarray, np.ndarray, np.ndarray]]:
+    """(name, ndct, ldct, noise-free) for each held-out case, simulated once and cached as NRRD.
+
+    ``slice_mm``: the slice spacing (the shipped models were trained on 1 mm); each spacing is
+    a held-out set of its own, in its own ``cache``."""
     from CoreDiffLib.simulation import noise_free_reconstruction, simulate_pair
     from CoreDiffLib.simulation.dataset import dose_tag
     cache.mkdir(parents=True, exist_ok=True)
@@ -88,18 +92,22 @@ def held_out(dose: float, cache: Path, kinds=("abdomen", "thorax", "head"), slic
                              f"simulated together ({', '.join(f'{d:g}' for d in HELD_OUT_DOSES)}); pick "
                              "one of those, or move the folder away to simulate a new set")
         if not nd_path.exists():
-            nd, lds, spacing = simulate_pair(kind, slices, size, list(doses), seed=seed)
+            nd, lds, spacing = simulate_pair(kind, slices, size, list(doses), seed=seed, slice_mm=slice_mm)
             write_volume(Volume(nd, spacing, pixel_type="int16"), nd_path)
             for d, path in ld_paths.items():
                 write_volume(Volume(lds[d], spacing, pixel_type="int16"), path)
-            record_simulated_case(cache, name, kind=kind, seed=seed, slices=slices, size=size, doses=doses)
+            record_simulated_case(cache, name, kind=kind, seed=seed, slices=slices, size=size, doses=doses,
+                                  slice_mm=slice_mm)
         nd = read_volume(nd_path)
+        if abs(nd.spacing[2] - slice_mm) > 1e-6:
+            raise SystemExit(f"{cache} holds {nd.spacing[2]:g} mm slices, not {slice_mm:g} mm: give another "
+                             "--test-dir (each slice spacing is a held-out set of its own)")
         if nd.array.shape[0] != slices:
             raise SystemExit(f"{cache} holds {nd.array.shape[0]}-slice volumes, not {slices}: give another "
                              "--test-dir (each slice count is a held-out set of its own)")
         truth_path = cache / f"{name}_noisefree.nrrd"  # phantom only: independent of the noise draw
         if not truth_path.exists():
-            truth = noise_free_reconstruction(kind, slices, size, seed=seed)
+            truth = noise_free_reconstruction(kind, slices, size, seed=seed, slice_mm=slice_mm)
             write_volume(Volume(truth, nd.spacing, pixel_type="float32"), truth_path)
         cases.append((name, nd.array, read_volume(ld_paths[dose]).array, read_volume(truth_path).array))
     return cases

@@ -6,8 +6,9 @@
 Clinical series are often reconstructed at 3 or 5 mm. CLEAR-Net reads the two adjacent slices as
 context, and every shipped model saw only 1 mm neighbours, so this asks what a wider neighbour
 distance costs, and whether the model would do better without its neighbours there. The held-out
-test phantoms (seeds 9000-9002: abdomen, thorax, head; never used in training) are simulated
-with the same geometry and dose model at each spacing (the phantoms are continuous in z, so a
+test phantoms (seeds 9000-9002: abdomen, thorax, head; never used in training; at 1 mm the
+quality tables' own held-out set) are simulated with the same geometry and dose model, and the
+same nested 25 / 10 / 5 % draw, at each spacing (the phantoms are continuous in z, so a
 wider spacing samples the same anatomy further apart; the slice itself stays a thin slice, so
 this isolates the neighbour distance, not a thicker slice's lower noise). Rows, scored on the
 4 inner slices of 6-slice volumes against the NDCT, on the paper's window:
@@ -27,25 +28,22 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from CoreDiffLib.inference import Denoiser, denoise_volume  # noqa: E402
 from CoreDiffLib.metrics import mean_metrics, paired_difference, volume_metrics  # noqa: E402
+from quality_benchmark import default_cache, held_out  # noqa: E402
 
 KINDS = ("abdomen", "thorax", "head")
 
 
-def simulated(kind: str, seed: int, spacing_mm: float, dose: float, slices: int, cache: Path):
-    """(ndct, ldct) for one held-out phantom at one spacing, simulated once and cached."""
-    from CoreDiffLib.simulation import simulate_pair
-    path = cache / f"test{seed}_{kind}_{spacing_mm:g}mm_dose{dose:g}_{slices}slices.npz"
-    if not path.exists():
-        cache.mkdir(parents=True, exist_ok=True)
-        nd, ld, _ = simulate_pair(kind, slices, 512, dose, seed=seed, slice_mm=spacing_mm)
-        tmp = path.with_name(path.stem + ".partial.npz")
-        np.savez_compressed(tmp, ndct=nd.astype(np.float32), ldct=ld.astype(np.float32))
-        tmp.replace(path)
-    data = np.load(path)
-    return data["ndct"], data["ldct"]
+def held_out_at(spacing_mm: float, dose: float, slices: int):
+    """The quality benchmark's held-out test set at one slice spacing: ``data/test-6slices``
+    itself at 1 mm (the tables' own data), a set of its own (``...-3mm`` etc.) otherwise."""
+    cache = default_cache("test", slices)
+    if spacing_mm != 1.0:
+        cache = cache.with_name(f"{cache.name}-{spacing_mm:g}mm")
+    return held_out(dose, cache, KINDS, slices, split="test", slice_mm=spacing_mm)
 
 
 def without_context(den: Denoiser, ldct: np.ndarray) -> np.ndarray:
@@ -59,7 +57,6 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default=None, help="default: the -w32 model of the dose")
     ap.add_argument("--spacings", type=float, nargs="+", default=[1.0, 3.0, 5.0])
     ap.add_argument("--slices", type=int, default=6)
-    ap.add_argument("--cache", default=str(REPO / "data" / "spacing"))
     a = ap.parse_args(argv)
     model = a.model or f"corediff-{round(a.dose * 100)}-w32"
     den1 = Denoiser.load(model, "cpu", steps=1)
@@ -75,8 +72,7 @@ def main(argv=None) -> int:
     print("|---|---|---|---|---|---|---|")
     for mm in a.spacings:
         rows: dict[str, list] = {k: [] for k in ("ldct", "ctx1", "own1", "ctx10", "own10")}
-        for i, kind in enumerate(KINDS):
-            nd, ld = simulated(kind, 9000 + i, mm, a.dose, a.slices, Path(a.cache))
+        for _name, nd, ld, _truth in held_out_at(mm, a.dose, a.slices):
             outs = {"ldct": ld, "ctx1": denoise_volume(ld, denoiser=den1), "own1": without_context(den1, ld),
                     "ctx10": denoise_volume(ld, denoiser=den10), "own10": without_context(den10, ld)}
             for key, out in outs.items():
