@@ -142,18 +142,18 @@ def test_a_freshly_simulated_held_out_set_records_the_software_that_made_it(tmp_
     """Re-simulated on another machine a held-out set differs slightly; its manifest says by what."""
     import CoreDiffLib.simulation as sim
 
-    def fake_pair(kind, slices, size, doses, seed):
+    def fake_pair(kind, slices, size, doses, seed, slice_mm):
         nd = np.full((slices, size, size), -1000.0, np.float32)
-        return nd, {d: nd + 10.0 for d in doses}, (1.0, 1.0, 1.0)
+        return nd, {d: nd + 10.0 for d in doses}, (1.0, 1.0, slice_mm)
 
     monkeypatch.setattr(sim, "simulate_pair", fake_pair)
     monkeypatch.setattr(sim, "noise_free_reconstruction",
-                        lambda kind, slices, size, seed: np.full((slices, size, size), -1000.0, np.float32))
+                        lambda kind, slices, size, seed, slice_mm: np.full((slices, size, size), -1000.0, np.float32))
     cases = qb.held_out(0.25, tmp_path, kinds=("abdomen", "head"), slices=4, size=16)
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert set(manifest["cases"]) == {"test9000_abdomen", "test9001_head"}
     case = manifest["cases"]["test9001_head"]
-    assert case["seed"] == 9001 and case["doses"] == [0.25, 0.1, 0.05]
+    assert case["seed"] == 9001 and case["doses"] == [0.25, 0.1, 0.05] and case["slice_mm"] == 1.0
     assert case["software"]["numpy"] == np.__version__
     line = qb.held_out_provenance(tmp_path, [c[0] for c in cases])
     assert f"numpy {np.__version__}" in line and "torch" in line
