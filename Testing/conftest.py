@@ -53,6 +53,18 @@ def tiny_model_path(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def changing_model_path(tmp_path_factory) -> Path:
+    """A width-8 model whose last conv is random: a new network starts as the identity, this one
+    changes the image, so tests can tell which planes or how many steps it ran."""
+    torch.manual_seed(0)
+    net = ClearNet(NetworkConfig(width=8))
+    torch.nn.init.normal_(net.out.weight, std=0.05)
+    path = tmp_path_factory.mktemp("models") / "changing.safetensors"
+    save_weights(net, path)
+    return path
+
+
+@pytest.fixture(scope="session")
 def identity_model_path(tmp_path_factory) -> Path:
     """A width-8 model whose last conv is zero: x0_hat = x_t, so denoising returns the input."""
     torch.manual_seed(0)

@@ -50,13 +50,8 @@ def test_denoise_keeps_geometry_and_leaves_the_input_untouched(tmp_path, ct_file
     assert files_in(tmp_path) == {"ldct.nrrd", "den.nrrd"}
 
 
-def test_steps_default_to_auto_one_on_a_cpu_and_a_number_overrides_it(tmp_path, ct_file):
-    from CoreDiffLib.models import save_weights
-    torch.manual_seed(0)
-    net = ClearNet(NetworkConfig(width=8))
-    torch.nn.init.normal_(net.out.weight, std=0.05)  # not the identity a new network starts as
-    model = tmp_path / "random.safetensors"
-    save_weights(net, model)
+def test_steps_default_to_auto_one_on_a_cpu_and_a_number_overrides_it(tmp_path, ct_file, changing_model_path):
+    model = changing_model_path
     outputs = {}
     for steps in (None, "auto", "1", "10"):
         out = tmp_path / f"den_{steps}.nrrd"
@@ -92,15 +87,10 @@ def test_the_output_says_which_model_and_how_many_steps_made_it(tmp_path, ct_fil
         assert image.GetMetaData("corediff_device") == "cpu"
 
 
-def test_a_volume_stored_sagittally_or_coronally_is_denoised_in_its_axial_planes(tmp_path):
+def test_a_volume_stored_sagittally_or_coronally_is_denoised_in_its_axial_planes(tmp_path, changing_model_path):
     """A reformatted series keeps its axial planes along another array axis: they are what gets
     denoised (as the models were trained), and the output keeps the input's own layout."""
-    from CoreDiffLib.models import save_weights
-    torch.manual_seed(0)
-    net = ClearNet(NetworkConfig(width=8))
-    torch.nn.init.normal_(net.out.weight, std=0.05)  # not the identity a new network starts as
-    model = tmp_path / "random.safetensors"
-    save_weights(net, model)
+    model = changing_model_path
     axial = synthetic_ct(20, 48)  # (z, y, x)
     spacing_xyz = (0.7, 0.8, 2.5)
     cases = {  # name: (array, direction, spacing, how the axial result maps onto it)
