@@ -230,14 +230,17 @@ class Denoiser:
             return out[:, 0].float().cpu().numpy()
 
 
-def _validate_streamed(volume, name: str = "input volume", chunk: int = 32) -> None:
-    """:func:`validate_ct_array` without a full-volume float copy: min/max/finite by slabs."""
+def _validate_streamed(volume, name: str = "input volume", chunk: int = 32,
+                       slices: tuple[int, int] | None = None) -> None:
+    """:func:`validate_ct_array` without a full-volume float copy: min/max/finite by slabs
+    (of ``slices`` [start, stop) only, when given: a preview need not read the whole file)."""
     if volume.ndim != 3 or min(volume.shape) < 1 or volume.shape[1] < 16 or volume.shape[2] < 16:
         validate_ct_array(np.zeros(volume.shape, np.float32) if volume.ndim != 3 else
                           np.zeros((1,) + tuple(volume.shape[1:]), np.float32), name)
+    start, stop = slices or (0, volume.shape[0])
     lo, hi, bad = np.inf, -np.inf, 0
-    for k in range(0, volume.shape[0], chunk):
-        slab = np.asarray(volume[k:k + chunk])
+    for k in range(start, stop, chunk):
+        slab = np.asarray(volume[k:min(k + chunk, stop)])
         if np.issubdtype(slab.dtype, np.floating):
             finite = np.isfinite(slab)
             if not finite.all():
@@ -251,6 +254,20 @@ def _validate_streamed(volume, name: str = "input volume", chunk: int = 32) -> N
     validate_ct_array(probe, name)
 
 
+def check_slice_range(slices: tuple[int | None, int | None] | None, n: int) -> tuple[int, int]:
+    """[start, stop) of the slices to denoise in a volume of n, Python style (None = that end).
+
+    Refuses an empty or out-of-range request with the volume's actual range, before any work.
+    """
+    start, stop = slices if slices is not None else (None, None)
+    start = 0 if start is None else start
+    stop = n if stop is None else stop
+    if not 0 <= start < stop <= n:
+        raise CoreDiffError(f"slices {start}:{stop} are not within this volume's 0:{n} "
+                            f"(give K for one slice, 0 to {n - 1}, or A:B for slices A to B-1)")
+    return start, stop
+
+
 def _is_oom(exc: BaseException) -> bool:
     oom = getattr(torch.cuda, "OutOfMemoryError", None)
     return (oom is not None and isinstance(exc, oom)) or (
@@ -262,11 +279,14 @@ def denoise_volume(volume_hu, model: str | ClearNet | None = "default",
                    adaptation=None, progress: ProgressFn | None = None,
                    cancel: CancelFlag = None, denoiser: Denoiser | None = None,
                    out: np.ndarray | None = None, log: LogFn | None = None,
-                   precision: str | None = "auto", channels_last: bool | None = None) -> np.ndarray:
+                   precision: str | None = "auto", channels_last: bool | None = None,
+                   slices: tuple[int | None, int | None] | None = None) -> np.ndarray:
     """Denoise a (slices, rows, cols) CT volume in HU; returns a float32 HU array.
 
     The input is never modified; it may be a numpy array, a memmap or a :class:`VolumeSource`
-    (anything indexable by slice ranges with ``shape``/``ndim``). ``out`` (same shape, any
+    (anything indexable by slice ranges with ``shape``/``ndim``). ``slices`` (start, stop)
+    denoises only those slices, with their true neighbours from the volume as context, so the
+    result equals the same slices of a whole-volume run. ``out`` (the result's shape, any
     float or integer dtype) receives the result slab by slab and is returned; otherwise a new
     array is allocated. Voxels at or below -1500 HU (outside-FOV padding such as -2000 or
     -3024) are fed to the network as air and restored unchanged in the output.
@@ -278,16 +298,18 @@ def denoise_volume(volume_hu, model: str | ClearNet | None = "default",
         volume_hu = np.asarray(volume_hu)
     if volume_hu.ndim == 2:
         volume_hu = volume_hu[None]
-    _validate_streamed(volume_hu)
+    first, last = check_slice_range(slices, volume_hu.shape[0])
+    _validate_streamed(volume_hu, slices=(max(first - 1, 0), min(last + 1, volume_hu.shape[0])))
     den = denoiser or Denoiser.load(model, device, steps, adaptation, precision, channels_last)
-    n, h, w = volume_hu.shape
+    _, h, w = volume_hu.shape
+    n = last - first
     bs = batch_size or default_batch_size(den.device, h, w, den.model.config.width)
     if out is None:
         out = np.empty((n, h, w), dtype=np.float32)
     elif tuple(out.shape) != (n, h, w):
         raise ValueError(f"out has shape {out.shape}, expected {(n, h, w)}")
     integer_out = np.issubdtype(out.dtype, np.integer)
-    done = 0
+    done = 0  # slices of the result written so far; volume slice first + done is next
     if progress:
         progress(0, n)
     while done < n:
@@ -295,7 +317,7 @@ def denoise_volume(volume_hu, model: str | ClearNet | None = "default",
             raise Cancelled("cancelled by the user; no output was produced")
         stop = min(done + bs, n)
         try:
-            unit = den.denoise_batch(context_stack(volume_hu, done, stop))
+            unit = den.denoise_batch(context_stack(volume_hu, first + done, first + stop))
         except Exception as exc:
             if not _is_oom(exc):
                 raise
@@ -309,7 +331,7 @@ def denoise_volume(volume_hu, model: str | ClearNet | None = "default",
                 log(f"out of GPU memory: continuing with batch size {bs}")
             continue
         hu = unit_to_hu(unit)
-        src = np.asarray(volume_hu[done:stop])
+        src = np.asarray(volume_hu[first + done:first + stop])
         padding = src <= PADDING_THRESHOLD_HU
         if padding.any():
             hu[padding] = src[padding]
@@ -686,16 +708,32 @@ def axial_layout(direction, shape) -> AxialLayout | None:
     return AxialLayout(perm, flips, "sagittal" if index_axes[0] == 0 else "coronal")
 
 
+def sub_volume_origin(info: dict, index_axis: int, start: int) -> tuple[float, float, float]:
+    """Physical origin of the sub-volume that starts at index ``start`` along ITK ``index_axis``.
+
+    Keeps every voxel of a slice range where it was in the scanner's frame (LPS, mm), so a
+    preview or a slab lines up with its source in any viewer.
+    """
+    d = np.asarray(info["direction"], dtype=np.float64).reshape(3, 3)
+    shift = start * float(info["spacing"][index_axis]) * d[:, index_axis]
+    return tuple(float(o) for o in np.asarray(info["origin"], dtype=np.float64) + shift)
+
+
 def denoise_file(input_path, output_path, denoiser, batch_size: int | None = None,
                  progress: ProgressFn | None = None, cancel: CancelFlag = None,
-                 log: LogFn | None = None, temp_dir=None) -> tuple[Path, tuple[int, int, int], bool]:
+                 log: LogFn | None = None, temp_dir=None,
+                 slices: tuple[int | None, int | None] | None = None) -> tuple[Path, tuple[int, int, int], bool]:
     """Denoise a volume file into ``output_path`` with memory bounded by the batch size.
 
     ``denoiser`` is a :class:`Denoiser` or a no-argument callable returning one (called once
     the input has been opened and validated, so input errors come first).
-    Returns (output path, shape, streamed). ``streamed`` is False when the input had to be
-    read whole (DICOM folders and other non-streamable inputs); the output is still written
-    from a temporary memmap when its format allows. Nothing is left behind on error/cancel.
+    ``slices`` (start, stop), in axial slices as CoreDiff denoises them, writes only those
+    (with their true neighbours as context) as a volume placed where they lie in the input:
+    a one-slice preview, or the slab a study needs from a long series.
+    Returns (output path, shape of what was denoised, streamed). ``streamed`` is False when the
+    input had to be read whole (DICOM folders and other non-streamable inputs); the output is
+    still written from a temporary memmap when its format allows. Nothing is left behind on
+    error/cancel.
     """
     from .io import read_volume, write_volume
     src = VolumeSource.open(input_path, temp_dir=temp_dir)
@@ -707,38 +745,49 @@ def denoise_file(input_path, output_path, denoiser, batch_size: int | None = Non
             data, streamed = volume.array, False
         else:
             info, data, streamed = src.info, src, True
-            _validate_streamed(data, str(input_path))
         layout = axial_layout(info["direction"], data.shape)
         if layout is not None:  # stored sagittally / coronally: denoise its axial planes, in memory
             data, streamed = layout.to_axial(np.asarray(data[0:data.shape[0]])), False
+        n = data.shape[0]
+        first, last = check_slice_range(slices, n)
+        _validate_streamed(data, str(input_path), slices=(max(first - 1, 0), min(last + 1, n)))
+        axial_axis = 2 - (layout.perm[0] if layout is not None else 0)  # ITK index axis of the axial slices
+        partial = (first, last) != (0, n)
+        if partial:
+            info = dict(info, origin=sub_volume_origin(info, axial_axis, first))
         den = denoiser if isinstance(denoiser, Denoiser) else denoiser()
+        metadata = den.provenance()
+        if partial:
+            metadata["corediff_slices"] = f"{first}:{last} of {n}"
         if log:
             cfg = den.model.config
-            log(f"{Path(input_path).name}: {data.shape[0]} slices of {data.shape[1]}x{data.shape[2]}, "
+            which = f"slices {first}:{last} of {n}" if partial else f"{n} slices"
+            log(f"{Path(input_path).name}: {which} of {data.shape[1]}x{data.shape[2]}, "
                 f"model width {cfg.width}, {den.steps or cfg.steps} of T={cfg.steps} steps, device {den.device}, "
                 f"{den.settings.label()}, {'streamed' if streamed else 'read whole'}")
             if layout is not None:
                 log(f"its slices are not axial ({layout.storage} storage): denoising its axial planes, as the "
                     "models were trained, and writing them back in its own order")
-            slice_mm = float(info["spacing"][2 - (layout.perm[0] if layout is not None else 0)])
+            slice_mm = float(info["spacing"][axial_axis])
             if slice_mm >= WIDE_SLICE_MM:
                 log(f"slice spacing {slice_mm:g} mm: the models were trained on 1 mm slices, and their "
                     "neighbour context helps less the further apart the slices are (held-out phantoms, 25 %: "
                     "+0.82 dB at 1 mm, +0.32 at 3 mm, +0.02 at 5 mm; docs/benchmarks/spacing)")
+        shape = (last - first,) + tuple(data.shape[1:])
         name = Path(output_path).name.lower()
         if layout is not None or not name.endswith((".mha", ".nrrd", ".nii", ".nii.gz")):  # DICOM, .mhd, .nhdr
             result = denoise_volume(data, batch_size=batch_size, progress=progress, cancel=cancel,
-                                    denoiser=den, log=log)
+                                    denoiser=den, log=log, slices=(first, last))
             if layout is not None:
                 result = np.ascontiguousarray(layout.from_axial(result))
             from .io import Volume
             vol = Volume(result, info["spacing"], info["origin"], info["direction"], info["pixel_type"],
                          dict(info.get("dicom_tags", {})), info.get("source", ""))
-            return write_volume(vol, output_path, metadata=den.provenance()), tuple(data.shape), streamed
-        sink = StreamedOutput(output_path, data.shape, info, output_dtype(info["pixel_type"]), den.provenance())
+            return write_volume(vol, output_path, metadata=metadata), shape, streamed
+        sink = StreamedOutput(output_path, shape, info, output_dtype(info["pixel_type"]), metadata)
         try:
             denoise_volume(data, batch_size=batch_size, progress=progress, cancel=cancel, denoiser=den,
-                           out=sink.array, log=log)
+                           out=sink.array, log=log, slices=(first, last))
             path = sink.commit()
         except BaseException:
             sink.close()
@@ -746,4 +795,4 @@ def denoise_file(input_path, output_path, denoiser, batch_size: int | None = Non
     finally:
         if src is not None:
             src.close()
-    return path, tuple(data.shape), streamed
+    return path, shape, streamed

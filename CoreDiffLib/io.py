@@ -242,6 +242,8 @@ def _write_dicom_series(volume: Volume, pixels: np.ndarray, folder: Path, descri
         "0020|0011": str(int(src.get("0020|0011", "0") or 0) + 1000),
         "0028|1052": "0", "0028|1053": "1", "0028|1054": "HU",
         "0020|0037": "\\".join(f"{d:.6f}" for d in (*volume.direction[0::3], *volume.direction[1::3])),
+        # SpacingBetweenSlices: readers take a one-slice series' spacing (a --slices K preview) from it
+        "0018|0088": f"{float(volume.spacing[2]):.6g}",
     })
     if comments:
         common["0020|4000"] = comments

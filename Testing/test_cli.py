@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import SimpleITK as sitk
 import torch
 
 from CoreDiffLib.io import read_volume
@@ -102,7 +103,7 @@ def test_a_volume_stored_sagittally_or_coronally_is_denoised_in_its_axial_planes
         "sagittal, y reversed": (axial.transpose(2, 1, 0)[:, ::-1], (0, 0, 1, 0, -1, 0, 1, 0, 0), (2.5, 0.8, 0.7),
                                  lambda a: a.transpose(2, 1, 0)[:, ::-1]),
     }
-    results = {}
+    results, slabs = {}, {}
     for name, (array, direction, spacing, _) in cases.items():
         src = write_image(tmp_path / f"{name}.nrrd", array, spacing=spacing, direction=direction)
         before = digest(src)
@@ -115,9 +116,47 @@ def test_a_volume_stored_sagittally_or_coronally_is_denoised_in_its_axial_planes
         out = read_volume(tmp_path / f"{name}_out.nrrd")
         assert out.shape == array.shape and out.direction == pytest.approx(direction)
         results[name] = out.array.astype(np.float64)
+        # --slices counts axial planes too, and places them where they lie
+        r = corediff("denoise", src, tmp_path / f"{name}_slab.nrrd", "--model", model, "--device", "cpu",
+                     "--progress", "none", "--slices", "5:8")
+        assert r.returncode == 0, r.stderr
+        slab = sitk.ReadImage(str(tmp_path / f"{name}_slab.nrrd"))  # 3 planes thick: not a CT input itself
+        head_foot = int(np.argmax(np.abs(np.reshape(direction, (3, 3))[2])))  # ITK index axis
+        index = [0, 0, 0]
+        index[head_foot] = 5
+        assert slab.GetOrigin() == pytest.approx(sitk.ReadImage(str(src)).TransformIndexToPhysicalPoint(index))
+        assert slab.GetDirection() == pytest.approx(direction)
+        slabs[name] = sitk.GetArrayFromImage(slab).astype(np.float64)
     assert np.abs(results["axial"] - axial).max() > 1  # the model does change the image
     for name, (_, _, _, as_stored) in cases.items():
         np.testing.assert_allclose(results[name], as_stored(results["axial"]), atol=1.0, err_msg=name)
+        np.testing.assert_allclose(slabs[name], as_stored(results["axial"][5:8]), atol=1.0, err_msg=name)
+
+
+@pytest.mark.parametrize("name", ["out.nrrd", "out.nii.gz", "dicom_out"])
+def test_slices_denoises_part_of_a_volume_as_the_whole_run_would(tmp_path, changing_model_path, name):
+    """One slice (a preview) or a slab, with its true neighbours as context, placed where it lies."""
+    # right-handed axes: DICOM stores a left-handed volume with its slices in the other order
+    src = write_image(tmp_path / "ct.nrrd", synthetic_ct(12, 48), spacing=(0.7, 0.7, 1.25),
+                      origin=(-20.0, 10.0, 300.0), direction=(1, 0, 0, 0, 1, 0, 0, 0, 1))
+    before = digest(src)
+    assert corediff("denoise", src, tmp_path / "full.nrrd", "--model", changing_model_path,
+                    "--progress", "none").returncode == 0
+    full = read_volume(tmp_path / "full.nrrd")
+    for arg, (a, b) in (("4", (4, 5)), ("0:3", (0, 3)), ("9:", (9, 12))):
+        out = tmp_path / f"{arg.replace(':', '_')}_{name}"
+        r = corediff("denoise", src, out, "--model", changing_model_path, "--progress", "lines", "--slices", arg)
+        assert r.returncode == 0, r.stderr
+        assert f"slices {a}:{b} of 12" in r.stdout
+        assert [line for line in r.stdout.splitlines() if line.startswith("PROGRESS")][-1] == f"PROGRESS {b - a} {b - a}"
+        part = read_volume(out)
+        assert part.shape == (b - a, 48, 48)
+        np.testing.assert_allclose(part.array, full.array[a:b], atol=1.0)  # batch size may round a voxel
+        assert part.origin == pytest.approx((-20.0, 10.0, 300.0 + 1.25 * a), abs=1e-4)
+        assert part.spacing == pytest.approx(full.spacing, abs=1e-4)
+        if name.endswith(".nrrd"):  # the header says which part of which volume it is
+            assert sitk.ReadImage(str(out)).GetMetaData("corediff_slices") == f"{a}:{b} of 12"
+    assert digest(src) == before
 
 
 def test_single_slice_volume_denoises_with_replicated_neighbours(tmp_path, identity_model_path):
@@ -182,6 +221,9 @@ def _mismatched_tensors(tmp_path: Path) -> Path:
     ("unknown_model", "neither a shipped model"),
     ("bad_steps", "steps must be 'auto' or between 1 and 10"),
     ("word_steps", "'fast' is not 'auto' or a whole number of steps"),
+    ("slice_beyond_the_end", "slices 6:7 are not within this volume's 0:6"),
+    ("empty_slice_range", "slices 4:2 are not within this volume's 0:6"),
+    ("malformed_slices", "'2-4' is not K or A:B"),
 ])
 def test_bad_input_gets_one_clear_line_and_writes_nothing(tmp_path, ct_file, tiny_model_path, case, message):
     inp, out, model, extra = ct_file, tmp_path / "out.nrrd", tiny_model_path, []
@@ -207,6 +249,12 @@ def test_bad_input_gets_one_clear_line_and_writes_nothing(tmp_path, ct_file, tin
         extra = ["--steps", "50"]
     elif case == "word_steps":
         extra = ["--steps", "fast"]
+    elif case == "slice_beyond_the_end":
+        extra = ["--slices", "6"]
+    elif case == "empty_slice_range":
+        extra = ["--slices", "4:2"]
+    elif case == "malformed_slices":
+        extra = ["--slices", "2-4"]
     before = {p.name: digest(p) for p in tmp_path.iterdir() if p.is_file()}
     r = corediff("denoise", inp, out, "--model", model, "--progress", "none", *extra)
     assert r.returncode == 2
