@@ -475,6 +475,7 @@ class CoreDiffSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._job = None
         self._oneShotJob = None
         self._lastPair = None  # (inputNode, outputNode) of the last run
+        self._previewNode = None  # the one-slice preview volume, reused by the next preview
         self._flickerTimer = None
         self._flickerOn = False
         self._observedSliceNode = None
@@ -499,6 +500,7 @@ class CoreDiffSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         # Buttons
         self.ui.applyButton.clicked.connect(self.onApplyButton)
+        self.ui.previewButton.clicked.connect(self.onPreviewButton)
         self.ui.refreshModelsButton.clicked.connect(self.refreshModelsAndDevices)
         self.ui.compareButton.clicked.connect(self.onCompareButton)
         self.ui.flickerButton.toggled.connect(self.onFlickerToggled)
@@ -537,6 +539,7 @@ class CoreDiffSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onSceneStartClose(self, caller, event) -> None:
         self._stopFlicker()
         self._lastPair = None
+        self._previewNode = None
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
@@ -573,6 +576,7 @@ class CoreDiffSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.applyButton.text = "Cancel"
             self.ui.applyButton.toolTip = "Stop denoising; the scene is left as it was"
             self.ui.applyButton.enabled = True
+            self.ui.previewButton.enabled = False
             return
         self.ui.applyButton.text = "Denoise"
         p = self._parameterNode
@@ -585,6 +589,9 @@ class CoreDiffSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             reason = "A one-shot adaptation is running"
         self.ui.applyButton.enabled = reason is None
         self.ui.applyButton.toolTip = reason or "Denoise the input volume into a new volume"
+        self.ui.previewButton.enabled = reason is None
+        self.ui.previewButton.toolTip = reason or ("Denoise only the slice shown in the Red view, in seconds, "
+                                                   "to judge the settings")
         if p and p.outputVolume and p.inputVolume and p.outputVolume.GetID() == p.inputVolume.GetID():
             self.ui.statusLabel.text = reason
 
@@ -598,20 +605,37 @@ class CoreDiffSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         self._startDenoise(p.inputVolume, p.outputVolume, self.logic.modelArguments(p.model, p.modelFile))
 
-    def _startDenoise(self, inputNode, outputNode, modelArgs) -> None:
+    def onPreviewButton(self) -> None:
+        """Denoise the slice at the centre of the Red view, shown beside the input (Yellow)."""
+        p = self._parameterNode
+        inputNode = p.inputVolume
+        k = self.logic.redSliceIndex(inputNode, self.logic.axialAxis(inputNode))
+        if k is None:
+            self.ui.statusLabel.text = "No Red view to take the slice from: use Denoise."
+            return
+        if not self.logic.checkDependencies(interactive=True):
+            self.ui.statusLabel.text = "Missing Python packages: preview not started."
+            return
+        if self._previewNode is not None and slicer.mrmlScene.GetNodeByID(self._previewNode.GetID()) is None:
+            self._previewNode = None  # deleted by the user
+        self._startDenoise(inputNode, self._previewNode, self.logic.modelArguments(p.model, p.modelFile),
+                           sliceIndex=k)
+
+    def _startDenoise(self, inputNode, outputNode, modelArgs, sliceIndex=None) -> None:
         p = self._parameterNode
         self.ui.progressBar.visible = True
         self.ui.progressBar.minimum = 0
         self.ui.progressBar.maximum = 0  # busy until the first PROGRESS line
         self.ui.progressBar.value = 0
         self.ui.progressBar.format = "starting..."
-        self.ui.statusLabel.text = f"Denoising {inputNode.GetName()}..."
+        what = inputNode.GetName() if sliceIndex is None else f"slice {sliceIndex} of {inputNode.GetName()}"
+        self.ui.statusLabel.text = f"Denoising {what}..."
         try:
             self._job = self.logic.startDenoise(
                 inputNode, outputNode, modelArgs=modelArgs, device=p.device,
                 steps=None if p.autoSteps else p.steps,
                 batchSize=p.batchSize, onProgress=self._onDenoiseProgress, onInfo=self._onInfo,
-                onFinished=self._onDenoiseFinished)
+                onFinished=self._onDenoiseFinished, sliceIndex=sliceIndex)
         except Exception as e:
             self._job = None
             self.ui.progressBar.visible = False
@@ -644,10 +668,16 @@ class CoreDiffSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             seconds = time.time() - job.startTime
             model, steps = outputNode.GetAttribute("CoreDiff.model"), outputNode.GetAttribute("CoreDiff.steps")
             ran = f" ({model}, {steps} steps)" if model and steps else ""
-            self.ui.statusLabel.text = f"Done in {formatDuration(seconds)}: {outputNode.GetName()}{ran}"
-            self._lastPair = (job.inputNode, outputNode)
-            if self._parameterNode and self._parameterNode.showComparison:
-                self.logic.showComparison(job.inputNode, outputNode)
+            if job.sliceIndex is not None:  # a preview: one slice, beside the input whatever the setting
+                self._previewNode = outputNode
+                self.ui.statusLabel.text = (f"Preview of slice {job.sliceIndex} in {formatDuration(seconds)}{ran}: "
+                                            "move the Red view and preview again, or Denoise the whole volume")
+                self.logic.showComparison(job.inputNode, outputNode, fit=False)
+            else:
+                self.ui.statusLabel.text = f"Done in {formatDuration(seconds)}: {outputNode.GetName()}{ran}"
+                self._lastPair = (job.inputNode, outputNode)
+                if self._parameterNode and self._parameterNode.showComparison:
+                    self.logic.showComparison(job.inputNode, outputNode)
         else:
             self.ui.statusLabel.text = f"Failed: {message}"
             slicer.util.errorDisplay(f"Denoising failed:\n{message}", windowTitle="CoreDiff")
@@ -1079,13 +1109,45 @@ class CoreDiffSlicerLogic(ScriptedLoadableModuleLogic):
     # --- volumes in and out ------------------------------------------------------------------
 
     @staticmethod
-    def writeVolume(volumeNode, path) -> None:
-        """Write the voxels of a volume node to NRRD with its geometry converted to LPS."""
-        import SimpleITK as sitk
-        array = slicer.util.arrayFromVolume(volumeNode)
-        image = sitk.GetImageFromArray(np.ascontiguousarray(array))
+    def axialAxis(volumeNode) -> int:
+        """The IJK axis (0, 1 or 2) that runs head-foot: CoreDiff denoises the planes across it.
+
+        2 for the usual axial series; 0 or 1 for one stored sagittally or coronally, whose axial
+        planes the library finds the same way (``CoreDiffLib.inference.axial_layout``).
+        """
         ijkToRAS = vtk.vtkMatrix4x4()
         volumeNode.GetIJKToRASMatrix(ijkToRAS)
+        closest = [int(np.argmax([abs(ijkToRAS.GetElement(row, c)) for c in range(3)])) for row in (2, 1, 0)]
+        return closest[0] if sorted(closest) == [0, 1, 2] else 2
+
+    @staticmethod
+    def shiftedIJKToRAS(volumeNode, axis, start) -> vtk.vtkMatrix4x4:
+        """IJK-to-RAS of the sub-volume that starts at index ``start`` along IJK ``axis``."""
+        ijkToRAS = vtk.vtkMatrix4x4()
+        volumeNode.GetIJKToRASMatrix(ijkToRAS)
+        point = [0.0, 0.0, 0.0, 1.0]
+        point[axis] = float(start)
+        origin = ijkToRAS.MultiplyPoint(point)
+        for row in range(3):
+            ijkToRAS.SetElement(row, 3, origin[row])
+        return ijkToRAS
+
+    @classmethod
+    def writeVolume(cls, volumeNode, path, slab=None) -> None:
+        """Write the voxels of a volume node to NRRD with its geometry converted to LPS.
+
+        ``slab`` (axis, start, stop) writes only indices start..stop-1 along that IJK axis,
+        placed where they lie in the volume.
+        """
+        import SimpleITK as sitk
+        array = slicer.util.arrayFromVolume(volumeNode)  # (k, j, i): IJK axis a is array axis 2 - a
+        if slab is None:
+            ijkToRAS = cls.shiftedIJKToRAS(volumeNode, 2, 0)
+        else:
+            axis, start, stop = slab
+            array = np.take(array, np.arange(start, stop), axis=2 - axis)
+            ijkToRAS = cls.shiftedIJKToRAS(volumeNode, axis, start)
+        image = sitk.GetImageFromArray(np.ascontiguousarray(array))
         spacing = [float(s) for s in volumeNode.GetSpacing()]
         direction = []
         for row in range(3):
@@ -1104,14 +1166,17 @@ class CoreDiffSlicerLogic(ScriptedLoadableModuleLogic):
         return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
 
     @staticmethod
-    def defaultOutputName(inputNode) -> str:
-        return slicer.mrmlScene.GenerateUniqueName(f"{inputNode.GetName()} denoised")
+    def defaultOutputName(inputNode, preview=False) -> str:
+        return slicer.mrmlScene.GenerateUniqueName(f"{inputNode.GetName()} {'preview' if preview else 'denoised'}")
 
     def startDenoise(self, inputNode, outputNode=None, modelArgs=(), device="auto", steps=None, batchSize=0,
-                     onProgress=None, onInfo=None, onFinished=None) -> CoreDiffProcess:
+                     onProgress=None, onInfo=None, onFinished=None, sliceIndex=None) -> CoreDiffProcess:
         """Start denoising in the background. onFinished(job, outputNode or None, errorMessage).
 
         ``steps`` None lets the library choose (``--steps auto``: all T on a GPU, one on a CPU).
+        ``sliceIndex`` K denoises only axial slice K (a preview, seconds even on a CPU): the
+        output is a one-slice volume ("<input> preview") placed where that slice lies, and
+        only K and its two neighbours leave the scene.
 
         The output node is created (or updated) only on success, so the scene is unchanged
         after a failure or a cancel.
@@ -1120,11 +1185,19 @@ class CoreDiffSlicerLogic(ScriptedLoadableModuleLogic):
             raise ValueError("the input volume has no image data")
         if outputNode is not None and outputNode.GetID() == inputNode.GetID():
             raise ValueError("the output volume must differ from the input volume")
+        slab, preview = None, None
+        if sliceIndex is not None:
+            axis = self.axialAxis(inputNode)
+            count = inputNode.GetImageData().GetDimensions()[axis]
+            if not 0 <= sliceIndex < count:
+                raise ValueError(f"slice {sliceIndex} is outside the volume's 0..{count - 1}")
+            start, stop = max(sliceIndex - 1, 0), min(sliceIndex + 2, count)  # the slice and its context
+            slab, preview = (axis, start, stop), (axis, sliceIndex)
         runDir = slicer.util.tempDirectory("CoreDiff-" + uuid.uuid4().hex[:8])
         inputPath = os.path.join(runDir, "input.nrrd")
         outputPath = os.path.join(runDir, "output.nrrd")
         try:
-            self.writeVolume(inputNode, inputPath)
+            self.writeVolume(inputNode, inputPath, slab)
         except Exception:
             shutil.rmtree(runDir, ignore_errors=True)
             raise
@@ -1133,6 +1206,8 @@ class CoreDiffSlicerLogic(ScriptedLoadableModuleLogic):
             args += ["--steps", int(steps)]
         if batchSize:
             args += ["--batch-size", int(batchSize)]
+        if slab is not None:
+            args += ["--slices", int(sliceIndex - slab[1])]
 
         def finished(job):
             if job in self._jobs:
@@ -1140,7 +1215,7 @@ class CoreDiffSlicerLogic(ScriptedLoadableModuleLogic):
             resultNode, message = None, None
             try:
                 if job.succeeded:
-                    resultNode = self._importResult(inputNode, outputNode, outputPath)
+                    resultNode = self._importResult(inputNode, outputNode, outputPath, preview)
                 elif not job.cancelled:
                     message = job.errorMessage
             except Exception as e:
@@ -1155,6 +1230,7 @@ class CoreDiffSlicerLogic(ScriptedLoadableModuleLogic):
         job = CoreDiffProcess(self.cliCommand(*args), cwd=coreDiffLibParentDir(),
                               onProgress=onProgress, onInfo=onInfo, onFinished=finished)
         job.inputNode = inputNode
+        job.sliceIndex = sliceIndex
         job.runDir = runDir
         self._jobs.append(job)
         try:
@@ -1174,15 +1250,19 @@ class CoreDiffSlicerLogic(ScriptedLoadableModuleLogic):
         prefix = "corediff_"
         return {k[len(prefix):]: reader.GetMetaData(k) for k in reader.GetMetaDataKeys() if k.startswith(prefix)}
 
-    def _importResult(self, inputNode, outputNode, outputPath):
+    def _importResult(self, inputNode, outputNode, outputPath, preview=None):
+        """Load the result into a node with the input's geometry (``preview`` (axis, K): of its slice K)."""
         array = self.readArray(outputPath).astype(np.float32, copy=False)
-        expected = slicer.util.arrayFromVolume(inputNode).shape
+        expected = list(slicer.util.arrayFromVolume(inputNode).shape)
+        axis, start = preview if preview is not None else (2, 0)
+        if preview is not None:
+            expected[2 - axis] = 1
         if tuple(array.shape) != tuple(expected):
-            raise ValueError(f"result has shape {array.shape}, input has {expected}")
-        ijkToRAS = vtk.vtkMatrix4x4()
-        inputNode.GetIJKToRASMatrix(ijkToRAS)
+            raise ValueError(f"result has shape {array.shape}, expected {tuple(expected)}")
+        ijkToRAS = self.shiftedIJKToRAS(inputNode, axis, start)
         if outputNode is None:
-            outputNode = slicer.util.addVolumeFromArray(array, ijkToRAS, self.defaultOutputName(inputNode))
+            outputNode = slicer.util.addVolumeFromArray(array, ijkToRAS,
+                                                        self.defaultOutputName(inputNode, preview is not None))
         else:
             slicer.util.updateVolumeFromArray(outputNode, array)
             outputNode.SetIJKToRASMatrix(ijkToRAS)
@@ -1210,14 +1290,15 @@ class CoreDiffSlicerLogic(ScriptedLoadableModuleLogic):
         return self.CT_WINDOW, self.CT_LEVEL
 
     def denoise(self, inputNode, outputNode=None, model="", modelFile=None, device="auto", steps=None,
-                batchSize=0, timeout=None):
-        """Blocking convenience wrapper (scripts, self-test). Returns the output node."""
+                batchSize=0, timeout=None, sliceIndex=None):
+        """Blocking convenience wrapper (scripts, self-test). Returns the output node
+        (``sliceIndex`` K: the one-slice preview of axial slice K, see :meth:`startDenoise`)."""
         result = {}
 
         def finished(job, node, message):
             result.update(node=node, message=message, cancelled=job.cancelled)
         job = self.startDenoise(inputNode, outputNode, self.modelArguments(model, modelFile), device, steps,
-                                batchSize, onFinished=finished)
+                                batchSize, onFinished=finished, sliceIndex=sliceIndex)
         job.wait(timeout)
         if result.get("node") is None:
             raise RuntimeError(result.get("message") or "cancelled")
@@ -1273,8 +1354,11 @@ class CoreDiffSlicerLogic(ScriptedLoadableModuleLogic):
             return None
         return layoutManager.sliceWidget("Red").mrmlSliceNode()
 
-    def showComparison(self, inputNode, outputNode) -> None:
-        """Side-by-side: input in Red, output in Yellow, linked, same window/level."""
+    def showComparison(self, inputNode, outputNode, fit=True) -> None:
+        """Side-by-side: input in Red, output in Yellow, linked, same window/level.
+
+        ``fit`` False keeps the views where they are (a preview: the Red view is at its slice).
+        """
         layoutManager = slicer.app.layoutManager()
         layoutManager.setLayout(slicer.vtkMRMLLayoutNode.SlicerLayoutSideBySideView)
         window, level = self.displayWindowLevel(inputNode)
@@ -1291,8 +1375,14 @@ class CoreDiffSlicerLogic(ScriptedLoadableModuleLogic):
             composite.SetHotLinkedControl(True)
             # Same orientation in both views so linked slices show the same anatomy.
             layoutManager.sliceWidget(viewName).mrmlSliceNode().SetOrientation("Axial")
-        for viewName in ("Red", "Yellow"):
-            layoutManager.sliceWidget(viewName).sliceLogic().FitSliceToAll()
+        if fit:
+            for viewName in ("Red", "Yellow"):
+                layoutManager.sliceWidget(viewName).sliceLogic().FitSliceToAll()
+        else:  # Yellow shows what Red shows: same plane, centre and zoom
+            red, yellow = (layoutManager.sliceWidget(v).mrmlSliceNode() for v in ("Red", "Yellow"))
+            yellow.GetSliceToRAS().DeepCopy(red.GetSliceToRAS())
+            yellow.SetFieldOfView(*red.GetFieldOfView())
+            yellow.UpdateMatrices()
 
     def setFlicker(self, inputNode, outputNode, showOutput) -> None:
         """Red view: input as background, output as foreground at opacity 0 or 1 (None: restore)."""
@@ -1305,8 +1395,8 @@ class CoreDiffSlicerLogic(ScriptedLoadableModuleLogic):
         composite.SetForegroundVolumeID(outputNode.GetID())
         composite.SetForegroundOpacity(1.0 if showOutput else 0.0)
 
-    def redSliceIndex(self, volumeNode) -> Optional[int]:
-        """Index K of the volume slice at the centre of the Red view."""
+    def redSliceIndex(self, volumeNode, axis=2) -> Optional[int]:
+        """Index K (along IJK ``axis``) of the volume slice at the centre of the Red view."""
         sliceNode = self.redSliceNode()
         if sliceNode is None or volumeNode is None or volumeNode.GetImageData() is None:
             return None
@@ -1315,8 +1405,8 @@ class CoreDiffSlicerLogic(ScriptedLoadableModuleLogic):
         rasToIJK = vtk.vtkMatrix4x4()
         volumeNode.GetRASToIJKMatrix(rasToIJK)
         ijk = rasToIJK.MultiplyPoint(ras)
-        nSlices = volumeNode.GetImageData().GetDimensions()[2]
-        return int(min(max(round(ijk[2]), 0), nSlices - 1))
+        nSlices = volumeNode.GetImageData().GetDimensions()[axis]
+        return int(min(max(round(ijk[axis]), 0), nSlices - 1))
 
     def setRedSliceIndex(self, volumeNode, k) -> None:
         """Move the Red view to the centre of slice K of the volume."""
@@ -1385,6 +1475,8 @@ class CoreDiffSlicerTest(ScriptedLoadableModuleTest):
         self.setUp()
         self.test_CoreDiffSlicer_denoise_geometry_and_noise()
         self.setUp()
+        self.test_CoreDiffSlicer_preview()
+        self.setUp()
         self.test_CoreDiffSlicer_cancel()
 
     @staticmethod
@@ -1433,6 +1525,27 @@ class CoreDiffSlicerTest(ScriptedLoadableModuleTest):
         self.assertLess(stats["after"]["std"], stats["before"]["std"])
         self.assertLess(abs(stats["after"]["mean"] - stats["before"]["mean"]), 20.0)
         logic.showComparison(inputNode, outputNode)
+        self.delayDisplay("Test passed")
+
+    def test_CoreDiffSlicer_preview(self):
+        self.delayDisplay("Previewing one slice")
+        inputNode = self.makeNoisyCylinder()
+        logic = CoreDiffSlicerLogic()
+        preview = logic.denoise(inputNode, timeout=3600, sliceIndex=3)
+        full = logic.denoise(inputNode, timeout=3600)
+        self.assertTrue(preview.GetName().endswith("preview"))
+        self.assertEqual(slicer.util.arrayFromVolume(preview).shape, (1, 96, 96))
+        # slice 3 as the whole run denoises it (same neighbours), where slice 3 lies
+        np.testing.assert_allclose(slicer.util.arrayFromVolume(preview)[0], slicer.util.arrayFromVolume(full)[3],
+                                   atol=1.0)
+        a, b = vtk.vtkMatrix4x4(), vtk.vtkMatrix4x4()
+        inputNode.GetIJKToRASMatrix(a)
+        preview.GetIJKToRASMatrix(b)
+        sliceOrigin = a.MultiplyPoint([0.0, 0.0, 3.0, 1.0])
+        for row in range(3):
+            self.assertAlmostEqual(b.GetElement(row, 3), sliceOrigin[row], places=6)
+            for col in range(3):
+                self.assertAlmostEqual(b.GetElement(row, col), a.GetElement(row, col), places=9)
         self.delayDisplay("Test passed")
 
     def test_CoreDiffSlicer_cancel(self):

@@ -119,6 +119,88 @@ def test_denoise_button_creates_new_node_with_input_geometry(slicerEnv, tinyMode
     assert [m for m in H.displayed if m[0] == "error"] == []
 
 
+def test_preview_denoises_the_red_slice_as_the_whole_run_would(slicerEnv, tinyModel):  # noqa: F811
+    slicer, module, tempDir = slicerEnv
+    widget = makeWidget(module)
+    inputNode, _ = makeVolume((6, 48, 48))
+    before = slicer.util.arrayFromVolume(inputNode).copy()
+    p = widget._parameterNode
+    p.modelFile = __import__("pathlib").Path(tinyModel)
+    p.device = "cpu"
+    logic = widget.logic
+    lm = slicer.app.layoutManager()
+    red = lm.sliceWidget("Red").mrmlSliceNode()
+    red.SetFieldOfView(40.0, 40.0, 2.5)
+    previews, nodeCounts = [], []
+    for k in (2, 5):  # an inner slice, then the last one (its missing neighbour is replicated)
+        logic.setRedSliceIndex(inputNode, k)
+        assert widget.ui.previewButton.property("enabled")
+        widget.ui.previewButton.click()
+        assert not widget.ui.previewButton.property("enabled")  # one run at a time
+        args = [str(a) for a in H.launched[-1].args]
+        assert args[args.index("--slices") + 1] == "1"  # K within the slab of it and its neighbours
+        spin(slicer, lambda: not widget._job.running, timeout=90)
+        status = widget.ui.statusLabel.property("text")
+        assert status.startswith(f"Preview of slice {k}"), status
+        node = slicer.mrmlScene.GetFirstNodeByName("LDCT preview")
+        assert node is not None and node is widget._previewNode
+        array = slicer.util.arrayFromVolume(node)
+        assert array.shape == (1, 48, 48)
+        expected = matrixOf(inputNode)
+        expected[:3, 3] += expected[:3, 2] * k  # placed where slice k lies
+        np.testing.assert_allclose(matrixOf(node), expected, atol=1e-9)
+        previews.append(array.copy())
+        nodeCounts.append(slicer.mrmlScene.GetNumberOfNodes())
+        # shown beside the input, in the same plane and zoom as the Red view
+        assert lm.sliceWidget("Yellow").mrmlSliceCompositeNode().GetBackgroundVolumeID() == node.GetID()
+        yellow = lm.sliceWidget("Yellow").mrmlSliceNode()
+        np.testing.assert_array_equal(
+            [[yellow.GetSliceToRAS().GetElement(r, c) for c in range(4)] for r in range(4)],
+            [[red.GetSliceToRAS().GetElement(r, c) for c in range(4)] for r in range(4)])
+        assert yellow.GetFieldOfView() == (40.0, 40.0, 2.5)
+    assert nodeCounts[0] == nodeCounts[1]  # the second preview reused the first one's node
+    assert widget._lastPair is None  # Compare / flicker / ROI stay with whole-volume runs
+    np.testing.assert_array_equal(slicer.util.arrayFromVolume(inputNode), before)
+    assert os.listdir(tempDir) == []
+
+    widget.ui.applyButton.click()  # the whole volume: the previews are its slices 2 and 5
+    spin(slicer, lambda: not widget._job.running, timeout=90)
+    full = slicer.util.arrayFromVolume(slicer.mrmlScene.GetFirstNodeByName("LDCT denoised"))
+    # (within 1 HU: a batch of one may round a voxel of the int16 output the other way)
+    np.testing.assert_allclose(previews[0][0], full[2], atol=1.0)
+    np.testing.assert_allclose(previews[1][0], full[5], atol=1.0)
+    assert not np.array_equal(full[2], full[3])
+    assert [m for m in H.displayed if m[0] == "error"] == []
+
+
+def test_preview_of_a_sagittally_stored_volume_takes_an_axial_plane(slicerEnv, tinyModel):  # noqa: F811
+    slicer, module, tempDir = slicerEnv
+    module.CoreDiffSlicerWidget  # noqa: B018 (the logic alone, as a script would use it)
+    logic = module.CoreDiffSlicerLogic()
+    rng = np.random.default_rng(1)
+    # IJK axis i runs head-foot (S), j anterior-posterior, k left-right; the array is indexed [k, j, i]
+    array = rng.normal(0, 40, (20, 24, 5)) - 200
+    array[:, :4] = rng.normal(-1000, 40, (20, 4, 5))  # air in front of the body
+    array = array.astype(np.int16)
+    m = vtk.vtkMatrix4x4()
+    for r, row in enumerate([[0, 0, 1.0, -10], [0, 0.9, 0, 5], [2.0, 0, 0, -40]]):
+        for c in range(4):
+            m.SetElement(r, c, row[c])
+    inputNode = H.volumeFromArray(array, m, "sagittal")
+    assert logic.axialAxis(inputNode) == 0
+    preview = logic.denoise(inputNode, modelFile=tinyModel, device="cpu", timeout=90, sliceIndex=3)
+    full = logic.denoise(inputNode, modelFile=tinyModel, device="cpu", timeout=90)
+    got = slicer.util.arrayFromVolume(preview)
+    assert got.shape == (20, 24, 1)
+    np.testing.assert_allclose(got[:, :, 0], slicer.util.arrayFromVolume(full)[:, :, 3], atol=1.0)
+    expected = matrixOf(inputNode)
+    expected[:3, 3] += expected[:3, 0] * 3
+    np.testing.assert_allclose(matrixOf(preview), expected, atol=1e-9)
+    with pytest.raises(ValueError, match="outside the volume's 0..4"):
+        logic.denoise(inputNode, modelFile=tinyModel, device="cpu", timeout=90, sliceIndex=5)
+    assert os.listdir(tempDir) == []
+
+
 def test_cancel_stops_process_tree_and_leaves_scene_unchanged(slicerEnv, tinyModel):  # noqa: F811
     slicer, module, tempDir = slicerEnv
     widget = makeWidget(module)

@@ -21,7 +21,7 @@ EXPECTED_CLASSES = {
     "modelPathLineEdit": "ctkPathLineEdit", "stepsSliderWidget": "ctkSliderWidget",
     "autoStepsCheckBox": "QCheckBox",
     "batchSizeSpinBox": "QSpinBox", "showComparisonCheckBox": "QCheckBox",
-    "applyButton": "QPushButton", "progressBar": "QProgressBar", "statusLabel": "QLabel",
+    "applyButton": "QPushButton", "previewButton": "QPushButton", "progressBar": "QProgressBar", "statusLabel": "QLabel",
     "refreshModelsButton": "QPushButton", "compareButton": "QPushButton", "flickerButton": "QPushButton",
     "measureButton": "QPushButton", "roiResultsLabel": "QLabel",
     "oneShotStack": "QStackedWidget", "oneShotStepLabel": "QLabel", "oneShotBackButton": "QPushButton",

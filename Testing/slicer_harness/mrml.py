@@ -343,8 +343,19 @@ class vtkMRMLSliceNode(vtkMRMLNode):
         super().__init__()
         self._hide = True
         self._sliceToRAS = vtk.vtkMatrix4x4()
+        self._fieldOfView = (250.0, 250.0, 1.0)
         self._orientation = "Axial"
         self.SetOrientation("Axial")
+
+    def SetFieldOfView(self, x, y, z):
+        self._fieldOfView = (float(x), float(y), float(z))
+        self.Modified()
+
+    def GetFieldOfView(self):
+        return self._fieldOfView
+
+    def UpdateMatrices(self):
+        self.Modified()
 
     def SetOrientation(self, name):
         rows = self._ORIENTATIONS[name]
