@@ -79,6 +79,7 @@ import torch.nn.functional as F
 from . import CoreDiffError
 from .atomic import write_text_atomic
 from .intensity import HU_MIN, HU_RANGE
+from .training import window_ssim
 
 FORMAT = "corediff-oneshot-v1"
 MODES = ("paired", "unpaired")
@@ -407,27 +408,11 @@ def texture_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return loss
 
 
-def _ssim(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    r = torch.arange(-5, 6, dtype=x.dtype, device=x.device)
-    g = torch.exp(-r ** 2 / (2 * 1.5 ** 2))
-    g = (g / g.sum())
-    k = (g[:, None] * g[None, :])[None, None]
-    mu_x, mu_y = F.conv2d(x, k), F.conv2d(y, k)
-    sxx = F.conv2d(x * x, k) - mu_x ** 2
-    syy = F.conv2d(y * y, k) - mu_y ** 2
-    sxy = F.conv2d(x * y, k) - mu_x * mu_y
-    c1, c2 = 0.01 ** 2, 0.03 ** 2
-    s = ((2 * mu_x * mu_y + c1) * (2 * sxy + c2)) / ((mu_x ** 2 + mu_y ** 2 + c1) * (sxx + syy + c2))
-    return s.mean()
-
-
 def paired_loss(output: torch.Tensor, target: torch.Tensor, ssim_weight: float = 0.0) -> torch.Tensor:
-    """MSE in the network's [0, 1] range (+ ssim_weight * (1 - SSIM) on [-1000, 1000] HU)."""
+    """MSE in the network's [0, 1] range (+ ssim_weight * (1 - SSIM) on the metric window)."""
     loss = F.mse_loss(output, target)
     if ssim_weight:
-        def win(v):
-            return ((_hu(v).clamp(-1000.0, 1000.0) + 1000.0) / 2000.0)
-        loss = loss + ssim_weight * (1.0 - _ssim(win(output), win(target)))
+        loss = loss + ssim_weight * (1.0 - window_ssim(output, target))
     return loss
 
 
