@@ -3,7 +3,7 @@
 Slices are denoised in batches, each with its two LDCT neighbours (edges replicated), so
 memory is bounded by the batch size, not by the number of slices: the input may be any
 array-like that gives slices by index (a numpy array, a ``np.memmap``, or a
-:class:`VolumeSource` that reads slabs from a file), and the output can go to a
+:class:`~CoreDiffLib.streaming.VolumeSource` that reads slabs from a file), and the output can go to a
 caller-provided array (``out=``, e.g. a memmap). :func:`denoise_file` streams file to file.
 A progress callback and a cancel flag make it usable from a GUI.
 
@@ -14,13 +14,8 @@ until the GPU benchmark clears bf16. ``precision=`` / ``channels_last=`` / ``run
 """
 from __future__ import annotations
 
-import gzip
-import os
-import shutil
-import tempfile
 import threading
 import warnings
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Union
@@ -29,12 +24,12 @@ import numpy as np
 import torch
 
 from . import CoreDiffError
-from .atomic import atomic_path
 from .diffusion import sample
 from .intensity import PADDING_THRESHOLD_HU, hu_to_unit, unit_to_hu, validate_ct_array
 from .models import DEFAULT_MODEL, load_model
 from .network import ClearNet
 from .runtime import PRECISIONS, RunSettings, auto_settings, build_net, check_applicable, physical_cores
+from .streaming import StreamedOutput, VolumeSource, output_dtype
 
 ProgressFn = Callable[[int, int], None]
 LogFn = Callable[[str], None]
@@ -343,323 +338,6 @@ def denoise_volume(volume_hu, model: str | ClearNet | None = "default",
         if progress:
             progress(done, n)
     return out
-
-
-# ----------------------------------------------------------------------------- streamed files
-#: numpy dtypes of the SimpleITK scalar pixel types a CT file can hold
-_SITK_DTYPES = {"sitkInt8": np.int8, "sitkUInt8": np.uint8, "sitkInt16": np.int16, "sitkUInt16": np.uint16,
-                "sitkInt32": np.int32, "sitkUInt32": np.uint32, "sitkFloat32": np.float32,
-                "sitkFloat64": np.float64}
-_NRRD_TYPES = {"short": np.int16, "short int": np.int16, "signed short": np.int16, "int16": np.int16,
-               "int16_t": np.int16, "ushort": np.uint16, "unsigned short": np.uint16, "uint16": np.uint16,
-               "int": np.int32, "signed int": np.int32, "int32": np.int32, "uint": np.uint32,
-               "unsigned int": np.uint32, "uint32": np.uint32, "float": np.float32, "double": np.float64,
-               "uchar": np.uint8, "uint8": np.uint8, "unsigned char": np.uint8, "char": np.int8,
-               "signed char": np.int8, "int8": np.int8}
-
-
-class VolumeSource:
-    """A CT file read slab by slab: ``shape``, ``ndim``, ``dtype`` and ``src[a:b]`` -> (b-a, H, W).
-
-    Uncompressed MHA and NIfTI are read in place through SimpleITK's streaming extraction;
-    raw NRRD is memory-mapped; gzip NRRD, compressed MHA and .nii.gz are first inflated
-    chunk by chunk into a temporary file (bounded memory, one pass). ``open`` returns None
-    for what cannot be streamed (DICOM folders, detached headers, big-endian data...).
-    """
-
-    def __init__(self, shape, dtype, reader=None, array=None, info=None, temp_files=()):
-        self.shape = tuple(int(s) for s in shape)
-        self.ndim = 3
-        self.dtype = np.dtype(dtype)
-        self._reader, self._array = reader, array  # array: a RawSlabs (explicit reads, no mmap)
-        self.info = info or {}
-        self._temps = list(temp_files)
-
-    def __len__(self) -> int:
-        return self.shape[0]
-
-    def __getitem__(self, key):
-        if not isinstance(key, slice):
-            raise TypeError("VolumeSource supports slab slices src[a:b] only")
-        a, b, step = key.indices(self.shape[0])
-        if step != 1:
-            raise TypeError("VolumeSource slabs must be contiguous")
-        if self._array is not None:
-            return np.asarray(self._array[a:b])
-        import SimpleITK as sitk
-        if b <= a:
-            return np.empty((0,) + self.shape[1:], self.dtype)
-        self._reader.SetExtractIndex((0, 0, a))
-        self._reader.SetExtractSize((self.shape[2], self.shape[1], b - a))
-        return sitk.GetArrayFromImage(self._reader.Execute())
-
-    def close(self) -> None:
-        self._array = None
-        for p in self._temps:
-            try:
-                os.unlink(p)
-            except OSError:
-                pass
-        self._temps = []
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    @classmethod
-    def open(cls, path, temp_dir=None) -> "VolumeSource | None":
-        import SimpleITK as sitk
-        p = Path(path)
-        name = p.name.lower()
-        if not p.is_file() or not name.endswith((".mha", ".mhd", ".nii", ".nii.gz", ".nrrd")):
-            return None
-        reader = sitk.ImageFileReader()
-        reader.SetFileName(str(p))
-        try:
-            reader.ReadImageInformation()
-        except RuntimeError:
-            return None  # let the full reader produce its actionable error
-        size = reader.GetSize()
-        if reader.GetDimension() != 3 or reader.GetNumberOfComponents() != 1:
-            return None
-        dtype = {getattr(sitk, k): v for k, v in _SITK_DTYPES.items()}.get(reader.GetPixelID())
-        shape = (size[2], size[1], size[0])
-        info = {"spacing": tuple(reader.GetSpacing()), "origin": tuple(reader.GetOrigin()),
-                "direction": tuple(reader.GetDirection()),
-                "pixel_type": str(np.dtype(dtype)) if dtype is not None else "float32", "source": str(p)}
-        nbytes = None if dtype is None else int(np.prod(shape)) * np.dtype(dtype).itemsize
-        try:
-            if name.endswith(".nrrd"):
-                return cls._open_nrrd(p, shape, info, nbytes, temp_dir)
-            if name.endswith((".mha", ".mhd")):
-                header = _read_text_header(p, b"ElementDataFile")
-                compressed = "compresseddata = true" in header.lower()
-                if not compressed:
-                    return cls(shape, dtype or np.float32, reader=reader, info=info)
-                if not name.endswith(".mha") or nbytes is None:
-                    return None
-                return cls._inflate(p, len(header), shape, dtype, info, nbytes, temp_dir, "zlib")
-            if name.endswith(".nii"):
-                return cls(shape, dtype or np.float32, reader=reader, info=info)
-            if name.endswith(".nii.gz"):
-                fd, tmp = tempfile.mkstemp(suffix=".nii", prefix="corediff-in-", dir=temp_dir)
-                with os.fdopen(fd, "wb") as f, gzip.open(p, "rb") as g:
-                    shutil.copyfileobj(g, f, 1 << 22)
-                r2 = sitk.ImageFileReader()
-                r2.SetFileName(tmp)
-                r2.ReadImageInformation()
-                return cls(shape, dtype or np.float32, reader=r2, info=info, temp_files=[tmp])
-        except (OSError, ValueError, EOFError, zlib.error):
-            return None
-        return None
-
-    @classmethod
-    def _open_nrrd(cls, p, shape, info, nbytes, temp_dir):
-        raw = _head_bytes(p, 1 << 16)
-        end = raw.find(b"\n\n")
-        if end < 0 or nbytes is None:
-            return None
-        fields = {}
-        for line in raw[:end].decode("latin-1").splitlines()[1:]:
-            if ":" in line and not line.startswith("#"):
-                k, v = line.split(":", 1)
-                fields[k.strip().lower()] = v.strip().lstrip("=").strip()
-        dtype = _NRRD_TYPES.get(fields.get("type", "").lower())
-        if dtype is None or "data file" in fields or "datafile" in fields or fields.get("line skip", "0") != "0" \
-                or fields.get("byte skip", "0") != "0":
-            return None
-        if np.dtype(dtype).itemsize > 1 and fields.get("endian", "little") != "little":
-            return None
-        offset = end + 2
-        encoding = fields.get("encoding", "raw").lower()
-        if encoding == "raw":
-            if p.stat().st_size < offset + nbytes:
-                return None
-            return cls(shape, dtype, array=RawSlabs(p, shape, dtype, offset), info=info)
-        if encoding in ("gzip", "gz"):
-            return cls._inflate(p, offset, shape, dtype, info, nbytes, temp_dir, "gzip")
-        return None
-
-    @classmethod
-    def _inflate(cls, p, offset, shape, dtype, info, nbytes, temp_dir, kind):
-        fd, tmp = tempfile.mkstemp(suffix=".raw", prefix="corediff-in-", dir=temp_dir)
-        try:
-            with os.fdopen(fd, "wb") as f, open(p, "rb") as src:
-                src.seek(offset)
-                z = zlib.decompressobj(16 + zlib.MAX_WBITS if kind == "gzip" else zlib.MAX_WBITS)
-                while True:
-                    chunk = src.read(1 << 22)
-                    if not chunk:
-                        break
-                    f.write(z.decompress(chunk))
-                    if z.eof:
-                        break
-                f.write(z.flush())
-            if os.path.getsize(tmp) < nbytes:
-                raise ValueError("short data")
-            return cls(shape, dtype, array=RawSlabs(tmp, shape, dtype), info=info, temp_files=[tmp])
-        except BaseException:
-            os.unlink(tmp)
-            raise
-
-
-class RawSlabs:
-    """Slices of a raw little-endian (z, y, x) array in a file, read and written with plain
-    file I/O. Unlike ``np.memmap``, touched pages do not stay mapped into the process, so
-    resident memory stays at one slab however large the volume is."""
-
-    def __init__(self, path, shape, dtype, offset: int = 0, mode: str = "r"):
-        self.path, self.shape, self.offset = str(path), tuple(shape), int(offset)
-        self.dtype = np.dtype(dtype).newbyteorder("<")
-        self.ndim = 3
-        self._slice = int(np.prod(self.shape[1:])) * self.dtype.itemsize
-        if mode == "w+":
-            with open(self.path, "r+b" if os.path.exists(self.path) else "wb") as f:
-                f.truncate(self.offset + self._slice * self.shape[0])
-
-    def _range(self, key) -> tuple[int, int]:
-        if not isinstance(key, slice):
-            raise TypeError("slab access takes a slice a:b")
-        a, b, step = key.indices(self.shape[0])
-        if step != 1:
-            raise TypeError("slabs must be contiguous")
-        return a, max(a, b)
-
-    def __getitem__(self, key) -> np.ndarray:
-        a, b = self._range(key)
-        with open(self.path, "rb") as f:
-            f.seek(self.offset + a * self._slice)
-            data = np.fromfile(f, dtype=self.dtype, count=(b - a) * self._slice // self.dtype.itemsize)
-        if data.size * self.dtype.itemsize != (b - a) * self._slice:
-            raise ValueError(f"{self.path} is shorter than its header says")
-        return data.reshape((b - a,) + self.shape[1:]).astype(self.dtype.newbyteorder("="), copy=False)
-
-    def __setitem__(self, key, value) -> None:
-        a, b = self._range(key)
-        data = np.ascontiguousarray(np.broadcast_to(np.asarray(value).astype(self.dtype, copy=False),
-                                                    (b - a,) + self.shape[1:]))
-        with open(self.path, "r+b") as f:
-            f.seek(self.offset + a * self._slice)
-            f.write(data.tobytes())
-
-
-def _head_bytes(p: Path, n: int) -> bytes:
-    with open(p, "rb") as f:
-        return f.read(n)
-
-
-def _read_text_header(p: Path, last_key: bytes) -> str:
-    head = _head_bytes(p, 1 << 16)
-    i = head.find(last_key)
-    if i < 0:
-        raise ValueError("no header end")
-    j = head.find(b"\n", i)
-    return head[:j + 1].decode("latin-1")
-
-
-def output_dtype(pixel_type: str) -> np.dtype:
-    """Keep integer CT types that hold [-1024, 3072] and any padding; else float32."""
-    dt = np.dtype(pixel_type)
-    if dt in (np.dtype(np.int16), np.dtype(np.int32)):
-        return dt
-    return np.dtype(np.float32)
-
-
-class StreamedOutput:
-    """Collects a denoised volume in a temporary raw file next to the output (``array``, a
-    :class:`RawSlabs`) and writes the final file at the end, slab by slab, then renames it
-    into place (atomic; memory bounded by one slab).
-
-    .mha (uncompressed), .nrrd (gzip) and .nii / .nii.gz are written as a header made by
-    SimpleITK for one slice of the same geometry (with the slice count patched) followed by
-    the streamed voxels; other outputs (.mhd, .nhdr, DICOM) go through :func:`io.write_volume`.
-    """
-
-    def __init__(self, path, shape, info: dict, dtype, metadata: dict[str, str] | None = None):
-        self.path = Path(path).expanduser()
-        self.shape, self.info, self.dtype = tuple(shape), info, np.dtype(dtype)
-        self.metadata = metadata
-        fd, self._raw = tempfile.mkstemp(prefix=f".{self.path.name}.partial-", suffix=".raw",
-                                         dir=self.path.parent)
-        os.close(fd)
-        self.array = RawSlabs(self._raw, self.shape, self.dtype, mode="w+")
-
-    def _header(self) -> bytes:
-        import SimpleITK as sitk
-        name = self.path.name.lower()
-        one = sitk.GetImageFromArray(np.zeros((1,) + self.shape[1:], self.dtype))
-        one.SetSpacing(tuple(float(s) for s in self.info["spacing"]))
-        one.SetOrigin(tuple(float(o) for o in self.info["origin"]))
-        one.SetDirection(tuple(float(d) for d in self.info["direction"]))
-        from .io import set_provenance
-        set_provenance(one, self.metadata)
-        ext = ".nii" if name.endswith((".nii", ".nii.gz")) else Path(name).suffix
-        fd, tmp = tempfile.mkstemp(suffix=ext, dir=self.path.parent, prefix=".corediff-header-")
-        os.close(fd)
-        try:
-            sitk.WriteImage(one, tmp, ext == ".nrrd")
-            data = Path(tmp).read_bytes()
-        finally:
-            os.unlink(tmp)
-        nz, ny, nx = self.shape
-        if ext == ".mha":
-            end = data.index(b"ElementDataFile = LOCAL\n") + len(b"ElementDataFile = LOCAL\n")
-            head = data[:end].decode("latin-1")
-            head = head.replace(f"DimSize = {nx} {ny} 1\n", f"DimSize = {nx} {ny} {nz}\n")
-            if f"DimSize = {nx} {ny} {nz}\n" not in head:
-                raise ValueError("unexpected MHA header")
-            return head.encode("latin-1")
-        if ext == ".nrrd":
-            end = data.index(b"\n\n") + 2
-            head = data[:end].decode("latin-1")
-            if f"sizes: {nx} {ny} 1\n" not in head or "encoding: gzip" not in head:
-                raise ValueError("unexpected NRRD header")
-            return head.replace(f"sizes: {nx} {ny} 1\n", f"sizes: {nx} {ny} {nz}\n").encode("latin-1")
-        import struct
-        vox_offset = int(struct.unpack("<f", data[108:112])[0])
-        dims = list(struct.unpack("<8h", data[40:56]))
-        if dims[:4] != [3, nx, ny, 1] or nz > 32767:
-            raise ValueError("unexpected NIfTI header")
-        dims[3] = nz
-        head = bytearray(data[:vox_offset])
-        head[40:56] = struct.pack("<8h", *dims)
-        return bytes(head)
-
-    def commit(self) -> Path:
-        name = self.path.name.lower()
-        try:
-            if not name.endswith((".mha", ".nrrd", ".nii", ".nii.gz")):
-                from .io import Volume, write_volume
-                vol = Volume(self.array[:].astype(np.float32), self.info["spacing"], self.info["origin"],
-                             self.info["direction"], str(self.dtype), dict(self.info.get("dicom_tags", {})),
-                             self.info.get("source", ""))
-                self.close()
-                return write_volume(vol, self.path, metadata=self.metadata)
-            header = self._header()
-            gz = name.endswith((".nrrd", ".nii.gz"))
-            with atomic_path(self.path) as tmp, open(tmp, "wb") as f:
-                if name.endswith(".nii.gz"):
-                    sink = gzip.GzipFile(fileobj=f, mode="wb", compresslevel=4)
-                    sink.write(header)
-                else:
-                    f.write(header)
-                    sink = gzip.GzipFile(fileobj=f, mode="wb", compresslevel=4) if gz else f
-                step = max(1, (1 << 24) // max(1, int(np.prod(self.shape[1:])) * self.dtype.itemsize))
-                for k in range(0, self.shape[0], step):
-                    sink.write(np.ascontiguousarray(self.array[k:k + step]).astype("<" + self.dtype.str[1:],
-                                                                                     copy=False).tobytes())
-                if sink is not f:
-                    sink.close()
-        finally:
-            self.close()
-        return self.path
-
-    def close(self) -> None:
-        self.array = None
-        if os.path.exists(self._raw):
-            os.unlink(self._raw)
 
 
 #: Slice spacing from which ``denoise_file`` says that the neighbour context helps less.

@@ -24,12 +24,12 @@ from conftest import synthetic_ct, write_image
 
 from CoreDiffLib import CoreDiffError
 from CoreDiffLib.diffusion import sample
-from CoreDiffLib.inference import (Denoiser, VolumeSource, context_stack, denoise_file,
-                                   denoise_volume)
+from CoreDiffLib.inference import Denoiser, context_stack, denoise_file, denoise_volume
 from CoreDiffLib.io import read_volume
 from CoreDiffLib.models import save_weights
 from CoreDiffLib.network import ClearNet, NetworkConfig
 from CoreDiffLib.runtime import RunSettings, auto_settings, build_net, check_applicable
+from CoreDiffLib.streaming import VolumeSource
 
 REPO = Path(__file__).resolve().parents[1]
 
