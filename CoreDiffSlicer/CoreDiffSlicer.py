@@ -235,6 +235,7 @@ class CoreDiffSlicerParameterNode:
     batchSize - slices per batch, 0 = chosen by the library from the device memory.
     showComparison - show the before/after layout when a run finishes.
     roi - region for the noise readout (None: a box at the centre of the current Red slice).
+    referenceVolume - a normal-dose scan of the same geometry to score input and result against.
     os* - one-shot adaptation wizard.
     """
     inputVolume: vtkMRMLScalarVolumeNode
@@ -247,6 +248,7 @@ class CoreDiffSlicerParameterNode:
     batchSize: Annotated[int, WithinRange(0, 512)] = 0
     showComparison: bool = True
     roi: vtkMRMLMarkupsROINode
+    referenceVolume: vtkMRMLScalarVolumeNode
     osLdctVolume: vtkMRMLScalarVolumeNode
     osSlice: Annotated[int, WithinRange(0, 100000)] = 0
     osPaired: bool = True
@@ -505,6 +507,7 @@ class CoreDiffSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.compareButton.clicked.connect(self.onCompareButton)
         self.ui.flickerButton.toggled.connect(self.onFlickerToggled)
         self.ui.measureButton.clicked.connect(self.onMeasureButton)
+        self.ui.qualityButton.clicked.connect(self.onQualityButton)
         self.ui.oneShotBackButton.clicked.connect(self.onOneShotBack)
         self.ui.oneShotNextButton.clicked.connect(self.onOneShotNext)
         self.ui.oneShotAdaptButton.clicked.connect(self.onOneShotAdapt)
@@ -787,6 +790,25 @@ class CoreDiffSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         self.ui.roiResultsLabel.text = formatRoiStatistics(stats)
 
+    def onQualityButton(self) -> None:
+        pair = self._comparisonPair()
+        reference = self._parameterNode.referenceVolume
+        if not pair:
+            slicer.util.errorDisplay("Run Denoise first (or select an output volume).", windowTitle="CoreDiff")
+            return
+        if reference is None:
+            self.ui.qualityResultsLabel.text = "Select the normal-dose reference scan first."
+            return
+        if not self.logic.checkDependencies(interactive=True):
+            self.ui.qualityResultsLabel.text = "Missing Python packages: cannot score."
+            return
+        try:
+            quality = self.logic.sliceQuality(pair[0], pair[1], reference)
+        except ValueError as e:
+            self.ui.qualityResultsLabel.text = str(e)
+            return
+        self.ui.qualityResultsLabel.text = formatSliceQuality(quality)
+
     # --- One-shot wizard ---------------------------------------------------------------------
 
     def _setOneShotStep(self, step) -> None:
@@ -977,6 +999,14 @@ def formatRoiStatistics(stats) -> str:
             f"Before: mean {b['mean']:.1f} HU, SD {b['std']:.1f} HU\n"
             f"After:  mean {a['mean']:.1f} HU, SD {a['std']:.1f} HU\n"
             f"Noise (SD) reduced by {drop:.0f} %")
+
+
+def formatSliceQuality(quality) -> str:
+    lines = [f"Slice {quality['slice']} against {quality['reference']} (window -1000..1000 HU, as in the paper)"]
+    for label, key in (("Input", "input"), ("Result", "output")):
+        m = quality[key]
+        lines.append(f"{label}: PSNR {m.psnr:.2f} dB, SSIM {m.ssim:.4f}, RMSE {m.rmse_hu:.1f} HU")
+    return "\n".join(lines)
 
 
 #
@@ -1459,6 +1489,31 @@ class CoreDiffSlicerLogic(ScriptedLoadableModuleLogic):
                 "after": {"mean": float(a.mean()), "std": float(a.std())},
                 "voxels": int(b.size), "where": where,
                 "ijkMin": [int(v) for v in lo], "ijkMax": [int(v) for v in hi]}
+
+
+    def sliceQuality(self, inputNode, outputNode, referenceNode, sliceIndex=None) -> dict:
+        """PSNR / SSIM / RMSE of input and result against a reference scan, on one slice
+        (default: the Red view's), computed by ``CoreDiffLib.metrics`` as the paper reports them.
+
+        The reference must share the input's voxel grid: metrics of misaligned voxels mean nothing.
+        """
+        from CoreDiffLib.metrics import slice_metrics
+        before = slicer.util.arrayFromVolume(inputNode)
+        after = slicer.util.arrayFromVolume(outputNode)
+        reference = slicer.util.arrayFromVolume(referenceNode)
+        a, b = vtk.vtkMatrix4x4(), vtk.vtkMatrix4x4()
+        inputNode.GetIJKToRASMatrix(a)
+        referenceNode.GetIJKToRASMatrix(b)
+        aligned = all(abs(a.GetElement(r, c) - b.GetElement(r, c)) < 1e-3 for r in range(3) for c in range(4))
+        if reference.shape != before.shape or not aligned:
+            raise ValueError(f"The reference '{referenceNode.GetName()}' ({reference.shape[2]}x{reference.shape[1]}"
+                             f"x{reference.shape[0]}) is not on the input's voxel grid ({before.shape[2]}x"
+                             f"{before.shape[1]}x{before.shape[0]}): resample it onto the input first "
+                             "(Resample Scalar/Vector/DWI Volume).")
+        k = sliceIndex if sliceIndex is not None else self.redSliceIndex(inputNode)
+        k = before.shape[0] // 2 if k is None else k
+        return {"slice": k, "reference": referenceNode.GetName(),
+                "input": slice_metrics(before[k], reference[k]), "output": slice_metrics(after[k], reference[k])}
 
 
 #

@@ -201,6 +201,42 @@ def test_preview_of_a_sagittally_stored_volume_takes_an_axial_plane(slicerEnv, t
     assert os.listdir(tempDir) == []
 
 
+def test_quality_against_a_reference_scan_scores_the_red_slice(slicerEnv):  # noqa: F811
+    """A phantom study: the normal-dose scan on the same grid scores input and result by the
+    library's metrics (the paper's window), on the slice the Red view shows."""
+    from CoreDiffLib.metrics import slice_metrics
+    slicer, module, tempDir = slicerEnv
+    widget = makeWidget(module)
+    inputNode, m = makeVolume((5, 64, 64), noiseSD=40.0)
+    clean = np.where(slicer.util.arrayFromVolume(inputNode) > -500, 0, -1000).astype(np.int16)
+    referenceNode = H.volumeFromArray(clean, m, "NDCT")
+    rng = np.random.default_rng(3)
+    outputNode = H.volumeFromArray((clean + rng.normal(0, 10, clean.shape)).astype(np.int16), m, "LDCT denoised")
+    p = widget._parameterNode
+    p.inputVolume, p.outputVolume = inputNode, outputNode
+    widget.ui.qualityButton.click()
+    assert widget.ui.qualityResultsLabel.property("text") == "Select the normal-dose reference scan first."
+    widget.ui.referenceSelector.setCurrentNode(referenceNode)
+    assert p.referenceVolume is referenceNode
+    widget.logic.setRedSliceIndex(inputNode, 3)
+    widget.ui.qualityButton.click()
+    text = widget.ui.qualityResultsLabel.property("text")
+    assert text.startswith("Slice 3 against NDCT"), text
+    quality = widget.logic.sliceQuality(inputNode, outputNode, referenceNode)
+    want = slice_metrics(slicer.util.arrayFromVolume(outputNode)[3], clean[3])
+    assert quality["slice"] == 3 and quality["output"] == want
+    assert f"Result: PSNR {want.psnr:.2f} dB, SSIM {want.ssim:.4f}, RMSE {want.rmse_hu:.1f} HU" in text
+    assert quality["output"].psnr > quality["input"].psnr + 6  # a quarter of the noise SD: +12 dB
+    # a reference on another grid is refused with what to do
+    shifted = vtk.vtkMatrix4x4()
+    shifted.DeepCopy(m)
+    shifted.SetElement(2, 3, m.GetElement(2, 3) + 2.5)
+    widget.ui.referenceSelector.setCurrentNode(H.volumeFromArray(clean, shifted, "NDCT shifted"))
+    widget.ui.qualityButton.click()
+    assert "is not on the input's voxel grid" in widget.ui.qualityResultsLabel.property("text")
+    assert [m for m in H.displayed if m[0] == "error"] == []
+
+
 def test_cancel_stops_process_tree_and_leaves_scene_unchanged(slicerEnv, tinyModel):  # noqa: F811
     slicer, module, tempDir = slicerEnv
     widget = makeWidget(module)

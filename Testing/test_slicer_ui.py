@@ -15,7 +15,8 @@ SOURCE = open(H.MODULE_PATH, encoding="utf-8").read()
 # Class each referenced widget must have: the module relies on its API.
 EXPECTED_CLASSES = {
     "inputSelector": "qMRMLNodeComboBox", "outputSelector": "qMRMLNodeComboBox",
-    "roiSelector": "qMRMLNodeComboBox", "oneShotLdctSelector": "qMRMLNodeComboBox",
+    "roiSelector": "qMRMLNodeComboBox", "referenceSelector": "qMRMLNodeComboBox",
+    "oneShotLdctSelector": "qMRMLNodeComboBox",
     "oneShotNdctSelector": "qMRMLNodeComboBox",
     "modelComboBox": "ctkComboBox", "deviceComboBox": "ctkComboBox",
     "modelPathLineEdit": "ctkPathLineEdit", "stepsSliderWidget": "ctkSliderWidget",
@@ -24,6 +25,7 @@ EXPECTED_CLASSES = {
     "applyButton": "QPushButton", "previewButton": "QPushButton", "progressBar": "QProgressBar", "statusLabel": "QLabel",
     "refreshModelsButton": "QPushButton", "compareButton": "QPushButton", "flickerButton": "QPushButton",
     "measureButton": "QPushButton", "roiResultsLabel": "QLabel",
+    "qualityButton": "QPushButton", "qualityResultsLabel": "QLabel",
     "oneShotStack": "QStackedWidget", "oneShotStepLabel": "QLabel", "oneShotBackButton": "QPushButton",
     "oneShotNextButton": "QPushButton", "oneShotSliceSlider": "QSlider", "oneShotSliceLabel": "QLabel",
     "oneShotPairedCheckBox": "QCheckBox", "oneShotNdctSliceSpinBox": "QSpinBox",

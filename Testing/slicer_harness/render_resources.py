@@ -1,6 +1,6 @@
 """Render the extension icon and screenshot.
 
-    python Testing/slicer_harness/render_resources.py [LDCT DENOISED SECONDS]
+    python Testing/slicer_harness/render_resources.py [LDCT DENOISED SECONDS [REFERENCE]]
 
 
 Icon: a CT-like slice, left half noisy (low dose) and right half clean (denoised), 128x128.
@@ -79,9 +79,10 @@ def makeIcon(path):
     out.save(path)
 
 
-def makeScreenshot(path, ldctPath, denoisedPath, seconds):
+def makeScreenshot(path, ldctPath, denoisedPath, seconds, referencePath=None):
     """The real panel beside the real result: the bundled sample LDCT and the shipped model's
-    output of it (``scripts/demo.sh`` writes it), with the ROI readout computed from them."""
+    output of it (``scripts/demo.sh`` writes it), with the ROI readout computed from them and,
+    given the sample's normal-dose reference, the module's own quality readout against it."""
     import tempfile
     import json
     import subprocess
@@ -122,6 +123,13 @@ def makeScreenshot(path, ldctPath, denoisedPath, seconds):
         f"ROI ({r * r} voxels, slice {k})\nBefore: mean {before.mean():.1f} HU, SD {before.std():.1f} HU\n"
         f"After:  mean {after.mean():.1f} HU, SD {after.std():.1f} HU\n"
         f"Noise (SD) reduced by {100 * (1 - after.std() / before.std()):.0f} %")
+    if referencePath:
+        reference = sitk.GetArrayFromImage(sitk.ReadImage(referencePath))
+        refNode = H.volumeFromArray(reference.astype(np.int16), m, "Sample abdomen normal dose")
+        denNode = H.volumeFromArray(den.astype(np.int16), m, "Sample abdomen 25% dose denoised")
+        widget.ui.referenceSelector.setCurrentNode(refNode)
+        quality = widget.logic.sliceQuality(node, denNode, refNode, sliceIndex=k)
+        widget.ui.qualityResultsLabel.setText(module.formatSliceQuality(quality))
     panel = widget.parent
     panel.resize(max(panel.minimumSizeHint().width(), 420), 820)
     panel.show()
@@ -161,7 +169,7 @@ if __name__ == "__main__":
     os.makedirs(os.path.join(RES, "Screenshots"), exist_ok=True)
     makeIcon(os.path.join(RES, "Icons", "CoreDiffSlicer.png"))
     # args: LDCT volume, its denoised output, seconds the denoising took (scripts/demo.sh output)
-    if len(sys.argv) == 4:
+    if len(sys.argv) in (4, 5):
         makeScreenshot(os.path.join(RES, "Screenshots", "CoreDiffSlicer-1.png"), sys.argv[1], sys.argv[2],
-                       float(sys.argv[3]))
+                       float(sys.argv[3]), sys.argv[4] if len(sys.argv) == 5 else None)
     print("written")
