@@ -10,9 +10,13 @@ few steps with a mean-preserving degradation operator. The package keeps one ide
 - :mod:`CoreDiffLib.diffusion`   the T-step warm-start sampler
 - :mod:`CoreDiffLib.training`    the two-stage loss, EMA, checkpoints
 - :mod:`CoreDiffLib.models`      shipped weights, manifests, loading
-- :mod:`CoreDiffLib.inference`   whole-volume denoising with progress and cancel
+- :mod:`CoreDiffLib.oneshot`     one-shot adaptation to a new dose from one reference slice
+- :mod:`CoreDiffLib.inference`   whole-volume (or slab) denoising with progress and cancel
+- :mod:`CoreDiffLib.runtime`     how the network runs on each device (precision, ONNX, compile)
+- :mod:`CoreDiffLib.streaming`   CT files read and written slab by slab
 - :mod:`CoreDiffLib.io`          volumes (NRRD, NIfTI, MHA, DICOM) via SimpleITK
 - :mod:`CoreDiffLib.metrics`     PSNR / SSIM / RMSE as the paper reports them
+- :mod:`CoreDiffLib.baselines`   BM3D and RED-CNN, the quality benchmark's comparisons
 - :mod:`CoreDiffLib.simulation`  phantoms and physically simulated low-dose CT
 - :mod:`CoreDiffLib.cli`         the ``corediff`` command
 
