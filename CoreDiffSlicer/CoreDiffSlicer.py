@@ -1296,6 +1296,8 @@ class CoreDiffSlicerLogic(ScriptedLoadableModuleLogic):
         else:
             slicer.util.updateVolumeFromArray(outputNode, array)
             outputNode.SetIJKToRASMatrix(ijkToRAS)
+        # under the input's transform (a registered scan), so it shows where the input shows
+        outputNode.SetAndObserveTransformNodeID(inputNode.GetTransformNodeID())
         for key, value in self.readProvenance(outputPath).items():  # saved with the scene
             outputNode.SetAttribute(f"CoreDiff.{key}", value)
         if outputNode.GetDisplayNode() is None:
@@ -1431,7 +1433,7 @@ class CoreDiffSlicerLogic(ScriptedLoadableModuleLogic):
         if sliceNode is None or volumeNode is None or volumeNode.GetImageData() is None:
             return None
         sliceToRAS = sliceNode.GetSliceToRAS()
-        ras = [sliceToRAS.GetElement(i, 3) for i in range(3)] + [1.0]
+        ras = self.worldToLocal(volumeNode, [sliceToRAS.GetElement(i, 3) for i in range(3)]) + [1.0]
         rasToIJK = vtk.vtkMatrix4x4()
         volumeNode.GetRASToIJKMatrix(rasToIJK)
         ijk = rasToIJK.MultiplyPoint(ras)
@@ -1447,7 +1449,23 @@ class CoreDiffSlicerLogic(ScriptedLoadableModuleLogic):
         ijkToRAS = vtk.vtkMatrix4x4()
         volumeNode.GetIJKToRASMatrix(ijkToRAS)
         ras = ijkToRAS.MultiplyPoint([(dims[0] - 1) / 2.0, (dims[1] - 1) / 2.0, float(k), 1.0])
-        sliceNode.JumpSliceByCentering(ras[0], ras[1], ras[2])
+        sliceNode.JumpSliceByCentering(*self.localToWorld(volumeNode, ras[:3]))
+
+    @staticmethod
+    def worldToLocal(volumeNode, point) -> list:
+        """A world RAS point (views, ROIs) in the volume's own RAS, under its parent transform."""
+        transformNode = volumeNode.GetParentTransformNode()
+        if transformNode is None:
+            return [float(v) for v in point]
+        return list(transformNode.GetTransformFromWorld().TransformPoint([float(v) for v in point]))
+
+    @staticmethod
+    def localToWorld(volumeNode, point) -> list:
+        """A point of the volume's own RAS in world RAS (where the views show it)."""
+        transformNode = volumeNode.GetParentTransformNode()
+        if transformNode is None:
+            return [float(v) for v in point]
+        return list(transformNode.GetTransformToWorld().TransformPoint([float(v) for v in point]))
 
     def roiStatistics(self, inputNode, outputNode, roiNode=None, sliceIndex=None) -> dict:
         """Mean and SD (HU) inside the ROI, before and after.
@@ -1466,7 +1484,7 @@ class CoreDiffSlicerLogic(ScriptedLoadableModuleLogic):
             for x in bounds[0:2]:
                 for y in bounds[2:4]:
                     for z in bounds[4:6]:
-                        corners.append(rasToIJK.MultiplyPoint([x, y, z, 1.0])[:3])
+                        corners.append(rasToIJK.MultiplyPoint(self.worldToLocal(inputNode, [x, y, z]) + [1.0])[:3])
             corners = np.array(corners)
             lo = np.clip(np.ceil(corners.min(axis=0) - 1e-6).astype(int), 0, [ni - 1, nj - 1, nk - 1])
             hi = np.clip(np.floor(corners.max(axis=0) + 1e-6).astype(int), 0, [ni - 1, nj - 1, nk - 1])

@@ -237,6 +237,42 @@ def test_quality_against_a_reference_scan_scores_the_red_slice(slicerEnv):  # no
     assert [m for m in H.displayed if m[0] == "error"] == []
 
 
+def test_a_transformed_input_keeps_its_transform_and_its_slices(slicerEnv, tinyModel):  # noqa: F811
+    """A registered scan sits under a transform: results go under the same one, and the Red
+    view's slice, the preview and the ROI are found in world coordinates."""
+    slicer, module, tempDir = slicerEnv
+    logic = module.CoreDiffSlicerLogic()
+    inputNode, ijkToRAS = makeVolume((8, 48, 48))
+    toWorld = vtk.vtkMatrix4x4()  # 90 degrees about S, then 7.5 mm (3 slices) up
+    for r, row in enumerate([[0, -1, 0, 20.0], [1, 0, 0, -5.0], [0, 0, 1, 7.5]]):
+        for c in range(4):
+            toWorld.SetElement(r, c, row[c])
+    transform = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "registration")
+    transform.SetMatrixTransformToParent(toWorld)
+    inputNode.SetAndObserveTransformNodeID(transform.GetID())
+    logic.setRedSliceIndex(inputNode, 2)
+    red = logic.redSliceNode().GetSliceToRAS()
+    local = ijkToRAS.MultiplyPoint([23.5, 23.5, 2, 1])
+    world = toWorld.MultiplyPoint(local)
+    assert [red.GetElement(i, 3) for i in range(3)] == pytest.approx(world[:3])  # the view moved in the world
+    assert logic.redSliceIndex(inputNode) == 2
+
+    full = logic.denoise(inputNode, modelFile=tinyModel, device="cpu", timeout=90)
+    preview = logic.denoise(inputNode, modelFile=tinyModel, device="cpu", timeout=90,
+                            sliceIndex=logic.redSliceIndex(inputNode))
+    for node in (full, preview):
+        assert node.GetTransformNodeID() == transform.GetID()
+    np.testing.assert_allclose(slicer.util.arrayFromVolume(preview)[0], slicer.util.arrayFromVolume(full)[2], atol=1.0)
+
+    roi = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "noise ROI")
+    roi.SetCenter(world[:3])  # drawn in the views: world coordinates
+    roi.SetSize(6, 6, 1)
+    stats = logic.roiStatistics(inputNode, full, roi)
+    assert stats["ijkMin"][2] == stats["ijkMax"][2] == 2
+    assert abs(stats["ijkMin"][0] - 21) <= 2 and abs(stats["ijkMin"][1] - 21) <= 2
+    assert os.listdir(tempDir) == []
+
+
 def test_cancel_stops_process_tree_and_leaves_scene_unchanged(slicerEnv, tinyModel):  # noqa: F811
     slicer, module, tempDir = slicerEnv
     widget = makeWidget(module)

@@ -142,9 +142,23 @@ class vtkMRMLScriptedModuleNode(vtkMRMLNode):
 
 
 class vtkMRMLDisplayableNode(vtkMRMLNode):
+    """Mirrors vtkMRMLDisplayableNode with its vtkMRMLTransformableNode base: display node
+    and parent transform references."""
+
     def __init__(self):
         super().__init__()
         self._displayNodeID = None
+        self._transformNodeID = None
+
+    def SetAndObserveTransformNodeID(self, nodeID):
+        self._transformNodeID = nodeID
+        self.Modified()
+
+    def GetTransformNodeID(self):
+        return self._transformNodeID
+
+    def GetParentTransformNode(self):
+        return self._scene.GetNodeByID(self._transformNodeID) if (self._transformNodeID and self._scene) else None
 
     def GetDisplayNode(self):
         return self._scene.GetNodeByID(self._displayNodeID) if (self._displayNodeID and self._scene) else None
@@ -152,6 +166,34 @@ class vtkMRMLDisplayableNode(vtkMRMLNode):
     def SetAndObserveDisplayNodeID(self, nodeID):
         self._displayNodeID = nodeID
         self.Modified()
+
+
+class vtkMRMLLinearTransformNode(vtkMRMLNode):
+    """Mirrors vtkMRMLLinearTransformNode (one level, no parent of its own): a matrix to parent
+    (= to world here) and the world-to-local transform as a real VTK transform."""
+
+    def __init__(self):
+        super().__init__()
+        self._toParent = vtk.vtkMatrix4x4()
+
+    def SetMatrixTransformToParent(self, matrix):
+        self._toParent.DeepCopy(matrix)
+        self.Modified()
+
+    def GetMatrixTransformToParent(self, matrix):
+        matrix.DeepCopy(self._toParent)
+
+    def GetTransformFromWorld(self):
+        inverse = vtk.vtkMatrix4x4()
+        vtk.vtkMatrix4x4.Invert(self._toParent, inverse)
+        transform = vtk.vtkTransform()
+        transform.SetMatrix(inverse)
+        return transform
+
+    def GetTransformToWorld(self):
+        transform = vtk.vtkTransform()
+        transform.SetMatrix(self._toParent)
+        return transform
 
 
 class vtkMRMLScalarVolumeDisplayNode(vtkMRMLNode):
@@ -442,7 +484,8 @@ class vtkMRMLSubjectHierarchyNode(vtkMRMLNode):
 
 _NODE_CLASSES = {c.__name__: c for c in (
     vtkMRMLScriptedModuleNode, vtkMRMLScalarVolumeNode, vtkMRMLLabelMapVolumeNode,
-    vtkMRMLScalarVolumeDisplayNode, vtkMRMLMarkupsROINode, vtkMRMLSliceCompositeNode, vtkMRMLSliceNode)}
+    vtkMRMLScalarVolumeDisplayNode, vtkMRMLMarkupsROINode, vtkMRMLSliceCompositeNode, vtkMRMLSliceNode,
+    vtkMRMLLinearTransformNode)}
 
 # Nodes that get a subject hierarchy item when added (the SH plugins do this in Slicer).
 _DATA_NODE_CLASSES = (vtkMRMLVolumeNode, vtkMRMLMarkupsROINode)
