@@ -1449,23 +1449,18 @@ class CoreDiffSlicerLogic(ScriptedLoadableModuleLogic):
         ijkToRAS = vtk.vtkMatrix4x4()
         volumeNode.GetIJKToRASMatrix(ijkToRAS)
         ras = ijkToRAS.MultiplyPoint([(dims[0] - 1) / 2.0, (dims[1] - 1) / 2.0, float(k), 1.0])
-        sliceNode.JumpSliceByCentering(*self.localToWorld(volumeNode, ras[:3]))
+        sliceNode.JumpSliceByCentering(*self.worldToLocal(volumeNode, ras[:3], inverse=True))
 
     @staticmethod
-    def worldToLocal(volumeNode, point) -> list:
-        """A world RAS point (views, ROIs) in the volume's own RAS, under its parent transform."""
+    def worldToLocal(volumeNode, point, inverse=False) -> list:
+        """A world RAS point (views, ROIs) in the volume's own RAS, under its parent transform
+        (``inverse``: a point of the volume's own RAS in the world, where the views show it)."""
+        point = [float(v) for v in point]
         transformNode = volumeNode.GetParentTransformNode()
         if transformNode is None:
-            return [float(v) for v in point]
-        return list(transformNode.GetTransformFromWorld().TransformPoint([float(v) for v in point]))
-
-    @staticmethod
-    def localToWorld(volumeNode, point) -> list:
-        """A point of the volume's own RAS in world RAS (where the views show it)."""
-        transformNode = volumeNode.GetParentTransformNode()
-        if transformNode is None:
-            return [float(v) for v in point]
-        return list(transformNode.GetTransformToWorld().TransformPoint([float(v) for v in point]))
+            return point
+        transform = transformNode.GetTransformToWorld() if inverse else transformNode.GetTransformFromWorld()
+        return list(transform.TransformPoint(point))
 
     def roiStatistics(self, inputNode, outputNode, roiNode=None, sliceIndex=None) -> dict:
         """Mean and SD (HU) inside the ROI, before and after.
