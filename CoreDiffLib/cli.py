@@ -260,28 +260,40 @@ def cmd_compare(args: argparse.Namespace) -> int:
     import csv
 
     from .figures import comparison_figure
-    from .io import read_volume
+    from .io import read_volume, slices_within
     from .metrics import mean_metrics, volume_metrics
 
     denoised = read_volume(args.denoised)
     ldct = read_volume(args.ldct) if args.ldct else None
     ref = read_volume(args.reference) if args.reference else None
-    for other, name in ((ldct, "--ldct"), (ref, "--reference")):
-        if other is not None and other.shape != denoised.shape:
-            raise CoreDiffError(f"{name} volume {other.shape} and denoised volume {denoised.shape} differ "
-                                "in shape: compare volumes of the same scan")
+    first = 0  # the scan's number of the denoised volume's first slice (> 0 for a --slices output)
+
+    def same_slices(other, flag: str):
+        """``other`` cut to the denoised volume's slices (a --slices output keeps their place)."""
+        nonlocal first
+        if other is None or other.shape == denoised.shape:
+            return other
+        part = slices_within(other, denoised)
+        if part is None:
+            raise CoreDiffError(f"{flag} volume {other.shape} and denoised volume {denoised.shape} differ "
+                                "in shape: compare volumes of the same scan (or slices that denoise --slices "
+                                "took from it, which keep their place)")
+        first = part.start
+        return other.with_array(other.array[part])
+
+    ldct, ref = same_slices(ldct, "--ldct"), same_slices(ref, "--reference")
     rows = []
     if ref is not None:
         series = [("denoised", denoised)] + ([("ldct", ldct)] if ldct is not None else [])
         table = {name: volume_metrics(v.array, ref.array) for name, v in series}
         print(f"{'slice':>5} " + " ".join(f"{n + ' PSNR':>14} {n + ' SSIM':>14} {n + ' RMSE':>14}" for n, _ in series))
         for k in range(denoised.shape[0]):
-            row = {"slice": k}
+            row = {"slice": first + k}
             for name, _ in series:
                 m = table[name][k]
                 row.update({f"{name}_psnr": m.psnr, f"{name}_ssim": m.ssim, f"{name}_rmse_hu": m.rmse_hu})
             rows.append(row)
-            print(f"{k:>5} " + " ".join(f"{row[f'{n}_psnr']:>14.2f} {row[f'{n}_ssim']:>14.4f} "
+            print(f"{first + k:>5} " + " ".join(f"{row[f'{n}_psnr']:>14.2f} {row[f'{n}_ssim']:>14.4f} "
                                          f"{row[f'{n}_rmse_hu']:>14.1f}" for n, _ in series))
         print("mean  " + " ".join(
             f"{m.psnr:>14.2f} {m.ssim:>14.4f} {m.rmse_hu:>14.1f}"
@@ -295,9 +307,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
     else:
         info(args, "no --reference: metrics need a normal-dose volume; writing the figure only")
     if args.figure:
-        k = args.slice if args.slice is not None else denoised.shape[0] // 2
+        shown = args.slice if args.slice is not None else first + denoised.shape[0] // 2
+        k = shown - first
         if not 0 <= k < denoised.shape[0]:
-            raise CoreDiffError(f"--slice {k} is out of range 0..{denoised.shape[0] - 1}")
+            raise CoreDiffError(f"--slice {shown} is out of range {first}..{first + denoised.shape[0] - 1}")
         panels = {}
         if ldct is not None:
             panels["LDCT"] = ldct.array[k]
@@ -305,7 +318,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         if ref is not None:
             panels["NDCT (reference)"] = ref.array[k]
         diff = ("LDCT", "CoreDiff") if ldct is not None else None
-        comparison_figure(panels, args.figure, title=f"slice {k}", difference=diff)
+        comparison_figure(panels, args.figure, title=f"slice {shown}", difference=diff)
         info(args, f"wrote {args.figure}")
     return 0
 

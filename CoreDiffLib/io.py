@@ -53,6 +53,23 @@ class Volume:
                       self.pixel_type, dict(self.dicom_tags), self.source)
 
 
+def slices_within(whole: Volume, part: Volume) -> slice | None:
+    """The slices of ``whole`` that ``part`` is made of (a ``denoise --slices`` output), or None.
+
+    ``part`` must share the in-plane grid, spacing and direction, and start on one of
+    ``whole``'s slices (its origin, within 1 µm); then metrics can compare the two slice by slice.
+    """
+    if (whole.shape[1:] != part.shape[1:] or not np.allclose(whole.spacing, part.spacing, atol=1e-4)
+            or not np.allclose(whole.direction, part.direction, atol=1e-6)):
+        return None
+    step = np.reshape(np.asarray(whole.direction, dtype=np.float64), (3, 3))[:, 2] * float(whole.spacing[2])
+    offset = np.asarray(part.origin, dtype=np.float64) - np.asarray(whole.origin, dtype=np.float64)
+    k = int(round(float(offset @ step / (step @ step))))
+    if np.linalg.norm(offset - k * step) > 1e-3 or k < 0 or k + part.shape[0] > whole.shape[0]:
+        return None
+    return slice(k, k + part.shape[0])
+
+
 # ----------------------------------------------------------------------------- paths
 def is_file_path(path: str | os.PathLike) -> bool:
     return str(path).lower().endswith(FILE_SUFFIXES)

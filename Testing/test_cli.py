@@ -282,6 +282,30 @@ def test_compare_writes_table_csv_and_figure(tmp_path):
     assert (tmp_path / "fig.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_compare_scores_a_slices_output_against_the_matching_slices_of_the_scan(tmp_path, identity_model_path):
+    """`denoise --slices` writes part of a scan where it lies: compare cuts the reference and the
+    LDCT to it and numbers the rows by the scan's slices; a part from elsewhere is refused."""
+    ref = synthetic_ct(10, 48, noise_hu=0)
+    ldct = ref + np.random.default_rng(0).normal(0, 40, ref.shape)
+    ref_path, ldct_path = write_image(tmp_path / "ref.nrrd", ref), write_image(tmp_path / "ldct.nrrd", ldct)
+    assert corediff("denoise", ldct_path, tmp_path / "part.nrrd", "--model", identity_model_path,
+                    "--slices", "4:7", "--progress", "none").returncode == 0
+    r = corediff("compare", tmp_path / "part.nrrd", "--ldct", ldct_path, "--reference", ref_path,
+                 "--csv", tmp_path / "m.csv", "--figure", tmp_path / "fig.png", "--slice", "5")
+    assert r.returncode == 0, r.stderr
+    rows = (tmp_path / "m.csv").read_text().splitlines()[1:]
+    assert [int(row.split(",")[0]) for row in rows] == [4, 5, 6]
+    for row in rows:  # the identity model gives back the LDCT: the same scores on the same slices
+        den_psnr, ld_psnr = float(row.split(",")[1]), float(row.split(",")[4])
+        assert den_psnr == pytest.approx(ld_psnr, abs=0.05)
+    assert (tmp_path / "fig.png").exists()
+    assert "--slice 9 is out of range 4..6" in corediff("compare", tmp_path / "part.nrrd", "--reference", ref_path,
+                                                          "--figure", tmp_path / "f2.png", "--slice", "9").stderr
+    elsewhere = write_image(tmp_path / "elsewhere.nrrd", ldct[4:7], origin=(-10.0, 20.0, 31.0))  # not on a slice
+    r = corediff("compare", elsewhere, "--reference", ref_path)
+    assert r.returncode == 2 and "differ in shape" in r.stderr
+
+
 def _paired_training_folder(tmp_path: Path) -> Path:
     """One NDCT/LDCT pair, named as `corediff train` finds pairs."""
     data = tmp_path / "data"
