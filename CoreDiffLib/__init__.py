@@ -11,6 +11,7 @@ few steps with a mean-preserving degradation operator. The package keeps one ide
 - :mod:`CoreDiffLib.training`    the two-stage loss, EMA, checkpoints
 - :mod:`CoreDiffLib.models`      shipped weights, manifests, loading
 - :mod:`CoreDiffLib.oneshot`     one-shot adaptation to a new dose from one reference slice
+- :mod:`CoreDiffLib.dose_estimate` which dose a scan looks like (noise, patient size): --model auto
 - :mod:`CoreDiffLib.inference`   whole-volume (or slab) denoising with progress and cancel
 - :mod:`CoreDiffLib.runtime`     how the network runs on each device (precision, ONNX, compile)
 - :mod:`CoreDiffLib.streaming`   CT files read and written slab by slab

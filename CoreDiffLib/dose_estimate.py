@@ -1,0 +1,124 @@
+"""Which dose a scan looks like, from its noise and the patient's size: ``--model auto``.
+
+The shipped models are dose-specific, and the wrong one costs dB (held-out phantoms, one step:
+the 25 % model on a 5 % abdomen gives 42.8 dB where the 5 % model gives 47.5). The noise alone
+does not say the dose: a head at 5 % is as noisy as an abdomen at 25 %, and the models, which
+see the anatomy, treat them differently (docs/benchmarks/auto_model/). CT noise grows with the
+attenuation the beam crosses, so the scan is measured twice:
+
+- its **noise index**: the mode of the local standard deviation (6 mm boxes) over soft tissue
+  (local mean 0-100 HU), the "global noise index" of CT quality assurance (Christianson et al.,
+  Radiology 2015), robust to edges and anatomy;
+- the patient's **water-equivalent diameter** (AAPM Report 220): 2 sqrt(sum (1 + HU/1000) dA / pi)
+  over the body (> -500 HU).
+
+A calibration fitted on the training phantoms, log(noise) = a + b WED + c log(dose), inverts to
+a dose, relative to the simulated normal dose; the model trained at the nearest dose (in log)
+is chosen. On a real scanner the absolute numbers depend on kernel and slice thickness, so read
+the estimate as "noise like our simulation at this dose", which is what the choice needs.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import CoreDiffError
+
+#: side of the boxes the local standard deviation is measured in
+NOISE_BOX_MM = 6.0
+#: local means taken as soft tissue (HU)
+SOFT_TISSUE_HU = (0.0, 100.0)
+#: what counts as the body for the water-equivalent diameter (HU)
+BODY_HU = -500.0
+#: slices measured, evenly spread over the volume
+MAX_SLICES = 8
+_MIN_PIXELS = 500  # soft-tissue pixels needed for a noise index
+
+
+@dataclass(frozen=True)
+class ScanNoise:
+    """What :func:`measure` finds: noise index (HU), water-equivalent diameter (mm), slices used."""
+
+    noise_index_hu: float
+    wed_mm: float
+    slices: int
+
+
+def _local_sd(image: np.ndarray, box: int) -> tuple[np.ndarray, np.ndarray]:
+    from scipy import ndimage
+    mean = ndimage.uniform_filter(image, box)
+    mean_sq = ndimage.uniform_filter(image * image, box)
+    return mean, np.sqrt(np.maximum(mean_sq - mean * mean, 0.0))
+
+
+def measure(volume_hu, spacing_xy: tuple[float, float], max_slices: int = MAX_SLICES) -> ScanNoise:
+    """Noise index and water-equivalent diameter of an axial (slices, rows, cols) volume in HU.
+
+    ``volume_hu`` may be any slice-indexable array (a :class:`~CoreDiffLib.streaming.VolumeSource`
+    reads only the slices measured).
+    """
+    n = volume_hu.shape[0]
+    picks = np.unique(np.linspace(0, n - 1, min(max_slices, n)).round().astype(int))
+    box = max(3, int(round(NOISE_BOX_MM / float(spacing_xy[0]))) | 1)  # odd, in pixels
+    pixel_area = float(spacing_xy[0]) * float(spacing_xy[1])
+    sds, weds = [], []
+    for k in picks:
+        image = np.asarray(volume_hu[k:k + 1], dtype=np.float64)[0]
+        mean, sd = _local_sd(image, box)
+        sds.append(sd[(mean > SOFT_TISSUE_HU[0]) & (mean < SOFT_TISSUE_HU[1])])
+        body = image[image > BODY_HU]
+        weds.append(2.0 * math.sqrt(float(np.clip(1.0 + body / 1000.0, 0.0, None).sum()) * pixel_area / math.pi))
+    sd = np.concatenate(sds)
+    if sd.size < _MIN_PIXELS:
+        raise CoreDiffError("too little soft tissue (0-100 HU) in this scan to measure its noise for --model "
+                            "auto: choose the model for its dose with --model")
+    counts, edges = np.histogram(sd, bins=np.arange(0.0, float(sd.max()) + 0.5, 0.25))
+    k = int(np.argmax(counts))
+    return ScanNoise(float(edges[k] + edges[k + 1]) / 2.0, float(np.mean(weds)), int(len(picks)))
+
+
+@dataclass(frozen=True)
+class DoseCalibration:
+    """log(noise index) = a + b * WED + c * log(dose), fitted on the training phantoms."""
+
+    a: float
+    b: float
+    c: float
+
+    def dose(self, scan: ScanNoise) -> float:
+        """The dose (fraction of the simulated normal dose) whose noise this scan shows."""
+        return math.exp((math.log(max(scan.noise_index_hu, 1e-3)) - self.a - self.b * scan.wed_mm) / self.c)
+
+    @classmethod
+    def fit(cls, scans: list[ScanNoise], doses: list[float]) -> "DoseCalibration":
+        X = np.array([[1.0, s.wed_mm, math.log(d)] for s, d in zip(scans, doses)])
+        y = np.log([s.noise_index_hu for s in scans])
+        a, b, c = np.linalg.lstsq(X, y, rcond=None)[0]
+        return cls(float(a), float(b), float(c))
+
+
+def nearest_model(dose: float, models_by_dose: dict[float, str]) -> str:
+    """The model trained at the dose nearest to ``dose`` in log (doses above the highest: that one)."""
+    if not models_by_dose:
+        raise CoreDiffError("no dose-specific models are shipped for --model auto: choose one with --model")
+    return min(models_by_dose.items(), key=lambda item: abs(math.log(item[0]) - math.log(dose)))[1]
+
+
+def shipped_choice() -> tuple[DoseCalibration, dict[float, str]]:
+    """The calibration and the models ``--model auto`` chooses from, as the manifest ships them."""
+    from .models import load_manifest
+    auto = load_manifest().get("auto")
+    if not auto:
+        raise CoreDiffError("this installation ships no calibration for --model auto: choose one with --model")
+    calibration = DoseCalibration(**{k: float(auto["calibration"][k]) for k in ("a", "b", "c")})
+    return calibration, {float(d): name for d, name in auto["models"].items()}
+
+
+def choose_model(volume_hu, spacing_xy: tuple[float, float]) -> tuple[str, ScanNoise, float]:
+    """(model name, measurements, estimated dose) for a scan, with the shipped calibration."""
+    calibration, models = shipped_choice()
+    scan = measure(volume_hu, spacing_xy)
+    dose = calibration.dose(scan)
+    return nearest_model(dose, models), scan, dose

@@ -1,0 +1,74 @@
+"""--model auto: a scan's noise index and water-equivalent diameter, the dose they imply, the model."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from CoreDiffLib import CoreDiffError
+from CoreDiffLib.dose_estimate import DoseCalibration, ScanNoise, choose_model, measure, nearest_model
+from CoreDiffLib.io import read_volume
+
+from conftest import REPO
+
+
+def water_cylinder(diameter_mm: float, noise_hu: float, pixel_mm: float = 0.8, size: int = 512,
+                   slices: int = 3, seed: int = 0) -> np.ndarray:
+    """A 0 HU cylinder in -1000 HU air, with white noise of ``noise_hu`` SD everywhere."""
+    rng = np.random.default_rng(seed)
+    r = np.hypot(*np.meshgrid(*(2 * [(np.arange(size) - size / 2 + 0.5) * pixel_mm])))
+    image = np.where(r < diameter_mm / 2, 0.0, -1000.0)
+    return image[None] + rng.normal(0, noise_hu, (slices, size, size))
+
+
+def test_noise_index_is_the_noise_sd_and_wed_the_diameter_of_a_water_cylinder():
+    for noise in (10.0, 20.0, 40.0):
+        scan = measure(water_cylinder(300.0, noise), (0.8, 0.8))
+        # white noise: the local SD in 7 x 7-pixel boxes centres on sigma (its own spread is ~10 %)
+        assert scan.noise_index_hu == pytest.approx(noise, rel=0.06)
+        assert scan.wed_mm == pytest.approx(300.0, rel=0.02)  # water: WED = its diameter
+        assert scan.slices == 3
+    assert measure(water_cylinder(200.0, 10.0), (0.8, 0.8)).wed_mm == pytest.approx(200.0, rel=0.02)
+
+
+def test_a_calibration_fitted_on_exact_data_recovers_its_dose():
+    truth = DoseCalibration(a=-0.2, b=0.01, c=-0.5)
+    scans, doses = [], []
+    for wed in (170.0, 220.0, 270.0):
+        for dose in (1.0, 0.25, 0.1, 0.05):
+            noise = math.exp(truth.a + truth.b * wed + truth.c * math.log(dose))
+            scans.append(ScanNoise(noise, wed, 8))
+            doses.append(dose)
+    fitted = DoseCalibration.fit(scans, doses)
+    assert (fitted.a, fitted.b, fitted.c) == pytest.approx((truth.a, truth.b, truth.c), abs=1e-9)
+    # the same noise means a higher dose in a larger patient
+    assert fitted.dose(ScanNoise(20.0, 270.0, 8)) > fitted.dose(ScanNoise(20.0, 170.0, 8))
+
+
+def test_the_nearest_model_in_log_dose():
+    models = {0.25: "m25", 0.1: "m10", 0.05: "m5"}
+    # boundaries at the geometric means: 0.158 between 25 and 10 %, 0.0707 between 10 and 5 %
+    for dose, want in ((1.0, "m25"), (0.3, "m25"), (0.16, "m25"), (0.155, "m10"), (0.072, "m10"),
+                       (0.07, "m5"), (0.01, "m5")):
+        assert nearest_model(dose, models) == want, dose
+    with pytest.raises(CoreDiffError, match="no dose-specific models"):
+        nearest_model(0.1, {})
+
+
+def test_the_shipped_calibration_takes_the_bundled_sample_for_a_25_percent_scan():
+    sample = read_volume(REPO / "CoreDiffLib" / "data" / "sample_abdomen_ldct25.nrrd")
+    name, scan, dose = choose_model(sample.array, sample.spacing[:2])
+    assert name == "corediff-25-w32"
+    assert 0.25 / 1.5 < dose < 0.25 * 1.5, dose
+    reference = read_volume(REPO / "CoreDiffLib" / "data" / "sample_abdomen_ndct.nrrd")
+    _, ref_scan, ref_dose = choose_model(reference.array, reference.spacing[:2])
+    assert ref_scan.noise_index_hu < scan.noise_index_hu / 1.6  # four times the dose: half the noise
+    assert ref_dose > 0.6
+
+
+def test_a_scan_without_soft_tissue_is_refused_with_what_to_do():
+    air_and_bone = np.full((2, 64, 64), -1000.0)
+    air_and_bone[:, 20:40, 20:40] = 700.0
+    with pytest.raises(CoreDiffError, match="too little soft tissue .* choose the model for its dose with --model"):
+        measure(air_and_bone, (0.8, 0.8))
