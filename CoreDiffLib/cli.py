@@ -63,7 +63,7 @@ def cmd_denoise(args: argparse.Namespace) -> int:
     try:  # streamed: memory bounded by the batch size, not by the number of slices
         out, shape, _ = denoise_file(
             args.input, args.output,
-            lambda: load_denoiser(args),
+            lambda volume, spacing_xy: load_denoiser(args, volume, spacing_xy),
             batch_size=args.batch_size, progress=progress, log=lambda m: info(args, m), slices=args.slices)
     finally:
         progress.close()
@@ -72,13 +72,23 @@ def cmd_denoise(args: argparse.Namespace) -> int:
     return 0
 
 
-def load_denoiser(args: argparse.Namespace):
-    """The ``denoise`` command's Denoiser; says so when ``--steps auto`` chose one step."""
+def load_denoiser(args: argparse.Namespace, volume=None, spacing_xy=None):
+    """The ``denoise`` command's Denoiser for the (axial) ``volume``: with ``--model auto`` (the
+    default) the model trained at the dose the scan looks like; says so, and when ``--steps auto``
+    chose one step. An adaptation without ``--model`` runs on the model it was learned for."""
     from .inference import AUTO_STEPS, Denoiser
-    den = Denoiser.load(args.model, args.device, args.steps, args.adaptation,
+    from .models import DEFAULT_MODEL
+    model = args.model
+    if model is None and args.adaptation is not None:
+        model = DEFAULT_MODEL  # Denoiser.load takes the adaptation's own base model
+    elif model in (None, AUTO_MODEL):
+        if args.adaptation is not None:
+            raise CoreDiffError("--model auto chooses a dose model; an adaptation brings its own: drop one of them")
+        model = choose_dose_model(args, volume, spacing_xy, explicit=model == AUTO_MODEL)
+    den = Denoiser.load(model, args.device, args.steps, args.adaptation,
                         precision=args.precision, channels_last=args.channels_last)
     trained = den.model.config.steps
-    if args.adaptation is not None and args.model == "default":
+    if args.adaptation is not None and args.model in (None, DEFAULT_MODEL):
         base = getattr(den.model, "weights_path", None)
         info(args, f"adaptation {args.adaptation} on the model it was learned for: {Path(base).name if base else '?'}")
     if args.steps == AUTO_STEPS and den.steps is not None and den.steps < trained:
@@ -86,6 +96,29 @@ def load_denoiser(args: argparse.Namespace):
                    f"0.02-0.06 dB below them for the -w32 models on held-out phantoms; --steps {trained} "
                    "runs the paper's full sampler")
     return den
+
+
+#: ``denoise --model auto`` (its default): the shipped model for the dose the scan looks like
+AUTO_MODEL = "auto"
+
+
+def choose_dose_model(args: argparse.Namespace, volume, spacing_xy, explicit: bool) -> str:
+    """The dose model for this scan (CoreDiffLib.dose_estimate), said in the log. A scan that
+    cannot be measured is an error when ``--model auto`` was asked for, else the default model."""
+    from .dose_estimate import choose_model
+    from .models import DEFAULT_MODEL, load_manifest
+    try:
+        model, scan, dose = choose_model(volume, spacing_xy)
+    except CoreDiffError as exc:
+        if explicit:
+            raise
+        model = load_manifest().get("default") or DEFAULT_MODEL
+        info(args, f"{exc}; using the default model {model}")
+        return model
+    info(args, f"model for this scan: {model} (noise index {scan.noise_index_hu:.1f} HU at a water-equivalent "
+               f"diameter of {scan.wed_mm:.0f} mm, like {100 * dose:.0f} % of the simulated normal dose; "
+               "--model NAME overrides)")
+    return model
 
 
 def steps_argument(text: str) -> int | str:
@@ -115,7 +148,10 @@ def add_denoise_parser(sub) -> None:
     p = sub.add_parser("denoise", help="denoise a CT volume (file or DICOM folder)")
     p.add_argument("input", help="LDCT volume: .nrrd, .nii(.gz), .mha or a DICOM folder")
     p.add_argument("output", help="output file (.nrrd, .nii.gz, .mha) or a new DICOM folder")
-    p.add_argument("--model", default="default", help="shipped model name or .safetensors file")
+    p.add_argument("--model", default=None,
+                   help="auto (default): the shipped model for the dose the scan looks like (its noise for the "
+                        "patient's size); or a shipped model name ('default': corediff-25-w32), or a "
+                        ".safetensors file")
     p.add_argument("--adaptation", default=None, help="one-shot adaptation name or file")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     p.add_argument("--batch-size", type=int, default=None, help="slices per batch (memory bound)")

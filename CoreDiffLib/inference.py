@@ -403,8 +403,9 @@ def denoise_file(input_path, output_path, denoiser, batch_size: int | None = Non
                  slices: tuple[int | None, int | None] | None = None) -> tuple[Path, tuple[int, int, int], bool]:
     """Denoise a volume file into ``output_path`` with memory bounded by the batch size.
 
-    ``denoiser`` is a :class:`Denoiser` or a no-argument callable returning one (called once
-    the input has been opened and validated, so input errors come first).
+    ``denoiser`` is a :class:`Denoiser` or a callable returning one, given the axial slices and
+    their in-plane spacing (x, y) in mm (called once the input has been opened and validated,
+    so input errors come first; ``--model auto`` measures the scan there).
     ``slices`` (start, stop), in axial slices as CoreDiff denoises them, writes only those
     (with their true neighbours as context) as a volume placed where they lie in the input:
     a one-slice preview, or the slab a study needs from a long series.
@@ -429,11 +430,13 @@ def denoise_file(input_path, output_path, denoiser, batch_size: int | None = Non
         n = data.shape[0]
         first, last = check_slice_range(slices, n)
         _validate_streamed(data, str(input_path), slices=(max(first - 1, 0), min(last + 1, n)))
-        axial_axis = 2 - (layout.perm[0] if layout is not None else 0)  # ITK index axis of the axial slices
+        perm = layout.perm if layout is not None else (0, 1, 2)
+        axial_axis = 2 - perm[0]  # ITK index axis of the axial slices
+        spacing_xy = (float(info["spacing"][2 - perm[2]]), float(info["spacing"][2 - perm[1]]))
         partial = (first, last) != (0, n)
         if partial:
             info = dict(info, origin=sub_volume_origin(info, axial_axis, first))
-        den = denoiser if isinstance(denoiser, Denoiser) else denoiser()
+        den = denoiser if isinstance(denoiser, Denoiser) else denoiser(data, spacing_xy)
         metadata = den.provenance()
         if partial:
             metadata["corediff_slices"] = f"{first}:{last} of {n}"

@@ -699,7 +699,8 @@ class CoreDiffSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.statusLabel.text = f"Could not list models: {error}"
             entries = []
         self._modelEntries = entries or []
-        items = [("Default model", "")]
+        items = [("Automatic: the model for the scan's dose", "")]
+        fixed = len(items)
         for e in self._modelEntries:
             key = ("adaptation:" if e.get("kind") == "adaptation" else "model:") + str(e.get("name"))
             label = str(e.get("name"))
@@ -710,8 +711,12 @@ class CoreDiffSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             items.append((label, key))
         current = self._parameterNode.model if self._parameterNode else ""
         fillComboBox(self.ui.modelComboBox, items, current)
+        self.ui.modelComboBox.setItemData(0, "Measures the scan's noise and the patient's size (corediff denoise "
+                                          "--model auto) and picks the 25, 10 or 5 % model; a one-shot "
+                                          "adaptation starts from the default 25 % model", qt.Qt.ToolTipRole)
         for i, e in enumerate(self._modelEntries):
-            self.ui.modelComboBox.setItemData(i + 1, e.get("description") or e.get("path") or "", qt.Qt.ToolTipRole)
+            self.ui.modelComboBox.setItemData(i + fixed, e.get("description") or e.get("path") or "",
+                                              qt.Qt.ToolTipRole)
 
     def _onDevicesListed(self, entries, error) -> None:
         items = [("Auto (fastest available)", "auto")]
@@ -1089,7 +1094,8 @@ class CoreDiffSlicerLogic(ScriptedLoadableModuleLogic):
     def modelArguments(model: str, modelFile=None, withAdaptation=True) -> list:
         """CLI arguments for the model choice.
 
-        ``model`` is the model list's item data ("" = library default, "model:<name>",
+        ``model`` is the model list's item data ("" = the CLI's choice: the dose model for the
+        scan when denoising, the default model as a one-shot base; "model:<name>",
         "adaptation:<name>"); a user model file replaces the base model. An adaptation is tied to
         the base model it was learned for; without a model file the CLI loads that base model.
         """
@@ -1162,21 +1168,13 @@ class CoreDiffSlicerLogic(ScriptedLoadableModuleLogic):
             ijkToRAS.SetElement(row, 3, origin[row])
         return ijkToRAS
 
-    @classmethod
-    def writeVolume(cls, volumeNode, path, slab=None) -> None:
-        """Write the voxels of a volume node to NRRD with its geometry converted to LPS.
-
-        ``slab`` (axis, start, stop) writes only indices start..stop-1 along that IJK axis,
-        placed where they lie in the volume.
-        """
+    @staticmethod
+    def writeVolume(volumeNode, path) -> None:
+        """Write the voxels of a volume node to NRRD with its geometry converted to LPS."""
         import SimpleITK as sitk
-        array = slicer.util.arrayFromVolume(volumeNode)  # (k, j, i): IJK axis a is array axis 2 - a
-        if slab is None:
-            ijkToRAS = cls.shiftedIJKToRAS(volumeNode, 2, 0)
-        else:
-            axis, start, stop = slab
-            array = np.take(array, np.arange(start, stop), axis=2 - axis)
-            ijkToRAS = cls.shiftedIJKToRAS(volumeNode, axis, start)
+        array = slicer.util.arrayFromVolume(volumeNode)
+        ijkToRAS = vtk.vtkMatrix4x4()
+        volumeNode.GetIJKToRASMatrix(ijkToRAS)
         image = sitk.GetImageFromArray(np.ascontiguousarray(array))
         spacing = [float(s) for s in volumeNode.GetSpacing()]
         direction = []
@@ -1205,8 +1203,9 @@ class CoreDiffSlicerLogic(ScriptedLoadableModuleLogic):
 
         ``steps`` None lets the library choose (``--steps auto``: all T on a GPU, one on a CPU).
         ``sliceIndex`` K denoises only axial slice K (a preview, seconds even on a CPU): the
-        output is a one-slice volume ("<input> preview") placed where that slice lies, and
-        only K and its two neighbours leave the scene.
+        output is a one-slice volume ("<input> preview") placed where that slice lies. The whole
+        volume is handed over, so the model ``--model auto`` picks and the slice's neighbours are
+        those of a whole run, and the preview is that run's slice K.
 
         The output node is created (or updated) only on success, so the scene is unchanged
         after a failure or a cancel.
@@ -1215,19 +1214,18 @@ class CoreDiffSlicerLogic(ScriptedLoadableModuleLogic):
             raise ValueError("the input volume has no image data")
         if outputNode is not None and outputNode.GetID() == inputNode.GetID():
             raise ValueError("the output volume must differ from the input volume")
-        slab, preview = None, None
+        preview = None
         if sliceIndex is not None:
             axis = self.axialAxis(inputNode)
             count = inputNode.GetImageData().GetDimensions()[axis]
             if not 0 <= sliceIndex < count:
                 raise ValueError(f"slice {sliceIndex} is outside the volume's 0..{count - 1}")
-            start, stop = max(sliceIndex - 1, 0), min(sliceIndex + 2, count)  # the slice and its context
-            slab, preview = (axis, start, stop), (axis, sliceIndex)
+            preview = (axis, sliceIndex)
         runDir = slicer.util.tempDirectory("CoreDiff-" + uuid.uuid4().hex[:8])
         inputPath = os.path.join(runDir, "input.nrrd")
         outputPath = os.path.join(runDir, "output.nrrd")
         try:
-            self.writeVolume(inputNode, inputPath, slab)
+            self.writeVolume(inputNode, inputPath)
         except Exception:
             shutil.rmtree(runDir, ignore_errors=True)
             raise
@@ -1236,8 +1234,8 @@ class CoreDiffSlicerLogic(ScriptedLoadableModuleLogic):
             args += ["--steps", int(steps)]
         if batchSize:
             args += ["--batch-size", int(batchSize)]
-        if slab is not None:
-            args += ["--slices", int(sliceIndex - slab[1])]
+        if preview is not None:  # counted in axial slices, as the library denoises them
+            args += ["--slices", int(sliceIndex)]
 
         def finished(job):
             if job in self._jobs:

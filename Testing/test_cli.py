@@ -159,6 +159,30 @@ def test_slices_denoises_part_of_a_volume_as_the_whole_run_would(tmp_path, chang
     assert digest(src) == before
 
 
+@pytest.mark.parametrize("explicit", [False, True])
+def test_model_auto_picks_the_model_for_the_dose_the_scan_looks_like(tmp_path, explicit):
+    """--model auto is the default; the log and the header say what it chose."""
+    sample = REPO / "CoreDiffLib" / "data" / "sample_abdomen_ldct25.nrrd"
+    out = tmp_path / "den.nrrd"
+    r = corediff("denoise", sample, out, *(["--model", "auto"] if explicit else []), "--slices", "3",
+                 "--progress", "lines")
+    assert r.returncode == 0, r.stderr
+    line = next(line for line in r.stdout.splitlines() if "model for this scan:" in line)
+    assert "corediff-25-w32 (noise index" in line and "water-equivalent diameter" in line
+    assert sitk.ReadImage(str(out)).GetMetaData("corediff_model") == "corediff-25-w32"
+
+
+def test_a_scan_auto_cannot_measure_gets_the_default_model_unless_auto_was_asked_for(tmp_path):
+    fat_and_bone = synthetic_ct(2, 48) - 140.0  # the 'water' ellipse becomes fat: no soft tissue
+    src = write_image(tmp_path / "fat.nrrd", fat_and_bone)
+    r = corediff("denoise", src, tmp_path / "out.nrrd", "--progress", "lines")
+    assert r.returncode == 0, r.stderr
+    assert "too little soft tissue" in r.stdout and "using the default model corediff-25-w32" in r.stdout
+    r = corediff("denoise", src, tmp_path / "out2.nrrd", "--model", "auto", "--progress", "none")
+    assert r.returncode == 2 and "choose the model for its dose with --model" in r.stderr
+    assert not (tmp_path / "out2.nrrd").exists()
+
+
 def test_single_slice_volume_denoises_with_replicated_neighbours(tmp_path, identity_model_path):
     src = write_image(tmp_path / "one.nrrd", synthetic_ct(1, 48))
     r = corediff("denoise", src, tmp_path / "out.mha", "--model", identity_model_path, "--progress", "none")
@@ -224,6 +248,7 @@ def _mismatched_tensors(tmp_path: Path) -> Path:
     ("slice_beyond_the_end", "slices 6:7 are not within this volume's 0:6"),
     ("empty_slice_range", "slices 4:2 are not within this volume's 0:6"),
     ("malformed_slices", "'2-4' is not K or A:B"),
+    ("auto_model_with_an_adaptation", "--model auto chooses a dose model; an adaptation brings its own"),
 ])
 def test_bad_input_gets_one_clear_line_and_writes_nothing(tmp_path, ct_file, tiny_model_path, case, message):
     inp, out, model, extra = ct_file, tmp_path / "out.nrrd", tiny_model_path, []
@@ -255,6 +280,8 @@ def test_bad_input_gets_one_clear_line_and_writes_nothing(tmp_path, ct_file, tin
         extra = ["--slices", "4:2"]
     elif case == "malformed_slices":
         extra = ["--slices", "2-4"]
+    elif case == "auto_model_with_an_adaptation":
+        model, extra = "auto", ["--adaptation", "some-adaptation"]
     before = {p.name: digest(p) for p in tmp_path.iterdir() if p.is_file()}
     r = corediff("denoise", inp, out, "--model", model, "--progress", "none", *extra)
     assert r.returncode == 2

@@ -138,7 +138,7 @@ def test_preview_denoises_the_red_slice_as_the_whole_run_would(slicerEnv, tinyMo
         widget.ui.previewButton.click()
         assert not widget.ui.previewButton.property("enabled")  # one run at a time
         args = [str(a) for a in H.launched[-1].args]
-        assert args[args.index("--slices") + 1] == "1"  # K within the slab of it and its neighbours
+        assert args[args.index("--slices") + 1] == str(k)
         spin(slicer, lambda: not widget._job.running, timeout=90)
         status = widget.ui.statusLabel.property("text")
         assert status.startswith(f"Preview of slice {k}"), status
@@ -271,6 +271,21 @@ def test_a_transformed_input_keeps_its_transform_and_its_slices(slicerEnv, tinyM
     assert stats["ijkMin"][2] == stats["ijkMax"][2] == 2
     assert abs(stats["ijkMin"][0] - 21) <= 2 and abs(stats["ijkMin"][1] - 21) <= 2
     assert os.listdir(tempDir) == []
+
+
+def test_automatic_model_choice_reaches_the_cli(slicerEnv):  # noqa: F811
+    """'Automatic', first in the model list, leaves the choice to the CLI (`--model auto` by default)."""
+    slicer, module, tempDir = slicerEnv
+    widget = makeWidget(module)
+    widget.refreshModelsAndDevices()  # (makeWidget cancels the first listing)
+    waitIdle(slicer, widget, timeout=90)  # the list is filled from `corediff models --json`
+    combo = widget.ui.modelComboBox
+    labels = [combo.itemText(i) for i in range(combo.property("count"))]
+    assert labels[0] == "Automatic: the model for the scan's dose" and combo.itemData(0) == ""
+    assert "corediff-10-w32 (0.1)" in labels  # each shipped model can still be chosen
+    assert widget._parameterNode.model == ""
+    assert widget.logic.modelArguments("") == []
+    assert widget.logic.modelArguments("model:corediff-10-w32") == ["--model", "corediff-10-w32"]
 
 
 def test_cancel_stops_process_tree_and_leaves_scene_unchanged(slicerEnv, tinyModel):  # noqa: F811

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The main job on the bundled default: denoise the shipped sample LDCT volume with the shipped
-# default model, then compare against its normal-dose reference (metrics + before/after figure).
+# model --model auto picks for it (the 25 % one), then compare against its normal-dose reference
+# (metrics + before/after figure).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup_env.sh simulation

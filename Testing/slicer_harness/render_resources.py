@@ -107,7 +107,7 @@ def makeScreenshot(path, ldctPath, denoisedPath, seconds, referencePath=None):
     node = H.volumeFromArray(ldct.astype(np.int16), m, "Sample abdomen 25% dose")
     p = widget._parameterNode
     p.inputVolume = node
-    p.model = "model:" + default["name"]
+    p.model = ""  # Automatic: --model auto, which picks the default 25 % model for this sample
     p.device = "cpu"
     n = ldct.shape[0]
     widget.ui.compareCollapsibleButton.collapsed = False
@@ -115,7 +115,8 @@ def makeScreenshot(path, ldctPath, denoisedPath, seconds, referencePath=None):
     widget.ui.progressBar.setMaximum(n)
     widget.ui.progressBar.setValue(n)
     widget.ui.progressBar.setFormat(f"{n} / {n} slices")
-    widget.ui.statusLabel.setText(f"Done in {seconds:.0f} s: Sample abdomen 25% dose denoised")
+    widget.ui.statusLabel.setText(f"Done in {seconds:.0f} s: Sample abdomen 25% dose denoised "
+                                  f"({default['name']}, 1 of 10 steps)")
     # ROI: a 24x24 box in the liver of the middle slice (same box drawn on both views)
     y0, x0, r = 236, 150, 24
     before, after = ldct[k, y0:y0 + r, x0:x0 + r], den[k, y0:y0 + r, x0:x0 + r]
