@@ -84,9 +84,11 @@ def load_denoiser(args: argparse.Namespace, volume=None, spacing_xy=None):
     elif model in (None, AUTO_MODEL):
         if args.adaptation is not None:
             raise CoreDiffError("--model auto chooses a dose model; an adaptation brings its own: drop one of them")
-        model = choose_dose_model(args, volume, spacing_xy, explicit=model == AUTO_MODEL)
+        model, choice = choose_dose_model(args, volume, spacing_xy, explicit=model == AUTO_MODEL)
     den = Denoiser.load(model, args.device, args.steps, args.adaptation,
                         precision=args.precision, channels_last=args.channels_last)
+    if args.model in (None, AUTO_MODEL) and args.adaptation is None:
+        den.model_choice = choice  # recorded in the output's header
     trained = den.model.config.steps
     if args.adaptation is not None and args.model in (None, DEFAULT_MODEL):
         base = getattr(den.model, "weights_path", None)
@@ -102,8 +104,8 @@ def load_denoiser(args: argparse.Namespace, volume=None, spacing_xy=None):
 AUTO_MODEL = "auto"
 
 
-def choose_dose_model(args: argparse.Namespace, volume, spacing_xy, explicit: bool) -> str:
-    """The dose model for this scan (CoreDiffLib.dose_estimate), said in the log. A scan that
+def choose_dose_model(args: argparse.Namespace, volume, spacing_xy, explicit: bool) -> tuple[str, str]:
+    """(model, why) for this scan (CoreDiffLib.dose_estimate), said in the log. A scan that
     cannot be measured is an error when ``--model auto`` was asked for, else the default model."""
     from .dose_estimate import choose_model
     from .models import DEFAULT_MODEL, load_manifest
@@ -114,11 +116,12 @@ def choose_dose_model(args: argparse.Namespace, volume, spacing_xy, explicit: bo
             raise
         model = load_manifest().get("default") or DEFAULT_MODEL
         info(args, f"{exc}; using the default model {model}")
-        return model
+        return model, "auto: not measurable, the default model"
     info(args, f"model for this scan: {model} (noise index {scan.noise_index_hu:.1f} HU at a water-equivalent "
                f"diameter of {scan.wed_mm:.0f} mm, like {100 * dose:.0f} % of the simulated normal dose; "
                "--model NAME overrides)")
-    return model
+    return model, (f"auto: noise index {scan.noise_index_hu:.1f} HU, water-equivalent diameter "
+                   f"{scan.wed_mm:.0f} mm, estimated dose {dose:.3f}")
 
 
 def steps_argument(text: str) -> int | str:

@@ -150,6 +150,7 @@ class Denoiser:
     settings: RunSettings | None = None
     threads: int | None = None
     net: object | None = field(default=None, repr=False)
+    model_choice: str | None = None  # why this model, when chosen for the scan (--model auto)
 
     def __post_init__(self):
         if self.settings is None:
@@ -212,6 +213,8 @@ class Denoiser:
                 "corediff_device": self.device.type, "corediff_runtime": self.settings.label()}
         if self.adaptation is not None:
             meta["corediff_adaptation"] = str(getattr(self.adaptation, "name", ""))
+        if self.model_choice:
+            meta["corediff_model_choice"] = self.model_choice
         return meta
 
     def denoise_batch(self, stack_unit: np.ndarray) -> np.ndarray:

@@ -169,7 +169,9 @@ def test_model_auto_picks_the_model_for_the_dose_the_scan_looks_like(tmp_path, e
     assert r.returncode == 0, r.stderr
     line = next(line for line in r.stdout.splitlines() if "model for this scan:" in line)
     assert "corediff-25-w32 (noise index" in line and "water-equivalent diameter" in line
-    assert sitk.ReadImage(str(out)).GetMetaData("corediff_model") == "corediff-25-w32"
+    header = sitk.ReadImage(str(out))
+    assert header.GetMetaData("corediff_model") == "corediff-25-w32"
+    assert header.GetMetaData("corediff_model_choice").startswith("auto: noise index ")  # why that model
 
 
 def test_a_scan_auto_cannot_measure_gets_the_default_model_unless_auto_was_asked_for(tmp_path):
