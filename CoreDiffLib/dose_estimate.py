@@ -10,7 +10,8 @@ attenuation the beam crosses, so the scan is measured twice:
   (local mean 0-100 HU), the "global noise index" of CT quality assurance (Christianson et al.,
   Radiology 2015), robust to edges and anatomy;
 - the patient's **water-equivalent diameter** (AAPM Report 220): 2 sqrt(sum (1 + HU/1000) dA / pi)
-  over the body (> -500 HU).
+  over the body: the largest connected region above -500 HU (so the table and cables, apart
+  from it, do not count).
 
 A calibration fitted on the training phantoms, log(noise) = a + b WED + c log(dose), inverts to
 a dose, relative to the simulated normal dose; the model trained at the nearest dose (in log)
@@ -53,6 +54,16 @@ def _local_sd(image: np.ndarray, box: int) -> tuple[np.ndarray, np.ndarray]:
     return mean, np.sqrt(np.maximum(mean_sq - mean * mean, 0.0))
 
 
+def largest_region(mask: np.ndarray) -> np.ndarray:
+    """The largest 8-connected region of a 2-D mask (all False when the mask is empty)."""
+    from scipy import ndimage
+    labels, count = ndimage.label(mask, structure=np.ones((3, 3), bool))
+    if count <= 1:
+        return labels > 0
+    sizes = np.bincount(labels.ravel())[1:]
+    return labels == (int(np.argmax(sizes)) + 1)
+
+
 def measure(volume_hu, spacing_xy: tuple[float, float], max_slices: int = MAX_SLICES) -> ScanNoise:
     """Noise index and water-equivalent diameter of an axial (slices, rows, cols) volume in HU.
 
@@ -68,7 +79,7 @@ def measure(volume_hu, spacing_xy: tuple[float, float], max_slices: int = MAX_SL
         image = np.asarray(volume_hu[k:k + 1], dtype=np.float64)[0]
         mean, sd = _local_sd(image, box)
         sds.append(sd[(mean > SOFT_TISSUE_HU[0]) & (mean < SOFT_TISSUE_HU[1])])
-        body = image[image > BODY_HU]
+        body = image[largest_region(image > BODY_HU)]
         weds.append(2.0 * math.sqrt(float(np.clip(1.0 + body / 1000.0, 0.0, None).sum()) * pixel_area / math.pi))
     sd = np.concatenate(sds)
     if sd.size < _MIN_PIXELS:

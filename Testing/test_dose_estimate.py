@@ -32,6 +32,13 @@ def test_noise_index_is_the_noise_sd_and_wed_the_diameter_of_a_water_cylinder():
     assert measure(water_cylinder(200.0, 10.0), (0.8, 0.8)).wed_mm == pytest.approx(200.0, rel=0.02)
 
 
+def test_the_table_under_the_patient_is_not_part_of_the_water_equivalent_diameter():
+    scan = water_cylinder(250.0, 10.0)
+    with_table = scan.copy()
+    with_table[:, 430:445, 40:472] = 300.0  # a dense board below the body, separated from it by air
+    assert measure(with_table, (0.8, 0.8)).wed_mm == pytest.approx(measure(scan, (0.8, 0.8)).wed_mm, rel=1e-3)
+
+
 def test_a_calibration_fitted_on_exact_data_recovers_its_dose():
     truth = DoseCalibration(a=-0.2, b=0.01, c=-0.5)
     scans, doses = [], []
