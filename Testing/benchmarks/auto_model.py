@@ -1,6 +1,10 @@
 """What ``--model auto`` chooses on held-out phantoms, and what each choice scores.
 
     python Testing/benchmarks/auto_model.py [--data data/test-6slices] [--steps 1] [--out DIR]
+    python Testing/benchmarks/auto_model.py --data data/test-6slices-unseen --simulate 0.5 0.15 0.03
+
+``--simulate DOSES`` first simulates the three held-out test phantoms (seeds 9000-9002, 6 slices
+of 512²) at doses no model was trained for into DATA, unless it holds them already.
 
 For every phantom and dose of DATA (``*_ndct.nrrd`` + ``*_ldct<percent>.nrrd``, as ``corediff
 simulate`` writes them): the noise index, water-equivalent diameter and estimated dose, the
@@ -17,11 +21,27 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from CoreDiffLib.dose_estimate import choose_model, shipped_choice  # noqa: E402
+from CoreDiffLib.dose_estimate import choose_model, nearest_model, shipped_choice  # noqa: E402
 from CoreDiffLib.inference import Denoiser, denoise_volume  # noqa: E402
-from CoreDiffLib.io import read_volume  # noqa: E402
+from CoreDiffLib.io import Volume, read_volume, write_volume  # noqa: E402
 from CoreDiffLib.metrics import mean_metrics, volume_metrics  # noqa: E402
 from CoreDiffLib.models import load_manifest  # noqa: E402
+
+
+def simulate_unseen(folder: Path, doses: list[float]) -> None:
+    """The test phantoms (seeds 9000-9002) at ``doses``, written as corediff simulate names them."""
+    from CoreDiffLib.simulation import simulate_pair
+    from CoreDiffLib.simulation.dataset import dose_tag
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, kind in enumerate(("abdomen", "thorax", "head")):
+        name = f"test{9000 + i}_{kind}"
+        if (folder / f"{name}_ndct.nrrd").exists():
+            continue
+        ndct, ldcts, spacing = simulate_pair(kind, 6, 512, sorted(doses, reverse=True), seed=9000 + i)
+        write_volume(Volume(ndct, spacing, pixel_type="int16"), folder / f"{name}_ndct.nrrd")
+        for dose, ldct in ldcts.items():
+            write_volume(Volume(ldct, spacing, pixel_type="int16"), folder / f"{name}_ldct{dose_tag(dose)}.nrrd")
+        print(f"simulated {name} at {', '.join(f'{d:g}' for d in doses)}", flush=True)
 
 
 def main() -> int:
@@ -29,14 +49,17 @@ def main() -> int:
     p.add_argument("--data", type=Path, default=Path("data/test-6slices"))
     p.add_argument("--steps", type=int, default=1, help="sampling steps (1: the CPU default)")
     p.add_argument("--out", type=Path, default=Path("docs/benchmarks/auto_model"))
+    p.add_argument("--simulate", type=float, nargs="*", default=None, metavar="DOSE")
     args = p.parse_args()
+    if args.simulate:
+        simulate_unseen(args.data, args.simulate)
     _, models = shipped_choice()
     default = load_manifest()["default"]
     denoisers = {name: Denoiser.load(name, "cpu", args.steps) for name in models.values()}
     rows = []
     for ndct_path in sorted(args.data.glob("*_ndct.nrrd")):
         reference = read_volume(ndct_path).array
-        ldct_paths = {int(re.search(r"_ldct(\d+)\.nrrd$", path.name).group(1)) / 100: path
+        ldct_paths = {float(re.search(r"_ldct([\dp]+)\.nrrd$", path.name).group(1).replace("p", ".")) / 100: path
                       for path in ndct_path.parent.glob(ndct_path.name.replace("_ndct", "_ldct*"))}
         for dose, ldct_path in sorted(ldct_paths.items(), reverse=True):
             ldct = read_volume(ldct_path)
@@ -70,12 +93,12 @@ def main() -> int:
                      + f" | {gain:+.2f} |")
     best = sum(row["models"][row["chosen"]]["psnr"] >= max(m["psnr"] for m in row["models"].values()) - 1e-9
                for row in rows)
-    matched = sum(row["chosen"] == models.get(row["dose"]) for row in rows)
-    lines += ["", f"The chosen model is the one trained at the scan's dose for {matched} of {len(rows)} scans, "
-              f"and the best-scoring of the {len(names)} for {best} of {len(rows)}."]
+    matched = sum(row["chosen"] == nearest_model(row["dose"], models) for row in rows)
+    lines += ["", f"The chosen model is the one trained at the dose nearest the scan's (in log) for {matched} of "
+              f"{len(rows)} scans, and the best-scoring of the {len(names)} for {best} of {len(rows)}."]
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(rows, indent=1) + "\n")
-    (args.out / "README.md").write_text("\n".join(lines) + "\n")
+    (args.out / f"results_{args.data.name}.json").write_text(json.dumps(rows, indent=1) + "\n")
+    (args.out / f"{args.data.name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 
