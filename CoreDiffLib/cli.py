@@ -16,6 +16,7 @@ from typing import Callable
 
 from . import CoreDiffError, __version__
 from .atomic import atomic_path
+from .dose_estimate import AUTO_MODEL
 
 
 # ----------------------------------------------------------------------------- progress
@@ -98,10 +99,6 @@ def load_denoiser(args: argparse.Namespace, volume=None, spacing_xy=None):
                    f"0.02-0.06 dB below them for the -w32 models on held-out phantoms; --steps {trained} "
                    "runs the paper's full sampler")
     return den
-
-
-#: ``denoise --model auto`` (its default): the shipped model for the dose the scan looks like
-AUTO_MODEL = "auto"
 
 
 def choose_dose_model(args: argparse.Namespace, volume, spacing_xy, explicit: bool) -> tuple[str, str]:

@@ -27,6 +27,8 @@ import numpy as np
 
 from . import CoreDiffError
 
+#: the model name that asks for this choice (``denoise --model auto``, its default, and ``oneshot``)
+AUTO_MODEL = "auto"
 #: side of the boxes the local standard deviation is measured in
 NOISE_BOX_MM = 6.0
 #: local means taken as soft tissue (HU)

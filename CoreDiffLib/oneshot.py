@@ -78,6 +78,7 @@ import torch.nn.functional as F
 
 from . import CoreDiffError
 from .atomic import write_text_atomic
+from .dose_estimate import AUTO_MODEL
 from .intensity import HU_MIN, HU_RANGE
 from .training import window_ssim
 
@@ -772,8 +773,12 @@ def cmd_oneshot(args) -> int:
     if out.exists() and not args.overwrite:
         raise CoreDiffError(f"{out} already exists: choose another --name/--out or pass --overwrite")
     paired = args.ndct is not None
-    model = load_model(args.model, pick_device(args.device))
     ldct = read_volume(args.ldct)
+    model_name = args.model
+    if model_name == AUTO_MODEL:  # the base nearest the new dose: what the steps can be re-weighted from
+        from .cli import choose_dose_model
+        model_name, _ = choose_dose_model(args, ldct.array, ldct.spacing[:2], explicit=False)
+    model = load_model(model_name, pick_device(args.device))
     n = ldct.shape[0]
     if not 0 <= args.slice < n:
         raise CoreDiffError(f"--slice {args.slice} is out of range 0..{n - 1} ({args.ldct} has {n} slices)")
@@ -808,7 +813,7 @@ def cmd_oneshot(args) -> int:
                            progress=progress,
                            info={"ldct": str(Path(args.ldct).resolve()),
                                  "ndct": str(Path(args.ndct or args.ndct_unpaired).resolve()),
-                                 "model": str(args.model)})
+                                 "model": str(model_name)})
     finally:
         progress.close()
     path = adaptation.save(out)
@@ -827,7 +832,9 @@ def add_oneshot_parser(sub) -> None:
                        description="Learn T step weights (one-shot learning) that adapt a trained model to a "
                                    "new dose level or scanner from ONE reference LDCT slice and a normal-dose "
                                    "slice: paired (--ndct, the same scan) or unpaired (--ndct-unpaired).")
-    p.add_argument("--model", default="default", help="shipped model name or .safetensors file")
+    p.add_argument("--model", default=AUTO_MODEL,
+                   help="base model: auto (default; the shipped model of the dose nearest the one --ldct looks "
+                        "like), a shipped model name, or a .safetensors file")
     p.add_argument("--ldct", required=True, help="LDCT volume at the new dose (file or DICOM folder)")
     p.add_argument("--slice", type=int, required=True, help="reference slice index (0-based) in --ldct")
     g = p.add_mutually_exclusive_group(required=True)

@@ -326,6 +326,18 @@ def test_cli_end_to_end(files, user_home, capsys, tmp_path):
     assert rc == 0 and "d10" in [r["name"] for r in json.loads(out) if r["kind"] == "adaptation"]
 
 
+def test_cli_without_a_model_starts_from_the_shipped_model_of_the_nearest_dose(files, user_home, capsys, tmp_path):
+    from CoreDiffLib.dose_estimate import shipped_choice
+    rc, out, err = run_cli(capsys, "oneshot", "--ldct", files["ldct"], "--slice", 2, "--ndct", files["ndct"],
+                           "--name", "auto-base", "--iterations", 5, "--patch-size", 32, "--progress", "lines")
+    assert rc == 0, err
+    _, models = shipped_choice()
+    a = Adaptation.read(user_home / "adaptations" / "auto-base.json")
+    assert a.info["model"] in models.values()  # one of the dose models, named in the log
+    assert f"model for this scan: {a.info['model']}" in out or "using the default model" in out
+    assert a.base_sha256 == load_model(a.info["model"]).weights_sha256
+
+
 def one_error_line(err: str) -> str:
     lines = [line for line in err.strip().splitlines() if line]
     assert len(lines) == 1 and lines[0].startswith("corediff: error: "), err
