@@ -713,7 +713,8 @@ class CoreDiffSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         fillComboBox(self.ui.modelComboBox, items, current)
         self.ui.modelComboBox.setItemData(0, "Measures the scan's noise and the patient's size (corediff denoise "
                                           "--model auto) and picks the 25, 10 or 5 % model; a one-shot "
-                                          "adaptation starts from the default 25 % model", qt.Qt.ToolTipRole)
+                                          "adaptation starts from the one nearest its reference's dose",
+                                          qt.Qt.ToolTipRole)
         for i, e in enumerate(self._modelEntries):
             self.ui.modelComboBox.setItemData(i + fixed, e.get("description") or e.get("path") or "",
                                               qt.Qt.ToolTipRole)
@@ -1094,8 +1095,8 @@ class CoreDiffSlicerLogic(ScriptedLoadableModuleLogic):
     def modelArguments(model: str, modelFile=None, withAdaptation=True) -> list:
         """CLI arguments for the model choice.
 
-        ``model`` is the model list's item data ("" = the CLI's choice: the dose model for the
-        scan when denoising, the default model as a one-shot base; "model:<name>",
+        ``model`` is the model list's item data ("" = the CLI's choice, ``--model auto``: the
+        model of the dose nearest the scan's, also as a one-shot base; "model:<name>",
         "adaptation:<name>"); a user model file replaces the base model. An adaptation is tied to
         the base model it was learned for; without a model file the CLI loads that base model.
         """
