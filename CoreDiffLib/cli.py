@@ -423,6 +423,27 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_dose(args: argparse.Namespace) -> int:
+    """``corediff dose IN``: what ``--model auto`` measures on a scan and the model it would run."""
+    from .dose_estimate import choose_model
+    from .inference import axial_layout, axial_spacing
+    from .io import read_volume
+    volume = read_volume(args.input)
+    layout = axial_layout(volume.direction, volume.array.shape)  # measured on its axial planes, as denoise does
+    array = layout.to_axial(volume.array) if layout is not None else volume.array
+    model, scan, dose = choose_model(array, axial_spacing(volume.spacing, layout)[:2])
+    row = {"input": str(args.input), "noise_index_hu": round(scan.noise_index_hu, 2),
+           "water_equivalent_diameter_mm": round(scan.wed_mm, 1), "slices_measured": scan.slices,
+           "estimated_dose": round(dose, 4), "model": model}
+    if args.json:
+        print(json.dumps(row, indent=1))
+    else:
+        print(f"noise index {scan.noise_index_hu:.1f} HU (mode of the 6 mm local SD over soft tissue, "
+              f"{scan.slices} slices)\nwater-equivalent diameter {scan.wed_mm:.0f} mm\n"
+              f"looks like {100 * dose:.1f} % of the simulated normal dose\n--model auto runs {model}")
+    return 0
+
+
 def cmd_devices(args: argparse.Namespace) -> int:
     import torch
     rows = [{"name": "cpu", "label": f"CPU ({torch.get_num_threads()} threads)", "memory_gb": None}]
@@ -448,6 +469,11 @@ def add_info_parsers(sub) -> None:
     p = sub.add_parser("devices", help="list compute devices PyTorch can use")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_devices)
+    p = sub.add_parser("dose", help="the dose a scan looks like (noise for its size) and the model --model auto "
+                                    "runs on it")
+    p.add_argument("input", help="CT volume (file or DICOM folder)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_dose)
 
 
 # ----------------------------------------------------------------------------- bench

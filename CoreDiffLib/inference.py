@@ -389,6 +389,13 @@ def axial_layout(direction, shape) -> AxialLayout | None:
     return AxialLayout(perm, flips, "sagittal" if index_axes[0] == 0 else "coronal")
 
 
+def axial_spacing(spacing, layout: AxialLayout | None) -> tuple[float, float, float]:
+    """(x, y, slice) spacing in mm of the axial planes, for a volume stored in ``layout``
+    (None: axial already): ITK index axis a is array axis 2 - a."""
+    perm = layout.perm if layout is not None else (0, 1, 2)
+    return tuple(float(spacing[2 - perm[k]]) for k in (2, 1, 0))
+
+
 def sub_volume_origin(info: dict, index_axis: int, start: int) -> tuple[float, float, float]:
     """Physical origin of the sub-volume that starts at index ``start`` along ITK ``index_axis``.
 
@@ -433,13 +440,12 @@ def denoise_file(input_path, output_path, denoiser, batch_size: int | None = Non
         n = data.shape[0]
         first, last = check_slice_range(slices, n)
         _validate_streamed(data, str(input_path), slices=(max(first - 1, 0), min(last + 1, n)))
-        perm = layout.perm if layout is not None else (0, 1, 2)
-        axial_axis = 2 - perm[0]  # ITK index axis of the axial slices
-        spacing_xy = (float(info["spacing"][2 - perm[2]]), float(info["spacing"][2 - perm[1]]))
+        axial_axis = 2 - (layout.perm[0] if layout is not None else 0)  # ITK index axis of the axial slices
+        *spacing_xy, slice_mm = axial_spacing(info["spacing"], layout)
         partial = (first, last) != (0, n)
         if partial:
             info = dict(info, origin=sub_volume_origin(info, axial_axis, first))
-        den = denoiser if isinstance(denoiser, Denoiser) else denoiser(data, spacing_xy)
+        den = denoiser if isinstance(denoiser, Denoiser) else denoiser(data, tuple(spacing_xy))
         metadata = den.provenance()
         if partial:
             metadata["corediff_slices"] = f"{first}:{last} of {n}"
@@ -452,7 +458,6 @@ def denoise_file(input_path, output_path, denoiser, batch_size: int | None = Non
             if layout is not None:
                 log(f"its slices are not axial ({layout.storage} storage): denoising its axial planes, as the "
                     "models were trained, and writing them back in its own order")
-            slice_mm = float(info["spacing"][axial_axis])
             if slice_mm >= WIDE_SLICE_MM:
                 log(f"slice spacing {slice_mm:g} mm: the models were trained on 1 mm slices, and their "
                     "neighbour context helps less the further apart the slices are (held-out phantoms, 25 %: "

@@ -174,6 +174,27 @@ def test_model_auto_picks_the_model_for_the_dose_the_scan_looks_like(tmp_path, e
     assert header.GetMetaData("corediff_model_choice").startswith("auto: noise index ")  # why that model
 
 
+def test_dose_reports_what_model_auto_measures_whatever_the_storage(tmp_path):
+    import json
+    sample = read_volume(REPO / "CoreDiffLib" / "data" / "sample_abdomen_ldct25.nrrd")
+    volume = np.concatenate([sample.array, sample.array[::-1], sample.array[:4]])  # 20 slices: a reformat's
+    axial = write_image(tmp_path / "axial.nrrd", volume, spacing=sample.spacing,  # planes need >= 16 pixels
+                        direction=(1, 0, 0, 0, 1, 0, 0, 0, 1))
+    sagittal = write_image(tmp_path / "sagittal.nrrd", volume.transpose(2, 1, 0),
+                           spacing=(sample.spacing[2], sample.spacing[1], sample.spacing[0]),
+                           direction=(0, 0, 1, 0, 1, 0, 1, 0, 0))
+    reports = []
+    for path in (axial, sagittal):
+        r = corediff("dose", path, "--json")
+        assert r.returncode == 0, r.stderr
+        reports.append(json.loads(r.stdout))
+    assert reports[0]["model"] == "corediff-25-w32" and 0.17 < reports[0]["estimated_dose"] < 0.36
+    for key in ("noise_index_hu", "water_equivalent_diameter_mm", "estimated_dose", "model"):
+        assert reports[1][key] == reports[0][key], key  # the same axial planes measured
+    r = corediff("dose", axial)
+    assert r.stdout.strip().endswith("--model auto runs corediff-25-w32")
+
+
 def test_a_scan_auto_cannot_measure_gets_the_default_model_unless_auto_was_asked_for(tmp_path):
     fat_and_bone = synthetic_ct(2, 48) - 140.0  # the 'water' ellipse becomes fat: no soft tissue
     src = write_image(tmp_path / "fat.nrrd", fat_and_bone)
