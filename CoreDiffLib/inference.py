@@ -299,6 +299,14 @@ def denoise_volume(volume_hu, model: str | ClearNet | None = "default",
     first, last = check_slice_range(slices, volume_hu.shape[0])
     _validate_streamed(volume_hu, slices=(max(first - 1, 0), min(last + 1, volume_hu.shape[0])))
     den = denoiser or Denoiser.load(model, device, steps, adaptation, precision, channels_last)
+    return _denoise_range(volume_hu, den, first, last, batch_size, progress, cancel, out, log)
+
+
+def _denoise_range(volume_hu, den: Denoiser, first: int, last: int, batch_size: int | None,
+                   progress: ProgressFn | None, cancel: CancelFlag, out: np.ndarray | None,
+                   log: LogFn | None) -> np.ndarray:
+    """:func:`denoise_volume`'s batch loop over slices [first, last) of a volume already checked
+    and validated (``denoise_file`` has done both before loading the model: no second read)."""
     _, h, w = volume_hu.shape
     n = last - first
     bs = batch_size or default_batch_size(den.device, h, w, den.model.config.width)
@@ -465,8 +473,7 @@ def denoise_file(input_path, output_path, denoiser, batch_size: int | None = Non
         shape = (last - first,) + tuple(data.shape[1:])
         name = Path(output_path).name.lower()
         if layout is not None or not name.endswith((".mha", ".nrrd", ".nii", ".nii.gz")):  # DICOM, .mhd, .nhdr
-            result = denoise_volume(data, batch_size=batch_size, progress=progress, cancel=cancel,
-                                    denoiser=den, log=log, slices=(first, last))
+            result = _denoise_range(data, den, first, last, batch_size, progress, cancel, None, log)
             if layout is not None:
                 result = np.ascontiguousarray(layout.from_axial(result))
             from .io import Volume
@@ -475,8 +482,7 @@ def denoise_file(input_path, output_path, denoiser, batch_size: int | None = Non
             return write_volume(vol, output_path, metadata=metadata), shape, streamed
         sink = StreamedOutput(output_path, shape, info, output_dtype(info["pixel_type"]), metadata)
         try:
-            denoise_volume(data, batch_size=batch_size, progress=progress, cancel=cancel, denoiser=den,
-                           out=sink.array, log=log, slices=(first, last))
+            _denoise_range(data, den, first, last, batch_size, progress, cancel, sink.array, log)
             path = sink.commit()
         except BaseException:
             sink.close()
