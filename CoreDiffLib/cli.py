@@ -79,7 +79,7 @@ def load_denoiser(args: argparse.Namespace, volume=None, spacing_xy=None):
     chose one step. An adaptation without ``--model`` runs on the model it was learned for."""
     from .inference import AUTO_STEPS, Denoiser
     from .models import DEFAULT_MODEL
-    model = args.model
+    model, choice = args.model, None
     if model is None and args.adaptation is not None:
         model = DEFAULT_MODEL  # Denoiser.load takes the adaptation's own base model
     elif model in (None, AUTO_MODEL):
@@ -88,8 +88,7 @@ def load_denoiser(args: argparse.Namespace, volume=None, spacing_xy=None):
         model, choice = choose_dose_model(args, volume, spacing_xy, explicit=model == AUTO_MODEL)
     den = Denoiser.load(model, args.device, args.steps, args.adaptation,
                         precision=args.precision, channels_last=args.channels_last)
-    if args.model in (None, AUTO_MODEL) and args.adaptation is None:
-        den.model_choice = choice  # recorded in the output's header
+    den.model_choice = choice  # why this model, recorded in the output's header (None: as asked)
     trained = den.model.config.steps
     if args.adaptation is not None and args.model in (None, DEFAULT_MODEL):
         base = getattr(den.model, "weights_path", None)
@@ -426,12 +425,9 @@ def cmd_models(args: argparse.Namespace) -> int:
 def cmd_dose(args: argparse.Namespace) -> int:
     """``corediff dose IN``: what ``--model auto`` measures on a scan and the model it would run."""
     from .dose_estimate import choose_model
-    from .inference import axial_layout, axial_spacing
+    from .inference import axial_view
     from .io import read_volume
-    volume = read_volume(args.input)
-    layout = axial_layout(volume.direction, volume.array.shape)  # measured on its axial planes, as denoise does
-    array = layout.to_axial(volume.array) if layout is not None else volume.array
-    model, scan, dose = choose_model(array, axial_spacing(volume.spacing, layout)[:2])
+    model, scan, dose = choose_model(*axial_view(read_volume(args.input)))
     row = {"input": str(args.input), "noise_index_hu": round(scan.noise_index_hu, 2),
            "water_equivalent_diameter_mm": round(scan.wed_mm, 1), "slices_measured": scan.slices,
            "estimated_dose": round(dose, 4), "model": model}

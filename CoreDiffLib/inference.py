@@ -404,6 +404,14 @@ def axial_spacing(spacing, layout: AxialLayout | None) -> tuple[float, float, fl
     return tuple(float(spacing[2 - perm[k]]) for k in (2, 1, 0))
 
 
+def axial_view(volume) -> tuple[np.ndarray, tuple[float, float]]:
+    """A read :class:`~CoreDiffLib.io.Volume`'s axial planes and their in-plane spacing (x, y) in
+    mm, however it is stored: what ``--model auto`` measures, as ``denoise_file`` sees the scan."""
+    layout = axial_layout(volume.direction, volume.array.shape)
+    array = layout.to_axial(volume.array) if layout is not None else volume.array
+    return array, axial_spacing(volume.spacing, layout)[:2]
+
+
 def sub_volume_origin(info: dict, index_axis: int, start: int) -> tuple[float, float, float]:
     """Physical origin of the sub-volume that starts at index ``start`` along ITK ``index_axis``.
 

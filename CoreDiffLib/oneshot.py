@@ -752,7 +752,7 @@ def _same_spacing(a: Sequence[float], b: Sequence[float], rel: float = 1e-3) -> 
 def cmd_oneshot(args) -> int:
     """``corediff oneshot``: learn and save an adaptation; last stdout line ``RESULT <path>``."""
     from .cli import Progress, info
-    from .inference import pick_device
+    from .inference import axial_view, pick_device
     from .io import read_volume
     from .models import load_model
 
@@ -777,7 +777,7 @@ def cmd_oneshot(args) -> int:
     model_name = args.model
     if model_name == AUTO_MODEL:  # the base nearest the new dose: what the steps can be re-weighted from
         from .cli import choose_dose_model
-        model_name, _ = choose_dose_model(args, ldct.array, ldct.spacing[:2], explicit=False)
+        model_name, _ = choose_dose_model(args, *axial_view(ldct), explicit=False)
     model = load_model(model_name, pick_device(args.device))
     n = ldct.shape[0]
     if not 0 <= args.slice < n:
