@@ -1439,6 +1439,13 @@ class CoreDiffSlicerLogic(ScriptedLoadableModuleLogic):
         nSlices = volumeNode.GetImageData().GetDimensions()[axis]
         return int(min(max(round(ijk[axis]), 0), nSlices - 1))
 
+    def measuredSlice(self, volumeNode, sliceIndex=None) -> int:
+        """The slice a readout is about: ``sliceIndex``, else the Red view's, else the middle one."""
+        if sliceIndex is not None:
+            return sliceIndex
+        k = self.redSliceIndex(volumeNode)
+        return volumeNode.GetImageData().GetDimensions()[2] // 2 if k is None else k
+
     def setRedSliceIndex(self, volumeNode, k) -> None:
         """Move the Red view to the centre of slice K of the volume."""
         sliceNode = self.redSliceNode()
@@ -1486,8 +1493,7 @@ class CoreDiffSlicerLogic(ScriptedLoadableModuleLogic):
                 raise ValueError("The ROI is outside the volume.")
             where = f"ROI '{roiNode.GetName()}'"
         else:
-            k = sliceIndex if sliceIndex is not None else self.redSliceIndex(inputNode)
-            k = nk // 2 if k is None else k
+            k = self.measuredSlice(inputNode, sliceIndex)
             hi_, hj = max(ni // 10, 1), max(nj // 10, 1)
             lo = np.array([ni // 2 - hi_, nj // 2 - hj, k])
             hi = np.array([ni // 2 + hi_ - 1, nj // 2 + hj - 1, k])
@@ -1522,8 +1528,7 @@ class CoreDiffSlicerLogic(ScriptedLoadableModuleLogic):
                              f"x{reference.shape[0]}) is not on the input's voxel grid ({before.shape[2]}x"
                              f"{before.shape[1]}x{before.shape[0]}): resample it onto the input first "
                              "(Resample Scalar/Vector/DWI Volume).")
-        k = sliceIndex if sliceIndex is not None else self.redSliceIndex(inputNode)
-        k = before.shape[0] // 2 if k is None else k
+        k = self.measuredSlice(inputNode, sliceIndex)
         return {"slice": k, "reference": referenceNode.GetName(),
                 "input": slice_metrics(before[k], reference[k]), "output": slice_metrics(after[k], reference[k])}
 
