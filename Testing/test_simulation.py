@@ -263,3 +263,9 @@ def test_simulate_dataset_workers_match_serial(tmp_path):
             xa = sitk.GetArrayFromImage(sitk.ReadImage(pa))
             xb = sitk.GetArrayFromImage(sitk.ReadImage(pb))
             assert np.array_equal(xa, xb)
+
+
+def test_dose_tags_in_file_names_read_back_as_their_doses():
+    from CoreDiffLib.simulation.dataset import dose_from_tag, dose_tag
+    for dose, tag in ((0.25, "25"), (0.05, "5"), (0.125, "12p5"), (0.03, "3"), (1.0, "100")):
+        assert dose_tag(dose) == tag and dose_from_tag(tag) == pytest.approx(dose)

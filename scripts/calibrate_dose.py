@@ -23,8 +23,9 @@ from CoreDiffLib.atomic import write_text_atomic  # noqa: E402
 from CoreDiffLib.dose_estimate import DoseCalibration, measure, nearest_model  # noqa: E402
 from CoreDiffLib.io import read_volume  # noqa: E402
 from CoreDiffLib.models import MANIFEST, load_manifest, shipped_models  # noqa: E402
+from CoreDiffLib.simulation.dataset import dose_from_tag  # noqa: E402
 
-_ROLE = re.compile(r"_(ndct|ldct(\d+))\.nrrd$")
+_ROLE = re.compile(r"_(ndct|ldct([\dp]+))\.nrrd$")
 
 
 def scans(folder: Path):
@@ -34,7 +35,7 @@ def scans(folder: Path):
         if not m:
             continue
         volume = read_volume(path)
-        dose = 1.0 if m.group(1) == "ndct" else int(m.group(2)) / 100.0
+        dose = 1.0 if m.group(1) == "ndct" else dose_from_tag(m.group(2))
         yield path, dose, measure(volume.array, volume.spacing[:2])
 
 

@@ -55,6 +55,11 @@ def dose_tag(dose: float) -> str:
     return ("%g" % pct).replace(".", "p")
 
 
+def dose_from_tag(tag: str) -> float:
+    """'25' -> 0.25, '12p5' -> 0.125: the inverse of :func:`dose_tag` (file names back to doses)."""
+    return float(tag.replace("p", ".")) / 100.0
+
+
 def _doses(dose) -> List[float]:
     if isinstance(dose, (list, tuple, np.ndarray)):
         if len(dose) == 0:

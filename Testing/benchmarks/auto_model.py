@@ -26,6 +26,7 @@ from CoreDiffLib.inference import Denoiser, denoise_volume  # noqa: E402
 from CoreDiffLib.io import Volume, read_volume, write_volume  # noqa: E402
 from CoreDiffLib.metrics import mean_metrics, volume_metrics  # noqa: E402
 from CoreDiffLib.models import load_manifest  # noqa: E402
+from CoreDiffLib.simulation.dataset import dose_from_tag  # noqa: E402
 
 
 def simulate_unseen(folder: Path, doses: list[float]) -> None:
@@ -59,7 +60,7 @@ def main() -> int:
     rows = []
     for ndct_path in sorted(args.data.glob("*_ndct.nrrd")):
         reference = read_volume(ndct_path).array
-        ldct_paths = {float(re.search(r"_ldct([\dp]+)\.nrrd$", path.name).group(1).replace("p", ".")) / 100: path
+        ldct_paths = {dose_from_tag(re.search(r"_ldct([\dp]+)\.nrrd$", path.name).group(1)): path
                       for path in ndct_path.parent.glob(ndct_path.name.replace("_ndct", "_ldct*"))}
         for dose, ldct_path in sorted(ldct_paths.items(), reverse=True):
             ldct = read_volume(ldct_path)
