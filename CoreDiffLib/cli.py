@@ -42,10 +42,22 @@ class Progress:
 
 def info(args: argparse.Namespace, message: str) -> None:
     """Human-readable status: 'INFO ...' on stdout in lines mode, stderr otherwise."""
-    if getattr(args, "progress", "bar") == "lines":
-        print(f"INFO {message}", flush=True)
+    if getattr(args, "progress", "bar") == "lines":  # one INFO line per line: GUIs parse them
+        print("\n".join(f"INFO {line}" for line in message.splitlines()), flush=True)
     elif getattr(args, "progress", "bar") != "none" or getattr(args, "verbose", False):
         print(message, file=sys.stderr, flush=True)
+
+
+def _add_series(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--series", default=None, metavar="N|UID",
+                   help="a DICOM folder holding several series: the one to read, by its number in the list "
+                        "printed when there is a choice, or its UID (default: the CT series with the most "
+                        "slices, scanner images before derived ones, no localizer)")
+
+
+def note(message: str) -> None:
+    """A note on stderr for commands without a progress mode (which input was read, ...)."""
+    print(message, file=sys.stderr, flush=True)
 
 
 def _add_progress(p: argparse.ArgumentParser) -> None:
@@ -65,7 +77,8 @@ def cmd_denoise(args: argparse.Namespace) -> int:
         out, shape, _ = denoise_file(
             args.input, args.output,
             lambda volume, spacing_xy: load_denoiser(args, volume, spacing_xy),
-            batch_size=args.batch_size, progress=progress, log=lambda m: info(args, m), slices=args.slices)
+            batch_size=args.batch_size, progress=progress, log=lambda m: info(args, m), slices=args.slices,
+            series=args.series)
     finally:
         progress.close()
     seconds = time.perf_counter() - t0
@@ -160,6 +173,7 @@ def add_denoise_parser(sub) -> None:
     p.add_argument("--slices", type=slices_argument, default=None, metavar="K|A:B",
                    help="denoise only axial slice K, or slices A to B-1 (0-based), with their true neighbours "
                         "as context; the output holds just those, placed where they lie in the input")
+    _add_series(p)
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "tf32", "bf16", "fp16"],
                    help="network precision (auto: the fastest one known safe on the device)")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
@@ -298,9 +312,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from .io import read_volume, slices_within
     from .metrics import mean_metrics, volume_metrics
 
-    denoised = read_volume(args.denoised)
-    ldct = read_volume(args.ldct) if args.ldct else None
-    ref = read_volume(args.reference) if args.reference else None
+    denoised = read_volume(args.denoised, log=note)
+    ldct = read_volume(args.ldct, log=note) if args.ldct else None
+    ref = read_volume(args.reference, log=note) if args.reference else None
     first = 0  # the scan's number of the denoised volume's first slice (> 0 for a --slices output)
 
     def same_slices(other, flag: str):
@@ -427,7 +441,7 @@ def cmd_dose(args: argparse.Namespace) -> int:
     from .dose_estimate import choose_model
     from .inference import axial_view
     from .io import read_volume
-    model, scan, dose = choose_model(*axial_view(read_volume(args.input)))
+    model, scan, dose = choose_model(*axial_view(read_volume(args.input, args.series, note)))
     row = {"input": str(args.input), "noise_index_hu": round(scan.noise_index_hu, 2),
            "water_equivalent_diameter_mm": round(scan.wed_mm, 1), "slices_measured": scan.slices,
            "estimated_dose": round(dose, 4), "model": model}
@@ -468,6 +482,7 @@ def add_info_parsers(sub) -> None:
     p = sub.add_parser("dose", help="the dose a scan looks like (noise for its size) and the model --model auto "
                                     "runs on it")
     p.add_argument("input", help="CT volume (file or DICOM folder)")
+    _add_series(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_dose)
 

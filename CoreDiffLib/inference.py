@@ -426,7 +426,8 @@ def sub_volume_origin(info: dict, index_axis: int, start: int) -> tuple[float, f
 def denoise_file(input_path, output_path, denoiser, batch_size: int | None = None,
                  progress: ProgressFn | None = None, cancel: CancelFlag = None,
                  log: LogFn | None = None, temp_dir=None,
-                 slices: tuple[int | None, int | None] | None = None) -> tuple[Path, tuple[int, int, int], bool]:
+                 slices: tuple[int | None, int | None] | None = None,
+                 series: str | None = None) -> tuple[Path, tuple[int, int, int], bool]:
     """Denoise a volume file into ``output_path`` with memory bounded by the batch size.
 
     ``denoiser`` is a :class:`Denoiser` or a callable returning one, given the axial slices and
@@ -435,16 +436,19 @@ def denoise_file(input_path, output_path, denoiser, batch_size: int | None = Non
     ``slices`` (start, stop), in axial slices as CoreDiff denoises them, writes only those
     (with their true neighbours as context) as a volume placed where they lie in the input:
     a one-slice preview, or the slab a study needs from a long series.
+    ``series`` picks one series of a DICOM folder that holds several (:func:`io.read_volume`).
     Returns (output path, shape of what was denoised, streamed). ``streamed`` is False when the
     input had to be read whole (DICOM folders and other non-streamable inputs); the output is
     still written from a temporary memmap when its format allows. Nothing is left behind on
     error/cancel.
     """
     from .io import read_volume, write_volume
+    if series is not None and not Path(input_path).is_dir():
+        raise CoreDiffError(f"--series picks a series in a DICOM folder; {input_path} is not a folder")
     src = VolumeSource.open(input_path, temp_dir=temp_dir)
     try:
         if src is None:
-            volume = read_volume(input_path)
+            volume = read_volume(input_path, series, log)
             info = {"spacing": volume.spacing, "origin": volume.origin, "direction": volume.direction,
                     "pixel_type": volume.pixel_type, "source": volume.source, "dicom_tags": volume.dicom_tags}
             data, streamed = volume.array, False

@@ -97,15 +97,112 @@ def check_output_path(input_path: str | os.PathLike | None, output_path: str | o
 
 
 # ----------------------------------------------------------------------------- reading
-def _read_dicom_series(folder: Path) -> tuple[sitk.Image, dict[str, str]]:
+@dataclass(frozen=True)
+class DicomSeries:
+    """One DICOM series found in a folder: what a user needs to tell series apart."""
+
+    uid: str
+    files: tuple[str, ...]       # sorted by GDCM along the slice direction
+    folder: str                  # relative to the folder searched ("." for itself)
+    modality: str = ""
+    description: str = ""
+    image_type: str = ""
+    kernel: str = ""
+    thickness_mm: str = ""
+
+    @property
+    def is_localizer(self) -> bool:
+        return "LOCALIZER" in self.image_type.upper()
+
+    @property
+    def is_original(self) -> bool:
+        """ORIGINAL image type: reconstructed by the scanner, not derived (a CoreDiff output is DERIVED)."""
+        return self.image_type.upper().startswith("ORIGINAL")
+
+    def label(self) -> str:
+        parts = [f"{len(self.files)} slice{'s' if len(self.files) != 1 else ''}", self.modality or "?"]
+        if self.thickness_mm:
+            parts.append(f"{float(self.thickness_mm):g} mm")
+        if self.kernel:
+            parts.append(f"kernel {self.kernel}")
+        if self.image_type:
+            parts.append(self.image_type.replace("\\", "/"))
+        where = "" if self.folder == "." else f" in {self.folder}/"
+        return f"'{self.description or 'no description'}'{where} ({', '.join(parts)}; UID {self.uid})"
+
+
+def _header_tags(file: str, keys: tuple[str, ...]) -> dict[str, str]:
+    """Some tags of one DICOM file, header only (no pixels); missing ones are ''."""
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(file)
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        return dict.fromkeys(keys, "")
+    return {k: reader.GetMetaData(k).strip() if reader.HasMetaDataKey(k) else "" for k in keys}
+
+
+def find_dicom_series(folder: str | os.PathLike) -> list[DicomSeries]:
+    """Every DICOM series in ``folder`` and its subfolders (PACS exports nest one folder per
+    series), in a stable order: by subfolder, then series number. Reads headers only."""
+    root = Path(folder)
     reader = sitk.ImageSeriesReader()
-    series = reader.GetGDCMSeriesIDs(str(folder))
-    if not series:
+    keys = ("0020|0011", "0008|0060", "0008|103e", "0008|0008", "0018|1210", "0018|0050")
+    found = []
+    for dirpath, dirnames, _ in os.walk(root):
+        dirnames.sort()
+        where = str(Path(dirpath).relative_to(root))
+        shown = reader.GetGlobalWarningDisplay()
+        reader.GlobalWarningDisplayOff()  # GDCM warns of every folder without a series (reports, notes)
+        try:
+            uids = reader.GetGDCMSeriesIDs(dirpath)
+        finally:
+            reader.SetGlobalWarningDisplay(shown)
+        for uid in uids:
+            files = tuple(reader.GetGDCMSeriesFileNames(dirpath, uid))
+            if not files:
+                continue
+            number, *tags = _header_tags(files[0], keys).values()
+            order = int(number) if number.lstrip("-").isdigit() else 0
+            found.append((where, order, DicomSeries(uid, files, where, *tags)))
+    return [s for *_, s in sorted(found, key=lambda f: f[:2])]
+
+
+def choose_dicom_series(found: list[DicomSeries], wanted: str | None, where: str) -> tuple[DicomSeries, str | None]:
+    """The series to read, and a note naming the others when there was a choice.
+
+    ``wanted``: the series' number in the listing (1, 2, ...) or its UID. Without it: the CT
+    series that is no localizer, preferring scanner (ORIGINAL) images to derived ones — so a
+    folder holding a scan and its CoreDiff output denoises the scan — then the most slices."""
+    listing = "\n".join(f"  {i}. {s.label()}" for i, s in enumerate(found, 1))
+    inline = "; ".join(f"{i}. {s.label()}" for i, s in enumerate(found, 1))  # errors are one line
+    if wanted is not None:
+        pick = [s for i, s in enumerate(found, 1) if wanted.strip() in (str(i), s.uid)]
+        if not pick:
+            raise CoreDiffError(f"{where} has no DICOM series '{wanted}': give the number or UID of one of {inline}")
+        return pick[0], None
+    volumes = [s for s in found if s.modality in ("CT", "") and not s.is_localizer]
+    if not volumes:
+        raise CoreDiffError(f"{where} holds no CT series CoreDiff can denoise (CT in HU, not a localizer), "
+                            f"only {inline}")
+    best = max(volumes, key=lambda s: (s.is_original, len(s.files)))
+    if len(found) == 1:
+        return best, None
+    return best, (f"{where} holds {len(found)} DICOM series; reading number {found.index(best) + 1} "
+                  f"(--series N picks another):\n{listing}")
+
+
+def _read_dicom_series(folder: Path, series: str | None = None,
+                       log=None) -> tuple[sitk.Image, dict[str, str]]:
+    found = find_dicom_series(folder)
+    if not found:
         raise CoreDiffError(f"{folder} holds no DICOM series: point to a folder of .dcm slices "
                             "or to a .nrrd/.nii.gz/.mha file")
-    # Several series in one folder: take the one with the most slices (the main CT series).
-    files = max((reader.GetGDCMSeriesFileNames(str(folder), s) for s in series), key=len)
-    reader.SetFileNames(files)
+    chosen, note = choose_dicom_series(found, series, str(folder))
+    if note and log:
+        log(note)
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(chosen.files)
     reader.MetaDataDictionaryArrayUpdateOn()
     reader.LoadPrivateTagsOn()
     image = reader.Execute()  # applies RescaleSlope / RescaleIntercept -> HU
@@ -116,15 +213,20 @@ def _read_dicom_series(folder: Path) -> tuple[sitk.Image, dict[str, str]]:
     return image, tags
 
 
-def read_volume(path: str | os.PathLike) -> Volume:
-    """Read a CT volume in HU. Raises :class:`CoreDiffError` with an actionable message."""
+def read_volume(path: str | os.PathLike, series: str | None = None, log=None) -> Volume:
+    """Read a CT volume in HU. Raises :class:`CoreDiffError` with an actionable message.
+
+    A DICOM folder may hold several series (:func:`choose_dicom_series`): ``series`` picks
+    one; ``log`` hears which was chosen among others."""
     p = Path(path).expanduser()
     if not p.exists():
         raise CoreDiffError(f"input {path} does not exist")
     try:
         if p.is_dir():
-            image, tags = _read_dicom_series(p)
+            image, tags = _read_dicom_series(p, series, log)
         else:
+            if series is not None:
+                raise CoreDiffError(f"--series picks a series in a DICOM folder; {path} is not a folder")
             if not is_file_path(p) and p.suffix.lower() != ".dcm":
                 raise CoreDiffError(f"unsupported input type '{p.suffix}': use .nrrd, .nii(.gz), .mha, "
                                     "or a DICOM folder")

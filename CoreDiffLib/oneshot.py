@@ -751,7 +751,7 @@ def _same_spacing(a: Sequence[float], b: Sequence[float], rel: float = 1e-3) -> 
 
 def cmd_oneshot(args) -> int:
     """``corediff oneshot``: learn and save an adaptation; last stdout line ``RESULT <path>``."""
-    from .cli import Progress, info
+    from .cli import Progress, info, note
     from .inference import axial_view, pick_device
     from .io import read_volume
     from .models import load_model
@@ -773,7 +773,7 @@ def cmd_oneshot(args) -> int:
     if out.exists() and not args.overwrite:
         raise CoreDiffError(f"{out} already exists: choose another --name/--out or pass --overwrite")
     paired = args.ndct is not None
-    ldct = read_volume(args.ldct)
+    ldct = read_volume(args.ldct, log=note)
     model_name = args.model
     if model_name == AUTO_MODEL:  # the base nearest the new dose: what the steps can be re-weighted from
         from .cli import choose_dose_model
@@ -782,7 +782,7 @@ def cmd_oneshot(args) -> int:
     n = ldct.shape[0]
     if not 0 <= args.slice < n:
         raise CoreDiffError(f"--slice {args.slice} is out of range 0..{n - 1} ({args.ldct} has {n} slices)")
-    ndct = read_volume(args.ndct if paired else args.ndct_unpaired)
+    ndct = read_volume(args.ndct if paired else args.ndct_unpaired, log=note)
     if paired:
         if ndct.shape != ldct.shape:
             raise CoreDiffError(f"--ndct volume {ndct.shape} and --ldct volume {ldct.shape} differ in shape: "

@@ -43,6 +43,44 @@ def write_image(path: Path, array: np.ndarray, spacing=(0.7, 0.8, 2.5), origin=(
     return path
 
 
+def write_dicom_series(folder: Path, hu: np.ndarray, uid: str, tags: dict[str, str] | None = None,
+                       slice_mm: float = 2.0) -> Path:
+    """A DICOM CT series as a scanner writes it: one int16 file per slice, raw = HU + 1024
+    (GDCM stores (value - intercept) / slope), and the given series-level ``tags``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    img = sitk.GetImageFromArray(np.asarray(hu).round().astype(np.int16))
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    common = {"0008|0060": "CT", "0028|1052": "-1024", "0028|1053": "1", "0020|000e": uid,
+              "0020|0037": "1\\0\\0\\0\\1\\0", **(tags or {})}
+    for k in range(img.GetDepth()):
+        sl = img[:, :, k]
+        for tag, val in {**common, "0020|0013": str(k + 1), "0020|0032": f"0\\0\\{k * slice_mm}",
+                         "0008|0018": f"{uid}.{k + 1}"}.items():
+            sl.SetMetaData(tag, val)
+        writer.SetFileName(str(folder / f"{k}.dcm"))
+        writer.Execute(sl)
+    return folder
+
+
+def write_study_folder(root: Path) -> np.ndarray:
+    """A PACS-style export: one subfolder per series, a localizer, two reconstructions of the
+    scan (soft-tissue and lung kernels), and an earlier CoreDiff output (derived, more slices).
+    Returns the scan's HU (series 2); series 3 is its first 4 slices + 100 HU."""
+    scan = synthetic_ct(6, 32, noise_hu=0).round()
+    write_dicom_series(root / "S1_scout", scan[:1], "1.2.826.1.1",
+                       {"0020|0011": "1", "0008|103e": "Topogram", "0008|0008": "ORIGINAL\\PRIMARY\\LOCALIZER"})
+    write_dicom_series(root / "S2_abdomen", scan, "1.2.826.1.2",
+                       {"0020|0011": "2", "0008|103e": "Abdomen 1.0 B30f", "0008|0008": "ORIGINAL\\PRIMARY\\AXIAL",
+                        "0018|1210": "B30f", "0018|0050": "1"})
+    write_dicom_series(root / "S3_lung", scan[:4] + 100, "1.2.826.1.3",
+                       {"0020|0011": "3", "0008|103e": "Lung 1.0 B70f", "0008|0008": "ORIGINAL\\PRIMARY\\AXIAL",
+                        "0018|1210": "B70f"})
+    write_dicom_series(root / "S4_denoised", synthetic_ct(8, 32, noise_hu=0), "1.2.826.1.4",
+                       {"0020|0011": "1002", "0008|103e": "CoreDiff denoised", "0008|0008": "DERIVED\\SECONDARY"})
+    return scan
+
+
 @pytest.fixture(scope="session")
 def tiny_model_path(tmp_path_factory) -> Path:
     """A random-init width-8 CLEAR-Net weights file (fast; output is meaningless but shaped)."""

@@ -14,7 +14,7 @@ import torch
 from CoreDiffLib.io import read_volume
 from CoreDiffLib.network import ClearNet, NetworkConfig
 
-from conftest import synthetic_ct, write_image
+from conftest import synthetic_ct, write_image, write_study_folder
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -232,6 +232,24 @@ def test_dicom_in_dicom_out(tmp_path, ct_file, identity_model_path):
     assert "CoreDiff" in out.dicom_tags["0008|103e"]
 
 
+def test_a_study_folder_denoises_the_scan_it_names_or_the_one_asked_for(tmp_path, identity_model_path):
+    study = tmp_path / "study"
+    scan = write_study_folder(study)
+    before = {p: digest(p) for p in study.rglob("*.dcm")}
+    r = corediff("denoise", study, tmp_path / "scan.nrrd", "--model", identity_model_path, "--progress", "lines")
+    assert r.returncode == 0, r.stderr
+    notes = [line for line in r.stdout.splitlines() if not line.startswith("PROGRESS")]
+    assert all(line.startswith("INFO ") for line in notes)  # a GUI reading the lines sees every one
+    assert any("holds 4 DICOM series; reading number 2" in line for line in notes)
+    assert any("3. 'Lung 1.0 B70f'" in line for line in notes)
+    np.testing.assert_allclose(read_volume(tmp_path / "scan.nrrd").array, scan, atol=1.0)
+    r = corediff("denoise", study, tmp_path / "lung", "--series", "3", "--model", identity_model_path,
+                 "--progress", "none")
+    assert r.returncode == 0, r.stderr
+    np.testing.assert_allclose(read_volume(tmp_path / "lung").array, scan[:4] + 100, atol=1.0)
+    assert {p: digest(p) for p in study.rglob("*.dcm")} == before
+
+
 def _corrupt_model(tmp_path: Path) -> Path:
     p = tmp_path / "corrupt.safetensors"
     p.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all" + bytes(64))
@@ -272,6 +290,7 @@ def _mismatched_tensors(tmp_path: Path) -> Path:
     ("empty_slice_range", "slices 4:2 are not within this volume's 0:6"),
     ("malformed_slices", "'2-4' is not K or A:B"),
     ("auto_model_with_an_adaptation", "--model auto chooses a dose model; an adaptation brings its own"),
+    ("series_of_a_file", "--series picks a series in a DICOM folder"),
 ])
 def test_bad_input_gets_one_clear_line_and_writes_nothing(tmp_path, ct_file, tiny_model_path, case, message):
     inp, out, model, extra = ct_file, tmp_path / "out.nrrd", tiny_model_path, []
@@ -305,6 +324,8 @@ def test_bad_input_gets_one_clear_line_and_writes_nothing(tmp_path, ct_file, tin
         extra = ["--slices", "2-4"]
     elif case == "auto_model_with_an_adaptation":
         model, extra = "auto", ["--adaptation", "some-adaptation"]
+    elif case == "series_of_a_file":
+        extra = ["--series", "2"]
     before = {p.name: digest(p) for p in tmp_path.iterdir() if p.is_file()}
     r = corediff("denoise", inp, out, "--model", model, "--progress", "none", *extra)
     assert r.returncode == 2

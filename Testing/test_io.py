@@ -6,9 +6,10 @@ import pytest
 import SimpleITK as sitk
 
 from CoreDiffLib import CoreDiffError
-from CoreDiffLib.io import check_output_path, find_pairs, read_pair_list, read_volume, write_volume
+from CoreDiffLib.io import (check_output_path, find_dicom_series, find_pairs, read_pair_list, read_volume,
+                            write_volume)
 
-from conftest import synthetic_ct, write_image
+from conftest import synthetic_ct, write_dicom_series, write_image, write_study_folder
 
 
 @pytest.mark.parametrize("name", ["v.nrrd", "v.nii.gz", "v.mha", "v.mhd", "v.nhdr", "dicom_out"])
@@ -48,23 +49,38 @@ def test_dicom_rescale_slope_and_intercept_are_honoured(tmp_path):
     GDCM stores (value - intercept) / slope, so giving it HU with these tags produces files
     whose raw pixels are HU + 1024, as a scanner writes them."""
     hu = synthetic_ct(2, 32, noise_hu=0).round()
-    folder = tmp_path / "scanner"
-    folder.mkdir()
-    img = sitk.GetImageFromArray(hu.astype(np.int16))
-    writer = sitk.ImageFileWriter()
-    writer.KeepOriginalImageUIDOn()
-    for k in range(img.GetDepth()):
-        sl = img[:, :, k]
-        for tag, val in {"0008|0060": "CT", "0028|1052": "-1024", "0028|1053": "1",
-                         "0020|000e": "1.2.3.4.5", "0020|0013": str(k + 1),
-                         "0020|0032": f"0\\0\\{k * 2.0}", "0020|0037": "1\\0\\0\\0\\1\\0",
-                         "0008|0018": f"1.2.3.4.5.{k + 1}"}.items():
-            sl.SetMetaData(tag, val)
-        writer.SetFileName(str(folder / f"{k}.dcm"))
-        writer.Execute(sl)
+    folder = write_dicom_series(tmp_path / "scanner", hu, "1.2.3.4.5")
     vol = read_volume(folder)
     assert float(vol.dicom_tags["0028|1052"]) == -1024
     np.testing.assert_allclose(vol.array, hu, atol=0.5)
+
+
+def test_a_folder_with_several_series_reads_the_scan_and_says_which(tmp_path):
+    scan = write_study_folder(tmp_path / "study")
+    found = find_dicom_series(tmp_path / "study")
+    assert [s.description for s in found] == ["Topogram", "Abdomen 1.0 B30f", "Lung 1.0 B70f", "CoreDiff denoised"]
+    assert [len(s.files) for s in found] == [1, 6, 4, 8] and found[1].kernel == "B30f"
+    notes = []
+    vol = read_volume(tmp_path / "study", log=notes.append)
+    # not the localizer, not the derived series with more slices: the scanner's largest reconstruction
+    np.testing.assert_allclose(vol.array, scan, atol=0.5)
+    assert len(notes) == 1 and "holds 4 DICOM series; reading number 2" in notes[0]
+    assert "Lung 1.0 B70f" in notes[0] and "kernel B70f" in notes[0] and "in S3_lung/" in notes[0]
+    # --series by number or UID
+    for wanted in ("3", "1.2.826.1.3"):
+        np.testing.assert_allclose(read_volume(tmp_path / "study", series=wanted).array, scan[:4] + 100, atol=0.5)
+    with pytest.raises(CoreDiffError, match=r"has no DICOM series '9': give the number or UID of one of 1\. "
+                                             r"'Topogram'.*4\. 'CoreDiff denoised'"):
+        read_volume(tmp_path / "study", series="9")
+    with pytest.raises(CoreDiffError, match="picks a series in a DICOM folder"):
+        read_volume(write_image(tmp_path / "v.nrrd", scan), series="1")
+
+
+def test_a_folder_with_only_a_localizer_is_refused_with_what_it_holds(tmp_path):
+    write_dicom_series(tmp_path / "scout", synthetic_ct(1, 32), "1.2.826.2.1",
+                       {"0008|103e": "Topogram", "0008|0008": "ORIGINAL\\PRIMARY\\LOCALIZER"})
+    with pytest.raises(CoreDiffError, match="holds no CT series CoreDiff can denoise .* only 1. 'Topogram'"):
+        read_volume(tmp_path)
 
 
 def test_output_path_checks(tmp_path, ct_file):
