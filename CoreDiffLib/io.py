@@ -28,6 +28,7 @@ _COPIED_TAGS = (
     "0020|000d", "0008|0020", "0008|0030", "0008|0050", "0008|0090", "0020|0010",  # study
     "0008|1030", "0008|0070", "0008|1090", "0018|0050", "0018|0060", "0018|1150", "0018|1151",
     "0018|1210", "0020|0052", "0020|1040", "0008|0080",
+    "0028|1050", "0028|1051", "0028|1055",  # the scanner's window presets: the same anatomy, the same HU
 )
 
 
@@ -352,6 +353,8 @@ def _write_dicom_series(volume: Volume, pixels: np.ndarray, folder: Path, descri
     common = {k: src[k] for k in _COPIED_TAGS if k in src}
     if "0020|000d" not in common:  # no source study: make one so viewers group it properly
         common["0020|000d"] = series_uid + ".1"
+    if "0020|0052" not in common:  # Frame of Reference is mandatory for CT images (the source's otherwise)
+        common["0020|0052"] = series_uid + ".2"
     common.update({
         "0008|0060": "CT",
         "0008|0008": "DERIVED\\SECONDARY",

@@ -34,8 +34,14 @@ def test_dicom_output_keeps_patient_tags_with_a_new_series(tmp_path):
     src = read_volume(first)
     src.dicom_tags["0010|0010"] = "Doe^Jane"
     src.dicom_tags["0010|0020"] = "PID123"
+    src.dicom_tags["0028|1050"], src.dicom_tags["0028|1051"] = "40\\-600", "400\\1500"
+    assert src.dicom_tags["0020|0052"].strip()  # made for a series from a non-DICOM file
     second = write_volume(src.with_array(src.array), tmp_path / "second", "CoreDiff denoised")
     out = read_volume(second)
+    # same grid, same frame of reference; the scanner's window presets carried over
+    assert out.dicom_tags["0020|0052"] == src.dicom_tags["0020|0052"]
+    assert out.dicom_tags["0028|1050"].strip() == "40\\-600" and out.dicom_tags["0028|1051"].strip() == "400\\1500"
+    assert out.dicom_tags["0008|0016"].strip() == "1.2.840.10008.5.1.4.1.1.2"  # CT Image Storage, not a capture
     assert out.dicom_tags["0010|0010"].strip() == "Doe^Jane"
     assert out.dicom_tags["0010|0020"].strip() == "PID123"
     assert out.dicom_tags["0020|000e"] != src.dicom_tags["0020|000e"]
