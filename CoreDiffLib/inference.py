@@ -442,7 +442,7 @@ def denoise_file(input_path, output_path, denoiser, batch_size: int | None = Non
     still written from a temporary memmap when its format allows. Nothing is left behind on
     error/cancel.
     """
-    from .io import read_volume, write_volume
+    from .io import check_grid_output, read_volume, write_volume
     if series is not None and not Path(input_path).is_dir():
         raise CoreDiffError(f"--series picks a series in a DICOM folder; {input_path} is not a folder")
     src = VolumeSource.open(input_path, temp_dir=temp_dir)
@@ -450,7 +450,9 @@ def denoise_file(input_path, output_path, denoiser, batch_size: int | None = Non
         if src is None:
             volume = read_volume(input_path, series, log)
             info = {"spacing": volume.spacing, "origin": volume.origin, "direction": volume.direction,
-                    "pixel_type": volume.pixel_type, "source": volume.source, "dicom_tags": volume.dicom_tags}
+                    "pixel_type": volume.pixel_type, "source": volume.source, "dicom_tags": volume.dicom_tags,
+                    "slice_positions": volume.slice_positions}
+            check_grid_output(volume.slice_positions, volume.direction, output_path, str(input_path))
             data, streamed = volume.array, False
         else:
             info, data, streamed = src.info, src, True
@@ -465,6 +467,11 @@ def denoise_file(input_path, output_path, denoiser, batch_size: int | None = Non
         partial = (first, last) != (0, n)
         if partial:
             info = dict(info, origin=sub_volume_origin(info, axial_axis, first))
+            if info.get("slice_positions") is not None:  # an unevenly spaced DICOM series: its slices' own
+                if layout is not None:
+                    raise CoreDiffError(f"{input_path}: {layout.storage} slices that are not evenly spaced: "
+                                        "--slices cannot cut them axially; denoise the whole series")
+                info["slice_positions"] = info["slice_positions"][first:last]
         den = denoiser if isinstance(denoiser, Denoiser) else denoiser(data, tuple(spacing_xy))
         metadata = den.provenance()
         if partial:
@@ -490,7 +497,7 @@ def denoise_file(input_path, output_path, denoiser, batch_size: int | None = Non
                 result = np.ascontiguousarray(layout.from_axial(result))
             from .io import Volume
             vol = Volume(result, info["spacing"], info["origin"], info["direction"], info["pixel_type"],
-                         dict(info.get("dicom_tags", {})), info.get("source", ""))
+                         dict(info.get("dicom_tags", {})), info.get("source", ""), info.get("slice_positions"))
             return write_volume(vol, output_path, metadata=metadata), shape, streamed
         sink = StreamedOutput(output_path, shape, info, output_dtype(info["pixel_type"]), metadata)
         try:

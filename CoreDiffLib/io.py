@@ -43,6 +43,9 @@ class Volume:
     pixel_type: str = "float32"             # numpy dtype of the stored pixels, for writing back
     dicom_tags: dict[str, str] = field(default_factory=dict)  # first slice's tags (DICOM input)
     source: str = ""
+    #: each slice's ImagePositionPatient when a DICOM series' slices are not evenly spaced (a
+    #: missing slice): the regular grid misplaces them, so a DICOM output writes these instead
+    slice_positions: tuple[tuple[float, float, float], ...] | None = None
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -51,7 +54,7 @@ class Volume:
     def with_array(self, array: np.ndarray) -> "Volume":
         """Same geometry and tags, new voxels (used for outputs)."""
         return Volume(np.asarray(array, dtype=np.float32), self.spacing, self.origin, self.direction,
-                      self.pixel_type, dict(self.dicom_tags), self.source)
+                      self.pixel_type, dict(self.dicom_tags), self.source, self.slice_positions)
 
 
 def slices_within(whole: Volume, part: Volume) -> slice | None:
@@ -193,8 +196,34 @@ def choose_dicom_series(found: list[DicomSeries], wanted: str | None, where: str
                   f"(--series N picks another):\n{listing}")
 
 
-def _read_dicom_series(folder: Path, series: str | None = None,
-                       log=None) -> tuple[sitk.Image, dict[str, str]]:
+def uneven_slices(positions, direction) -> str | None:
+    """What is uneven about a series' slice positions (mm along the slice normal), or None when
+    one spacing places every slice within 1 % of it (what a NRRD / NIfTI / MHA grid can hold)."""
+    if positions is None or len(positions) < 3:
+        return None
+    normal = np.reshape(np.asarray(direction, dtype=np.float64), (3, 3))[:, 2]
+    gaps = np.diff(np.asarray(positions, dtype=np.float64) @ normal)
+    step = float(np.median(gaps))
+    if np.abs(gaps - step).max() <= 0.01 * abs(step) + 1e-3:
+        return None
+    k = int(np.argmax(np.abs(gaps - step)))
+    why = ": a missing slice?" if abs(gaps[k]) > 1.5 * abs(step) else ""
+    return (f"its slices are not evenly spaced ({abs(gaps).min():g} to {abs(gaps).max():g} mm apart; "
+            f"{abs(gaps[k]):g} mm between slices {k} and {k + 1}{why})")
+
+
+def check_grid_output(positions, direction, output_path: str | os.PathLike, source: str) -> None:
+    """Refuse a volume file (one slice spacing) for slices that are not evenly spaced: it would
+    misplace them silently. A DICOM folder keeps each slice's position."""
+    uneven = uneven_slices(positions, direction)
+    if uneven is not None and is_file_path(output_path):
+        raise CoreDiffError(f"{source}: {uneven}; a {Path(output_path).name} volume has one slice spacing and would "
+                            "misplace them: write a DICOM folder (an output name without extension), which keeps "
+                            "each slice's position")
+
+
+def _read_dicom_series(folder: Path, series: str | None = None, log=None
+                       ) -> tuple[sitk.Image, dict[str, str], tuple[tuple[float, float, float], ...] | None]:
     found = find_dicom_series(folder)
     if not found:
         raise CoreDiffError(f"{folder} holds no DICOM series: point to a folder of .dcm slices "
@@ -206,12 +235,27 @@ def _read_dicom_series(folder: Path, series: str | None = None,
     reader.SetFileNames(chosen.files)
     reader.MetaDataDictionaryArrayUpdateOn()
     reader.LoadPrivateTagsOn()
-    image = reader.Execute()  # applies RescaleSlope / RescaleIntercept -> HU
+    shown = reader.GetGlobalWarningDisplay()
+    reader.GlobalWarningDisplayOff()  # ITK's "non uniform sampling" warning: said below, with what follows
+    try:
+        image = reader.Execute()  # applies RescaleSlope / RescaleIntercept -> HU
+    finally:
+        reader.SetGlobalWarningDisplay(shown)
     tags = {k: reader.GetMetaData(0, k) for k in reader.GetMetaDataKeys(0)}
     modality = tags.get("0008|0060", "CT").strip()
     if modality and modality != "CT":
         raise CoreDiffError(f"{folder} is a {modality} series, not CT: CoreDiff denoises CT in HU only")
-    return image, tags
+    try:
+        positions = tuple(tuple(float(v) for v in reader.GetMetaData(k, "0020|0032").split("\\"))
+                          for k in range(image.GetDepth()))
+    except (RuntimeError, ValueError):  # a slice without a readable ImagePositionPatient
+        positions = None
+    uneven = uneven_slices(positions, image.GetDirection())
+    if uneven is None:
+        return image, tags, None
+    if log:
+        log(f"{folder}: {uneven}; the denoised slices keep their positions in a DICOM output")
+    return image, tags, positions
 
 
 def read_volume(path: str | os.PathLike, series: str | None = None, log=None) -> Volume:
@@ -224,14 +268,14 @@ def read_volume(path: str | os.PathLike, series: str | None = None, log=None) ->
         raise CoreDiffError(f"input {path} does not exist")
     try:
         if p.is_dir():
-            image, tags = _read_dicom_series(p, series, log)
+            image, tags, positions = _read_dicom_series(p, series, log)
         else:
             if series is not None:
                 raise CoreDiffError(f"--series picks a series in a DICOM folder; {path} is not a folder")
             if not is_file_path(p) and p.suffix.lower() != ".dcm":
                 raise CoreDiffError(f"unsupported input type '{p.suffix}': use .nrrd, .nii(.gz), .mha, "
                                     "or a DICOM folder")
-            image, tags = sitk.ReadImage(str(p)), {}
+            image, tags, positions = sitk.ReadImage(str(p)), {}, None
     except RuntimeError as exc:  # SimpleITK's reader errors
         first = str(exc).strip().splitlines()[-1] if str(exc).strip() else "unreadable"
         raise CoreDiffError(f"cannot read {path}: {first}") from None
@@ -251,7 +295,7 @@ def read_volume(path: str | os.PathLike, series: str | None = None, log=None) ->
     array = array.astype(np.float32, copy=False)
     validate_ct_array(array, str(path))
     return Volume(array, tuple(image.GetSpacing()), tuple(image.GetOrigin()),
-                  tuple(image.GetDirection()), pixel_type, tags, str(p))
+                  tuple(image.GetDirection()), pixel_type, tags, str(p), positions)
 
 
 # ----------------------------------------------------------------------------- writing
@@ -303,6 +347,10 @@ def write_volume(volume: Volume, path: str | os.PathLike, series_description: st
     ``metadata``: what made the volume (:meth:`inference.Denoiser.provenance`), kept in the
     header (:func:`set_provenance`; DICOM: ImageComments)."""
     out = Path(path).expanduser()
+    check_grid_output(volume.slice_positions, volume.direction, out, volume.source or "the volume")
+    if volume.slice_positions is not None and len(volume.slice_positions) != volume.shape[0]:
+        raise CoreDiffError(f"{len(volume.slice_positions)} slice positions for {volume.shape[0]} slices: "
+                            "a volume cut from an unevenly spaced series needs its positions cut the same way")
     pixels = _cast_like_input(volume)
     if out.name.lower().endswith(DETACHED_SUFFIXES):
         return _write_detached(_to_image(volume, pixels, metadata), out)
@@ -375,7 +423,8 @@ def _write_dicom_series(volume: Volume, pixels: np.ndarray, folder: Path, descri
         sl = image[:, :, k]
         for tag, value in common.items():
             sl.SetMetaData(tag, value)
-        pos = image.TransformIndexToPhysicalPoint((0, 0, k))
+        pos = (volume.slice_positions[k] if volume.slice_positions is not None  # where the scanner put it
+               else image.TransformIndexToPhysicalPoint((0, 0, k)))
         sl.SetMetaData("0020|0032", "\\".join(f"{p:.6f}" for p in pos))
         sl.SetMetaData("0020|0013", str(k + 1))
         sl.SetMetaData("0008|0018", f"{series_uid}.{k + 1}")

@@ -63,6 +63,19 @@ def write_dicom_series(folder: Path, hu: np.ndarray, uid: str, tags: dict[str, s
     return folder
 
 
+def dicom_positions(folder: Path) -> list[float]:
+    """Each file's ImagePositionPatient z, in slice order."""
+    reader = sitk.ImageSeriesReader()
+    files = reader.GetGDCMSeriesFileNames(str(folder))
+    header = sitk.ImageFileReader()
+    out = []
+    for f in files:
+        header.SetFileName(f)
+        header.ReadImageInformation()
+        out.append(float(header.GetMetaData("0020|0032").split("\\")[2]))
+    return out
+
+
 def write_study_folder(root: Path) -> np.ndarray:
     """A PACS-style export: one subfolder per series, a localizer, two reconstructions of the
     scan (soft-tissue and lung kernels), and an earlier CoreDiff output (derived, more slices).

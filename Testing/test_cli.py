@@ -14,7 +14,7 @@ import torch
 from CoreDiffLib.io import read_volume
 from CoreDiffLib.network import ClearNet, NetworkConfig
 
-from conftest import synthetic_ct, write_image, write_study_folder
+from conftest import dicom_positions, synthetic_ct, write_dicom_series, write_image, write_study_folder
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -248,6 +248,21 @@ def test_a_study_folder_denoises_the_scan_it_names_or_the_one_asked_for(tmp_path
     assert r.returncode == 0, r.stderr
     np.testing.assert_allclose(read_volume(tmp_path / "lung").array, scan[:4] + 100, atol=1.0)
     assert {p: digest(p) for p in study.rglob("*.dcm")} == before
+
+
+def test_a_series_with_a_missing_slice_is_denoised_in_place_or_refused_for_a_grid(tmp_path, identity_model_path):
+    folder = write_dicom_series(tmp_path / "gap", synthetic_ct(6, 32, noise_hu=0).round(), "1.2.826.4.1")
+    (folder / "3.dcm").unlink()
+    r = corediff("denoise", folder, tmp_path / "out.nrrd", "--model", identity_model_path, "--progress", "none")
+    assert r.returncode == 2 and "not evenly spaced" in r.stderr and "write a DICOM folder" in r.stderr, r.stderr
+    assert not (tmp_path / "out.nrrd").exists() and "WARNING" not in r.stderr  # ITK's own warning is replaced
+    r = corediff("denoise", folder, tmp_path / "den", "--model", identity_model_path)
+    assert r.returncode == 0, r.stderr
+    assert "4 mm between slices 2 and 3: a missing slice?" in r.stderr
+    assert dicom_positions(tmp_path / "den") == [0, 2, 4, 8, 10]
+    r = corediff("denoise", folder, tmp_path / "part", "--slices", "2:4", "--model", identity_model_path)
+    assert r.returncode == 0, r.stderr
+    assert dicom_positions(tmp_path / "part") == [4, 8]
 
 
 def _corrupt_model(tmp_path: Path) -> Path:

@@ -9,7 +9,7 @@ from CoreDiffLib import CoreDiffError
 from CoreDiffLib.io import (check_output_path, find_dicom_series, find_pairs, read_pair_list, read_volume,
                             write_volume)
 
-from conftest import synthetic_ct, write_dicom_series, write_image, write_study_folder
+from conftest import dicom_positions, synthetic_ct, write_dicom_series, write_image, write_study_folder
 
 
 @pytest.mark.parametrize("name", ["v.nrrd", "v.nii.gz", "v.mha", "v.mhd", "v.nhdr", "dicom_out"])
@@ -87,6 +87,28 @@ def test_a_folder_with_only_a_localizer_is_refused_with_what_it_holds(tmp_path):
                        {"0008|103e": "Topogram", "0008|0008": "ORIGINAL\\PRIMARY\\LOCALIZER"})
     with pytest.raises(CoreDiffError, match="holds no CT series CoreDiff can denoise .* only 1. 'Topogram'"):
         read_volume(tmp_path)
+
+
+def test_a_series_with_a_missing_slice_keeps_its_slice_positions(tmp_path):
+    """A regular grid would put the slices after the gap 1-2 mm from where they were scanned."""
+    scan = synthetic_ct(6, 32, noise_hu=0).round()
+    folder = write_dicom_series(tmp_path / "gap", scan, "1.2.826.3.1", slice_mm=2.0)
+    (folder / "3.dcm").unlink()  # positions 0 2 4 _ 8 10
+    notes = []
+    vol = read_volume(folder, log=notes.append)
+    assert [p[2] for p in vol.slice_positions] == [0, 2, 4, 8, 10]
+    assert "not evenly spaced (2 to 4 mm apart; 4 mm between slices 2 and 3: a missing slice?)" in notes[0]
+    with pytest.raises(CoreDiffError, match="a out.nrrd volume has one slice spacing and would misplace them: "
+                                            "write a DICOM folder"):
+        write_volume(vol, tmp_path / "out.nrrd")
+    assert not (tmp_path / "out.nrrd").exists()
+    out = write_volume(vol.with_array(vol.array + 1), tmp_path / "out_dicom")
+    assert dicom_positions(out) == [0, 2, 4, 8, 10]
+    back = read_volume(out)
+    np.testing.assert_allclose(back.array, vol.array + 1, atol=0.5)
+    assert back.slice_positions == vol.slice_positions
+    # an evenly spaced series has none: the grid says it all
+    assert read_volume(write_dicom_series(tmp_path / "even", scan, "1.2.826.3.2")).slice_positions is None
 
 
 def test_output_path_checks(tmp_path, ct_file):
