@@ -467,9 +467,9 @@ def denoise_file(input_path, output_path, denoiser, batch_size: int | None = Non
         partial = (first, last) != (0, n)
         if partial:
             info = dict(info, origin=sub_volume_origin(info, axial_axis, first))
-            if info.get("slice_positions") is not None:  # an unevenly spaced DICOM series: its slices' own
+            if info.get("slice_positions") is not None:  # a DICOM series off a regular grid: its slices' own
                 if layout is not None:
-                    raise CoreDiffError(f"{input_path}: {layout.storage} slices that are not evenly spaced: "
+                    raise CoreDiffError(f"{input_path}: {layout.storage} slices off a regular grid: "
                                         "--slices cannot cut them axially; denoise the whole series")
                 info["slice_positions"] = info["slice_positions"][first:last]
         den = denoiser if isinstance(denoiser, Denoiser) else denoiser(data, tuple(spacing_xy))

@@ -43,8 +43,8 @@ class Volume:
     pixel_type: str = "float32"             # numpy dtype of the stored pixels, for writing back
     dicom_tags: dict[str, str] = field(default_factory=dict)  # first slice's tags (DICOM input)
     source: str = ""
-    #: each slice's ImagePositionPatient when a DICOM series' slices are not evenly spaced (a
-    #: missing slice): the regular grid misplaces them, so a DICOM output writes these instead
+    #: each slice's ImagePositionPatient when a DICOM series' slices are off a regular grid (a
+    #: missing slice, a gantry tilt): the grid misplaces them, so a DICOM output writes these instead
     slice_positions: tuple[tuple[float, float, float], ...] | None = None
 
     @property
@@ -196,28 +196,40 @@ def choose_dicom_series(found: list[DicomSeries], wanted: str | None, where: str
                   f"(--series N picks another):\n{listing}")
 
 
-def uneven_slices(positions, direction) -> str | None:
-    """What is uneven about a series' slice positions (mm along the slice normal), or None when
-    one spacing places every slice within 1 % of it (what a NRRD / NIfTI / MHA grid can hold)."""
-    if positions is None or len(positions) < 3:
+def off_grid_slices(positions, direction) -> str | None:
+    """How a series' slice positions leave a regular grid, or None when one spacing along the
+    slice normal places every slice within 1 % of it (what a NRRD / NIfTI / MHA grid can hold).
+
+    Two ways are common: uneven spacing (a slice lost in transfer) and a shear, each slice
+    shifted in-plane from the last, which is how a gantry tilt is stored."""
+    if positions is None or len(positions) < 2:
         return None
     normal = np.reshape(np.asarray(direction, dtype=np.float64), (3, 3))[:, 2]
-    gaps = np.diff(np.asarray(positions, dtype=np.float64) @ normal)
+    offsets = np.asarray(positions, dtype=np.float64) - np.asarray(positions[0], dtype=np.float64)
+    along = offsets @ normal
+    gaps = np.abs(np.diff(along))
     step = float(np.median(gaps))
-    if np.abs(gaps - step).max() <= 0.01 * abs(step) + 1e-3:
-        return None
-    k = int(np.argmax(np.abs(gaps - step)))
-    why = ": a missing slice?" if abs(gaps[k]) > 1.5 * abs(step) else ""
-    return (f"its slices are not evenly spaced ({abs(gaps).min():g} to {abs(gaps).max():g} mm apart; "
-            f"{abs(gaps[k]):g} mm between slices {k} and {k + 1}{why})")
+    tolerance = 0.01 * step + 1e-3
+    found = []
+    if np.abs(gaps - step).max() > tolerance:
+        k = int(np.argmax(np.abs(gaps - step)))
+        why = ": a missing slice?" if gaps[k] > 1.5 * step else ""
+        found.append(f"not evenly spaced ({gaps.min():g} to {gaps.max():g} mm apart; {gaps[k]:g} mm between "
+                     f"slices {k} and {k + 1}{why})")
+    shift = np.linalg.norm(offsets - np.outer(along, normal), axis=1)
+    if shift.max() > tolerance:
+        tilt = np.degrees(np.arctan2(shift[-1], abs(along[-1])))
+        found.append(f"sheared, each shifted in-plane from the one before ({shift[-1]:.3g} mm over the series: "
+                     f"a gantry tilt of {tilt:.1f}°?)")
+    return f"its slices are {' and '.join(found)}" if found else None
 
 
 def check_grid_output(positions, direction, output_path: str | os.PathLike, source: str) -> None:
-    """Refuse a volume file (one slice spacing) for slices that are not evenly spaced: it would
+    """Refuse a volume file (one slice spacing, no shear) for slices off such a grid: it would
     misplace them silently. A DICOM folder keeps each slice's position."""
-    uneven = uneven_slices(positions, direction)
-    if uneven is not None and is_file_path(output_path):
-        raise CoreDiffError(f"{source}: {uneven}; a {Path(output_path).name} volume has one slice spacing and would "
+    off_grid = off_grid_slices(positions, direction)
+    if off_grid is not None and is_file_path(output_path):
+        raise CoreDiffError(f"{source}: {off_grid}; a {Path(output_path).name} volume has one slice spacing and would "
                             "misplace them: write a DICOM folder (an output name without extension), which keeps "
                             "each slice's position")
 
@@ -250,11 +262,11 @@ def _read_dicom_series(folder: Path, series: str | None = None, log=None
                           for k in range(image.GetDepth()))
     except (RuntimeError, ValueError):  # a slice without a readable ImagePositionPatient
         positions = None
-    uneven = uneven_slices(positions, image.GetDirection())
-    if uneven is None:
+    off_grid = off_grid_slices(positions, image.GetDirection())
+    if off_grid is None:
         return image, tags, None
     if log:
-        log(f"{folder}: {uneven}; the denoised slices keep their positions in a DICOM output")
+        log(f"{folder}: {off_grid}; the denoised slices keep their positions in a DICOM output")
     return image, tags, positions
 
 
@@ -350,7 +362,7 @@ def write_volume(volume: Volume, path: str | os.PathLike, series_description: st
     check_grid_output(volume.slice_positions, volume.direction, out, volume.source or "the volume")
     if volume.slice_positions is not None and len(volume.slice_positions) != volume.shape[0]:
         raise CoreDiffError(f"{len(volume.slice_positions)} slice positions for {volume.shape[0]} slices: "
-                            "a volume cut from an unevenly spaced series needs its positions cut the same way")
+                            "a volume cut from a series off a regular grid needs its positions cut the same way")
     pixels = _cast_like_input(volume)
     if out.name.lower().endswith(DETACHED_SUFFIXES):
         return _write_detached(_to_image(volume, pixels, metadata), out)

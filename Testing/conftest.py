@@ -44,9 +44,10 @@ def write_image(path: Path, array: np.ndarray, spacing=(0.7, 0.8, 2.5), origin=(
 
 
 def write_dicom_series(folder: Path, hu: np.ndarray, uid: str, tags: dict[str, str] | None = None,
-                       slice_mm: float = 2.0) -> Path:
+                       slice_mm: float = 2.0, shear_mm: float = 0.0) -> Path:
     """A DICOM CT series as a scanner writes it: one int16 file per slice, raw = HU + 1024
-    (GDCM stores (value - intercept) / slope), and the given series-level ``tags``."""
+    (GDCM stores (value - intercept) / slope), and the given series-level ``tags``;
+    ``shear_mm`` shifts each slice along y from the last, as a gantry tilt is stored."""
     folder.mkdir(parents=True, exist_ok=True)
     img = sitk.GetImageFromArray(np.asarray(hu).round().astype(np.int16))
     writer = sitk.ImageFileWriter()
@@ -55,7 +56,7 @@ def write_dicom_series(folder: Path, hu: np.ndarray, uid: str, tags: dict[str, s
               "0020|0037": "1\\0\\0\\0\\1\\0", **(tags or {})}
     for k in range(img.GetDepth()):
         sl = img[:, :, k]
-        for tag, val in {**common, "0020|0013": str(k + 1), "0020|0032": f"0\\0\\{k * slice_mm}",
+        for tag, val in {**common, "0020|0013": str(k + 1), "0020|0032": f"0\\{k * shear_mm}\\{k * slice_mm}",
                          "0008|0018": f"{uid}.{k + 1}"}.items():
             sl.SetMetaData(tag, val)
         writer.SetFileName(str(folder / f"{k}.dcm"))

@@ -111,6 +111,21 @@ def test_a_series_with_a_missing_slice_keeps_its_slice_positions(tmp_path):
     assert read_volume(write_dicom_series(tmp_path / "even", scan, "1.2.826.3.2")).slice_positions is None
 
 
+def test_a_tilted_series_keeps_its_sheared_slice_positions(tmp_path):
+    """A gantry tilt is stored as each slice shifted in-plane from the last; a grid drops the shift."""
+    scan = synthetic_ct(5, 32, noise_hu=0).round()
+    folder = write_dicom_series(tmp_path / "tilt", scan, "1.2.826.3.3", slice_mm=2.0, shear_mm=0.35)
+    notes = []
+    vol = read_volume(folder, log=notes.append)
+    assert [round(p[1], 3) for p in vol.slice_positions] == [0, 0.35, 0.7, 1.05, 1.4]
+    assert "its slices are sheared" in notes[0] and "a gantry tilt of 9.9°?" in notes[0]
+    assert "not evenly spaced" not in notes[0]
+    with pytest.raises(CoreDiffError, match="sheared.*would misplace them"):
+        write_volume(vol, tmp_path / "out.nii.gz")
+    back = read_volume(write_volume(vol, tmp_path / "out_dicom"))
+    np.testing.assert_allclose(back.slice_positions, vol.slice_positions, atol=1e-4)
+
+
 def test_output_path_checks(tmp_path, ct_file):
     with pytest.raises(CoreDiffError, match="is the input"):
         check_output_path(ct_file, ct_file)
