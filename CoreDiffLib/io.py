@@ -177,7 +177,8 @@ def choose_dicom_series(found: list[DicomSeries], wanted: str | None, where: str
 
     ``wanted``: the series' number in the listing (1, 2, ...) or its UID. Without it: the CT
     series that is no localizer, preferring scanner (ORIGINAL) images to derived ones — so a
-    folder holding a scan and its CoreDiff output denoises the scan — then the most slices."""
+    folder holding a scan and its CoreDiff output denoises the scan — then the most slices; a
+    tie (two kernels of one scan, a full- and a low-dose scan) is for the user to settle."""
     listing = "\n".join(f"  {i}. {s.label()}" for i, s in enumerate(found, 1))
     inline = "; ".join(f"{i}. {s.label()}" for i, s in enumerate(found, 1))  # errors are one line
     if wanted is not None:
@@ -189,7 +190,14 @@ def choose_dicom_series(found: list[DicomSeries], wanted: str | None, where: str
     if not volumes:
         raise CoreDiffError(f"{where} holds no CT series CoreDiff can denoise (CT in HU, not a localizer), "
                             f"only {inline}")
-    best = max(volumes, key=lambda s: (s.is_original, len(s.files)))
+    def fitness(s: DicomSeries) -> tuple[bool, int]:
+        return s.is_original, len(s.files)
+
+    best = max(volumes, key=fitness)
+    ties = [i for i, s in enumerate(found, 1) if s in volumes and fitness(s) == fitness(best)]
+    if len(ties) > 1:  # e.g. soft and sharp kernels of one scan, or a Mayo case's full and quarter dose
+        raise CoreDiffError(f"{where} holds {len(ties)} series that fit equally well ({', '.join(map(str, ties))}): "
+                            f"choose one with --series N (or read_volume(series=...)) from {inline}")
     if len(found) == 1:
         return best, None
     return best, (f"{where} holds {len(found)} DICOM series; reading number {found.index(best) + 1} "

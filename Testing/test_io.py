@@ -82,6 +82,17 @@ def test_a_folder_with_several_series_reads_the_scan_and_says_which(tmp_path):
         read_volume(write_image(tmp_path / "v.nrrd", scan), series="1")
 
 
+def test_two_series_that_fit_equally_well_are_for_the_user_to_choose(tmp_path):
+    """Soft and sharp kernels of one scan, or a Mayo case's full and quarter dose: same slices."""
+    scan = synthetic_ct(4, 32, noise_hu=0)
+    write_dicom_series(tmp_path / "L067" / "full_1mm", scan, "1.2.826.5.1", {"0008|103e": "full dose"})
+    write_dicom_series(tmp_path / "L067" / "quarter_1mm", scan + 5, "1.2.826.5.2", {"0008|103e": "quarter dose"})
+    with pytest.raises(CoreDiffError, match=r"holds 2 series that fit equally well \(1, 2\): choose one with "
+                                            r"--series N .*'full dose' in full_1mm/.*'quarter dose' in quarter_1mm/"):
+        read_volume(tmp_path / "L067")
+    np.testing.assert_allclose(read_volume(tmp_path / "L067", series="2").array, scan + 5, atol=0.5)
+
+
 def test_a_folder_with_only_a_localizer_is_refused_with_what_it_holds(tmp_path):
     write_dicom_series(tmp_path / "scout", synthetic_ct(1, 32), "1.2.826.2.1",
                        {"0008|103e": "Topogram", "0008|0008": "ORIGINAL\\PRIMARY\\LOCALIZER"})
