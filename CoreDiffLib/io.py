@@ -17,6 +17,7 @@ import SimpleITK as sitk
 
 from . import CoreDiffError
 from .atomic import atomic_path, partial_folder
+from .dicom import choose_dicom_series, find_dicom_series, off_grid_slices
 from .intensity import PADDING_THRESHOLD_HU, validate_ct_array  # noqa: F401  (re-exported)
 
 FILE_SUFFIXES = (".nrrd", ".nhdr", ".nii", ".nii.gz", ".mha", ".mhd")
@@ -101,137 +102,6 @@ def check_output_path(input_path: str | os.PathLike | None, output_path: str | o
 
 
 # ----------------------------------------------------------------------------- reading
-@dataclass(frozen=True)
-class DicomSeries:
-    """One DICOM series found in a folder: what a user needs to tell series apart."""
-
-    uid: str
-    files: tuple[str, ...]       # sorted by GDCM along the slice direction
-    folder: str                  # relative to the folder searched ("." for itself)
-    modality: str = ""
-    description: str = ""
-    image_type: str = ""
-    kernel: str = ""
-    thickness_mm: str = ""
-
-    @property
-    def is_localizer(self) -> bool:
-        return "LOCALIZER" in self.image_type.upper()
-
-    @property
-    def is_original(self) -> bool:
-        """ORIGINAL image type: reconstructed by the scanner, not derived (a CoreDiff output is DERIVED)."""
-        return self.image_type.upper().startswith("ORIGINAL")
-
-    def label(self) -> str:
-        parts = [f"{len(self.files)} slice{'s' if len(self.files) != 1 else ''}", self.modality or "?"]
-        if self.thickness_mm:
-            parts.append(f"{float(self.thickness_mm):g} mm")
-        if self.kernel:
-            parts.append(f"kernel {self.kernel}")
-        if self.image_type:
-            parts.append(self.image_type.replace("\\", "/"))
-        where = "" if self.folder == "." else f" in {self.folder}/"
-        return f"'{self.description or 'no description'}'{where} ({', '.join(parts)}; UID {self.uid})"
-
-
-def _header_tags(file: str, keys: tuple[str, ...]) -> dict[str, str]:
-    """Some tags of one DICOM file, header only (no pixels); missing ones are ''."""
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(file)
-    try:
-        reader.ReadImageInformation()
-    except RuntimeError:
-        return dict.fromkeys(keys, "")
-    return {k: reader.GetMetaData(k).strip() if reader.HasMetaDataKey(k) else "" for k in keys}
-
-
-def find_dicom_series(folder: str | os.PathLike) -> list[DicomSeries]:
-    """Every DICOM series in ``folder`` and its subfolders (PACS exports nest one folder per
-    series), in a stable order: by subfolder, then series number. Reads headers only."""
-    root = Path(folder)
-    reader = sitk.ImageSeriesReader()
-    keys = ("0020|0011", "0008|0060", "0008|103e", "0008|0008", "0018|1210", "0018|0050")
-    found = []
-    for dirpath, dirnames, _ in os.walk(root):
-        dirnames.sort()
-        where = str(Path(dirpath).relative_to(root))
-        shown = reader.GetGlobalWarningDisplay()
-        reader.GlobalWarningDisplayOff()  # GDCM warns of every folder without a series (reports, notes)
-        try:
-            uids = reader.GetGDCMSeriesIDs(dirpath)
-        finally:
-            reader.SetGlobalWarningDisplay(shown)
-        for uid in uids:
-            files = tuple(reader.GetGDCMSeriesFileNames(dirpath, uid))
-            if not files:
-                continue
-            number, *tags = _header_tags(files[0], keys).values()
-            order = int(number) if number.lstrip("-").isdigit() else 0
-            found.append((where, order, DicomSeries(uid, files, where, *tags)))
-    return [s for *_, s in sorted(found, key=lambda f: f[:2])]
-
-
-def choose_dicom_series(found: list[DicomSeries], wanted: str | None, where: str) -> tuple[DicomSeries, str | None]:
-    """The series to read, and a note naming the others when there was a choice.
-
-    ``wanted``: the series' number in the listing (1, 2, ...) or its UID. Without it: the CT
-    series that is no localizer, preferring scanner (ORIGINAL) images to derived ones — so a
-    folder holding a scan and its CoreDiff output denoises the scan — then the most slices; a
-    tie (two kernels of one scan, a full- and a low-dose scan) is for the user to settle."""
-    listing = "\n".join(f"  {i}. {s.label()}" for i, s in enumerate(found, 1))
-    inline = "; ".join(f"{i}. {s.label()}" for i, s in enumerate(found, 1))  # errors are one line
-    if wanted is not None:
-        pick = [s for i, s in enumerate(found, 1) if wanted.strip() in (str(i), s.uid)]
-        if not pick:
-            raise CoreDiffError(f"{where} has no DICOM series '{wanted}': give the number or UID of one of {inline}")
-        return pick[0], None
-    volumes = [s for s in found if s.modality in ("CT", "") and not s.is_localizer]
-    if not volumes:
-        raise CoreDiffError(f"{where} holds no CT series CoreDiff can denoise (CT in HU, not a localizer), "
-                            f"only {inline}")
-    def fitness(s: DicomSeries) -> tuple[bool, int]:
-        return s.is_original, len(s.files)
-
-    best = max(volumes, key=fitness)
-    ties = [i for i, s in enumerate(found, 1) if s in volumes and fitness(s) == fitness(best)]
-    if len(ties) > 1:  # e.g. soft and sharp kernels of one scan, or a Mayo case's full and quarter dose
-        raise CoreDiffError(f"{where} holds {len(ties)} series that fit equally well ({', '.join(map(str, ties))}): "
-                            f"choose one with --series N (or read_volume(series=...)) from {inline}")
-    if len(found) == 1:
-        return best, None
-    return best, (f"{where} holds {len(found)} DICOM series; reading number {found.index(best) + 1} "
-                  f"(--series N picks another):\n{listing}")
-
-
-def off_grid_slices(positions, direction) -> str | None:
-    """How a series' slice positions leave a regular grid, or None when one spacing along the
-    slice normal places every slice within 1 % of it (what a NRRD / NIfTI / MHA grid can hold).
-
-    Two ways are common: uneven spacing (a slice lost in transfer) and a shear, each slice
-    shifted in-plane from the last, which is how a gantry tilt is stored."""
-    if positions is None or len(positions) < 2:
-        return None
-    normal = np.reshape(np.asarray(direction, dtype=np.float64), (3, 3))[:, 2]
-    offsets = np.asarray(positions, dtype=np.float64) - np.asarray(positions[0], dtype=np.float64)
-    along = offsets @ normal
-    gaps = np.abs(np.diff(along))
-    step = float(np.median(gaps))
-    tolerance = 0.01 * step + 1e-3
-    found = []
-    if np.abs(gaps - step).max() > tolerance:
-        k = int(np.argmax(np.abs(gaps - step)))
-        why = ": a missing slice?" if gaps[k] > 1.5 * step else ""
-        found.append(f"not evenly spaced ({gaps.min():g} to {gaps.max():g} mm apart; {gaps[k]:g} mm between "
-                     f"slices {k} and {k + 1}{why})")
-    shift = np.linalg.norm(offsets - np.outer(along, normal), axis=1)
-    if shift.max() > tolerance:
-        tilt = np.degrees(np.arctan2(shift[-1], abs(along[-1])))
-        found.append(f"sheared, each shifted in-plane from the one before ({shift[-1]:.3g} mm over the series: "
-                     f"a gantry tilt of {tilt:.1f}°?)")
-    return f"its slices are {' and '.join(found)}" if found else None
-
-
 def check_grid_output(positions, direction, output_path: str | os.PathLike, source: str) -> None:
     """Refuse a volume file (one slice spacing, no shear) for slices off such a grid: it would
     misplace them silently. A DICOM folder keeps each slice's position."""

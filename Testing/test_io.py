@@ -6,8 +6,8 @@ import pytest
 import SimpleITK as sitk
 
 from CoreDiffLib import CoreDiffError
-from CoreDiffLib.io import (check_output_path, find_dicom_series, find_pairs, read_pair_list, read_volume,
-                            write_volume)
+from CoreDiffLib.dicom import find_dicom_series
+from CoreDiffLib.io import check_output_path, find_pairs, read_pair_list, read_volume, write_volume
 
 from conftest import dicom_positions, synthetic_ct, write_dicom_series, write_image, write_study_folder
 
