@@ -257,3 +257,38 @@ def test_readme_manifest_and_the_measured_table_agree_on_every_shipped_models_sc
             assert round(measured["rmse_hu"], 2) == pytest.approx(carried["rmse_hu_t10"], abs=1e-9), name
             cell = f"{measured['psnr']:.2f} / {measured['ssim']:.4f} / {measured['rmse_hu']:.2f}"
             assert cell in readme, f"README lacks {name}'s measured {cell}"
+
+
+def _benchmark(name: str):
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).parent / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_lesions_are_placed_in_uniform_soft_tissue_and_scored_on_what_a_method_keeps():
+    lb = _benchmark("lesion_benchmark")
+    # a disk's pixels hold its area, partial volume at the edge
+    assert lb.disk((64, 64), 31.5, 30.2, 6.0).sum() == pytest.approx(np.pi * 36, rel=0.01)
+    truth = np.full((6, 128, 128), -1000.0, np.float32)
+    yy, xx = np.mgrid[:128, :128]
+    truth[:, (yy - 64) ** 2 + (xx - 64) ** 2 < 55 ** 2] = 40.0   # soft tissue
+    truth[:, (yy - 64) ** 2 + (xx - 40) ** 2 < 10 ** 2] = 700.0  # bone
+    lesions = lb.place_lesions(truth, 1.0, 6, seed=0)
+    assert [les["diameter_mm"] for les in lesions] == [4.0, 6.0, 10.0, 4.0, 6.0, 10.0]
+    for les in lesions:  # margin kept from the bone and the body's edge
+        reach = les["diameter_mm"] / 2 + lb.MARGIN_MM
+        assert (les["y"] - 64) ** 2 + (les["x"] - 64) ** 2 <= (55 - reach + 1) ** 2  # a pixel for the disk's edge
+        assert (les["y"] - 64) ** 2 + (les["x"] - 40) ** 2 >= (10 + reach - 1) ** 2
+    # a sphere centred between slices 2 and 3: cut the same in both, not at all 3 mm away
+    big = lesions[2]
+    assert lb.section_radius_mm(big, 2, 1.0) == lb.section_radius_mm(big, 3, 1.0) == pytest.approx(np.sqrt(24.75))
+    assert lb.section_radius_mm(lesions[0], 5, 1.0) == 0.0
+    # scoring: an image that halves the lesion keeps 0.5 of it, whatever the noise it adds
+    added = np.zeros_like(truth)
+    for k in range(6):
+        added[k] = big["contrast_hu"] * lb.disk((128, 128), big["y"], big["x"], lb.section_radius_mm(big, k, 1.0))
+    noisy = truth + np.random.default_rng(1).normal(0, 10, truth.shape).astype(np.float32)
+    kept, cnr = lb.score(noisy + 0.5 * added, noisy, added, big, 1.0, 1.0)
+    assert kept == pytest.approx(0.5, abs=1e-5)
+    assert cnr == pytest.approx(0.5 * 20 / 10, rel=0.25)  # half the 20 HU over the 10 HU noise
