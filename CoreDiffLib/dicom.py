@@ -115,11 +115,12 @@ def choose_dicom_series(found: list[DicomSeries], wanted: str | None, where: str
     ties = [i for i, s in enumerate(found, 1) if s in volumes and fitness(s) == fitness(best)]
     if len(ties) > 1:  # e.g. soft and sharp kernels of one scan, or a Mayo case's full and quarter dose
         raise CoreDiffError(f"{where} holds {len(ties)} series that fit equally well ({', '.join(map(str, ties))}): "
-                            f"choose one with --series N (or read_volume(series=...)) from {inline}")
+                            f"choose one with --series N (denoise, dose; read_volume(series=...)) or point to "
+                            f"its own subfolder, from {inline}")
     if len(found) == 1:
         return best, None
     return best, (f"{where} holds {len(found)} DICOM series; reading number {found.index(best) + 1} "
-                  f"(--series N picks another):\n{listing}")
+                  f"(--series N or its subfolder picks another):\n{listing}")
 
 
 def off_grid_slices(positions, direction) -> str | None:
