@@ -443,7 +443,7 @@ def denoise_file(input_path, output_path, denoiser, batch_size: int | None = Non
     error/cancel.
     """
     from .io import check_grid_output, read_volume, write_volume
-    if series is not None and not Path(input_path).is_dir():
+    if series is not None and Path(input_path).is_file():
         raise CoreDiffError(f"--series picks a series in a DICOM folder; {input_path} is not a folder")
     src = VolumeSource.open(input_path, temp_dir=temp_dir)
     try:
