@@ -52,7 +52,8 @@ def _add_series(p: argparse.ArgumentParser) -> None:
     p.add_argument("--series", default=None, metavar="N|UID",
                    help="a DICOM folder holding several series: the one to read, by its number in the list "
                         "printed when there is a choice, or its UID (default: the CT series with the most "
-                        "slices, scanner images before derived ones, no localizer)")
+                        "slices, scanner images before derived ones, no localizer; two that tie are listed, "
+                        "not guessed between)")
 
 
 def note(message: str) -> None:

@@ -292,3 +292,14 @@ def test_lesions_are_placed_in_uniform_soft_tissue_and_scored_on_what_a_method_k
     kept, cnr = lb.score(noisy + 0.5 * added, noisy, added, big, 1.0, 1.0)
     assert kept == pytest.approx(0.5, abs=1e-5)
     assert cnr == pytest.approx(0.5 * 20 / 10, rel=0.25)  # half the 20 HU over the 10 HU noise
+    # NPW observer: white noise of SD 10 gives d' = kept x |template| / 10; the same noise
+    # blurred to the same SD (a blotchy residual) hides the lesion more
+    background = lb.background_positions(truth, 1.0, 300, seed=2)
+    template = np.sqrt((added[2] ** 2).sum() + (added[3] ** 2).sum()) / np.sqrt(2)
+    d_white = lb.npw_detectability(noisy + 0.5 * added, noisy, truth, added, big, background, 1.0, 1.0)
+    assert d_white == pytest.approx(0.5 * template / 10, rel=0.2)
+    from scipy import ndimage
+    blotchy = ndimage.gaussian_filter(noisy - truth, (0, 2, 2))
+    blotchy = truth + blotchy * (10 / blotchy.std())
+    d_blotchy = lb.npw_detectability(blotchy + 0.5 * added, blotchy, truth, added, big, background, 1.0, 1.0)
+    assert d_blotchy < 0.5 * d_white

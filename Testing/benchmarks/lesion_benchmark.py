@@ -20,6 +20,10 @@ scored slices 2 and 3 (its cross-section there, radius r):
   the lesions minus its output without them, over the same for the noise-free image. The noise
   and anatomy cancel; what is left is what the method made of the lesion: 1 = kept whole,
   below 1 = washed out, above 1 = exaggerated. (The LDCT's is 1 by construction.)
+- **NPW d'**: the detectability index of a non-prewhitening matched-filter observer (the
+  task-based measure of AAPM TG-233): the lesion's noise-free image as template, applied to the
+  method's lesion response (signal) and to its own error field at 400 places in uniform soft
+  tissue (noise). It counts how the noise is correlated, which pixel SD cannot.
 - **CNR**: that lesion signal (the core's mean difference, in HU) over the SD of the method's
   output without the lesions in a ring r+2 .. r+5 mm around it: how far the lesion stands out
   of the background it sits in. (The paired signal keeps the ratio free of the bias a noisy
@@ -144,6 +148,44 @@ def score(with_l: np.ndarray, without: np.ndarray, truth_lesion: np.ndarray, les
     return float(np.mean(kept)), float(np.mean(cnr))
 
 
+def background_positions(truth: np.ndarray, pixel_mm: float, count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pixels of uniform soft tissue (as lesions are placed in) far enough inside it for the
+    largest lesion's observer template: where the NPW observer samples each method's error."""
+    both = truth[list(SCORED)]
+    soft = np.all((both > -50) & (both < 150), axis=0)
+    local_sd = np.sqrt(np.maximum(ndimage.uniform_filter(both[0] ** 2, 15) - ndimage.uniform_filter(both[0], 15) ** 2,
+                                  0))
+    reach_px = (max(DIAMETERS_MM) / 2 + RING_MM[1]) / pixel_mm
+    yy, xx = np.mgrid[-int(reach_px) - 1:int(reach_px) + 2, -int(reach_px) - 1:int(reach_px) + 2]
+    room = ndimage.binary_erosion(soft, structure=yy ** 2 + xx ** 2 <= reach_px ** 2) & (local_sd < 15)
+    ys, xs = np.nonzero(room)
+    pick = np.random.default_rng(seed).choice(len(ys), size=min(count, len(ys)), replace=False)
+    return ys[pick], xs[pick]
+
+
+def npw_detectability(with_l: np.ndarray, without: np.ndarray, truth: np.ndarray, truth_lesion: np.ndarray,
+                      lesion: dict, background: tuple[np.ndarray, np.ndarray], pixel_mm: float,
+                      slice_mm: float) -> float:
+    """d' of a non-prewhitening matched-filter observer (the CT task-based measure of AAPM TG-233),
+    averaged over the scored slices.
+
+    Template: the lesion's noise-free image. Signal: the template applied to the method's lesion
+    response (output with minus without). Noise: the spread of the template applied to the
+    method's own error (output without lesions minus the noise-free image) at ``background``
+    positions in uniform soft tissue. Unlike pixel SD this sees how the noise is correlated: a
+    blotchy, low-frequency residual looks like a lesion and counts more than fine grain."""
+    from scipy.signal import fftconvolve
+    d = []
+    for k in SCORED:
+        h = int(np.ceil((section_radius_mm(lesion, k, slice_mm) + RING_MM[1]) / pixel_mm))
+        box = np.s_[lesion["y"] - h:lesion["y"] + h + 1, lesion["x"] - h:lesion["x"] + h + 1]
+        template = truth_lesion[k][box]
+        signal = float((template * (with_l[k] - without[k])[box]).sum())
+        responses = fftconvolve(without[k] - truth[k], template[::-1, ::-1], mode="same")[background]
+        d.append(signal / float(responses.std()))
+    return float(np.mean(d))
+
+
 def methods(dose: float, steps: list[int], redcnn: str | None, bm3d_sigma: dict[float, float]) -> dict:
     tag = dose_tag(dose)
     found = {"LDCT": lambda v: v}
@@ -188,36 +230,47 @@ def figure(path: Path, crops: dict[str, dict[str, np.ndarray]], title: str, mark
 
 
 def summary(records: list[dict]) -> str:
-    """The markdown table (mean [range] per diameter) and every CoreDiff row paired lesion by
-    lesion with the RED-CNN row of its dose."""
+    """Two markdown tables per diameter — contrast kept (mean [range]); CNR and NPW d' (means) —
+    and every CoreDiff row paired lesion by lesion with the RED-CNN row of its dose."""
     rows: dict[tuple[str, float], list[dict]] = {}
     for r in records:
         rows.setdefault((r["method"], r["dose"]), []).append(r)
+    ordered = sorted(rows.items(), key=lambda item: -item[0][1])
     n = len(rows[("NDCT (full dose)", 1.0)])
+    head = "| dose | method | " + " | ".join(f"{d:g} mm" for d in DIAMETERS_MM) + " |"
+    rule = "|---|---|" + "---|" * len(DIAMETERS_MM)
     lines = [f"Low-contrast lesions (±{CONTRAST_HU:g} HU spheres) in the held-out test phantoms (seeds 9000–9002), "
-             f"{n} lesions, scored on slices {SCORED[0]} and {SCORED[1]}: contrast kept (1 = whole; mean [range]) "
-             "and CNR (mean), per diameter", "",
-             "| dose | method | " + " | ".join(f"{d:g} mm: kept | {d:g} mm: CNR" for d in DIAMETERS_MM) + " |",
-             "|---|---|" + "---|---|" * len(DIAMETERS_MM)]
-    for (label, dose), got in sorted(rows.items(), key=lambda item: -item[0][1]):
+             f"{n} lesions, scored on slices {SCORED[0]} and {SCORED[1]}, per diameter.", "",
+             "Contrast kept (1 = whole): mean [range]", "", head, rule]
+    for (label, dose), got in ordered:
         cells = []
         for d in DIAMETERS_MM:
             kept = [r["kept"] for r in got if r["diameter_mm"] == d]
-            cells += [f"{np.mean(kept):.2f} [{min(kept):.2f}, {max(kept):.2f}]",
-                      f"{np.mean([r['cnr'] for r in got if r['diameter_mm'] == d]):.1f}"] if kept else ["–", "–"]
+            cells.append(f"{np.mean(kept):.2f} [{min(kept):.2f}, {max(kept):.2f}]" if kept else "–")
+        lines.append(f"| {100 * dose:g} % | {label} | " + " | ".join(cells) + " |")
+    lines += ["", "Detectability: CNR (pixel SD) / d' of the NPW observer (correlated noise counted): means", "",
+              head, rule]
+    for (label, dose), got in ordered:
+        cells = []
+        for d in DIAMETERS_MM:
+            sized = [r for r in got if r["diameter_mm"] == d]
+            cells.append(f"{np.mean([r['cnr'] for r in sized]):.1f} / {np.mean([r['npw_d'] for r in sized]):.1f}"
+                         if sized else "–")
         lines.append(f"| {100 * dose:g} % | {label} | " + " | ".join(cells) + " |")
     lines += ["", "Paired with RED-CNN, lesion by lesion (all sizes): mean difference, and on how many "
-              "lesions CoreDiff is ahead", "", "| dose | CoreDiff row | contrast kept | CNR |", "|---|---|---|---|"]
+              "lesions CoreDiff is ahead", "", "| dose | CoreDiff row | contrast kept | CNR | NPW d' |",
+              "|---|---|---|---|---|"]
     for (label, dose), got in rows.items():
         red = [other for (name, d), other in rows.items() if d == dose and name.startswith("RED-CNN")]
         if not label.startswith("CoreDiff") or not red:
             continue
         theirs = {(r["case"], r["y"], r["x"]): r for r in red[0]}
         pairs = [(r, theirs[(r["case"], r["y"], r["x"])]) for r in got]
-        dk = np.array([a["kept"] - b["kept"] for a, b in pairs])
-        dc = np.array([a["cnr"] - b["cnr"] for a, b in pairs])
-        lines.append(f"| {100 * dose:g} % | {label} | {dk.mean():+.3f} ({int((dk > 0).sum())}/{len(dk)}) | "
-                     f"{dc.mean():+.2f} ({int((dc > 0).sum())}/{len(dc)}) |")
+        cells = []
+        for key, digits in (("kept", 3), ("cnr", 2), ("npw_d", 2)):
+            diff = np.array([a[key] - b[key] for a, b in pairs])
+            cells.append(f"{diff.mean():+.{digits}f} ({int((diff > 0).sum())}/{len(diff)})")
+        lines.append(f"| {100 * dose:g} % | {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -247,11 +300,14 @@ def main() -> int:
         pixel_mm, slice_mm = float(truth.spacing[0]), float(truth.spacing[2])
         lesions = place_lesions(truth.array, pixel_mm, a.per_case, a.seed + c)
         added = lesion_images(lesions, truth.shape, pixel_mm, slice_mm, geometry)
+        background = background_positions(truth.array, pixel_mm, 400, a.seed + 100 + c)
         print(f"{case}: {len(lesions)} lesions ({time.time() - t0:.0f} s)", file=sys.stderr, flush=True)
         ndct = read_volume(data / f"{case}_ndct.nrrd").array
         for les in lesions:
             kept, cnr = score(ndct + added, ndct, added, les, pixel_mm, slice_mm)
-            records.append({"case": case, "dose": 1.0, "method": "NDCT (full dose)", **les, "kept": kept, "cnr": cnr})
+            dprime = npw_detectability(ndct + added, ndct, truth.array, added, les, background, pixel_mm, slice_mm)
+            records.append({"case": case, "dose": 1.0, "method": "NDCT (full dose)", **les, "kept": kept, "cnr": cnr,
+                            "npw_d": dprime})
         for dose in a.doses:
             ldct = read_volume(data / f"{case}_ldct{dose_tag(dose)}.nrrd").array
             bm3d_sigma = {float(d): float(v) for d, v in (item.split("=") for item in a.bm3d)}
@@ -259,7 +315,10 @@ def main() -> int:
                 with_l, without = run(ldct + added), run(ldct)
                 for les in lesions:
                     kept, cnr = score(with_l, without, added, les, pixel_mm, slice_mm)
-                    records.append({"case": case, "dose": dose, "method": label, **les, "kept": kept, "cnr": cnr})
+                    dprime = npw_detectability(with_l, without, truth.array, added, les, background, pixel_mm,
+                                               slice_mm)
+                    records.append({"case": case, "dose": dose, "method": label, **les, "kept": kept, "cnr": cnr,
+                                    "npw_d": dprime})
                 show = next((les for les in lesions if les["diameter_mm"] == 6.0), None)
                 if c == 0 and show is not None:  # the figure: the abdomen's first 6 mm lesion
                     shown = (show, pixel_mm)
