@@ -9,6 +9,8 @@ can hold (a missing slice, a gantry tilt). Reading and writing the pixels is :mo
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,6 +54,24 @@ class DicomSeries:
         return f"'{self.description or 'no description'}'{where} ({', '.join(parts)}; UID {self.uid})"
 
 
+@contextmanager
+def itk_warnings_off() -> Iterator[None]:
+    """Silence ITK/GDCM warnings for a call whose findings we report ourselves, in words: they go
+    to stderr unasked, e.g. for every folder without a series, or "non uniform sampling"."""
+    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.GlobalWarningDisplayOff()
+    try:
+        yield
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
+
+
+def check_series_input(path: str | os.PathLike, series: str | None) -> None:
+    """``series`` picks a series in a DICOM folder; refuse it for a file rather than ignore it."""
+    if series is not None and Path(path).is_file():
+        raise CoreDiffError(f"--series picks a series in a DICOM folder; {path} is not a folder")
+
+
 def _header_tags(file: str, keys: tuple[str, ...]) -> dict[str, str]:
     """Some tags of one DICOM file, header only (no pixels); missing ones are ''."""
     reader = sitk.ImageFileReader()
@@ -73,12 +93,8 @@ def find_dicom_series(folder: str | os.PathLike) -> list[DicomSeries]:
     for dirpath, dirnames, _ in os.walk(root):
         dirnames.sort()
         where = str(Path(dirpath).relative_to(root))
-        shown = reader.GetGlobalWarningDisplay()
-        reader.GlobalWarningDisplayOff()  # GDCM warns of every folder without a series (reports, notes)
-        try:
+        with itk_warnings_off():  # GDCM warns of every folder without a series (reports, notes)
             uids = reader.GetGDCMSeriesIDs(dirpath)
-        finally:
-            reader.SetGlobalWarningDisplay(shown)
         for uid in uids:
             files = tuple(reader.GetGDCMSeriesFileNames(dirpath, uid))
             if not files:

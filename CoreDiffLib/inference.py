@@ -442,9 +442,9 @@ def denoise_file(input_path, output_path, denoiser, batch_size: int | None = Non
     still written from a temporary memmap when its format allows. Nothing is left behind on
     error/cancel.
     """
+    from .dicom import check_series_input
     from .io import check_grid_output, read_volume, write_volume
-    if series is not None and Path(input_path).is_file():
-        raise CoreDiffError(f"--series picks a series in a DICOM folder; {input_path} is not a folder")
+    check_series_input(input_path, series)  # before a file is streamed, where read_volume would refuse it
     src = VolumeSource.open(input_path, temp_dir=temp_dir)
     try:
         if src is None:

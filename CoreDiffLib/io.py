@@ -17,7 +17,7 @@ import SimpleITK as sitk
 
 from . import CoreDiffError
 from .atomic import atomic_path, partial_folder
-from .dicom import choose_dicom_series, find_dicom_series, off_grid_slices
+from .dicom import check_series_input, choose_dicom_series, find_dicom_series, itk_warnings_off, off_grid_slices
 from .intensity import PADDING_THRESHOLD_HU, validate_ct_array  # noqa: F401  (re-exported)
 
 FILE_SUFFIXES = (".nrrd", ".nhdr", ".nii", ".nii.gz", ".mha", ".mhd")
@@ -125,12 +125,8 @@ def _read_dicom_series(folder: Path, series: str | None = None, log=None
     reader.SetFileNames(chosen.files)
     reader.MetaDataDictionaryArrayUpdateOn()
     reader.LoadPrivateTagsOn()
-    shown = reader.GetGlobalWarningDisplay()
-    reader.GlobalWarningDisplayOff()  # ITK's "non uniform sampling" warning: said below, with what follows
-    try:
+    with itk_warnings_off():  # ITK's "non uniform sampling" warning: said below, with what follows
         image = reader.Execute()  # applies RescaleSlope / RescaleIntercept -> HU
-    finally:
-        reader.SetGlobalWarningDisplay(shown)
     tags = {k: reader.GetMetaData(0, k) for k in reader.GetMetaDataKeys(0)}
     modality = tags.get("0008|0060", "CT").strip()
     if modality and modality != "CT":
@@ -156,12 +152,11 @@ def read_volume(path: str | os.PathLike, series: str | None = None, log=None) ->
     p = Path(path).expanduser()
     if not p.exists():
         raise CoreDiffError(f"input {path} does not exist")
+    check_series_input(p, series)
     try:
         if p.is_dir():
             image, tags, positions = _read_dicom_series(p, series, log)
         else:
-            if series is not None:
-                raise CoreDiffError(f"--series picks a series in a DICOM folder; {path} is not a folder")
             if not is_file_path(p) and p.suffix.lower() != ".dcm":
                 raise CoreDiffError(f"unsupported input type '{p.suffix}': use .nrrd, .nii(.gz), .mha, "
                                     "or a DICOM folder")
