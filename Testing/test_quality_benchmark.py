@@ -6,10 +6,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-_spec = importlib.util.spec_from_file_location(
-    "quality_benchmark", Path(__file__).parent / "benchmarks" / "quality_benchmark.py")
-qb = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(qb)
+def _benchmark(name: str):
+    """A script of Testing/benchmarks loaded as a module (they are scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).parent / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+qb = _benchmark("quality_benchmark")
 
 
 @pytest.fixture(scope="module")
@@ -120,9 +125,7 @@ def test_end_slices_are_scored_apart_from_the_inner_ones():
 
 def test_the_test_time_ensemble_turns_each_output_back_before_averaging():
     import torch
-    spec = importlib.util.spec_from_file_location("tta_benchmark", Path(__file__).parent / "benchmarks" / "tta_benchmark.py")
-    tta = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tta)
+    tta = _benchmark("tta_benchmark")
     stack = torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(0))
     from CoreDiffLib.intensity import unit_to_hu
     centre = unit_to_hu(stack[0, 1].numpy())
@@ -257,13 +260,6 @@ def test_readme_manifest_and_the_measured_table_agree_on_every_shipped_models_sc
             assert round(measured["rmse_hu"], 2) == pytest.approx(carried["rmse_hu_t10"], abs=1e-9), name
             cell = f"{measured['psnr']:.2f} / {measured['ssim']:.4f} / {measured['rmse_hu']:.2f}"
             assert cell in readme, f"README lacks {name}'s measured {cell}"
-
-
-def _benchmark(name: str):
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).parent / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_lesions_are_placed_in_uniform_soft_tissue_and_scored_on_what_a_method_keeps():

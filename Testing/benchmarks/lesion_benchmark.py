@@ -81,19 +81,29 @@ def disk(shape: tuple[int, int], cy: float, cx: float, radius_px: float, supersa
     return out
 
 
+class UniformSoftTissue:
+    """Where the scored slices are uniform soft tissue (-50..150 HU in both, local SD of the
+    noise-free image under 15 HU), and which of its pixels lie a given reach inside it."""
+
+    def __init__(self, truth: np.ndarray):
+        both = truth[list(SCORED)]
+        self.soft = np.all((both > -50) & (both < 150), axis=0)
+        mean = ndimage.uniform_filter(both[0], 15)
+        self.uniform = np.sqrt(np.maximum(ndimage.uniform_filter(both[0] ** 2, 15) - mean ** 2, 0)) < 15
+
+    def inside(self, reach_px: float) -> np.ndarray:
+        yy, xx = np.mgrid[-int(reach_px) - 1:int(reach_px) + 2, -int(reach_px) - 1:int(reach_px) + 2]
+        return ndimage.binary_erosion(self.soft, structure=yy ** 2 + xx ** 2 <= reach_px ** 2) & self.uniform
+
+
 def place_lesions(truth: np.ndarray, pixel_mm: float, count: int, seed: int) -> list[dict]:
     """Lesion centres in uniform soft tissue of the scored slices, apart from each other."""
     rng = np.random.default_rng(seed)
-    both = truth[list(SCORED)]
-    soft = np.all((both > -50) & (both < 150), axis=0)
-    local_sd = np.sqrt(np.maximum(ndimage.uniform_filter(both[0] ** 2, 15) - ndimage.uniform_filter(both[0], 15) ** 2,
-                                  0))
+    tissue = UniformSoftTissue(truth)
     lesions: list[dict] = []
     for i in range(count):
         diameter = DIAMETERS_MM[i % len(DIAMETERS_MM)]
-        reach_px = (diameter / 2 + MARGIN_MM) / pixel_mm
-        yy, xx = np.mgrid[-int(reach_px) - 1:int(reach_px) + 2, -int(reach_px) - 1:int(reach_px) + 2]
-        room = ndimage.binary_erosion(soft, structure=yy ** 2 + xx ** 2 <= reach_px ** 2) & (local_sd < 15)
+        room = tissue.inside((diameter / 2 + MARGIN_MM) / pixel_mm)
         for other in lesions:  # keep every pair's margins apart
             gap_px = (diameter / 2 + other["diameter_mm"] / 2 + 2 * MARGIN_MM) / pixel_mm
             room &= (np.arange(room.shape[0])[:, None] - other["y"]) ** 2 + \
@@ -151,14 +161,7 @@ def score(with_l: np.ndarray, without: np.ndarray, truth_lesion: np.ndarray, les
 def background_positions(truth: np.ndarray, pixel_mm: float, count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Pixels of uniform soft tissue (as lesions are placed in) far enough inside it for the
     largest lesion's observer template: where the NPW observer samples each method's error."""
-    both = truth[list(SCORED)]
-    soft = np.all((both > -50) & (both < 150), axis=0)
-    local_sd = np.sqrt(np.maximum(ndimage.uniform_filter(both[0] ** 2, 15) - ndimage.uniform_filter(both[0], 15) ** 2,
-                                  0))
-    reach_px = (max(DIAMETERS_MM) / 2 + RING_MM[1]) / pixel_mm
-    yy, xx = np.mgrid[-int(reach_px) - 1:int(reach_px) + 2, -int(reach_px) - 1:int(reach_px) + 2]
-    room = ndimage.binary_erosion(soft, structure=yy ** 2 + xx ** 2 <= reach_px ** 2) & (local_sd < 15)
-    ys, xs = np.nonzero(room)
+    ys, xs = np.nonzero(UniformSoftTissue(truth).inside((max(DIAMETERS_MM) / 2 + RING_MM[1]) / pixel_mm))
     pick = np.random.default_rng(seed).choice(len(ys), size=min(count, len(ys)), replace=False)
     return ys[pick], xs[pick]
 
