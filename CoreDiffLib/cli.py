@@ -194,6 +194,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise CoreDiffError("--widen widens the --init-weights model: give --init-weights too")
     if not 0 <= args.anywhere_share <= 1:  # also refuses nan
         raise CoreDiffError(f"--anywhere-share {args.anywhere_share} is not a share: give a number in [0, 1]")
+    if args.max_neighbour_gap < 1:
+        raise CoreDiffError(f"--max-neighbour-gap {args.max_neighbour_gap}: give a number of slices >= 1 "
+                            "(1, the default, is the adjacent slices)")
     terms = LossTerms(args.ssim_weight, args.level_weight, args.level_window,  # refuses bad weights here
                       args.context_noise_weight, args.context_noise_region)
     terms.check_patch_size(args.patch_size)
@@ -226,6 +229,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                       threads=args.threads, keep_every=args.keep_every, precision=args.precision,
                       time_limit_s=60.0 * args.time_limit, lr_schedule=args.lr_schedule,
                       t_sampling=args.t_sampling, anywhere_share=args.anywhere_share,
+                      max_neighbour_gap=args.max_neighbour_gap,
                       ssim_weight=terms.ssim_weight, level_weight=terms.level_weight,
                       level_window=terms.level_window, context_noise_weight=terms.context_noise_weight,
                       context_noise_region=terms.context_noise_region)
@@ -289,6 +293,10 @@ def add_train_parser(sub) -> None:
     p.add_argument("--anywhere-share", type=float, default=0.0, metavar="S",
                    help="share of training patches drawn anywhere on the slice, open air included "
                         "(default 0: patches that are almost all air are re-drawn)")
+    p.add_argument("--max-neighbour-gap", type=int, default=1, metavar="N",
+                   help="take each patch's two neighbours 1..N slices away (drawn per patch), so that a "
+                        "model trained on thin slices learns neighbours as far apart as thick-slice "
+                        "series have them (default 1: the adjacent slices)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--checkpoint", default=None, help="resumable checkpoint (default: OUT.ckpt)")
     p.add_argument("--checkpoint-every", type=int, default=500)

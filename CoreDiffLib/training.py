@@ -53,6 +53,7 @@ class TrainConfig:
     t_sampling: str = "uniform"   # "late": p(t) ∝ t + 1, see time_index_probabilities
     ssim_weight: float = 0.0      # > 0: add ssim_weight x (1 - SSIM) to the MSE, see restoration_loss
     anywhere_share: float = 0.0   # share of patches drawn anywhere, air included, see PairedSlices
+    max_neighbour_gap: int = 1    # > 1: neighbours 1..N slices away, for thicker spacing, see PairedSlices
     level_weight: float = 0.0     # > 0: add level_weight x the MSE of local levels, see restoration_loss
     level_window: str = "block8"  # which local levels: one of LEVEL_WINDOWS
     context_noise_weight: float = 0.0  # > 0: penalise the output's response to the neighbours' noise
@@ -79,14 +80,21 @@ class PairedSlices:
     learn. Little is not nothing: a model that never sees open air may sample it a few HU off,
     and air is most of a slice's SSIM. ``anywhere_share`` of the patches skip the re-draw and
     so show the air in its true proportion.
+
+    ``max_neighbour_gap`` N > 1 takes the two neighbours g slices away, g drawn from 1..N per
+    patch: thin-slice training volumes then show the model what neighbours 3 or 5 mm away look
+    like (most clinical series), where anatomy changes between them more than across 1 mm.
     """
 
     def __init__(self, pairs: Sequence[tuple[np.ndarray, np.ndarray]], patch_size: int = 64,
-                 seed: int = 0, anywhere_share: float = 0.0):
+                 seed: int = 0, anywhere_share: float = 0.0, max_neighbour_gap: int = 1):
         if not pairs:
             raise CoreDiffError("no training pairs: give at least one NDCT/LDCT pair")
         if not 0.0 <= anywhere_share <= 1.0:  # also refuses nan
             raise CoreDiffError(f"the share of patches drawn anywhere must be in [0, 1], not {anywhere_share}")
+        if int(max_neighbour_gap) != max_neighbour_gap or max_neighbour_gap < 1:
+            raise CoreDiffError(f"the largest neighbour gap must be a whole number of slices >= 1, "
+                                f"not {max_neighbour_gap}")
         self.pairs = []
         for ndct, ldct in pairs:
             if ndct.shape != ldct.shape:
@@ -95,6 +103,7 @@ class PairedSlices:
         self.patch = patch_size
         self.rng = np.random.default_rng(seed)
         self.anywhere_share = anywhere_share
+        self.max_gap = int(max_neighbour_gap)
 
     def _one(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         # drawn only when asked for, so that the default keeps the random stream of earlier runs
@@ -102,8 +111,13 @@ class PairedSlices:
         for _ in range(10):
             ndct, ldct = self.pairs[self.rng.integers(len(self.pairs))]
             s, h, w = ldct.shape
-            i = int(self.rng.integers(s))
-            idx = [max(i - 1, 0), i, min(i + 1, s - 1)]
+            # drawn only when asked for, as above
+            gap = int(self.rng.integers(1, self.max_gap + 1)) if self.max_gap > 1 else 1
+            if gap > 1 and s > 2 * gap:  # a slice with both neighbours that far away
+                i = int(self.rng.integers(gap, s - gap))
+            else:
+                i = int(self.rng.integers(s))
+            idx = [max(i - gap, 0), i, min(i + gap, s - 1)]
             p = self.patch or min(h, w)
             p = min(p, h, w)
             y = int(self.rng.integers(h - p + 1))
@@ -442,7 +456,8 @@ def train(pairs: Sequence[tuple[np.ndarray, np.ndarray]], net_cfg: NetworkConfig
     for p in ema.parameters():
         p.requires_grad_(False)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    data = PairedSlices(pairs, cfg.patch_size, seed=cfg.seed + 1000 * rank, anywhere_share=cfg.anywhere_share)
+    data = PairedSlices(pairs, cfg.patch_size, seed=cfg.seed + 1000 * rank, anywhere_share=cfg.anywhere_share,
+                        max_neighbour_gap=cfg.max_neighbour_gap)
     state = TrainState()
     step_rng = np.random.default_rng(cfg.seed + 7)  # same t on every rank each iteration
 

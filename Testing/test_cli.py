@@ -462,6 +462,8 @@ def test_train_can_widen_shipped_weights_into_a_wider_model_of_the_same_function
     for bad in ("1.5", "-0.1", "nan"):
         r = corediff("train", data, "--out", tmp_path / "x.safetensors", "--anywhere-share", bad, "--progress", "none")
         assert r.returncode == 2 and "--anywhere-share" in r.stderr and not (tmp_path / "x.safetensors").exists()
+    r = corediff("train", data, "--out", tmp_path / "x.safetensors", "--max-neighbour-gap", "0", "--progress", "none")
+    assert r.returncode == 2 and "--max-neighbour-gap" in r.stderr and not (tmp_path / "x.safetensors").exists()
     r = corediff("train", data, "--out", tmp_path / "x.safetensors", "--no-context", "--context-noise-weight", "1",
                  "--checkpoint", tmp_path / "x.ckpt", "--progress", "none")
     assert r.returncode == 2 and "--context-noise-weight" in r.stderr and "adjacent slices" in r.stderr

@@ -198,6 +198,27 @@ def test_patch_sampler_redraws_open_air_unless_asked_to_draw_anywhere():
         PairedSlices([(volume, volume)], anywhere_share=1.5)
 
 
+def test_patch_sampler_draws_neighbours_up_to_the_largest_gap_and_keeps_the_default_stream():
+    # slice k holds the value 10 k HU everywhere: a neighbour's value says how far away it is
+    volume = np.stack([np.full((16, 16), 10.0 * k, np.float32) for k in range(12)])
+    gaps = []
+    for ctx, tgt in [PairedSlices([(volume, volume)], patch_size=8, seed=s, max_neighbour_gap=4).batch(1)
+                     for s in range(300)]:
+        hu = ctx[0, :, 0, 0].numpy() * 4096.0 - 1024.0
+        assert torch.equal(ctx[:, 1:2], tgt)  # LDCT == NDCT here: the centre is the target
+        gaps.append(round(max(hu[2] - hu[1], hu[1] - hu[0]) / 10.0))
+        if gaps[-1] > 1:  # both neighbours that far, on either side: no edge replicated (12 slices > 2 x 4)
+            assert abs((hu[1] - hu[0]) - (hu[2] - hu[1])) < 0.5
+    assert set(gaps) == {1, 2, 3, 4}
+    # the default is the adjacent slices, with the random stream of earlier runs
+    a = PairedSlices([(volume, volume)], patch_size=8, seed=5).batch(20)
+    b = PairedSlices([(volume, volume)], patch_size=8, seed=5, max_neighbour_gap=1).batch(20)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    for bad in (0, 2.5):
+        with pytest.raises(CoreDiffError, match="neighbour gap"):
+            PairedSlices([(volume, volume)], max_neighbour_gap=bad)
+
+
 def test_clean_context_comes_from_the_same_draws_and_mirrors_only_the_neighbours_noise():
     ndct = synthetic_ct(4, 32, seed=0, noise_hu=0)
     ldct = ndct + np.random.default_rng(1).normal(0, 40, ndct.shape).astype(np.float32)
