@@ -103,13 +103,17 @@ def _is_cancelled(cancel: CancelFlag) -> bool:
     return bool(cancel())
 
 
-def context_stack(volume_hu: np.ndarray, start: int, stop: int) -> np.ndarray:
-    """(B, 3, H, W) in [0, 1]: slices start..stop-1 with neighbours, edges replicated."""
+def context_stack(volume_hu: np.ndarray, start: int, stop: int, neighbours: bool = True) -> np.ndarray:
+    """(B, 3, H, W) in [0, 1]: slices start..stop-1 with neighbours, edges replicated; with
+    ``neighbours`` False each slice stands in for its own (as at a volume's ends)."""
     n = volume_hu.shape[0]
-    lo, hi = max(start - 1, 0), min(stop + 1, n)
+    lo, hi = (max(start - 1, 0), min(stop + 1, n)) if neighbours else (start, stop)
     slab = np.asarray(volume_hu[lo:hi], dtype=np.float32)  # one contiguous read (file slabs, memmaps)
     idx = np.arange(start, stop)
-    triples = np.stack([np.clip(idx - 1, 0, n - 1), idx, np.clip(idx + 1, 0, n - 1)], axis=1) - lo
+    if neighbours:
+        triples = np.stack([np.clip(idx - 1, 0, n - 1), idx, np.clip(idx + 1, 0, n - 1)], axis=1) - lo
+    else:
+        triples = np.stack([idx, idx, idx], axis=1) - lo
     return hu_to_unit(slab[triples.ravel()]).reshape(len(idx), 3, *slab.shape[1:])
 
 
@@ -278,13 +282,14 @@ def denoise_volume(volume_hu, model: str | ClearNet | None = "default",
                    cancel: CancelFlag = None, denoiser: Denoiser | None = None,
                    out: np.ndarray | None = None, log: LogFn | None = None,
                    precision: str | None = "auto", channels_last: bool | None = None,
-                   slices: tuple[int | None, int | None] | None = None) -> np.ndarray:
+                   slices: tuple[int | None, int | None] | None = None, neighbours: bool = True) -> np.ndarray:
     """Denoise a (slices, rows, cols) CT volume in HU; returns a float32 HU array.
 
     The input is never modified; it may be a numpy array, a memmap or a :class:`VolumeSource`
     (anything indexable by slice ranges with ``shape``/``ndim``). ``slices`` (start, stop)
     denoises only those slices, with their true neighbours from the volume as context, so the
-    result equals the same slices of a whole-volume run. ``out`` (the result's shape, any
+    result equals the same slices of a whole-volume run; ``neighbours`` False gives each slice
+    itself as its neighbours instead (thick slices, see :data:`THICK_SLICE_MM`). ``out`` (the result's shape, any
     float or integer dtype) receives the result slab by slab and is returned; otherwise a new
     array is allocated. Voxels at or below -1500 HU (outside-FOV padding such as -2000 or
     -3024) are fed to the network as air and restored unchanged in the output.
@@ -299,12 +304,12 @@ def denoise_volume(volume_hu, model: str | ClearNet | None = "default",
     first, last = check_slice_range(slices, volume_hu.shape[0])
     _validate_streamed(volume_hu, slices=(max(first - 1, 0), min(last + 1, volume_hu.shape[0])))
     den = denoiser or Denoiser.load(model, device, steps, adaptation, precision, channels_last)
-    return _denoise_range(volume_hu, den, first, last, batch_size, progress, cancel, out, log)
+    return _denoise_range(volume_hu, den, first, last, batch_size, progress, cancel, out, log, neighbours)
 
 
 def _denoise_range(volume_hu, den: Denoiser, first: int, last: int, batch_size: int | None,
                    progress: ProgressFn | None, cancel: CancelFlag, out: np.ndarray | None,
-                   log: LogFn | None) -> np.ndarray:
+                   log: LogFn | None, neighbours: bool = True) -> np.ndarray:
     """:func:`denoise_volume`'s batch loop over slices [first, last) of a volume already checked
     and validated (``denoise_file`` has done both before loading the model: no second read)."""
     _, h, w = volume_hu.shape
@@ -323,7 +328,7 @@ def _denoise_range(volume_hu, den: Denoiser, first: int, last: int, batch_size: 
             raise Cancelled("cancelled by the user; no output was produced")
         stop = min(done + bs, n)
         try:
-            unit = den.denoise_batch(context_stack(volume_hu, first + done, first + stop))
+            unit = den.denoise_batch(context_stack(volume_hu, first + done, first + stop, neighbours))
         except Exception as exc:
             if not _is_oom(exc):
                 raise
@@ -353,6 +358,13 @@ def _denoise_range(volume_hu, den: Denoiser, first: int, last: int, batch_size: 
 
 #: Slice spacing from which ``denoise_file`` says that the neighbour context helps less.
 WIDE_SLICE_MM = 2.0
+#: Slice spacing from which ``denoise_file`` (``context="auto"``) gives each slice itself as its
+#: neighbours. The models learned their context from 1 mm neighbours; on two clinical chest CTs
+#: with 5 mm slices the neighbours cost 0.9-1.4 dB (14 of 16 slices), on phantoms at 5 mm they are
+#: level, at 3 mm still worth +0.3 dB (docs/benchmarks/real_anatomy, docs/benchmarks/spacing).
+THICK_SLICE_MM = 4.0
+#: ``denoise_file``'s context choices: by the slice spacing, the neighbours, or the slice itself
+CONTEXTS = ("auto", "neighbours", "own")
 
 
 @dataclass(frozen=True)
@@ -427,7 +439,7 @@ def denoise_file(input_path, output_path, denoiser, batch_size: int | None = Non
                  progress: ProgressFn | None = None, cancel: CancelFlag = None,
                  log: LogFn | None = None, temp_dir=None,
                  slices: tuple[int | None, int | None] | None = None,
-                 series: str | None = None) -> tuple[Path, tuple[int, int, int], bool]:
+                 series: str | None = None, context: str = "auto") -> tuple[Path, tuple[int, int, int], bool]:
     """Denoise a volume file into ``output_path`` with memory bounded by the batch size.
 
     ``denoiser`` is a :class:`Denoiser` or a callable returning one, given the axial slices and
@@ -437,6 +449,8 @@ def denoise_file(input_path, output_path, denoiser, batch_size: int | None = Non
     (with their true neighbours as context) as a volume placed where they lie in the input:
     a one-slice preview, or the slab a study needs from a long series.
     ``series`` picks one series of a DICOM folder that holds several (:func:`io.read_volume`).
+    ``context`` (one of :data:`CONTEXTS`): "auto" gives the network the adjacent slices as context
+    below :data:`THICK_SLICE_MM` of slice spacing and each slice itself from there on.
     Returns (output path, shape of what was denoised, streamed). ``streamed`` is False when the
     input had to be read whole (DICOM folders and other non-streamable inputs); the output is
     still written from a temporary memmap when its format allows. Nothing is left behind on
@@ -444,6 +458,8 @@ def denoise_file(input_path, output_path, denoiser, batch_size: int | None = Non
     """
     from .dicom import check_series_input
     from .io import check_grid_output, read_volume, write_volume
+    if context not in CONTEXTS:
+        raise CoreDiffError(f"context must be one of {', '.join(CONTEXTS)}, not {context!r}")
     check_series_input(input_path, series)  # before a file is streamed, where read_volume would refuse it
     src = VolumeSource.open(input_path, temp_dir=temp_dir)
     try:
@@ -472,8 +488,11 @@ def denoise_file(input_path, output_path, denoiser, batch_size: int | None = Non
                     raise CoreDiffError(f"{input_path}: {layout.storage} slices off a regular grid: "
                                         "--slices cannot cut them axially; denoise the whole series")
                 info["slice_positions"] = info["slice_positions"][first:last]
+        neighbours = context == "neighbours" or (context == "auto" and slice_mm < THICK_SLICE_MM)
         den = denoiser if isinstance(denoiser, Denoiser) else denoiser(data, tuple(spacing_xy))
         metadata = den.provenance()
+        if den.model.config.use_context:
+            metadata["corediff_context"] = "adjacent slices" if neighbours else "each slice itself"
         if partial:
             metadata["corediff_slices"] = f"{first}:{last} of {n}"
         if log:
@@ -485,14 +504,19 @@ def denoise_file(input_path, output_path, denoiser, batch_size: int | None = Non
             if layout is not None:
                 log(f"its slices are not axial ({layout.storage} storage): denoising its axial planes, as the "
                     "models were trained, and writing them back in its own order")
-            if slice_mm >= WIDE_SLICE_MM:
+            uses_context = den.model.config.use_context
+            if uses_context and not neighbours and context == "auto":
+                log(f"slice spacing {slice_mm:g} mm: each slice is its own context. The models learned "
+                    "from 1 mm neighbours, and on clinical 5 mm scans their neighbours cost 0.9-1.4 dB "
+                    "(docs/benchmarks/real_anatomy); --context neighbours to use them anyway")
+            elif uses_context and neighbours and slice_mm >= WIDE_SLICE_MM:
                 log(f"slice spacing {slice_mm:g} mm: the models were trained on 1 mm slices, and their "
                     "neighbour context helps less the further apart the slices are (held-out phantoms, 25 %: "
                     "+0.82 dB at 1 mm, +0.32 at 3 mm, +0.02 at 5 mm; docs/benchmarks/spacing)")
         shape = (last - first,) + tuple(data.shape[1:])
         name = Path(output_path).name.lower()
         if layout is not None or not name.endswith((".mha", ".nrrd", ".nii", ".nii.gz")):  # DICOM, .mhd, .nhdr
-            result = _denoise_range(data, den, first, last, batch_size, progress, cancel, None, log)
+            result = _denoise_range(data, den, first, last, batch_size, progress, cancel, None, log, neighbours)
             if layout is not None:
                 result = np.ascontiguousarray(layout.from_axial(result))
             from .io import Volume
@@ -501,7 +525,7 @@ def denoise_file(input_path, output_path, denoiser, batch_size: int | None = Non
             return write_volume(vol, output_path, metadata=metadata), shape, streamed
         sink = StreamedOutput(output_path, shape, info, output_dtype(info["pixel_type"]), metadata)
         try:
-            _denoise_range(data, den, first, last, batch_size, progress, cancel, sink.array, log)
+            _denoise_range(data, den, first, last, batch_size, progress, cancel, sink.array, log, neighbours)
             path = sink.commit()
         except BaseException:
             sink.close()

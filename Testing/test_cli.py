@@ -159,6 +159,42 @@ def test_slices_denoises_part_of_a_volume_as_the_whole_run_would(tmp_path, chang
     assert digest(src) == before
 
 
+def test_slices_4_mm_apart_or_more_are_their_own_context_unless_asked(tmp_path, changing_model_path):
+    """--context auto: the neighbours below 4 mm of slice spacing, each slice itself from there on."""
+    from CoreDiffLib.inference import denoise_volume
+    ct = synthetic_ct(6, 48)
+    ct[1::2] += 500.0  # neighbours unlike the slice: the context then shows in the result
+    thin = write_image(tmp_path / "thin.nrrd", ct, spacing=(0.7, 0.7, 1.0))
+    thick = write_image(tmp_path / "thick.nrrd", ct, spacing=(0.7, 0.7, 5.0))
+    before = digest(thick)
+
+    def run(src: Path, *extra: str) -> tuple[np.ndarray, str, str]:
+        out = tmp_path / f"{src.stem}_{'_'.join(extra)}.nrrd"
+        r = corediff("denoise", src, out, "--model", changing_model_path, "--progress", "lines", *extra)
+        assert r.returncode == 0, r.stderr
+        return read_volume(out).array, r.stdout, sitk.ReadImage(str(out)).GetMetaData("corediff_context")
+
+    thin_auto, thin_log, thin_context = run(thin)
+    thick_auto, thick_log, thick_context = run(thick)
+    thick_neighbours, _, thick_neighbours_context = run(thick, "--context", "neighbours")
+    thin_own, _, thin_own_context = run(thin, "--context", "own")
+    assert thin_context == thick_neighbours_context == "adjacent slices"
+    assert thick_context == thin_own_context == "each slice itself"
+    assert "each slice is its own context" in thick_log and "own context" not in thin_log
+    # the voxels are the same in both files: only the context differs, and it changes the result
+    np.testing.assert_allclose(thick_neighbours, thin_auto, atol=1.0)
+    np.testing.assert_allclose(thick_auto, thin_own, atol=1.0)
+    assert np.abs(thick_auto - thin_auto).max() > 2
+    # its own context is each slice denoised as a volume of one slice
+    voxels = read_volume(thick).array
+    alone = np.concatenate([denoise_volume(voxels[k:k + 1], model=str(changing_model_path), device="cpu", steps=1)
+                            for k in range(len(voxels))])
+    np.testing.assert_allclose(thick_auto, alone, atol=1.0)
+    np.testing.assert_allclose(denoise_volume(voxels, model=str(changing_model_path), device="cpu", steps=1,
+                                              neighbours=False), alone, atol=1e-3)
+    assert digest(thick) == before
+
+
 @pytest.mark.parametrize("explicit", [False, True])
 def test_model_auto_picks_the_model_for_the_dose_the_scan_looks_like(tmp_path, explicit):
     """--model auto is the default; the log and the header say what it chose."""
