@@ -189,19 +189,26 @@ def npw_detectability(with_l: np.ndarray, without: np.ndarray, truth: np.ndarray
     return float(np.mean(d))
 
 
-def methods(dose: float, steps: list[int], redcnn: str | None, bm3d_sigma: dict[float, float]) -> dict:
+def methods(dose: float, steps: list[int], redcnn: str | None, bm3d_sigma: dict[float, float],
+            corediff: str = "corediff-{tag}-w32") -> dict:
+    """label -> run(volume, slices=None): the method's output for the volume, or for its slices
+    [start, stop) only (CoreDiff still sees their neighbours in the volume as context).
+    ``corediff``: the CoreDiff model per dose, a name or a weights file ({tag}: 25, 10, 5)."""
+    def part(v: np.ndarray, s: tuple[int, int] | None) -> np.ndarray:
+        return v if s is None else v[s[0]:s[1]]
+
     tag = dose_tag(dose)
-    found = {"LDCT": lambda v: v}
+    found = {"LDCT": lambda v, s=None: part(v, s)}
     if dose in bm3d_sigma:
-        found[f"BM3D (σ = {bm3d_sigma[dose]:g} HU)"] = lambda v: bm3d_denoise(v, bm3d_sigma[dose])
+        found[f"BM3D (σ = {bm3d_sigma[dose]:g} HU)"] = lambda v, s=None: bm3d_denoise(part(v, s), bm3d_sigma[dose])
     if redcnn:
         path = REPO / redcnn.format(tag=tag)
         net = load_redcnn(path)
-        found[f"RED-CNN ({path.name})"] = lambda v: redcnn_denoise(net, v)
+        found[f"RED-CNN ({path.name})"] = lambda v, s=None: redcnn_denoise(net, part(v, s))
     for n in steps:
-        name = f"corediff-{tag}-w32"
-        found[f"CoreDiff {name}, {'1 step' if n == 1 else f'T = {n}'}"] = \
-            lambda v, name=name, n=n: denoise_volume(v, model=name, device="cpu", steps=n)
+        name = corediff.format(tag=tag)
+        found[f"CoreDiff {Path(name).name.removesuffix('.safetensors')}, {'1 step' if n == 1 else f'T = {n}'}"] = \
+            lambda v, s=None, name=name, n=n: denoise_volume(v, model=name, device="cpu", steps=n, slices=s)
     return found
 
 

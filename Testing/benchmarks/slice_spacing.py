@@ -14,6 +14,7 @@ this isolates the neighbour distance, not a thicker slice's lower noise). Rows, 
 4 inner slices of 6-slice volumes against the NDCT, on the paper's window:
 
 - the LDCT input;
+- the same-budget RED-CNN, which sees one slice (so the spacing only changes its phantoms);
 - the model with its real neighbours (what ``corediff denoise`` does), one step and ten;
 - the model with each slice standing in for its own neighbours (no context information).
 """
@@ -30,20 +31,23 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from CoreDiffLib.baselines import load_redcnn, redcnn_denoise  # noqa: E402
 from CoreDiffLib.inference import Denoiser, denoise_volume  # noqa: E402
 from CoreDiffLib.metrics import mean_metrics, paired_difference, volume_metrics  # noqa: E402
+from CoreDiffLib.simulation.dataset import dose_tag  # noqa: E402
 from quality_benchmark import default_cache, held_out  # noqa: E402
 
 KINDS = ("abdomen", "thorax", "head")
 
 
-def held_out_at(spacing_mm: float, dose: float, slices: int):
-    """The quality benchmark's held-out test set at one slice spacing: ``data/test-6slices``
-    itself at 1 mm (the tables' own data), a set of its own (``...-3mm`` etc.) otherwise."""
-    cache = default_cache("test", slices)
+def held_out_at(spacing_mm: float, dose: float, slices: int, split: str = "test"):
+    """The quality benchmark's held-out set at one slice spacing: ``data/test-6slices`` (or
+    ``val-6slices``) itself at 1 mm (the tables' own data), a set of its own (``...-3mm`` etc.)
+    otherwise."""
+    cache = default_cache(split, slices)
     if spacing_mm != 1.0:
         cache = cache.with_name(f"{cache.name}-{spacing_mm:g}mm")
-    return held_out(dose, cache, KINDS, slices, split="test", slice_mm=spacing_mm)
+    return held_out(dose, cache, KINDS, slices, split=split, slice_mm=spacing_mm)
 
 
 def without_context(den: Denoiser, ldct: np.ndarray) -> np.ndarray:
@@ -57,33 +61,52 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default=None, help="default: the -w32 model of the dose")
     ap.add_argument("--spacings", type=float, nargs="+", default=[1.0, 3.0, 5.0])
     ap.add_argument("--slices", type=int, default=6)
+    ap.add_argument("--split", choices=("test", "validation"), default="test",
+                    help="the held-out phantoms: test (seeds 9000-9002) or validation (8000-8002, to choose models on)")
+    ap.add_argument("--steps", type=int, nargs="+", default=[1, 10], help="CoreDiff sampling steps to score")
+    ap.add_argument("--redcnn", default="Testing/benchmarks/models/redcnn32-gpu2-{tag}.pt",
+                    help="the same-budget RED-CNN per dose ({tag}: 25, 10, 5), a single-slice method; '' for none")
     a = ap.parse_args(argv)
-    model = a.model or f"corediff-{round(a.dose * 100)}-w32"
-    den1 = Denoiser.load(model, "cpu", steps=1)
-    den10 = Denoiser.load(model, "cpu", steps=None)
+    tag = dose_tag(a.dose)
+    model = a.model or f"corediff-{tag}-w32"
+    denoisers = {n: Denoiser.load(model, "cpu", steps=n) for n in a.steps}
+    redcnn = load_redcnn(REPO / a.redcnn.format(tag=tag)) if a.redcnn else None
     inner = slice(1, a.slices - 1)
     t0 = time.perf_counter()
-    print(f"`{model}` at {a.dose:.0%} dose on the held-out test phantoms (seeds 9000-9002: {', '.join(KINDS)}), "
+    seeds = "9000-9002" if a.split == "test" else "8000-8002"
+    print(f"`{model}` at {a.dose:.0%} dose on the held-out {a.split} phantoms (seeds {seeds}: {', '.join(KINDS)}), "
           f"{a.slices}-slice 512² volumes at each slice spacing, scored on the {a.slices - 2} inner slices of each "
           "against the NDCT (PSNR dB / SSIM / RMSE HU on [-1000, 1000] HU). *Own slice as context*: each slice "
-          "denoised alone, standing in for its own neighbours.\n")
-    print("| spacing | LDCT | 1 step, neighbours as context | 1 step, own slice as context "
-          "| 10 steps, neighbours | 10 steps, own slice | neighbours − own slice, 1 step (PSNR, paired) |")
-    print("|---|---|---|---|---|---|---|")
+          "denoised alone, standing in for its own neighbours."
+          + (f" RED-CNN: `{Path(a.redcnn.format(tag=tag)).name}`, the same-budget baseline, which sees one slice."
+             if redcnn else "") + "\n")
+    columns = ["LDCT"] + (["RED-CNN"] if redcnn else [])
+    for n in a.steps:
+        columns += [f"{n} step{'s' if n > 1 else ''}, neighbours", f"{n} step{'s' if n > 1 else ''}, own slice"]
+    first = f"{a.steps[0]} step{'s' if a.steps[0] > 1 else ''}"
+    paired = [f"neighbours − own slice, {first}"] + ([f"neighbours − RED-CNN, {first}"] if redcnn else [])
+    print("| spacing | " + " | ".join(columns + [f"{c} (PSNR, paired)" for c in paired]) + " |")
+    print("|---" * (len(columns) + len(paired) + 1) + "|")
     for mm in a.spacings:
-        rows: dict[str, list] = {k: [] for k in ("ldct", "ctx1", "own1", "ctx10", "own10")}
-        for _name, nd, ld, _truth in held_out_at(mm, a.dose, a.slices):
-            outs = {"ldct": ld, "ctx1": denoise_volume(ld, denoiser=den1), "own1": without_context(den1, ld),
-                    "ctx10": denoise_volume(ld, denoiser=den10), "own10": without_context(den10, ld)}
+        rows: dict[str, list] = {k: [] for k in columns}
+        for _name, nd, ld, _truth in held_out_at(mm, a.dose, a.slices, a.split):
+            outs = {"LDCT": ld}
+            if redcnn:
+                outs["RED-CNN"] = redcnn_denoise(redcnn, ld)
+            for n, den in denoisers.items():
+                outs[columns[len(outs)]] = denoise_volume(ld, denoiser=den)
+                outs[columns[len(outs)]] = without_context(den, ld)
             for key, out in outs.items():
                 rows[key] += volume_metrics(out[inner], nd[inner])
         cells = []
-        for key in rows:
+        for key in columns:
             m = mean_metrics(rows[key])
             cells.append(f"{m.psnr:.2f} / {m.ssim:.4f} / {m.rmse_hu:.2f}")
-        d = paired_difference([m.psnr for m in rows["ctx1"]], [m.psnr for m in rows["own1"]])
-        print(f"| {mm:g} mm | " + " | ".join(cells)
-              + f" | {d.mean:+.2f} dB [{d.low:+.2f}, {d.high:+.2f}], {d.a_better}/{d.n} slices |", flush=True)
+        ctx, own = columns[len(columns) - 2 * len(a.steps)], columns[len(columns) - 2 * len(a.steps) + 1]
+        for other in [own] + (["RED-CNN"] if redcnn else []):
+            d = paired_difference([m.psnr for m in rows[ctx]], [m.psnr for m in rows[other]])
+            cells.append(f"{d.mean:+.2f} dB [{d.low:+.2f}, {d.high:+.2f}], {d.a_better}/{d.n} slices")
+        print(f"| {mm:g} mm | " + " | ".join(cells) + " |", flush=True)
     print(f"\n{time.perf_counter() - t0:.0f} s on this machine (simulation included unless cached).")
     return 0
 
