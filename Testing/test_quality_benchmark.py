@@ -299,3 +299,24 @@ def test_lesions_are_placed_in_uniform_soft_tissue_and_scored_on_what_a_method_k
     blotchy = truth + blotchy * (10 / blotchy.std())
     d_blotchy = lb.npw_detectability(blotchy + 0.5 * added, blotchy, truth, added, big, background, 1.0, 1.0)
     assert d_blotchy < 0.5 * d_white
+
+
+def test_real_anatomy_noise_insertion_brings_a_scan_to_the_simulated_dose():
+    """A scan that already carries noise gets only what it lacks: its LDCT is as noisy as the
+    simulation of its noise-free object at that dose, and its reference is the scan itself."""
+    from CoreDiffLib.simulation import FanBeamGeometry, simulate_ldct
+    ra = _benchmark("real_anatomy")
+    n, px = 128, 380.0 / 128
+    geometry = FanBeamGeometry.small(n_views=360, n_detectors=368)
+    y, x = (np.mgrid[:n, :n] - (n - 1) / 2) * px
+    body = np.where(x ** 2 + y ** 2 < 110.0 ** 2, 40.0, -1000.0).astype(np.float32)
+    roi = x ** 2 + y ** 2 < 60.0 ** 2
+    objects = np.stack([body] * 4)
+    expected = np.std(simulate_ldct(objects, 0.25, geometry, px, seed=1)[:, roi])
+    scan = simulate_ldct(objects, 0.5, geometry, px, seed=2)  # "a real scan": noise at half the normal dose
+    reference, ldct, scan_dose, inserted = ra.noise_inserted(scan, px, [0.25], geometry, seed=3)
+    assert 0.25 < inserted[0.25] < 0.6  # less noise inserted than a 25 % scan has on its own
+    # the reference is the scan, its noise included (a little smoothed by the second reconstruction)
+    assert np.corrcoef(reference[:, roi].ravel(), scan[:, roi].ravel())[0, 1] > 0.9
+    assert np.std(ldct[0.25][:, roi]) == pytest.approx(expected, rel=0.15)
+    assert np.mean(ldct[0.25][:, roi]) == pytest.approx(40.0, abs=2.0)
