@@ -284,6 +284,15 @@ def summary(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def write_results(folder: str, stem: str, table: str, records) -> Path:
+    """The markdown table and the JSON records of a run, as STEM.md and STEM.json in folder."""
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out / f"{stem}.md", table + "\n")
+    write_text_atomic(out / f"{stem}.json", json.dumps(records, indent=1) + "\n")
+    return out
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", default=str(REPO / "data/test-6slices"))
@@ -342,10 +351,7 @@ def main() -> int:
     print(table)
     print(f"({time.time() - t0:.0f} s)", file=sys.stderr)
     if a.out:
-        out = Path(a.out)
-        out.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(out / "lesions.md", table + "\n")
-        write_text_atomic(out / "lesions.json", json.dumps(records, indent=1) + "\n")
+        out = write_results(a.out, "lesions", table, records)
         if crops:
             figure(out / "lesion.png", {f"{100 * dose:g} % dose": c for dose, c in crops.items()},
                    f"A 6 mm, {shown[0]['contrast_hu']:+g} HU lesion (ringed) in the abdomen phantom, "

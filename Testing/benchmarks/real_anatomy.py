@@ -44,9 +44,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from lesion_benchmark import REPO, methods  # noqa: E402
+from lesion_benchmark import REPO, methods, write_results  # noqa: E402
 
-from CoreDiffLib.atomic import atomic_path, write_text_atomic  # noqa: E402
+from CoreDiffLib.atomic import atomic_path  # noqa: E402
 from CoreDiffLib.dose_estimate import choose_model, measure  # noqa: E402
 from CoreDiffLib.figures import comparison_figure  # noqa: E402
 from CoreDiffLib.io import read_volume  # noqa: E402
@@ -160,6 +160,14 @@ def summary(result: dict) -> str:
     return "\n".join(lines)
 
 
+def figure_panel(label: str) -> str | None:
+    """A method's panel title in the figure, or None for a method left out of it (ten steps)."""
+    if not label.startswith("CoreDiff"):
+        return label.split(" (")[0]
+    steps = label.split(", ", 1)[1]
+    return None if steps.startswith("T =") else f"CoreDiff {steps}"
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--cache", default=str(REPO / "data" / "real_anatomy"), help="where the scans are fetched to")
@@ -216,10 +224,8 @@ def main() -> int:
                         row = {"case": case, "slice": int(k), "dose": dose, "scores": {}}
                         result["slices"].append(row)
                     row["scores"][label] = {"psnr": m.psnr, "ssim": m.ssim, "rmse": m.rmse_hu}
-                    if c == len(CASES) - 1 and b == len(centres) // 2 and not label.endswith(OWN_SLICE):
-                        # the figure: lung2's middle block
-                        panel = label.split(" (")[0] if label.startswith(("RED-CNN", "BM3D")) else \
-                            "CoreDiff " + label.split(", ")[-1]
+                    panel = figure_panel(label)
+                    if c == len(CASES) - 1 and b == len(centres) // 2 and panel:  # the figure: lung2's middle block
                         shown.setdefault(dose, {"reference (the scan)": reference[3 * b + 1]})[panel] = out
             print(f"  {case} at {dose:g}: done ({time.time() - t0:.0f} s)", file=sys.stderr, flush=True)
 
@@ -227,12 +233,9 @@ def main() -> int:
     print(table)
     print(f"({time.time() - t0:.0f} s)", file=sys.stderr)
     if a.out:
-        out = Path(a.out)
-        out.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(out / "real_anatomy.md", table + "\n")
-        write_text_atomic(out / "real_anatomy.json", json.dumps(result, indent=1) + "\n")
+        out = write_results(a.out, "real_anatomy", table, result)
         for dose, panels in shown.items():
-            last = [k for k in panels if k.startswith("CoreDiff")][-1]
+            last = list(panels)[-1]
             comparison_figure(panels, out / f"real_anatomy_{dose_tag(dose)}.png",
                               title=f"{CASES[-1]}, slice {result['scans'][CASES[-1]]['scored'][len(centres) // 2]}, "
                                     f"{100 * dose:g} % dose by noise insertion, window [-100, 200] HU",
