@@ -420,8 +420,9 @@ def paired_loss(output: torch.Tensor, target: torch.Tensor, ssim_weight: float =
 # ----------------------------------------------------------------------------- fitting
 @torch.no_grad()
 def reference_step_outputs(model: torch.nn.Module, ldct_hu: np.ndarray, slice_index: int,
-                           progress: Callable[[], None] | None = None) -> torch.Tensor:
-    """Run the T-step sampler once on one slice (neighbours as context, edges replicated).
+                           progress: Callable[[], None] | None = None, neighbours: bool = True) -> torch.Tensor:
+    """Run the T-step sampler once on one slice (neighbours as context, edges replicated; with
+    ``neighbours`` False the slice is its own context, as ``denoise`` does for thick slices).
 
     Returns the per-step estimates (T, 1, H, W) in [0, 1] on the CPU. ``progress`` is
     called after every network evaluation.
@@ -433,7 +434,7 @@ def reference_step_outputs(model: torch.nn.Module, ldct_hu: np.ndarray, slice_in
     if not 0 <= slice_index < n:
         raise CoreDiffError(f"reference slice {slice_index} is out of range 0..{n - 1}")
     device = next(model.parameters()).device
-    stack = torch.from_numpy(context_stack(ldct_hu, slice_index, slice_index + 1)).to(device)
+    stack = torch.from_numpy(context_stack(ldct_hu, slice_index, slice_index + 1, neighbours)).to(device)
     if not model.config.use_context:
         stack = stack[:, 1:2]
     handle = model.register_forward_hook(lambda *_: progress()) if progress else None
@@ -664,7 +665,7 @@ def adapt(model: torch.nn.Module, ldct_hu: np.ndarray, slice_index: int, ndct_hu
           dose: str | None = None, iterations: int = 600, patch_size: int = 96, batch_size: int = 8,
           lr: float = 0.05, seed: int = 0, ssim_weight: float = 0.0, fidelity_weight: float = 1.0,
           progress: ProgressFn | None = None, cancel: Callable[[], bool] | None = None,
-          info: dict | None = None) -> Adaptation:
+          info: dict | None = None, neighbours: bool = True) -> Adaptation:
     """Learn an :class:`Adaptation` of ``model`` from one reference slice of a new dose.
 
     ``ldct_hu``: (S, H, W) LDCT volume in HU at the new dose; ``slice_index`` picks the
@@ -673,6 +674,8 @@ def adapt(model: torch.nn.Module, ldct_hu: np.ndarray, slice_index: int, ndct_hu
     (slice ``slice_index`` is used). Unpaired: any normal-dose volume; ``ndct_slice``
     defaults to ``slice_index + 2`` clamped to the volume, as in the paper's reference code.
     ``progress(done, total)`` counts T network evaluations plus the fitting iterations.
+    ``neighbours`` False: the reference slice is its own context (thick slices, as ``denoise``
+    then runs them: :data:`~CoreDiffLib.inference.THICK_SLICE_MM`).
     """
     validate_name(name)
     if mode not in MODES:
@@ -713,7 +716,7 @@ def adapt(model: torch.nn.Module, ldct_hu: np.ndarray, slice_index: int, ndct_hu
         progress(0, total)
     import time
     t0 = time.perf_counter()
-    steps = reference_step_outputs(model, ldct_hu, slice_index, progress=tick)
+    steps = reference_step_outputs(model, ldct_hu, slice_index, progress=tick, neighbours=neighbours)
     t_sample = time.perf_counter() - t0
     if cancel is not None and cancel():
         from .inference import Cancelled
@@ -752,7 +755,7 @@ def _same_spacing(a: Sequence[float], b: Sequence[float], rel: float = 1e-3) -> 
 def cmd_oneshot(args) -> int:
     """``corediff oneshot``: learn and save an adaptation; last stdout line ``RESULT <path>``."""
     from .cli import Progress, info, note
-    from .inference import axial_view, pick_device
+    from .inference import THICK_SLICE_MM, axial_view, pick_device
     from .io import read_volume
     from .models import load_model
 
@@ -805,6 +808,10 @@ def cmd_oneshot(args) -> int:
     info(args, f"one-shot {'paired' if paired else 'unpaired'} adaptation '{name}': reference slice {args.slice}"
                f" of {Path(args.ldct).name}, NDCT slice {args.slice if paired else ndct_slice}, "
                f"T={model.config.steps}, {args.iterations} iterations")
+    neighbours = float(ldct.spacing[2]) < THICK_SLICE_MM
+    if not neighbours:
+        info(args, f"slices {ldct.spacing[2]:g} mm apart: the reference slice is its own context, as "
+                   "`corediff denoise` runs slices 4 mm or more apart")
     progress = Progress(args.progress, unit="it", desc="one-shot")
     try:
         adaptation = adapt(model, ldct.array, args.slice, ndct.array, mode="paired" if paired else "unpaired",
@@ -813,7 +820,7 @@ def cmd_oneshot(args) -> int:
                            progress=progress,
                            info={"ldct": str(Path(args.ldct).resolve()),
                                  "ndct": str(Path(args.ndct or args.ndct_unpaired).resolve()),
-                                 "model": str(model_name)})
+                                 "model": str(model_name)}, neighbours=neighbours)
     finally:
         progress.close()
     path = adaptation.save(out)

@@ -438,3 +438,19 @@ def test_existing_adaptation_is_not_overwritten_without_flag(files, user_home, c
                          "--ndct", files["ndct"], "--name", "keep", "--iterations", 5, "--progress", "none")
     assert rc == 2 and "--overwrite" in one_error_line(err)
     assert saved.read_text() == before
+
+
+def test_reference_slice_of_a_thick_series_is_its_own_context_as_denoise_runs_it():
+    """From 4 mm apart `denoise` gives each slice itself as context; the one-shot fit must weigh
+    the steps of that same input, not of one with neighbours."""
+    torch.manual_seed(0)
+    model = ClearNet(NetworkConfig(width=8)).eval()
+    torch.nn.init.normal_(model.out.weight, std=0.05)
+    volume = phantom(3, 64)
+    volume[0] += 400.0  # a neighbour unlike the slice
+    own = oneshot.reference_step_outputs(model, volume, 1, neighbours=False)
+    alone = oneshot.reference_step_outputs(model, volume[1:2], 0)
+    with_neighbours = oneshot.reference_step_outputs(model, volume, 1)
+    assert own.shape == (model.config.steps, 1, 64, 64)
+    assert torch.allclose(own, alone, atol=1e-6)
+    assert (own - with_neighbours).abs().max() > 1e-4
