@@ -107,13 +107,11 @@ def context_stack(volume_hu: np.ndarray, start: int, stop: int, neighbours: bool
     """(B, 3, H, W) in [0, 1]: slices start..stop-1 with neighbours, edges replicated; with
     ``neighbours`` False each slice stands in for its own (as at a volume's ends)."""
     n = volume_hu.shape[0]
-    lo, hi = (max(start - 1, 0), min(stop + 1, n)) if neighbours else (start, stop)
+    gap = 1 if neighbours else 0
+    lo, hi = max(start - gap, 0), min(stop + gap, n)
     slab = np.asarray(volume_hu[lo:hi], dtype=np.float32)  # one contiguous read (file slabs, memmaps)
     idx = np.arange(start, stop)
-    if neighbours:
-        triples = np.stack([np.clip(idx - 1, 0, n - 1), idx, np.clip(idx + 1, 0, n - 1)], axis=1) - lo
-    else:
-        triples = np.stack([idx, idx, idx], axis=1) - lo
+    triples = np.stack([np.clip(idx - gap, 0, n - 1), idx, np.clip(idx + gap, 0, n - 1)], axis=1) - lo
     return hu_to_unit(slab[triples.ravel()]).reshape(len(idx), 3, *slab.shape[1:])
 
 
@@ -367,6 +365,11 @@ THICK_SLICE_MM = 4.0
 CONTEXTS = ("auto", "neighbours", "own")
 
 
+def uses_neighbours(slice_mm: float, context: str = "auto") -> bool:
+    """Whether slices ``slice_mm`` apart get their neighbours as context (one of :data:`CONTEXTS`)."""
+    return context == "neighbours" or (context == "auto" and slice_mm < THICK_SLICE_MM)
+
+
 @dataclass(frozen=True)
 class AxialLayout:
     """How to view a volume stored sagittally or coronally as axial slices, and back.
@@ -488,7 +491,7 @@ def denoise_file(input_path, output_path, denoiser, batch_size: int | None = Non
                     raise CoreDiffError(f"{input_path}: {layout.storage} slices off a regular grid: "
                                         "--slices cannot cut them axially; denoise the whole series")
                 info["slice_positions"] = info["slice_positions"][first:last]
-        neighbours = context == "neighbours" or (context == "auto" and slice_mm < THICK_SLICE_MM)
+        neighbours = uses_neighbours(slice_mm, context)
         den = denoiser if isinstance(denoiser, Denoiser) else denoiser(data, tuple(spacing_xy))
         metadata = den.provenance()
         if den.model.config.use_context:

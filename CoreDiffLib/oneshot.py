@@ -755,7 +755,7 @@ def _same_spacing(a: Sequence[float], b: Sequence[float], rel: float = 1e-3) -> 
 def cmd_oneshot(args) -> int:
     """``corediff oneshot``: learn and save an adaptation; last stdout line ``RESULT <path>``."""
     from .cli import Progress, info, note
-    from .inference import THICK_SLICE_MM, axial_view, pick_device
+    from .inference import axial_view, pick_device, uses_neighbours
     from .io import read_volume
     from .models import load_model
 
@@ -808,7 +808,7 @@ def cmd_oneshot(args) -> int:
     info(args, f"one-shot {'paired' if paired else 'unpaired'} adaptation '{name}': reference slice {args.slice}"
                f" of {Path(args.ldct).name}, NDCT slice {args.slice if paired else ndct_slice}, "
                f"T={model.config.steps}, {args.iterations} iterations")
-    neighbours = float(ldct.spacing[2]) < THICK_SLICE_MM
+    neighbours = uses_neighbours(float(ldct.spacing[2]))
     if not neighbours:
         info(args, f"slices {ldct.spacing[2]:g} mm apart: the reference slice is its own context, as "
                    "`corediff denoise` runs slices 4 mm or more apart")

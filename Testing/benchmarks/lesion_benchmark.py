@@ -192,7 +192,8 @@ def npw_detectability(with_l: np.ndarray, without: np.ndarray, truth: np.ndarray
 def methods(dose: float, steps: list[int], redcnn: str | None, bm3d_sigma: dict[float, float],
             corediff: str = "corediff-{tag}-w32") -> dict:
     """label -> run(volume, slices=None): the method's output for the volume, or for its slices
-    [start, stop) only (CoreDiff still sees their neighbours in the volume as context).
+    [start, stop) only (CoreDiff still sees their neighbours in the volume as context; its runs
+    also take ``neighbours=False``, each slice its own context).
     ``corediff``: the CoreDiff model per dose, a name or a weights file ({tag}: 25, 10, 5)."""
     def part(v: np.ndarray, s: tuple[int, int] | None) -> np.ndarray:
         return v if s is None else v[s[0]:s[1]]
@@ -208,7 +209,8 @@ def methods(dose: float, steps: list[int], redcnn: str | None, bm3d_sigma: dict[
     for n in steps:
         name = corediff.format(tag=tag)
         found[f"CoreDiff {Path(name).name.removesuffix('.safetensors')}, {'1 step' if n == 1 else f'T = {n}'}"] = \
-            lambda v, s=None, name=name, n=n: denoise_volume(v, model=name, device="cpu", steps=n, slices=s)
+            lambda v, s=None, neighbours=True, name=name, n=n: denoise_volume(
+                v, model=name, device="cpu", steps=n, slices=s, neighbours=neighbours)
     return found
 
 

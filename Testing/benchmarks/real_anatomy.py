@@ -211,18 +211,13 @@ def main() -> int:
                                                "wed_mm": scan.wed_mm}
             found = methods(dose, a.steps, a.redcnn, bm3d_sigma, a.corediff)
             for label in [k for k in found if k.startswith("CoreDiff")]:  # 5 mm apart: are the neighbours any use?
-                found[label + OWN_SLICE] = \
-                    lambda v, s, run=found[label]: run(np.repeat(v[s[0]:s[1]], 3, axis=0), (1, 2))
+                found[label + OWN_SLICE] = lambda v, s, run=found[label]: run(v, s, neighbours=False)
+            rows = [{"case": case, "slice": int(k), "dose": dose, "scores": {}} for k in centres]
+            result["slices"] += rows
             for label, run in found.items():
-                for b, k in enumerate(centres):
-                    block = ldct[dose][3 * b:3 * b + 3]
-                    out = run(block, (1, 2))[0]
+                for b, row in enumerate(rows):
+                    out = run(ldct[dose][3 * b:3 * b + 3], (1, 2))[0]
                     m = slice_metrics(out, reference[3 * b + 1])
-                    row = next((r for r in result["slices"] if r["dose"] == dose and r["case"] == case
-                                and r["slice"] == int(k)), None)
-                    if row is None:
-                        row = {"case": case, "slice": int(k), "dose": dose, "scores": {}}
-                        result["slices"].append(row)
                     row["scores"][label] = {"psnr": m.psnr, "ssim": m.ssim, "rmse": m.rmse_hu}
                     panel = figure_panel(label)
                     if c == len(CASES) - 1 and b == len(centres) // 2 and panel:  # the figure: lung2's middle block

@@ -51,8 +51,8 @@ def held_out_at(spacing_mm: float, dose: float, slices: int, split: str = "test"
 
 
 def without_context(den: Denoiser, ldct: np.ndarray) -> np.ndarray:
-    """Each slice denoised alone: a one-slice volume's neighbours are the slice itself."""
-    return np.concatenate([denoise_volume(ldct[k:k + 1], denoiser=den) for k in range(len(ldct))])
+    """Each slice denoised alone: its own context, as ``corediff denoise --context own``."""
+    return denoise_volume(ldct, denoiser=den, neighbours=False)
 
 
 def main(argv=None) -> int:
