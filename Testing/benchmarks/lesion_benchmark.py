@@ -214,6 +214,26 @@ def methods(dose: float, steps: list[int], redcnn: str | None, bm3d_sigma: dict[
     return found
 
 
+def add_method_arguments(p: argparse.ArgumentParser) -> None:
+    """The options that choose the doses and the methods scored (:func:`methods_for`), shared by
+    the benchmarks that score them."""
+    p.add_argument("--doses", type=float, nargs="+", default=[0.25, 0.1, 0.05])
+    p.add_argument("--steps", type=int, nargs="+", default=[1, 10], help="CoreDiff sampling steps to score")
+    p.add_argument("--redcnn", default="Testing/benchmarks/models/redcnn32-gpu2-{tag}.pt",
+                   help="RED-CNN weights per dose ({tag}: 25, 10, 5); '' for none")
+    p.add_argument("--bm3d", nargs="*", default=["0.25=50", "0.1=100", "0.05=140"], metavar="DOSE=SIGMA",
+                   help="BM3D's sigma (HU) per dose, as tuned on training slices for the quality tables; "
+                        "none to leave BM3D out")
+    p.add_argument("--corediff", default="corediff-{tag}-w32",
+                   help="the CoreDiff model per dose, a name or a weights file ({tag}: 25, 10, 5)")
+
+
+def methods_for(args: argparse.Namespace, dose: float) -> dict:
+    """:func:`methods` as :func:`add_method_arguments`' options choose them."""
+    bm3d_sigma = {float(d): float(v) for d, v in (item.split("=") for item in args.bm3d)}
+    return methods(dose, args.steps, args.redcnn, bm3d_sigma, args.corediff)
+
+
 def figure(path: Path, crops: dict[str, dict[str, np.ndarray]], title: str, mark_px: float) -> None:
     """Rows of crops centred on the lesion; the first column's lesion is ringed (mark_px)."""
     import matplotlib
@@ -298,13 +318,7 @@ def write_results(folder: str, stem: str, table: str, records) -> Path:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", default=str(REPO / "data/test-6slices"))
-    p.add_argument("--doses", type=float, nargs="+", default=[0.25, 0.1, 0.05])
-    p.add_argument("--steps", type=int, nargs="+", default=[1, 10], help="CoreDiff sampling steps to score")
-    p.add_argument("--redcnn", default="Testing/benchmarks/models/redcnn32-gpu2-{tag}.pt",
-                   help="RED-CNN weights per dose ({tag}: 25, 10, 5); '' for none")
-    p.add_argument("--bm3d", nargs="*", default=["0.25=50", "0.1=100", "0.05=140"], metavar="DOSE=SIGMA",
-                   help="BM3D's sigma (HU) per dose, as tuned on training slices for the quality tables; "
-                        "none to leave BM3D out")
+    add_method_arguments(p)
     p.add_argument("--per-case", type=int, default=12, help="lesions tried per phantom")
     p.add_argument("--seed", type=int, default=20261204)
     p.add_argument("--out", default=None)
@@ -331,8 +345,7 @@ def main() -> int:
                             "npw_d": dprime})
         for dose in a.doses:
             ldct = read_volume(data / f"{case}_ldct{dose_tag(dose)}.nrrd").array
-            bm3d_sigma = {float(d): float(v) for d, v in (item.split("=") for item in a.bm3d)}
-            for label, run in methods(dose, a.steps, a.redcnn, bm3d_sigma).items():
+            for label, run in methods_for(a, dose).items():
                 with_l, without = run(ldct + added), run(ldct)
                 for les in lesions:
                     kept, cnr = score(with_l, without, added, les, pixel_mm, slice_mm)

@@ -44,7 +44,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from lesion_benchmark import REPO, methods, write_results  # noqa: E402
+from lesion_benchmark import REPO, add_method_arguments, methods_for, write_results  # noqa: E402
 
 from CoreDiffLib.atomic import atomic_path  # noqa: E402
 from CoreDiffLib.dose_estimate import choose_model, measure  # noqa: E402
@@ -171,15 +171,8 @@ def figure_panel(label: str) -> str | None:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--cache", default=str(REPO / "data" / "real_anatomy"), help="where the scans are fetched to")
-    p.add_argument("--doses", type=float, nargs="+", default=[0.25, 0.1, 0.05])
+    add_method_arguments(p)
     p.add_argument("--blocks", type=int, default=8, help="triples of adjacent slices scored per scan")
-    p.add_argument("--steps", type=int, nargs="+", default=[1, 10], help="CoreDiff sampling steps to score")
-    p.add_argument("--redcnn", default="Testing/benchmarks/models/redcnn32-gpu2-{tag}.pt",
-                   help="RED-CNN weights per dose ({tag}: 25, 10, 5); '' for none")
-    p.add_argument("--bm3d", nargs="*", default=["0.25=50", "0.1=100", "0.05=140"], metavar="DOSE=SIGMA",
-                   help="BM3D's sigma (HU) per dose, as tuned for the quality tables; none to leave BM3D out")
-    p.add_argument("--corediff", default="corediff-{tag}-w32",
-                   help="the CoreDiff model per dose, a name or a weights file ({tag}: 25, 10, 5)")
     p.add_argument("--seed", type=int, default=20261205)
     p.add_argument("--out", default=None)
     p.add_argument("--from-json", default=None, metavar="FILE", help="only summarise a run's real_anatomy.json again")
@@ -188,7 +181,6 @@ def main() -> int:
         print(summary(json.loads(Path(a.from_json).read_text())))
         return 0
     geometry, t0 = FanBeamGeometry(), time.time()
-    bm3d_sigma = {float(d): float(v) for d, v in (item.split("=") for item in a.bm3d)}
     result: dict = {"cases": list(CASES), "doses": a.doses, "scans": {}, "auto": {str(d): {} for d in a.doses},
                     "slices": []}
     shown: dict[float, dict[str, np.ndarray]] = {}
@@ -209,7 +201,7 @@ def main() -> int:
             model, scan, estimate = choose_model(ldct[dose], (pixel_mm, pixel_mm))
             result["auto"][str(dose)][case] = {"model": model, "dose": estimate, "noise_index_hu": scan.noise_index_hu,
                                                "wed_mm": scan.wed_mm}
-            found = methods(dose, a.steps, a.redcnn, bm3d_sigma, a.corediff)
+            found = methods_for(a, dose)
             for label in [k for k in found if k.startswith("CoreDiff")]:  # 5 mm apart: are the neighbours any use?
                 found[label + OWN_SLICE] = lambda v, s, run=found[label]: run(v, s, neighbours=False)
             rows = [{"case": case, "slice": int(k), "dose": dose, "scores": {}} for k in centres]
