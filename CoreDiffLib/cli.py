@@ -198,6 +198,15 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise CoreDiffError("--widen widens the --init-weights model: give --init-weights too")
     if not 0 <= args.anywhere_share <= 1:  # also refuses nan
         raise CoreDiffError(f"--anywhere-share {args.anywhere_share} is not a share: give a number in [0, 1]")
+    for flag, value in (("--batch-size", args.batch_size), ("--iterations", args.iterations)):
+        if value < 1:
+            raise CoreDiffError(f"{flag} {value}: give a whole number >= 1")
+    if args.patch_size < 0:
+        raise CoreDiffError(f"--patch-size {args.patch_size}: give a size in pixels, or 0 for whole slices")
+    if not args.lr > 0:  # also refuses nan
+        raise CoreDiffError(f"--lr {args.lr}: give a learning rate > 0")
+    if not 0 <= args.own_slice_share <= 1:
+        raise CoreDiffError(f"--own-slice-share {args.own_slice_share} is not a share: give a number in [0, 1]")
     if args.max_neighbour_gap < 1:
         raise CoreDiffError(f"--max-neighbour-gap {args.max_neighbour_gap}: give a number of slices >= 1 "
                             "(1, the default, is the adjacent slices)")
@@ -233,7 +242,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                       threads=args.threads, keep_every=args.keep_every, precision=args.precision,
                       time_limit_s=60.0 * args.time_limit, lr_schedule=args.lr_schedule,
                       t_sampling=args.t_sampling, anywhere_share=args.anywhere_share,
-                      max_neighbour_gap=args.max_neighbour_gap,
+                      max_neighbour_gap=args.max_neighbour_gap, own_slice_share=args.own_slice_share,
                       ssim_weight=terms.ssim_weight, level_weight=terms.level_weight,
                       level_window=terms.level_window, context_noise_weight=terms.context_noise_weight,
                       context_noise_region=terms.context_noise_region)
@@ -301,6 +310,9 @@ def add_train_parser(sub) -> None:
                    help="take each patch's two neighbours 1..N slices away (drawn per patch), so that a "
                         "model trained on thin slices learns neighbours as far apart as thick-slice "
                         "series have them (default 1: the adjacent slices)")
+    p.add_argument("--own-slice-share", type=float, default=0.0, metavar="S",
+                   help="share of training patches whose context is the slice itself, as `denoise` runs "
+                        "series of 4 mm slices or thicker (default 0: always the real neighbours)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--checkpoint", default=None, help="resumable checkpoint (default: OUT.ckpt)")
     p.add_argument("--checkpoint-every", type=int, default=500)

@@ -274,6 +274,13 @@ def _is_oom(exc: BaseException) -> bool:
         isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower())
 
 
+def check_batch_size(batch_size: int | None) -> None:
+    """Refuse a batch size that is not a whole number of slices >= 1 (None: chosen from memory)."""
+    if batch_size is not None and (isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1):
+        raise CoreDiffError(f"batch size must be a whole number of slices >= 1, not {batch_size} "
+                            "(leave it out to have it chosen from the device's memory)")
+
+
 def denoise_volume(volume_hu, model: str | ClearNet | None = "default",
                    device: str = "auto", batch_size: int | None = None, steps: int | str | None = None,
                    adaptation=None, progress: ProgressFn | None = None,
@@ -299,6 +306,7 @@ def denoise_volume(volume_hu, model: str | ClearNet | None = "default",
         volume_hu = np.asarray(volume_hu)
     if volume_hu.ndim == 2:
         volume_hu = volume_hu[None]
+    check_batch_size(batch_size)
     first, last = check_slice_range(slices, volume_hu.shape[0])
     _validate_streamed(volume_hu, slices=(max(first - 1, 0), min(last + 1, volume_hu.shape[0])))
     den = denoiser or Denoiser.load(model, device, steps, adaptation, precision, channels_last)
@@ -463,6 +471,7 @@ def denoise_file(input_path, output_path, denoiser, batch_size: int | None = Non
     from .io import check_grid_output, read_volume, write_volume
     if context not in CONTEXTS:
         raise CoreDiffError(f"context must be one of {', '.join(CONTEXTS)}, not {context!r}")
+    check_batch_size(batch_size)
     check_series_input(input_path, series)  # before a file is streamed, where read_volume would refuse it
     src = VolumeSource.open(input_path, temp_dir=temp_dir)
     try:

@@ -54,6 +54,7 @@ class TrainConfig:
     ssim_weight: float = 0.0      # > 0: add ssim_weight x (1 - SSIM) to the MSE, see restoration_loss
     anywhere_share: float = 0.0   # share of patches drawn anywhere, air included, see PairedSlices
     max_neighbour_gap: int = 1    # > 1: neighbours 1..N slices away, for thicker spacing, see PairedSlices
+    own_slice_share: float = 0.0  # share of patches whose context is the slice itself, see PairedSlices
     level_weight: float = 0.0     # > 0: add level_weight x the MSE of local levels, see restoration_loss
     level_window: str = "block8"  # which local levels: one of LEVEL_WINDOWS
     context_noise_weight: float = 0.0  # > 0: penalise the output's response to the neighbours' noise
@@ -84,14 +85,23 @@ class PairedSlices:
     ``max_neighbour_gap`` N > 1 takes the two neighbours g slices away, g drawn from 1..N per
     patch: thin-slice training volumes then show the model what neighbours 3 or 5 mm away look
     like (most clinical series), where anatomy changes between them more than across 1 mm.
+
+    ``own_slice_share`` of the patches have the slice itself as both neighbours, which is how
+    inference runs thick-slice series (``inference.uses_neighbours``) and a volume's end slices:
+    a model that only ever saw real neighbours leans on them to tell noise from anatomy, and with
+    three copies of one noisy slice it takes the noise for anatomy and keeps it.
     """
 
     def __init__(self, pairs: Sequence[tuple[np.ndarray, np.ndarray]], patch_size: int = 64,
-                 seed: int = 0, anywhere_share: float = 0.0, max_neighbour_gap: int = 1):
+                 seed: int = 0, anywhere_share: float = 0.0, max_neighbour_gap: int = 1,
+                 own_slice_share: float = 0.0):
         if not pairs:
             raise CoreDiffError("no training pairs: give at least one NDCT/LDCT pair")
         if not 0.0 <= anywhere_share <= 1.0:  # also refuses nan
             raise CoreDiffError(f"the share of patches drawn anywhere must be in [0, 1], not {anywhere_share}")
+        if not 0.0 <= own_slice_share <= 1.0:
+            raise CoreDiffError(f"the share of patches with their own slice as context must be in [0, 1], "
+                                f"not {own_slice_share}")
         if int(max_neighbour_gap) != max_neighbour_gap or max_neighbour_gap < 1:
             raise CoreDiffError(f"the largest neighbour gap must be a whole number of slices >= 1, "
                                 f"not {max_neighbour_gap}")
@@ -104,10 +114,12 @@ class PairedSlices:
         self.rng = np.random.default_rng(seed)
         self.anywhere_share = anywhere_share
         self.max_gap = int(max_neighbour_gap)
+        self.own_slice_share = own_slice_share
 
     def _one(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         # drawn only when asked for, so that the default keeps the random stream of earlier runs
         anywhere = self.anywhere_share > 0 and self.rng.random() < self.anywhere_share
+        own_slice = self.own_slice_share > 0 and self.rng.random() < self.own_slice_share
         for _ in range(10):
             ndct, ldct = self.pairs[self.rng.integers(len(self.pairs))]
             s, h, w = ldct.shape
@@ -117,7 +129,7 @@ class PairedSlices:
                 i = int(self.rng.integers(gap, s - gap))
             else:
                 i = int(self.rng.integers(s))
-            idx = [max(i - gap, 0), i, min(i + gap, s - 1)]
+            idx = [i, i, i] if own_slice else [max(i - gap, 0), i, min(i + gap, s - 1)]
             p = self.patch or min(h, w)
             p = min(p, h, w)
             y = int(self.rng.integers(h - p + 1))
@@ -457,7 +469,7 @@ def train(pairs: Sequence[tuple[np.ndarray, np.ndarray]], net_cfg: NetworkConfig
         p.requires_grad_(False)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     data = PairedSlices(pairs, cfg.patch_size, seed=cfg.seed + 1000 * rank, anywhere_share=cfg.anywhere_share,
-                        max_neighbour_gap=cfg.max_neighbour_gap)
+                        max_neighbour_gap=cfg.max_neighbour_gap, own_slice_share=cfg.own_slice_share)
     state = TrainState()
     step_rng = np.random.default_rng(cfg.seed + 7)  # same t on every rank each iteration
 

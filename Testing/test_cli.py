@@ -342,6 +342,7 @@ def _mismatched_tensors(tmp_path: Path) -> Path:
     ("malformed_slices", "'2-4' is not K or A:B"),
     ("auto_model_with_an_adaptation", "--model auto chooses a dose model; an adaptation brings its own"),
     ("series_of_a_file", "--series picks a series in a DICOM folder"),
+    ("zero_batch", "batch size must be a whole number of slices >= 1, not 0"),
 ])
 def test_bad_input_gets_one_clear_line_and_writes_nothing(tmp_path, ct_file, tiny_model_path, case, message):
     inp, out, model, extra = ct_file, tmp_path / "out.nrrd", tiny_model_path, []
@@ -377,6 +378,8 @@ def test_bad_input_gets_one_clear_line_and_writes_nothing(tmp_path, ct_file, tin
         model, extra = "auto", ["--adaptation", "some-adaptation"]
     elif case == "series_of_a_file":
         extra = ["--series", "2"]
+    elif case == "zero_batch":
+        extra = ["--batch-size", "0"]
     before = {p.name: digest(p) for p in tmp_path.iterdir() if p.is_file()}
     r = corediff("denoise", inp, out, "--model", model, "--progress", "none", *extra)
     assert r.returncode == 2
@@ -500,6 +503,13 @@ def test_train_can_widen_shipped_weights_into_a_wider_model_of_the_same_function
         assert r.returncode == 2 and "--anywhere-share" in r.stderr and not (tmp_path / "x.safetensors").exists()
     r = corediff("train", data, "--out", tmp_path / "x.safetensors", "--max-neighbour-gap", "0", "--progress", "none")
     assert r.returncode == 2 and "--max-neighbour-gap" in r.stderr and not (tmp_path / "x.safetensors").exists()
+    for bad in ("1.5", "nan"):
+        r = corediff("train", data, "--out", tmp_path / "x.safetensors", "--own-slice-share", bad, "--progress", "none")
+        assert r.returncode == 2 and "--own-slice-share" in r.stderr and not (tmp_path / "x.safetensors").exists()
+    for flag, bad in (("--batch-size", "0"), ("--iterations", "0"), ("--lr", "0"), ("--lr", "nan"),
+                      ("--patch-size", "-8")):
+        r = corediff("train", data, "--out", tmp_path / "x.safetensors", flag, bad, "--progress", "none")
+        assert r.returncode == 2 and flag in r.stderr and not (tmp_path / "x.safetensors").exists()
     r = corediff("train", data, "--out", tmp_path / "x.safetensors", "--no-context", "--context-noise-weight", "1",
                  "--checkpoint", tmp_path / "x.ckpt", "--progress", "none")
     assert r.returncode == 2 and "--context-noise-weight" in r.stderr and "adjacent slices" in r.stderr

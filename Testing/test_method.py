@@ -219,6 +219,25 @@ def test_patch_sampler_draws_neighbours_up_to_the_largest_gap_and_keeps_the_defa
             PairedSlices([(volume, volume)], max_neighbour_gap=bad)
 
 
+def test_patch_sampler_gives_the_own_slice_as_context_to_its_share_of_patches():
+    # slice k holds 10 k HU: a context of three equal values is the slice standing in for its neighbours
+    volume = np.stack([np.full((16, 16), 10.0 * k, np.float32) for k in range(12)])
+    own = {}
+    for share in (0.0, 0.5, 1.0):
+        ctx, tgt = PairedSlices([(volume, volume)], patch_size=8, seed=2, own_slice_share=share).batch(400)
+        assert torch.equal(ctx[:, 1:2], tgt)
+        alike = (ctx[:, 0, 0, 0] == ctx[:, 1, 0, 0]) & (ctx[:, 2, 0, 0] == ctx[:, 1, 0, 0])
+        own[share] = float(alike.float().mean())
+    # with real neighbours only the end slices (2 of 12, one edge replicated) have an equal neighbour, never two
+    assert own[0.0] == 0.0 and own[1.0] == 1.0 and 0.42 < own[0.5] < 0.58
+    a = PairedSlices([(volume, volume)], patch_size=8, seed=5).batch(20)  # the default keeps earlier runs' stream
+    b = PairedSlices([(volume, volume)], patch_size=8, seed=5, own_slice_share=0.0).batch(20)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    for bad in (-0.1, 1.5, float("nan")):
+        with pytest.raises(CoreDiffError, match="own slice"):
+            PairedSlices([(volume, volume)], own_slice_share=bad)
+
+
 def test_clean_context_comes_from_the_same_draws_and_mirrors_only_the_neighbours_noise():
     ndct = synthetic_ct(4, 32, seed=0, noise_hu=0)
     ldct = ndct + np.random.default_rng(1).normal(0, 40, ndct.shape).astype(np.float32)
