@@ -372,16 +372,32 @@ def _csv(text: str, cast=str) -> list:
     return [cast(x.strip()) for x in str(text).split(",") if x.strip()]
 
 
+def _counts(text: str, flag: str) -> list[int]:
+    """A comma list of whole numbers >= 1 (batch sizes, threads), refused with the flag's name."""
+    try:
+        values = _csv(text, int)
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise CoreDiffError(f"{flag} {text!r}: give whole numbers >= 1 separated by commas, e.g. 1,2,4")
+    return values
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     models = list(args.model or []) + [f"w{w}" for w in (args.width or [])]
     if not models:
         models = ["w64"]
     backends = _csv(args.compile)
-    threads = [int(t) for t in _csv(args.threads)] if args.threads else [None]
+    threads = _counts(args.threads, "--threads") if args.threads else [None]
+    batch_sizes = _counts(args.batch_sizes, "--batch-sizes")
+    for flag, value in (("--size", args.size), ("--repeats", args.repeats), ("--slices", args.slices),
+                        ("--steps", args.steps)):
+        if value is not None and value < 1:
+            raise CoreDiffError(f"{flag} {value}: give a whole number >= 1")
     cl = {None: (False,), "both": (False, True), "only": (True,)}[args.channels_last]
     log = (lambda m: print(m, file=sys.stderr, flush=True))
     result = run_benchmark(models, size=args.size, device=args.device,
-                           batch_sizes=_csv(args.batch_sizes, int), precisions=_csv(args.precisions),
+                           batch_sizes=batch_sizes, precisions=_csv(args.precisions),
                            channels_last=cl, backends=backends, threads=threads, repeats=args.repeats,
                            slices=args.slices, steps=args.steps, log=log)
     print(format_table(result))

@@ -167,7 +167,8 @@ def add_denoise_parser(sub) -> None:
                         ".safetensors file")
     p.add_argument("--adaptation", default=None, help="one-shot adaptation name or file")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
-    p.add_argument("--batch-size", type=int, default=None, help="slices per batch (memory bound)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="slices per batch, >= 1 (default: chosen from the device's memory)")
     p.add_argument("--steps", type=steps_argument, default="auto",
                    help="sampling steps, 1 to the model's T (10), or auto (default): all T on a GPU, one on "
                         "a CPU, where it is ten times faster and 0.02-0.06 dB below T for the -w32 models")
