@@ -117,7 +117,7 @@ can remove or invent fine detail: always compare with the original. On the held-
 10 % and 5 % (docs/benchmarks/lesions). On two clinical chest CTs with 5 mm slices and simulated
 dose reduction the models scored below the simpler RED-CNN and BM3D baselines
 (docs/benchmarks/real_anatomy); slices 4 mm or more apart are each denoised without their
-neighbours, which cost ~1 dB there. Intensities are assumed to be in Hounsfield units.
+neighbours, which cost ~1 dB there (Advanced > Context overrides). Intensities are assumed to be in Hounsfield units.
 """
         self.parent.acknowledgementText = """
 Based on CoreDiff: Q. Gao, Z. Li, J. Zhang, Y. Zhang, H. Shan, "CoreDiff: Contextual
@@ -242,6 +242,8 @@ class CoreDiffSlicerParameterNode:
     autoSteps - let the library choose the sampling steps: all T on a GPU, one on a CPU.
     steps - sampling steps (network evaluations per slice) when autoSteps is off.
     batchSize - slices per batch, 0 = chosen by the library from the device memory.
+    context - what the network sees beside each slice: "auto" (the library's choice by slice
+        spacing), "neighbours" or "own" (``corediff denoise --context``).
     showComparison - show the before/after layout when a run finishes.
     roi - region for the noise readout (None: a box at the centre of the current Red slice).
     referenceVolume - a normal-dose scan of the same geometry to score input and result against.
@@ -255,6 +257,7 @@ class CoreDiffSlicerParameterNode:
     autoSteps: bool = True
     steps: Annotated[int, WithinRange(1, 50)] = 10
     batchSize: Annotated[int, WithinRange(0, 512)] = 0
+    context: str = "auto"
     showComparison: bool = True
     roi: vtkMRMLMarkupsROINode
     referenceVolume: vtkMRMLScalarVolumeNode
@@ -527,6 +530,7 @@ class CoreDiffSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.oneShotProgressBar.visible = False
         self.ui.statusLabel.text = ""
         self._setOneShotStep(0)
+        fillComboBox(self.ui.contextComboBox, CONTEXT_CHOICES, "auto")  # fixed items, before the parameter node binds
 
         self.initializeParameterNode()
         self.refreshModelsAndDevices()
@@ -646,7 +650,7 @@ class CoreDiffSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._job = self.logic.startDenoise(
                 inputNode, outputNode, modelArgs=modelArgs, device=p.device,
                 steps=None if p.autoSteps else p.steps,
-                batchSize=p.batchSize, onProgress=self._onDenoiseProgress, onInfo=self._onInfo,
+                batchSize=p.batchSize, context=p.context, onProgress=self._onDenoiseProgress, onInfo=self._onInfo,
                 onFinished=self._onDenoiseFinished, sliceIndex=sliceIndex)
         except Exception as e:
             self._job = None
@@ -680,6 +684,8 @@ class CoreDiffSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             seconds = time.time() - job.startTime
             model, steps = outputNode.GetAttribute("CoreDiff.model"), outputNode.GetAttribute("CoreDiff.steps")
             ran = f" ({model}, {steps} steps)" if model and steps else ""
+            if outputNode.GetAttribute("CoreDiff.context") == "each slice itself":  # thick slices: say so
+                ran += ", each slice its own context"
             if job.sliceIndex is not None:  # a preview: one slice, beside the input whatever the setting
                 self._previewNode = outputNode
                 self.ui.statusLabel.text = (f"Preview of slice {job.sliceIndex} in {formatDuration(seconds)}{ran}: "
@@ -980,6 +986,14 @@ class CoreDiffSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._startDenoise(p.osLdctVolume, None, self.logic.modelArguments(p.model, p.modelFile))
 
 
+#: the context choices (label, ``corediff denoise --context`` value) of the Advanced section
+CONTEXT_CHOICES = [
+    ("Automatic (by slice spacing)", "auto"),
+    ("Adjacent slices", "neighbours"),
+    ("Each slice alone", "own"),
+]
+
+
 def fillComboBox(comboBox, items, currentData) -> None:
     """Replace the items (label, data) of a combo box, keeping ``currentData`` selected."""
     wasBlocked = comboBox.blockSignals(True)
@@ -1208,10 +1222,13 @@ class CoreDiffSlicerLogic(ScriptedLoadableModuleLogic):
         return slicer.mrmlScene.GenerateUniqueName(f"{inputNode.GetName()} {'preview' if preview else 'denoised'}")
 
     def startDenoise(self, inputNode, outputNode=None, modelArgs=(), device="auto", steps=None, batchSize=0,
-                     onProgress=None, onInfo=None, onFinished=None, sliceIndex=None) -> CoreDiffProcess:
+                     onProgress=None, onInfo=None, onFinished=None, sliceIndex=None,
+                     context="auto") -> CoreDiffProcess:
         """Start denoising in the background. onFinished(job, outputNode or None, errorMessage).
 
         ``steps`` None lets the library choose (``--steps auto``: all T on a GPU, one on a CPU).
+        ``context`` is ``corediff denoise --context``: "auto" (neighbours below 4 mm of slice
+        spacing, the slice itself from there on), "neighbours" or "own".
         ``sliceIndex`` K denoises only axial slice K (a preview, seconds even on a CPU): the
         output is a one-slice volume ("<input> preview") placed where that slice lies. The whole
         volume is handed over, so the model ``--model auto`` picks and the slice's neighbours are
@@ -1224,6 +1241,8 @@ class CoreDiffSlicerLogic(ScriptedLoadableModuleLogic):
             raise ValueError("the input volume has no image data")
         if outputNode is not None and outputNode.GetID() == inputNode.GetID():
             raise ValueError("the output volume must differ from the input volume")
+        if context not in [value for _, value in CONTEXT_CHOICES]:
+            raise ValueError(f"context must be one of auto, neighbours, own, not {context!r}")
         preview = None
         if sliceIndex is not None:
             axis = self.axialAxis(inputNode)
@@ -1244,6 +1263,8 @@ class CoreDiffSlicerLogic(ScriptedLoadableModuleLogic):
             args += ["--steps", int(steps)]
         if batchSize:
             args += ["--batch-size", int(batchSize)]
+        if context != "auto":
+            args += ["--context", context]
         if preview is not None:  # counted in axial slices, as the library denoises them
             args += ["--slices", int(sliceIndex)]
 
@@ -1330,15 +1351,15 @@ class CoreDiffSlicerLogic(ScriptedLoadableModuleLogic):
         return self.CT_WINDOW, self.CT_LEVEL
 
     def denoise(self, inputNode, outputNode=None, model="", modelFile=None, device="auto", steps=None,
-                batchSize=0, timeout=None, sliceIndex=None):
+                batchSize=0, timeout=None, sliceIndex=None, context="auto"):
         """Blocking convenience wrapper (scripts, self-test). Returns the output node
-        (``sliceIndex`` K: the one-slice preview of axial slice K, see :meth:`startDenoise`)."""
+        (``sliceIndex`` K: the one-slice preview of axial slice K; ``context``: see :meth:`startDenoise`)."""
         result = {}
 
         def finished(job, node, message):
             result.update(node=node, message=message, cancelled=job.cancelled)
         job = self.startDenoise(inputNode, outputNode, self.modelArguments(model, modelFile), device, steps,
-                                batchSize, onFinished=finished, sliceIndex=sliceIndex)
+                                batchSize, onFinished=finished, sliceIndex=sliceIndex, context=context)
         job.wait(timeout)
         if result.get("node") is None:
             raise RuntimeError(result.get("message") or "cancelled")
@@ -1593,6 +1614,7 @@ class CoreDiffSlicerTest(ScriptedLoadableModuleTest):
         self.assertNotEqual(outputNode.GetID(), inputNode.GetID())
         self.assertTrue(outputNode.GetAttribute("CoreDiff.model"))  # what made it travels with the node
         self.assertRegex(outputNode.GetAttribute("CoreDiff.steps") or "", r"^\d+ of \d+$")
+        self.assertEqual(outputNode.GetAttribute("CoreDiff.context"), "adjacent slices")  # 2.5 mm apart
         a, b = vtk.vtkMatrix4x4(), vtk.vtkMatrix4x4()
         inputNode.GetIJKToRASMatrix(a)
         outputNode.GetIJKToRASMatrix(b)
@@ -1627,6 +1649,10 @@ class CoreDiffSlicerTest(ScriptedLoadableModuleTest):
             self.assertAlmostEqual(b.GetElement(row, 3), sliceOrigin[row], places=6)
             for col in range(3):
                 self.assertAlmostEqual(b.GetElement(row, col), a.GetElement(row, col), places=9)
+        # the slice as its own context (as for thick slices): another result, and the node says so
+        own = logic.denoise(inputNode, timeout=3600, sliceIndex=3, context="own")
+        self.assertEqual(own.GetAttribute("CoreDiff.context"), "each slice itself")
+        self.assertFalse(np.array_equal(slicer.util.arrayFromVolume(own), slicer.util.arrayFromVolume(preview)))
         self.delayDisplay("Test passed")
 
     def test_CoreDiffSlicer_cancel(self):

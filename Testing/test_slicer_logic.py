@@ -57,6 +57,7 @@ def test_denoise_button_creates_new_node_with_input_geometry(slicerEnv, tinyMode
     assert ["--model", tinyModel] == args[args.index("--model"):args.index("--model") + 2]
     assert ["--steps", "2"] == [str(a) for a in args[args.index("--steps"):args.index("--steps") + 2]]
     assert "--progress" in args and "lines" in args
+    assert "--context" not in args  # automatic by default: the library decides from the slice spacing
     spin(slicer, lambda: not widget._job.running, timeout=90)
 
     assert widget.ui.applyButton.property("text") == "Denoise"
@@ -117,6 +118,31 @@ def test_denoise_button_creates_new_node_with_input_geometry(slicerEnv, tinyMode
     assert stats["before"]["std"] == pytest.approx(region.std())
     assert stats["before"]["mean"] == pytest.approx(region.mean())
     assert [m for m in H.displayed if m[0] == "error"] == []
+
+
+def test_the_context_choice_reaches_the_library_and_the_result_says_what_it_was(slicerEnv, tinyModel):  # noqa: F811
+    slicer, module, _ = slicerEnv
+    widget = makeWidget(module)
+    inputNode, _ = makeVolume((4, 48, 48))  # 2.5 mm apart: automatic would give the neighbours
+    p = widget._parameterNode
+    p.modelFile = __import__("pathlib").Path(tinyModel)
+    p.device = "cpu"
+    combo = widget.ui.contextComboBox
+    assert [combo.itemData(i) for i in range(combo.count)] == ["auto", "neighbours", "own"]
+    assert p.context == "auto" and combo.itemData(combo.currentIndex) == "auto"
+    combo.currentIndex = combo.findData("own")
+    assert p.context == "own"
+    widget.ui.applyButton.click()
+    args = [str(a) for a in H.launched[-1].args]
+    assert args[args.index("--context") + 1] == "own"
+    spin(slicer, lambda: not widget._job.running, timeout=90)
+    node = slicer.mrmlScene.GetFirstNodeByName("LDCT denoised")
+    assert node.GetAttribute("CoreDiff.context") == "each slice itself"
+    assert "each slice its own context" in widget.ui.statusLabel.property("text")
+    p.context = "neighbours"  # written from the parameter node, shown in the combo box
+    assert combo.itemData(combo.currentIndex) == "neighbours"
+    with pytest.raises(ValueError, match="context must be one of"):
+        widget.logic.startDenoise(inputNode, context="sideways")
 
 
 def test_preview_denoises_the_red_slice_as_the_whole_run_would(slicerEnv, tinyModel):  # noqa: F811

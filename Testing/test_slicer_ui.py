@@ -19,6 +19,7 @@ EXPECTED_CLASSES = {
     "oneShotLdctSelector": "qMRMLNodeComboBox",
     "oneShotNdctSelector": "qMRMLNodeComboBox",
     "modelComboBox": "ctkComboBox", "deviceComboBox": "ctkComboBox",
+    "contextComboBox": "ctkComboBox",
     "modelPathLineEdit": "ctkPathLineEdit", "stepsSliderWidget": "ctkSliderWidget",
     "autoStepsCheckBox": "QCheckBox",
     "batchSizeSpinBox": "QSpinBox", "showComparisonCheckBox": "QCheckBox",
