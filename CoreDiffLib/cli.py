@@ -158,6 +158,7 @@ def slices_argument(text: str) -> tuple[int | None, int | None]:
 
 
 def add_denoise_parser(sub) -> None:
+    from .inference import CONTEXTS
     p = sub.add_parser("denoise", help="denoise a CT volume (file or DICOM folder)")
     p.add_argument("input", help="LDCT volume: .nrrd, .nii(.gz), .mha or a DICOM folder")
     p.add_argument("output", help="output file (.nrrd, .nii.gz, .mha) or a new DICOM folder")
@@ -175,7 +176,7 @@ def add_denoise_parser(sub) -> None:
     p.add_argument("--slices", type=slices_argument, default=None, metavar="K|A:B",
                    help="denoise only axial slice K, or slices A to B-1 (0-based), with their true neighbours "
                         "as context; the output holds just those, placed where they lie in the input")
-    p.add_argument("--context", choices=["auto", "neighbours", "own"], default="auto",
+    p.add_argument("--context", choices=CONTEXTS, default="auto",
                    help="what the network sees beside each slice: auto (default) its two neighbours when the "
                         "slices are less than 4 mm apart, the slice itself from 4 mm on (on clinical 5 mm "
                         "scans the neighbours cost 0.9-1.4 dB); neighbours or own to choose")

@@ -503,7 +503,8 @@ def denoise_file(input_path, output_path, denoiser, batch_size: int | None = Non
         neighbours = uses_neighbours(slice_mm, context)
         den = denoiser if isinstance(denoiser, Denoiser) else denoiser(data, tuple(spacing_xy))
         metadata = den.provenance()
-        if den.model.config.use_context:
+        uses_context = den.model.config.use_context
+        if uses_context:
             metadata["corediff_context"] = "adjacent slices" if neighbours else "each slice itself"
         if partial:
             metadata["corediff_slices"] = f"{first}:{last} of {n}"
@@ -516,7 +517,6 @@ def denoise_file(input_path, output_path, denoiser, batch_size: int | None = Non
             if layout is not None:
                 log(f"its slices are not axial ({layout.storage} storage): denoising its axial planes, as the "
                     "models were trained, and writing them back in its own order")
-            uses_context = den.model.config.use_context
             if uses_context and not neighbours and context == "auto":
                 log(f"slice spacing {slice_mm:g} mm: each slice is its own context. The models learned "
                     "from 1 mm neighbours, and on clinical 5 mm scans their neighbours cost 0.9-1.4 dB "

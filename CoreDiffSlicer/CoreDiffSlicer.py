@@ -117,7 +117,8 @@ can remove or invent fine detail: always compare with the original. On the held-
 10 % and 5 % (docs/benchmarks/lesions). On two clinical chest CTs with 5 mm slices and simulated
 dose reduction the models scored below the simpler RED-CNN and BM3D baselines
 (docs/benchmarks/real_anatomy); slices 4 mm or more apart are each denoised without their
-neighbours, which cost ~1 dB there (Advanced > Context overrides). Intensities are assumed to be in Hounsfield units.
+neighbours, which cost ~1 dB there (Advanced > Context overrides). Intensities are assumed to be
+in Hounsfield units.
 """
         self.parent.acknowledgementText = """
 Based on CoreDiff: Q. Gao, Z. Li, J. Zhang, Y. Zhang, H. Shan, "CoreDiff: Contextual
@@ -1241,8 +1242,9 @@ class CoreDiffSlicerLogic(ScriptedLoadableModuleLogic):
             raise ValueError("the input volume has no image data")
         if outputNode is not None and outputNode.GetID() == inputNode.GetID():
             raise ValueError("the output volume must differ from the input volume")
-        if context not in [value for _, value in CONTEXT_CHOICES]:
-            raise ValueError(f"context must be one of auto, neighbours, own, not {context!r}")
+        contexts = [value for _, value in CONTEXT_CHOICES]
+        if context not in contexts:
+            raise ValueError(f"context must be one of {', '.join(contexts)}, not {context!r}")
         preview = None
         if sliceIndex is not None:
             axis = self.axialAxis(inputNode)
