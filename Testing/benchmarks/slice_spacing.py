@@ -55,6 +55,10 @@ def without_context(den: Denoiser, ldct: np.ndarray) -> np.ndarray:
     return denoise_volume(ldct, denoiser=den, neighbours=False)
 
 
+def steps_label(n: int) -> str:
+    return f"{n} step{'s' if n > 1 else ''}"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dose", type=float, default=0.25)
@@ -82,8 +86,8 @@ def main(argv=None) -> int:
              if redcnn else "") + "\n")
     columns = ["LDCT"] + (["RED-CNN"] if redcnn else [])
     for n in a.steps:
-        columns += [f"{n} step{'s' if n > 1 else ''}, neighbours", f"{n} step{'s' if n > 1 else ''}, own slice"]
-    first = f"{a.steps[0]} step{'s' if a.steps[0] > 1 else ''}"
+        columns += [f"{steps_label(n)}, neighbours", f"{steps_label(n)}, own slice"]
+    first = steps_label(a.steps[0])
     paired = [f"neighbours − own slice, {first}"] + ([f"neighbours − RED-CNN, {first}"] if redcnn else [])
     print("| spacing | " + " | ".join(columns + [f"{c} (PSNR, paired)" for c in paired]) + " |")
     print("|---" * (len(columns) + len(paired) + 1) + "|")
@@ -94,15 +98,15 @@ def main(argv=None) -> int:
             if redcnn:
                 outs["RED-CNN"] = redcnn_denoise(redcnn, ld)
             for n, den in denoisers.items():
-                outs[columns[len(outs)]] = denoise_volume(ld, denoiser=den)
-                outs[columns[len(outs)]] = without_context(den, ld)
+                outs[f"{steps_label(n)}, neighbours"] = denoise_volume(ld, denoiser=den)
+                outs[f"{steps_label(n)}, own slice"] = without_context(den, ld)
             for key, out in outs.items():
                 rows[key] += volume_metrics(out[inner], nd[inner])
         cells = []
         for key in columns:
             m = mean_metrics(rows[key])
             cells.append(f"{m.psnr:.2f} / {m.ssim:.4f} / {m.rmse_hu:.2f}")
-        ctx, own = columns[len(columns) - 2 * len(a.steps)], columns[len(columns) - 2 * len(a.steps) + 1]
+        ctx, own = f"{first}, neighbours", f"{first}, own slice"
         for other in [own] + (["RED-CNN"] if redcnn else []):
             d = paired_difference([m.psnr for m in rows[ctx]], [m.psnr for m in rows[other]])
             cells.append(f"{d.mean:+.2f} dB [{d.low:+.2f}, {d.high:+.2f}], {d.a_better}/{d.n} slices")
