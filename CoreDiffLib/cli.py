@@ -194,28 +194,22 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .io import find_pairs, read_pair_list, read_volume
     from .models import save_weights
     from .network import NetworkConfig
-    from .training import LossTerms, TrainConfig, train
+    from .training import TrainConfig, train
 
     if args.widen and not args.init_weights:
         raise CoreDiffError("--widen widens the --init-weights model: give --init-weights too")
-    if not 0 <= args.anywhere_share <= 1:  # also refuses nan
-        raise CoreDiffError(f"--anywhere-share {args.anywhere_share} is not a share: give a number in [0, 1]")
-    for flag, value in (("--batch-size", args.batch_size), ("--iterations", args.iterations)):
-        if value < 1:
-            raise CoreDiffError(f"{flag} {value}: give a whole number >= 1")
-    if args.patch_size < 0:
-        raise CoreDiffError(f"--patch-size {args.patch_size}: give a size in pixels, or 0 for whole slices")
-    if not args.lr > 0:  # also refuses nan
-        raise CoreDiffError(f"--lr {args.lr}: give a learning rate > 0")
-    if not 0 <= args.own_slice_share <= 1:
-        raise CoreDiffError(f"--own-slice-share {args.own_slice_share} is not a share: give a number in [0, 1]")
-    if args.max_neighbour_gap < 1:
-        raise CoreDiffError(f"--max-neighbour-gap {args.max_neighbour_gap}: give a number of slices >= 1 "
-                            "(1, the default, is the adjacent slices)")
-    terms = LossTerms(args.ssim_weight, args.level_weight, args.level_window,  # refuses bad weights here
-                      args.context_noise_weight, args.context_noise_region)
-    terms.check_patch_size(args.patch_size)
-    # the starting weights first: a bad file or widening factor is refused before the data are read
+    # every option checked before the starting weights and the data are read
+    cfg = TrainConfig(iterations=args.iterations, batch_size=args.batch_size, patch_size=args.patch_size,
+                      lr=args.lr, seed=args.seed, checkpoint_every=args.checkpoint_every,
+                      ema_start=args.ema_start if args.ema_start is not None else min(2000, args.iterations // 5),
+                      threads=args.threads, keep_every=args.keep_every, precision=args.precision,
+                      time_limit_s=60.0 * args.time_limit, lr_schedule=args.lr_schedule,
+                      t_sampling=args.t_sampling, anywhere_share=args.anywhere_share,
+                      max_neighbour_gap=args.max_neighbour_gap, own_slice_share=args.own_slice_share,
+                      ssim_weight=args.ssim_weight, level_weight=args.level_weight,
+                      level_window=args.level_window, context_noise_weight=args.context_noise_weight,
+                      context_noise_region=args.context_noise_region)
+    # then the starting weights: a bad file or widening factor is refused before the data are read
     net_cfg = NetworkConfig(width=args.width, use_context=not args.no_context, use_emm=not args.no_emm,
                             steps=args.steps)
     init_state = None
@@ -229,7 +223,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         info(args, f"starting from {args.init_weights}{f' widened {args.widen}x' if args.widen else ''} "
                    f"(its architecture: width {net_cfg.width}, "
                    f"CTX {net_cfg.use_context}, EMM {net_cfg.use_emm}, T={net_cfg.steps})")
-    terms.check_network(net_cfg)
+    cfg.loss_terms.check_network(net_cfg)
     pairs = read_pair_list(args.data) if Path(args.data).is_file() else find_pairs(args.data, args.dose_tag)
     info(args, f"{len(pairs)} NDCT/LDCT pairs")
     volumes = []
@@ -238,16 +232,6 @@ def cmd_train(args: argparse.Namespace) -> int:
         if a.shape != b.shape:
             raise CoreDiffError(f"{nd} {a.shape} and {ld} {b.shape} differ in shape: pairs must be aligned")
         volumes.append((a.array, b.array))
-    cfg = TrainConfig(iterations=args.iterations, batch_size=args.batch_size, patch_size=args.patch_size,
-                      lr=args.lr, seed=args.seed, checkpoint_every=args.checkpoint_every,
-                      ema_start=args.ema_start if args.ema_start is not None else min(2000, args.iterations // 5),
-                      threads=args.threads, keep_every=args.keep_every, precision=args.precision,
-                      time_limit_s=60.0 * args.time_limit, lr_schedule=args.lr_schedule,
-                      t_sampling=args.t_sampling, anywhere_share=args.anywhere_share,
-                      max_neighbour_gap=args.max_neighbour_gap, own_slice_share=args.own_slice_share,
-                      ssim_weight=terms.ssim_weight, level_weight=terms.level_weight,
-                      level_window=terms.level_window, context_noise_weight=terms.context_noise_weight,
-                      context_noise_region=terms.context_noise_region)
     checkpoint = args.checkpoint or str(Path(args.output).with_suffix(".ckpt"))
     device = "cuda" if args.device == "auto" and _cuda() else ("cpu" if args.device == "auto" else args.device)
     ema, state = train(volumes, net_cfg, cfg, checkpoint=checkpoint, device=device,

@@ -31,10 +31,31 @@ from .network import ClearNet, NetworkConfig
 
 
 LR_SCHEDULES = ("constant", "cosine")
+T_SAMPLINGS = ("uniform", "late")
+PRECISIONS = ("fp32", "bf16")
+
+
+def check_share(flag: str, what: str, value: float) -> None:
+    """Refuse a share outside [0, 1] (nan included), naming the option and what it shares out."""
+    if not 0.0 <= value <= 1.0:
+        raise CoreDiffError(f"{flag} {value}: {what} must be in [0, 1]")
+
+
+def check_neighbour_gap(value: float) -> None:
+    """Refuse a largest neighbour gap that is not a whole number of slices >= 1."""
+    if not (value >= 1 and float(value).is_integer()):
+        raise CoreDiffError(f"--max-neighbour-gap {value}: the largest neighbour gap must be a whole number of "
+                            "slices >= 1 (1, the default, is the adjacent slices)")
 
 
 @dataclass
 class TrainConfig:
+    """How a run trains. Every field is checked when the value is made (and again by ``train``,
+    in case one was changed since), so a bad one is refused before any data are read or anything
+    is written. The messages name the ``corediff train`` option of the same name
+    (``own_slice_share`` is ``--own-slice-share``), or the field where there is none.
+    """
+
     iterations: int = 150_000
     batch_size: int = 8
     patch_size: int = 64          # 0 = whole slices
@@ -59,6 +80,37 @@ class TrainConfig:
     level_window: str = "block8"  # which local levels: one of LEVEL_WINDOWS
     context_noise_weight: float = 0.0  # > 0: penalise the output's response to the neighbours' noise
     context_noise_region: str = "everywhere"  # where: one of CONTEXT_NOISE_REGIONS
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise CoreDiffError, naming the option, for the first field out of its range."""
+        for flag, value, least in (("--iterations", self.iterations, 1), ("--batch-size", self.batch_size, 1),
+                                   ("--checkpoint-every", self.checkpoint_every, 1),
+                                   ("log_every", self.log_every, 1), ("ema_every", self.ema_every, 1),
+                                   ("--ema-start", self.ema_start, 0), ("--threads", self.threads, 0),
+                                   ("--keep-every", self.keep_every, 0)):
+            if not (value >= least and float(value).is_integer()):  # nan, inf too
+                raise CoreDiffError(f"{flag} {value}: give a whole number >= {least}")
+        if not (self.patch_size >= 0 and float(self.patch_size).is_integer()):
+            raise CoreDiffError(f"--patch-size {self.patch_size}: give a size in pixels, or 0 for whole slices")
+        if not self.lr > 0:  # also refuses nan
+            raise CoreDiffError(f"--lr {self.lr}: give a learning rate > 0")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise CoreDiffError(f"ema_decay {self.ema_decay}: give a decay in [0, 1)")
+        if not self.time_limit_s >= 0:
+            raise CoreDiffError(f"--time-limit {self.time_limit_s / 60:g} min: give minutes >= 0 (0 = no limit)")
+        for flag, value, choices in (("--lr-schedule", self.lr_schedule, LR_SCHEDULES),
+                                     ("--t-sampling", self.t_sampling, T_SAMPLINGS),
+                                     ("--precision", self.precision, PRECISIONS)):
+            if value not in choices:
+                raise CoreDiffError(f"{flag} {value!r}: give one of {', '.join(choices)}")
+        check_share("--anywhere-share", "the share of patches drawn anywhere", self.anywhere_share)
+        check_share("--own-slice-share", "the share of patches with their own slice as context",
+                    self.own_slice_share)
+        check_neighbour_gap(self.max_neighbour_gap)
+        self.loss_terms.check_patch_size(self.patch_size)  # making the terms checks their weights
 
     @property
     def loss_terms(self) -> "LossTerms":
@@ -99,14 +151,9 @@ class PairedSlices:
                  own_slice_share: float = 0.0):
         if not pairs:
             raise CoreDiffError("no training pairs: give at least one NDCT/LDCT pair")
-        if not 0.0 <= anywhere_share <= 1.0:  # also refuses nan
-            raise CoreDiffError(f"the share of patches drawn anywhere must be in [0, 1], not {anywhere_share}")
-        if not 0.0 <= own_slice_share <= 1.0:
-            raise CoreDiffError(f"the share of patches with their own slice as context must be in [0, 1], "
-                                f"not {own_slice_share}")
-        if int(max_neighbour_gap) != max_neighbour_gap or max_neighbour_gap < 1:
-            raise CoreDiffError(f"the largest neighbour gap must be a whole number of slices >= 1, "
-                                f"not {max_neighbour_gap}")
+        check_share("--anywhere-share", "the share of patches drawn anywhere", anywhere_share)
+        check_share("--own-slice-share", "the share of patches with their own slice as context", own_slice_share)
+        check_neighbour_gap(max_neighbour_gap)
         self.pairs = []
         for ndct, ldct in pairs:
             if ndct.shape != ldct.shape:
@@ -449,13 +496,9 @@ def train(pairs: Sequence[tuple[np.ndarray, np.ndarray]], net_cfg: NetworkConfig
             torch.cuda.set_device(local_rank)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    if cfg.lr_schedule not in LR_SCHEDULES:
-        raise CoreDiffError(f"lr schedule must be constant or cosine, not {cfg.lr_schedule!r}")
+    cfg.validate()
     t_probabilities = time_index_probabilities(net_cfg.steps, cfg.t_sampling)
-    if cfg.precision not in ("fp32", "bf16"):
-        raise CoreDiffError(f"training precision must be fp32 or bf16, not {cfg.precision!r}")
     terms = cfg.loss_terms
-    terms.check_patch_size(cfg.patch_size)
     terms.check_network(net_cfg)
     on_cuda = device.startswith("cuda")
     if on_cuda:

@@ -507,7 +507,8 @@ def test_train_can_widen_shipped_weights_into_a_wider_model_of_the_same_function
         r = corediff("train", data, "--out", tmp_path / "x.safetensors", "--own-slice-share", bad, "--progress", "none")
         assert r.returncode == 2 and "--own-slice-share" in r.stderr and not (tmp_path / "x.safetensors").exists()
     for flag, bad in (("--batch-size", "0"), ("--iterations", "0"), ("--lr", "0"), ("--lr", "nan"),
-                      ("--patch-size", "-8")):
+                      ("--patch-size", "-8"), ("--time-limit", "-1"), ("--threads", "-1"),
+                      ("--checkpoint-every", "0"), ("--ema-start", "-5"), ("--keep-every", "-1")):
         r = corediff("train", data, "--out", tmp_path / "x.safetensors", flag, bad, "--progress", "none")
         assert r.returncode == 2 and flag in r.stderr and not (tmp_path / "x.safetensors").exists()
     r = corediff("train", data, "--out", tmp_path / "x.safetensors", "--no-context", "--context-noise-weight", "1",

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -380,8 +381,10 @@ def test_bf16_autocast_training_runs_and_keeps_fp32_weights():
     ema, state = train(pairs, NetworkConfig(width=8), cfg, log=lambda m: None)
     assert state.iteration == 6 and all(np.isfinite(state.losses))
     assert all(p.dtype == torch.float32 for p in ema.parameters())
-    with pytest.raises(Exception, match="fp32 or bf16"):
-        train(pairs, NetworkConfig(width=8), TrainConfig(iterations=1, precision="fp16"), log=lambda m: None)
+    cfg = TrainConfig(iterations=1)
+    cfg.precision = "fp16"  # changed after it was made: train() checks it again, before any step
+    with pytest.raises(CoreDiffError, match="--precision 'fp16': give one of fp32, bf16"):
+        train(pairs, NetworkConfig(width=8), cfg, log=lambda m: None)
 
 
 def test_training_and_inference_import_without_simpleitk():
@@ -464,5 +467,24 @@ def test_loss_terms_refuse_what_the_loss_could_not_compute_before_any_training()
         LossTerms(level_weight=1.0, level_window="ssim").check_patch_size(8)
     LossTerms(level_weight=1.0, level_window="ssim").check_patch_size(0)  # whole slices
     LossTerms(level_weight=1.0).check_patch_size(8)  # 8x8 blocks fit
-    with pytest.raises(CoreDiffError, match="--ssim-weight"):  # train() refuses it too, before any step
-        train([], NetworkConfig(width=8), TrainConfig(ssim_weight=-1.0), log=lambda m: None)
+    with pytest.raises(CoreDiffError, match="--ssim-weight"):  # a training config refuses it when made
+        TrainConfig(ssim_weight=-1.0)
+    with pytest.raises(CoreDiffError, match="--patch-size 11"):
+        TrainConfig(level_weight=1.0, level_window="ssim", patch_size=8)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("iterations", 0, "--iterations 0"), ("batch_size", 2.5, "--batch-size 2.5"),
+    ("checkpoint_every", 0, "--checkpoint-every"), ("log_every", float("nan"), "log_every nan"),
+    ("ema_start", -1, "--ema-start"), ("threads", -2, "--threads"), ("keep_every", float("inf"), "--keep-every"),
+    ("patch_size", -8, "--patch-size -8"), ("lr", 0.0, "--lr 0"), ("lr", float("nan"), "--lr nan"),
+    ("ema_decay", 1.0, "ema_decay"), ("time_limit_s", -60.0, "--time-limit -1 min"),
+    ("lr_schedule", "step", "--lr-schedule 'step'"), ("t_sampling", "early", "--t-sampling"),
+    ("precision", "fp16", "--precision"), ("anywhere_share", 1.5, "--anywhere-share 1.5"),
+    ("own_slice_share", float("nan"), "--own-slice-share nan"), ("max_neighbour_gap", 0, "--max-neighbour-gap 0"),
+    ("level_window", "blocks", "level window"), ("context_noise_weight", -1.0, "--context-noise-weight"),
+])
+def test_training_config_refuses_each_field_out_of_range_naming_its_option(field, value, message):
+    with pytest.raises(CoreDiffError, match=re.escape(message)):
+        TrainConfig(**{field: value})
+    TrainConfig(**{field: getattr(TrainConfig(), field)})  # the default is fine
