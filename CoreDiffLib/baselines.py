@@ -20,7 +20,8 @@ import torch.nn.functional as F
 
 from . import CoreDiffError
 from .intensity import hu_to_unit, unit_to_hu
-from .training import LR_SCHEDULES, MSE_ONLY, LossTerms, PairedSlices, cosine_lr, restoration_loss, run_progress
+from .training import (LR_SCHEDULES, MSE_ONLY, PRECISIONS, LossTerms, PairedSlices, check_choice, cosine_lr,
+                       restoration_loss, run_progress)
 
 
 class REDCNN(nn.Module):
@@ -76,10 +77,8 @@ def train_redcnn(pairs: Sequence[tuple[np.ndarray, np.ndarray]], iterations: int
     (see ``training.LossTerms`` and ``training.PairedSlices``). The model comes back on
     the CPU.
     """
-    if lr_schedule not in LR_SCHEDULES:
-        raise ValueError(f"lr schedule must be constant or cosine, not {lr_schedule!r}")
-    if precision not in ("fp32", "bf16"):
-        raise ValueError(f"training precision must be fp32 or bf16, not {precision!r}")
+    check_choice("--lr-schedule", lr_schedule, LR_SCHEDULES)
+    check_choice("--precision", precision, PRECISIONS)
     loss_terms.check_patch_size(patch_size)
     if loss_terms.context_noise_weight:
         raise CoreDiffError("RED-CNN sees one slice, not its neighbours: the context-noise term does not apply")

@@ -41,6 +41,12 @@ def check_share(flag: str, what: str, value: float) -> None:
         raise CoreDiffError(f"{flag} {value}: {what} must be in [0, 1]")
 
 
+def check_choice(flag: str, value: str, choices: Sequence[str]) -> None:
+    """Refuse a value that is not one of ``choices``, naming the option and listing them."""
+    if value not in choices:
+        raise CoreDiffError(f"{flag} {value!r}: give one of {', '.join(choices)}")
+
+
 def check_neighbour_gap(value: float) -> None:
     """Refuse a largest neighbour gap that is not a whole number of slices >= 1."""
     if not (value >= 1 and float(value).is_integer()):
@@ -101,11 +107,9 @@ class TrainConfig:
             raise CoreDiffError(f"ema_decay {self.ema_decay}: give a decay in [0, 1)")
         if not self.time_limit_s >= 0:
             raise CoreDiffError(f"--time-limit {self.time_limit_s / 60:g} min: give minutes >= 0 (0 = no limit)")
-        for flag, value, choices in (("--lr-schedule", self.lr_schedule, LR_SCHEDULES),
-                                     ("--t-sampling", self.t_sampling, T_SAMPLINGS),
-                                     ("--precision", self.precision, PRECISIONS)):
-            if value not in choices:
-                raise CoreDiffError(f"{flag} {value!r}: give one of {', '.join(choices)}")
+        check_choice("--lr-schedule", self.lr_schedule, LR_SCHEDULES)
+        check_choice("--t-sampling", self.t_sampling, T_SAMPLINGS)
+        check_choice("--precision", self.precision, PRECISIONS)
         check_share("--anywhere-share", "the share of patches drawn anywhere", self.anywhere_share)
         check_share("--own-slice-share", "the share of patches with their own slice as context",
                     self.own_slice_share)

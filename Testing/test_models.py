@@ -103,9 +103,9 @@ def test_redcnn_fine_tunes_from_given_weights_within_a_time_limit():
                          time_limit_s=0.5, lr_schedule="cosine", log=messages.append)
     assert any("stopped at iteration" in m for m in messages)  # the limit ended it, not 10**6 its
     assert not all(torch.equal(a, b) for a, b in zip(start.state_dict().values(), tuned.state_dict().values()))
-    with pytest.raises(ValueError, match="cosine"):
-        train_redcnn(pairs, 1, filters=4, lr_schedule="linear", log=lambda m: None)
     from CoreDiffLib import CoreDiffError
+    with pytest.raises(CoreDiffError, match="--lr-schedule 'linear': give one of constant, cosine"):
+        train_redcnn(pairs, 1, filters=4, lr_schedule="linear", log=lambda m: None)
     with pytest.raises(CoreDiffError, match="--patch-size 11"):  # the same refusal as corediff train's
         train_redcnn(pairs, 1, patch_size=8, filters=4, loss_terms=LossTerms(level_weight=1.0, level_window="ssim"),
                      log=lambda m: None)
