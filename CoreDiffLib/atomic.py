@@ -14,7 +14,7 @@ import secrets
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator, Sequence
 
 
 def partial_path(target: str | os.PathLike) -> Path:
@@ -27,6 +27,27 @@ def partial_path(target: str | os.PathLike) -> Path:
     target = Path(target)
     suffix = "".join(target.suffixes[-2:]) if target.name.lower().endswith(".gz") else target.suffix
     return target.with_name(f".{target.name}.partial-{os.getpid()}-{secrets.token_hex(3)}{suffix}")
+
+
+def check_output_file(flag: str, path: str | os.PathLike, suffixes: Sequence[str],
+                      inputs: Iterable[str | os.PathLike | None] = ()) -> Path:
+    """Refuse an output file before any work is done, with a message naming ``flag``.
+
+    The type must be what is written there (``suffixes``), so that a table or weights cannot
+    land on a volume named by mistake; it must not be one of the command's ``inputs`` (they
+    are never overwritten); and its folder must exist, or the finished work could not be saved.
+    """
+    from . import CoreDiffError
+    out = Path(path).expanduser()
+    if not out.name.lower().endswith(tuple(s.lower() for s in suffixes)):
+        raise CoreDiffError(f"{flag} {path}: give a file name ending in {' or '.join(suffixes)}")
+    resolved = out.resolve()
+    for given in inputs:
+        if given is not None and Path(given).expanduser().resolve() == resolved:
+            raise CoreDiffError(f"{flag} {path} is also an input: write it elsewhere (inputs are never overwritten)")
+    if not resolved.parent.is_dir():
+        raise CoreDiffError(f"{flag} {path}: output folder {resolved.parent} does not exist: create it first")
+    return out
 
 
 @contextlib.contextmanager

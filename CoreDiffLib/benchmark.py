@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from . import CoreDiffError
-from .atomic import atomic_path, write_text_atomic
+from .atomic import atomic_path, check_output_file, write_text_atomic
 from .diffusion import sample
 from .inference import context_stack, pick_device
 from .intensity import unit_to_hu
@@ -394,6 +394,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
                         ("--steps", args.steps)):
         if value is not None and value < 1:
             raise CoreDiffError(f"{flag} {value}: give a whole number >= 1")
+    if args.json:  # checked now, not after minutes of timing
+        check_output_file("--json", args.json, (".json",), args.model or ())
+    if args.markdown:
+        check_output_file("--markdown", args.markdown, (".md",), args.model or ())
     cl = {None: (False,), "both": (False, True), "only": (True,)}[args.channels_last]
     log = (lambda m: print(m, file=sys.stderr, flush=True))
     result = run_benchmark(models, size=args.size, device=args.device,

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 from . import CoreDiffError, __version__
-from .atomic import atomic_path
+from .atomic import atomic_path, check_output_file
 from .dose_estimate import AUTO_MODEL
 
 
@@ -190,6 +190,10 @@ def add_denoise_parser(sub) -> None:
 
 
 # ----------------------------------------------------------------------------- train
+#: what a training checkpoint may be called (torch.save files; the default is OUT.ckpt)
+CHECKPOINT_SUFFIXES = (".ckpt", ".pt", ".pth")
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from .io import find_pairs, read_pair_list, read_volume
     from .models import save_weights
@@ -198,6 +202,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     if args.widen and not args.init_weights:
         raise CoreDiffError("--widen widens the --init-weights model: give --init-weights too")
+    check_output_file("--out", args.output, (".safetensors",), (args.init_weights, args.data))
+    checkpoint = args.checkpoint or str(Path(args.output).with_suffix(".ckpt"))
+    check_output_file("--checkpoint", checkpoint, CHECKPOINT_SUFFIXES, (args.output, args.init_weights, args.data))
     # every option checked before the starting weights and the data are read
     cfg = TrainConfig(iterations=args.iterations, batch_size=args.batch_size, patch_size=args.patch_size,
                       lr=args.lr, seed=args.seed, checkpoint_every=args.checkpoint_every,
@@ -232,7 +239,6 @@ def cmd_train(args: argparse.Namespace) -> int:
         if a.shape != b.shape:
             raise CoreDiffError(f"{nd} {a.shape} and {ld} {b.shape} differ in shape: pairs must be aligned")
         volumes.append((a.array, b.array))
-    checkpoint = args.checkpoint or str(Path(args.output).with_suffix(".ckpt"))
     device = "cuda" if args.device == "auto" and _cuda() else ("cpu" if args.device == "auto" else args.device)
     ema, state = train(volumes, net_cfg, cfg, checkpoint=checkpoint, device=device,
                        log=lambda m: info(args, m), init_state=init_state)
@@ -319,10 +325,18 @@ def add_train_parser(sub) -> None:
 def cmd_compare(args: argparse.Namespace) -> int:
     import csv
 
-    from .figures import comparison_figure
+    from .figures import FIGURE_SUFFIXES, comparison_figure
     from .io import read_volume, slices_within
     from .metrics import mean_metrics, volume_metrics
 
+    # the outputs are checked before anything is read: neither may land on an input
+    inputs = (args.denoised, args.ldct, args.reference)
+    if args.csv:
+        if not args.reference:
+            raise CoreDiffError("--csv writes the metrics, which need --reference (the normal-dose volume)")
+        check_output_file("--csv", args.csv, (".csv",), inputs)
+    if args.figure:
+        check_output_file("--figure", args.figure, FIGURE_SUFFIXES, inputs)
     denoised = read_volume(args.denoised, log=note)
     ldct = read_volume(args.ldct, log=note) if args.ldct else None
     ref = read_volume(args.reference, log=note) if args.reference else None
@@ -342,6 +356,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
         return other.with_array(other.array[part])
 
     ldct, ref = same_slices(ldct, "--ldct"), same_slices(ref, "--reference")
+    shown = args.slice if args.slice is not None else first + denoised.shape[0] // 2  # the figure's slice
+    if args.figure and not 0 <= shown - first < denoised.shape[0]:  # refused before the CSV is written
+        raise CoreDiffError(f"--slice {shown} is out of range {first}..{first + denoised.shape[0] - 1}")
     rows = []
     if ref is not None:
         series = [("denoised", denoised)] + ([("ldct", ldct)] if ldct is not None else [])
@@ -367,10 +384,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     else:
         info(args, "no --reference: metrics need a normal-dose volume; writing the figure only")
     if args.figure:
-        shown = args.slice if args.slice is not None else first + denoised.shape[0] // 2
         k = shown - first
-        if not 0 <= k < denoised.shape[0]:
-            raise CoreDiffError(f"--slice {shown} is out of range {first}..{first + denoised.shape[0] - 1}")
         panels = {}
         if ldct is not None:
             panels["LDCT"] = ldct.array[k]
@@ -389,7 +403,7 @@ def add_compare_parser(sub) -> None:
     p.add_argument("--ldct", help="the low-dose input volume")
     p.add_argument("--reference", help="normal-dose reference volume (needed for metrics)")
     p.add_argument("--csv", help="write per-slice metrics to this CSV")
-    p.add_argument("--figure", help="write a side-by-side PNG here")
+    p.add_argument("--figure", help="write a side-by-side figure here (.png, or .pdf, .svg, .jpg, .tif)")
     p.add_argument("--slice", type=int, default=None, help="slice for the figure (default: middle)")
     p.set_defaults(func=cmd_compare, progress="bar")
 

@@ -14,6 +14,9 @@ import numpy as np  # noqa: E402
 from .atomic import atomic_path  # noqa: E402
 from .intensity import DISPLAY_WINDOW_HU  # noqa: E402
 
+#: the file types a figure may be written as (matplotlib picks the format by the extension)
+FIGURE_SUFFIXES = (".png", ".pdf", ".svg", ".jpg", ".jpeg", ".tif", ".tiff")
+
 
 def busiest_region(image_hu: np.ndarray, size: int) -> tuple[int, int]:
     """Top-left corner of the size x size window with the most soft-tissue structure."""

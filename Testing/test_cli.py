@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -407,6 +408,23 @@ def test_compare_writes_table_csv_and_figure(tmp_path):
     assert (tmp_path / "fig.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_compare_refuses_outputs_that_would_overwrite_an_input_or_could_not_be_written(tmp_path):
+    ref = synthetic_ct(3, 48, noise_hu=0)
+    paths = [write_image(tmp_path / f"{n}.nrrd", ref + k) for k, n in enumerate(("ref", "ldct", "den"))]
+    before = {p: digest(p) for p in paths}
+    cases = [(("--csv", paths[0]), "--csv"),  # a CSV on the reference volume: it used to be overwritten
+             (("--csv", tmp_path / "m.nrrd"), "ending in .csv"), (("--figure", paths[1]), "--figure"),
+             (("--figure", tmp_path / "fig.xyz"), "ending in .png"),
+             (("--csv", tmp_path / "nowhere" / "m.csv"), "does not exist"),
+             (("--csv", tmp_path / "m.csv", "--figure", tmp_path / "f.png", "--slice", "9"), "--slice 9")]
+    for extra, message in cases:
+        r = corediff("compare", paths[2], "--ldct", paths[1], "--reference", paths[0], *extra)
+        assert r.returncode == 2 and message in r.stderr, (extra, r.stderr)
+    r = corediff("compare", paths[2], "--csv", tmp_path / "m.csv")
+    assert r.returncode == 2 and "need --reference" in r.stderr
+    assert {p: digest(p) for p in paths} == before and sorted(tmp_path.iterdir()) == sorted(paths)
+
+
 def test_compare_scores_a_slices_output_against_the_matching_slices_of_the_scan(tmp_path, identity_model_path):
     """`denoise --slices` writes part of a scan where it lies: compare cuts the reference and the
     LDCT to it and numbers the rows by the scan's slices; a part from elsewhere is refused."""
@@ -489,6 +507,10 @@ def test_train_can_widen_shipped_weights_into_a_wider_model_of_the_same_function
     r = corediff("train", data, "--out", tmp_path / "x.safetensors", "--init-weights", "corediff-25", "--widen", "1",
                  "--progress", "none")
     assert r.returncode == 2 and ">= 2" in r.stderr and not (tmp_path / "x.safetensors").exists()
+
+
+def test_train_refuses_bad_options_and_outputs_before_reading_the_data(tmp_path):
+    data = _paired_training_folder(tmp_path)
     r = corediff("train", data, "--out", tmp_path / "x.safetensors", "--ssim-weight", "-1", "--progress", "none")
     assert r.returncode == 2 and "--ssim-weight" in r.stderr and not (tmp_path / "x.safetensors").exists()
     for bad in ("-1", "nan"):
@@ -511,6 +533,16 @@ def test_train_can_widen_shipped_weights_into_a_wider_model_of_the_same_function
                       ("--checkpoint-every", "0"), ("--ema-start", "-5"), ("--keep-every", "-1")):
         r = corediff("train", data, "--out", tmp_path / "x.safetensors", flag, bad, "--progress", "none")
         assert r.returncode == 2 and flag in r.stderr and not (tmp_path / "x.safetensors").exists()
+    nd, init = data / "c1_ndct.nrrd", tmp_path / "start.safetensors"
+    shutil.copy(REPO / "CoreDiffLib" / "weights" / "corediff-25.safetensors", init)
+    kept = digest(nd), digest(init)
+    for extra, message in (((nd,), "ending in .safetensors"),  # weights on a training volume
+                           ((tmp_path / "x.safetensors", "--checkpoint", nd), "--checkpoint"),
+                           ((init, "--init-weights", init), "also an input"),  # the starting weights kept
+                           ((tmp_path / "no" / "x.safetensors",), "does not exist")):
+        r = corediff("train", data, "--out", *extra, "--progress", "none")
+        assert r.returncode == 2 and message in r.stderr, (extra, r.stderr)
+    assert (digest(nd), digest(init)) == kept and not (tmp_path / "x.safetensors").exists()
     r = corediff("train", data, "--out", tmp_path / "x.safetensors", "--no-context", "--context-noise-weight", "1",
                  "--checkpoint", tmp_path / "x.ckpt", "--progress", "none")
     assert r.returncode == 2 and "--context-noise-weight" in r.stderr and "adjacent slices" in r.stderr

@@ -153,10 +153,13 @@ def test_bench_cli_reports_rows_accuracy_and_skips(tmp_path, weights):
 
 
 @pytest.mark.parametrize("flag, value", [("--batch-sizes", "0"), ("--batch-sizes", "1,x"), ("--batch-sizes", ""),
-                                         ("--threads", "0"), ("--repeats", "0"), ("--slices", "-1")])
-def test_bench_refuses_counts_below_one_before_running(tmp_path, capsys, flag, value):
+                                         ("--threads", "0"), ("--repeats", "0"), ("--slices", "-1"),
+                                         ("--markdown", "table.json"), ("--markdown", "nowhere/table.md")])
+def test_bench_refuses_counts_below_one_and_unwritable_outputs_before_running(tmp_path, capsys, flag, value):
     from CoreDiffLib.cli import main
     out = tmp_path / "bench.json"
+    if flag == "--markdown":
+        value = str(tmp_path / value)
     assert main(["bench", "--width", "4", "--size", "32", flag, value, "--json", str(out)]) == 2
     assert flag in capsys.readouterr().err and not out.exists()
 
