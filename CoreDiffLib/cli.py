@@ -417,7 +417,14 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         if not 0 < d <= 1:
             raise CoreDiffError(f"--dose {d} is out of range: give a fraction of the full dose in (0, 1], "
                                 "e.g. 0.25 for quarter dose")
-    Path(args.out).mkdir(parents=True, exist_ok=True)
+    out = Path(args.out)
+    earlier = sorted(f.name for f in out.iterdir() if f.name == "manifest.json" or f.name.startswith("case")) \
+        if out.is_dir() else []
+    if earlier and not args.overwrite:
+        raise CoreDiffError(f"{out} already holds a simulation ({len(earlier)} files: {', '.join(earlier[:3])}"
+                            f"{', ...' if len(earlier) > 3 else ''}): choose a new folder, or pass --overwrite to "
+                            "write over it (two simulations mixed in one folder would pair scans of different draws)")
+    out.mkdir(parents=True, exist_ok=True)
     try:
         paths = simulate_dataset(args.out, doses if len(doses) > 1 else doses[0], args.count, args.slices,
                                  size=args.size, seed=args.seed, progress=args.progress != "none")
@@ -435,6 +442,9 @@ def add_simulate_parser(sub) -> None:
     p.add_argument("--slices", type=int, default=16, help="slices per volume")
     p.add_argument("--size", type=int, default=512, help="in-plane size (pixels)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true",
+                   help="write over a simulation already in --out: files of the same names are replaced, "
+                        "others left (default: refuse, and keep it)")
     _add_progress(p)
     p.set_defaults(func=cmd_simulate)
 

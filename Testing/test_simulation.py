@@ -269,3 +269,31 @@ def test_dose_tags_in_file_names_read_back_as_their_doses():
     from CoreDiffLib.simulation.dataset import dose_from_tag, dose_tag
     for dose, tag in ((0.25, "25"), (0.05, "5"), (0.125, "12p5"), (0.03, "3"), (1.0, "100")):
         assert dose_tag(dose) == tag and dose_from_tag(tag) == pytest.approx(dose)
+
+
+def test_simulate_command_writes_pairs_and_keeps_an_earlier_simulation(tmp_path):
+    """`corediff simulate` as a user runs it: files and manifest, bad doses refused, and a folder
+    that already holds a simulation kept unless --overwrite is given."""
+    import subprocess
+    import sys
+
+    def simulate(*args):
+        return subprocess.run([sys.executable, "-m", "CoreDiffLib.cli", "simulate", "--count", "1", "--slices", "2",
+                               "--size", "128", "--progress", "none", *map(str, args)],
+                              capture_output=True, encoding="utf-8", timeout=300)
+
+    out = tmp_path / "sim"
+    r = simulate("--dose", "0.25", "--out", out, "--seed", "3")
+    assert r.returncode == 0, r.stderr
+    assert sorted(f.name for f in out.iterdir()) == ["case000_abdomen_ldct25.nrrd", "case000_abdomen_ndct.nrrd",
+                                                     "manifest.json"]
+    kept = {f.name: f.read_bytes() for f in out.iterdir()}
+    r = simulate("--dose", "0.1", "--out", out, "--seed", "4")
+    assert r.returncode == 2 and "already holds a simulation" in r.stderr and "--overwrite" in r.stderr
+    assert {f.name: f.read_bytes() for f in out.iterdir()} == kept
+    for bad in ("0", "1.5", "nan"):
+        r = simulate("--dose", bad, "--out", tmp_path / "bad")
+        assert r.returncode == 2 and "--dose" in r.stderr and not (tmp_path / "bad").exists()
+    r = simulate("--dose", "0.25", "--out", out, "--seed", "4", "--overwrite")
+    assert r.returncode == 0, r.stderr
+    assert json.loads((out / "manifest.json").read_text())["seed"] == 4
