@@ -421,8 +421,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     earlier = sorted(f.name for f in out.iterdir() if f.name == "manifest.json" or f.name.startswith("case")) \
         if out.is_dir() else []
     if earlier and not args.overwrite:
-        raise CoreDiffError(f"{out} already holds a simulation ({len(earlier)} files: {', '.join(earlier[:3])}"
-                            f"{', ...' if len(earlier) > 3 else ''}): choose a new folder, or pass --overwrite to "
+        files = f"{len(earlier)} file{'s' if len(earlier) > 1 else ''}: {', '.join(earlier[:3])}" \
+            + (", ..." if len(earlier) > 3 else "")
+        raise CoreDiffError(f"{out} already holds a simulation ({files}): choose a new folder, or pass --overwrite to "
                             "write over it (two simulations mixed in one folder would pair scans of different draws)")
     out.mkdir(parents=True, exist_ok=True)
     try:
