@@ -15,6 +15,7 @@ few steps with a mean-preserving degradation operator. The package keeps one ide
 - :mod:`CoreDiffLib.inference`   whole-volume (or slab) denoising with progress and cancel
 - :mod:`CoreDiffLib.runtime`     how the network runs on each device (precision, ONNX, compile)
 - :mod:`CoreDiffLib.streaming`   CT files read and written slab by slab
+- :mod:`CoreDiffLib.orientation` which way a volume's axial planes run (sagittal/coronal storage)
 - :mod:`CoreDiffLib.io`          volumes (NRRD, NIfTI, MHA, DICOM) via SimpleITK
 - :mod:`CoreDiffLib.metrics`     PSNR / SSIM / RMSE as the paper reports them
 - :mod:`CoreDiffLib.baselines`   BM3D and RED-CNN, the quality benchmark's comparisons

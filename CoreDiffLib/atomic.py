@@ -16,6 +16,8 @@ import tempfile
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
+from . import CoreDiffError
+
 
 def partial_path(target: str | os.PathLike) -> Path:
     """A unique hidden sibling of ``target`` that keeps its extension.
@@ -37,7 +39,6 @@ def check_output_file(flag: str, path: str | os.PathLike, suffixes: Sequence[str
     land on a volume named by mistake; it must not be one of the command's ``inputs`` (they
     are never overwritten); and its folder must exist, or the finished work could not be saved.
     """
-    from . import CoreDiffError
     out = Path(path).expanduser()
     if not out.name.lower().endswith(tuple(s.lower() for s in suffixes)):
         raise CoreDiffError(f"{flag} {path}: give a file name ending in {' or '.join(suffixes)}")
