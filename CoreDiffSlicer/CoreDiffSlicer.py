@@ -490,7 +490,9 @@ class CoreDiffSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._job = None
         self._oneShotJob = None
         self._lastPair = None  # (inputNode, outputNode) of the last run
-        self._previewNode = None  # the one-slice preview volume, reused by the next preview
+        self._previewNode = None  # the one-slice preview volume, reused by the next preview of the same input
+        self._previewInputID = None
+        self._osNameSource = None  # (low-dose volume ID, the adaptation name proposed from its name)
         self._flickerTimer = None
         self._flickerOn = False
         self._observedSliceNode = None
@@ -554,9 +556,15 @@ class CoreDiffSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
 
     def onSceneStartClose(self, caller, event) -> None:
+        # a run's result belongs to the scene it was started in: stop it rather than let it land in the next
+        for job in (self._job, self._oneShotJob):
+            if job is not None and job.running:
+                self.logic.cancel(job)
         self._stopFlicker()
         self._lastPair = None
-        self._previewNode = None
+        self._previewNode, self._previewInputID = None, None
+        self._lastAdaptation, self._osNameSource = None, None
+        self._setOneShotStep(0)
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
@@ -626,19 +634,33 @@ class CoreDiffSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """Denoise the slice at the centre of the Red view, shown beside the input (Yellow)."""
         p = self._parameterNode
         inputNode = p.inputVolume
-        k = self.logic.redSliceIndex(inputNode, self.logic.axialAxis(inputNode))
+        k = self.logic.redSliceIndex(inputNode)
         if k is None:
-            self.ui.statusLabel.text = "No Red view to take the slice from: use Denoise."
+            self.ui.statusLabel.text = ("The Red view does not show the input volume: move it onto the scan to "
+                                        "preview a slice, or use Denoise.")
             return
         if not self.logic.checkDependencies(interactive=True):
             self.ui.statusLabel.text = "Missing Python packages: preview not started."
             return
-        if self._previewNode is not None and slicer.mrmlScene.GetNodeByID(self._previewNode.GetID()) is None:
-            self._previewNode = None  # deleted by the user
+        if self._previewNode is not None and (slicer.mrmlScene.GetNodeByID(self._previewNode.GetID()) is None
+                                              or self._previewInputID != inputNode.GetID()):
+            self._previewNode = None  # deleted by the user, or the preview of another scan: a new one
         self._startDenoise(inputNode, self._previewNode, self.logic.modelArguments(p.model, p.modelFile),
                            sliceIndex=k)
 
+    def _busy(self) -> Optional[str]:
+        """Why nothing new may start now (a denoising or one-shot run is going), or None."""
+        if self._job is not None and self._job.running:
+            return "A denoising run is in progress"
+        if self._oneShotJob is not None and self._oneShotJob.running:
+            return "A one-shot adaptation is running"
+        return None
+
     def _startDenoise(self, inputNode, outputNode, modelArgs, sliceIndex=None) -> None:
+        busy = self._busy()
+        if busy:  # one run at a time: Cancel must reach the run it names
+            self.ui.statusLabel.text = f"{busy}: cancel it first."
+            return
         p = self._parameterNode
         self.ui.progressBar.visible = True
         self.ui.progressBar.minimum = 0
@@ -660,6 +682,7 @@ class CoreDiffSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             slicer.util.errorDisplay(f"Failed to start denoising: {e}")
             logging.exception("CoreDiff: failed to start")
         self._checkCanApply()
+        self._updateOneShotGui()
 
     def onCancel(self) -> None:
         if self._job is not None and self._job.running:
@@ -678,6 +701,13 @@ class CoreDiffSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         bar.value = min(done, total)
 
     def _onDenoiseFinished(self, job, outputNode, message) -> None:
+        try:
+            self._showDenoiseResult(job, outputNode, message)
+        finally:  # the buttons come back whatever happened
+            self._checkCanApply()
+            self._updateOneShotGui()
+
+    def _showDenoiseResult(self, job, outputNode, message) -> None:
         self.ui.progressBar.visible = False
         if job.cancelled:
             self.ui.statusLabel.text = "Cancelled. Nothing was changed."
@@ -688,7 +718,7 @@ class CoreDiffSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if outputNode.GetAttribute("CoreDiff.context") == "each slice itself":  # thick slices: say so
                 ran += ", each slice its own context"
             if job.sliceIndex is not None:  # a preview: one slice, beside the input whatever the setting
-                self._previewNode = outputNode
+                self._previewNode, self._previewInputID = outputNode, job.inputNode.GetID()
                 self.ui.statusLabel.text = (f"Preview of slice {job.sliceIndex} in {formatDuration(seconds)}{ran}: "
                                             "move the Red view and preview again, or Denoise the whole volume")
                 self.logic.showComparison(job.inputNode, outputNode, fit=False)
@@ -700,7 +730,6 @@ class CoreDiffSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         else:
             self.ui.statusLabel.text = f"Failed: {message}"
             slicer.util.errorDisplay(f"Denoising failed:\n{message}", windowTitle="CoreDiff")
-        self._checkCanApply()
 
     # --- Models and devices ------------------------------------------------------------------
 
@@ -798,7 +827,11 @@ class CoreDiffSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _stopFlicker(self) -> None:
         if self._flickerTimer is not None and self._flickerTimer.active:
             self._flickerTimer.stop()
-            self.logic.setFlicker(self._flickerPair[0], self._flickerPair[1], showOutput=None)
+            if all(slicer.mrmlScene.IsNodePresent(n) for n in self._flickerPair):
+                self.logic.setFlicker(self._flickerPair[0], self._flickerPair[1], showOutput=None)
+        wasBlocked = self.ui.flickerButton.blockSignals(True)  # the button says what the view does
+        self.ui.flickerButton.checked = False
+        self.ui.flickerButton.blockSignals(wasBlocked)
 
     def onMeasureButton(self) -> None:
         pair = self._comparisonPair()
@@ -880,8 +913,14 @@ class CoreDiffSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 if self.ui.oneShotSliceSlider.maximum != nSlices - 1:
                     self.ui.oneShotSliceSlider.maximum = nSlices - 1
                 self.ui.oneShotSliceLabel.text = f"slice {p.osSlice} of 0..{nSlices - 1}"
-            if not p.osName and p.osLdctVolume is not None:
-                p.osName = re.sub(r"[^A-Za-z0-9_.-]+", "_", p.osLdctVolume.GetName()) + "_oneshot"
+            ldctID = p.osLdctVolume.GetID() if p.osLdctVolume is not None else None
+            lastID, lastName = self._osNameSource or (None, None)
+            if ldctID != lastID:  # a name is proposed when the volume changes, not on every edit
+                proposed = (re.sub(r"[^A-Za-z0-9_.-]+", "_", p.osLdctVolume.GetName()) + "_oneshot"
+                            if ldctID is not None else None)
+                self._osNameSource = (ldctID, proposed)
+                if proposed and (not p.osName or p.osName == lastName):  # the user's own name stays
+                    p.osName = proposed
             adaptProblem = None
             if not p.osName:
                 adaptProblem = "Enter a name"
@@ -890,7 +929,9 @@ class CoreDiffSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.oneShotAdaptButton.enabled = running or (adaptProblem is None and p.osLdctVolume is not None
                                                              and p.osNdctVolume is not None)
             self.ui.oneShotAdaptButton.text = "Cancel" if running else "Adapt"
-        self.ui.oneShotApplyButton.enabled = self._lastAdaptation is not None and not running
+            self.ui.oneShotAdaptButton.toolTip = adaptProblem or ""
+        self.ui.oneShotApplyButton.enabled = (self._lastAdaptation is not None and self._busy() is None
+                                              and p is not None and p.osLdctVolume is not None)
 
     def onOneShotNext(self) -> None:
         step = self.ui.oneShotStack.currentIndex
@@ -915,7 +956,7 @@ class CoreDiffSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p = self._parameterNode
         if p is None or p.osLdctVolume is None:
             return
-        k = self.logic.redSliceIndex(p.osLdctVolume)
+        k = self.logic.redSliceIndex(p.osLdctVolume, axis=2)  # `oneshot --slice` counts along K
         if k is not None and k != p.osSlice:
             p.osSlice = k
 
@@ -926,12 +967,14 @@ class CoreDiffSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p = self._parameterNode
         if p is None or p.osLdctVolume is None or self.ui.oneShotStack.currentIndex != 1:
             return
-        if self.logic.redSliceIndex(p.osLdctVolume) != int(value):
+        if self.logic.redSliceIndex(p.osLdctVolume, axis=2) != int(value):
             self.logic.setRedSliceIndex(p.osLdctVolume, int(value))
 
     def onOneShotAdapt(self) -> None:
         if self._oneShotJob is not None and self._oneShotJob.running:
             self.logic.cancel(self._oneShotJob)
+            return
+        if self._busy():  # a denoising run
             return
         p = self._parameterNode
         if not self.logic.checkDependencies(interactive=True):
@@ -962,11 +1005,11 @@ class CoreDiffSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if job.cancelled:
             self.ui.oneShotStatusLabel.text = "Cancelled."
         elif resultPath:
-            self._lastAdaptation = (self._parameterNode.osName, resultPath)
-            self.ui.oneShotStatusLabel.text = f"Saved as '{self._parameterNode.osName}'"
-            self.ui.oneShotResultLabel.text = (
-                f"Adaptation '{self._parameterNode.osName}' saved to\n{resultPath}\n"
-                "It is now in the model list.")
+            name = job.adaptationName  # the parameter node may be gone (scene closed) or edited since
+            self._lastAdaptation = (name, resultPath)
+            self.ui.oneShotStatusLabel.text = f"Saved as '{name}'"
+            self.ui.oneShotResultLabel.text = (f"Adaptation '{name}' saved to\n{resultPath}\n"
+                                               "It is now in the model list.")
             self.refreshModelsAndDevices()
             self._setOneShotStep(4)
         else:
@@ -977,9 +1020,9 @@ class CoreDiffSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onOneShotApply(self) -> None:
         """One click: denoise the whole low-dose volume with the new adaptation."""
-        if not self._lastAdaptation:
-            return
         p = self._parameterNode
+        if not self._lastAdaptation or p is None or p.osLdctVolume is None or self._busy():
+            return
         name, _ = self._lastAdaptation
         p.model = "adaptation:" + name  # the base model (list entry or file) stays as it was
         p.inputVolume = p.osLdctVolume
@@ -1097,7 +1140,15 @@ class CoreDiffSlicerLogic(ScriptedLoadableModuleLogic):
             if not torchLogic.torchInstalled():
                 if not interactive:
                     return False
-                torch = torchLogic.installTorch(askConfirmation=True, torchVersionRequirement=self.TORCH_REQUIREMENT)
+                try:
+                    torch = torchLogic.installTorch(askConfirmation=True,
+                                                    torchVersionRequirement=self.TORCH_REQUIREMENT)
+                except Exception as e:  # offline, a proxy, a full disk: say so instead of a traceback
+                    logging.exception("CoreDiff: installing PyTorch failed")
+                    slicer.util.errorDisplay(f"Installing PyTorch failed: {e}\nCheck the network connection "
+                                             "(or install the PyTorch extension's torch by hand) and try again.",
+                                             windowTitle="CoreDiff")
+                    return False
                 if torch is None:
                     return False
         missing = [pip for mod, pip in self.REQUIRED_PACKAGES.items() if importlib.util.find_spec(mod) is None]
@@ -1108,7 +1159,14 @@ class CoreDiffSlicerLogic(ScriptedLoadableModuleLogic):
                     "CoreDiff needs these Python packages: " + ", ".join(missing) + ".\nInstall them now?",
                     windowTitle="CoreDiff"):
                 return False
-            slicer.util.pip_install(" ".join(missing))
+            try:
+                slicer.util.pip_install(" ".join(missing))
+            except Exception as e:
+                logging.exception("CoreDiff: pip install failed")
+                slicer.util.errorDisplay(f"Installing {', '.join(missing)} failed: {e}\nCheck the network "
+                                         "connection and try again, or install them from Slicer's Python "
+                                         "console with slicer.util.pip_install.", windowTitle="CoreDiff")
+                return False
         if coreDiffLibParentDir() is None:
             slicer.util.errorDisplay("The CoreDiffLib package was not found next to the module.", windowTitle="CoreDiff")
             return False
@@ -1170,16 +1228,38 @@ class CoreDiffSlicerLogic(ScriptedLoadableModuleLogic):
     # --- volumes in and out ------------------------------------------------------------------
 
     @staticmethod
+    def lpsGeometry(volumeNode):
+        """Spacing, origin and direction (row-major 3 x 3) of a volume in LPS, as ITK and the library see it."""
+        ijkToRAS = vtk.vtkMatrix4x4()
+        volumeNode.GetIJKToRASMatrix(ijkToRAS)
+        spacing = [float(s) for s in volumeNode.GetSpacing()]
+        direction = []
+        for row in range(3):
+            for col in range(3):
+                value = ijkToRAS.GetElement(row, col) / spacing[col]
+                direction.append(-value if row < 2 else value)  # RAS -> LPS
+        origin = [-ijkToRAS.GetElement(0, 3), -ijkToRAS.GetElement(1, 3), ijkToRAS.GetElement(2, 3)]
+        return spacing, origin, direction
+
+    @staticmethod
     def axialAxis(volumeNode) -> int:
         """The IJK axis (0, 1 or 2) that runs head-foot: CoreDiff denoises the planes across it.
 
-        2 for the usual axial series; 0 or 1 for one stored sagittally or coronally, whose axial
-        planes the library finds the same way (``CoreDiffLib.inference.axial_layout``).
+        2 for the usual axial series; 0 or 1 for one stored sagittally or coronally. Asked of the
+        library's own rule (``CoreDiffLib.orientation.axial_layout``, NumPy only), so that a
+        preview, a readout and a whole run always agree on the planes (thin slabs and oblique
+        volumes included).
         """
-        ijkToRAS = vtk.vtkMatrix4x4()
-        volumeNode.GetIJKToRASMatrix(ijkToRAS)
-        closest = [int(np.argmax([abs(ijkToRAS.GetElement(row, c)) for c in range(3)])) for row in (2, 1, 0)]
-        return closest[0] if sorted(closest) == [0, 1, 2] else 2
+        from CoreDiffLib.orientation import axial_layout
+        _, _, direction = CoreDiffSlicerLogic.lpsGeometry(volumeNode)
+        i, j, k = volumeNode.GetImageData().GetDimensions()
+        layout = axial_layout(direction, (k, j, i))
+        return 2 if layout is None else 2 - layout.perm[0]
+
+    @staticmethod
+    def axialPlane(array, axis, k):
+        """Plane ``k`` across IJK ``axis`` of a (k, j, i) volume array (IJK axis a is array axis 2 - a)."""
+        return np.take(array, k, axis=2 - axis)
 
     @staticmethod
     def shiftedIJKToRAS(volumeNode, axis, start) -> vtk.vtkMatrix4x4:
@@ -1198,16 +1278,8 @@ class CoreDiffSlicerLogic(ScriptedLoadableModuleLogic):
         """Write the voxels of a volume node to NRRD with its geometry converted to LPS."""
         import SimpleITK as sitk
         array = slicer.util.arrayFromVolume(volumeNode)
-        ijkToRAS = vtk.vtkMatrix4x4()
-        volumeNode.GetIJKToRASMatrix(ijkToRAS)
         image = sitk.GetImageFromArray(np.ascontiguousarray(array))
-        spacing = [float(s) for s in volumeNode.GetSpacing()]
-        direction = []
-        for row in range(3):
-            for col in range(3):
-                value = ijkToRAS.GetElement(row, col) / spacing[col]
-                direction.append(-value if row < 2 else value)  # RAS -> LPS
-        origin = [-ijkToRAS.GetElement(0, 3), -ijkToRAS.GetElement(1, 3), ijkToRAS.GetElement(2, 3)]
+        spacing, origin, direction = CoreDiffSlicerLogic.lpsGeometry(volumeNode)
         image.SetSpacing(spacing)
         image.SetOrigin(origin)
         image.SetDirection(direction)
@@ -1275,7 +1347,12 @@ class CoreDiffSlicerLogic(ScriptedLoadableModuleLogic):
                 self._jobs.remove(job)
             resultNode, message = None, None
             try:
-                if job.succeeded:
+                gone = [name for name, node in (("input", inputNode), ("output", outputNode))
+                        if node is not None and not slicer.mrmlScene.IsNodePresent(node)]
+                if job.succeeded and gone:  # deleted, or the scene closed, during the run
+                    message = (f"the {' and '.join(gone)} volume was removed from the scene during the run; "
+                               "nothing was added")
+                elif job.succeeded:
                     resultNode = self._importResult(inputNode, outputNode, outputPath, preview)
                 elif not job.cancelled:
                     message = job.errorMessage
@@ -1329,6 +1406,9 @@ class CoreDiffSlicerLogic(ScriptedLoadableModuleLogic):
             outputNode.SetIJKToRASMatrix(ijkToRAS)
         # under the input's transform (a registered scan), so it shows where the input shows
         outputNode.SetAndObserveTransformNodeID(inputNode.GetTransformNodeID())
+        for name in outputNode.GetAttributeNames() or ():  # a reused node: none of an earlier run's may stay
+            if name.startswith("CoreDiff."):
+                outputNode.RemoveAttribute(name)
         for key, value in self.readProvenance(outputPath).items():  # saved with the scene
             outputNode.SetAttribute(f"CoreDiff.{key}", value)
         if outputNode.GetDisplayNode() is None:
@@ -1362,7 +1442,11 @@ class CoreDiffSlicerLogic(ScriptedLoadableModuleLogic):
             result.update(node=node, message=message, cancelled=job.cancelled)
         job = self.startDenoise(inputNode, outputNode, self.modelArguments(model, modelFile), device, steps,
                                 batchSize, onFinished=finished, sliceIndex=sliceIndex, context=context)
-        job.wait(timeout)
+        try:
+            job.wait(timeout)
+        except TimeoutError:  # stop it: a result must not appear in the scene after the caller gave up
+            self.cancel(job)
+            raise
         if result.get("node") is None:
             raise RuntimeError(result.get("message") or "cancelled")
         return result["node"]
@@ -1402,6 +1486,7 @@ class CoreDiffSlicerLogic(ScriptedLoadableModuleLogic):
         job = CoreDiffProcess(self.cliCommand(*args), cwd=coreDiffLibParentDir(),
                               onProgress=onProgress, onFinished=finished)
         job.runDir = runDir
+        job.adaptationName = name
         self._jobs.append(job)
         return job.start()
 
@@ -1458,25 +1543,31 @@ class CoreDiffSlicerLogic(ScriptedLoadableModuleLogic):
         composite.SetForegroundVolumeID(outputNode.GetID())
         composite.SetForegroundOpacity(1.0 if showOutput else 0.0)
 
-    def redSliceIndex(self, volumeNode, axis=2) -> Optional[int]:
-        """Index K (along IJK ``axis``) of the volume slice at the centre of the Red view."""
+    def redSliceIndex(self, volumeNode, axis=None) -> Optional[int]:
+        """Index K (along IJK ``axis``; default: the axial one) of the volume slice at the centre
+        of the Red view; None when there is no Red view or it is centred off the volume (a slice
+        at the volume's edge would be one that no view shows)."""
         sliceNode = self.redSliceNode()
         if sliceNode is None or volumeNode is None or volumeNode.GetImageData() is None:
             return None
+        if axis is None:
+            axis = self.axialAxis(volumeNode)
         sliceToRAS = sliceNode.GetSliceToRAS()
         ras = self.worldToLocal(volumeNode, [sliceToRAS.GetElement(i, 3) for i in range(3)]) + [1.0]
         rasToIJK = vtk.vtkMatrix4x4()
         volumeNode.GetRASToIJKMatrix(rasToIJK)
         ijk = rasToIJK.MultiplyPoint(ras)
         nSlices = volumeNode.GetImageData().GetDimensions()[axis]
-        return int(min(max(round(ijk[axis]), 0), nSlices - 1))
+        k = int(round(ijk[axis]))
+        return k if 0 <= k < nSlices else None
 
     def measuredSlice(self, volumeNode, sliceIndex=None) -> int:
-        """The slice a readout is about: ``sliceIndex``, else the Red view's, else the middle one."""
+        """The axial slice a readout is about (along :meth:`axialAxis`): ``sliceIndex``, else the
+        Red view's, else the middle one."""
         if sliceIndex is not None:
             return sliceIndex
         k = self.redSliceIndex(volumeNode)
-        return volumeNode.GetImageData().GetDimensions()[2] // 2 if k is None else k
+        return volumeNode.GetImageData().GetDimensions()[self.axialAxis(volumeNode)] // 2 if k is None else k
 
     def setRedSliceIndex(self, volumeNode, k) -> None:
         """Move the Red view to the centre of slice K of the volume."""
@@ -1524,11 +1615,12 @@ class CoreDiffSlicerLogic(ScriptedLoadableModuleLogic):
             if np.any(corners.max(axis=0) < 0) or np.any(corners.min(axis=0) > [ni - 1, nj - 1, nk - 1]):
                 raise ValueError("The ROI is outside the volume.")
             where = f"ROI '{roiNode.GetName()}'"
-        else:
-            k = self.measuredSlice(inputNode, sliceIndex)
-            hi_, hj = max(ni // 10, 1), max(nj // 10, 1)
-            lo = np.array([ni // 2 - hi_, nj // 2 - hj, k])
-            hi = np.array([ni // 2 + hi_ - 1, nj // 2 + hj - 1, k])
+        else:  # a box at the centre of the axial plane, across the axial axis
+            axis, k = self.axialAxis(inputNode), self.measuredSlice(inputNode, sliceIndex)
+            size = np.array([ni, nj, nk])
+            half = np.maximum(size // 10, 1)
+            lo, hi = size // 2 - half, size // 2 + half - 1
+            lo[axis] = hi[axis] = k
             where = f"central box on slice {k}"
         sl = (slice(lo[2], hi[2] + 1), slice(lo[1], hi[1] + 1), slice(lo[0], hi[0] + 1))
         b = before[sl].astype(np.float64)
@@ -1560,9 +1652,13 @@ class CoreDiffSlicerLogic(ScriptedLoadableModuleLogic):
                              f"x{reference.shape[0]}) is not on the input's voxel grid ({before.shape[2]}x"
                              f"{before.shape[1]}x{before.shape[0]}): resample it onto the input first "
                              "(Resample Scalar/Vector/DWI Volume).")
-        k = self.measuredSlice(inputNode, sliceIndex)
+        axis, k = self.axialAxis(inputNode), self.measuredSlice(inputNode, sliceIndex)
+
+        def plane(array):
+            return self.axialPlane(array, axis, k)
         return {"slice": k, "reference": referenceNode.GetName(),
-                "input": slice_metrics(before[k], reference[k]), "output": slice_metrics(after[k], reference[k])}
+                "input": slice_metrics(plane(before), plane(reference)),
+                "output": slice_metrics(plane(after), plane(reference))}
 
 
 #
@@ -1582,6 +1678,8 @@ class CoreDiffSlicerTest(ScriptedLoadableModuleTest):
         self.test_CoreDiffSlicer_preview()
         self.setUp()
         self.test_CoreDiffSlicer_cancel()
+        self.setUp()
+        self.test_CoreDiffSlicer_input_removed_during_run()
 
     @staticmethod
     def makeNoisyCylinder(name="CoreDiffTestVolume", shape=(8, 96, 96), noiseSD=40.0, seed=0):
@@ -1673,5 +1771,20 @@ class CoreDiffSlicerTest(ScriptedLoadableModuleTest):
         self.assertTrue(job.finished)
         self.assertIsNone(outcome.get("node"))
         self.assertEqual(slicer.mrmlScene.GetNumberOfNodes(), nodesBefore)
+        self.assertFalse(os.path.exists(job.runDir))
+        self.delayDisplay("Test passed")
+
+    def test_CoreDiffSlicer_input_removed_during_run(self):
+        self.delayDisplay("Removing the input while it is denoised")
+        inputNode = self.makeNoisyCylinder()
+        logic = CoreDiffSlicerLogic()
+        outcome = {}
+        job = logic.startDenoise(inputNode, onFinished=lambda j, n, m: outcome.update(node=n, message=m))
+        slicer.mrmlScene.RemoveNode(inputNode)
+        nodesAfterRemoval = slicer.mrmlScene.GetNumberOfNodes()
+        job.wait(3600)
+        self.assertIsNone(outcome.get("node"))
+        self.assertIn("removed from the scene during the run", outcome.get("message") or "")
+        self.assertEqual(slicer.mrmlScene.GetNumberOfNodes(), nodesAfterRemoval)
         self.assertFalse(os.path.exists(job.runDir))
         self.delayDisplay("Test passed")

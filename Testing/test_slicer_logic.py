@@ -227,6 +227,196 @@ def test_preview_of_a_sagittally_stored_volume_takes_an_axial_plane(slicerEnv, t
     assert os.listdir(tempDir) == []
 
 
+def _rotatedVolume(shape, spacing, degrees, name):
+    """A noisy cylinder whose IJK axes j and k are rotated ``degrees`` about R (an oblique scan)."""
+    t = np.deg2rad(degrees)
+    cols = [np.array([1, 0, 0]), np.array([0, np.cos(t), -np.sin(t)]), np.array([0, np.sin(t), np.cos(t)])]
+    m = vtk.vtkMatrix4x4()
+    for c in range(3):
+        for r in range(3):
+            m.SetElement(r, c, cols[c][r] * spacing[c])
+    nk, nj, ni = shape
+    j, i = np.mgrid[0:nj, 0:ni]
+    image = np.where(np.hypot(i - ni / 2, j - nj / 2) < ni * 0.4, 0.0, -1000.0)
+    array = (image[None] + np.random.default_rng(0).normal(0, 40, shape)).astype(np.int16)
+    return H.volumeFromArray(array, m, name)
+
+
+def test_module_and_library_agree_on_the_axial_planes_of_oblique_and_thin_volumes(slicerEnv, tinyModel):  # noqa: F811
+    """The preview takes its slice across the axis the library denoises along, also where a
+    nearest-axis guess differs: a 60-degree oblique scan, and a sagittal slab too thin to give
+    axial planes of 16 pixels (the library keeps its stored planes)."""
+    from CoreDiffLib.orientation import axial_layout
+    slicer, module, tempDir = slicerEnv
+    logic = module.CoreDiffSlicerLogic()
+    oblique = _rotatedVolume((12, 40, 40), (0.7, 0.7, 5.0), 60, "oblique")
+    m = vtk.vtkMatrix4x4()
+    for r, row in enumerate([[0, 0, 3.0, 0], [0.5, 0, 0, 0], [0, 0.5, 0, 0]]):  # k runs R-L: 10 sagittal slices
+        for c in range(4):
+            m.SetElement(r, c, row[c])
+    thin = H.volumeFromArray(slicer.util.arrayFromVolume(oblique)[:10].copy(), m, "thin sagittal")
+    for node in (oblique, thin):
+        _, _, direction = logic.lpsGeometry(node)
+        layout = axial_layout(direction, slicer.util.arrayFromVolume(node).shape)
+        axis = logic.axialAxis(node)
+        assert axis == (2 if layout is None else 2 - layout.perm[0])
+        preview = logic.denoise(node, modelFile=tinyModel, device="cpu", timeout=120, sliceIndex=5)
+        expected = list(slicer.util.arrayFromVolume(node).shape)
+        expected[2 - axis] = 1
+        assert slicer.util.arrayFromVolume(preview).shape == tuple(expected)
+    assert logic.axialAxis(thin) == 2  # kept as stored, as the library keeps it
+    assert os.listdir(tempDir) == []
+
+
+def test_readouts_take_the_axial_plane_of_a_sagittally_stored_volume(slicerEnv):  # noqa: F811
+    """ROI box and slice metrics measure the plane the Red (axial) view shows, whichever IJK
+    axis runs head-foot; a Red view centred off the volume gives no slice rather than an edge one."""
+    slicer, module, tempDir = slicerEnv
+    logic = module.CoreDiffSlicerLogic()
+    rng = np.random.default_rng(1)
+    array = (rng.normal(0, 40, (20, 24, 30)) - 200).astype(np.int16)  # [k = R, j = A, i = S]
+    m = vtk.vtkMatrix4x4()
+    for r, row in enumerate([[0, 0, 1.0, -10], [0, 0.9, 0, 5], [2.0, 0, 0, -40]]):
+        for c in range(4):
+            m.SetElement(r, c, row[c])
+    node = H.volumeFromArray(array, m, "sagittal")
+    other = H.volumeFromArray((array + 100).astype(np.int16), m, "other")
+    assert logic.axialAxis(node) == 0
+    red = logic.redSliceNode()
+    red.JumpSliceByCentering(*m.MultiplyPoint([7, 12, 3, 1])[:3])  # the axial plane i = 7
+    assert logic.redSliceIndex(node) == 7
+    stats = logic.roiStatistics(node, other)
+    assert stats["where"] == "central box on slice 7"
+    assert stats["ijkMin"][0] == stats["ijkMax"][0] == 7  # one axial plane, a box across j and k
+    assert stats["ijkMax"][1] > stats["ijkMin"][1] and stats["ijkMax"][2] > stats["ijkMin"][2]
+    box = array[stats["ijkMin"][2]:stats["ijkMax"][2] + 1, stats["ijkMin"][1]:stats["ijkMax"][1] + 1, 7]
+    assert stats["before"]["mean"] == pytest.approx(float(box.mean()))
+    from CoreDiffLib.metrics import slice_metrics
+    quality = logic.sliceQuality(node, other, node)
+    assert quality["slice"] == 7 and quality["output"] == slice_metrics(array[:, :, 7] + 100.0, array[:, :, 7])
+    red.JumpSliceByCentering(*m.MultiplyPoint([45, 12, 3, 1])[:3])  # below the volume's last plane
+    assert logic.redSliceIndex(node) is None
+    assert logic.measuredSlice(node) == 15  # the readouts fall back to the middle plane
+
+
+def test_a_timeout_stops_the_run_and_a_reused_output_keeps_no_old_provenance(slicerEnv, tinyModel):  # noqa: F811
+    slicer, module, tempDir = slicerEnv
+    logic = module.CoreDiffSlicerLogic()
+    inputNode, m = makeVolume((8, 64, 64))
+    nodes = slicer.mrmlScene.GetNumberOfNodes()
+    with pytest.raises(TimeoutError):
+        logic.denoise(inputNode, modelFile=tinyModel, device="cpu", timeout=0.3)
+    assert logic._jobs == [] and os.listdir(tempDir) == []  # stopped, not left to finish behind the caller
+    for _ in range(20):
+        slicer.app.processEvents()
+    assert slicer.mrmlScene.GetNumberOfNodes() == nodes
+    out = H.volumeFromArray(np.zeros((8, 64, 64), np.int16), m, "result")
+    out.SetAttribute("CoreDiff.model_choice", "auto: from an earlier run")  # what an Automatic run leaves
+    out.SetAttribute("CoreDiff.model", "corediff-25-w32")
+    out.SetAttribute("Other.kept", "yes")
+    logic.denoise(inputNode, out, modelFile=tinyModel, device="cpu", timeout=120)
+    assert out.GetAttribute("CoreDiff.model_choice") is None and out.GetAttribute("CoreDiff.model") == "tiny"
+    assert out.GetAttribute("Other.kept") == "yes"
+
+
+def test_scene_close_or_a_deleted_volume_during_a_run_adds_nothing(slicerEnv, tinyModel):  # noqa: F811
+    slicer, module, tempDir = slicerEnv
+    widget = makeWidget(module)
+    inputNode, m = makeVolume((8, 64, 64))
+    out = H.volumeFromArray(np.zeros((8, 64, 64), np.int16), m, "my output")
+    p = widget._parameterNode
+    p.modelFile = __import__("pathlib").Path(tinyModel)
+    p.device = "cpu"
+    p.outputVolume = out
+    widget.ui.applyButton.click()
+    job = widget._job
+    slicer.mrmlScene.RemoveNode(out)  # deleted while it runs
+    spin(slicer, lambda: job.finished, timeout=120)
+    status = widget.ui.statusLabel.property("text")
+    assert "output volume was removed from the scene during the run; nothing was added" in status, status
+    assert slicer.mrmlScene.GetFirstNodeByName("LDCT denoised") is None
+    assert widget.ui.applyButton.property("text") == "Denoise"
+
+    p = widget._parameterNode
+    p.outputVolume = None
+    widget.ui.applyButton.click()
+    job = widget._job
+    assert job.running
+    slicer.mrmlScene.Clear()  # File > Close Scene: the run is stopped, nothing lands in the next scene
+    assert job.finished and job.cancelled
+    for _ in range(20):
+        slicer.app.processEvents()
+    assert not any(n.IsA("vtkMRMLVolumeNode") for n in slicer.mrmlScene._nodes)
+    assert os.listdir(tempDir) == []
+
+
+def test_one_run_at_a_time_and_the_wizard_follows_the_scene(slicerEnv, tinyModel):  # noqa: F811
+    slicer, module, tempDir = slicerEnv
+    widget = makeWidget(module)
+    ui = widget.ui
+    ldct, m = makeVolume((16, 64, 64), name="LDCT10")
+    ndct, _ = makeVolume((16, 64, 64), name="NDCT", seed=3)
+    p = widget._parameterNode
+    p.modelFile = __import__("pathlib").Path(tinyModel)
+    p.device = "cpu"
+    # the adaptation name is proposed from the volume, and can be cleared to type another
+    ui.oneShotLdctSelector.setCurrentNode(ldct)
+    assert p.osName == "LDCT10_oneshot"
+    ui.oneShotNameLineEdit.setProperty("text", "")
+    assert ui.oneShotNameLineEdit.property("text") == "" and not ui.oneShotAdaptButton.property("enabled")
+    ui.oneShotNameLineEdit.setProperty("text", "mine")
+    ui.oneShotLdctSelector.setCurrentNode(ndct)  # another volume keeps a name the user typed
+    assert p.osName == "mine"
+    ui.oneShotLdctSelector.setCurrentNode(ldct)
+    ui.oneShotNdctSelector.setCurrentNode(ndct)
+    widget._lastAdaptation = ("mine", "/nonexistent/mine.json")  # as after a successful adaptation
+    widget._setOneShotStep(4)
+    assert ui.oneShotApplyButton.property("enabled")
+    # while a denoising run goes, nothing else starts: Cancel must reach the run it names
+    ui.applyButton.click()
+    first = widget._job
+    assert first.running
+    assert not ui.oneShotApplyButton.property("enabled") and not ui.oneShotAdaptButton.property("enabled")
+    widget.onOneShotApply()
+    widget.onOneShotAdapt()
+    widget.onPreviewButton()
+    assert widget._job is first and widget._oneShotJob is None
+    assert sum(1 for proc in H.launched if proc.poll() is None) == 1
+    ui.applyButton.click()  # Cancel
+    assert first.cancelled and ui.oneShotApplyButton.property("enabled")
+    # the low-dose volume deleted: the wizard cannot apply to it
+    slicer.mrmlScene.RemoveNode(ldct)
+    assert not ui.oneShotApplyButton.property("enabled")
+    widget.onOneShotApply()
+    assert widget._job is first
+    # the flicker and the wizard do not outlive the scene
+    b = H.volumeFromArray(np.zeros((16, 64, 64), np.int16), m, "B")
+    widget._lastPair = (ndct, b)
+    ui.flickerButton.setProperty("checked", True)
+    slicer.mrmlScene.Clear()
+    assert not ui.flickerButton.property("checked") and not widget._flickerTimer.property("active")
+    assert widget._lastAdaptation is None and ui.oneShotStack.property("currentIndex") == 0
+    assert [m for m in H.displayed if m[0] == "error"] == []
+
+
+def test_a_preview_of_another_scan_gets_its_own_node(slicerEnv, tinyModel):  # noqa: F811
+    slicer, module, tempDir = slicerEnv
+    widget = makeWidget(module)
+    p = widget._parameterNode
+    p.modelFile = __import__("pathlib").Path(tinyModel)
+    p.device = "cpu"
+    names = []
+    for name, seed in (("PatientA", 0), ("PatientB", 5)):
+        node, _ = makeVolume((4, 48, 48), name=name, seed=seed)
+        p.inputVolume = node
+        widget.logic.setRedSliceIndex(node, 1)
+        widget.ui.previewButton.click()
+        spin(slicer, lambda: not widget._job.running, timeout=120)
+        names.append(widget._previewNode.GetName())
+    assert names == ["PatientA preview", "PatientB preview"]
+    assert slicer.mrmlScene.GetFirstNodeByName("PatientA preview") is not None
+
+
 def test_quality_against_a_reference_scan_scores_the_red_slice(slicerEnv):  # noqa: F811
     """A phantom study: the normal-dose scan on the same grid scores input and result by the
     library's metrics (the paper's window), on the slice the Red view shows."""
@@ -423,3 +613,18 @@ def test_the_shipped_in_slicer_self_test_passes_here(slicerEnv):  # noqa: F811
     slicer, module, tempDir = slicerEnv
     module.CoreDiffSlicerTest().runTest()
     assert os.listdir(tempDir) == []  # nothing left behind by either run
+
+
+def test_a_failed_package_install_is_a_message_not_a_traceback(slicerEnv, monkeypatch):  # noqa: F811
+    """Offline hospital machines: slicer.util.pip_install raises CalledProcessError when pip fails."""
+    slicer, module, tempDir = slicerEnv
+    logic = module.CoreDiffSlicerLogic()
+    monkeypatch.setattr(logic, "REQUIRED_PACKAGES", {"no_such_module_for_corediff": "no-such-package"})
+    monkeypatch.setitem(H.confirmAnswer, "value", True)
+
+    def failingInstall(requirements):
+        raise subprocess.CalledProcessError(1, ["pip", "install", requirements])
+    monkeypatch.setattr(slicer.util, "pip_install", failingInstall)
+    assert logic.checkDependencies(interactive=True) is False
+    errors = [text for kind, text in H.displayed if kind == "error"]
+    assert len(errors) == 1 and errors[0].startswith("Installing no-such-package failed")

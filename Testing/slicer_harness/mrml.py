@@ -66,6 +66,12 @@ class vtkMRMLNode(vtk.vtkObject):
     def GetAttribute(self, name):
         return self._attributes.get(name)
 
+    def GetAttributeNames(self):
+        return tuple(self._attributes)
+
+    def RemoveAttribute(self, name):
+        self._attributes.pop(name, None)
+
     def SetNodeReferenceID(self, role, nodeID):
         if nodeID:
             self._refs[role] = nodeID
