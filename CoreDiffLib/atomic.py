@@ -46,8 +46,12 @@ def check_output_file(flag: str, path: str | os.PathLike, suffixes: Sequence[str
     for given in inputs:
         if given is not None and Path(given).expanduser().resolve() == resolved:
             raise CoreDiffError(f"{flag} {path} is also an input: write it elsewhere (inputs are never overwritten)")
+    if resolved.is_dir():
+        raise CoreDiffError(f"{flag} {path} is a folder: give a file name")
     if not resolved.parent.is_dir():
         raise CoreDiffError(f"{flag} {path}: output folder {resolved.parent} does not exist: create it first")
+    if not os.access(resolved.parent, os.W_OK | os.X_OK):
+        raise CoreDiffError(f"{flag} {path}: output folder {resolved.parent} is not writable")
     return out
 
 
@@ -77,6 +81,11 @@ def partial_folder(target: str | os.PathLike) -> Iterator[Path]:
     """
     target = Path(target)
     folder = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    # mkdtemp makes it private (0700): a DICOM series renamed into place from it would stay
+    # unreadable to other users and PACS senders; give it what a new folder gets (the umask's)
+    umask = os.umask(0o022)
+    os.umask(umask)
+    os.chmod(folder, 0o777 & ~umask)
     try:
         yield folder
     finally:

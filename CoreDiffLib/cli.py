@@ -561,6 +561,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("corediff: error: interrupted; no output was written", file=sys.stderr, flush=True)
         return 130
+    except OSError as exc:  # a full disk, a permission changed mid-run...: outputs are written atomically
+        where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+        print(f"corediff: error: {exc.strerror or exc}{where}; no output was written", file=sys.stderr, flush=True)
+        return 2
 
 
 if __name__ == "__main__":

@@ -80,9 +80,38 @@ def is_file_path(path: str | os.PathLike) -> bool:
     return str(path).lower().endswith(FILE_SUFFIXES)
 
 
+def detached_data_file(header: str | os.PathLike) -> Path | None:
+    """The data file a .mhd / .nhdr header names (None for other files, embedded data or a list)."""
+    header = Path(header)
+    if not header.name.lower().endswith(DETACHED_SUFFIXES) or not header.is_file():
+        return None
+    with open(header, "rb") as f:
+        text = f.read(1 << 16).decode("latin-1")
+    for line in text.splitlines():
+        key, sep, value = line.partition("=" if header.name.lower().endswith(".mhd") else ":")
+        if sep and key.strip().lower() in ("elementdatafile", "data file", "datafile"):
+            value = value.strip().lstrip("=").strip()
+            if value.upper() == "LOCAL" or value.upper().startswith("LIST") or "%" in value or " " in value:
+                return None
+            return header.parent / value
+    return None
+
+
+def output_data_file(output: Path) -> Path | None:
+    """The data file :func:`write_volume` writes beside a .mhd / .nhdr header (compressed)."""
+    name = output.name
+    if name.lower().endswith(".mhd"):
+        return output.with_name(name[:-4] + ".zraw")
+    if name.lower().endswith(".nhdr"):
+        return output.with_name(name[:-5] + ".raw.gz")
+    return None
+
+
 def check_output_path(input_path: str | os.PathLike | None, output_path: str | os.PathLike) -> None:
-    """Refuse outputs that would overwrite or live inside the input, or have an unknown type."""
-    out = Path(output_path).expanduser().resolve()
+    """Refuse, before any work, outputs that would overwrite or live inside the input (a
+    detached header's data file included), have an unknown type, or could not be written."""
+    given = Path(output_path).expanduser()
+    out = given.resolve()
     if input_path is not None:
         src = Path(input_path).expanduser().resolve()
         if out == src:
@@ -90,6 +119,19 @@ def check_output_path(input_path: str | os.PathLike | None, output_path: str | o
                                 "(the input is never overwritten)")
         if src.is_dir() and src in out.parents:
             raise CoreDiffError(f"output {output_path} is inside the input DICOM folder: write it elsewhere")
+        data, inputs = output_data_file(out), {src, detached_data_file(src)}
+        if data is not None and data.resolve() in {p.resolve() for p in inputs if p is not None}:
+            raise CoreDiffError(f"output {output_path} would write its data to {data.name}, which the input uses: "
+                                "choose another output name (the input is never overwritten)")
+    for suffix in FILE_SUFFIXES:
+        if given.name.lower().endswith(suffix) and not given.name.endswith(suffix):
+            raise CoreDiffError(f"output {output_path}: write the extension as {suffix}, in lower case: "
+                                "SimpleITK, and so other tools, read only that")
+    if len(out.name.encode("utf-8")) > 200:  # the partial file's name adds about 30 bytes to it
+        raise CoreDiffError(f"output file name {out.name[:40]}... is too long: keep it under 200 bytes")
+    if is_file_path(out) and out.is_dir():
+        raise CoreDiffError(f"output {output_path} is a folder: give a file name (or a new folder name "
+                            "without extension for a DICOM series)")
     if not is_file_path(out):
         if out.suffix and out.suffix.lower() not in ("",):
             raise CoreDiffError(f"unknown output type '{out.suffix}': use .nrrd, .nii.gz, .mha or a "
@@ -99,6 +141,10 @@ def check_output_path(input_path: str | os.PathLike | None, output_path: str | o
                                 "choose a new folder for the DICOM series")
     if not out.parent.exists():
         raise CoreDiffError(f"output folder {out.parent} does not exist: create it first")
+    if not out.parent.is_dir():
+        raise CoreDiffError(f"output {output_path}: {out.parent} is a file, not a folder")
+    if not os.access(out.parent, os.W_OK | os.X_OK):
+        raise CoreDiffError(f"output folder {out.parent} is not writable: choose a folder you can write to")
 
 
 # ----------------------------------------------------------------------------- reading
@@ -128,9 +174,7 @@ def _read_dicom_series(folder: Path, series: str | None = None, log=None
     with itk_warnings_off():  # ITK's "non uniform sampling" warning: said below, with what follows
         image = reader.Execute()  # applies RescaleSlope / RescaleIntercept -> HU
     tags = {k: reader.GetMetaData(0, k) for k in reader.GetMetaDataKeys(0)}
-    modality = tags.get("0008|0060", "CT").strip()
-    if modality and modality != "CT":
-        raise CoreDiffError(f"{folder} is a {modality} series, not CT: CoreDiff denoises CT in HU only")
+    _check_ct_tags(tags, folder)
     try:
         positions = tuple(tuple(float(v) for v in reader.GetMetaData(k, "0020|0032").split("\\"))
                           for k in range(image.GetDepth()))
@@ -142,6 +186,28 @@ def _read_dicom_series(folder: Path, series: str | None = None, log=None
     if log:
         log(f"{folder}: {off_grid}; the denoised slices keep their positions in a DICOM output")
     return image, tags, positions
+
+
+def _check_ct_tags(tags: dict[str, str], source) -> None:
+    """Refuse DICOM that is not CT, or whose grey levels run backwards (MONOCHROME1): ITK inverts
+    those, which turns HU into nonsense, and CT is stored as MONOCHROME2 in practice."""
+    modality = tags.get("0008|0060", "CT").strip()
+    if modality and modality != "CT":
+        raise CoreDiffError(f"{source} is a {modality} series, not CT: CoreDiff denoises CT in HU only")
+    if tags.get("0028|0004", "").strip().upper() == "MONOCHROME1":
+        raise CoreDiffError(f"{source} is stored as MONOCHROME1 (inverted grey levels), which gives no HU "
+                            "here: export it as MONOCHROME2, as CT normally is")
+
+
+def _read_dicom_file(path: Path) -> tuple[sitk.Image, dict[str, str]]:
+    """One DICOM file (a single slice, or a multi-frame image) with its tags, as a series gets them."""
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    reader.LoadPrivateTagsOn()
+    image = reader.Execute()
+    tags = {k: reader.GetMetaData(k) for k in reader.GetMetaDataKeys()}
+    _check_ct_tags(tags, path)
+    return image, tags
 
 
 def read_volume(path: str | os.PathLike, series: str | None = None, log=None) -> Volume:
@@ -160,7 +226,18 @@ def read_volume(path: str | os.PathLike, series: str | None = None, log=None) ->
             if not is_file_path(p) and p.suffix.lower() != ".dcm":
                 raise CoreDiffError(f"unsupported input type '{p.suffix}': use .nrrd, .nii(.gz), .mha, "
                                     "or a DICOM folder")
-            image, tags, positions = sitk.ReadImage(str(p)), {}, None
+            if p.suffix.lower() == ".dcm":  # its patient and study tags travel to a DICOM output
+                image, tags = _read_dicom_file(p)
+                positions = None
+            else:
+                if p.name.lower().endswith((".nii", ".nii.gz", ".mha", ".mhd")):
+                    # the streamed reader's checks refuse truncated data, which SimpleITK reads as
+                    # zeros (NIfTI) or fails on halfway through
+                    from .streaming import VolumeSource
+                    source = VolumeSource.open(p)
+                    if source is not None:
+                        source.close()
+                image, tags, positions = sitk.ReadImage(str(p)), {}, None
     except RuntimeError as exc:  # SimpleITK's reader errors
         first = str(exc).strip().splitlines()[-1] if str(exc).strip() else "unreadable"
         raise CoreDiffError(f"cannot read {path}: {first}") from None
@@ -208,7 +285,8 @@ def set_provenance(image: sitk.Image, metadata: dict[str, str] | None) -> None:
     for key, value in (metadata or {}).items():
         image.SetMetaData(key, str(value))
     if metadata:
-        image.SetMetaData("ITK_FileNotes", provenance_summary(metadata)[:79])
+        notes = provenance_summary(metadata).encode("utf-8")[:79].decode("utf-8", "ignore")  # NIfTI: 79 bytes
+        image.SetMetaData("ITK_FileNotes", notes)
 
 
 def _cast_like_input(volume: Volume) -> np.ndarray:
@@ -282,13 +360,15 @@ def _write_dicom_series(volume: Volume, pixels: np.ndarray, folder: Path, descri
     now = _dt.datetime.now()
     uid_root = "1.2.826.0.1.3680043.2.1125"
     series_uid = f"{uid_root}.{now:%Y%m%d%H%M%S}.{os.getpid()}.{np.random.randint(1, 1 << 30)}"
-    source_desc = src.get("0008|103e", "").strip()
-    common = {k: src[k] for k in _COPIED_TAGS if k in src}
+    charset = src.get("0008|0005", "").strip()
+    source_desc = _dicom_text(src.get("0008|103e", ""), charset).strip()
+    common = {k: _dicom_text(src[k], charset) for k in _COPIED_TAGS if k in src}
     if "0020|000d" not in common:  # no source study: make one so viewers group it properly
         common["0020|000d"] = series_uid + ".1"
     if "0020|0052" not in common:  # Frame of Reference is mandatory for CT images (the source's otherwise)
         common["0020|0052"] = series_uid + ".2"
     common.update({
+        "0008|0005": "ISO_IR 192",  # UTF-8: every copied text was decoded from the source's own set
         "0008|0060": "CT",
         "0008|0008": "DERIVED\\SECONDARY",
         "0020|000e": series_uid,
@@ -305,7 +385,7 @@ def _write_dicom_series(volume: Volume, pixels: np.ndarray, folder: Path, descri
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
     for k in range(image.GetDepth()):
-        sl = image[:, :, k]
+        sl = image[:, :, k:k + 1]  # 3-D, one slice: ITK writes SpacingBetweenSlices from its spacing
         for tag, value in common.items():
             sl.SetMetaData(tag, value)
         pos = (volume.slice_positions[k] if volume.slice_positions is not None  # where the scanner put it
@@ -315,6 +395,27 @@ def _write_dicom_series(volume: Volume, pixels: np.ndarray, folder: Path, descri
         sl.SetMetaData("0008|0018", f"{series_uid}.{k + 1}")
         writer.SetFileName(str(folder / f"slice_{k + 1:04d}.dcm"))
         writer.Execute(sl)
+
+
+#: Python codecs of the single-byte DICOM character sets (0008,0005); others are read leniently
+_DICOM_CODECS = {"": "latin-1", "ISO_IR 6": "latin-1", "ISO_IR 100": "latin-1", "ISO_IR 101": "iso8859_2",
+                 "ISO_IR 109": "iso8859_3", "ISO_IR 110": "iso8859_4", "ISO_IR 144": "iso8859_5",
+                 "ISO_IR 127": "iso8859_6", "ISO_IR 126": "iso8859_7", "ISO_IR 138": "iso8859_8",
+                 "ISO_IR 148": "iso8859_9", "ISO_IR 166": "tis_620", "ISO_IR 192": "utf-8", "GB18030": "gb18030",
+                 "GBK": "gbk"}
+
+
+def _dicom_text(value: str, charset: str) -> str:
+    """A tag's text as real characters. SimpleITK hands over the file's bytes decoded as UTF-8
+    with surrogate escapes, so a Latin-1 name (ISO_IR 100, 'Müller') arrives unwritable; the
+    bytes are decoded with the series' own character set instead, and written back as UTF-8
+    (the output declares ISO_IR 192)."""
+    raw = value.encode("utf-8", "surrogateescape")
+    codec = _DICOM_CODECS.get(charset.split("\\")[-1].strip().upper() if charset else "", "utf-8")
+    try:
+        return raw.decode(codec)
+    except UnicodeDecodeError:
+        return raw.decode(codec, "replace")
 
 
 # ----------------------------------------------------------------------------- datasets

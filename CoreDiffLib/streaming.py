@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import CoreDiffError
 from .atomic import atomic_path
 
 
@@ -64,7 +65,12 @@ class VolumeSource:
             return np.empty((0,) + self.shape[1:], self.dtype)
         self._reader.SetExtractIndex((0, 0, a))
         self._reader.SetExtractSize((self.shape[2], self.shape[1], b - a))
-        return sitk.GetArrayFromImage(self._reader.Execute())
+        try:
+            return sitk.GetArrayFromImage(self._reader.Execute())
+        except RuntimeError as exc:  # a file damaged past its header
+            last = str(exc).strip().splitlines()[-1] if str(exc).strip() else "unreadable"
+            raise CoreDiffError(f"cannot read slices {a}:{b} of {self.info.get('source', 'the input')}: {last}") \
+                from None
 
     def close(self) -> None:
         self._array = None
@@ -108,23 +114,39 @@ class VolumeSource:
                 return cls._open_nrrd(p, shape, info, nbytes, temp_dir)
             if name.endswith((".mha", ".mhd")):
                 header = _read_text_header(p, b"ElementDataFile")
-                compressed = "compresseddata = true" in header.lower()
-                if not compressed:
+                lower = header.lower()
+                if nbytes is not None and np.dtype(dtype).itemsize > 1 and "byteordermsb = true" in lower:
+                    return None  # big-endian: SimpleITK's full reader swaps the bytes, the slab readers do not
+                if "compresseddata = true" not in lower:
+                    ref = _meta_value(header, "ElementDataFile")
+                    if nbytes is not None and ref.upper() == "LOCAL":
+                        _check_complete(p, p, len(header) + nbytes)
+                    elif nbytes is not None and not (ref.upper().startswith("LIST") or "%" in ref or " " in ref):
+                        _check_complete(p, p.parent / ref, nbytes)  # one data file (not a list of slices)
                     return cls(shape, dtype or np.float32, reader=reader, info=info)
                 if not name.endswith(".mha") or nbytes is None:
                     return None
                 return cls._inflate(p, len(header), shape, dtype, info, nbytes, temp_dir, "zlib")
             if name.endswith(".nii"):
+                if nbytes is not None:
+                    _check_complete(p, p, nbytes + 348)  # at least the NIfTI-1 header before the data
                 return cls(shape, dtype or np.float32, reader=reader, info=info)
             if name.endswith(".nii.gz"):
                 fd, tmp = tempfile.mkstemp(suffix=".nii", prefix="corediff-in-", dir=temp_dir)
-                with os.fdopen(fd, "wb") as f, gzip.open(p, "rb") as g:
-                    shutil.copyfileobj(g, f, 1 << 22)
+                try:
+                    with os.fdopen(fd, "wb") as f, gzip.open(p, "rb") as g:
+                        shutil.copyfileobj(g, f, 1 << 22)
+                    if nbytes is not None:
+                        _check_complete(p, Path(tmp), nbytes + 348)
+                except (EOFError, zlib.error, gzip.BadGzipFile, CoreDiffError):
+                    os.unlink(tmp)
+                    raise CoreDiffError(f"{p} is truncated or damaged (its compressed data end early): "
+                                        "copy or export it again") from None
                 r2 = sitk.ImageFileReader()
                 r2.SetFileName(tmp)
                 r2.ReadImageInformation()
                 return cls(shape, dtype or np.float32, reader=r2, info=info, temp_files=[tmp])
-        except (OSError, ValueError, EOFError, zlib.error):
+        except (OSError, ValueError):
             return None
         return None
 
@@ -170,8 +192,9 @@ class VolumeSource:
                     if z.eof:
                         break
                 f.write(z.flush())
-            if os.path.getsize(tmp) < nbytes:
-                raise ValueError("short data")
+            if os.path.getsize(tmp) < nbytes:  # the full readers would fill the rest with zeros
+                raise CoreDiffError(f"{p} is truncated or damaged (its compressed data end early): "
+                                    "copy or export it again")
             return cls(shape, dtype, array=RawSlabs(tmp, shape, dtype), info=info, temp_files=[tmp])
         except BaseException:
             os.unlink(tmp)
@@ -221,6 +244,25 @@ class RawSlabs:
 def _head_bytes(p: Path, n: int) -> bytes:
     with open(p, "rb") as f:
         return f.read(n)
+
+
+def _meta_value(header: str, key: str) -> str:
+    """The value of ``key = value`` in a MetaImage header."""
+    for line in header.splitlines():
+        name, _, value = line.partition("=")
+        if name.strip().lower() == key.lower():
+            return value.strip()
+    raise ValueError(f"no {key}")
+
+
+def _check_complete(header: Path, data: Path, least: int) -> None:
+    """Refuse a file whose data stop short: SimpleITK's readers would fill the rest with zeros
+    (NIfTI) or fail halfway through the run."""
+    if not data.is_file():
+        raise CoreDiffError(f"{header}: its data file {data.name} is missing: keep it beside the header")
+    if data.stat().st_size < least:
+        raise CoreDiffError(f"{header} is truncated ({data.stat().st_size} of at least {least} bytes): "
+                            "copy or export it again")
 
 
 def _read_text_header(p: Path, last_key: bytes) -> str:

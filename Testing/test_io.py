@@ -252,3 +252,107 @@ def test_atomic_outputs_get_ordinary_permissions_not_a_private_temp_files(tmp_pa
     finally:
         os.umask(old)
     assert stat.S_IMODE(out.stat().st_mode) == 0o644
+
+
+def test_output_path_checks_refuse_what_could_not_be_written_before_any_work(tmp_path, ct_file):
+    (tmp_path / "isdir.nrrd").mkdir()
+    for output, message in ((tmp_path / "isdir.nrrd", "is a folder"),
+                            (tmp_path / "o.MHA", "write the extension as .mha"),
+                            (tmp_path / "o.nii.GZ", "write the extension as .nii.gz"),
+                            (tmp_path / "o.Nii", "write the extension as .nii"),
+                            (tmp_path / ("x" * 230 + ".nrrd"), "too long"),
+                            (ct_file / "x.nrrd", "is a file, not a folder")):
+        with pytest.raises(CoreDiffError, match=message):
+            check_output_path(ct_file, output)
+
+
+def test_a_detached_output_may_not_write_its_data_over_the_inputs(tmp_path):
+    """A .mhd input keeps its pixels in case.zraw: an output case.mhd would write case.zraw too."""
+    import hashlib
+    img = sitk.GetImageFromArray(synthetic_ct(3, 32).astype(np.int16))
+    sitk.WriteImage(img, str(tmp_path / "case.mhd"), True)
+    (tmp_path / "case.mhd").rename(tmp_path / "case_ldct.mhd")  # its header still names case.zraw
+    kept = hashlib.sha256((tmp_path / "case.zraw").read_bytes()).hexdigest()
+    with pytest.raises(CoreDiffError, match="case.zraw, which the input uses"):
+        check_output_path(tmp_path / "case_ldct.mhd", tmp_path / "case.mhd")
+    check_output_path(tmp_path / "case_ldct.mhd", tmp_path / "other.mhd")
+    assert hashlib.sha256((tmp_path / "case.zraw").read_bytes()).hexdigest() == kept
+
+
+def test_truncated_or_incomplete_files_are_refused_not_filled_with_zeros(tmp_path):
+    from CoreDiffLib.streaming import VolumeSource
+    vol = synthetic_ct(4, 48).astype(np.int16)
+    for name in ("v.nii.gz", "v.nii", "v.mha"):
+        sitk.WriteImage(sitk.GetImageFromArray(vol), str(tmp_path / name), False)
+        data = (tmp_path / name).read_bytes()
+        (tmp_path / ("cut_" + name)).write_bytes(data[:len(data) // 2])
+        with pytest.raises(CoreDiffError, match="truncated"):
+            VolumeSource.open(tmp_path / ("cut_" + name))
+        with pytest.raises(CoreDiffError, match="truncated"):  # compare, dose: the same refusal
+            read_volume(tmp_path / ("cut_" + name))
+    sitk.WriteImage(sitk.GetImageFromArray(vol), str(tmp_path / "d.mhd"), False)
+    (tmp_path / "d.raw").unlink()
+    with pytest.raises(CoreDiffError, match="data file d.raw is missing"):
+        VolumeSource.open(tmp_path / "d.mhd")
+
+
+def test_a_big_endian_compressed_metaimage_is_read_by_the_full_reader(tmp_path):
+    import zlib
+
+    from CoreDiffLib.streaming import VolumeSource
+    vol = synthetic_ct(3, 32).round().astype(np.int16)
+    sitk.WriteImage(sitk.GetImageFromArray(vol), str(tmp_path / "u.mha"), False)
+    raw = (tmp_path / "u.mha").read_bytes()
+    end = raw.index(b"ElementDataFile = LOCAL\n") + len(b"ElementDataFile = LOCAL\n")
+    data = zlib.compress(vol.astype(">i2").tobytes())
+    header = raw[:end].decode().replace("ByteOrderMSB = False", "ByteOrderMSB = True").replace(
+        "ElementType", f"CompressedData = True\nCompressedDataSize = {len(data)}\nElementType")
+    (tmp_path / "be.mha").write_bytes(header.encode() + data)
+    assert VolumeSource.open(tmp_path / "be.mha") is None  # not the little-endian slab reader
+    np.testing.assert_array_equal(read_volume(tmp_path / "be.mha").array, vol)
+
+
+def test_dicom_text_in_another_character_set_is_kept_and_monochrome1_is_refused(tmp_path):
+    vol = synthetic_ct(3, 32).round()
+    series = write_dicom_series(tmp_path / "latin1", vol, "1.2.3.9",
+                                {"0008|0005": "ISO_IR 100", "0010|0010": "Mxller^Jxrgen"})
+    for f in series.iterdir():  # the name as a Latin-1 scanner writes it: one byte per letter
+        f.write_bytes(f.read_bytes().replace(b"Mxller^Jxrgen", b"M\xfcller^J\xfcrgen"))
+    src = read_volume(series)
+    out = read_volume(write_volume(src, tmp_path / "out"))  # it used to fail here, after the work
+    assert out.dicom_tags["0008|0005"].strip() == "ISO_IR 192"
+    assert out.dicom_tags["0010|0010"].strip() == "Müller^Jürgen"
+    mono1 = write_dicom_series(tmp_path / "mono1", vol, "1.2.3.10")
+    for f in mono1.iterdir():  # grey levels stored inverted: ITK would invert the HU with them
+        assert b"MONOCHROME2" in f.read_bytes()
+        f.write_bytes(f.read_bytes().replace(b"MONOCHROME2", b"MONOCHROME1"))
+    with pytest.raises(CoreDiffError, match="MONOCHROME1"):
+        read_volume(mono1)
+    with pytest.raises(CoreDiffError, match="MONOCHROME1"):
+        read_volume(next(mono1.iterdir()))
+
+
+def test_one_slice_dicom_output_keeps_its_spacing_and_a_dcm_file_keeps_its_tags(tmp_path):
+    vol = synthetic_ct(4, 32).round()
+    series = write_dicom_series(tmp_path / "base", vol, "1.2.3.11", {"0010|0010": "Doe^Jane", "0010|0020": "P7"},
+                                slice_mm=2.0)
+    src = read_volume(series)
+    part = src.with_array(src.array[2:3])
+    assert read_volume(write_volume(part, tmp_path / "one")).spacing[2] == pytest.approx(2.0)
+    single = read_volume(series / "0.dcm")
+    assert single.dicom_tags["0010|0020"].strip() == "P7"
+    out = read_volume(write_volume(single, tmp_path / "from_file"))
+    assert out.dicom_tags["0010|0010"].strip() == "Doe^Jane"
+    assert out.dicom_tags["0020|000d"] == single.dicom_tags["0020|000d"]
+
+
+def test_a_dicom_output_folder_gets_ordinary_permissions(tmp_path):
+    import os
+    import stat
+    vol = read_volume(write_image(tmp_path / "s.nrrd", synthetic_ct(2, 32)))
+    old = os.umask(0o022)
+    try:
+        out = write_volume(vol, tmp_path / "series")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755
