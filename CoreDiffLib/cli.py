@@ -195,6 +195,8 @@ CHECKPOINT_SUFFIXES = (".ckpt", ".pt", ".pth")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    import numpy as np
+
     from .io import find_pairs, read_pair_list, read_volume
     from .models import save_weights
     from .network import NetworkConfig
@@ -238,6 +240,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         a, b = read_volume(nd), read_volume(ld)
         if a.shape != b.shape:
             raise CoreDiffError(f"{nd} {a.shape} and {ld} {b.shape} differ in shape: pairs must be aligned")
+        if not (np.allclose(a.spacing, b.spacing, rtol=1e-3) and np.allclose(a.origin, b.origin, atol=0.5)
+                and np.allclose(a.direction, b.direction, atol=1e-3)):
+            raise CoreDiffError(f"{nd} and {ld} differ in spacing, origin or direction: a pair must be two scans "
+                                "of the same voxels (resample one onto the other first)")
         volumes.append((a.array, b.array))
     device = "cuda" if args.device == "auto" and _cuda() else ("cpu" if args.device == "auto" else args.device)
     ema, state = train(volumes, net_cfg, cfg, checkpoint=checkpoint, device=device,

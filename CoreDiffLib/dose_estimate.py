@@ -102,7 +102,8 @@ class DoseCalibration:
 
     def dose(self, scan: ScanNoise) -> float:
         """The dose (fraction of the simulated normal dose) whose noise this scan shows."""
-        return math.exp((math.log(max(scan.noise_index_hu, 1e-3)) - self.a - self.b * scan.wed_mm) / self.c)
+        exponent = (math.log(max(scan.noise_index_hu, 1e-3)) - self.a - self.b * scan.wed_mm) / self.c
+        return math.exp(min(max(exponent, -50.0), 50.0))  # a nonsense size (spacing in µm) stays a number
 
     @classmethod
     def fit(cls, scans: list[ScanNoise], doses: list[float]) -> "DoseCalibration":

@@ -496,12 +496,21 @@ def find_pairs(folder: str | os.PathLike, dose_tag: str | None = None) -> list[t
 def read_pair_list(path: str | os.PathLike) -> list[tuple[Path, Path]]:
     """A text/CSV file with one 'ndct_path,ldct_path' per line (relative to the file)."""
     base = Path(path).parent
+    if is_file_path(path):
+        raise CoreDiffError(f"{path} is a volume: give a folder of NDCT/LDCT pairs, or a text file listing "
+                            "'ndct_path,ldct_path' per line")
+    try:
+        text = Path(path).read_text(encoding="utf-8-sig")  # a BOM from a spreadsheet export is dropped
+    except UnicodeDecodeError:
+        raise CoreDiffError(f"{path} is not a UTF-8 text list of 'ndct_path,ldct_path' lines") from None
     pairs = []
-    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
-        line = line.strip()
-        if not line or line.startswith("#") or line.lower().startswith("ndct"):
+    for n, line in enumerate(text.splitlines(), 1):
+        line = line.split(" #")[0].strip()  # a trailing comment
+        if not line or line.startswith("#"):
             continue
         parts = [p.strip() for p in line.replace("\t", ",").split(",")]
+        if n == 1 and [p.lower() for p in parts] == ["ndct", "ldct"]:  # the header line
+            continue
         if len(parts) != 2:
             raise CoreDiffError(f"{path}:{n}: expected 'ndct_path,ldct_path', got '{line}'")
         pairs.append(tuple(p if Path(p).is_absolute() else base / p for p in map(Path, parts)))

@@ -93,7 +93,13 @@ def read_weights_config(path: str | os.PathLike) -> tuple[NetworkConfig, dict]:
     if meta.get("format") != "corediff-clearnet-v1" or "config" not in meta:
         raise CoreDiffError(f"model file {path} is not a CoreDiff CLEAR-Net checkpoint "
                             "(no CoreDiff architecture metadata)")
-    return NetworkConfig.from_dict(json.loads(meta["config"])), meta
+    try:
+        config = NetworkConfig.from_dict(json.loads(meta["config"]))
+        ClearNet(config)  # a config that builds no network (wrong types, bad sizes) is refused here
+    except Exception as exc:
+        raise CoreDiffError(f"{path} has an unreadable network config ({type(exc).__name__}: {exc}); "
+                            "re-download it or pick another model") from None
+    return config, meta
 
 
 def load_model(name_or_path: str | os.PathLike | None = None, device: str | torch.device = "cpu",

@@ -464,10 +464,17 @@ def _update_ema(ema: ClearNet, model: ClearNet, decay: float) -> None:
             pe.mul_(decay).add_(pm.detach(), alpha=1.0 - decay)
 
 
+#: TrainConfig fields a resumed run may change: how long and how it runs, and the learning rate
+#: (e.g. a lower one for a last leg); any other difference would silently train another recipe
+RESUMABLE_CHANGES = ("iterations", "time_limit_s", "threads", "checkpoint_every", "log_every", "keep_every",
+                     "lr", "lr_schedule")
+
+
 def save_checkpoint(path: Path, model: ClearNet, ema: ClearNet, optimizer: torch.optim.Optimizer,
                     state: TrainState, net_cfg: NetworkConfig, train_cfg: TrainConfig,
-                    rng: np.random.Generator) -> None:
-    """Everything needed to resume bit-for-bit; written atomically (temp file + rename)."""
+                    rng: np.random.Generator, sampler_rng: np.random.Generator | None = None) -> None:
+    """Everything needed to resume bit-for-bit (the patch sampler's random state included);
+    written atomically (temp file + rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
@@ -476,7 +483,32 @@ def save_checkpoint(path: Path, model: ClearNet, ema: ClearNet, optimizer: torch
             "iteration": state.iteration, "losses": state.losses,
             "network_config": net_cfg.to_dict(), "train_config": asdict(train_cfg),
             "numpy_rng": json.dumps(rng.bit_generator.state), "torch_rng": torch.get_rng_state(),
+            **({"sampler_rng": json.dumps(sampler_rng.bit_generator.state)} if sampler_rng is not None else {}),
         }, tmp)
+
+
+def load_checkpoint(path: Path, device: str, net_cfg: NetworkConfig, cfg: TrainConfig) -> dict:
+    """A checkpoint to resume, refused with a clear message when it is damaged, not ours, or was
+    made by another recipe than this run's (see RESUMABLE_CHANGES)."""
+    try:
+        saved = torch.load(path, map_location=device, weights_only=True)
+        saved_net, saved_cfg = saved["network_config"], saved["train_config"]
+        keys = ("model", "ema", "optimizer", "iteration", "losses", "numpy_rng", "torch_rng")
+        if not isinstance(saved_cfg, dict) or not all(k in saved for k in keys):
+            raise KeyError("keys")
+    except Exception as exc:  # torch raises many kinds for a file that is not a checkpoint
+        raise CoreDiffError(f"checkpoint {path} is damaged or not a CoreDiff training checkpoint "
+                            f"({type(exc).__name__}); give another --checkpoint path, or delete it to start "
+                            "afresh") from None
+    if NetworkConfig.from_dict(saved_net) != net_cfg:
+        raise CoreDiffError(f"checkpoint {path} is for another architecture ({saved_net}); use a new --checkpoint path")
+    now = asdict(cfg)
+    changed = [f"{k} {saved_cfg[k]!r} -> {now[k]!r}" for k in now
+               if k in saved_cfg and saved_cfg[k] != now[k] and k not in RESUMABLE_CHANGES]
+    if changed:
+        raise CoreDiffError(f"checkpoint {path} was made with other settings ({'; '.join(changed)}): resume with "
+                            "the same ones, or give a new --checkpoint path to start another run")
+    return saved
 
 
 def train(pairs: Sequence[tuple[np.ndarray, np.ndarray]], net_cfg: NetworkConfig, cfg: TrainConfig,
@@ -524,10 +556,7 @@ def train(pairs: Sequence[tuple[np.ndarray, np.ndarray]], net_cfg: NetworkConfig
 
     ckpt = Path(checkpoint) if checkpoint else None
     if ckpt and resume and ckpt.exists():
-        saved = torch.load(ckpt, map_location=device, weights_only=True)
-        if NetworkConfig.from_dict(saved["network_config"]) != net_cfg:
-            raise CoreDiffError(f"checkpoint {ckpt} is for another architecture "
-                                f"({saved['network_config']}); use a new --checkpoint path")
+        saved = load_checkpoint(ckpt, device, net_cfg, cfg)
         model.load_state_dict(saved["model"])
         ema.load_state_dict(saved["ema"])
         optimizer.load_state_dict(saved["optimizer"])
@@ -535,9 +564,15 @@ def train(pairs: Sequence[tuple[np.ndarray, np.ndarray]], net_cfg: NetworkConfig
             group["lr"] = cfg.lr
         state = TrainState(saved["iteration"], list(saved["losses"]))
         step_rng.bit_generator.state = json.loads(saved["numpy_rng"])
+        if "sampler_rng" in saved:  # (checkpoints before 2026-12-05 replay the first patches)
+            data.rng.bit_generator.state = json.loads(saved["sampler_rng"])
         torch.set_rng_state(saved["torch_rng"])
         if rank == 0:
-            log(f"resumed from {ckpt} at iteration {state.iteration}")
+            log(f"resumed from {ckpt} at iteration {state.iteration}"
+                + (f": nothing left to train for --iterations {cfg.iterations}" if state.iteration >= cfg.iterations
+                   else "")
+                + "".join(f"; {k} {saved['train_config'][k]!r} -> {getattr(cfg, k)!r}" for k in ("lr", "lr_schedule")
+                          if saved["train_config"].get(k, getattr(cfg, k)) != getattr(cfg, k)))
 
     loss_fn = _LossModule(model, net_cfg, terms)
     if world > 1:
@@ -554,6 +589,8 @@ def train(pairs: Sequence[tuple[np.ndarray, np.ndarray]], net_cfg: NetworkConfig
     memory_format = torch.channels_last if on_cuda else torch.contiguous_format
     started = t0 = time.time()
     window: list[torch.Tensor] = []
+    # the EMA averages from the first EMA step at or after ema_start on (a resumed run: it already did)
+    ema_averaging = state.iteration >= cfg.ema_start + cfg.ema_every
     stop_at = cfg.iterations
     while state.iteration < stop_at:
         ctx, tgt, clean_ctx = data.batch_with_clean_context(cfg.batch_size)
@@ -580,8 +617,9 @@ def train(pairs: Sequence[tuple[np.ndarray, np.ndarray]], net_cfg: NetworkConfig
             debug["losses"].append(float(window[-1]))
             debug["ts"].append(t)
         if state.iteration % cfg.ema_every == 0:
-            if state.iteration < cfg.ema_start:
+            if state.iteration < cfg.ema_start or not ema_averaging:  # (re)start from the live weights
                 ema.load_state_dict(model.state_dict())
+                ema_averaging = state.iteration >= cfg.ema_start
             else:
                 _update_ema(ema, model, cfg.ema_decay)
         if state.iteration % cfg.log_every == 0:
@@ -605,11 +643,11 @@ def train(pairs: Sequence[tuple[np.ndarray, np.ndarray]], net_cfg: NetworkConfig
                 stop_at = state.iteration
         if ckpt and rank == 0 and (state.iteration % cfg.checkpoint_every == 0
                                    or state.iteration == stop_at):
-            save_checkpoint(ckpt, model, ema, optimizer, state, net_cfg, cfg, step_rng)
+            save_checkpoint(ckpt, model, ema, optimizer, state, net_cfg, cfg, step_rng, data.rng)
         if ckpt and rank == 0 and cfg.keep_every and state.iteration % cfg.keep_every == 0:
             snapshot = ckpt.with_name(f"{ckpt.stem}.it{state.iteration}{ckpt.suffix}")
-            save_checkpoint(snapshot, model, ema, optimizer, state, net_cfg, cfg, step_rng)
-    if state.iteration < cfg.ema_start:  # short runs: the EMA would still be a stale copy
+            save_checkpoint(snapshot, model, ema, optimizer, state, net_cfg, cfg, step_rng, data.rng)
+    if not ema_averaging:  # a run too short to average: the EMA would be a stale copy (or the initial weights)
         ema.load_state_dict(model.state_dict())
     if world > 1:
         dist.barrier()

@@ -79,3 +79,11 @@ def test_a_scan_without_soft_tissue_is_refused_with_what_to_do():
     air_and_bone[:, 20:40, 20:40] = 700.0
     with pytest.raises(CoreDiffError, match="too little soft tissue .* choose the model for its dose with --model"):
         measure(air_and_bone, (0.8, 0.8))
+
+
+def test_a_nonsense_patient_size_gives_a_dose_not_an_overflow():
+    """Spacing stored in micrometres makes the water-equivalent diameter 1000x: math.exp overflowed."""
+    calibration = DoseCalibration(1.0, 0.01, -0.45)  # the shape of the fitted one: log noise = a + b WED + c log dose
+    for wed in (1e6, -1e6):
+        dose = calibration.dose(ScanNoise(noise_index_hu=30.0, wed_mm=wed, slices=1))
+        assert math.isfinite(dose) and dose > 0

@@ -356,3 +356,15 @@ def test_a_dicom_output_folder_gets_ordinary_permissions(tmp_path):
     finally:
         os.umask(old)
     assert stat.S_IMODE(out.stat().st_mode) == 0o755
+
+
+def test_a_pair_list_takes_only_its_first_line_as_a_header_and_refuses_a_volume(tmp_path):
+    (tmp_path / "list.csv").write_text("\ufeffndct,ldct\nndct/a.nrrd,ldct/a.nrrd  # case a\nn2.nrrd,l2.nrrd\n",
+                                       encoding="utf-8")
+    assert read_pair_list(tmp_path / "list.csv") == [(tmp_path / "ndct/a.nrrd", tmp_path / "ldct/a.nrrd"),
+                                                     (tmp_path / "n2.nrrd", tmp_path / "l2.nrrd")]
+    (tmp_path / "latin.txt").write_bytes(b"n\xfc.nrrd,l.nrrd\n")
+    with pytest.raises(CoreDiffError, match="not a UTF-8 text list"):
+        read_pair_list(tmp_path / "latin.txt")
+    with pytest.raises(CoreDiffError, match="is a volume"):
+        read_pair_list(write_image(tmp_path / "v.nrrd", synthetic_ct(2, 16)))

@@ -175,6 +175,38 @@ def test_training_resumes_from_its_checkpoint(tmp_path):
         train(pairs, NetworkConfig(width=16), cfg2, checkpoint=ckpt, log=lambda m: None)
 
 
+def test_a_resumed_run_continues_the_same_run_bit_for_bit_or_is_refused(tmp_path):
+    v = synthetic_ct(4, 32, seed=3, noise_hu=5)
+    pairs = [(v, v + 40 * np.random.default_rng(0).standard_normal(v.shape).astype(np.float32))]
+
+    def run(iterations, ckpt, **kw):
+        cfg = TrainConfig(iterations=iterations, batch_size=2, patch_size=16, log_every=5, checkpoint_every=5,
+                          ema_start=0, ema_every=5, **kw)
+        return train(pairs, NetworkConfig(width=4, steps=2), cfg, checkpoint=ckpt, log=lambda m: None)[0]
+    straight = run(10, tmp_path / "a.ckpt")
+    run(5, tmp_path / "b.ckpt")
+    resumed = run(10, tmp_path / "b.ckpt")  # the patches of iterations 6..10, not 1..5 again
+    assert all(torch.equal(x, y) for x, y in zip(straight.state_dict().values(), resumed.state_dict().values()))
+    with pytest.raises(CoreDiffError, match="patch_size 16 -> 32"):  # another recipe: not silently mixed
+        train(pairs, NetworkConfig(width=4, steps=2), TrainConfig(iterations=20, batch_size=2, patch_size=32),
+              checkpoint=tmp_path / "b.ckpt", log=lambda m: None)
+    run(20, tmp_path / "b.ckpt", lr=1e-4)  # a lower learning rate for a last leg is allowed
+    for damaged in (b"not a checkpoint", (tmp_path / "b.ckpt").read_bytes()[:3000]):
+        (tmp_path / "d.ckpt").write_bytes(damaged)
+        with pytest.raises(CoreDiffError, match="damaged or not a CoreDiff training checkpoint"):
+            run(10, tmp_path / "d.ckpt")
+
+
+def test_a_run_too_short_to_average_returns_its_trained_weights_not_the_initial_ones():
+    v = synthetic_ct(4, 32, seed=3, noise_hu=5)
+    pairs = [(v, v + 40 * np.random.default_rng(0).standard_normal(v.shape).astype(np.float32))]
+    cfg = TrainConfig(iterations=5, batch_size=2, patch_size=16, ema_start=1, log_every=5)  # no EMA step (every 10)
+    torch.manual_seed(0)
+    initial = ClearNet(NetworkConfig(width=4, steps=2)).state_dict()
+    ema, _ = train(pairs, NetworkConfig(width=4, steps=2), cfg, log=lambda m: None)
+    assert not all(torch.equal(a, b) for a, b in zip(initial.values(), ema.state_dict().values()))
+
+
 def test_patch_sampler_replicates_edges_and_pairs_context_with_target():
     ndct = synthetic_ct(1, 32, seed=0, noise_hu=0)
     data = PairedSlices([(ndct, ndct)], patch_size=16, seed=0)

@@ -223,3 +223,16 @@ def test_gpu_equal_budget_round_rehearses_on_the_cpu_and_returns_loadable_weight
                          capture_output=True, encoding="utf-8", timeout=120)
     assert bad.returncode == 2 and "anywhere share must be in [0, 1]" in bad.stderr
     assert not (tmp_path / "bad").exists() and not (tmp_path / "badwork").exists()  # refused before anything was written
+
+
+def test_a_weights_file_with_a_broken_config_is_refused_clearly(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from CoreDiffLib.models import WEIGHTS_DIR, load_model
+    source = WEIGHTS_DIR / "corediff-25.safetensors"
+    tensors = load_file(str(source))
+    for i, config in enumerate(("{not json", "null", '{"width": "16"}')):
+        path = tmp_path / f"bad{i}.safetensors"
+        save_file(tensors, str(path), {"format": "corediff-clearnet-v1", "config": config})
+        with pytest.raises(CoreDiffError, match="unreadable network config"):
+            load_model(path)
