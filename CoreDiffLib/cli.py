@@ -92,10 +92,9 @@ def load_denoiser(args: argparse.Namespace, volume=None, spacing_xy=None):
     default) the model trained at the dose the scan looks like; says so, and when ``--steps auto``
     chose one step. An adaptation without ``--model`` runs on the model it was learned for."""
     from .inference import AUTO_STEPS, Denoiser
-    from .models import DEFAULT_MODEL
     model, choice = args.model, None
     if model is None and args.adaptation is not None:
-        model = DEFAULT_MODEL  # Denoiser.load takes the adaptation's own base model
+        pass  # None: Denoiser.load takes the adaptation's own base model (an explicit name is kept)
     elif model in (None, AUTO_MODEL):
         if args.adaptation is not None:
             raise CoreDiffError("--model auto chooses a dose model; an adaptation brings its own: drop one of them")
@@ -104,7 +103,7 @@ def load_denoiser(args: argparse.Namespace, volume=None, spacing_xy=None):
                         precision=args.precision, channels_last=args.channels_last)
     den.model_choice = choice  # why this model, recorded in the output's header (None: as asked)
     trained = den.model.config.steps
-    if args.adaptation is not None and args.model in (None, DEFAULT_MODEL):
+    if args.adaptation is not None and args.model is None:
         base = getattr(den.model, "weights_path", None)
         info(args, f"adaptation {args.adaptation} on the model it was learned for: {Path(base).name if base else '?'}")
     if args.steps == AUTO_STEPS and den.steps is not None and den.steps < trained:

@@ -177,17 +177,18 @@ class Denoiser:
                 self.net = build_net(self.model, self.device, fallback, self.threads)
 
     @classmethod
-    def load(cls, model: str | ClearNet | None = "default", device: str = "auto",
+    def load(cls, model: str | ClearNet | None = None, device: str = "auto",
              steps: int | str | None = None, adaptation=None, precision: str | None = "auto",
              channels_last: bool | None = None, runtime: str | None = "auto",
              threads: int | None = None) -> "Denoiser":
         """``steps`` None = the model's T, or ``"auto"`` (:func:`auto_steps`), or a number;
         ``precision`` auto|fp32|tf32|bf16|fp16, ``channels_last`` None = device default,
-        ``runtime`` auto|eager|compile|cudagraphs|onnx, ``threads`` CPU threads (None = cores)."""
+        ``runtime`` auto|eager|compile|cudagraphs|onnx, ``threads`` CPU threads (None = cores).
+        ``model`` None: the default model, or an adaptation's own base model; a name is taken as given."""
         dev = pick_device(device)
-        if adaptation is not None and model in (None, DEFAULT_MODEL):
+        if model is None:
             from .oneshot import adaptation_base_model  # an adaptation brings its own base model
-            model = adaptation_base_model(adaptation) or model
+            model = (adaptation_base_model(adaptation) if adaptation is not None else None) or DEFAULT_MODEL
         net = model if isinstance(model, ClearNet) else load_model(model, dev)
         net = net.to(dev).eval()
         if adaptation is not None and not hasattr(adaptation, "combine"):
@@ -282,7 +283,7 @@ def check_batch_size(batch_size: int | None) -> None:
                             "(leave it out to have it chosen from the device's memory)")
 
 
-def denoise_volume(volume_hu, model: str | ClearNet | None = "default",
+def denoise_volume(volume_hu, model: str | ClearNet | None = None,
                    device: str = "auto", batch_size: int | None = None, steps: int | str | None = None,
                    adaptation=None, progress: ProgressFn | None = None,
                    cancel: CancelFlag = None, denoiser: Denoiser | None = None,

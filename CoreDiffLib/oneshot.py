@@ -77,7 +77,7 @@ import torch
 import torch.nn.functional as F
 
 from . import CoreDiffError
-from .atomic import write_text_atomic
+from .atomic import check_output_file, partial_path, write_text_atomic
 from .dose_estimate import AUTO_MODEL
 from .intensity import HU_MIN, HU_RANGE
 from .training import window_ssim
@@ -172,9 +172,13 @@ class Adaptation:
             raise CoreDiffError(f"adaptation mode '{self.mode}' is not one of {', '.join(MODES)}")
         if len(self.weights) != self.steps:
             raise CoreDiffError(f"adaptation '{self.name}' has {len(self.weights)} weights for T={self.steps}")
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in self.weights):
+            raise CoreDiffError(f"adaptation '{self.name}' has weights that are not numbers: it is corrupt")
         self.weights = [float(v) for v in self.weights]
-        if not all(math.isfinite(v) for v in self.weights):
-            raise CoreDiffError(f"adaptation '{self.name}' has non-finite weights: it is corrupt")
+        # the blend runs in float32: a logit past ~1e38 (or a spread past ~80) makes its softmax NaN or
+        # all-but-one zero, and the output 0 HU; trained ones stay within a few units
+        if not all(math.isfinite(v) and abs(v) < 1e4 for v in self.weights):
+            raise CoreDiffError(f"adaptation '{self.name}' has non-finite or absurd weights: it is corrupt")
 
     @property
     def probabilities(self) -> list[float]:
@@ -198,25 +202,51 @@ class Adaptation:
         if not isinstance(d, dict) or d.get("format") != FORMAT:
             raise CoreDiffError(f"{source} is not a CoreDiff one-shot adaptation (format {FORMAT} expected)")
         try:
-            return cls(name=str(d["name"]), base_sha256=str(d["base_sha256"]), dose=d.get("dose"),
-                       mode=str(d["mode"]), reference_slice=int(d["reference_slice"]),
-                       ndct_slice=int(d["ndct_slice"]), steps=int(d["steps"]),
+            whole = {k: d[k] for k in ("reference_slice", "ndct_slice", "steps")}
+            if not all(isinstance(v, int) and not isinstance(v, bool) for v in whole.values()):
+                raise TypeError(f"whole numbers expected: {whole}")
+            if not isinstance(d["weights"], list) or not isinstance(d["name"], str):
+                raise TypeError("weights must be a list and name a string")
+            dose = d.get("dose")
+            return cls(name=d["name"], base_sha256=str(d["base_sha256"]),
+                       dose=None if dose is None else str(dose), mode=str(d["mode"]), **whole,
                        weights=list(d["weights"]), info=dict(d.get("info") or {}))
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:
             raise CoreDiffError(f"{source} is an incomplete or corrupt adaptation ({exc!r})") from None
 
-    def save(self, path: str | os.PathLike | None = None) -> Path:
-        """Write JSON atomically (temp file + rename) to ``path`` or the user directory."""
+    def save(self, path: str | os.PathLike | None = None, overwrite: bool = True) -> Path:
+        """Write JSON atomically (temp file + rename) to ``path`` or the user directory.
+
+        ``overwrite`` False: refuse if the file exists by the time it is written (another run
+        may have saved one of that name meanwhile), checked and written in one step (a hard link).
+        """
         out = Path(path).expanduser() if path is not None else default_path(self.name)
         out.parent.mkdir(parents=True, exist_ok=True)
-        return write_text_atomic(out, json.dumps(self.to_dict(), indent=1) + "\n")
+        text = json.dumps(self.to_dict(), indent=1) + "\n"
+        if overwrite:
+            return write_text_atomic(out, text)
+        tmp = partial_path(out)
+        try:
+            tmp.write_text(text, encoding="utf-8")
+            try:
+                os.link(tmp, out)  # fails if out exists: no window between the check and the write
+            except FileExistsError:
+                raise CoreDiffError(f"{out} was saved by another run meanwhile; kept it. Run again with another "
+                                    "--name/--out, or --overwrite") from None
+            except OSError:  # a file system without hard links
+                if out.exists():
+                    raise CoreDiffError(f"{out} was saved by another run meanwhile; kept it") from None
+                os.replace(tmp, out)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return out
 
     @classmethod
     def read(cls, path: str | os.PathLike) -> "Adaptation":
         try:
             d = json.loads(Path(path).read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise CoreDiffError(f"cannot read adaptation {path}: {exc}") from None
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:  # ValueError: bad JSON
+            raise CoreDiffError(f"cannot read adaptation {path}: {type(exc).__name__}: {exc}"[:300]) from None
         return cls.from_dict(d, str(path))
 
 
@@ -242,7 +272,8 @@ def adaptation_base_model(name_or_path) -> str | None:
         if entry.get("sha256") == adaptation.base_sha256:
             return name
     recorded = adaptation.info.get("base_model")
-    if recorded and Path(recorded).is_file() and sha256_of(recorded) == adaptation.base_sha256:
+    if isinstance(recorded, str) and recorded and Path(recorded).is_file() \
+            and sha256_of(recorded) == adaptation.base_sha256:
         return str(recorded)
     return None
 
@@ -269,6 +300,8 @@ def list_adaptations() -> list[dict]:
     if not folder.is_dir():
         return rows
     for path in sorted(folder.glob("*.json")):
+        if path.name.startswith("."):  # a write cut short before its rename (atomic.partial_path)
+            continue
         try:
             a = Adaptation.read(path)
         except CoreDiffError:
@@ -755,46 +788,66 @@ def _same_spacing(a: Sequence[float], b: Sequence[float], rel: float = 1e-3) -> 
 def cmd_oneshot(args) -> int:
     """``corediff oneshot``: learn and save an adaptation; last stdout line ``RESULT <path>``."""
     from .cli import Progress, info, note
-    from .inference import axial_view, pick_device, uses_neighbours
+    from .inference import axial_layout, axial_spacing, axial_view, pick_device, uses_neighbours
     from .io import read_volume
     from .models import load_model
 
     # everything that can be checked cheaply is checked before any heavy work
     name = validate_name(args.name)
+    for flag, value in (("--ldct", args.ldct), ("--ndct", args.ndct), ("--ndct-unpaired", args.ndct_unpaired)):
+        if value is not None and not value.strip():
+            raise CoreDiffError(f"{flag} is empty: give a volume file or DICOM folder")
     if args.ndct_slice is not None and args.ndct_unpaired is None:
         raise CoreDiffError("--ndct-slice is for unpaired mode: use it with --ndct-unpaired")
     if args.iterations < 0:
         raise CoreDiffError(f"--iterations must be >= 0, got {args.iterations}")
+    if args.patch_size < 16:
+        raise CoreDiffError(f"--patch-size {args.patch_size}: give 16 pixels or more (default 96)")
+    if args.seed < 0:
+        raise CoreDiffError(f"--seed {args.seed}: give a whole number >= 0")
+    if not (math.isfinite(args.ssim_weight) and args.ssim_weight >= 0):
+        raise CoreDiffError(f"--ssim-weight {args.ssim_weight}: give 0 (MSE only) or a weight > 0")
+    if args.dose is not None and not (args.dose.strip() and args.dose.isprintable() and len(args.dose) <= 32):
+        raise CoreDiffError(f"--dose {args.dose!r}: give a short label such as 10%")
+    inputs = (args.ldct, args.ndct, args.ndct_unpaired)
     if args.out:
-        out = Path(args.out).expanduser()
-        if out.suffix.lower() != ".json":
-            raise CoreDiffError(f"--out {args.out}: an adaptation is a .json file")
-        if not out.parent.is_dir():
-            raise CoreDiffError(f"output folder {out.parent} does not exist: create it first")
+        out = check_output_file("--out", args.out, (".json",), inputs)
     else:
         out = default_path(name)
+        if out.parent.exists() and not out.parent.is_dir():
+            raise CoreDiffError(f"the adaptations folder {out.parent} is a file: move it, or use --out FILE")
+    if out.is_dir():
+        raise CoreDiffError(f"{out} is a folder: give another --name/--out")
     if out.exists() and not args.overwrite:
         raise CoreDiffError(f"{out} already exists: choose another --name/--out or pass --overwrite")
     paired = args.ndct is not None
-    ldct = read_volume(args.ldct, log=note)
+    ldct_volume = read_volume(args.ldct, log=note)
+    # the axial planes, however the series is stored (a reformat): --slice counts them, as denoise runs them
+    ldct, _ = axial_view(ldct_volume)
+    slice_mm = axial_spacing(ldct_volume.spacing, axial_layout(ldct_volume.direction, ldct_volume.array.shape))[2]
     model_name = args.model
     if model_name == AUTO_MODEL:  # the base nearest the new dose: what the steps can be re-weighted from
         from .cli import choose_dose_model
-        model_name, _ = choose_dose_model(args, *axial_view(ldct), explicit=False)
+        model_name, _ = choose_dose_model(args, *axial_view(ldct_volume), explicit=False)
     model = load_model(model_name, pick_device(args.device))
     n = ldct.shape[0]
     if not 0 <= args.slice < n:
         raise CoreDiffError(f"--slice {args.slice} is out of range 0..{n - 1} ({args.ldct} has {n} slices)")
-    ndct = read_volume(args.ndct if paired else args.ndct_unpaired, log=note)
+    ndct_volume = read_volume(args.ndct if paired else args.ndct_unpaired, log=note)
+    ndct, _ = axial_view(ndct_volume)
     if paired:
-        if ndct.shape != ldct.shape:
-            raise CoreDiffError(f"--ndct volume {ndct.shape} and --ldct volume {ldct.shape} differ in shape: "
-                                "paired mode needs the aligned normal-dose scan of the same patient "
+        if ndct_volume.shape != ldct_volume.shape:
+            raise CoreDiffError(f"--ndct volume {ndct_volume.shape} and --ldct volume {ldct_volume.shape} differ in "
+                                "shape: paired mode needs the aligned normal-dose scan of the same patient "
                                 "(use --ndct-unpaired for a non-aligned one)")
-        if not _same_spacing(ndct.spacing, ldct.spacing):
-            raise CoreDiffError(f"--ndct spacing {tuple(round(s, 4) for s in ndct.spacing)} differs from "
-                                f"--ldct spacing {tuple(round(s, 4) for s in ldct.spacing)}: paired volumes "
+        if not _same_spacing(ndct_volume.spacing, ldct_volume.spacing):
+            raise CoreDiffError(f"--ndct spacing {tuple(round(s, 4) for s in ndct_volume.spacing)} differs from "
+                                f"--ldct spacing {tuple(round(s, 4) for s in ldct_volume.spacing)}: paired volumes "
                                 "must share their geometry (use --ndct-unpaired otherwise)")
+        if not (np.allclose(ndct_volume.origin, ldct_volume.origin, atol=0.5)
+                and np.allclose(ndct_volume.direction, ldct_volume.direction, atol=1e-3)):
+            raise CoreDiffError("--ndct and --ldct lie in different places (origin or direction): paired volumes "
+                                "must be two scans of the same voxels (use --ndct-unpaired otherwise)")
         ndct_slice = None
     else:
         m = ndct.shape[0]
@@ -802,28 +855,28 @@ def cmd_oneshot(args) -> int:
         if not 0 <= ndct_slice < m:
             raise CoreDiffError(f"--ndct-slice {ndct_slice} is out of range 0..{m - 1} "
                                 f"({args.ndct_unpaired} has {m} slices)")
-        if not _same_spacing(ndct.spacing[:2], ldct.spacing[:2], rel=0.1):
+        if not _same_spacing(axial_view(ndct_volume)[1], axial_view(ldct_volume)[1], rel=0.1):
             info(args, "note: the unpaired NDCT's pixel spacing differs from the LDCT's by more than 10 %; "
                        "texture statistics are compared per pixel")
     info(args, f"one-shot {'paired' if paired else 'unpaired'} adaptation '{name}': reference slice {args.slice}"
                f" of {Path(args.ldct).name}, NDCT slice {args.slice if paired else ndct_slice}, "
                f"T={model.config.steps}, {args.iterations} iterations")
-    neighbours = uses_neighbours(float(ldct.spacing[2]))
+    neighbours = uses_neighbours(float(slice_mm))
     if not neighbours:
-        info(args, f"slices {ldct.spacing[2]:g} mm apart: the reference slice is its own context, as "
+        info(args, f"slices {slice_mm:g} mm apart: the reference slice is its own context, as "
                    "`corediff denoise` runs slices 4 mm or more apart")
     progress = Progress(args.progress, unit="it", desc="one-shot")
     try:
-        adaptation = adapt(model, ldct.array, args.slice, ndct.array, mode="paired" if paired else "unpaired",
+        adaptation = adapt(model, ldct, args.slice, ndct, mode="paired" if paired else "unpaired",
                            ndct_slice=ndct_slice, name=name, dose=args.dose, iterations=args.iterations,
                            patch_size=args.patch_size, seed=args.seed, ssim_weight=args.ssim_weight,
                            progress=progress,
                            info={"ldct": str(Path(args.ldct).resolve()),
-                                 "ndct": str(Path(args.ndct or args.ndct_unpaired).resolve()),
+                                 "ndct": str(Path(args.ndct if paired else args.ndct_unpaired).resolve()),
                                  "model": str(model_name)}, neighbours=neighbours)
     finally:
         progress.close()
-    path = adaptation.save(out)
+    path = adaptation.save(out, overwrite=args.overwrite)
     probs = ", ".join(f"{p:.2f}" for p in adaptation.probabilities)
     meta = adaptation.info
     info(args, f"step weights (first..last step): {probs}")

@@ -909,7 +909,8 @@ class CoreDiffSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if p is not None:
             self.ui.oneShotNdctSliceSpinBox.enabled = not p.osPaired
             if p.osLdctVolume is not None and p.osLdctVolume.GetImageData() is not None:
-                nSlices = p.osLdctVolume.GetImageData().GetDimensions()[2]
+                # axial slices, as `corediff oneshot --slice` counts them however the series is stored
+                nSlices = p.osLdctVolume.GetImageData().GetDimensions()[self.logic.axialAxis(p.osLdctVolume)]
                 if self.ui.oneShotSliceSlider.maximum != nSlices - 1:
                     self.ui.oneShotSliceSlider.maximum = nSlices - 1
                 self.ui.oneShotSliceLabel.text = f"slice {p.osSlice} of 0..{nSlices - 1}"
@@ -956,7 +957,7 @@ class CoreDiffSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p = self._parameterNode
         if p is None or p.osLdctVolume is None:
             return
-        k = self.logic.redSliceIndex(p.osLdctVolume, axis=2)  # `oneshot --slice` counts along K
+        k = self.logic.redSliceIndex(p.osLdctVolume)  # axial, as `oneshot --slice` counts
         if k is not None and k != p.osSlice:
             p.osSlice = k
 
@@ -967,7 +968,7 @@ class CoreDiffSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p = self._parameterNode
         if p is None or p.osLdctVolume is None or self.ui.oneShotStack.currentIndex != 1:
             return
-        if self.logic.redSliceIndex(p.osLdctVolume, axis=2) != int(value):
+        if self.logic.redSliceIndex(p.osLdctVolume) != int(value):
             self.logic.setRedSliceIndex(p.osLdctVolume, int(value))
 
     def onOneShotAdapt(self) -> None:
@@ -1570,14 +1571,16 @@ class CoreDiffSlicerLogic(ScriptedLoadableModuleLogic):
         return volumeNode.GetImageData().GetDimensions()[self.axialAxis(volumeNode)] // 2 if k is None else k
 
     def setRedSliceIndex(self, volumeNode, k) -> None:
-        """Move the Red view to the centre of slice K of the volume."""
+        """Move the Red view to the centre of axial slice K of the volume (along :meth:`axialAxis`)."""
         sliceNode = self.redSliceNode()
         if sliceNode is None:
             return
         dims = volumeNode.GetImageData().GetDimensions()
         ijkToRAS = vtk.vtkMatrix4x4()
         volumeNode.GetIJKToRASMatrix(ijkToRAS)
-        ras = ijkToRAS.MultiplyPoint([(dims[0] - 1) / 2.0, (dims[1] - 1) / 2.0, float(k), 1.0])
+        point = [(d - 1) / 2.0 for d in dims] + [1.0]
+        point[self.axialAxis(volumeNode)] = float(k)
+        ras = ijkToRAS.MultiplyPoint(point)
         sliceNode.JumpSliceByCentering(*self.worldToLocal(volumeNode, ras[:3], inverse=True))
 
     @staticmethod

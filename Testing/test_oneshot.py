@@ -116,6 +116,7 @@ def files(tmp_path_factory):
         paths[key] = write_volume(Volume(vol, spacing), d / f"{key}.nrrd")
     paths["ndct_spacing"] = write_volume(Volume(noisy(clean, 10, 1), (0.8, 0.8, 3.0)), d / "ndct_sp.nrrd")
     paths["ndct_shape"] = write_volume(Volume(noisy(clean[:4], 10, 1), spacing), d / "ndct_short.nrrd")
+    paths["ndct_moved"] = write_volume(Volume(noisy(clean, 10, 1), spacing, (0.0, 0.0, 300.0)), d / "ndct_moved.nrrd")
     mr = np.abs(noisy(clean, 10, 1)) * 0.2 + 10  # MR-like: no air at -1000
     paths["mr"] = write_volume(Volume(mr.astype(np.float32), spacing), d / "mr.nrrd")
     return paths
@@ -353,8 +354,17 @@ def one_error_line(err: str) -> str:
     ("name", "path separators"),
     ("ndct_slice", "out of range"),
     ("ndct_slice_paired", "unpaired mode"),
-    ("out_type", "is a .json file"),
+    ("out_type", "ending in .json"),
     ("out_folder", "does not exist"),
+    ("out_is_folder", "is a folder"),
+    ("empty_ndct", "--ndct is empty"),
+    ("patch_size", "--patch-size 0"),
+    ("patch_size_negative", "--patch-size -5"),
+    ("seed", "--seed -1"),
+    ("ssim_nan", "--ssim-weight nan"),
+    ("ssim_negative", "--ssim-weight -1"),
+    ("dose_label", "--dose"),
+    ("moved", "different places"),
 ])
 def test_cli_bad_input_fails_cleanly_and_writes_nothing(files, user_home, capsys, tmp_path, case, match):
     args = {"--model": files["model"], "--ldct": files["ldct"], "--slice": 2, "--ndct": files["ndct"],
@@ -380,7 +390,24 @@ def test_cli_bad_input_fails_cleanly_and_writes_nothing(files, user_home, capsys
         args["--out"] = tmp_path / "a.nrrd"
     elif case == "out_folder":
         args["--out"] = tmp_path / "missing" / "a.json"
-    argv = ["oneshot"] + [str(x) for kv in args.items() for x in kv]
+    elif case == "out_is_folder":
+        (tmp_path / "dir.json").mkdir()
+        args.update({"--out": tmp_path / "dir.json", "--overwrite": None})
+    elif case == "empty_ndct":
+        args["--ndct"] = ""
+    elif case in ("patch_size", "patch_size_negative"):
+        args["--patch-size"] = 0 if case == "patch_size" else -5
+    elif case == "seed":
+        args["--seed"] = -1
+    elif case in ("ssim_nan", "ssim_negative"):
+        args["--ssim-weight"] = "nan" if case == "ssim_nan" else -1
+    elif case == "dose_label":
+        args["--dose"] = "10%\nfake row"
+    elif case == "moved":
+        args["--ndct"] = files["ndct_moved"]
+    argv = ["oneshot"]
+    for flag, value in args.items():
+        argv += [flag] if value is None else [flag, str(value)]  # None: a switch
     before = sorted(p.name for p in tmp_path.iterdir())
     rc, out, err = run_cli(capsys, *argv)
     assert rc == 2
@@ -454,3 +481,64 @@ def test_reference_slice_of_a_thick_series_is_its_own_context_as_denoise_runs_it
     assert own.shape == (model.config.steps, 1, 64, 64)
     assert torch.allclose(own, alone, atol=1e-6)
     assert (own - with_neighbours).abs().max() > 1e-4
+
+
+def test_tampered_adaptations_are_refused_and_do_not_break_the_model_list(user_home, capsys):
+    net = tiny_model()
+    good = Adaptation("good", oneshot.model_identity(net), "10%", "paired", 2, 2, T, [0.0] * T).to_dict()
+    folder = user_home / "adaptations"
+    folder.mkdir(parents=True)
+    tampered = {"big": {"weights": [1e39] + [0.0] * (T - 1)},        # float32 softmax: NaN, an all-0 HU output
+                "spread": {"weights": [1e300, -1e300] + [0.0] * (T - 2)},
+                "text": {"weights": "0123456789"}, "bools": {"weights": [True] * T},
+                "steps_text": {"steps": "10"}, "steps_float": {"steps": 10.9}, "no_name": {"name": None}}
+    for name, change in tampered.items():
+        (folder / f"{name}.json").write_text(json.dumps({**good, **change}))
+        with pytest.raises(CoreDiffError):
+            Adaptation.read(folder / f"{name}.json")
+    (folder / "steps_inf.json").write_text(json.dumps(good).replace('"steps": 10', '"steps": Infinity'))
+    (folder / "nested.json").write_text("[" * 100000 + "]" * 100000)
+    (folder / ".good.json.partial-1-abcdef.json").write_text(json.dumps(good))  # a cut-short write
+    for name in ("steps_inf", "nested"):
+        with pytest.raises(CoreDiffError):
+            Adaptation.read(folder / f"{name}.json")
+    (folder / "base_number.json").write_text(json.dumps({**good, "base_sha256": "0" * 64, "info": {"base_model": 7}}))
+    assert oneshot.adaptation_base_model(folder / "base_number.json") is None  # a number is no file: no traceback
+    (folder / "good.json").write_text(json.dumps(good))
+    rc, out, _ = run_cli(capsys, "models", "--json")
+    assert rc == 0 and [r["name"] for r in json.loads(out) if r["kind"] == "adaptation"] == ["base_number", "good"]
+
+
+def test_an_adaptation_saved_meanwhile_is_kept_and_an_explicit_model_is_kept(files, tmp_path):
+    net = tiny_model()
+    a = Adaptation("race", oneshot.model_identity(net), None, "paired", 2, 2, T, [0.0] * T)
+    out = tmp_path / "race.json"
+    out.write_text("another run's adaptation")
+    with pytest.raises(CoreDiffError, match="saved by another run meanwhile"):
+        a.save(out, overwrite=False)
+    assert out.read_text() == "another run's adaptation" and [p.name for p in tmp_path.iterdir()] == ["race.json"]
+    a.save(out)  # --overwrite
+    assert Adaptation.read(out).name == "race"
+    from CoreDiffLib.inference import Denoiser
+    adapted = Adaptation("tiny", load_model(files["model"]).weights_sha256, None, "paired", 2, 2, T, [0.0] * T)
+    adapted.info["base_model"] = str(files["model"])
+    adapted.save(tmp_path / "tiny.json")
+    assert Denoiser.load(None, "cpu", adaptation=tmp_path / "tiny.json").model.weights_sha256 == adapted.base_sha256
+    with pytest.raises(CoreDiffError, match="another model"):  # an explicit model is not swapped for the base
+        Denoiser.load("default", "cpu", adaptation=tmp_path / "tiny.json")
+
+
+def test_a_sagittally_stored_reference_is_adapted_in_its_axial_planes(files, user_home, capsys, tmp_path):
+    """--slice counts axial planes, as denoise runs them, however the series is stored."""
+    def sagittal(key):
+        v = np.tile(read_volume(files[key]).array, (4, 1, 1))  # 20 axial slices: sagittal planes of 64 x 20
+        # (z, y, x) -> stored with index axis k along x: array (x, y, z), direction columns (z, y, x)
+        return write_volume(Volume(np.ascontiguousarray(np.transpose(v, (2, 1, 0))), (2.0, 0.8, 0.8),
+                                   direction=(0, 0, 1, 0, 1, 0, 1, 0, 0)), tmp_path / f"{key}_sag.nrrd")
+    ldct, ndct = sagittal("ldct"), sagittal("ndct")
+    base = ["oneshot", "--model", str(files["model"]), "--ldct", str(ldct), "--ndct", str(ndct), "--iterations", "3"]
+    rc, _, err = run_cli(capsys, *base, "--slice", "30", "--name", "sag_bad")  # a stored plane, not an axial one
+    assert rc == 2 and "out of range 0..19" in err
+    rc, out, err = run_cli(capsys, *base, "--slice", "2", "--name", "sag")
+    assert rc == 0, err
+    assert Adaptation.read(out.strip().splitlines()[-1].split(" ", 1)[1]).reference_slice == 2
