@@ -196,8 +196,10 @@ CHECKPOINT_SUFFIXES = (".ckpt", ".pt", ".pth")
 def cmd_train(args: argparse.Namespace) -> int:
     import numpy as np
 
+    from .inference import axial_view
     from .io import find_pairs, read_pair_list, read_volume
     from .models import save_weights
+    from .orientation import axial_layout
     from .network import NetworkConfig
     from .training import TrainConfig, train
 
@@ -243,7 +245,10 @@ def cmd_train(args: argparse.Namespace) -> int:
                 and np.allclose(a.direction, b.direction, atol=1e-3)):
             raise CoreDiffError(f"{nd} and {ld} differ in spacing, origin or direction: a pair must be two scans "
                                 "of the same voxels (resample one onto the other first)")
-        volumes.append((a.array, b.array))
+        layout = axial_layout(a.direction, a.array.shape)
+        if layout is not None:  # trained on axial planes with axial neighbours, as denoise runs them
+            info(args, f"{Path(nd).name}: stored {layout.storage}ly; trained on its axial planes")
+        volumes.append((axial_view(a)[0], axial_view(b)[0]))
     device = "cuda" if args.device == "auto" and _cuda() else ("cpu" if args.device == "auto" else args.device)
     ema, state = train(volumes, net_cfg, cfg, checkpoint=checkpoint, device=device,
                        log=lambda m: info(args, m), init_state=init_state)

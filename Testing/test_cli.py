@@ -470,6 +470,19 @@ def test_train_command_writes_a_loadable_model(tmp_path):
     assert (tmp_path / "m.ckpt").exists()
 
 
+def test_train_takes_the_axial_planes_of_a_sagittally_stored_pair(tmp_path):
+    data = tmp_path / "sag"
+    data.mkdir()
+    ref = synthetic_ct(20, 48, noise_hu=0)  # (z, y, x)
+    for name, vol in (("c1_ndct", ref), ("c1_ldct", ref + np.random.default_rng(0).normal(0, 40, ref.shape))):
+        write_image(data / f"{name}.nrrd", np.transpose(vol, (2, 1, 0)), spacing=(1.0, 0.8, 0.8),
+                    direction=(0, 0, 1, 0, 1, 0, 1, 0, 0))  # index axis i runs along z: stored sagittally
+    r = corediff("train", data, "--out", tmp_path / "m.safetensors", "--iterations", "2", "--width", "4",
+                 "--batch-size", "2", "--patch-size", "16", "--progress", "lines")
+    assert r.returncode == 0, r.stderr
+    assert "c1_ndct.nrrd: stored sagittally; trained on its axial planes" in r.stdout + r.stderr
+
+
 def test_models_and_devices_list_as_json():
     import json
     r = corediff("devices", "--json")
