@@ -49,7 +49,7 @@ class ScanNoise:
     slices: int
 
 
-def _local_sd(image: np.ndarray, box: int) -> tuple[np.ndarray, np.ndarray]:
+def _local_sd(image: np.ndarray, box: int | tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
     from scipy import ndimage
     mean = ndimage.uniform_filter(image, box)
     mean_sq = ndimage.uniform_filter(image * image, box)
@@ -74,7 +74,8 @@ def measure(volume_hu, spacing_xy: tuple[float, float], max_slices: int = MAX_SL
     """
     n = volume_hu.shape[0]
     picks = np.unique(np.linspace(0, n - 1, min(max_slices, n)).round().astype(int))
-    box = max(3, int(round(NOISE_BOX_MM / float(spacing_xy[0]))) | 1)  # odd, in pixels
+    # odd sides in pixels, (rows, cols): 6 mm along each axis, so non-square pixels give the same physical box
+    box = tuple(max(3, int(round(NOISE_BOX_MM / float(spacing_xy[axis]))) | 1) for axis in (1, 0))
     pixel_area = float(spacing_xy[0]) * float(spacing_xy[1])
     sds, weds = [], []
     for k in picks:

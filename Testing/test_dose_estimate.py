@@ -87,3 +87,16 @@ def test_a_nonsense_patient_size_gives_a_dose_not_an_overflow():
     for wed in (1e6, -1e6):
         dose = calibration.dose(ScanNoise(noise_index_hu=30.0, wed_mm=wed, slices=1))
         assert math.isfinite(dose) and dose > 0
+
+
+def test_the_noise_box_is_the_same_physical_size_along_both_axes():
+    """Non-square pixels: the noise index must not depend on which axis has the coarse spacing."""
+    rng = np.random.default_rng(0)
+    image = np.full((1, 240, 240), -1000.0)
+    yy, xx = np.mgrid[0:240, 0:240]
+    image[0][np.hypot(yy - 120, xx - 120) < 100] = 40.0
+    noisy = image + rng.normal(0, 20, image.shape)
+    wide = measure(noisy, (0.35, 3.0)).noise_index_hu
+    tall = measure(np.ascontiguousarray(np.transpose(noisy, (0, 2, 1))), (3.0, 0.35)).noise_index_hu
+    assert wide == pytest.approx(tall, rel=0.03)
+    assert measure(noisy, (0.7, 0.7)).noise_index_hu == pytest.approx(20.0, rel=0.1)
