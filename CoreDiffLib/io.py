@@ -19,6 +19,7 @@ from . import CoreDiffError
 from .atomic import atomic_path, partial_folder
 from .dicom import check_series_input, choose_dicom_series, find_dicom_series, itk_warnings_off, off_grid_slices
 from .intensity import PADDING_THRESHOLD_HU, validate_ct_array  # noqa: F401  (re-exported)
+from .streaming import VolumeSource, header_data_file
 
 FILE_SUFFIXES = (".nrrd", ".nhdr", ".nii", ".nii.gz", ".mha", ".mhd")
 #: formats whose header names a separate data file
@@ -80,23 +81,6 @@ def is_file_path(path: str | os.PathLike) -> bool:
     return str(path).lower().endswith(FILE_SUFFIXES)
 
 
-def detached_data_file(header: str | os.PathLike) -> Path | None:
-    """The data file a .mhd / .nhdr header names (None for other files, embedded data or a list)."""
-    header = Path(header)
-    if not header.name.lower().endswith(DETACHED_SUFFIXES) or not header.is_file():
-        return None
-    with open(header, "rb") as f:
-        text = f.read(1 << 16).decode("latin-1")
-    for line in text.splitlines():
-        key, sep, value = line.partition("=" if header.name.lower().endswith(".mhd") else ":")
-        if sep and key.strip().lower() in ("elementdatafile", "data file", "datafile"):
-            value = value.strip().lstrip("=").strip()
-            if value.upper() == "LOCAL" or value.upper().startswith("LIST") or "%" in value or " " in value:
-                return None
-            return header.parent / value
-    return None
-
-
 def output_data_file(output: Path) -> Path | None:
     """The data file :func:`write_volume` writes beside a .mhd / .nhdr header (compressed)."""
     name = output.name
@@ -119,8 +103,9 @@ def check_output_path(input_path: str | os.PathLike | None, output_path: str | o
                                 "(the input is never overwritten)")
         if src.is_dir() and src in out.parents:
             raise CoreDiffError(f"output {output_path} is inside the input DICOM folder: write it elsewhere")
-        data, inputs = output_data_file(out), {src, detached_data_file(src)}
-        if data is not None and data.resolve() in {p.resolve() for p in inputs if p is not None}:
+        src_data = header_data_file(src) if src.is_file() and src.name.lower().endswith(DETACHED_SUFFIXES) else None
+        data = output_data_file(out)
+        if data is not None and data.resolve() in {p.resolve() for p in (src, src_data) if p is not None}:
             raise CoreDiffError(f"output {output_path} would write its data to {data.name}, which the input uses: "
                                 "choose another output name (the input is never overwritten)")
     for suffix in FILE_SUFFIXES:
@@ -233,7 +218,6 @@ def read_volume(path: str | os.PathLike, series: str | None = None, log=None) ->
                 if p.name.lower().endswith((".nii", ".nii.gz", ".mha", ".mhd")):
                     # the streamed reader's checks refuse truncated data, which SimpleITK reads as
                     # zeros (NIfTI) or fails on halfway through
-                    from .streaming import VolumeSource
                     source = VolumeSource.open(p)
                     if source is not None:
                         source.close()

@@ -823,18 +823,18 @@ def cmd_oneshot(args) -> int:
     paired = args.ndct is not None
     ldct_volume = read_volume(args.ldct, log=note)
     # the axial planes, however the series is stored (a reformat): --slice counts them, as denoise runs them
-    ldct, _ = axial_view(ldct_volume)
+    ldct, ldct_xy = axial_view(ldct_volume)
     slice_mm = axial_spacing(ldct_volume.spacing, axial_layout(ldct_volume.direction, ldct_volume.array.shape))[2]
     model_name = args.model
     if model_name == AUTO_MODEL:  # the base nearest the new dose: what the steps can be re-weighted from
         from .cli import choose_dose_model
-        model_name, _ = choose_dose_model(args, *axial_view(ldct_volume), explicit=False)
+        model_name, _ = choose_dose_model(args, ldct, ldct_xy, explicit=False)
     model = load_model(model_name, pick_device(args.device))
     n = ldct.shape[0]
     if not 0 <= args.slice < n:
         raise CoreDiffError(f"--slice {args.slice} is out of range 0..{n - 1} ({args.ldct} has {n} slices)")
     ndct_volume = read_volume(args.ndct if paired else args.ndct_unpaired, log=note)
-    ndct, _ = axial_view(ndct_volume)
+    ndct, ndct_xy = axial_view(ndct_volume)
     if paired:
         if ndct_volume.shape != ldct_volume.shape:
             raise CoreDiffError(f"--ndct volume {ndct_volume.shape} and --ldct volume {ldct_volume.shape} differ in "
@@ -855,7 +855,7 @@ def cmd_oneshot(args) -> int:
         if not 0 <= ndct_slice < m:
             raise CoreDiffError(f"--ndct-slice {ndct_slice} is out of range 0..{m - 1} "
                                 f"({args.ndct_unpaired} has {m} slices)")
-        if not _same_spacing(axial_view(ndct_volume)[1], axial_view(ldct_volume)[1], rel=0.1):
+        if not _same_spacing(ndct_xy, ldct_xy, rel=0.1):
             info(args, "note: the unpaired NDCT's pixel spacing differs from the LDCT's by more than 10 %; "
                        "texture statistics are compared per pixel")
     info(args, f"one-shot {'paired' if paired else 'unpaired'} adaptation '{name}': reference slice {args.slice}"

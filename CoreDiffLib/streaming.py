@@ -118,11 +118,9 @@ class VolumeSource:
                 if nbytes is not None and np.dtype(dtype).itemsize > 1 and "byteordermsb = true" in lower:
                     return None  # big-endian: SimpleITK's full reader swaps the bytes, the slab readers do not
                 if "compresseddata = true" not in lower:
-                    ref = _meta_value(header, "ElementDataFile")
-                    if nbytes is not None and ref.upper() == "LOCAL":
-                        _check_complete(p, p, len(header) + nbytes)
-                    elif nbytes is not None and not (ref.upper().startswith("LIST") or "%" in ref or " " in ref):
-                        _check_complete(p, p.parent / ref, nbytes)  # one data file (not a list of slices)
+                    data = header_data_file(p, header)  # None: a list of slice files
+                    if nbytes is not None and data is not None:
+                        _check_complete(p, data, nbytes + (len(header) if data == p else 0))
                     return cls(shape, dtype or np.float32, reader=reader, info=info)
                 if not name.endswith(".mha") or nbytes is None:
                     return None
@@ -246,13 +244,24 @@ def _head_bytes(p: Path, n: int) -> bytes:
         return f.read(n)
 
 
-def _meta_value(header: str, key: str) -> str:
-    """The value of ``key = value`` in a MetaImage header."""
-    for line in header.splitlines():
-        name, _, value = line.partition("=")
-        if name.strip().lower() == key.lower():
-            return value.strip()
-    raise ValueError(f"no {key}")
+def header_data_file(header: str | os.PathLike, text: str | None = None) -> Path | None:
+    """The file holding the pixels a MetaImage (.mha / .mhd) or detached NRRD (.nhdr) header
+    names: the header itself for embedded data (LOCAL), None for a list of files or a pattern
+    (or no such line). ``text``: the header, when already read."""
+    header = Path(header)
+    if text is None:
+        text = _head_bytes(header, 1 << 16).decode("latin-1")
+    sep = ":" if header.name.lower().endswith((".nhdr", ".nrrd")) else "="
+    for line in text.splitlines():
+        key, found, value = line.partition(sep)
+        if found and key.strip().lower() in ("elementdatafile", "data file", "datafile"):
+            value = value.strip().lstrip("=").strip()
+            if value.upper() == "LOCAL":
+                return header
+            if value.upper().startswith("LIST") or "%" in value or " " in value:
+                return None
+            return header.parent / value
+    return None
 
 
 def _check_complete(header: Path, data: Path, least: int) -> None:

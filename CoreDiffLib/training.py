@@ -617,7 +617,7 @@ def train(pairs: Sequence[tuple[np.ndarray, np.ndarray]], net_cfg: NetworkConfig
             debug["losses"].append(float(window[-1]))
             debug["ts"].append(t)
         if state.iteration % cfg.ema_every == 0:
-            if state.iteration < cfg.ema_start or not ema_averaging:  # (re)start from the live weights
+            if not ema_averaging:  # before ema_start, and at its first step: a copy of the live weights
                 ema.load_state_dict(model.state_dict())
                 ema_averaging = state.iteration >= cfg.ema_start
             else:
