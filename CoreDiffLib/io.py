@@ -217,10 +217,14 @@ def read_volume(path: str | os.PathLike, series: str | None = None, log=None) ->
             else:
                 if p.name.lower().endswith((".nii", ".nii.gz", ".mha", ".mhd")):
                     # the streamed reader's checks refuse truncated data, which SimpleITK reads as
-                    # zeros (NIfTI) or fails on halfway through
+                    # zeros (NIfTI) or fails on halfway through; what it opened (a compressed file
+                    # already inflated) is read from it rather than inflated a second time
                     source = VolumeSource.open(p)
                     if source is not None:
-                        source.close()
+                        with source:
+                            array = source[0:len(source)]
+                        return _checked_volume(array, source.info["spacing"], source.info["origin"],
+                                               source.info["direction"], {}, str(p), None)
                 image, tags, positions = sitk.ReadImage(str(p)), {}, None
     except RuntimeError as exc:  # SimpleITK's reader errors
         first = str(exc).strip().splitlines()[-1] if str(exc).strip() else "unreadable"
@@ -234,14 +238,20 @@ def read_volume(path: str | os.PathLike, series: str | None = None, log=None) ->
                             "(split time series into separate volumes)")
     if image.GetDimension() == 2:
         image = sitk.JoinSeries(image)
-    array = sitk.GetArrayFromImage(image)
+    return _checked_volume(sitk.GetArrayFromImage(image), image.GetSpacing(), image.GetOrigin(),
+                           image.GetDirection(), tags, str(p), positions)
+
+
+def _checked_volume(array: np.ndarray, spacing, origin, direction, tags: dict[str, str], source: str,
+                    positions) -> Volume:
+    """The read voxels as float32 HU, refused unless they look like CT."""
     if array.ndim != 3:
-        raise CoreDiffError(f"{path} has shape {array.shape}: expected (slices, rows, cols)")
+        raise CoreDiffError(f"{source} has shape {array.shape}: expected (slices, rows, cols)")
     pixel_type = str(array.dtype)
     array = array.astype(np.float32, copy=False)
-    validate_ct_array(array, str(path))
-    return Volume(array, tuple(image.GetSpacing()), tuple(image.GetOrigin()),
-                  tuple(image.GetDirection()), pixel_type, tags, str(p), positions)
+    validate_ct_array(array, source)
+    return Volume(array, tuple(float(s) for s in spacing), tuple(float(o) for o in origin),
+                  tuple(float(d) for d in direction), pixel_type, tags, source, positions)
 
 
 # ----------------------------------------------------------------------------- writing

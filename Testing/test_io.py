@@ -296,6 +296,26 @@ def test_truncated_or_incomplete_files_are_refused_not_filled_with_zeros(tmp_pat
         VolumeSource.open(tmp_path / "d.mhd")
 
 
+def test_a_compressed_file_is_inflated_once_and_read_from_that(tmp_path, monkeypatch):
+    """The completeness check inflates .nii.gz and compressed .mha; read_volume takes the voxels
+    from that copy instead of handing the file to SimpleITK to inflate again."""
+    import CoreDiffLib.io as io_module
+    vol = synthetic_ct(4, 48).round().astype(np.int16)
+    for name in ("v.nii.gz", "v.mha", "v.nii"):
+        image = sitk.GetImageFromArray(vol)
+        image.SetSpacing((0.7, 0.8, 2.5))
+        image.SetOrigin((-10.0, 20.0, 30.0))
+        sitk.WriteImage(image, str(tmp_path / name), True)
+    monkeypatch.setattr(io_module.sitk, "ReadImage", lambda *a, **k: pytest.fail("read a second time"))
+    for name in ("v.nii.gz", "v.mha", "v.nii"):
+        back = read_volume(tmp_path / name)
+        np.testing.assert_array_equal(back.array, vol)
+        assert back.pixel_type == "int16"
+        np.testing.assert_allclose(back.spacing, (0.7, 0.8, 2.5), atol=1e-6)
+        np.testing.assert_allclose(back.origin[2], 30.0, atol=1e-6)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["v.mha", "v.nii", "v.nii.gz"]  # no temp left
+
+
 def test_a_big_endian_compressed_metaimage_is_read_by_the_full_reader(tmp_path):
     import zlib
 
