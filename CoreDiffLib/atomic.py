@@ -48,11 +48,22 @@ def check_output_file(flag: str, path: str | os.PathLike, suffixes: Sequence[str
             raise CoreDiffError(f"{flag} {path} is also an input: write it elsewhere (inputs are never overwritten)")
     if resolved.is_dir():
         raise CoreDiffError(f"{flag} {path} is a folder: give a file name")
-    if not resolved.parent.is_dir():
-        raise CoreDiffError(f"{flag} {path}: output folder {resolved.parent} does not exist: create it first")
-    if not os.access(resolved.parent, os.W_OK | os.X_OK):
-        raise CoreDiffError(f"{flag} {path}: output folder {resolved.parent} is not writable")
+    check_output_place(resolved, f"{flag} {path}")
     return out
+
+
+def check_output_place(resolved: Path, label: str) -> None:
+    """Refuse an output whose folder is missing, a file or read-only, or whose name would be too
+    long once made a partial file's: the finished work could not be saved there."""
+    if len(resolved.name.encode("utf-8")) > 200:  # the partial file's name adds about 30 bytes to it
+        raise CoreDiffError(f"{label}: the file name is too long: keep it under 200 bytes")
+    if not resolved.parent.exists():
+        raise CoreDiffError(f"{label}: output folder {resolved.parent} does not exist: create it first")
+    if not resolved.parent.is_dir():
+        raise CoreDiffError(f"{label}: {resolved.parent} is a file, not a folder")
+    if not os.access(resolved.parent, os.W_OK | os.X_OK):
+        raise CoreDiffError(f"{label}: output folder {resolved.parent} is not writable: "
+                            "choose a folder you can write to")
 
 
 @contextlib.contextmanager

@@ -16,7 +16,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from . import CoreDiffError
-from .atomic import atomic_path, partial_folder
+from .atomic import atomic_path, check_output_place, partial_folder
 from .dicom import check_series_input, choose_dicom_series, find_dicom_series, itk_warnings_off, off_grid_slices
 from .intensity import PADDING_THRESHOLD_HU, validate_ct_array  # noqa: F401  (re-exported)
 from .streaming import VolumeSource, header_data_file
@@ -112,8 +112,6 @@ def check_output_path(input_path: str | os.PathLike | None, output_path: str | o
         if given.name.lower().endswith(suffix) and not given.name.endswith(suffix):
             raise CoreDiffError(f"output {output_path}: write the extension as {suffix}, in lower case: "
                                 "SimpleITK, and so other tools, read only that")
-    if len(out.name.encode("utf-8")) > 200:  # the partial file's name adds about 30 bytes to it
-        raise CoreDiffError(f"output file name {out.name[:40]}... is too long: keep it under 200 bytes")
     if is_file_path(out) and out.is_dir():
         raise CoreDiffError(f"output {output_path} is a folder: give a file name (or a new folder name "
                             "without extension for a DICOM series)")
@@ -124,12 +122,7 @@ def check_output_path(input_path: str | os.PathLike | None, output_path: str | o
         if out.exists() and (not out.is_dir() or any(out.iterdir())):
             raise CoreDiffError(f"output folder {output_path} exists and is not empty: "
                                 "choose a new folder for the DICOM series")
-    if not out.parent.exists():
-        raise CoreDiffError(f"output folder {out.parent} does not exist: create it first")
-    if not out.parent.is_dir():
-        raise CoreDiffError(f"output {output_path}: {out.parent} is a file, not a folder")
-    if not os.access(out.parent, os.W_OK | os.X_OK):
-        raise CoreDiffError(f"output folder {out.parent} is not writable: choose a folder you can write to")
+    check_output_place(out, f"output {output_path}")
 
 
 # ----------------------------------------------------------------------------- reading

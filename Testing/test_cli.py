@@ -416,6 +416,7 @@ def test_compare_refuses_outputs_that_would_overwrite_an_input_or_could_not_be_w
              (("--csv", tmp_path / "m.nrrd"), "ending in .csv"), (("--figure", paths[1]), "--figure"),
              (("--figure", tmp_path / "fig.xyz"), "ending in .png"),
              (("--csv", tmp_path / "nowhere" / "m.csv"), "does not exist"),
+             (("--figure", tmp_path / ("f" * 230 + ".png")), "under 200 bytes"),
              (("--csv", tmp_path / "m.csv", "--figure", tmp_path / "f.png", "--slice", "9"), "--slice 9")]
     for extra, message in cases:
         r = corediff("compare", paths[2], "--ldct", paths[1], "--reference", paths[0], *extra)
