@@ -421,27 +421,32 @@ def add_compare_parser(sub) -> None:
 # ----------------------------------------------------------------------------- simulate
 def cmd_simulate(args: argparse.Namespace) -> int:
     from .simulation import simulate_dataset
+    from .simulation.dataset import earlier_simulation
 
     doses = args.dose
     for d in doses:
         if not 0 < d <= 1:
             raise CoreDiffError(f"--dose {d} is out of range: give a fraction of the full dose in (0, 1], "
                                 "e.g. 0.25 for quarter dose")
-    out = Path(args.out)
-    earlier = sorted(f.name for f in out.iterdir() if f.name == "manifest.json" or f.name.startswith("case")) \
-        if out.is_dir() else []
+    if args.seed < 0:
+        raise CoreDiffError(f"--seed {args.seed}: give an integer >= 0")
+    earlier = earlier_simulation(args.out)
     if earlier and not args.overwrite:
         files = f"{len(earlier)} file{'s' if len(earlier) > 1 else ''}: {', '.join(earlier[:3])}" \
             + (", ..." if len(earlier) > 3 else "")
-        raise CoreDiffError(f"{out} already holds a simulation ({files}): choose a new folder, or pass --overwrite to "
-                            "write over it (two simulations mixed in one folder would pair scans of different draws)")
-    out.mkdir(parents=True, exist_ok=True)
-    try:
+        raise CoreDiffError(f"{args.out} already holds a simulation ({files}): choose a new folder, or pass "
+                            "--overwrite to replace it (two simulations mixed in one folder would pair scans of "
+                            "different draws)")
+    progress = Progress(args.progress, desc="simulate")
+    try:  # all or nothing: the files move into --out only when every case is done
         paths = simulate_dataset(args.out, doses if len(doses) > 1 else doses[0], args.count, args.slices,
-                                 size=args.size, seed=args.seed, progress=args.progress != "none")
+                                 size=args.size, seed=args.seed, progress=progress, replace=args.overwrite)
     except ValueError as exc:
         raise CoreDiffError(str(exc)) from None
-    info(args, f"wrote {len(paths)} volumes to {args.out}")
+    finally:
+        progress.close()
+    volumes = sum(1 for p in paths if not p.endswith(".json"))
+    info(args, f"wrote {volumes} volumes and their manifest to {args.out}")
     return 0
 
 
@@ -454,8 +459,8 @@ def add_simulate_parser(sub) -> None:
     p.add_argument("--size", type=int, default=512, help="in-plane size (pixels)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true",
-                   help="write over a simulation already in --out: files of the same names are replaced, "
-                        "others left (default: refuse, and keep it)")
+                   help="replace a simulation already in --out: its cases and manifest are removed once the new "
+                        "one is complete (default: refuse, and keep it)")
     _add_progress(p)
     p.set_defaults(func=cmd_simulate)
 

@@ -294,6 +294,58 @@ def test_simulate_command_writes_pairs_and_keeps_an_earlier_simulation(tmp_path)
     for bad in ("0", "1.5", "nan"):
         r = simulate("--dose", bad, "--out", tmp_path / "bad")
         assert r.returncode == 2 and "--dose" in r.stderr and not (tmp_path / "bad").exists()
-    r = simulate("--dose", "0.25", "--out", out, "--seed", "4", "--overwrite")
+    r = simulate("--dose", "0.25", "--out", tmp_path / "neg", "--seed", "-1")
+    assert r.returncode == 2 and "--seed -1" in r.stderr and not (tmp_path / "neg").exists()
+    # --overwrite replaces the whole earlier simulation: no 25 % scan of seed 3 is left to pair
+    # with the new NDCT; lines mode speaks the protocol GUIs read
+    (out / "notes.txt").write_text("mine")
+    r = simulate("--dose", "0.1", "--out", out, "--seed", "4", "--overwrite", "--progress", "lines")
     assert r.returncode == 0, r.stderr
+    assert sorted(f.name for f in out.iterdir()) == ["case000_abdomen_ldct10.nrrd", "case000_abdomen_ndct.nrrd",
+                                                     "manifest.json", "notes.txt"]
     assert json.loads((out / "manifest.json").read_text())["seed"] == 4
+    lines = r.stdout.splitlines()
+    assert "PROGRESS 2 2" in lines and "INFO wrote 2 volumes and their manifest to " + str(out) in lines
+
+
+def test_a_failed_or_interrupted_simulation_leaves_the_folder_as_it_was(tmp_path, monkeypatch):
+    from CoreDiffLib.simulation import dataset
+
+    real_run, calls = dataset._Recon.run, []
+
+    def second_case_interrupted(self, hu, tick=None):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_run(self, hu, tick)
+
+    monkeypatch.setattr(dataset._Recon, "run", second_case_interrupted)
+    common = dict(dose=0.25, count=3, n_slices=1, size=N, geometry=GEOM, progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        simulate_dataset(str(tmp_path / "new"), **common)
+    assert not (tmp_path / "new").exists()  # created by the run, removed with it
+    first = simulate_dataset(str(tmp_path / "old"), **{**common, "count": 1})
+    kept = {p: open(p, "rb").read() for p in first}
+    calls.clear()
+    with pytest.raises(KeyboardInterrupt):
+        simulate_dataset(str(tmp_path / "old"), **common, seed=2, replace=True)
+    assert sorted(os.listdir(tmp_path / "old")) == sorted(os.path.basename(p) for p in first)
+    assert {p: open(p, "rb").read() for p in first} == kept
+    with pytest.raises(ValueError, match="already holds a simulation"):
+        simulate_dataset(str(tmp_path / "old"), **common)
+
+
+@pytest.mark.parametrize("doses,match", [([0.1234561, 0.1234564], "both be written as ldct12p3456"),
+                                         ([1e-9], "too small or too finely given")])
+def test_doses_whose_file_names_would_clash_or_vanish_are_refused(tmp_path, doses, match):
+    with pytest.raises(ValueError, match=match):
+        simulate_dataset(str(tmp_path / "d"), doses, 1, 1, size=N, geometry=GEOM, progress=False)
+    assert not (tmp_path / "d").exists()
+
+
+def test_a_simulation_too_big_for_the_machine_is_refused_before_any_work(tmp_path):
+    with pytest.raises(ValueError, match="memory"):
+        simulate_dataset(str(tmp_path / "m"), 0.25, 1, 1, size=300000, progress=False)
+    with pytest.raises(ValueError, match="GiB free"):
+        simulate_dataset(str(tmp_path / "m"), 0.25, 10**9, 16, size=512, progress=False)
+    assert not (tmp_path / "m").exists()

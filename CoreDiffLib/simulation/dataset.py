@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import time
+from pathlib import Path
 from typing import Callable, List, Optional, Sequence, Union
 
 import numpy as np
 
-from ..atomic import atomic_path, write_text_atomic
+from ..atomic import atomic_path, partial_folder, write_text_atomic
 from .noise import DEFAULT_ELECTRONIC_SIGMA, DEFAULT_I0, _check_dose, nested_dose_noise
 from .phantom import DEFAULT_FOV_MM, KINDS, make_phantom, phantom_radius_mm
 from .projector import FanBeamGeometry, check_fits, fbp, forward_project, hu_to_mu, mu_to_hu
@@ -67,7 +70,48 @@ def _doses(dose) -> List[float]:
         ds = [_check_dose(d) for d in dose]
     else:
         ds = [_check_dose(dose)]
-    return sorted(set(ds), reverse=True)
+    ds = sorted(set(ds), reverse=True)
+    tags: dict = {}
+    for d in ds:  # the file names carry the dose: two doses may not share one, nor lose it
+        tag = dose_tag(d)
+        if abs(dose_from_tag(tag) - d) > 1e-3 * d:
+            raise ValueError(f"dose {d:g} is too small or too finely given to name its files "
+                             f"({tag!r}): give at most four decimals of a per cent, e.g. 0.0005")
+        if tag in tags:
+            raise ValueError(f"doses {tags[tag]:g} and {d:g} would both be written as ldct{tag}: "
+                             "give doses that differ in the first four decimals of a per cent")
+        tags[tag] = d
+    return ds
+
+
+SIMULATION_FILE = re.compile(r"^case\d+_[a-z]+_(ndct|ldct[0-9p]+)\.(nrrd|nii\.gz|nii|mha)$")
+
+
+def earlier_simulation(out_dir: str | os.PathLike) -> List[str]:
+    """Names of the files a simulation wrote in ``out_dir`` (cases and manifest), sorted."""
+    out = Path(out_dir)
+    if not out.is_dir():
+        return []
+    return sorted(f.name for f in out.iterdir()
+                  if f.is_file() and (f.name == "manifest.json" or SIMULATION_FILE.match(f.name)))
+
+
+def _check_room(out_dir: Path, count: int, n_slices: int, size: int, n_doses: int) -> None:
+    """Refuse, before any work, a simulation this machine could not hold or store."""
+    case_bytes = n_slices * size * size * 4 * (n_doses + 3)  # phantom, NDCT, each LDCT, work space
+    try:
+        memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        memory = None
+    if memory and case_bytes > memory:
+        raise ValueError(f"one case of {n_slices} x {size} x {size} voxels needs about {case_bytes / 2**30:.0f} GiB "
+                         f"of memory, more than this machine has ({memory / 2**30:.0f} GiB): give fewer slices "
+                         "or a smaller size, and more cases")
+    disk_bytes = count * n_slices * size * size * 2 * (n_doses + 1) * 0.6  # int16, compressed ~0.6
+    free = shutil.disk_usage(out_dir).free
+    if disk_bytes > free:
+        raise ValueError(f"{count} cases of {n_slices} x {size} x {size} voxels at {n_doses + 1} doses need about "
+                         f"{disk_bytes / 2**30:.1f} GiB, more than the {free / 2**30:.1f} GiB free in {out_dir}")
 
 
 def _validate(size, n_slices, kinds, geometry):
@@ -218,8 +262,18 @@ def simulate_dataset(out_dir: str, dose: Union[float, Sequence[float]] = 0.25, c
                      progress: Union[bool, Callable[[int, int], None]] = True,
                      geometry: Optional[FanBeamGeometry] = None, I0: float = DEFAULT_I0,
                      electronic_sigma: float = DEFAULT_ELECTRONIC_SIGMA, window: str = "hann",
-                     slice_mm: float = 1.0, workers: Optional[int] = None) -> List[str]:
+                     slice_mm: float = 1.0, workers: Optional[int] = None, replace: bool = False) -> List[str]:
     """Simulate ``count`` paired cases (kinds cycled) into ``out_dir``; return written paths.
+
+    All or nothing: the files are written in a hidden folder inside ``out_dir`` and moved in
+    when every case is done, so an error or Ctrl-C leaves ``out_dir`` as it was. A folder that
+    already holds a simulation is refused unless ``replace``, which removes the earlier one's
+    cases and manifest, once the new one is complete, so that no old case pairs with a new.
+
+    The noise of each case is drawn from one stream seeded by (``seed``, case), slice after
+    slice, through every dose: the same seed and doses give the same files, while another set
+    of doses gives the same anatomy with other noise draws; simulate together the doses that
+    should share an NDCT.
 
     ``progress``: True for a tqdm bar (per slice), False for none, or a callable
     ``progress(done_slices, total_slices)``.
@@ -241,8 +295,38 @@ def simulate_dataset(out_dir: str, dose: Union[float, Sequence[float]] = 0.25, c
     fmt = fmt.lower().lstrip(".")
     if fmt not in ("nrrd", "nii.gz", "nii", "mha"):
         raise ValueError(f"unsupported format {fmt!r}; use nrrd, nii.gz, nii or mha")
-    os.makedirs(out_dir, exist_ok=True)
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"output folder {out} is a file: give a folder")
+    earlier = earlier_simulation(out)
+    if earlier and not replace:
+        raise ValueError(f"{out} already holds a simulation ({len(earlier)} files); pass replace=True to replace it")
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        _check_room(out, count, n_slices, size, len(doses))
+        with partial_folder(out / "simulation") as stage:
+            written = _simulate_into(str(stage), doses, count, n_slices, size, int(seed), kinds, fmt, progress,
+                                     geometry, I0, electronic_sigma, window, slice_mm, workers)
+            # complete: only now does the folder change, the earlier simulation going as a whole
+            for name in earlier:
+                (out / name).unlink()
+            final = []
+            for path in written:  # the manifest last: a folder with one lists every case in it
+                final.append(os.path.join(out_dir, os.path.basename(path)))
+                os.replace(path, final[-1])
+        return final
+    except BaseException:
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
 
+
+def _simulate_into(out_dir, doses, count, n_slices, size, seed, kinds, fmt, progress, geometry, I0,
+                   electronic_sigma, window, slice_mm, workers) -> List[str]:
+    """The cases and manifest of :func:`simulate_dataset`, written into a fresh ``out_dir``."""
     total = count * n_slices
     bar = None
     if progress is True:
