@@ -129,6 +129,8 @@ def choose_dose_model(args: argparse.Namespace, volume, spacing_xy, explicit: bo
     info(args, f"model for this scan: {model} (noise index {scan.noise_index_hu:.1f} HU at a water-equivalent "
                f"diameter of {scan.wed_mm:.0f} mm, like {100 * dose:.0f} % of the simulated normal dose; "
                "--model NAME overrides)")
+    if scan.caveat():
+        info(args, scan.caveat())
     return model, (f"auto: noise index {scan.noise_index_hu:.1f} HU, water-equivalent diameter "
                    f"{scan.wed_mm:.0f} mm, estimated dose {dose:.3f}")
 
@@ -495,13 +497,15 @@ def cmd_dose(args: argparse.Namespace) -> int:
     model, scan, dose = choose_model(*axial_view(read_volume(args.input, args.series, note)))
     row = {"input": str(args.input), "noise_index_hu": round(scan.noise_index_hu, 2),
            "water_equivalent_diameter_mm": round(scan.wed_mm, 1), "slices_measured": scan.slices,
-           "estimated_dose": round(dose, 4), "model": model}
+           "slices_cut_off": scan.cut_slices, "estimated_dose": round(dose, 4), "model": model}
     if args.json:
         print(json.dumps(row, indent=1))
     else:
         print(f"noise index {scan.noise_index_hu:.1f} HU (mode of the 6 mm local SD over soft tissue, "
-              f"{scan.slices} slices)\nwater-equivalent diameter {scan.wed_mm:.0f} mm\n"
+              f"{scan.slices} slices)\nwater-equivalent diameter {scan.wed_mm:.0f} mm (median over those slices)\n"
               f"looks like {100 * dose:.1f} % of the simulated normal dose\n--model auto runs {model}")
+        if scan.caveat():
+            print(f"note: {scan.caveat()}")
     return 0
 
 

@@ -11,7 +11,9 @@ attenuation the beam crosses, so the scan is measured twice:
   Radiology 2015), robust to edges and anatomy;
 - the patient's **water-equivalent diameter** (AAPM Report 220): 2 sqrt(sum (1 + HU/1000) dA / pi)
   over the body: the largest connected region above -500 HU (so the table and cables, apart
-  from it, do not count).
+  from it, do not count), the median over the slices measured that hold a body (air beyond the
+  patient would count as 0 mm). A body cut off by the image or the field of view measures too
+  small, so the dose too low: the log says so (:meth:`ScanNoise.caveat`).
 
 A calibration fitted on the training phantoms, log(noise) = a + b WED + c log(dose), inverts to
 a dose, relative to the simulated normal dose; the model trained at the nearest dose (in log)
@@ -26,6 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import CoreDiffError
+from .intensity import PADDING_THRESHOLD_HU
 
 #: the model name that asks for this choice (``denoise --model auto``, its default, and ``oneshot``)
 AUTO_MODEL = "auto"
@@ -40,13 +43,30 @@ MAX_SLICES = 8
 _MIN_PIXELS = 500  # soft-tissue pixels needed for a noise index
 
 
+#: a slice counts only where the body covers this much (mm²): slices of air beyond the patient,
+#: or the tip of the head, would pull the diameter, so the dose, down
+MIN_BODY_MM2 = 5000.0
+#: body in contact with the image's edge (or its field of view's) over this length (mm) is cut off
+CUT_CONTACT_MM = 10.0
+
+
 @dataclass(frozen=True)
 class ScanNoise:
-    """What :func:`measure` finds: noise index (HU), water-equivalent diameter (mm), slices used."""
+    """What :func:`measure` finds: noise index (HU), water-equivalent diameter (mm), slices used,
+    and how many of them cut the body off at the edge of the image or of its field of view
+    (their diameter, so the estimated dose, is too small)."""
 
     noise_index_hu: float
     wed_mm: float
     slices: int
+    cut_slices: int = 0
+
+    def caveat(self) -> str:
+        """A sentence for the log when the measurement is known to be biased, else ''."""
+        if not self.cut_slices:
+            return ""
+        return (f"the body reaches the edge of the image in {self.cut_slices} of {self.slices} slices measured, "
+                "so its size and the dose are underestimated: if the model looks too strong, choose one with --model")
 
 
 def _local_sd(image: np.ndarray, box: int | tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
@@ -77,20 +97,33 @@ def measure(volume_hu, spacing_xy: tuple[float, float], max_slices: int = MAX_SL
     # odd sides in pixels, (rows, cols): 6 mm along each axis, so non-square pixels give the same physical box
     box = tuple(max(3, int(round(NOISE_BOX_MM / float(spacing_xy[axis]))) | 1) for axis in (1, 0))
     pixel_area = float(spacing_xy[0]) * float(spacing_xy[1])
-    sds, weds = [], []
+    sds, weds, cut = [], [], 0
     for k in picks:
         image = np.asarray(volume_hu[k:k + 1], dtype=np.float64)[0]
+        region = largest_region(image > BODY_HU)
+        if region.sum() * pixel_area < MIN_BODY_MM2:
+            continue  # air, or the body's very end: neither says the patient's size
         mean, sd = _local_sd(image, box)
         sds.append(sd[(mean > SOFT_TISSUE_HU[0]) & (mean < SOFT_TISSUE_HU[1])])
-        body = image[largest_region(image > BODY_HU)]
+        body = image[region]
         weds.append(2.0 * math.sqrt(float(np.clip(1.0 + body / 1000.0, 0.0, None).sum()) * pixel_area / math.pi))
-    sd = np.concatenate(sds)
+        cut += _edge_contact_mm(image, region, spacing_xy) > CUT_CONTACT_MM
+    sd = np.concatenate(sds) if sds else np.empty(0)
     if sd.size < _MIN_PIXELS:
         raise CoreDiffError("too little soft tissue (0-100 HU) in this scan to measure its noise for --model "
                             "auto: choose the model for its dose with --model")
     counts, edges = np.histogram(sd, bins=np.arange(0.0, float(sd.max()) + 0.5, 0.25))
     k = int(np.argmax(counts))
-    return ScanNoise(float(edges[k] + edges[k + 1]) / 2.0, float(np.mean(weds)), int(len(picks)))
+    return ScanNoise(float(edges[k] + edges[k + 1]) / 2.0, float(np.median(weds)), len(weds), int(cut))
+
+
+def _edge_contact_mm(image: np.ndarray, body: np.ndarray, spacing_xy: tuple[float, float]) -> float:
+    """Length (mm, roughly) over which the body touches the image's border or the padding
+    outside the scanner's field of view: there the body is cut off."""
+    from scipy import ndimage
+    outside = np.pad(image < PADDING_THRESHOLD_HU, 1, constant_values=True)
+    edge = ndimage.binary_dilation(outside, structure=np.ones((3, 3), bool))[1:-1, 1:-1]
+    return float((body & edge).sum()) * math.sqrt(float(spacing_xy[0]) * float(spacing_xy[1]))
 
 
 @dataclass(frozen=True)

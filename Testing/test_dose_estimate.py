@@ -100,3 +100,31 @@ def test_the_noise_box_is_the_same_physical_size_along_both_axes():
     tall = measure(np.ascontiguousarray(np.transpose(noisy, (0, 2, 1))), (3.0, 0.35)).noise_index_hu
     assert wide == pytest.approx(tall, rel=0.03)
     assert measure(noisy, (0.7, 0.7)).noise_index_hu == pytest.approx(20.0, rel=0.1)
+
+
+def test_slices_without_a_body_do_not_shrink_the_patient_or_change_the_model():
+    """Air slices beyond the patient counted as a 0 mm diameter: three of them turned the 25 %
+    sample into a '5 %' scan and ran the 5 % model on it."""
+    sample = read_volume(REPO / "CoreDiffLib" / "data" / "sample_abdomen_ldct25.nrrd")
+    rng = np.random.default_rng(0)
+    air = -1000.0 + rng.normal(0, 20, (3,) + sample.array.shape[1:])
+    padded = np.concatenate([air, sample.array])
+    name, scan, dose = choose_model(sample.array, sample.spacing[:2])
+    padded_name, padded_scan, padded_dose = choose_model(padded, sample.spacing[:2])
+    assert padded_name == name == "corediff-25-w32"
+    assert padded_scan.wed_mm == pytest.approx(scan.wed_mm, rel=0.03)
+    assert padded_dose == pytest.approx(dose, rel=0.2)
+    assert scan.cut_slices == 0 and scan.caveat() == ""
+
+
+def test_a_body_cut_off_by_the_image_edge_is_said_to_bias_the_estimate():
+    whole = water_cylinder(300.0, 10.0)
+    cut = whole[:, 100:412, 100:412]  # a 250 mm image of a 300 mm body
+    scan = measure(cut, (0.8, 0.8))
+    assert scan.cut_slices == scan.slices == 3 and scan.wed_mm < 290
+    assert "reaches the edge of the image" in scan.caveat() and "--model" in scan.caveat()
+    padded = whole.copy()  # the same, the body cut by a scanner's field of view (padding outside it)
+    r = np.hypot(*np.meshgrid(*(2 * [np.arange(512) - 255.5])))
+    padded[:, r > 160] = -3024.0
+    assert measure(padded, (0.8, 0.8)).cut_slices == 3
+    assert measure(whole, (0.8, 0.8)).cut_slices == 0
