@@ -334,12 +334,16 @@ def add_train_parser(sub) -> None:
 
 
 # ----------------------------------------------------------------------------- compare
+def _mm(values) -> str:
+    return "(" + ", ".join(f"{float(v):.4g}" for v in values) + ")"
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     import csv
 
     from .figures import FIGURE_SUFFIXES, comparison_figure
-    from .io import read_volume, slices_within
-    from .metrics import mean_metrics, volume_metrics
+    from .io import axial_volume, on_grid_of, read_volume
+    from .metrics import blank_in_window, mean_metrics, volume_metrics
 
     # the outputs are checked before anything is read: neither may land on an input
     inputs = (args.denoised, args.ldct, args.reference)
@@ -349,44 +353,58 @@ def cmd_compare(args: argparse.Namespace) -> int:
         check_output_file("--csv", args.csv, (".csv",), inputs)
     if args.figure:
         check_output_file("--figure", args.figure, FIGURE_SUFFIXES, inputs)
-    denoised = read_volume(args.denoised, log=note)
-    ldct = read_volume(args.ldct, log=note) if args.ldct else None
-    ref = read_volume(args.reference, log=note) if args.reference else None
+    # scored and shown in axial planes, as denoise works on them, however each file is stored
+    denoised = axial_volume(read_volume(args.denoised, log=note))
+    ldct = axial_volume(read_volume(args.ldct, log=note)) if args.ldct else None
+    ref = axial_volume(read_volume(args.reference, log=note)) if args.reference else None
     first = 0  # the scan's number of the denoised volume's first slice (> 0 for a --slices output)
 
-    def same_slices(other, flag: str):
-        """``other`` cut to the denoised volume's slices (a --slices output keeps their place)."""
+    def same_voxels(other, flag: str):
+        """``other``'s voxels where the denoised volume's are (a --slices output keeps its place)."""
         nonlocal first
-        if other is None or other.shape == denoised.shape:
-            return other
-        part = slices_within(other, denoised)
-        if part is None:
+        if other is None:
+            return None
+        found = on_grid_of(other, denoised)
+        if found is None:
+            if other.shape == denoised.shape:
+                raise CoreDiffError(
+                    f"{flag} volume lies on another grid than the denoised volume (spacing {_mm(other.spacing)} vs "
+                    f"{_mm(denoised.spacing)} mm, origin {_mm(other.origin)} vs {_mm(denoised.origin)}, or its "
+                    "orientation): compare volumes of the same scan, or resample one onto the other first")
             raise CoreDiffError(f"{flag} volume {other.shape} and denoised volume {denoised.shape} differ "
                                 "in shape: compare volumes of the same scan (or slices that denoise --slices "
                                 "took from it, which keep their place)")
-        first = part.start
-        return other.with_array(other.array[part])
+        array, first = found
+        return other.with_array(array)
 
-    ldct, ref = same_slices(ldct, "--ldct"), same_slices(ref, "--reference")
+    ldct, ref = same_voxels(ldct, "--ldct"), same_voxels(ref, "--reference")
     shown = args.slice if args.slice is not None else first + denoised.shape[0] // 2  # the figure's slice
     if args.figure and not 0 <= shown - first < denoised.shape[0]:  # refused before the CSV is written
         raise CoreDiffError(f"--slice {shown} is out of range {first}..{first + denoised.shape[0] - 1}")
     rows = []
     if ref is not None:
         series = [("denoised", denoised)] + ([("ldct", ldct)] if ldct is not None else [])
+        blank = [blank_in_window(r) for r in ref.array]
+        if all(blank):
+            raise CoreDiffError("the reference holds nothing above -1000 HU (padding or air only): no slice to score")
         table = {name: volume_metrics(v.array, ref.array) for name, v in series}
         print(f"{'slice':>5} " + " ".join(f"{n + ' PSNR':>14} {n + ' SSIM':>14} {n + ' RMSE':>14}" for n, _ in series))
         for k in range(denoised.shape[0]):
             row = {"slice": first + k}
             for name, _ in series:
                 m = table[name][k]
-                row.update({f"{name}_psnr": m.psnr, f"{name}_ssim": m.ssim, f"{name}_rmse_hu": m.rmse_hu})
+                row.update({f"{name}_psnr": m.psnr, f"{name}_ssim": m.ssim, f"{name}_rmse_hu": m.rmse_hu}
+                           if not blank[k] else {f"{name}_psnr": "", f"{name}_ssim": "", f"{name}_rmse_hu": ""})
             rows.append(row)
-            print(f"{first + k:>5} " + " ".join(f"{row[f'{n}_psnr']:>14.2f} {row[f'{n}_ssim']:>14.4f} "
-                                         f"{row[f'{n}_rmse_hu']:>14.1f}" for n, _ in series))
+            print(f"{first + k:>5} " + (" ".join(f"{row[f'{n}_psnr']:>14.2f} {row[f'{n}_ssim']:>14.4f} "
+                                                 f"{row[f'{n}_rmse_hu']:>14.1f}" for n, _ in series)
+                                        if not blank[k] else "  (the reference is blank here: not scored)"))
         print("mean  " + " ".join(
             f"{m.psnr:>14.2f} {m.ssim:>14.4f} {m.rmse_hu:>14.1f}"
-            for m in (mean_metrics(table[n]) for n, _ in series)))
+            for m in (mean_metrics([x for x, b in zip(table[n], blank) if not b]) for n, _ in series)))
+        if any(blank):
+            info(args, f"{sum(blank)} slice{'s' if sum(blank) > 1 else ''} left out of the means: the reference "
+                       "holds nothing above -1000 HU there")
         if args.csv:
             with atomic_path(args.csv) as tmp, open(tmp, "w", newline="") as f:
                 writer = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -404,7 +422,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
         if ref is not None:
             panels["NDCT (reference)"] = ref.array[k]
         diff = ("LDCT", "CoreDiff") if ldct is not None else None
-        comparison_figure(panels, args.figure, title=f"slice {shown}", difference=diff)
+        comparison_figure(panels, args.figure, title=f"slice {shown}", difference=diff,
+                          pixel_aspect=float(denoised.spacing[1]) / float(denoised.spacing[0]))
         info(args, f"wrote {args.figure}")
     return 0
 

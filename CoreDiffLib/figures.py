@@ -36,11 +36,14 @@ def busiest_region(image_hu: np.ndarray, size: int) -> tuple[int, int]:
 
 
 def comparison_figure(panels: dict[str, np.ndarray], path: str | os.PathLike, title: str = "",
-                      difference: tuple[str, str] | None = None, zoom: int | None = None) -> Path:
+                      difference: tuple[str, str] | None = None, zoom: int | None = None,
+                      pixel_aspect: float = 1.0) -> Path:
     """One row of full slices and one row of zoomed crops, same window for every panel.
 
     ``panels`` maps label -> 2-D HU slice (e.g. LDCT, CoreDiff, NDCT). ``difference`` adds
-    a panel a - b in a +-100 HU window (what the denoiser removed).
+    a panel a - b in a +-100 HU window (what the denoiser removed). ``pixel_aspect`` is the
+    row spacing over the column spacing, so that non-square pixels keep the anatomy's shape.
+    The title always states the windows, so the figure can be read on its own.
     """
     labels = list(panels)
     images = [panels[k] for k in labels]
@@ -60,13 +63,16 @@ def comparison_figure(panels: dict[str, np.ndarray], path: str | os.PathLike, ti
         else:
             label, img = diff  # type: ignore[misc]
             vmin, vmax, cmap = -100, 100, "gray"
-        axes[0, col].imshow(img, cmap=cmap, vmin=vmin, vmax=vmax)
-        axes[0, col].add_patch(plt.Rectangle((x, y), zoom, zoom, fill=False, ec="yellow", lw=1))
+        axes[0, col].imshow(img, cmap=cmap, vmin=vmin, vmax=vmax, aspect=pixel_aspect)
+        # pixel (x, y) covers x - 0.5 .. x + 0.5: the box frames exactly the zoomed pixels
+        axes[0, col].add_patch(plt.Rectangle((x - 0.5, y - 0.5), zoom, zoom, fill=False, ec="yellow", lw=1,
+                                             clip_on=False))
         axes[0, col].set_title(textwrap.fill(label, 26), fontsize=10)  # long labels would overlap
-        axes[1, col].imshow(img[y:y + zoom, x:x + zoom], cmap=cmap, vmin=vmin, vmax=vmax)
+        axes[1, col].imshow(img[y:y + zoom, x:x + zoom], cmap=cmap, vmin=vmin, vmax=vmax, aspect=pixel_aspect)
         for ax in axes[:, col]:
             ax.set_xticks([]), ax.set_yticks([])
-    fig.suptitle(title or f"window [{lo:.0f}, {hi:.0f}] HU", fontsize=11)
+    windows = f"window [{lo:.0f}, {hi:.0f}] HU" + (", difference [−100, 100] HU" if diff is not None else "")
+    fig.suptitle(f"{title} · {windows}" if title else windows, fontsize=11)
     fig.tight_layout()
     out = Path(path)
     try:

@@ -19,6 +19,7 @@ from . import CoreDiffError
 from .atomic import atomic_path, check_output_place, partial_folder
 from .dicom import check_series_input, choose_dicom_series, find_dicom_series, itk_warnings_off, off_grid_slices
 from .intensity import PADDING_THRESHOLD_HU, validate_ct_array  # noqa: F401  (re-exported)
+from .orientation import axial_layout
 from .streaming import VolumeSource, header_data_file
 
 FILE_SUFFIXES = (".nrrd", ".nhdr", ".nii", ".nii.gz", ".mha", ".mhd")
@@ -59,21 +60,66 @@ class Volume:
                       self.pixel_type, dict(self.dicom_tags), self.source, self.slice_positions)
 
 
-def slices_within(whole: Volume, part: Volume) -> slice | None:
-    """The slices of ``whole`` that ``part`` is made of (a ``denoise --slices`` output), or None.
+def axial_volume(volume: Volume) -> Volume:
+    """The volume with its axial planes along array axis 0, and the geometry that says so.
 
-    ``part`` must share the in-plane grid, spacing and direction, and start on one of
-    ``whole``'s slices (its origin, within 1 µm); then metrics can compare the two slice by slice.
+    A series stored sagittally or coronally (:func:`~CoreDiffLib.orientation.axial_layout`) is
+    transposed (a view, no copy); its spacing, direction columns and origin follow, so every
+    voxel keeps its place in the scanner's frame. Axial volumes come back as they are.
     """
-    if (whole.shape[1:] != part.shape[1:] or not np.allclose(whole.spacing, part.spacing, atol=1e-4)
-            or not np.allclose(whole.direction, part.direction, atol=1e-6)):
+    layout = axial_layout(volume.direction, volume.shape)
+    if layout is None:
+        return volume
+    d = np.reshape(np.asarray(volume.direction, dtype=np.float64), (3, 3))
+    origin = np.asarray(volume.origin, dtype=np.float64)
+    columns, spacing = [], []
+    for c in range(3):  # the new ITK index axis c is the new array axis 2 - c
+        a = 2 - c
+        old_c = 2 - layout.perm[a]
+        column = d[:, old_c].copy()
+        if a in layout.flips:  # index 0 is now the old last voxel along that axis
+            origin = origin + (volume.shape[layout.perm[a]] - 1) * float(volume.spacing[old_c]) * column
+            column = -column
+        columns.append(column)
+        spacing.append(float(volume.spacing[old_c]))
+    direction = tuple(float(v) for v in np.stack(columns, axis=1).ravel())
+    return Volume(layout.to_axial(volume.array), tuple(spacing), tuple(float(o) for o in origin), direction,
+                  volume.pixel_type, dict(volume.dicom_tags), volume.source, None)
+
+
+def on_grid_of(other: Volume, target: Volume, tolerance_mm: float = 1e-3) -> tuple[np.ndarray, int] | None:
+    """``other``'s voxels at ``target``'s voxel positions, and the number of ``other``'s slice that
+    ``target``'s first one is, when every voxel of ``target`` is a voxel of ``other``: the same scan
+    stored in another order or orientation, or ``target`` a part of it (``denoise --slices``).
+    None when the grids do not coincide (another spacing, a shift, a rotation): then the metrics
+    would compare different places, and nothing is resampled to hide it."""
+    dt = np.reshape(np.asarray(target.direction, dtype=np.float64), (3, 3))
+    do = np.reshape(np.asarray(other.direction, dtype=np.float64), (3, 3))
+    so, st = np.asarray(other.spacing, dtype=np.float64), np.asarray(target.spacing, dtype=np.float64)
+    to_other = np.linalg.inv(do @ np.diag(so))  # a point in mm -> other's continuous index
+    a = to_other @ dt @ np.diag(st)             # target index -> other index (linear part)
+    b = to_other @ (np.asarray(target.origin, dtype=np.float64) - np.asarray(other.origin, dtype=np.float64))
+    signs = np.rint(a)
+    if not np.allclose(a, signs, atol=1e-4) or not (np.abs(signs).sum(axis=0) == 1).all() \
+            or not (np.abs(signs).sum(axis=1) == 1).all():
         return None
-    step = np.reshape(np.asarray(whole.direction, dtype=np.float64), (3, 3))[:, 2] * float(whole.spacing[2])
-    offset = np.asarray(part.origin, dtype=np.float64) - np.asarray(whole.origin, dtype=np.float64)
-    k = int(round(float(offset @ step / (step @ step))))
-    if np.linalg.norm(offset - k * step) > 1e-3 or k < 0 or k + part.shape[0] > whole.shape[0]:
+    if (np.abs(b - np.rint(b)) * so > tolerance_mm).any():
         return None
-    return slice(k, k + part.shape[0])
+    cut, flips, order = [slice(None)] * 3, [], [0, 0, 0]
+    for c in range(3):  # target index axis c is other's index axis m, forwards or backwards
+        m = int(np.argmax(np.abs(signs[:, c])))
+        n, start = target.shape[2 - c], int(np.rint(b[m]))
+        low = start if signs[m, c] > 0 else start - (n - 1)
+        if low < 0 or low + n > other.shape[2 - m]:
+            return None
+        cut[2 - m] = slice(low, low + n)
+        if signs[m, c] < 0:
+            flips.append(2 - m)
+        order[2 - c] = 2 - m
+    array = other.array[tuple(cut)]
+    array = np.transpose(np.flip(array, flips) if flips else array, order)
+    first = cut[0].start if order[0] == 0 and 0 not in flips else 0
+    return array, first
 
 
 # ----------------------------------------------------------------------------- paths
@@ -242,7 +288,8 @@ def _checked_volume(array: np.ndarray, spacing, origin, direction, tags: dict[st
         raise CoreDiffError(f"{source} has shape {array.shape}: expected (slices, rows, cols)")
     pixel_type = str(array.dtype)
     array = array.astype(np.float32, copy=False)
-    validate_ct_array(array, source)
+    layout = axial_layout(direction, array.shape)  # the planes CoreDiff works on must be big enough
+    validate_ct_array(layout.to_axial(array) if layout is not None else array, source)
     return Volume(array, tuple(float(s) for s in spacing), tuple(float(o) for o in origin),
                   tuple(float(d) for d in direction), pixel_type, tags, source, positions)
 

@@ -89,6 +89,14 @@ def volume_metrics(volume_hu: np.ndarray, reference_hu: np.ndarray) -> list[Slic
     return [slice_metrics(a, b) for a, b in zip(volume_hu, reference_hu)]
 
 
+def blank_in_window(reference_hu: np.ndarray) -> bool:
+    """True for a reference slice that is one value once clipped to the metric window (padding or
+    air below -1000 HU only): it has nothing to score, and an identical slice would give an
+    infinite PSNR that swamps a mean."""
+    clipped = np.clip(np.asarray(reference_hu), _LO, _HI)
+    return bool(clipped.min() == clipped.max())
+
+
 def mean_metrics(per_slice: list[SliceMetrics]) -> SliceMetrics:
     return SliceMetrics(float(np.mean([m.psnr for m in per_slice])),
                         float(np.mean([m.ssim for m in per_slice])),

@@ -450,6 +450,40 @@ def test_compare_scores_a_slices_output_against_the_matching_slices_of_the_scan(
     assert r.returncode == 2 and "differ in shape" in r.stderr
 
 
+def test_compare_scores_axial_planes_of_the_same_voxels_however_each_file_stores_them(tmp_path):
+    """A reference stored mirrored or sagittally is the same scan: compare finds its voxels where
+    the denoised volume's are (it compared stored arrays: 16 dB for a mirrored copy), scores
+    axial planes, leaves blank slices out of the means, and refuses a reference on another grid."""
+    ref = synthetic_ct(20, 48, noise_hu=0)
+    ref[0] = -3024.0  # padding only: nothing to score there
+    den = ref + np.random.default_rng(1).normal(0, 10, ref.shape)
+    den[0] = -3024.0
+    spacing, origin, axial = (0.7, 0.8, 2.5), (-10.0, 20.0, 30.0), (1, 0, 0, 0, 1, 0, 0, 0, 1)
+    den_path = write_image(tmp_path / "den.nrrd", den, spacing, origin, axial)
+    stored = {
+        "axial": write_image(tmp_path / "ref.nrrd", ref, spacing, origin, axial),
+        "mirrored": write_image(tmp_path / "mirrored.nrrd", ref[:, :, ::-1], spacing,
+                                (origin[0] + 47 * spacing[0],) + origin[1:], (-1, 0, 0, 0, 1, 0, 0, 0, 1)),
+        "sagittal": write_image(tmp_path / "sagittal.nrrd", ref.transpose(2, 1, 0), spacing[::-1], origin,
+                                (0, 0, 1, 0, 1, 0, 1, 0, 0)),
+    }
+    tables = {}
+    for name, path in stored.items():
+        r = corediff("compare", den_path, "--reference", path, "--csv", tmp_path / f"{name}.csv")
+        assert r.returncode == 0, (name, r.stderr)
+        tables[name] = (tmp_path / f"{name}.csv").read_text()
+        mean = [line for line in r.stdout.splitlines() if line.startswith("mean")][0].split()[1:]
+        assert float(mean[0]) > 35 and float(mean[2]) == pytest.approx(10, rel=0.15), (name, mean)
+        assert "1 slice left out of the means" in r.stderr
+    assert tables["mirrored"] == tables["sagittal"] == tables["axial"]
+    rows = tables["axial"].splitlines()
+    assert len(rows) == 21 and rows[1] == "0,,," and rows[2].startswith("1,")
+    # the same shape on another grid (another slice spacing here) is a different place: refused
+    other = write_image(tmp_path / "other.nrrd", ref, (0.7, 0.8, 5.0), origin, axial)
+    r = corediff("compare", den_path, "--reference", other)
+    assert r.returncode == 2 and "lies on another grid" in r.stderr
+
+
 def _paired_training_folder(tmp_path: Path) -> Path:
     """One NDCT/LDCT pair, named as `corediff train` finds pairs."""
     data = tmp_path / "data"

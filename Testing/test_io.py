@@ -316,6 +316,27 @@ def test_a_compressed_file_is_inflated_once_and_read_from_that(tmp_path, monkeyp
     assert sorted(p.name for p in tmp_path.iterdir()) == ["v.mha", "v.nii", "v.nii.gz"]  # no temp left
 
 
+def test_a_sagittally_stored_part_of_a_scan_is_read_and_found_in_its_axial_planes(tmp_path):
+    """`denoise --slices 5:8` of a sagittal series writes 3 axial planes stored sagittally: its
+    stored slices are 3 pixels wide, which read_volume refused; compare finds it in the scan."""
+    from CoreDiffLib.io import axial_volume, on_grid_of
+    scan = synthetic_ct(12, 48).round()
+    sagittal = (0, 0, 1, 0, 1, 0, 1, 0, 0)
+    whole = read_volume(write_image(tmp_path / "whole.nrrd", scan.transpose(2, 1, 0), (2.5, 0.8, 0.7),
+                                    (-10.0, 20.0, 30.0), sagittal))
+    part = read_volume(write_image(tmp_path / "part.nrrd", scan[5:8].transpose(2, 1, 0), (2.5, 0.8, 0.7),
+                                   (-10.0, 20.0, 30.0 + 5 * 2.5), sagittal))
+    axial_whole, axial_part = axial_volume(whole), axial_volume(part)
+    np.testing.assert_array_equal(axial_whole.array, scan)
+    assert axial_part.shape == (3, 48, 48) and axial_part.spacing == (0.7, 0.8, 2.5)
+    array, first = on_grid_of(axial_whole, axial_part)
+    assert first == 5
+    np.testing.assert_array_equal(array, scan[5:8])
+    shifted = read_volume(write_image(tmp_path / "shifted.nrrd", scan[5:8].transpose(2, 1, 0), (2.5, 0.8, 0.7),
+                                      (-10.0, 20.0, 31.0 + 5 * 2.5), sagittal))
+    assert on_grid_of(axial_whole, axial_volume(shifted)) is None  # between slices: not a part of it
+
+
 def test_a_big_endian_compressed_metaimage_is_read_by_the_full_reader(tmp_path):
     import zlib
 
