@@ -14,6 +14,7 @@ until the GPU benchmark clears bf16. ``precision=`` / ``channels_last=`` / ``run
 """
 from __future__ import annotations
 
+import contextlib
 import threading
 import warnings
 from dataclasses import dataclass, field
@@ -25,11 +26,12 @@ import torch
 
 from . import CoreDiffError
 from .diffusion import sample
-from .intensity import PADDING_THRESHOLD_HU, hu_to_unit, unit_to_hu, validate_ct_array
+from .intensity import HU_MAX, PADDING_THRESHOLD_HU, hu_to_unit, unit_to_hu, validate_ct_array
 from .models import DEFAULT_MODEL, load_model
 from .network import ClearNet
 from .orientation import AxialLayout, axial_layout, axial_spacing  # noqa: F401 (also this module's API)
-from .runtime import PRECISIONS, RunSettings, auto_settings, build_net, check_applicable, physical_cores
+from .runtime import (NON_FINITE_OUTPUT, PRECISIONS, RunSettings, auto_settings, build_net, check_applicable,
+                      physical_cores)
 from .streaming import StreamedOutput, VolumeSource, output_dtype
 
 ProgressFn = Callable[[int, int], None]
@@ -138,6 +140,24 @@ def _settings_for(device: torch.device, width: int, precision: str | None, chann
     return settings
 
 
+#: torch's CPU threads as this process started (OMP_NUM_THREADS or the cores), before any change
+_TORCH_THREADS = torch.get_num_threads()
+
+
+@contextlib.contextmanager
+def _torch_threads(threads: int | None):
+    """torch's CPU thread count for one batch, restored after: a Denoiser built for one thread
+    must not leave the whole process (Slicer's included) on one."""
+    before = torch.get_num_threads()
+    if threads and threads != before:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        if threads and threads != before:
+            torch.set_num_threads(before)
+
+
 @dataclass
 class Denoiser:
     """A loaded model on a device with its sampling and execution settings.
@@ -159,9 +179,9 @@ class Denoiser:
         if self.settings is None:
             self.settings = _settings_for(self.device, self.model.config.width, None, None, None)
         if self.device.type == "cpu":
-            # one thread per physical core: SMT siblings only contend for the same FMA units
-            self.threads = self.threads or min(torch.get_num_threads(), physical_cores())
-            torch.set_num_threads(self.threads)
+            # one thread per physical core: SMT siblings only contend for the same FMA units; from
+            # the process's own limit (OMP_NUM_THREADS), not what another Denoiser left set
+            self.threads = self.threads or min(_TORCH_THREADS, physical_cores())
         if self.net is None:
             try:
                 self.net = build_net(self.model, self.device, self.settings, self.threads)
@@ -223,7 +243,7 @@ class Denoiser:
 
     def denoise_batch(self, stack_unit: np.ndarray) -> np.ndarray:
         """(B, 3, H, W) context stacks in [0, 1] -> (B, H, W) denoised in [0, 1]."""
-        with torch.inference_mode():
+        with torch.inference_mode(), _torch_threads(self.threads if self.device.type == "cpu" else None):
             x = torch.from_numpy(np.ascontiguousarray(stack_unit, dtype=np.float32)).to(self.device)
             if not self.model.config.use_context:
                 x = x[:, 1:2]
@@ -299,7 +319,8 @@ def denoise_volume(volume_hu, model: str | ClearNet | None = None,
     itself as its neighbours instead (thick slices, see :data:`THICK_SLICE_MM`). ``out`` (the result's shape, any
     float or integer dtype) receives the result slab by slab and is returned; otherwise a new
     array is allocated. Voxels at or below -1500 HU (outside-FOV padding such as -2000 or
-    -3024) are fed to the network as air and restored unchanged in the output.
+    -3024) are fed to the network as air, and voxels above 3072 HU (metal on an extended HU
+    scale) as 3072; both are restored unchanged in the output.
     ``progress(done, total)`` is called after each batch; when ``cancel`` (a callable or a
     ``threading.Event``) turns true, :class:`Cancelled` is raised between batches. On CUDA
     out-of-memory the batch size halves and the run goes on; ``log(message)`` is told.
@@ -349,11 +370,15 @@ def _denoise_range(volume_hu, den: Denoiser, first: int, last: int, batch_size: 
             if log:
                 log(f"out of GPU memory: continuing with batch size {bs}")
             continue
+        if not np.isfinite(unit).all():  # a broken model or an overflow: never written as 0 HU
+            raise CoreDiffError(NON_FINITE_OUTPUT)
         hu = unit_to_hu(unit)
         src = np.asarray(volume_hu[first + done:first + stop])
-        padding = src <= PADDING_THRESHOLD_HU
-        if padding.any():
-            hu[padding] = src[padding]
+        # what the network cannot represent comes back as it was: padding outside the field of
+        # view, and metal or contrast beyond the 3072 HU the network saw it clipped to
+        kept = (src <= PADDING_THRESHOLD_HU) | (src > HU_MAX)
+        if kept.any():
+            hu[kept] = src[kept]
         if integer_out:
             info = np.iinfo(out.dtype)
             hu = np.clip(np.rint(hu), info.min, info.max)

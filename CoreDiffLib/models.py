@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from pathlib import Path
 
@@ -95,6 +96,8 @@ def read_weights_config(path: str | os.PathLike) -> tuple[NetworkConfig, dict]:
                             "(no CoreDiff architecture metadata)")
     try:
         config = NetworkConfig.from_dict(json.loads(meta["config"]))
+        if not (math.isfinite(config.hu_scale) and config.hu_scale >= 0) or config.steps < 1:
+            raise ValueError(f"hu_scale {config.hu_scale} and steps {config.steps} must be finite, >= 0 and >= 1")
         ClearNet(config)  # a config that builds no network (wrong types, bad sizes) is refused here
     except Exception as exc:
         raise CoreDiffError(f"{path} has an unreadable network config ({type(exc).__name__}: {exc}); "
@@ -122,6 +125,10 @@ def load_model(name_or_path: str | os.PathLike | None = None, device: str | torc
         first = str(exc).strip().splitlines()[0]
         raise CoreDiffError(f"model file {path} does not match the CLEAR-Net architecture it declares "
                             f"({first}); it is corrupt or from another model") from None
+    broken = [name for name, tensor in state.items() if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+    if broken:  # a diverged training run: it would write 0 HU everywhere
+        raise CoreDiffError(f"model file {path} holds NaN or infinite weights ({', '.join(broken[:3])}): "
+                            "it is damaged, or saved from a training run that diverged")
     model.weights_path = str(path)  # type: ignore[attr-defined]
     model.weights_sha256 = entry.get("sha256") or sha256_of(path)  # type: ignore[attr-defined]
     return model.eval().to(device)

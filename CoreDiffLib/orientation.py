@@ -50,7 +50,8 @@ def axial_layout(direction, shape) -> AxialLayout | None:
         return None
     flips = tuple(k for k, (row, c) in enumerate(zip((2, 1, 0), index_axes))
                   if d[row, c] < 0 and k > 0)  # in-plane only: the slice order does not matter
-    return AxialLayout(perm, flips, "sagittal" if index_axes[0] == 0 else "coronal")
+    # the stored slices (ITK index axis 2) are sagittal when that axis runs along x
+    return AxialLayout(perm, flips, "sagittal" if index_axes[2] == 2 else "coronal")
 
 
 def axial_spacing(spacing, layout: AxialLayout | None) -> tuple[float, float, float]:

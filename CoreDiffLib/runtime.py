@@ -46,6 +46,10 @@ AUTO_PRECISION = {"cpu": "fp32", "cuda": "fp16", "mps": "fp32"}
 #: Testing/benchmarks/results/cpu_*.md. Wider networks are unmeasured: eager channels-last.
 ONNX_MAX_WIDTH = 64
 
+#: the refusal of a network whose output is not finite: written out, NaN would become 0 HU
+NON_FINITE_OUTPUT = ("the model returned NaN or infinite values: its weights are damaged, or the precision "
+                     "overflowed (try --precision fp32)")
+
 
 @dataclass(frozen=True)
 class RunSettings:
@@ -284,8 +288,10 @@ def export_onnx(model: ClearNet, folder: str | os.PathLike | None = None,
             for emm in (False, True):
                 want = model(x, t, p if emm else None, xT if emm else None)
                 got = net(x, t, p if emm else None, xT if emm else None)
+                if not torch.isfinite(want).all():
+                    raise CoreDiffError(NON_FINITE_OUTPUT)
                 err = float((want - got).abs().max())
-                if err > 1e-4:
+                if not err <= 1e-4:  # NaN compares False with everything
                     raise CoreDiffError(f"ONNX export disagrees with PyTorch (max |diff| {err:.2e}); "
                                         "use --runtime eager")
     return paths

@@ -12,6 +12,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
+from CoreDiffLib import CoreDiffError
 from CoreDiffLib.io import read_volume
 from CoreDiffLib.network import ClearNet, NetworkConfig
 
@@ -250,13 +251,47 @@ def test_single_slice_volume_denoises_with_replicated_neighbours(tmp_path, ident
     assert read_volume(tmp_path / "out.mha").shape == (1, 48, 48)
 
 
-def test_padding_outside_the_field_of_view_is_kept(tmp_path, identity_model_path):
+def test_padding_outside_the_field_of_view_and_metal_beyond_the_networks_range_are_kept(tmp_path,
+                                                                                       identity_model_path):
     arr = synthetic_ct(3, 48)
     arr[:, :4, :] = -3024
+    arr[:, 20:24, 20:24] = 8000  # metal on an extended HU scale: the network sees it clipped to 3072
+    arr[:, 30, 30] = 3500
     src = write_image(tmp_path / "pad.nrrd", arr)
     out = tmp_path / "o.nrrd"
     assert corediff("denoise", src, out, "--model", identity_model_path, "--progress", "none").returncode == 0
-    assert (read_volume(out).array[:, :4, :] == -3024).all()
+    result = read_volume(out).array
+    assert (result[:, :4, :] == -3024).all()
+    assert (result[:, 20:24, 20:24] == 8000).all() and (result[:, 30, 30] == 3500).all()
+
+
+def test_a_model_that_returns_nan_is_an_error_not_a_volume_of_zeros(tmp_path, ct_file):
+    """A diverged or damaged model wrote 0 HU everywhere and exited 0."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+    from CoreDiffLib.models import load_model, read_weights_config
+    src = REPO / "CoreDiffLib" / "weights"
+    shipped = sorted(src.glob("*.safetensors"))[0]
+    state = load_file(str(shipped))
+    _, meta = read_weights_config(shipped)
+    state["out.bias"] = torch.full_like(state["out.bias"], float("nan"))
+    save_file(state, str(tmp_path / "nan.safetensors"), metadata=meta)
+    r = corediff("denoise", ct_file, tmp_path / "o.nrrd", "--model", tmp_path / "nan.safetensors",
+                 "--progress", "none")
+    assert r.returncode == 2 and "NaN or infinite weights (out.bias)" in r.stderr
+    assert not (tmp_path / "o.nrrd").exists()
+    config = json.loads(meta["config"])
+    config["hu_scale"] = float("nan")
+    save_file(load_file(str(shipped)), str(tmp_path / "scale.safetensors"),
+              metadata={**meta, "config": json.dumps(config)})
+    with pytest.raises(CoreDiffError, match="unreadable network config"):
+        load_model(tmp_path / "scale.safetensors")
+    from CoreDiffLib.inference import Denoiser, denoise_volume
+    net = ClearNet(NetworkConfig(width=8))  # what an overflow in half precision turns into
+    torch.nn.init.constant_(net.out.bias, float("nan"))
+    with pytest.raises(CoreDiffError, match="returned NaN or infinite values"):
+        denoise_volume(synthetic_ct(2, 32), denoiser=Denoiser.load(net, "cpu"))
 
 
 def test_dicom_in_dicom_out(tmp_path, ct_file, identity_model_path):

@@ -520,3 +520,27 @@ def test_training_config_refuses_each_field_out_of_range_naming_its_option(field
     with pytest.raises(CoreDiffError, match=re.escape(message)):
         TrainConfig(**{field: value})
     TrainConfig(**{field: getattr(TrainConfig(), field)})  # the default is fine
+
+
+def test_a_denoiser_leaves_torchs_thread_count_as_it_found_it():
+    """Denoiser(threads=1) set the whole process to one thread for good, and the next Denoiser
+    took that as its default."""
+    from CoreDiffLib.inference import Denoiser, denoise_volume
+    from CoreDiffLib.runtime import physical_cores
+    before = torch.get_num_threads()
+    one = Denoiser.load(ClearNet(NetworkConfig(width=4)), "cpu", runtime="eager", threads=1)
+    denoise_volume(synthetic_ct(2, 32), denoiser=one)
+    assert torch.get_num_threads() == before
+    default = Denoiser.load(ClearNet(NetworkConfig(width=4)), "cpu", runtime="eager")
+    assert default.threads == min(before, physical_cores())
+
+
+@pytest.mark.parametrize("orientation,storage", [
+    ((0, 1, 0, 0, 0, -1), "sagittal"),   # DICOM ImageOrientationPatient of a sagittal reformat
+    ((1, 0, 0, 0, 0, -1), "coronal"),
+])
+def test_a_reformat_is_named_by_its_slices_plane(orientation, storage):
+    from CoreDiffLib.orientation import axial_layout
+    row, col = np.array(orientation[:3], float), np.array(orientation[3:], float)
+    direction = np.stack([row, col, np.cross(row, col)], axis=1).ravel()  # ITK: columns are index axes
+    assert axial_layout(tuple(direction), (40, 64, 64)).storage == storage
