@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import inspect
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -276,11 +277,13 @@ def export_onnx(model: ClearNet, folder: str | os.PathLike | None = None,
         if not path.exists():
             axes = {"x": {0: "b", 2: "h", 3: "w"}, "p": {0: "b", 2: "h", 3: "w"},
                     "xT": {0: "b", 2: "h", 3: "w"}, "t": {0: "b"}, "y": {0: "b", 2: "h", 3: "w"}}
+            # the TorchScript exporter; torch < 2.5 has no `dynamo` switch and uses it anyway
+            legacy = {"dynamo": False} if "dynamo" in inspect.signature(torch.onnx.export).parameters else {}
             with warnings.catch_warnings(), torch.no_grad(), atomic_path(path) as tmp:
                 warnings.simplefilter("ignore")
                 torch.onnx.export(_Forward(model, emm), (x, t, p, xT), str(tmp),
                                   input_names=["x", "t", "p", "xT"], output_names=["y"],
-                                  dynamic_axes=axes, opset_version=17, dynamo=False)
+                                  dynamic_axes=axes, opset_version=17, **legacy)
         paths[emm] = path
     if check:
         net = OnnxNet(model, paths=paths)

@@ -1676,6 +1676,12 @@ class CoreDiffSlicerTest(ScriptedLoadableModuleTest):
 
     def runTest(self):
         self.setUp()
+        if not CoreDiffSlicerLogic().checkDependencies(interactive=False):
+            # a machine without PyTorch (Slicer's extension test machines) can load the module,
+            # not denoise: say so, rather than fail on what the user would be asked to install
+            self.delayDisplay("PyTorch or CoreDiff's Python packages are not installed here: the denoising tests "
+                              "are skipped (open the module and install them, then run this test again)")
+            return
         self.test_CoreDiffSlicer_denoise_geometry_and_noise()
         self.setUp()
         self.test_CoreDiffSlicer_preview()
@@ -1711,7 +1717,6 @@ class CoreDiffSlicerTest(ScriptedLoadableModuleTest):
         inputNode = self.makeNoisyCylinder()
         inputBefore = slicer.util.arrayFromVolume(inputNode).copy()
         logic = CoreDiffSlicerLogic()
-        self.assertTrue(logic.checkDependencies(interactive=False))
         outputNode = logic.denoise(inputNode, timeout=3600)  # --steps auto: all T on a GPU, one on a CPU
 
         self.assertNotEqual(outputNode.GetID(), inputNode.GetID())

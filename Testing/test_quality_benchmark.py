@@ -304,6 +304,7 @@ def test_lesions_are_placed_in_uniform_soft_tissue_and_scored_on_what_a_method_k
 def test_real_anatomy_noise_insertion_brings_a_scan_to_the_simulated_dose():
     """A scan that already carries noise gets only what it lacks: its LDCT is as noisy as the
     simulation of its noise-free object at that dose, and its reference is the scan itself."""
+    pytest.importorskip("astra")
     from CoreDiffLib.simulation import FanBeamGeometry, simulate_ldct
     ra = _benchmark("real_anatomy")
     n, px = 128, 380.0 / 128

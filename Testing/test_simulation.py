@@ -349,3 +349,21 @@ def test_a_simulation_too_big_for_the_machine_is_refused_before_any_work(tmp_pat
     with pytest.raises(ValueError, match="GiB free"):
         simulate_dataset(str(tmp_path / "m"), 0.25, 10**9, 16, size=512, progress=False)
     assert not (tmp_path / "m").exists()
+
+
+def test_without_astra_the_simulation_says_how_to_install_it(tmp_path, monkeypatch):
+    """astra-toolbox is optional ([simulation]): without it `corediff simulate` printed a traceback."""
+    import builtins
+
+    from CoreDiffLib import CoreDiffError
+    real_import = builtins.__import__
+
+    def no_astra(name, *args, **kwargs):
+        if name.split(".")[0] == "astra":
+            raise ImportError("No module named 'astra'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_astra)
+    with pytest.raises(CoreDiffError, match=r"needs astra-toolbox: pip install 'CoreDiffLib\[simulation\]'"):
+        simulate_dataset(str(tmp_path / "s"), 0.25, 1, 1, size=N, geometry=GEOM, progress=False)
+    assert not (tmp_path / "s").exists()

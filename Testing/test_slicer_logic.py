@@ -615,6 +615,19 @@ def test_the_shipped_in_slicer_self_test_passes_here(slicerEnv):  # noqa: F811
     assert os.listdir(tempDir) == []  # nothing left behind by either run
 
 
+def test_the_self_test_says_it_skips_denoising_where_pytorch_is_missing(slicerEnv, monkeypatch):  # noqa: F811
+    """Slicer's extension test machines have no PyTorch: the self-test failed there on an
+    assertion about the dependencies instead of saying what it could not test."""
+    slicer, module, tempDir = slicerEnv
+    monkeypatch.setattr(module.CoreDiffSlicerLogic, "checkDependencies", lambda self, interactive=True: False)
+    monkeypatch.setattr(module.CoreDiffSlicerLogic, "denoise",
+                        lambda *a, **k: pytest.fail("denoised without its dependencies"))
+    shown = []
+    monkeypatch.setattr(module.CoreDiffSlicerTest, "delayDisplay", lambda self, text, *a: shown.append(text))
+    module.CoreDiffSlicerTest().runTest()
+    assert any("denoising tests are skipped" in text for text in shown)
+
+
 def test_a_failed_package_install_is_a_message_not_a_traceback(slicerEnv, monkeypatch):  # noqa: F811
     """Offline hospital machines: slicer.util.pip_install raises CalledProcessError when pip fails."""
     slicer, module, tempDir = slicerEnv

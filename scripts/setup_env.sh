@@ -7,13 +7,25 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 extras="${1:-}"
 PY="${PYTHON:-python3}"
+if ! "$PY" -c 'import sys; sys.exit(sys.version_info < (3, 10))'; then
+  echo "setup_env.sh: $("$PY" --version 2>&1) is too old: the pinned torch 2.13 needs Python >= 3.10" \
+       "(set PYTHON=python3.11, say)" >&2
+  exit 1
+fi
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 . .venv/bin/activate
 python -m pip install --quiet --upgrade pip >/dev/null 2>&1 || true
 if ! python -c "import torch" >/dev/null 2>&1; then
-  python -m pip install --quiet "torch==2.13.0"
+  if [ "$(uname -s)" = Darwin ]; then
+    python -m pip install --quiet "torch==2.13.0"  # macOS wheels are the CPU / MPS build
+  else
+    # the CPU build: PyPI's Linux wheel of the same version pulls several GB of CUDA libraries.
+    # A local wheel (a mirror, --find-links) first, else PyTorch's own CPU index.
+    python -m pip install --quiet "torch==2.13.0+cpu" 2>/dev/null \
+      || python -m pip install --quiet "torch==2.13.0" --index-url https://download.pytorch.org/whl/cpu
+  fi
 fi
 spec="."
 [ -n "$extras" ] && spec=".[${extras}]"

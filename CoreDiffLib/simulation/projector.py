@@ -148,8 +148,20 @@ def check_fits(geometry: FanBeamGeometry, radius_mm: float, what: str = "object"
 # forward projection (astra, CPU)
 # ---------------------------------------------------------------------------------------
 
+def _import_astra():
+    """astra-toolbox, imported when first needed: an optional dependency (``[simulation]``)."""
+    try:
+        import astra
+    except ImportError:
+        from .. import CoreDiffError
+        raise CoreDiffError("simulation needs astra-toolbox: pip install 'CoreDiffLib[simulation]' (its wheels are "
+                            "for Linux x86-64 and Windows; elsewhere: conda install -c astra-toolbox astra-toolbox)"
+                            ) from None
+    return astra
+
+
 def _astra_geoms(geometry: FanBeamGeometry, size: int, pixel_mm: float):
-    import astra  # imported lazily: optional dependency
+    astra = _import_astra()
 
     vec = geometry.vectors_mm() / pixel_mm  # astra works in pixel units here
     vol = astra.create_vol_geom(size, size)
@@ -174,7 +186,7 @@ def forward_project(mu_image: np.ndarray, geometry: FanBeamGeometry, pixel_mm: f
     Returns a float32 sinogram (n_views, n_detectors) or (B, n_views, n_detectors),
     dimensionless (mu x mm).
     """
-    import astra
+    astra = _import_astra()
 
     arr, squeeze = as_square_batch(mu_image, "forward_project")
     size = arr.shape[-1]
