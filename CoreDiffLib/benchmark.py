@@ -207,6 +207,8 @@ def run_benchmark(models: list[str], size: int = 512, device: str = "auto", batc
     for spec in models:
         name, model = _load_model(spec, trained_steps)
         T = model.config.steps
+        if steps is not None and not 1 <= steps <= T:  # before any variant is built and timed
+            raise CoreDiffError(f"--steps {steps}: {name} samples in at most its T = {T} steps")
         run_steps = steps or T
         base = Variant(name, RunSettings("fp32", False, "eager"), 1, threads[0] if dev.type != "cpu" else cores,
                        run_steps, baseline=True)

@@ -154,6 +154,7 @@ def test_bench_cli_reports_rows_accuracy_and_skips(tmp_path, weights):
 
 @pytest.mark.parametrize("flag, value", [("--batch-sizes", "0"), ("--batch-sizes", "1,x"), ("--batch-sizes", ""),
                                          ("--threads", "0"), ("--repeats", "0"), ("--slices", "-1"),
+                                         ("--steps", "20"),  # above the model's T = 10
                                          ("--markdown", "table.json"), ("--markdown", "nowhere/table.md")])
 def test_bench_refuses_counts_below_one_and_unwritable_outputs_before_running(tmp_path, capsys, flag, value):
     from CoreDiffLib.cli import main
