@@ -307,6 +307,7 @@ class CoreDiffProcess:
         self.done = 0
         self.total = 0
         self.startTime = None
+        self._firstProgress = None  # (time, slices done) at the first progress line
         self._queue = queue.Queue()
         self._thread = None
         self._timer = None
@@ -326,11 +327,15 @@ class CoreDiffProcess:
 
     # background thread: never touches Qt or MRML
     def _readOutput(self):
-        stream = self.proc.stdout
+        # bytes, decoded line by line: one undecodable byte (a path in another encoding) must
+        # not stop the reading, or the child blocks on a full pipe and the run never ends
+        stream = getattr(self.proc.stdout, "buffer", self.proc.stdout)
         try:
-            for line in iter(stream.readline, ""):
+            for line in iter(stream.readline, stream.read(0)):
+                if isinstance(line, bytes):
+                    line = line.decode("utf-8", errors="replace")
                 self._queue.put(("line", line.rstrip("\r\n")))
-        except (ValueError, OSError, UnicodeDecodeError):
+        except (ValueError, OSError):
             pass  # stream closed by cancel
         rc = self.proc.wait()
         self._queue.put(("exit", rc))
@@ -339,6 +344,8 @@ class CoreDiffProcess:
         match = _PROGRESS_RE.match(line)
         if match:
             self.done, self.total = int(match.group(1)), int(match.group(2))
+            if self._firstProgress is None:
+                self._firstProgress = (time.time(), self.done)
             if self.onProgress:
                 self.onProgress(self.done, self.total)
             return
@@ -387,7 +394,12 @@ class CoreDiffProcess:
             self._thread.join(timeout=5)
         if self.returnCode not in (0, None) and not self.cancelled and not self.errorMessage:
             tail = [l for l in self.outputTail if l.strip()]
-            self.errorMessage = tail[-1] if tail else f"the denoising process failed (exit code {self.returnCode})"
+            if self.returnCode < 0:  # killed: its last line, a warning say, is not the reason
+                self.errorMessage = (f"the denoising process was stopped by signal {-self.returnCode}"
+                                     + (" (the system ran out of memory?): try a smaller batch size, or close "
+                                        "other programs" if self.returnCode == -9 else ""))
+            else:
+                self.errorMessage = tail[-1] if tail else f"the denoising process failed (exit code {self.returnCode})"
         if self.onFinished:
             self.onFinished(self)
 
@@ -400,10 +412,14 @@ class CoreDiffProcess:
         return self.proc is not None and not self.finished
 
     def secondsLeft(self):
-        if not self.startTime or self.done <= 0 or self.total <= 0:
+        """From the rate since the first progress line: loading torch and the model, and the
+        dose check, happen once before it and are no part of the time per slice."""
+        if self._firstProgress is None or self.total <= 0:
             return None
-        elapsed = time.time() - self.startTime
-        return elapsed / self.done * (self.total - self.done)
+        since, doneThen = self._firstProgress
+        if self.done <= doneThen:
+            return None
+        return (time.time() - since) / (self.done - doneThen) * (self.total - self.done)
 
     def cancel(self):
         """Kill the process and all its children (PythonSlicer is a launcher; torch may fork)."""
@@ -548,8 +564,14 @@ class CoreDiffSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def enter(self) -> None:
         self.initializeParameterNode()
+        if self.ui.oneShotStack.currentIndex == 1:  # the wizard follows the Red view again
+            self._observeRedSlice(True)
+            self._syncSliceFromRed()
 
     def exit(self) -> None:
+        # the views belong to other modules now: no flicker, no following the Red view
+        self._stopFlicker()
+        self._observeRedSlice(False)
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self._parameterNodeGuiTag = None
@@ -574,9 +596,11 @@ class CoreDiffSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def initializeParameterNode(self) -> None:
         self.setParameterNode(self.logic.getParameterNode())
         if not self._parameterNode.inputVolume:
-            firstVolumeNode = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
-            if firstVolumeNode:
-                self._parameterNode.inputVolume = firstVolumeNode
+            # the class itself: GetFirstNodeByClass would also give a label map
+            for node in slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode"):
+                if node.GetClassName() == "vtkMRMLScalarVolumeNode":
+                    self._parameterNode.inputVolume = node
+                    break
 
     def setParameterNode(self, inputParameterNode: Optional[CoreDiffSlicerParameterNode]) -> None:
         if self._parameterNode:
@@ -608,6 +632,10 @@ class CoreDiffSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         reason = None
         if not p or not p.inputVolume:
             reason = "Select an input volume"
+        elif p.inputVolume.GetClassName() != "vtkMRMLScalarVolumeNode" or (
+                p.inputVolume.GetImageData() is not None
+                and p.inputVolume.GetImageData().GetNumberOfScalarComponents() != 1):
+            reason = "The input must be a CT volume (one value per voxel), not a label map or a colour image"
         elif p.outputVolume and p.outputVolume.GetID() == p.inputVolume.GetID():
             reason = "The output must differ from the input (leave it on 'Create new volume')"
         elif self._oneShotJob is not None and self._oneShotJob.running:
@@ -725,6 +753,11 @@ class CoreDiffSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             else:
                 self.ui.statusLabel.text = f"Done in {formatDuration(seconds)}: {outputNode.GetName()}{ran}"
                 self._lastPair = (job.inputNode, outputNode)
+                p = self._parameterNode
+                if p and p.inputVolume is job.inputNode and p.outputVolume is not outputNode:
+                    # as Slicer's modules do: the output selector shows the result, a second run
+                    # replaces it instead of adding a copy, and the pair is saved with the scene
+                    p.outputVolume = outputNode
                 if self._parameterNode and self._parameterNode.showComparison:
                     self.logic.showComparison(job.inputNode, outputNode)
         else:
@@ -789,11 +822,12 @@ class CoreDiffSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # --- Compare -----------------------------------------------------------------------------
 
     def _comparisonPair(self):
+        """What the selectors name (what the user sees), else the last run's pair."""
         p = self._parameterNode
-        if self._lastPair and all(slicer.mrmlScene.IsNodePresent(n) for n in self._lastPair):
-            return self._lastPair
         if p and p.inputVolume and p.outputVolume and p.outputVolume.GetID() != p.inputVolume.GetID():
             return (p.inputVolume, p.outputVolume)
+        if self._lastPair and all(slicer.mrmlScene.IsNodePresent(n) for n in self._lastPair):
+            return self._lastPair
         return None
 
     def onCompareButton(self) -> None:

@@ -98,6 +98,11 @@ def test_denoise_button_creates_new_node_with_input_geometry(slicerEnv, tinyMode
     assert red.GetForegroundVolumeID() == outputNode.GetID()
     widget.ui.flickerButton.setProperty("checked", False)
     assert red.GetForegroundVolumeID() is None
+    # leaving the module stops a flicker: the views belong to the other modules then
+    widget.ui.flickerButton.setProperty("checked", True)
+    widget.exit()
+    assert not widget._flickerTimer.isActive() and red.GetForegroundVolumeID() is None
+    widget.enter()
 
     # ROI noise readout: an ROI on the central region of slice 2
     roi = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "noise ROI")
@@ -118,6 +123,16 @@ def test_denoise_button_creates_new_node_with_input_geometry(slicerEnv, tinyMode
     assert stats["before"]["std"] == pytest.approx(region.std())
     assert stats["before"]["mean"] == pytest.approx(region.mean())
     assert [m for m in H.displayed if m[0] == "error"] == []
+
+    # the result is the output selector's now: a second run replaces it (no 'LDCT denoised_1'),
+    # and a reloaded module (a new widget on the saved scene) still has the pair to compare
+    assert p.outputVolume is outputNode
+    nodesAfter = slicer.mrmlScene.GetNumberOfNodes()
+    widget.ui.applyButton.click()
+    spin(slicer, lambda: not widget._job.running, timeout=90)
+    assert widget._job.succeeded and slicer.mrmlScene.GetNumberOfNodes() == nodesAfter
+    assert p.outputVolume is outputNode and slicer.mrmlScene.GetFirstNodeByName("LDCT denoised_1") is None
+    assert makeWidget(module)._comparisonPair() == (inputNode, outputNode)
 
 
 def test_the_context_choice_reaches_the_library_and_the_result_says_what_it_was(slicerEnv, tinyModel):  # noqa: F811
@@ -532,6 +547,54 @@ def test_cancel_stops_process_tree_and_leaves_scene_unchanged(slicerEnv, tinyMod
     assert widget.ui.applyButton.property("text") == "Denoise"
     assert "Cancelled" in widget.ui.statusLabel.property("text")
     assert H.displayed == []
+
+
+def test_the_process_reader_survives_bad_bytes_and_a_kill_is_named(slicerEnv):  # noqa: F811
+    """One undecodable byte ended the reading (no progress, the error lost, and a child that
+    wrote on would block on the full pipe); a killed run showed its last, unrelated, line."""
+    slicer, module, tempDir = slicerEnv
+    script = ("import sys, os, signal\n"
+              "out = sys.stdout.buffer\n"
+              "out.write(b'caf\\xe9 is a name\\n'); out.flush()\n"
+              "for k in range(1, 6):\n"
+              "    out.write(b'PROGRESS %d 5\\n' % k); out.flush()\n"
+              "out.write(b'a warning\\n'); out.flush()\n"
+              "if sys.argv[1] == 'kill':\n"
+              "    os.kill(os.getpid(), signal.SIGKILL)\n"
+              "out.write(b'corediff: error: the input is not CT\\n'); sys.exit(2)\n")
+    for how, message in (("error", "the input is not CT"), ("kill", "stopped by signal 9")):
+        seen = []
+        job = module.CoreDiffProcess([sys.executable, "-c", script, how], onProgress=lambda d, t: seen.append(d))
+        job.start()
+        spin(slicer, lambda: job.finished, timeout=30)
+        assert seen == [1, 2, 3, 4, 5], how
+        assert message in job.errorMessage, (how, job.errorMessage)
+
+
+def test_a_label_map_is_not_taken_or_accepted_as_the_ct(slicerEnv):  # noqa: F811
+    slicer, module, tempDir = slicerEnv
+    labels = slicer.util.addVolumeFromArray(np.zeros((2, 32, 32), np.uint8), name="segmentation-label",
+                                            nodeClassName="vtkMRMLLabelMapVolumeNode")
+    ct, _ = makeVolume((2, 32, 32))
+    widget = makeWidget(module)
+    assert widget._parameterNode.inputVolume is ct  # not the label map added first
+    widget._parameterNode.inputVolume = labels
+    assert not widget.ui.applyButton.enabled
+    assert "not a label map" in widget.ui.applyButton.toolTip
+
+
+def test_time_left_counts_from_the_first_slice_not_from_loading(slicerEnv, monkeypatch):  # noqa: F811
+    slicer, module, tempDir = slicerEnv
+    job = module.CoreDiffProcess(["true"])
+    clock = [100.0]
+    monkeypatch.setattr(module.time, "time", lambda: clock[0])
+    job.startTime = 100.0
+    clock[0] = 130.0  # 30 s of torch import, model load and dose check
+    job._handleLine("PROGRESS 0 40")
+    assert job.secondsLeft() is None
+    clock[0] = 132.0
+    job._handleLine("PROGRESS 2 40")  # 1 s per slice from here
+    assert job.secondsLeft() == pytest.approx(38.0)
 
 
 def test_failing_run_shows_library_message(slicerEnv, tmp_path):  # noqa: F811

@@ -126,6 +126,12 @@ def updateVolumeFromArray(volumeNode, narray):
     volumeNode.SetAndObserveImageData(imageData)
 
 
+def getNodesByClass(className, scene=None):
+    """Mirrors slicer.util.getNodesByClass: a list of the scene's nodes of that class or a subclass."""
+    scene = scene or _slicer.mrmlScene
+    return [node for node in scene._nodes if node.IsA(className)]
+
+
 def addVolumeFromArray(narray, ijkToRAS=None, name=None, nodeClassName=None):
     """Mirrors slicer.util.addVolumeFromArray."""
     volumeNode = _slicer.mrmlScene.AddNewNodeByClass(nodeClassName or "vtkMRMLScalarVolumeNode", name or "")
@@ -362,7 +368,7 @@ def install(temporaryPath):
 
     slicer = types.ModuleType("slicer")
     util = types.ModuleType("slicer.util")
-    for f in (loadUI, childWidgetVariables, arrayFromVolume, updateVolumeFromArray, addVolumeFromArray,
+    for f in (loadUI, childWidgetVariables, arrayFromVolume, updateVolumeFromArray, addVolumeFromArray, getNodesByClass,
               tempDirectory, startupEnvironment, launchConsoleProcess, errorDisplay, infoDisplay,
               confirmOkCancelDisplay, pip_install, NodeModify, VTKObservationMixin):
         setattr(util, f.__name__, f)
