@@ -12,7 +12,9 @@ import contextlib
 import os
 import secrets
 import shutil
+import signal
 import tempfile
+import threading
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
@@ -101,6 +103,24 @@ def partial_folder(target: str | os.PathLike) -> Iterator[Path]:
         yield folder
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def deferred_interrupts() -> Iterator[None]:
+    """Hold Ctrl-C (SIGINT) until the block ends, then raise it: for the few renames that put a
+    finished multi-file output in place, which an interrupt halfway would leave mixed. Outside
+    the main thread (where signals cannot be handled) the block runs as it is."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if held:
+            raise KeyboardInterrupt
 
 
 def write_text_atomic(target: str | os.PathLike, text: str) -> Path:

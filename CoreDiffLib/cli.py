@@ -374,7 +374,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
             raise CoreDiffError(f"{flag} volume {other.shape} and denoised volume {denoised.shape} differ "
                                 "in shape: compare volumes of the same scan (or slices that denoise --slices "
                                 "took from it, which keep their place)")
-        array, first = found
+        array, start = found
+        if start is not None:  # numbered as the largest volume numbers its slices (the scan)
+            first = max(first, start)
         return other.with_array(array)
 
     ldct, ref = same_voxels(ldct, "--ldct"), same_voxels(ref, "--reference")

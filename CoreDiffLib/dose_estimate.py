@@ -43,11 +43,15 @@ MAX_SLICES = 8
 _MIN_PIXELS = 500  # soft-tissue pixels needed for a noise index
 
 
-#: a slice counts only where the body covers this much (mm²): slices of air beyond the patient,
-#: or the tip of the head, would pull the diameter, so the dose, down
-MIN_BODY_MM2 = 5000.0
+#: a slice counts only where the body covers this share of the largest body measured, and at
+#: least MIN_BODY_MM2: slices of air beyond the patient, or the tip of the head, would pull the
+#: diameter, so the dose, down (a wrist or a small phantom still counts: the share is relative)
+MIN_BODY_SHARE = 0.25
+MIN_BODY_MM2 = 500.0
 #: body in contact with the image's edge (or its field of view's) over this length (mm) is cut off
 CUT_CONTACT_MM = 10.0
+#: parts of the body region thinner than this (mm) are a table or cables, not the patient
+TABLE_MM = 20.0
 
 
 @dataclass(frozen=True)
@@ -97,11 +101,18 @@ def measure(volume_hu, spacing_xy: tuple[float, float], max_slices: int = MAX_SL
     # odd sides in pixels, (rows, cols): 6 mm along each axis, so non-square pixels give the same physical box
     box = tuple(max(3, int(round(NOISE_BOX_MM / float(spacing_xy[axis]))) | 1) for axis in (1, 0))
     pixel_area = float(spacing_xy[0]) * float(spacing_xy[1])
-    sds, weds, cut = [], [], 0
+    measured = []
     for k in picks:
         image = np.asarray(volume_hu[k:k + 1], dtype=np.float64)[0]
         region = largest_region(image > BODY_HU)
-        if region.sum() * pixel_area < MIN_BODY_MM2:
+        measured.append((image, region, float(region.sum()) * pixel_area))
+    largest = max(area for _, _, area in measured)
+    if largest < MIN_BODY_MM2:
+        raise CoreDiffError("no body found in this scan (nothing above -500 HU over 5 cm²) to measure its noise for "
+                            "--model auto: choose the model for its dose with --model")
+    sds, weds, cut = [], [], 0
+    for image, region, area in measured:
+        if area < max(MIN_BODY_MM2, MIN_BODY_SHARE * largest):
             continue  # air, or the body's very end: neither says the patient's size
         mean, sd = _local_sd(image, box)
         sds.append(sd[(mean > SOFT_TISSUE_HU[0]) & (mean < SOFT_TISSUE_HU[1])])
@@ -119,11 +130,19 @@ def measure(volume_hu, spacing_xy: tuple[float, float], max_slices: int = MAX_SL
 
 def _edge_contact_mm(image: np.ndarray, body: np.ndarray, spacing_xy: tuple[float, float]) -> float:
     """Length (mm, roughly) over which the body touches the image's border or the padding
-    outside the scanner's field of view: there the body is cut off."""
+    outside the scanner's field of view: there the body is cut off. A table board that touches
+    the body reaches the edge too, but is thin: what an opening of TABLE_MM removes is not body."""
     from scipy import ndimage
     outside = np.pad(image < PADDING_THRESHOLD_HU, 1, constant_values=True)
     edge = ndimage.binary_dilation(outside, structure=np.ones((3, 3), bool))[1:-1, 1:-1]
-    return float((body & edge).sum()) * math.sqrt(float(spacing_xy[0]) * float(spacing_xy[1]))
+    pixel = math.sqrt(float(spacing_xy[0]) * float(spacing_xy[1]))
+    contact = float((body & edge).sum()) * pixel
+    if contact <= CUT_CONTACT_MM:
+        return contact
+    radius = max(1, int(round(TABLE_MM / 2 / pixel)))  # only now: an opening this wide takes a while
+    disc = np.hypot(*np.mgrid[-radius:radius + 1, -radius:radius + 1]) <= radius
+    thick = ndimage.binary_opening(body, structure=disc)
+    return float((thick & edge).sum()) * pixel
 
 
 @dataclass(frozen=True)

@@ -87,16 +87,22 @@ def axial_volume(volume: Volume) -> Volume:
                   volume.pixel_type, dict(volume.dicom_tags), volume.source, None)
 
 
-def on_grid_of(other: Volume, target: Volume, tolerance_mm: float = 1e-3) -> tuple[np.ndarray, int] | None:
+def on_grid_of(other: Volume, target: Volume, tolerance_mm: float = 1e-3) -> tuple[np.ndarray, int | None] | None:
     """``other``'s voxels at ``target``'s voxel positions, and the number of ``other``'s slice that
-    ``target``'s first one is, when every voxel of ``target`` is a voxel of ``other``: the same scan
-    stored in another order or orientation, or ``target`` a part of it (``denoise --slices``).
+    ``target``'s first one is (None when their slices run in another order), when every voxel of
+    ``target`` is a voxel of ``other``: the same scan stored in another order or orientation, or
+    ``target`` a part of it (``denoise --slices``). A single slice's spacing along its normal is
+    its thickness, which two files of one slice may record differently: it is not compared.
     None when the grids do not coincide (another spacing, a shift, a rotation): then the metrics
     would compare different places, and nothing is resampled to hide it."""
     dt = np.reshape(np.asarray(target.direction, dtype=np.float64), (3, 3))
     do = np.reshape(np.asarray(other.direction, dtype=np.float64), (3, 3))
-    so, st = np.asarray(other.spacing, dtype=np.float64), np.asarray(target.spacing, dtype=np.float64)
+    so, st = np.asarray(other.spacing, dtype=np.float64), np.asarray(target.spacing, dtype=np.float64).copy()
     to_other = np.linalg.inv(do @ np.diag(so))  # a point in mm -> other's continuous index
+    for c in range(3):  # a single slice has no spacing along its normal: a thickness, not a step
+        step = to_other @ dt[:, c]
+        if target.shape[2 - c] == 1 and np.abs(step).max() > 0:
+            st[c] = 1.0 / float(np.abs(step).max())
     a = to_other @ dt @ np.diag(st)             # target index -> other index (linear part)
     b = to_other @ (np.asarray(target.origin, dtype=np.float64) - np.asarray(other.origin, dtype=np.float64))
     signs = np.rint(a)
@@ -118,7 +124,7 @@ def on_grid_of(other: Volume, target: Volume, tolerance_mm: float = 1e-3) -> tup
         order[2 - c] = 2 - m
     array = other.array[tuple(cut)]
     array = np.transpose(np.flip(array, flips) if flips else array, order)
-    first = cut[0].start if order[0] == 0 and 0 not in flips else 0
+    first = cut[0].start if order[0] == 0 and 0 not in flips else None  # None: not the same slice order
     return array, first
 
 

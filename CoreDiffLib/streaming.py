@@ -126,16 +126,18 @@ class VolumeSource:
                     return None
                 return cls._inflate(p, len(header), shape, dtype, info, nbytes, temp_dir, "zlib")
             if name.endswith(".nii"):
-                if nbytes is not None:
-                    _check_complete(p, p, nbytes + 348)  # at least the NIfTI-1 header before the data
+                least = _nifti_file_bytes(_head_bytes(p, 544))
+                if least is not None:
+                    _check_complete(p, p, least)
                 return cls(shape, dtype or np.float32, reader=reader, info=info)
             if name.endswith(".nii.gz"):
                 fd, tmp = tempfile.mkstemp(suffix=".nii", prefix="corediff-in-", dir=temp_dir)
                 try:
                     with os.fdopen(fd, "wb") as f, gzip.open(p, "rb") as g:
                         shutil.copyfileobj(g, f, 1 << 22)
-                    if nbytes is not None:
-                        _check_complete(p, Path(tmp), nbytes + 348)
+                    least = _nifti_file_bytes(_head_bytes(Path(tmp), 544))
+                    if least is not None:
+                        _check_complete(p, Path(tmp), least)
                 except (EOFError, zlib.error, gzip.BadGzipFile, CoreDiffError):
                     os.unlink(tmp)
                     raise CoreDiffError(f"{p} is truncated or damaged (its compressed data end early): "
@@ -272,6 +274,30 @@ def _check_complete(header: Path, data: Path, least: int) -> None:
     if data.stat().st_size < least:
         raise CoreDiffError(f"{header} is truncated ({data.stat().st_size} of at least {least} bytes): "
                             "copy or export it again")
+
+
+def _nifti_file_bytes(head: bytes) -> int | None:
+    """The size a complete NIfTI-1 or -2 file has: its data offset plus the voxels as stored
+    (bitpix; a scaled file reads as float32, twice its stored int16), or None if unreadable."""
+    import struct
+    for order in "<>":
+        if len(head) >= 348 and struct.unpack(order + "i", head[:4])[0] == 348:
+            ndim_and_dims = struct.unpack(order + "8h", head[40:56])
+            bitpix = struct.unpack(order + "h", head[72:74])[0]
+            offset = int(struct.unpack(order + "f", head[108:112])[0])
+            break
+        if len(head) >= 540 and struct.unpack(order + "i", head[:4])[0] == 540:
+            bitpix = struct.unpack(order + "h", head[14:16])[0]
+            ndim_and_dims = struct.unpack(order + "8q", head[16:80])
+            offset = struct.unpack(order + "q", head[168:176])[0]
+            break
+    else:
+        return None
+    ndim = ndim_and_dims[0]
+    if not 1 <= ndim <= 7 or bitpix <= 0:
+        return None
+    voxels = int(np.prod([max(1, int(d)) for d in ndim_and_dims[1:ndim + 1]], dtype=np.int64))
+    return max(int(offset), 348) + voxels * bitpix // 8
 
 
 def _read_text_header(p: Path, last_key: bytes) -> str:

@@ -76,7 +76,7 @@ def test_the_shipped_calibration_takes_the_bundled_sample_for_a_25_percent_scan(
 
 def test_a_scan_without_soft_tissue_is_refused_with_what_to_do():
     air_and_bone = np.full((2, 64, 64), -1000.0)
-    air_and_bone[:, 20:40, 20:40] = 700.0
+    air_and_bone[:, 10:50, 10:50] = 700.0  # 10 cm² of bone: a body, without soft tissue
     with pytest.raises(CoreDiffError, match="too little soft tissue .* choose the model for its dose with --model"):
         measure(air_and_bone, (0.8, 0.8))
 
@@ -128,3 +128,17 @@ def test_a_body_cut_off_by_the_image_edge_is_said_to_bias_the_estimate():
     padded[:, r > 160] = -3024.0
     assert measure(padded, (0.8, 0.8)).cut_slices == 3
     assert measure(whole, (0.8, 0.8)).cut_slices == 0
+
+
+def test_a_small_body_is_measured_and_a_table_is_not_taken_for_a_cut_body():
+    """A wrist-sized body was refused once slices under 50 cm² were left out; a table touching
+    the body at the edge of the field of view was reported as a body cut off."""
+    small = measure(water_cylinder(70.0, 20.0), (0.8, 0.8))
+    assert small.wed_mm == pytest.approx(70.0, rel=0.05) and small.noise_index_hu == pytest.approx(20.0, rel=0.1)
+    with pytest.raises(CoreDiffError, match="no body found"):
+        measure(np.full((2, 64, 64), -1000.0) + np.random.default_rng(0).normal(0, 20, (2, 64, 64)), (0.8, 0.8))
+    on_table = water_cylinder(300.0, 10.0)
+    on_table[:, 443:463, :] = 200.0  # a board under the body, across the whole field of view
+    r = np.hypot(*np.meshgrid(*(2 * [np.arange(512) - 255.5])))
+    on_table[:, r > 240] = -3024.0
+    assert measure(on_table, (0.8, 0.8)).cut_slices == 0

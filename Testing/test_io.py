@@ -335,6 +335,33 @@ def test_a_sagittally_stored_part_of_a_scan_is_read_and_found_in_its_axial_plane
     shifted = read_volume(write_image(tmp_path / "shifted.nrrd", scan[5:8].transpose(2, 1, 0), (2.5, 0.8, 0.7),
                                       (-10.0, 20.0, 31.0 + 5 * 2.5), sagittal))
     assert on_grid_of(axial_whole, axial_volume(shifted)) is None  # between slices: not a part of it
+    reversed_order = read_volume(write_image(tmp_path / "rev.nrrd", scan[::-1], (0.7, 0.8, 2.5),
+                                             (-10.0, 20.0, 30.0 + 11 * 2.5), (1, 0, 0, 0, 1, 0, 0, 0, -1)))
+    array, first = on_grid_of(reversed_order, axial_part)
+    assert first is None  # its slice numbers run the other way: they do not number the part's
+    np.testing.assert_array_equal(array, scan[5:8])
+    # one slice: its spacing along the normal is a thickness, recorded as 1 mm by one file and 5 by another
+    thin = read_volume(write_image(tmp_path / "thin.nrrd", scan[5:6], (0.7, 0.8, 1.0), (-10.0, 20.0, 30.0)))
+    thick = read_volume(write_image(tmp_path / "thick.nrrd", scan[5:6], (0.7, 0.8, 5.0), (-10.0, 20.0, 30.0)))
+    np.testing.assert_array_equal(on_grid_of(thick, thin)[0], scan[5:6])
+
+
+def test_a_scaled_nifti_is_read_in_hu_not_refused_as_truncated(tmp_path):
+    """uint16 voxels with scl_inter = -1024 (how some converters store CT): SimpleITK reads them
+    as float32, and the completeness check expected twice the bytes the file holds."""
+    import gzip
+    import struct
+    hu = np.clip(synthetic_ct(3, 32).round(), -1024, None)
+    sitk.WriteImage(sitk.GetImageFromArray((hu + 1024).astype(np.uint16)), str(tmp_path / "raw.nii"))
+    data = bytearray((tmp_path / "raw.nii").read_bytes())
+    data[112:120] = struct.pack("<ff", 1.0, -1024.0)  # scl_slope, scl_inter
+    (tmp_path / "scaled.nii").write_bytes(bytes(data))
+    (tmp_path / "scaled.nii.gz").write_bytes(gzip.compress(bytes(data)))
+    for name in ("scaled.nii", "scaled.nii.gz"):
+        np.testing.assert_array_equal(read_volume(tmp_path / name).array, hu)
+    (tmp_path / "cut.nii").write_bytes(bytes(data[:-200]))
+    with pytest.raises(CoreDiffError, match="truncated"):
+        read_volume(tmp_path / "cut.nii")
 
 
 def test_a_big_endian_compressed_metaimage_is_read_by_the_full_reader(tmp_path):

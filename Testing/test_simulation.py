@@ -367,3 +367,28 @@ def test_without_astra_the_simulation_says_how_to_install_it(tmp_path, monkeypat
     with pytest.raises(CoreDiffError, match=r"needs astra-toolbox: pip install 'CoreDiffLib\[simulation\]'"):
         simulate_dataset(str(tmp_path / "s"), 0.25, 1, 1, size=N, geometry=GEOM, progress=False)
     assert not (tmp_path / "s").exists()
+
+
+def test_ctrl_c_while_the_finished_simulation_moves_in_waits_for_the_moves(tmp_path, monkeypatch):
+    """An interrupt between the renames left neither simulation whole (the earlier one deleted,
+    half the new one moved in)."""
+    import signal
+
+    from CoreDiffLib.simulation import dataset
+    common = dict(count=1, n_slices=1, size=N, geometry=GEOM, progress=False)
+    simulate_dataset(str(tmp_path), [0.25, 0.1], seed=1, **common)
+    real_replace, moves = os.replace, []
+
+    def interrupted_replace(src, dst):
+        if os.path.dirname(dst) == str(tmp_path):  # a finished file moving into the folder
+            moves.append(dst)
+            if len(moves) == 2:
+                os.kill(os.getpid(), signal.SIGINT)
+        real_replace(src, dst)
+
+    monkeypatch.setattr(dataset.os, "replace", interrupted_replace)
+    with pytest.raises(KeyboardInterrupt):
+        simulate_dataset(str(tmp_path), 0.05, seed=2, replace=True, **common)
+    assert len(moves) == 3
+    assert sorted(os.listdir(tmp_path)) == ["case000_abdomen_ldct5.nrrd", "case000_abdomen_ndct.nrrd", "manifest.json"]
+    assert json.loads((tmp_path / "manifest.json").read_text())["seed"] == 2

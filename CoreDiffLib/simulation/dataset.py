@@ -21,7 +21,7 @@ from typing import Callable, List, Optional, Sequence, Union
 
 import numpy as np
 
-from ..atomic import atomic_path, partial_folder, write_text_atomic
+from ..atomic import atomic_path, deferred_interrupts, partial_folder, write_text_atomic
 from .noise import DEFAULT_ELECTRONIC_SIGMA, DEFAULT_I0, _check_dose, nested_dose_noise
 from .phantom import DEFAULT_FOV_MM, KINDS, make_phantom, phantom_radius_mm
 from .projector import FanBeamGeometry, check_fits, fbp, forward_project, hu_to_mu, mu_to_hu
@@ -310,13 +310,14 @@ def simulate_dataset(out_dir: str, dose: Union[float, Sequence[float]] = 0.25, c
         with partial_folder(out / "simulation") as stage:
             written = _simulate_into(str(stage), doses, count, n_slices, size, int(seed), kinds, fmt, progress,
                                      geometry, I0, electronic_sigma, window, slice_mm, workers)
-            # complete: only now does the folder change, the earlier simulation going as a whole
-            for name in earlier:
-                (out / name).unlink()
-            final = []
-            for path in written:  # the manifest last: a folder with one lists every case in it
-                final.append(os.path.join(out_dir, os.path.basename(path)))
-                os.replace(path, final[-1])
+            # complete: only now does the folder change, in milliseconds that Ctrl-C waits for;
+            # the new files first (the manifest last), then what is left of the earlier simulation
+            final = [os.path.join(out_dir, os.path.basename(path)) for path in written]
+            with deferred_interrupts():
+                for path, target in zip(written, final):
+                    os.replace(path, target)
+                for name in set(earlier) - {os.path.basename(path) for path in written}:
+                    (out / name).unlink()
         return final
     except BaseException:
         if created:
