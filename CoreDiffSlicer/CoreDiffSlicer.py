@@ -514,6 +514,7 @@ class CoreDiffSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._observedSliceNode = None
         self._modelEntries = []
         self._deviceEntries = []
+        self._listedWithoutTorch = False  # the lists failed for want of torch: make them again once it is there
         self._lastAdaptation = None
 
     def setup(self) -> None:
@@ -653,7 +654,7 @@ class CoreDiffSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.onCancel()
             return
         p = self._parameterNode
-        if not self.logic.checkDependencies(interactive=True):
+        if not self._dependenciesReady():
             self.ui.statusLabel.text = "Missing Python packages: denoising not started."
             return
         self._startDenoise(p.inputVolume, p.outputVolume, self.logic.modelArguments(p.model, p.modelFile))
@@ -667,7 +668,7 @@ class CoreDiffSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.statusLabel.text = ("The Red view does not show the input volume: move it onto the scan to "
                                         "preview a slice, or use Denoise.")
             return
-        if not self.logic.checkDependencies(interactive=True):
+        if not self._dependenciesReady():
             self.ui.statusLabel.text = "Missing Python packages: preview not started."
             return
         if self._previewNode is not None and (slicer.mrmlScene.GetNodeByID(self._previewNode.GetID()) is None
@@ -759,10 +760,21 @@ class CoreDiffSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     # replaces it instead of adding a copy, and the pair is saved with the scene
                     p.outputVolume = outputNode
                 if self._parameterNode and self._parameterNode.showComparison:
-                    self.logic.showComparison(job.inputNode, outputNode)
+                    # a radiologist reading the input in the Red view stays on that slice
+                    self.logic.showComparison(job.inputNode, outputNode,
+                                              fit=not self.logic.redViewShowsSliceOf(job.inputNode))
         else:
             self.ui.statusLabel.text = f"Failed: {message}"
             slicer.util.errorDisplay(f"Denoising failed:\n{message}", windowTitle="CoreDiff")
+
+    def _dependenciesReady(self) -> bool:
+        """PyTorch and the packages present, installed now if the user agrees; the model and
+        device lists, made before torch was there, are made again once it is."""
+        ready = self.logic.checkDependencies(interactive=True)
+        if ready and self._listedWithoutTorch:
+            self._listedWithoutTorch = False
+            self.refreshModelsAndDevices()
+        return ready
 
     # --- Models and devices ------------------------------------------------------------------
 
@@ -774,7 +786,9 @@ class CoreDiffSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _onModelsListed(self, entries, error) -> None:
         self.ui.refreshModelsButton.enabled = True
         if error:
-            self.ui.statusLabel.text = f"Could not list models: {error}"
+            self._listedWithoutTorch = "No module named 'torch'" in str(error)
+            self.ui.statusLabel.text = ("PyTorch is not installed yet: Denoise offers to install it"
+                                        if self._listedWithoutTorch else f"Could not list models: {error}")
             entries = []
         self._modelEntries = entries or []
         items = [("Automatic: the model for the scan's dose", "")]
@@ -888,7 +902,7 @@ class CoreDiffSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if reference is None:
             self.ui.qualityResultsLabel.text = "Select the normal-dose reference scan first."
             return
-        if not self.logic.checkDependencies(interactive=True):
+        if not self._dependenciesReady():
             self.ui.qualityResultsLabel.text = "Missing Python packages: cannot score."
             return
         try:
@@ -1012,7 +1026,7 @@ class CoreDiffSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._busy():  # a denoising run
             return
         p = self._parameterNode
-        if not self.logic.checkDependencies(interactive=True):
+        if not self._dependenciesReady():
             return
         self.ui.oneShotProgressBar.visible = True
         self.ui.oneShotProgressBar.maximum = 0
@@ -1168,8 +1182,9 @@ class CoreDiffSlicerLogic(ScriptedLoadableModuleLogic):
             try:
                 import PyTorchUtils
             except ImportError:
-                slicer.util.errorDisplay("CoreDiff needs PyTorch. Install the 'PyTorch' extension from the "
-                                         "Extensions Manager and restart Slicer.", windowTitle="CoreDiff")
+                if interactive:
+                    slicer.util.errorDisplay("CoreDiff needs PyTorch. Install the 'PyTorch' extension from the "
+                                             "Extensions Manager and restart Slicer.", windowTitle="CoreDiff")
                 return False
             torchLogic = PyTorchUtils.PyTorchUtilsLogic()
             if not torchLogic.torchInstalled():
@@ -1322,6 +1337,7 @@ class CoreDiffSlicerLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def readArray(path) -> np.ndarray:
+        """The file's voxels in its own type (the library writes the input's: int16 for CT)."""
         import SimpleITK as sitk
         return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
 
@@ -1425,7 +1441,8 @@ class CoreDiffSlicerLogic(ScriptedLoadableModuleLogic):
 
     def _importResult(self, inputNode, outputNode, outputPath, preview=None):
         """Load the result into a node with the input's geometry (``preview`` (axis, K): of its slice K)."""
-        array = self.readArray(outputPath).astype(np.float32, copy=False)
+        # in its own type: a float32 copy of an int16 result doubled the memory and the saved scene
+        array = self.readArray(outputPath)
         expected = list(slicer.util.arrayFromVolume(inputNode).shape)
         axis, start = preview if preview is not None else (2, 0)
         if preview is not None:
@@ -1536,6 +1553,12 @@ class CoreDiffSlicerLogic(ScriptedLoadableModuleLogic):
         if layoutManager is None or layoutManager.sliceWidget("Red") is None:
             return None
         return layoutManager.sliceWidget("Red").mrmlSliceNode()
+
+    def redViewShowsSliceOf(self, volumeNode) -> bool:
+        """True when the Red view shows ``volumeNode`` at one of its slices: a place the user chose."""
+        if self.redSliceNode() is None or self._compositeNode("Red").GetBackgroundVolumeID() != volumeNode.GetID():
+            return False
+        return self.redSliceIndex(volumeNode) is not None
 
     def showComparison(self, inputNode, outputNode, fit=True) -> None:
         """Side-by-side: input in Red, output in Yellow, linked, same window/level.
@@ -1651,6 +1674,7 @@ class CoreDiffSlicerLogic(ScriptedLoadableModuleLogic):
             hi = np.clip(np.floor(corners.max(axis=0) + 1e-6).astype(int), 0, [ni - 1, nj - 1, nk - 1])
             if np.any(corners.max(axis=0) < 0) or np.any(corners.min(axis=0) > [ni - 1, nj - 1, nk - 1]):
                 raise ValueError("The ROI is outside the volume.")
+            inside = self._voxelsInROI(inputNode, roiNode, lo, hi)
             where = f"ROI '{roiNode.GetName()}'"
         else:  # a box at the centre of the axial plane, across the axial axis
             axis, k = self.axialAxis(inputNode), self.measuredSlice(inputNode, sliceIndex)
@@ -1658,10 +1682,13 @@ class CoreDiffSlicerLogic(ScriptedLoadableModuleLogic):
             half = np.maximum(size // 10, 1)
             lo, hi = size // 2 - half, size // 2 + half - 1
             lo[axis] = hi[axis] = k
+            inside = None
             where = f"central box on slice {k}"
         sl = (slice(lo[2], hi[2] + 1), slice(lo[1], hi[1] + 1), slice(lo[0], hi[0] + 1))
         b = before[sl].astype(np.float64)
         a = after[sl].astype(np.float64)
+        if inside is not None:  # the box around a tilted ROI holds voxels outside it
+            b, a = b[inside], a[inside]
         if b.size == 0:
             raise ValueError("The ROI contains no voxel.")
         return {"before": {"mean": float(b.mean()), "std": float(b.std())},
@@ -1669,6 +1696,24 @@ class CoreDiffSlicerLogic(ScriptedLoadableModuleLogic):
                 "voxels": int(b.size), "where": where,
                 "ijkMin": [int(v) for v in lo], "ijkMax": [int(v) for v in hi]}
 
+
+    def _voxelsInROI(self, volumeNode, roiNode, lo, hi) -> np.ndarray:
+        """(K, J, I) mask of the voxels from IJK ``lo`` to ``hi`` whose centres lie in the ROI box:
+        a volume or an ROI at an angle to the other covers voxels outside it in its IJK box."""
+        k, j, i = np.meshgrid(*(np.arange(lo[a], hi[a] + 1) for a in (2, 1, 0)), indexing="ij")
+        ijk = np.stack([i.ravel(), j.ravel(), k.ravel(), np.ones(i.size)])
+        ijkToRAS = vtk.vtkMatrix4x4()
+        volumeNode.GetIJKToRASMatrix(ijkToRAS)
+        ras = np.array([[ijkToRAS.GetElement(r, c) for c in range(4)] for r in range(4)]) @ ijk
+        if volumeNode.GetParentTransformNode() is not None:  # the ROI is placed in the world
+            ras[:3] = np.array([self.worldToLocal(volumeNode, p, inverse=True) for p in ras[:3].T]).T
+        worldToObject = vtk.vtkMatrix4x4()
+        vtk.vtkMatrix4x4.Invert(roiNode.GetObjectToWorldMatrix(), worldToObject)
+        local = np.array([[worldToObject.GetElement(r, c) for c in range(4)] for r in range(4)]) @ ras
+        size = [0.0, 0.0, 0.0]
+        roiNode.GetSize(size)
+        half = np.asarray(size)[:, None] / 2.0 + 1e-6
+        return (np.abs(local[:3]) <= half).all(axis=0).reshape(k.shape)
 
     def sliceQuality(self, inputNode, outputNode, referenceNode, sliceIndex=None) -> dict:
         """PSNR / SSIM / RMSE of input and result against a reference scan, on one slice

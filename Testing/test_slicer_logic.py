@@ -73,7 +73,7 @@ def test_denoise_button_creates_new_node_with_input_geometry(slicerEnv, tinyMode
     np.testing.assert_array_equal(matrixOf(outputNode), matrixOf(inputNode))
     np.testing.assert_array_equal(slicer.util.arrayFromVolume(inputNode), before)
     out = slicer.util.arrayFromVolume(outputNode)
-    assert out.shape == before.shape and out.dtype == np.float32 and np.isfinite(out).all()
+    assert out.shape == before.shape and out.dtype == before.dtype and np.isfinite(out).all()  # the input's type
     # progress reached total (4 slices), with slices done / total and time left shown
     assert progressValues and progressValues[-1][0] == progressValues[-1][1] == 4
     assert "4 / 4 slices" in progressValues[-1][2]
@@ -119,7 +119,12 @@ def test_denoise_button_creates_new_node_with_input_geometry(slicerEnv, tinyMode
     assert stats["ijkMin"][2] == stats["ijkMax"][2] == 2
     k0, j0, i0 = stats["ijkMin"][2], stats["ijkMin"][1], stats["ijkMin"][0]
     k1, j1, i1 = stats["ijkMax"][2], stats["ijkMax"][1], stats["ijkMax"][0]
-    region = before[k0:k1 + 1, j0:j1 + 1, i0:i1 + 1].astype(float)
+    kk, jj, ii = np.mgrid[k0:k1 + 1, j0:j1 + 1, i0:i1 + 1]  # the box around the ROI in this oblique volume...
+    ras = matrixOf(inputNode) @ np.stack([ii.ravel(), jj.ravel(), kk.ravel(), np.ones(ii.size)])
+    centre = ijkToRAS.MultiplyPoint([31.5, 31.5, 2, 1])[:3]
+    inside = (np.abs(ras[:3] - np.reshape(centre, (3, 1))) <= np.reshape([5, 5, 0.5], (3, 1)) + 1e-6).all(axis=0)
+    region = before[k0:k1 + 1, j0:j1 + 1, i0:i1 + 1].astype(float).ravel()[inside]  # ...less its corners
+    assert stats["voxels"] == inside.sum() < ii.size
     assert stats["before"]["std"] == pytest.approx(region.std())
     assert stats["before"]["mean"] == pytest.approx(region.mean())
     assert [m for m in H.displayed if m[0] == "error"] == []
@@ -204,9 +209,15 @@ def test_preview_denoises_the_red_slice_as_the_whole_run_would(slicerEnv, tinyMo
     np.testing.assert_array_equal(slicer.util.arrayFromVolume(inputNode), before)
     assert os.listdir(tempDir) == []
 
+    fits = lm.sliceWidget("Red").sliceLogic().fitCount
     widget.ui.applyButton.click()  # the whole volume: the previews are its slices 2 and 5
     spin(slicer, lambda: not widget._job.running, timeout=90)
     full = slicer.util.arrayFromVolume(slicer.mrmlScene.GetFirstNodeByName("LDCT denoised"))
+    # the Red view was on slice 5 of the input: the result is shown there, not at the middle slice
+    assert lm.sliceWidget("Red").sliceLogic().fitCount == fits and logic.redSliceIndex(inputNode) == 5
+    np.testing.assert_array_equal(
+        [[yellow.GetSliceToRAS().GetElement(r, c) for c in range(4)] for r in range(4)],
+        [[red.GetSliceToRAS().GetElement(r, c) for c in range(4)] for r in range(4)])
     # (within 1 HU: a batch of one may round a voxel of the int16 output the other way)
     np.testing.assert_allclose(previews[0][0], full[2], atol=1.0)
     np.testing.assert_allclose(previews[1][0], full[5], atol=1.0)
@@ -595,6 +606,50 @@ def test_time_left_counts_from_the_first_slice_not_from_loading(slicerEnv, monke
     clock[0] = 132.0
     job._handleLine("PROGRESS 2 40")  # 1 s per slice from here
     assert job.secondsLeft() == pytest.approx(38.0)
+
+
+def test_the_roi_readout_takes_only_the_voxels_inside_a_tilted_roi(slicerEnv):  # noqa: F811
+    """The readout took the voxels of the ROI's IJK bounding box: for an ROI at 30 degrees to the
+    volume's axes that is 40 % more voxels than the ROI holds."""
+    slicer, module, tempDir = slicerEnv
+    rng = np.random.default_rng(0)
+    array = rng.normal(0, 30, (3, 64, 64)).astype(np.int16)
+    volume = slicer.util.addVolumeFromArray(array, name="flat")  # IJK = RAS, 1 mm voxels
+    roi = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "tilted")
+    roi.SetCenter(31.0, 30.0, 1.0)
+    roi.SetSize(20.0, 10.0, 0.5)
+    angle = np.radians(30)
+    axes = roi.GetObjectToNodeMatrix()
+    for r, row in enumerate([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]]):
+        for c, value in enumerate(row):
+            axes.SetElement(r, c, value)
+    roi.Modified()
+    stats = module.CoreDiffSlicerLogic().roiStatistics(volume, volume, roi)
+    jj, ii = np.mgrid[0:64, 0:64]
+    u = (ii - 31.0) * np.cos(angle) + (jj - 30.0) * np.sin(angle)  # the voxel centres in the ROI's axes
+    v = -(ii - 31.0) * np.sin(angle) + (jj - 30.0) * np.cos(angle)
+    inside = (np.abs(u) <= 10.0) & (np.abs(v) <= 5.0)
+    assert stats["voxels"] == inside.sum()
+    assert stats["before"]["mean"] == pytest.approx(array[1][inside].mean())
+    assert stats["before"]["std"] == pytest.approx(array[1][inside].std())
+
+
+def test_without_pytorch_the_lists_say_so_and_are_made_again_once_it_is_installed(slicerEnv, monkeypatch):  # noqa: F811
+    slicer, module, tempDir = slicerEnv
+    widget = makeWidget(module)
+    widget._onModelsListed(None, "ModuleNotFoundError: No module named 'torch'")
+    assert widget.ui.statusLabel.property("text") == "PyTorch is not installed yet: Denoise offers to install it"
+    refreshed = []
+    monkeypatch.setattr(widget, "refreshModelsAndDevices", lambda: refreshed.append(True))
+
+    def install(interactive=True):  # what the PyTorch extension and pip do, when the user agrees
+        widget.logic._dependenciesOk = True
+        return True
+    monkeypatch.setattr(widget.logic, "checkDependencies", install)
+    assert widget._dependenciesReady() and refreshed == [True]
+    assert widget._dependenciesReady() and refreshed == [True]  # once
+    widget._onModelsListed(None, "OSError: disk full")  # another failure: nothing to install
+    assert widget._dependenciesReady() and refreshed == [True]
 
 
 def test_failing_run_shows_library_message(slicerEnv, tmp_path):  # noqa: F811

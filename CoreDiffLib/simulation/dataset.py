@@ -75,10 +75,10 @@ def _doses(dose) -> List[float]:
     for d in ds:  # the file names carry the dose: two doses may not share one, nor lose it
         tag = dose_tag(d)
         if abs(dose_from_tag(tag) - d) > 1e-3 * d:
-            raise ValueError(f"dose {d:g} is too small or too finely given to name its files "
+            raise ValueError(f"dose {d!r} is too small or too finely given to name its files "
                              f"({tag!r}): give at most four decimals of a per cent, e.g. 0.0005")
         if tag in tags:
-            raise ValueError(f"doses {tags[tag]:g} and {d:g} would both be written as ldct{tag}: "
+            raise ValueError(f"doses {tags[tag]!r} and {d!r} would both be written as ldct{tag}: "
                              "give doses that differ in the first four decimals of a per cent")
         tags[tag] = d
     return ds

@@ -302,12 +302,25 @@ class vtkMRMLLabelMapVolumeNode(vtkMRMLScalarVolumeNode):
 
 
 class vtkMRMLMarkupsROINode(vtkMRMLDisplayableNode):
-    """Mirrors vtkMRMLMarkupsROINode as an axis-aligned box (no ROI-to-world rotation)."""
+    """Mirrors vtkMRMLMarkupsROINode: a box of ``size`` centred on ``center``, its axes those of
+    GetObjectToNodeMatrix()'s rotation (the identity unless a test rotates it; no parent transform)."""
 
     def __init__(self):
         super().__init__()
         self._center = [0.0, 0.0, 0.0]
         self._size = [0.0, 0.0, 0.0]
+        self._axes = vtk.vtkMatrix4x4()  # rotation part only; the centre is added on the way out
+
+    def GetObjectToNodeMatrix(self):
+        """The box's axes (modify in place, then call Modified(), as in Slicer)."""
+        return self._axes
+
+    def GetObjectToWorldMatrix(self):
+        m = vtk.vtkMatrix4x4()
+        m.DeepCopy(self._axes)
+        for axis in range(3):
+            m.SetElement(axis, 3, self._center[axis])
+        return m
 
     def SetCenter(self, *center):
         self._center = [float(c) for c in (center[0] if len(center) == 1 else center)]
@@ -324,9 +337,12 @@ class vtkMRMLMarkupsROINode(vtkMRMLDisplayableNode):
         size[:] = self._size
 
     def GetRASBounds(self, bounds):
+        m = self.GetObjectToWorldMatrix()
+        corners = [m.MultiplyPoint([sx * self._size[0] / 2, sy * self._size[1] / 2, sz * self._size[2] / 2, 1.0])[:3]
+                   for sx in (-1, 1) for sy in (-1, 1) for sz in (-1, 1)]
         for axis in range(3):
-            bounds[2 * axis] = self._center[axis] - self._size[axis] / 2.0
-            bounds[2 * axis + 1] = self._center[axis] + self._size[axis] / 2.0
+            bounds[2 * axis] = min(c[axis] for c in corners)
+            bounds[2 * axis + 1] = max(c[axis] for c in corners)
 
 
 class vtkMRMLSliceCompositeNode(vtkMRMLNode):
