@@ -452,6 +452,21 @@ class CoreDiffProcess:
         return self.succeeded
 
 
+def requirementMet(requirement: str) -> bool:
+    """Whether an installed distribution meets ``name>=X.Y`` (no version: whether it is there);
+    versions compared by their leading numbers, enough for these minimums."""
+    import importlib.metadata
+    name, _, minimum = requirement.partition(">=")
+    try:
+        installed = importlib.metadata.version(name.strip())
+    except importlib.metadata.PackageNotFoundError:
+        return False
+
+    def numbers(version):
+        return tuple(int(part) for part in re.findall(r"\d+", version.split("+")[0])[:3])
+    return not minimum or numbers(installed) >= numbers(minimum)
+
+
 def killProcessTree(pid):
     """Kill a process and all its descendants, children first."""
     try:
@@ -1144,8 +1159,10 @@ class CoreDiffSlicerLogic(ScriptedLoadableModuleLogic):
         outputNode = logic.denoise(inputNode, steps=10)  # blocks, processing Qt events
     """
 
-    REQUIRED_PACKAGES = {"safetensors": "safetensors", "skimage": "scikit-image", "tqdm": "tqdm",
-                         "psutil": "psutil", "scipy": "scipy"}
+    #: module -> pip requirement, the minimums of CoreDiffLib's pyproject.toml: another extension
+    #: may have put an older one in Slicer's Python, which would fail in the middle of a run
+    REQUIRED_PACKAGES = {"safetensors": "safetensors>=0.4", "skimage": "scikit-image>=0.21", "tqdm": "tqdm>=4.60",
+                         "psutil": "psutil>=5.9", "scipy": "scipy>=1.10"}
     TORCH_REQUIREMENT = ">=2.1"
     CT_WINDOW, CT_LEVEL = 350.0, 40.0
 
@@ -1201,7 +1218,8 @@ class CoreDiffSlicerLogic(ScriptedLoadableModuleLogic):
                     return False
                 if torch is None:
                     return False
-        missing = [pip for mod, pip in self.REQUIRED_PACKAGES.items() if importlib.util.find_spec(mod) is None]
+        missing = [pip for mod, pip in self.REQUIRED_PACKAGES.items()
+                   if importlib.util.find_spec(mod) is None or not requirementMet(pip)]
         if missing:
             if not interactive:
                 return False
