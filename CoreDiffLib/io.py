@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +33,7 @@ _COPIED_TAGS = (
     "0008|1030", "0008|0070", "0008|1090", "0018|0050", "0018|0060", "0018|1150", "0018|1151",
     "0018|1210", "0020|0052", "0020|1040", "0008|0080",
     "0028|1050", "0028|1051", "0028|1055",  # the scanner's window presets: the same anatomy, the same HU
+    "0018|5100", "0018|0015", "0020|0012",  # patient position (type 2C for CT), body part, acquisition
 )
 
 
@@ -168,7 +170,9 @@ def check_output_path(input_path: str | os.PathLike | None, output_path: str | o
         raise CoreDiffError(f"output {output_path} is a folder: give a file name (or a new folder name "
                             "without extension for a DICOM series)")
     if not is_file_path(out):
-        if out.suffix and out.suffix.lower() not in ("",):
+        # an extension (.png, .dcm, .vtk...) names a file type we do not write; a dot inside a
+        # folder name ('Abd_1.0_B30f denoised', an existing empty folder) is a DICOM series' folder
+        if re.fullmatch(r"\.[A-Za-z][A-Za-z0-9]{0,4}", out.suffix) and not out.is_dir():
             raise CoreDiffError(f"unknown output type '{out.suffix}': use .nrrd, .nii.gz, .mha or a "
                                 "folder name for a DICOM series")
         if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -403,6 +407,8 @@ def _write_dicom_series(volume: Volume, pixels: np.ndarray, folder: Path, descri
     charset = src.get("0008|0005", "").strip()
     source_desc = _dicom_text(src.get("0008|103e", ""), charset).strip()
     common = {k: _dicom_text(src[k], charset) for k in _COPIED_TAGS if k in src}
+    # one branch per kind of UID under the series': a study or frame of reference made here may
+    # not share a UID with a slice (series.1 was once both the study and slice 1)
     if "0020|000d" not in common:  # no source study: make one so viewers group it properly
         common["0020|000d"] = series_uid + ".1"
     if "0020|0052" not in common:  # Frame of Reference is mandatory for CT images (the source's otherwise)
@@ -410,7 +416,7 @@ def _write_dicom_series(volume: Volume, pixels: np.ndarray, folder: Path, descri
     common.update({
         "0008|0005": "ISO_IR 192",  # UTF-8: every copied text was decoded from the source's own set
         "0008|0060": "CT",
-        "0008|0008": "DERIVED\\SECONDARY",
+        "0008|0008": "DERIVED\\SECONDARY\\AXIAL" if _is_axial(volume.direction) else "DERIVED\\SECONDARY",
         "0020|000e": series_uid,
         "0008|103e": (f"{source_desc} - {description}" if source_desc else description)[:64],
         "0008|0021": f"{now:%Y%m%d}", "0008|0031": f"{now:%H%M%S}",
@@ -432,7 +438,7 @@ def _write_dicom_series(volume: Volume, pixels: np.ndarray, folder: Path, descri
                else image.TransformIndexToPhysicalPoint((0, 0, k)))
         sl.SetMetaData("0020|0032", "\\".join(f"{p:.6f}" for p in pos))
         sl.SetMetaData("0020|0013", str(k + 1))
-        sl.SetMetaData("0008|0018", f"{series_uid}.{k + 1}")
+        sl.SetMetaData("0008|0018", f"{series_uid}.3.{k + 1}")
         writer.SetFileName(str(folder / f"slice_{k + 1:04d}.dcm"))
         writer.Execute(sl)
 
@@ -445,13 +451,30 @@ _DICOM_CODECS = {"": "latin-1", "ISO_IR 6": "latin-1", "ISO_IR 100": "latin-1", 
                  "GBK": "gbk"}
 
 
+def _is_axial(direction) -> bool:
+    """Slices whose normal runs head-foot: DICOM's image type value 3 for CT says AXIAL."""
+    normal = np.reshape(np.asarray(direction, dtype=np.float64), (3, 3))[:, 2]
+    return bool(abs(normal[2]) > 0.9)
+
+
+#: the code-extension character sets (ISO 2022 escapes) of Japanese and Korean names
+_DICOM_ISO2022 = {"ISO 2022 IR 87": "iso2022_jp", "ISO 2022 IR 159": "iso2022_jp_2", "ISO 2022 IR 13": "iso2022_jp",
+                  "ISO 2022 IR 149": "euc_kr"}
+
+
 def _dicom_text(value: str, charset: str) -> str:
     """A tag's text as real characters. SimpleITK hands over the file's bytes decoded as UTF-8
     with surrogate escapes, so a Latin-1 name (ISO_IR 100, 'Müller') arrives unwritable; the
     bytes are decoded with the series' own character set instead, and written back as UTF-8
     (the output declares ISO_IR 192)."""
     raw = value.encode("utf-8", "surrogateescape")
-    codec = _DICOM_CODECS.get(charset.split("\\")[-1].strip().upper() if charset else "", "utf-8")
+    sets = [c.strip().upper() for c in charset.split("\\")] if charset else []
+    extended = [_DICOM_ISO2022[c] for c in sets if c in _DICOM_ISO2022]
+    if extended:  # escapes switch sets inside the value: each component decoded as a whole
+        if extended[0] == "euc_kr":  # KS X 1001 is designated once (ESC $ ) C), then shifted in by high bits
+            raw = raw.replace(b"\x1b$)C", b"")
+        return "=".join(part.decode(extended[0], "replace") for part in raw.split(b"="))
+    codec = _DICOM_CODECS.get(sets[-1] if sets else "", "utf-8")
     try:
         return raw.decode(codec)
     except UnicodeDecodeError:

@@ -114,10 +114,11 @@ class VolumeSource:
                 return cls._open_nrrd(p, shape, info, nbytes, temp_dir)
             if name.endswith((".mha", ".mhd")):
                 header = _read_text_header(p, b"ElementDataFile")
-                lower = header.lower()
-                if nbytes is not None and np.dtype(dtype).itemsize > 1 and "byteordermsb = true" in lower:
+                fields = _metaimage_fields(header)
+                big_endian = "true" in (fields.get("byteordermsb", ""), fields.get("binarydatabyteordermsb", ""))
+                if nbytes is not None and np.dtype(dtype).itemsize > 1 and big_endian:
                     return None  # big-endian: SimpleITK's full reader swaps the bytes, the slab readers do not
-                if "compresseddata = true" not in lower:
+                if fields.get("compresseddata") != "true":
                     data = header_data_file(p, header)  # None: a list of slice files
                     if nbytes is not None and data is not None:
                         _check_complete(p, data, nbytes + (len(header) if data == p else 0))
@@ -142,6 +143,9 @@ class VolumeSource:
                     os.unlink(tmp)
                     raise CoreDiffError(f"{p} is truncated or damaged (its compressed data end early): "
                                         "copy or export it again") from None
+                except BaseException:  # a full disk, Ctrl-C: the inflated part goes too
+                    os.unlink(tmp)
+                    raise
                 r2 = sitk.ImageFileReader()
                 r2.SetFileName(tmp)
                 r2.ReadImageInformation()
@@ -274,6 +278,16 @@ def _check_complete(header: Path, data: Path, least: int) -> None:
     if data.stat().st_size < least:
         raise CoreDiffError(f"{header} is truncated ({data.stat().st_size} of at least {least} bytes): "
                             "copy or export it again")
+
+
+def _metaimage_fields(header: str) -> dict[str, str]:
+    """A MetaImage header's 'Key = Value' lines (spaces optional), keys and values lower-cased."""
+    fields = {}
+    for line in header.splitlines():
+        key, sep, value = line.partition("=")
+        if sep:
+            fields[key.strip().lower()] = value.strip().lower()
+    return fields
 
 
 def _nifti_file_bytes(head: bytes) -> int | None:

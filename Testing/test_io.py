@@ -47,6 +47,54 @@ def test_dicom_output_keeps_patient_tags_with_a_new_series(tmp_path):
     assert out.dicom_tags["0020|000e"] != src.dicom_tags["0020|000e"]
     assert out.dicom_tags["0020|000d"] == src.dicom_tags["0020|000d"]
     assert "CoreDiff" in out.dicom_tags["0008|103e"]
+    assert out.dicom_tags["0008|0008"].strip() == "DERIVED\\SECONDARY\\AXIAL"  # value 3: the slices' plane
+    # a study and frame of reference made for a non-DICOM input share no UID with any slice
+    reader = sitk.ImageFileReader()
+    instances = set()
+    for f in sorted(first.iterdir()):
+        reader.SetFileName(str(f))
+        reader.ReadImageInformation()
+        instances.add(reader.GetMetaData("0008|0018").strip())
+    assert len(instances) == 3
+    assert not instances & {src.dicom_tags["0020|000d"].strip(), src.dicom_tags["0020|0052"].strip()}
+
+
+def test_dicom_text_in_iso_2022_sets_and_patient_position_are_kept(tmp_path):
+    from CoreDiffLib.io import _dicom_text
+    japanese = "Yamada^Tarou=\x1b$B;3ED\x1b(B^\x1b$BB@O:\x1b(B".encode("latin-1").decode("utf-8", "surrogateescape")
+    assert _dicom_text(japanese, "\\ISO 2022 IR 87") == "Yamada^Tarou=山田^太郎"
+    korean = "Hong^Gildong=\x1b$)C\xc8\xab^\xb1\xe6\xb5\xbf".encode("latin-1").decode("utf-8", "surrogateescape")
+    assert _dicom_text(korean, "\\ISO 2022 IR 149") == "Hong^Gildong=홍^길동"
+    folder = write_dicom_series(tmp_path / "ffs", synthetic_ct(3, 32), "1.2.3.44",
+                                {"0018|5100": "FFS", "0018|0015": "ABDOMEN"})
+    out = read_volume(write_volume(read_volume(folder), tmp_path / "out"))
+    assert out.dicom_tags["0018|5100"].strip() == "FFS" and out.dicom_tags["0018|0015"].strip() == "ABDOMEN"
+
+
+def test_a_metaimage_written_key_equals_value_is_read(tmp_path):
+    """'CompressedData=True' without spaces, as some writers put it, was refused as truncated."""
+    vol = synthetic_ct(3, 32).round().astype(np.int16)
+    sitk.WriteImage(sitk.GetImageFromArray(vol), str(tmp_path / "c.mha"), True)
+    raw = (tmp_path / "c.mha").read_bytes()
+    end = raw.index(b"ElementDataFile = LOCAL\n") + len(b"ElementDataFile = LOCAL\n")
+    header = raw[:end].decode().replace(" = ", "=")
+    (tmp_path / "tight.mha").write_bytes(header.encode() + raw[end:])
+    np.testing.assert_array_equal(read_volume(tmp_path / "tight.mha").array, vol)
+
+
+def test_an_interrupted_inflation_leaves_no_temporary_file(tmp_path, monkeypatch):
+    import shutil as shutil_module
+
+    from CoreDiffLib.streaming import VolumeSource
+    sitk.WriteImage(sitk.GetImageFromArray(synthetic_ct(3, 32).astype(np.int16)), str(tmp_path / "v.nii.gz"), True)
+    (tmp_path / "temp").mkdir()
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(shutil_module, "copyfileobj", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        VolumeSource.open(tmp_path / "v.nii.gz", temp_dir=tmp_path / "temp")
+    assert list((tmp_path / "temp").iterdir()) == []
 
 
 def test_dicom_rescale_slope_and_intercept_are_honoured(tmp_path):
@@ -264,6 +312,9 @@ def test_output_path_checks_refuse_what_could_not_be_written_before_any_work(tmp
                             (ct_file / "x.nrrd", "is a file, not a folder")):
         with pytest.raises(CoreDiffError, match=message):
             check_output_path(ct_file, output)
+    check_output_path(ct_file, tmp_path / "Abd_1.0_B30f denoised")  # a DICOM folder named after its series
+    with pytest.raises(CoreDiffError, match="unknown output type '.png'"):
+        check_output_path(ct_file, tmp_path / "out.png")
 
 
 def test_a_detached_output_may_not_write_its_data_over_the_inputs(tmp_path):
