@@ -89,20 +89,79 @@ def find_dicom_series(folder: str | os.PathLike) -> list[DicomSeries]:
     root = Path(folder)
     reader = sitk.ImageSeriesReader()
     keys = ("0020|0011", "0008|0060", "0008|103e", "0008|0008", "0018|1210", "0018|0050")
-    found = []
+    folders: dict[str, list[str]] = {}  # series UID -> the subfolders holding its files
     for dirpath, dirnames, _ in os.walk(root):
         dirnames.sort()
-        where = str(Path(dirpath).relative_to(root))
         with itk_warnings_off():  # GDCM warns of every folder without a series (reports, notes)
-            uids = reader.GetGDCMSeriesIDs(dirpath)
-        for uid in uids:
-            files = tuple(reader.GetGDCMSeriesFileNames(dirpath, uid))
-            if not files:
-                continue
-            number, *tags = _header_tags(files[0], keys).values()
-            order = int(number) if number.lstrip("-").isdigit() else 0
-            found.append((where, order, DicomSeries(uid, files, where, *tags)))
+            for uid in reader.GetGDCMSeriesIDs(dirpath):
+                folders.setdefault(uid, []).append(dirpath)
+    found = []
+    for uid, dirpaths in folders.items():
+        if len(dirpaths) == 1:
+            files = tuple(reader.GetGDCMSeriesFileNames(dirpaths[0], uid))
+        else:  # CDs and PACS exports cap files per folder: one series, sorted across them all
+            with itk_warnings_off():
+                files = tuple(reader.GetGDCMSeriesFileNames(str(root), uid, False, True))
+        if not files:
+            continue
+        where = str(Path(dirpaths[0]).relative_to(root))
+        if len(dirpaths) > 1:
+            where += f" (and {len(dirpaths) - 1} more folder{'s' if len(dirpaths) > 2 else ''})"
+        number, *tags = _header_tags(files[0], keys).values()
+        order = int(number) if number.lstrip("-").isdigit() else 0
+        found.append((where, order, DicomSeries(uid, files, where, *tags)))
     return [s for *_, s in sorted(found, key=lambda f: f[:2])]
+
+
+def series_slices(series: DicomSeries) -> tuple[tuple[str, ...], list[str]]:
+    """The files of ``series`` that are slices of one volume, and notes on what was left out.
+
+    A series UID may also cover a localizer (its image type says LOCALIZER) or the same file
+    twice (copied, same SOP Instance UID): those are dropped and said. Images of another
+    orientation or size, or two slices at one position (two acquisitions in one series), are
+    refused: no one volume holds them, and a neighbour would be the wrong image."""
+    if len(series.files) < 2:
+        return series.files, []
+    keys = ("0008|0008", "0008|0018", "0020|0037", "0020|0032", "0028|0010", "0028|0011", "0020|0012")
+    heads = [(f, _header_tags(f, keys)) for f in series.files]
+    notes = []
+    localizers = [f for f, t in heads if "LOCALIZER" in t["0008|0008"].upper()]
+    if localizers and len(localizers) < len(heads):
+        heads = [(f, t) for f, t in heads if f not in localizers]
+        notes.append(f"left out {len(localizers)} localizer image{'s' if len(localizers) > 1 else ''} of the series")
+    seen, unique = set(), []
+    for f, t in heads:
+        if t["0008|0018"] and t["0008|0018"] in seen:
+            continue
+        seen.add(t["0008|0018"])
+        unique.append((f, t))
+    repeated = len(heads) - len(unique)
+    if repeated:
+        notes.append(f"left out {repeated} repeated cop{'ies' if repeated > 1 else 'y'} of slices "
+                     "(the same SOP Instance UID)")
+    heads = unique
+
+    def orientation(t):
+        try:
+            return tuple(round(float(v), 3) for v in t["0020|0037"].split("\\"))
+        except ValueError:
+            return ()
+    kinds = {}
+    for f, t in heads:
+        kinds.setdefault((orientation(t), t["0028|0010"], t["0028|0011"]), []).append(f)
+    if len(kinds) > 1:
+        parts = "; ".join(f"{len(v)} of {rows or '?'} x {cols or '?'} pixels, "
+                          f"orientation {' '.join(map(str, o)) or '?'}" for (o, rows, cols), v in kinds.items())
+        raise CoreDiffError(f"series {series.uid} mixes images of different orientations or sizes ({parts}): "
+                            "they are not one volume; export the axial slices as a series of their own")
+    positions = [t["0020|0032"] for _, t in heads]
+    if len(set(positions)) < len(positions):
+        acquisitions = sorted({t["0020|0012"] for _, t in heads if t["0020|0012"]})
+        which = f" (acquisitions {', '.join(acquisitions)})" if len(acquisitions) > 1 else ""
+        raise CoreDiffError(f"series {series.uid} has {len(positions) - len(set(positions))} slices at the position of "
+                            f"another{which}: two acquisitions in one series, which no one volume holds; put each "
+                            "in a folder of its own")
+    return tuple(f for f, _ in heads), notes
 
 
 def choose_dicom_series(found: list[DicomSeries], wanted: str | None, where: str) -> tuple[DicomSeries, str | None]:

@@ -18,7 +18,8 @@ import SimpleITK as sitk
 
 from . import CoreDiffError
 from .atomic import atomic_path, check_output_place, partial_folder
-from .dicom import check_series_input, choose_dicom_series, find_dicom_series, itk_warnings_off, off_grid_slices
+from .dicom import (check_series_input, choose_dicom_series, find_dicom_series, itk_warnings_off, off_grid_slices,
+                    series_slices)
 from .intensity import PADDING_THRESHOLD_HU, validate_ct_array  # noqa: F401  (re-exported)
 from .orientation import axial_layout
 from .streaming import VolumeSource, header_data_file
@@ -201,8 +202,15 @@ def _read_dicom_series(folder: Path, series: str | None = None, log=None
     chosen, note = choose_dicom_series(found, series, str(folder))
     if note and log:
         log(note)
+    files, left_out = series_slices(chosen)
+    for line in left_out:
+        if log:
+            log(f"{folder}: {line}")
+    if len(files) == 1:  # one file: a single slice, or an enhanced CT holding every frame
+        image, tags = _read_dicom_file(Path(files[0]))
+        return image, tags, None
     reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(chosen.files)
+    reader.SetFileNames(files)
     reader.MetaDataDictionaryArrayUpdateOn()
     reader.LoadPrivateTagsOn()
     with itk_warnings_off():  # ITK's "non uniform sampling" warning: said below, with what follows

@@ -415,6 +415,62 @@ def test_a_scaled_nifti_is_read_in_hu_not_refused_as_truncated(tmp_path):
         read_volume(tmp_path / "cut.nii")
 
 
+def test_dicom_series_as_exports_store_them_split_with_copies_or_a_localizer(tmp_path):
+    """What CDs and PACS exports do to a series: split it across folders (one part was read
+    as the scan), put the topogram under the same UID (it became a slice), copy files twice
+    (each slice's neighbour was itself); and an enhanced CT as one multi-frame file."""
+    import shutil
+    hu = synthetic_ct(8, 32).round()
+    whole = write_dicom_series(tmp_path / "whole", hu, "1.2.3.77")
+    split = tmp_path / "split"
+    for part, ks in (("DICOM/00000001", range(0, 5)), ("DICOM/00000002", range(5, 8))):
+        (split / part).mkdir(parents=True)
+        for k in ks:
+            shutil.copy(whole / f"{k}.dcm", split / part / f"{k}.dcm")
+    notes = []
+    np.testing.assert_array_equal(read_volume(split, log=notes.append).array, hu)
+    assert "(and 1 more folder)" in find_dicom_series(split)[0].folder
+    copies = tmp_path / "copies"
+    shutil.copytree(whole, copies)
+    for k in range(8):
+        shutil.copy(whole / f"{k}.dcm", copies / f"{k} (1).dcm")
+    notes.clear()
+    np.testing.assert_array_equal(read_volume(copies, log=notes.append).array, hu)
+    assert any("left out 8 repeated copies" in n for n in notes)
+    with_topogram = tmp_path / "topogram"
+    shutil.copytree(whole, with_topogram)
+    write_dicom_series(tmp_path / "topo", synthetic_ct(1, 32), "1.2.3.77.8",  # its own SOP UID, the series'
+                       {"0008|0008": "ORIGINAL\\PRIMARY\\LOCALIZER", "0020|0037": "1\\0\\0\\0\\0\\-1",
+                        "0020|000e": "1.2.3.77"})
+    shutil.copy(tmp_path / "topo" / "0.dcm", with_topogram / "topogram.dcm")
+    notes.clear()
+    np.testing.assert_array_equal(read_volume(with_topogram, log=notes.append).array, hu)
+    assert any("left out 1 localizer image" in n for n in notes)
+    (with_topogram / "topogram.dcm").unlink()
+    write_dicom_series(tmp_path / "cor", synthetic_ct(1, 32), "1.2.3.77.9",
+                       {"0020|0037": "1\\0\\0\\0\\0\\-1", "0020|000e": "1.2.3.77"})
+    shutil.copy(tmp_path / "cor" / "0.dcm", with_topogram / "coronal.dcm")
+    with pytest.raises(CoreDiffError, match="mixes images of different orientations"):
+        read_volume(with_topogram)
+    # the same positions again, other SOP Instance UIDs: a second acquisition under the one series UID
+    second = write_dicom_series(tmp_path / "second", hu + 5, "1.2.3.77.2", {"0020|0012": "2", "0020|000e": "1.2.3.77"})
+    twice = tmp_path / "twice"
+    shutil.copytree(whole, twice)
+    for k in range(8):
+        shutil.copy(second / f"{k}.dcm", twice / f"b{k}.dcm")
+    with pytest.raises(CoreDiffError, match="two acquisitions in one series"):
+        read_volume(twice)
+    enhanced = tmp_path / "enhanced"
+    enhanced.mkdir()
+    image = sitk.GetImageFromArray(hu.astype(np.int16))
+    image.SetSpacing((0.7, 0.7, 2.5))
+    image.SetMetaData("0008|0060", "CT")
+    sitk.WriteImage(image, str(enhanced / "ct.dcm"))
+    back = read_volume(enhanced)
+    np.testing.assert_array_equal(back.array, hu)
+    assert back.spacing == pytest.approx((0.7, 0.7, 2.5))
+
+
 def test_a_big_endian_compressed_metaimage_is_read_by_the_full_reader(tmp_path):
     import zlib
 
