@@ -342,15 +342,21 @@ def set_provenance(image: sitk.Image, metadata: dict[str, str] | None) -> None:
 
 
 def _cast_like_input(volume: Volume) -> np.ndarray:
-    """Write in the input's pixel type when it can hold the values (rounded), else float32."""
+    """Write in the input's pixel type when it can hold the values (rounded), else float32; a
+    wider integer type narrowed to int16 when the values fit (DICOM's rescale makes int32 of
+    int16 CT, which would double the file for nothing)."""
     arr = volume.array
     dtype = np.dtype(volume.pixel_type)
     if np.issubdtype(dtype, np.integer):
         info = np.iinfo(dtype)
         rounded = np.rint(arr)
-        if rounded.min() >= info.min and rounded.max() <= info.max:
+        low, high = rounded.min(), rounded.max()
+        fits_int16 = low >= -32768 and high <= 32767
+        if dtype.itemsize > 2 and fits_int16:
+            return rounded.astype(np.int16)
+        if low >= info.min and high <= info.max:
             return rounded.astype(dtype)
-        if rounded.min() >= -32768 and rounded.max() <= 32767:
+        if fits_int16:
             return rounded.astype(np.int16)
     return arr.astype(np.float32)
 

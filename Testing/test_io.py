@@ -97,6 +97,15 @@ def test_an_interrupted_inflation_leaves_no_temporary_file(tmp_path, monkeypatch
     assert list((tmp_path / "temp").iterdir()) == []
 
 
+def test_dicom_rescaled_to_int32_is_written_as_int16_when_it_fits(tmp_path):
+    folder = write_dicom_series(tmp_path / "s", synthetic_ct(3, 32), "1.2.3.55")
+    vol = read_volume(folder)
+    assert vol.pixel_type == "int32"  # int16 stored with intercept -1024: ITK widens it
+    out = write_volume(vol, tmp_path / "o.nrrd")
+    assert sitk.ReadImage(str(out)).GetPixelID() == sitk.sitkInt16
+    np.testing.assert_array_equal(read_volume(out).array, vol.array)
+
+
 def test_dicom_rescale_slope_and_intercept_are_honoured(tmp_path):
     """CT stored with intercept -1024 (typical scanners: raw values = HU + 1024) reads back in HU.
 
