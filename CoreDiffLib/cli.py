@@ -253,11 +253,18 @@ def cmd_train(args: argparse.Namespace) -> int:
         volumes.append((axial_view(a)[0], axial_view(b)[0]))
     device = "cuda" if args.device == "auto" and _cuda() else ("cpu" if args.device == "auto" else args.device)
     ema, state = train(volumes, net_cfg, cfg, checkpoint=checkpoint, device=device,
-                       log=lambda m: info(args, m), init_state=init_state)
+                       log=lambda m: info(args, m), init_state=init_state,
+                       inherit=("ema_start",) if args.ema_start is None else ())
     import os
     if int(os.environ.get("RANK", "0")) == 0:
+        # what they were trained from, wherever the command was run
+        started_from = ({"init_weights": str(Path(args.init_weights).resolve()),
+                         "init_weights_sha256": getattr(init, "weights_sha256", ""), "widen": args.widen}
+                        if args.init_weights else {})
         sha = save_weights(ema, args.output, {"iterations": state.iteration, "train_config": vars(cfg),
-                                              "data": [[str(a), str(b)] for a, b in pairs]})
+                                              "data": [[str(Path(a).resolve()), str(Path(b).resolve())]
+                                                       for a, b in pairs],
+                                              "dose_tag": args.dose_tag, **started_from})
         info(args, f"wrote {args.output} (sha256 {sha[:12]}…, {state.iteration} iterations)")
     return 0
 
@@ -274,7 +281,8 @@ def add_train_parser(sub) -> None:
     p.add_argument("--dose-tag", default=None, help="LDCT dose tag to use when several exist (e.g. 25)")
     p.add_argument("--iterations", type=int, default=20000)
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--patch-size", type=int, default=64, help="training patch size (0 = whole slices)")
+    p.add_argument("--patch-size", type=int, default=64,
+                   help="training patch size (0 = square crops as large as the smallest slice)")
     p.add_argument("--width", type=int, default=64, help="network width (64 = the paper)")
     p.add_argument("--steps", type=int, default=10, help="T, sampling steps")
     p.add_argument("--no-context", action="store_true", help="ablation: no adjacent slices")
@@ -322,7 +330,8 @@ def add_train_parser(sub) -> None:
     p.add_argument("--checkpoint-every", type=int, default=500)
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = all)")
     p.add_argument("--ema-start", type=int, default=None,
-                   help="iteration where the EMA starts averaging (default: min(2000, iterations/5))")
+                   help="iteration where the EMA starts averaging (default: min(2000, iterations/5), or the "
+                        "resumed checkpoint's)")
     p.add_argument("--keep-every", type=int, default=0, help="also keep a snapshot checkpoint every N iterations")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                    help="bf16 autocast (for GPUs: about 2-3x faster training there)")
@@ -598,8 +607,8 @@ def main(argv: list[str] | None = None) -> int:
     except CoreDiffError as exc:
         print(f"corediff: error: {exc}", file=sys.stderr, flush=True)
         return 2
-    except KeyboardInterrupt:
-        print("corediff: error: interrupted; no output was written", file=sys.stderr, flush=True)
+    except KeyboardInterrupt as exc:  # a training run says where it saved its checkpoint
+        print(f"corediff: error: {exc or 'interrupted; no output was written'}", file=sys.stderr, flush=True)
         return 130
     except OSError as exc:  # a full disk, a permission changed mid-run...: outputs are written atomically
         where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""

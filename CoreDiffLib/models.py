@@ -129,6 +129,6 @@ def load_model(name_or_path: str | os.PathLike | None = None, device: str | torc
     if broken:  # a diverged training run: it would write 0 HU everywhere
         raise CoreDiffError(f"model file {path} holds NaN or infinite weights ({', '.join(broken[:3])}): "
                             "it is damaged, or saved from a training run that diverged")
-    model.weights_path = str(path)  # type: ignore[attr-defined]
+    model.weights_path = str(path.resolve())  # type: ignore[attr-defined]  # found again from any folder
     model.weights_sha256 = entry.get("sha256") or sha256_of(path)  # type: ignore[attr-defined]
     return model.eval().to(device)

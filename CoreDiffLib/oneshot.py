@@ -84,7 +84,7 @@ from .training import window_ssim
 
 FORMAT = "corediff-oneshot-v1"
 MODES = ("paired", "unpaired")
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,99}$")
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,99}")  # fullmatch: '$' would let a final newline by
 
 ProgressFn = Callable[[int, int], None]
 
@@ -102,7 +102,7 @@ def validate_name(name: str) -> str:
     if not name or "/" in name or "\\" in name or (os.sep in name) or (os.altsep and os.altsep in name):
         raise CoreDiffError(f"adaptation name '{name}' must be a plain name without path separators "
                             "(use --out FILE to choose where the file goes)")
-    if name in (".", "..") or not _NAME_RE.match(name):
+    if name in (".", "..") or not _NAME_RE.fullmatch(name):
         raise CoreDiffError(f"adaptation name '{name}' is not allowed: use 1-100 letters, digits, "
                             "'.', '_', '+' or '-', starting with a letter or digit")
     return name
@@ -115,7 +115,7 @@ def default_path(name: str) -> Path:
 def resolve_adaptation(name_or_path: str | os.PathLike) -> Path:
     """A saved name in :func:`adaptations_dir` (checked first), else an existing file path."""
     text = str(name_or_path)
-    looks_like_name = bool(_NAME_RE.match(text)) and "/" not in text and "\\" not in text
+    looks_like_name = bool(_NAME_RE.fullmatch(text)) and "/" not in text and "\\" not in text
     if looks_like_name:
         candidate = adaptations_dir() / f"{text}.json"
         if candidate.is_file():

@@ -9,9 +9,12 @@ and runs on whole slices. Runs unchanged under ``torchrun`` (DistributedDataPara
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import math
 import os
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -163,7 +166,9 @@ class PairedSlices:
             if ndct.shape != ldct.shape:
                 raise CoreDiffError(f"NDCT {ndct.shape} and LDCT {ldct.shape} volumes differ in shape")
             self.pairs.append((hu_to_unit(ndct), hu_to_unit(ldct)))
-        self.patch = patch_size
+        # one patch size for every pair (a batch stacks them): at most the smallest slice's side
+        smallest = min(min(ldct.shape[1:]) for _, ldct in self.pairs)
+        self.patch = min(patch_size or smallest, smallest)
         self.rng = np.random.default_rng(seed)
         self.anywhere_share = anywhere_share
         self.max_gap = int(max_neighbour_gap)
@@ -183,8 +188,7 @@ class PairedSlices:
             else:
                 i = int(self.rng.integers(s))
             idx = [i, i, i] if own_slice else [max(i - gap, 0), i, min(i + gap, s - 1)]
-            p = self.patch or min(h, w)
-            p = min(p, h, w)
+            p = self.patch
             y = int(self.rng.integers(h - p + 1))
             x = int(self.rng.integers(w - p + 1))
             ctx = ldct[idx, y:y + p, x:x + p]
@@ -470,11 +474,25 @@ RESUMABLE_CHANGES = ("iterations", "time_limit_s", "threads", "checkpoint_every"
                      "lr", "lr_schedule")
 
 
+def data_fingerprint(pairs: Sequence[tuple[np.ndarray, np.ndarray]]) -> str:
+    """A short hash of the training pairs (their shapes and a sparse sample of their voxels): a
+    checkpoint records it, so that a run is not resumed on other data without a word."""
+    digest = hashlib.sha256()
+    for ndct, ldct in pairs:
+        for volume in (ndct, ldct):
+            volume = np.asarray(volume)
+            digest.update(str(volume.shape).encode())
+            digest.update(np.ascontiguousarray(volume[:, ::16, ::16], dtype=np.float32).tobytes())
+    return digest.hexdigest()[:16]
+
+
 def save_checkpoint(path: Path, model: ClearNet, ema: ClearNet, optimizer: torch.optim.Optimizer,
                     state: TrainState, net_cfg: NetworkConfig, train_cfg: TrainConfig,
-                    rng: np.random.Generator, sampler_rng: np.random.Generator | None = None) -> None:
-    """Everything needed to resume bit-for-bit (the patch sampler's random state included);
-    written atomically (temp file + rename)."""
+                    rng: np.random.Generator, sampler_rng: np.random.Generator | None = None,
+                    data: str | None = None, elapsed_s: float = 0.0) -> None:
+    """Everything needed to resume bit-for-bit (the patch sampler's random state included, the
+    data's fingerprint, the training time so far for a time-limited schedule); written
+    atomically (temp file + rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
@@ -484,12 +502,17 @@ def save_checkpoint(path: Path, model: ClearNet, ema: ClearNet, optimizer: torch
             "network_config": net_cfg.to_dict(), "train_config": asdict(train_cfg),
             "numpy_rng": json.dumps(rng.bit_generator.state), "torch_rng": torch.get_rng_state(),
             **({"sampler_rng": json.dumps(sampler_rng.bit_generator.state)} if sampler_rng is not None else {}),
+            **({"data": data} if data else {}), "elapsed_s": float(elapsed_s),
         }, tmp)
 
 
-def load_checkpoint(path: Path, device: str, net_cfg: NetworkConfig, cfg: TrainConfig) -> dict:
-    """A checkpoint to resume, refused with a clear message when it is damaged, not ours, or was
-    made by another recipe than this run's (see RESUMABLE_CHANGES)."""
+def load_checkpoint(path: Path, device: str, net_cfg: NetworkConfig, cfg: TrainConfig,
+                    data: str | None = None, inherit: Sequence[str] = ()) -> dict:
+    """A checkpoint to resume, refused with a clear message when it is damaged, not ours, was
+    made by another recipe than this run's (see RESUMABLE_CHANGES) or on other data (``data``,
+    a :func:`data_fingerprint`). ``inherit``: settings the user left at their defaults, taken
+    from the checkpoint (the default ``ema_start`` follows ``iterations``, which a resumed run
+    may raise)."""
     try:
         saved = torch.load(path, map_location=device, weights_only=True)
         saved_net, saved_cfg = saved["network_config"], saved["train_config"]
@@ -502,6 +525,12 @@ def load_checkpoint(path: Path, device: str, net_cfg: NetworkConfig, cfg: TrainC
                             "afresh") from None
     if NetworkConfig.from_dict(saved_net) != net_cfg:
         raise CoreDiffError(f"checkpoint {path} is for another architecture ({saved_net}); use a new --checkpoint path")
+    if data and saved.get("data") and saved["data"] != data:
+        raise CoreDiffError(f"checkpoint {path} was made on other training data: give a new --checkpoint path (and "
+                            "--init-weights with that run's weights to go on from them on these data)")
+    for key in inherit:
+        if key in saved_cfg:
+            setattr(cfg, key, saved_cfg[key])
     now = asdict(cfg)
     changed = [f"{k} {saved_cfg[k]!r} -> {now[k]!r}" for k in now
                if k in saved_cfg and saved_cfg[k] != now[k] and k not in RESUMABLE_CHANGES]
@@ -511,14 +540,47 @@ def load_checkpoint(path: Path, device: str, net_cfg: NetworkConfig, cfg: TrainC
     return saved
 
 
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM during :func:`train`, after the checkpoint was saved (the message says where)."""
+
+
+class _StopRequests:
+    """While active, SIGINT and SIGTERM ask the training loop to stop at the end of the iteration
+    (a checkpoint saved halfway through an optimiser step would not resume exactly); a second
+    one stops at once. Only in the main thread, where Python handles signals."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+
+    def _ask(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._ask)
+        return self
+
+    def __exit__(self, *exc):
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        return False
+
+
 def train(pairs: Sequence[tuple[np.ndarray, np.ndarray]], net_cfg: NetworkConfig, cfg: TrainConfig,
           checkpoint: str | Path | None = None, resume: bool = True, device: str = "cpu",
           log: Callable[[str], None] = print,
-          init_state: dict[str, torch.Tensor] | None = None) -> tuple[ClearNet, TrainState]:
+          init_state: dict[str, torch.Tensor] | None = None,
+          inherit: Sequence[str] = ()) -> tuple[ClearNet, TrainState]:
     """Train (or resume) a model on HU volume pairs. Returns the EMA model and the state.
 
     ``init_state`` starts from given weights (fine-tuning a shipped model on new data, or
-    continuing a run of which only the weights survive); a checkpoint, if resumed, wins.
+    continuing a run of which only the weights survive); a checkpoint, if resumed, wins
+    (``inherit``: see :func:`load_checkpoint`). Ctrl-C or SIGTERM (a scheduler's notice) ends
+    the iteration under way, saves the checkpoint and raises :class:`TrainingInterrupted`.
 
     Under torchrun each process trains on its own data stream (rank-seeded) and gradients are
     averaged by DDP, so all replicas hold identical weights.
@@ -555,8 +617,11 @@ def train(pairs: Sequence[tuple[np.ndarray, np.ndarray]], net_cfg: NetworkConfig
     step_rng = np.random.default_rng(cfg.seed + 7)  # same t on every rank each iteration
 
     ckpt = Path(checkpoint) if checkpoint else None
+    fingerprint = data_fingerprint(pairs) if ckpt else None
+    elapsed_before = 0.0  # training time of the earlier legs of a resumed run
     if ckpt and resume and ckpt.exists():
-        saved = load_checkpoint(ckpt, device, net_cfg, cfg)
+        saved = load_checkpoint(ckpt, device, net_cfg, cfg, fingerprint, inherit)
+        elapsed_before = float(saved.get("elapsed_s", 0.0))
         model.load_state_dict(saved["model"])
         ema.load_state_dict(saved["ema"])
         optimizer.load_state_dict(saved["optimizer"])
@@ -587,66 +652,77 @@ def train(pairs: Sequence[tuple[np.ndarray, np.ndarray]], net_cfg: NetworkConfig
     autocast = torch.autocast(device_type="cuda" if on_cuda else "cpu", dtype=torch.bfloat16,
                               enabled=cfg.precision == "bf16")
     memory_format = torch.channels_last if on_cuda else torch.contiguous_format
-    started = t0 = time.time()
+    started = t0 = time.time() - elapsed_before  # a time-limited cosine goes on where it was
     window: list[torch.Tensor] = []
-    # the EMA averages from the first EMA step at or after ema_start on (a resumed run: it already did)
-    ema_averaging = state.iteration >= cfg.ema_start + cfg.ema_every
+    # the EMA averages from its first step at or after ema_start on: resumed, whether that step is past
+    ema_averaging = state.iteration // cfg.ema_every * cfg.ema_every >= max(cfg.ema_start, cfg.ema_every)
     stop_at = cfg.iterations
-    while state.iteration < stop_at:
-        ctx, tgt, clean_ctx = data.batch_with_clean_context(cfg.batch_size)
-        mirrored = (mirror_neighbour_noise(ctx, clean_ctx).to(device, non_blocking=True)
-                    .contiguous(memory_format=memory_format) if terms.context_noise_weight else None)
-        ctx = ctx.to(device, non_blocking=True).contiguous(memory_format=memory_format)
-        tgt = tgt.to(device, non_blocking=True).contiguous(memory_format=memory_format)
-        t = int(step_rng.integers(net_cfg.steps) if t_probabilities is None
-                else step_rng.choice(net_cfg.steps, p=t_probabilities))
-        if cfg.lr_schedule == "cosine":
-            for group in optimizer.param_groups:
-                # under DDP only iterations count, so every replica applies the same rate
-                progress = run_progress(state.iteration, cfg.iterations, time.time() - started,
-                                        cfg.time_limit_s if world == 1 else 0.0)
-                group["lr"] = cosine_lr(cfg.lr, progress)
-        with autocast:
-            loss = loss_fn(ctx, tgt, t, mirrored).float()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        state.iteration += 1
-        window.append(loss.detach())  # a tensor: reading it every iteration would stall a GPU
-        if debug_dir:
-            debug["losses"].append(float(window[-1]))
-            debug["ts"].append(t)
-        if state.iteration % cfg.ema_every == 0:
-            if not ema_averaging:  # before ema_start, and at its first step: a copy of the live weights
+
+    def save(path: Path) -> None:
+        save_checkpoint(path, model, ema, optimizer, state, net_cfg, cfg, step_rng, data.rng, fingerprint,
+                        time.time() - started)
+
+    with _StopRequests() as stop:  # Ctrl-C / SIGTERM: finish the iteration, save, then stop
+        while state.iteration < stop_at:
+            ctx, tgt, clean_ctx = data.batch_with_clean_context(cfg.batch_size)
+            mirrored = (mirror_neighbour_noise(ctx, clean_ctx).to(device, non_blocking=True)
+                        .contiguous(memory_format=memory_format) if terms.context_noise_weight else None)
+            ctx = ctx.to(device, non_blocking=True).contiguous(memory_format=memory_format)
+            tgt = tgt.to(device, non_blocking=True).contiguous(memory_format=memory_format)
+            t = int(step_rng.integers(net_cfg.steps) if t_probabilities is None
+                    else step_rng.choice(net_cfg.steps, p=t_probabilities))
+            if cfg.lr_schedule == "cosine":
+                for group in optimizer.param_groups:
+                    # under DDP only iterations count, so every replica applies the same rate
+                    progress = run_progress(state.iteration, cfg.iterations, time.time() - started,
+                                            cfg.time_limit_s if world == 1 else 0.0)
+                    group["lr"] = cosine_lr(cfg.lr, progress)
+            with autocast:
+                loss = loss_fn(ctx, tgt, t, mirrored).float()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            state.iteration += 1
+            window.append(loss.detach())  # a tensor: reading it every iteration would stall a GPU
+            if debug_dir:
+                debug["losses"].append(float(window[-1]))
+                debug["ts"].append(t)
+            if state.iteration % cfg.ema_every == 0:
+                if not ema_averaging:  # before ema_start, and at its first step: a copy of the live weights
+                    ema.load_state_dict(model.state_dict())
+                    ema_averaging = state.iteration >= cfg.ema_start
+                else:
+                    _update_ema(ema, model, cfg.ema_decay)
+            if state.iteration % cfg.log_every == 0:
+                mean = float(torch.stack(window).double().mean())
+                state.losses.append(mean)
+                window = []
+                if rank == 0:
+                    rate = cfg.log_every / max(time.time() - t0, 1e-9)
+                    scale = (f"~{math.sqrt(mean) * 4096.0:.1f} HU rms" if terms.mse_only
+                             else "MSE + extra terms")  # the pure MSE reads as an RMS error in HU
+                    log(f"iter {state.iteration}/{cfg.iterations}  loss {mean:.3e} ({scale})  "
+                        f"{rate:.2f} it/s")
+                t0 = time.time()
+            if cfg.time_limit_s and (world == 1 or state.iteration % cfg.log_every == 0):
+                over = time.time() - started > cfg.time_limit_s
+                if world > 1:  # every rank must stop at the same iteration, or DDP deadlocks
+                    flag = torch.tensor([float(over)], device=device)
+                    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                    over = bool(flag.item())
+                if over:
+                    stop_at = state.iteration
+            if not ema_averaging and state.iteration == stop_at:  # too short to average: the weights as trained
                 ema.load_state_dict(model.state_dict())
-                ema_averaging = state.iteration >= cfg.ema_start
-            else:
-                _update_ema(ema, model, cfg.ema_decay)
-        if state.iteration % cfg.log_every == 0:
-            mean = float(torch.stack(window).double().mean())
-            state.losses.append(mean)
-            window = []
-            if rank == 0:
-                rate = cfg.log_every / max(time.time() - t0, 1e-9)
-                scale = (f"~{math.sqrt(mean) * 4096.0:.1f} HU rms" if terms.mse_only
-                         else "MSE + extra terms")  # the pure MSE reads as an RMS error in HU
-                log(f"iter {state.iteration}/{cfg.iterations}  loss {mean:.3e} ({scale})  "
-                    f"{rate:.2f} it/s")
-            t0 = time.time()
-        if cfg.time_limit_s and (world == 1 or state.iteration % cfg.log_every == 0):
-            over = time.time() - started > cfg.time_limit_s
-            if world > 1:  # every rank must stop at the same iteration, or DDP deadlocks
-                flag = torch.tensor([float(over)], device=device)
-                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-                over = bool(flag.item())
-            if over:
-                stop_at = state.iteration
-        if ckpt and rank == 0 and (state.iteration % cfg.checkpoint_every == 0
-                                   or state.iteration == stop_at):
-            save_checkpoint(ckpt, model, ema, optimizer, state, net_cfg, cfg, step_rng, data.rng)
-        if ckpt and rank == 0 and cfg.keep_every and state.iteration % cfg.keep_every == 0:
-            snapshot = ckpt.with_name(f"{ckpt.stem}.it{state.iteration}{ckpt.suffix}")
-            save_checkpoint(snapshot, model, ema, optimizer, state, net_cfg, cfg, step_rng, data.rng)
+            if ckpt and rank == 0 and (state.iteration % cfg.checkpoint_every == 0
+                                       or state.iteration == stop_at or stop.requested):
+                save(ckpt)
+            if ckpt and rank == 0 and cfg.keep_every and state.iteration % cfg.keep_every == 0:
+                save(ckpt.with_name(f"{ckpt.stem}.it{state.iteration}{ckpt.suffix}"))
+            if stop.requested:
+                where = (f"; {ckpt} holds the run so far: run the same command to go on, or with --iterations "
+                         f"{state.iteration} to write its weights as they are" if ckpt and rank == 0 else "")
+                raise TrainingInterrupted(f"interrupted at iteration {state.iteration}{where}")
     if not ema_averaging:  # a run too short to average: the EMA would be a stale copy (or the initial weights)
         ema.load_state_dict(model.state_dict())
     if world > 1:

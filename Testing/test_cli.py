@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 import subprocess
 import sys
@@ -535,8 +536,14 @@ def test_train_command_writes_a_loadable_model(tmp_path):
     r = corediff("train", data, "--out", out, "--iterations", "20", "--width", "8", "--batch-size", "2",
                  "--patch-size", "32", "--progress", "none", "--checkpoint-every", "10")
     assert r.returncode == 0, r.stderr
-    from CoreDiffLib.models import load_model
+    from CoreDiffLib.models import load_model, read_weights_config
     assert load_model(out).config.width == 8
+    _, meta = read_weights_config(out)  # what it was trained from, wherever the command ran
+    assert [Path(p).is_absolute() for p in json.loads(meta["data"])[0]] == [True, True]
+    # more iterations for the same run: the default --ema-start (iterations / 5) follows the checkpoint's
+    r = corediff("train", data, "--out", out, "--iterations", "40", "--width", "8", "--batch-size", "2",
+                 "--patch-size", "32", "--progress", "lines", "--checkpoint-every", "10")
+    assert r.returncode == 0 and "resumed from" in r.stdout and "at iteration 20" in r.stdout, r.stderr
     assert (tmp_path / "m.ckpt").exists()
 
 

@@ -197,6 +197,40 @@ def test_a_resumed_run_continues_the_same_run_bit_for_bit_or_is_refused(tmp_path
             run(10, tmp_path / "d.ckpt")
 
 
+def test_ctrl_c_saves_the_checkpoint_and_the_run_resumes_where_it_stopped(tmp_path):
+    """Ctrl-C (or a scheduler's SIGTERM) lost everything since the last checkpoint; an EMA step
+    at ema_start then a resume before the next one restarted the average; other data resumed
+    silently; and pairs of different slice sizes crashed on stacking their patches."""
+    import os
+    import signal
+
+    from CoreDiffLib.training import TrainingInterrupted
+    v = synthetic_ct(4, 32, seed=3, noise_hu=5)
+    pairs = [(v, v + 40 * np.random.default_rng(0).standard_normal(v.shape).astype(np.float32))]
+
+    def run(iterations, ckpt, log=lambda m: None, data=pairs):
+        cfg = TrainConfig(iterations=iterations, batch_size=2, patch_size=16, log_every=1, checkpoint_every=1000,
+                          ema_start=12, ema_every=10)
+        return train(data, NetworkConfig(width=4, steps=2), cfg, checkpoint=ckpt, log=log)[0]
+
+    straight = run(30, tmp_path / "a.ckpt")
+
+    def interrupt_at_21(message):
+        if message.startswith("iter 21/"):
+            os.kill(os.getpid(), signal.SIGTERM)
+    with pytest.raises(TrainingInterrupted, match=r"interrupted at iteration 21; .*b.ckpt holds the run so far"):
+        run(30, tmp_path / "b.ckpt", log=interrupt_at_21)
+    assert torch.load(tmp_path / "b.ckpt", weights_only=True)["iteration"] == 21
+    resumed = run(30, tmp_path / "b.ckpt")
+    assert all(torch.equal(x, y) for x, y in zip(straight.state_dict().values(), resumed.state_dict().values()))
+    other = [(v + 1, pairs[0][1] + 1)]
+    with pytest.raises(CoreDiffError, match="made on other training data"):
+        run(40, tmp_path / "b.ckpt", data=other)
+    mixed = pairs + [(synthetic_ct(4, 48, seed=4), synthetic_ct(4, 48, seed=5))]
+    ctx, tgt = PairedSlices(mixed, patch_size=0, seed=0).batch(6)  # 32 and 48 pixel slices
+    assert ctx.shape == (6, 3, 32, 32) and tgt.shape == (6, 1, 32, 32)
+
+
 def test_a_run_too_short_to_average_returns_its_trained_weights_not_the_initial_ones():
     v = synthetic_ct(4, 32, seed=3, noise_hu=5)
     pairs = [(v, v + 40 * np.random.default_rng(0).standard_normal(v.shape).astype(np.float32))]

@@ -542,3 +542,17 @@ def test_a_sagittally_stored_reference_is_adapted_in_its_axial_planes(files, use
     rc, out, err = run_cli(capsys, *base, "--slice", "2", "--name", "sag")
     assert rc == 0, err
     assert Adaptation.read(out.strip().splitlines()[-1].split(" ", 1)[1]).reference_slice == 2
+
+
+def test_a_name_with_a_final_newline_is_refused_and_the_base_model_is_found_from_anywhere(tmp_path, monkeypatch):
+    """'$' let 'name\\n' through (a file 'name⏎.json'); a relative --model path was recorded as
+    given, so the adaptation could not find its model from another folder."""
+    from CoreDiffLib.models import load_model, save_weights
+    from CoreDiffLib.network import ClearNet, NetworkConfig
+    from CoreDiffLib.oneshot import validate_name
+    with pytest.raises(CoreDiffError):
+        validate_name("abc\n")
+    assert validate_name("abc") == "abc"
+    save_weights(ClearNet(NetworkConfig(width=4)), tmp_path / "m.safetensors")
+    monkeypatch.chdir(tmp_path)
+    assert load_model("m.safetensors").weights_path == str(tmp_path / "m.safetensors")
