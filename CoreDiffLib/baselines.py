@@ -61,6 +61,10 @@ class REDCNN(nn.Module):
         return F.relu(h / scale + offset)  # the original's output ReLU: nothing below -1024 HU
 
 
+#: the smallest patch side RED-CNN takes: its five 5 x 5 convolutions are unpadded
+REDCNN_MIN_SIZE = 21
+
+
 def train_redcnn(pairs: Sequence[tuple[np.ndarray, np.ndarray]], iterations: int, batch_size: int = 8,
                  patch_size: int = 64, lr: float = 1e-4, seed: int = 0, filters: int = 96,
                  log: Callable[[str], None] = print, init_state: dict[str, torch.Tensor] | None = None,
@@ -82,6 +86,12 @@ def train_redcnn(pairs: Sequence[tuple[np.ndarray, np.ndarray]], iterations: int
     loss_terms.check_patch_size(patch_size)
     if loss_terms.context_noise_weight:
         raise CoreDiffError("RED-CNN sees one slice, not its neighbours: the context-noise term does not apply")
+    if iterations < 0:
+        raise CoreDiffError(f"--iterations {iterations}: give 0 or more (0: the starting weights as they are)")
+    smallest = min(min(np.shape(ldct)[1:]) for _, ldct in pairs) if len(pairs) else 0
+    if min(patch_size or smallest, smallest) < REDCNN_MIN_SIZE:  # five 5 x 5 convolutions without padding
+        raise CoreDiffError(f"RED-CNN needs patches of at least {REDCNN_MIN_SIZE} pixels: --patch-size {patch_size}"
+                            f" and slices of {smallest} pixels give fewer")
     torch.manual_seed(seed)
     model = REDCNN(filters)
     if init_state is not None:
@@ -111,10 +121,12 @@ def train_redcnn(pairs: Sequence[tuple[np.ndarray, np.ndarray]], iterations: int
     return model.cpu().eval()
 
 
-def load_redcnn(path: str | Path, filters: int = 32) -> REDCNN:
-    """A RED-CNN saved by ``scripts/train_redcnn.py`` (a state dict), on the CPU, in eval mode."""
-    model = REDCNN(filters)
-    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+def load_redcnn(path: str | Path, filters: int | None = None) -> REDCNN:
+    """A RED-CNN saved by ``scripts/train_redcnn.py`` (a state dict), on the CPU, in eval mode;
+    its number of filters read from the weights unless given."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    model = REDCNN(filters or int(state["enc.0.weight"].shape[0]))
+    model.load_state_dict(state)
     return model.eval()
 
 

@@ -196,12 +196,8 @@ CHECKPOINT_SUFFIXES = (".ckpt", ".pt", ".pth")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    import numpy as np
-
-    from .inference import axial_view
-    from .io import find_pairs, read_pair_list, read_volume
+    from .io import find_pairs, read_pair_list, read_training_pairs
     from .models import save_weights
-    from .orientation import axial_layout
     from .network import NetworkConfig
     from .training import TrainConfig, train
 
@@ -238,19 +234,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg.loss_terms.check_network(net_cfg)
     pairs = read_pair_list(args.data) if Path(args.data).is_file() else find_pairs(args.data, args.dose_tag)
     info(args, f"{len(pairs)} NDCT/LDCT pairs")
-    volumes = []
-    for nd, ld in pairs:
-        a, b = read_volume(nd), read_volume(ld)
-        if a.shape != b.shape:
-            raise CoreDiffError(f"{nd} {a.shape} and {ld} {b.shape} differ in shape: pairs must be aligned")
-        if not (np.allclose(a.spacing, b.spacing, rtol=1e-3) and np.allclose(a.origin, b.origin, atol=0.5)
-                and np.allclose(a.direction, b.direction, atol=1e-3)):
-            raise CoreDiffError(f"{nd} and {ld} differ in spacing, origin or direction: a pair must be two scans "
-                                "of the same voxels (resample one onto the other first)")
-        layout = axial_layout(a.direction, a.array.shape)
-        if layout is not None:  # trained on axial planes with axial neighbours, as denoise runs them
-            info(args, f"{Path(nd).name}: stored {layout.storage}ly; trained on its axial planes")
-        volumes.append((axial_view(a)[0], axial_view(b)[0]))
+    volumes = read_training_pairs(pairs, log=lambda m: info(args, m))
     device = "cuda" if args.device == "auto" and _cuda() else ("cpu" if args.device == "auto" else args.device)
     ema, state = train(volumes, net_cfg, cfg, checkpoint=checkpoint, device=device,
                        log=lambda m: info(args, m), init_state=init_state,

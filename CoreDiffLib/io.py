@@ -570,6 +570,26 @@ def find_pairs(folder: str | os.PathLike, dose_tag: str | None = None) -> list[t
     return pairs
 
 
+def read_training_pairs(pairs: list[tuple[Path, Path]], log=None) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The axial planes of each NDCT/LDCT pair, as denoise runs them, after checking that the two
+    are scans of the same voxels (shape, spacing, origin, direction); ``log`` hears which were
+    stored sagittally or coronally."""
+    volumes = []
+    for nd, ld in pairs:
+        a, b = read_volume(nd), read_volume(ld)
+        if a.shape != b.shape:
+            raise CoreDiffError(f"{nd} {a.shape} and {ld} {b.shape} differ in shape: pairs must be aligned")
+        if not (np.allclose(a.spacing, b.spacing, rtol=1e-3) and np.allclose(a.origin, b.origin, atol=0.5)
+                and np.allclose(a.direction, b.direction, atol=1e-3)):
+            raise CoreDiffError(f"{nd} and {ld} differ in spacing, origin or direction: a pair must be two scans "
+                                "of the same voxels (resample one onto the other first)")
+        layout = axial_layout(a.direction, a.array.shape)
+        if layout is not None and log:  # trained on axial planes with axial neighbours, as denoise runs them
+            log(f"{Path(nd).name}: stored {layout.storage}ly; trained on its axial planes")
+        volumes.append((axial_volume(a).array, axial_volume(b).array))
+    return volumes
+
+
 def read_pair_list(path: str | os.PathLike) -> list[tuple[Path, Path]]:
     """A text/CSV file with one 'ndct_path,ldct_path' per line (relative to the file)."""
     base = Path(path).parent

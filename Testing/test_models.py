@@ -236,3 +236,29 @@ def test_a_weights_file_with_a_broken_config_is_refused_clearly(tmp_path):
         save_file(tensors, str(path), {"format": "corediff-clearnet-v1", "config": config})
         with pytest.raises(CoreDiffError, match="unreadable network config"):
             load_model(path)
+
+
+def test_the_redcnn_script_takes_axial_planes_and_refuses_what_it_cannot_train(tmp_path):
+    """It read stored planes (a sagittal pair gave 8-pixel patches and a raw kernel-size error),
+    wrote an untrained model for --iterations -5, and crashed on patches under 21 pixels."""
+    from conftest import write_image
+    data = tmp_path / "sag"
+    data.mkdir()
+    ref = synthetic_ct(8, 48, noise_hu=0)  # (z, y, x): stored sagittally, its axial planes are 48 x 48
+    for name, vol in (("c1_ndct", ref), ("c1_ldct", ref + np.random.default_rng(0).normal(0, 40, ref.shape))):
+        write_image(data / f"{name}.nrrd", np.transpose(vol, (2, 1, 0)), spacing=(1.0, 0.8, 0.8),
+                    direction=(0, 0, 1, 0, 1, 0, 1, 0, 0))
+    script = Path(__file__).resolve().parents[1] / "scripts" / "train_redcnn.py"
+
+    def run(*extra):
+        return subprocess.run([sys.executable, str(script), str(data), "--out", str(tmp_path / "rc.pt"),
+                               "--batch-size", "2", "--filters", "4", *map(str, extra)],
+                              capture_output=True, encoding="utf-8", timeout=300)
+    for extra, message in ((("--iterations", "-5"), "--iterations -5"),
+                           (("--iterations", "2", "--patch-size", "16"), "at least 21 pixels")):
+        r = run(*extra)
+        assert r.returncode == 2 and message in r.stderr and not (tmp_path / "rc.pt").exists(), r.stderr
+    r = run("--iterations", "2", "--patch-size", "32")
+    assert r.returncode == 0 and "stored sagittally; trained on its axial planes" in r.stdout, r.stderr
+    model = load_redcnn(tmp_path / "rc.pt")  # its filters read from the weights
+    assert isinstance(model, REDCNN) and model.enc[0].weight.shape[0] == 4

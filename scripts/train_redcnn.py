@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from CoreDiffLib import CoreDiffError  # noqa: E402
 from CoreDiffLib.atomic import atomic_path  # noqa: E402
 from CoreDiffLib.baselines import train_redcnn  # noqa: E402
-from CoreDiffLib.io import find_pairs, read_volume  # noqa: E402
+from CoreDiffLib.io import find_pairs, read_training_pairs  # noqa: E402
 from CoreDiffLib.training import LEVEL_WINDOWS, LR_SCHEDULES, LossTerms  # noqa: E402
 
 
@@ -51,6 +51,8 @@ def main() -> int:
                         "--anywhere-share` does")
     p.add_argument("--out", required=True)
     a = p.parse_args()
+    if a.iterations < 1:
+        p.error(f"--iterations {a.iterations}: give at least 1")
     if not 0 <= a.anywhere_share <= 1:
         p.error(f"--anywhere-share {a.anywhere_share} is not a share: give a number in [0, 1]")
     try:  # refused before the data are read: nothing is written
@@ -62,7 +64,8 @@ def main() -> int:
         p.error("--out is the --init weights file: choose another output (the starting weights are kept)")
     torch.set_num_threads(a.threads)
     try:
-        pairs = [(read_volume(n).array, read_volume(l).array) for n, l in find_pairs(a.data, a.dose_tag)]
+        # the axial planes of checked pairs, as `corediff train` reads them
+        pairs = read_training_pairs(find_pairs(a.data, a.dose_tag), log=lambda m: print(m, flush=True))
     except CoreDiffError as e:
         p.error(str(e))
     init = torch.load(a.init, map_location="cpu", weights_only=True) if a.init else None
