@@ -149,6 +149,17 @@ def test_ship_model_exports_ema_or_final_weights_without_touching_the_manifest(t
                                 capture_output=True, encoding="utf-8")
     assert relabelled.returncode == 0, relabelled.stderr  # the file says it holds the final weights
     assert torch.equal(load_file(tmp_path / "r.safetensors")["out.weight"], saved["model"]["out.weight"].float())
+    escaping = subprocess.run([sys.executable, str(script), str(ckpt), "--name", "../../elsewhere", "--dose", "0.25"],
+                              capture_output=True, encoding="utf-8")
+    assert escaping.returncode == 2 and "letters, digits" in escaping.stderr  # it wrote outside weights/
+    from CoreDiffLib.models import read_weights_config  # a weights file's provenance is carried over
+    trained = tmp_path / "trained.safetensors"
+    save_weights(ClearNet(NetworkConfig(width=8)), trained, {"data": [["/d/a_ndct.nrrd", "/d/a_ldct.nrrd"]],
+                                                              "dose_tag": "12p5"})
+    subprocess.run([sys.executable, str(script), str(trained), "--name", "x", "--dose", "0.25", "--weights", "raw",
+                    "--export-only", str(tmp_path / "shipped.safetensors")], check=True, capture_output=True)
+    meta = read_weights_config(tmp_path / "shipped.safetensors")[1]
+    assert json.loads(meta["data"]) == [["/d/a_ndct.nrrd", "/d/a_ldct.nrrd"]] and meta["dose_tag"] == "12p5"
     assert MANIFEST.read_bytes() == manifest_before
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -42,6 +43,9 @@ def main() -> int:
     p.add_argument("--export-only", metavar="FILE", default=None,
                    help="write the weights to FILE and leave the manifest alone (e.g. to score them first)")
     a = p.parse_args()
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,99}", a.name):  # a file name in weights/, nothing else
+        p.error(f"--name {a.name!r}: letters, digits and . _ + - only (it names a file in {WEIGHTS_DIR})")
+    provenance = {}  # what the weights were trained from, carried over from a weights file
     if a.checkpoint.endswith(".safetensors"):
         from CoreDiffLib.models import load_model, read_weights_config
         model = load_model(a.checkpoint)
@@ -50,6 +54,8 @@ def main() -> int:
         if held and held != a.weights:
             p.error(f"{a.checkpoint} holds the {held} weights, not the {a.weights} ones: a weights file "
                     "holds one set only (a training checkpoint .ckpt holds both)")
+        provenance = {k: json.loads(meta[k]) for k in ("data", "widen") if k in meta}  # stored as JSON
+        provenance.update({k: meta[k] for k in ("dose_tag", "init_weights", "init_weights_sha256") if k in meta})
         losses = json.loads(meta.get("losses_every_100", "[]"))
         ckpt = {"iteration": json.loads(meta.get("iterations", "0")), "losses": losses,
                 "train_config": json.loads(meta.get("train_config", "{}"))}
@@ -62,7 +68,7 @@ def main() -> int:
     file = f"{a.name}.safetensors"
     sha = save_weights(model, Path(a.export_only) if a.export_only else WEIGHTS_DIR / file,
                        {"iterations": iterations, "dose": a.dose, "weights": a.weights,
-                        "train_config": ckpt["train_config"]},
+                        "train_config": ckpt["train_config"], **provenance},
                        storage_dtype=torch.float16 if a.storage == "fp16" else torch.float32)
     if a.export_only:
         print(f"wrote {a.export_only} ({a.weights} weights, {iterations} iterations, sha256 {sha[:16]}…)")
