@@ -304,14 +304,20 @@ def list_adaptations() -> list[dict]:
             continue
         try:
             a = Adaptation.read(path)
-        except CoreDiffError:
+        except CoreDiffError as exc:  # listed, so that its name taken by it is no mystery
+            rows.append({"name": path.stem, "path": str(path), "kind": "adaptation", "damaged": True,
+                         "description": f"damaged, cannot be used ({exc}): delete {path} or adapt again "
+                                        "with --overwrite"})
             continue
         probs = a.probabilities
         best = int(np.argmax(probs))
+        base = a.info.get("base_model")
         desc = (f"one-shot {a.mode} adaptation" + (f" for dose {a.dose}" if a.dose else "")
+                + (f" of {Path(base).stem}" if isinstance(base, str) and base else "")
                 + f", T={a.steps}, peak weight {probs[best]:.2f} on step {best + 1}")
         rows.append({"name": path.stem, "path": str(path), "kind": "adaptation", "description": desc,
-                     "dose": a.dose, "base_sha256": a.base_sha256, "mode": a.mode})
+                     "dose": a.dose, "base_sha256": a.base_sha256, "mode": a.mode,
+                     "base_model": base if isinstance(base, str) else None})
     return rows
 
 

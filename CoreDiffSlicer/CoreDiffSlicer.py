@@ -805,7 +805,7 @@ class CoreDiffSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.statusLabel.text = ("PyTorch is not installed yet: Denoise offers to install it"
                                         if self._listedWithoutTorch else f"Could not list models: {error}")
             entries = []
-        self._modelEntries = entries or []
+        self._modelEntries = [e for e in entries or [] if not e.get("damaged")]  # `corediff models` lists them
         items = [("Automatic: the model for the scan's dose", "")]
         fixed = len(items)
         for e in self._modelEntries:

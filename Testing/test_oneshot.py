@@ -506,7 +506,11 @@ def test_tampered_adaptations_are_refused_and_do_not_break_the_model_list(user_h
     assert oneshot.adaptation_base_model(folder / "base_number.json") is None  # a number is no file: no traceback
     (folder / "good.json").write_text(json.dumps(good))
     rc, out, _ = run_cli(capsys, "models", "--json")
-    assert rc == 0 and [r["name"] for r in json.loads(out) if r["kind"] == "adaptation"] == ["base_number", "good"]
+    rows = [r for r in json.loads(out) if r["kind"] == "adaptation"]
+    assert rc == 0 and [r["name"] for r in rows if not r.get("damaged")] == ["base_number", "good"]
+    damaged = [r for r in rows if r.get("damaged")]  # listed, so a name they hold is no mystery
+    assert sorted(r["name"] for r in damaged) == sorted([*tampered, "steps_inf", "nested"])
+    assert all("damaged, cannot be used" in r["description"] and r["path"] in r["description"] for r in damaged)
 
 
 def test_an_adaptation_saved_meanwhile_is_kept_and_an_explicit_model_is_kept(files, tmp_path):
