@@ -224,6 +224,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.init_weights:
         from .models import load_model
         init = load_model(args.init_weights)
+        init_sha256 = getattr(init, "weights_sha256", "")  # before widening makes a new network
         if args.widen:
             from .network import widened
             init = widened(init, args.widen, seed=args.seed)
@@ -243,8 +244,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if int(os.environ.get("RANK", "0")) == 0:
         # what they were trained from, wherever the command was run
         started_from = ({"init_weights": str(Path(args.init_weights).resolve()),
-                         "init_weights_sha256": getattr(init, "weights_sha256", ""), "widen": args.widen}
-                        if args.init_weights else {})
+                         "init_weights_sha256": init_sha256, "widen": args.widen} if args.init_weights else {})
         sha = save_weights(ema, args.output, {"iterations": state.iteration, "train_config": vars(cfg),
                                               "data": [[str(Path(a).resolve()), str(Path(b).resolve())]
                                                        for a, b in pairs],
@@ -320,7 +320,8 @@ def add_train_parser(sub) -> None:
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                    help="bf16 autocast (for GPUs: about 2-3x faster training there)")
     p.add_argument("--time-limit", type=float, default=0.0, metavar="MINUTES",
-                   help="stop after this much wall time (checkpoint and weights are still written)")
+                   help="stop after this much training time (checkpoint and weights are still written); like "
+                        "--iterations, a total over a run's resumed legs: raise it to go on")
     p.add_argument("--device", default="auto")
     _add_progress(p)
     p.set_defaults(func=cmd_train)
@@ -592,7 +593,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"corediff: error: {exc}", file=sys.stderr, flush=True)
         return 2
     except KeyboardInterrupt as exc:  # a training run says where it saved its checkpoint
-        print(f"corediff: error: {exc or 'interrupted; no output was written'}", file=sys.stderr, flush=True)
+        print(f"corediff: error: {str(exc) or 'interrupted; no output was written'}", file=sys.stderr, flush=True)
         return 130
     except OSError as exc:  # a full disk, a permission changed mid-run...: outputs are written atomically
         where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""

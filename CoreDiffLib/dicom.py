@@ -100,8 +100,7 @@ def find_dicom_series(folder: str | os.PathLike) -> list[DicomSeries]:
         if len(dirpaths) == 1:
             files = tuple(reader.GetGDCMSeriesFileNames(dirpaths[0], uid))
         else:  # CDs and PACS exports cap files per folder: one series, sorted across them all
-            with itk_warnings_off():
-                files = tuple(reader.GetGDCMSeriesFileNames(str(root), uid, False, True))
+            files = _sorted_along_normal([f for d in dirpaths for f in reader.GetGDCMSeriesFileNames(d, uid)])
         if not files:
             continue
         where = str(Path(dirpaths[0]).relative_to(root))
@@ -111,6 +110,19 @@ def find_dicom_series(folder: str | os.PathLike) -> list[DicomSeries]:
         order = int(number) if number.lstrip("-").isdigit() else 0
         found.append((where, order, DicomSeries(uid, files, where, *tags)))
     return [s for *_, s in sorted(found, key=lambda f: f[:2])]
+
+
+def _sorted_along_normal(files: list[str]) -> tuple[str, ...]:
+    """Files of one series gathered from several folders, in slice order: by ImagePositionPatient
+    along the first file's slice normal, as GDCM sorts the files of one folder."""
+    heads = [_header_tags(f, ("0020|0032", "0020|0037")) for f in files]
+    try:
+        row_col = np.array([float(v) for v in heads[0]["0020|0037"].split("\\")]).reshape(2, 3)
+        normal = np.cross(row_col[0], row_col[1])
+        keys = [float(np.dot([float(v) for v in h["0020|0032"].split("\\")], normal)) for h in heads]
+    except ValueError:  # no usable geometry: the folders' own order
+        return tuple(files)
+    return tuple(f for _, f in sorted(zip(keys, files), key=lambda pair: pair[0]))
 
 
 def series_slices(series: DicomSeries) -> tuple[tuple[str, ...], list[str]]:
@@ -143,15 +155,22 @@ def series_slices(series: DicomSeries) -> tuple[tuple[str, ...], list[str]]:
 
     def orientation(t):
         try:
-            return tuple(round(float(v), 3) for v in t["0020|0037"].split("\\"))
+            return np.array([float(v) for v in t["0020|0037"].split("\\")])
         except ValueError:
-            return ()
-    kinds = {}
+            return np.empty(0)
+    kinds = []  # (orientation, rows, cols, files): orientations within 1e-4 are one (written to other precisions)
     for f, t in heads:
-        kinds.setdefault((orientation(t), t["0028|0010"], t["0028|0011"]), []).append(f)
+        o = orientation(t)
+        for kind in kinds:
+            if kind[1:3] == (t["0028|0010"], t["0028|0011"]) and kind[0].shape == o.shape \
+                    and (not o.size or np.abs(kind[0] - o).max() < 1e-4):
+                kind[3].append(f)
+                break
+        else:
+            kinds.append((o, t["0028|0010"], t["0028|0011"], [f]))
     if len(kinds) > 1:
         parts = "; ".join(f"{len(v)} of {rows or '?'} x {cols or '?'} pixels, "
-                          f"orientation {' '.join(map(str, o)) or '?'}" for (o, rows, cols), v in kinds.items())
+                          f"orientation {' '.join(f'{x:g}' for x in o) or '?'}" for o, rows, cols, v in kinds)
         raise CoreDiffError(f"series {series.uid} mixes images of different orientations or sizes ({parts}): "
                             "they are not one volume; export the axial slices as a series of their own")
     positions = [t["0020|0032"] for _, t in heads]

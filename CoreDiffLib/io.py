@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as _dt
 import os
 import re
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -416,8 +417,9 @@ def _write_dicom_series(volume: Volume, pixels: np.ndarray, folder: Path, descri
     image = _to_image(volume, pixels)
     src = volume.dicom_tags
     now = _dt.datetime.now()
-    uid_root = "1.2.826.0.1.3680043.2.1125"
-    series_uid = f"{uid_root}.{now:%Y%m%d%H%M%S}.{os.getpid()}.{np.random.randint(1, 1 << 30)}"
+    # a UUID-derived UID (PS3.5 B.2): at most 44 characters, so '.3.' and a slice number stay
+    # within the 64 DICOM allows (a date, PID and random number went past it for big PIDs)
+    series_uid = f"2.25.{uuid.uuid4().int}"
     charset = src.get("0008|0005", "").strip()
     source_desc = _dicom_text(src.get("0008|103e", ""), charset).strip()
     common = {k: _dicom_text(src[k], charset) for k in _COPIED_TAGS if k in src}
@@ -471,9 +473,8 @@ def _is_axial(direction) -> bool:
     return bool(abs(normal[2]) > 0.9)
 
 
-#: the code-extension character sets (ISO 2022 escapes) of Japanese and Korean names
-_DICOM_ISO2022 = {"ISO 2022 IR 87": "iso2022_jp", "ISO 2022 IR 159": "iso2022_jp_2", "ISO 2022 IR 13": "iso2022_jp",
-                  "ISO 2022 IR 149": "euc_kr"}
+#: the code-extension character sets (ISO 2022 escapes) of Japanese names (Korean's, IR 149, is EUC-KR)
+_DICOM_ISO2022 = ("ISO 2022 IR 87", "ISO 2022 IR 159", "ISO 2022 IR 13")
 
 
 def _dicom_text(value: str, charset: str) -> str:
@@ -483,11 +484,12 @@ def _dicom_text(value: str, charset: str) -> str:
     (the output declares ISO_IR 192)."""
     raw = value.encode("utf-8", "surrogateescape")
     sets = [c.strip().upper() for c in charset.split("\\")] if charset else []
-    extended = [_DICOM_ISO2022[c] for c in sets if c in _DICOM_ISO2022]
-    if extended:  # escapes switch sets inside the value: each component decoded as a whole
-        if extended[0] == "euc_kr":  # KS X 1001 is designated once (ESC $ ) C), then shifted in by high bits
-            raw = raw.replace(b"\x1b$)C", b"")
-        return "=".join(part.decode(extended[0], "replace") for part in raw.split(b"="))
+    if "ISO 2022 IR 149" in sets:  # KS X 1001, designated once (ESC $ ) C), then in high bytes: EUC-KR
+        return raw.replace(b"\x1b$)C", b"").decode("euc_kr", "replace")
+    if any(c in _DICOM_ISO2022 for c in sets):  # Japanese: the whole value, escapes and all
+        # half-width katakana (IR 13) are bare high bytes: give them the escape the codec knows
+        raw = re.sub(rb"[\xa1-\xdf]+", lambda m: b"\x1b(I" + bytes(b - 0x80 for b in m.group()) + b"\x1b(B", raw)
+        return raw.decode("iso2022_jp_2" if "ISO 2022 IR 159" in sets else "iso2022_jp_ext", "replace")
     codec = _DICOM_CODECS.get(sets[-1] if sets else "", "utf-8")
     try:
         return raw.decode(codec)

@@ -78,7 +78,7 @@ class TrainConfig:
     threads: int = 0              # torch CPU threads, 0 = torch default
     keep_every: int = 0           # also keep a snapshot NAME.itN.ckpt every N iterations (0 = never)
     precision: str = "fp32"       # "bf16": autocast matmuls/convs (GPU training, ~2-3x faster there)
-    time_limit_s: float = 0.0     # stop (and checkpoint) after this much wall time; 0 = no limit
+    time_limit_s: float = 0.0     # stop (and checkpoint) after this much training time, over resumed legs; 0 = none
     lr_schedule: str = "constant"  # one of LR_SCHEDULES; "cosine": decay to 0 over the iterations or the time limit
     t_sampling: str = "uniform"   # "late": p(t) ∝ t + 1, see time_index_probabilities
     ssim_weight: float = 0.0      # > 0: add ssim_weight x (1 - SSIM) to the MSE, see restoration_loss
@@ -561,7 +561,8 @@ class _StopRequests:
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
             for signum in (signal.SIGINT, signal.SIGTERM):
-                self._previous[signum] = signal.signal(signum, self._ask)
+                if signal.getsignal(signum) is not signal.SIG_IGN:  # a background job ignores Ctrl-C: still
+                    self._previous[signum] = signal.signal(signum, self._ask)
         return self
 
     def __exit__(self, *exc):
@@ -633,7 +634,9 @@ def train(pairs: Sequence[tuple[np.ndarray, np.ndarray]], net_cfg: NetworkConfig
             data.rng.bit_generator.state = json.loads(saved["sampler_rng"])
         torch.set_rng_state(saved["torch_rng"])
         if rank == 0:
-            log(f"resumed from {ckpt} at iteration {state.iteration}"
+            used = (f", {elapsed_before / 60:.1f} of the {cfg.time_limit_s / 60:g} min time limit used"
+                    if cfg.time_limit_s else "")
+            log(f"resumed from {ckpt} at iteration {state.iteration}{used}"
                 + (f": nothing left to train for --iterations {cfg.iterations}" if state.iteration >= cfg.iterations
                    else "")
                 + "".join(f"; {k} {saved['train_config'][k]!r} -> {getattr(cfg, k)!r}" for k in ("lr", "lr_schedule")
@@ -652,11 +655,12 @@ def train(pairs: Sequence[tuple[np.ndarray, np.ndarray]], net_cfg: NetworkConfig
     autocast = torch.autocast(device_type="cuda" if on_cuda else "cpu", dtype=torch.bfloat16,
                               enabled=cfg.precision == "bf16")
     memory_format = torch.channels_last if on_cuda else torch.contiguous_format
-    started = t0 = time.time() - elapsed_before  # a time-limited cosine goes on where it was
+    t0 = time.time()
+    started = t0 - elapsed_before  # the time limit and a time-limited cosine count the earlier legs too
     window: list[torch.Tensor] = []
     # the EMA averages from its first step at or after ema_start on: resumed, whether that step is past
     ema_averaging = state.iteration // cfg.ema_every * cfg.ema_every >= max(cfg.ema_start, cfg.ema_every)
-    stop_at = cfg.iterations
+    stop_at = cfg.iterations if not (cfg.time_limit_s and elapsed_before >= cfg.time_limit_s) else state.iteration
 
     def save(path: Path) -> None:
         save_checkpoint(path, model, ema, optimizer, state, net_cfg, cfg, step_rng, data.rng, fingerprint,

@@ -462,8 +462,9 @@ def requirementMet(requirement: str) -> bool:
     except importlib.metadata.PackageNotFoundError:
         return False
 
-    def numbers(version):
-        return tuple(int(part) for part in re.findall(r"\d+", version.split("+")[0])[:3])
+    def numbers(version):  # three numbers, padded: 5.9 meets 5.9.0
+        found = [int(part) for part in re.findall(r"\d+", version.split("+")[0])[:3]]
+        return tuple(found + [0] * (3 - len(found)))
     return not minimum or numbers(installed) >= numbers(minimum)
 
 
@@ -1717,21 +1718,34 @@ class CoreDiffSlicerLogic(ScriptedLoadableModuleLogic):
 
     def _voxelsInROI(self, volumeNode, roiNode, lo, hi) -> np.ndarray:
         """(K, J, I) mask of the voxels from IJK ``lo`` to ``hi`` whose centres lie in the ROI box:
-        a volume or an ROI at an angle to the other covers voxels outside it in its IJK box."""
-        k, j, i = np.meshgrid(*(np.arange(lo[a], hi[a] + 1) for a in (2, 1, 0)), indexing="ij")
-        ijk = np.stack([i.ravel(), j.ravel(), k.ravel(), np.ones(i.size)])
+        a volume or an ROI at an angle to the other covers voxels outside it in its IJK box.
+        One plane at a time, in one matrix when the volume's transform is linear (memory and time
+        of a plane, not of the box)."""
+        def numpyMatrix(m):
+            return np.array([[m.GetElement(r, c) for c in range(4)] for r in range(4)])
         ijkToRAS = vtk.vtkMatrix4x4()
         volumeNode.GetIJKToRASMatrix(ijkToRAS)
-        ras = np.array([[ijkToRAS.GetElement(r, c) for c in range(4)] for r in range(4)]) @ ijk
-        if volumeNode.GetParentTransformNode() is not None:  # the ROI is placed in the world
-            ras[:3] = np.array([self.worldToLocal(volumeNode, p, inverse=True) for p in ras[:3].T]).T
         worldToObject = vtk.vtkMatrix4x4()
         vtk.vtkMatrix4x4.Invert(roiNode.GetObjectToWorldMatrix(), worldToObject)
-        local = np.array([[worldToObject.GetElement(r, c) for c in range(4)] for r in range(4)]) @ ras
+        toObject = numpyMatrix(worldToObject)
+        transformNode = volumeNode.GetParentTransformNode()
+        warped = transformNode is not None and not transformNode.IsTransformToWorldLinear()
+        if transformNode is not None and not warped:  # the ROI is placed in the world
+            toWorld = vtk.vtkMatrix4x4()
+            transformNode.GetMatrixTransformToWorld(toWorld)
+            toObject = toObject @ numpyMatrix(toWorld)
         size = [0.0, 0.0, 0.0]
         roiNode.GetSize(size)
         half = np.asarray(size)[:, None] / 2.0 + 1e-6
-        return (np.abs(local[:3]) <= half).all(axis=0).reshape(k.shape)
+        jj, ii = np.mgrid[lo[1]:hi[1] + 1, lo[0]:hi[0] + 1]
+        mask = np.zeros((hi[2] - lo[2] + 1,) + jj.shape, bool)
+        for plane, k in enumerate(range(lo[2], hi[2] + 1)):
+            ras = numpyMatrix(ijkToRAS) @ np.stack([ii.ravel(), jj.ravel(), np.full(ii.size, k), np.ones(ii.size)])
+            if warped:  # a non-linear transform: point by point
+                ras[:3] = np.array([self.worldToLocal(volumeNode, p, inverse=True) for p in ras[:3].T]).T
+            local = (toObject @ ras)[:3]
+            mask[plane] = (np.abs(local) <= half).all(axis=0).reshape(jj.shape)
+        return mask
 
     def sliceQuality(self, inputNode, outputNode, referenceNode, sliceIndex=None) -> dict:
         """PSNR / SSIM / RMSE of input and result against a reference scan, on one slice

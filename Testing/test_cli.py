@@ -637,3 +637,13 @@ def test_train_refuses_bad_options_and_outputs_before_reading_the_data(tmp_path)
                  "--checkpoint", tmp_path / "x.ckpt", "--progress", "none")
     assert r.returncode == 2 and "--context-noise-weight" in r.stderr and "adjacent slices" in r.stderr
     assert not (tmp_path / "x.safetensors").exists() and not (tmp_path / "x.ckpt").exists()
+
+
+def test_ctrl_c_says_so(monkeypatch, capsys):
+    from CoreDiffLib import cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(cli, "cmd_models", interrupted)
+    assert cli.main(["models"]) == 130
+    assert capsys.readouterr().err.strip() == "corediff: error: interrupted; no output was written"

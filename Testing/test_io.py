@@ -55,7 +55,8 @@ def test_dicom_output_keeps_patient_tags_with_a_new_series(tmp_path):
         reader.SetFileName(str(f))
         reader.ReadImageInformation()
         instances.add(reader.GetMetaData("0008|0018").strip())
-    assert len(instances) == 3
+    assert len(instances) == 3 and all(len(uid) <= 64 for uid in instances)  # DICOM's limit
+    assert out.dicom_tags["0020|000e"].startswith("2.25.") and len(out.dicom_tags["0020|000e"].strip()) <= 44
     assert not instances & {src.dicom_tags["0020|000d"].strip(), src.dicom_tags["0020|0052"].strip()}
 
 
@@ -65,6 +66,11 @@ def test_dicom_text_in_iso_2022_sets_and_patient_position_are_kept(tmp_path):
     assert _dicom_text(japanese, "\\ISO 2022 IR 87") == "Yamada^Tarou=山田^太郎"
     korean = "Hong^Gildong=\x1b$)C\xc8\xab^\xb1\xe6\xb5\xbf".encode("latin-1").decode("utf-8", "surrogateescape")
     assert _dicom_text(korean, "\\ISO 2022 IR 149") == "Hong^Gildong=홍^길동"
+    equals_inside = "Suzuki^Ichiro=\x1b$B8^==Mr\x1b(B^\x1b$B0lO:\x1b(B"  # 五十嵐 holds '=' bytes
+    assert _dicom_text(equals_inside.encode("latin-1").decode("utf-8", "surrogateescape"),
+                       "\\ISO 2022 IR 87") == "Suzuki^Ichiro=五十嵐^一郎"
+    katakana = b"\xd4\xcf\xc0\xde^\xc0\xdb\xb3".decode("utf-8", "surrogateescape")  # PS3.5 H.3.1's example
+    assert _dicom_text(katakana, "ISO 2022 IR 13\\ISO 2022 IR 87") == "ﾔﾏﾀﾞ^ﾀﾛｳ"
     folder = write_dicom_series(tmp_path / "ffs", synthetic_ct(3, 32), "1.2.3.44",
                                 {"0018|5100": "FFS", "0018|0015": "ABDOMEN"})
     out = read_volume(write_volume(read_volume(folder), tmp_path / "out"))
@@ -478,6 +484,22 @@ def test_dicom_series_as_exports_store_them_split_with_copies_or_a_localizer(tmp
     back = read_volume(enhanced)
     np.testing.assert_array_equal(back.array, hu)
     assert back.spacing == pytest.approx((0.7, 0.7, 2.5))
+
+
+def test_orientations_written_to_other_precisions_are_one_orientation(monkeypatch):
+    """Grouped by rounding to 3 decimals, 0.9395 and 0.93950001 fell on two sides of a boundary."""
+    from CoreDiffLib import dicom
+    from CoreDiffLib.dicom import DicomSeries, series_slices
+    iop = {"a": "1\\0\\0\\0\\0.9395\\0.3425", "b": "1.0\\0.0\\0.0\\0.0\\0.93950001\\0.34249999",
+           "c": "1\\0\\0\\0\\0.9395\\0.3425"}
+    heads = {f: {"0008|0008": "ORIGINAL\\PRIMARY\\AXIAL", "0008|0018": f"1.2.{k}", "0020|0037": iop[f],
+                 "0020|0032": f"0\\0\\{k}", "0028|0010": "32", "0028|0011": "32", "0020|0012": "1"}
+             for k, f in enumerate("abc")}
+    monkeypatch.setattr(dicom, "_header_tags", lambda f, keys: heads[f])
+    assert series_slices(DicomSeries("1.2", ("a", "b", "c"), "."))[0] == ("a", "b", "c")
+    heads["c"]["0020|0037"] = "1\\0\\0\\0\\0.94\\0.3425"
+    with pytest.raises(CoreDiffError, match="mixes images of different orientations"):
+        series_slices(DicomSeries("1.2", ("a", "b", "c"), "."))
 
 
 def test_a_big_endian_compressed_metaimage_is_read_by_the_full_reader(tmp_path):

@@ -578,3 +578,18 @@ def test_a_reformat_is_named_by_its_slices_plane(orientation, storage):
     row, col = np.array(orientation[:3], float), np.array(orientation[3:], float)
     direction = np.stack([row, col, np.cross(row, col)], axis=1).ravel()  # ITK: columns are index axes
     assert axial_layout(tuple(direction), (40, 64, 64)).storage == storage
+
+
+def test_a_run_started_with_ctrl_c_ignored_keeps_ignoring_it():
+    """A job started with `cmd &` from a script ignores SIGINT; the training's handler replaced that."""
+    import signal
+
+    from CoreDiffLib.training import _StopRequests
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with _StopRequests():
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL  # SIGTERM still ends it cleanly
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)

@@ -632,6 +632,15 @@ def test_the_roi_readout_takes_only_the_voxels_inside_a_tilted_roi(slicerEnv):  
     assert stats["voxels"] == inside.sum()
     assert stats["before"]["mean"] == pytest.approx(array[1][inside].mean())
     assert stats["before"]["std"] == pytest.approx(array[1][inside].std())
+    # the volume moved 5 mm by a (registration) transform, the ROI with it: the same voxels
+    transform = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "moved")
+    shift = vtk.vtkMatrix4x4()
+    shift.SetElement(0, 3, 5.0)
+    transform.SetMatrixTransformToParent(shift)
+    volume.SetAndObserveTransformNodeID(transform.GetID())
+    roi.SetCenter(36.0, 30.0, 1.0)
+    moved = module.CoreDiffSlicerLogic().roiStatistics(volume, volume, roi)
+    assert moved["voxels"] == stats["voxels"] and moved["before"]["mean"] == pytest.approx(stats["before"]["mean"])
 
 
 def test_without_pytorch_the_lists_say_so_and_are_made_again_once_it_is_installed(slicerEnv, monkeypatch):  # noqa: F811

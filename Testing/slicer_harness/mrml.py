@@ -201,6 +201,12 @@ class vtkMRMLLinearTransformNode(vtkMRMLNode):
         transform.SetMatrix(self._toParent)
         return transform
 
+    def IsTransformToWorldLinear(self):
+        return True
+
+    def GetMatrixTransformToWorld(self, matrix):
+        matrix.DeepCopy(self._toParent)
+
 
 class vtkMRMLScalarVolumeDisplayNode(vtkMRMLNode):
     """Mirrors vtkMRMLScalarVolumeDisplayNode window/level."""
