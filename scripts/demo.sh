@@ -4,7 +4,7 @@
 # (metrics + before/after figure).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/setup_env.sh export  # ONNX Runtime: the faster CPU path
+scripts/setup_env.sh  # the library alone: what the demo runs needs no extra
 . .venv/bin/activate
 mkdir -p out
 sample=CoreDiffLib/data
