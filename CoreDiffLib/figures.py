@@ -71,7 +71,7 @@ def comparison_figure(panels: dict[str, np.ndarray], path: str | os.PathLike, ti
         axes[1, col].imshow(img[y:y + zoom, x:x + zoom], cmap=cmap, vmin=vmin, vmax=vmax, aspect=pixel_aspect)
         for ax in axes[:, col]:
             ax.set_xticks([]), ax.set_yticks([])
-    windows = f"window [{lo:.0f}, {hi:.0f}] HU" + (", difference [−100, 100] HU" if diff is not None else "")
+    windows = f"window [{lo:.0f}, {hi:.0f}] HU" + (", difference [-100, 100] HU" if diff is not None else "")
     fig.suptitle(f"{title} · {windows}" if title else windows, fontsize=11)
     fig.tight_layout()
     out = Path(path)
