@@ -2,7 +2,8 @@
 # Create (or reuse) ./.venv with CoreDiffLib and what the given extras need.
 # Usage: scripts/setup_env.sh [extras]   e.g. scripts/setup_env.sh test
 # torch is pinned to the CPU build used in CI; on a GPU machine install the CUDA build you
-# need first (see README, "GPU"), then run this: the pin is skipped when torch is present.
+# need first (README, Install, "Library / CLI, NVIDIA GPU"), then run this: the pin is skipped
+# when torch is present.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extras="${1:-}"
