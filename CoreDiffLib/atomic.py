@@ -105,22 +105,43 @@ def partial_folder(target: str | os.PathLike) -> Iterator[Path]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
+class StopRequests:
+    """While active, ``signals`` ask the work to stop at a point where it is safe to (``requested``
+    turns true) instead of stopping it wherever it is; with ``second_stops`` a second one stops it
+    at once (KeyboardInterrupt). Only in the main thread, where Python handles signals; a signal
+    the process ignores (Ctrl-C in a job started in the background) stays ignored."""
+
+    def __init__(self, signals: Sequence[int] = (signal.SIGINT, signal.SIGTERM), second_stops: bool = True):
+        self.requested = False
+        self._signals, self._second_stops = tuple(signals), second_stops
+        self._previous: dict[int, object] = {}
+
+    def _ask(self, signum, frame) -> None:
+        if self.requested and self._second_stops:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __enter__(self) -> "StopRequests":
+        if threading.current_thread() is threading.main_thread():
+            for signum in self._signals:
+                if signal.getsignal(signum) is not signal.SIG_IGN:
+                    self._previous[signum] = signal.signal(signum, self._ask)
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        return False
+
+
 @contextlib.contextmanager
 def deferred_interrupts() -> Iterator[None]:
     """Hold Ctrl-C (SIGINT) until the block ends, then raise it: for the few renames that put a
-    finished multi-file output in place, which an interrupt halfway would leave mixed. Outside
-    the main thread (where signals cannot be handled) the block runs as it is."""
-    if threading.current_thread() is not threading.main_thread():
+    finished multi-file output in place, which an interrupt halfway would leave mixed."""
+    with StopRequests((signal.SIGINT,), second_stops=False) as stop:
         yield
-        return
-    held = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-        if held:
-            raise KeyboardInterrupt
+    if stop.requested:
+        raise KeyboardInterrupt
 
 
 def write_text_atomic(target: str | os.PathLike, text: str) -> Path:

@@ -13,8 +13,6 @@ import hashlib
 import json
 import math
 import os
-import signal
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,7 +24,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from . import CoreDiffError
-from .atomic import atomic_path
+from .atomic import StopRequests, atomic_path
 from .degradation import alpha_schedule, degrade
 from .diffusion import network_input
 from .intensity import METRIC_WINDOW_HU, hu_to_unit
@@ -544,33 +542,6 @@ class TrainingInterrupted(KeyboardInterrupt):
     """Ctrl-C or SIGTERM during :func:`train`, after the checkpoint was saved (the message says where)."""
 
 
-class _StopRequests:
-    """While active, SIGINT and SIGTERM ask the training loop to stop at the end of the iteration
-    (a checkpoint saved halfway through an optimiser step would not resume exactly); a second
-    one stops at once. Only in the main thread, where Python handles signals."""
-
-    def __init__(self):
-        self.requested = False
-        self._previous = {}
-
-    def _ask(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for signum in (signal.SIGINT, signal.SIGTERM):
-                if signal.getsignal(signum) is not signal.SIG_IGN:  # a background job ignores Ctrl-C: still
-                    self._previous[signum] = signal.signal(signum, self._ask)
-        return self
-
-    def __exit__(self, *exc):
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-        return False
-
-
 def train(pairs: Sequence[tuple[np.ndarray, np.ndarray]], net_cfg: NetworkConfig, cfg: TrainConfig,
           checkpoint: str | Path | None = None, resume: bool = True, device: str = "cpu",
           log: Callable[[str], None] = print,
@@ -666,7 +637,7 @@ def train(pairs: Sequence[tuple[np.ndarray, np.ndarray]], net_cfg: NetworkConfig
         save_checkpoint(path, model, ema, optimizer, state, net_cfg, cfg, step_rng, data.rng, fingerprint,
                         time.time() - started)
 
-    with _StopRequests() as stop:  # Ctrl-C / SIGTERM: finish the iteration, save, then stop
+    with StopRequests() as stop:  # Ctrl-C / SIGTERM: finish the iteration, save, then stop
         while state.iteration < stop_at:
             ctx, tgt, clean_ctx = data.batch_with_clean_context(cfg.batch_size)
             mirrored = (mirror_neighbour_noise(ctx, clean_ctx).to(device, non_blocking=True)

@@ -584,10 +584,12 @@ def test_a_run_started_with_ctrl_c_ignored_keeps_ignoring_it():
     """A job started with `cmd &` from a script ignores SIGINT; the training's handler replaced that."""
     import signal
 
-    from CoreDiffLib.training import _StopRequests
+    from CoreDiffLib.atomic import StopRequests, deferred_interrupts
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
-        with _StopRequests():
+        with deferred_interrupts():  # the simulation's final moves keep ignoring it too
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        with StopRequests():
             assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
             assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL  # SIGTERM still ends it cleanly
         assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
