@@ -572,6 +572,18 @@ def find_pairs(folder: str | os.PathLike, dose_tag: str | None = None) -> list[t
     return pairs
 
 
+def voxel_grid_difference(a: Volume, b: Volume) -> str | None:
+    """What keeps two volumes from being scans of the same voxels (a training or one-shot pair):
+    "shape", "spacing" or "place" (origin or direction), or None when nothing does."""
+    if a.shape != b.shape:
+        return "shape"
+    if not np.allclose(a.spacing, b.spacing, rtol=1e-3):
+        return "spacing"
+    if not (np.allclose(a.origin, b.origin, atol=0.5) and np.allclose(a.direction, b.direction, atol=1e-3)):
+        return "place"
+    return None
+
+
 def read_training_pairs(pairs: list[tuple[Path, Path]], log=None) -> list[tuple[np.ndarray, np.ndarray]]:
     """The axial planes of each NDCT/LDCT pair, as denoise runs them, after checking that the two
     are scans of the same voxels (shape, spacing, origin, direction); ``log`` hears which were
@@ -579,10 +591,10 @@ def read_training_pairs(pairs: list[tuple[Path, Path]], log=None) -> list[tuple[
     volumes = []
     for nd, ld in pairs:
         a, b = read_volume(nd), read_volume(ld)
-        if a.shape != b.shape:
+        differs = voxel_grid_difference(a, b)
+        if differs == "shape":
             raise CoreDiffError(f"{nd} {a.shape} and {ld} {b.shape} differ in shape: pairs must be aligned")
-        if not (np.allclose(a.spacing, b.spacing, rtol=1e-3) and np.allclose(a.origin, b.origin, atol=0.5)
-                and np.allclose(a.direction, b.direction, atol=1e-3)):
+        if differs:
             raise CoreDiffError(f"{nd} and {ld} differ in spacing, origin or direction: a pair must be two scans "
                                 "of the same voxels (resample one onto the other first)")
         layout = axial_layout(a.direction, a.array.shape)

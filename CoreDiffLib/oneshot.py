@@ -795,7 +795,7 @@ def cmd_oneshot(args) -> int:
     """``corediff oneshot``: learn and save an adaptation; last stdout line ``RESULT <path>``."""
     from .cli import Progress, info, note
     from .inference import axial_layout, axial_spacing, axial_view, pick_device, uses_neighbours
-    from .io import read_volume
+    from .io import read_volume, voxel_grid_difference
     from .models import load_model
 
     # everything that can be checked cheaply is checked before any heavy work
@@ -842,16 +842,16 @@ def cmd_oneshot(args) -> int:
     ndct_volume = read_volume(args.ndct if paired else args.ndct_unpaired, log=note)
     ndct, ndct_xy = axial_view(ndct_volume)
     if paired:
-        if ndct_volume.shape != ldct_volume.shape:
+        differs = voxel_grid_difference(ndct_volume, ldct_volume)
+        if differs == "shape":
             raise CoreDiffError(f"--ndct volume {ndct_volume.shape} and --ldct volume {ldct_volume.shape} differ in "
                                 "shape: paired mode needs the aligned normal-dose scan of the same patient "
                                 "(use --ndct-unpaired for a non-aligned one)")
-        if not _same_spacing(ndct_volume.spacing, ldct_volume.spacing):
+        if differs == "spacing":
             raise CoreDiffError(f"--ndct spacing {tuple(round(s, 4) for s in ndct_volume.spacing)} differs from "
                                 f"--ldct spacing {tuple(round(s, 4) for s in ldct_volume.spacing)}: paired volumes "
                                 "must share their geometry (use --ndct-unpaired otherwise)")
-        if not (np.allclose(ndct_volume.origin, ldct_volume.origin, atol=0.5)
-                and np.allclose(ndct_volume.direction, ldct_volume.direction, atol=1e-3)):
+        if differs == "place":
             raise CoreDiffError("--ndct and --ldct lie in different places (origin or direction): paired volumes "
                                 "must be two scans of the same voxels (use --ndct-unpaired otherwise)")
         ndct_slice = None
