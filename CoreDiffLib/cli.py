@@ -438,7 +438,6 @@ def add_compare_parser(sub) -> None:
 # ----------------------------------------------------------------------------- simulate
 def cmd_simulate(args: argparse.Namespace) -> int:
     from .simulation import simulate_dataset
-    from .simulation.dataset import earlier_simulation
 
     doses = args.dose
     for d in doses:
@@ -447,13 +446,6 @@ def cmd_simulate(args: argparse.Namespace) -> int:
                                 "e.g. 0.25 for quarter dose")
     if args.seed < 0:
         raise CoreDiffError(f"--seed {args.seed}: give an integer >= 0")
-    earlier = earlier_simulation(args.out)
-    if earlier and not args.overwrite:
-        files = f"{len(earlier)} file{'s' if len(earlier) > 1 else ''}: {', '.join(earlier[:3])}" \
-            + (", ..." if len(earlier) > 3 else "")
-        raise CoreDiffError(f"{args.out} already holds a simulation ({files}): choose a new folder, or pass "
-                            "--overwrite to replace it (two simulations mixed in one folder would pair scans of "
-                            "different draws)")
     progress = Progress(args.progress, desc="simulate")
     try:  # all or nothing: the files move into --out only when every case is done
         paths = simulate_dataset(args.out, doses if len(doses) > 1 else doses[0], args.count, args.slices,

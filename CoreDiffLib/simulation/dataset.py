@@ -302,7 +302,11 @@ def simulate_dataset(out_dir: str, dose: Union[float, Sequence[float]] = 0.25, c
         raise ValueError(f"output folder {out} is a file: give a folder")
     earlier = earlier_simulation(out)
     if earlier and not replace:
-        raise ValueError(f"{out} already holds a simulation ({len(earlier)} files); pass replace=True to replace it")
+        files = f"{len(earlier)} file{'s' if len(earlier) > 1 else ''}: {', '.join(earlier[:3])}" \
+            + (", ..." if len(earlier) > 3 else "")
+        raise ValueError(f"{out} already holds a simulation ({files}): choose a new folder, or replace it "
+                         "(replace=True, corediff simulate --overwrite): two simulations mixed in one folder "
+                         "would pair scans of different draws")
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     try:
