@@ -100,7 +100,7 @@ def find_dicom_series(folder: str | os.PathLike) -> list[DicomSeries]:
         if len(dirpaths) == 1:
             files = tuple(reader.GetGDCMSeriesFileNames(dirpaths[0], uid))
         else:  # CDs and PACS exports cap files per folder: one series, sorted across them all
-            files = _sorted_along_normal([f for d in dirpaths for f in reader.GetGDCMSeriesFileNames(d, uid)])
+            files = tuple(f for d in dirpaths for f in reader.GetGDCMSeriesFileNames(d, uid))  # series_slices sorts
         if not files:
             continue
         where = str(Path(dirpaths[0]).relative_to(root))
@@ -112,17 +112,16 @@ def find_dicom_series(folder: str | os.PathLike) -> list[DicomSeries]:
     return [s for *_, s in sorted(found, key=lambda f: f[:2])]
 
 
-def _sorted_along_normal(files: list[str]) -> tuple[str, ...]:
-    """Files of one series gathered from several folders, in slice order: by ImagePositionPatient
-    along the first file's slice normal, as GDCM sorts the files of one folder."""
-    heads = [_header_tags(f, ("0020|0032", "0020|0037")) for f in files]
+def _sorted_along_normal(heads: list[tuple[str, dict[str, str]]]) -> list[tuple[str, dict[str, str]]]:
+    """Files of one series (with their header tags) in slice order: by ImagePositionPatient along
+    the first file's slice normal, as GDCM sorts the files of one folder."""
     try:
-        row_col = np.array([float(v) for v in heads[0]["0020|0037"].split("\\")]).reshape(2, 3)
+        row_col = np.array([float(v) for v in heads[0][1]["0020|0037"].split("\\")]).reshape(2, 3)
         normal = np.cross(row_col[0], row_col[1])
-        keys = [float(np.dot([float(v) for v in h["0020|0032"].split("\\")], normal)) for h in heads]
+        keys = [float(np.dot([float(v) for v in t["0020|0032"].split("\\")], normal)) for _, t in heads]
     except ValueError:  # no usable geometry: the folders' own order
-        return tuple(files)
-    return tuple(f for _, f in sorted(zip(keys, files), key=lambda pair: pair[0]))
+        return heads
+    return [head for _, head in sorted(zip(keys, heads), key=lambda pair: pair[0])]
 
 
 def series_slices(series: DicomSeries) -> tuple[tuple[str, ...], list[str]]:
@@ -131,7 +130,8 @@ def series_slices(series: DicomSeries) -> tuple[tuple[str, ...], list[str]]:
     A series UID may also cover a localizer (its image type says LOCALIZER) or the same file
     twice (copied, same SOP Instance UID): those are dropped and said. Images of another
     orientation or size, or two slices at one position (two acquisitions in one series), are
-    refused: no one volume holds them, and a neighbour would be the wrong image."""
+    refused: no one volume holds them, and a neighbour would be the wrong image. A series
+    gathered from several folders is put in slice order here, from the same headers."""
     if len(series.files) < 2:
         return series.files, []
     keys = ("0008|0008", "0008|0018", "0020|0037", "0020|0032", "0028|0010", "0028|0011", "0020|0012")
@@ -173,6 +173,8 @@ def series_slices(series: DicomSeries) -> tuple[tuple[str, ...], list[str]]:
                           f"orientation {' '.join(f'{x:g}' for x in o) or '?'}" for o, rows, cols, v in kinds)
         raise CoreDiffError(f"series {series.uid} mixes images of different orientations or sizes ({parts}): "
                             "they are not one volume; export the axial slices as a series of their own")
+    if len({os.path.dirname(f) for f, _ in heads}) > 1:
+        heads = _sorted_along_normal(heads)  # GDCM sorted each folder's part, not the whole
     positions = [t["0020|0032"] for _, t in heads]
     if len(set(positions)) < len(positions):
         acquisitions = sorted({t["0020|0012"] for _, t in heads if t["0020|0012"]})

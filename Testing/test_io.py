@@ -438,7 +438,7 @@ def test_dicom_series_as_exports_store_them_split_with_copies_or_a_localizer(tmp
     hu = synthetic_ct(8, 32).round()
     whole = write_dicom_series(tmp_path / "whole", hu, "1.2.3.77")
     split = tmp_path / "split"
-    for part, ks in (("DICOM/00000001", range(0, 5)), ("DICOM/00000002", range(5, 8))):
+    for part, ks in (("DICOM/00000001", range(5, 8)), ("DICOM/00000002", range(0, 5))):  # the head end first
         (split / part).mkdir(parents=True)
         for k in ks:
             shutil.copy(whole / f"{k}.dcm", split / part / f"{k}.dcm")
