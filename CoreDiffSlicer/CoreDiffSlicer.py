@@ -1721,26 +1721,25 @@ class CoreDiffSlicerLogic(ScriptedLoadableModuleLogic):
         a volume or an ROI at an angle to the other covers voxels outside it in its IJK box.
         One plane at a time, in one matrix when the volume's transform is linear (memory and time
         of a plane, not of the box)."""
-        def numpyMatrix(m):
-            return np.array([[m.GetElement(r, c) for c in range(4)] for r in range(4)])
         ijkToRAS = vtk.vtkMatrix4x4()
         volumeNode.GetIJKToRASMatrix(ijkToRAS)
+        toRAS = slicer.util.arrayFromVTKMatrix(ijkToRAS)
         worldToObject = vtk.vtkMatrix4x4()
         vtk.vtkMatrix4x4.Invert(roiNode.GetObjectToWorldMatrix(), worldToObject)
-        toObject = numpyMatrix(worldToObject)
+        toObject = slicer.util.arrayFromVTKMatrix(worldToObject)
         transformNode = volumeNode.GetParentTransformNode()
         warped = transformNode is not None and not transformNode.IsTransformToWorldLinear()
         if transformNode is not None and not warped:  # the ROI is placed in the world
             toWorld = vtk.vtkMatrix4x4()
             transformNode.GetMatrixTransformToWorld(toWorld)
-            toObject = toObject @ numpyMatrix(toWorld)
+            toObject = toObject @ slicer.util.arrayFromVTKMatrix(toWorld)
         size = [0.0, 0.0, 0.0]
         roiNode.GetSize(size)
         half = np.asarray(size)[:, None] / 2.0 + 1e-6
         jj, ii = np.mgrid[lo[1]:hi[1] + 1, lo[0]:hi[0] + 1]
         mask = np.zeros((hi[2] - lo[2] + 1,) + jj.shape, bool)
         for plane, k in enumerate(range(lo[2], hi[2] + 1)):
-            ras = numpyMatrix(ijkToRAS) @ np.stack([ii.ravel(), jj.ravel(), np.full(ii.size, k), np.ones(ii.size)])
+            ras = toRAS @ np.stack([ii.ravel(), jj.ravel(), np.full(ii.size, k), np.ones(ii.size)])
             if warped:  # a non-linear transform: point by point
                 ras[:3] = np.array([self.worldToLocal(volumeNode, p, inverse=True) for p in ras[:3].T]).T
             local = (toObject @ ras)[:3]

@@ -126,6 +126,11 @@ def updateVolumeFromArray(volumeNode, narray):
     volumeNode.SetAndObserveImageData(imageData)
 
 
+def arrayFromVTKMatrix(vmatrix):
+    """Mirrors slicer.util.arrayFromVTKMatrix: a vtkMatrix4x4 as a (4, 4) numpy array (a copy)."""
+    return np.array([[vmatrix.GetElement(r, c) for c in range(4)] for r in range(4)])
+
+
 def getNodesByClass(className, scene=None):
     """Mirrors slicer.util.getNodesByClass: a list of the scene's nodes of that class or a subclass."""
     scene = scene or _slicer.mrmlScene
@@ -369,6 +374,7 @@ def install(temporaryPath):
     slicer = types.ModuleType("slicer")
     util = types.ModuleType("slicer.util")
     for f in (loadUI, childWidgetVariables, arrayFromVolume, updateVolumeFromArray, addVolumeFromArray, getNodesByClass,
+              arrayFromVTKMatrix,
               tempDirectory, startupEnvironment, launchConsoleProcess, errorDisplay, infoDisplay,
               confirmOkCancelDisplay, pip_install, NodeModify, VTKObservationMixin):
         setattr(util, f.__name__, f)
