@@ -387,8 +387,13 @@ def test_ctrl_c_while_the_finished_simulation_moves_in_waits_for_the_moves(tmp_p
         real_replace(src, dst)
 
     monkeypatch.setattr(dataset.os, "replace", interrupted_replace)
-    with pytest.raises(KeyboardInterrupt):
-        simulate_dataset(str(tmp_path), 0.05, seed=2, replace=True, **common)
+    # Ctrl-C as a terminal delivers it: a test run started in the background ignores SIGINT, which is kept
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            simulate_dataset(str(tmp_path), 0.05, seed=2, replace=True, **common)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert len(moves) == 3
     assert sorted(os.listdir(tmp_path)) == ["case000_abdomen_ldct5.nrrd", "case000_abdomen_ndct.nrrd", "manifest.json"]
     assert json.loads((tmp_path / "manifest.json").read_text())["seed"] == 2
