@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import time
@@ -338,6 +339,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from .figures import FIGURE_SUFFIXES, comparison_figure
     from .io import axial_volume, on_grid_of, read_volume
     from .metrics import blank_in_window, mean_metrics, volume_metrics
+    from .orientation import radiological_slice
 
     # the outputs are checked before anything is read: neither may land on an input
     inputs = (args.denoised, args.ldct, args.reference)
@@ -347,6 +349,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
         check_output_file("--csv", args.csv, (".csv",), inputs)
     if args.figure:
         check_output_file("--figure", args.figure, FIGURE_SUFFIXES, inputs)
+    elif not args.reference:
+        raise CoreDiffError("nothing to do: give --reference (the normal-dose volume) for metrics, "
+                            "--figure FILE for a side-by-side figure, or both")
     # scored and shown in axial planes, as denoise works on them, however each file is stored
     denoised = axial_volume(read_volume(args.denoised, log=note))
     ldct = axial_volume(read_volume(args.ldct, log=note)) if args.ldct else None
@@ -377,14 +382,15 @@ def cmd_compare(args: argparse.Namespace) -> int:
     shown = args.slice if args.slice is not None else first + denoised.shape[0] // 2  # the figure's slice
     if args.figure and not 0 <= shown - first < denoised.shape[0]:  # refused before the CSV is written
         raise CoreDiffError(f"--slice {shown} is out of range {first}..{first + denoised.shape[0] - 1}")
-    rows = []
+    rows, lines = [], []  # the per-slice table: its CSV rows and printed lines
     if ref is not None:
         series = [("denoised", denoised)] + ([("ldct", ldct)] if ldct is not None else [])
         blank = [blank_in_window(r) for r in ref.array]
         if all(blank):
             raise CoreDiffError("the reference holds nothing above -1000 HU (padding or air only): no slice to score")
         table = {name: volume_metrics(v.array, ref.array) for name, v in series}
-        print(f"{'slice':>5} " + " ".join(f"{n + ' PSNR':>14} {n + ' SSIM':>14} {n + ' RMSE':>14}" for n, _ in series))
+        lines.append(f"{'slice':>5} " + " ".join(f"{n + ' PSNR':>14} {n + ' SSIM':>14} {n + ' RMSE':>14}"
+                                                 for n, _ in series))
         for k in range(denoised.shape[0]):
             row = {"slice": first + k}
             for name, _ in series:
@@ -392,21 +398,21 @@ def cmd_compare(args: argparse.Namespace) -> int:
                 row.update({f"{name}_psnr": m.psnr, f"{name}_ssim": m.ssim, f"{name}_rmse_hu": m.rmse_hu}
                            if not blank[k] else {f"{name}_psnr": "", f"{name}_ssim": "", f"{name}_rmse_hu": ""})
             rows.append(row)
-            print(f"{first + k:>5} " + (" ".join(f"{row[f'{n}_psnr']:>14.2f} {row[f'{n}_ssim']:>14.4f} "
-                                                 f"{row[f'{n}_rmse_hu']:>14.1f}" for n, _ in series)
-                                        if not blank[k] else "  (the reference is blank here: not scored)"))
-        print("mean  " + " ".join(
+            lines.append(f"{first + k:>5} " + (" ".join(f"{row[f'{n}_psnr']:>14.2f} {row[f'{n}_ssim']:>14.4f} "
+                                                        f"{row[f'{n}_rmse_hu']:>14.1f}" for n, _ in series)
+                                               if not blank[k] else "  (the reference is blank here: not scored)"))
+        lines.append("mean  " + " ".join(
             f"{m.psnr:>14.2f} {m.ssim:>14.4f} {m.rmse_hu:>14.1f}"
             for m in (mean_metrics([x for x, b in zip(table[n], blank) if not b]) for n, _ in series)))
-        if any(blank):
-            info(args, f"{sum(blank)} slice{'s' if sum(blank) > 1 else ''} left out of the means: the reference "
-                       "holds nothing above -1000 HU there")
         if args.csv:
             with atomic_path(args.csv) as tmp, open(tmp, "w", newline="") as f:
                 writer = csv.DictWriter(f, fieldnames=list(rows[0]))
                 writer.writeheader()
                 writer.writerows(rows)
             info(args, f"wrote {args.csv}")
+        if any(blank):
+            info(args, f"{sum(blank)} slice{'s' if sum(blank) > 1 else ''} left out of the means: the reference "
+                       "holds nothing above -1000 HU there")
     else:
         info(args, "no --reference: metrics need a normal-dose volume; writing the figure only")
     if args.figure:
@@ -417,10 +423,16 @@ def cmd_compare(args: argparse.Namespace) -> int:
         panels["CoreDiff"] = denoised.array[k]
         if ref is not None:
             panels["NDCT (reference)"] = ref.array[k]
+        swapped = False
+        for name, image in panels.items():  # every panel lies on the denoised volume's grid
+            panels[name], swapped = radiological_slice(image, denoised.direction)
+        row_mm, column_mm = float(denoised.spacing[1]), float(denoised.spacing[0])
         diff = ("LDCT", "CoreDiff") if ldct is not None else None
         comparison_figure(panels, args.figure, title=f"slice {shown}", difference=diff,
-                          pixel_aspect=float(denoised.spacing[1]) / float(denoised.spacing[0]))
+                          pixel_aspect=column_mm / row_mm if swapped else row_mm / column_mm)
         info(args, f"wrote {args.figure}")
+    if lines:  # last, once every file is written: a reader that leaves early (| head) loses none
+        print("\n".join(lines), flush=True)
     return 0
 
 
@@ -587,6 +599,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as exc:  # a training run says where it saved its checkpoint
         print(f"corediff: error: {str(exc) or 'interrupted; no output was written'}", file=sys.stderr, flush=True)
         return 130
+    except BrokenPipeError:  # `corediff ... | head` closed stdout: the files were written before the print
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 141  # as a shell reports a process ended by SIGPIPE
     except OSError as exc:  # a full disk, a permission changed mid-run...: outputs are written atomically
         where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
         print(f"corediff: error: {exc.strerror or exc}{where}; no output was written", file=sys.stderr, flush=True)

@@ -59,3 +59,22 @@ def axial_spacing(spacing, layout: AxialLayout | None) -> tuple[float, float, fl
     (None: axial already): ITK index axis a is array axis 2 - a."""
     perm = layout.perm if layout is not None else (0, 1, 2)
     return tuple(float(spacing[2 - perm[k]]) for k in (2, 1, 0))
+
+
+def radiological_slice(image: np.ndarray, direction) -> tuple[np.ndarray, bool]:
+    """An axial slice (rows = ITK index j, columns = i) turned to the way radiologists read it:
+    the patient's left on the image's right and anterior at the top (columns toward +x, rows
+    toward +y in LPS), and whether rows and columns were swapped (so the caller swaps the pixel
+    spacing too). Files store axial planes with either in-plane axis reversed or the two swapped
+    (a RAS-stored NIfTI has both reversed); a figure drawn in array order would show those
+    mirrored or upside down.
+    """
+    d = np.asarray(direction, dtype=np.float64).reshape(3, 3)[:2, :2]  # x, y rows; index i, j columns
+    swapped = abs(d[0, 1]) + abs(d[1, 0]) > abs(d[0, 0]) + abs(d[1, 1])
+    if swapped:
+        image, d = image.T, d[:, ::-1]
+    if d[0, 0] < 0:
+        image = image[:, ::-1]
+    if d[1, 1] < 0:
+        image = image[::-1, :]
+    return image, bool(swapped)

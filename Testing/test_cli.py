@@ -444,6 +444,38 @@ def test_compare_writes_table_csv_and_figure(tmp_path):
     assert (tmp_path / "fig.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_compare_writes_its_files_before_a_reader_that_leaves_early_closes_the_pipe(tmp_path):
+    """`corediff compare ... | head -1`: the table is printed last, so the CSV and the figure are
+    written even when stdout closes; the closed pipe ends the run quietly (the message used to
+    say no output was written, and the CSV was lost)."""
+    ref = synthetic_ct(3, 48, noise_hu=0)
+    paths = [write_image(tmp_path / f"{n}.nrrd", ref + k) for k, n in enumerate(("ref", "den"))]
+    proc = subprocess.Popen([sys.executable, "-m", "CoreDiffLib.cli", "compare", str(paths[1]), "--reference",
+                             str(paths[0]), "--csv", str(tmp_path / "m.csv"), "--figure", str(tmp_path / "f.png")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # the reader is gone before anything is printed
+    err = proc.stderr.read().decode()
+    assert proc.wait() == 141 and "Traceback" not in err and "no output was written" not in err, err
+    assert len((tmp_path / "m.csv").read_text().splitlines()) == 4
+    assert (tmp_path / "f.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_radiological_slice_shows_the_same_anatomy_however_the_file_stores_the_plane():
+    """The compare figure turns each axial slice so patient left is on the image's right and anterior
+    at the top: a plane stored mirrored, flipped (RAS) or with rows and columns swapped shows as
+    the one stored the usual (LPS) way; it was drawn upside down or transposed."""
+    from CoreDiffLib.orientation import radiological_slice
+    image = np.arange(12.0).reshape(3, 4)  # rows along +y (posterior), columns along +x (left)
+    stored = {(1, 0, 0, 0, 1, 0, 0, 0, 1): (image, False),
+              (-1, 0, 0, 0, -1, 0, 0, 0, 1): (image[::-1, ::-1], False),  # RAS
+              (-1, 0, 0, 0, 1, 0, 0, 0, 1): (image[:, ::-1], False),
+              (0, 1, 0, 1, 0, 0, 0, 0, 1): (image.T, True),  # columns run along y, rows along x
+              (0, -1, 0, 1, 0, 0, 0, 0, 1): (image.T[::-1], True)}  # ... and rows toward -x
+    for direction, (array, swapped) in stored.items():
+        shown, was_swapped = radiological_slice(array, direction)
+        assert np.array_equal(shown, image) and was_swapped == swapped, direction
+
+
 def test_compare_refuses_outputs_that_would_overwrite_an_input_or_could_not_be_written(tmp_path):
     ref = synthetic_ct(3, 48, noise_hu=0)
     paths = [write_image(tmp_path / f"{n}.nrrd", ref + k) for k, n in enumerate(("ref", "ldct", "den"))]
@@ -459,6 +491,8 @@ def test_compare_refuses_outputs_that_would_overwrite_an_input_or_could_not_be_w
         assert r.returncode == 2 and message in r.stderr, (extra, r.stderr)
     r = corediff("compare", paths[2], "--csv", tmp_path / "m.csv")
     assert r.returncode == 2 and "need --reference" in r.stderr
+    r = corediff("compare", paths[2], "--ldct", paths[1])  # it used to say "writing the figure" and write none
+    assert r.returncode == 2 and "nothing to do" in r.stderr
     assert {p: digest(p) for p in paths} == before and sorted(tmp_path.iterdir()) == sorted(paths)
 
 
