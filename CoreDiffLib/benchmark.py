@@ -36,7 +36,7 @@ from .inference import context_stack, pick_device
 from .intensity import unit_to_hu
 from .metrics import psnr
 from .network import ClearNet, NetworkConfig, count_parameters
-from .runtime import RunSettings, build_net, check_applicable, physical_cores
+from .runtime import BACKENDS, PRECISIONS, RunSettings, build_net, check_applicable, physical_cores
 
 MAX_DRIFT_DB = 0.05
 
@@ -96,6 +96,18 @@ def _make_bench_input(size: int, slices: int, seed: int, log) -> tuple[np.ndarra
 
 
 # ----------------------------------------------------------------------------- memory
+def _release_freed_memory() -> None:
+    """Give memory freed by earlier work back to the system (glibc keeps it mapped for reuse)."""
+    import gc
+    gc.collect()
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc (musl): nothing to trim
+            pass
+
+
 class PeakRSS:
     """Peak resident memory of this process above its level at start (a sampling thread)."""
 
@@ -105,6 +117,7 @@ class PeakRSS:
         self.interval = interval
 
     def __enter__(self):
+        _release_freed_memory()  # else what an earlier pass freed is reused unseen, and the peak is order-dependent
         self.base = self.peak = self._proc.memory_info().rss
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -150,9 +163,9 @@ def _load_model(spec: str, steps_T: int) -> tuple[str, ClearNet]:
         width = int(s.lstrip("w"))
         torch.manual_seed(0)
         net = ClearNet(NetworkConfig(width=width, steps=steps_T)).eval()
-        with torch.no_grad():  # a small residual like a trained net's, so drift is visible
-            net.out.weight.mul_(0.02)
-            net.out.bias.zero_()
+        with torch.no_grad():  # the output layer starts at zero, an identity map that no precision or
+            # back-end can change: a residual of ~7 HU (a trained net's size) makes drift visible
+            torch.nn.init.normal_(net.out.weight, std=0.4 / width ** 0.5)
         return f"w{width} untrained", net
     from .models import load_model
     return s, load_model(s, "cpu")
@@ -191,6 +204,10 @@ def run_benchmark(models: list[str], size: int = 512, device: str = "auto", batc
     n = int(slices or max(batch_sizes))
     if n % max(batch_sizes):
         n = max(batch_sizes) * -(-n // max(batch_sizes))
+    loaded = [_load_model(spec, trained_steps) for spec in models]  # a wrong name refused before the input is made
+    for name, model in loaded:
+        if steps is not None and not 1 <= steps <= model.config.steps:
+            raise CoreDiffError(f"--steps {steps}: {name} samples in at most its T = {model.config.steps} steps")
     ldct, ndct, kind = bench_input(size, n + 2, seed, log)
     stack = context_stack(ldct, 1, n + 1)       # real neighbours for every timed slice
     ndct = ndct[1:n + 1]
@@ -204,11 +221,8 @@ def run_benchmark(models: list[str], size: int = 512, device: str = "auto", batc
 
     variants: list[Variant] = []
     skipped: list[dict] = []
-    for spec in models:
-        name, model = _load_model(spec, trained_steps)
+    for name, model in loaded:
         T = model.config.steps
-        if steps is not None and not 1 <= steps <= T:  # before any variant is built and timed
-            raise CoreDiffError(f"--steps {steps}: {name} samples in at most its T = {T} steps")
         run_steps = steps or T
         base = Variant(name, RunSettings("fp32", False, "eager"), 1, threads[0] if dev.type != "cpu" else cores,
                        run_steps, baseline=True)
@@ -390,6 +404,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if not models:
         models = ["w64"]
     backends = _csv(args.compile)
+    for flag, values, known in (("--precisions", _csv(args.precisions), PRECISIONS), ("--compile", backends, BACKENDS)):
+        unknown = [v for v in values if v not in known]
+        if unknown or not values:
+            raise CoreDiffError(f"{flag} {','.join(unknown) or repr(args.compile if flag == '--compile' else args.precisions)}"
+                                f": give a comma list of {', '.join(known)}")
     threads = _counts(args.threads, "--threads") if args.threads else [None]
     batch_sizes = _counts(args.batch_sizes, "--batch-sizes")
     for flag, value in (("--size", args.size), ("--repeats", args.repeats), ("--slices", args.slices),

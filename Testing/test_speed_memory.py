@@ -155,6 +155,8 @@ def test_bench_cli_reports_rows_accuracy_and_skips(tmp_path, weights):
 @pytest.mark.parametrize("flag, value", [("--batch-sizes", "0"), ("--batch-sizes", "1,x"), ("--batch-sizes", ""),
                                          ("--threads", "0"), ("--repeats", "0"), ("--slices", "-1"),
                                          ("--steps", "20"),  # above the model's T = 10
+                                         ("--precisions", "fp32,fp99"), ("--compile", "eager,foo"),
+                                         ("--model", "no-such-model"),  # before the input is simulated
                                          ("--markdown", "table.json"), ("--markdown", "nowhere/table.md")])
 def test_bench_refuses_counts_below_one_and_unwritable_outputs_before_running(tmp_path, capsys, flag, value):
     from CoreDiffLib.cli import main
@@ -162,7 +164,22 @@ def test_bench_refuses_counts_below_one_and_unwritable_outputs_before_running(tm
     if flag == "--markdown":
         value = str(tmp_path / value)
     assert main(["bench", "--width", "4", "--size", "32", flag, value, "--json", str(out)]) == 2
-    assert flag in capsys.readouterr().err and not out.exists()
+    err = capsys.readouterr().err
+    assert (value if flag == "--model" else flag) in err and "simulated" not in err and not out.exists()
+
+
+def test_an_untrained_bench_network_changes_its_input_so_precision_drift_can_show():
+    """ClearNet's output layer starts at zero (the identity), which no precision can change: the
+    bench's untrained network used to score every variant "ok" with 0 HU of difference."""
+    from CoreDiffLib.benchmark import _load_model
+    from CoreDiffLib.diffusion import sample
+    from CoreDiffLib.intensity import hu_to_unit, unit_to_hu
+    name, net = _load_model("w8", 10)
+    x = torch.from_numpy(hu_to_unit(synthetic_ct(3, 48, seed=1)))[None]
+    with torch.no_grad():
+        change = np.abs(unit_to_hu(sample(net, x, 1, keep_steps=False).final[0, 0].numpy())
+                        - unit_to_hu(x[0, 1].numpy())).mean()
+    assert name == "w8 untrained" and 1 < change < 20  # a residual of a trained network's size, in HU
 
 
 # ----------------------------------------------------------------------------- streaming
