@@ -2,7 +2,8 @@
 
 * **RED-CNN** (Chen et al., IEEE TMI 2017): a residual encoder-decoder CNN, the classic
   supervised LDCT denoiser — 5 valid 5x5 convolutions and 5 transposed convolutions with
-  96 filters and three residual shortcuts. Trained here on the same data and patches as
+  96 filters in the paper (32 in the benchmarks here: ``scripts/train_redcnn.py --filters``)
+  and three residual shortcuts. Trained here on the same data and patches as
   CoreDiff, in no more CPU time, with a plain MSE loss and CLEAR-Net's normalisation.
 * **BM3D** (the ``bm3d`` package): non-learned collaborative filtering; its noise sigma is
   tuned on training data by :func:`tune_bm3d_sigma`.
@@ -121,17 +122,21 @@ def train_redcnn(pairs: Sequence[tuple[np.ndarray, np.ndarray]], iterations: int
     return model.cpu().eval()
 
 
-def load_redcnn(path: str | Path, filters: int | None = None) -> REDCNN:
+def load_redcnn(path: str | Path) -> REDCNN:
     """A RED-CNN saved by ``scripts/train_redcnn.py`` (a state dict), on the CPU, in eval mode;
-    its number of filters read from the weights unless given."""
+    its number of filters read from the weights."""
     state = torch.load(path, map_location="cpu", weights_only=True)
-    model = REDCNN(filters or int(state["enc.0.weight"].shape[0]))
+    model = REDCNN(int(state["enc.0.weight"].shape[0]))
     model.load_state_dict(state)
     return model.eval()
 
 
 @torch.no_grad()
 def redcnn_denoise(model: REDCNN, volume_hu: np.ndarray) -> np.ndarray:
+    """Slice by slice; each slice needs at least REDCNN_MIN_SIZE pixels a side (valid convolutions)."""
+    if min(volume_hu.shape[-2:]) < REDCNN_MIN_SIZE:
+        raise CoreDiffError(f"RED-CNN needs slices of at least {REDCNN_MIN_SIZE} x {REDCNN_MIN_SIZE} pixels: "
+                            f"these are {volume_hu.shape[-2]} x {volume_hu.shape[-1]}")
     out = np.empty(volume_hu.shape, np.float32)
     for k, sl in enumerate(volume_hu):
         x = torch.from_numpy(hu_to_unit(sl))[None, None]

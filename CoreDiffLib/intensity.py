@@ -44,7 +44,7 @@ def validate_ct_array(array: np.ndarray, name: str = "volume") -> None:
         raise CoreDiffError(f"{name} slices are {array.shape[1]}x{array.shape[2]}: at least 16x16 needed")
     if not np.isfinite(array).all():
         bad = int((~np.isfinite(array)).sum())
-        raise CoreDiffError(f"{name} contains {bad} NaN/inf voxels: fix or mask them before denoising")
+        raise CoreDiffError(f"{name} contains {bad} NaN/inf voxels: fix or mask them first")
     lo, hi = float(array.min()), float(array.max())
     if lo > -500.0:
         raise CoreDiffError(

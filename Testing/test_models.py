@@ -89,6 +89,13 @@ def test_redcnn_starts_as_the_identity_and_the_original_does_not():
     assert out.min() >= 0
 
 
+def test_redcnn_denoise_refuses_slices_smaller_than_its_valid_convolutions():
+    from CoreDiffLib.baselines import REDCNN_MIN_SIZE, redcnn_denoise
+    with pytest.raises(CoreDiffError, match=f"at least {REDCNN_MIN_SIZE}"):
+        redcnn_denoise(REDCNN(4), np.zeros((1, 20, 40), np.float32))
+    assert redcnn_denoise(REDCNN(4), np.zeros((1, 21, 21), np.float32)).shape == (1, 21, 21)
+
+
 def test_redcnn_fine_tunes_from_given_weights_within_a_time_limit():
     import numpy as np
     from CoreDiffLib.baselines import train_redcnn

@@ -276,7 +276,6 @@ def main() -> int:
                    help="extra CoreDiff models, e.g. 'w/o CTX=runs/noctx.safetensors'")
     p.add_argument("--redcnn", action="append", default=[], metavar="[LABEL=]FILE",
                    help="RED-CNN weights (.pt state dict), row label 'RED-CNN' unless given; repeatable")
-    p.add_argument("--redcnn-filters", type=int, default=32)
     p.add_argument("--train-dir", default=str(REPO / "data" / "train"))
     p.add_argument("--split", choices=tuple(SPLITS), default="test",
                    help="held-out set: test (seeds 9000+, the reported tables) or validation (seeds 8000+)")
@@ -350,7 +349,7 @@ def main() -> int:
     for i, spec in enumerate(a.redcnn):
         from CoreDiffLib.baselines import load_redcnn, redcnn_denoise
         label, path = spec.split("=", 1) if "=" in spec else ("RED-CNN", spec)
-        net = load_redcnn(path, a.redcnn_filters)
+        net = load_redcnn(path)  # its filters read from the weights
         run(label, lambda v, net=net: redcnn_denoise(net, v), sha256_of(path), show=i == 0)
     corediff_rows = [] if a.baselines_only else [(a.model_label, a.model)] + [spec.split("=", 1) for spec in a.also]
     for label, model in corediff_rows:
