@@ -404,11 +404,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if not models:
         models = ["w64"]
     backends = _csv(args.compile)
-    for flag, values, known in (("--precisions", _csv(args.precisions), PRECISIONS), ("--compile", backends, BACKENDS)):
-        unknown = [v for v in values if v not in known]
-        if unknown or not values:
-            raise CoreDiffError(f"{flag} {','.join(unknown) or repr(args.compile if flag == '--compile' else args.precisions)}"
-                                f": give a comma list of {', '.join(known)}")
+    for flag, text, known in (("--precisions", args.precisions, PRECISIONS), ("--compile", args.compile, BACKENDS)):
+        unknown = [v for v in _csv(text) if v not in known]
+        if unknown or not _csv(text):
+            raise CoreDiffError(f"{flag} {','.join(unknown) or repr(text)}: give a comma list of {', '.join(known)}")
     threads = _counts(args.threads, "--threads") if args.threads else [None]
     batch_sizes = _counts(args.batch_sizes, "--batch-sizes")
     for flag, value in (("--size", args.size), ("--repeats", args.repeats), ("--slices", args.slices),
