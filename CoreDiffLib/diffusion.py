@@ -3,8 +3,9 @@
 Each step asks the network for x0_hat given the current state x_t, recovers the implied
 "noise end" xT_hat = (x_t - a_s x0_hat) / (1 - a_s), and moves to
 x_{t-1} = x_t - D(x0_hat, xT_hat, s) + D(x0_hat, xT_hat, s - 1) — the cold-diffusion update
-that cancels the network's error to first order. Every step's x0_hat is kept: the
-one-shot adaptation combines them.
+that cancels the network's error to first order. The state after every step can be kept: the
+one-shot adaptation blends them (they run from nearly the LDCT to the final estimate, so a
+blend sets how much of the input's texture a model trained at another dose keeps).
 """
 from __future__ import annotations
 
@@ -19,7 +20,10 @@ from .network import ClearNet
 
 @dataclass
 class SampleResult:
-    """``final``: (B, 1, H, W) in [0, 1]; ``steps``: (T, B, 1, H, W), x0_hat of every step."""
+    """``final``: (B, 1, H, W) in [0, 1]; ``steps``: (T, B, 1, H, W), the sampler's state x_{t-1}
+    after every step (the last is the final estimate, unclamped), as the reference code's OSL
+    blends them; the per-step x0_hat are not kept: each is already fully denoised, so a blend
+    of them cannot undo a model's over-smoothing at a dose it was not trained for."""
 
     final: torch.Tensor
     steps: torch.Tensor
@@ -89,7 +93,7 @@ def sample(model: ClearNet, ldct_stack: torch.Tensor, steps: int | None = None,
         a_next = alphas[seq[i + 1]] if i + 1 < len(seq) else torch.ones((), device=stack.device)
         x_t = x_t - degrade(x0_hat, xT_hat, a_s) + degrade(x0_hat, xT_hat, a_next)
         if keep_steps:
-            outputs.append(x0_hat[..., :h, :w])
+            outputs.append(x_t[..., :h, :w])
     final = x0_hat[..., :h, :w].clamp(0.0, 1.0)
     steps_out = torch.stack(outputs) if keep_steps else final[None]
     return SampleResult(final=final, steps=steps_out)

@@ -100,6 +100,33 @@ def test_sampler_starts_from_the_ldct_and_returns_every_step():
     assert result.final.min() >= 0 and result.final.max() <= 1
 
 
+class OracleNet(ClearNet):
+    """Returns the true clean image whatever it is asked: the sampler's states are then the
+    degradation's own path, D(x0, xT, a) at the next step's a."""
+
+    def __init__(self, x0: torch.Tensor):
+        super().__init__(NetworkConfig(width=8))
+        self.x0 = x0
+
+    def forward(self, x, t, x0_prev=None, xT=None):
+        return self.x0
+
+
+def test_the_kept_steps_are_the_sampler_states_from_the_ldct_to_the_clean_image():
+    """One-shot adaptation blends the states (the reference code's imstep_imgs), which run from
+    nearly the LDCT to the estimate, not the per-step x0 estimates (each one fully denoised)."""
+    torch.manual_seed(0)
+    x0, ldct = torch.rand(1, 1, 16, 16), torch.rand(1, 1, 16, 16)
+    stack = torch.cat([ldct, ldct, ldct], dim=1)
+    result = sample(OracleNet(x0).eval(), stack)
+    alphas = alpha_schedule(10)
+    for k, state in enumerate(result.steps):  # after the step at t = 9 - k, the state is at t = 8 - k
+        a = alphas[8 - k] if k < 9 else torch.tensor(1.0)
+        assert torch.allclose(state, a * x0 + (1 - a) * ldct, atol=1e-5), k
+    assert torch.allclose(result.steps[-1], x0, atol=1e-5) and torch.allclose(result.final, x0, atol=1e-5)
+    assert (result.steps[0] - ldct).abs().mean() < 0.2 * (x0 - ldct).abs().mean()  # the first is near the LDCT
+
+
 def test_fewer_steps_skip_through_the_trained_schedule():
     assert step_indices(10) == list(range(9, -1, -1))
     assert step_indices(10, 1) == [9]

@@ -254,7 +254,11 @@ def test_save_load_round_trip_and_listing(user_home):
     assert path == user_home / "adaptations" / "dose10.json"
     assert not [p for p in path.parent.iterdir() if p.name != "dose10.json"]  # no temp file left
     data = json.loads(path.read_text())
-    assert data["format"] == "corediff-oneshot-v1" and len(data["weights"]) == T
+    assert data["format"] == "corediff-oneshot-v2" and len(data["weights"]) == T
+    old = dict(data, format="corediff-oneshot-v1")  # weights over the x0 estimates: another blend
+    (user_home / "old.json").write_text(json.dumps(old))
+    with pytest.raises(CoreDiffError, match="earlier CoreDiff .*run 'corediff oneshot' again"):
+        load_adaptation(user_home / "old.json", net)
     for ref in ("dose10", str(path)):
         b = load_adaptation(ref, net)
         assert b.weights == a.weights and b.mode == "paired" and b.dose == "10%"
