@@ -113,6 +113,7 @@ class StopRequests:
 
     def __init__(self, signals: Sequence[int] = (signal.SIGINT, signal.SIGTERM), second_stops: bool = True):
         self.requested = False
+        self.signum: int | None = None  # the first signal that asked
         self._signals, self._second_stops = tuple(signals), second_stops
         self._previous: dict[int, object] = {}
 
@@ -120,6 +121,7 @@ class StopRequests:
         if self.requested and self._second_stops:
             raise KeyboardInterrupt
         self.requested = True
+        self.signum = self.signum or signum
 
     def __enter__(self) -> "StopRequests":
         if threading.current_thread() is threading.main_thread():
@@ -136,12 +138,13 @@ class StopRequests:
 
 @contextlib.contextmanager
 def deferred_interrupts() -> Iterator[None]:
-    """Hold Ctrl-C (SIGINT) until the block ends, then raise it: for the few renames that put a
-    finished multi-file output in place, which an interrupt halfway would leave mixed."""
-    with StopRequests((signal.SIGINT,), second_stops=False) as stop:
+    """Hold Ctrl-C (SIGINT) and SIGTERM (a cancel from Slicer, a scheduler) until the block ends,
+    then deliver the first to its own handler: for the few renames that put a finished multi-file
+    output in place, which a signal halfway would leave mixed."""
+    with StopRequests((signal.SIGINT, signal.SIGTERM), second_stops=False) as stop:
         yield
     if stop.requested:
-        raise KeyboardInterrupt
+        signal.raise_signal(stop.signum)
 
 
 def write_text_atomic(target: str | os.PathLike, text: str) -> Path:

@@ -501,11 +501,11 @@ def _dicom_text(value: str, charset: str) -> str:
 _NDCT_TOKENS = {"ndct", "full", "fulldose", "fd", "nd", "hd", "normal", "normaldose", "target"}
 _LDCT_PREFIXES = ("ldct", "quarter", "quarterdose", "qd", "ld", "low", "lowdose", "input")
 _DICOM_SUFFIXES = (".dcm", ".ima", "")
+_DOSE_TAG = re.compile(r"(\d+(p\d+)?)?")  # '', '25', or '12p5' as simulate names a 12.5 % scan
 
 
 def _role_and_key(rel: str) -> tuple[str, str, str] | None:
     """('ndct'|'ldct', pairing key, dose tag) from a relative path, or None if neither."""
-    import re
     name = rel.lower()
     for suf in FILE_SUFFIXES:
         if name.endswith(suf):
@@ -517,7 +517,7 @@ def _role_and_key(rel: str) -> tuple[str, str, str] | None:
         if tok in _NDCT_TOKENS:
             return "ndct", rest, ""
         for prefix in _LDCT_PREFIXES:
-            if tok.startswith(prefix) and (tok == prefix or tok[len(prefix):].isdigit()):
+            if tok.startswith(prefix) and _DOSE_TAG.fullmatch(tok[len(prefix):]):
                 return "ldct", rest, tok[len(prefix):]
     return None
 

@@ -607,6 +607,30 @@ def test_a_reformat_is_named_by_its_slices_plane(orientation, storage):
     assert axial_layout(tuple(direction), (40, 64, 64)).storage == storage
 
 
+def test_sigterm_during_the_final_moves_waits_for_them_then_ends_the_run_as_its_handler_says():
+    """A cancel (SIGTERM) between two of a simulation's final renames left the new NDCT beside
+    the earlier run's LDCT; now the moves finish and the handler runs after them."""
+    import os
+    import signal
+
+    from CoreDiffLib.atomic import deferred_interrupts
+
+    def terminate(signum, frame):
+        raise SystemExit(128 + signum)
+    previous = signal.signal(signal.SIGTERM, terminate)
+    moved = []
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            with deferred_interrupts():
+                moved.append(1)
+                os.kill(os.getpid(), signal.SIGTERM)
+                moved.append(2)  # still runs: the signal waits for the block's end
+        assert moved == [1, 2] and stopped.value.code == 128 + signal.SIGTERM
+        assert signal.getsignal(signal.SIGTERM) is terminate
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def test_a_run_started_with_ctrl_c_ignored_keeps_ignoring_it():
     """A job started with `cmd &` from a script ignores SIGINT; the training's handler replaced that."""
     import signal

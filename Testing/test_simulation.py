@@ -308,6 +308,49 @@ def test_simulate_command_writes_pairs_and_keeps_an_earlier_simulation(tmp_path)
     assert "PROGRESS 2 2" in lines and "INFO wrote 2 volumes and their manifest to " + str(out) in lines
 
 
+def test_only_what_a_simulations_manifest_lists_is_replaced_and_its_odd_doses_pair_for_training(tmp_path):
+    """--overwrite replaced any manifest.json and any file named like case007_liver_ndct.nii.gz,
+    a user's real scans included; a 12.5 % scan (ldct12p5) could not be found for training."""
+    from CoreDiffLib.io import find_pairs
+    common = dict(count=1, n_slices=1, size=N, geometry=GEOM, progress=False)
+    for mine in ({"manifest.json": '{"study": "mine"}'},
+                 {"case007_liver_ndct.nii.gz": "scan", "case007_liver_ldct25.nii.gz": "scan"}):
+        folder = tmp_path / f"user{len(mine)}"
+        folder.mkdir()
+        for name, text in mine.items():
+            (folder / name).write_text(text)
+        with pytest.raises(ValueError, match="listed in no simulation's manifest there: they are left alone"):
+            simulate_dataset(str(folder), 0.25, replace=True, **common)
+        assert {p.name: p.read_text() for p in folder.iterdir()} == mine
+    out = tmp_path / "sim"
+    simulate_dataset(str(out), [0.25, 0.125], **common)
+    assert [(n.name, l.name) for n, l in find_pairs(out, "12p5")] == [("case000_abdomen_ndct.nrrd",
+                                                                      "case000_abdomen_ldct12p5.nrrd")]
+    simulate_dataset(str(out), 0.1, replace=True, seed=1, **common)  # its own earlier run: replaced whole
+    assert sorted(p.name for p in out.iterdir()) == ["case000_abdomen_ldct10.nrrd", "case000_abdomen_ndct.nrrd",
+                                                     "manifest.json"]
+
+
+def test_a_simulation_that_finds_another_runs_files_in_its_folder_at_the_end_keeps_them(tmp_path, monkeypatch):
+    """Two runs into one --out both succeeded, and the folder paired the NDCT of one with the
+    LDCT of the other; the second to finish now discards its own files."""
+    from CoreDiffLib.simulation import dataset
+    out = tmp_path / "sim"
+    real = dataset._simulate_into
+
+    def another_run_finishes_first(stage, *args):
+        written = real(stage, *args)
+        monkeypatch.setattr(dataset, "_simulate_into", real)  # the other run is a plain one
+        simulate_dataset(str(out), 0.1, count=1, n_slices=1, size=N, geometry=GEOM, progress=False, seed=7)
+        return written
+
+    monkeypatch.setattr(dataset, "_simulate_into", another_run_finishes_first)
+    with pytest.raises(ValueError, match="another run wrote into"):
+        simulate_dataset(str(out), 0.25, count=1, n_slices=1, size=N, geometry=GEOM, progress=False)
+    assert sorted(p.name for p in out.iterdir()) == ["case000_abdomen_ldct10.nrrd", "case000_abdomen_ndct.nrrd",
+                                                     "manifest.json"]
+
+
 def test_a_failed_or_interrupted_simulation_leaves_the_folder_as_it_was(tmp_path, monkeypatch):
     from CoreDiffLib.simulation import dataset
 
@@ -322,8 +365,8 @@ def test_a_failed_or_interrupted_simulation_leaves_the_folder_as_it_was(tmp_path
     monkeypatch.setattr(dataset._Recon, "run", second_case_interrupted)
     common = dict(dose=0.25, count=3, n_slices=1, size=N, geometry=GEOM, progress=False)
     with pytest.raises(KeyboardInterrupt):
-        simulate_dataset(str(tmp_path / "new"), **common)
-    assert not (tmp_path / "new").exists()  # created by the run, removed with it
+        simulate_dataset(str(tmp_path / "new" / "deeper"), **common)
+    assert not (tmp_path / "new").exists()  # created by the run, removed with it, parents too
     first = simulate_dataset(str(tmp_path / "old"), **{**common, "count": 1})
     kept = {p: open(p, "rb").read() for p in first}
     calls.clear()
@@ -397,3 +440,24 @@ def test_ctrl_c_while_the_finished_simulation_moves_in_waits_for_the_moves(tmp_p
     assert len(moves) == 3
     assert sorted(os.listdir(tmp_path)) == ["case000_abdomen_ldct5.nrrd", "case000_abdomen_ndct.nrrd", "manifest.json"]
     assert json.loads((tmp_path / "manifest.json").read_text())["seed"] == 2
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(kinds=()), "kinds is empty"), (dict(I0=-1), "I0"), (dict(I0=float("nan")), "I0"),
+    (dict(electronic_sigma=float("nan")), "electronic_sigma"),  # it passed as no electronic noise
+    (dict(slice_mm=float("nan")), "slice_mm"), (dict(window="hanning"), "unknown FBP window"),
+    (dict(out=""), "output folder (--out) is empty")])
+def test_simulate_dataset_refuses_nonsense_settings_before_any_work(tmp_path, monkeypatch, settings, message):
+    monkeypatch.chdir(tmp_path)  # an empty --out used to write into the working folder
+    out = settings.pop("out", str(tmp_path / "sim"))
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        simulate_dataset(out, 0.25, count=1, n_slices=1, size=N, geometry=GEOM, progress=False, **settings)
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_phantom_refuses_a_field_of_view_too_small_for_its_body():
+    """Only the body outline shrank to fit: the organs kept their size and lay outside it."""
+    with pytest.raises(ValueError, match="too small for this abdomen phantom"):
+        make_phantom("abdomen", 1, 128, pixel_mm=1.0)
+    with pytest.raises(ValueError, match="simulate_ldct: the image holds NaN"):
+        simulate_ldct(np.full((N, N), np.nan, np.float32), 0.25, geometry=GEOM)

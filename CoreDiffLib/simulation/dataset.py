@@ -12,6 +12,7 @@ e.g. ``case000_abdomen_ldct25.nrrd``) plus ``manifest.json`` with the recipe.
 from __future__ import annotations
 
 import json
+import numbers
 import os
 import re
 import shutil
@@ -22,7 +23,7 @@ from typing import Callable, List, Optional, Sequence, Union
 import numpy as np
 
 from ..atomic import atomic_path, deferred_interrupts, partial_folder, write_text_atomic
-from .noise import DEFAULT_ELECTRONIC_SIGMA, DEFAULT_I0, _check_dose, nested_dose_noise
+from .noise import DEFAULT_ELECTRONIC_SIGMA, DEFAULT_I0, _check_dose, check_noise_settings, nested_dose_noise
 from .phantom import DEFAULT_FOV_MM, KINDS, make_phantom, phantom_radius_mm
 from .projector import FanBeamGeometry, check_fits, fbp, forward_project, hu_to_mu, mu_to_hu
 
@@ -87,13 +88,33 @@ def _doses(dose) -> List[float]:
 SIMULATION_FILE = re.compile(r"^case\d+_[a-z]+_(ndct|ldct[0-9p]+)\.(nrrd|nii\.gz|nii|mha)$")
 
 
+GENERATOR = "CoreDiffLib.simulation"  # the manifest's mark: what it lists, a simulation wrote
+
+
 def earlier_simulation(out_dir: str | os.PathLike) -> List[str]:
-    """Names of the files a simulation wrote in ``out_dir`` (cases and manifest), sorted."""
-    out = Path(out_dir)
-    if not out.is_dir():
+    """Names of the files an earlier simulation wrote in ``out_dir``, sorted: its manifest and the
+    case files the manifest lists that are still there. Only these may be replaced: a file is
+    recognised by the manifest that lists it, never by its name alone (a user's own
+    ``case007_liver_ndct.nii.gz`` or ``manifest.json`` looks the same)."""
+    manifest = Path(out_dir) / "manifest.json"
+    try:
+        listed = json.loads(manifest.read_text(encoding="utf-8"))
+        if listed.get("generator") != GENERATOR:
+            return []
+        names = {str(name) for case in listed["cases"] for name in case["files"].values()}
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError, KeyError, TypeError):
+        return []  # no manifest, or not one a simulation wrote
+    names = {n for n in names if SIMULATION_FILE.match(n) and (manifest.parent / n).is_file()}
+    return sorted(names | {"manifest.json"})
+
+
+def _unlisted_lookalikes(out_dir: Path, earlier: List[str]) -> List[str]:
+    """Files in ``out_dir`` named as a simulation names its files that no simulation's manifest
+    there lists: a new simulation could overwrite them, or pair with them, and must not."""
+    if not out_dir.is_dir():
         return []
-    return sorted(f.name for f in out.iterdir()
-                  if f.is_file() and (f.name == "manifest.json" or SIMULATION_FILE.match(f.name)))
+    return sorted(f.name for f in out_dir.iterdir() if f.name not in earlier
+                  and (f.name == "manifest.json" or SIMULATION_FILE.match(f.name)))
 
 
 def _check_room(out_dir: Path, count: int, n_slices: int, size: int, n_doses: int) -> None:
@@ -125,6 +146,8 @@ def _validate(size, n_slices, kinds, geometry):
     if int(n_slices) < 1:
         raise ValueError(f"slices must be >= 1, got {n_slices}")
     kinds = (kinds,) if isinstance(kinds, str) else tuple(kinds)
+    if not kinds:
+        raise ValueError(f"kinds is empty: give at least one of {', '.join(KINDS)}")
     for k in kinds:
         if k not in KINDS:
             raise ValueError(f"unknown phantom kind {k!r}; choose from {', '.join(KINDS)}")
@@ -286,6 +309,9 @@ def simulate_dataset(out_dir: str, dose: Union[float, Sequence[float]] = 0.25, c
     geometry = geometry or FanBeamGeometry()
     doses = _doses(dose)
     size, n_slices, kinds = _validate(size, n_slices, kinds, geometry)
+    check_noise_settings(I0, electronic_sigma, window)
+    if isinstance(slice_mm, bool) or not isinstance(slice_mm, numbers.Real) or not 0 < slice_mm < 1e3:
+        raise ValueError(f"slice_mm must be a slice spacing in mm, > 0, got {slice_mm!r}")
     try:
         count = int(count)
     except (TypeError, ValueError):
@@ -297,17 +323,24 @@ def simulate_dataset(out_dir: str, dose: Union[float, Sequence[float]] = 0.25, c
         raise ValueError(f"unsupported format {fmt!r}; use nrrd, nii.gz, nii or mha")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+    if not str(out_dir).strip():  # an unset variable in a script: it would write into the working folder
+        raise ValueError("the output folder (--out) is empty: give the folder to simulate into")
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ValueError(f"output folder {out} is a file: give a folder")
     earlier = earlier_simulation(out)
+    lookalikes = _unlisted_lookalikes(out, earlier)
+    if lookalikes:  # not ours to replace, even when told to replace an earlier simulation
+        raise ValueError(f"{out} holds {', '.join(lookalikes[:3])}{', ...' if len(lookalikes) > 3 else ''}, "
+                         "named as a simulation names its files but listed in no simulation's manifest there: "
+                         "they are left alone; simulate into another folder, or move them")
     if earlier and not replace:
         files = f"{len(earlier)} file{'s' if len(earlier) > 1 else ''}: {', '.join(earlier[:3])}" \
             + (", ..." if len(earlier) > 3 else "")
         raise ValueError(f"{out} already holds a simulation ({files}): choose a new folder, or replace it "
-                         "(replace=True, corediff simulate --overwrite): two simulations mixed in one folder "
+                         "(--overwrite): two simulations mixed in one folder "
                          "would pair scans of different draws")
-    created = not out.exists()
+    created = [folder for folder in (out, *out.parents) if not folder.exists()]  # deepest first
     out.mkdir(parents=True, exist_ok=True)
     try:
         _check_room(out, count, n_slices, size, len(doses))
@@ -318,14 +351,20 @@ def simulate_dataset(out_dir: str, dose: Union[float, Sequence[float]] = 0.25, c
             # the new files first (the manifest last), then what is left of the earlier simulation
             final = [os.path.join(out_dir, os.path.basename(path)) for path in written]
             with deferred_interrupts():
+                if earlier_simulation(out) != earlier or _unlisted_lookalikes(out, earlier):
+                    raise ValueError(f"another run wrote into {out} while this one simulated: kept its files "
+                                     "and discarded this run's; simulate into a folder of its own")
                 for path, target in zip(written, final):
                     os.replace(path, target)
                 for name in set(earlier) - {os.path.basename(path) for path in written}:
                     (out / name).unlink()
         return final
     except BaseException:
-        if created:
-            shutil.rmtree(out, ignore_errors=True)
+        for folder in created:  # this run's own folders, unless another run has put files there
+            try:
+                folder.rmdir()
+            except OSError:
+                break
         raise
 
 
@@ -366,16 +405,20 @@ def _simulate_into(out_dir, doses, count, n_slices, size, seed, kinds, fmt, prog
 
             with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as ex:
                 futures = [ex.submit(_simulate_case, job) for job in jobs]
-                for fut in futures:  # in case order; progress advances per finished case
-                    entry, paths = fut.result()
-                    cases.append(entry)
-                    written.extend(paths)
-                    tick(n_slices)
+                try:
+                    for fut in futures:  # in case order; progress advances per finished case
+                        entry, paths = fut.result()
+                        cases.append(entry)
+                        written.extend(paths)
+                        tick(n_slices)
+                except BaseException:  # a failure, Ctrl-C or SIGTERM: the queued cases are not started
+                    ex.shutdown(wait=False, cancel_futures=True)
+                    raise
     finally:
         if bar is not None:
             bar.close()
     manifest = {
-        "generator": "CoreDiffLib.simulation",
+        "generator": GENERATOR,
         "software": software_versions(),
         "seed": int(seed), "count": count, "n_slices": n_slices, "size": size,
         "kinds": list(kinds), "doses": doses, "I0": I0, "electronic_sigma": electronic_sigma,
