@@ -92,6 +92,22 @@ def nested_dose_noise(line_integrals: np.ndarray, doses: Sequence[float], I0: fl
     return out
 
 
+def check_noise_settings(I0, electronic_sigma, window: str) -> None:
+    """Refuse, before any projection, settings the noise model or the FBP cannot use (they
+    failed later in NumPy's words, or a NaN sigma passed silently as no electronic noise)."""
+    from .projector import _WINDOWS
+    for name, value, low, strict in (("I0 (photons per detector reading)", I0, 0.0, True),
+                                     ("electronic_sigma (counts)", electronic_sigma, 0.0, False)):
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            number = float("nan")
+        if isinstance(value, bool) or not np.isfinite(number) or number < low or (strict and number == low):
+            raise ValueError(f"{name} must be a finite number {'>' if strict else '>='} {low:g}, got {value!r}")
+    if window not in _WINDOWS:
+        raise ValueError(f"unknown FBP window {window!r}; choose one of {', '.join(_WINDOWS)}")
+
+
 def simulate_ldct(ndct_hu_slices: np.ndarray, dose: Union[float, Iterable[float]],
                   geometry=None, pixel_mm: Optional[float] = None, seed: int = 0,
                   I0: float = DEFAULT_I0, electronic_sigma: float = DEFAULT_ELECTRONIC_SIGMA,
@@ -107,6 +123,9 @@ def simulate_ldct(ndct_hu_slices: np.ndarray, dose: Union[float, Iterable[float]
                             mu_to_hu)
 
     hu, squeeze = as_square_batch(ndct_hu_slices, "simulate_ldct")
+    check_noise_settings(I0, electronic_sigma, window)
+    if not np.isfinite(hu).all():
+        raise ValueError("simulate_ldct: the image holds NaN or infinite values: fix or mask them first")
     size = hu.shape[-1]
     geometry = geometry or FanBeamGeometry()
     pixel_mm = float(pixel_mm) if pixel_mm else 380.0 / size

@@ -516,8 +516,14 @@ def make_phantom(kind: str = "abdomen", n_slices: int = 16, size: int = 512,
     A = _Anatomy(rng, kind)
     fov = size * pixel_mm
     if A.max_radius_mm * 2 > fov * 1.0:
-        # shrink the anatomy to fit the requested image (keeps the caller's pixel size)
+        # shrink the body outline to fit the requested image (keeps the caller's pixel size); the
+        # organs keep their size in mm, so only a few per cent (the default fields of view need up
+        # to 7 %) leave the anatomy whole: a smaller field of view is refused
         s = fov / (A.max_radius_mm * 2) * 0.98
+        if s < 0.9:
+            raise ValueError(f"a field of view of {fov:.0f} mm ({size} x {pixel_mm:g} mm) is too small for this "
+                             f"{kind} phantom, up to {2 * A.max_radius_mm:.0f} mm across: give pixel_mm >= "
+                             f"{0.9 * 2 * A.max_radius_mm / 0.98 / size:.3g}, or leave it to the default")
         A.a *= s
         A.b *= s
     _setup(A, rng, n_slices, slice_mm)
