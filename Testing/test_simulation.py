@@ -324,7 +324,7 @@ def test_only_what_a_simulations_manifest_lists_is_replaced_and_its_odd_doses_pa
         assert {p.name: p.read_text() for p in folder.iterdir()} == mine
     out = tmp_path / "sim"
     simulate_dataset(str(out), [0.25, 0.125], **common)
-    assert [(n.name, l.name) for n, l in find_pairs(out, "12p5")] == [("case000_abdomen_ndct.nrrd",
+    assert [(nd.name, ld.name) for nd, ld in find_pairs(out, "12p5")] == [("case000_abdomen_ndct.nrrd",
                                                                       "case000_abdomen_ldct12p5.nrrd")]
     simulate_dataset(str(out), 0.1, replace=True, seed=1, **common)  # its own earlier run: replaced whole
     assert sorted(p.name for p in out.iterdir()) == ["case000_abdomen_ldct10.nrrd", "case000_abdomen_ndct.nrrd",
