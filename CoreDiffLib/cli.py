@@ -1,4 +1,4 @@
-"""The ``corediff`` command line: denoise, train, compare, simulate, models, devices.
+"""The ``corediff`` command line: denoise, compare, dose, simulate, train, oneshot, bench, models, devices.
 
 Every user-facing failure is a :class:`CoreDiffError` printed as one line,
 ``corediff: error: <what is wrong and what to do>``, with exit code 2; nothing is written.
@@ -12,6 +12,7 @@ import os
 import signal
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -42,10 +43,12 @@ class Progress:
 
 
 def info(args: argparse.Namespace, message: str) -> None:
-    """Human-readable status: 'INFO ...' on stdout in lines mode, stderr otherwise."""
+    """Human-readable status: 'INFO ...' on stdout in lines mode, stderr otherwise (also with
+    ``--progress none``, which hides the progress only: the model chosen, a dose or geometry
+    caveat must reach a script's log)."""
     if getattr(args, "progress", "bar") == "lines":  # one INFO line per line: GUIs parse them
         print("\n".join(f"INFO {line}" for line in message.splitlines()), flush=True)
-    elif getattr(args, "progress", "bar") != "none" or getattr(args, "verbose", False):
+    else:
         print(message, file=sys.stderr, flush=True)
 
 
@@ -64,7 +67,8 @@ def note(message: str) -> None:
 
 def _add_progress(p: argparse.ArgumentParser) -> None:
     p.add_argument("--progress", choices=["bar", "lines", "none"], default="bar",
-                   help="progress display: tqdm bar (default), 'PROGRESS done total' lines, or none")
+                   help="progress display: tqdm bar (default), 'PROGRESS done total' lines, or none "
+                        "(messages and warnings still go to stderr)")
 
 
 # ----------------------------------------------------------------------------- denoise
@@ -576,7 +580,8 @@ PARSERS: list[Callable] = [add_denoise_parser, add_train_parser, add_compare_par
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="corediff", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="corediff", description="CoreDiff low-dose CT denoising: "
+                                     "denoise scans, compare results, simulate, train and adapt models.")
     parser.add_argument("--version", action="version", version=f"corediff {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in PARSERS:
@@ -588,8 +593,14 @@ def _terminate(signum, frame):  # SIGTERM -> unwind normally so temporary files 
     raise SystemExit(128 + signum)
 
 
+def _format_warning(message, category, filename, lineno, line=None) -> str:
+    """A library warning (e.g. a faster back-end unavailable) as one line, not Python's source dump."""
+    return f"corediff: warning: {message}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _terminate)
+    warnings.formatwarning = _format_warning
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)

@@ -294,9 +294,9 @@ def export_onnx(model: ClearNet, folder: str | os.PathLike | None = None,
                 if not torch.isfinite(want).all():
                     raise CoreDiffError(NON_FINITE_OUTPUT)
                 err = float((want - got).abs().max())
-                if not err <= 1e-4:  # NaN compares False with everything
-                    raise CoreDiffError(f"ONNX export disagrees with PyTorch (max |diff| {err:.2e}); "
-                                        "use --runtime eager")
+                if not err <= 1e-4:  # NaN compares False with everything; not a CoreDiffError: the
+                    # Denoiser falls back to eager PyTorch, with a warning, as for any ONNX failure
+                    raise RuntimeError(f"its result differs from PyTorch's by up to {err:.2e}")
     return paths
 
 

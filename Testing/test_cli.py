@@ -245,6 +245,16 @@ def test_a_scan_auto_cannot_measure_gets_the_default_model_unless_auto_was_asked
     assert not (tmp_path / "out2.nrrd").exists()
 
 
+def test_progress_none_hides_the_progress_not_the_model_choice_or_the_caveats(tmp_path):
+    """--progress none silenced every message: a script lost the model chosen for its scan and
+    the dose and geometry caveats, with exit code 0."""
+    src = write_image(tmp_path / "small.nrrd", synthetic_ct(2, 48, noise_hu=15))
+    r = corediff("denoise", src, tmp_path / "out.nrrd", "--progress", "none", "--precision", "fp32")
+    assert r.returncode == 0, r.stderr
+    assert "model for this scan:" in r.stderr and "wrote " in r.stderr and "PROGRESS" not in r.stdout
+    assert "it/s" not in r.stderr  # no tqdm bar
+
+
 def test_single_slice_volume_denoises_with_replicated_neighbours(tmp_path, identity_model_path):
     src = write_image(tmp_path / "one.nrrd", synthetic_ct(1, 48))
     r = corediff("denoise", src, tmp_path / "out.mha", "--model", identity_model_path, "--progress", "none")

@@ -68,6 +68,17 @@ def test_backends_reproduce_eager_fp32_sampler(settings):
     assert float((got - ref).abs().max()) < 1e-5
 
 
+def test_an_onnx_runtime_that_disagrees_with_pytorch_falls_back_to_eager_with_a_warning(monkeypatch):
+    """It aborted every CPU denoise, advising a --runtime flag that does not exist."""
+    pytest.importorskip("onnxruntime")
+    from CoreDiffLib import runtime
+    real_call = runtime.OnnxNet.__call__
+    monkeypatch.setattr(runtime.OnnxNet, "__call__", lambda self, *a: real_call(self, *a) + 1e-3)
+    with pytest.warns(UserWarning, match="onnx/fp32 unavailable .*differs from PyTorch's.*using eager"):
+        den = Denoiser.load(tiny_net(), "cpu", precision="fp32", runtime="onnx")
+    assert den.settings.backend == "eager"
+
+
 def test_inapplicable_combinations_are_explained():
     cpu = torch.device("cpu")
     assert "CUDA" in check_applicable(RunSettings("tf32", False, "eager"), cpu)
