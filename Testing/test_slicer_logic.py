@@ -784,3 +784,26 @@ def test_a_package_older_than_the_library_needs_is_offered_as_an_upgrade(slicerE
     assert [text for kind, text in H.displayed if kind == "confirm"][-1].startswith(
         "CoreDiff needs these Python packages: numpy>=999.1")
     assert module.requirementMet("numpy") and not module.requirementMet("no-such-distribution>=1")
+
+
+def test_the_faster_cpu_runtime_is_offered_with_the_required_packages_and_may_fail(slicerEnv, monkeypatch):  # noqa: F811
+    """ONNX Runtime doubles the CPU speed, and neither the Slicer install nor the module installed
+    it; its install failing must not stop the module, which then runs on PyTorch."""
+    slicer, module, tempDir = slicerEnv
+    logic = module.CoreDiffSlicerLogic()
+    monkeypatch.setattr(logic, "REQUIRED_PACKAGES", {"no_such_module_for_corediff": "needed-package"})
+    monkeypatch.setattr(logic, "SPEEDUP_PACKAGES", {"no_such_speedup_for_corediff": "speedup-package"})
+    monkeypatch.setitem(H.confirmAnswer, "value", True)
+    installed = []
+
+    def install(requirements):
+        installed.append(requirements)
+        if requirements == "speedup-package":
+            raise subprocess.CalledProcessError(1, ["pip", "install", requirements])
+    monkeypatch.setattr(slicer.util, "pip_install", install)
+    monkeypatch.setattr(module, "coreDiffLibParentDir", lambda: tempDir)
+    assert logic.checkDependencies(interactive=True) is True
+    assert installed == ["needed-package", "speedup-package"]
+    confirm = [text for kind, text in H.displayed if kind == "confirm"][-1]
+    assert "needed-package" in confirm and "speedup-package (optional: about twice the speed on a CPU)" in confirm
+    assert not [m for m in H.displayed if m[0] == "error"]
