@@ -1165,7 +1165,7 @@ class CoreDiffSlicerLogic(ScriptedLoadableModuleLogic):
     REQUIRED_PACKAGES = {"safetensors": "safetensors>=0.4", "skimage": "scikit-image>=0.21", "tqdm": "tqdm>=4.60",
                          "psutil": "psutil>=5.9", "scipy": "scipy>=1.10"}
     # installed with the required ones when the user agrees, but optional: ONNX Runtime runs the
-    # network about twice as fast as PyTorch on a CPU (measured with `corediff bench`); a failed
+    # network 1.6-2 times as fast as PyTorch on a CPU (`corediff bench`, 2026-12-05); a failed
     # install of these is logged and the module runs on PyTorch
     SPEEDUP_PACKAGES = {"onnx": "onnx>=1.15", "onnxruntime": "onnxruntime>=1.17"}
     TORCH_REQUIREMENT = ">=2.1"
@@ -1231,7 +1231,7 @@ class CoreDiffSlicerLogic(ScriptedLoadableModuleLogic):
             speedups = [pip for mod, pip in self.SPEEDUP_PACKAGES.items() if importlib.util.find_spec(mod) is None]
             if not slicer.util.confirmOkCancelDisplay(
                     "CoreDiff needs these Python packages: " + ", ".join(missing) + "."
-                    + (f"\nIt also installs {', '.join(speedups)} (optional: about twice the speed on a CPU)."
+                    + (f"\nIt also installs {', '.join(speedups)} (optional: 1.6-2 times the speed on a CPU)."
                        if speedups else "") + "\nInstall them now?",
                     windowTitle="CoreDiff"):
                 return False
@@ -1247,8 +1247,8 @@ class CoreDiffSlicerLogic(ScriptedLoadableModuleLogic):
                 try:
                     slicer.util.pip_install(" ".join(speedups))
                 except Exception:  # optional: the module runs on PyTorch without them
-                    logging.warning("CoreDiff: installing %s failed; denoising runs on PyTorch, about half as "
-                                    "fast on a CPU", ", ".join(speedups), exc_info=True)
+                    logging.warning("CoreDiff: installing %s failed; denoising runs on PyTorch, more slowly "
+                                    "on a CPU", ", ".join(speedups), exc_info=True)
         if coreDiffLibParentDir() is None:
             slicer.util.errorDisplay("The CoreDiffLib package was not found next to the module.", windowTitle="CoreDiff")
             return False

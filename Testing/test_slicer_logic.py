@@ -805,5 +805,5 @@ def test_the_faster_cpu_runtime_is_offered_with_the_required_packages_and_may_fa
     assert logic.checkDependencies(interactive=True) is True
     assert installed == ["needed-package", "speedup-package"]
     confirm = [text for kind, text in H.displayed if kind == "confirm"][-1]
-    assert "needed-package" in confirm and "speedup-package (optional: about twice the speed on a CPU)" in confirm
+    assert "needed-package" in confirm and "speedup-package (optional: 1.6-2 times the speed on a CPU)" in confirm
     assert not [m for m in H.displayed if m[0] == "error"]
