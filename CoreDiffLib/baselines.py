@@ -101,7 +101,7 @@ def train_redcnn(pairs: Sequence[tuple[np.ndarray, np.ndarray]], iterations: int
     autocast = torch.autocast(device_type="cuda" if device.startswith("cuda") else "cpu",
                               dtype=torch.bfloat16, enabled=precision == "bf16")
     opt = torch.optim.Adam(model.parameters(), lr=lr)
-    data = PairedSlices(pairs, patch_size, seed=seed, anywhere_share=anywhere_share)
+    data = PairedSlices(pairs, patch_size, seed=seed, anywhere_share=anywhere_share, multiple=1)  # no pooling
     t0 = time.time()
     for it in range(1, iterations + 1):
         if lr_schedule == "cosine":

@@ -102,6 +102,9 @@ class TrainConfig:
                 raise CoreDiffError(f"{flag} {value}: give a whole number >= {least}")
         if not (self.patch_size >= 0 and float(self.patch_size).is_integer()):
             raise CoreDiffError(f"--patch-size {self.patch_size}: give a size in pixels, or 0 for whole slices")
+        if self.patch_size % PATCH_MULTIPLE or 0 < self.patch_size < 2 * PATCH_MULTIPLE:  # it crashed mid-run
+            raise CoreDiffError(f"--patch-size {self.patch_size}: give a multiple of {PATCH_MULTIPLE} (CLEAR-Net "
+                                f"halves a patch twice), at least {2 * PATCH_MULTIPLE}, or 0 for whole slices")
         if not self.lr > 0:  # also refuses nan
             raise CoreDiffError(f"--lr {self.lr}: give a learning rate > 0")
         if not 0.0 <= self.ema_decay < 1.0:
@@ -125,6 +128,9 @@ class TrainConfig:
 
 
 # ----------------------------------------------------------------------------- data
+#: CLEAR-Net pools twice: a training patch's side must divide by this
+PATCH_MULTIPLE = 4
+
 #: below this (HU) a pixel counts as air: for the patch re-draw and the context-noise term's "air" region
 AIR_HU = -900.0
 AIR_UNIT = float(hu_to_unit(np.float32(AIR_HU)))  # the same in network units
@@ -153,7 +159,7 @@ class PairedSlices:
 
     def __init__(self, pairs: Sequence[tuple[np.ndarray, np.ndarray]], patch_size: int = 64,
                  seed: int = 0, anywhere_share: float = 0.0, max_neighbour_gap: int = 1,
-                 own_slice_share: float = 0.0):
+                 own_slice_share: float = 0.0, multiple: int = PATCH_MULTIPLE):
         if not pairs:
             raise CoreDiffError("no training pairs: give at least one NDCT/LDCT pair")
         check_share("--anywhere-share", "the share of patches drawn anywhere", anywhere_share)
@@ -164,9 +170,11 @@ class PairedSlices:
             if ndct.shape != ldct.shape:
                 raise CoreDiffError(f"NDCT {ndct.shape} and LDCT {ldct.shape} volumes differ in shape")
             self.pairs.append((hu_to_unit(ndct), hu_to_unit(ldct)))
-        # one patch size for every pair (a batch stacks them): at most the smallest slice's side
+        # one patch size for every pair (a batch stacks them): at most the smallest slice's side, and a
+        # multiple of ``multiple`` (CLEAR-Net's two poolings; 1 for a network without any)
         smallest = min(min(ldct.shape[1:]) for _, ldct in self.pairs)
         self.patch = min(patch_size or smallest, smallest)
+        self.patch -= self.patch % multiple
         self.rng = np.random.default_rng(seed)
         self.anywhere_share = anywhere_share
         self.max_gap = int(max_neighbour_gap)
@@ -183,7 +191,8 @@ class PairedSlices:
             gap = int(self.rng.integers(1, self.max_gap + 1)) if self.max_gap > 1 else 1
             if gap > 1 and s > 2 * gap:  # a slice with both neighbours that far away
                 i = int(self.rng.integers(gap, s - gap))
-            else:
+            else:  # too few slices for that gap on both sides: the adjacent ones, edges replicated, as
+                gap = 1  # at inference (not one neighbour 1 slice away and the other 3)
                 i = int(self.rng.integers(s))
             idx = [i, i, i] if own_slice else [max(i - gap, 0), i, min(i + gap, s - 1)]
             p = self.patch

@@ -304,6 +304,12 @@ def test_patch_sampler_draws_neighbours_up_to_the_largest_gap_and_keeps_the_defa
         if gaps[-1] > 1:  # both neighbours that far, on either side: no edge replicated (12 slices > 2 x 4)
             assert abs((hu[1] - hu[0]) - (hu[2] - hu[1])) < 0.5
     assert set(gaps) == {1, 2, 3, 4}
+    short = volume[:5]  # too short for a gap of 3 on both sides: adjacent neighbours, as at inference
+    for s in range(100):  # it gave contexts like slices (0, 1, 4): one side 1 away, the other 3
+        hu = PairedSlices([(short, short)], patch_size=8, seed=s, max_neighbour_gap=3).batch(1)[0][0, :, 0, 0]
+        k = [round(float(v) * 409.6 - 102.4) for v in hu]
+        below, above = k[1] - k[0], k[2] - k[1]
+        assert below == above or (below, above) in ((0, 1), (1, 0)), k  # 0: an edge slice replicated
     # the default is the adjacent slices, with the random stream of earlier runs
     a = PairedSlices([(volume, volume)], patch_size=8, seed=5).batch(20)
     b = PairedSlices([(volume, volume)], patch_size=8, seed=5, max_neighbour_gap=1).batch(20)
@@ -311,6 +317,17 @@ def test_patch_sampler_draws_neighbours_up_to_the_largest_gap_and_keeps_the_defa
     for bad in (0, 2.5):
         with pytest.raises(CoreDiffError, match="neighbour gap"):
             PairedSlices([(volume, volume)], max_neighbour_gap=bad)
+
+
+def test_the_patch_is_cut_to_a_multiple_of_four_for_slices_smaller_than_it():
+    """Training on 62-px slices (patch 64, shrunk to the slice) crashed in CLEAR-Net's decoder."""
+    volume = synthetic_ct(3, 62)
+    assert PairedSlices([(volume, volume)], patch_size=64).patch == 60
+    assert PairedSlices([(volume, volume)], patch_size=0).patch == 60  # whole slices, too
+    assert PairedSlices([(volume, volume)], patch_size=0, multiple=1).patch == 62  # RED-CNN has no pooling
+    net = ClearNet(NetworkConfig(width=8))
+    ctx, tgt = PairedSlices([(volume, volume)], patch_size=64).batch(2)
+    corediff_loss(net, NetworkConfig(width=8), ctx, tgt, t=5).backward()
 
 
 def test_patch_sampler_gives_the_own_slice_as_context_to_its_share_of_patches():
@@ -570,7 +587,8 @@ def test_loss_terms_refuse_what_the_loss_could_not_compute_before_any_training()
     ("iterations", 0, "--iterations 0"), ("batch_size", 2.5, "--batch-size 2.5"),
     ("checkpoint_every", 0, "--checkpoint-every"), ("log_every", float("nan"), "log_every nan"),
     ("ema_start", -1, "--ema-start"), ("threads", -2, "--threads"), ("keep_every", float("inf"), "--keep-every"),
-    ("patch_size", -8, "--patch-size -8"), ("lr", 0.0, "--lr 0"), ("lr", float("nan"), "--lr nan"),
+    ("patch_size", -8, "--patch-size -8"), ("patch_size", 30, "--patch-size 30: give a multiple of 4"),
+    ("patch_size", 4, "at least 8"), ("lr", 0.0, "--lr 0"), ("lr", float("nan"), "--lr nan"),
     ("ema_decay", 1.0, "ema_decay"), ("time_limit_s", -60.0, "--time-limit -1 min"),
     ("lr_schedule", "step", "--lr-schedule 'step'"), ("t_sampling", "early", "--t-sampling"),
     ("precision", "fp16", "--precision"), ("anywhere_share", 1.5, "--anywhere-share 1.5"),
