@@ -290,10 +290,14 @@ def check_slice_range(slices: tuple[int | None, int | None] | None, n: int) -> t
     return start, stop
 
 
+#: how running out of memory reads: CUDA, PyTorch's CPU allocator, ONNX Runtime's arena, C++
+_OOM_MESSAGES = ("out of memory", "can't allocate memory", "failed to allocate memory", "bad_alloc")
+
+
 def _is_oom(exc: BaseException) -> bool:
     oom = getattr(torch.cuda, "OutOfMemoryError", None)
-    return (oom is not None and isinstance(exc, oom)) or (
-        isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower())
+    return isinstance(exc, MemoryError) or (oom is not None and isinstance(exc, oom)) or (
+        any(text in str(exc).lower() for text in _OOM_MESSAGES))
 
 
 def check_batch_size(batch_size: int | None) -> None:
@@ -361,14 +365,17 @@ def _denoise_range(volume_hu, den: Denoiser, first: int, last: int, batch_size: 
         except Exception as exc:
             if not _is_oom(exc):
                 raise
+            on_gpu = den.device.type != "cpu"
             if bs == 1:
-                raise CoreDiffError("the GPU ran out of memory even with one slice per batch: "
-                                    "use --device cpu") from None
+                raise CoreDiffError(f"the {'GPU' if on_gpu else 'computer'} ran out of memory even with one "
+                                    f"slice per batch ({h} x {w}): "
+                                    + ("use --device cpu" if on_gpu else "close other programs, or denoise "
+                                       "on a machine with more memory")) from None
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             bs = max(1, bs // 2)
             if log:
-                log(f"out of GPU memory: continuing with batch size {bs}")
+                log(f"out of {'GPU ' if on_gpu else ''}memory: continuing with batch size {bs}")
             continue
         if not np.isfinite(unit).all():  # a broken model or an overflow: never written as 0 HU
             raise CoreDiffError(NON_FINITE_OUTPUT)
@@ -446,7 +453,8 @@ def denoise_file(input_path, output_path, denoiser, batch_size: int | None = Non
     error/cancel.
     """
     from .dicom import check_series_input
-    from .io import check_grid_output, read_volume, write_volume
+    from .io import check_grid_output, check_output_path, read_volume, write_volume
+    check_output_path(input_path, output_path)  # the CLI checks it too; a script calling this must not lose its input
     if context not in CONTEXTS:
         raise CoreDiffError(f"context must be one of {', '.join(CONTEXTS)}, not {context!r}")
     check_batch_size(batch_size)

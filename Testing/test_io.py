@@ -212,6 +212,18 @@ def test_output_path_checks(tmp_path, ct_file):
     with pytest.raises(CoreDiffError, match="not empty"):
         check_output_path(ct_file, tmp_path / "full")
     check_output_path(ct_file, tmp_path / "fresh.nii.gz")
+    (tmp_path / "fresh.nii").write_bytes(b"an older result")  # ITK would read it for fresh.nii.gz
+    with pytest.raises(CoreDiffError, match="fresh.nii lies beside output .*fresh.nii.gz"):
+        check_output_path(ct_file, tmp_path / "fresh.nii.gz")
+
+
+def test_denoise_file_called_from_a_script_refuses_to_overwrite_its_input(tmp_path, ct_file):
+    """Only the CLI checked: denoise_file(p, p) replaced the scan with its denoised copy."""
+    from CoreDiffLib.inference import denoise_file
+    before = ct_file.read_bytes()
+    with pytest.raises(CoreDiffError, match="is the input"):
+        denoise_file(ct_file, ct_file, lambda *a: pytest.fail("the model must not even be loaded"))
+    assert ct_file.read_bytes() == before
 
 
 @pytest.mark.parametrize("case, message", [

@@ -278,16 +278,17 @@ def test_peak_memory_does_not_grow_with_slices(tmp_path, weights):
 
 # ----------------------------------------------------------------------------- OOM
 class _FlakyGPU:
-    """Behaves like a Denoiser whose GPU holds at most ``limit`` slices per batch."""
+    """Behaves like a Denoiser whose GPU (or CPU) holds at most ``limit`` slices per batch."""
 
-    def __init__(self, limit: int):
-        self.limit, self.batches = limit, []
-        self.device = torch.device("cuda")
+    def __init__(self, limit: int, device: str = "cuda",
+                 error: BaseException = torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")):
+        self.limit, self.batches, self.error = limit, [], error
+        self.device = torch.device(device)
         self.model = tiny_net()
 
     def denoise_batch(self, stack):
         if stack.shape[0] > self.limit:
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            raise self.error
         self.batches.append(stack.shape[0])
         return stack[:, 1]            # identity "denoiser": input centre slice in [0, 1]
 
@@ -300,6 +301,21 @@ def test_out_of_memory_halves_batch_and_continues():
                         "out of GPU memory: continuing with batch size 2"]
     assert fake.batches == [2, 2, 2, 2, 2, 1] and sum(fake.batches) == 11
     assert np.allclose(out, np.clip(vol, -1024, 3072), atol=1e-3)
+
+
+@pytest.mark.parametrize("error", [
+    RuntimeError("[enforce fail at alloc_cpu.cpp:127] data. DefaultCPUAllocator: can't allocate memory"),
+    RuntimeError("[ONNXRuntimeError] : 1 : FAIL : Failed to allocate memory for requested buffer of size 301989888"),
+    MemoryError()])
+def test_out_of_memory_on_the_cpu_halves_the_batch_too(error):
+    """A 1536^2 scan on a laptop crashed with PyTorch's or ONNX Runtime's traceback, where batch 1 fits."""
+    vol = synthetic_ct(5, 32)
+    fake, messages = _FlakyGPU(limit=1, device="cpu", error=error), []
+    out = denoise_volume(vol, denoiser=fake, batch_size=2, log=messages.append)
+    assert messages == ["out of memory: continuing with batch size 1"] and fake.batches == [1] * 5
+    assert np.allclose(out, np.clip(vol, -1024, 3072), atol=1e-3)
+    with pytest.raises(CoreDiffError, match="computer ran out of memory even with one slice per batch"):
+        denoise_volume(vol, denoiser=_FlakyGPU(limit=0, device="cpu", error=error), batch_size=2)
 
 
 def test_out_of_memory_with_one_slice_is_a_clear_error():
