@@ -189,12 +189,14 @@ def test_slices_4_mm_apart_or_more_are_their_own_context_unless_asked(tmp_path, 
     np.testing.assert_allclose(thick_auto, thin_own, atol=1.0)
     assert np.abs(thick_auto - thin_auto).max() > 2
     # its own context is each slice denoised as a volume of one slice
-    voxels = read_volume(thick).array
-    alone = np.concatenate([denoise_volume(voxels[k:k + 1], model=str(changing_model_path), device="cpu", steps=1)
+    stored = read_volume(thick)
+    voxels = stored.array
+    alone = np.concatenate([denoise_volume(voxels[k:k + 1], model=str(changing_model_path), device="cpu", steps=1,
+                                           direction=stored.direction)  # its rows run toward -y
                             for k in range(len(voxels))])
     np.testing.assert_allclose(thick_auto, alone, atol=1.0)
     np.testing.assert_allclose(denoise_volume(voxels, model=str(changing_model_path), device="cpu", steps=1,
-                                              neighbours=False), alone, atol=1e-3)
+                                              neighbours=False, direction=stored.direction), alone, atol=1e-3)
     assert digest(thick) == before
 
 
