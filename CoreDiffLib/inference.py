@@ -253,9 +253,10 @@ class Denoiser:
 
 
 def _validate_streamed(volume, name: str = "input volume", chunk: int = 32,
-                       slices: tuple[int, int] | None = None) -> None:
+                       slices: tuple[int, int] | None = None) -> tuple[float, float]:
     """:func:`validate_ct_array` without a full-volume float copy: min/max/finite by slabs
-    (of ``slices`` [start, stop) only, when given: a preview need not read the whole file)."""
+    (of ``slices`` [start, stop) only, when given: a preview need not read the whole file).
+    Returns the (min, max) it read."""
     if volume.ndim != 3 or min(volume.shape) < 1 or volume.shape[1] < 16 or volume.shape[2] < 16:
         validate_ct_array(np.zeros(volume.shape, np.float32) if volume.ndim != 3 else
                           np.zeros((1,) + tuple(volume.shape[1:]), np.float32), name)
@@ -274,6 +275,7 @@ def _validate_streamed(volume, name: str = "input volume", chunk: int = 32,
     probe = np.full((1, 16, 16), lo, np.float32)
     probe[0, 0, 0] = hi
     validate_ct_array(probe, name)
+    return lo, hi
 
 
 def check_slice_range(slices: tuple[int | None, int | None] | None, n: int) -> tuple[int, int]:
@@ -485,7 +487,7 @@ def denoise_file(input_path, output_path, denoiser, batch_size: int | None = Non
             data, streamed = layout.to_axial(np.asarray(data[0:data.shape[0]])), False
         n = data.shape[0]
         first, last = check_slice_range(slices, n)
-        _validate_streamed(data, str(input_path), slices=(max(first - 1, 0), min(last + 1, n)))
+        value_range = _validate_streamed(data, str(input_path), slices=(max(first - 1, 0), min(last + 1, n)))
         axial_axis = 2 - (layout.perm[0] if layout is not None else 0)  # ITK index axis of the axial slices
         *spacing_xy, slice_mm = axial_spacing(info["spacing"], layout)
         partial = (first, last) != (0, n)
@@ -534,7 +536,7 @@ def denoise_file(input_path, output_path, denoiser, batch_size: int | None = Non
             vol = Volume(result, info["spacing"], info["origin"], info["direction"], info["pixel_type"],
                          dict(info.get("dicom_tags", {})), info.get("source", ""), info.get("slice_positions"))
             return write_volume(vol, output_path, metadata=metadata), shape, streamed
-        sink = StreamedOutput(output_path, shape, info, output_dtype(info["pixel_type"]), metadata)
+        sink = StreamedOutput(output_path, shape, info, output_dtype(info["pixel_type"], value_range), metadata)
         try:
             _denoise_range(data, den, first, last, batch_size, progress, cancel, sink.array, log, neighbours, view)
             path = sink.commit()

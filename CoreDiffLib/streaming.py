@@ -323,9 +323,15 @@ def _read_text_header(p: Path, last_key: bytes) -> str:
     return head[:j + 1].decode("latin-1")
 
 
-def output_dtype(pixel_type: str) -> np.dtype:
-    """Keep integer CT types that hold [-1024, 3072] and any padding; else float32."""
+def output_dtype(pixel_type: str, value_range: tuple[float, float] | None = None) -> np.dtype:
+    """Keep integer CT types that hold [-1024, 3072] and any padding; else float32. int32 (what
+    ITK makes of int16 DICOM with its rescale intercept) is narrowed to int16 when the input's
+    ``value_range`` fits it, as :func:`io.write_volume` does for whole volumes: an output holds
+    the input's own values where it keeps them (padding, metal) and [-1024, 3072] elsewhere."""
     dt = np.dtype(pixel_type)
+    if dt == np.dtype(np.int32) and value_range is not None \
+            and -32768 <= value_range[0] and value_range[1] <= 32767:
+        return np.dtype(np.int16)
     if dt in (np.dtype(np.int16), np.dtype(np.int32)):
         return dt
     return np.dtype(np.float32)

@@ -276,6 +276,17 @@ def test_peak_memory_does_not_grow_with_slices(tmp_path, weights):
     assert peaks[1000] - peaks[100] < 0.25 * volume_mb
 
 
+@pytest.mark.parametrize("ext", [".nrrd", ".mha", ".nii.gz"])
+def test_dicom_read_as_int32_is_written_as_int16_by_the_streamed_writer_too(tmp_path, weights, ext):
+    """ITK widens int16 DICOM with its rescale intercept to int32; only write_volume narrowed it,
+    and the .nrrd, .mha and .nii.gz outputs (written by StreamedOutput) doubled in size."""
+    from conftest import write_dicom_series
+    folder = write_dicom_series(tmp_path / "dicom", synthetic_ct(3, 32), "1.2.3.77")
+    assert read_volume(folder).pixel_type == "int32"
+    path, _, _ = denoise_file(folder, tmp_path / f"out{ext}", Denoiser.load(str(weights), "cpu", runtime="eager"))
+    assert sitk.ReadImage(str(path)).GetPixelID() == sitk.sitkInt16
+
+
 @pytest.mark.parametrize("stored", ["ras", "swapped"])
 def test_one_scan_gives_the_same_hu_however_its_file_stores_the_axial_plane(tmp_path, weights, stored):
     """CLEAR-Net is not exactly flip-equivariant: a RAS-stored NIfTI of a scan came out up to 17 HU
