@@ -239,7 +239,8 @@ class _Forward(torch.nn.Module):
 
 
 def _model_key(model: ClearNet) -> str:
-    h = hashlib.sha256(repr(model.config.to_dict()).encode())
+    """The cache name of a model's export: its config and weights, and the exporter (torch)."""
+    h = hashlib.sha256(repr(model.config.to_dict()).encode() + torch.__version__.encode())
     for k, v in model.state_dict().items():
         h.update(k.encode())
         h.update(v.detach().cpu().float().numpy().tobytes())
@@ -257,7 +258,8 @@ def export_onnx(model: ClearNet, folder: str | os.PathLike | None = None,
     """Export the forward pass (EMM off and on) with dynamic batch / height / width.
 
     Files are cached by a hash of the weights, so each model is exported once (~5 s).
-    With ``check``, ONNX Runtime must reproduce PyTorch on a random input to 1e-4.
+    With ``check``, ONNX Runtime must reproduce PyTorch on a random input to 1e-4; a cached
+    file that does not (damaged: a full disk, a copy cut short) is exported again, once.
     """
     import warnings
 
@@ -268,13 +270,14 @@ def export_onnx(model: ClearNet, folder: str | os.PathLike | None = None,
     c = model.config.in_channels
     x, t = torch.rand(1, c, 32, 32), torch.tensor([3])
     p, xT = torch.rand(1, 1, 32, 32), torch.rand(1, 1, 32, 32)
-    paths = {}
+    paths, exported = {}, set()
     for emm in (False, True):
         if emm and not model.config.use_emm:
             paths[emm] = paths[False]
             continue
         path = folder / f"clearnet-{key}-{'emm' if emm else 'plain'}.onnx"
         if not path.exists():
+            exported.add(path)
             axes = {"x": {0: "b", 2: "h", 3: "w"}, "p": {0: "b", 2: "h", 3: "w"},
                     "xT": {0: "b", 2: "h", 3: "w"}, "t": {0: "b"}, "y": {0: "b", 2: "h", 3: "w"}}
             # the TorchScript exporter; torch < 2.5 has no `dynamo` switch and uses it anyway
@@ -286,18 +289,34 @@ def export_onnx(model: ClearNet, folder: str | os.PathLike | None = None,
                                   dynamic_axes=axes, opset_version=17, **legacy)
         paths[emm] = path
     if check:
-        net = OnnxNet(model, paths=paths)
-        with torch.no_grad():
-            for emm in (False, True):
-                want = model(x, t, p if emm else None, xT if emm else None)
-                got = net(x, t, p if emm else None, xT if emm else None)
-                if not torch.isfinite(want).all():
-                    raise CoreDiffError(NON_FINITE_OUTPUT)
-                err = float((want - got).abs().max())
-                if not err <= 1e-4:  # NaN compares False with everything; not a CoreDiffError: the
-                    # Denoiser falls back to eager PyTorch, with a warning, as for any ONNX failure
-                    raise RuntimeError(f"its result differs from PyTorch's by up to {err:.2e}")
+        try:
+            _check_export(model, paths, (x, t, p, xT))
+        except CoreDiffError:
+            raise
+        except Exception:
+            cached = set(paths.values()) - exported
+            if not cached:  # just exported, and still wrong: nothing a second export would mend
+                raise
+            for path in cached:
+                path.unlink(missing_ok=True)
+            return export_onnx(model, folder, check)
     return paths
+
+
+def _check_export(model: ClearNet, paths: dict[bool, Path], inputs: tuple) -> None:
+    """ONNX Runtime on ``paths`` must give PyTorch's result on ``inputs`` to 1e-4."""
+    x, t, p, xT = inputs
+    net = OnnxNet(model, paths=paths)
+    with torch.no_grad():
+        for emm in (False, True):
+            want = model(x, t, p if emm else None, xT if emm else None)
+            got = net(x, t, p if emm else None, xT if emm else None)
+            if not torch.isfinite(want).all():
+                raise CoreDiffError(NON_FINITE_OUTPUT)
+            err = float((want - got).abs().max())
+            if not err <= 1e-4:  # NaN compares False with everything; not a CoreDiffError: the
+                # Denoiser falls back to eager PyTorch, with a warning, as for any ONNX failure
+                raise RuntimeError(f"its result differs from PyTorch's by up to {err:.2e}")
 
 
 class OnnxNet:

@@ -79,6 +79,20 @@ def test_an_onnx_runtime_that_disagrees_with_pytorch_falls_back_to_eager_with_a_
     assert den.settings.backend == "eager"
 
 
+def test_a_damaged_cached_onnx_export_is_made_again(tmp_path):
+    """A truncated cache file sent every later run to eager PyTorch (4x slower), for good."""
+    pytest.importorskip("onnxruntime")
+    from CoreDiffLib.runtime import export_onnx
+    net = tiny_net()
+    paths = export_onnx(net, tmp_path)
+    damaged = paths[True]
+    damaged.write_bytes(damaged.read_bytes()[:1000])
+    again = export_onnx(net, tmp_path)
+    assert again == paths and again[True].stat().st_size > 1000
+    den = Denoiser.load(net, "cpu", precision="fp32", runtime="onnx")
+    assert den.settings.backend == "onnx"
+
+
 def test_inapplicable_combinations_are_explained():
     cpu = torch.device("cpu")
     assert "CUDA" in check_applicable(RunSettings("tf32", False, "eager"), cpu)
