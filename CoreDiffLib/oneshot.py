@@ -24,7 +24,8 @@ Two ways to supervise the logits:
   optional SSIM term. This directly minimises the error the paper's metrics measure.
 * **unpaired** — a normal-dose slice that is *not* aligned with the reference (by default
   two slices further on, as in the paper's reference code, or another scan altogether).
-  The paper uses a VGG perceptual loss, whose ImageNet weights cannot be downloaded here.
+  The reference code uses a VGG perceptual loss (in both modes; paired mode here uses the MSE the
+  metrics measure instead), whose ImageNet weights cannot be downloaded here.
   We use :func:`texture_loss` instead: per-patch *log band energies* of the soft tissue,
   i.e. the mean squared response of a fixed multi-scale Gaussian-derivative filter bank
   (d/dx, d/dy and Laplacian of a Gaussian, sigma = 1 px on the image average-pooled 1x, 2x
