@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import signal
+import statistics
 import sys
 import time
 import warnings
@@ -240,7 +241,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg.loss_terms.check_network(net_cfg)
     pairs = read_pair_list(args.data) if Path(args.data).is_file() else find_pairs(args.data, args.dose_tag)
     info(args, f"{len(pairs)} NDCT/LDCT pairs")
-    volumes = read_training_pairs(pairs, log=lambda m: info(args, m))
+    slice_mm: list[float] = []
+    volumes = read_training_pairs(pairs, log=lambda m: info(args, m), slice_mm=slice_mm)
     device = "cuda" if args.device == "auto" and _cuda() else ("cpu" if args.device == "auto" else args.device)
     ema, state = train(volumes, net_cfg, cfg, checkpoint=checkpoint, device=device,
                        log=lambda m: info(args, m), init_state=init_state,
@@ -253,7 +255,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         sha = save_weights(ema, args.output, {"iterations": state.iteration, "train_config": vars(cfg),
                                               "data": [[str(Path(a).resolve()), str(Path(b).resolve())]
                                                        for a, b in pairs],
-                                              "dose_tag": args.dose_tag, **started_from})
+                                              "dose_tag": args.dose_tag, **started_from,
+                                              # the spacing its neighbours were learned at: --context auto
+                                              # gives them to slices that far apart (inference.uses_neighbours)
+                                              "slice_mm": statistics.median(slice_mm)})
         info(args, f"wrote {args.output} (sha256 {sha[:12]}…, {state.iteration} iterations)")
     return 0
 

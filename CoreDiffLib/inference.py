@@ -419,9 +419,15 @@ THICK_SLICE_MM = 4.0
 CONTEXTS = ("auto", "neighbours", "own")
 
 
-def uses_neighbours(slice_mm: float, context: str = "auto") -> bool:
-    """Whether slices ``slice_mm`` apart get their neighbours as context (one of :data:`CONTEXTS`)."""
-    return context == "neighbours" or (context == "auto" and slice_mm < THICK_SLICE_MM)
+def uses_neighbours(slice_mm: float, context: str = "auto", trained_slice_mm: float | None = None) -> bool:
+    """Whether slices ``slice_mm`` apart get their neighbours as context (one of :data:`CONTEXTS`).
+
+    "auto" gives them below :data:`THICK_SLICE_MM`, the rule measured for models that learned
+    their neighbours 1 mm away, and also up to 1.25 x the spacing a model was trained at when it
+    records one (``trained_slice_mm``): a model fine-tuned on 5 mm scans learned 5 mm neighbours."""
+    if context != "auto":
+        return context == "neighbours"
+    return slice_mm < THICK_SLICE_MM or (trained_slice_mm is not None and slice_mm <= 1.25 * trained_slice_mm)
 
 
 def axial_view(volume) -> tuple[np.ndarray, tuple[float, float]]:
@@ -498,8 +504,8 @@ def denoise_file(input_path, output_path, denoiser, batch_size: int | None = Non
                     raise CoreDiffError(f"{input_path}: {layout.storage} slices off a regular grid: "
                                         "--slices cannot cut them axially; denoise the whole series")
                 info["slice_positions"] = info["slice_positions"][first:last]
-        neighbours = uses_neighbours(slice_mm, context)
         den = denoiser if isinstance(denoiser, Denoiser) else denoiser(data, tuple(spacing_xy))
+        neighbours = uses_neighbours(slice_mm, context, getattr(den.model, "trained_slice_mm", None))
         metadata = den.provenance()
         uses_context = den.model.config.use_context
         if uses_context:
@@ -519,7 +525,8 @@ def denoise_file(input_path, output_path, denoiser, batch_size: int | None = Non
                 log(f"slice spacing {slice_mm:g} mm: each slice is its own context. The models learned "
                     "from 1 mm neighbours, and on clinical 5 mm scans their neighbours cost 0.9-1.4 dB "
                     "(docs/benchmarks/real_anatomy); --context neighbours to use them anyway")
-            elif uses_context and neighbours and slice_mm >= WIDE_SLICE_MM:
+            elif uses_context and neighbours and slice_mm >= WIDE_SLICE_MM \
+                    and (getattr(den.model, "trained_slice_mm", None) or 1.0) < WIDE_SLICE_MM:
                 log(f"slice spacing {slice_mm:g} mm: the models were trained on 1 mm slices, and their "
                     "neighbour context helps less the further apart the slices are (held-out phantoms, 25 %: "
                     "+0.82 dB at 1 mm, +0.32 at 3 mm, +0.02 at 5 mm; docs/benchmarks/spacing)")

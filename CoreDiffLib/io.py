@@ -22,7 +22,7 @@ from .atomic import atomic_path, check_output_place, partial_folder
 from .dicom import (check_series_input, choose_dicom_series, find_dicom_series, itk_warnings_off, off_grid_slices,
                     series_slices)
 from .intensity import PADDING_THRESHOLD_HU, validate_ct_array  # noqa: F401  (re-exported)
-from .orientation import axial_layout
+from .orientation import axial_layout, axial_spacing
 from .streaming import VolumeSource, header_data_file
 
 FILE_SUFFIXES = (".nrrd", ".nhdr", ".nii", ".nii.gz", ".mha", ".mhd")
@@ -587,10 +587,12 @@ def voxel_grid_difference(a: Volume, b: Volume) -> str | None:
     return None
 
 
-def read_training_pairs(pairs: list[tuple[Path, Path]], log=None) -> list[tuple[np.ndarray, np.ndarray]]:
+def read_training_pairs(pairs: list[tuple[Path, Path]], log=None,
+                        slice_mm: list[float] | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
     """The axial planes of each NDCT/LDCT pair, as denoise runs them, after checking that the two
     are scans of the same voxels (shape, spacing, origin, direction); ``log`` hears which were
-    stored sagittally or coronally."""
+    stored sagittally or coronally; ``slice_mm``, when given, receives each pair's axial slice
+    spacing (a model records the spacing it learned its neighbours at)."""
     volumes = []
     for nd, ld in pairs:
         a, b = read_volume(nd), read_volume(ld)
@@ -604,6 +606,8 @@ def read_training_pairs(pairs: list[tuple[Path, Path]], log=None) -> list[tuple[
         if layout is not None and log:  # trained on axial planes with axial neighbours, as denoise runs them
             log(f"{Path(nd).name}: stored {layout.storage}ly; trained on its axial planes")
         volumes.append((axial_volume(a).array, axial_volume(b).array))
+        if slice_mm is not None:
+            slice_mm.append(axial_spacing(a.spacing, layout)[2])
     return volumes
 
 

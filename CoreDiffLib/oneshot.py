@@ -877,7 +877,7 @@ def cmd_oneshot(args) -> int:
     info(args, f"one-shot {'paired' if paired else 'unpaired'} adaptation '{name}': reference slice {args.slice}"
                f" of {Path(args.ldct).name}, NDCT slice {args.slice if paired else ndct_slice}, "
                f"T={model.config.steps}, {args.iterations} iterations")
-    neighbours = uses_neighbours(float(slice_mm))
+    neighbours = uses_neighbours(float(slice_mm), trained_slice_mm=getattr(model, "trained_slice_mm", None))
     if not neighbours:
         info(args, f"slices {slice_mm:g} mm apart: the reference slice is its own context, as "
                    "`corediff denoise` runs slices 4 mm or more apart")

@@ -200,6 +200,28 @@ def test_slices_4_mm_apart_or_more_are_their_own_context_unless_asked(tmp_path, 
     assert digest(thick) == before
 
 
+def test_a_model_trained_on_thick_slices_keeps_their_neighbours_as_context(tmp_path):
+    """--context auto took each 5 mm slice as its own context whatever the model, so a model
+    fine-tuned on 5 mm pairs met a context it had never seen; it now follows the spacing the
+    model records, and the shipped (1 mm) models keep the measured 4 mm rule."""
+    from CoreDiffLib.inference import uses_neighbours
+    from CoreDiffLib.models import load_model, save_weights
+    assert not uses_neighbours(5.0) and uses_neighbours(3.0) and not uses_neighbours(5.0, "own")
+    assert uses_neighbours(5.0, trained_slice_mm=5.0) and not uses_neighbours(10.0, trained_slice_mm=5.0)
+    torch.manual_seed(0)
+    net = ClearNet(NetworkConfig(width=8))
+    torch.nn.init.normal_(net.out.weight, std=0.05)
+    save_weights(net, tmp_path / "thick.safetensors", {"slice_mm": 5.0})
+    assert load_model(tmp_path / "thick.safetensors").trained_slice_mm == 5.0
+    assert load_model("corediff-25-w32").trained_slice_mm is None
+    src = write_image(tmp_path / "scan.nrrd", synthetic_ct(4, 48), spacing=(0.7, 0.7, 5.0))
+    r = corediff("denoise", src, tmp_path / "out.nrrd", "--model", tmp_path / "thick.safetensors",
+                 "--progress", "lines")
+    assert r.returncode == 0, r.stderr
+    assert sitk.ReadImage(str(tmp_path / "out.nrrd")).GetMetaData("corediff_context") == "adjacent slices"
+    assert "own context" not in r.stdout
+
+
 @pytest.mark.parametrize("explicit", [False, True])
 def test_model_auto_picks_the_model_for_the_dose_the_scan_looks_like(tmp_path, explicit):
     """--model auto is the default; the log and the header say what it chose."""
@@ -586,6 +608,7 @@ def test_train_command_writes_a_loadable_model(tmp_path):
     assert load_model(out).config.width == 8
     _, meta = read_weights_config(out)  # what it was trained from, wherever the command ran
     assert [Path(p).is_absolute() for p in json.loads(meta["data"])[0]] == [True, True]
+    assert load_model(out).trained_slice_mm == pytest.approx(2.5)  # write_image's slice spacing
     # more iterations for the same run: the default --ema-start (iterations / 5) follows the checkpoint's
     r = corediff("train", data, "--out", out, "--iterations", "40", "--width", "8", "--batch-size", "2",
                  "--patch-size", "32", "--progress", "lines", "--checkpoint-every", "10")
