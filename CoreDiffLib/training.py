@@ -556,6 +556,18 @@ def train(pairs: Sequence[tuple[np.ndarray, np.ndarray]], net_cfg: NetworkConfig
           log: Callable[[str], None] = print,
           init_state: dict[str, torch.Tensor] | None = None,
           inherit: Sequence[str] = ()) -> tuple[ClearNet, TrainState]:
+    """Train (or resume) a model on HU volume pairs: see :func:`_train`. ``cfg.threads`` applies
+    to this run only: torch's thread count is restored after it, for the rest of the process."""
+    before = torch.get_num_threads()
+    try:
+        return _train(pairs, net_cfg, cfg, checkpoint, resume, device, log, init_state, inherit)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _train(pairs: Sequence[tuple[np.ndarray, np.ndarray]], net_cfg: NetworkConfig, cfg: TrainConfig,
+           checkpoint: str | Path | None, resume: bool, device: str, log: Callable[[str], None],
+           init_state: dict[str, torch.Tensor] | None, inherit: Sequence[str]) -> tuple[ClearNet, TrainState]:
     """Train (or resume) a model on HU volume pairs. Returns the EMA model and the state.
 
     ``init_state`` starts from given weights (fine-tuning a shipped model on new data, or

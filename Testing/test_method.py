@@ -601,6 +601,16 @@ def test_training_config_refuses_each_field_out_of_range_naming_its_option(field
     TrainConfig(**{field: getattr(TrainConfig(), field)})  # the default is fine
 
 
+def test_training_with_its_own_thread_count_leaves_the_process_as_it_found_it():
+    """train(threads=1) left the whole process (a notebook, the test run) on one thread."""
+    from CoreDiffLib.training import train
+    before = torch.get_num_threads()
+    volume = synthetic_ct(3, 32)
+    train([(volume, volume)], NetworkConfig(width=4), TrainConfig(iterations=1, batch_size=1, patch_size=16,
+                                                                  threads=1, log_every=1), log=lambda m: None)
+    assert torch.get_num_threads() == before
+
+
 def test_a_denoiser_leaves_torchs_thread_count_as_it_found_it():
     """Denoiser(threads=1) set the whole process to one thread for good, and the next Denoiser
     took that as its default."""
