@@ -183,6 +183,10 @@ def test_s4ext_entry():
     assert os.path.isfile(repoPathOfUrl(e["iconurl"]))
     for url in e["screenshoturls"].split():
         assert os.path.isfile(repoPathOfUrl(url))
+    cmake = open(os.path.join(REPO, "CMakeLists.txt"), encoding="utf-8").read()
+    # one description wherever the extension is described (they had drifted apart)
+    assert f'set(EXTENSION_DESCRIPTION "{e["description"]}")' in cmake
+    assert f'set(EXTENSION_HOMEPAGE "{e["homepage"]}")' in cmake
 
 
 def test_extensions_index_json_entry():
