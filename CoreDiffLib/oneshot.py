@@ -10,8 +10,9 @@ a blend that keeps some of an earlier state's texture is. OSL learns T scalar lo
 
 as the reference code's one-shot framework blends its per-step images (``imstep_imgs``, the
 states; not ``direct_recons``, the per-step x0 estimates: each of those is already fully
-denoised, so no blend of them can give back texture — measured on the shipped sample, a 5 %
-model on 25 % dose gains 0.3 dB from blending estimates and 1.3 dB from blending states).
+denoised, so no blend of them can give back texture — on held-out phantoms a 5 % model on
+25 % dose gains 0.08 dB from blending estimates and 1.07 dB from blending states, 86 % of its gap
+to the 25 % model: docs/benchmarks/oneshot_states).
 
 The network stays frozen, so the T-step sampling runs ONCE on the whole reference slice
 and the T states are cached; the logits are then fitted on random patches of the cached
