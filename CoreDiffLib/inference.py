@@ -279,7 +279,7 @@ def _validate_streamed(volume, name: str = "input volume", chunk: int = 32,
 
 
 def check_slice_range(slices: tuple[int | None, int | None] | None, n: int) -> tuple[int, int]:
-    """[start, stop) of the slices to denoise in a volume of n, Python style (None = that end).
+    """[start, stop) of the slices to denoise in a volume of n (None = that end; counted from 0, not from the end).
 
     Refuses an empty or out-of-range request with the volume's actual range, before any work.
     """
