@@ -186,7 +186,8 @@ def add_denoise_parser(sub) -> None:
     p.add_argument("--context", choices=CONTEXTS, default="auto",
                    help="what the network sees beside each slice: auto (default) its two neighbours when the "
                         "slices are less than 4 mm apart, the slice itself from 4 mm on (on clinical 5 mm "
-                        "scans the neighbours cost 0.9-1.4 dB); neighbours or own to choose")
+                        "scans the neighbours cost 0.9-1.4 dB), or up to 1.25x the neighbour distance a "
+                        "model records it learned; neighbours or own to choose")
     _add_series(p)
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "tf32", "bf16", "fp16"],
                    help="network precision (auto: the fastest one known safe on the device)")
@@ -256,9 +257,10 @@ def cmd_train(args: argparse.Namespace) -> int:
                                               "data": [[str(Path(a).resolve()), str(Path(b).resolve())]
                                                        for a, b in pairs],
                                               "dose_tag": args.dose_tag, **started_from,
-                                              # the spacing its neighbours were learned at: --context auto
-                                              # gives them to slices that far apart (inference.uses_neighbours)
-                                              "slice_mm": statistics.median(slice_mm)})
+                                              # the farthest neighbours it learned (slice spacing x
+                                              # --max-neighbour-gap): --context auto gives neighbours to
+                                              # slices that far apart (inference.uses_neighbours)
+                                              "neighbour_mm": statistics.median(slice_mm) * cfg.max_neighbour_gap})
         info(args, f"wrote {args.output} (sha256 {sha[:12]}…, {state.iteration} iterations)")
     return 0
 
@@ -441,7 +443,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
                           pixel_aspect=column_mm / row_mm if swapped else row_mm / column_mm)
         info(args, f"wrote {args.figure}")
     if lines:  # last, once every file is written: a reader that leaves early (| head) loses none
-        print("\n".join(lines), flush=True)
+        try:
+            print("\n".join(lines), flush=True)
+        except BrokenPipeError:  # the reader left; the files are written: end quietly, as a shell's
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # SIGPIPE would (no second
+            return 141  # error when Python flushes stdout at exit)
     return 0
 
 
@@ -605,8 +611,15 @@ def _format_warning(message, category, filename, lineno, line=None) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _terminate)
-    warnings.formatwarning = _format_warning
-    args = build_parser().parse_args(argv)
+    python_format, warnings.formatwarning = warnings.formatwarning, _format_warning
+    try:
+        return _run(build_parser().parse_args(argv))
+    finally:  # a notebook or a test calling main() keeps Python's own warning format
+        warnings.formatwarning = python_format
+
+
+def _run(args: argparse.Namespace) -> int:
+    """The subcommand, with every user-facing failure as one line and exit code 2."""
     try:
         return int(args.func(args) or 0)
     except CoreDiffError as exc:
@@ -615,14 +628,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as exc:  # a training run says where it saved its checkpoint
         print(f"corediff: error: {str(exc) or 'interrupted; no output was written'}", file=sys.stderr, flush=True)
         return 130
-    except BrokenPipeError:  # `corediff ... | head` closed stdout: the files were written before the print
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
-        return 141  # as a shell reports a process ended by SIGPIPE
     except OSError as exc:  # a full disk, a permission changed mid-run...: outputs are written atomically
         where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
         print(f"corediff: error: {exc.strerror or exc}{where}; no output was written", file=sys.stderr, flush=True)
         return 2
-
 
 if __name__ == "__main__":
     sys.exit(main())

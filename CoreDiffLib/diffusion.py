@@ -69,7 +69,7 @@ def step_indices(trained_steps: int, steps: int | None = None) -> list[int]:
 def sample(model: ClearNet, ldct_stack: torch.Tensor, steps: int | None = None,
            keep_steps: bool = True) -> SampleResult:
     """Denoise a batch. ``ldct_stack`` is (B, 3, H, W) = [i-1, i, i+1] in [0, 1] (or (B, 1, H, W)
-    for a model without context). Returns the final image and the per-step estimates.
+    for a model without context). Returns the final image and (``keep_steps``) the state after every step.
 
     ``steps`` defaults to the T the model was trained with (see :func:`step_indices`).
     """

@@ -419,23 +419,30 @@ THICK_SLICE_MM = 4.0
 CONTEXTS = ("auto", "neighbours", "own")
 
 
-def uses_neighbours(slice_mm: float, context: str = "auto", trained_slice_mm: float | None = None) -> bool:
+def uses_neighbours(slice_mm: float, context: str = "auto", trained_neighbour_mm: float | None = None) -> bool:
     """Whether slices ``slice_mm`` apart get their neighbours as context (one of :data:`CONTEXTS`).
 
     "auto" gives them below :data:`THICK_SLICE_MM`, the rule measured for models that learned
-    their neighbours 1 mm away, and also up to 1.25 x the spacing a model was trained at when it
-    records one (``trained_slice_mm``): a model fine-tuned on 5 mm scans learned 5 mm neighbours."""
+    their neighbours 1 mm away, and also up to 1.25 x the farthest neighbours a model records it
+    learned (``trained_neighbour_mm``): one fine-tuned on 5 mm scans learned 5 mm neighbours."""
     if context != "auto":
         return context == "neighbours"
-    return slice_mm < THICK_SLICE_MM or (trained_slice_mm is not None and slice_mm <= 1.25 * trained_slice_mm)
+    return slice_mm < THICK_SLICE_MM or (trained_neighbour_mm is not None and slice_mm <= 1.25 * trained_neighbour_mm)
 
 
 def axial_view(volume) -> tuple[np.ndarray, tuple[float, float]]:
-    """A read :class:`~CoreDiffLib.io.Volume`'s axial planes and their in-plane spacing (x, y) in
-    mm, however it is stored: what ``--model auto`` measures, as ``denoise_file`` sees the scan."""
+    """A read :class:`~CoreDiffLib.io.Volume`'s axial planes in the LPS in-plane layout the models
+    run them in, and their spacing (columns, rows) in mm, however it is stored: as
+    ``denoise_file`` feeds the network, so that ``corediff oneshot`` fits its weights on the states
+    denoise will blend, and ``--model auto`` measures what it sees."""
     layout = axial_layout(volume.direction, volume.array.shape)
-    array = layout.to_axial(volume.array) if layout is not None else volume.array
-    return array, axial_spacing(volume.spacing, layout)[:2]
+    if layout is not None:  # a reformat: its layout turns the planes in-plane too
+        return layout.to_axial(volume.array), axial_spacing(volume.spacing, layout)[:2]
+    view = in_plane_view(volume.direction)
+    x_mm, y_mm = (float(volume.spacing[0]), float(volume.spacing[1]))
+    if view.identity:
+        return volume.array, (x_mm, y_mm)
+    return np.ascontiguousarray(view.to_lps(volume.array)), ((y_mm, x_mm) if view.swap else (x_mm, y_mm))
 
 
 def sub_volume_origin(info: dict, index_axis: int, start: int) -> tuple[float, float, float]:
@@ -505,7 +512,7 @@ def denoise_file(input_path, output_path, denoiser, batch_size: int | None = Non
                                         "--slices cannot cut them axially; denoise the whole series")
                 info["slice_positions"] = info["slice_positions"][first:last]
         den = denoiser if isinstance(denoiser, Denoiser) else denoiser(data, tuple(spacing_xy))
-        neighbours = uses_neighbours(slice_mm, context, getattr(den.model, "trained_slice_mm", None))
+        neighbours = uses_neighbours(slice_mm, context, getattr(den.model, "trained_neighbour_mm", None))
         metadata = den.provenance()
         uses_context = den.model.config.use_context
         if uses_context:
@@ -521,12 +528,14 @@ def denoise_file(input_path, output_path, denoiser, batch_size: int | None = Non
             if layout is not None:
                 log(f"its slices are not axial ({layout.storage} storage): denoising its axial planes, as the "
                     "models were trained, and writing them back in its own order")
+            trained_mm = getattr(den.model, "trained_neighbour_mm", None)
             if uses_context and not neighbours and context == "auto":
-                log(f"slice spacing {slice_mm:g} mm: each slice is its own context. The models learned "
-                    "from 1 mm neighbours, and on clinical 5 mm scans their neighbours cost 0.9-1.4 dB "
-                    "(docs/benchmarks/real_anatomy); --context neighbours to use them anyway")
-            elif uses_context and neighbours and slice_mm >= WIDE_SLICE_MM \
-                    and (getattr(den.model, "trained_slice_mm", None) or 1.0) < WIDE_SLICE_MM:
+                log(f"slice spacing {slice_mm:g} mm: each slice is its own context. "
+                    + (f"This model learned its context from neighbours up to {trained_mm:g} mm away"
+                       if trained_mm else "The models learned from 1 mm neighbours, and on clinical 5 mm "
+                       "scans their neighbours cost 0.9-1.4 dB (docs/benchmarks/real_anatomy)")
+                    + "; --context neighbours to use them anyway")
+            elif uses_context and neighbours and slice_mm >= WIDE_SLICE_MM and (trained_mm or 1.0) < WIDE_SLICE_MM:
                 log(f"slice spacing {slice_mm:g} mm: the models were trained on 1 mm slices, and their "
                     "neighbour context helps less the further apart the slices are (held-out phantoms, 25 %: "
                     "+0.82 dB at 1 mm, +0.32 at 3 mm, +0.02 at 5 mm; docs/benchmarks/spacing)")

@@ -180,9 +180,12 @@ def check_output_path(input_path: str | os.PathLike | None, output_path: str | o
         if out.exists() and (not out.is_dir() or any(out.iterdir())):
             raise CoreDiffError(f"output folder {output_path} exists and is not empty: "
                                 "choose a new folder for the DICOM series")
-    if out.name.endswith(".nii.gz") and out.with_name(out.name[:-3]).exists():
-        raise CoreDiffError(f"{out.name[:-3]} lies beside output {output_path}: ITK (and so Slicer) reads "
-                            f"{out.name[:-3]} when asked for {out.name}; remove it or choose another name")
+    shadow = out.with_name(out.name[:-3]) if out.name.endswith(".nii.gz") else None
+    if shadow is not None and shadow.exists():
+        is_input = input_path is not None and shadow == Path(input_path).expanduser().resolve()
+        raise CoreDiffError(f"{'the input ' if is_input else ''}{shadow.name} lies beside output {output_path}: "
+                            f"ITK (and so Slicer) reads {shadow.name} when asked for {out.name}; "
+                            + ("choose another output name" if is_input else "move it or choose another name"))
     check_output_place(out, f"output {output_path}")
 
 

@@ -105,11 +105,11 @@ def read_weights_config(path: str | os.PathLike) -> tuple[NetworkConfig, dict]:
     return config, meta
 
 
-def _trained_slice_mm(meta: dict) -> float | None:
-    """The slice spacing a model learned its neighbours at (``corediff train`` records it since
-    2026-12-05; the shipped models' 1 mm phantoms predate that: None)."""
+def _trained_neighbour_mm(meta: dict) -> float | None:
+    """How far apart the farthest neighbours a model learned were, in mm (``corediff train``
+    records it since 2026-12-05; the shipped models' 1 mm phantoms predate that: None)."""
     try:
-        value = float(meta["slice_mm"])
+        value = float(meta["neighbour_mm"])
     except (KeyError, TypeError, ValueError):
         return None
     return value if math.isfinite(value) and value > 0 else None
@@ -140,6 +140,6 @@ def load_model(name_or_path: str | os.PathLike | None = None, device: str | torc
         raise CoreDiffError(f"model file {path} holds NaN or infinite weights ({', '.join(broken[:3])}): "
                             "it is damaged, or saved from a training run that diverged")
     model.weights_path = str(path.resolve())  # type: ignore[attr-defined]  # found again from any folder
-    model.trained_slice_mm = _trained_slice_mm(meta)  # type: ignore[attr-defined]
+    model.trained_neighbour_mm = _trained_neighbour_mm(meta)  # type: ignore[attr-defined]
     model.weights_sha256 = entry.get("sha256") or sha256_of(path)  # type: ignore[attr-defined]
     return model.eval().to(device)

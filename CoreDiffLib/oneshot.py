@@ -2,8 +2,9 @@
 
 CoreDiff's sampler walks in T steps from the LDCT slice to its clean estimate; its state after
 step k, x_k, is a mix of the two that grows cleaner step by step. A model trained at one dose
-and applied to a lower one over-smooths: its last state is not the closest to the truth, and
-a blend that keeps some of an earlier state's texture is. OSL learns T scalar logits ``w``
+and applied to a higher one over-smooths: its last state is not the closest to the truth, and
+a blend that keeps some of an earlier state's texture is (applied to a lower dose it
+under-smooths, and no blend of its states can help: the last is its strongest). OSL learns T scalar logits ``w``
 (initialised to zero, i.e. uniform weights) and combines the states as
 
     x_opt = sum_k softmax(w)_k * x_k
@@ -60,9 +61,9 @@ Two ways to supervise the logits:
     model this term is nearly constant and the texture decides; it only vetoes drift.
 
   Known limit: band energies cannot tell "noisy but sharp" from "smooth but blurred" when
-  both have the same energy in every band; in our measurements the unpaired weights land
-  close to the paired ones but a little less accurate (see the evaluation in
-  ``Testing/benchmarks/oneshot_benchmark.py``).
+  both have the same energy in every band; on held-out phantoms the unpaired weights keep too
+  much texture (a 5 % model at 25 %: +0.15 dB where paired gains 1.07; at 10 %: -1.28 dB;
+  docs/benchmarks/oneshot_states): prefer a paired slice.
 
 Everything is deterministic for a given seed (patch positions come from a seeded NumPy
 generator; the optimiser is plain Adam with a cosine-decayed step on a CPU tensor).
@@ -209,7 +210,8 @@ class Adaptation:
     def from_dict(cls, d: dict, source: str = "adaptation") -> "Adaptation":
         if isinstance(d, dict) and d.get("format") in _OLD_FORMATS:
             raise CoreDiffError(f"{source} was made by an earlier CoreDiff ({d['format']}: "
-                                f"{_OLD_FORMATS[d['format']]}): run 'corediff oneshot' again to refit it")
+                                f"{_OLD_FORMATS[d['format']]}): run 'corediff oneshot' again to refit it "
+                                "(the same --name replaces it)")
         if not isinstance(d, dict) or d.get("format") != FORMAT:
             raise CoreDiffError(f"{source} is not a CoreDiff one-shot adaptation (format {FORMAT} expected)")
         try:
@@ -259,6 +261,15 @@ class Adaptation:
         except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:  # ValueError: bad JSON
             raise CoreDiffError(f"cannot read adaptation {path}: {type(exc).__name__}: {exc}"[:300]) from None
         return cls.from_dict(d, str(path))
+
+
+def is_outdated(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is an adaptation in a format an earlier CoreDiff wrote: unusable now, and
+    replaced by a new fit of the same name without --overwrite (there is nothing to keep)."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8")).get("format") in _OLD_FORMATS
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError, RecursionError):
+        return False
 
 
 def _read_adaptation(name_or_path) -> tuple[Adaptation, str]:
@@ -317,8 +328,9 @@ def list_adaptations() -> list[dict]:
             a = Adaptation.read(path)
         except CoreDiffError as exc:  # listed, so that its name taken by it is no mystery
             rows.append({"name": path.stem, "path": str(path), "kind": "adaptation", "damaged": True,
-                         "description": f"damaged, cannot be used ({exc}): delete {path} or adapt again "
-                                        "with --overwrite"})
+                         "description": "outdated, cannot be used: adapt again with the same name"
+                         if is_outdated(path) else f"damaged, cannot be used ({exc}): delete {path} or adapt "
+                                                   "again with --overwrite"})
             continue
         probs = a.probabilities
         best = int(np.argmax(probs))
@@ -835,8 +847,12 @@ def cmd_oneshot(args) -> int:
             raise CoreDiffError(f"the adaptations folder {out.parent} is a file: move it, or use --out FILE")
     if out.is_dir():
         raise CoreDiffError(f"{out} is a folder: give another --name/--out")
-    if out.exists() and not args.overwrite:
-        raise CoreDiffError(f"{out} already exists: choose another --name/--out or pass --overwrite")
+    overwrite = args.overwrite
+    if out.exists() and not overwrite:
+        if not is_outdated(out):
+            raise CoreDiffError(f"{out} already exists: choose another --name/--out or pass --overwrite")
+        info(args, f"{out} was made by an earlier CoreDiff and cannot be used any more: replacing it")
+        overwrite = True
     paired = args.ndct is not None
     ldct_volume = read_volume(args.ldct, log=note)
     # the axial planes, however the series is stored (a reformat): --slice counts them, as denoise runs them
@@ -872,16 +888,19 @@ def cmd_oneshot(args) -> int:
         if not 0 <= ndct_slice < m:
             raise CoreDiffError(f"--ndct-slice {ndct_slice} is out of range 0..{m - 1} "
                                 f"({args.ndct_unpaired} has {m} slices)")
+        info(args, "note: unpaired weights are fitted without an aligned reference and can cost PSNR (on held-out "
+                   "phantoms from +0.15 to -1.28 dB, docs/benchmarks/oneshot_states): compare the result with "
+                   "the unadapted one; a paired slice is safer")
         if not _same_spacing(ndct_xy, ldct_xy, rel=0.1):
             info(args, "note: the unpaired NDCT's pixel spacing differs from the LDCT's by more than 10 %; "
                        "texture statistics are compared per pixel")
     info(args, f"one-shot {'paired' if paired else 'unpaired'} adaptation '{name}': reference slice {args.slice}"
                f" of {Path(args.ldct).name}, NDCT slice {args.slice if paired else ndct_slice}, "
                f"T={model.config.steps}, {args.iterations} iterations")
-    neighbours = uses_neighbours(float(slice_mm), trained_slice_mm=getattr(model, "trained_slice_mm", None))
+    neighbours = uses_neighbours(float(slice_mm), trained_neighbour_mm=getattr(model, "trained_neighbour_mm", None))
     if not neighbours:
         info(args, f"slices {slice_mm:g} mm apart: the reference slice is its own context, as "
-                   "`corediff denoise` runs slices 4 mm or more apart")
+                   "`corediff denoise --context auto` runs them with this model")
     progress = Progress(args.progress, unit="it", desc="one-shot")
     try:
         adaptation = adapt(model, ldct, args.slice, ndct, mode="paired" if paired else "unpaired",
@@ -893,7 +912,7 @@ def cmd_oneshot(args) -> int:
                                  "model": str(model_name)}, neighbours=neighbours)
     finally:
         progress.close()
-    path = adaptation.save(out, overwrite=args.overwrite)
+    path = adaptation.save(out, overwrite=overwrite)
     probs = ", ".join(f"{p:.2f}" for p in adaptation.probabilities)
     meta = adaptation.info
     info(args, f"step weights (first..last step): {probs}")

@@ -93,7 +93,7 @@ def in_plane_view(direction) -> InPlaneView:
     """The :class:`InPlaneView` of an axial volume's ITK direction (index i along the columns,
     j along the rows). The models learned from planes in the LPS layout; a RAS-stored NIfTI has
     both axes reversed, and CLEAR-Net, not exactly equivariant to flips, gave it other HU (up
-    to 17 HU apart on the shipped sample; the same PSNR)."""
+    to 20 HU apart on the shipped sample; the same PSNR)."""
     d = np.asarray(direction, dtype=np.float64).reshape(3, 3)[:2, :2]  # x, y rows; index i, j columns
     swap = bool(abs(d[0, 1]) + abs(d[1, 0]) > abs(d[0, 0]) + abs(d[1, 1]))
     if swap:

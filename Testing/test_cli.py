@@ -207,13 +207,13 @@ def test_a_model_trained_on_thick_slices_keeps_their_neighbours_as_context(tmp_p
     from CoreDiffLib.inference import uses_neighbours
     from CoreDiffLib.models import load_model, save_weights
     assert not uses_neighbours(5.0) and uses_neighbours(3.0) and not uses_neighbours(5.0, "own")
-    assert uses_neighbours(5.0, trained_slice_mm=5.0) and not uses_neighbours(10.0, trained_slice_mm=5.0)
+    assert uses_neighbours(5.0, trained_neighbour_mm=5.0) and not uses_neighbours(10.0, trained_neighbour_mm=5.0)
     torch.manual_seed(0)
     net = ClearNet(NetworkConfig(width=8))
     torch.nn.init.normal_(net.out.weight, std=0.05)
-    save_weights(net, tmp_path / "thick.safetensors", {"slice_mm": 5.0})
-    assert load_model(tmp_path / "thick.safetensors").trained_slice_mm == 5.0
-    assert load_model("corediff-25-w32").trained_slice_mm is None
+    save_weights(net, tmp_path / "thick.safetensors", {"neighbour_mm": 5.0})
+    assert load_model(tmp_path / "thick.safetensors").trained_neighbour_mm == 5.0
+    assert load_model("corediff-25-w32").trained_neighbour_mm is None
     src = write_image(tmp_path / "scan.nrrd", synthetic_ct(4, 48), spacing=(0.7, 0.7, 5.0))
     r = corediff("denoise", src, tmp_path / "out.nrrd", "--model", tmp_path / "thick.safetensors",
                  "--progress", "lines")
@@ -608,7 +608,7 @@ def test_train_command_writes_a_loadable_model(tmp_path):
     assert load_model(out).config.width == 8
     _, meta = read_weights_config(out)  # what it was trained from, wherever the command ran
     assert [Path(p).is_absolute() for p in json.loads(meta["data"])[0]] == [True, True]
-    assert load_model(out).trained_slice_mm == pytest.approx(2.5)  # write_image's slice spacing
+    assert load_model(out).trained_neighbour_mm == pytest.approx(2.5)  # write_image's slice spacing x gap 1
     # more iterations for the same run: the default --ema-start (iterations / 5) follows the checkpoint's
     r = corediff("train", data, "--out", out, "--iterations", "40", "--width", "8", "--batch-size", "2",
                  "--patch-size", "32", "--progress", "lines", "--checkpoint-every", "10")

@@ -213,8 +213,10 @@ def test_output_path_checks(tmp_path, ct_file):
         check_output_path(ct_file, tmp_path / "full")
     check_output_path(ct_file, tmp_path / "fresh.nii.gz")
     (tmp_path / "fresh.nii").write_bytes(b"an older result")  # ITK would read it for fresh.nii.gz
-    with pytest.raises(CoreDiffError, match="fresh.nii lies beside output .*fresh.nii.gz"):
+    with pytest.raises(CoreDiffError, match="fresh.nii lies beside output .*fresh.nii.gz.*move it"):
         check_output_path(ct_file, tmp_path / "fresh.nii.gz")
+    with pytest.raises(CoreDiffError, match="the input fresh.nii .*choose another output name"):
+        check_output_path(tmp_path / "fresh.nii", tmp_path / "fresh.nii.gz")  # not "remove" the scan
 
 
 def test_denoise_file_called_from_a_script_refuses_to_overwrite_its_input(tmp_path, ct_file):

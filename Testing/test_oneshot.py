@@ -331,6 +331,40 @@ def test_cli_end_to_end(files, user_home, capsys, tmp_path):
     assert rc == 0 and "d10" in [r["name"] for r in json.loads(out) if r["kind"] == "adaptation"]
 
 
+def test_an_outdated_adaptation_is_listed_so_and_replaced_by_a_new_fit_of_its_name(files, user_home, capsys):
+    """A v1 file (weights over the x0 estimates) cannot be used; it was listed as damaged, and
+    refitting it under its name asked for --overwrite, which the Slicer wizard cannot pass."""
+    old = user_home / "adaptations" / "d10.json"
+    old.parent.mkdir(parents=True, exist_ok=True)
+    old.write_text(json.dumps({"format": "corediff-oneshot-v1", "name": "d10"}))
+    rc, out, _ = run_cli(capsys, "models", "--json")
+    row = [r for r in json.loads(out) if r["name"] == "d10"][0]
+    assert rc == 0 and row["description"].startswith("outdated") and row["damaged"]
+    rc, out, err = run_cli(capsys, "oneshot", "--model", files["model"], "--ldct", files["ldct"], "--slice", 2,
+                           "--ndct", files["ndct"], "--name", "d10", "--iterations", 5, "--progress", "lines")
+    assert rc == 0, err
+    assert "made by an earlier CoreDiff and cannot be used any more: replacing it" in out
+    assert Adaptation.read(old).mode == "paired"
+
+
+def test_a_reference_stored_ras_gives_the_planes_denoise_runs(tmp_path):
+    """One-shot fitted on the stored planes while denoise runs them in the LPS layout: the same
+    scan stored two ways gave two adaptations, one fitted on states denoise never makes."""
+    import SimpleITK as sitk
+    from conftest import synthetic_ct
+
+    from CoreDiffLib.inference import axial_view
+    image = sitk.GetImageFromArray(synthetic_ct(3, 40, seed=4).astype(np.int16))
+    image.SetSpacing((0.7, 0.8, 1.0))
+    sitk.WriteImage(image, str(tmp_path / "lps.nrrd"))
+    sitk.WriteImage(sitk.Flip(image, [True, True, False]), str(tmp_path / "ras.nrrd"))
+    sitk.WriteImage(sitk.PermuteAxes(image, [1, 0, 2]), str(tmp_path / "swapped.nrrd"))
+    lps, lps_xy = axial_view(read_volume(tmp_path / "lps.nrrd"))
+    for name in ("ras", "swapped"):
+        planes, xy = axial_view(read_volume(tmp_path / f"{name}.nrrd"))
+        assert np.array_equal(planes, lps) and xy == pytest.approx(lps_xy), name
+
+
 def test_cli_without_a_model_starts_from_the_shipped_model_of_the_nearest_dose(files, user_home, capsys, tmp_path):
     from CoreDiffLib.dose_estimate import shipped_choice
     rc, out, err = run_cli(capsys, "oneshot", "--ldct", files["ldct"], "--slice", 2, "--ndct", files["ndct"],

@@ -319,7 +319,7 @@ def test_only_what_a_simulations_manifest_lists_is_replaced_and_its_odd_doses_pa
         folder.mkdir()
         for name, text in mine.items():
             (folder / name).write_text(text)
-        with pytest.raises(ValueError, match="listed in no simulation's manifest there: they are left alone"):
+        with pytest.raises(ValueError, match="not written by one .*: they are left alone"):
             simulate_dataset(str(folder), 0.25, replace=True, **common)
         assert {p.name: p.read_text() for p in folder.iterdir()} == mine
     out = tmp_path / "sim"
@@ -459,5 +459,6 @@ def test_a_phantom_refuses_a_field_of_view_too_small_for_its_body():
     """Only the body outline shrank to fit: the organs kept their size and lay outside it."""
     with pytest.raises(ValueError, match="too small for this abdomen phantom"):
         make_phantom("abdomen", 1, 128, pixel_mm=1.0)
+    assert simulate_ldct(np.zeros((N, N), np.float32), 0.25, geometry=GEOM, window="Hann").shape == (N, N)
     with pytest.raises(ValueError, match="simulate_ldct: the image holds NaN"):
         simulate_ldct(np.full((N, N), np.nan, np.float32), 0.25, geometry=GEOM)

@@ -332,8 +332,9 @@ def simulate_dataset(out_dir: str, dose: Union[float, Sequence[float]] = 0.25, c
     lookalikes = _unlisted_lookalikes(out, earlier)
     if lookalikes:  # not ours to replace, even when told to replace an earlier simulation
         raise ValueError(f"{out} holds {', '.join(lookalikes[:3])}{', ...' if len(lookalikes) > 3 else ''}, "
-                         "named as a simulation names its files but listed in no simulation's manifest there: "
-                         "they are left alone; simulate into another folder, or move them")
+                         "named as a simulation names its files but not written by one (no simulation's "
+                         "manifest there lists them): they are left alone; simulate into another folder, or "
+                         "move them")
     if earlier and not replace:
         files = f"{len(earlier)} file{'s' if len(earlier) > 1 else ''}: {', '.join(earlier[:3])}" \
             + (", ..." if len(earlier) > 3 else "")

@@ -104,7 +104,7 @@ def check_noise_settings(I0, electronic_sigma, window: str) -> None:
             number = float("nan")
         if isinstance(value, bool) or not np.isfinite(number) or number < low or (strict and number == low):
             raise ValueError(f"{name} must be a finite number {'>' if strict else '>='} {low:g}, got {value!r}")
-    if window not in _WINDOWS:
+    if str(window).lower() not in _WINDOWS:  # the filter reads it in lower case: 'Hann' is fine
         raise ValueError(f"unknown FBP window {window!r}; choose one of {', '.join(_WINDOWS)}")
 
 
