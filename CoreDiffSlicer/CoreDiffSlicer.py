@@ -116,8 +116,8 @@ can remove or invent fine detail: always compare with the original. On the held-
 4-6 mm lesion 20 HU from its background kept 0.6-0.8 of its contrast at 25 % dose and under 0.6 at
 10 % and 5 % (docs/benchmarks/lesions). On two clinical chest CTs with 5 mm slices and simulated
 dose reduction the models scored below the simpler RED-CNN and BM3D baselines
-(docs/benchmarks/real_anatomy); slices 4 mm or more apart are each denoised without their
-neighbours, which cost ~1 dB there (Advanced > Context overrides). Intensities are assumed to be
+(docs/benchmarks/real_anatomy); with the shipped models slices 4 mm or more apart are each
+denoised without their neighbours, which cost ~1 dB there (Advanced > Context overrides). Intensities are assumed to be
 in Hounsfield units.
 """
         self.parent.acknowledgementText = """

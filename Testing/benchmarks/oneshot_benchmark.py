@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""One-shot learning evaluation (issue #5): a model trained at one dose applied to lower doses.
+"""One-shot learning evaluation (issue #5): a model trained at one dose applied to other doses.
 
 For every target dose (default 10 % and 5 %) it compares, on held-out simulated phantoms
 (seeds 9000+, far from any training seed):
@@ -131,7 +131,7 @@ def quick_models(args, log) -> tuple[str, dict]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="corediff-25", help="base model (name or file), trained at --base-dose")
-    ap.add_argument("--base-dose", type=float, default=0.25)
+    ap.add_argument("--base-dose", type=float, default=0.25, help="the dose --model was trained at")
     ap.add_argument("--doses", type=float, nargs="+", default=[0.10, 0.05])
     ap.add_argument("--upper", nargs="*", default=[],
                     help="DOSE=MODEL upper bounds (default: corediff-<pct> from the manifest)")
