@@ -610,11 +610,12 @@ def _format_warning(message, category, filename, lineno, line=None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    signal.signal(signal.SIGTERM, _terminate)
+    sigterm = signal.signal(signal.SIGTERM, _terminate)
     python_format, warnings.formatwarning = warnings.formatwarning, _format_warning
     try:
         return _run(build_parser().parse_args(argv))
-    finally:  # a notebook or a test calling main() keeps Python's own warning format
+    finally:  # a notebook or a test calling main() keeps its own SIGTERM handling and warning format
+        signal.signal(signal.SIGTERM, sigterm)
         warnings.formatwarning = python_format
 
 
@@ -628,6 +629,11 @@ def _run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt as exc:  # a training run says where it saved its checkpoint
         print(f"corediff: error: {str(exc) or 'interrupted; no output was written'}", file=sys.stderr, flush=True)
         return 130
+    except BrokenPipeError:  # stdout's reader left (| head): what was said to be written is complete
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        print("corediff: error: stdout was closed (its reader left); the outputs reported as written are "
+              "complete, the others were not written", file=sys.stderr, flush=True)
+        return 2
     except OSError as exc:  # a full disk, a permission changed mid-run...: outputs are written atomically
         where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
         print(f"corediff: error: {exc.strerror or exc}{where}; no output was written", file=sys.stderr, flush=True)

@@ -440,9 +440,7 @@ def axial_view(volume) -> tuple[np.ndarray, tuple[float, float]]:
         return layout.to_axial(volume.array), axial_spacing(volume.spacing, layout)[:2]
     view = in_plane_view(volume.direction)
     x_mm, y_mm = (float(volume.spacing[0]), float(volume.spacing[1]))
-    if view.identity:
-        return volume.array, (x_mm, y_mm)
-    return np.ascontiguousarray(view.to_lps(volume.array)), ((y_mm, x_mm) if view.swap else (x_mm, y_mm))
+    return view.to_lps(volume.array), ((y_mm, x_mm) if view.swap else (x_mm, y_mm))  # a view: no copy
 
 
 def sub_volume_origin(info: dict, index_axis: int, start: int) -> tuple[float, float, float]:
@@ -536,8 +534,11 @@ def denoise_file(input_path, output_path, denoiser, batch_size: int | None = Non
                        "scans their neighbours cost 0.9-1.4 dB (docs/benchmarks/real_anatomy)")
                     + "; --context neighbours to use them anyway")
             elif uses_context and neighbours and slice_mm >= WIDE_SLICE_MM and (trained_mm or 1.0) < WIDE_SLICE_MM:
-                log(f"slice spacing {slice_mm:g} mm: the models were trained on 1 mm slices, and their "
-                    "neighbour context helps less the further apart the slices are (held-out phantoms, 25 %: "
+                log(f"slice spacing {slice_mm:g} mm: "
+                    + (f"this model learned neighbours up to {trained_mm:g} mm away" if trained_mm
+                       else "the models were trained on 1 mm slices")
+                    + ", and neighbour "
+                    "context helps less the further apart the slices are (held-out phantoms, 25 %: "
                     "+0.82 dB at 1 mm, +0.32 at 3 mm, +0.02 at 5 mm; docs/benchmarks/spacing)")
         shape = (last - first,) + tuple(data.shape[1:])
         # an axial file's planes in the models' LPS layout (a reformat's are made so by its layout)

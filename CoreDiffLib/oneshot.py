@@ -208,7 +208,7 @@ class Adaptation:
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "adaptation") -> "Adaptation":
-        if isinstance(d, dict) and d.get("format") in _OLD_FORMATS:
+        if isinstance(d, dict) and isinstance(d.get("format"), str) and d["format"] in _OLD_FORMATS:
             raise CoreDiffError(f"{source} was made by an earlier CoreDiff ({d['format']}: "
                                 f"{_OLD_FORMATS[d['format']]}): run 'corediff oneshot' again to refit it "
                                 "(the same --name replaces it)")
@@ -227,11 +227,14 @@ class Adaptation:
         except (KeyError, TypeError, ValueError, OverflowError) as exc:
             raise CoreDiffError(f"{source} is an incomplete or corrupt adaptation ({exc!r})") from None
 
-    def save(self, path: str | os.PathLike | None = None, overwrite: bool = True) -> Path:
+    def save(self, path: str | os.PathLike | None = None, overwrite: bool = True,
+             replace_outdated: bool = False) -> Path:
         """Write JSON atomically (temp file + rename) to ``path`` or the user directory.
 
         ``overwrite`` False: refuse if the file exists by the time it is written (another run
-        may have saved one of that name meanwhile), checked and written in one step (a hard link).
+        may have saved one of that name meanwhile), checked and written in one step (a hard link);
+        with ``replace_outdated`` a file that is still an outdated one (:func:`is_outdated`) then
+        is replaced, and a usable one saved meanwhile kept.
         """
         out = Path(path).expanduser() if path is not None else default_path(self.name)
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -244,8 +247,10 @@ class Adaptation:
             try:
                 os.link(tmp, out)  # fails if out exists: no window between the check and the write
             except FileExistsError:
-                raise CoreDiffError(f"{out} was saved by another run meanwhile; kept it. Run again with another "
-                                    "--name/--out, or --overwrite") from None
+                if not (replace_outdated and is_outdated(out)):
+                    raise CoreDiffError(f"{out} was saved by another run meanwhile; kept it. Run again with "
+                                        "another --name/--out, or --overwrite") from None
+                os.replace(tmp, out)
             except OSError:  # a file system without hard links
                 if out.exists():
                     raise CoreDiffError(f"{out} was saved by another run meanwhile; kept it") from None
@@ -267,9 +272,10 @@ def is_outdated(path: str | os.PathLike) -> bool:
     """Whether ``path`` is an adaptation in a format an earlier CoreDiff wrote: unusable now, and
     replaced by a new fit of the same name without --overwrite (there is nothing to keep)."""
     try:
-        return json.loads(Path(path).read_text(encoding="utf-8")).get("format") in _OLD_FORMATS
+        fmt = json.loads(Path(path).read_text(encoding="utf-8")).get("format")
     except (OSError, UnicodeDecodeError, ValueError, AttributeError, RecursionError):
         return False
+    return isinstance(fmt, str) and fmt in _OLD_FORMATS
 
 
 def _read_adaptation(name_or_path) -> tuple[Adaptation, str]:
@@ -847,12 +853,10 @@ def cmd_oneshot(args) -> int:
             raise CoreDiffError(f"the adaptations folder {out.parent} is a file: move it, or use --out FILE")
     if out.is_dir():
         raise CoreDiffError(f"{out} is a folder: give another --name/--out")
-    overwrite = args.overwrite
-    if out.exists() and not overwrite:
+    if out.exists() and not args.overwrite:
         if not is_outdated(out):
             raise CoreDiffError(f"{out} already exists: choose another --name/--out or pass --overwrite")
         info(args, f"{out} was made by an earlier CoreDiff and cannot be used any more: replacing it")
-        overwrite = True
     paired = args.ndct is not None
     ldct_volume = read_volume(args.ldct, log=note)
     # the axial planes, however the series is stored (a reformat): --slice counts them, as denoise runs them
@@ -912,7 +916,7 @@ def cmd_oneshot(args) -> int:
                                  "model": str(model_name)}, neighbours=neighbours)
     finally:
         progress.close()
-    path = adaptation.save(out, overwrite=overwrite)
+    path = adaptation.save(out, overwrite=args.overwrite, replace_outdated=True)
     probs = ", ".join(f"{p:.2f}" for p in adaptation.probabilities)
     meta = adaptation.info
     info(args, f"step weights (first..last step): {probs}")

@@ -269,6 +269,17 @@ def test_a_scan_auto_cannot_measure_gets_the_default_model_unless_auto_was_asked
     assert not (tmp_path / "out2.nrrd").exists()
 
 
+def test_main_called_in_process_leaves_sigterm_and_the_warning_format_as_it_found_them(capsys):
+    """A notebook calling main() got SystemExit on SIGTERM, and Python's warnings in the CLI's format."""
+    import signal
+    import warnings
+
+    from CoreDiffLib.cli import main
+    before = signal.getsignal(signal.SIGTERM), warnings.formatwarning
+    assert main(["models"]) == 0
+    assert (signal.getsignal(signal.SIGTERM), warnings.formatwarning) == before
+
+
 def test_progress_none_hides_the_progress_not_the_model_choice_or_the_caveats(tmp_path):
     """--progress none silenced every message: a script lost the model chosen for its scan and
     the dose and geometry caveats, with exit code 0."""

@@ -345,6 +345,15 @@ def test_an_outdated_adaptation_is_listed_so_and_replaced_by_a_new_fit_of_its_na
     assert rc == 0, err
     assert "made by an earlier CoreDiff and cannot be used any more: replacing it" in out
     assert Adaptation.read(old).mode == "paired"
+    # a usable one saved under the name meanwhile (another run) is kept, not replaced as outdated
+    fresh = Adaptation("d10", "sha", None, "unpaired", 0, 0, T, [0.0] * T)
+    with pytest.raises(CoreDiffError, match="saved by another run meanwhile; kept it"):
+        fresh.save(old, overwrite=False, replace_outdated=True)
+    assert Adaptation.read(old).mode == "paired"
+    # a file whose format is not even a string is listed as damaged: the listing does not fail
+    (old.parent / "odd.json").write_text(json.dumps({"format": ["x"]}))
+    rc, out, err = run_cli(capsys, "models", "--json")
+    assert rc == 0 and [r for r in json.loads(out) if r["name"] == "odd"][0]["damaged"], err
 
 
 def test_a_reference_stored_ras_gives_the_planes_denoise_runs(tmp_path):
