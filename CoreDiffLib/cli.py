@@ -104,6 +104,7 @@ def load_denoiser(args: argparse.Namespace, volume=None, spacing_xy=None):
     elif model in (None, AUTO_MODEL):
         if args.adaptation is not None:
             raise CoreDiffError("--model auto chooses a dose model; an adaptation brings its own: drop one of them")
+        _check_steps_for_auto(args.steps)  # before the scan is measured, which takes seconds on a long series
         model, choice = choose_dose_model(args, volume, spacing_xy, explicit=model == AUTO_MODEL)
     den = Denoiser.load(model, args.device, args.steps, args.adaptation,
                         precision=args.precision, channels_last=args.channels_last)
@@ -117,6 +118,19 @@ def load_denoiser(args: argparse.Namespace, volume=None, spacing_xy=None):
                    f"0.02-0.06 dB below them for the -w32 models on held-out phantoms; --steps {trained} "
                    "runs the paper's full sampler")
     return den
+
+
+def _check_steps_for_auto(steps) -> None:
+    """Refuse a --steps number that no model --model auto may choose can run (they share one T)."""
+    from .dose_estimate import shipped_choice
+    from .models import load_manifest
+    if not isinstance(steps, int):
+        return
+    entries = load_manifest().get("models", {})
+    most = max((int(entries.get(name, {}).get("architecture", {}).get("steps", 0))
+                for name in shipped_choice()[1].values()), default=0)
+    if most and not 1 <= steps <= most:
+        raise CoreDiffError(f"steps must be 'auto' or between 1 and {most} (the models' T), got {steps}")
 
 
 def choose_dose_model(args: argparse.Namespace, volume, spacing_xy, explicit: bool) -> tuple[str, str]:

@@ -269,6 +269,13 @@ def test_a_scan_auto_cannot_measure_gets_the_default_model_unless_auto_was_asked
     assert not (tmp_path / "out2.nrrd").exists()
 
 
+def test_steps_beyond_the_models_t_are_refused_before_the_scan_is_measured(tmp_path):
+    src = write_image(tmp_path / "scan.nrrd", synthetic_ct(2, 48, noise_hu=15))
+    r = corediff("denoise", src, tmp_path / "out.nrrd", "--steps", "11", "--progress", "lines")
+    assert r.returncode == 2 and "between 1 and 10" in r.stderr and "model for this scan" not in r.stdout
+    assert not (tmp_path / "out.nrrd").exists()
+
+
 def test_main_called_in_process_leaves_sigterm_and_the_warning_format_as_it_found_them(capsys):
     """A notebook calling main() got SystemExit on SIGTERM, and Python's warnings in the CLI's format."""
     import signal
