@@ -262,7 +262,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     ema, state = train(volumes, net_cfg, cfg, checkpoint=checkpoint, device=device,
                        log=lambda m: info(args, m), init_state=init_state,
                        inherit=("ema_start",) if args.ema_start is None else ())
-    import os
     if int(os.environ.get("RANK", "0")) == 0:
         # what they were trained from, wherever the command was run
         started_from = ({"init_weights": str(Path(args.init_weights).resolve()),
@@ -460,8 +459,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
         try:
             print("\n".join(lines), flush=True)
         except BrokenPipeError:  # the reader left; the files are written: end quietly, as a shell's
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # SIGPIPE would (no second
-            return 141  # error when Python flushes stdout at exit)
+            _drop_stdout()  # SIGPIPE would
+            return 141
     return 0
 
 
@@ -618,6 +617,12 @@ def _terminate(signum, frame):  # SIGTERM -> unwind normally so temporary files 
     raise SystemExit(128 + signum)
 
 
+def _drop_stdout() -> None:
+    """After stdout's reader has left: point stdout at /dev/null, so that Python's flush at exit
+    raises no second BrokenPipeError."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
 def _format_warning(message, category, filename, lineno, line=None) -> str:
     """A library warning (e.g. a faster back-end unavailable) as one line, not Python's source dump."""
     return f"corediff: warning: {message}\n"
@@ -644,7 +649,7 @@ def _run(args: argparse.Namespace) -> int:
         print(f"corediff: error: {str(exc) or 'interrupted; no output was written'}", file=sys.stderr, flush=True)
         return 130
     except BrokenPipeError:  # stdout's reader left (| head): what was said to be written is complete
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        _drop_stdout()
         print("corediff: error: stdout was closed (its reader left); the outputs reported as written are "
               "complete, the others were not written", file=sys.stderr, flush=True)
         return 2
