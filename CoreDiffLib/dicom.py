@@ -219,6 +219,16 @@ def choose_dicom_series(found: list[DicomSeries], wanted: str | None, where: str
                   f"(--series N or its subfolder picks another):\n{listing}")
 
 
+def median_slice_gap(positions, direction) -> float | None:
+    """The usual distance (mm, along the slice normal) between a series' adjacent slices: its
+    slice spacing, which one missing slice does not change as ITK's mean spacing does."""
+    if positions is None or len(positions) < 2:
+        return None
+    normal = np.reshape(np.asarray(direction, dtype=np.float64), (3, 3))[:, 2]
+    along = (np.asarray(positions, dtype=np.float64) - np.asarray(positions[0], dtype=np.float64)) @ normal
+    return float(np.median(np.abs(np.diff(along))))
+
+
 def off_grid_slices(positions, direction) -> str | None:
     """How a series' slice positions leave a regular grid, or None when one spacing along the
     slice normal places every slice within 1 % of it (what a NRRD / NIfTI / MHA grid can hold).
@@ -231,7 +241,7 @@ def off_grid_slices(positions, direction) -> str | None:
     offsets = np.asarray(positions, dtype=np.float64) - np.asarray(positions[0], dtype=np.float64)
     along = offsets @ normal
     gaps = np.abs(np.diff(along))
-    step = float(np.median(gaps))
+    step = median_slice_gap(positions, direction)
     tolerance = 0.01 * step + 1e-3
     found = []
     if np.abs(gaps - step).max() > tolerance:

@@ -49,8 +49,9 @@ def validate_ct_array(array: np.ndarray, name: str = "volume") -> None:
     if lo > -500.0:
         raise CoreDiffError(
             f"{name} does not look like CT in HU (minimum {lo:.0f}, but air is about -1000 HU). "
-            "If it is CT stored without its rescale intercept, subtract 1024; MR, PET and "
-            "ultrasound images cannot be denoised with CoreDiff")
+            "If it is CT stored without its rescale intercept (its air near 0 and water near 1024), "
+            "subtract 1024; a region cropped inside the body holds no air: denoise a region with some "
+            "air or the whole scan. MR, PET and ultrasound images cannot be denoised with CoreDiff")
     if hi > 40000.0:
         raise CoreDiffError(f"{name} has values up to {hi:.0f}, far beyond CT's HU range: "
                             "is it raw detector data or a non-CT image?")

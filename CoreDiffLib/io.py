@@ -18,9 +18,9 @@ import numpy as np
 import SimpleITK as sitk
 
 from . import CoreDiffError
-from .atomic import atomic_path, check_output_place, partial_folder
-from .dicom import (check_series_input, choose_dicom_series, find_dicom_series, itk_warnings_off, off_grid_slices,
-                    series_slices)
+from .atomic import atomic_path, check_output_place, deferred_interrupts, partial_folder
+from .dicom import (check_series_input, choose_dicom_series, find_dicom_series, itk_warnings_off, median_slice_gap,
+                    off_grid_slices, series_slices)
 from .intensity import PADDING_THRESHOLD_HU, validate_ct_array  # noqa: F401  (re-exported)
 from .orientation import axial_layout, axial_spacing
 from .streaming import VolumeSource, header_data_file
@@ -180,11 +180,17 @@ def check_output_path(input_path: str | os.PathLike | None, output_path: str | o
         if out.exists() and (not out.is_dir() or any(out.iterdir())):
             raise CoreDiffError(f"output folder {output_path} exists and is not empty: "
                                 "choose a new folder for the DICOM series")
-    shadow = out.with_name(out.name[:-3]) if out.name.endswith(".nii.gz") else None
-    if shadow is not None and shadow.exists():
-        is_input = input_path is not None and shadow == Path(input_path).expanduser().resolve()
-        raise CoreDiffError(f"{'the input ' if is_input else ''}{shadow.name} lies beside output {output_path}: "
-                            f"ITK (and so Slicer) reads {shadow.name} when asked for {out.name}; "
+    # ITK reads X.nii when asked for X.nii.gz: either of the two beside the other hides it
+    shadow, hidden = None, None
+    if out.name.endswith(".nii.gz"):
+        shadow, hidden = out.with_name(out.name[:-3]), out
+    elif out.name.endswith(".nii"):
+        shadow, hidden = out, out.with_name(out.name + ".gz")
+    twin = hidden if shadow == out else shadow
+    if twin is not None and twin.exists():
+        is_input = input_path is not None and twin == Path(input_path).expanduser().resolve()
+        raise CoreDiffError(f"{'the input ' if is_input else ''}{twin.name} lies beside output {output_path}: "
+                            f"ITK (and so Slicer) reads {shadow.name} when asked for {hidden.name}; "
                             + ("choose another output name" if is_input else "move it or choose another name"))
     check_output_place(out, f"output {output_path}")
 
@@ -256,6 +262,14 @@ def _read_dicom_file(path: Path) -> tuple[sitk.Image, dict[str, str]]:
     image = reader.Execute()
     tags = {k: reader.GetMetaData(k) for k in reader.GetMetaDataKeys()}
     _check_ct_tags(tags, path)
+    frames = tags.get("0028|0008", "1").strip()
+    if frames.isdigit() and int(frames) > 1 and image.GetSpacing() == (1.0, 1.0, 1.0):
+        # GDCM's fallback when an enhanced file's frames are missing, uneven or out of order: the
+        # real pixel size and slice positions are lost, and the frames kept in file order
+        raise CoreDiffError(f"{path}: a multi-frame (enhanced) CT whose frame geometry GDCM could not read "
+                            "(frames missing, unevenly spaced or out of order?): it reads as 1 mm voxels in "
+                            "file order. Convert it to a classic one-file-per-slice series (e.g. dcm2niix, "
+                            "or your PACS's 'legacy' export) and denoise that")
     return image, tags
 
 
@@ -407,10 +421,11 @@ def _write_detached(image: sitk.Image, out: Path) -> Path:
     with partial_folder(out) as tmpdir:
         header = tmpdir / out.name
         sitk.WriteImage(image, str(header), True)
-        for data in tmpdir.iterdir():
-            if data != header:
-                os.replace(data, out.parent / data.name)
-        os.replace(header, out)
+        with deferred_interrupts():  # a replaced header must not be left beside the new data
+            for data in tmpdir.iterdir():
+                if data != header:
+                    os.replace(data, out.parent / data.name)
+            os.replace(header, out)
     return out
 
 
@@ -452,8 +467,14 @@ def _write_dicom_series(volume: Volume, pixels: np.ndarray, folder: Path, descri
         common["0020|4000"] = comments
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
+    # a series with a gap: its usual spacing, not the mean that ITK gave the volume
+    gap = median_slice_gap(volume.slice_positions, volume.direction)
+    if gap:
+        common["0018|0088"] = f"{gap:.6g}"
     for k in range(image.GetDepth()):
         sl = image[:, :, k:k + 1]  # 3-D, one slice: ITK writes SpacingBetweenSlices from its spacing
+        if gap:
+            sl.SetSpacing((*sl.GetSpacing()[:2], gap))
         for tag, value in common.items():
             sl.SetMetaData(tag, value)
         pos = (volume.slice_positions[k] if volume.slice_positions is not None  # where the scanner put it
@@ -471,6 +492,10 @@ _DICOM_CODECS = {"": "latin-1", "ISO_IR 6": "latin-1", "ISO_IR 100": "latin-1", 
                  "ISO_IR 127": "iso8859_6", "ISO_IR 126": "iso8859_7", "ISO_IR 138": "iso8859_8",
                  "ISO_IR 148": "iso8859_9", "ISO_IR 166": "tis_620", "ISO_IR 192": "utf-8", "GB18030": "gb18030",
                  "GBK": "gbk"}
+# the same single-byte sets with code extensions (ISO 2022 IR nnn): one set per value in practice,
+# its G1 designation escape (ESC - A for Latin-1...) carries no character of the name
+_DICOM_CODECS.update({name.replace("ISO_IR", "ISO 2022 IR"): codec for name, codec in list(_DICOM_CODECS.items())
+                      if name.startswith("ISO_IR") and name != "ISO_IR 192"})
 
 
 def _is_axial(direction) -> bool:
@@ -497,6 +522,8 @@ def _dicom_text(value: str, charset: str) -> str:
         raw = re.sub(rb"[\xa1-\xdf]+", lambda m: b"\x1b(I" + bytes(b - 0x80 for b in m.group()) + b"\x1b(B", raw)
         return raw.decode("iso2022_jp_2" if "ISO 2022 IR 159" in sets else "iso2022_jp_ext", "replace")
     codec = _DICOM_CODECS.get(sets[-1] if sets else "", "utf-8")
+    if any(c.startswith("ISO 2022") for c in sets):
+        raw = re.sub(rb"\x1b[-()*+.][A-Z@]", b"", raw)  # designation escapes: no characters of their own
     try:
         return raw.decode(codec)
     except UnicodeDecodeError:

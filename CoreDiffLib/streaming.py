@@ -131,7 +131,7 @@ class VolumeSource:
                 if least is not None:
                     _check_complete(p, p, least)
                 return cls(shape, dtype or np.float32, reader=reader, info=info)
-            if name.endswith(".nii.gz"):
+            if name.endswith(".nii.gz") and _head_bytes(p, 2) == b"\x1f\x8b":  # else not compressed: ITK's own read
                 fd, tmp = tempfile.mkstemp(suffix=".nii", prefix="corediff-in-", dir=temp_dir)
                 try:
                     with os.fdopen(fd, "wb") as f, gzip.open(p, "rb") as g:

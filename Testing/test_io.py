@@ -588,3 +588,67 @@ def test_a_pair_list_takes_only_its_first_line_as_a_header_and_refuses_a_volume(
         read_pair_list(tmp_path / "latin.txt")
     with pytest.raises(CoreDiffError, match="is a volume"):
         read_pair_list(write_image(tmp_path / "v.nrrd", synthetic_ct(2, 16)))
+
+
+def test_a_nifti_output_may_not_hide_or_be_hidden_by_its_compressed_twin(tmp_path, ct_file):
+    """ITK reads X.nii when asked for X.nii.gz: `denoise scan.nii.gz scan.nii` made every ITK
+    tool (Slicer too) open the denoised copy when asked for the untouched scan."""
+    scan = write_image(tmp_path / "scan.nii.gz", synthetic_ct(3, 32))
+    with pytest.raises(CoreDiffError, match="the input scan.nii.gz lies beside output .*scan.nii.*reads scan.nii "
+                                            "when asked for scan.nii.gz.*choose another output name"):
+        check_output_path(scan, tmp_path / "scan.nii")
+    (tmp_path / "other.nii.gz").write_bytes(b"an older result")
+    with pytest.raises(CoreDiffError, match="other.nii.gz lies beside output .*move it"):
+        check_output_path(ct_file, tmp_path / "other.nii")
+    check_output_path(ct_file, tmp_path / "fresh.nii")
+
+
+def test_a_plain_nifti_named_nii_gz_is_read(tmp_path):
+    vol = synthetic_ct(3, 32).round().astype(np.int16)
+    plain = write_image(tmp_path / "plain.nii", vol)
+    named = tmp_path / "named.nii.gz"
+    named.write_bytes(plain.read_bytes())
+    np.testing.assert_array_equal(read_volume(named).array, vol)
+
+
+def test_iso_2022_single_byte_sets_decode_as_their_iso_ir_twins():
+    from CoreDiffLib.io import _dicom_text
+
+    def stored(raw: bytes) -> str:  # as SimpleITK hands the tag over
+        return raw.decode("utf-8", "surrogateescape")
+    assert _dicom_text(stored("Buc^Jérôme".encode("latin-1")), "ISO 2022 IR 100") == "Buc^Jérôme"
+    assert _dicom_text(stored(b"\x1b-AM\xfcller^J\xfcrgen"), "ISO 2022 IR 6\\ISO 2022 IR 100") == "Müller^Jürgen"
+    assert _dicom_text(stored("Люкceмбypг".encode("iso8859_5")), "ISO 2022 IR 144") == "Люкceмбypг"
+
+
+def test_a_series_with_a_missing_slice_keeps_its_own_slice_spacing(tmp_path, tiny_model_path):
+    """ITK's spacing of a series with a gap is the mean (12 slices at 1 mm in two runs 55 mm apart
+    read as 5.9 mm), which turned neighbour context off and was written as the output's spacing."""
+    from CoreDiffLib.dicom import median_slice_gap
+    from CoreDiffLib.inference import Denoiser, denoise_file
+    folder = write_dicom_series(tmp_path / "gap", synthetic_ct(33, 32), "1.2.3.88", slice_mm=1.0)
+    for k in range(3, 30):  # two runs of 3 slices, 28 mm apart
+        (folder / f"{k}.dcm").unlink()
+    vol = read_volume(folder)
+    assert vol.slice_positions is not None and vol.spacing[2] == pytest.approx(6.4)
+    assert median_slice_gap(vol.slice_positions, vol.direction) == pytest.approx(1.0)
+    lines = []
+    denoise_file(folder, tmp_path / "out", Denoiser.load(str(tiny_model_path), device="cpu"), log=lines.append)
+    assert not any("its own context" in line for line in lines), lines
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(sorted((tmp_path / "out").iterdir())[0]))
+    reader.ReadImageInformation()
+    assert float(reader.GetMetaData("0018|0088")) == pytest.approx(1.0)
+
+
+def test_a_multi_frame_ct_read_with_gdcms_fallback_geometry_is_refused(tmp_path):
+    """GDCM gives 1 mm voxels in file order when an enhanced CT's frames are missing, uneven or
+    out of order; the real pixel size and positions are lost, so it is refused with a way out."""
+    image = sitk.GetImageFromArray(synthetic_ct(4, 32).round().astype(np.int16))
+    image.SetMetaData("0008|0060", "CT")
+    sitk.WriteImage(image, str(tmp_path / "fallback.dcm"))  # spacing (1, 1, 1): what the fallback reads as
+    with pytest.raises(CoreDiffError, match="multi-frame .*could not read.*classic one-file-per-slice series"):
+        read_volume(tmp_path / "fallback.dcm")
+    image.SetSpacing((0.7, 0.7, 2.5))
+    sitk.WriteImage(image, str(tmp_path / "regular.dcm"))
+    assert read_volume(tmp_path / "regular.dcm").spacing == pytest.approx((0.7, 0.7, 2.5))
