@@ -230,6 +230,15 @@ def _read_dicom_series(folder: Path, series: str | None = None, log=None
         image = reader.Execute()  # applies RescaleSlope / RescaleIntercept -> HU
     tags = {k: reader.GetMetaData(0, k) for k in reader.GetMetaDataKeys(0)}
     _check_ct_tags(tags, folder)
+    rescales = {tuple(reader.GetMetaData(k, t).strip() if reader.HasMetaDataKey(k, t) else ""
+                      for t in ("0028|1053", "0028|1052")) for k in range(image.GetDepth())}
+    if len(rescales) > 1 and "float" not in image.GetPixelIDTypeAsString() and not all(
+            _is_whole(v) for pair in rescales for v in pair):
+        # ITK takes the pixel type from the first slice: a later slice's fractional slope would be
+        # rounded away; each slice's own rescale holds in floating point
+        reader.SetOutputPixelType(sitk.sitkFloat32)
+        with itk_warnings_off():
+            image = reader.Execute()
     try:
         positions = tuple(tuple(float(v) for v in reader.GetMetaData(k, "0020|0032").split("\\"))
                           for k in range(image.GetDepth()))
@@ -241,6 +250,14 @@ def _read_dicom_series(folder: Path, series: str | None = None, log=None
     if log:
         log(f"{folder}: {off_grid}; the denoised slices keep their positions in a DICOM output")
     return image, tags, positions
+
+
+def _is_whole(text: str) -> bool:
+    """A DICOM decimal string (or an absent one) that holds a whole number."""
+    try:
+        return not text or float(text).is_integer()
+    except ValueError:
+        return False
 
 
 def _check_ct_tags(tags: dict[str, str], source) -> None:

@@ -652,3 +652,27 @@ def test_a_multi_frame_ct_read_with_gdcms_fallback_geometry_is_refused(tmp_path)
     image.SetSpacing((0.7, 0.7, 2.5))
     sitk.WriteImage(image, str(tmp_path / "regular.dcm"))
     assert read_volume(tmp_path / "regular.dcm").spacing == pytest.approx((0.7, 0.7, 2.5))
+
+
+def test_a_slice_with_its_own_fractional_rescale_slope_keeps_its_fraction(tmp_path):
+    """ITK takes the pixel type from the first slice (int32 here): a later slice stored with
+    slope 0.5 lost its half HU."""
+    folder = tmp_path / "slopes"
+    folder.mkdir()
+    hu = np.full((4, 32, 32), -1000.0, np.float32)
+    hu[:, 8:24, 8:24] = 40.5
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    for k in range(4):
+        half = k == 2
+        image = sitk.GetImageFromArray(hu[k:k + 1] if half else np.rint(hu[k:k + 1]).astype(np.int16))
+        tags = {"0008|0060": "CT", "0028|1052": "-1024", "0028|1053": "0.5" if half else "1",
+                "0020|000e": "1.2.3.9", "0020|0037": "1\\0\\0\\0\\1\\0", "0020|0032": f"0\\0\\{k}",
+                "0020|0013": str(k + 1), "0008|0018": f"1.2.3.9.{k + 1}"}
+        if half:  # GDCM stores a float buffer as the integer type these name, (value - intercept) / slope
+            tags.update({"0028|0100": "16", "0028|0101": "16", "0028|0102": "15", "0028|0103": "1"})
+        for tag, value in tags.items():
+            image.SetMetaData(tag, value)
+        writer.SetFileName(str(folder / f"{k}.dcm"))
+        writer.Execute(image)
+    np.testing.assert_array_equal(read_volume(folder).array[:, 16, 16], [40, 40, 40.5, 40])
