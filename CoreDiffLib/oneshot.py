@@ -333,9 +333,10 @@ def list_adaptations() -> list[dict]:
         try:
             a = Adaptation.read(path)
         except CoreDiffError as exc:  # listed, so that its name taken by it is no mystery
+            outdated = is_outdated(path)  # a new fit of its name replaces it without --overwrite
             rows.append({"name": path.stem, "path": str(path), "kind": "adaptation", "damaged": True,
-                         "description": "outdated, cannot be used: adapt again with the same name"
-                         if is_outdated(path) else f"damaged, cannot be used ({exc}): delete {path} or adapt "
+                         "outdated": outdated, "description": "outdated, cannot be used: adapt again with the same name"
+                         if outdated else f"damaged, cannot be used ({exc}): delete {path} or adapt "
                                                    "again with --overwrite"})
             continue
         probs = a.probabilities

@@ -266,7 +266,7 @@ class CoreDiffSlicerParameterNode:
     osSlice: Annotated[int, WithinRange(0, 100000)] = 0
     osPaired: bool = True
     osNdctVolume: vtkMRMLScalarVolumeNode
-    osNdctSlice: Annotated[int, WithinRange(0, 100000)] = 0
+    osNdctSlice: Annotated[int, WithinRange(-1, 100000)] = -1  # -1: the library's choice
     osName: str = ""
 
 
@@ -522,13 +522,16 @@ class CoreDiffSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._job = None
         self._oneShotJob = None
         self._lastPair = None  # (inputNode, outputNode) of the last run
+        self._pendingComparison = None  # (input, output, fit) of a run that ended while the module was hidden
         self._previewNode = None  # the one-slice preview volume, reused by the next preview of the same input
         self._previewInputID = None
+        self._lastInputID = None  # the input the output selector was last checked against
         self._osNameSource = None  # (low-dose volume ID, the adaptation name proposed from its name)
         self._flickerTimer = None
         self._flickerOn = False
         self._observedSliceNode = None
         self._modelEntries = []
+        self._adaptationNames = {}  # saved adaptation name -> damaged, from the last model list
         self._deviceEntries = []
         self._listedWithoutTorch = False  # the lists failed for want of torch: make them again once it is there
         self._lastAdaptation = None
@@ -581,6 +584,9 @@ class CoreDiffSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def enter(self) -> None:
         self.initializeParameterNode()
+        pending, self._pendingComparison = self._pendingComparison, None
+        if pending and all(slicer.mrmlScene.IsNodePresent(n) for n in pending[:2]):
+            self._showComparison(*pending)  # a run that ended while another module was shown
         if self.ui.oneShotStack.currentIndex == 1:  # the wizard follows the Red view again
             self._observeRedSlice(True)
             self._syncSliceFromRed()
@@ -600,7 +606,7 @@ class CoreDiffSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if job is not None and job.running:
                 self.logic.cancel(job)
         self._stopFlicker()
-        self._lastPair = None
+        self._lastPair, self._pendingComparison = None, None
         self._previewNode, self._previewInputID = None, None
         self._lastAdaptation, self._osNameSource = None, None
         self._setOneShotStep(0)
@@ -631,6 +637,14 @@ class CoreDiffSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._onParameterNodeModified()
 
     def _onParameterNodeModified(self, caller=None, event=None) -> None:
+        p = self._parameterNode
+        inputID = p.inputVolume.GetID() if p and p.inputVolume else None
+        if inputID != self._lastInputID:
+            self._lastInputID = inputID
+            source = p.outputVolume.GetNodeReferenceID(self.logic.SOURCE_REFERENCE) if p and p.outputVolume else None
+            if inputID and source and source != inputID:
+                # the result of another scan stays as it is: this one gets its own ("Create new volume")
+                p.outputVolume = None
         self.ui.stepsSliderWidget.enabled = not (self._parameterNode and self._parameterNode.autoSteps)
         self._checkCanApply()
         self._updateOneShotGui()
@@ -766,7 +780,7 @@ class CoreDiffSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self._previewNode, self._previewInputID = outputNode, job.inputNode.GetID()
                 self.ui.statusLabel.text = (f"Preview of slice {job.sliceIndex} in {formatDuration(seconds)}{ran}: "
                                             "move the Red view and preview again, or Denoise the whole volume")
-                self.logic.showComparison(job.inputNode, outputNode, fit=False)
+                self._showComparison(job.inputNode, outputNode, fit=False)
             else:
                 self.ui.statusLabel.text = f"Done in {formatDuration(seconds)}: {outputNode.GetName()}{ran}"
                 self._lastPair = (job.inputNode, outputNode)
@@ -777,11 +791,22 @@ class CoreDiffSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     p.outputVolume = outputNode
                 if self._parameterNode and self._parameterNode.showComparison:
                     # a radiologist reading the input in the Red view stays on that slice
-                    self.logic.showComparison(job.inputNode, outputNode,
-                                              fit=not self.logic.redViewShowsSliceOf(job.inputNode))
+                    self._showComparison(job.inputNode, outputNode, fit=None)
         else:
             self.ui.statusLabel.text = f"Failed: {message}"
             slicer.util.errorDisplay(f"Denoising failed:\n{message}", windowTitle="CoreDiff")
+
+    def _showComparison(self, inputNode, outputNode, fit) -> None:
+        """Before/after in the views now, or when the user comes back to this module: a run that
+        ends while another module is shown must not change that module's layout and views.
+        ``fit`` None: fit unless the Red view shows a slice of the input (where a reader stays)."""
+        if not self.parent.isEntered:
+            self._pendingComparison = (inputNode, outputNode, fit)
+            return
+        self._pendingComparison = None
+        if fit is None:
+            fit = not self.logic.redViewShowsSliceOf(inputNode)
+        self.logic.showComparison(inputNode, outputNode, fit=fit)
 
     def _dependenciesReady(self) -> bool:
         """PyTorch and the packages present, installed now if the user agrees; the model and
@@ -806,6 +831,9 @@ class CoreDiffSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.statusLabel.text = ("PyTorch is not installed yet: Denoise offers to install it"
                                         if self._listedWithoutTorch else f"Could not list models: {error}")
             entries = []
+        # names a new adaptation may only take by replacing (an outdated one is replaced anyway)
+        self._adaptationNames = {str(e.get("name")): bool(e.get("damaged")) for e in entries or []
+                                 if e.get("kind") == "adaptation" and not e.get("outdated")}
         self._modelEntries = [e for e in entries or [] if not e.get("damaged")]  # `corediff models` lists them
         items = [("Automatic: the model for the scan's dose", "")]
         fixed = len(items)
@@ -952,10 +980,9 @@ class CoreDiffSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if p.osNdctVolume.GetID() == (p.osLdctVolume.GetID() if p.osLdctVolume else None):
                 return "The normal-dose volume must differ from the low-dose volume"
             if p.osPaired and p.osLdctVolume:
-                a = p.osLdctVolume.GetImageData().GetDimensions()
-                b = p.osNdctVolume.GetImageData().GetDimensions()
-                if tuple(a) != tuple(b):
-                    return "Paired volumes must have the same size (uncheck 'paired' for an unaligned normal-dose scan)"
+                problem = self.logic.gridMismatch(p.osNdctVolume, p.osLdctVolume)
+                if problem:
+                    return f"{problem}: paired volumes must be aligned (uncheck 'paired' for an unaligned scan)"
         if step == 3 and (self._oneShotJob is None or not self._oneShotJob.succeeded):
             return "Adapt first"
         return None
@@ -972,6 +999,10 @@ class CoreDiffSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p = self._parameterNode
         if p is not None:
             self.ui.oneShotNdctSliceSpinBox.enabled = not p.osPaired
+            if p.osNdctVolume is not None and p.osNdctVolume.GetImageData() is not None:
+                nNdct = p.osNdctVolume.GetImageData().GetDimensions()[self.logic.axialAxis(p.osNdctVolume)]
+                if self.ui.oneShotNdctSliceSpinBox.maximum != nNdct - 1:
+                    self.ui.oneShotNdctSliceSpinBox.maximum = nNdct - 1
             if p.osLdctVolume is not None and p.osLdctVolume.GetImageData() is not None:
                 # axial slices, as `corediff oneshot --slice` counts them however the series is stored
                 nSlices = p.osLdctVolume.GetImageData().GetDimensions()[self.logic.axialAxis(p.osLdctVolume)]
@@ -1044,6 +1075,13 @@ class CoreDiffSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p = self._parameterNode
         if not self._dependenciesReady():
             return
+        overwrite = p.osName in self._adaptationNames
+        if overwrite and not slicer.util.confirmOkCancelDisplay(
+                f"An adaptation named '{p.osName}' already exists"
+                + (" (damaged: it cannot be used)" if self._adaptationNames[p.osName] else "")
+                + ". Replace it?", windowTitle="CoreDiff"):
+            self.ui.oneShotStatusLabel.text = "Not adapted: choose another name, or replace the existing one."
+            return
         self.ui.oneShotProgressBar.visible = True
         self.ui.oneShotProgressBar.maximum = 0
         self.ui.oneShotProgressBar.value = 0
@@ -1051,8 +1089,9 @@ class CoreDiffSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._lastAdaptation = None
         try:
             self._oneShotJob = self.logic.startOneShot(
-                p.osLdctVolume, p.osSlice, p.osNdctVolume, paired=p.osPaired, ndctSlice=p.osNdctSlice,
-                name=p.osName, modelArgs=self.logic.modelArguments(p.model, p.modelFile, withAdaptation=False),
+                p.osLdctVolume, p.osSlice, p.osNdctVolume, paired=p.osPaired,
+                ndctSlice=p.osNdctSlice if p.osNdctSlice >= 0 else None, name=p.osName, overwrite=overwrite,
+                modelArgs=self.logic.modelArguments(p.model, p.modelFile, withAdaptation=False),
                 onProgress=self._onOneShotProgress, onFinished=self._onOneShotFinished)
         except Exception as e:
             self.ui.oneShotProgressBar.visible = False
@@ -1080,6 +1119,7 @@ class CoreDiffSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         else:
             self.ui.oneShotStatusLabel.text = f"Failed: {message}"
             slicer.util.errorDisplay(f"One-shot adaptation failed:\n{message}", windowTitle="CoreDiff")
+            self.refreshModelsAndDevices()  # a name saved meanwhile by another run is asked about next time
         self._updateOneShotGui()
         self._checkCanApply()
 
@@ -1170,6 +1210,8 @@ class CoreDiffSlicerLogic(ScriptedLoadableModuleLogic):
     SPEEDUP_PACKAGES = {"onnx": "onnx>=1.15", "onnxruntime": "onnxruntime>=1.17"}
     TORCH_REQUIREMENT = ">=2.1"
     CT_WINDOW, CT_LEVEL = 350.0, 40.0
+    #: node reference role from a result to the volume it was denoised from (saved with the scene)
+    SOURCE_REFERENCE = "CoreDiffInput"
 
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
@@ -1277,12 +1319,6 @@ class CoreDiffSlicerLogic(ScriptedLoadableModuleLogic):
 
     # --- processes ---------------------------------------------------------------------------
 
-    def _launch(self, args, onProgress=None, onInfo=None, onFinished=None) -> CoreDiffProcess:
-        job = CoreDiffProcess(self.cliCommand(*args), cwd=coreDiffLibParentDir(),
-                              onProgress=onProgress, onInfo=onInfo, onFinished=onFinished)
-        self._jobs.append(job)
-        return job.start()
-
     def queryJson(self, args, callback) -> CoreDiffProcess:
         """Run ``corediff <args>`` (which prints JSON) in the background; callback(data, error)."""
         def finished(job):
@@ -1306,6 +1342,25 @@ class CoreDiffSlicerLogic(ScriptedLoadableModuleLogic):
 
     def cancel(self, job) -> None:
         job.cancel()
+
+    #: the command line's words for what the module's controls set, as the user sees them
+    _GUI_WORDS = ((re.compile(r"--device (\S+)"), r"Device '\1'"),
+                  (re.compile(r"\(use --ndct-unpaired otherwise\)"), "(untick 'paired' otherwise)"),
+                  (re.compile(r"--ndct and --ldct"), "the normal-dose and low-dose volumes"),
+                  (re.compile(r"--ndct-slice"), "the normal-dose slice"),
+                  (re.compile(r"choose another --name/--out or pass --overwrite"),
+                   "choose another name, or Adapt again to replace it"))
+
+    @classmethod
+    def guiMessage(cls, message, files) -> str:
+        """A command-line error as the module's user sees it: the temporary files the module wrote
+        named by their volumes (``files``: path -> node name), flags by the controls that set them."""
+        message = message or ""
+        for path, name in files.items():
+            message = message.replace(str(path), f"'{name}'")
+        for pattern, words in cls._GUI_WORDS:
+            message = pattern.sub(words, message)
+        return message
 
     # --- volumes in and out ------------------------------------------------------------------
 
@@ -1438,7 +1493,7 @@ class CoreDiffSlicerLogic(ScriptedLoadableModuleLogic):
                 elif job.succeeded:
                     resultNode = self._importResult(inputNode, outputNode, outputPath, preview)
                 elif not job.cancelled:
-                    message = job.errorMessage
+                    message = self.guiMessage(job.errorMessage, {inputPath: inputNode.GetName()})
             except Exception as e:
                 logging.exception("CoreDiff: could not load the result")
                 message = f"could not load the result: {e}"
@@ -1495,6 +1550,7 @@ class CoreDiffSlicerLogic(ScriptedLoadableModuleLogic):
                 outputNode.RemoveAttribute(name)
         for key, value in self.readProvenance(outputPath).items():  # saved with the scene
             outputNode.SetAttribute(f"CoreDiff.{key}", value)
+        outputNode.SetNodeReferenceID(self.SOURCE_REFERENCE, inputNode.GetID())  # whose result it is
         if outputNode.GetDisplayNode() is None:
             outputNode.CreateDefaultDisplayNodes()
         window, level = self.displayWindowLevel(inputNode)
@@ -1536,8 +1592,10 @@ class CoreDiffSlicerLogic(ScriptedLoadableModuleLogic):
         return result["node"]
 
     def startOneShot(self, ldctNode, sliceIndex, ndctNode, paired=True, ndctSlice=None, name="oneshot",
-                     modelArgs=(), onProgress=None, onFinished=None) -> CoreDiffProcess:
-        """Adapt to a new dose level from one slice. onFinished(job, adaptationPath or None, error)."""
+                     modelArgs=(), onProgress=None, onFinished=None, overwrite=False) -> CoreDiffProcess:
+        """Adapt to a new dose level from one slice. onFinished(job, adaptationPath or None, error).
+
+        ``ndctSlice`` None: the library's choice; ``overwrite``: replace an adaptation of that name."""
         runDir = slicer.util.tempDirectory("CoreDiff-oneshot-" + uuid.uuid4().hex[:8])
         ldctPath = os.path.join(runDir, "ldct.nrrd")
         ndctPath = os.path.join(runDir, "ndct.nrrd")
@@ -1555,13 +1613,16 @@ class CoreDiffSlicerLogic(ScriptedLoadableModuleLogic):
             if ndctSlice is not None:
                 args += ["--ndct-slice", int(ndctSlice)]
         args += ["--name", name, "--progress", "lines"]
+        if overwrite:
+            args.append("--overwrite")
 
         def finished(job):
             if job in self._jobs:
                 self._jobs.remove(job)
             shutil.rmtree(runDir, ignore_errors=True)
             path = job.result if job.succeeded else None
-            message = None if job.succeeded or job.cancelled else job.errorMessage
+            message = None if job.succeeded or job.cancelled else self.guiMessage(
+                job.errorMessage, {ldctPath: ldctNode.GetName(), ndctPath: ndctNode.GetName()})
             if job.succeeded and not path:
                 message = "the adaptation finished without reporting where it was saved"
             if onFinished:
@@ -1611,8 +1672,13 @@ class CoreDiffSlicerLogic(ScriptedLoadableModuleLogic):
             composite.SetForegroundVolumeID(None)
             composite.SetLinkedControl(True)
             composite.SetHotLinkedControl(True)
-            # Same orientation in both views so linked slices show the same anatomy.
-            layoutManager.sliceWidget(viewName).mrmlSliceNode().SetOrientation("Axial")
+            # Same orientation in both views so linked slices show the same anatomy: the scan's own
+            # planes when they are oblique (a tilted gantry), where a world-axial view would cut
+            # across them (and show a one-slice preview as a strip)
+            sliceNode = layoutManager.sliceWidget(viewName).mrmlSliceNode()
+            sliceNode.SetOrientation("Axial")
+            if self.axialPlanesTilted(inputNode):
+                sliceNode.RotateToVolumePlane(inputNode)
         if fit:
             for viewName in ("Red", "Yellow"):
                 layoutManager.sliceWidget(viewName).sliceLogic().FitSliceToAll()
@@ -1621,6 +1687,22 @@ class CoreDiffSlicerLogic(ScriptedLoadableModuleLogic):
             yellow.GetSliceToRAS().DeepCopy(red.GetSliceToRAS())
             yellow.SetFieldOfView(*red.GetFieldOfView())
             yellow.UpdateMatrices()
+
+    @classmethod
+    def axialPlanesTilted(cls, volumeNode, tolerance=1e-3) -> bool:
+        """True when the planes CoreDiff denoises are not world-axial (in the world, under the
+        volume's linear transform): a tilted gantry, or a scan registered at an angle. A plane
+        rotated within itself is still axial."""
+        ijkToRAS = vtk.vtkMatrix4x4()
+        volumeNode.GetIJKToRASMatrix(ijkToRAS)
+        axis = cls.axialAxis(volumeNode)
+        normal = [ijkToRAS.GetElement(r, axis) for r in range(3)] + [0.0]
+        transformNode = volumeNode.GetParentTransformNode()
+        if transformNode is not None and transformNode.IsTransformToWorldLinear():
+            toWorld = vtk.vtkMatrix4x4()
+            transformNode.GetMatrixTransformToWorld(toWorld)
+            normal = toWorld.MultiplyPoint(normal)
+        return abs(normal[2]) < (1.0 - tolerance) * float(np.linalg.norm(normal[:3]))
 
     def setFlicker(self, inputNode, outputNode, showOutput) -> None:
         """Red view: input as background, output as foreground at opacity 0 or 1 (None: restore)."""
@@ -1683,11 +1765,35 @@ class CoreDiffSlicerLogic(ScriptedLoadableModuleLogic):
         transform = transformNode.GetTransformToWorld() if inverse else transformNode.GetTransformFromWorld()
         return list(transform.TransformPoint(point))
 
+    @staticmethod
+    def gridMismatch(node, inputNode) -> Optional[str]:
+        """Why ``node``'s voxels do not lie on ``inputNode``'s (size, IJK-to-RAS or parent
+        transform differ), or None: a readout pairs voxels by index, so a volume of another scan,
+        a one-slice preview or a copy moved by a transform would give numbers about nothing."""
+        a, b = vtk.vtkMatrix4x4(), vtk.vtkMatrix4x4()
+        inputNode.GetIJKToRASMatrix(a)
+        node.GetIJKToRASMatrix(b)
+        dims = tuple(inputNode.GetImageData().GetDimensions())
+        other = tuple(node.GetImageData().GetDimensions()) if node.GetImageData() is not None else (0, 0, 0)
+        if other != dims or not all(abs(a.GetElement(r, c) - b.GetElement(r, c)) < 1e-3
+                                    for r in range(3) for c in range(4)):
+            return (f"'{node.GetName()}' ({'x'.join(map(str, other))}) is not on the voxel grid of "
+                    f"'{inputNode.GetName()}' ({'x'.join(map(str, dims))})")
+        if node.GetTransformNodeID() != inputNode.GetTransformNodeID():
+            return (f"'{node.GetName()}' and '{inputNode.GetName()}' are under different transforms: "
+                    "put both under the same one, or harden them")
+        return None
+
     def roiStatistics(self, inputNode, outputNode, roiNode=None, sliceIndex=None) -> dict:
         """Mean and SD (HU) inside the ROI, before and after.
 
         With no ROI node: a box of 1/5 of the in-plane size at the centre of the current Red slice.
+        The output must lie on the input's voxel grid (the denoised volume of this scan).
         """
+        problem = self.gridMismatch(outputNode, inputNode)
+        if problem:
+            raise ValueError(f"{problem}: select this scan's denoised volume as the output (a preview holds "
+                             "one slice), or Denoise it.")
         before = slicer.util.arrayFromVolume(inputNode)
         after = slicer.util.arrayFromVolume(outputNode)
         nk, nj, ni = before.shape
@@ -1763,21 +1869,21 @@ class CoreDiffSlicerLogic(ScriptedLoadableModuleLogic):
         """PSNR / SSIM / RMSE of input and result against a reference scan, on one slice
         (default: the Red view's), computed by ``CoreDiffLib.metrics`` as the paper reports them.
 
-        The reference must share the input's voxel grid: metrics of misaligned voxels mean nothing.
+        The reference must share the input's voxel grid and transform: metrics of misaligned voxels
+        mean nothing.
         """
         from CoreDiffLib.metrics import slice_metrics
+        problem = self.gridMismatch(outputNode, inputNode)
+        if problem:
+            raise ValueError(f"{problem}: select this scan's denoised volume as the output (a preview holds "
+                             "one slice), or Denoise it.")
+        problem = self.gridMismatch(referenceNode, inputNode)
+        if problem:
+            raise ValueError(f"The reference {problem}: resample it onto the input first "
+                             "(Resample Scalar/Vector/DWI Volume, or Resample Image (BRAINS) with its transform).")
         before = slicer.util.arrayFromVolume(inputNode)
         after = slicer.util.arrayFromVolume(outputNode)
         reference = slicer.util.arrayFromVolume(referenceNode)
-        a, b = vtk.vtkMatrix4x4(), vtk.vtkMatrix4x4()
-        inputNode.GetIJKToRASMatrix(a)
-        referenceNode.GetIJKToRASMatrix(b)
-        aligned = all(abs(a.GetElement(r, c) - b.GetElement(r, c)) < 1e-3 for r in range(3) for c in range(4))
-        if reference.shape != before.shape or not aligned:
-            raise ValueError(f"The reference '{referenceNode.GetName()}' ({reference.shape[2]}x{reference.shape[1]}"
-                             f"x{reference.shape[0]}) is not on the input's voxel grid ({before.shape[2]}x"
-                             f"{before.shape[1]}x{before.shape[0]}): resample it onto the input first "
-                             "(Resample Scalar/Vector/DWI Volume).")
         axis, k = self.axialAxis(inputNode), self.measuredSlice(inputNode, sliceIndex)
 
         def plane(array):

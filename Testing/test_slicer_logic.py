@@ -24,6 +24,12 @@ def matrixOf(node):
     return np.array([[m.GetElement(r, c) for c in range(4)] for r in range(4)])
 
 
+def ijkToRASOf(node):
+    m = vtk.vtkMatrix4x4()
+    node.GetIJKToRASMatrix(m)
+    return m
+
+
 def cliHas(subcommand):
     r = subprocess.run([sys.executable, "-m", "CoreDiffLib.cli", subcommand, "--help"], cwd=H.REPO_ROOT,
                        capture_output=True, encoding="utf-8")
@@ -475,7 +481,7 @@ def test_quality_against_a_reference_scan_scores_the_red_slice(slicerEnv):  # no
     shifted.SetElement(2, 3, m.GetElement(2, 3) + 2.5)
     widget.ui.referenceSelector.setCurrentNode(H.volumeFromArray(clean, shifted, "NDCT shifted"))
     widget.ui.qualityButton.click()
-    assert "is not on the input's voxel grid" in widget.ui.qualityResultsLabel.property("text")
+    assert "is not on the voxel grid of 'LDCT'" in widget.ui.qualityResultsLabel.property("text")
     assert [m for m in H.displayed if m[0] == "error"] == []
 
 
@@ -731,6 +737,19 @@ def test_one_shot_wizard_produces_an_adaptation(slicerEnv, tinyModel, tmp_path, 
     assert out is not None
     np.testing.assert_array_equal(matrixOf(out), matrixOf(ldct))
     assert os.listdir(tempDir) == []
+    # another reference slice under the same name: asked before the saved one is replaced
+    waitIdle(slicer, widget, timeout=90)
+    ui.oneShotBackButton.click()
+    assert ui.oneShotStack.property("currentIndex") == 3
+    started = len(H.launched)
+    ui.oneShotAdaptButton.click()  # declined (the harness answers Cancel)
+    assert H.displayed[-1][0] == "confirm" and "'test_dose10' already exists" in H.displayed[-1][1]
+    assert len(H.launched) == started and "choose another name" in ui.oneShotStatusLabel.property("text")
+    H.confirmAnswer["value"] = True
+    ui.oneShotAdaptButton.click()
+    assert "--overwrite" in H.launched[-1].args
+    spin(slicer, lambda: not widget._oneShotJob.running, timeout=110)
+    assert widget._oneShotJob.succeeded, widget._oneShotJob.errorMessage
 
 
 def test_the_shipped_in_slicer_self_test_passes_here(slicerEnv):  # noqa: F811
@@ -807,3 +826,149 @@ def test_the_faster_cpu_runtime_is_offered_with_the_required_packages_and_may_fa
     confirm = [text for kind, text in H.displayed if kind == "confirm"][-1]
     assert "needed-package" in confirm and "speedup-package (optional: 1.6-2 times the speed on a CPU)" in confirm
     assert not [m for m in H.displayed if m[0] == "error"]
+
+
+def test_a_second_scan_gets_its_own_result_and_readouts_refuse_volumes_of_another_grid(slicerEnv, tinyModel):  # noqa: F811
+    """After a run the output selector names the result (a second run of the same scan replaces
+    it); choosing another scan as input must not aim the next run at the first scan's result.
+    Readouts pair voxels by index, so a volume of another grid, a one-slice preview or a copy
+    under another transform is refused with what to do, not scored."""
+    slicer, module, tempDir = slicerEnv
+    widget = makeWidget(module)
+    p = widget._parameterNode
+    p.modelFile = __import__("pathlib").Path(tinyModel)
+    p.device = "cpu"
+    a, _ = makeVolume((4, 48, 48), name="PatientA", seed=0)
+    b, _ = makeVolume((6, 40, 40), name="PatientB", seed=5)
+    p.inputVolume = a
+    widget.ui.applyButton.click()
+    spin(slicer, lambda: not widget._job.running, timeout=120)
+    resultA = slicer.mrmlScene.GetFirstNodeByName("PatientA denoised")
+    assert resultA is not None and p.outputVolume is resultA
+    kept = slicer.util.arrayFromVolume(resultA).copy()
+    widget.ui.inputSelector.setCurrentNode(b)
+    assert p.outputVolume is None  # "Create new volume" again
+    p.inputVolume = a  # back to A: its own result may be chosen and replaced, as before
+    p.outputVolume = resultA
+    p.inputVolume = b
+    assert p.outputVolume is None
+    widget.ui.applyButton.click()
+    spin(slicer, lambda: not widget._job.running, timeout=120)
+    assert widget._job.succeeded, widget._job.errorMessage
+    resultB = slicer.mrmlScene.GetFirstNodeByName("PatientB denoised")
+    assert resultB is not None and resultB is not resultA and p.outputVolume is resultB
+    np.testing.assert_array_equal(slicer.util.arrayFromVolume(resultA), kept)
+    assert resultA.GetNodeReference("CoreDiffInput") is a and resultB.GetNodeReference("CoreDiffInput") is b
+
+    # readouts of mismatched pairs: refused with what to do, the label replaced
+    p.inputVolume, p.outputVolume = b, resultA
+    widget.ui.measureButton.click()
+    text = widget.ui.roiResultsLabel.property("text")
+    assert "'PatientA denoised' (48x48x4) is not on the voxel grid of 'PatientB' (40x40x6)" in text, text
+    assert "select this scan's denoised volume" in text
+    p.referenceVolume = a
+    widget.ui.qualityButton.click()
+    assert "is not on the voxel grid of 'PatientB'" in widget.ui.qualityResultsLabel.property("text")
+    preview = widget.logic.denoise(a, modelFile=tinyModel, device="cpu", timeout=90, sliceIndex=2)
+    p.inputVolume, p.outputVolume = a, preview
+    widget.ui.measureButton.click()
+    assert "(48x48x1) is not on the voxel grid" in widget.ui.roiResultsLabel.property("text")
+    p.outputVolume = resultA
+    moved = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "registration")
+    shift = vtk.vtkMatrix4x4()
+    shift.SetElement(0, 3, 20.0)
+    moved.SetMatrixTransformToParent(shift)
+    reference = H.volumeFromArray(slicer.util.arrayFromVolume(a).copy(), ijkToRASOf(a), "NDCT")
+    reference.SetAndObserveTransformNodeID(moved.GetID())
+    p.referenceVolume = reference
+    widget.ui.qualityButton.click()
+    assert "are under different transforms" in widget.ui.qualityResultsLabel.property("text")
+    reference.SetAndObserveTransformNodeID(None)
+    widget.ui.qualityButton.click()
+    assert widget.ui.qualityResultsLabel.property("text").startswith("Slice"), \
+        widget.ui.qualityResultsLabel.property("text")
+    assert [m for m in H.displayed if m[0] == "error"] == []
+
+
+def test_a_run_ending_in_another_module_leaves_its_views_until_the_user_comes_back(slicerEnv, tinyModel):  # noqa: F811
+    slicer, module, tempDir = slicerEnv
+    widget = makeWidget(module)
+    p = widget._parameterNode
+    p.modelFile = __import__("pathlib").Path(tinyModel)
+    p.device = "cpu"
+    ct, _ = makeVolume((4, 48, 48), name="CT")
+    other, _ = makeVolume((4, 48, 48), name="Other", seed=3)
+    p.inputVolume = ct
+    layoutManager = slicer.app.layoutManager()
+    layoutManager.setLayout(slicer.vtkMRMLLayoutNode.SlicerLayoutFourUpView)
+    widget.ui.applyButton.click()
+    widget.parent.isEntered = False  # the user opens another module (Slicer clears it, then calls exit)
+    widget.exit()
+    red = layoutManager.sliceWidget("Red").sliceLogic().GetSliceCompositeNode()
+    red.SetBackgroundVolumeID(other.GetID())
+    spin(slicer, lambda: not widget._job.running, timeout=120)
+    assert widget._job.succeeded, widget._job.errorMessage
+    assert layoutManager.layout == slicer.vtkMRMLLayoutNode.SlicerLayoutFourUpView
+    assert red.GetBackgroundVolumeID() == other.GetID()
+    widget.parent.isEntered = True
+    widget.enter()
+    assert layoutManager.layout == slicer.vtkMRMLLayoutNode.SlicerLayoutSideBySideView
+    assert red.GetBackgroundVolumeID() == ct.GetID()
+    yellow = layoutManager.sliceWidget("Yellow").sliceLogic().GetSliceCompositeNode()
+    assert yellow.GetBackgroundVolumeID() == slicer.mrmlScene.GetFirstNodeByName("CT denoised").GetID()
+
+
+def test_the_views_follow_the_planes_of_a_tilted_scan(slicerEnv):  # noqa: F811
+    """A gantry-tilted scan is denoised plane by plane along its own slices: the comparison shows
+    those planes (Slicer's Rotate to volume plane), not world-axial cuts across them; a scan
+    rotated only within its planes keeps the axial views."""
+    slicer, module, tempDir = slicerEnv
+    logic = module.CoreDiffSlicerLogic()
+    flat, _ = makeVolume((4, 48, 48), name="Flat")  # rotated in-plane only
+    assert not logic.axialPlanesTilted(flat)
+    tilt = np.radians(20)
+    m = vtk.vtkMatrix4x4()
+    rows = [[0.7, 0, 0, -30], [0, 0.7 * np.cos(tilt), -5 * np.sin(tilt), 10],
+            [0, 0.7 * np.sin(tilt), 5 * np.cos(tilt), -50]]
+    for r in range(3):
+        for c in range(4):
+            m.SetElement(r, c, rows[r][c])
+    tilted = H.volumeFromArray(np.zeros((6, 48, 48), np.int16), m, "Tilted head")
+    copy = H.volumeFromArray(np.zeros((6, 48, 48), np.int16), m, "Tilted head denoised")
+    assert logic.axialPlanesTilted(tilted)
+    logic.showComparison(tilted, copy)
+    layoutManager = slicer.app.layoutManager()
+    for view in ("Red", "Yellow"):
+        sliceToRAS = layoutManager.sliceWidget(view).mrmlSliceNode().GetSliceToRAS()
+        normal = [sliceToRAS.GetElement(r, 2) for r in range(3)]
+        assert normal == pytest.approx([0, -np.sin(tilt), np.cos(tilt)], abs=1e-6)
+    logic.showComparison(flat, flat)
+    assert layoutManager.sliceWidget("Red").mrmlSliceNode().GetOrientation() == "Axial"
+
+
+def test_unpaired_one_shot_leaves_the_normal_dose_slice_to_the_library_unless_chosen(slicerEnv, tinyModel, tmp_path, monkeypatch):  # noqa: F811,E501
+    slicer, module, tempDir = slicerEnv
+    monkeypatch.setenv("COREDIFF_HOME", str(tmp_path / "corediff-home"))
+    widget = makeWidget(module)
+    ldct, _ = makeVolume((4, 48, 48), name="LDCT10", seed=1, noiseSD=80)
+    ndct, _ = makeVolume((12, 48, 48), name="Other NDCT", seed=2, noiseSD=5)
+    p = widget._parameterNode
+    p.modelFile = __import__("pathlib").Path(tinyModel)
+    p.osLdctVolume, p.osNdctVolume, p.osPaired, p.osSlice = ldct, ndct, False, 2
+    spinBox = widget.ui.oneShotNdctSliceSpinBox
+    assert spinBox.property("maximum") == 11 and p.osNdctSlice == -1
+    assert spinBox.property("text") == "automatic"
+    for chosen in (-1, 5):
+        p.osNdctSlice = chosen
+        widget.onOneShotAdapt()
+        args = [str(a) for a in H.launched[-1].args]
+        assert ("--ndct-slice" in args) == (chosen >= 0)
+        if chosen >= 0:
+            assert args[args.index("--ndct-slice") + 1] == "5"
+        widget.onOneShotAdapt()  # Cancel
+        spin(slicer, lambda: not widget._oneShotJob.running, timeout=30)
+    # a message about the module's temporary files names the volumes instead
+    logic = widget.logic
+    text = logic.guiMessage("/tmp/x/CoreDiff-1/ldct.nrrd contains 1 NaN/inf voxels; --device cuda was asked for",
+                            {"/tmp/x/CoreDiff-1/ldct.nrrd": "LDCT10"})
+    assert text == "'LDCT10' contains 1 NaN/inf voxels; Device 'cuda' was asked for"

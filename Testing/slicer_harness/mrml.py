@@ -442,6 +442,29 @@ class vtkMRMLSliceNode(vtkMRMLNode):
     def GetSliceToRAS(self):
         return self._sliceToRAS
 
+    def RotateToVolumePlane(self, volumeNode, forceSlicePlaneToSingleSlice=True):
+        """As Slicer: each slice axis becomes the volume axis (under its linear parent transform)
+        nearest to it, with the same sign; the slice centre stays."""
+        ijkToRAS = vtk.vtkMatrix4x4()
+        volumeNode.GetIJKToRASMatrix(ijkToRAS)
+        axes = [[ijkToRAS.GetElement(r, c) for r in range(3)] for c in range(3)]
+        transformNode = volumeNode.GetParentTransformNode()
+        if transformNode is not None and transformNode.IsTransformToWorldLinear():
+            toWorld = vtk.vtkMatrix4x4()
+            transformNode.GetMatrixTransformToWorld(toWorld)
+            axes = [toWorld.MultiplyPoint(list(a) + [0.0])[:3] for a in axes]
+        axes = [[v / math.sqrt(sum(x * x for x in a)) for v in a] for a in axes]
+        for c in range(3):
+            current = [self._sliceToRAS.GetElement(r, c) for r in range(3)]
+            dots = [sum(u * v for u, v in zip(a, current)) for a in axes]
+            best = max(range(3), key=lambda k: abs(dots[k]))
+            sign = 1.0 if dots[best] >= 0 else -1.0
+            for r in range(3):
+                self._sliceToRAS.SetElement(r, c, sign * axes[best][r])
+        self._orientation = "Reformat"
+        self.Modified()
+        return True
+
     def JumpSliceByCentering(self, r, a, s):
         for i, v in enumerate((r, a, s)):
             self._sliceToRAS.SetElement(i, 3, float(v))
