@@ -142,7 +142,7 @@ def choose_dose_model(args: argparse.Namespace, volume, spacing_xy, explicit: bo
         model, scan, dose = choose_model(volume, spacing_xy)
     except CoreDiffError as exc:
         if explicit:
-            raise
+            raise CoreDiffError(f"--model auto: {exc}: choose the model for its dose with --model") from None
         model = load_manifest().get("default") or DEFAULT_MODEL
         info(args, f"{exc}; using the default model {model}")
         return model, "auto: not measurable, the default model"
@@ -541,7 +541,10 @@ def cmd_dose(args: argparse.Namespace) -> int:
     from .dose_estimate import choose_model
     from .inference import axial_view
     from .io import read_volume
-    model, scan, dose = choose_model(*axial_view(read_volume(args.input, args.series, note)))
+    try:
+        model, scan, dose = choose_model(*axial_view(read_volume(args.input, args.series, note)))
+    except CoreDiffError as exc:
+        raise CoreDiffError(f"{args.input}: {exc}, so its dose cannot be estimated") from None
     row = {"input": str(args.input), "noise_index_hu": round(scan.noise_index_hu, 2),
            "water_equivalent_diameter_mm": round(scan.wed_mm, 1), "slices_measured": scan.slices,
            "slices_cut_off": scan.cut_slices, "estimated_dose": round(dose, 4), "model": model}

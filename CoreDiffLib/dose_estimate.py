@@ -50,6 +50,8 @@ MIN_BODY_SHARE = 0.25
 MIN_BODY_MM2 = 500.0
 #: body in contact with the image's edge (or its field of view's) over this length (mm) is cut off
 CUT_CONTACT_MM = 10.0
+#: water-equivalent diameters (mm) of real patients, a newborn's head to the largest adult abdomen
+HUMAN_WED_MM = (60.0, 700.0)
 #: parts of the body region thinner than this (mm) are a table or cables, not the patient
 TABLE_MM = 20.0
 
@@ -67,6 +69,9 @@ class ScanNoise:
 
     def caveat(self) -> str:
         """A sentence for the log when the measurement is known to be biased, else ''."""
+        if not HUMAN_WED_MM[0] <= self.wed_mm <= HUMAN_WED_MM[1]:
+            return (f"a water-equivalent diameter of {self.wed_mm:.0f} mm is no patient's: is the pixel spacing in "
+                    "mm? The estimated dose means little; choose the model with --model")
         if not self.cut_slices:
             return ""
         return (f"the body reaches the edge of the image in {self.cut_slices} of {self.slices} slices measured, "
@@ -108,8 +113,8 @@ def measure(volume_hu, spacing_xy: tuple[float, float], max_slices: int = MAX_SL
         measured.append((image, region, float(region.sum()) * pixel_area))
     largest = max(area for _, _, area in measured)
     if largest < MIN_BODY_MM2:
-        raise CoreDiffError("no body found in this scan (nothing above -500 HU over 5 cm²) to measure its noise for "
-                            "--model auto: choose the model for its dose with --model")
+        raise CoreDiffError("no body found in this scan (nothing above -500 HU over 5 cm²) to measure its noise "
+                            "(is the pixel spacing in mm?)")
     sds, weds, cut = [], [], 0
     for image, region, area in measured:
         if area < max(MIN_BODY_MM2, MIN_BODY_SHARE * largest):
@@ -121,8 +126,7 @@ def measure(volume_hu, spacing_xy: tuple[float, float], max_slices: int = MAX_SL
         cut += _edge_contact_mm(image, region, spacing_xy) > CUT_CONTACT_MM
     sd = np.concatenate(sds) if sds else np.empty(0)
     if sd.size < _MIN_PIXELS:
-        raise CoreDiffError("too little soft tissue (0-100 HU) in this scan to measure its noise for --model "
-                            "auto: choose the model for its dose with --model")
+        raise CoreDiffError("too little soft tissue (0-100 HU) in this scan to measure its noise")
     counts, edges = np.histogram(sd, bins=np.arange(0.0, float(sd.max()) + 0.5, 0.25))
     k = int(np.argmax(counts))
     return ScanNoise(float(edges[k] + edges[k + 1]) / 2.0, float(np.median(weds)), len(weds), int(cut))

@@ -77,7 +77,7 @@ def test_the_shipped_calibration_takes_the_bundled_sample_for_a_25_percent_scan(
 def test_a_scan_without_soft_tissue_is_refused_with_what_to_do():
     air_and_bone = np.full((2, 64, 64), -1000.0)
     air_and_bone[:, 10:50, 10:50] = 700.0  # 10 cm² of bone: a body, without soft tissue
-    with pytest.raises(CoreDiffError, match="too little soft tissue .* choose the model for its dose with --model"):
+    with pytest.raises(CoreDiffError, match="too little soft tissue .* to measure its noise"):
         measure(air_and_bone, (0.8, 0.8))
 
 
@@ -87,6 +87,8 @@ def test_a_nonsense_patient_size_gives_a_dose_not_an_overflow():
     for wed in (1e6, -1e6):
         dose = calibration.dose(ScanNoise(noise_index_hu=30.0, wed_mm=wed, slices=1))
         assert math.isfinite(dose) and dose > 0
+        assert "is no patient's: is the pixel spacing in mm?" in ScanNoise(30.0, wed, 1).caveat()
+    assert ScanNoise(30.0, 280.0, 1).caveat() == ""
 
 
 def test_the_noise_box_is_the_same_physical_size_along_both_axes():
