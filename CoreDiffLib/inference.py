@@ -15,6 +15,7 @@ until the GPU benchmark clears bf16. ``precision=`` / ``channels_last=`` / ``run
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 import warnings
 from dataclasses import dataclass, field
@@ -27,7 +28,7 @@ import torch
 from . import CoreDiffError
 from .diffusion import sample
 from .intensity import HU_MAX, PADDING_THRESHOLD_HU, hu_to_unit, unit_to_hu, validate_ct_array
-from .models import DEFAULT_MODEL, load_model
+from .models import DEFAULT_MODEL, load_model, sha256_of
 from .network import ClearNet
 from .orientation import AxialLayout, InPlaneView, axial_layout, axial_spacing, in_plane_view  # noqa: F401 (also this module's API)
 from .runtime import (NON_FINITE_OUTPUT, PRECISIONS, RunSettings, auto_settings, build_net, check_applicable,
@@ -207,8 +208,11 @@ class Denoiser:
         ``model`` None: the default model, or an adaptation's own base model; a name is taken as given."""
         dev = pick_device(device)
         if model is None:
-            from .oneshot import adaptation_base_model  # an adaptation brings its own base model
-            model = (adaptation_base_model(adaptation) if adaptation is not None else None) or DEFAULT_MODEL
+            from .oneshot import Adaptation, adaptation_base_model, missing_base_message
+            model = adaptation_base_model(adaptation) if adaptation is not None else None  # its own base model
+            if model is None and isinstance(adaptation, (str, os.PathLike, Adaptation)):
+                raise CoreDiffError(missing_base_message(adaptation))  # the default is not where it belongs
+            model = model or DEFAULT_MODEL  # none, or an in-memory stand-in with its own combine()
         net = model if isinstance(model, ClearNet) else load_model(model, dev)
         net = net.to(dev).eval()
         if adaptation is not None and not hasattr(adaptation, "combine"):
@@ -235,8 +239,11 @@ class Denoiser:
                 "corediff_model_sha256": str(getattr(self.model, "weights_sha256", "") or ""),
                 "corediff_steps": f"{self.steps or T} of {T}",
                 "corediff_device": self.device.type, "corediff_runtime": self.settings.label()}
-        if self.adaptation is not None:
-            meta["corediff_adaptation"] = str(getattr(self.adaptation, "name", ""))
+        if self.adaptation is not None:  # the file a run used, by its name (the name inside may be another's)
+            source = getattr(self.adaptation, "source", None)
+            meta["corediff_adaptation"] = Path(source).stem if source else str(getattr(self.adaptation, "name", ""))
+            if source:
+                meta["corediff_adaptation_sha256"] = sha256_of(source)
         if self.model_choice:
             meta["corediff_model_choice"] = self.model_choice
         return meta

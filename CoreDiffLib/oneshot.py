@@ -90,6 +90,7 @@ from .dose_estimate import AUTO_MODEL
 from .intensity import HU_MIN, HU_RANGE
 from .training import window_ssim
 
+_FORMAT_PREFIX = "corediff-oneshot-v"
 FORMAT = "corediff-oneshot-v2"  # v2 (2026-12-05): weights over the sampler's states, not its x0 estimates
 _OLD_FORMATS = {"corediff-oneshot-v1": "it weighs the per-step x0 estimates, which this version no longer blends"}
 MODES = ("paired", "unpaired")
@@ -212,7 +213,11 @@ class Adaptation:
             raise CoreDiffError(f"{source} was made by an earlier CoreDiff ({d['format']}: "
                                 f"{_OLD_FORMATS[d['format']]}): run 'corediff oneshot' again to refit it "
                                 "(the same --name replaces it)")
-        if not isinstance(d, dict) or d.get("format") != FORMAT:
+        fmt = d.get("format") if isinstance(d, dict) else None
+        if isinstance(fmt, str) and fmt.startswith(_FORMAT_PREFIX) and fmt != FORMAT:
+            raise CoreDiffError(f"{source} was made by a newer CoreDiff ({fmt}; this one reads {FORMAT}): "
+                                "update CoreDiff to use it")
+        if fmt != FORMAT:
             raise CoreDiffError(f"{source} is not a CoreDiff one-shot adaptation (format {FORMAT} expected)")
         try:
             whole = {k: d[k] for k in ("reference_slice", "ndct_slice", "steps")}
@@ -221,11 +226,19 @@ class Adaptation:
             if not isinstance(d["weights"], list) or not isinstance(d["name"], str):
                 raise TypeError("weights must be a list and name a string")
             dose = d.get("dose")
-            return cls(name=d["name"], base_sha256=str(d["base_sha256"]),
-                       dose=None if dose is None else str(dose), mode=str(d["mode"]), **whole,
-                       weights=list(d["weights"]), info=dict(d.get("info") or {}))
+            adaptation = cls(name=d["name"], base_sha256=str(d["base_sha256"]),
+                             dose=None if dose is None else str(dose), mode=str(d["mode"]), **whole,
+                             weights=list(d["weights"]), info=dict(d.get("info") or {}))
         except (KeyError, TypeError, ValueError, OverflowError) as exc:
             raise CoreDiffError(f"{source} is an incomplete or corrupt adaptation ({exc!r})") from None
+        except CoreDiffError as exc:  # named by its file: the name inside may be another file's
+            raise CoreDiffError(f"{source}: {exc}") from None
+        shown = d.get("probabilities")  # written for people to read; a hand edit there changes nothing
+        if shown is not None and not (isinstance(shown, list) and len(shown) == adaptation.steps and all(
+                isinstance(v, (int, float)) and abs(v - p) < 1e-3 for v, p in zip(shown, adaptation.probabilities))):
+            raise CoreDiffError(f"{source}: its 'probabilities' disagree with its 'weights' (edited by hand?); "
+                                "the weights are what a run uses: delete the probabilities line, or refit")
+        return adaptation
 
     def save(self, path: str | os.PathLike | None = None, overwrite: bool = True,
              replace_outdated: bool = False) -> Path:
@@ -282,7 +295,9 @@ def _read_adaptation(name_or_path) -> tuple[Adaptation, str]:
     if isinstance(name_or_path, Adaptation):
         return name_or_path, f"adaptation '{name_or_path.name}'"
     path = resolve_adaptation(name_or_path)
-    return Adaptation.read(path), str(path)
+    adaptation = Adaptation.read(path)
+    adaptation.source = path  # what a run used, for its provenance: the name inside may be another's
+    return adaptation, str(path)
 
 
 def adaptation_base_model(name_or_path) -> str | None:
@@ -306,15 +321,28 @@ def adaptation_base_model(name_or_path) -> str | None:
     return None
 
 
+def missing_base_message(name_or_path) -> str:
+    """Why an adaptation's base model cannot be found, for :func:`adaptation_base_model`'s None."""
+    adaptation, source = _read_adaptation(name_or_path)
+    recorded = adaptation.info.get("model") or adaptation.info.get("base_model")
+    return (f"{source} was learned for {recorded or 'a model'} (sha256 {adaptation.base_sha256[:12]}…), which is "
+            "not installed here or has changed since the fit: give that model with --model, or run "
+            "'corediff oneshot' again")
+
+
 def load_adaptation(name_or_path, model: torch.nn.Module) -> Adaptation:
     """Load a saved adaptation (name or file) and check it belongs to ``model``."""
     adaptation, source = _read_adaptation(name_or_path)
     sha = model_identity(model)
     if adaptation.base_sha256 != sha:
         base = adaptation.info.get("model") or adaptation.info.get("base_model")
+        given = getattr(model, "weights_path", None)
+        same = base and given and Path(str(base)).stem == Path(str(given)).stem
         raise CoreDiffError(f"{source} was learned for another model ({f'{base}, ' if base else ''}sha256 "
-                            f"{adaptation.base_sha256[:12]}…), not this one ({sha[:12]}…): use it with its own "
-                            "model, or run 'corediff oneshot' for this model")
+                            f"{adaptation.base_sha256[:12]}…), not this one "
+                            f"({f'{Path(str(given)).stem}, ' if given else ''}sha256 {sha[:12]}…)"
+                            + (": that model has changed since the fit (an update?): run 'corediff oneshot' again"
+                               if same else ": use it with its own model, or run 'corediff oneshot' for this model"))
     T = model.config.steps
     if adaptation.steps != T:
         raise CoreDiffError(f"{source} has {adaptation.steps} step weights but the model samples T={T} steps")
@@ -334,20 +362,27 @@ def list_adaptations() -> list[dict]:
             a = Adaptation.read(path)
         except CoreDiffError as exc:  # listed, so that its name taken by it is no mystery
             outdated = is_outdated(path)  # a new fit of its name replaces it without --overwrite
+            if outdated:
+                why = "outdated, cannot be used: adapt again with the same name"
+            elif "newer CoreDiff" in str(exc):  # another installation's: not to be deleted from here
+                why = f"cannot be used by this version ({exc})"
+            else:
+                why = f"damaged, cannot be used ({exc}): delete {path} or adapt again with --overwrite"
             rows.append({"name": path.stem, "path": str(path), "kind": "adaptation", "damaged": True,
-                         "outdated": outdated, "description": "outdated, cannot be used: adapt again with the same name"
-                         if outdated else f"damaged, cannot be used ({exc}): delete {path} or adapt "
-                                                   "again with --overwrite"})
+                         "outdated": outdated, "description": why})
             continue
         probs = a.probabilities
         best = int(np.argmax(probs))
         base = a.info.get("base_model")
+        found = adaptation_base_model(a) is not None
         desc = (f"one-shot {a.mode} adaptation" + (f" for dose {a.dose}" if a.dose else "")
                 + (f" of {Path(base).stem}" if isinstance(base, str) and base else "")
-                + f", T={a.steps}, peak weight {probs[best]:.2f} on step {best + 1}")
+                + f", T={a.steps}, peak weight {probs[best]:.2f} on step {best + 1}"
+                + ("" if found else "; its base model is missing or has changed since the fit: give it with "
+                   "--model, or adapt again"))
         rows.append({"name": path.stem, "path": str(path), "kind": "adaptation", "description": desc,
                      "dose": a.dose, "base_sha256": a.base_sha256, "mode": a.mode,
-                     "base_model": base if isinstance(base, str) else None})
+                     "base_model": base if isinstance(base, str) else None, "base_found": found})
     return rows
 
 
@@ -383,6 +418,8 @@ def _gaussian_derivative_bank(sigma: float = 1.0, radius: int = 3) -> torch.Tens
 
 _BANK = _gaussian_derivative_bank()
 _RADIUS = _BANK.shape[-1] // 2
+#: the smallest patch (and slice) the unpaired loss can use: its coarsest filter, twice over
+UNPAIRED_MIN_PATCH = 2 ** (LEVELS - 1) * (2 * _RADIUS + 1) * 2
 
 
 def filter_responses(x_unit: torch.Tensor, levels: int = LEVELS) -> list[torch.Tensor]:
@@ -604,10 +641,9 @@ def fit_step_weights(steps: torch.Tensor, target_unit: torch.Tensor, mode: str =
     if mode == "paired" and (Ht, Wt) != (H, W):
         raise CoreDiffError(f"paired target {Ht}x{Wt} and reference slice {H}x{W} differ in size")
     p = min(patch_size, H, W, Ht, Wt)
-    min_patch = 2 ** (LEVELS - 1) * (2 * _RADIUS + 1) * 2
-    if mode == "unpaired" and p < min_patch:
+    if mode == "unpaired" and p < UNPAIRED_MIN_PATCH:
         raise CoreDiffError(f"the unpaired texture loss needs slices and patches of at least "
-                            f"{min_patch}x{min_patch} pixels")
+                            f"{UNPAIRED_MIN_PATCH}x{UNPAIRED_MIN_PATCH} pixels")
     guide = steps[-1] if guide_unit is None else guide_unit.detach().float().cpu().reshape(H, W)
     corners = _patch_corners(_hu(guide).numpy(), p)
     rng = np.random.default_rng(seed)
@@ -821,6 +857,25 @@ def _same_spacing(a: Sequence[float], b: Sequence[float], rel: float = 1e-3) -> 
     return all(abs(x - y) <= rel * max(abs(x), abs(y), 1e-6) for x, y in zip(a, b))
 
 
+def _check_reference_noise(args, ldct, ldct_xy, ndct_slice_hu, ndct_xy) -> None:
+    """Refuse a reference slice without a body to learn from, and a normal-dose slice that is not
+    quieter than the low-dose one (the same scan given twice, or the two swapped): the weights
+    would learn to keep the noise, and the fit's loss would look excellent."""
+    from .dose_estimate import measure
+    try:
+        low = measure(ldct[args.slice:args.slice + 1], ldct_xy).noise_index_hu
+    except CoreDiffError as exc:
+        raise CoreDiffError(f"--slice {args.slice} of {args.ldct}: {exc}: choose a slice through the body") from None
+    try:
+        normal = measure(ndct_slice_hu[None], ndct_xy).noise_index_hu
+    except CoreDiffError:
+        return  # an unpaired slice of little soft tissue: the fit says so if it matters
+    if normal >= 0.95 * low:
+        raise CoreDiffError(f"the normal-dose reference is not quieter than the low-dose slice (noise index "
+                            f"{normal:.1f} against {low:.1f} HU): is it the normal-dose scan? Weights learned "
+                            "from it would keep the low-dose noise")
+
+
 def cmd_oneshot(args) -> int:
     """``corediff oneshot``: learn and save an adaptation; last stdout line ``RESULT <path>``."""
     from .cli import Progress, info, note
@@ -835,8 +890,10 @@ def cmd_oneshot(args) -> int:
             raise CoreDiffError(f"{flag} is empty: give a volume file or DICOM folder")
     if args.ndct_slice is not None and args.ndct_unpaired is None:
         raise CoreDiffError("--ndct-slice is for unpaired mode: use it with --ndct-unpaired")
-    if args.iterations < 0:
-        raise CoreDiffError(f"--iterations must be >= 0, got {args.iterations}")
+    if args.iterations < 1:  # 0 saved the uniform blend, worse than no adaptation
+        raise CoreDiffError(f"--iterations must be >= 1, got {args.iterations}")
+    if args.ssim_weight and args.ndct_unpaired is not None:
+        raise CoreDiffError("--ssim-weight is for paired mode: the unpaired fit compares texture, not pixels")
     if args.patch_size < 16:
         raise CoreDiffError(f"--patch-size {args.patch_size}: give 16 pixels or more (default 96)")
     if args.seed < 0:
@@ -846,6 +903,10 @@ def cmd_oneshot(args) -> int:
     if args.dose is not None and not (args.dose.strip() and args.dose.isprintable() and len(args.dose) <= 32):
         raise CoreDiffError(f"--dose {args.dose!r}: give a short label such as 10%")
     inputs = (args.ldct, args.ndct, args.ndct_unpaired)
+    reference = args.ndct if args.ndct is not None else args.ndct_unpaired
+    if Path(args.ldct).expanduser().resolve() == Path(reference).expanduser().resolve():
+        raise CoreDiffError(f"--ldct and --{'ndct' if args.ndct is not None else 'ndct-unpaired'} are the same "
+                            f"file ({args.ldct}): give the normal-dose scan as the reference")
     if args.out:
         out = check_output_file("--out", args.out, (".json",), inputs)
     else:
@@ -873,6 +934,12 @@ def cmd_oneshot(args) -> int:
         raise CoreDiffError(f"--slice {args.slice} is out of range 0..{n - 1} ({args.ldct} has {n} slices)")
     ndct_volume = read_volume(args.ndct if paired else args.ndct_unpaired, log=note)
     ndct, ndct_xy = axial_view(ndct_volume)
+    if not paired:
+        for what, size in (("--patch-size", args.patch_size), (f"the --ldct slices ({ldct.shape[1]}x{ldct.shape[2]})",
+                                                                min(ldct.shape[1:])),
+                           (f"the --ndct-unpaired slices ({ndct.shape[1]}x{ndct.shape[2]})", min(ndct.shape[1:]))):
+            if size < UNPAIRED_MIN_PATCH:
+                raise CoreDiffError(f"{what}: the unpaired texture loss needs at least {UNPAIRED_MIN_PATCH} pixels")
     if paired:
         differs = voxel_grid_difference(ndct_volume, ldct_volume)
         if differs == "shape":
@@ -899,6 +966,7 @@ def cmd_oneshot(args) -> int:
         if not _same_spacing(ndct_xy, ldct_xy, rel=0.1):
             info(args, "note: the unpaired NDCT's pixel spacing differs from the LDCT's by more than 10 %; "
                        "texture statistics are compared per pixel")
+    _check_reference_noise(args, ldct, ldct_xy, ndct[args.slice if paired else ndct_slice], ndct_xy)
     info(args, f"one-shot {'paired' if paired else 'unpaired'} adaptation '{name}': reference slice {args.slice}"
                f" of {Path(args.ldct).name}, NDCT slice {args.slice if paired else ndct_slice}, "
                f"T={model.config.steps}, {args.iterations} iterations")

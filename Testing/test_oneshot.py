@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import SimpleITK as sitk
 import pytest
 import torch
 from scipy import ndimage as ndi
@@ -22,7 +23,7 @@ from CoreDiffLib import oneshot  # noqa: E402
 from CoreDiffLib.cli import main  # noqa: E402
 from CoreDiffLib.intensity import hu_to_unit  # noqa: E402
 from CoreDiffLib.io import Volume, read_volume, write_volume  # noqa: E402
-from CoreDiffLib.models import load_model, save_weights  # noqa: E402
+from CoreDiffLib.models import load_model, save_weights, sha256_of  # noqa: E402
 from CoreDiffLib.network import ClearNet, NetworkConfig  # noqa: E402
 from CoreDiffLib.oneshot import (Adaptation, adapt, combine_steps, fit_step_weights,  # noqa: E402
                                  list_adaptations, load_adaptation, texture_loss)
@@ -117,6 +118,9 @@ def files(tmp_path_factory):
     paths["ndct_spacing"] = write_volume(Volume(noisy(clean, 10, 1), (0.8, 0.8, 3.0)), d / "ndct_sp.nrrd")
     paths["ndct_shape"] = write_volume(Volume(noisy(clean[:4], 10, 1), spacing), d / "ndct_short.nrrd")
     paths["ndct_moved"] = write_volume(Volume(noisy(clean, 10, 1), spacing, (0.0, 0.0, 300.0)), d / "ndct_moved.nrrd")
+    air = noisy(clean, 60, 2)
+    air[0] = noisy(np.full_like(clean[:1], -1000.0), 60, 5)[0]  # a slice above the patient
+    paths["ldct_air"] = write_volume(Volume(air, spacing), d / "ldct_air.nrrd")
     mr = np.abs(noisy(clean, 10, 1)) * 0.2 + 10  # MR-like: no air at -1000
     paths["mr"] = write_volume(Volume(mr.astype(np.float32), spacing), d / "mr.nrrd")
     return paths
@@ -412,6 +416,12 @@ def one_error_line(err: str) -> str:
     ("ssim_negative", "--ssim-weight -1"),
     ("dose_label", "--dose"),
     ("moved", "different places"),
+    ("same_file", "are the same file"),
+    ("swapped", "not quieter than the low-dose slice"),
+    ("air_slice", "--slice 0 of"),
+    ("iterations_0", "--iterations must be >= 1"),
+    ("ssim_unpaired", "--ssim-weight is for paired mode"),
+    ("unpaired_patch", "--patch-size: the unpaired texture loss needs at least 56 pixels"),
 ])
 def test_cli_bad_input_fails_cleanly_and_writes_nothing(files, user_home, capsys, tmp_path, case, match):
     args = {"--model": files["model"], "--ldct": files["ldct"], "--slice": 2, "--ndct": files["ndct"],
@@ -452,6 +462,18 @@ def test_cli_bad_input_fails_cleanly_and_writes_nothing(files, user_home, capsys
         args["--dose"] = "10%\nfake row"
     elif case == "moved":
         args["--ndct"] = files["ndct_moved"]
+    elif case == "same_file":
+        args["--ndct"] = files["ldct"]
+    elif case == "swapped":
+        args.update({"--ldct": files["ndct"], "--ndct": files["ldct"]})
+    elif case == "air_slice":
+        args.update({"--ldct": files["ldct_air"], "--slice": 0})
+    elif case == "iterations_0":
+        args["--iterations"] = 0
+    elif case in ("ssim_unpaired", "unpaired_patch"):
+        del args["--ndct"]
+        args["--ndct-unpaired"] = files["ndct"]
+        args.update({"--ssim-weight": 0.5} if case == "ssim_unpaired" else {"--patch-size": 32})
     argv = ["oneshot"]
     for flag, value in args.items():
         argv += [flag] if value is None else [flag, str(value)]  # None: a switch
@@ -496,12 +518,13 @@ def test_an_adaptation_without_a_model_brings_its_own_base_model(files, capsys, 
     # a shipped base model is found by its sha256 alone
     name, entry = next(iter(shipped_models().items()))
     assert adaptation_base_model(Adaptation("s", entry["sha256"], None, "paired", 0, 0, T, [0.0] * T)) == name
-    # a base that is neither shipped nor on disk any more: the default is tried and refused, by name
+    # a base that is neither shipped nor on disk any more: refused by name (the default is not tried)
     lost = Adaptation("l", "0" * 64, None, "paired", 0, 0, T, [0.0] * T, info={"model": "my-old-model"})
     assert adaptation_base_model(lost) is None
     rc, _, err = run_cli(capsys, "denoise", files["ldct"], tmp_path / "x.nrrd", "--adaptation",
                          lost.save(tmp_path / "l.json"), "--device", "cpu", "--progress", "none")
-    assert rc == 2 and "another model (my-old-model, sha256 000000000000" in one_error_line(err)
+    assert rc == 2 and "was learned for my-old-model (sha256 000000000000" in one_error_line(err)
+    assert "not installed here or has changed since the fit" in err
     assert not (tmp_path / "x.nrrd").exists()
 
 
@@ -607,3 +630,40 @@ def test_a_name_with_a_final_newline_is_refused_and_the_base_model_is_found_from
     save_weights(ClearNet(NetworkConfig(width=4)), tmp_path / "m.safetensors")
     monkeypatch.chdir(tmp_path)
     assert load_model("m.safetensors").weights_path == str(tmp_path / "m.safetensors")
+
+
+def test_an_adaptation_is_named_by_its_file_and_read_as_written(files, user_home, capsys, tmp_path):
+    """A copied or --out file keeps the name given at the fit inside: outputs and errors name
+    the file a run used. A newer CoreDiff's file is not called damaged (nor to be deleted), and a
+    hand edit of the informational probabilities is refused rather than silently ignored."""
+    net = load_model(files["model"])
+    a = Adaptation("t1", net.weights_sha256, None, "paired", 2, 2, T, [0.0] * (T - 1) + [2.0],
+                   info={"base_model": str(files["model"])})
+    copy = a.save(tmp_path / "renamed.json")
+    dest = tmp_path / "out.nrrd"
+    rc, _, err = run_cli(capsys, "denoise", files["ldct"], dest, "--adaptation", copy, "--device", "cpu",
+                         "--progress", "none")
+    assert rc == 0, err
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(dest))
+    reader.ReadImageInformation()
+    assert reader.GetMetaData("corediff_adaptation") == "renamed"
+    assert reader.GetMetaData("corediff_adaptation_sha256") == sha256_of(copy)
+    wrong = {**a.to_dict(), "weights": [0.0] * (T - 1)}
+    (tmp_path / "w9.json").write_text(json.dumps(wrong))
+    with pytest.raises(CoreDiffError, match=r"w9\.json: adaptation 't1' has 9 weights"):
+        Adaptation.read(tmp_path / "w9.json")
+    edited = a.to_dict()
+    edited["probabilities"] = [1.0] + [0.0] * (T - 1)
+    (tmp_path / "edited.json").write_text(json.dumps(edited))
+    with pytest.raises(CoreDiffError, match="'probabilities' disagree with its 'weights'"):
+        Adaptation.read(tmp_path / "edited.json")
+    folder = user_home / "adaptations"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "future.json").write_text(json.dumps({**a.to_dict(), "format": "corediff-oneshot-v3"}))
+    with pytest.raises(CoreDiffError, match="made by a newer CoreDiff .*update CoreDiff"):
+        Adaptation.read(folder / "future.json")
+    rc, out, _ = run_cli(capsys, "models", "--json")
+    row = next(r for r in json.loads(out) if r["name"] == "future")
+    assert row["damaged"] and "cannot be used by this version" in row["description"]
+    assert "delete" not in row["description"]
