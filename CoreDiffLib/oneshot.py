@@ -796,18 +796,21 @@ def adapt(model: torch.nn.Module, ldct_hu: np.ndarray, slice_index: int, ndct_hu
         raise CoreDiffError(f"reference slice {slice_index} is out of range 0..{n - 1} "
                             f"(the LDCT volume has {n} slices)")
     if mode == "paired":
-        if ndct_hu.shape != ldct_hu.shape:
+        alone = ndct_hu.shape[0] == 1 and ndct_hu.shape[1:] == ldct_hu.shape[1:]  # the reference's own NDCT
+        if ndct_hu.shape != ldct_hu.shape and not alone:
             raise CoreDiffError(f"paired NDCT {ndct_hu.shape} and LDCT {ldct_hu.shape} differ in shape: "
                                 "paired mode needs the aligned NDCT of the same scan (use unpaired mode otherwise)")
         if ndct_slice not in (None, slice_index):
             raise CoreDiffError("paired mode uses the NDCT of the reference slice itself: do not give an NDCT slice")
         ndct_slice = slice_index
+        target_index = 0 if alone else slice_index
     else:
         m = ndct_hu.shape[0]
         if ndct_slice is None:
             ndct_slice = min(slice_index + 2, m - 1)
         if not 0 <= ndct_slice < m:
             raise CoreDiffError(f"NDCT slice {ndct_slice} is out of range 0..{m - 1}")
+        target_index = ndct_slice
     T = model.config.steps
     total = T + iterations
     done = [0]
@@ -826,7 +829,7 @@ def adapt(model: torch.nn.Module, ldct_hu: np.ndarray, slice_index: int, ndct_hu
     if cancel is not None and cancel():
         from .inference import Cancelled
         raise Cancelled("cancelled by the user; no adaptation was written")
-    target = torch.from_numpy(((np.clip(ndct_hu[ndct_slice], HU_MIN, HU_MIN + HU_RANGE) - HU_MIN)
+    target = torch.from_numpy(((np.clip(ndct_hu[target_index], HU_MIN, HU_MIN + HU_RANGE) - HU_MIN)
                                / HU_RANGE).astype(np.float32))
     guide = torch.from_numpy(((np.clip(ldct_hu[slice_index], HU_MIN, HU_MIN + HU_RANGE) - HU_MIN)
                               / HU_RANGE).astype(np.float32))
@@ -880,7 +883,7 @@ def cmd_oneshot(args) -> int:
     """``corediff oneshot``: learn and save an adaptation; last stdout line ``RESULT <path>``."""
     from .cli import Progress, info, note
     from .inference import axial_layout, axial_spacing, axial_view, pick_device, uses_neighbours
-    from .io import read_volume, voxel_grid_difference
+    from .io import on_grid_of, read_volume, voxel_grid_difference
     from .models import load_model
 
     # everything that can be checked cheaply is checked before any heavy work
@@ -942,6 +945,18 @@ def cmd_oneshot(args) -> int:
                 raise CoreDiffError(f"{what}: the unpaired texture loss needs at least {UNPAIRED_MIN_PATCH} pixels")
     if paired:
         differs = voxel_grid_difference(ndct_volume, ldct_volume)
+        if differs == "shape" and ndct.shape[0] == 1 and ndct.shape[1:] == ldct.shape[1:] \
+                and axial_layout(ldct_volume.direction, ldct_volume.array.shape) is None:
+            # one NDCT slice, the reference's own: found on the LDCT's grid by where it lies
+            found = on_grid_of(ldct_volume, ndct_volume)
+            if found is None or found[1] is None:
+                raise CoreDiffError("the one --ndct slice is not a slice of the --ldct scan (another place, pixel "
+                                    "spacing or orientation): paired mode needs the aligned normal-dose slice "
+                                    "(use --ndct-unpaired otherwise)")
+            if found[1] != args.slice:
+                raise CoreDiffError(f"the one --ndct slice lies at --ldct slice {found[1]}, not at --slice "
+                                    f"{args.slice}: give --slice {found[1]} (its neighbours are the context)")
+            differs = None
         if differs == "shape":
             raise CoreDiffError(f"--ndct volume {ndct_volume.shape} and --ldct volume {ldct_volume.shape} differ in "
                                 "shape: paired mode needs the aligned normal-dose scan of the same patient "
@@ -954,19 +969,21 @@ def cmd_oneshot(args) -> int:
             raise CoreDiffError("--ndct and --ldct lie in different places (origin or direction): paired volumes "
                                 "must be two scans of the same voxels (use --ndct-unpaired otherwise)")
         ndct_slice = None
+        ndct_index = 0 if ndct.shape[0] == 1 else args.slice
     else:
         m = ndct.shape[0]
         ndct_slice = args.ndct_slice if args.ndct_slice is not None else min(args.slice + 2, m - 1)
         if not 0 <= ndct_slice < m:
             raise CoreDiffError(f"--ndct-slice {ndct_slice} is out of range 0..{m - 1} "
                                 f"({args.ndct_unpaired} has {m} slices)")
+        ndct_index = ndct_slice
         info(args, "note: unpaired weights are fitted without an aligned reference and can cost PSNR (on held-out "
                    "phantoms from +0.15 to -1.28 dB, docs/benchmarks/oneshot_states): compare the result with "
                    "the unadapted one; a paired slice is safer")
         if not _same_spacing(ndct_xy, ldct_xy, rel=0.1):
             info(args, "note: the unpaired NDCT's pixel spacing differs from the LDCT's by more than 10 %; "
                        "texture statistics are compared per pixel")
-    _check_reference_noise(args, ldct, ldct_xy, ndct[args.slice if paired else ndct_slice], ndct_xy)
+    _check_reference_noise(args, ldct, ldct_xy, ndct[ndct_index], ndct_xy)
     info(args, f"one-shot {'paired' if paired else 'unpaired'} adaptation '{name}': reference slice {args.slice}"
                f" of {Path(args.ldct).name}, NDCT slice {args.slice if paired else ndct_slice}, "
                f"T={model.config.steps}, {args.iterations} iterations")

@@ -667,3 +667,27 @@ def test_an_adaptation_is_named_by_its_file_and_read_as_written(files, user_home
     row = next(r for r in json.loads(out) if r["name"] == "future")
     assert row["damaged"] and "cannot be used by this version" in row["description"]
     assert "delete" not in row["description"]
+
+
+def test_a_paired_reference_may_be_the_one_normal_dose_slice_placed_where_it_lies(files, user_home, capsys, tmp_path):
+    """One-shot needs one normal-dose slice: a file of that slice alone, placed where it lies in
+    the scan, is found on the LDCT's grid (it was refused as 'differ in shape')."""
+    whole = read_volume(files["ndct"])
+    origin = np.asarray(whole.origin) + 2 * whole.spacing[2] * np.reshape(whole.direction, (3, 3))[:, 2]
+    alone = write_volume(Volume(whole.array[2:3], whole.spacing, tuple(origin), whole.direction), tmp_path / "s2.nrrd")
+    common = ["oneshot", "--model", files["model"], "--ldct", files["ldct"], "--ndct", alone, "--iterations", 20,
+              "--progress", "none"]
+    rc, _, err = run_cli(capsys, *common, "--slice", 3, "--name", "wrong")
+    assert rc == 2 and "lies at --ldct slice 2, not at --slice 3: give --slice 2" in one_error_line(err)
+    rc, _, err = run_cli(capsys, *common, "--slice", 2, "--name", "alone")
+    assert rc == 0, err
+    rc, _, err = run_cli(capsys, "oneshot", "--model", files["model"], "--ldct", files["ldct"], "--ndct", files["ndct"],
+                         "--iterations", 20, "--progress", "none", "--slice", 2, "--name", "whole")
+    assert rc == 0, err
+    a, b = (Adaptation.read(user_home / "adaptations" / f"{n}.json") for n in ("alone", "whole"))
+    np.testing.assert_allclose(a.weights, b.weights, atol=1e-6)  # the same target slice: the same fit
+    shifted = write_volume(Volume(whole.array[2:3], whole.spacing, tuple(origin + 0.3), whole.direction),
+                           tmp_path / "off.nrrd")
+    rc, _, err = run_cli(capsys, "oneshot", "--model", files["model"], "--ldct", files["ldct"], "--ndct", shifted,
+                         "--slice", 2, "--name", "off", "--progress", "none")
+    assert rc == 2 and "is not a slice of the --ldct scan" in one_error_line(err)
