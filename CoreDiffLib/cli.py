@@ -10,7 +10,6 @@ import argparse
 import json
 import os
 import signal
-import statistics
 import sys
 import time
 import warnings
@@ -220,13 +219,27 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .io import find_pairs, read_pair_list, read_training_pairs
     from .models import save_weights
     from .network import NetworkConfig
-    from .training import TrainConfig, train
+    from .training import TrainConfig, farthest_neighbour_mm, patch_size_used, train
 
+    from .inference import pick_device
+    from .models import WEIGHTS_DIR, resolve_model, shipped_models
     if args.widen and not args.init_weights:
         raise CoreDiffError("--widen widens the --init-weights model: give --init-weights too")
-    check_output_file("--out", args.output, (".safetensors",), (args.init_weights, args.data))
+    for flag, value in (("--width", args.width), ("--steps", args.steps)):
+        if value < 1:
+            raise CoreDiffError(f"{flag} must be a whole number >= 1, got {value}")
+    if args.device != "auto":
+        pick_device(args.device)  # an unavailable device is refused now, not after the data are read
+    # a shipped name is its file: that file is an input too
+    init_file = str(resolve_model(args.init_weights)[0]) if args.init_weights else None
+    check_output_file("--out", args.output, (".safetensors",), (init_file, args.data))
     checkpoint = args.checkpoint or str(Path(args.output).with_suffix(".ckpt"))
-    check_output_file("--checkpoint", checkpoint, CHECKPOINT_SUFFIXES, (args.output, args.init_weights, args.data))
+    check_output_file("--checkpoint", checkpoint, CHECKPOINT_SUFFIXES, (args.output, init_file, args.data))
+    for flag, path in (("--out", args.output), ("--checkpoint", checkpoint)):
+        if Path(path).expanduser().resolve().is_relative_to(WEIGHTS_DIR):
+            raise CoreDiffError(f"{flag} {path} lies in the installed models folder ({WEIGHTS_DIR}), whose files the "
+                                "manifest checks: copy a shipped checkpoint out first (e.g. to runs/) and resume "
+                                "from the copy, with an --out of your own")
     # every option checked before the starting weights and the data are read
     cfg = TrainConfig(iterations=args.iterations, batch_size=args.batch_size, patch_size=args.patch_size,
                       lr=args.lr, seed=args.seed, checkpoint_every=args.checkpoint_every,
@@ -258,22 +271,27 @@ def cmd_train(args: argparse.Namespace) -> int:
     info(args, f"{len(pairs)} NDCT/LDCT pairs")
     slice_mm: list[float] = []
     volumes = read_training_pairs(pairs, log=lambda m: info(args, m), slice_mm=slice_mm)
-    device = "cuda" if args.device == "auto" and _cuda() else ("cpu" if args.device == "auto" else args.device)
+    patch = patch_size_used(volumes, cfg.patch_size)
+    if patch != cfg.patch_size:
+        info(args, f"patches of {patch}x{patch} pixels" + (f" (--patch-size {cfg.patch_size}: the smallest slice and "
+                                                            "a multiple of 4 allow no more)" if cfg.patch_size else ""))
+    device = ("cuda" if _cuda() else "cpu") if args.device == "auto" else str(pick_device(args.device))
     ema, state = train(volumes, net_cfg, cfg, checkpoint=checkpoint, device=device,
                        log=lambda m: info(args, m), init_state=init_state,
                        inherit=("ema_start",) if args.ema_start is None else ())
     if int(os.environ.get("RANK", "0")) == 0:
         # what they were trained from, wherever the command was run
-        started_from = ({"init_weights": str(Path(args.init_weights).resolve()),
+        started_from = ({"init_weights": args.init_weights if args.init_weights in shipped_models() else init_file,
                          "init_weights_sha256": init_sha256, "widen": args.widen} if args.init_weights else {})
         sha = save_weights(ema, args.output, {"iterations": state.iteration, "train_config": vars(cfg),
+                                              "patch_size_used": patch,
                                               "data": [[str(Path(a).resolve()), str(Path(b).resolve())]
                                                        for a, b in pairs],
                                               "dose_tag": args.dose_tag, **started_from,
-                                              # the farthest neighbours it learned (slice spacing x
-                                              # --max-neighbour-gap): --context auto gives neighbours to
-                                              # slices that far apart (inference.uses_neighbours)
-                                              "neighbour_mm": statistics.median(slice_mm) * cfg.max_neighbour_gap})
+                                              # the farthest neighbours it learned: --context auto gives
+                                              # neighbours to slices that far apart (uses_neighbours)
+                                              "neighbour_mm": farthest_neighbour_mm(volumes, slice_mm,
+                                                                                    cfg.max_neighbour_gap)})
         info(args, f"wrote {args.output} (sha256 {sha[:12]}…, {state.iteration} iterations)")
     return 0
 

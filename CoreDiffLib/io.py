@@ -634,6 +634,22 @@ def voxel_grid_difference(a: Volume, b: Volume) -> str | None:
     return None
 
 
+def _check_pair_noise(nd, ld, a: Volume, b: Volume) -> None:
+    """Refuse a pair whose 'LDCT' is no noisier than its 'NDCT' (the same scan twice, or a list's
+    columns swapped): a model trained on it learns to keep or add noise. Judged by the noise
+    index ``--model auto`` measures; a pair it cannot measure (little soft tissue) passes."""
+    from .dose_estimate import measure
+    if np.array_equal(a.array, b.array):
+        raise CoreDiffError(f"{nd} and {ld} hold the same voxels: a pair is a normal-dose and a low-dose scan")
+    try:
+        normal, low = (measure(v.array, v.spacing[:2]).noise_index_hu for v in map(axial_volume, (a, b)))
+    except CoreDiffError:
+        return
+    if low <= normal:
+        raise CoreDiffError(f"{ld} (noise index {low:.1f} HU) is no noisier than {nd} ({normal:.1f} HU): is the pair "
+                            "the wrong way round? A list file gives 'ndct_path,ldct_path' per line")
+
+
 def read_training_pairs(pairs: list[tuple[Path, Path]], log=None,
                         slice_mm: list[float] | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
     """The axial planes of each NDCT/LDCT pair, as denoise runs them, after checking that the two
@@ -642,6 +658,8 @@ def read_training_pairs(pairs: list[tuple[Path, Path]], log=None,
     spacing (a model records the spacing it learned its neighbours at)."""
     volumes = []
     for nd, ld in pairs:
+        if Path(nd).expanduser().resolve() == Path(ld).expanduser().resolve():
+            raise CoreDiffError(f"{nd} is given as both the NDCT and the LDCT of a pair")
         a, b = read_volume(nd), read_volume(ld)
         differs = voxel_grid_difference(a, b)
         if differs == "shape":
@@ -649,6 +667,7 @@ def read_training_pairs(pairs: list[tuple[Path, Path]], log=None,
         if differs:
             raise CoreDiffError(f"{nd} and {ld} differ in spacing, origin or direction: a pair must be two scans "
                                 "of the same voxels (resample one onto the other first)")
+        _check_pair_noise(nd, ld, a, b)
         layout = axial_layout(a.direction, a.array.shape)
         if layout is not None and log:  # trained on axial planes with axial neighbours, as denoise runs them
             log(f"{Path(nd).name}: stored {layout.storage}ly; trained on its axial planes")

@@ -57,6 +57,10 @@ def save_weights(model: ClearNet, path: str | os.PathLike, metadata: dict | None
     meta.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()})
     state = {k: v.detach().cpu().to(storage_dtype if v.is_floating_point() else v.dtype).contiguous()
              for k, v in model.state_dict().items()}
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:  # a diverged run (or an fp16 cast past 65504): a file nothing can use
+        raise CoreDiffError(f"not saving {path}: {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''} hold NaN or "
+                            f"infinite values{' in ' + str(storage_dtype) if storage_dtype != torch.float32 else ''}")
     with atomic_path(path) as tmp:
         save_file(state, str(tmp), metadata=meta)
         os.chmod(tmp, 0o644)  # the writer creates 0600 files; shipped weights must be world-readable
@@ -77,6 +81,9 @@ def resolve_model(name_or_path: str | os.PathLike | None) -> tuple[Path, dict]:
         return WEIGHTS_DIR / entry["file"], entry
     path = Path(name).expanduser()
     if path.exists():
+        for entry in models.values():  # a shipped file given by its path is checked as by its name
+            if path.resolve() == (WEIGHTS_DIR / entry["file"]).resolve():
+                return path, entry
         return path, {}
     known = ", ".join(sorted(models)) or "none"
     raise CoreDiffError(f"model '{name_or_path}' is neither a shipped model ({known}) nor an existing file")

@@ -136,6 +136,23 @@ AIR_HU = -900.0
 AIR_UNIT = float(hu_to_unit(np.float32(AIR_HU)))  # the same in network units
 
 
+def patch_size_used(pairs: Sequence[tuple[np.ndarray, np.ndarray]], patch_size: int,
+                    multiple: int = PATCH_MULTIPLE) -> int:
+    """One patch size for every pair (a batch stacks them): at most the smallest slice's side,
+    and a multiple of ``multiple`` (CLEAR-Net's two poolings; 1 for a network without any)."""
+    smallest = min(min(ldct.shape[1:]) for _, ldct in pairs)
+    patch = min(patch_size or smallest, smallest)
+    return patch - patch % multiple
+
+
+def farthest_neighbour_mm(pairs: Sequence[tuple[np.ndarray, np.ndarray]], slice_mm: Sequence[float],
+                          max_neighbour_gap: int) -> float:
+    """How far apart (mm) the farthest neighbours :class:`PairedSlices` shows are: a gap of g
+    slices needs a volume of more than 2g slices, so short volumes show only nearer ones."""
+    return max(max(1, min(max_neighbour_gap, (ldct.shape[0] - 1) // 2)) * float(mm)
+               for (_, ldct), mm in zip(pairs, slice_mm))
+
+
 class PairedSlices:
     """Paired NDCT / LDCT volumes in [0, 1], sampled as random (context, target) patches.
 
@@ -170,11 +187,7 @@ class PairedSlices:
             if ndct.shape != ldct.shape:
                 raise CoreDiffError(f"NDCT {ndct.shape} and LDCT {ldct.shape} volumes differ in shape")
             self.pairs.append((hu_to_unit(ndct), hu_to_unit(ldct)))
-        # one patch size for every pair (a batch stacks them): at most the smallest slice's side, and a
-        # multiple of ``multiple`` (CLEAR-Net's two poolings; 1 for a network without any)
-        smallest = min(min(ldct.shape[1:]) for _, ldct in self.pairs)
-        self.patch = min(patch_size or smallest, smallest)
-        self.patch -= self.patch % multiple
+        self.patch = patch_size_used(pairs, patch_size, multiple)
         self.rng = np.random.default_rng(seed)
         self.anywhere_share = anywhere_share
         self.max_gap = int(max_neighbour_gap)
@@ -469,6 +482,23 @@ def cosine_lr(base_lr: float, progress: float) -> float:
     return base_lr * 0.5 * (1.0 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
 
 
+class TrainingDiverged(CoreDiffError):
+    """A loss or weight became NaN or infinite: nothing more is saved, so the last checkpoint and
+    any earlier weights stay as they were."""
+
+
+def _check_finite(window: list[torch.Tensor], models: Sequence[torch.nn.Module], iteration: int,
+                  checkpoint: Path | None) -> None:
+    """Stop a diverged run before it saves: checked at each log line and checkpoint (reading
+    the losses every iteration would stall a GPU)."""
+    finite = bool(torch.isfinite(torch.stack(window)).all()) if window else True
+    finite = finite and all(bool(torch.isfinite(p).all()) for m in models for p in m.parameters())
+    if not finite:
+        kept = f"{checkpoint} keeps the run as of its last save" if checkpoint else "nothing was saved"
+        raise TrainingDiverged(f"training diverged by iteration {iteration} (a loss or weight is NaN or infinite): "
+                               f"stopped without saving; {kept}. Go on with a lower --lr (or fp32 precision)")
+
+
 def _update_ema(ema: ClearNet, model: ClearNet, decay: float) -> None:
     with torch.no_grad():
         for pe, pm in zip(ema.parameters(), model.parameters()):
@@ -531,7 +561,9 @@ def load_checkpoint(path: Path, device: str, net_cfg: NetworkConfig, cfg: TrainC
                             f"({type(exc).__name__}); give another --checkpoint path, or delete it to start "
                             "afresh") from None
     if NetworkConfig.from_dict(saved_net) != net_cfg:
-        raise CoreDiffError(f"checkpoint {path} is for another architecture ({saved_net}); use a new --checkpoint path")
+        raise CoreDiffError(f"checkpoint {path} is for another architecture ({saved_net}) than this run's "
+                            f"({net_cfg.to_dict()}): to go on with it, repeat the --init-weights / --width / --steps "
+                            "of the run that made it; to start another run, give a new --checkpoint path")
     if data and saved.get("data") and saved["data"] != data:
         raise CoreDiffError(f"checkpoint {path} was made on other training data: give a new --checkpoint path (and "
                             "--init-weights with that run's weights to go on from them on these data)")
@@ -615,6 +647,9 @@ def _train(pairs: Sequence[tuple[np.ndarray, np.ndarray]], net_cfg: NetworkConfi
     if ckpt and resume and ckpt.exists():
         saved = load_checkpoint(ckpt, device, net_cfg, cfg, fingerprint, inherit)
         elapsed_before = float(saved.get("elapsed_s", 0.0))
+        if fingerprint and not saved.get("data") and rank == 0:  # made before checkpoints recorded their data
+            log(f"note: {ckpt} records no fingerprint of its training data, so whether these are the same data "
+                "is not checked")
         model.load_state_dict(saved["model"])
         ema.load_state_dict(saved["ema"])
         optimizer.load_state_dict(saved["optimizer"])
@@ -689,7 +724,8 @@ def _train(pairs: Sequence[tuple[np.ndarray, np.ndarray]], net_cfg: NetworkConfi
                     ema_averaging = state.iteration >= cfg.ema_start
                 else:
                     _update_ema(ema, model, cfg.ema_decay)
-            if state.iteration % cfg.log_every == 0:
+            if state.iteration % cfg.log_every == 0:  # every rank: they stop together
+                _check_finite(window, (model, ema), state.iteration, ckpt)
                 mean = float(torch.stack(window).double().mean())
                 state.losses.append(mean)
                 window = []
@@ -710,9 +746,10 @@ def _train(pairs: Sequence[tuple[np.ndarray, np.ndarray]], net_cfg: NetworkConfi
                     stop_at = state.iteration
             if not ema_averaging and state.iteration == stop_at:  # too short to average: the weights as trained
                 ema.load_state_dict(model.state_dict())
-            if ckpt and rank == 0 and (state.iteration % cfg.checkpoint_every == 0
-                                       or state.iteration == stop_at or stop.requested):
-                save(ckpt)
+            if state.iteration % cfg.checkpoint_every == 0 or state.iteration == stop_at or stop.requested:
+                _check_finite(window, (model, ema), state.iteration, ckpt)  # nothing diverged is saved
+                if ckpt and rank == 0:
+                    save(ckpt)
             if ckpt and rank == 0 and cfg.keep_every and state.iteration % cfg.keep_every == 0:
                 save(ckpt.with_name(f"{ckpt.stem}.it{state.iteration}{ckpt.suffix}"))
             if stop.requested:

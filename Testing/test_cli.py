@@ -737,3 +737,49 @@ def test_ctrl_c_says_so(monkeypatch, capsys):
     monkeypatch.setattr(cli, "cmd_models", interrupted)
     assert cli.main(["models"]) == 130
     assert capsys.readouterr().err.strip() == "corediff: error: interrupted; no output was written"
+
+
+def test_train_keeps_the_installed_models_and_records_what_it_did(tmp_path):
+    """A shipped name given to --init-weights is that file (an --out of it was not an input, so
+    it was overwritten); the installed models folder takes no output (its checkpoints had no data
+    fingerprint and were resumed in place); a shipped file given by path is checked as by name;
+    an unusable --device, --width or --steps is refused before the data are read; the weights
+    record the patch size used and the farthest neighbours a 5-slice volume could show."""
+    from CoreDiffLib.models import WEIGHTS_DIR, load_model, read_weights_config
+    data = _paired_training_folder(tmp_path)
+    shipped = WEIGHTS_DIR / "corediff-25.safetensors"
+    kept = digest(shipped), digest(WEIGHTS_DIR / "checkpoints" / "corediff-25.ckpt")
+    for extra, message in (((shipped, "--init-weights", "corediff-25", "--checkpoint", tmp_path / "c.ckpt"),
+                            "also an input"),
+                           ((tmp_path / "m.safetensors", "--checkpoint",
+                             WEIGHTS_DIR / "checkpoints" / "corediff-25.ckpt"), "lies in the installed models folder"),
+                           ((WEIGHTS_DIR / "mine.safetensors",), "lies in the installed models folder"),
+                           ((tmp_path / "m.safetensors", "--device", "bogus"), "unknown device 'bogus'"),
+                           ((tmp_path / "m.safetensors", "--width", "0"), "--width must be"),
+                           ((tmp_path / "m.safetensors", "--steps", "0"), "--steps must be")):
+        r = corediff("train", data / "missing", "--out", *extra, "--progress", "none")  # no data read: none there
+        assert r.returncode == 2 and message in r.stderr, (extra, r.stderr)
+    assert (digest(shipped), digest(WEIGHTS_DIR / "checkpoints" / "corediff-25.ckpt")) == kept
+    assert not (WEIGHTS_DIR / "mine.safetensors").exists()
+    assert load_model(str(shipped)).weights_sha256 == load_model("corediff-25").weights_sha256
+    out = tmp_path / "m.safetensors"
+    r = corediff("train", data, "--out", out, "--iterations", "4", "--width", "4", "--steps", "2", "--batch-size", "1",
+                 "--patch-size", "64", "--max-neighbour-gap", "3", "--progress", "none")
+    assert r.returncode == 0, r.stderr
+    _, meta = read_weights_config(out)
+    assert json.loads(meta["patch_size_used"]) == 48  # the 48-pixel slices allow no more
+    assert json.loads(meta["neighbour_mm"]) == pytest.approx(2.5)  # 4 slices of 2.5 mm: only adjacent ones
+
+
+def test_train_refuses_a_pair_of_one_scan_or_the_wrong_way_round(tmp_path):
+    data = _paired_training_folder(tmp_path)
+    nd, ld = data / "c1_ndct.nrrd", data / "c1_ldct.nrrd"
+    for rows, message in ((f"{ld},{ld}", "as both the NDCT and the LDCT"),
+                          (f"{ld},{tmp_path / 'copy.nrrd'}", "hold the same voxels"),
+                          (f"{ld},{nd}", "is no noisier than")):
+        shutil.copy(ld, tmp_path / "copy.nrrd")
+        (tmp_path / "pairs.txt").write_text(rows + "\n")
+        r = corediff("train", tmp_path / "pairs.txt", "--out", tmp_path / "m.safetensors", "--iterations", "2",
+                     "--width", "4", "--progress", "none")
+        assert r.returncode == 2 and message in r.stderr, (rows, r.stderr)
+        assert not (tmp_path / "m.safetensors").exists()

@@ -674,3 +674,27 @@ def test_a_run_started_with_ctrl_c_ignored_keeps_ignoring_it():
         assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def test_a_diverged_run_stops_without_replacing_its_checkpoint_or_writing_weights(tmp_path):
+    """A too-high --lr (allowed on resume) trained on to the end with NaN losses, then replaced
+    the good checkpoint and --out with weights nothing could use."""
+    from CoreDiffLib.models import save_weights
+    from CoreDiffLib.training import TrainingDiverged
+    v = synthetic_ct(4, 32, seed=3, noise_hu=5)
+    pairs = [(v, v + 40 * np.random.default_rng(0).standard_normal(v.shape).astype(np.float32))]
+    ckpt = tmp_path / "c.ckpt"
+
+    def run(iterations, lr):
+        cfg = TrainConfig(iterations=iterations, batch_size=2, patch_size=16, log_every=5, checkpoint_every=5, lr=lr)
+        return train(pairs, NetworkConfig(width=4, steps=2), cfg, checkpoint=ckpt, log=lambda m: None)[0]
+    good = run(10, 2e-4)
+    before = ckpt.read_bytes()
+    with pytest.raises(TrainingDiverged, match="diverged by iteration .*/c.ckpt keeps the run as of its last save"):
+        run(200, 1e12)
+    assert ckpt.read_bytes() == before
+    with torch.no_grad():
+        next(good.parameters()).fill_(float("nan"))
+    with pytest.raises(CoreDiffError, match="hold NaN or infinite values"):
+        save_weights(good, tmp_path / "nan.safetensors")
+    assert not (tmp_path / "nan.safetensors").exists()
