@@ -180,8 +180,17 @@ def test_train_redcnn_script_refuses_bad_input_cleanly_and_keeps_its_files(tmp_p
     out.write_bytes(b"starting weights")
     same = subprocess.run([sys.executable, str(script), str(tmp_path), "--init", str(out), "--out", str(out)],
                           capture_output=True, encoding="utf-8")
-    assert same.returncode == 2 and "--out is the --init" in same.stderr
+    assert same.returncode == 2 and "is also an input" in same.stderr
     assert out.read_bytes() == b"starting weights"
+    from conftest import write_image
+    volume = write_image(tmp_path / "case_ndct.nrrd", synthetic_ct(2, 32))
+    kept = volume.read_bytes()
+    for extra, message in ((("--out", str(volume)), "ending in .pt"),  # a training volume
+                           (("--out", str(tmp_path / "no" / "r.pt")), "does not exist"),
+                           (("--init", str(out), "--out", str(tmp_path / "s.pt")), "is not RED-CNN weights")):
+        r = subprocess.run([sys.executable, str(script), str(tmp_path), *extra], capture_output=True, encoding="utf-8")
+        assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, (extra, r.stderr)
+    assert volume.read_bytes() == kept
 
 
 def test_gpu_equal_budget_round_rehearses_on_the_cpu_and_returns_loadable_weights(tmp_path):
@@ -280,3 +289,7 @@ def test_the_redcnn_script_takes_axial_planes_and_refuses_what_it_cannot_train(t
     assert r.returncode == 0 and "stored sagittally; trained on its axial planes" in r.stdout, r.stderr
     model = load_redcnn(tmp_path / "rc.pt")  # its filters read from the weights
     assert isinstance(model, REDCNN) and model.enc[0].weight.shape[0] == 4
+    r = subprocess.run([sys.executable, str(script), str(data), "--out", str(tmp_path / "ft.pt"), "--batch-size", "2",
+                        "--iterations", "1", "--patch-size", "32", "--init", str(tmp_path / "rc.pt")],
+                       capture_output=True, encoding="utf-8", timeout=300)  # no --filters: the init's 4, not 32
+    assert r.returncode == 0 and load_redcnn(tmp_path / "ft.pt").enc[0].weight.shape[0] == 4, r.stderr

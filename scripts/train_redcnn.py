@@ -15,7 +15,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from CoreDiffLib import CoreDiffError  # noqa: E402
-from CoreDiffLib.atomic import atomic_path  # noqa: E402
+from CoreDiffLib.atomic import atomic_path, check_output_file  # noqa: E402
 from CoreDiffLib.baselines import train_redcnn  # noqa: E402
 from CoreDiffLib.io import find_pairs, read_training_pairs  # noqa: E402
 from CoreDiffLib.training import LEVEL_WINDOWS, LR_SCHEDULES, LossTerms  # noqa: E402
@@ -28,7 +28,7 @@ def main() -> int:
     p.add_argument("--iterations", type=int, default=3000)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--patch-size", type=int, default=64)
-    p.add_argument("--filters", type=int, default=32)
+    p.add_argument("--filters", type=int, default=None, help="width (default 32; with --init: the init's)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0,
                    help="weight initialisation and patch sampling (train twice to see the spread)")
@@ -49,7 +49,7 @@ def main() -> int:
     p.add_argument("--anywhere-share", type=float, default=0.0, metavar="S",
                    help="share of patches drawn anywhere, open air included, as `corediff train "
                         "--anywhere-share` does")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="weights file (.pt), for the quality benchmark's RED-CNN rows")
     a = p.parse_args()
     if a.iterations < 1:
         p.error(f"--iterations {a.iterations}: give at least 1")
@@ -60,15 +60,27 @@ def main() -> int:
         terms.check_patch_size(a.patch_size)
     except CoreDiffError as e:
         p.error(str(e))
-    if a.init and Path(a.init).resolve() == Path(a.out).resolve():
-        p.error("--out is the --init weights file: choose another output (the starting weights are kept)")
+    try:  # a PyTorch state dict, never on an input: RED-CNN is a benchmark baseline, not for `corediff denoise`
+        check_output_file("--out", a.out, (".pt",), (a.init, a.data))
+    except CoreDiffError as e:
+        p.error(str(e))
+    init = None
+    if a.init:
+        try:
+            init = torch.load(a.init, map_location="cpu", weights_only=True)
+            filters = int(init["enc.0.weight"].shape[0])
+        except Exception as e:  # torch raises many kinds for a file that is not RED-CNN weights
+            p.error(f"--init {a.init} is not RED-CNN weights saved by this script ({type(e).__name__})")
+        if a.filters is not None and filters != a.filters:
+            p.error(f"--init {a.init} has {filters} filters, --filters {a.filters}: leave --filters out")
+        a.filters = filters  # the starting weights' own width
+    a.filters = a.filters or 32
     torch.set_num_threads(a.threads)
     try:
         # the axial planes of checked pairs, as `corediff train` reads them
         pairs = read_training_pairs(find_pairs(a.data, a.dose_tag), log=lambda m: print(m, flush=True))
     except CoreDiffError as e:
         p.error(str(e))
-    init = torch.load(a.init, map_location="cpu", weights_only=True) if a.init else None
     try:
         model = train_redcnn(pairs, a.iterations, a.batch_size, a.patch_size, filters=a.filters, seed=a.seed,
                              log=lambda m: print(m, flush=True), init_state=init,
