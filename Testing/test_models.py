@@ -162,11 +162,18 @@ def test_ship_model_exports_ema_or_final_weights_without_touching_the_manifest(t
     from CoreDiffLib.models import read_weights_config  # a weights file's provenance is carried over
     trained = tmp_path / "trained.safetensors"
     save_weights(ClearNet(NetworkConfig(width=8)), trained, {"data": [["/d/a_ndct.nrrd", "/d/a_ldct.nrrd"]],
-                                                              "dose_tag": "12p5"})
+                                                              "dose_tag": "12p5", "neighbour_mm": 6.0})
     subprocess.run([sys.executable, str(script), str(trained), "--name", "x", "--dose", "0.25", "--weights", "raw",
                     "--export-only", str(tmp_path / "shipped.safetensors")], check=True, capture_output=True)
     meta = read_weights_config(tmp_path / "shipped.safetensors")[1]
     assert json.loads(meta["data"]) == [["/d/a_ndct.nrrd", "/d/a_ldct.nrrd"]] and meta["dose_tag"] == "12p5"
+    assert json.loads(meta["neighbour_mm"]) == 6.0  # the thick-slice context rule travels with the model
+    (tmp_path / "bad.json").write_text("{not json")
+    weights_before = sorted(p.name for p in WEIGHTS_DIR.iterdir())
+    bad = subprocess.run([sys.executable, str(script), str(ckpt), "--name", "x", "--dose", "0.25",
+                          "--metrics", str(tmp_path / "bad.json")], capture_output=True, encoding="utf-8")
+    assert bad.returncode == 2 and "--metrics" in bad.stderr  # refused before the weights were written
+    assert sorted(p.name for p in WEIGHTS_DIR.iterdir()) == weights_before
     assert MANIFEST.read_bytes() == manifest_before
 
 

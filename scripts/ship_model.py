@@ -45,6 +45,10 @@ def main() -> int:
     a = p.parse_args()
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,99}", a.name):  # a file name in weights/, nothing else
         p.error(f"--name {a.name!r}: letters, digits and . _ + - only (it names a file in {WEIGHTS_DIR})")
+    try:  # read before anything is written: a bad file must not leave new weights beside an old manifest
+        validation = json.loads(Path(a.metrics).read_text()) if a.metrics else None
+    except (OSError, ValueError) as e:
+        p.error(f"--metrics {a.metrics}: {type(e).__name__}: {e}")
     provenance = {}  # what the weights were trained from, carried over from a weights file
     if a.checkpoint.endswith(".safetensors"):
         from CoreDiffLib.models import load_model, read_weights_config
@@ -56,6 +60,8 @@ def main() -> int:
                     "holds one set only (a training checkpoint .ckpt holds both)")
         provenance = {k: json.loads(meta[k]) for k in ("data", "widen") if k in meta}  # stored as JSON
         provenance.update({k: meta[k] for k in ("dose_tag", "init_weights", "init_weights_sha256") if k in meta})
+        # the neighbour distance the model learned: --context auto gives neighbours up to it
+        provenance.update({k: json.loads(meta[k]) for k in ("neighbour_mm", "patch_size_used") if k in meta})
         losses = json.loads(meta.get("losses_every_100", "[]"))
         ckpt = {"iteration": json.loads(meta.get("iterations", "0")), "losses": losses,
                 "train_config": json.loads(meta.get("train_config", "{}"))}
@@ -79,7 +85,7 @@ def main() -> int:
         "architecture": config.to_dict(), "iterations": iterations, "storage": a.storage, "weights": a.weights,
         "train_config": ckpt["train_config"], "recipe": a.recipe,
         "final_training_loss": ckpt["losses"][-1] if ckpt["losses"] else None,
-        "validation": json.loads(Path(a.metrics).read_text()) if a.metrics else None,
+        "validation": validation,
     }
     if a.default or not manifest.get("default"):
         manifest["default"] = a.name
