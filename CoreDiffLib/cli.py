@@ -267,6 +267,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                    f"(its architecture: width {net_cfg.width}, "
                    f"CTX {net_cfg.use_context}, EMM {net_cfg.use_emm}, T={net_cfg.steps})")
     cfg.loss_terms.check_network(net_cfg)
+    if Path(args.output).expanduser().exists():  # a resumed run writes its --out again: said, not refused
+        info(args, f"note: {args.output} exists and is replaced when training ends")
     pairs = read_pair_list(args.data) if Path(args.data).is_file() else find_pairs(args.data, args.dose_tag)
     info(args, f"{len(pairs)} NDCT/LDCT pairs")
     slice_mm: list[float] = []
