@@ -505,7 +505,10 @@ def texture_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Misalignment-tolerant loss between two batches of patches (B, 1, h, w) in [0, 1]:
     per-patch log band energies of the soft tissue (see the module docstring).
 
-    Each patch's soft-tissue mask comes from the patch itself (the output's is detached).
+    Each patch's soft-tissue mask comes from the patch itself (the output's is detached). This
+    is the loss in its plain form, for reading and for the tests of its properties;
+    :func:`fit_step_weights` computes the same band energies in closed form (quadratic in the
+    weights), takes the output's mask from the LDCT guide, and adds a low-pass fidelity term.
     """
     loss, count = texture_distance(filter_responses(output), soft_tissue_masks(output.detach()),
                                    filter_responses(target), soft_tissue_masks(target))
