@@ -577,8 +577,8 @@ class CoreDiffSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def cleanup(self) -> None:
         """Called when the application closes and the module widget is destroyed."""
         self._stopFlicker()
-        for job in (self._job, self._oneShotJob):
-            if job is not None and job.running:
+        for job in list(self.logic._jobs) if self.logic else ():  # runs and the model/device listings:
+            if job.running:  # none may call back into a widget that is gone
                 job.cancel()
         self.removeObservers()
 
@@ -1319,6 +1319,17 @@ class CoreDiffSlicerLogic(ScriptedLoadableModuleLogic):
 
     # --- processes ---------------------------------------------------------------------------
 
+    @staticmethod
+    def parseJsonOutput(text: str):
+        """The JSON a ``--json`` command printed: stderr is merged into stdout, so warnings may come
+        before or after it (and hold brackets); the JSON starts a line."""
+        for start in (m.start() for m in re.finditer(r"(?m)^[\[{]", text)):
+            try:
+                return json.JSONDecoder().raw_decode(text[start:])[0]
+            except ValueError:
+                continue
+        raise ValueError(f"unexpected output: {text[:200]!r}")
+
     def queryJson(self, args, callback) -> CoreDiffProcess:
         """Run ``corediff <args>`` (which prints JSON) in the background; callback(data, error)."""
         def finished(job):
@@ -1328,11 +1339,9 @@ class CoreDiffSlicerLogic(ScriptedLoadableModuleLogic):
                 return
             text = "\n".join(job.output)
             try:
-                # stderr is merged into stdout: skip any warning printed before or after the JSON
-                start = min(i for i in (text.find("["), text.find("{")) if i >= 0)
-                data, _ = json.JSONDecoder().raw_decode(text[start:])
+                data = self.parseJsonOutput(text)
             except ValueError as e:
-                callback(None, f"unexpected output: {e}")
+                callback(None, str(e))
                 return
             callback(data, None)
         job = CoreDiffProcess(self.cliCommand(*args), cwd=coreDiffLibParentDir(), onFinished=finished,

@@ -972,3 +972,13 @@ def test_unpaired_one_shot_leaves_the_normal_dose_slice_to_the_library_unless_ch
     text = logic.guiMessage("/tmp/x/CoreDiff-1/ldct.nrrd contains 1 NaN/inf voxels; --device cuda was asked for",
                             {"/tmp/x/CoreDiff-1/ldct.nrrd": "LDCT10"})
     assert text == "'LDCT10' contains 1 NaN/inf voxels; Device 'cuda' was asked for"
+
+
+def test_listings_read_their_json_past_warnings_that_hold_brackets(slicerEnv):  # noqa: F811
+    slicer, module, tempDir = slicerEnv
+    parse = module.CoreDiffSlicerLogic.parseJsonOutput
+    text = ('/x/torch/__init__.py:1: UserWarning: CUDA [12.1] not found {fallback}\n'
+            '[\n {"name": "corediff-25", "kind": "model"}\n]\nwarning after\n')
+    assert parse(text) == [{"name": "corediff-25", "kind": "model"}]
+    with pytest.raises(ValueError, match="unexpected output"):
+        parse("Traceback (most recent call last):\n  [nothing]\n")
