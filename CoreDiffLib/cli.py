@@ -278,13 +278,18 @@ def cmd_train(args: argparse.Namespace) -> int:
         info(args, f"patches of {patch}x{patch} pixels" + (f" (--patch-size {cfg.patch_size}: the smallest slice and "
                                                             "a multiple of 4 allow no more)" if cfg.patch_size else ""))
     device = ("cuda" if _cuda() else "cpu") if args.device == "auto" else str(pick_device(args.device))
+    # what they were trained from, wherever the command was run
+    started_from = ({"init_weights": args.init_weights if args.init_weights in shipped_models() else init_file,
+                     "init_weights_sha256": init_sha256, "widen": args.widen} if args.init_weights else {})
     ema, state = train(volumes, net_cfg, cfg, checkpoint=checkpoint, device=device,
                        log=lambda m: info(args, m), init_state=init_state,
-                       inherit=("ema_start",) if args.ema_start is None else ())
+                       inherit=("ema_start",) if args.ema_start is None else (), origin=started_from)
+    if state.origin is not None and state.origin != started_from:
+        info(args, "note: resumed run: its weights descend from what its first leg started from "
+                   f"({state.origin.get('init_weights') or 'a fresh network'}), recorded as such"
+                   + (f"; --init-weights {args.init_weights} was not used" if args.init_weights else ""))
+        started_from = state.origin
     if int(os.environ.get("RANK", "0")) == 0:
-        # what they were trained from, wherever the command was run
-        started_from = ({"init_weights": args.init_weights if args.init_weights in shipped_models() else init_file,
-                         "init_weights_sha256": init_sha256, "widen": args.widen} if args.init_weights else {})
         sha = save_weights(ema, args.output, {"iterations": state.iteration, "train_config": vars(cfg),
                                               "patch_size_used": patch,
                                               "data": [[str(Path(a).resolve()), str(Path(b).resolve())]

@@ -448,6 +448,9 @@ def _state_sha256(module: torch.nn.Module) -> str:
 class TrainState:
     iteration: int = 0
     losses: list[float] = field(default_factory=list)
+    #: what the run started from (the starting weights' name and sha256), kept across resumes: a
+    #: resumed run's weights descend from its first leg's start, whatever a later command gives
+    origin: dict | None = None
 
 
 def run_progress(iteration: int, iterations: int, elapsed_s: float = 0.0, time_limit_s: float = 0.0) -> float:
@@ -540,6 +543,7 @@ def save_checkpoint(path: Path, model: ClearNet, ema: ClearNet, optimizer: torch
             "numpy_rng": json.dumps(rng.bit_generator.state), "torch_rng": torch.get_rng_state(),
             **({"sampler_rng": json.dumps(sampler_rng.bit_generator.state)} if sampler_rng is not None else {}),
             **({"data": data} if data else {}), "elapsed_s": float(elapsed_s),
+            **({"origin": json.dumps(state.origin)} if state.origin is not None else {}),
         }, tmp)
 
 
@@ -587,19 +591,21 @@ def train(pairs: Sequence[tuple[np.ndarray, np.ndarray]], net_cfg: NetworkConfig
           checkpoint: str | Path | None = None, resume: bool = True, device: str = "cpu",
           log: Callable[[str], None] = print,
           init_state: dict[str, torch.Tensor] | None = None,
-          inherit: Sequence[str] = ()) -> tuple[ClearNet, TrainState]:
+          inherit: Sequence[str] = (), origin: dict | None = None) -> tuple[ClearNet, TrainState]:
     """Train (or resume) a model on HU volume pairs: see :func:`_train`. ``cfg.threads`` applies
-    to this run only: torch's thread count is restored after it, for the rest of the process."""
+    to this run only: torch's thread count is restored after it, for the rest of the process.
+    ``origin``: what ``init_state`` is (recorded in the checkpoint; a resumed run keeps its own)."""
     before = torch.get_num_threads()
     try:
-        return _train(pairs, net_cfg, cfg, checkpoint, resume, device, log, init_state, inherit)
+        return _train(pairs, net_cfg, cfg, checkpoint, resume, device, log, init_state, inherit, origin)
     finally:
         torch.set_num_threads(before)
 
 
 def _train(pairs: Sequence[tuple[np.ndarray, np.ndarray]], net_cfg: NetworkConfig, cfg: TrainConfig,
            checkpoint: str | Path | None, resume: bool, device: str, log: Callable[[str], None],
-           init_state: dict[str, torch.Tensor] | None, inherit: Sequence[str]) -> tuple[ClearNet, TrainState]:
+           init_state: dict[str, torch.Tensor] | None, inherit: Sequence[str],
+           origin: dict | None = None) -> tuple[ClearNet, TrainState]:
     """Train (or resume) a model on HU volume pairs. Returns the EMA model and the state.
 
     ``init_state`` starts from given weights (fine-tuning a shipped model on new data, or
@@ -638,7 +644,7 @@ def _train(pairs: Sequence[tuple[np.ndarray, np.ndarray]], net_cfg: NetworkConfi
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     data = PairedSlices(pairs, cfg.patch_size, seed=cfg.seed + 1000 * rank, anywhere_share=cfg.anywhere_share,
                         max_neighbour_gap=cfg.max_neighbour_gap, own_slice_share=cfg.own_slice_share)
-    state = TrainState()
+    state = TrainState(origin=origin)
     step_rng = np.random.default_rng(cfg.seed + 7)  # same t on every rank each iteration
 
     ckpt = Path(checkpoint) if checkpoint else None
@@ -655,7 +661,8 @@ def _train(pairs: Sequence[tuple[np.ndarray, np.ndarray]], net_cfg: NetworkConfi
         optimizer.load_state_dict(saved["optimizer"])
         for group in optimizer.param_groups:  # this run's --lr, not where a cosine run left it (~0)
             group["lr"] = cfg.lr
-        state = TrainState(saved["iteration"], list(saved["losses"]))
+        state = TrainState(saved["iteration"], list(saved["losses"]),
+                           json.loads(saved["origin"]) if "origin" in saved else None)
         step_rng.bit_generator.state = json.loads(saved["numpy_rng"])
         if "sampler_rng" in saved:  # (checkpoints before 2026-12-05 replay the first patches)
             data.rng.bit_generator.state = json.loads(saved["sampler_rng"])

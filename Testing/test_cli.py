@@ -783,3 +783,19 @@ def test_train_refuses_a_pair_of_one_scan_or_the_wrong_way_round(tmp_path):
                      "--width", "4", "--progress", "none")
         assert r.returncode == 2 and message in r.stderr, (rows, r.stderr)
         assert not (tmp_path / "m.safetensors").exists()
+
+
+def test_a_resumed_run_records_what_its_first_leg_started_from(tmp_path):
+    """The weights of a run started from corediff-25 and resumed with another --init-weights
+    descend from corediff-25: that is what they record, and the ignored option is said."""
+    from CoreDiffLib.models import read_weights_config
+    data = _paired_training_folder(tmp_path)
+    out, common = tmp_path / "ft.safetensors", ("--batch-size", "1", "--patch-size", "32", "--progress", "none")
+    r = corediff("train", data, "--out", out, "--init-weights", "corediff-25", "--iterations", "2", *common)
+    assert r.returncode == 0, r.stderr
+    r = corediff("train", data, "--out", out, "--init-weights", "corediff-10", "--iterations", "3", *common)
+    assert r.returncode == 0, r.stderr
+    assert "descend from what its first leg started from (corediff-25)" in r.stderr
+    assert "--init-weights corediff-10 was not used" in r.stderr
+    _, meta = read_weights_config(out)
+    assert meta["init_weights"] == "corediff-25" and json.loads(meta["iterations"]) == 3
