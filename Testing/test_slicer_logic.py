@@ -30,6 +30,15 @@ def ijkToRASOf(node):
     return m
 
 
+def widgetOnTinyModel(module, tinyModel):
+    """The module's widget set to run the tiny test model on the CPU, and its parameter node."""
+    widget = makeWidget(module)
+    p = widget._parameterNode
+    p.modelFile = __import__("pathlib").Path(tinyModel)
+    p.device = "cpu"
+    return widget, p
+
+
 def cliHas(subcommand):
     r = subprocess.run([sys.executable, "-m", "CoreDiffLib.cli", subcommand, "--help"], cwd=H.REPO_ROOT,
                        capture_output=True, encoding="utf-8")
@@ -433,10 +442,7 @@ def test_one_run_at_a_time_and_the_wizard_follows_the_scene(slicerEnv, tinyModel
 
 def test_a_preview_of_another_scan_gets_its_own_node(slicerEnv, tinyModel):  # noqa: F811
     slicer, module, tempDir = slicerEnv
-    widget = makeWidget(module)
-    p = widget._parameterNode
-    p.modelFile = __import__("pathlib").Path(tinyModel)
-    p.device = "cpu"
+    widget, p = widgetOnTinyModel(module, tinyModel)
     names = []
     for name, seed in (("PatientA", 0), ("PatientB", 5)):
         node, _ = makeVolume((4, 48, 48), name=name, seed=seed)
@@ -834,10 +840,7 @@ def test_a_second_scan_gets_its_own_result_and_readouts_refuse_volumes_of_anothe
     Readouts pair voxels by index, so a volume of another grid, a one-slice preview or a copy
     under another transform is refused with what to do, not scored."""
     slicer, module, tempDir = slicerEnv
-    widget = makeWidget(module)
-    p = widget._parameterNode
-    p.modelFile = __import__("pathlib").Path(tinyModel)
-    p.device = "cpu"
+    widget, p = widgetOnTinyModel(module, tinyModel)
     a, _ = makeVolume((4, 48, 48), name="PatientA", seed=0)
     b, _ = makeVolume((6, 40, 40), name="PatientB", seed=5)
     p.inputVolume = a
@@ -892,10 +895,7 @@ def test_a_second_scan_gets_its_own_result_and_readouts_refuse_volumes_of_anothe
 
 def test_a_run_ending_in_another_module_leaves_its_views_until_the_user_comes_back(slicerEnv, tinyModel):  # noqa: F811
     slicer, module, tempDir = slicerEnv
-    widget = makeWidget(module)
-    p = widget._parameterNode
-    p.modelFile = __import__("pathlib").Path(tinyModel)
-    p.device = "cpu"
+    widget, p = widgetOnTinyModel(module, tinyModel)
     ct, _ = makeVolume((4, 48, 48), name="CT")
     other, _ = makeVolume((4, 48, 48), name="Other", seed=3)
     p.inputVolume = ct
