@@ -483,8 +483,7 @@ def denoise_file(input_path, output_path, denoiser, batch_size: int | None = Non
     error/cancel.
     """
     from .dicom import check_series_input
-    from .dicom import median_slice_gap
-    from .io import check_grid_output, check_output_path, read_volume, write_volume
+    from .io import check_grid_output, check_output_path, read_volume, slice_spacing_mm, write_volume
     check_output_path(input_path, output_path)  # the CLI checks it too; a script calling this must not lose its input
     if context not in CONTEXTS:
         raise CoreDiffError(f"context must be one of {', '.join(CONTEXTS)}, not {context!r}")
@@ -508,9 +507,8 @@ def denoise_file(input_path, output_path, denoiser, batch_size: int | None = Non
         first, last = check_slice_range(slices, n)
         value_range = _validate_streamed(data, str(input_path), slices=(max(first - 1, 0), min(last + 1, n)))
         axial_axis = 2 - (layout.perm[0] if layout is not None else 0)  # ITK index axis of the axial slices
-        *spacing_xy, slice_mm = axial_spacing(info["spacing"], layout)
-        if layout is None and info.get("slice_positions") is not None:  # a DICOM series with a gap:
-            slice_mm = median_slice_gap(info["slice_positions"], info["direction"])  # its spacing, not ITK's mean
+        spacing_xy = axial_spacing(info["spacing"], layout)[:2]
+        slice_mm = slice_spacing_mm(info["spacing"], info["direction"], layout, info.get("slice_positions"))
         partial = (first, last) != (0, n)
         if partial:
             info = dict(info, origin=sub_volume_origin(info, axial_axis, first))

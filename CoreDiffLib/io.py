@@ -91,6 +91,34 @@ def axial_volume(volume: Volume) -> Volume:
                   volume.pixel_type, dict(volume.dicom_tags), volume.source, None)
 
 
+def slice_spacing_mm(spacing, direction, layout, slice_positions=None) -> float:
+    """The distance (mm) between a volume's adjacent axial slices (``layout``: its
+    :func:`~CoreDiffLib.orientation.axial_layout`), which decides the neighbour context
+    (``denoise``, ``oneshot``, and what ``train`` records): for a DICOM series with a gap, its
+    usual spacing (the median), not ITK's mean, which one missing slice inflates."""
+    if layout is None and slice_positions is not None:
+        return median_slice_gap(slice_positions, direction)
+    return axial_spacing(spacing, layout)[2]
+
+
+def slice_of(volume: Volume, one: Volume, tolerance_mm: float = 0.5) -> int | None:
+    """Which slice of ``volume`` the one-slice ``one`` is (a paired one-shot reference given
+    alone), or None: the same in-plane grid and direction, and a position within
+    ``tolerance_mm`` of that slice's, as loose as :func:`voxel_grid_difference` is for a whole
+    pair (exports round positions differently; a slice's thickness is not compared)."""
+    if one.shape[0] != 1 or one.shape[1:] != volume.shape[1:] \
+            or not np.allclose(one.spacing[:2], volume.spacing[:2], rtol=1e-3) \
+            or not np.allclose(one.direction, volume.direction, atol=1e-3):
+        return None
+    d = np.reshape(np.asarray(volume.direction, dtype=np.float64), (3, 3))
+    origin = np.asarray(volume.origin, dtype=np.float64)
+    positions = (np.asarray(volume.slice_positions, dtype=np.float64) if volume.slice_positions is not None
+                 else origin + np.outer(np.arange(volume.shape[0]) * float(volume.spacing[2]), d[:, 2]))
+    distance = np.linalg.norm(positions - np.asarray(one.origin, dtype=np.float64), axis=1)
+    k = int(np.argmin(distance))
+    return k if distance[k] <= tolerance_mm else None
+
+
 def on_grid_of(other: Volume, target: Volume, tolerance_mm: float = 1e-3) -> tuple[np.ndarray, int | None] | None:
     """``other``'s voxels at ``target``'s voxel positions, and the number of ``other``'s slice that
     ``target``'s first one is (None when their slices run in another order), when every voxel of
@@ -260,6 +288,24 @@ def _is_whole(text: str) -> bool:
         return False
 
 
+def _stated_pixel_spacing(path: Path) -> tuple[float, float] | None:
+    """The first PixelSpacing (0028,0030) a DICOM file's header states (in an enhanced CT, its
+    Pixel Measures functional group), read from the raw bytes in either little-endian VR form;
+    None when not found. SimpleITK does not expose the functional groups."""
+    with open(path, "rb") as f:
+        head = f.read(1 << 22)
+    end = head.find(b"\xe0\x7f\x10\x00")  # the pixel data
+    found = re.search(rb"\x28\x00\x30\x00(?:DS(..)|(....))", head[:end if end > 0 else None], re.S)
+    if found is None:
+        return None
+    size = int.from_bytes(found.group(1) or found.group(2), "little")
+    try:
+        values = [float(v) for v in head[found.end():found.end() + size].decode("ascii").strip("\x00 ").split("\\")]
+    except (UnicodeDecodeError, ValueError):
+        return None
+    return (values[0], values[1]) if len(values) == 2 else None
+
+
 def _check_ct_tags(tags: dict[str, str], source) -> None:
     """Refuse DICOM that is not CT, or whose grey levels run backwards (MONOCHROME1): ITK inverts
     those, which turns HU into nonsense, and CT is stored as MONOCHROME2 in practice."""
@@ -280,9 +326,10 @@ def _read_dicom_file(path: Path) -> tuple[sitk.Image, dict[str, str]]:
     tags = {k: reader.GetMetaData(k) for k in reader.GetMetaDataKeys()}
     _check_ct_tags(tags, path)
     frames = tags.get("0028|0008", "1").strip()
-    if frames.isdigit() and int(frames) > 1 and image.GetSpacing() == (1.0, 1.0, 1.0):
+    stated = _stated_pixel_spacing(path) if frames.isdigit() and int(frames) > 1 else None
+    if stated is not None and image.GetSpacing() == (1.0, 1.0, 1.0) and not np.allclose(stated, 1.0):
         # GDCM's fallback when an enhanced file's frames are missing, uneven or out of order: the
-        # real pixel size and slice positions are lost, and the frames kept in file order
+        # pixel size the file states is lost, and the frames kept in file order
         raise CoreDiffError(f"{path}: a multi-frame (enhanced) CT whose frame geometry GDCM could not read "
                             "(frames missing, unevenly spaced or out of order?): it reads as 1 mm voxels in "
                             "file order. Convert it to a classic one-file-per-slice series (e.g. dcm2niix, "
@@ -673,7 +720,7 @@ def read_training_pairs(pairs: list[tuple[Path, Path]], log=None,
             log(f"{Path(nd).name}: stored {layout.storage}ly; trained on its axial planes")
         volumes.append((axial_volume(a).array, axial_volume(b).array))
         if slice_mm is not None:
-            slice_mm.append(axial_spacing(a.spacing, layout)[2])
+            slice_mm.append(slice_spacing_mm(a.spacing, a.direction, layout, a.slice_positions))
     return volumes
 
 

@@ -885,8 +885,8 @@ def _check_reference_noise(args, ldct, ldct_xy, ndct_slice_hu, ndct_xy) -> None:
 def cmd_oneshot(args) -> int:
     """``corediff oneshot``: learn and save an adaptation; last stdout line ``RESULT <path>``."""
     from .cli import Progress, info, note
-    from .inference import axial_layout, axial_spacing, axial_view, pick_device, uses_neighbours
-    from .io import on_grid_of, read_volume, voxel_grid_difference
+    from .inference import axial_layout, axial_view, pick_device, uses_neighbours
+    from .io import read_volume, slice_of, slice_spacing_mm, voxel_grid_difference
     from .models import load_model
 
     # everything that can be checked cheaply is checked before any heavy work
@@ -929,7 +929,8 @@ def cmd_oneshot(args) -> int:
     ldct_volume = read_volume(args.ldct, log=note)
     # the axial planes, however the series is stored (a reformat): --slice counts them, as denoise runs them
     ldct, ldct_xy = axial_view(ldct_volume)
-    slice_mm = axial_spacing(ldct_volume.spacing, axial_layout(ldct_volume.direction, ldct_volume.array.shape))[2]
+    slice_mm = slice_spacing_mm(ldct_volume.spacing, ldct_volume.direction,
+                                axial_layout(ldct_volume.direction, ldct_volume.array.shape), ldct_volume.slice_positions)
     model_name = args.model
     if model_name == AUTO_MODEL:  # the base nearest the new dose: what the steps can be re-weighted from
         from .cli import choose_dose_model
@@ -951,14 +952,14 @@ def cmd_oneshot(args) -> int:
         if differs == "shape" and ndct.shape[0] == 1 and ndct.shape[1:] == ldct.shape[1:] \
                 and axial_layout(ldct_volume.direction, ldct_volume.array.shape) is None:
             # one NDCT slice, the reference's own: found on the LDCT's grid by where it lies
-            found = on_grid_of(ldct_volume, ndct_volume)
-            if found is None or found[1] is None:
+            found = slice_of(ldct_volume, ndct_volume)
+            if found is None:
                 raise CoreDiffError("the one --ndct slice is not a slice of the --ldct scan (another place, pixel "
                                     "spacing or orientation): paired mode needs the aligned normal-dose slice "
                                     "(use --ndct-unpaired otherwise)")
-            if found[1] != args.slice:
-                raise CoreDiffError(f"the one --ndct slice lies at --ldct slice {found[1]}, not at --slice "
-                                    f"{args.slice}: give --slice {found[1]} (its neighbours are the context)")
+            if found != args.slice:
+                raise CoreDiffError(f"the one --ndct slice lies at --ldct slice {found}, not at --slice "
+                                    f"{args.slice}: give --slice {found} (its neighbours are the context)")
             differs = None
         if differs == "shape":
             raise CoreDiffError(f"--ndct volume {ndct_volume.shape} and --ldct volume {ldct_volume.shape} differ in "

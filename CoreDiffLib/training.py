@@ -497,7 +497,8 @@ def _check_finite(window: list[torch.Tensor], models: Sequence[torch.nn.Module],
     finite = bool(torch.isfinite(torch.stack(window)).all()) if window else True
     finite = finite and all(bool(torch.isfinite(p).all()) for m in models for p in m.parameters())
     if not finite:
-        kept = f"{checkpoint} keeps the run as of its last save" if checkpoint else "nothing was saved"
+        kept = (f"{checkpoint} keeps the run as of its last save" if checkpoint and checkpoint.exists()
+                else "nothing was saved")
         raise TrainingDiverged(f"training diverged by iteration {iteration} (a loss or weight is NaN or infinite): "
                                f"stopped without saving; {kept}. Go on with a lower --lr (or fp32 precision)")
 
@@ -757,8 +758,10 @@ def _train(pairs: Sequence[tuple[np.ndarray, np.ndarray]], net_cfg: NetworkConfi
                 _check_finite(window, (model, ema), state.iteration, ckpt)  # nothing diverged is saved
                 if ckpt and rank == 0:
                     save(ckpt)
-            if ckpt and rank == 0 and cfg.keep_every and state.iteration % cfg.keep_every == 0:
-                save(ckpt.with_name(f"{ckpt.stem}.it{state.iteration}{ckpt.suffix}"))
+            if ckpt and cfg.keep_every and state.iteration % cfg.keep_every == 0:
+                _check_finite(window, (model, ema), state.iteration, ckpt)
+                if rank == 0:
+                    save(ckpt.with_name(f"{ckpt.stem}.it{state.iteration}{ckpt.suffix}"))
             if stop.requested:
                 where = (f"; {ckpt} holds the run so far: run the same command to go on, or with --iterations "
                          f"{state.iteration} to write its weights as they are" if ckpt and rank == 0 else "")

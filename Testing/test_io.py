@@ -632,6 +632,8 @@ def test_a_series_with_a_missing_slice_keeps_its_own_slice_spacing(tmp_path, tin
     vol = read_volume(folder)
     assert vol.slice_positions is not None and vol.spacing[2] == pytest.approx(6.4)
     assert median_slice_gap(vol.slice_positions, vol.direction) == pytest.approx(1.0)
+    from CoreDiffLib.io import slice_spacing_mm  # what oneshot and train take too
+    assert slice_spacing_mm(vol.spacing, vol.direction, None, vol.slice_positions) == pytest.approx(1.0)
     lines = []
     denoise_file(folder, tmp_path / "out", Denoiser.load(str(tiny_model_path), device="cpu"), log=lines.append)
     assert not any("its own context" in line for line in lines), lines
@@ -643,15 +645,25 @@ def test_a_series_with_a_missing_slice_keeps_its_own_slice_spacing(tmp_path, tin
 
 def test_a_multi_frame_ct_read_with_gdcms_fallback_geometry_is_refused(tmp_path):
     """GDCM gives 1 mm voxels in file order when an enhanced CT's frames are missing, uneven or
-    out of order; the real pixel size and positions are lost, so it is refused with a way out."""
+    out of order; the pixel size the file states is lost, so it is refused with a way out. A
+    file whose voxels really are 1 mm reads as it is."""
     image = sitk.GetImageFromArray(synthetic_ct(4, 32).round().astype(np.int16))
     image.SetMetaData("0008|0060", "CT")
-    sitk.WriteImage(image, str(tmp_path / "fallback.dcm"))  # spacing (1, 1, 1): what the fallback reads as
+    image.SetSpacing((0.7, 0.7, 2.0))
+    image.SetOrigin((10.0, 20.0, 30.0))
+    sitk.WriteImage(image, str(tmp_path / "regular.dcm"))  # one multi-frame (enhanced CT) file
+    assert read_volume(tmp_path / "regular.dcm").spacing == pytest.approx((0.7, 0.7, 2.0))
+    raw = (tmp_path / "regular.dcm").read_bytes()
+    assert raw.count(b"10\\20\\32") == 1 and raw.count(b"10\\20\\34") == 1  # frames 1 and 2's positions
+    swapped = (raw.replace(b"10\\20\\32", b"10\\20\\XX").replace(b"10\\20\\34", b"10\\20\\32")
+               .replace(b"10\\20\\XX", b"10\\20\\34"))  # same lengths: the file stays well formed
+    (tmp_path / "swapped.dcm").write_bytes(swapped)
+    assert sitk.ReadImage(str(tmp_path / "swapped.dcm")).GetSpacing() == (1.0, 1.0, 1.0)  # GDCM's fallback
     with pytest.raises(CoreDiffError, match="multi-frame .*could not read.*classic one-file-per-slice series"):
-        read_volume(tmp_path / "fallback.dcm")
-    image.SetSpacing((0.7, 0.7, 2.5))
-    sitk.WriteImage(image, str(tmp_path / "regular.dcm"))
-    assert read_volume(tmp_path / "regular.dcm").spacing == pytest.approx((0.7, 0.7, 2.5))
+        read_volume(tmp_path / "swapped.dcm")
+    image.SetSpacing((1.0, 1.0, 1.0))
+    sitk.WriteImage(image, str(tmp_path / "iso1mm.dcm"))
+    assert read_volume(tmp_path / "iso1mm.dcm").spacing == (1.0, 1.0, 1.0)
 
 
 def test_a_slice_with_its_own_fractional_rescale_slope_keeps_its_fraction(tmp_path):

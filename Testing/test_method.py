@@ -693,6 +693,14 @@ def test_a_diverged_run_stops_without_replacing_its_checkpoint_or_writing_weight
     with pytest.raises(TrainingDiverged, match="diverged by iteration .*/c.ckpt keeps the run as of its last save"):
         run(200, 1e12)
     assert ckpt.read_bytes() == before
+    fresh = tmp_path / "fresh.ckpt"  # diverging before its first save, with snapshots asked for
+    cfg = TrainConfig(iterations=60, batch_size=2, patch_size=16, log_every=20, checkpoint_every=20, keep_every=1,
+                      lr=1e12)
+    with pytest.raises(TrainingDiverged, match="stopped without saving; nothing was saved"):
+        train(pairs, NetworkConfig(width=4, steps=2), cfg, checkpoint=fresh, log=lambda m: None)
+    snapshots = sorted(tmp_path.glob("fresh.it*.ckpt"))
+    assert not fresh.exists() and all(
+        all(torch.isfinite(v).all() for v in torch.load(p, weights_only=True)["model"].values()) for p in snapshots)
     with torch.no_grad():
         next(good.parameters()).fill_(float("nan"))
     with pytest.raises(CoreDiffError, match="hold NaN or infinite values"):
