@@ -929,8 +929,8 @@ def cmd_oneshot(args) -> int:
     ldct_volume = read_volume(args.ldct, log=note)
     # the axial planes, however the series is stored (a reformat): --slice counts them, as denoise runs them
     ldct, ldct_xy = axial_view(ldct_volume)
-    slice_mm = slice_spacing_mm(ldct_volume.spacing, ldct_volume.direction,
-                                axial_layout(ldct_volume.direction, ldct_volume.array.shape), ldct_volume.slice_positions)
+    layout = axial_layout(ldct_volume.direction, ldct_volume.array.shape)
+    slice_mm = slice_spacing_mm(ldct_volume.spacing, ldct_volume.direction, layout, ldct_volume.slice_positions)
     model_name = args.model
     if model_name == AUTO_MODEL:  # the base nearest the new dose: what the steps can be re-weighted from
         from .cli import choose_dose_model
@@ -950,7 +950,7 @@ def cmd_oneshot(args) -> int:
     if paired:
         differs = voxel_grid_difference(ndct_volume, ldct_volume)
         if differs == "shape" and ndct.shape[0] == 1 and ndct.shape[1:] == ldct.shape[1:] \
-                and axial_layout(ldct_volume.direction, ldct_volume.array.shape) is None:
+                and layout is None:
             # one NDCT slice, the reference's own: found on the LDCT's grid by where it lies
             found = slice_of(ldct_volume, ndct_volume)
             if found is None:
