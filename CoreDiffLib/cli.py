@@ -572,7 +572,8 @@ def cmd_dose(args: argparse.Namespace) -> int:
         raise CoreDiffError(f"{args.input}: {exc}, so its dose cannot be estimated") from None
     row = {"input": str(args.input), "noise_index_hu": round(scan.noise_index_hu, 2),
            "water_equivalent_diameter_mm": round(scan.wed_mm, 1), "slices_measured": scan.slices,
-           "slices_cut_off": scan.cut_slices, "estimated_dose": round(dose, 4), "model": model}
+           "slices_cut_off": scan.cut_slices, "estimated_dose": round(dose, 4), "model": model,
+           "caveat": scan.caveat() or None}
     if args.json:
         print(json.dumps(row, indent=1))
     else:

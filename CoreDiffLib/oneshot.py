@@ -364,12 +364,13 @@ def list_adaptations() -> list[dict]:
             outdated = is_outdated(path)  # a new fit of its name replaces it without --overwrite
             if outdated:
                 why = "outdated, cannot be used: adapt again with the same name"
-            elif "newer CoreDiff" in str(exc):  # another installation's: not to be deleted from here
+            newer = "newer CoreDiff" in str(exc)  # another installation's: not to be deleted from here
+            if newer:
                 why = f"cannot be used by this version ({exc})"
-            else:
+            elif not outdated:
                 why = f"damaged, cannot be used ({exc}): delete {path} or adapt again with --overwrite"
             rows.append({"name": path.stem, "path": str(path), "kind": "adaptation", "damaged": True,
-                         "outdated": outdated, "description": why})
+                         "outdated": outdated, "newer": newer, "description": why})
             continue
         probs = a.probabilities
         best = int(np.argmax(probs))
@@ -863,10 +864,12 @@ def _same_spacing(a: Sequence[float], b: Sequence[float], rel: float = 1e-3) -> 
     return all(abs(x - y) <= rel * max(abs(x), abs(y), 1e-6) for x, y in zip(a, b))
 
 
-def _check_reference_noise(args, ldct, ldct_xy, ndct_slice_hu, ndct_xy) -> None:
-    """Refuse a reference slice without a body to learn from, and a normal-dose slice that is not
-    quieter than the low-dose one (the same scan given twice, or the two swapped): the weights
-    would learn to keep the noise, and the fit's loss would look excellent."""
+def _check_reference_noise(args, ldct, ldct_xy, ndct_slice_hu, ndct_xy, paired: bool) -> None:
+    """Refuse a reference slice without a body to learn from, and a paired normal-dose slice that
+    is not quieter than the low-dose one (the same scan given twice, or the two swapped): the
+    weights would learn to keep the noise, and the fit's loss would look excellent. An unpaired
+    one (another patient, size or thickness) may measure noisier for other reasons: a note."""
+    from .cli import info
     from .dose_estimate import measure
     try:
         low = measure(ldct[args.slice:args.slice + 1], ldct_xy).noise_index_hu
@@ -877,9 +880,13 @@ def _check_reference_noise(args, ldct, ldct_xy, ndct_slice_hu, ndct_xy) -> None:
     except CoreDiffError:
         return  # an unpaired slice of little soft tissue: the fit says so if it matters
     if normal >= 0.95 * low:
-        raise CoreDiffError(f"the normal-dose reference is not quieter than the low-dose slice (noise index "
-                            f"{normal:.1f} against {low:.1f} HU): is it the normal-dose scan? Weights learned "
-                            "from it would keep the low-dose noise")
+        why = (f"the normal-dose reference is not quieter than the low-dose slice (noise index {normal:.1f} against "
+               f"{low:.1f} HU)")
+        if paired:
+            raise CoreDiffError(f"{why}: is it the normal-dose scan? Weights learned from it would keep the "
+                                "low-dose noise")
+        info(args, f"note: {why}; if it is another patient's or thinner slices that may be so, but weights "
+                   "fitted to its texture will keep much of the low-dose noise")
 
 
 def cmd_oneshot(args) -> int:
@@ -987,7 +994,7 @@ def cmd_oneshot(args) -> int:
         if not _same_spacing(ndct_xy, ldct_xy, rel=0.1):
             info(args, "note: the unpaired NDCT's pixel spacing differs from the LDCT's by more than 10 %; "
                        "texture statistics are compared per pixel")
-    _check_reference_noise(args, ldct, ldct_xy, ndct[ndct_index], ndct_xy)
+    _check_reference_noise(args, ldct, ldct_xy, ndct[ndct_index], ndct_xy, paired)
     info(args, f"one-shot {'paired' if paired else 'unpaired'} adaptation '{name}': reference slice {args.slice}"
                f" of {Path(args.ldct).name}, NDCT slice {args.slice if paired else ndct_slice}, "
                f"T={model.config.steps}, {args.iterations} iterations")

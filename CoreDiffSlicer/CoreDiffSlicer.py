@@ -531,7 +531,7 @@ class CoreDiffSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._flickerOn = False
         self._observedSliceNode = None
         self._modelEntries = []
-        self._adaptationNames = {}  # saved adaptation name -> damaged, from the last model list
+        self._adaptationNames = {}  # saved adaptation name -> usable, damaged or newer, from the last model list
         self._deviceEntries = []
         self._listedWithoutTorch = False  # the lists failed for want of torch: make them again once it is there
         self._lastAdaptation = None
@@ -641,8 +641,12 @@ class CoreDiffSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         inputID = p.inputVolume.GetID() if p and p.inputVolume else None
         if inputID != self._lastInputID:
             self._lastInputID = inputID
-            source = p.outputVolume.GetNodeReferenceID(self.logic.SOURCE_REFERENCE) if p and p.outputVolume else None
-            if inputID and source and source != inputID:
+            out = p.outputVolume if p else None
+            source = out.GetNodeReferenceID(self.logic.SOURCE_REFERENCE) if out else None
+            # a result from before results named their scan: judged by its grid
+            legacy = out is not None and source is None and out.GetAttribute("CoreDiff.model") is not None
+            if inputID and ((source and source != inputID)
+                            or (legacy and self.logic.gridMismatch(out, p.inputVolume))):
                 # the result of another scan stays as it is: this one gets its own ("Create new volume")
                 p.outputVolume = None
         self.ui.stepsSliderWidget.enabled = not (self._parameterNode and self._parameterNode.autoSteps)
@@ -832,7 +836,8 @@ class CoreDiffSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                         if self._listedWithoutTorch else f"Could not list models: {error}")
             entries = []
         # names a new adaptation may only take by replacing (an outdated one is replaced anyway)
-        self._adaptationNames = {str(e.get("name")): bool(e.get("damaged")) for e in entries or []
+        self._adaptationNames = {str(e.get("name")): "newer" if e.get("newer") else "damaged" if e.get("damaged")
+                                 else "usable" for e in entries or []
                                  if e.get("kind") == "adaptation" and not e.get("outdated")}
         self._modelEntries = [e for e in entries or [] if not e.get("damaged")]  # `corediff models` lists them
         items = [("Automatic: the model for the scan's dose", "")]
@@ -981,8 +986,9 @@ class CoreDiffSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 return "The normal-dose volume must differ from the low-dose volume"
             if p.osPaired and p.osLdctVolume:
                 problem = self.logic.gridMismatch(p.osNdctVolume, p.osLdctVolume)
-                if problem:
-                    return f"{problem}: paired volumes must be aligned (uncheck 'paired' for an unaligned scan)"
+                if problem and self.logic.oneSliceOf(p.osLdctVolume, p.osNdctVolume) is None:
+                    return (f"{problem}: paired volumes must be aligned, or the normal-dose one a slice of the "
+                            "low-dose scan (uncheck 'paired' for an unaligned scan)")
         if step == 3 and (self._oneShotJob is None or not self._oneShotJob.succeeded):
             return "Adapt first"
         return None
@@ -1075,10 +1081,18 @@ class CoreDiffSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p = self._parameterNode
         if not self._dependenciesReady():
             return
-        overwrite = p.osName in self._adaptationNames
+        where = self.logic.oneSliceOf(p.osLdctVolume, p.osNdctVolume) if p.osPaired else None
+        if where is not None and where != p.osSlice:  # a one-slice normal-dose reference: its slice is the one
+            p.osSlice = where
+        held = self._adaptationNames.get(p.osName)
+        if held == "newer":  # another installation's file, which this version cannot read: not to be replaced
+            self.ui.oneShotStatusLabel.text = (f"An adaptation named '{p.osName}' was made by a newer CoreDiff: "
+                                               "choose another name.")
+            return
+        overwrite = held is not None
         if overwrite and not slicer.util.confirmOkCancelDisplay(
                 f"An adaptation named '{p.osName}' already exists"
-                + (" (damaged: it cannot be used)" if self._adaptationNames[p.osName] else "")
+                + (" (damaged: it cannot be used)" if held == "damaged" else "")
                 + ". Replace it?", windowTitle="CoreDiff"):
             self.ui.oneShotStatusLabel.text = "Not adapted: choose another name, or replace the existing one."
             return
@@ -1792,6 +1806,28 @@ class CoreDiffSlicerLogic(ScriptedLoadableModuleLogic):
             return (f"'{node.GetName()}' and '{inputNode.GetName()}' are under different transforms: "
                     "put both under the same one, or harden them")
         return None
+
+    def oneSliceOf(self, volumeNode, oneNode, toleranceMm=0.5) -> Optional[int]:
+        """Which axial slice of ``volumeNode`` the one-slice ``oneNode`` is (a paired one-shot
+        reference given alone), as the library finds it (``CoreDiffLib.io.slice_of``): the same
+        in-plane grid, directions and transform, and a position within ``toleranceMm``."""
+        if volumeNode is None or oneNode is None or oneNode.GetImageData() is None \
+                or volumeNode.GetImageData() is None or self.axialAxis(volumeNode) != 2 \
+                or oneNode.GetTransformNodeID() != volumeNode.GetTransformNodeID():
+            return None
+        dims, one = volumeNode.GetImageData().GetDimensions(), oneNode.GetImageData().GetDimensions()
+        if tuple(one) != (dims[0], dims[1], 1):
+            return None
+        a, b = vtk.vtkMatrix4x4(), vtk.vtkMatrix4x4()
+        volumeNode.GetIJKToRASMatrix(a)
+        oneNode.GetIJKToRASMatrix(b)
+        ma, mb = slicer.util.arrayFromVTKMatrix(a), slicer.util.arrayFromVTKMatrix(b)
+        if not np.allclose(ma[:3, :2], mb[:3, :2], rtol=1e-3, atol=1e-4):
+            return None
+        positions = ma[:3, 3][None] + np.outer(np.arange(dims[2]), ma[:3, 2])
+        distance = np.linalg.norm(positions - mb[:3, 3][None], axis=1)
+        k = int(np.argmin(distance))
+        return k if distance[k] <= toleranceMm else None
 
     def roiStatistics(self, inputNode, outputNode, roiNode=None, sliceIndex=None) -> dict:
         """Mean and SD (HU) inside the ROI, before and after.

@@ -693,3 +693,14 @@ def test_a_paired_reference_may_be_the_one_normal_dose_slice_placed_where_it_lie
                              "--slice", 2, "--name", name, "--iterations", 5, "--progress", "none")
         assert (rc == 0) == (shift < 0.5), err
     assert "is not a slice of the --ldct scan" in one_error_line(err)
+
+
+def test_an_unpaired_reference_noisier_than_the_low_dose_slice_is_a_note_not_a_refusal(files, user_home, capsys,
+                                                                                          tmp_path):
+    """Another patient's, or thinner, normal-dose slices may measure noisier for reasons of their
+    own: unpaired mode says so and fits; paired mode (the same voxels) refuses."""
+    rc, out, err = run_cli(capsys, "oneshot", "--model", files["model"], "--ldct", files["ndct"], "--slice", 1,
+                           "--ndct-unpaired", files["ldct"], "--name", "u", "--out", tmp_path / "u.json",
+                           "--iterations", 5, "--patch-size", 64, "--progress", "none")
+    assert rc == 0, err
+    assert "note: the normal-dose reference is not quieter than the low-dose slice" in out + err

@@ -30,11 +30,11 @@ def ijkToRASOf(node):
     return m
 
 
-def widgetOnTinyModel(module, tinyModel):
+def widgetOnTinyModel(module, modelPath):
     """The module's widget set to run the tiny test model on the CPU, and its parameter node."""
     widget = makeWidget(module)
     p = widget._parameterNode
-    p.modelFile = __import__("pathlib").Path(tinyModel)
+    p.modelFile = __import__("pathlib").Path(modelPath)
     p.device = "cpu"
     return widget, p
 
@@ -982,3 +982,57 @@ def test_listings_read_their_json_past_warnings_that_hold_brackets(slicerEnv):  
     assert parse(text) == [{"name": "corediff-25", "kind": "model"}]
     with pytest.raises(ValueError, match="unexpected output"):
         parse("Traceback (most recent call last):\n  [nothing]\n")
+
+
+def test_the_wizard_takes_a_one_slice_normal_dose_reference_where_it_lies(slicerEnv, tinyModel, tmp_path, monkeypatch):  # noqa: F811,E501
+    """The library finds a paired reference given as its one slice; the wizard refused it as not
+    on the low-dose grid. The reference slice becomes the one it lies at. A name held by a newer
+    CoreDiff's file is not offered for replacement."""
+    slicer, module, tempDir = slicerEnv
+    monkeypatch.setenv("COREDIFF_HOME", str(tmp_path / "home"))
+    widget = makeWidget(module)
+    ldct, m = makeVolume((6, 48, 48), name="LDCT10", seed=1, noiseSD=80)
+    one = vtk.vtkMatrix4x4()
+    one.DeepCopy(m)
+    origin = m.MultiplyPoint([0, 0, 4, 1])
+    for r in range(3):
+        one.SetElement(r, 3, origin[r] + 0.2)  # rounded by an export
+    ndct = H.volumeFromArray(slicer.util.arrayFromVolume(ldct)[4:5].copy(), one, "NDCT slice 4")
+    p = widget._parameterNode
+    p.modelFile = __import__("pathlib").Path(tinyModel)
+    p.osLdctVolume, p.osNdctVolume, p.osPaired, p.osSlice, p.osName = ldct, ndct, True, 1, "one_slice"
+    assert widget.logic.oneSliceOf(ldct, ndct) == 4
+    assert widget._oneShotStepValid(2) is None
+    widget.onOneShotAdapt()
+    args = [str(a) for a in H.launched[-1].args]
+    assert args[args.index("--slice") + 1] == "4" and p.osSlice == 4
+    widget.onOneShotAdapt()  # Cancel
+    spin(slicer, lambda: not widget._oneShotJob.running, timeout=30)
+    elsewhere = H.volumeFromArray(np.zeros((1, 48, 48), np.int16), m, "NDCT elsewhere")
+    p.osNdctVolume = elsewhere
+    assert widget.logic.oneSliceOf(ldct, elsewhere) == 0  # slice 0's own place: found
+    shifted = vtk.vtkMatrix4x4()
+    shifted.DeepCopy(one)
+    shifted.SetElement(2, 3, one.GetElement(2, 3) + 1.2)  # between slices (2.5 mm apart)
+    p.osNdctVolume = H.volumeFromArray(np.zeros((1, 48, 48), np.int16), shifted, "NDCT off")
+    assert "paired volumes must be aligned" in widget._oneShotStepValid(2)
+    widget._adaptationNames = {"future": "newer"}
+    p.osNdctVolume, p.osName = ndct, "future"
+    started = len(H.launched)
+    widget.onOneShotAdapt()
+    assert len(H.launched) == started and "made by a newer CoreDiff" in widget.ui.oneShotStatusLabel.property("text")
+    assert not [d for d in H.displayed if d[0] == "confirm"]
+
+
+def test_a_result_from_an_older_scene_is_not_given_another_scans_voxels(slicerEnv):  # noqa: F811
+    slicer, module, tempDir = slicerEnv
+    widget = makeWidget(module)
+    a, m = makeVolume((4, 48, 48), name="PatientA")
+    b, _ = makeVolume((6, 40, 40), name="PatientB", seed=5)
+    old = H.volumeFromArray(slicer.util.arrayFromVolume(a).copy(), m, "PatientA denoised")
+    old.SetAttribute("CoreDiff.model", "corediff-25")  # made before results referenced their scan
+    p = widget._parameterNode
+    p.inputVolume, p.outputVolume = a, old
+    assert p.outputVolume is old  # its own scan's grid: kept
+    p.inputVolume = b
+    assert p.outputVolume is None
