@@ -367,3 +367,14 @@ def test_out_of_memory_on_the_cpu_halves_the_batch_too(error):
 def test_out_of_memory_with_one_slice_is_a_clear_error():
     with pytest.raises(CoreDiffError, match="even with one slice"):
         denoise_volume(synthetic_ct(3, 32), denoiser=_FlakyGPU(limit=0), batch_size=2)
+
+
+def test_a_gpu_index_the_machine_lacks_is_refused_by_name(monkeypatch):
+    from CoreDiffLib import CoreDiffError
+    from CoreDiffLib.inference import pick_device
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert pick_device("cuda:1") == torch.device("cuda:1") and pick_device("gpu") == torch.device("cuda")
+    for bad in ("cuda:2", "cuda:x"):
+        with pytest.raises(CoreDiffError, match="this machine's GPUs are cuda:0 to cuda:1"):
+            pick_device(bad)
