@@ -283,7 +283,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                      "init_weights_sha256": init_sha256, "widen": args.widen} if args.init_weights else {})
     ema, state = train(volumes, net_cfg, cfg, checkpoint=checkpoint, device=device,
                        log=lambda m: info(args, m), init_state=init_state,
-                       inherit=("ema_start",) if args.ema_start is None else (), origin=started_from)
+                       inherit=("ema_start",) if args.ema_start is None else (), origin=started_from,
+                       consume_pairs=True)  # the HU copies are not needed again: half the memory
     if state.origin is not None and state.origin != started_from:
         info(args, "note: resumed run: its weights descend from what its first leg started from "
                    f"({state.origin.get('init_weights') or 'a fresh network'}), recorded as such"

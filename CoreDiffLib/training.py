@@ -27,7 +27,7 @@ from . import CoreDiffError
 from .atomic import StopRequests, atomic_path
 from .degradation import alpha_schedule, degrade
 from .diffusion import network_input
-from .intensity import METRIC_WINDOW_HU, hu_to_unit
+from .intensity import HU_MAX, HU_MIN, HU_RANGE, METRIC_WINDOW_HU, hu_to_unit
 from .network import ClearNet, NetworkConfig
 
 
@@ -153,6 +153,17 @@ def farthest_neighbour_mm(pairs: Sequence[tuple[np.ndarray, np.ndarray]], slice_
                for (_, ldct), mm in zip(pairs, slice_mm))
 
 
+def _hu_to_unit_in_place(hu: np.ndarray) -> np.ndarray:
+    """:func:`~CoreDiffLib.intensity.hu_to_unit` written over a float32 array (no second copy of
+    a training set in memory); other arrays are converted into a new one."""
+    if not (isinstance(hu, np.ndarray) and hu.dtype == np.float32 and hu.flags.writeable):
+        return hu_to_unit(hu)
+    np.clip(hu, HU_MIN, HU_MAX, out=hu)
+    hu -= HU_MIN
+    hu /= HU_RANGE
+    return hu
+
+
 class PairedSlices:
     """Paired NDCT / LDCT volumes in [0, 1], sampled as random (context, target) patches.
 
@@ -176,7 +187,7 @@ class PairedSlices:
 
     def __init__(self, pairs: Sequence[tuple[np.ndarray, np.ndarray]], patch_size: int = 64,
                  seed: int = 0, anywhere_share: float = 0.0, max_neighbour_gap: int = 1,
-                 own_slice_share: float = 0.0, multiple: int = PATCH_MULTIPLE):
+                 own_slice_share: float = 0.0, multiple: int = PATCH_MULTIPLE, in_place: bool = False):
         if not pairs:
             raise CoreDiffError("no training pairs: give at least one NDCT/LDCT pair")
         check_share("--anywhere-share", "the share of patches drawn anywhere", anywhere_share)
@@ -186,7 +197,8 @@ class PairedSlices:
         for ndct, ldct in pairs:
             if ndct.shape != ldct.shape:
                 raise CoreDiffError(f"NDCT {ndct.shape} and LDCT {ldct.shape} volumes differ in shape")
-            self.pairs.append((hu_to_unit(ndct), hu_to_unit(ldct)))
+            convert = _hu_to_unit_in_place if in_place else hu_to_unit
+            self.pairs.append((convert(ndct), convert(ldct)))
         self.patch = patch_size_used(pairs, patch_size, multiple)
         self.rng = np.random.default_rng(seed)
         self.anywhere_share = anywhere_share
@@ -592,13 +604,17 @@ def train(pairs: Sequence[tuple[np.ndarray, np.ndarray]], net_cfg: NetworkConfig
           checkpoint: str | Path | None = None, resume: bool = True, device: str = "cpu",
           log: Callable[[str], None] = print,
           init_state: dict[str, torch.Tensor] | None = None,
-          inherit: Sequence[str] = (), origin: dict | None = None) -> tuple[ClearNet, TrainState]:
+          inherit: Sequence[str] = (), origin: dict | None = None,
+          consume_pairs: bool = False) -> tuple[ClearNet, TrainState]:
     """Train (or resume) a model on HU volume pairs: see :func:`_train`. ``cfg.threads`` applies
     to this run only: torch's thread count is restored after it, for the rest of the process.
-    ``origin``: what ``init_state`` is (recorded in the checkpoint; a resumed run keeps its own)."""
+    ``origin``: what ``init_state`` is (recorded in the checkpoint; a resumed run keeps its own).
+    ``consume_pairs``: float32 pairs are turned into the network's range in place (half the
+    memory; the caller must not use them as HU afterwards)."""
     before = torch.get_num_threads()
     try:
-        return _train(pairs, net_cfg, cfg, checkpoint, resume, device, log, init_state, inherit, origin)
+        return _train(pairs, net_cfg, cfg, checkpoint, resume, device, log, init_state, inherit, origin,
+                      consume_pairs)
     finally:
         torch.set_num_threads(before)
 
@@ -606,7 +622,7 @@ def train(pairs: Sequence[tuple[np.ndarray, np.ndarray]], net_cfg: NetworkConfig
 def _train(pairs: Sequence[tuple[np.ndarray, np.ndarray]], net_cfg: NetworkConfig, cfg: TrainConfig,
            checkpoint: str | Path | None, resume: bool, device: str, log: Callable[[str], None],
            init_state: dict[str, torch.Tensor] | None, inherit: Sequence[str],
-           origin: dict | None = None) -> tuple[ClearNet, TrainState]:
+           origin: dict | None = None, consume_pairs: bool = False) -> tuple[ClearNet, TrainState]:
     """Train (or resume) a model on HU volume pairs. Returns the EMA model and the state.
 
     ``init_state`` starts from given weights (fine-tuning a shipped model on new data, or
@@ -643,13 +659,14 @@ def _train(pairs: Sequence[tuple[np.ndarray, np.ndarray]], net_cfg: NetworkConfi
     for p in ema.parameters():
         p.requires_grad_(False)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    ckpt = Path(checkpoint) if checkpoint else None
+    fingerprint = data_fingerprint(pairs) if ckpt else None  # of the HU, before a conversion in place
     data = PairedSlices(pairs, cfg.patch_size, seed=cfg.seed + 1000 * rank, anywhere_share=cfg.anywhere_share,
-                        max_neighbour_gap=cfg.max_neighbour_gap, own_slice_share=cfg.own_slice_share)
+                        max_neighbour_gap=cfg.max_neighbour_gap, own_slice_share=cfg.own_slice_share,
+                        in_place=consume_pairs)
     state = TrainState(origin=origin)
     step_rng = np.random.default_rng(cfg.seed + 7)  # same t on every rank each iteration
 
-    ckpt = Path(checkpoint) if checkpoint else None
-    fingerprint = data_fingerprint(pairs) if ckpt else None
     elapsed_before = 0.0  # training time of the earlier legs of a resumed run
     if ckpt and resume and ckpt.exists():
         saved = load_checkpoint(ckpt, device, net_cfg, cfg, fingerprint, inherit)
