@@ -199,7 +199,7 @@ def add_denoise_parser(sub) -> None:
     p.add_argument("--context", choices=CONTEXTS, default="auto",
                    help="what the network sees beside each slice: auto (default) its two neighbours when the "
                         "slices are less than 4 mm apart, the slice itself from 4 mm on (on clinical 5 mm "
-                        "scans the neighbours cost 0.9-1.4 dB), or up to 1.25x the neighbour distance a "
+                        "scans the neighbours cost 0.85-1.05 dB), or up to 1.25x the neighbour distance a "
                         "model records it learned; neighbours or own to choose")
     _add_series(p)
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "tf32", "bf16", "fp16"],
@@ -567,10 +567,20 @@ def cmd_dose(args: argparse.Namespace) -> int:
     from .dose_estimate import choose_model
     from .inference import axial_view
     from .io import read_volume
+    volume = read_volume(args.input, args.series, note)
     try:
-        model, scan, dose = choose_model(*axial_view(read_volume(args.input, args.series, note)))
-    except CoreDiffError as exc:
-        raise CoreDiffError(f"{args.input}: {exc}, so its dose cannot be estimated") from None
+        model, scan, dose = choose_model(*axial_view(volume))
+    except CoreDiffError as exc:  # what denoise then does (unless --model auto is given explicitly)
+        from .models import DEFAULT_MODEL, load_manifest
+        model = load_manifest().get("default") or DEFAULT_MODEL
+        why = (f"{exc}, so its dose cannot be estimated: denoise runs the default model {model} (and refuses "
+               "the scan when --model auto is given explicitly)")
+        if args.json:
+            print(json.dumps({"input": str(args.input), "estimated_dose": None, "model": model, "caveat": why},
+                             indent=1))
+        else:
+            print(f"note: {why}")
+        return 0
     row = {"input": str(args.input), "noise_index_hu": round(scan.noise_index_hu, 2),
            "water_equivalent_diameter_mm": round(scan.wed_mm, 1), "slices_measured": scan.slices,
            "slices_cut_off": scan.cut_slices, "estimated_dose": round(dose, 4), "model": model,

@@ -423,7 +423,7 @@ def _denoise_range(volume_hu, den: Denoiser, first: int, last: int, batch_size: 
 WIDE_SLICE_MM = 2.0
 #: Slice spacing from which ``denoise_file`` (``context="auto"``) gives each slice itself as its
 #: neighbours. The models learned their context from 1 mm neighbours; on two clinical chest CTs
-#: with 5 mm slices the neighbours cost 0.9-1.4 dB (14 of 16 slices), on phantoms at 5 mm they are
+#: with 5 mm slices the neighbours cost 0.85-1.05 dB (means over 16 slices), on phantoms at 5 mm they are
 #: level, at 3 mm still worth +0.3 dB (docs/benchmarks/real_anatomy, docs/benchmarks/spacing).
 THICK_SLICE_MM = 4.0
 #: ``denoise_file``'s context choices: by the slice spacing, the neighbours, or the slice itself
@@ -543,7 +543,7 @@ def denoise_file(input_path, output_path, denoiser, batch_size: int | None = Non
                 log(f"slice spacing {slice_mm:g} mm: each slice is its own context. "
                     + (f"This model learned its context from neighbours up to {trained_mm:g} mm away"
                        if trained_mm else "The models learned from 1 mm neighbours, and on clinical 5 mm "
-                       "scans their neighbours cost 0.9-1.4 dB (docs/benchmarks/real_anatomy)")
+                       "scans their neighbours cost 0.85-1.05 dB (docs/benchmarks/real_anatomy)")
                     + "; --context neighbours to use them anyway")
             elif uses_context and neighbours and slice_mm >= WIDE_SLICE_MM and (trained_mm or 1.0) < WIDE_SLICE_MM:
                 log(f"slice spacing {slice_mm:g} mm: "

@@ -268,8 +268,11 @@ def test_a_scan_auto_cannot_measure_gets_the_default_model_unless_auto_was_asked
     assert r.returncode == 2 and "--model auto: too little soft tissue" in r.stderr
     assert "choose the model for its dose with --model" in r.stderr
     assert not (tmp_path / "out2.nrrd").exists()
-    r = corediff("dose", src)  # `dose` has no --model to suggest
-    assert r.returncode == 2 and "so its dose cannot be estimated" in r.stderr and "--model" not in r.stderr
+    r = corediff("dose", src, "--json")  # what denoise then runs, and why
+    assert r.returncode == 0, r.stderr
+    row = json.loads(r.stdout)
+    assert row["estimated_dose"] is None and row["model"] == "corediff-25-w32"
+    assert "so its dose cannot be estimated: denoise runs the default model corediff-25-w32" in row["caveat"]
 
 
 def test_steps_beyond_the_models_t_are_refused_before_the_scan_is_measured(tmp_path):
