@@ -92,10 +92,14 @@ def test_sampler_starts_from_the_ldct_and_returns_every_step():
     assert torch.equal(first_x[:, :, :30, :34], stack)      # warm start: x_T is the LDCT itself
     assert first_t.tolist() == [9, 9] and first_prev is None  # no EMM on the first step
     assert [c[1][0].item() for c in net.calls] == list(range(9, -1, -1))
-    for x, _, prev in net.calls[1:]:
+    outputs = []
+    net.register_forward_hook(lambda m, i, o: outputs.append(o.clone()))
+    net.calls.clear()
+    sample(net, stack)
+    for k, (x, _, prev) in enumerate(net.calls[1:]):
         assert torch.equal(x[:, 0, :30, :34], stack[:, 0])    # neighbours stay raw LDCT
         assert torch.equal(x[:, 2, :30, :34], stack[:, 2])
-        assert prev is not None
+        assert torch.equal(prev, outputs[k])                  # EMM sees the latest x0 estimate
     assert torch.allclose(result.final, result.steps[-1].clamp(0, 1))
     assert result.final.min() >= 0 and result.final.max() <= 1
 
@@ -130,9 +134,18 @@ def test_the_kept_steps_are_the_sampler_states_from_the_ldct_to_the_clean_image(
 def test_fewer_steps_skip_through_the_trained_schedule():
     assert step_indices(10) == list(range(9, -1, -1))
     assert step_indices(10, 1) == [9]
-    assert step_indices(10, 4)[0] == 9 and step_indices(10, 4)[-1] == 0
+    assert step_indices(10, 4) == [9, 6, 3, 0] and step_indices(10, 2) == [9, 0]
     with pytest.raises(ValueError):
         step_indices(10, 11)
+    # the states walk the degradation path at the skipped schedule's own a (an oracle network)
+    torch.manual_seed(0)
+    x0, ldct = torch.rand(1, 1, 16, 16), torch.rand(1, 1, 16, 16)
+    result = sample(OracleNet(x0).eval(), torch.cat([ldct, ldct, ldct], dim=1), steps=4)
+    alphas = alpha_schedule(10)
+    assert result.steps.shape[0] == 4
+    for state, t_next in zip(result.steps, [6, 3, 0]):
+        assert torch.allclose(state, alphas[t_next] * x0 + (1 - alphas[t_next]) * ldct, atol=1e-5), t_next
+    assert torch.allclose(result.steps[-1], x0, atol=1e-5)
 
 
 def test_a_new_network_starts_as_the_identity_so_the_sampler_returns_the_input():
@@ -198,7 +211,7 @@ def test_training_resumes_from_its_checkpoint(tmp_path):
     logs = []
     _, state = train(pairs, NetworkConfig(width=8), cfg2, checkpoint=ckpt, log=logs.append)
     assert state.iteration == 30 and any("resumed" in m and "20" in m for m in logs)
-    with pytest.raises(Exception, match="another architecture"):
+    with pytest.raises(CoreDiffError, match="another architecture"):
         train(pairs, NetworkConfig(width=16), cfg2, checkpoint=ckpt, log=lambda m: None)
 
 
@@ -473,7 +486,7 @@ def test_late_time_sampling_trains_the_ldct_end_more_often(tmp_path, monkeypatch
     p = time_index_probabilities(10, "late")
     assert p.sum() == pytest.approx(1.0) and np.all(np.diff(p) > 0)
     assert p[-1] == pytest.approx(10 / 55)  # the 1-step sampler's state: 18 % instead of 10 %
-    with pytest.raises(Exception, match="uniform or late"):
+    with pytest.raises(CoreDiffError, match="uniform or late"):
         time_index_probabilities(10, "early")
     v = synthetic_ct(4, 32, seed=5, noise_hu=5)
     pairs = [(v, v + 40 * np.random.default_rng(2).standard_normal(v.shape).astype(np.float32))]
@@ -723,3 +736,15 @@ def test_training_on_pairs_it_may_consume_converts_them_in_place_and_trains_the_
     assert torch.load(tmp_path / "a.ckpt", weights_only=True)["data"] == \
         torch.load(tmp_path / "b.ckpt", weights_only=True)["data"]
     assert pair[0].max() <= 1.0 and np.array_equal(v, synthetic_ct(4, 32, seed=3, noise_hu=5))  # only the given copy
+
+
+def test_psnr_and_rmse_are_the_papers_on_the_window_of_minus_1000_to_1000_hu():
+    """PSNR (the headline number) on [-1000, 1000] HU: a 2,000 HU range, so an error of 10 HU
+    everywhere is 20 log10(2000 / 10) = 46.02 dB; values outside the window are clipped first."""
+    from CoreDiffLib.metrics import psnr, rmse_hu
+    ref = np.zeros((32, 32))
+    assert psnr(ref + 10.0, ref) == pytest.approx(20 * np.log10(2000 / 10))
+    assert rmse_hu(ref + 10.0, ref) == pytest.approx(10.0)
+    assert psnr(ref, ref) == float("inf")
+    bone = np.full((32, 32), 1500.0)
+    assert psnr(bone + 300.0, bone) == float("inf") and rmse_hu(bone + 300.0, bone) == 0.0  # both clip to 1000
