@@ -155,17 +155,29 @@ def test_a_new_network_starts_as_the_identity_so_the_sampler_returns_the_input()
 
 
 def test_loss_uses_both_stages_and_stage_one_only_at_t0():
+    """Stage 1 restores x_t = D(x0, xT, a_t); stage 2 restores D(x0_hat, xT, a_{t-1}) at t - 1
+    with EMM given stage 1's estimate; the loss is the mean of the two MSEs (t = 0: stage 1)."""
     torch.manual_seed(0)
     cfg = NetworkConfig(width=8)
-    net = ClearNet(cfg)
+    net = RecordingNet()
+    torch.nn.init.normal_(net.out.weight, std=0.05)  # not the identity, so the stages differ
     ctx, tgt = torch.rand(2, 3, 16, 16), torch.rand(2, 1, 16, 16)
-    calls = []
-    net.register_forward_hook(lambda m, i, o: calls.append(1))
-    corediff_loss(net, cfg, ctx, tgt, t=5)
-    assert len(calls) == 2
-    calls.clear()
-    corediff_loss(net, cfg, ctx, tgt, t=0)
-    assert len(calls) == 1
+    outputs = []
+    net.register_forward_hook(lambda m, i, o: outputs.append(o.detach().clone()))
+    loss = corediff_loss(net, cfg, ctx, tgt, t=5)
+    a = alpha_schedule(10)
+    (x1, t1, prev1), (x2, t2, prev2) = net.calls
+    assert torch.allclose(x1[:, 1:2], degrade(tgt, ctx[:, 1:2], a[5])) and t1.tolist() == [5, 5] and prev1 is None
+    assert torch.allclose(x2[:, 1:2], degrade(outputs[0], ctx[:, 1:2], a[4])) and t2.tolist() == [4, 4]
+    assert torch.equal(prev2, outputs[0])  # EMM: the latest estimate
+    assert torch.equal(x1[:, 0::2], ctx[:, 0::2]) and torch.equal(x2[:, 0::2], ctx[:, 0::2])
+    want = 0.5 * torch.nn.functional.mse_loss(outputs[0], tgt) + 0.5 * torch.nn.functional.mse_loss(outputs[1], tgt)
+    assert float(loss.detach()) == pytest.approx(float(want), rel=1e-6)
+    net.calls.clear()
+    outputs.clear()
+    loss = corediff_loss(net, cfg, ctx, tgt, t=0)
+    stage_one = torch.nn.functional.mse_loss(outputs[0], tgt)
+    assert len(net.calls) == 1 and float(loss.detach()) == pytest.approx(float(stage_one))
 
 
 def test_the_training_ssim_is_the_reported_metric_and_has_a_gradient():
