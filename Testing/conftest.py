@@ -95,6 +95,18 @@ def write_study_folder(root: Path) -> np.ndarray:
     return scan
 
 
+@pytest.fixture(autouse=True)
+def _own_user_files(tmp_path_factory, tmp_path, monkeypatch):
+    """A run's ONNX exports stay in its own temp folder (shared by its tests: an export is reused,
+    as in use) and each test saves adaptations in its own home: nothing is read from or left in
+    the user's ~/.cache/corediff or ~/.corediff, so results never depend on earlier runs.
+    Subprocesses (the CLI) inherit these."""
+    base = tmp_path_factory.getbasetemp()
+    monkeypatch.setenv("COREDIFF_CACHE", str(base / "cache"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(base / "xdg-cache"))
+    monkeypatch.setenv("COREDIFF_HOME", str(tmp_path / "corediff-home"))
+
+
 @pytest.fixture(scope="session")
 def tiny_model_path(tmp_path_factory) -> Path:
     """A random-init width-8 CLEAR-Net weights file (fast; output is meaningless but shaped)."""

@@ -2,7 +2,7 @@
 
 Checks what data-parallel training must guarantee: every replica ends with bit-identical
 weights (gradients averaged, same t each iteration, same initial weights) although each
-rank draws different patches, the loss falls, and only rank 0 writes the weights file.
+rank draws different patches, the loss falls, and one weights file is written.
 """
 from __future__ import annotations
 

@@ -704,3 +704,24 @@ def test_an_unpaired_reference_noisier_than_the_low_dose_slice_is_a_note_not_a_r
                            "--iterations", 5, "--patch-size", 64, "--progress", "none")
     assert rc == 0, err
     assert "note: the normal-dose reference is not quieter than the low-dose slice" in out + err
+
+
+def test_denoising_with_an_adaptation_applies_the_blend_it_fitted():
+    """The blend denoise applies is the fitted one, in the fitted order: softmax(weights) over
+    the sampler's states, first step first (a reversed order passed every other test)."""
+    from CoreDiffLib.inference import Denoiser, context_stack
+    from CoreDiffLib.diffusion import sample
+    net = tiny_model(seed=2)
+    torch.nn.init.normal_(net.out.weight, std=0.05)  # states that differ from step to step
+    vol = noisy(phantom(3, 64, seed=4), 40, 3)
+    logits = [float(k) / 3 for k in range(T)]  # weights rising with the step: not symmetric
+    a = Adaptation("order", oneshot.model_identity(net), None, "paired", 1, 1, T, logits)
+    den = Denoiser.load(net, "cpu", adaptation=a, runtime="eager", precision="fp32")
+    got = den.denoise_batch(context_stack(vol, 0, 3))
+    with torch.no_grad():
+        steps = sample(net.eval(), torch.from_numpy(context_stack(vol, 0, 3))).steps
+    probs = torch.softmax(torch.tensor(logits), 0)
+    want = torch.einsum("k,kbchw->bchw", probs, steps).clamp(0, 1)[:, 0].numpy()
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    reversed_blend = torch.einsum("k,kbchw->bchw", probs.flip(0), steps).clamp(0, 1)[:, 0].numpy()
+    assert np.abs(reversed_blend - want).max() > 1e-3  # the test can tell the order
