@@ -376,3 +376,16 @@ def test_a_gpu_index_the_machine_lacks_is_refused_by_name(monkeypatch):
     for bad in ("cuda:2", "cuda:x"):
         with pytest.raises(CoreDiffError, match="this machine's GPUs are cuda:0 to cuda:1"):
             pick_device(bad)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none here: runs on a GPU CI)")
+def test_on_a_gpu_the_automatic_half_precision_agrees_with_fp32():
+    """Every GPU user's default is fp16 autocast with channels-last; the CPU tests never run it."""
+    import copy
+    net = tiny_net(width=8)
+    stack = np.random.default_rng(0).random((2, 3, 64, 64)).astype(np.float32)
+    auto = Denoiser.load(copy.deepcopy(net), "cuda", runtime="eager")
+    exact = Denoiser.load(copy.deepcopy(net), "cuda", precision="fp32", channels_last=False, runtime="eager")
+    assert auto.settings.precision == "fp16" and auto.settings.channels_last
+    drift_hu = np.abs(auto.denoise_batch(stack) - exact.denoise_batch(stack)).max() * 4096.0
+    assert drift_hu < 8.0, drift_hu
