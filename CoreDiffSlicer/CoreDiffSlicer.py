@@ -644,7 +644,8 @@ class CoreDiffSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             out = p.outputVolume if p else None
             source = out.GetNodeReferenceID(self.logic.SOURCE_REFERENCE) if out else None
             # a result from before results named their scan: judged by its grid
-            legacy = out is not None and source is None and out.GetAttribute("CoreDiff.model") is not None
+            legacy = out is not None and source is None and out.GetAttribute("CoreDiff.model") is not None \
+                and p.inputVolume is not None and p.inputVolume.GetImageData() is not None
             if inputID and ((source and source != inputID)
                             or (legacy and self.logic.gridMismatch(out, p.inputVolume))):
                 # the result of another scan stays as it is: this one gets its own ("Create new volume")
