@@ -285,7 +285,12 @@ def cmd_train(args: argparse.Namespace) -> int:
                        log=lambda m: info(args, m), init_state=init_state,
                        inherit=("ema_start",) if args.ema_start is None else (), origin=started_from,
                        consume_pairs=True)  # the HU copies are not needed again: half the memory
-    if state.origin is not None and state.origin != started_from:
+    if state.origin is None:  # resumed from a checkpoint that predates this record
+        if args.init_weights:
+            info(args, "note: resumed run: --init-weights was not used; what its first leg started from is not "
+                       "recorded in its checkpoint")
+        started_from = {"init_weights": "unknown (resumed from a checkpoint that does not record it)"}
+    elif state.origin != started_from:
         info(args, "note: resumed run: its weights descend from what its first leg started from "
                    f"({state.origin.get('init_weights') or 'a fresh network'}), recorded as such"
                    + (f"; --init-weights {args.init_weights} was not used" if args.init_weights else ""))

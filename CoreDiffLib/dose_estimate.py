@@ -69,14 +69,15 @@ class ScanNoise:
 
     def caveat(self) -> str:
         """A sentence for the log when the measurement is known to be biased, else ''."""
-        if self.cut_slices:  # the likelier cause of an implausible size, so said first
+        spacing = (f"a water-equivalent diameter of {self.wed_mm:.0f} mm is no patient's: is the pixel spacing in "
+                   "mm? The estimated dose means little; choose the model with --model")
+        if self.wed_mm > HUMAN_WED_MM[1]:  # a cut-off body only looks smaller
+            return spacing
+        if self.cut_slices:  # the likelier cause of a small size, so said first
             return (f"the body reaches the edge of the image in {self.cut_slices} of {self.slices} slices measured, "
                     "so its size and the dose are underestimated: if the model looks too strong, choose one with "
                     "--model")
-        if not HUMAN_WED_MM[0] <= self.wed_mm <= HUMAN_WED_MM[1]:
-            return (f"a water-equivalent diameter of {self.wed_mm:.0f} mm is no patient's: is the pixel spacing in "
-                    "mm? The estimated dose means little; choose the model with --model")
-        return ""
+        return spacing if self.wed_mm < HUMAN_WED_MM[0] else ""
 
 
 def _local_sd(image: np.ndarray, box: int | tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:

@@ -74,11 +74,13 @@ def pick_device(device: str = "auto") -> torch.device:
         if not torch.cuda.is_available():
             raise CoreDiffError("--device cuda was asked for but no CUDA GPU is visible to PyTorch: "
                                 "use --device cpu, or install a CUDA build of torch")
-        index = device.partition(":")[2]
-        if index and not (index.isdigit() and int(index) < torch.cuda.device_count()):
-            raise CoreDiffError(f"--device {device}: this machine's GPUs are cuda:0 to "
-                                f"cuda:{torch.cuda.device_count() - 1}")
-        return torch.device("cuda" if device == "gpu" else device)
+        if device.startswith("cuda:"):
+            index = device.partition(":")[2]
+            if not (index.isdigit() and int(index) < torch.cuda.device_count()):
+                raise CoreDiffError(f"--device {device}: this machine's GPUs are cuda:0 to "
+                                    f"cuda:{torch.cuda.device_count() - 1}")
+            return torch.device(f"cuda:{int(index)}")
+        return torch.device("cuda")
     if device == "mps":
         mps = getattr(torch.backends, "mps", None)
         if mps is None or not mps.is_available():

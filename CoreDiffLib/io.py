@@ -106,9 +106,10 @@ def slice_of(volume: Volume, one: Volume, tolerance_mm: float = 0.5) -> int | No
     alone), or None: the same in-plane grid and direction, and a position within
     ``tolerance_mm`` of that slice's, as loose as :func:`voxel_grid_difference` is for a whole
     pair (exports round positions differently; a slice's thickness is not compared)."""
+    in_plane = [np.reshape(np.asarray(v.direction, dtype=np.float64), (3, 3))[:, :2] for v in (volume, one)]
     if one.shape[0] != 1 or one.shape[1:] != volume.shape[1:] \
             or not np.allclose(one.spacing[:2], volume.spacing[:2], rtol=1e-3) \
-            or not np.allclose(one.direction, volume.direction, atol=1e-3):
+            or not np.allclose(*in_plane, atol=1e-3):  # a single slice's normal may point either way
         return None
     d = np.reshape(np.asarray(volume.direction, dtype=np.float64), (3, 3))
     origin = np.asarray(volume.origin, dtype=np.float64)
@@ -288,22 +289,37 @@ def _is_whole(text: str) -> bool:
         return False
 
 
-def _stated_pixel_spacing(path: Path) -> tuple[float, float] | None:
-    """The first PixelSpacing (0028,0030) a DICOM file's header states (in an enhanced CT, its
-    Pixel Measures functional group), read from the raw bytes in either little-endian VR form;
-    None when not found. SimpleITK does not expose the functional groups."""
+def _stated_values(head: bytes, tag: bytes) -> list[list[float]]:
+    """Every value of a decimal-string tag (e.g. b"\\x28\\x00\\x30\\x00" for PixelSpacing) in a
+    DICOM header's raw bytes, in either little-endian VR form (explicit 'DS' or implicit)."""
+    found = []
+    for m in re.finditer(re.escape(tag) + rb"(?:DS(..)|(....))", head, re.S):
+        size = int.from_bytes(m.group(1) or m.group(2), "little")
+        try:
+            found.append([float(v) for v in head[m.end():m.end() + size].decode("ascii").strip("\x00 ").split("\\")])
+        except (UnicodeDecodeError, ValueError):
+            continue
+    return found
+
+
+def _gdcm_fallback(path: Path, image: sitk.Image, frames: int) -> bool:
+    """Whether GDCM gave up on a multi-frame (enhanced) file's geometry: it then returns 1 mm voxels
+    in file order when the frames are missing, uneven or out of order. A 1 mm (1, 1, 1) result is
+    believed only when the header (read as raw bytes: SimpleITK does not expose the functional
+    groups) states 1 mm pixels and one position per frame, in order, 1 mm apart."""
+    if image.GetSpacing() != (1.0, 1.0, 1.0):
+        return False
     with open(path, "rb") as f:
-        head = f.read(1 << 22)
-    end = head.find(b"\xe0\x7f\x10\x00")  # the pixel data
-    found = re.search(rb"\x28\x00\x30\x00(?:DS(..)|(....))", head[:end if end > 0 else None], re.S)
-    if found is None:
-        return None
-    size = int.from_bytes(found.group(1) or found.group(2), "little")
-    try:
-        values = [float(v) for v in head[found.end():found.end() + size].decode("ascii").strip("\x00 ").split("\\")]
-    except (UnicodeDecodeError, ValueError):
-        return None
-    return (values[0], values[1]) if len(values) == 2 else None
+        head = f.read(1 << 24)
+    end = head.rfind(b"\xe0\x7f\x10\x00")  # the image's pixel data (an icon's comes earlier)
+    head = head[:end] if end > 0 else head
+    spacing = [v for v in _stated_values(head, b"\x28\x00\x30\x00") if len(v) == 2]
+    positions = np.array([v for v in _stated_values(head, b"\x20\x00\x32\x00") if len(v) == 3])
+    if not spacing or not np.allclose(spacing[-1], 1.0) or len(positions) != frames:
+        return True
+    steps = np.linalg.norm(np.diff(positions, axis=0), axis=1)
+    return not np.allclose(steps, 1.0, atol=1e-3) or not np.allclose(np.diff(positions, axis=0),
+                                                                     positions[1] - positions[0], atol=1e-3)
 
 
 def _check_ct_tags(tags: dict[str, str], source) -> None:
@@ -326,10 +342,7 @@ def _read_dicom_file(path: Path) -> tuple[sitk.Image, dict[str, str]]:
     tags = {k: reader.GetMetaData(k) for k in reader.GetMetaDataKeys()}
     _check_ct_tags(tags, path)
     frames = tags.get("0028|0008", "1").strip()
-    stated = _stated_pixel_spacing(path) if frames.isdigit() and int(frames) > 1 else None
-    if stated is not None and image.GetSpacing() == (1.0, 1.0, 1.0) and not np.allclose(stated, 1.0):
-        # GDCM's fallback when an enhanced file's frames are missing, uneven or out of order: the
-        # pixel size the file states is lost, and the frames kept in file order
+    if frames.isdigit() and int(frames) > 1 and _gdcm_fallback(path, image, int(frames)):
         raise CoreDiffError(f"{path}: a multi-frame (enhanced) CT whose frame geometry GDCM could not read "
                             "(frames missing, unevenly spaced or out of order?): it reads as 1 mm voxels in "
                             "file order. Convert it to a classic one-file-per-slice series (e.g. dcm2niix, "

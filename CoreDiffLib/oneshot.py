@@ -933,6 +933,7 @@ def cmd_oneshot(args) -> int:
             raise CoreDiffError(f"{out} already exists: choose another --name/--out or pass --overwrite")
         info(args, f"{out} was made by an earlier CoreDiff and cannot be used any more: replacing it")
     paired = args.ndct is not None
+    device = pick_device(args.device)  # an unavailable device is refused before the volumes are read
     ldct_volume = read_volume(args.ldct, log=note)
     # the axial planes, however the series is stored (a reformat): --slice counts them, as denoise runs them
     ldct, ldct_xy = axial_view(ldct_volume)
@@ -942,7 +943,7 @@ def cmd_oneshot(args) -> int:
     if model_name == AUTO_MODEL:  # the base nearest the new dose: what the steps can be re-weighted from
         from .cli import choose_dose_model
         model_name, _ = choose_dose_model(args, ldct, ldct_xy, explicit=False)
-    model = load_model(model_name, pick_device(args.device))
+    model = load_model(model_name, device)
     n = ldct.shape[0]
     if not 0 <= args.slice < n:
         raise CoreDiffError(f"--slice {args.slice} is out of range 0..{n - 1} ({args.ldct} has {n} slices)")

@@ -194,6 +194,9 @@ class PairedSlices:
         check_share("--own-slice-share", "the share of patches with their own slice as context", own_slice_share)
         check_neighbour_gap(max_neighbour_gap)
         self.pairs = []
+        arrays = [a for pair in pairs for a in pair]
+        if in_place and any(np.may_share_memory(a, b) for i, a in enumerate(arrays) for b in arrays[i + 1:]):
+            in_place = False  # one NDCT for several doses, or views of one volume: converted twice in place
         for ndct, ldct in pairs:
             if ndct.shape != ldct.shape:
                 raise CoreDiffError(f"NDCT {ndct.shape} and LDCT {ldct.shape} volumes differ in shape")
@@ -509,8 +512,14 @@ def _check_finite(window: list[torch.Tensor], models: Sequence[torch.nn.Module],
     finite = bool(torch.isfinite(torch.stack(window)).all()) if window else True
     finite = finite and all(bool(torch.isfinite(p).all()) for m in models for p in m.parameters())
     if not finite:
-        kept = (f"{checkpoint} keeps the run as of its last save" if checkpoint and checkpoint.exists()
-                else "nothing was saved")
+        snapshots = sorted(checkpoint.parent.glob(f"{checkpoint.stem}.it*{checkpoint.suffix}"),
+                           key=lambda p: p.stat().st_mtime) if checkpoint else []
+        if checkpoint and checkpoint.exists():
+            kept = f"{checkpoint} keeps the run as of its last save"
+        elif snapshots:
+            kept = f"its last snapshot is {snapshots[-1]} (resume from it with --checkpoint {snapshots[-1]})"
+        else:
+            kept = "nothing was saved"
         raise TrainingDiverged(f"training diverged by iteration {iteration} (a loss or weight is NaN or infinite): "
                                f"stopped without saving; {kept}. Go on with a lower --lr (or fp32 precision)")
 

@@ -802,3 +802,25 @@ def test_a_resumed_run_records_what_its_first_leg_started_from(tmp_path):
     assert "--init-weights corediff-10 was not used" in r.stderr
     _, meta = read_weights_config(out)
     assert meta["init_weights"] == "corediff-25" and json.loads(meta["iterations"]) == 3
+
+
+def test_a_run_resumed_from_a_checkpoint_without_its_origin_records_it_as_unknown(tmp_path):
+    import torch as _torch
+    from CoreDiffLib.models import read_weights_config
+    data = _paired_training_folder(tmp_path)
+    out, common = tmp_path / "r.safetensors", ("--batch-size", "1", "--patch-size", "32", "--width", "4",
+                                               "--steps", "2", "--progress", "none")
+    assert corediff("train", data, "--out", out, "--iterations", "2", *common).returncode == 0
+    ckpt = _torch.load(tmp_path / "r.ckpt", weights_only=True)
+    del ckpt["origin"]  # as checkpoints made before 2026-12-05 are
+    _torch.save(ckpt, tmp_path / "r.ckpt")
+    r = corediff("train", data, "--out", out, "--iterations", "3", "--init-weights", out, *common[:4],
+                 "--progress", "none")
+    assert r.returncode == 2 and "also an input" in r.stderr  # (its own --out is no starting point)
+    other = tmp_path / "other.safetensors"
+    shutil.copy(out, other)
+    r = corediff("train", data, "--out", out, "--iterations", "3", "--init-weights", other, *common[:4],
+                 "--progress", "none")
+    assert r.returncode == 0, r.stderr
+    assert "--init-weights was not used" in r.stderr
+    assert read_weights_config(out)[1]["init_weights"].startswith("unknown")

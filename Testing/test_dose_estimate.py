@@ -90,6 +90,7 @@ def test_a_nonsense_patient_size_gives_a_dose_not_an_overflow():
         assert "is no patient's: is the pixel spacing in mm?" in ScanNoise(30.0, wed, 1).caveat()
     assert ScanNoise(30.0, 280.0, 1).caveat() == ""
     assert "reaches the edge of the image" in ScanNoise(30.0, 42.0, 8, cut_slices=8).caveat()  # a crop: the cause
+    assert "pixel spacing in mm" in ScanNoise(30.0, 1005.0, 3, cut_slices=3).caveat()  # a cut body is not bigger
 
 
 def test_the_noise_box_is_the_same_physical_size_along_both_axes():

@@ -664,6 +664,14 @@ def test_a_multi_frame_ct_read_with_gdcms_fallback_geometry_is_refused(tmp_path)
     image.SetSpacing((1.0, 1.0, 1.0))
     sitk.WriteImage(image, str(tmp_path / "iso1mm.dcm"))
     assert read_volume(tmp_path / "iso1mm.dcm").spacing == (1.0, 1.0, 1.0)
+    image.SetSpacing((1.0, 1.0, 2.0))  # 1 mm pixels, frames 2 mm apart, two of them swapped: GDCM's 1 mm again
+    sitk.WriteImage(image, str(tmp_path / "px1mm.dcm"))
+    raw = (tmp_path / "px1mm.dcm").read_bytes()
+    swapped = (raw.replace(b"10\\20\\32", b"10\\20\\XX").replace(b"10\\20\\34", b"10\\20\\32")
+               .replace(b"10\\20\\XX", b"10\\20\\34"))
+    (tmp_path / "px1mm_swapped.dcm").write_bytes(swapped)
+    with pytest.raises(CoreDiffError, match="could not read"):
+        read_volume(tmp_path / "px1mm_swapped.dcm")
 
 
 def test_a_slice_with_its_own_fractional_rescale_slope_keeps_its_fraction(tmp_path):
@@ -688,3 +696,14 @@ def test_a_slice_with_its_own_fractional_rescale_slope_keeps_its_fraction(tmp_pa
         writer.SetFileName(str(folder / f"{k}.dcm"))
         writer.Execute(image)
     np.testing.assert_array_equal(read_volume(folder).array[:, 16, 16], [40, 40, 40.5, 40])
+
+
+def test_a_single_slice_is_found_in_its_volume_whichever_way_its_normal_points():
+    """A one-slice file's third axis may point either way (exports differ); it is the same slice.
+    Its position decides, within the 0.5 mm a whole pair is allowed."""
+    from CoreDiffLib.io import Volume, slice_of
+    vol = Volume(np.zeros((6, 8, 8), np.float32), (0.7, 0.7, 2.5), (10.0, 20.0, 30.0))
+    flipped = (1, 0, 0, 0, 1, 0, 0, 0, -1)
+    assert slice_of(vol, Volume(np.zeros((1, 8, 8), np.float32), (0.7, 0.7, 1.0), (10.0, 20.0, 40.0), flipped)) == 4
+    assert slice_of(vol, Volume(np.zeros((1, 8, 8), np.float32), (0.7, 0.7, 1.0), (10.0, 20.0, 41.0))) is None
+    assert slice_of(vol, Volume(np.zeros((1, 8, 8), np.float32), (0.8, 0.7, 1.0), (10.0, 20.0, 40.0))) is None

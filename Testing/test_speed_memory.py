@@ -373,7 +373,7 @@ def test_a_gpu_index_the_machine_lacks_is_refused_by_name(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     assert pick_device("cuda:1") == torch.device("cuda:1") and pick_device("gpu") == torch.device("cuda")
-    for bad in ("cuda:2", "cuda:x"):
+    for bad in ("cuda:2", "cuda:x", "cuda:"):
         with pytest.raises(CoreDiffError, match="this machine's GPUs are cuda:0 to cuda:1"):
             pick_device(bad)
 
