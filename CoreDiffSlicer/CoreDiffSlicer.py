@@ -564,6 +564,8 @@ class CoreDiffSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.oneShotAdaptButton.clicked.connect(self.onOneShotAdapt)
         self.ui.oneShotApplyButton.clicked.connect(self.onOneShotApply)
         self.ui.oneShotSliceSlider.valueChanged.connect(self.onOneShotSliceChanged)
+        self.ui.oneShotNameLineEdit.textChanged.connect(self._onNameEdited)
+        self.ui.modelPathLineEdit.currentPathChanged.connect(self._onModelPathChanged)
 
         self.ui.progressBar.visible = False
         self.ui.oneShotProgressBar.visible = False
@@ -631,10 +633,45 @@ class CoreDiffSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
         self._parameterNode = inputParameterNode
         if self._parameterNode:
-            # Binds every widget that has the SlicerParameterName dynamic property in the .ui.
-            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            # connectParametersToGui, not connectGui: released Slicer's connectGui returns no tag, so
+            # disconnectGui could not undo it (Slicer issue #7547) and each enter() stacked another set
+            self._parameterNodeGuiTag = self._parameterNode.connectParametersToGui(self._boundWidgets())
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
         self._onParameterNodeModified()
+
+    #: parameters whose widgets the module binds itself: Slicer's connectors write a QLineEdit's
+    #: text on every change (the cursor jumps to the end as the user types, scrambling a name) and
+    #: show an empty pathlib.Path as "."
+    MANUAL_BINDINGS = ("osName", "modelFile")
+
+    def _boundWidgets(self) -> dict:
+        """{parameter: widget} of the widgets the .ui names with the SlicerParameterName property."""
+        bound = {}
+        for widget in vars(self.ui).values():
+            name = widget.property("SlicerParameterName") if hasattr(widget, "property") else None
+            if name and name not in self.MANUAL_BINDINGS:
+                bound[str(name)] = widget
+        return bound
+
+    def _showManualBindings(self) -> None:
+        """The name and model-file fields follow the parameter node only where they differ from it."""
+        p = self._parameterNode
+        if p is None:
+            return
+        name = p.osName or ""
+        if self.ui.oneShotNameLineEdit.text != name:
+            self.ui.oneShotNameLineEdit.text = name
+        path = "" if str(p.modelFile) in ("", ".") else str(p.modelFile)
+        if self.ui.modelPathLineEdit.currentPath != path:
+            self.ui.modelPathLineEdit.currentPath = path
+
+    def _onNameEdited(self, text) -> None:
+        if self._parameterNode is not None and self._parameterNode.osName != text:
+            self._parameterNode.osName = text
+
+    def _onModelPathChanged(self, path) -> None:
+        if self._parameterNode is not None and str(self._parameterNode.modelFile) != (path or "."):
+            self._parameterNode.modelFile = pathlib.Path(path) if path else pathlib.Path()
 
     def _onParameterNodeModified(self, caller=None, event=None) -> None:
         p = self._parameterNode
@@ -650,6 +687,7 @@ class CoreDiffSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                             or (legacy and self.logic.gridMismatch(out, p.inputVolume))):
                 # the result of another scan stays as it is: this one gets its own ("Create new volume")
                 p.outputVolume = None
+        self._showManualBindings()
         self.ui.stepsSliderWidget.enabled = not (self._parameterNode and self._parameterNode.autoSteps)
         self._checkCanApply()
         self._updateOneShotGui()
@@ -1730,6 +1768,8 @@ class CoreDiffSlicerLogic(ScriptedLoadableModuleLogic):
 
     def setFlicker(self, inputNode, outputNode, showOutput) -> None:
         """Red view: input as background, output as foreground at opacity 0 or 1 (None: restore)."""
+        if self.redSliceNode() is None:  # a layout without a Red view (3D only): the comparison's
+            slicer.app.layoutManager().setLayout(slicer.vtkMRMLLayoutNode.SlicerLayoutSideBySideView)
         composite = self._compositeNode("Red")
         composite.SetBackgroundVolumeID(inputNode.GetID())
         if showOutput is None:

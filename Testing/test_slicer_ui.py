@@ -74,13 +74,16 @@ def test_every_parameter_is_bound_by_exactly_one_widget(slicerEnv):  # noqa: F81
 
 
 def test_connectGui_finds_a_connector_for_every_binding(slicerEnv):  # noqa: F811
-    """Slicer raises RuntimeError when no GuiConnector fits a (widget, type) pair."""
+    """Slicer raises RuntimeError when no GuiConnector fits a (widget, type) pair. The module
+    binds through connectParametersToGui (whose tag disconnectGui can use) and binds the name and
+    model-file fields itself."""
     slicer, module, _ = slicerEnv
     widget = makeWidget(module)
     tag = widget._parameterNodeGuiTag
+    assert tag is not None
     connectors = widget._parameterNode._parameterGUIs[tag]
     params = set(typing.get_type_hints(module.CoreDiffSlicerParameterNode, include_extras=True))
-    assert set(connectors) == params
+    assert set(connectors) == params - set(module.CoreDiffSlicerWidget.MANUAL_BINDINGS)
     # the custom connectors are the ones chosen for the dynamic combo boxes and the int slider
     assert type(connectors["model"]).__name__ == "CtkComboBoxItemDataToStrConnector"
     assert type(connectors["device"]).__name__ == "CtkComboBoxItemDataToStrConnector"
@@ -111,6 +114,27 @@ def test_gui_and_parameter_node_stay_in_sync(slicerEnv):  # noqa: F811
     assert p.batchSize == 4
     widget.ui.showComparisonCheckBox.setProperty("checked", False)
     assert p.showComparison is False
+    # the fields the module binds itself: both ways, an empty path shown empty (not "."), and a
+    # name edited in its middle keeps its cursor (Slicer's connector rewrote the text each key)
+    assert widget.ui.modelPathLineEdit.property("currentPath") == "" and str(p.modelFile) == "."
+    widget.ui.modelPathLineEdit.setProperty("currentPath", "/tmp/my.safetensors")
+    assert str(p.modelFile) == "/tmp/my.safetensors"
+    widget.ui.modelPathLineEdit.setProperty("currentPath", "")
+    assert str(p.modelFile) == "." and widget.ui.modelPathLineEdit.property("currentPath") == ""
+    edit = widget.ui.oneShotNameLineEdit
+    p.osName = "LDCT_oneshot"
+    assert edit.property("text") == "LDCT_oneshot"
+    edit.setProperty("cursorPosition", 4)
+    from PySide6.QtTest import QTest
+    QTest.keyClicks(edit, "_10")  # typed after "LDCT", key by key
+    assert edit.property("text") == p.osName == "LDCT_10_oneshot"
+    before = len(widget._parameterNode._parameterGUIs)
+    for _ in range(3):  # leaving and re-entering the module does not stack bindings
+        widget.parent.isEntered = False
+        widget.exit()
+        widget.parent.isEntered = True
+        widget.enter()
+    assert len(widget._parameterNode._parameterGUIs) == before
 
 
 

@@ -415,8 +415,7 @@ class QLineEditToStrConnector(_SignalConnector):
         return self._widget.text()
 
     def write(self, value):
-        if self._widget.text() != value:
-            self._widget.setText(value)
+        self._widget.setText(value)  # as Slicer's connector: every time (the cursor goes to the end)
 
 
 @parameterNodeGuiConnector
@@ -556,7 +555,7 @@ def _processClass(classtype):
             name = widget.property(SlicerParameterNamePropertyName)
             if name:
                 paramNameToWidget[name] = widget
-        return connectParametersToGui(self, paramNameToWidget)
+        connectParametersToGui(self, paramNameToWidget)  # released Slicer returns no tag (Slicer#7547)
 
     def disconnectGui(self, tag):
         if tag in self._parameterGUIs:

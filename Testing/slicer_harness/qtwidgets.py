@@ -196,7 +196,7 @@ class ctkPathLineEdit(QtWidgets.QWidget):
         return self._edit.text()
 
     def _setCurrentPath(self, path):
-        self._edit.setText("" if path in (None, ".") else str(path))
+        self._edit.setText("" if path is None else str(path))  # as CTK: the text as given ("." stays ".")
 
     def _getNameFilters(self):
         return list(self._nameFilters)
