@@ -136,13 +136,13 @@ def choose_dose_model(args: argparse.Namespace, volume, spacing_xy, explicit: bo
     """(model, why) for this scan (CoreDiffLib.dose_estimate), said in the log. A scan that
     cannot be measured is an error when ``--model auto`` was asked for, else the default model."""
     from .dose_estimate import choose_model
-    from .models import DEFAULT_MODEL, load_manifest
+    from .models import default_model_name
     try:
         model, scan, dose = choose_model(volume, spacing_xy)
     except CoreDiffError as exc:
         if explicit:
             raise CoreDiffError(f"--model auto: {exc}: choose the model for its dose with --model") from None
-        model = load_manifest().get("default") or DEFAULT_MODEL
+        model = default_model_name()
         info(args, f"{exc}; using the default model {model}")
         return model, "auto: not measurable, the default model"
     info(args, f"model for this scan: {model} (noise index {scan.noise_index_hu:.1f} HU at a water-equivalent "
@@ -216,20 +216,19 @@ CHECKPOINT_SUFFIXES = (".ckpt", ".pt", ".pth")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from .inference import pick_device
     from .io import find_pairs, read_pair_list, read_training_pairs
-    from .models import save_weights
+    from .models import WEIGHTS_DIR, resolve_model, save_weights, shipped_models
     from .network import NetworkConfig
     from .training import TrainConfig, farthest_neighbour_mm, patch_size_used, train
 
-    from .inference import pick_device
-    from .models import WEIGHTS_DIR, resolve_model, shipped_models
     if args.widen and not args.init_weights:
         raise CoreDiffError("--widen widens the --init-weights model: give --init-weights too")
     for flag, value in (("--width", args.width), ("--steps", args.steps)):
         if value < 1:
             raise CoreDiffError(f"{flag} must be a whole number >= 1, got {value}")
-    if args.device != "auto":
-        pick_device(args.device)  # an unavailable device is refused now, not after the data are read
+    # an unavailable device is refused now, not after the data are read
+    device = ("cuda" if _cuda() else "cpu") if args.device == "auto" else str(pick_device(args.device))
     # a shipped name is its file: that file is an input too
     init_file = str(resolve_model(args.init_weights)[0]) if args.init_weights else None
     check_output_file("--out", args.output, (".safetensors",), (init_file, args.data))
@@ -277,7 +276,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     if patch != cfg.patch_size:
         info(args, f"patches of {patch}x{patch} pixels" + (f" (--patch-size {cfg.patch_size}: the smallest slice and "
                                                             "a multiple of 4 allow no more)" if cfg.patch_size else ""))
-    device = ("cuda" if _cuda() else "cpu") if args.device == "auto" else str(pick_device(args.device))
     # what they were trained from, wherever the command was run
     started_from = ({"init_weights": args.init_weights if args.init_weights in shipped_models() else init_file,
                      "init_weights_sha256": init_sha256, "widen": args.widen} if args.init_weights else {})
@@ -576,8 +574,8 @@ def cmd_dose(args: argparse.Namespace) -> int:
     try:
         model, scan, dose = choose_model(*axial_view(volume))
     except CoreDiffError as exc:  # what denoise then does (unless --model auto is given explicitly)
-        from .models import DEFAULT_MODEL, load_manifest
-        model = load_manifest().get("default") or DEFAULT_MODEL
+        from .models import default_model_name
+        model = default_model_name()
         why = (f"{exc}, so its dose cannot be estimated: denoise runs the default model {model} (and refuses "
                "the scan when --model auto is given explicitly)")
         if args.json:

@@ -524,7 +524,8 @@ def denoise_file(input_path, output_path, denoiser, batch_size: int | None = Non
                                         "--slices cannot cut them axially; denoise the whole series")
                 info["slice_positions"] = info["slice_positions"][first:last]
         den = denoiser if isinstance(denoiser, Denoiser) else denoiser(data, tuple(spacing_xy))
-        neighbours = uses_neighbours(slice_mm, context, getattr(den.model, "trained_neighbour_mm", None))
+        trained_mm = getattr(den.model, "trained_neighbour_mm", None)
+        neighbours = uses_neighbours(slice_mm, context, trained_mm)
         metadata = den.provenance()
         uses_context = den.model.config.use_context
         if uses_context:
@@ -540,7 +541,6 @@ def denoise_file(input_path, output_path, denoiser, batch_size: int | None = Non
             if layout is not None:
                 log(f"its slices are not axial ({layout.storage} storage): denoising its axial planes, as the "
                     "models were trained, and writing them back in its own order")
-            trained_mm = getattr(den.model, "trained_neighbour_mm", None)
             if uses_context and not neighbours and context == "auto":
                 log(f"slice spacing {slice_mm:g} mm: each slice is its own context. "
                     + (f"This model learned its context from neighbours up to {trained_mm:g} mm away"

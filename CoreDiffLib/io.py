@@ -695,14 +695,15 @@ def voxel_grid_difference(a: Volume, b: Volume) -> str | None:
 
 
 def _check_pair_noise(nd, ld, a: Volume, b: Volume) -> None:
-    """Refuse a pair whose 'LDCT' is no noisier than its 'NDCT' (the same scan twice, or a list's
-    columns swapped): a model trained on it learns to keep or add noise. Judged by the noise
-    index ``--model auto`` measures; a pair it cannot measure (little soft tissue) passes."""
+    """Refuse a pair (axial volumes) whose 'LDCT' is no noisier than its 'NDCT' (the same scan
+    twice, or a list's columns swapped): a model trained on it learns to keep or add noise.
+    Judged by the noise index ``--model auto`` measures; a pair it cannot measure (little soft
+    tissue) passes."""
     from .dose_estimate import measure
     if np.array_equal(a.array, b.array):
         raise CoreDiffError(f"{nd} and {ld} hold the same voxels: a pair is a normal-dose and a low-dose scan")
     try:
-        normal, low = (measure(v.array, v.spacing[:2]).noise_index_hu for v in map(axial_volume, (a, b)))
+        normal, low = (measure(v.array, v.spacing[:2]).noise_index_hu for v in (a, b))
     except CoreDiffError:
         return
     if low <= normal:
@@ -727,11 +728,12 @@ def read_training_pairs(pairs: list[tuple[Path, Path]], log=None,
         if differs:
             raise CoreDiffError(f"{nd} and {ld} differ in spacing, origin or direction: a pair must be two scans "
                                 "of the same voxels (resample one onto the other first)")
-        _check_pair_noise(nd, ld, a, b)
+        axial_a, axial_b = axial_volume(a), axial_volume(b)  # views, no copies
+        _check_pair_noise(nd, ld, axial_a, axial_b)
         layout = axial_layout(a.direction, a.array.shape)
         if layout is not None and log:  # trained on axial planes with axial neighbours, as denoise runs them
             log(f"{Path(nd).name}: stored {layout.storage}ly; trained on its axial planes")
-        volumes.append((axial_volume(a).array, axial_volume(b).array))
+        volumes.append((axial_a.array, axial_b.array))
         if slice_mm is not None:
             slice_mm.append(slice_spacing_mm(a.spacing, a.direction, layout, a.slice_positions))
     return volumes

@@ -40,6 +40,11 @@ def load_manifest() -> dict:
     return json.loads(MANIFEST.read_text())
 
 
+def default_model_name() -> str:
+    """The model a run without --model gets: the manifest's default, by name."""
+    return load_manifest().get("default") or DEFAULT_MODEL
+
+
 def shipped_models() -> dict[str, dict]:
     return load_manifest().get("models", {})
 

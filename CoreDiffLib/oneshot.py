@@ -209,11 +209,10 @@ class Adaptation:
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "adaptation") -> "Adaptation":
-        if isinstance(d, dict) and isinstance(d.get("format"), str) and d["format"] in _OLD_FORMATS:
-            raise CoreDiffError(f"{source} was made by an earlier CoreDiff ({d['format']}: "
-                                f"{_OLD_FORMATS[d['format']]}): run 'corediff oneshot' again to refit it "
-                                "(the same --name replaces it)")
         fmt = d.get("format") if isinstance(d, dict) else None
+        if isinstance(fmt, str) and fmt in _OLD_FORMATS:
+            raise CoreDiffError(f"{source} was made by an earlier CoreDiff ({fmt}: {_OLD_FORMATS[fmt]}): run "
+                                "'corediff oneshot' again to refit it (the same --name replaces it)")
         if isinstance(fmt, str) and fmt.startswith(_FORMAT_PREFIX) and fmt != FORMAT:
             raise CoreDiffError(f"{source} was made by a newer CoreDiff ({fmt}; this one reads {FORMAT}): "
                                 "update CoreDiff to use it")
@@ -321,10 +320,15 @@ def adaptation_base_model(name_or_path) -> str | None:
     return None
 
 
+def _recorded_base(adaptation: Adaptation):
+    """The base model an adaptation's fit recorded (as asked for, else its file), or None."""
+    return adaptation.info.get("model") or adaptation.info.get("base_model")
+
+
 def missing_base_message(name_or_path) -> str:
     """Why an adaptation's base model cannot be found, for :func:`adaptation_base_model`'s None."""
     adaptation, source = _read_adaptation(name_or_path)
-    recorded = adaptation.info.get("model") or adaptation.info.get("base_model")
+    recorded = _recorded_base(adaptation)
     return (f"{source} was learned for {recorded or 'a model'} (sha256 {adaptation.base_sha256[:12]}…), which is "
             "not installed here or has changed since the fit: give that model with --model, or run "
             "'corediff oneshot' again")
@@ -335,7 +339,7 @@ def load_adaptation(name_or_path, model: torch.nn.Module) -> Adaptation:
     adaptation, source = _read_adaptation(name_or_path)
     sha = model_identity(model)
     if adaptation.base_sha256 != sha:
-        base = adaptation.info.get("model") or adaptation.info.get("base_model")
+        base = _recorded_base(adaptation)
         given = getattr(model, "weights_path", None)
         same = base and given and Path(str(base)).stem == Path(str(given)).stem
         raise CoreDiffError(f"{source} was learned for another model ({f'{base}, ' if base else ''}sha256 "
@@ -362,12 +366,12 @@ def list_adaptations() -> list[dict]:
             a = Adaptation.read(path)
         except CoreDiffError as exc:  # listed, so that its name taken by it is no mystery
             outdated = is_outdated(path)  # a new fit of its name replaces it without --overwrite
+            newer = "newer CoreDiff" in str(exc)  # another installation's: not to be deleted from here
             if outdated:
                 why = "outdated, cannot be used: adapt again with the same name"
-            newer = "newer CoreDiff" in str(exc)  # another installation's: not to be deleted from here
-            if newer:
+            elif newer:
                 why = f"cannot be used by this version ({exc})"
-            elif not outdated:
+            else:
                 why = f"damaged, cannot be used ({exc}): delete {path} or adapt again with --overwrite"
             rows.append({"name": path.stem, "path": str(path), "kind": "adaptation", "damaged": True,
                          "outdated": outdated, "newer": newer, "description": why})

@@ -780,13 +780,14 @@ def _train(pairs: Sequence[tuple[np.ndarray, np.ndarray]], net_cfg: NetworkConfi
                     stop_at = state.iteration
             if not ema_averaging and state.iteration == stop_at:  # too short to average: the weights as trained
                 ema.load_state_dict(model.state_dict())
-            if state.iteration % cfg.checkpoint_every == 0 or state.iteration == stop_at or stop.requested:
+            at_checkpoint = state.iteration % cfg.checkpoint_every == 0 or state.iteration == stop_at \
+                or stop.requested
+            keep = bool(ckpt and cfg.keep_every and state.iteration % cfg.keep_every == 0)
+            if at_checkpoint or keep:
                 _check_finite(window, (model, ema), state.iteration, ckpt)  # nothing diverged is saved
-                if ckpt and rank == 0:
+                if ckpt and rank == 0 and at_checkpoint:
                     save(ckpt)
-            if ckpt and cfg.keep_every and state.iteration % cfg.keep_every == 0:
-                _check_finite(window, (model, ema), state.iteration, ckpt)
-                if rank == 0:
+                if keep and rank == 0:
                     save(ckpt.with_name(f"{ckpt.stem}.it{state.iteration}{ckpt.suffix}"))
             if stop.requested:
                 where = (f"; {ckpt} holds the run so far: run the same command to go on, or with --iterations "

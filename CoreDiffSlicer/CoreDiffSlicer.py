@@ -1870,16 +1870,20 @@ class CoreDiffSlicerLogic(ScriptedLoadableModuleLogic):
         k = int(np.argmin(distance))
         return k if distance[k] <= toleranceMm else None
 
+    def _checkOutputGrid(self, outputNode, inputNode) -> None:
+        """Refuse a readout of an output that is not on the input's grid (:meth:`gridMismatch`)."""
+        problem = self.gridMismatch(outputNode, inputNode)
+        if problem:
+            raise ValueError(f"{problem}: select this scan's denoised volume as the output (a preview holds "
+                             "one slice), or Denoise it.")
+
     def roiStatistics(self, inputNode, outputNode, roiNode=None, sliceIndex=None) -> dict:
         """Mean and SD (HU) inside the ROI, before and after.
 
         With no ROI node: a box of 1/5 of the in-plane size at the centre of the current Red slice.
         The output must lie on the input's voxel grid (the denoised volume of this scan).
         """
-        problem = self.gridMismatch(outputNode, inputNode)
-        if problem:
-            raise ValueError(f"{problem}: select this scan's denoised volume as the output (a preview holds "
-                             "one slice), or Denoise it.")
+        self._checkOutputGrid(outputNode, inputNode)
         before = slicer.util.arrayFromVolume(inputNode)
         after = slicer.util.arrayFromVolume(outputNode)
         nk, nj, ni = before.shape
@@ -1959,10 +1963,7 @@ class CoreDiffSlicerLogic(ScriptedLoadableModuleLogic):
         mean nothing.
         """
         from CoreDiffLib.metrics import slice_metrics
-        problem = self.gridMismatch(outputNode, inputNode)
-        if problem:
-            raise ValueError(f"{problem}: select this scan's denoised volume as the output (a preview holds "
-                             "one slice), or Denoise it.")
+        self._checkOutputGrid(outputNode, inputNode)
         problem = self.gridMismatch(referenceNode, inputNode)
         if problem:
             raise ValueError(f"The reference {problem}: resample it onto the input first "
