@@ -506,12 +506,29 @@ def _write_detached(image: sitk.Image, out: Path) -> Path:
     return out
 
 
+def _dicom_stored_values(hu: np.ndarray) -> tuple[np.ndarray, int]:
+    """16-bit stored values and the rescale intercept that gives them back in HU.
+
+    Intercept 0 (stored = HU) when the values fit int16, as most CT does; a volume reaching
+    below -32768 HU (padding of -32768 stored values under intercept -1024) or above 32767
+    shifts the intercept so that nothing is clipped. Only a range wider than 16 bits hold,
+    65,536 HU, is clipped at its top."""
+    rounded = np.rint(hu)
+    low, high = float(rounded.min()), float(rounded.max())
+    if low >= -32768 and high <= 32767:
+        return rounded.astype(np.int16), 0
+    intercept = int(low) + 32768 if low < -32768 else int(high) - 32767
+    stored = np.clip(rounded, intercept - 32768, intercept + 32767)
+    return stored.astype(np.float32), intercept
+
+
 def _write_dicom_series(volume: Volume, pixels: np.ndarray, folder: Path, description: str,
                         comments: str | None = None) -> None:
     """One file per slice; patient/study tags kept, a new series UID, DERIVED image type;
     ``comments`` (what made it) go to ImageComments."""
+    intercept = 0
     if pixels.dtype not in (np.int16, np.uint16):
-        pixels = np.clip(np.rint(volume.array), -32768, 32767).astype(np.int16)
+        pixels, intercept = _dicom_stored_values(volume.array)
     image = _to_image(volume, pixels)
     src = volume.dicom_tags
     now = _dt.datetime.now()
@@ -535,11 +552,13 @@ def _write_dicom_series(volume: Volume, pixels: np.ndarray, folder: Path, descri
         "0008|103e": (f"{source_desc} - {description}" if source_desc else description)[:64],
         "0008|0021": f"{now:%Y%m%d}", "0008|0031": f"{now:%H%M%S}",
         "0020|0011": str(int(src.get("0020|0011", "0") or 0) + 1000),
-        "0028|1052": "0", "0028|1053": "1", "0028|1054": "HU",
+        "0028|1052": str(intercept), "0028|1053": "1", "0028|1054": "HU",
         "0020|0037": "\\".join(f"{d:.6f}" for d in (*volume.direction[0::3], *volume.direction[1::3])),
         # SpacingBetweenSlices: readers take a one-slice series' spacing (a --slices K preview) from it
         "0018|0088": f"{float(volume.spacing[2]):.6g}",
     })
+    if intercept:  # GDCM stores (HU - intercept) as 16-bit signed when told the stored type
+        common.update({"0028|0100": "16", "0028|0101": "16", "0028|0102": "15", "0028|0103": "1"})
     if comments:
         common["0020|4000"] = comments
     writer = sitk.ImageFileWriter()

@@ -112,6 +112,18 @@ def test_dicom_rescaled_to_int32_is_written_as_int16_when_it_fits(tmp_path):
     np.testing.assert_array_equal(read_volume(out).array, vol.array)
 
 
+@pytest.mark.parametrize("extreme", [-33792, 40000])
+def test_dicom_output_keeps_values_beyond_int16_with_an_intercept(tmp_path, extreme):
+    """Padding of -32768 stored under intercept -1024 is -33792 HU (and extended-scale metal can
+    pass 32767): the output shifts its intercept instead of clipping them."""
+    hu = synthetic_ct(2, 32, noise_hu=0).round()
+    hu[:, :3, :3] = extreme
+    vol = read_volume(write_image(tmp_path / "v.nrrd", hu, dtype=np.int32))
+    back = read_volume(write_volume(vol, tmp_path / "dicom_out"))
+    np.testing.assert_array_equal(back.array, hu)
+    assert float(back.dicom_tags["0028|1052"]) != 0
+
+
 def test_dicom_rescale_slope_and_intercept_are_honoured(tmp_path):
     """CT stored with intercept -1024 (typical scanners: raw values = HU + 1024) reads back in HU.
 
