@@ -302,6 +302,22 @@ def _stated_values(head: bytes, tag: bytes) -> list[list[float]]:
     return found
 
 
+def _header_bytes(path: Path) -> bytes:
+    """A DICOM file's bytes up to its image's pixel data (an icon's comes earlier)."""
+    with open(path, "rb") as f:
+        head = f.read(1 << 24)
+    end = head.rfind(b"\xe0\x7f\x10\x00")
+    return head[:end] if end > 0 else head
+
+
+def _uneven_frame_rescale(head: bytes) -> bool:
+    """Whether a multi-frame file's frames state different rescale intercepts or slopes
+    (per-frame Pixel Value Transformation): GDCM applies the first frame's to all of them."""
+    intercepts = {v[0] for v in _stated_values(head, b"\x28\x00\x52\x10") if len(v) == 1}
+    slopes = {v[0] for v in _stated_values(head, b"\x28\x00\x53\x10") if len(v) == 1}
+    return len(intercepts) > 1 or len(slopes) > 1
+
+
 def _gdcm_fallback(path: Path, image: sitk.Image, frames: int) -> bool:
     """Whether GDCM gave up on a multi-frame (enhanced) file's geometry: it then returns 1 mm voxels
     in file order when the frames are missing, uneven or out of order. A 1 mm (1, 1, 1) result is
@@ -309,10 +325,7 @@ def _gdcm_fallback(path: Path, image: sitk.Image, frames: int) -> bool:
     groups) states 1 mm pixels and one position per frame, in order, 1 mm apart."""
     if image.GetSpacing() != (1.0, 1.0, 1.0):
         return False
-    with open(path, "rb") as f:
-        head = f.read(1 << 24)
-    end = head.rfind(b"\xe0\x7f\x10\x00")  # the image's pixel data (an icon's comes earlier)
-    head = head[:end] if end > 0 else head
+    head = _header_bytes(path)
     spacing = [v for v in _stated_values(head, b"\x28\x00\x30\x00") if len(v) == 2]
     positions = np.array([v for v in _stated_values(head, b"\x20\x00\x32\x00") if len(v) == 3])
     if not spacing or not np.allclose(spacing[-1], 1.0) or len(positions) != frames:
@@ -342,11 +355,19 @@ def _read_dicom_file(path: Path) -> tuple[sitk.Image, dict[str, str]]:
     tags = {k: reader.GetMetaData(k) for k in reader.GetMetaDataKeys()}
     _check_ct_tags(tags, path)
     frames = tags.get("0028|0008", "1").strip()
-    if frames.isdigit() and int(frames) > 1 and _gdcm_fallback(path, image, int(frames)):
-        raise CoreDiffError(f"{path}: a multi-frame (enhanced) CT whose frame geometry GDCM could not read "
-                            "(frames missing, unevenly spaced or out of order?): it reads as 1 mm voxels in "
-                            "file order. Convert it to a classic one-file-per-slice series (e.g. dcm2niix, "
-                            "or your PACS's 'legacy' export) and denoise that")
+    if not frames.isdigit() or int(frames) < 2:
+        return image, tags
+    fault = None
+    if _gdcm_fallback(path, image, int(frames)):
+        fault = ("whose frame geometry GDCM could not read (frames missing, unevenly spaced or out of "
+                 "order?): it reads as 1 mm voxels in file order")
+    elif _uneven_frame_rescale(_header_bytes(path)):
+        fault = ("whose frames have different rescale slopes or intercepts: GDCM reads every frame with "
+                 "the first one's, which gives wrong HU")
+    if fault:
+        raise CoreDiffError(f"{path}: a multi-frame (enhanced) CT {fault}. Convert it to a classic "
+                            "one-file-per-slice series (e.g. dcm2niix, or your PACS's 'legacy' export) "
+                            "and denoise that")
     return image, tags
 
 

@@ -686,6 +686,44 @@ def test_a_multi_frame_ct_read_with_gdcms_fallback_geometry_is_refused(tmp_path)
         read_volume(tmp_path / "px1mm_swapped.dcm")
 
 
+def test_a_multi_frame_ct_with_per_frame_rescale_reads_only_when_the_frames_agree(tmp_path):
+    """An enhanced CT may state its rescale per frame; GDCM applies the first frame's to all
+    (a frame stored under intercept -1000 read 24 HU low), so differing ones are refused."""
+    hu = np.full((4, 16, 16), 40.0, np.float32)
+    hu[:, :4] = -1000.0
+    image = sitk.GetImageFromArray(hu)
+    image.SetSpacing((0.7, 0.7, 2.0))
+    image.SetOrigin((10.0, 20.0, 30.0))
+    for tag, value in {"0008|0060": "CT", "0028|1052": "-1024", "0028|1053": "1", "0028|0100": "16",
+                       "0028|0101": "16", "0028|0102": "15", "0028|0103": "1"}.items():
+        image.SetMetaData(tag, value)
+    sitk.WriteImage(image, str(tmp_path / "shared.dcm"))  # GDCM: one shared Pixel Value Transformation
+    raw = (tmp_path / "shared.dcm").read_bytes()
+    # implicit VR, undefined lengths: move the shared group into each frame's item, one of them -1000
+    item, item_end = b"\xfe\xff\x00\xe0\xff\xff\xff\xff", b"\xfe\xff\r\xe0\0\0\0\0"
+    seq_end = b"\xfe\xff\xdd\xe0\0\0\0\0"
+
+    def transformation(intercept: bytes) -> bytes:
+        return (b"(\x00E\x91\xff\xff\xff\xff" + item + b"(\x00R\x10\x06\0\0\0" + intercept
+                + b"(\x00S\x10\x02\0\0\x001 " + item_end + seq_end)
+
+    assert raw.count(transformation(b"-1024 ")) == 1
+    raw = raw.replace(transformation(b"-1024 "), b"")
+    for intercepts, name in (([b"-1024 "] * 4, "agree.dcm"),
+                             ([b"-1024 ", b"-1024 ", b"-1000 ", b"-1024 "], "differ.dcm")):
+        per_frame = raw
+        for k, intercept in enumerate(intercepts):
+            position_end = b"10\\20\\%d" % (30 + 2 * k) + item_end + seq_end
+            assert per_frame.count(position_end) == 1
+            per_frame = per_frame.replace(position_end, position_end + transformation(intercept))
+        (tmp_path / name).write_bytes(per_frame)
+    np.testing.assert_array_equal(read_volume(tmp_path / "agree.dcm").array, hu)
+    gdcm = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "differ.dcm")))
+    np.testing.assert_array_equal(gdcm, hu)  # frame 3 holds 64 HU, not 40
+    with pytest.raises(CoreDiffError, match="different rescale slopes or intercepts.*classic one-file-per-slice"):
+        read_volume(tmp_path / "differ.dcm")
+
+
 def test_a_slice_with_its_own_fractional_rescale_slope_keeps_its_fraction(tmp_path):
     """ITK takes the pixel type from the first slice (int32 here): a later slice stored with
     slope 0.5 lost its half HU."""
