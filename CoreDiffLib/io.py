@@ -58,6 +58,12 @@ class Volume:
     def shape(self) -> tuple[int, int, int]:
         return tuple(self.array.shape)  # type: ignore[return-value]
 
+    def axial_slice_mm(self) -> float:
+        """The distance (mm) between adjacent axial slices, which decides the neighbour context:
+        :func:`slice_spacing_mm` for this volume, however it is stored."""
+        return slice_spacing_mm(self.spacing, self.direction, axial_layout(self.direction, self.shape),
+                                self.slice_positions)
+
     def with_array(self, array: np.ndarray) -> "Volume":
         """Same geometry and tags, new voxels (used for outputs)."""
         return Volume(np.asarray(array, dtype=np.float32), self.spacing, self.origin, self.direction,
@@ -775,7 +781,7 @@ def read_training_pairs(pairs: list[tuple[Path, Path]], log=None,
             log(f"{Path(nd).name}: stored {layout.storage}ly; trained on its axial planes")
         volumes.append((axial_a.array, axial_b.array))
         if slice_mm is not None:
-            slice_mm.append(slice_spacing_mm(a.spacing, a.direction, layout, a.slice_positions))
+            slice_mm.append(a.axial_slice_mm())
     return volumes
 
 

@@ -897,7 +897,7 @@ def cmd_oneshot(args) -> int:
     """``corediff oneshot``: learn and save an adaptation; last stdout line ``RESULT <path>``."""
     from .cli import Progress, info, note
     from .inference import axial_layout, axial_view, pick_device, uses_neighbours
-    from .io import read_volume, slice_of, slice_spacing_mm, voxel_grid_difference
+    from .io import read_volume, slice_of, voxel_grid_difference
     from .models import load_model
 
     # everything that can be checked cheaply is checked before any heavy work
@@ -942,7 +942,7 @@ def cmd_oneshot(args) -> int:
     # the axial planes, however the series is stored (a reformat): --slice counts them, as denoise runs them
     ldct, ldct_xy = axial_view(ldct_volume)
     layout = axial_layout(ldct_volume.direction, ldct_volume.array.shape)
-    slice_mm = slice_spacing_mm(ldct_volume.spacing, ldct_volume.direction, layout, ldct_volume.slice_positions)
+    slice_mm = ldct_volume.axial_slice_mm()
     model_name = args.model
     if model_name == AUTO_MODEL:  # the base nearest the new dose: what the steps can be re-weighted from
         from .cli import choose_dose_model
