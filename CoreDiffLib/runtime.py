@@ -111,7 +111,8 @@ def check_applicable(settings: RunSettings, device: torch.device) -> str | None:
         if settings.channels_last:
             return "ONNX Runtime chooses its own memory layout"
         if not onnx_available():
-            return "onnx / onnxruntime are not installed (pip install CoreDiffLib[export])"
+            return ("onnx / onnxruntime are not installed (pip install 'onnx>=1.15' 'onnxruntime>=1.17', "
+                    "as '.[export]' does)")
     if settings.precision == "bf16" and cuda and not torch.cuda.is_bf16_supported():
         return "this GPU has no bf16"
     return None

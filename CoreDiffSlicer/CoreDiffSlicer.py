@@ -533,7 +533,7 @@ class CoreDiffSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._modelEntries = []
         self._adaptationNames = {}  # saved adaptation name -> usable, damaged or newer, from the last model list
         self._deviceEntries = []
-        self._listedWithoutTorch = False  # the lists failed for want of torch: make them again once it is there
+        self._listedWithoutPackages = False  # the lists failed for want of a package: made again once installed
         self._lastAdaptation = None
 
     def setup(self) -> None:
@@ -853,10 +853,10 @@ class CoreDiffSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _dependenciesReady(self) -> bool:
         """PyTorch and the packages present, installed now if the user agrees; the model and
-        device lists, made before torch was there, are made again once it is."""
+        device lists, made before the packages were there, are made again once they are."""
         ready = self.logic.checkDependencies(interactive=True)
-        if ready and self._listedWithoutTorch:
-            self._listedWithoutTorch = False
+        if ready and self._listedWithoutPackages:
+            self._listedWithoutPackages = False
             self.refreshModelsAndDevices()
         return ready
 
@@ -870,9 +870,12 @@ class CoreDiffSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _onModelsListed(self, entries, error) -> None:
         self.ui.refreshModelsButton.enabled = True
         if error:
-            self._listedWithoutTorch = "No module named 'torch'" in str(error)
-            self.ui.statusLabel.text = ("PyTorch is not installed yet: Denoise offers to install it"
-                                        if self._listedWithoutTorch else f"Could not list models: {error}")
+            # torch, or a package the module installs with it (safetensors, ...): Denoise installs them
+            self._listedWithoutPackages = "No module named" in str(error)
+            self.ui.statusLabel.text = (
+                "PyTorch is not installed yet: Denoise offers to install it" if "No module named 'torch'" in str(error)
+                else "Python packages CoreDiff needs are not installed yet: Denoise offers to install them"
+                if self._listedWithoutPackages else f"Could not list models: {error}")
             entries = []
         # names a new adaptation may only take by replacing (an outdated one is replaced anyway)
         self._adaptationNames = {str(e.get("name")): "newer" if e.get("newer") else "damaged" if e.get("damaged")
@@ -1257,10 +1260,12 @@ class CoreDiffSlicerLogic(ScriptedLoadableModuleLogic):
     #: may have put an older one in Slicer's Python, which would fail in the middle of a run
     REQUIRED_PACKAGES = {"safetensors": "safetensors>=0.4", "skimage": "scikit-image>=0.21", "tqdm": "tqdm>=4.60",
                          "psutil": "psutil>=5.9", "scipy": "scipy>=1.10"}
-    # installed with the required ones when the user agrees, but optional: ONNX Runtime runs the
-    # network 1.6-2 times as fast as PyTorch on a CPU (`corediff bench`, 2026-12-05); a failed
-    # install of these is logged and the module runs on PyTorch
+    # offered with the required ones, or alone once a session, but optional: ONNX Runtime runs the
+    # network 1.4-2.8 times as fast as PyTorch on a CPU (README, Speed); a failed install of these
+    # is logged and the module runs on PyTorch
     SPEEDUP_PACKAGES = {"onnx": "onnx>=1.15", "onnxruntime": "onnxruntime>=1.17"}
+    SPEEDUP_GAIN = "1.4-2.8 times the speed on a CPU"
+    _speedupsOffered = False  # this session (class-wide: every logic asks once, not each)
     TORCH_REQUIREMENT = ">=2.1"
     CT_WINDOW, CT_LEVEL = 350.0, 40.0
     #: node reference role from a result to the volume it was denoised from (saved with the scene)
@@ -1295,6 +1300,16 @@ class CoreDiffSlicerLogic(ScriptedLoadableModuleLogic):
         if self._dependenciesOk:
             return True
         import importlib.util
+        if requirementMet("torch") and not requirementMet("torch" + self.TORCH_REQUIREMENT):
+            # another extension's older torch: replacing it in a running Slicer takes a restart
+            if interactive:
+                import importlib.metadata
+                slicer.util.errorDisplay(
+                    f"CoreDiff needs PyTorch {self.TORCH_REQUIREMENT}; Slicer's Python has torch "
+                    f"{importlib.metadata.version('torch')}. Update it (the PyTorch extension's PyTorch Utils "
+                    f"module, or slicer.util.pip_install('torch{self.TORCH_REQUIREMENT}') in the Python "
+                    "console) and restart Slicer.", windowTitle="CoreDiff")
+            return False
         if importlib.util.find_spec("torch") is None:
             try:
                 import PyTorchUtils
@@ -1320,13 +1335,14 @@ class CoreDiffSlicerLogic(ScriptedLoadableModuleLogic):
                     return False
         missing = [pip for mod, pip in self.REQUIRED_PACKAGES.items()
                    if importlib.util.find_spec(mod) is None or not requirementMet(pip)]
+        speedups = [] if CoreDiffSlicerLogic._speedupsOffered or not interactive else [
+            pip for mod, pip in self.SPEEDUP_PACKAGES.items() if importlib.util.find_spec(mod) is None]
+        if missing and not interactive:
+            return False
         if missing:
-            if not interactive:
-                return False
-            speedups = [pip for mod, pip in self.SPEEDUP_PACKAGES.items() if importlib.util.find_spec(mod) is None]
             if not slicer.util.confirmOkCancelDisplay(
                     "CoreDiff needs these Python packages: " + ", ".join(missing) + "."
-                    + (f"\nIt also installs {', '.join(speedups)} (optional: 1.6-2 times the speed on a CPU)."
+                    + (f"\nIt also installs {', '.join(speedups)} (optional: {self.SPEEDUP_GAIN})."
                        if speedups else "") + "\nInstall them now?",
                     windowTitle="CoreDiff"):
                 return False
@@ -1338,12 +1354,17 @@ class CoreDiffSlicerLogic(ScriptedLoadableModuleLogic):
                                          "connection and try again, or install them from Slicer's Python "
                                          "console with slicer.util.pip_install.", windowTitle="CoreDiff")
                 return False
-            if speedups:
-                try:
-                    slicer.util.pip_install(" ".join(speedups))
-                except Exception:  # optional: the module runs on PyTorch without them
-                    logging.warning("CoreDiff: installing %s failed; denoising runs on PyTorch, more slowly "
-                                    "on a CPU", ", ".join(speedups), exc_info=True)
+        elif speedups and not slicer.util.confirmOkCancelDisplay(
+                f"Install {', '.join(speedups)} (optional: {self.SPEEDUP_GAIN})? Without them CoreDiff runs "
+                "on PyTorch.", windowTitle="CoreDiff"):
+            speedups = []  # declined: not asked again this session
+        CoreDiffSlicerLogic._speedupsOffered = CoreDiffSlicerLogic._speedupsOffered or interactive
+        if speedups:
+            try:
+                slicer.util.pip_install(" ".join(speedups))
+            except Exception:  # optional: the module runs on PyTorch without them
+                logging.warning("CoreDiff: installing %s failed; denoising runs on PyTorch, more slowly "
+                                "on a CPU", ", ".join(speedups), exc_info=True)
         if coreDiffLibParentDir() is None:
             slicer.util.errorDisplay("The CoreDiffLib package was not found next to the module.", windowTitle="CoreDiff")
             return False

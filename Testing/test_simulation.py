@@ -407,7 +407,7 @@ def test_without_astra_the_simulation_says_how_to_install_it(tmp_path, monkeypat
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", no_astra)
-    with pytest.raises(CoreDiffError, match=r"needs astra-toolbox: pip install 'CoreDiffLib\[simulation\]'"):
+    with pytest.raises(CoreDiffError, match=r"needs astra-toolbox: pip install 'astra-toolbox>=2.1'"):
         simulate_dataset(str(tmp_path / "s"), 0.25, 1, 1, size=N, geometry=GEOM, progress=False)
     assert not (tmp_path / "s").exists()
 

@@ -671,6 +671,12 @@ def test_without_pytorch_the_lists_say_so_and_are_made_again_once_it_is_installe
     assert widget._dependenciesReady() and refreshed == [True]  # once
     widget._onModelsListed(None, "OSError: disk full")  # another failure: nothing to install
     assert widget._dependenciesReady() and refreshed == [True]
+    # torch there (another extension's), safetensors not: the CLI cannot list either, and the lists
+    # are made again once the module has installed it
+    widget._onModelsListed(None, "ModuleNotFoundError: No module named 'safetensors'")
+    assert widget.ui.statusLabel.property("text") == ("Python packages CoreDiff needs are not installed yet: "
+                                                      "Denoise offers to install them")
+    assert widget._dependenciesReady() and refreshed == [True, True]
 
 
 def test_failing_run_shows_library_message(slicerEnv, tmp_path):  # noqa: F811
@@ -830,8 +836,41 @@ def test_the_faster_cpu_runtime_is_offered_with_the_required_packages_and_may_fa
     assert logic.checkDependencies(interactive=True) is True
     assert installed == ["needed-package", "speedup-package"]
     confirm = [text for kind, text in H.displayed if kind == "confirm"][-1]
-    assert "needed-package" in confirm and "speedup-package (optional: 1.6-2 times the speed on a CPU)" in confirm
+    assert "needed-package" in confirm and "speedup-package (optional: 1.4-2.8 times the speed on a CPU)" in confirm
     assert not [m for m in H.displayed if m[0] == "error"]
+
+
+def test_the_faster_cpu_runtime_is_offered_alone_once_a_session(slicerEnv, monkeypatch):  # noqa: F811
+    """The required packages already there (another extension's), ONNX Runtime was never offered:
+    it is, once a session; declined, the module runs on PyTorch without asking again."""
+    slicer, module, tempDir = slicerEnv
+    monkeypatch.setattr(module.CoreDiffSlicerLogic, "REQUIRED_PACKAGES", {"numpy": "numpy>=1.0"})
+    monkeypatch.setattr(module.CoreDiffSlicerLogic, "SPEEDUP_PACKAGES", {"no_such_speedup_for_corediff": "speedup"})
+    monkeypatch.setattr(module.CoreDiffSlicerLogic, "_speedupsOffered", False)
+    monkeypatch.setattr(module, "coreDiffLibParentDir", lambda: tempDir)
+    installed = []
+    monkeypatch.setattr(slicer.util, "pip_install", installed.append)
+    assert module.CoreDiffSlicerLogic().checkDependencies(interactive=False) is True  # a test run: no dialog
+    assert not [m for m in H.displayed if m[0] == "confirm"]
+    monkeypatch.setitem(H.confirmAnswer, "value", False)
+    assert module.CoreDiffSlicerLogic().checkDependencies(interactive=True) is True  # declined: still ready
+    assert [text for kind, text in H.displayed if kind == "confirm"] == [
+        "Install speedup (optional: 1.4-2.8 times the speed on a CPU)? Without them CoreDiff runs on PyTorch."]
+    assert module.CoreDiffSlicerLogic().checkDependencies(interactive=True) is True
+    assert len([m for m in H.displayed if m[0] == "confirm"]) == 1 and installed == []  # not asked again
+    monkeypatch.setattr(module.CoreDiffSlicerLogic, "_speedupsOffered", False)  # the next session, accepted
+    monkeypatch.setitem(H.confirmAnswer, "value", True)
+    assert module.CoreDiffSlicerLogic().checkDependencies(interactive=True) is True and installed == ["speedup"]
+
+
+def test_an_older_pytorch_in_slicer_is_refused_with_how_to_update(slicerEnv, monkeypatch):  # noqa: F811
+    slicer, module, tempDir = slicerEnv
+    monkeypatch.setattr(module.CoreDiffSlicerLogic, "TORCH_REQUIREMENT", ">=999.1")
+    logic = module.CoreDiffSlicerLogic()
+    assert logic.checkDependencies(interactive=False) is False and not H.displayed
+    assert logic.checkDependencies(interactive=True) is False
+    error = [text for kind, text in H.displayed if kind == "error"][-1]
+    assert error.startswith("CoreDiff needs PyTorch >=999.1; Slicer's Python has torch ") and "restart Slicer" in error
 
 
 def test_a_second_scan_gets_its_own_result_and_readouts_refuse_volumes_of_another_grid(slicerEnv, tinyModel):  # noqa: F811

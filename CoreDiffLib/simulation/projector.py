@@ -154,9 +154,9 @@ def _import_astra():
         import astra
     except ImportError:
         from .. import CoreDiffError
-        raise CoreDiffError("simulation needs astra-toolbox: pip install 'CoreDiffLib[simulation]' (its wheels are "
-                            "for Linux x86-64 and Windows; elsewhere: conda install -c astra-toolbox astra-toolbox)"
-                            ) from None
+        raise CoreDiffError("simulation needs astra-toolbox: pip install 'astra-toolbox>=2.1' (what the checkout's "
+                            "pip install '.[simulation]' adds; its wheels are for Linux x86-64 and Windows; "
+                            "elsewhere: conda install -c astra-toolbox astra-toolbox)") from None
     return astra
 
 
