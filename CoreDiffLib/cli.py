@@ -510,32 +510,51 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
     doses = args.dose
     for d in doses:
-        if not 0 < d <= 1:
-            raise CoreDiffError(f"--dose {d} is out of range: give a fraction of the full dose in (0, 1], "
-                                "e.g. 0.25 for quarter dose")
+        if not 0 < d < 1:
+            raise CoreDiffError(f"--dose {d} is out of range: give a fraction of the full dose in (0, 1), "
+                                "e.g. 0.25 for quarter dose (the full dose is the NDCT, written anyway)")
     if args.seed < 0:
         raise CoreDiffError(f"--seed {args.seed}: give an integer >= 0")
     progress = Progress(args.progress, desc="simulate")
     try:  # all or nothing: the files move into --out only when every case is done
         paths = simulate_dataset(args.out, doses if len(doses) > 1 else doses[0], args.count, args.slices,
-                                 size=args.size, seed=args.seed, progress=progress, replace=args.overwrite)
+                                 size=args.size, seed=args.seed, kinds=args.kinds, fmt=args.format,
+                                 progress=progress, replace=args.overwrite)
     except ValueError as exc:
         raise CoreDiffError(str(exc)) from None
     finally:
         progress.close()
     volumes = sum(1 for p in paths if not p.endswith(".json"))
-    info(args, f"wrote {volumes} volumes and their manifest to {args.out}")
+    out = Path(paths[-1]).parent
+    info(args, f"wrote {volumes} volumes and their manifest to {out}")
+    leftovers = sorted(p.name for p in out.glob(".simulation.partial-*"))
+    if leftovers:  # a run killed (SIGKILL, out of memory) before it could remove its staging folder
+        info(args, f"note: {out} also holds {', '.join(leftovers)}, left by a simulation that was killed: "
+                   "delete it unless a simulation into this folder is running now")
     return 0
+
+
+#: simulation.phantom.KINDS, the default order (not imported here: scipy.ndimage at every start)
+SIMULATION_KINDS = ("abdomen", "thorax", "head")
 
 
 def add_simulate_parser(sub) -> None:
     p = sub.add_parser("simulate", help="simulate paired NDCT/LDCT volumes from phantoms")
-    p.add_argument("--dose", type=float, nargs="+", required=True, help="dose fraction(s), e.g. 0.25 0.1")
+    p.add_argument("--dose", type=float, nargs="+", action="extend", required=True,
+                   help="low-dose fraction(s) of the full dose, in (0, 1), e.g. 0.25 0.1; several share one "
+                        "NDCT per case")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--count", type=int, default=1, help="number of phantom volumes")
-    p.add_argument("--slices", type=int, default=16, help="slices per volume")
-    p.add_argument("--size", type=int, default=512, help="in-plane size (pixels)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--count", type=int, default=1, help="number of phantom volumes (cases; default 1)")
+    p.add_argument("--slices", type=int, default=16, help="slices per volume, 1 mm apart (default 16)")
+    p.add_argument("--size", type=int, default=512, help="in-plane size in pixels, at least 64 (default 512)")
+    p.add_argument("--kinds", nargs="+", choices=SIMULATION_KINDS, default=list(SIMULATION_KINDS),
+                   help="phantom kinds, cycled over the cases: case 0 the first, case 1 the second... (default: "
+                        "abdomen thorax head)")
+    p.add_argument("--format", default="nrrd", choices=("nrrd", "nii.gz", "nii", "mha"),
+                   help="file format (default nrrd)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="anatomy and noise: the same seed, doses and settings give the same files "
+                        "(default 0)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a simulation already in --out: its cases and manifest are removed once the new "
                         "one is complete (default: refuse, and keep it)")

@@ -36,6 +36,26 @@ def cylinder():
 
 
 # ---------------------------------------------------------------------------- phantom
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_phantom_is_laid_out_as_the_models_expect_lps(seed):
+    """Row 0 anterior, column 0 the patient's right (LPS, identity direction): the spine lies
+    behind the body's centre, the liver on the low-column side."""
+    slice_hu = make_phantom("abdomen", 1, N, seed=seed)[0][0]
+    rows, cols = np.mgrid[0:N, 0:N]
+    body, bone, liver_range = slice_hu > -500, slice_hu > 400, (slice_hu > 40) & (slice_hu < 90)
+    assert rows[bone].mean() > rows[body].mean() + 4
+    assert (liver_range & (cols < N / 2)).sum() > 1.5 * (liver_range & (cols >= N / 2)).sum()
+
+
+def test_head_lesions_stay_inside_the_head_of_a_tall_stack():
+    """A lesion drawn anywhere along a 600 mm stack was painted in the air above the skull."""
+    from scipy import ndimage
+    vol = make_phantom("head", 600, 64, seed=2)[0]
+    for k in range(600):
+        parts, count = ndimage.label(vol[k] > -500)
+        assert count <= 1, f"slice {k}: something beside the head"
+
+
 def test_phantom_deterministic_and_seeded():
     a, sp = make_phantom("abdomen", 4, N, seed=3)
     b, _ = make_phantom("abdomen", 4, N, seed=3)
@@ -161,6 +181,17 @@ def test_nested_doses_have_poisson_statistics():
         assert li.mean() == pytest.approx(3.0, abs=0.02)
 
 
+def test_electronic_noise_adds_its_variance_at_every_dose():
+    """Gaussian electronic noise (sigma in counts) adds sigma^2 to each reading's Poisson variance."""
+    p = np.full((300, 300), 3.0)
+    lam = 1e3 * np.exp(-3.0)  # ~50 photons: sigma = 5 adds half as much again
+    out = nested_dose_noise(p, [0.5], I0=1e3, electronic_sigma=5.0, rng=2)
+    for d, li in out.items():
+        counts = np.exp(-li) * 1e3 * d
+        assert counts.mean() == pytest.approx(lam * d, rel=0.02)
+        assert counts.var() == pytest.approx(lam * d + 25.0, rel=0.06)
+
+
 @pytest.mark.parametrize("bad", [0, -0.1, 1.5, float("nan"), "x"])
 def test_bad_dose_raises(bad):
     with pytest.raises(ValueError, match="dose"):
@@ -218,7 +249,13 @@ def test_simulate_dataset_writes_files(tmp_path):
                             "case000_abdomen_ldct10.nrrd", "case001_thorax_ndct.nrrd",
                             "case001_thorax_ldct25.nrrd", "case001_thorax_ldct10.nrrd",
                             "manifest.json"])
-    assert calls[-1] == (4, 4)
+    assert calls == [(0, 4), (1, 4), (2, 4), (3, 4), (4, 4)]  # from the start, slice by slice
+    # each file holds its own dose: the further below full dose, the further from the NDCT
+    scans = {tag: sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / f"case000_abdomen_{tag}.nrrd")))
+             .astype(np.float32) for tag in ("ndct", "ldct25", "ldct10")}
+    body = scans["ndct"] > -500
+    spread = {tag: (scans[tag] - scans["ndct"])[body].std() for tag in ("ldct25", "ldct10")}
+    assert 0 < spread["ldct25"] < spread["ldct10"]
     img = sitk.ReadImage(str(tmp_path / "case000_abdomen_ldct25.nrrd"))
     assert img.GetPixelID() == sitk.sitkInt16
     assert img.GetSpacing() == pytest.approx((380.0 / N, 380.0 / N, 1.0))
@@ -294,8 +331,26 @@ def test_simulate_command_writes_pairs_and_keeps_an_earlier_simulation(tmp_path)
     for bad in ("0", "1.5", "nan"):
         r = simulate("--dose", bad, "--out", tmp_path / "bad")
         assert r.returncode == 2 and "--dose" in r.stderr and not (tmp_path / "bad").exists()
+    r = simulate("--dose", "1", "--out", tmp_path / "full")  # an LDCT equal to the NDCT: train refuses it
+    assert r.returncode == 2 and "(0, 1)" in r.stderr and not (tmp_path / "full").exists()
     r = simulate("--dose", "0.25", "--out", tmp_path / "neg", "--seed", "-1")
     assert r.returncode == 2 and "--seed -1" in r.stderr and not (tmp_path / "neg").exists()
+    # a repeated --dose adds doses; a format and a kind of one's own; a tilde after '=' is the home folder
+    home = tmp_path / "home"
+    home.mkdir()
+    r = subprocess.run([sys.executable, "-m", "CoreDiffLib.cli", "simulate", "--dose", "0.25", "--dose", "0.1",
+                        "--out=~/sim", "--slices", "1", "--size", "64", "--kinds", "head", "--format", "nii.gz",
+                        "--progress", "none"], capture_output=True, encoding="utf-8", timeout=300,
+                       cwd=tmp_path, env=dict(os.environ, HOME=str(home)))
+    assert r.returncode == 0, r.stderr
+    assert sorted(f.name for f in (home / "sim").iterdir()) == [
+        "case000_head_ldct10.nii.gz", "case000_head_ldct25.nii.gz", "case000_head_ndct.nii.gz", "manifest.json"]
+    assert not (tmp_path / "~").exists()
+    (home / "sim" / ".simulation.partial-x1y2").mkdir()  # left by a run killed with SIGKILL
+    r = subprocess.run([sys.executable, "-m", "CoreDiffLib.cli", "simulate", "--dose", "0.25", "--out=~/sim",
+                        "--slices", "1", "--size", "64", "--progress", "none", "--overwrite"],
+                       capture_output=True, encoding="utf-8", timeout=300, env=dict(os.environ, HOME=str(home)))
+    assert r.returncode == 0 and ".simulation.partial-x1y2, left by a simulation that was killed" in r.stderr
     # --overwrite replaces the whole earlier simulation: no 25 % scan of seed 3 is left to pair
     # with the new NDCT; lines mode speaks the protocol GUIs read
     (out / "notes.txt").write_text("mine")

@@ -178,17 +178,19 @@ class _Recon:
         for s0 in range(0, B, block):
             idx = range(s0, min(B, s0 + block))
             sinos = []
-            for i in idx:
+            for n, i in enumerate(idx):
                 sino = forward_project(hu_to_mu(hu_slices[i]), self.g, self.px)
                 noisy = nested_dose_noise(sino, self.doses, self.I0, self.sig, self.rng)
                 sinos.extend(noisy[d] for d in self.keys)
+                if tick and n < len(idx) - 1:  # projected (most of a slice's time); the block's
+                    tick(1)                    # last slice counts once the block is reconstructed
             rec = fbp(np.stack(sinos), self.g, self.size, self.px, window=self.window,
                       threads=self.threads)
             for j, i in enumerate(idx):
                 for k, d in enumerate(self.keys):
                     out[d][i] = mu_to_hu(rec[j * nk + k])
             if tick:
-                tick(len(idx))
+                tick(1)
         return out
 
 
@@ -308,6 +310,9 @@ def simulate_dataset(out_dir: str, dose: Union[float, Sequence[float]] = 0.25, c
     """
     geometry = geometry or FanBeamGeometry()
     doses = _doses(dose)
+    if 1.0 in doses:  # an "LDCT" equal to the NDCT: train refuses such pairs
+        raise ValueError("dose 1 is the normal dose: its scan is the NDCT, written anyway; give low doses "
+                         "below 1, e.g. 0.25")
     size, n_slices, kinds = _validate(size, n_slices, kinds, geometry)
     check_noise_settings(I0, electronic_sigma, window)
     if isinstance(slice_mm, bool) or not isinstance(slice_mm, numbers.Real) or not 0 < slice_mm < 1e3:
@@ -325,7 +330,7 @@ def simulate_dataset(out_dir: str, dose: Union[float, Sequence[float]] = 0.25, c
         raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
     if not str(out_dir).strip():  # an unset variable in a script: it would write into the working folder
         raise ValueError("the output folder (--out) is empty: give the folder to simulate into")
-    out = Path(out_dir)
+    out = Path(out_dir).expanduser()  # --out=~/sim: no shell expands a tilde after '='
     if out.exists() and not out.is_dir():
         raise ValueError(f"output folder {out} is a file: give a folder")
     earlier = earlier_simulation(out)
@@ -350,7 +355,7 @@ def simulate_dataset(out_dir: str, dose: Union[float, Sequence[float]] = 0.25, c
                                      geometry, I0, electronic_sigma, window, slice_mm, workers)
             # complete: only now does the folder change, in milliseconds that Ctrl-C waits for;
             # the new files first (the manifest last), then what is left of the earlier simulation
-            final = [os.path.join(out_dir, os.path.basename(path)) for path in written]
+            final = [str(out / os.path.basename(path)) for path in written]
             with deferred_interrupts():
                 if earlier_simulation(out) != earlier or _unlisted_lookalikes(out, earlier):
                     raise ValueError(f"another run wrote into {out} while this one simulated: kept its files "
@@ -369,6 +374,16 @@ def simulate_dataset(out_dir: str, dose: Union[float, Sequence[float]] = 0.25, c
         raise
 
 
+def _stop_workers(executor) -> None:
+    """Terminate a process pool's workers now (their cases are discarded anyway)."""
+    terminate = getattr(executor, "terminate_workers", None)  # Python 3.14
+    if terminate is not None:
+        terminate()
+        return
+    for process in list((getattr(executor, "_processes", None) or {}).values()):
+        process.terminate()
+
+
 def _simulate_into(out_dir, doses, count, n_slices, size, seed, kinds, fmt, progress, geometry, I0,
                    electronic_sigma, window, slice_mm, workers) -> List[str]:
     """The cases and manifest of :func:`simulate_dataset`, written into a fresh ``out_dir``."""
@@ -378,6 +393,8 @@ def _simulate_into(out_dir, doses, count, n_slices, size, seed, kinds, fmt, prog
         from tqdm import tqdm
         bar = tqdm(total=total, unit="slice", desc="simulate")
     done = [0]
+    if callable(progress):  # shown from the start: a case takes minutes
+        progress(0, total)
 
     def tick(k):
         done[0] += k
@@ -412,8 +429,9 @@ def _simulate_into(out_dir, doses, count, n_slices, size, seed, kinds, fmt, prog
                         cases.append(entry)
                         written.extend(paths)
                         tick(n_slices)
-                except BaseException:  # a failure, Ctrl-C or SIGTERM: the queued cases are not started
-                    ex.shutdown(wait=False, cancel_futures=True)
+                except BaseException:  # a failure, Ctrl-C or SIGTERM: the queued cases are not started,
+                    ex.shutdown(wait=False, cancel_futures=True)  # the running ones are stopped (leaving
+                    _stop_workers(ex)  # the with-block waited for them: minutes at 512 px)
                     raise
     finally:
         if bar is not None:

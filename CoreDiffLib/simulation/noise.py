@@ -132,6 +132,8 @@ def simulate_ldct(ndct_hu_slices: np.ndarray, dose: Union[float, Iterable[float]
     check_fits(geometry, size * pixel_mm / 2.0 * 0.999, "image half-width")
     single = np.isscalar(dose)
     doses = [_check_dose(dose)] if single else [_check_dose(d) for d in dose]
+    if not doses:  # it would project and reconstruct for nothing
+        raise ValueError("dose list is empty; give at least one dose fraction in (0, 1]")
     rng = np.random.default_rng(seed)
     sino = forward_project(hu_to_mu(hu), geometry, pixel_mm)
     noisy = [nested_dose_noise(s, doses, I0, electronic_sigma, rng) for s in sino]

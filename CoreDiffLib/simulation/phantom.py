@@ -400,11 +400,14 @@ def _head_slice(S, A, z):
     if bf > 0:
         for sgn in (-1, 1):
             S.paint(40.0 + A.tex_soft, sgn * 24, cy + 5, 9 * bf, 16 * bf, theta=sgn * 0.2)
-    # low-contrast lesions
+    # low-contrast lesions, in the brain only (a tall stack's lesion may lie above or below it)
+    brain = None
     for (lx, ly, lz, lr, dhu, organ) in A.lesions:
         lf = _ellipsoid_factor(zr, lz, lr)
         if lf > 0:
-            S.paint(32.0 + dhu, lx, ly, lr * lf, lr * lf * 0.9)
+            if brain is None:
+                brain = (S.full_mask(0, cy, ia - 2.5, ib - 2.5, mods=A.brain_mods) > 0).astype(np.float32)
+            S.paint(32.0 + dhu, lx, ly, lr * lf, lr * lf * 0.9, within=brain)
 
 
 def _setup(A: _Anatomy, rng, n_slices, slice_mm):
