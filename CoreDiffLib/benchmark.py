@@ -16,6 +16,7 @@ and goes hits every variant alike and the ratios stay meaningful on a busy machi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import os
@@ -30,7 +31,7 @@ import numpy as np
 import torch
 
 from . import CoreDiffError
-from .atomic import atomic_path, check_output_file, write_text_atomic
+from .atomic import atomic_path, check_output_file
 from .diffusion import sample
 from .inference import context_stack, pick_device
 from .intensity import unit_to_hu
@@ -363,10 +364,12 @@ def format_table(result: dict, markdown: bool = False) -> str:
              f"{m['size']}x{m['size']}, {m['repeats']} repeats; input: {m['input']}, LDCT PSNR "
              f"{m['ldct_psnr']:.2f} dB; load average {m['load_average_start']} -> {m['load_average_end']}")
     if markdown:
+        def cell(text: str) -> str:  # a bare '|' (the |dHU| column) splits a Markdown cell in two
+            return text.replace("|", "\\|")
         lines.append(f"**{title}**\n")
-        lines.append("| " + " | ".join(head) + " |")
+        lines.append("| " + " | ".join(map(cell, head)) + " |")
         lines.append("|" + "---|" * len(head))
-        lines += ["| " + " | ".join(c) + " |" for c in rows]
+        lines += ["| " + " | ".join(map(cell, c)) + " |" for c in rows]
     else:
         widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
         lines.append(title)
@@ -425,12 +428,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
                            channels_last=cl, backends=backends, threads=threads, repeats=args.repeats,
                            slices=args.slices, steps=args.steps, log=log)
     print(format_table(result))
-    if args.json:
-        write_text_atomic(args.json, json.dumps(result, indent=1, default=str))
-        log(f"wrote {args.json}")
-    if args.markdown:
-        write_text_atomic(args.markdown, format_table(result, markdown=True) + "\n")
-        log(f"wrote {args.markdown}")
+    with contextlib.ExitStack() as outputs:  # both files or neither: each is renamed into place at the end
+        if args.json:
+            outputs.enter_context(atomic_path(args.json)).write_text(json.dumps(result, indent=1, default=str),
+                                                                     encoding="utf-8")
+        if args.markdown:
+            outputs.enter_context(atomic_path(args.markdown)).write_text(format_table(result, markdown=True) + "\n",
+                                                                         encoding="utf-8")
+    for written in (args.json, args.markdown):
+        if written:
+            log(f"wrote {written}")
     if any(r.get("baseline") and r.get("error") for r in result["rows"]):
         raise CoreDiffError("the baseline variant failed; see the table")
     return 0

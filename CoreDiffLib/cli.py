@@ -7,6 +7,7 @@ Every user-facing failure is a :class:`CoreDiffError` printed as one line,
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -389,10 +390,9 @@ def _mm(values) -> str:
 def cmd_compare(args: argparse.Namespace) -> int:
     import csv
 
-    from .figures import FIGURE_SUFFIXES, comparison_figure
+    from .figures import FIGURE_SUFFIXES
     from .io import axial_volume, on_grid_of, read_volume
     from .metrics import blank_in_window, mean_metrics, volume_metrics
-    from .orientation import radiological_slice
 
     # the outputs are checked before anything is read: neither may land on an input
     inputs = (args.denoised, args.ldct, args.reference)
@@ -402,6 +402,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
         check_output_file("--csv", args.csv, (".csv",), inputs)
     if args.figure:
         check_output_file("--figure", args.figure, FIGURE_SUFFIXES, inputs)
+    elif args.slice is not None:
+        raise CoreDiffError("--slice picks the figure's slice: give --figure FILE too")
     elif not args.reference:
         raise CoreDiffError("nothing to do: give --reference (the normal-dose volume) for metrics, "
                             "--figure FILE for a side-by-side figure, or both")
@@ -410,10 +412,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
     ldct = axial_volume(read_volume(args.ldct, log=note)) if args.ldct else None
     ref = axial_volume(read_volume(args.reference, log=note)) if args.reference else None
     first = 0  # the scan's number of the denoised volume's first slice (> 0 for a --slices output)
+    unnumbered, numbered = [], False  # a larger volume in the other slice order cannot number a part's slices
 
     def same_voxels(other, flag: str):
         """``other``'s voxels where the denoised volume's are (a --slices output keeps its place)."""
-        nonlocal first
+        nonlocal first, numbered
         if other is None:
             return None
         found = on_grid_of(other, denoised)
@@ -428,10 +431,16 @@ def cmd_compare(args: argparse.Namespace) -> int:
                                 "took from it, which keep their place)")
         array, start = found
         if start is not None:  # numbered as the largest volume numbers its slices (the scan)
-            first = max(first, start)
+            first, numbered = max(first, start), True
+        elif other.shape[0] > denoised.shape[0]:
+            unnumbered.append(flag)
         return other.with_array(array)
 
     ldct, ref = same_voxels(ldct, "--ldct"), same_voxels(ref, "--reference")
+    if unnumbered and not numbered:
+        info(args, f"the {' and '.join(unnumbered)} volume stores its slices the other way round: rows and --slice "
+                   f"count {Path(args.denoised).name}'s own slices from 0 (give --ldct, the scan it was "
+                   "denoised from, to number them as the scan does)")
     shown = args.slice if args.slice is not None else first + denoised.shape[0] // 2  # the figure's slice
     if args.figure and not 0 <= shown - first < denoised.shape[0]:  # refused before the CSV is written
         raise CoreDiffError(f"--slice {shown} is out of range {first}..{first + denoised.shape[0] - 1}")
@@ -457,33 +466,22 @@ def cmd_compare(args: argparse.Namespace) -> int:
         lines.append("mean  " + " ".join(
             f"{m.psnr:>14.2f} {m.ssim:>14.4f} {m.rmse_hu:>14.1f}"
             for m in (mean_metrics([x for x, b in zip(table[n], blank) if not b]) for n, _ in series)))
-        if args.csv:
-            with atomic_path(args.csv) as tmp, open(tmp, "w", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-                writer.writeheader()
-                writer.writerows(rows)
-            info(args, f"wrote {args.csv}")
         if any(blank):
             info(args, f"{sum(blank)} slice{'s' if sum(blank) > 1 else ''} left out of the means: the reference "
                        "holds nothing above -1000 HU there")
     else:
         info(args, "no --reference: metrics need a normal-dose volume; writing the figure only")
-    if args.figure:
-        k = shown - first
-        panels = {}
-        if ldct is not None:
-            panels["LDCT"] = ldct.array[k]
-        panels["CoreDiff"] = denoised.array[k]
-        if ref is not None:
-            panels["NDCT (reference)"] = ref.array[k]
-        swapped = False
-        for name, image in panels.items():  # every panel lies on the denoised volume's grid
-            panels[name], swapped = radiological_slice(image, denoised.direction)
-        row_mm, column_mm = float(denoised.spacing[1]), float(denoised.spacing[0])
-        diff = ("LDCT", "CoreDiff") if ldct is not None else None
-        comparison_figure(panels, args.figure, title=f"slice {shown}", difference=diff,
-                          pixel_aspect=column_mm / row_mm if swapped else row_mm / column_mm)
-        info(args, f"wrote {args.figure}")
+    with contextlib.ExitStack() as outputs:  # both files or neither: each is renamed into place at the end
+        if args.csv:
+            with open(outputs.enter_context(atomic_path(args.csv)), "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+                writer.writeheader()
+                writer.writerows(rows)
+        if args.figure:
+            _compare_figure(outputs.enter_context(atomic_path(args.figure)), denoised, ldct, ref, shown, first)
+    for written in (args.csv, args.figure):
+        if written:
+            info(args, f"wrote {written}")
     if lines:  # last, once every file is written: a reader that leaves early (| head) loses none
         try:
             print("\n".join(lines), flush=True)
@@ -493,8 +491,31 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compare_figure(path, denoised, ldct, ref, shown: int, first: int) -> None:
+    """compare's side-by-side figure of slice ``shown`` (the scan's number; ``first``: the
+    denoised volume's first slice), every panel on the denoised volume's grid."""
+    from .figures import comparison_figure
+    from .orientation import radiological_slice
+    k = shown - first
+    panels = {}
+    if ldct is not None:
+        panels["LDCT"] = ldct.array[k]
+    panels["CoreDiff"] = denoised.array[k]
+    if ref is not None:
+        panels["NDCT (reference)"] = ref.array[k]
+    swapped = False
+    for name, image in panels.items():  # every panel lies on the denoised volume's grid
+        panels[name], swapped = radiological_slice(image, denoised.direction)
+    row_mm, column_mm = float(denoised.spacing[1]), float(denoised.spacing[0])
+    diff = ("LDCT", "CoreDiff") if ldct is not None else None
+    comparison_figure(panels, path, title=f"slice {shown}", difference=diff,
+                      pixel_aspect=column_mm / row_mm if swapped else row_mm / column_mm)
+
+
 def add_compare_parser(sub) -> None:
-    p = sub.add_parser("compare", help="PSNR/SSIM/RMSE per slice and a side-by-side figure")
+    p = sub.add_parser("compare", help="PSNR/SSIM/RMSE per slice and a side-by-side figure",
+                       description="PSNR (dB), SSIM and RMSE (HU) per slice, all three on images clipped to "
+                                   "[-1000, 1000] HU as in the CoreDiff paper, and a side-by-side figure.")
     p.add_argument("denoised", help="denoised volume")
     p.add_argument("--ldct", help="the low-dose input volume")
     p.add_argument("--reference", help="normal-dose reference volume (needed for metrics)")

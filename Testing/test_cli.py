@@ -518,6 +518,23 @@ def test_compare_writes_its_files_before_a_reader_that_leaves_early_closes_the_p
     assert (tmp_path / "f.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_compare_writes_both_its_files_or_neither(tmp_path, monkeypatch, capsys):
+    """A figure that cannot be written (a full disk) left the CSV behind while the error said no
+    output was written."""
+    import CoreDiffLib.figures as figures
+    from CoreDiffLib.cli import main
+    ref = synthetic_ct(3, 48, noise_hu=0)
+    paths = [write_image(tmp_path / f"{n}.nrrd", ref + k) for k, n in enumerate(("ref", "den"))]
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(figures, "comparison_figure", full_disk)
+    assert main(["compare", str(paths[1]), "--reference", str(paths[0]), "--csv", str(tmp_path / "m.csv"),
+                 "--figure", str(tmp_path / "f.png")]) == 2
+    assert "No space left on device; no output was written" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["den.nrrd", "ref.nrrd"]
+
+
 def test_radiological_slice_shows_the_same_anatomy_however_the_file_stores_the_plane():
     """The compare figure turns each axial slice so patient left is on the image's right and anterior
     at the top: a plane stored mirrored, flipped (RAS) or with rows and columns swapped shows as
@@ -551,6 +568,8 @@ def test_compare_refuses_outputs_that_would_overwrite_an_input_or_could_not_be_w
     assert r.returncode == 2 and "need --reference" in r.stderr
     r = corediff("compare", paths[2], "--ldct", paths[1])  # it used to say "writing the figure" and write none
     assert r.returncode == 2 and "nothing to do" in r.stderr
+    r = corediff("compare", paths[2], "--reference", paths[0], "--slice", "99")  # it was ignored
+    assert r.returncode == 2 and "give --figure FILE too" in r.stderr
     assert {p: digest(p) for p in paths} == before and sorted(tmp_path.iterdir()) == sorted(paths)
 
 
@@ -573,6 +592,16 @@ def test_compare_scores_a_slices_output_against_the_matching_slices_of_the_scan(
     assert (tmp_path / "fig.png").exists()
     assert "--slice 9 is out of range 4..6" in corediff("compare", tmp_path / "part.nrrd", "--reference", ref_path,
                                                           "--figure", tmp_path / "f2.png", "--slice", "9").stderr
+    # a reference stored the other way round cannot number the part: the rows say whose numbers they are
+    flipped = write_image(tmp_path / "flipped.nrrd", ref[::-1], origin=(-10.0, 20.0, 30.0 + 9 * 2.5),
+                          direction=(1, 0, 0, 0, -1, 0, 0, 0, -1))
+    r = corediff("compare", tmp_path / "part.nrrd", "--reference", flipped, "--csv", tmp_path / "f.csv")
+    assert r.returncode == 0 and "count part.nrrd's own slices from 0 (give --ldct" in r.stderr, r.stderr
+    assert [int(row.split(",")[0]) for row in (tmp_path / "f.csv").read_text().splitlines()[1:]] == [0, 1, 2]
+    r = corediff("compare", tmp_path / "part.nrrd", "--reference", flipped, "--ldct", ldct_path,
+                 "--csv", tmp_path / "f.csv")
+    assert r.returncode == 0 and "own slices" not in r.stderr
+    assert [int(row.split(",")[0]) for row in (tmp_path / "f.csv").read_text().splitlines()[1:]] == [4, 5, 6]
     elsewhere = write_image(tmp_path / "elsewhere.nrrd", ldct[4:7], origin=(-10.0, 20.0, 31.0))  # not on a slice
     r = corediff("compare", elsewhere, "--reference", ref_path)
     assert r.returncode == 2 and "differ in shape" in r.stderr

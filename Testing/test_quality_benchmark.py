@@ -321,3 +321,17 @@ def test_real_anatomy_noise_insertion_brings_a_scan_to_the_simulated_dose():
     assert np.corrcoef(reference[:, roi].ravel(), scan[:, roi].ravel())[0, 1] > 0.9
     assert np.std(ldct[0.25][:, roi]) == pytest.approx(expected, rel=0.15)
     assert np.mean(ldct[0.25][:, roi]) == pytest.approx(40.0, abs=2.0)
+
+
+def test_rows_of_one_label_and_a_malformed_also_are_refused_before_any_work():
+    """Two --redcnn files without labels were both timed, and the second's results replaced the
+    first's in the table and the figure; --also without '=' failed after BM3D and RED-CNN ran."""
+    from types import SimpleNamespace
+    args = dict(also=[], ablation=[], redcnn=[], baselines_only=False, model_label="CoreDiff")
+    qb.check_row_labels(SimpleNamespace(**dict(args, redcnn=["a.pt", "RED-CNN 2=b.pt"])))  # distinct: fine
+    with pytest.raises(SystemExit, match="two rows would be named RED-CNN"):
+        qb.check_row_labels(SimpleNamespace(**dict(args, redcnn=["a.pt", "b.pt"])))
+    with pytest.raises(SystemExit, match="two rows would be named CoreDiff T=1, CoreDiff T=10"):
+        qb.check_row_labels(SimpleNamespace(**dict(args, also=["CoreDiff=corediff-25"])))
+    with pytest.raises(SystemExit, match="--also corediff-25: give LABEL=MODEL"):
+        qb.check_row_labels(SimpleNamespace(**dict(args, also=["corediff-25"])))

@@ -170,6 +170,10 @@ def test_bench_cli_reports_rows_accuracy_and_skips(tmp_path, weights):
     notes = " ".join(s["note"] for s in result["skipped"])
     assert "TF32" in notes and "CUDA graphs" in notes and "fp16" in notes
     assert "| model |" in md.read_text() and "baseline" in md.read_text()
+    import re
+    table = [line for line in md.read_text().splitlines() if line.startswith("|")]
+    cells = {len(re.split(r"(?<!\\)\|", line)) for line in table}  # cells split by unescaped '|'
+    assert len(cells) == 1, "a Markdown table needs as many cells in its header, delimiter and rows"
 
 
 @pytest.mark.parametrize("flag, value", [("--batch-sizes", "0"), ("--batch-sizes", "1,x"), ("--batch-sizes", ""),

@@ -263,6 +263,24 @@ def end_slice_lines(results: dict[str, list[np.ndarray]], cases, reference: str,
     return lines + ["", f"Paired with {reference} on those slices:", ""] + paired
 
 
+def check_row_labels(a) -> None:
+    """Refuse a malformed LABEL=MODEL and two rows of one label (the later replaced the earlier's
+    results, and took its place in the figure)."""
+    for flag, specs in (("--also", a.also), ("--ablation", a.ablation)):
+        for spec in specs:
+            if "=" not in spec:
+                raise SystemExit(f"{flag} {spec}: give LABEL=MODEL, e.g. {flag} 'CoreDiff 25 %=corediff-25'")
+    labels = ["LDCT"] + [spec.split("=", 1)[0] if "=" in spec else "RED-CNN" for spec in a.redcnn]
+    if not a.baselines_only:
+        for label in [a.model_label] + [spec.split("=", 1)[0] for spec in a.also]:
+            labels += [f"{label} T=1", f"{label} T=10"]
+        labels += [f"CoreDiff {spec.split('=', 1)[0]}" for spec in a.ablation]
+    twice = sorted({label for label in labels if labels.count(label) > 1})
+    if twice:
+        raise SystemExit(f"two rows would be named {', '.join(twice)}: give each --redcnn / --also / --ablation "
+                         "its own LABEL=")
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dose", type=float, default=0.25)
@@ -300,6 +318,7 @@ def main() -> int:
 
     if a.margin < 0 or a.slices < 1:
         raise SystemExit("--slices must be >= 1 and --margin >= 0")
+    check_row_labels(a)  # before minutes of BM3D and RED-CNN
     volume_slices = a.slices + 2 * a.margin
     cache = Path(a.test_dir or default_cache(a.split, volume_slices))
     cases = held_out(a.dose, cache, slices=volume_slices, split=a.split)

@@ -225,7 +225,7 @@ def main() -> int:
             last = list(panels)[-1]
             comparison_figure(panels, out / f"real_anatomy_{dose_tag(dose)}.png",
                               title=f"{CASES[-1]}, slice {result['scans'][CASES[-1]]['scored'][len(centres) // 2]}, "
-                                    f"{100 * dose:g} % dose by noise insertion, window [-100, 200] HU",
+                                    f"{100 * dose:g} % dose by noise insertion",  # the figure adds its windows
                               difference=("LDCT", last))
     return 0
 
