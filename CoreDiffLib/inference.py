@@ -9,8 +9,8 @@ A progress callback and a cancel flag make it usable from a GUI.
 
 Each device runs the network its fastest *safe* way (:func:`CoreDiffLib.runtime.auto_settings`,
 measured with ``corediff bench``): on CPU ONNX Runtime (eager channels-last PyTorch when it
-is not installed) with one thread per physical core; on CUDA channels-last and strict fp32
-until the GPU benchmark clears bf16. ``precision=`` / ``channels_last=`` / ``runtime=`` override it.
+is not installed) with one thread per physical core; on CUDA channels-last with fp16 autocast
+(:data:`CoreDiffLib.runtime.AUTO_PRECISION`). ``precision=`` / ``channels_last=`` / ``runtime=`` override it.
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ import torch
 
 from . import CoreDiffError
 from .diffusion import sample
-from .intensity import HU_MAX, PADDING_THRESHOLD_HU, hu_to_unit, unit_to_hu, validate_ct_array
+from .intensity import HU_MAX, HU_MIN, PADDING_THRESHOLD_HU, hu_to_unit, unit_to_hu, validate_ct_array
 from .models import DEFAULT_MODEL, load_model, sha256_of
 from .network import ClearNet
 from .orientation import AxialLayout, InPlaneView, axial_layout, axial_spacing, in_plane_view  # noqa: F401 (also this module's API)
@@ -136,6 +136,8 @@ def _settings_for(device: torch.device, width: int, precision: str | None, chann
         auto.precision if precision == "auto" else precision,
         auto.channels_last if channels_last is None else bool(channels_last),
         auto.backend if runtime == "auto" else runtime)
+    if settings.backend == "onnx" and channels_last and runtime == "auto":  # asked for channels-last: torch
+        settings = RunSettings(settings.precision, True, "eager")
     if settings.backend == "onnx" and settings.channels_last:
         settings = RunSettings(settings.precision, False, "onnx")
     if settings.backend == "onnx" and settings.precision != "fp32":  # asked for a precision: torch
@@ -336,11 +338,12 @@ def denoise_volume(volume_hu, model: str | ClearNet | None = None,
     (anything indexable by slice ranges with ``shape``/``ndim``). ``slices`` (start, stop)
     denoises only those slices, with their true neighbours from the volume as context, so the
     result equals the same slices of a whole-volume run; ``neighbours`` False gives each slice
-    itself as its neighbours instead (thick slices, see :data:`THICK_SLICE_MM`). ``out`` (the result's shape, any
-    float or integer dtype) receives the result slab by slab and is returned; otherwise a new
-    array is allocated. Voxels at or below -1500 HU (outside-FOV padding such as -2000 or
-    -3024) are fed to the network as air, and voxels above 3072 HU (metal on an extended HU
-    scale) as 3072; both are restored unchanged in the output. ``direction`` (the volume's ITK
+    itself as its neighbours instead (thick slices, see :data:`THICK_SLICE_MM`). ``out`` (the
+    result's shape, a float type or an integer type that holds the HU; not the input's memory)
+    receives the result slab by slab and is returned; otherwise a new array is allocated. Voxels
+    at or below -1500 HU (outside-FOV padding such as -2000 or -3024) are fed to the network as
+    air, and voxels above 3072 HU (metal on an extended HU scale) as 3072; both are restored
+    unchanged in the output. ``direction`` (the volume's ITK
     direction, axial slices): planes stored with reversed or swapped in-plane axes are denoised
     in the LPS layout the models learned from, so that one scan gives the same HU however its
     file stores it (None: the array is taken as it is).
@@ -354,10 +357,27 @@ def denoise_volume(volume_hu, model: str | ClearNet | None = None,
         volume_hu = volume_hu[None]
     check_batch_size(batch_size)
     first, last = check_slice_range(slices, volume_hu.shape[0])
-    _validate_streamed(volume_hu, slices=(max(first - 1, 0), min(last + 1, volume_hu.shape[0])))
+    value_range = _validate_streamed(volume_hu, slices=(max(first - 1, 0), min(last + 1, volume_hu.shape[0])))
+    if out is not None:
+        _check_out(out, volume_hu, value_range)
     den = denoiser or Denoiser.load(model, device, steps, adaptation, precision, channels_last)
     view = in_plane_view(direction) if direction is not None else None
     return _denoise_range(volume_hu, den, first, last, batch_size, progress, cancel, out, log, neighbours, view)
+
+
+def _check_out(out: np.ndarray, volume_hu, value_range: tuple[float, float]) -> None:
+    """Refuse an ``out`` that would change the result: the input's own memory (each batch reads
+    its neighbours from the volume, which would already be denoised) or an integer type too
+    narrow for the result's HU (clipped without a word)."""
+    if isinstance(volume_hu, np.ndarray) and np.may_share_memory(out, volume_hu):
+        raise CoreDiffError("out= is (part of) the input array: the slices next to each batch would be read back "
+                            "denoised as its context; give a separate array")
+    if np.issubdtype(out.dtype, np.integer):
+        info = np.iinfo(out.dtype)
+        low, high = min(value_range[0], HU_MIN), max(value_range[1], HU_MAX)  # restored voxels, then the network's
+        if low < info.min or high > info.max:
+            raise CoreDiffError(f"out= is {out.dtype}, which cannot hold the result ({low:.0f} .. {high:.0f} HU): "
+                                "use int16, int32 or a float type")
 
 
 def _denoise_range(volume_hu, den: Denoiser, first: int, last: int, batch_size: int | None,

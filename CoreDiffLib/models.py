@@ -84,13 +84,15 @@ def resolve_model(name_or_path: str | os.PathLike | None) -> tuple[Path, dict]:
     if name in models:
         entry = models[name]
         return WEIGHTS_DIR / entry["file"], entry
+    known = ", ".join(sorted(models)) or "none"
     path = Path(name).expanduser()
+    if not name.strip() or path.is_dir():  # '' is '.', a folder: "not a readable safetensors file (os error)"
+        raise CoreDiffError(f"model '{name_or_path}' is not a model name ({known}) or a .safetensors file")
     if path.exists():
         for entry in models.values():  # a shipped file given by its path is checked as by its name
             if path.resolve() == (WEIGHTS_DIR / entry["file"]).resolve():
                 return path, entry
         return path, {}
-    known = ", ".join(sorted(models)) or "none"
     raise CoreDiffError(f"model '{name_or_path}' is neither a shipped model ({known}) nor an existing file")
 
 

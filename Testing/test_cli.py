@@ -430,6 +430,8 @@ def _mismatched_tensors(tmp_path: Path) -> Path:
     ("other_architecture", "not a CoreDiff CLEAR-Net"),
     ("mismatched_model", "does not match the CLEAR-Net architecture"),
     ("unknown_model", "neither a shipped model"),
+    ("empty_model", "model '' is not a model name"),
+    ("folder_as_model", "is not a model name (corediff-"),
     ("bad_steps", "steps must be 'auto' or between 1 and 10"),
     ("word_steps", "'fast' is not 'auto' or a whole number of steps"),
     ("slice_beyond_the_end", "slices 6:7 are not within this volume's 0:6"),
@@ -459,6 +461,10 @@ def test_bad_input_gets_one_clear_line_and_writes_nothing(tmp_path, ct_file, tin
         model = _mismatched_tensors(tmp_path)
     elif case == "unknown_model":
         model = "no-such-model"
+    elif case == "empty_model":  # '' is the folder '.': "not a readable safetensors file (os error 19)"
+        model = ""
+    elif case == "folder_as_model":
+        model = tmp_path
     elif case == "bad_steps":
         extra = ["--steps", "50"]
     elif case == "word_steps":

@@ -131,6 +131,32 @@ def test_the_kept_steps_are_the_sampler_states_from_the_ldct_to_the_clean_image(
     assert (result.steps[0] - ldct).abs().mean() < 0.2 * (x0 - ldct).abs().mean()  # the first is near the LDCT
 
 
+class HalfwayNet(OracleNet):
+    """An imperfect network: halfway between its input and the clean image, so each step's
+    estimate differs and the estimated xT leaves the LDCT (an oracle keeps both fixed)."""
+
+    def forward(self, x, t, x0_prev=None, xT=None):
+        return 0.5 * (x[:, 1:2] + self.x0)
+
+
+@pytest.mark.parametrize("steps", [10, 4])
+def test_the_sampler_follows_corediffs_update_with_an_imperfect_network(steps):
+    """x_{t-1} = x_t - D(x0_hat, xT_hat, t) + D(x0_hat, xT_hat, t-1), xT_hat from x_t and x0_hat:
+    not the naive D(x0_hat, xT, t-1), which an oracle network cannot tell apart."""
+    torch.manual_seed(0)
+    x0, ldct = torch.rand(1, 1, 16, 16), torch.rand(1, 1, 16, 16)
+    result = sample(HalfwayNet(x0).eval(), torch.cat([ldct, ldct, ldct], dim=1), steps=steps)
+    alphas, seq = alpha_schedule(10), step_indices(10, steps)
+    x = ldct
+    for k, s in enumerate(seq):
+        a_s = alphas[s]
+        a_next = alphas[seq[k + 1]] if k + 1 < len(seq) else torch.tensor(1.0)
+        x0_hat = 0.5 * (x + x0)
+        xT_hat = (x - a_s * x0_hat) / (1 - a_s)
+        x = x + (a_next - a_s) * (x0_hat - xT_hat)
+        assert torch.allclose(result.steps[k], x, atol=1e-5), k  # the naive rule fails here
+
+
 def test_fewer_steps_skip_through_the_trained_schedule():
     assert step_indices(10) == list(range(9, -1, -1))
     assert step_indices(10, 1) == [9]

@@ -63,6 +63,29 @@ def test_backends_reproduce_eager_fp32_sampler(settings):
     assert float((got - ref).abs().max()) < 1e-5
 
 
+def test_an_explicit_channels_last_on_cpu_runs_eager_channels_last():
+    """--channels-last was dropped without a word when ONNX Runtime was the CPU default."""
+    pytest.importorskip("onnxruntime")
+    assert Denoiser.load(tiny_net(), "cpu").settings.backend == "onnx"
+    asked = Denoiser.load(tiny_net(), "cpu", channels_last=True).settings
+    assert (asked.backend, asked.channels_last) == ("eager", True)
+
+
+def test_out_may_not_be_the_input_nor_an_integer_type_too_narrow_for_the_result():
+    """An out= of uint16 clipped air to 0 HU without a word; out= the input itself read denoised
+    slices back as the next batch's context (7-8 HU off at each batch's first slice)."""
+    volume = synthetic_ct(4, 32)
+    den = Denoiser.load(tiny_net(), "cpu")
+    for dtype in (np.uint16, np.int8):
+        with pytest.raises(CoreDiffError, match=f"out= is {np.dtype(dtype).name}, which cannot hold the result"):
+            denoise_volume(volume, denoiser=den, out=np.zeros(volume.shape, dtype))
+    with pytest.raises(CoreDiffError, match="out= is .*the input array"):
+        denoise_volume(volume, denoiser=den, out=volume)
+    whole = denoise_volume(volume, denoiser=den, batch_size=2)
+    narrow = denoise_volume(volume, denoiser=den, batch_size=2, out=np.zeros(volume.shape, np.int16))
+    np.testing.assert_array_equal(narrow, np.clip(np.rint(whole), -32768, 32767))
+
+
 def test_an_onnx_runtime_that_disagrees_with_pytorch_falls_back_to_eager_with_a_warning(monkeypatch):
     """It aborted every CPU denoise, advising a --runtime flag that does not exist."""
     pytest.importorskip("onnxruntime")
