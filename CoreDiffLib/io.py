@@ -22,7 +22,7 @@ from .atomic import atomic_path, check_output_place, deferred_interrupts, partia
 from .dicom import (check_series_input, choose_dicom_series, find_dicom_series, itk_warnings_off, median_slice_gap,
                     off_grid_slices, series_slices)
 from .intensity import PADDING_THRESHOLD_HU, validate_ct_array  # noqa: F401  (re-exported)
-from .orientation import axial_layout, axial_spacing
+from .orientation import axial_layout, axial_spacing, slice_at
 from .streaming import VolumeSource, header_data_file
 
 FILE_SUFFIXES = (".nrrd", ".nhdr", ".nii", ".nii.gz", ".mha", ".mhd")
@@ -121,9 +121,7 @@ def slice_of(volume: Volume, one: Volume, tolerance_mm: float = 0.5) -> int | No
     origin = np.asarray(volume.origin, dtype=np.float64)
     positions = (np.asarray(volume.slice_positions, dtype=np.float64) if volume.slice_positions is not None
                  else origin + np.outer(np.arange(volume.shape[0]) * float(volume.spacing[2]), d[:, 2]))
-    distance = np.linalg.norm(positions - np.asarray(one.origin, dtype=np.float64), axis=1)
-    k = int(np.argmin(distance))
-    return k if distance[k] <= tolerance_mm else None
+    return slice_at(positions, one.origin, tolerance_mm)
 
 
 def on_grid_of(other: Volume, target: Volume, tolerance_mm: float = 1e-3) -> tuple[np.ndarray, int | None] | None:

@@ -108,3 +108,12 @@ def radiological_slice(image: np.ndarray, direction) -> tuple[np.ndarray, bool]:
     pixel spacing too). A figure drawn in array order would show a RAS-stored plane upside down."""
     view = in_plane_view(direction)
     return view.to_lps(image), view.swap
+
+
+def slice_at(positions, point, tolerance_mm: float = 0.5) -> int | None:
+    """The index of the slice whose position (one row of ``positions``, mm) lies within
+    ``tolerance_mm`` of ``point``, the nearest one, or None: how a one-slice reference is found
+    in its scan by the library (:func:`CoreDiffLib.io.slice_of`) and by the Slicer module."""
+    distance = np.linalg.norm(np.asarray(positions, dtype=np.float64) - np.asarray(point, dtype=np.float64), axis=1)
+    k = int(np.argmin(distance))
+    return k if distance[k] <= tolerance_mm else None

@@ -1886,10 +1886,8 @@ class CoreDiffSlicerLogic(ScriptedLoadableModuleLogic):
         ma, mb = slicer.util.arrayFromVTKMatrix(a), slicer.util.arrayFromVTKMatrix(b)
         if not np.allclose(ma[:3, :2], mb[:3, :2], rtol=1e-3, atol=1e-4):
             return None
-        positions = ma[:3, 3][None] + np.outer(np.arange(dims[2]), ma[:3, 2])
-        distance = np.linalg.norm(positions - mb[:3, 3][None], axis=1)
-        k = int(np.argmin(distance))
-        return k if distance[k] <= toleranceMm else None
+        from CoreDiffLib.orientation import slice_at
+        return slice_at(ma[:3, 3][None] + np.outer(np.arange(dims[2]), ma[:3, 2]), mb[:3, 3], toleranceMm)
 
     def _checkOutputGrid(self, outputNode, inputNode) -> None:
         """Refuse a readout of an output that is not on the input's grid (:meth:`gridMismatch`)."""
