@@ -144,13 +144,13 @@ def choose_dose_model(args: argparse.Namespace, volume, spacing_xy, explicit: bo
         if explicit:
             raise CoreDiffError(f"--model auto: {exc}: choose the model for its dose with --model") from None
         model = default_model_name()
-        info(args, f"{exc}; using the default model {model}")
+        info(args, f"warning: {exc}; using the default model {model}")  # GUIs keep 'warning:' lines
         return model, "auto: not measurable, the default model"
     info(args, f"model for this scan: {model} (noise index {scan.noise_index_hu:.1f} HU at a water-equivalent "
                f"diameter of {scan.wed_mm:.0f} mm, like {100 * dose:.0f} % of the simulated normal dose; "
                "--model NAME overrides)")
     if scan.caveat():
-        info(args, scan.caveat())
+        info(args, f"warning: {scan.caveat()}")
     return model, (f"auto: noise index {scan.noise_index_hu:.1f} HU, water-equivalent diameter "
                    f"{scan.wed_mm:.0f} mm, estimated dose {dose:.3f}")
 

@@ -256,7 +256,7 @@ class CoreDiffSlicerParameterNode:
     modelFile: pathlib.Path
     device: str = "auto"
     autoSteps: bool = True
-    steps: Annotated[int, WithinRange(1, 50)] = 10
+    steps: Annotated[int, WithinRange(1, 10)] = 10  # every shipped model has T = 10
     batchSize: Annotated[int, WithinRange(0, 512)] = 0
     context: str = "auto"
     showComparison: bool = True
@@ -535,6 +535,7 @@ class CoreDiffSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._deviceEntries = []
         self._listedWithoutPackages = False  # the lists failed for want of a package: made again once installed
         self._lastAdaptation = None
+        self._runWarnings = []  # the running denoise's doubts on its model, said again when it ends
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -572,6 +573,10 @@ class CoreDiffSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.statusLabel.text = ""
         self._setOneShotStep(0)
         fillComboBox(self.ui.contextComboBox, CONTEXT_CHOICES, "auto")  # fixed items, before the parameter node binds
+        self._autoStepsToolTip = self.ui.autoStepsCheckBox.toolTip  # the .ui's, restored after an adaptation
+        # and the lists' first items, shown while the lists load (seconds: the CLI imports torch)
+        fillComboBox(self.ui.modelComboBox, [(AUTOMATIC_MODEL_LABEL, "")], "")
+        fillComboBox(self.ui.deviceComboBox, [(AUTO_DEVICE_LABEL, "auto"), ("CPU", "cpu")], "auto")
 
         self.initializeParameterNode()
         self.refreshModelsAndDevices()
@@ -688,7 +693,14 @@ class CoreDiffSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 # the result of another scan stays as it is: this one gets its own ("Create new volume")
                 p.outputVolume = None
         self._showManualBindings()
-        self.ui.stepsSliderWidget.enabled = not (self._parameterNode and self._parameterNode.autoSteps)
+        adaptation = bool(self._parameterNode and self._parameterNode.model.startswith("adaptation:"))
+        # an adaptation weighs all T steps of its model: the steps are not the user's to choose
+        self.ui.autoStepsCheckBox.enabled = not adaptation
+        self.ui.stepsSliderWidget.enabled = not adaptation and not (self._parameterNode
+                                                                    and self._parameterNode.autoSteps)
+        self.ui.autoStepsCheckBox.toolTip = (
+            "A one-shot adaptation runs all of its model's steps: the steps cannot be chosen" if adaptation
+            else self._autoStepsToolTip)
         self._checkCanApply()
         self._updateOneShotGui()
 
@@ -771,6 +783,7 @@ class CoreDiffSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.progressBar.format = "starting..."
         what = inputNode.GetName() if sliceIndex is None else f"slice {sliceIndex} of {inputNode.GetName()}"
         self.ui.statusLabel.text = f"Denoising {what}..."
+        self._runWarnings = []
         try:
             self._job = self.logic.startDenoise(
                 inputNode, outputNode, modelArgs=modelArgs, device=p.device,
@@ -793,6 +806,8 @@ class CoreDiffSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _onInfo(self, text) -> None:
         self.ui.statusLabel.text = text
+        if text.startswith("warning: "):  # a doubt on the model's choice: said again when the run ends
+            self._runWarnings.append(text[len("warning: "):])
         logging.info(f"CoreDiff: {text}")  # the status line moves on; notes on the input stay in the log
 
     def _onDenoiseProgress(self, done, total) -> None:
@@ -817,6 +832,9 @@ class CoreDiffSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             seconds = time.time() - job.startTime
             model, steps = outputNode.GetAttribute("CoreDiff.model"), outputNode.GetAttribute("CoreDiff.steps")
             ran = f" ({model}, {steps} steps)" if model and steps else ""
+            adaptation = outputNode.GetAttribute("CoreDiff.adaptation")
+            if ran and adaptation:
+                ran = ran[:-1] + f", one-shot adaptation {adaptation})"
             if outputNode.GetAttribute("CoreDiff.context") == "each slice itself":  # thick slices: say so
                 ran += ", each slice its own context"
             if job.sliceIndex is not None:  # a preview: one slice, beside the input whatever the setting
@@ -825,7 +843,8 @@ class CoreDiffSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                             "move the Red view and preview again, or Denoise the whole volume")
                 self._showComparison(job.inputNode, outputNode, fit=False)
             else:
-                self.ui.statusLabel.text = f"Done in {formatDuration(seconds)}: {outputNode.GetName()}{ran}"
+                self.ui.statusLabel.text = (f"Done in {formatDuration(seconds)}: {outputNode.GetName()}{ran}"
+                                            + "".join(f"\nNote: {w}" for w in self._runWarnings))
                 self._lastPair = (job.inputNode, outputNode)
                 p = self._parameterNode
                 if p and p.inputVolume is job.inputNode and p.outputVolume is not outputNode:
@@ -882,7 +901,7 @@ class CoreDiffSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                  else "usable" for e in entries or []
                                  if e.get("kind") == "adaptation" and not e.get("outdated")}
         self._modelEntries = [e for e in entries or [] if not e.get("damaged")]  # `corediff models` lists them
-        items = [("Automatic: the model for the scan's dose", "")]
+        items = [(AUTOMATIC_MODEL_LABEL, "")]
         fixed = len(items)
         for e in self._modelEntries:
             key = ("adaptation:" if e.get("kind") == "adaptation" else "model:") + str(e.get("name"))
@@ -890,7 +909,7 @@ class CoreDiffSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if e.get("kind") == "adaptation":
                 label = "One-shot: " + label
             if e.get("dose"):
-                label += f" ({e.get('dose')})"
+                label += f" ({100 * float(e.get('dose')):g} % dose)"
             items.append((label, key))
         current = self._parameterNode.model if self._parameterNode else ""
         fillComboBox(self.ui.modelComboBox, items, current)
@@ -903,7 +922,7 @@ class CoreDiffSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                               qt.Qt.ToolTipRole)
 
     def _onDevicesListed(self, entries, error) -> None:
-        items = [("Auto (fastest available)", "auto")]
+        items = [(AUTO_DEVICE_LABEL, "auto")]
         self._deviceEntries = entries or []
         hasGpu = False
         for e in self._deviceEntries:
@@ -922,7 +941,9 @@ class CoreDiffSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             "Detected: " + ", ".join(l for l, _ in items[1:]) if entries else
             "Device detection failed: " + str(error))
         if entries is not None and not hasGpu:
-            self.ui.deviceComboBox.toolTip += "\nNo GPU found: denoising runs on the CPU (about a minute per slice at full size)."
+            self.ui.deviceComboBox.toolTip += ("\nNo GPU found: denoising runs on the CPU, about 0.5-1.5 s per 512x512 "
+                                               "slice with the automatic one step (ten steps take about ten "
+                                               "times as long)")
 
     # --- Compare -----------------------------------------------------------------------------
 
@@ -1008,6 +1029,12 @@ class CoreDiffSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _setOneShotStep(self, step) -> None:
         self.ui.oneShotStack.currentIndex = step
         self.ui.oneShotStepLabel.text = self.ONE_SHOT_STEP_TITLES[step]
+        p = self._parameterNode
+        if step == 1 and p is not None and p.osLdctVolume is not None and p.osLdctVolume.GetImageData() is not None \
+                and not self.logic.redViewShowsSliceOf(p.osLdctVolume):
+            # the step follows the Red view: it must show this scan (at its middle, not an end slice)
+            count = p.osLdctVolume.GetImageData().GetDimensions()[self.logic.axialAxis(p.osLdctVolume)]
+            self.logic.showInRed(p.osLdctVolume, p.osSlice if 0 < p.osSlice < count else count // 2)
         if step == 1:
             self._observeRedSlice(True)
             self._syncSliceFromRed()
@@ -1147,7 +1174,7 @@ class CoreDiffSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._oneShotJob = self.logic.startOneShot(
                 p.osLdctVolume, p.osSlice, p.osNdctVolume, paired=p.osPaired,
                 ndctSlice=p.osNdctSlice if p.osNdctSlice >= 0 else None, name=p.osName, overwrite=overwrite,
-                modelArgs=self.logic.modelArguments(p.model, p.modelFile, withAdaptation=False),
+                modelArgs=self.logic.modelArguments(p.model, p.modelFile, withAdaptation=False), device=p.device,
                 onProgress=self._onOneShotProgress, onFinished=self._onOneShotFinished)
         except Exception as e:
             self.ui.oneShotProgressBar.visible = False
@@ -1192,6 +1219,8 @@ class CoreDiffSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
 
 #: the context choices (label, ``corediff denoise --context`` value) of the Advanced section
+AUTOMATIC_MODEL_LABEL = "Automatic: the model for the scan's dose"
+AUTO_DEVICE_LABEL = "Auto (fastest available)"
 CONTEXT_CHOICES = [
     ("Automatic (by slice spacing)", "auto"),
     ("Adjacent slices", "neighbours"),
@@ -1232,7 +1261,7 @@ def formatRoiStatistics(stats) -> str:
     return (f"ROI ({stats['voxels']} voxels, {stats['where']})\n"
             f"Before: mean {b['mean']:.1f} HU, SD {b['std']:.1f} HU\n"
             f"After:  mean {a['mean']:.1f} HU, SD {a['std']:.1f} HU\n"
-            f"Noise (SD) reduced by {drop:.0f} %")
+            + (f"Noise (SD) reduced by {drop:.0f} %" if drop >= 0 else f"Noise (SD) increased by {-drop:.0f} %"))
 
 
 def formatSliceQuality(quality) -> str:
@@ -1428,6 +1457,12 @@ class CoreDiffSlicerLogic(ScriptedLoadableModuleLogic):
 
     #: the command line's words for what the module's controls set, as the user sees them
     _GUI_WORDS = ((re.compile(r"--device (\S+)"), r"Device '\1'"),
+                  (re.compile(r"(choose (?:one|the model(?: for its dose)?)) with --model"), r"\1 in the Model list"),
+                  (re.compile(r"--model NAME overrides"), "the Model list overrides it"),
+                  (re.compile(r"--model auto"), "the Automatic model"),
+                  (re.compile(r"\(--steps auto\)"), "(Automatic steps)"),
+                  (re.compile(r"--steps 10 runs"), "10 steps run"),
+                  (re.compile(r"--slice (\d+)"), r"reference slice \1"),
                   (re.compile(r"\(use --ndct-unpaired otherwise\)"), "(untick 'paired' otherwise)"),
                   (re.compile(r"--ndct and --ldct"), "the normal-dose and low-dose volumes"),
                   (re.compile(r"--ndct-slice"), "the normal-dose slice"),
@@ -1586,8 +1621,10 @@ class CoreDiffSlicerLogic(ScriptedLoadableModuleLogic):
             if onFinished:
                 onFinished(job, resultNode, message)
 
-        job = CoreDiffProcess(self.cliCommand(*args), cwd=coreDiffLibParentDir(),
-                              onProgress=onProgress, onInfo=onInfo, onFinished=finished)
+        files = {inputPath: inputNode.GetName(), outputPath: "the result"}
+        job = CoreDiffProcess(self.cliCommand(*args), cwd=coreDiffLibParentDir(), onProgress=onProgress,
+                              onInfo=(lambda text: onInfo(self.guiMessage(text, files))) if onInfo else None,
+                              onFinished=finished)
         job.inputNode = inputNode
         job.sliceIndex = sliceIndex
         job.runDir = runDir
@@ -1675,7 +1712,8 @@ class CoreDiffSlicerLogic(ScriptedLoadableModuleLogic):
         return result["node"]
 
     def startOneShot(self, ldctNode, sliceIndex, ndctNode, paired=True, ndctSlice=None, name="oneshot",
-                     modelArgs=(), onProgress=None, onFinished=None, overwrite=False) -> CoreDiffProcess:
+                     modelArgs=(), onProgress=None, onFinished=None, overwrite=False,
+                     device="auto") -> CoreDiffProcess:
         """Adapt to a new dose level from one slice. onFinished(job, adaptationPath or None, error).
 
         ``ndctSlice`` None: the library's choice; ``overwrite``: replace an adaptation of that name."""
@@ -1688,7 +1726,7 @@ class CoreDiffSlicerLogic(ScriptedLoadableModuleLogic):
         except Exception:
             shutil.rmtree(runDir, ignore_errors=True)
             raise
-        args = ["oneshot", *modelArgs, "--ldct", ldctPath, "--slice", int(sliceIndex)]
+        args = ["oneshot", *modelArgs, "--ldct", ldctPath, "--slice", int(sliceIndex), "--device", device or "auto"]
         if paired:
             args += ["--ndct", ndctPath]
         else:
@@ -1786,6 +1824,21 @@ class CoreDiffSlicerLogic(ScriptedLoadableModuleLogic):
             transformNode.GetMatrixTransformToWorld(toWorld)
             normal = toWorld.MultiplyPoint(normal)
         return abs(normal[2]) < (1.0 - tolerance) * float(np.linalg.norm(normal[:3]))
+
+    def showInRed(self, volumeNode, k) -> None:
+        """The Red view shows ``volumeNode`` in its axial planes (its own when tilted), at slice K."""
+        layoutManager = slicer.app.layoutManager()
+        if self.redSliceNode() is None:  # a layout without a Red view (3D only)
+            layoutManager.setLayout(slicer.vtkMRMLLayoutNode.SlicerLayoutSideBySideView)
+        composite = self._compositeNode("Red")
+        composite.SetBackgroundVolumeID(volumeNode.GetID())
+        composite.SetForegroundVolumeID(None)
+        sliceNode = self.redSliceNode()
+        sliceNode.SetOrientation("Axial")
+        if self.axialPlanesTilted(volumeNode):
+            sliceNode.RotateToVolumePlane(volumeNode)
+        layoutManager.sliceWidget("Red").sliceLogic().FitSliceToAll()
+        self.setRedSliceIndex(volumeNode, k)
 
     def setFlicker(self, inputNode, outputNode, showOutput) -> None:
         """Red view: input as background, output as foreground at opacity 0 or 1 (None: restore)."""
@@ -2011,6 +2064,8 @@ class CoreDiffSlicerTest(ScriptedLoadableModuleTest):
 
     def runTest(self):
         self.setUp()
+        self.test_CoreDiffSlicer_without_pytorch()  # runs everywhere, Slicer's test machines too
+        self.setUp()
         if not CoreDiffSlicerLogic().checkDependencies(interactive=False):
             # a machine without PyTorch (Slicer's extension test machines) can load the module,
             # not denoise: say so, rather than fail on what the user would be asked to install
@@ -2046,6 +2101,28 @@ class CoreDiffSlicerTest(ScriptedLoadableModuleTest):
         for row, value in enumerate((-33.0, 12.5, -140.0)):
             ijkToRAS.SetElement(row, 3, value)
         return slicer.util.addVolumeFromArray(volume.astype(np.int16), ijkToRAS, name)
+
+    def test_CoreDiffSlicer_without_pytorch(self):
+        """What needs no PyTorch: the geometry handed to the library, the axial planes, the model
+        arguments, messages in the module's words and the readout's text."""
+        self.delayDisplay("Checking the module's geometry, arguments and messages")
+        inputNode = self.makeNoisyCylinder()
+        logic = CoreDiffSlicerLogic()
+        spacing, origin, direction = logic.lpsGeometry(inputNode)
+        np.testing.assert_allclose(spacing, (0.7, 0.7, 2.5))
+        np.testing.assert_allclose(origin, (33.0, -12.5, -140.0))  # RAS (-33, 12.5) in LPS
+        np.testing.assert_allclose(np.reshape(direction, (3, 3))[2], (0.0, 0.0, 1.0), atol=1e-12)
+        self.assertEqual(logic.axialAxis(inputNode), 2)
+        self.assertEqual(logic.modelArguments("model:corediff-25"), ["--model", "corediff-25"])
+        self.assertEqual(logic.modelArguments("adaptation:mine"), ["--adaptation", "mine"])
+        self.assertEqual(logic.modelArguments("adaptation:mine", withAdaptation=False), [])
+        self.assertEqual(logic.modelArguments("", modelFile="/m/own.safetensors"), ["--model", "/m/own.safetensors"])
+        self.assertEqual(logic.guiMessage("/run/input.nrrd: choose one with --model", {"/run/input.nrrd": "CT"}),
+                         "'CT': choose one in the Model list")
+        stats = {"voxels": 9, "where": "slice 0", "before": {"mean": 0.0, "std": 10.0},
+                 "after": {"mean": 0.0, "std": 12.0}}
+        self.assertIn("Noise (SD) increased by 20 %", formatRoiStatistics(stats))
+        self.delayDisplay("Test passed")
 
     def test_CoreDiffSlicer_denoise_geometry_and_noise(self):
         self.delayDisplay("Denoising a noisy cylinder")

@@ -263,7 +263,7 @@ def test_a_scan_auto_cannot_measure_gets_the_default_model_unless_auto_was_asked
     src = write_image(tmp_path / "fat.nrrd", fat_and_bone)
     r = corediff("denoise", src, tmp_path / "out.nrrd", "--progress", "lines")
     assert r.returncode == 0, r.stderr
-    assert "too little soft tissue" in r.stdout and "using the default model corediff-25-w32" in r.stdout
+    assert "INFO warning: too little soft tissue" in r.stdout and "using the default model corediff-25-w32" in r.stdout
     r = corediff("denoise", src, tmp_path / "out2.nrrd", "--model", "auto", "--progress", "none")
     assert r.returncode == 2 and "--model auto: too little soft tissue" in r.stderr
     assert "choose the model for its dose with --model" in r.stderr

@@ -784,6 +784,8 @@ def test_the_self_test_says_it_skips_denoising_where_pytorch_is_missing(slicerEn
     monkeypatch.setattr(module.CoreDiffSlicerTest, "delayDisplay", lambda self, text, *a: shown.append(text))
     module.CoreDiffSlicerTest().runTest()
     assert any("denoising tests are skipped" in text for text in shown)
+    assert "Checking the module's geometry, arguments and messages" in shown  # what needs no PyTorch ran
+    assert shown[shown.index("Checking the module's geometry, arguments and messages") + 1] == "Test passed"
 
 
 def test_a_failed_package_install_is_a_message_not_a_traceback(slicerEnv, monkeypatch):  # noqa: F811
@@ -1075,3 +1077,67 @@ def test_a_result_from_an_older_scene_is_not_given_another_scans_voxels(slicerEn
     assert p.outputVolume is old  # its own scan's grid: kept
     p.inputVolume = b
     assert p.outputVolume is None
+
+
+def test_what_the_radiologist_sees_warnings_kept_words_not_flags_and_the_wizard_on_its_scan(slicerEnv, tinyModel):  # noqa: F811,E501
+    """From a review in the user's seat: a doubt on Automatic's model flashed by and was gone at
+    Done, and named a command-line flag; the status line showed temporary paths; the wizard ignored
+    the Device and followed a Red view that showed another scan; steps up to 50 (every model has
+    T = 10); '(default)' in the lists while they load; an SD that went up 'reduced by -20 %'."""
+    slicer, module, tempDir = slicerEnv
+    widget = makeWidget(module)
+    ui, p = widget.ui, widget._parameterNode
+    assert ui.modelComboBox.itemText(0) == "Automatic: the model for the scan's dose"  # before the lists load
+    assert ui.deviceComboBox.itemText(0) == "Auto (fastest available)"
+    assert ui.stepsSliderWidget.property("maximum") == 10
+    assert "*.pt" not in " ".join(ui.modelPathLineEdit.nameFilters)
+    widget._runWarnings = []
+    widget._onInfo("model for this scan: corediff-25-w32 (...; the Model list overrides it)")
+    widget._onInfo("warning: the body reaches the edge of the image in 6 of 6 slices measured, so its size and "
+                   "the dose are underestimated: if the model looks too strong, choose one in the Model list")
+    widget._onInfo("wrote the result (2.8 s, 0.7 s/slice)")
+    assert widget._runWarnings == ["the body reaches the edge of the image in 6 of 6 slices measured, so its size "
+                                   "and the dose are underestimated: if the model looks too strong, choose one in "
+                                   "the Model list"]
+    # the CLI's lines in the module's words, with its temporary files named by what they hold
+    files = {"/tmp/run/input.nrrd": "Cropped FOV", "/tmp/run/output.nrrd": "the result"}
+    for line, shown in (("choose one with --model", "choose one in the Model list"),
+                        ("--model NAME overrides", "the Model list overrides it"),
+                        ("wrote /tmp/run/output.nrrd (2.8 s)", "wrote 'the result' (2.8 s)"),
+                        ("/tmp/run/input.nrrd: 6 slices", "'Cropped FOV': 6 slices"),
+                        ("--slice 0 of 'LD': no body found", "reference slice 0 of 'LD': no body found")):
+        assert module.CoreDiffSlicerLogic.guiMessage(line, files) == shown, line
+    # the status line at Done keeps the warning; an adaptation is named and its steps are not offered
+    inputNode, _ = makeVolume((4, 48, 48), name="Cropped FOV")
+    result, _ = makeVolume((4, 48, 48), name="Cropped FOV denoised")
+    for key, value in (("CoreDiff.model", "corediff-25-w32"), ("CoreDiff.steps", "10 of 10"),
+                       ("CoreDiff.adaptation", "scanner_10pct")):
+        result.SetAttribute(key, value)
+    job = type("Job", (), {"cancelled": False, "startTime": __import__("time").time(), "sliceIndex": None,
+                           "inputNode": inputNode})()
+    widget._showDenoiseResult(job, result, None)
+    status = ui.statusLabel.property("text")
+    assert "(corediff-25-w32, 10 of 10 steps, one-shot adaptation scanner_10pct)" in status
+    assert "\nNote: the body reaches the edge of the image" in status
+    p.model = "adaptation:scanner_10pct"
+    assert not ui.autoStepsCheckBox.enabled and not ui.stepsSliderWidget.enabled
+    assert "runs all of its model's steps" in ui.autoStepsCheckBox.toolTip
+    p.model = ""
+    assert ui.autoStepsCheckBox.enabled
+    assert "reduced by" not in module.formatRoiStatistics(
+        {"voxels": 9, "where": "here", "before": {"mean": 0.0, "std": 10.0}, "after": {"mean": 0.0, "std": 12.0}})
+    # the wizard's slice step shows its scan in Red, at its middle; the adaptation runs on the chosen device
+    other, _ = makeVolume((4, 48, 48), name="Other", seed=3)
+    widget.logic._compositeNode("Red").SetBackgroundVolumeID(other.GetID())
+    ldct, _ = makeVolume((7, 48, 48), name="LD", seed=2, noiseSD=80)
+    ndct, _ = makeVolume((7, 48, 48), name="ND", seed=2, noiseSD=20)
+    p.osLdctVolume, p.osNdctVolume, p.osSlice, p.osName = ldct, ndct, 0, "wizard_device"
+    widget._setOneShotStep(1)
+    assert widget.logic._compositeNode("Red").GetBackgroundVolumeID() == ldct.GetID()
+    assert widget.logic.redSliceIndex(ldct) == 3 and p.osSlice == 3
+    p.device, p.modelFile = "cpu", __import__("pathlib").Path(tinyModel)
+    widget.onOneShotAdapt()
+    args = [str(a) for a in H.launched[-1].args]
+    assert args[args.index("--device") + 1] == "cpu"
+    widget.onOneShotAdapt()  # Cancel
+    spin(slicer, lambda: not widget._oneShotJob.running, timeout=30)
