@@ -382,7 +382,8 @@ def format_table(result: dict, markdown: bool = False) -> str:
         lines.append(f"{'- ' if markdown else ''}skipped {', '.join(sorted(labels))}: {note}")
     if any("s_per_slice_at_T" in r for r in result["rows"]):
         lines.append(f"{'- ' if markdown else ''}s/slice@T: measured with fewer sampling steps and "
-                     "scaled linearly to the model's T (each step is one network evaluation).")
+                     "scaled linearly to the model's T (each step is one network evaluation); s/slice and "
+                     "slices/s are at the steps run.")
     return "\n".join(lines)
 
 
@@ -404,8 +405,9 @@ def _counts(text: str, flag: str) -> list[int]:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     models = list(args.model or []) + [f"w{w}" for w in (args.width or [])]
-    if not models:
-        models = ["w64"]
+    if not models:  # what denoise runs by default, not an untrained network
+        from .models import default_model_name
+        models = [default_model_name()]
     backends = _csv(args.compile)
     for flag, text, known in (("--precisions", args.precisions, PRECISIONS), ("--compile", args.compile, BACKENDS)):
         unknown = [v for v in _csv(text) if v not in known]
@@ -445,7 +447,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def add_bench_parser(sub) -> None:
     p = sub.add_parser("bench", help="measure speed, memory and accuracy of the ways to run a model")
-    p.add_argument("--model", action="append", help="shipped model name or .safetensors file (repeatable)")
+    p.add_argument("--model", action="append",
+                   help="shipped model name or .safetensors file (repeatable; default: the default model, "
+                        "unless --width is given)")
     p.add_argument("--width", type=int, action="append",
                    help="benchmark an untrained network of this width (repeatable; 64 = the paper)")
     p.add_argument("--size", type=int, default=512, help="slice size in pixels (default 512)")

@@ -218,7 +218,7 @@ CHECKPOINT_SUFFIXES = (".ckpt", ".pt", ".pth")
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .inference import pick_device
-    from .io import find_pairs, read_pair_list, read_training_pairs
+    from .io import find_pairs, pairs_dose_tag, read_pair_list, read_training_pairs
     from .models import WEIGHTS_DIR, resolve_model, save_weights, shipped_models
     from .network import NetworkConfig
     from .training import TrainConfig, farthest_neighbour_mm, patch_size_used, train
@@ -231,7 +231,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     # an unavailable device is refused now, not after the data are read
     device = ("cuda" if _cuda() else "cpu") if args.device == "auto" else str(pick_device(args.device))
     # a shipped name is its file: that file is an input too
-    init_file = str(resolve_model(args.init_weights)[0]) if args.init_weights else None
+    init_file = str(resolve_model(args.init_weights)[0].resolve()) if args.init_weights else None
     check_output_file("--out", args.output, (".safetensors",), (init_file, args.data))
     checkpoint = args.checkpoint or str(Path(args.output).with_suffix(".ckpt"))
     check_output_file("--checkpoint", checkpoint, CHECKPOINT_SUFFIXES, (args.output, init_file, args.data))
@@ -269,7 +269,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg.loss_terms.check_network(net_cfg)
     if Path(args.output).expanduser().exists():  # a resumed run writes its --out again: said, not refused
         info(args, f"note: {args.output} exists and is replaced when training ends")
-    pairs = read_pair_list(args.data) if Path(args.data).is_file() else find_pairs(args.data, args.dose_tag)
+    listed = Path(args.data).is_file()
+    pairs = read_pair_list(args.data) if listed else find_pairs(args.data, args.dose_tag)
+    used_tag = None if listed else pairs_dose_tag(args.data, pairs)  # recorded: '10', not what was typed
     info(args, f"{len(pairs)} NDCT/LDCT pairs")
     slice_mm: list[float] = []
     volumes = read_training_pairs(pairs, log=lambda m: info(args, m), slice_mm=slice_mm)
@@ -280,10 +282,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     # what they were trained from, wherever the command was run
     started_from = ({"init_weights": args.init_weights if args.init_weights in shipped_models() else init_file,
                      "init_weights_sha256": init_sha256, "widen": args.widen} if args.init_weights else {})
-    ema, state = train(volumes, net_cfg, cfg, checkpoint=checkpoint, device=device,
-                       log=lambda m: info(args, m), init_state=init_state,
-                       inherit=("ema_start",) if args.ema_start is None else (), origin=started_from,
-                       consume_pairs=True)  # the HU copies are not needed again: half the memory
+    progress = Progress(args.progress, unit="it", desc="train")
+    try:
+        ema, state = train(volumes, net_cfg, cfg, checkpoint=checkpoint, device=device,
+                           log=lambda m: info(args, m), init_state=init_state,
+                           inherit=("ema_start",) if args.ema_start is None else (), origin=started_from,
+                           consume_pairs=True,  # the HU copies are not needed again: half the memory
+                           progress=progress if int(os.environ.get("RANK", "0")) == 0 else None)
+    finally:
+        progress.close()
     if state.origin is None:  # resumed from a checkpoint that predates this record
         if args.init_weights:
             info(args, "note: resumed run: --init-weights was not used; what its first leg started from is not "
@@ -299,7 +306,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                                               "patch_size_used": patch,
                                               "data": [[str(Path(a).resolve()), str(Path(b).resolve())]
                                                        for a, b in pairs],
-                                              "dose_tag": args.dose_tag, **started_from,
+                                              "dose_tag": used_tag, **started_from,
                                               # the farthest neighbours it learned: --context auto gives
                                               # neighbours to slices that far apart (uses_neighbours)
                                               "neighbour_mm": farthest_neighbour_mm(volumes, slice_mm,

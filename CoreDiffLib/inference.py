@@ -33,7 +33,7 @@ from .network import ClearNet
 from .orientation import AxialLayout, InPlaneView, axial_layout, axial_spacing, in_plane_view  # noqa: F401 (also this module's API)
 from .runtime import (NON_FINITE_OUTPUT, PRECISIONS, RunSettings, auto_settings, build_net, check_applicable,
                       physical_cores)
-from .streaming import StreamedOutput, VolumeSource, output_dtype
+from .streaming import StreamedOutput, VolumeSource, earlier_corediff, output_dtype
 
 ProgressFn = Callable[[int, int], None]
 LogFn = Callable[[str], None]
@@ -547,6 +547,12 @@ def denoise_file(input_path, output_path, denoiser, batch_size: int | None = Non
         trained_mm = getattr(den.model, "trained_neighbour_mm", None)
         neighbours = uses_neighbours(slice_mm, context, trained_mm)
         metadata = den.provenance()
+        earlier = info.get("earlier_corediff") or earlier_corediff(info.get("dicom_tags") or {})
+        if earlier:  # said, and recorded: the output is a second pass
+            metadata["corediff_input_denoised_by"] = earlier
+            if log:
+                log(f"warning: {Path(input_path).name} was already denoised by CoreDiff ({earlier}): denoising it "
+                    "again smooths it further; denoise the original scan")
         uses_context = den.model.config.use_context
         if uses_context:
             metadata["corediff_context"] = "adjacent slices" if neighbours else "each slice itself"

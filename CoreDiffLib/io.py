@@ -451,6 +451,8 @@ def provenance_summary(metadata: dict[str, str]) -> str:
     text = f"CoreDiff {metadata.get('corediff_model', '?')}, {metadata.get('corediff_steps', '?')} steps"
     if metadata.get("corediff_adaptation"):
         text += f", adaptation {metadata['corediff_adaptation']}"
+    if metadata.get("corediff_input_denoised_by"):
+        text += f", on a CoreDiff output ({metadata['corediff_input_denoised_by']})"
     return text
 
 
@@ -531,6 +533,19 @@ def _write_detached(image: sitk.Image, out: Path) -> Path:
     return out
 
 
+def _series_description(source: str, description: str) -> str:
+    """'<source's description> - CoreDiff denoised (model)' within DICOM's 64 characters: the
+    source's part is shortened, so that PACS lists still name the model; a source that is itself
+    a CoreDiff output is named without its earlier suffix (the comments say it was one)."""
+    source = re.sub(r"\s*-\s*CoreDiff denoised.*$", "", source).strip()
+    if not source:
+        return description[:64]
+    room = 64 - len(description) - len(" - ")
+    if room < 8:  # a description too long to share: it alone
+        return description[:64]
+    return f"{source[:room].rstrip()} - {description}"
+
+
 def _dicom_stored_values(hu: np.ndarray) -> tuple[np.ndarray, int]:
     """16-bit stored values and the rescale intercept that gives them back in HU.
 
@@ -574,7 +589,7 @@ def _write_dicom_series(volume: Volume, pixels: np.ndarray, folder: Path, descri
         "0008|0060": "CT",
         "0008|0008": "DERIVED\\SECONDARY\\AXIAL" if _is_axial(volume.direction) else "DERIVED\\SECONDARY",
         "0020|000e": series_uid,
-        "0008|103e": (f"{source_desc} - {description}" if source_desc else description)[:64],
+        "0008|103e": _series_description(source_desc, description),
         "0008|0021": f"{now:%Y%m%d}", "0008|0031": f"{now:%H%M%S}",
         "0020|0011": str(int(src.get("0020|0011", "0") or 0) + 1000),
         "0028|1052": str(intercept), "0028|1053": "1", "0028|1054": "HU",
@@ -582,6 +597,7 @@ def _write_dicom_series(volume: Volume, pixels: np.ndarray, folder: Path, descri
         # SpacingBetweenSlices: readers take a one-slice series' spacing (a --slices K preview) from it
         "0018|0088": f"{float(volume.spacing[2]):.6g}",
     })
+    common.setdefault("0018|0050", "")  # SliceThickness, type 2: unknown unless the source series says
     if intercept:  # GDCM stores (HU - intercept) as 16-bit signed when told the stored type
         common.update({"0028|0100": "16", "0028|0101": "16", "0028|0102": "15", "0028|0103": "1"})
     if comments:
@@ -688,6 +704,35 @@ def _volume_candidates(folder: Path) -> list[Path]:
     return found
 
 
+def dose_tag(dose: float) -> str:
+    """0.25 -> '25', 0.05 -> '5', 0.125 -> '12p5': the dose in LDCT file names (case1_ldct25.nrrd)."""
+    pct = round(float(dose) * 100.0, 4)
+    if abs(pct - round(pct)) < 1e-6:
+        return str(int(round(pct)))
+    return ("%g" % pct).replace(".", "p")
+
+
+def dose_from_tag(tag: str) -> float:
+    """'25' -> 0.25, '12p5' -> 0.125: the inverse of :func:`dose_tag` (file names back to doses)."""
+    return float(tag.replace("p", ".")) / 100.0
+
+
+def as_dose_tag(text: str) -> str:
+    """A dose as a user may give it, as file names tag it: '25', '12p5', '10%', 'ldct10', a
+    fraction '0.1' (as simulate --dose takes it) or '12.5' (per cent) -> '25', '12p5', '10'...
+    Anything else is returned as it is (a tag of one's own naming)."""
+    text = str(text).strip()
+    number = text.lower().removeprefix("ldct").rstrip("%").strip().replace("p", ".")
+    try:
+        value = float(number)
+    except ValueError:
+        return text
+    if not 0 < value <= 100:
+        return text
+    fraction = value < 1 and "%" not in text
+    return dose_tag(value if fraction else value / 100.0)
+
+
 def find_pairs(folder: str | os.PathLike, dose_tag: str | None = None) -> list[tuple[Path, Path]]:
     """NDCT/LDCT pairs in a folder, matched by name.
 
@@ -711,19 +756,31 @@ def find_pairs(folder: str | os.PathLike, dose_tag: str | None = None) -> list[t
         else:
             ldct.setdefault(key, []).append((tag, path))
     pairs = []
+    wanted = None if dose_tag is None else as_dose_tag(dose_tag)
     for key, options in sorted(ldct.items()):
         if key not in ndct:
             continue
-        chosen = [p for tag, p in options if dose_tag is None or tag == str(dose_tag)]
+        chosen = [p for tag, p in options if wanted is None or tag == wanted]
         if dose_tag is None and len(chosen) > 1:
             tags = sorted(tag for tag, _ in options)
             raise CoreDiffError(f"{key} has several LDCT doses ({', '.join(tags)}): choose one with "
                                 "--dose-tag")
         pairs += [(ndct[key], p) for p in chosen]
+    tags = sorted({tag or "(none)" for key, options in ldct.items() if key in ndct for tag, _ in options})
+    if not pairs and tags:
+        raise CoreDiffError(f"no LDCT of dose tag '{wanted}' beside its NDCT in {folder}: the tags there are "
+                            f"{', '.join(tags)} (--dose-tag 10, or 0.1, or 10% for case1_ldct10.nrrd)")
     if not pairs:
         raise CoreDiffError(f"no NDCT/LDCT pairs found in {folder}: name them like case1_ndct.nrrd / "
                             "case1_ldct.nrrd (or full_*/quarter_* DICOM folders), or pass a list file")
     return pairs
+
+
+def pairs_dose_tag(folder: str | os.PathLike, pairs: list[tuple[Path, Path]]) -> str | None:
+    """The one dose tag the LDCTs of ``pairs`` (found in ``folder``) carry in their names, or None
+    (several, or none): what a model trained on them records."""
+    tags = {(_role_and_key(str(Path(ld).relative_to(folder))) or (None, None, None))[2] for _, ld in pairs}
+    return tags.pop() if len(tags) == 1 and None not in tags and "" not in tags else None
 
 
 def voxel_grid_difference(a: Volume, b: Volume) -> str | None:

@@ -32,6 +32,18 @@ _NRRD_TYPES = {"short": np.int16, "short int": np.int16, "signed short": np.int1
                "signed char": np.int8, "int8": np.int8}
 
 
+def earlier_corediff(header: dict[str, str]) -> str | None:
+    """What CoreDiff run made a file, from its header (NRRD / MetaImage keys, NIfTI's descrip,
+    DICOM ImageComments), or None: a scan denoised twice is smoothed twice."""
+    if header.get("corediff_model"):
+        return f"{header['corediff_model']}, {header.get('corediff_steps', '?')} steps"
+    for key in ("descrip", "ITK_FileNotes", "0020|4000"):
+        text = header.get(key, "").strip()
+        if text.startswith("CoreDiff "):
+            return text[len("CoreDiff "):]
+    return None
+
+
 class VolumeSource:
     """A CT file read slab by slab: ``shape``, ``ndim``, ``dtype`` and ``src[a:b]`` -> (b-a, H, W).
 
@@ -108,6 +120,9 @@ class VolumeSource:
         info = {"spacing": tuple(reader.GetSpacing()), "origin": tuple(reader.GetOrigin()),
                 "direction": tuple(reader.GetDirection()),
                 "pixel_type": str(np.dtype(dtype)) if dtype is not None else "float32", "source": str(p)}
+        earlier = earlier_corediff({k: reader.GetMetaData(k) for k in reader.GetMetaDataKeys()})
+        if earlier:
+            info["earlier_corediff"] = earlier
         nbytes = None if dtype is None else int(np.prod(shape)) * np.dtype(dtype).itemsize
         try:
             if name.endswith(".nrrd"):

@@ -614,16 +614,18 @@ def train(pairs: Sequence[tuple[np.ndarray, np.ndarray]], net_cfg: NetworkConfig
           log: Callable[[str], None] = print,
           init_state: dict[str, torch.Tensor] | None = None,
           inherit: Sequence[str] = (), origin: dict | None = None,
-          consume_pairs: bool = False) -> tuple[ClearNet, TrainState]:
+          consume_pairs: bool = False,
+          progress: Callable[[int, int], None] | None = None) -> tuple[ClearNet, TrainState]:
     """Train (or resume) a model on HU volume pairs: see :func:`_train`. ``cfg.threads`` applies
     to this run only: torch's thread count is restored after it, for the rest of the process.
     ``origin``: what ``init_state`` is (recorded in the checkpoint; a resumed run keeps its own).
     ``consume_pairs``: float32 pairs are turned into the network's range in place (half the
-    memory; the caller must not use them as HU afterwards)."""
+    memory; the caller must not use them as HU afterwards). ``progress(iteration, iterations)``
+    hears where the run is, about once a second."""
     before = torch.get_num_threads()
     try:
         return _train(pairs, net_cfg, cfg, checkpoint, resume, device, log, init_state, inherit, origin,
-                      consume_pairs)
+                      consume_pairs, progress)
     finally:
         torch.set_num_threads(before)
 
@@ -631,7 +633,8 @@ def train(pairs: Sequence[tuple[np.ndarray, np.ndarray]], net_cfg: NetworkConfig
 def _train(pairs: Sequence[tuple[np.ndarray, np.ndarray]], net_cfg: NetworkConfig, cfg: TrainConfig,
            checkpoint: str | Path | None, resume: bool, device: str, log: Callable[[str], None],
            init_state: dict[str, torch.Tensor] | None, inherit: Sequence[str],
-           origin: dict | None = None, consume_pairs: bool = False) -> tuple[ClearNet, TrainState]:
+           origin: dict | None = None, consume_pairs: bool = False,
+           progress: Callable[[int, int], None] | None = None) -> tuple[ClearNet, TrainState]:
     """Train (or resume) a model on HU volume pairs. Returns the EMA model and the state.
 
     ``init_state`` starts from given weights (fine-tuning a shipped model on new data, or
@@ -722,6 +725,14 @@ def _train(pairs: Sequence[tuple[np.ndarray, np.ndarray]], net_cfg: NetworkConfi
     # the EMA averages from its first step at or after ema_start on: resumed, whether that step is past
     ema_averaging = state.iteration // cfg.ema_every * cfg.ema_every >= max(cfg.ema_start, cfg.ema_every)
     stop_at = cfg.iterations if not (cfg.time_limit_s and elapsed_before >= cfg.time_limit_s) else state.iteration
+    if rank == 0 and stop_at < cfg.iterations and state.iteration > 0:
+        log(f"the --time-limit of {cfg.time_limit_s / 60:g} min (all legs together) is used up: nothing left to "
+            f"train at iteration {state.iteration} of {cfg.iterations}; its weights are written as they are "
+            "(a larger --time-limit goes on)")
+    shown_at = 0.0  # when progress was last told
+    if progress and rank == 0:
+        progress(state.iteration, cfg.iterations)
+    since_log = state.iteration  # the iteration the rate is counted from
 
     def save(path: Path) -> None:
         save_checkpoint(path, model, ema, optimizer, state, net_cfg, cfg, step_rng, data.rng, fingerprint,
@@ -764,7 +775,8 @@ def _train(pairs: Sequence[tuple[np.ndarray, np.ndarray]], net_cfg: NetworkConfi
                 state.losses.append(mean)
                 window = []
                 if rank == 0:
-                    rate = cfg.log_every / max(time.time() - t0, 1e-9)
+                    rate = (state.iteration - since_log) / max(time.time() - t0, 1e-9)  # a resumed run's first
+                    since_log = state.iteration  # window is shorter
                     scale = (f"~{math.sqrt(mean) * 4096.0:.1f} HU rms" if terms.mse_only
                              else "MSE + extra terms")  # the pure MSE reads as an RMS error in HU
                     log(f"iter {state.iteration}/{cfg.iterations}  loss {mean:.3e} ({scale})  "
@@ -778,6 +790,13 @@ def _train(pairs: Sequence[tuple[np.ndarray, np.ndarray]], net_cfg: NetworkConfi
                     over = bool(flag.item())
                 if over:
                     stop_at = state.iteration
+                    if rank == 0 and stop_at < cfg.iterations:
+                        log(f"time limit of {cfg.time_limit_s / 60:g} min reached at iteration {stop_at} of "
+                            f"{cfg.iterations}: the same command with a larger --time-limit (it counts every leg) "
+                            "goes on from the checkpoint")
+            if progress and rank == 0 and (time.time() - shown_at >= 1.0 or state.iteration == stop_at):
+                progress(state.iteration, cfg.iterations)
+                shown_at = time.time()
             if not ema_averaging and state.iteration == stop_at:  # too short to average: the weights as trained
                 ema.load_state_dict(model.state_dict())
             at_checkpoint = state.iteration % cfg.checkpoint_every == 0 or state.iteration == stop_at \

@@ -675,6 +675,37 @@ def test_train_command_writes_a_loadable_model(tmp_path):
     assert (tmp_path / "m.ckpt").exists()
 
 
+def test_train_shows_progress_takes_doses_as_simulate_writes_them_and_says_why_it_stopped(tmp_path):
+    """From a journey through the commands: --progress showed nothing; --dose-tag 0.1 (as simulate
+    takes doses) found 'no pairs' in a folder of ldct10 files; the weights recorded the tag as
+    typed, or none; a --time-limit ended a run without a word; --init-weights was recorded relative
+    to where the command ran."""
+    from CoreDiffLib.models import read_weights_config
+    data = tmp_path / "sim"
+    data.mkdir()
+    ref = synthetic_ct(3, 32, noise_hu=0)
+    write_image(data / "case000_abdomen_ndct.nrrd", ref)
+    for tag, sd in (("25", 30), ("10", 50)):
+        write_image(data / f"case000_abdomen_ldct{tag}.nrrd", ref + np.random.default_rng(0).normal(0, sd, ref.shape))
+    common = ("--width", "4", "--batch-size", "1", "--patch-size", "32", "--checkpoint-every", "100")
+    r = corediff("train", data, "--out", tmp_path / "m.safetensors", "--dose-tag", "0.1", "--iterations", "3",
+                 *common, "--progress", "lines")
+    assert r.returncode == 0, r.stderr
+    assert "PROGRESS 0 3" in r.stdout.splitlines() and "PROGRESS 3 3" in r.stdout.splitlines()
+    _, meta = read_weights_config(tmp_path / "m.safetensors")
+    assert meta["dose_tag"] == "10"
+    r = corediff("train", data, "--out", tmp_path / "n.safetensors", "--dose-tag", "5%", *common)
+    assert r.returncode == 2 and "no LDCT of dose tag '5' beside its NDCT" in r.stderr
+    assert "the tags there are 10, 25" in r.stderr
+    r = corediff("train", "sim", "--out", "t.safetensors", "--dose-tag", "ldct25", "--iterations", "100000",
+                 "--time-limit", "0.002", "--init-weights", "m.safetensors", *common, "--progress", "none",
+                 cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "time limit of 0.002 min reached at iteration" in r.stderr and "of 100000" in r.stderr
+    _, meta = read_weights_config(tmp_path / "t.safetensors")
+    assert meta["init_weights"] == str((tmp_path / "m.safetensors").resolve()) and meta["dose_tag"] == "25"
+
+
 def test_train_takes_the_axial_planes_of_a_sagittally_stored_pair(tmp_path):
     data = tmp_path / "sag"
     data.mkdir()
@@ -859,3 +890,34 @@ def test_a_run_resumed_from_a_checkpoint_without_its_origin_records_it_as_unknow
     assert r.returncode == 0, r.stderr
     assert "--init-weights was not used" in r.stderr
     assert read_weights_config(out)[1]["init_weights"].startswith("unknown")
+
+
+def test_a_scan_denoised_twice_says_so_and_its_dicom_description_keeps_the_model(tmp_path, identity_model_path):
+    """From a journey through the commands: denoising a CoreDiff output ran without a word and its
+    record named only the second pass; a long series description was cut at 64 characters from the
+    end, which lost the model's name PACS lists show; a series from a non-DICOM file lacked
+    SliceThickness (type 2)."""
+    import SimpleITK as sitk
+    long_name = "Abdomen 1.0 B30f portal venous phase contrast"
+    series = write_dicom_series(tmp_path / "scan", synthetic_ct(3, 48), "1.2.3.77", tags={"0008|103e": long_name})
+    once, twice = tmp_path / "once", tmp_path / "twice"
+    for source, out in ((series, once), (once, twice)):
+        r = corediff("denoise", source, out, "--model", identity_model_path, "--progress", "lines")
+        assert r.returncode == 0, r.stderr
+    assert "warning: " not in corediff("denoise", series, tmp_path / "x.nrrd", "--model", identity_model_path,
+                                       "--progress", "lines").stdout
+    assert "INFO warning: once was already denoised by CoreDiff" in r.stdout
+    reader = sitk.ImageFileReader()
+    for folder in (once, twice):
+        reader.SetFileName(str(sorted(folder.iterdir())[0]))
+        reader.ReadImageInformation()
+        description = reader.GetMetaData("0008|103e").strip()
+        assert len(description) <= 64 and description.endswith("CoreDiff denoised (identity)"), description
+        assert description.startswith("Abdomen 1.0 B30f portal") and description.count("CoreDiff") == 1
+        assert reader.HasMetaDataKey("0018|0050")  # SliceThickness present (empty: not known)
+    assert "on a CoreDiff output (identity, 1 of 10 steps)" in reader.GetMetaData("0020|4000")  # --steps auto
+    r = corediff("denoise", tmp_path / "x.nrrd", tmp_path / "xx.nrrd", "--model", identity_model_path,
+                 "--progress", "lines")
+    assert r.returncode == 0 and "x.nrrd was already denoised by CoreDiff (identity, 1 of 10 steps)" in r.stdout
+    header = sitk.ReadImage(str(tmp_path / "xx.nrrd"))
+    assert header.GetMetaData("corediff_input_denoised_by") == "identity, 1 of 10 steps"

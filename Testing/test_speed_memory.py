@@ -416,3 +416,13 @@ def test_on_a_gpu_the_automatic_half_precision_agrees_with_fp32():
     assert auto.settings.precision == "fp16" and auto.settings.channels_last
     drift_hu = np.abs(auto.denoise_batch(stack) - exact.denoise_batch(stack)).max() * 4096.0
     assert drift_hu < 8.0, drift_hu
+
+
+def test_bench_without_a_model_times_the_default_model(tmp_path):
+    """It timed an untrained width-64 network: not what denoise runs, and minutes per slice on a CPU."""
+    from CoreDiffLib.cli import main
+    from CoreDiffLib.models import default_model_name
+    out = tmp_path / "b.json"
+    assert main(["bench", "--size", "16", "--repeats", "1", "--steps", "1", "--batch-sizes", "1",
+                 "--compile", "eager", "--json", str(out)]) == 0
+    assert {r["model"] for r in json.loads(out.read_text())["rows"]} == {default_model_name()}

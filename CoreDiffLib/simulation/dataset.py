@@ -23,6 +23,7 @@ from typing import Callable, List, Optional, Sequence, Union
 import numpy as np
 
 from ..atomic import atomic_path, deferred_interrupts, partial_folder, write_text_atomic
+from ..io import dose_from_tag, dose_tag  # noqa: F401 (the file names' dose tags; imported from here too)
 from .noise import DEFAULT_ELECTRONIC_SIGMA, DEFAULT_I0, _check_dose, check_noise_settings, nested_dose_noise
 from .phantom import DEFAULT_FOV_MM, KINDS, make_phantom, phantom_radius_mm
 from .projector import FanBeamGeometry, check_fits, fbp, forward_project, hu_to_mu, mu_to_hu
@@ -49,19 +50,6 @@ def software_versions() -> dict:
         except metadata.PackageNotFoundError:
             versions[dist] = None
     return versions
-
-
-def dose_tag(dose: float) -> str:
-    """0.25 -> '25', 0.05 -> '5', 0.125 -> '12p5'."""
-    pct = round(float(dose) * 100.0, 4)
-    if abs(pct - round(pct)) < 1e-6:
-        return str(int(round(pct)))
-    return ("%g" % pct).replace(".", "p")
-
-
-def dose_from_tag(tag: str) -> float:
-    """'25' -> 0.25, '12p5' -> 0.125: the inverse of :func:`dose_tag` (file names back to doses)."""
-    return float(tag.replace("p", ".")) / 100.0
 
 
 def _doses(dose) -> List[float]:
