@@ -115,7 +115,7 @@ def load_denoiser(args: argparse.Namespace, volume=None, spacing_xy=None):
         info(args, f"adaptation {args.adaptation} on the model it was learned for: {Path(base).name if base else '?'}")
     if args.steps == AUTO_STEPS and den.steps is not None and den.steps < trained:
         info(args, f"one sampling step on the CPU (--steps auto): a tenth of the time of all {trained}, and "
-                   f"0.02-0.06 dB below them for the -w32 models on held-out phantoms; --steps {trained} "
+                   f"0.03-0.06 dB below them for the -w32 models on held-out phantoms; --steps {trained} "
                    "runs the paper's full sampler")
     return den
 
@@ -193,7 +193,7 @@ def add_denoise_parser(sub) -> None:
                    help="slices per batch, >= 1 (default: chosen from the device's memory)")
     p.add_argument("--steps", type=steps_argument, default="auto",
                    help="sampling steps, 1 to the model's T (10), or auto (default): all T on a GPU, one on "
-                        "a CPU, where it is ten times faster and 0.02-0.06 dB below T for the -w32 models")
+                        "a CPU, where it is ten times faster and 0.03-0.06 dB below T for the -w32 models")
     p.add_argument("--slices", type=slices_argument, default=None, metavar="K|A:B",
                    help="denoise only axial slice K, or slices A to B-1 (0-based), with their true neighbours "
                         "as context; the output holds just those, placed where they lie in the input")

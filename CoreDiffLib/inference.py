@@ -52,7 +52,7 @@ def auto_steps(trained_steps: int, device: torch.device, adaptation: bool = Fals
     """The sampling steps ``steps="auto"`` picks: all T on a GPU, one on a CPU.
 
     Why: on the held-out phantoms (validation and test) one step of the shipped width-32 models
-    is 0.02-0.06 dB below ten against the NDCT and -0.01 to +0.15 dB against the noise-free
+    is 0.03-0.06 dB below ten against the NDCT and -0.01 to +0.15 dB against the noise-free
     image, for a tenth of the CPU time, and beats ten steps of the width-16 models in PSNR on every
     slice; on a GPU ten steps cost about a second per 100 slices, so the paper's sampler runs
     there. A one-shot adaptation weighs all T steps, so it gets them.

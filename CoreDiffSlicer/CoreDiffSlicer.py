@@ -1290,10 +1290,11 @@ class CoreDiffSlicerLogic(ScriptedLoadableModuleLogic):
     REQUIRED_PACKAGES = {"safetensors": "safetensors>=0.4", "skimage": "scikit-image>=0.21", "tqdm": "tqdm>=4.60",
                          "psutil": "psutil>=5.9", "scipy": "scipy>=1.10"}
     # offered with the required ones, or alone once a session, but optional: ONNX Runtime runs the
-    # network 1.4-2.8 times as fast as PyTorch on a CPU (README, Speed); a failed install of these
+    # network 1.2-1.3 times as fast as PyTorch's channels-last on a CPU at one step
+    # (docs/benchmarks/default/onnx_vs_eager_cl.md); a failed install of these
     # is logged and the module runs on PyTorch
     SPEEDUP_PACKAGES = {"onnx": "onnx>=1.15", "onnxruntime": "onnxruntime>=1.17"}
-    SPEEDUP_GAIN = "1.4-2.8 times the speed on a CPU"
+    SPEEDUP_GAIN = "1.2-1.3 times the speed on a CPU"
     _speedupsOffered = False  # this session (class-wide: every logic asks once, not each)
     TORCH_REQUIREMENT = ">=2.1"
     CT_WINDOW, CT_LEVEL = 350.0, 40.0

@@ -838,7 +838,7 @@ def test_the_faster_cpu_runtime_is_offered_with_the_required_packages_and_may_fa
     assert logic.checkDependencies(interactive=True) is True
     assert installed == ["needed-package", "speedup-package"]
     confirm = [text for kind, text in H.displayed if kind == "confirm"][-1]
-    assert "needed-package" in confirm and "speedup-package (optional: 1.4-2.8 times the speed on a CPU)" in confirm
+    assert "needed-package" in confirm and "speedup-package (optional: 1.2-1.3 times the speed on a CPU)" in confirm
     assert not [m for m in H.displayed if m[0] == "error"]
 
 
@@ -857,7 +857,7 @@ def test_the_faster_cpu_runtime_is_offered_alone_once_a_session(slicerEnv, monke
     monkeypatch.setitem(H.confirmAnswer, "value", False)
     assert module.CoreDiffSlicerLogic().checkDependencies(interactive=True) is True  # declined: still ready
     assert [text for kind, text in H.displayed if kind == "confirm"] == [
-        "Install speedup (optional: 1.4-2.8 times the speed on a CPU)? Without them CoreDiff runs on PyTorch."]
+        "Install speedup (optional: 1.2-1.3 times the speed on a CPU)? Without them CoreDiff runs on PyTorch."]
     assert module.CoreDiffSlicerLogic().checkDependencies(interactive=True) is True
     assert len([m for m in H.displayed if m[0] == "confirm"]) == 1 and installed == []  # not asked again
     monkeypatch.setattr(module.CoreDiffSlicerLogic, "_speedupsOffered", False)  # the next session, accepted
