@@ -128,7 +128,8 @@ def measure(volume_hu, spacing_xy: tuple[float, float], max_slices: int = MAX_SL
         cut += _edge_contact_mm(image, region, spacing_xy) > CUT_CONTACT_MM
     sd = np.concatenate(sds) if sds else np.empty(0)
     if sd.size < _MIN_PIXELS:
-        raise CoreDiffError("too little soft tissue (0-100 HU) in this scan to measure its noise")
+        raise CoreDiffError(f"too little soft tissue (0-100 HU) in this scan to measure its noise ({sd.size} pixels "
+                            f"of it, {_MIN_PIXELS} needed: a small or coarse image has few)")
     counts, edges = np.histogram(sd, bins=np.arange(0.0, float(sd.max()) + 0.5, 0.25))
     k = int(np.argmax(counts))
     return ScanNoise(float(edges[k] + edges[k + 1]) / 2.0, float(np.median(weds)), len(weds), int(cut))
