@@ -587,9 +587,13 @@ def load_checkpoint(path: Path, device: str, net_cfg: NetworkConfig, cfg: TrainC
                             f"({type(exc).__name__}); give another --checkpoint path, or delete it to start "
                             "afresh") from None
     if NetworkConfig.from_dict(saved_net) != net_cfg:
-        raise CoreDiffError(f"checkpoint {path} is for another architecture ({saved_net}) than this run's "
-                            f"({net_cfg.to_dict()}): to go on with it, repeat the --init-weights / --width / --steps "
-                            "of the run that made it; to start another run, give a new --checkpoint path")
+        then, now = NetworkConfig.from_dict(saved_net).to_dict(), net_cfg.to_dict()
+        flags = {"width": "--width", "steps": "--steps", "use_context": "--no-context", "use_emm": "--no-emm"}
+        differ = [f"{key} {then[key]!r} there, {now[key]!r} here ({flags.get(key, '--init-weights')})"
+                  for key in sorted(now) if then[key] != now[key]]
+        raise CoreDiffError(f"checkpoint {path} is for another architecture than this run's ({'; '.join(differ)}): "
+                            "to go on with it, repeat the options (or --init-weights) of the run that made it; to "
+                            "start another run, give a new --checkpoint path")
     if data and saved.get("data") and saved["data"] != data:
         raise CoreDiffError(f"checkpoint {path} was made on other training data: give a new --checkpoint path (and "
                             "--init-weights with that run's weights to go on from them on these data)")
@@ -750,9 +754,9 @@ def _train(pairs: Sequence[tuple[np.ndarray, np.ndarray]], net_cfg: NetworkConfi
             if cfg.lr_schedule == "cosine":
                 for group in optimizer.param_groups:
                     # under DDP only iterations count, so every replica applies the same rate
-                    progress = run_progress(state.iteration, cfg.iterations, time.time() - started,
-                                            cfg.time_limit_s if world == 1 else 0.0)
-                    group["lr"] = cosine_lr(cfg.lr, progress)
+                    done = run_progress(state.iteration, cfg.iterations, time.time() - started,
+                                        cfg.time_limit_s if world == 1 else 0.0)
+                    group["lr"] = cosine_lr(cfg.lr, done)
             with autocast:
                 loss = loss_fn(ctx, tgt, t, mirrored).float()
             optimizer.zero_grad(set_to_none=True)

@@ -249,8 +249,11 @@ def test_training_resumes_from_its_checkpoint(tmp_path):
     logs = []
     _, state = train(pairs, NetworkConfig(width=8), cfg2, checkpoint=ckpt, log=logs.append)
     assert state.iteration == 30 and any("resumed" in m and "20" in m for m in logs)
-    with pytest.raises(CoreDiffError, match="another architecture"):
+    with pytest.raises(CoreDiffError, match=r"another architecture than this run's \(width 8 there, 16 here "
+                                            r"\(--width\)\)"):
         train(pairs, NetworkConfig(width=16), cfg2, checkpoint=ckpt, log=lambda m: None)
+    with pytest.raises(CoreDiffError, match=r"\(use_emm True there, False here \(--no-emm\)\)"):  # the flag
+        train(pairs, NetworkConfig(width=8, use_emm=False), cfg2, checkpoint=ckpt, log=lambda m: None)
 
 
 def test_a_resumed_run_continues_the_same_run_bit_for_bit_or_is_refused(tmp_path):
@@ -564,8 +567,11 @@ def test_resuming_a_finished_cosine_run_uses_the_new_learning_rate(tmp_path):
     v = synthetic_ct(4, 32, seed=5, noise_hu=5)
     pairs = [(v, v + 40 * np.random.default_rng(2).standard_normal(v.shape).astype(np.float32))]
     ckpt = tmp_path / "c.ckpt"
+    told = []  # a cosine run told its progress (a float once replaced the callback: TypeError)
     train(pairs, NetworkConfig(width=8), TrainConfig(iterations=4, batch_size=2, patch_size=32, log_every=2,
-                                                     lr_schedule="cosine"), checkpoint=ckpt, log=lambda m: None)
+                                                     lr_schedule="cosine"), checkpoint=ckpt, log=lambda m: None,
+          progress=lambda done, total: told.append((done, total)))
+    assert told[0] == (0, 4) and told[-1] == (4, 4)
     assert torch.load(ckpt, weights_only=True)["optimizer"]["param_groups"][0]["lr"] < 2e-4 / 5  # decayed
     train(pairs, NetworkConfig(width=8), TrainConfig(iterations=6, batch_size=2, patch_size=32, log_every=2,
                                                      lr=3e-4), checkpoint=ckpt, log=lambda m: None)
