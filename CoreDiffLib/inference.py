@@ -33,7 +33,7 @@ from .network import ClearNet
 from .orientation import AxialLayout, InPlaneView, axial_layout, axial_spacing, in_plane_view  # noqa: F401 (also this module's API)
 from .runtime import (NON_FINITE_OUTPUT, PRECISIONS, RunSettings, auto_settings, build_net, check_applicable,
                       physical_cores)
-from .streaming import StreamedOutput, VolumeSource, earlier_corediff, output_dtype
+from .streaming import StreamedOutput, VolumeSource, earlier_corediff, earlier_corediff_of_file, output_dtype
 
 ProgressFn = Callable[[int, int], None]
 LogFn = Callable[[str], None]
@@ -521,7 +521,8 @@ def denoise_file(input_path, output_path, denoiser, batch_size: int | None = Non
             volume = read_volume(input_path, series, log)
             info = {"spacing": volume.spacing, "origin": volume.origin, "direction": volume.direction,
                     "pixel_type": volume.pixel_type, "source": volume.source, "dicom_tags": volume.dicom_tags,
-                    "slice_positions": volume.slice_positions}
+                    "slice_positions": volume.slice_positions,
+                    "earlier_corediff": earlier_corediff_of_file(input_path)}  # .nhdr, compressed .mhd...
             check_grid_output(volume.slice_positions, volume.direction, output_path, str(input_path))
             data, streamed = volume.array, False
         else:

@@ -537,7 +537,7 @@ def _series_description(source: str, description: str) -> str:
     """'<source's description> - CoreDiff denoised (model)' within DICOM's 64 characters: the
     source's part is shortened, so that PACS lists still name the model; a source that is itself
     a CoreDiff output is named without its earlier suffix (the comments say it was one)."""
-    source = re.sub(r"\s*-\s*CoreDiff denoised.*$", "", source).strip()
+    source = re.sub(r"(?:^|\s*-\s*)CoreDiff denoised.*$", "", source).strip()
     if not source:
         return description[:64]
     room = 64 - len(description) - len(" - ")
@@ -551,13 +551,14 @@ def _dicom_stored_values(hu: np.ndarray) -> tuple[np.ndarray, int]:
 
     Intercept 0 (stored = HU) when the values fit int16, as most CT does; a volume reaching
     below -32768 HU (padding of -32768 stored values under intercept -1024) or above 32767
-    shifts the intercept so that nothing is clipped. Only a range wider than 16 bits hold,
-    65,536 HU, is clipped at its top."""
+    shifts the intercept so that nothing is clipped. A range wider than 16 bits hold, 65,536 HU,
+    keeps its top: its bottom, padding, is clipped."""
     rounded = np.rint(hu)
     low, high = float(rounded.min()), float(rounded.max())
     if low >= -32768 and high <= 32767:
         return rounded.astype(np.int16), 0
-    intercept = int(low) + 32768 if low < -32768 else int(high) - 32767
+    # the bottom when it fits, else the top: what is clipped then lies below, in the padding
+    intercept = int(low) + 32768 if low < -32768 and high - low <= 65535 else int(high) - 32767
     stored = np.clip(rounded, intercept - 32768, intercept + 32767)
     return stored.astype(np.float32), intercept
 
@@ -722,7 +723,10 @@ def as_dose_tag(text: str) -> str:
     fraction '0.1' (as simulate --dose takes it) or '12.5' (per cent) -> '25', '12p5', '10'...
     Anything else is returned as it is (a tag of one's own naming)."""
     text = str(text).strip()
-    number = text.lower().removeprefix("ldct").rstrip("%").strip().replace("p", ".")
+    bare = text.lower().removeprefix("ldct").rstrip("%").strip()
+    if re.fullmatch(r"\d*p\d+", bare):  # a file name's own form: 12p5, 0p5 (per cent already)
+        return bare if not bare.startswith("p") else "0" + bare
+    number = bare
     try:
         value = float(number)
     except ValueError:

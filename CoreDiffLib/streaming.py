@@ -44,6 +44,20 @@ def earlier_corediff(header: dict[str, str]) -> str | None:
     return None
 
 
+def earlier_corediff_of_file(path) -> str | None:
+    """:func:`earlier_corediff` of an image file's header (None for a folder or an unreadable one)."""
+    import SimpleITK as sitk
+    if not Path(path).is_file():
+        return None
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        return None
+    return earlier_corediff({k: reader.GetMetaData(k) for k in reader.GetMetaDataKeys()})
+
+
 class VolumeSource:
     """A CT file read slab by slab: ``shape``, ``ndim``, ``dtype`` and ``src[a:b]`` -> (b-a, H, W).
 

@@ -908,8 +908,11 @@ class CoreDiffSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             label = str(e.get("name"))
             if e.get("kind") == "adaptation":
                 label = "One-shot: " + label
-            if e.get("dose"):
-                label += f" ({100 * float(e.get('dose')):g} % dose)"
+            dose = e.get("dose")
+            if isinstance(dose, (int, float)) and not isinstance(dose, bool):  # a shipped model's fraction
+                label += f" ({100 * dose:g} % dose)"
+            elif dose:  # an adaptation's label, as its maker typed it ('10%')
+                label += f" ({dose})"
             items.append((label, key))
         current = self._parameterNode.model if self._parameterNode else ""
         fillComboBox(self.ui.modelComboBox, items, current)

@@ -916,6 +916,12 @@ def test_a_scan_denoised_twice_says_so_and_its_dicom_description_keeps_the_model
         assert description.startswith("Abdomen 1.0 B30f portal") and description.count("CoreDiff") == 1
         assert reader.HasMetaDataKey("0018|0050")  # SliceThickness present (empty: not known)
     assert "on a CoreDiff output (identity, 1 of 10 steps)" in reader.GetMetaData("0020|4000")  # --steps auto
+    for detached in ("x.nhdr", "x.mhd"):  # read whole, not streamed: said all the same
+        assert corediff("denoise", tmp_path / "x.nrrd", tmp_path / detached, "--model", identity_model_path,
+                        "--progress", "none").returncode == 0
+        r = corediff("denoise", tmp_path / detached, tmp_path / f"second_{detached}", "--model", identity_model_path,
+                     "--progress", "lines")
+        assert r.returncode == 0 and f"{detached} was already denoised by CoreDiff" in r.stdout, r.stdout
     r = corediff("denoise", tmp_path / "x.nrrd", tmp_path / "xx.nrrd", "--model", identity_model_path,
                  "--progress", "lines")
     assert r.returncode == 0 and "x.nrrd was already denoised by CoreDiff (identity, 1 of 10 steps)" in r.stdout

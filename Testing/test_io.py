@@ -124,6 +124,19 @@ def test_dicom_output_keeps_values_beyond_int16_with_an_intercept(tmp_path, extr
     assert float(back.dicom_tags["0028|1052"]) != 0
 
 
+def test_dicom_stored_values_keep_the_top_of_a_range_wider_than_16_bits_and_dose_tags_read_as_typed():
+    from CoreDiffLib.io import _dicom_stored_values, _series_description, as_dose_tag
+    stored, intercept = _dicom_stored_values(np.array([-40000.0, 0.0, 30000.0]))  # padding, water, metal
+    assert intercept == 30000 - 32767 and stored.tolist() == [intercept - 32768, 0.0, 30000.0]  # padding clipped
+    typed = {"25": "25", "0.25": "25", "25%": "25", "ldct25": "25", "12.5": "12p5", "12p5": "12p5", "0p5": "0p5",
+             "0.005": "0p5", "1e-1": "10", "mine": "mine"}
+    assert {text: as_dose_tag(text) for text in typed} == typed
+    # a second pass names CoreDiff once, whether the first came from a DICOM series or not
+    assert _series_description("CoreDiff denoised (a)", "CoreDiff denoised (b)") == "CoreDiff denoised (b)"
+    assert _series_description("Abdomen - CoreDiff denoised (a)", "CoreDiff denoised (b)") == \
+        "Abdomen - CoreDiff denoised (b)"
+
+
 def test_dicom_rescale_slope_and_intercept_are_honoured(tmp_path):
     """CT stored with intercept -1024 (typical scanners: raw values = HU + 1024) reads back in HU.
 

@@ -1090,6 +1090,9 @@ def test_what_the_radiologist_sees_warnings_kept_words_not_flags_and_the_wizard_
     assert ui.modelComboBox.itemText(0) == "Automatic: the model for the scan's dose"  # before the lists load
     assert ui.deviceComboBox.itemText(0) == "Auto (fastest available)"
     assert ui.stepsSliderWidget.property("maximum") == 10
+    widget._onModelsListed([{"name": "corediff-25", "kind": "model", "dose": 0.25},  # an adaptation's dose is
+                            {"name": "mine", "kind": "adaptation", "dose": "10%"}], None)  # as its maker typed it
+    assert [ui.modelComboBox.itemText(i) for i in range(1, 3)] == ["corediff-25 (25 % dose)", "One-shot: mine (10%)"]
     assert "*.pt" not in " ".join(ui.modelPathLineEdit.nameFilters)
     widget._runWarnings = []
     widget._onInfo("model for this scan: corediff-25-w32 (...; the Model list overrides it)")

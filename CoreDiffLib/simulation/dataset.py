@@ -362,14 +362,10 @@ def simulate_dataset(out_dir: str, dose: Union[float, Sequence[float]] = 0.25, c
         raise
 
 
-def _stop_workers(executor) -> None:
-    """Terminate a process pool's workers now (their cases are discarded anyway)."""
-    terminate = getattr(executor, "terminate_workers", None)  # Python 3.14
-    if terminate is not None:
-        terminate()
-        return
-    for process in list((getattr(executor, "_processes", None) or {}).values()):
-        process.terminate()
+def _worker_processes(executor) -> list:
+    """A process pool's worker processes, to terminate when a run stops (their cases are
+    discarded anyway); ``shutdown`` forgets them (its ``_processes`` becomes None)."""
+    return list((getattr(executor, "_processes", None) or {}).values())
 
 
 def _simulate_into(out_dir, doses, count, n_slices, size, seed, kinds, fmt, progress, geometry, I0,
@@ -418,8 +414,10 @@ def _simulate_into(out_dir, doses, count, n_slices, size, seed, kinds, fmt, prog
                         written.extend(paths)
                         tick(n_slices)
                 except BaseException:  # a failure, Ctrl-C or SIGTERM: the queued cases are not started,
-                    ex.shutdown(wait=False, cancel_futures=True)  # the running ones are stopped (leaving
-                    _stop_workers(ex)  # the with-block waited for them: minutes at 512 px)
+                    running = _worker_processes(ex)  # the running ones are stopped (leaving the
+                    ex.shutdown(wait=False, cancel_futures=True)  # with-block waited for them: minutes
+                    for process in running:  # at 512 px); shutdown forgets them, so they are taken first
+                        process.terminate()
                     raise
     finally:
         if bar is not None:
