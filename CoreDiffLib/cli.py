@@ -686,19 +686,17 @@ def add_bench_parser(sub) -> None:
 
 
 # ----------------------------------------------------------------------------- main
-#: Every sub-command registers itself here; later modules append their own.
-from .oneshot import add_oneshot_parser  # noqa: E402  (one-shot adaptation, issue #5)
-
-PARSERS: list[Callable] = [add_denoise_parser, add_train_parser, add_compare_parser,
-                           add_simulate_parser, add_info_parsers, add_oneshot_parser, add_bench_parser]
-
-
 def build_parser() -> argparse.ArgumentParser:
+    """Every sub-command's parser. The one-shot module is imported here, not with this one: its
+    imports take seconds, and a Ctrl-C then is answered by :func:`main` in one line."""
+    from .oneshot import add_oneshot_parser
     parser = argparse.ArgumentParser(prog="corediff", description="CoreDiff low-dose CT denoising: "
                                      "denoise scans, compare results, simulate, train and adapt models.")
     parser.add_argument("--version", action="version", version=f"corediff {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in PARSERS:
+    adders: list[Callable] = [add_denoise_parser, add_train_parser, add_compare_parser, add_simulate_parser,
+                              add_info_parsers, add_oneshot_parser, add_bench_parser]
+    for add in adders:
         add(sub)
     return parser
 
@@ -722,7 +720,12 @@ def main(argv: list[str] | None = None) -> int:
     sigterm = signal.signal(signal.SIGTERM, _terminate)
     python_format, warnings.formatwarning = warnings.formatwarning, _format_warning
     try:
-        return _run(build_parser().parse_args(argv))
+        try:
+            args = build_parser().parse_args(argv)
+        except KeyboardInterrupt:  # Ctrl-C while the modules load: nothing was started
+            print("corediff: error: interrupted; no output was written", file=sys.stderr, flush=True)
+            return 130
+        return _run(args)
     finally:  # a notebook or a test calling main() keeps its own SIGTERM handling and warning format
         signal.signal(signal.SIGTERM, sigterm)
         warnings.formatwarning = python_format

@@ -210,6 +210,9 @@ def check_output_path(input_path: str | os.PathLike | None, output_path: str | o
         if re.fullmatch(r"\.[A-Za-z][A-Za-z0-9]{0,4}", out.suffix) and not out.is_dir():
             raise CoreDiffError(f"unknown output type '{out.suffix}': use .nrrd, .nii.gz, .mha or a "
                                 "folder name for a DICOM series")
+        if given.is_symlink():  # the series is moved into place by renaming a folder onto it
+            raise CoreDiffError(f"output folder {output_path} is a symbolic link: give a new folder's own path "
+                                "for the DICOM series")
         if out.exists() and (not out.is_dir() or any(out.iterdir())):
             raise CoreDiffError(f"output folder {output_path} exists and is not empty: "
                                 "choose a new folder for the DICOM series")
@@ -502,7 +505,7 @@ def write_volume(volume: Volume, path: str | os.PathLike, series_description: st
         return _write_detached(_to_image(volume, pixels, metadata), out)
     if is_file_path(out):
         with atomic_path(out) as tmp:
-            sitk.WriteImage(_to_image(volume, pixels, metadata), str(tmp), True)
+            write_image_file(_to_image(volume, pixels, metadata), tmp, out)
         return out
     with partial_folder(out) as tmpdir:
         model = (metadata or {}).get("corediff_model")  # in PACS lists, which model made the series
@@ -515,6 +518,20 @@ def write_volume(volume: Volume, path: str | os.PathLike, series_description: st
     return out
 
 
+def write_image_file(image: sitk.Image, path: Path, target: Path, compress: bool = True) -> None:
+    """``sitk.WriteImage`` to ``path`` (a temporary name for ``target``), its failures as one
+    line: a full disk raises ITK's RuntimeError from most writers, and none at all from the NIfTI
+    writer, whose short file is caught here."""
+    from .streaming import nifti_written_completely
+    try:
+        sitk.WriteImage(image, str(path), compress)
+    except RuntimeError as exc:
+        reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else "the writer failed"
+        raise CoreDiffError(f"could not write {target} ({reason.strip()}): is the disk full?") from None
+    if not nifti_written_completely(path):
+        raise CoreDiffError(f"could not write {target} completely: is the disk full?")
+
+
 def _write_detached(image: sitk.Image, out: Path) -> Path:
     """.mhd / .nhdr: a header plus a data file the header names (v.zraw, v.raw.gz).
 
@@ -524,7 +541,7 @@ def _write_detached(image: sitk.Image, out: Path) -> Path:
     """
     with partial_folder(out) as tmpdir:
         header = tmpdir / out.name
-        sitk.WriteImage(image, str(header), True)
+        write_image_file(image, header, out)
         with deferred_interrupts():  # a replaced header must not be left beside the new data
             for data in tmpdir.iterdir():
                 if data != header:
@@ -621,7 +638,12 @@ def _write_dicom_series(volume: Volume, pixels: np.ndarray, folder: Path, descri
         sl.SetMetaData("0020|0013", str(k + 1))
         sl.SetMetaData("0008|0018", f"{series_uid}.3.{k + 1}")
         writer.SetFileName(str(folder / f"slice_{k + 1:04d}.dcm"))
-        writer.Execute(sl)
+        try:
+            writer.Execute(sl)
+        except RuntimeError as exc:  # a full disk (GDCM's reason: 'does not support this component type')
+            reason = str(exc).strip().splitlines()[-1].strip() if str(exc).strip() else "the writer failed"
+            raise CoreDiffError(f"could not write slice {k + 1} of the DICOM series ({reason}): is the disk "
+                                "full?") from None
 
 
 #: Python codecs of the single-byte DICOM character sets (0008,0005); others are read leniently

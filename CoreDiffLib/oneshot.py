@@ -930,6 +930,12 @@ def cmd_oneshot(args) -> int:
         out = default_path(name)
         if out.parent.exists() and not out.parent.is_dir():
             raise CoreDiffError(f"the adaptations folder {out.parent} is a file: move it, or use --out FILE")
+        # the folder, or the nearest one above it that exists (made when the fit is saved), must be
+        # writable now: the fit takes minutes
+        existing = next(p for p in (out.parent, *out.parent.parents) if p.exists())
+        if existing.is_dir() and not os.access(existing, os.W_OK | os.X_OK):
+            raise CoreDiffError(f"the adaptations folder {out.parent} cannot be written here ({existing} is "
+                                "read-only): use --out FILE, or set COREDIFF_HOME to a folder you can write to")
     if out.is_dir():
         raise CoreDiffError(f"{out} is a folder: give another --name/--out")
     if out.exists() and not args.overwrite:

@@ -11,6 +11,7 @@ import gzip
 import os
 import shutil
 import tempfile
+import warnings
 import zlib
 from pathlib import Path
 
@@ -95,8 +96,8 @@ class VolumeSource:
             return sitk.GetArrayFromImage(self._reader.Execute())
         except RuntimeError as exc:  # a file damaged past its header
             last = str(exc).strip().splitlines()[-1] if str(exc).strip() else "unreadable"
-            raise CoreDiffError(f"cannot read slices {a}:{b} of {self.info.get('source', 'the input')}: {last}") \
-                from None
+            raise CoreDiffError(f"cannot read slices {a}:{b} of {self.info.get('source', 'the input')} ({last}): "
+                                "was it changed or truncated while being read?") from None
 
     def close(self) -> None:
         self._array = None
@@ -262,7 +263,8 @@ class RawSlabs:
             f.seek(self.offset + a * self._slice)
             data = np.fromfile(f, dtype=self.dtype, count=(b - a) * self._slice // self.dtype.itemsize)
         if data.size * self.dtype.itemsize != (b - a) * self._slice:
-            raise ValueError(f"{self.path} is shorter than its header says")
+            raise CoreDiffError(f"{self.path} is shorter than its header says: was it changed or truncated while "
+                                "being read? Nothing was written; run again on a complete copy")
         return data.reshape((b - a,) + self.shape[1:]).astype(self.dtype.newbyteorder("="), copy=False)
 
     def __setitem__(self, key, value) -> None:
@@ -293,10 +295,34 @@ def header_data_file(header: str | os.PathLike, text: str | None = None) -> Path
             value = value.strip().lstrip("=").strip()
             if value.upper() == "LOCAL":
                 return header
-            if value.upper().startswith("LIST") or "%" in value or " " in value:
+            if value.upper().startswith("LIST") or "%" in value:  # a list of files, or a pattern
                 return None
             return header.parent / value
     return None
+
+
+def nifti_written_completely(path: Path) -> bool:
+    """Whether a NIfTI file (.nii, or .nii.gz read through) holds all the bytes its header
+    announces: SimpleITK's NIfTI writer only prints an error when the disk is full, and leaves
+    a short file behind."""
+    name = path.name.lower()
+    try:
+        if name.endswith(".nii"):
+            least = _nifti_file_bytes(_head_bytes(path, 544))
+            return least is None or path.stat().st_size >= least
+        if name.endswith(".nii.gz"):
+            with gzip.open(path, "rb") as g:
+                least, total = _nifti_file_bytes(g.read(544)), 0
+                g.seek(0)
+                while True:
+                    chunk = g.read(1 << 22)
+                    if not chunk:
+                        break
+                    total += len(chunk)
+            return least is None or total >= least
+    except (OSError, EOFError, zlib.error):
+        return False
+    return True
 
 
 def _check_complete(header: Path, data: Path, least: int) -> None:
@@ -383,7 +409,11 @@ class StreamedOutput:
         fd, self._raw = tempfile.mkstemp(prefix=f".{self.path.name}.partial-", suffix=".raw",
                                          dir=self.path.parent)
         os.close(fd)
-        self.array = RawSlabs(self._raw, self.shape, self.dtype, mode="w+")
+        try:
+            self.array = RawSlabs(self._raw, self.shape, self.dtype, mode="w+")
+        except BaseException:  # no room for it (a full disk, a file size limit): nothing left behind
+            os.unlink(self._raw)
+            raise
 
     def _header(self) -> bytes:
         import SimpleITK as sitk
@@ -457,5 +487,8 @@ class StreamedOutput:
 
     def close(self) -> None:
         self.array = None
-        if os.path.exists(self._raw):
-            os.unlink(self._raw)
+        try:
+            if os.path.exists(self._raw):
+                os.unlink(self._raw)
+        except OSError as exc:  # the folder turned read-only mid-run: the run's own error is the one to report
+            warnings.warn(f"could not remove the temporary {self._raw} ({exc.strerror}): delete it")

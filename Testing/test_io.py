@@ -769,3 +769,64 @@ def test_a_single_slice_is_found_in_its_volume_whichever_way_its_normal_points()
     assert slice_of(vol, Volume(np.zeros((1, 8, 8), np.float32), (0.7, 0.7, 1.0), (10.0, 20.0, 40.0), flipped)) == 4
     assert slice_of(vol, Volume(np.zeros((1, 8, 8), np.float32), (0.7, 0.7, 1.0), (10.0, 20.0, 41.0))) is None
     assert slice_of(vol, Volume(np.zeros((1, 8, 8), np.float32), (0.8, 0.7, 1.0), (10.0, 20.0, 40.0))) is None
+
+
+@pytest.mark.parametrize("name", ["v.nii.gz", "v.nii", "v.mha", "dicom_out"])
+def test_a_full_disk_is_one_clear_error_and_leaves_nothing(tmp_path, name):
+    """SimpleITK's NIfTI writer only prints an error when the disk fills: the short file was
+    renamed into place and reported as written; other writers raised a RuntimeError traceback.
+    A file size limit (ulimit -f) stands in for the full disk."""
+    import subprocess
+    import sys
+    src = write_image(tmp_path / "src.nrrd", synthetic_ct(4, 96), direction=(1, 0, 0, 0, 1, 0, 0, 0, 1))
+    script = ("import resource, signal, sys\n"
+              "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+              "resource.setrlimit(resource.RLIMIT_FSIZE, (10000, 10000))\n"
+              "from CoreDiffLib import CoreDiffError\n"
+              "from CoreDiffLib.io import read_volume, write_volume\n"
+              "v = read_volume(sys.argv[1])\n"
+              "v = v.with_array(v.array + __import__('numpy').random.default_rng(0).normal(0, 30, v.shape))\n"
+              "try:\n    write_volume(v, sys.argv[2])\nexcept CoreDiffError as e:\n    print('REFUSED', e)\n")
+    out = tmp_path / "out" / name
+    out.parent.mkdir()
+    r = subprocess.run([sys.executable, "-c", script, str(src), str(out)], capture_output=True, encoding="utf-8",
+                       timeout=120)
+    assert r.stdout.startswith("REFUSED could not write"), (r.stdout, r.stderr)
+    assert "is the disk full?" in r.stdout and list(out.parent.iterdir()) == []
+
+
+def test_a_detached_input_whose_data_file_name_has_a_space_is_protected(tmp_path):
+    """'ElementDataFile = res ult.zraw' was taken for a list of files: an output res ult.mhd
+    overwrote the input's data."""
+    vol = read_volume(write_image(tmp_path / "src.nrrd", synthetic_ct(2, 32)))
+    write_volume(vol, tmp_path / "other.mhd")
+    (tmp_path / "other.zraw").rename(tmp_path / "res ult.zraw")
+    header = (tmp_path / "other.mhd").read_text()
+    (tmp_path / "other.mhd").write_text(header.replace("= other.zraw", "= res ult.zraw"))
+    np.testing.assert_array_equal(read_volume(tmp_path / "other.mhd").array, vol.array)  # ITK reads the name
+    with pytest.raises(CoreDiffError, match="would write its data to res ult.zraw, which the input uses"):
+        check_output_path(tmp_path / "other.mhd", tmp_path / "res ult.mhd")
+
+
+def test_an_input_truncated_while_it_is_read_is_one_clear_error(tmp_path):
+    """A raw NRRD cut short mid-run raised a ValueError traceback."""
+    from CoreDiffLib.streaming import VolumeSource
+    path = tmp_path / "raw.nrrd"
+    image = sitk.GetImageFromArray(synthetic_ct(6, 32).astype(np.int16))
+    sitk.WriteImage(image, str(path), False)  # uncompressed: read slab by slab from the file
+    with VolumeSource.open(path) as source:
+        assert source[0:2].shape == (2, 32, 32)
+        with open(path, "r+b") as f:
+            f.truncate(path.stat().st_size - 3000)
+        with pytest.raises(CoreDiffError, match="shorter than its header says: was it changed or truncated"):
+            source[4:6]
+
+
+def test_a_dicom_output_folder_given_as_a_symbolic_link_is_refused_before_any_work(tmp_path):
+    """It passed the checks and failed after the whole run ('Not a directory')."""
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "empty")
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    for link in ("link", "dangling"):
+        with pytest.raises(CoreDiffError, match="is a symbolic link: give a new folder's own path"):
+            check_output_path(tmp_path / "in.nrrd", tmp_path / link)

@@ -536,7 +536,7 @@ def test_automatic_model_choice_reaches_the_cli(slicerEnv):  # noqa: F811
     combo = widget.ui.modelComboBox
     labels = [combo.itemText(i) for i in range(combo.property("count"))]
     assert labels[0] == "Automatic: the model for the scan's dose" and combo.itemData(0) == ""
-    assert "corediff-10-w32 (0.1)" in labels  # each shipped model can still be chosen
+    assert "corediff-10-w32 (10 % dose)" in labels  # each shipped model can still be chosen
     assert widget._parameterNode.model == ""
     assert widget.logic.modelArguments("") == []
     assert widget.logic.modelArguments("model:corediff-10-w32") == ["--model", "corediff-10-w32"]

@@ -23,7 +23,7 @@ from typing import Callable, List, Optional, Sequence, Union
 import numpy as np
 
 from ..atomic import atomic_path, deferred_interrupts, partial_folder, write_text_atomic
-from ..io import dose_from_tag, dose_tag  # noqa: F401 (the file names' dose tags; imported from here too)
+from ..io import dose_from_tag, dose_tag, write_image_file  # noqa: F401 (the file names' dose tags; imported from here too)
 from .noise import DEFAULT_ELECTRONIC_SIGMA, DEFAULT_I0, _check_dose, check_noise_settings, nested_dose_noise
 from .phantom import DEFAULT_FOV_MM, KINDS, make_phantom, phantom_radius_mm
 from .projector import FanBeamGeometry, check_fits, fbp, forward_project, hu_to_mu, mu_to_hu
@@ -228,7 +228,7 @@ def _write(arr: np.ndarray, spacing, path: str) -> None:
     img = sitk.GetImageFromArray(a)
     img.SetSpacing(tuple(float(s) for s in spacing))
     with atomic_path(path) as tmp:
-        sitk.WriteImage(img, str(tmp), True)
+        write_image_file(img, tmp, Path(path))
 
 
 def _workers(workers, count) -> int:
