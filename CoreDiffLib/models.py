@@ -67,7 +67,10 @@ def save_weights(model: ClearNet, path: str | os.PathLike, metadata: dict | None
         raise CoreDiffError(f"not saving {path}: {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''} hold NaN or "
                             f"infinite values{' in ' + str(storage_dtype) if storage_dtype != torch.float32 else ''}")
     with atomic_path(path) as tmp:
-        save_file(state, str(tmp), metadata=meta)
+        try:
+            save_file(state, str(tmp), metadata=meta)
+        except SafetensorError as exc:  # a full disk: one line, and the temporary file goes
+            raise CoreDiffError(f"could not write {path} ({exc}): is the disk full?") from None
         os.chmod(tmp, 0o644)  # the writer creates 0600 files; shipped weights must be world-readable
     return sha256_of(path)
 

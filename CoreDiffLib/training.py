@@ -8,6 +8,7 @@ and runs on whole slices. Runs unchanged under ``torchrun`` (DistributedDataPara
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -548,6 +549,17 @@ def data_fingerprint(pairs: Sequence[tuple[np.ndarray, np.ndarray]]) -> str:
     return digest.hexdigest()[:16]
 
 
+@contextlib.contextmanager
+def _save_failure_as_error(path: Path):
+    """torch.save's failures on a full disk (RuntimeError 'unexpected pos ...') as one line; the
+    checkpoint on disk is the last complete one."""
+    try:
+        yield
+    except RuntimeError as exc:
+        raise CoreDiffError(f"could not write the checkpoint {path} ({str(exc).strip()[:120]}): is the disk full? "
+                            "The checkpoint there is the last one written") from None
+
+
 def save_checkpoint(path: Path, model: ClearNet, ema: ClearNet, optimizer: torch.optim.Optimizer,
                     state: TrainState, net_cfg: NetworkConfig, train_cfg: TrainConfig,
                     rng: np.random.Generator, sampler_rng: np.random.Generator | None = None,
@@ -557,7 +569,7 @@ def save_checkpoint(path: Path, model: ClearNet, ema: ClearNet, optimizer: torch
     atomically (temp file + rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
+    with atomic_path(path) as tmp, _save_failure_as_error(path):
         torch.save({
             "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
             "iteration": state.iteration, "losses": state.losses,

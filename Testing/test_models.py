@@ -320,3 +320,27 @@ def test_the_default_model_denoises_the_bundled_sample_as_the_readme_says():
         out = denoise_volume(ldct, model="corediff-25-w32", device="cpu", steps=steps, slices=(3, 5))
         after = np.mean([psnr(out[i], ndct[k]) for i, k in enumerate((3, 4))])
         assert after > before + 4.0, (steps, before, after)
+
+
+def test_weights_and_checkpoints_on_a_full_disk_are_one_clear_error_and_leave_nothing(tmp_path):
+    """safetensors and torch.save raised their own tracebacks (SafetensorError, 'unexpected pos')
+    when the disk filled; a file size limit stands in for the full disk."""
+    script = ("import resource, signal, sys, numpy as np, torch\n"
+              "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+              "from CoreDiffLib import CoreDiffError\n"
+              "from CoreDiffLib.models import save_weights\n"
+              "from CoreDiffLib.network import ClearNet, NetworkConfig\n"
+              "from CoreDiffLib.training import TrainConfig, TrainState, save_checkpoint\n"
+              "net = ClearNet(NetworkConfig(width=8))\n"
+              "resource.setrlimit(resource.RLIMIT_FSIZE, (20000, 20000))\n"
+              "adam = torch.optim.Adam(net.parameters())\n"
+              "for write in (lambda: save_weights(net, sys.argv[1] + '/w.safetensors'),\n"
+              "              lambda: save_checkpoint(sys.argv[1] + '/c.ckpt', net, net, adam, TrainState(),\n"
+              "                                      net.config, TrainConfig(), np.random.default_rng(0))):\n"
+              "    try:\n        write()\n    except CoreDiffError as e:\n        print('REFUSED', e)\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    r = subprocess.run([sys.executable, "-c", script, str(out)], capture_output=True, encoding="utf-8", timeout=120)
+    lines = r.stdout.splitlines()
+    assert len(lines) == 2 and all(line.startswith("REFUSED could not write") for line in lines), (r.stdout, r.stderr)
+    assert all("is the disk full?" in line for line in lines) and list(out.iterdir()) == []
