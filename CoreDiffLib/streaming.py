@@ -45,8 +45,9 @@ def earlier_corediff(header: dict[str, str]) -> str | None:
     return None
 
 
-def earlier_corediff_of_file(path) -> str | None:
-    """:func:`earlier_corediff` of an image file's header (None for a folder or an unreadable one)."""
+def _image_header(path):
+    """SimpleITK's reader of an image file with its header read, or None (a folder, or a file
+    it cannot read: the full reader then says why)."""
     import SimpleITK as sitk
     if not Path(path).is_file():
         return None
@@ -56,7 +57,13 @@ def earlier_corediff_of_file(path) -> str | None:
         reader.ReadImageInformation()
     except RuntimeError:
         return None
-    return earlier_corediff({k: reader.GetMetaData(k) for k in reader.GetMetaDataKeys()})
+    return reader
+
+
+def earlier_corediff_of_file(path) -> str | None:
+    """:func:`earlier_corediff` of an image file's header (None for a folder or an unreadable one)."""
+    reader = _image_header(path)
+    return None if reader is None else earlier_corediff({k: reader.GetMetaData(k) for k in reader.GetMetaDataKeys()})
 
 
 class VolumeSource:
@@ -119,14 +126,9 @@ class VolumeSource:
         import SimpleITK as sitk
         p = Path(path)
         name = p.name.lower()
-        if not p.is_file() or not name.endswith((".mha", ".mhd", ".nii", ".nii.gz", ".nrrd")):
+        reader = _image_header(p) if name.endswith((".mha", ".mhd", ".nii", ".nii.gz", ".nrrd")) else None
+        if reader is None:
             return None
-        reader = sitk.ImageFileReader()
-        reader.SetFileName(str(p))
-        try:
-            reader.ReadImageInformation()
-        except RuntimeError:
-            return None  # let the full reader produce its actionable error
         size = reader.GetSize()
         if reader.GetDimension() != 3 or reader.GetNumberOfComponents() != 1:
             return None
