@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as _dt
 import os
 import re
+import shutil
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -526,10 +527,29 @@ def write_image_file(image: sitk.Image, path: Path, target: Path, compress: bool
     try:
         sitk.WriteImage(image, str(path), compress)
     except RuntimeError as exc:
-        reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else "the writer failed"
-        raise CoreDiffError(f"could not write {target} ({reason.strip()}): is the disk full?") from None
+        raise CoreDiffError(f"could not write {target}{writer_failure(exc, target)}") from None
     if not nifti_written_completely(path):
-        raise CoreDiffError(f"could not write {target} completely: is the disk full?")
+        raise CoreDiffError(f"could not write {target} completely{full_disk_hint(target)}")
+
+
+def full_disk_hint(target: Path) -> str:
+    """': the disk is full' when the folder has little room left (under 64 MB), else ''."""
+    try:
+        free = shutil.disk_usage(Path(target).parent).free
+    except OSError:
+        return ""
+    return f": the disk is full ({free / 1e6:.1f} MB free)" if free < 64e6 else ""
+
+
+def writer_failure(exc: RuntimeError, target: Path) -> str:
+    """An ITK writer's error as the end of a one-line message: a full disk said as such (GDCM then
+    blames the pixel type), else the writer's own reason without ITK's 'Class(0x...):' prefix."""
+    hint = full_disk_hint(target)
+    if hint:
+        return hint
+    reason = str(exc).strip().splitlines()[-1].strip() if str(exc).strip() else "the writer failed"
+    reason = re.sub(r"^ITK ERROR: [A-Za-z]+\(0x[0-9a-f]+\):\s*", "", reason)
+    return f" ({reason})"
 
 
 def _write_detached(image: sitk.Image, out: Path) -> Path:
@@ -641,9 +661,8 @@ def _write_dicom_series(volume: Volume, pixels: np.ndarray, folder: Path, descri
         try:
             writer.Execute(sl)
         except RuntimeError as exc:  # a full disk (GDCM's reason: 'does not support this component type')
-            reason = str(exc).strip().splitlines()[-1].strip() if str(exc).strip() else "the writer failed"
-            raise CoreDiffError(f"could not write slice {k + 1} of the DICOM series ({reason}): is the disk "
-                                "full?") from None
+            raise CoreDiffError(f"could not write slice {k + 1} of the DICOM series"
+                                f"{writer_failure(exc, folder / 'x')}") from None
 
 
 #: Python codecs of the single-byte DICOM character sets (0008,0005); others are read leniently
@@ -746,8 +765,8 @@ def as_dose_tag(text: str) -> str:
     Anything else is returned as it is (a tag of one's own naming)."""
     text = str(text).strip()
     bare = text.lower().removeprefix("ldct").rstrip("%").strip()
-    if re.fullmatch(r"\d*p\d+", bare):  # a file name's own form: 12p5, 0p5 (per cent already)
-        return bare if not bare.startswith("p") else "0" + bare
+    if re.fullmatch(r"\d*p\d+", bare):  # a file name's own form, per cent already: 12p5, 0p5, 5p0 -> 5
+        return dose_tag(float("0" + bare.replace("p", ".")) / 100.0)
     number = bare
     try:
         value = float(number)

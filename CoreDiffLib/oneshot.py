@@ -933,9 +933,10 @@ def cmd_oneshot(args) -> int:
         # the folder, or the nearest one above it that exists (made when the fit is saved), must be
         # writable now: the fit takes minutes
         existing = next(p for p in (out.parent, *out.parent.parents) if p.exists())
-        if existing.is_dir() and not os.access(existing, os.W_OK | os.X_OK):
-            raise CoreDiffError(f"the adaptations folder {out.parent} cannot be written here ({existing} is "
-                                "read-only): use --out FILE, or set COREDIFF_HOME to a folder you can write to")
+        if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+            why = "is a file" if not existing.is_dir() else "is not writable by you"
+            raise CoreDiffError(f"the adaptations folder {out.parent} cannot be made or written ({existing} {why}): "
+                                "use --out FILE, or set COREDIFF_HOME to a folder you can write to")
     if out.is_dir():
         raise CoreDiffError(f"{out} is a folder: give another --name/--out")
     if out.exists() and not args.overwrite:

@@ -413,7 +413,7 @@ class StreamedOutput:
         os.close(fd)
         try:
             self.array = RawSlabs(self._raw, self.shape, self.dtype, mode="w+")
-        except BaseException:  # no room for it (a full disk, a file size limit): nothing left behind
+        except BaseException:  # a size it cannot have (a file size limit, FAT32's 4 GB): nothing left behind
             os.unlink(self._raw)
             raise
 

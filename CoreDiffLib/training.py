@@ -556,8 +556,11 @@ def _save_failure_as_error(path: Path):
     try:
         yield
     except RuntimeError as exc:
-        raise CoreDiffError(f"could not write the checkpoint {path} ({str(exc).strip()[:120]}): is the disk full? "
-                            "The checkpoint there is the last one written") from None
+        from .io import full_disk_hint
+        kept = ("; the checkpoint there is the last one written" if Path(path).exists()
+                else "; no checkpoint was saved")
+        raise CoreDiffError(f"could not write the checkpoint {path} ({str(exc).strip()[:120]})"
+                            f"{full_disk_hint(Path(path))}{kept}") from None
 
 
 def save_checkpoint(path: Path, model: ClearNet, ema: ClearNet, optimizer: torch.optim.Optimizer,

@@ -129,7 +129,7 @@ def test_dicom_stored_values_keep_the_top_of_a_range_wider_than_16_bits_and_dose
     stored, intercept = _dicom_stored_values(np.array([-40000.0, 0.0, 30000.0]))  # padding, water, metal
     assert intercept == 30000 - 32767 and stored.tolist() == [intercept - 32768, 0.0, 30000.0]  # padding clipped
     typed = {"25": "25", "0.25": "25", "25%": "25", "ldct25": "25", "12.5": "12p5", "12p5": "12p5", "0p5": "0p5",
-             "0.005": "0p5", "1e-1": "10", "mine": "mine"}
+             "0.005": "0p5", "5p0": "5", "1e-1": "10", "mine": "mine"}
     assert {text: as_dose_tag(text) for text in typed} == typed
     # a second pass names CoreDiff once, whether the first came from a DICOM series or not
     assert _series_description("CoreDiff denoised (a)", "CoreDiff denoised (b)") == "CoreDiff denoised (b)"
@@ -792,7 +792,7 @@ def test_a_full_disk_is_one_clear_error_and_leaves_nothing(tmp_path, name):
     r = subprocess.run([sys.executable, "-c", script, str(src), str(out)], capture_output=True, encoding="utf-8",
                        timeout=120)
     assert r.stdout.startswith("REFUSED could not write"), (r.stdout, r.stderr)
-    assert "is the disk full?" in r.stdout and list(out.parent.iterdir()) == []
+    assert "Traceback" not in r.stdout + r.stderr and list(out.parent.iterdir()) == []
 
 
 def test_a_detached_input_whose_data_file_name_has_a_space_is_protected(tmp_path):

@@ -343,4 +343,40 @@ def test_weights_and_checkpoints_on_a_full_disk_are_one_clear_error_and_leave_no
     r = subprocess.run([sys.executable, "-c", script, str(out)], capture_output=True, encoding="utf-8", timeout=120)
     lines = r.stdout.splitlines()
     assert len(lines) == 2 and all(line.startswith("REFUSED could not write") for line in lines), (r.stdout, r.stderr)
-    assert all("is the disk full?" in line for line in lines) and list(out.iterdir()) == []
+    assert "no checkpoint was saved" in lines[1] and list(out.iterdir()) == []
+
+
+def test_the_gpu_session_rehearses_refuses_what_would_fail_late_and_keeps_its_weights_when_stopped(tmp_path):
+    """A lent GPU runs for minutes: the session checks its inputs before any work, and a SIGTERM
+    at the machine's limit keeps the weights trained so far in OUT (they were lost)."""
+    import signal
+    import time
+    from conftest import write_image
+    scripts = Path(__file__).resolve().parents[1] / "scripts"
+    data, packed, out = tmp_path / "data", tmp_path / "packed", tmp_path / "out"
+    data.mkdir()
+    ndct = synthetic_ct(3, 64, seed=5, noise_hu=5)
+    write_image(data / "case000_ndct.nrrd", ndct)
+    write_image(data / "case000_ldct25.nrrd", ndct + 20 * np.random.default_rng(1).standard_normal(ndct.shape))
+    subprocess.run([sys.executable, str(scripts / "pack_training_data.py"), "--train", str(data), "--test", "",
+                    "--out", str(packed)], check=True, capture_output=True)
+    session = [sys.executable, str(scripts / "gpu_session.py"), "--data", str(packed), "--out", str(out),
+               "--dry-run", "--width", "8", "--batch-size", "2", "--patch-size", "32", "--test-cases", "1"]
+    for extra, message in ((["--stages", "train,score"], "missing " + str(packed / "test.npz.xz")),
+                           (["--stages", "trian"], "unknown stage(s) trian"),
+                           (["--stages", "score"], "score/bench without train need an existing --weights file"),
+                           (["--stages", "train", "--train-minutes", "0"], "must be > 0")):
+        r = subprocess.run(session + extra, capture_output=True, encoding="utf-8", timeout=120)
+        assert r.returncode == 2 and message in (out / "session.log").read_text(), (extra, r.stdout)
+    proc = subprocess.Popen(session + ["--stages", "train", "--train-minutes", "5"], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    log = out / "session.log"
+    deadline = time.time() + 120
+    while "CLEAR-Net width 8" not in (log.read_text() if log.exists() else "") and time.time() < deadline:
+        time.sleep(0.5)
+    time.sleep(3)  # a few iterations
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=120)
+    assert proc.returncode == 130, log.read_text()
+    assert "its weights are written all the same" in log.read_text()
+    assert {"corediff-25-w8.part1.safetensors", "corediff-25-w8.part2.safetensors"} <= {p.name for p in out.iterdir()}

@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import tarfile
@@ -65,7 +66,7 @@ def run_job(job: Job, a: argparse.Namespace, work: Path) -> dict:
     from CoreDiffLib.baselines import train_redcnn
     from CoreDiffLib.models import load_model, save_weights
     from CoreDiffLib.network import ClearNet
-    from CoreDiffLib.training import TrainConfig, train
+    from CoreDiffLib.training import TrainConfig, TrainingInterrupted, TrainState, train
     from pack_training_data import load_packed
 
     torch.set_num_threads(a.threads)
@@ -101,8 +102,15 @@ def run_job(job: Job, a: argparse.Namespace, work: Path) -> dict:
                           checkpoint_every=10**9, log_every=100, precision=a.precision,
                           time_limit_s=seconds, anywhere_share=job.anywhere_share)
         ckpt = Path(f"/tmp/{job.name}.ckpt")
-        ema, state = train(pairs, start.config, cfg, checkpoint=ckpt, resume=False, device=a.device,
-                           log=log, init_state=start.state_dict())
+        try:
+            ema, state = train(pairs, start.config, cfg, checkpoint=ckpt, resume=False, device=a.device,
+                               log=log, init_state=start.state_dict())
+        except TrainingInterrupted:  # SIGTERM at the machine's limit: the weights so far still travel back
+            saved = torch.load(ckpt, map_location="cpu", weights_only=True)
+            ema = ClearNet(start.config)
+            ema.load_state_dict(saved["ema"])
+            state = TrainState(saved["iteration"], list(saved["losses"]))
+            log(f"interrupted at iteration {state.iteration}: its weights are written all the same")
         raw = ClearNet(start.config)
         raw.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=True)["model"])
         meta = {"iterations": state.iteration, "dose_tag": job.dose_tag, "init": Path(job.init).name,
@@ -157,7 +165,12 @@ def main() -> int:
     for job in jobs:
         if not Path(job.init).exists():
             p.error(f"job {job.name}: no init weights at {job.init}")
+    if a.minutes <= 0:
+        p.error("--minutes must be > 0 (0 would mean no time limit)")
     work.mkdir(parents=True, exist_ok=True)  # only once the jobs are known to be sound
+    for job in jobs:  # an earlier run's files of the same name would travel back as this run's
+        for stale in work.glob(f"{job.name}[.-]*"):
+            stale.unlink()
     out.mkdir(parents=True, exist_ok=True)
     import torch
     print(f"torch {torch.__version__}, cuda {torch.version.cuda}, "
@@ -171,6 +184,12 @@ def main() -> int:
     for job, spec in zip(jobs, a.job):
         procs[job.name] = subprocess.Popen([sys.executable, __file__, *child_args, "--run-one", spec], env=env)
     samples, t0 = [], time.time()
+
+    def stop_jobs(signum, frame):  # SIGTERM at the machine's limit: the jobs save, then the summary is written
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+    signal.signal(signal.SIGTERM, stop_jobs)
     while any(proc.poll() is None for proc in procs.values()):
         time.sleep(5)
         if int(time.time() - t0) % 30 < 5:

@@ -25,6 +25,7 @@ import os
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -40,7 +41,7 @@ from CoreDiffLib.inference import denoise_volume  # noqa: E402
 from CoreDiffLib.metrics import mean_metrics, volume_metrics  # noqa: E402
 from CoreDiffLib.models import load_model, save_weights  # noqa: E402
 from CoreDiffLib.network import ClearNet, NetworkConfig, count_parameters  # noqa: E402
-from CoreDiffLib.training import TrainConfig, train  # noqa: E402
+from CoreDiffLib.training import TrainConfig, TrainingInterrupted, TrainState, train  # noqa: E402
 from pack_training_data import load_packed  # noqa: E402
 
 SHARDS = ("part1", "part2")
@@ -101,7 +102,17 @@ def stage_train(a, out: Path, log) -> Path:
                       seed=0, checkpoint_every=10**9, log_every=100, precision="bf16",
                       time_limit_s=60.0 * a.train_minutes)
     t0 = time.time()
-    ema, state = train(pairs, net_cfg, cfg, checkpoint=None, device=a.device, log=log)
+    ckpt = Path(tempfile.mkdtemp(prefix="corediff-train-")) / "train.ckpt"  # written only when stopped
+    interrupted = None
+    try:
+        ema, state = train(pairs, net_cfg, cfg, checkpoint=ckpt, resume=False, device=a.device, log=log)
+    except TrainingInterrupted as exc:  # SIGTERM at the machine's limit, Ctrl-C: keep what was trained
+        interrupted = exc
+        saved = torch.load(ckpt, map_location="cpu", weights_only=True)
+        ema = ClearNet(net_cfg)
+        ema.load_state_dict(saved["ema"])
+        state = TrainState(saved["iteration"], list(saved["losses"]))
+        log(f"interrupted at iteration {state.iteration}: its weights are written all the same")
     seconds = time.time() - t0
     log(f"trained {state.iteration} iterations in {seconds:.0f} s ({state.iteration / seconds:.2f} it/s)")
     meta = {"iterations": state.iteration, "dose": 0.25, "train_seconds": round(seconds, 1),
@@ -114,6 +125,8 @@ def stage_train(a, out: Path, log) -> Path:
             log(f"wrote {p.name} ({p.stat().st_size / 1e6:.1f} MB)")
     (out / f"train_losses{a.suffix}.json").write_text(json.dumps({"iterations": state.iteration, "seconds": seconds,
                                                         "losses_every_100": state.losses}))
+    if interrupted is not None:
+        raise interrupted
     return weights
 
 
@@ -132,7 +145,10 @@ def stage_score(a, weights: Path, out: Path, log) -> None:
     rows = {"LDCT": mean_metrics(volume_metrics(ldct, ndct))}
     models = {f"{a.stem} (GPU)": load_model(weights, device=a.device)}
     if a.score_all:
-        models["CoreDiff w16 (shipped corediff-25)"] = load_model("corediff-25", device=a.device)
+        try:  # a comparison: its absence (left out of the carried tree) must not cost the new model's score
+            models["CoreDiff w16 (shipped corediff-25)"] = load_model("corediff-25", device=a.device)
+        except Exception as exc:
+            log(f"score: shipped corediff-25 left out ({exc})")
         half = load_model(weights, device="cpu")
         half.load_state_dict({k: v.half().float() for k, v in half.state_dict().items()})
         models[f"{a.stem}, fp16-stored weights"] = half.to(a.device)
@@ -151,15 +167,13 @@ def stage_score(a, weights: Path, out: Path, log) -> None:
 
 def stage_bench(a, weights: Path, out: Path, log) -> None:
     # the benchmark's input: the held-out slices, put where `corediff bench` caches its input
-    cache = Path("/tmp/corediff-cache")
-    cache.mkdir(parents=True, exist_ok=True)
+    cache = Path(tempfile.mkdtemp(prefix="corediff-cache-"))  # this run's own: no earlier run's files
     _, ndct, ldct = held_out(a)
     n = ldct.shape[0] - 2  # the benchmark reads one extra slice on each side (context)
     np.savez(cache / f"bench_input_512_{n + 2}_0.npz", ldct=ldct, ndct=ndct,
              kind=np.array("simulated 25% dose, held-out phantoms"))
     env = dict(os.environ, COREDIFF_CACHE=str(cache), PYTHONPATH=str(REPO))
-    bench = Path("/tmp/corediff-bench")  # tarred into OUT at the end: the transfer takes few files
-    bench.mkdir(exist_ok=True)
+    bench = Path(tempfile.mkdtemp(prefix="corediff-bench-"))  # tarred into OUT: the transfer takes few files
     runs = [("eager", ["--batch-sizes", f"1,{n}", "--precisions", "fp32,tf32,bf16,fp16",
                        "--channels-last", "--compile", "eager"]),
             ("cudagraphs", ["--batch-sizes", f"1,{n}", "--precisions", "tf32,bf16,fp16",
@@ -183,7 +197,8 @@ def stage_bench(a, weights: Path, out: Path, log) -> None:
                 f"{r.stderr[-1500:] if r.returncode else ''}")
         except subprocess.TimeoutExpired as exc:
             log(f"bench {name}: stopped at the {left:.0f} s budget")
-            (bench / f"{name}.log").write_text(str(exc.stdout or "") + "\n" + str(exc.stderr or ""))
+            text = [t.decode(errors="replace") if isinstance(t, bytes) else (t or "") for t in (exc.stdout, exc.stderr)]
+            (bench / f"{name}.log").write_text("\n".join(text))
         with tarfile.open(out / "bench.tar.gz", "w:gz") as tar:
             tar.add(bench, arcname="bench")
 
@@ -218,7 +233,7 @@ def main() -> int:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     a.stem = (Path(a.weights).stem if a.weights and "train" not in a.stages.split(",")
-              else "corediff-25-w64" + ("" if a.variant == "full" else f"-{a.variant}"))
+              else f"corediff-25-w{a.width}" + ("" if a.variant == "full" else f"-{a.variant}"))
     a.suffix = "" if a.variant == "full" else f"-{a.variant}"
     log = log_to(out / f"session{a.suffix}.log")
     a.device = "cpu" if a.dry_run else "cuda"
@@ -229,6 +244,11 @@ def main() -> int:
         return 2
     weights = Path(a.weights) if a.weights else None
     stages = a.stages.split(",")
+    problem = check_session(a, stages, weights)
+    if problem:  # before any work: device time is short
+        log(f"refused: {problem}")
+        return 2
+    failed = []
     for name, stage in (("train", stage_train), ("score", stage_score), ("bench", stage_bench)):
         if name not in stages:
             continue
@@ -236,12 +256,33 @@ def main() -> int:
         try:
             if name == "train":
                 weights = stage(a, out, log)
-            elif weights is not None:
+            else:
                 stage(a, weights, out, log)
+        except KeyboardInterrupt:  # SIGTERM / Ctrl-C: what was written stays in OUT
+            log(f"stage {name}: interrupted after {time.time() - t0:.0f} s")
+            return 130
         except Exception:
+            failed.append(name)
             log(f"stage {name} failed:\n{traceback.format_exc()}")
         log(f"stage {name}: {time.time() - t0:.0f} s")
-    return 0
+    return 1 if failed else 0
+
+
+def check_session(a, stages: list[str], weights: Path | None) -> str | None:
+    """What would make the session fail after its device time began, or None."""
+    unknown = sorted(set(stages) - {"train", "score", "bench"})
+    if unknown:
+        return f"unknown stage(s) {', '.join(unknown)}: give a comma list of train, score, bench"
+    if "train" not in stages and (weights is None or not weights.is_file()):
+        return "score/bench without train need an existing --weights file"
+    needs = ([Path(a.data) / "train.npz.xz"] if "train" in stages else []) + \
+        ([Path(a.data) / "test.npz.xz"] if {"score", "bench"} & set(stages) else [])
+    missing = [str(p) for p in needs if not p.is_file()]
+    if missing:
+        return f"missing {', '.join(missing)}: pack them with scripts/pack_training_data.py and carry them"
+    if "train" in stages and a.train_minutes <= 0 or "bench" in stages and a.bench_minutes <= 0:
+        return "--train-minutes and --bench-minutes must be > 0 (0 would mean no limit)"
+    return None
 
 
 if __name__ == "__main__":

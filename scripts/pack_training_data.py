@@ -76,6 +76,10 @@ def main() -> int:
     p.add_argument("--test", default=str(REPO / "data" / "test"), help='"" packs no test set')
     p.add_argument("--out", default=str(REPO / ".gpu"))
     a = p.parse_args()
+    for flag, folder in (("--train", a.train), ("--test", a.test)):  # both, before minutes of packing
+        if folder and not Path(folder).is_dir():
+            p.error(f"{flag} {folder} is not a folder of NDCT/LDCT pairs (simulate it first, or {flag} '' to skip)"
+                    if flag == "--test" else f"{flag} {folder} is not a folder of NDCT/LDCT pairs")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     for split, folder, crop in (("train", a.train, True), ("test", a.test, False)):
