@@ -380,3 +380,15 @@ def test_the_gpu_session_rehearses_refuses_what_would_fail_late_and_keeps_its_we
     assert proc.returncode == 130, log.read_text()
     assert "its weights are written all the same" in log.read_text()
     assert {"corediff-25-w8.part1.safetensors", "corediff-25-w8.part2.safetensors"} <= {p.name for p in out.iterdir()}
+
+
+def test_a_job_tarball_over_the_transfer_limit_comes_back_in_parts_that_join(tmp_path):
+    """A width-64 job's tarball (~30 MB) was over the 16 MB a transfer returns per file."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    from gpu_equal_budget import split_for_transfer
+    data = np.random.default_rng(0).bytes(40)
+    (tmp_path / "job.tar.gz").write_bytes(data)
+    split_for_transfer(tmp_path / "job.tar.gz", part_bytes=16)
+    parts = sorted(tmp_path.iterdir())
+    assert [p.name for p in parts] == ["job.tar.gz.part1", "job.tar.gz.part2", "job.tar.gz.part3"]
+    assert b"".join(p.read_bytes() for p in parts) == data

@@ -127,6 +127,18 @@ def run_job(job: Job, a: argparse.Namespace, work: Path) -> dict:
     return result
 
 
+def split_for_transfer(path: Path, part_bytes: int = 15 * 2**20) -> None:
+    """A file over the transfer's 16 MB as numbered parts (a width-64 job's weights are ~30 MB):
+    join them with ``cat NAME.part* > NAME``."""
+    size = path.stat().st_size
+    if size <= part_bytes:
+        return
+    with open(path, "rb") as f:
+        for k in range(1, (size + part_bytes - 1) // part_bytes + 1):
+            Path(f"{path}.part{k}").write_bytes(f.read(part_bytes))
+    path.unlink()
+
+
 def gpu_sample() -> str:
     try:
         return subprocess.run(["nvidia-smi", "--query-gpu=utilization.gpu,memory.used,power.draw",
@@ -204,9 +216,11 @@ def main() -> int:
         print(name, summary["jobs"][name], flush=True)
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     for name in procs:  # one tarball per job: a transfer returns files of up to 16 MB each
-        with tarfile.open(out / f"{name}.tar.gz", "w:gz") as tar:
+        tarball = out / f"{name}.tar.gz"
+        with tarfile.open(tarball, "w:gz") as tar:
             for path in sorted(work.glob(f"{name}[.-]*")):
                 tar.add(path, arcname=f"equal_budget/{path.name}")
+        split_for_transfer(tarball)
     return 0 if all(proc.returncode == 0 for proc in procs.values()) else 1
 
 

@@ -207,9 +207,9 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", default=str(REPO / ".gpu"))
     p.add_argument("--out", default=os.environ.get("OUT", "gpu_session_out"))
-    p.add_argument("--width", type=int, default=64)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--patch-size", type=int, default=256)
+    p.add_argument("--width", type=int, default=None, help="default 64 (8 with --dry-run)")
+    p.add_argument("--batch-size", type=int, default=None, help="default 16 (2 with --dry-run)")
+    p.add_argument("--patch-size", type=int, default=None, help="default 256 (32 with --dry-run)")
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--ema-start", type=int, default=500)
     p.add_argument("--max-iterations", type=int, default=1_000_000)
@@ -222,11 +222,16 @@ def main() -> int:
     p.add_argument("--score-all", action=argparse.BooleanOptionalAction, default=True,
                    help="also score the shipped CPU model and fp16-stored weights")
     p.add_argument("--no-shards", action="store_true", help="do not return the trained weights")
-    p.add_argument("--test-cases", type=int, default=0, help="score on the first N held-out cases (0 = all)")
+    p.add_argument("--test-cases", type=int, default=None,
+                   help="score on the first N held-out cases (0 = all; default all, 1 with --dry-run)")
     p.add_argument("--dry-run", action="store_true",
                    help="rehearse every stage on the CPU with the budgets given (check the script before renting)")
     p.add_argument("--merge", nargs=2, metavar=("PART1", "OUTPUT"), help="join returned shards here")
     a = p.parse_args()
+    for name, full, rehearsal in (("width", 64, 8), ("batch_size", 16, 2), ("patch_size", 256, 32),
+                                  ("test_cases", 0, 1)):  # a rehearsal small unless told otherwise
+        if getattr(a, name) is None:
+            setattr(a, name, rehearsal if a.dry_run else full)
     if a.merge:
         print(f"wrote {a.merge[1]} sha256 {merge_shards(Path(a.merge[0]), Path(a.merge[1]))}")
         return 0
