@@ -86,6 +86,14 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
+def atomic_paths(*targets: str | os.PathLike | None) -> Iterator[list[Path | None]]:
+    """:func:`atomic_path` for several outputs that are all written or none: a temporary path per
+    target (None for a None target), every one renamed into place only when the block succeeds."""
+    with contextlib.ExitStack() as stack:
+        yield [stack.enter_context(atomic_path(t)) if t else None for t in targets]
+
+
+@contextlib.contextmanager
 def partial_folder(target: str | os.PathLike) -> Iterator[Path]:
     """A new hidden folder beside ``target``, removed with whatever is left in it on exit.
 

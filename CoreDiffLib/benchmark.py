@@ -16,7 +16,6 @@ and goes hits every variant alike and the ratios stay meaningful on a busy machi
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import json
 import os
@@ -31,7 +30,7 @@ import numpy as np
 import torch
 
 from . import CoreDiffError
-from .atomic import atomic_path, check_output_file
+from .atomic import atomic_path, atomic_paths, check_output_file
 from .diffusion import sample
 from .inference import context_stack, pick_device
 from .intensity import unit_to_hu
@@ -430,13 +429,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
                            channels_last=cl, backends=backends, threads=threads, repeats=args.repeats,
                            slices=args.slices, steps=args.steps, log=log)
     print(format_table(result))
-    with contextlib.ExitStack() as outputs:  # both files or neither: each is renamed into place at the end
-        if args.json:
-            outputs.enter_context(atomic_path(args.json)).write_text(json.dumps(result, indent=1, default=str),
-                                                                     encoding="utf-8")
-        if args.markdown:
-            outputs.enter_context(atomic_path(args.markdown)).write_text(format_table(result, markdown=True) + "\n",
-                                                                         encoding="utf-8")
+    with atomic_paths(args.json, args.markdown) as (json_tmp, markdown_tmp):  # both files or neither
+        if json_tmp:
+            json_tmp.write_text(json.dumps(result, indent=1, default=str), encoding="utf-8")
+        if markdown_tmp:
+            markdown_tmp.write_text(format_table(result, markdown=True) + "\n", encoding="utf-8")
     for written in (args.json, args.markdown):
         if written:
             log(f"wrote {written}")

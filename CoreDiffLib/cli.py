@@ -7,7 +7,6 @@ Every user-facing failure is a :class:`CoreDiffError` printed as one line,
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import signal
@@ -18,7 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 from . import CoreDiffError, __version__
-from .atomic import atomic_path, check_output_file
+from .atomic import atomic_paths, check_output_file
 from .dose_estimate import AUTO_MODEL
 
 
@@ -478,14 +477,14 @@ def cmd_compare(args: argparse.Namespace) -> int:
                        "holds nothing above -1000 HU there")
     else:
         info(args, "no --reference: metrics need a normal-dose volume; writing the figure only")
-    with contextlib.ExitStack() as outputs:  # both files or neither: each is renamed into place at the end
-        if args.csv:
-            with open(outputs.enter_context(atomic_path(args.csv)), "w", newline="") as f:
+    with atomic_paths(args.csv, args.figure) as (csv_tmp, figure_tmp):  # both files or neither
+        if csv_tmp:
+            with open(csv_tmp, "w", newline="") as f:
                 writer = csv.DictWriter(f, fieldnames=list(rows[0]))
                 writer.writeheader()
                 writer.writerows(rows)
-        if args.figure:
-            _compare_figure(outputs.enter_context(atomic_path(args.figure)), denoised, ldct, ref, shown, first)
+        if figure_tmp:
+            _compare_figure(figure_tmp, denoised, ldct, ref, shown, first)
     for written in (args.csv, args.figure):
         if written:
             info(args, f"wrote {written}")

@@ -326,14 +326,14 @@ def _uneven_frame_rescale(head: bytes) -> bool:
     return len(intercepts) > 1 or len(slopes) > 1
 
 
-def _gdcm_fallback(path: Path, image: sitk.Image, frames: int) -> bool:
+def _gdcm_fallback(head: bytes, image: sitk.Image, frames: int) -> bool:
     """Whether GDCM gave up on a multi-frame (enhanced) file's geometry: it then returns 1 mm voxels
     in file order when the frames are missing, uneven or out of order. A 1 mm (1, 1, 1) result is
     believed only when the header (read as raw bytes: SimpleITK does not expose the functional
-    groups) states 1 mm pixels and one position per frame, in order, 1 mm apart."""
+    groups) states 1 mm pixels and one position per frame, in order, 1 mm apart. ``head``: the
+    file's header bytes (:func:`_header_bytes`)."""
     if image.GetSpacing() != (1.0, 1.0, 1.0):
         return False
-    head = _header_bytes(path)
     spacing = [v for v in _stated_values(head, b"\x28\x00\x30\x00") if len(v) == 2]
     positions = np.array([v for v in _stated_values(head, b"\x20\x00\x32\x00") if len(v) == 3])
     if not spacing or not np.allclose(spacing[-1], 1.0) or len(positions) != frames:
@@ -365,11 +365,11 @@ def _read_dicom_file(path: Path) -> tuple[sitk.Image, dict[str, str]]:
     frames = tags.get("0028|0008", "1").strip()
     if not frames.isdigit() or int(frames) < 2:
         return image, tags
-    fault = None
-    if _gdcm_fallback(path, image, int(frames)):
+    fault, head = None, _header_bytes(path)
+    if _gdcm_fallback(head, image, int(frames)):
         fault = ("whose frame geometry GDCM could not read (frames missing, unevenly spaced or out of "
                  "order?): it reads as 1 mm voxels in file order")
-    elif _uneven_frame_rescale(_header_bytes(path)):
+    elif _uneven_frame_rescale(head):
         fault = ("whose frames have different rescale slopes or intercepts: GDCM reads every frame with "
                  "the first one's, which gives wrong HU")
     if fault:
@@ -527,24 +527,25 @@ def write_image_file(image: sitk.Image, path: Path, target: Path, compress: bool
     try:
         sitk.WriteImage(image, str(path), compress)
     except RuntimeError as exc:
-        raise CoreDiffError(f"could not write {target}{writer_failure(exc, target)}") from None
+        raise CoreDiffError(f"could not write {target}{writer_failure(exc, Path(target).parent)}") from None
     if not nifti_written_completely(path):
-        raise CoreDiffError(f"could not write {target} completely{full_disk_hint(target)}")
+        raise CoreDiffError(f"could not write {target} completely{full_disk_hint(Path(target).parent)}")
 
 
-def full_disk_hint(target: Path) -> str:
-    """': the disk is full' when the folder has little room left (under 64 MB), else ''."""
+def full_disk_hint(folder: Path) -> str:
+    """': the disk is full' when ``folder`` has little room left (under 64 MB), else ''."""
     try:
-        free = shutil.disk_usage(Path(target).parent).free
+        free = shutil.disk_usage(folder).free
     except OSError:
         return ""
     return f": the disk is full ({free / 1e6:.1f} MB free)" if free < 64e6 else ""
 
 
-def writer_failure(exc: RuntimeError, target: Path) -> str:
-    """An ITK writer's error as the end of a one-line message: a full disk said as such (GDCM then
-    blames the pixel type), else the writer's own reason without ITK's 'Class(0x...):' prefix."""
-    hint = full_disk_hint(target)
+def writer_failure(exc: RuntimeError, folder: Path) -> str:
+    """An ITK writer's error as the end of a one-line message: a full disk (of ``folder``) said as
+    such (GDCM then blames the pixel type), else the writer's own reason without ITK's
+    'Class(0x...):' prefix."""
+    hint = full_disk_hint(folder)
     if hint:
         return hint
     reason = str(exc).strip().splitlines()[-1].strip() if str(exc).strip() else "the writer failed"
@@ -662,7 +663,7 @@ def _write_dicom_series(volume: Volume, pixels: np.ndarray, folder: Path, descri
             writer.Execute(sl)
         except RuntimeError as exc:  # a full disk (GDCM's reason: 'does not support this component type')
             raise CoreDiffError(f"could not write slice {k + 1} of the DICOM series"
-                                f"{writer_failure(exc, folder / 'x')}") from None
+                                f"{writer_failure(exc, folder)}") from None
 
 
 #: Python codecs of the single-byte DICOM character sets (0008,0005); others are read leniently
@@ -767,9 +768,8 @@ def as_dose_tag(text: str) -> str:
     bare = text.lower().removeprefix("ldct").rstrip("%").strip()
     if re.fullmatch(r"\d*p\d+", bare):  # a file name's own form, per cent already: 12p5, 0p5, 5p0 -> 5
         return dose_tag(float("0" + bare.replace("p", ".")) / 100.0)
-    number = bare
     try:
-        value = float(number)
+        value = float(bare)
     except ValueError:
         return text
     if not 0 < value <= 100:

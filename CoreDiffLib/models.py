@@ -71,7 +71,7 @@ def save_weights(model: ClearNet, path: str | os.PathLike, metadata: dict | None
             save_file(state, str(tmp), metadata=meta)
         except SafetensorError as exc:  # a full disk: one line, and the temporary file goes
             from .io import full_disk_hint
-            raise CoreDiffError(f"could not write {path} ({exc}){full_disk_hint(Path(path))}") from None
+            raise CoreDiffError(f"could not write {path} ({exc}){full_disk_hint(Path(path).parent)}") from None
         os.chmod(tmp, 0o644)  # the writer creates 0600 files; shipped weights must be world-readable
     return sha256_of(path)
 

@@ -60,10 +60,14 @@ def _image_header(path):
     return reader
 
 
+def _earlier_in(reader) -> str | None:
+    """:func:`earlier_corediff` of the header a SimpleITK reader has read (None: no reader)."""
+    return None if reader is None else earlier_corediff({k: reader.GetMetaData(k) for k in reader.GetMetaDataKeys()})
+
+
 def earlier_corediff_of_file(path) -> str | None:
     """:func:`earlier_corediff` of an image file's header (None for a folder or an unreadable one)."""
-    reader = _image_header(path)
-    return None if reader is None else earlier_corediff({k: reader.GetMetaData(k) for k in reader.GetMetaDataKeys()})
+    return _earlier_in(_image_header(path))
 
 
 class VolumeSource:
@@ -137,7 +141,7 @@ class VolumeSource:
         info = {"spacing": tuple(reader.GetSpacing()), "origin": tuple(reader.GetOrigin()),
                 "direction": tuple(reader.GetDirection()),
                 "pixel_type": str(np.dtype(dtype)) if dtype is not None else "float32", "source": str(p)}
-        earlier = earlier_corediff({k: reader.GetMetaData(k) for k in reader.GetMetaDataKeys()})
+        earlier = _earlier_in(reader)
         if earlier:
             info["earlier_corediff"] = earlier
         nbytes = None if dtype is None else int(np.prod(shape)) * np.dtype(dtype).itemsize

@@ -549,6 +549,16 @@ def data_fingerprint(pairs: Sequence[tuple[np.ndarray, np.ndarray]]) -> str:
     return digest.hexdigest()[:16]
 
 
+def weights_at_stop(checkpoint: str | Path, net_cfg: NetworkConfig) -> tuple[ClearNet, TrainState]:
+    """The EMA weights and state a run saved in ``checkpoint`` when it was stopped
+    (:class:`TrainingInterrupted`): what a time-boxed GPU session keeps when its machine is
+    taken back."""
+    saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    ema = ClearNet(net_cfg)
+    ema.load_state_dict(saved["ema"])
+    return ema, TrainState(saved["iteration"], list(saved["losses"]))
+
+
 @contextlib.contextmanager
 def _save_failure_as_error(path: Path):
     """torch.save's failures on a full disk (RuntimeError 'unexpected pos ...') as one line; the
@@ -560,7 +570,7 @@ def _save_failure_as_error(path: Path):
         kept = ("; the checkpoint there is the last one written" if Path(path).exists()
                 else "; no checkpoint was saved")
         raise CoreDiffError(f"could not write the checkpoint {path} ({str(exc).strip()[:120]})"
-                            f"{full_disk_hint(Path(path))}{kept}") from None
+                            f"{full_disk_hint(Path(path).parent)}{kept}") from None
 
 
 def save_checkpoint(path: Path, model: ClearNet, ema: ClearNet, optimizer: torch.optim.Optimizer,

@@ -1800,10 +1800,7 @@ class CoreDiffSlicerLogic(ScriptedLoadableModuleLogic):
             # Same orientation in both views so linked slices show the same anatomy: the scan's own
             # planes when they are oblique (a tilted gantry), where a world-axial view would cut
             # across them (and show a one-slice preview as a strip)
-            sliceNode = layoutManager.sliceWidget(viewName).mrmlSliceNode()
-            sliceNode.SetOrientation("Axial")
-            if self.axialPlanesTilted(inputNode):
-                sliceNode.RotateToVolumePlane(inputNode)
+            self._showAxialPlanes(layoutManager.sliceWidget(viewName).mrmlSliceNode(), inputNode)
         if fit:
             for viewName in ("Red", "Yellow"):
                 layoutManager.sliceWidget(viewName).sliceLogic().FitSliceToAll()
@@ -1829,25 +1826,31 @@ class CoreDiffSlicerLogic(ScriptedLoadableModuleLogic):
             normal = toWorld.MultiplyPoint(normal)
         return abs(normal[2]) < (1.0 - tolerance) * float(np.linalg.norm(normal[:3]))
 
-    def showInRed(self, volumeNode, k) -> None:
-        """The Red view shows ``volumeNode`` in its axial planes (its own when tilted), at slice K."""
-        layoutManager = slicer.app.layoutManager()
-        if self.redSliceNode() is None:  # a layout without a Red view (3D only)
-            layoutManager.setLayout(slicer.vtkMRMLLayoutNode.SlicerLayoutSideBySideView)
-        composite = self._compositeNode("Red")
-        composite.SetBackgroundVolumeID(volumeNode.GetID())
-        composite.SetForegroundVolumeID(None)
-        sliceNode = self.redSliceNode()
+    def _showAxialPlanes(self, sliceNode, volumeNode) -> None:
+        """A view in the volume's axial planes: world-axial, or the scan's own when they are
+        tilted (a tilted gantry), where a world-axial view would cut across them."""
         sliceNode.SetOrientation("Axial")
         if self.axialPlanesTilted(volumeNode):
             sliceNode.RotateToVolumePlane(volumeNode)
-        layoutManager.sliceWidget("Red").sliceLogic().FitSliceToAll()
+
+    def _ensureRedView(self) -> None:
+        """A layout without a Red view (3D only) becomes the comparison's side-by-side one."""
+        if self.redSliceNode() is None:
+            slicer.app.layoutManager().setLayout(slicer.vtkMRMLLayoutNode.SlicerLayoutSideBySideView)
+
+    def showInRed(self, volumeNode, k) -> None:
+        """The Red view shows ``volumeNode`` in its axial planes (its own when tilted), at slice K."""
+        self._ensureRedView()
+        composite = self._compositeNode("Red")
+        composite.SetBackgroundVolumeID(volumeNode.GetID())
+        composite.SetForegroundVolumeID(None)
+        self._showAxialPlanes(self.redSliceNode(), volumeNode)
+        slicer.app.layoutManager().sliceWidget("Red").sliceLogic().FitSliceToAll()
         self.setRedSliceIndex(volumeNode, k)
 
     def setFlicker(self, inputNode, outputNode, showOutput) -> None:
         """Red view: input as background, output as foreground at opacity 0 or 1 (None: restore)."""
-        if self.redSliceNode() is None:  # a layout without a Red view (3D only): the comparison's
-            slicer.app.layoutManager().setLayout(slicer.vtkMRMLLayoutNode.SlicerLayoutSideBySideView)
+        self._ensureRedView()
         composite = self._compositeNode("Red")
         composite.SetBackgroundVolumeID(inputNode.GetID())
         if showOutput is None:

@@ -66,7 +66,7 @@ def run_job(job: Job, a: argparse.Namespace, work: Path) -> dict:
     from CoreDiffLib.baselines import train_redcnn
     from CoreDiffLib.models import load_model, save_weights
     from CoreDiffLib.network import ClearNet
-    from CoreDiffLib.training import TrainConfig, TrainingInterrupted, TrainState, train
+    from CoreDiffLib.training import TrainConfig, TrainingInterrupted, train, weights_at_stop
     from pack_training_data import load_packed
 
     torch.set_num_threads(a.threads)
@@ -106,10 +106,7 @@ def run_job(job: Job, a: argparse.Namespace, work: Path) -> dict:
             ema, state = train(pairs, start.config, cfg, checkpoint=ckpt, resume=False, device=a.device,
                                log=log, init_state=start.state_dict())
         except TrainingInterrupted:  # SIGTERM at the machine's limit: the weights so far still travel back
-            saved = torch.load(ckpt, map_location="cpu", weights_only=True)
-            ema = ClearNet(start.config)
-            ema.load_state_dict(saved["ema"])
-            state = TrainState(saved["iteration"], list(saved["losses"]))
+            ema, state = weights_at_stop(ckpt, start.config)
             log(f"interrupted at iteration {state.iteration}: its weights are written all the same")
         raw = ClearNet(start.config)
         raw.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=True)["model"])

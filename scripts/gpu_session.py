@@ -41,7 +41,7 @@ from CoreDiffLib.inference import denoise_volume  # noqa: E402
 from CoreDiffLib.metrics import mean_metrics, volume_metrics  # noqa: E402
 from CoreDiffLib.models import load_model, save_weights  # noqa: E402
 from CoreDiffLib.network import ClearNet, NetworkConfig, count_parameters  # noqa: E402
-from CoreDiffLib.training import TrainConfig, TrainingInterrupted, TrainState, train  # noqa: E402
+from CoreDiffLib.training import TrainConfig, TrainingInterrupted, train, weights_at_stop  # noqa: E402
 from pack_training_data import load_packed  # noqa: E402
 
 SHARDS = ("part1", "part2")
@@ -108,10 +108,7 @@ def stage_train(a, out: Path, log) -> Path:
         ema, state = train(pairs, net_cfg, cfg, checkpoint=ckpt, resume=False, device=a.device, log=log)
     except TrainingInterrupted as exc:  # SIGTERM at the machine's limit, Ctrl-C: keep what was trained
         interrupted = exc
-        saved = torch.load(ckpt, map_location="cpu", weights_only=True)
-        ema = ClearNet(net_cfg)
-        ema.load_state_dict(saved["ema"])
-        state = TrainState(saved["iteration"], list(saved["losses"]))
+        ema, state = weights_at_stop(ckpt, net_cfg)
         log(f"interrupted at iteration {state.iteration}: its weights are written all the same")
     seconds = time.time() - t0
     log(f"trained {state.iteration} iterations in {seconds:.0f} s ({state.iteration / seconds:.2f} it/s)")
