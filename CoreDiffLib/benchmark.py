@@ -16,10 +16,12 @@ and goes hits every variant alike and the ratios stay meaningful on a busy machi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import os
 import platform
+import signal
 import statistics
 import sys
 import threading
@@ -195,8 +197,13 @@ def run_benchmark(models: list[str], size: int = 512, device: str = "auto", batc
                   precisions=("fp32",), channels_last=(False, True), backends=("eager",),
                   threads=(None,), repeats: int = 3, slices: int | None = None,
                   steps: int | None = None, trained_steps: int = 10, seed: int = 0,
-                  log=print) -> dict:
-    """Run the grid; returns {"meta": ..., "rows": [...]} (rows as printed)."""
+                  log=print, should_stop=lambda: False) -> dict:
+    """Run the grid; returns {"meta": ..., "rows": [...]} (rows as printed).
+
+    ``should_stop()`` is asked between passes: once it is true the run ends early and returns what
+    it has measured (``meta["stopped_early"]`` says how far it got), so a benchmark stopped by a
+    time limit still leaves its finished rows.
+    """
     dev = pick_device(device)
     cores = physical_cores()
     threads = [t or cores for t in threads] if dev.type == "cpu" else [torch.get_num_threads()]
@@ -259,6 +266,10 @@ def run_benchmark(models: list[str], size: int = 512, device: str = "auto", batc
 
     # warm-up pass: compiles/captures, gives the accuracy output and the memory peak
     for v in variants:
+        if should_stop():
+            v.row["error"] = "not run: the benchmark was stopped"
+            v.net = None
+            continue
         try:
             if dev.type == "cuda":
                 torch.cuda.synchronize()
@@ -278,12 +289,21 @@ def run_benchmark(models: list[str], size: int = 512, device: str = "auto", batc
                 torch.cuda.empty_cache()
     live = [v for v in variants if v.net is not None]
     log(f"warm-up done ({len(live)} variants); timing {repeats} interleaved repeats")
+    repeats_done = 0
     for r in range(repeats):
+        if should_stop():
+            break
         for v in live:
             try:
                 v.times.append(_run_pass(v, stack, dev)[0])
             except Exception as exc:  # e.g. OOM in one repeat
                 v.row["error"] = f"{type(exc).__name__}: {exc}"[:300]
+        repeats_done += 1
+    if should_stop():
+        warmed = sum(1 for v in variants if "first_pass_s" in v.row)
+        meta["stopped_early"] = (f"stopped after {warmed} of {len(variants)} warm-up passes and "
+                                 f"{repeats_done} of {repeats} timed repeats")
+        log(f"benchmark stopped early: {meta['stopped_early']}")
     # rows
     baselines = {v.model_name: v for v in variants if v.baseline}
     for v in variants:
@@ -362,6 +382,8 @@ def format_table(result: dict, markdown: bool = False) -> str:
     title = (f"CoreDiff benchmark on {m['device_name']} (torch {m['torch']}), {m['slices']} slices of "
              f"{m['size']}x{m['size']}, {m['repeats']} repeats; input: {m['input']}, LDCT PSNR "
              f"{m['ldct_psnr']:.2f} dB; load average {m['load_average_start']} -> {m['load_average_end']}")
+    if m.get("stopped_early"):
+        title += f"; INCOMPLETE: {m['stopped_early']}"
     if markdown:
         def cell(text: str) -> str:  # a bare '|' (the |dHU| column) splits a Markdown cell in two
             return text.replace("|", "\\|")
@@ -402,6 +424,30 @@ def _counts(text: str, flag: str) -> list[int]:
     return values
 
 
+@contextlib.contextmanager
+def _stop_on_sigterm():
+    """SIGTERM (``timeout``, a batch scheduler) ends the run after the pass in hand, not mid-write.
+
+    Yields the event the handler sets; a second SIGTERM stops at once (nothing written). Outside
+    the main thread signals cannot be caught and the event is simply never set.
+    """
+    stop = threading.Event()
+
+    def on_sigterm(signum, frame):
+        if stop.is_set():
+            raise SystemExit(128 + signum)
+        stop.set()
+
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        yield stop
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     models = list(args.model or []) + [f"w{w}" for w in (args.width or [])]
     if not models:  # what denoise runs by default, not an untrained network
@@ -424,10 +470,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
         check_output_file("--markdown", args.markdown, (".md",), args.model or ())
     cl = {None: (False,), "both": (False, True), "only": (True,)}[args.channels_last]
     log = (lambda m: print(m, file=sys.stderr, flush=True))
-    result = run_benchmark(models, size=args.size, device=args.device,
-                           batch_sizes=batch_sizes, precisions=_csv(args.precisions),
-                           channels_last=cl, backends=backends, threads=threads, repeats=args.repeats,
-                           slices=args.slices, steps=args.steps, log=log)
+    with _stop_on_sigterm() as stop:
+        result = run_benchmark(models, size=args.size, device=args.device,
+                               batch_sizes=batch_sizes, precisions=_csv(args.precisions),
+                               channels_last=cl, backends=backends, threads=threads, repeats=args.repeats,
+                               slices=args.slices, steps=args.steps, log=log, should_stop=stop.is_set)
     print(format_table(result))
     with atomic_paths(args.json, args.markdown) as (json_tmp, markdown_tmp):  # both files or neither
         if json_tmp:
@@ -437,6 +484,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     for written in (args.json, args.markdown):
         if written:
             log(f"wrote {written}")
+    if "stopped_early" in result["meta"]:
+        log("stopped by SIGTERM: the rows above are what was measured before it came")
+        return 1
     if any(r.get("baseline") and r.get("error") for r in result["rows"]):
         raise CoreDiffError("the baseline variant failed; see the table")
     return 0

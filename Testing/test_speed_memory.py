@@ -426,3 +426,64 @@ def test_bench_without_a_model_times_the_default_model(tmp_path):
     assert main(["bench", "--size", "16", "--repeats", "1", "--steps", "1", "--batch-sizes", "1",
                  "--compile", "eager", "--json", str(out)]) == 0
     assert {r["model"] for r in json.loads(out.read_text())["rows"]} == {default_model_name()}
+
+
+def test_a_bench_stopped_by_sigterm_writes_the_rows_it_measured_marked_incomplete(tmp_path):
+    """`timeout 240 corediff bench ...` (the GPU benchmark's stages) lost every row measured
+    before the limit: the outputs are written at the end, and SIGTERM ended the run first."""
+    import signal
+    import time
+    out, md = tmp_path / "b.json", tmp_path / "b.md"
+    env = dict(os.environ, PYTHONPATH=str(REPO), COREDIFF_CACHE=str(tmp_path / "cache"), PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, "-m", "CoreDiffLib.cli", "bench", "--width", "4", "--size", "32",
+                             "--batch-sizes", "1,2", "--compile", "eager", "--steps", "1", "--repeats", "100000",
+                             "--json", str(out), "--markdown", str(md)],
+                            env=env, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    for line in proc.stderr:  # wait for the timed repeats to begin
+        if line.startswith("warm-up done"):
+            break
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 1, stderr
+    result = json.loads(out.read_text())
+    assert "timed repeats" in result["meta"]["stopped_early"]
+    assert all(r["s_per_slice"] > 0 and "psnr" in r for r in result["rows"])  # every variant timed at least once
+    assert "INCOMPLETE" in md.read_text() and "INCOMPLETE" in stdout and "SIGTERM" in stderr
+
+
+def test_a_bench_stopped_before_it_starts_timing_keeps_nothing_half_made():
+    """Stopped during the warm-up: variants not yet run say so, and no speed is invented for them."""
+    from CoreDiffLib.benchmark import run_benchmark
+    calls = []
+
+    def stop_after_first_pass() -> bool:
+        calls.append(1)
+        return len(calls) > 1
+    result = run_benchmark(["w4"], size=32, device="cpu", batch_sizes=(1, 2), channels_last=(False,),
+                           repeats=3, steps=1, log=lambda m: None, should_stop=stop_after_first_pass)
+    base, other = result["rows"]
+    assert base["baseline"] and "first_pass_s" in base and "s_per_slice" not in base
+    assert other["error"] == "not run: the benchmark was stopped" and "s_per_slice" not in other
+    assert "0 of 3 timed repeats" in result["meta"]["stopped_early"]
+
+
+def test_the_gpu_benchmark_script_rehearses_on_the_cpu_and_returns_few_enough_files(tmp_path):
+    """It wrote 13 files (the device machine returns 8) and had never run before a GPU was lent."""
+    out = tmp_path / "out"
+    stale = out / "compiled.json"
+    out.mkdir()
+    stale.write_text("{}")  # from an earlier run: must not pass for this run's result
+    env = dict(os.environ, DRY_RUN="1", OUT=str(out), PYTHON=sys.executable,
+               COREDIFF_CACHE=str(tmp_path / "cache"))
+    run = subprocess.run(["bash", str(REPO / "Testing/benchmarks/gpu_benchmark.sh")], env=env,
+                         capture_output=True, text=True, timeout=400)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    files = sorted(p.name for p in out.iterdir())
+    assert files == ["compiled.json", "cudagraphs.json", "eager_grid.json", "gpu_benchmark.md", "log.txt"]
+    for stage in ("eager_grid", "cudagraphs", "compiled"):
+        rows = json.loads((out / f"{stage}.json").read_text())["rows"]
+        assert any(r["baseline"] and r["s_per_slice"] > 0 for r in rows)
+    report = (out / "gpu_benchmark.md").read_text()
+    assert report.count("| model |") == 3 and "# Summary" in report and "fastest allowed" in report
+    assert "== compiled" in (out / "log.txt").read_text()
