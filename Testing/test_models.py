@@ -196,7 +196,8 @@ def test_train_redcnn_script_refuses_bad_input_cleanly_and_keeps_its_files(tmp_p
     kept = volume.read_bytes()
     for extra, message in ((("--out", str(volume)), "ending in .pt"),  # a training volume
                            (("--out", str(tmp_path / "no" / "r.pt")), "does not exist"),
-                           (("--init", str(out), "--out", str(tmp_path / "s.pt")), "is not RED-CNN weights")):
+                           (("--init", str(out), "--out", str(tmp_path / "s.pt")), "is not RED-CNN weights"),
+                           (("--device", "tpu", "--out", str(tmp_path / "s.pt")), "unknown device 'tpu'")):
         r = subprocess.run([sys.executable, str(script), str(tmp_path), *extra], capture_output=True, encoding="utf-8")
         assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, (extra, r.stderr)
     assert volume.read_bytes() == kept
@@ -294,7 +295,7 @@ def test_the_redcnn_script_takes_axial_planes_and_refuses_what_it_cannot_train(t
                            (("--iterations", "2", "--patch-size", "16"), "at least 21 pixels")):
         r = run(*extra)
         assert r.returncode == 2 and message in r.stderr and not (tmp_path / "rc.pt").exists(), r.stderr
-    r = run("--iterations", "2", "--patch-size", "32")
+    r = run("--iterations", "2", "--patch-size", "32", "--device", "cpu", "--precision", "bf16")
     assert r.returncode == 0 and "stored sagittally; trained on its axial planes" in r.stdout, r.stderr
     model = load_redcnn(tmp_path / "rc.pt")  # its filters read from the weights
     assert isinstance(model, REDCNN) and model.enc[0].weight.shape[0] == 4

@@ -4,6 +4,9 @@
     python scripts/train_redcnn.py data/train --dose-tag 25 --iterations 3000 --out runs/redcnn-25.pt
     python scripts/train_redcnn.py data/train --dose-tag 10 --init runs/redcnn-25.pt \
         --iterations 100000 --time-limit 28 --lr-schedule cosine --out runs/redcnn-10.pt
+
+On the CPU by default, as the shipped baselines were trained; ``--device cuda`` (with
+``--precision bf16`` as CoreDiff's GPU rounds) trains on a GPU.
 """
 from __future__ import annotations
 
@@ -49,6 +52,10 @@ def main() -> int:
     p.add_argument("--anywhere-share", type=float, default=0.0, metavar="S",
                    help="share of patches drawn anywhere, open air included, as `corediff train "
                         "--anywhere-share` does")
+    p.add_argument("--device", default="cpu",
+                   help="cpu (default: the recipe of the shipped baselines), cuda, mps or auto")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                   help="bf16: autocast, as CoreDiff's GPU training (the GPU rounds' baselines)")
     p.add_argument("--out", required=True, help="weights file (.pt), for the quality benchmark's RED-CNN rows")
     a = p.parse_args()
     if a.iterations < 1:
@@ -75,6 +82,11 @@ def main() -> int:
             p.error(f"--init {a.init} has {filters} filters, --filters {a.filters}: leave --filters out")
         a.filters = filters  # the starting weights' own width
     a.filters = a.filters or 32
+    try:
+        from CoreDiffLib.inference import pick_device
+        device = str(pick_device(a.device))
+    except CoreDiffError as e:
+        p.error(str(e))
     torch.set_num_threads(a.threads)
     try:
         # the axial planes of checked pairs, as `corediff train` reads them
@@ -85,7 +97,8 @@ def main() -> int:
         model = train_redcnn(pairs, a.iterations, a.batch_size, a.patch_size, filters=a.filters, seed=a.seed,
                              log=lambda m: print(m, flush=True), init_state=init,
                              time_limit_s=a.time_limit * 60.0, lr=a.lr, lr_schedule=a.lr_schedule,
-                             loss_terms=terms, anywhere_share=a.anywhere_share)
+                             loss_terms=terms, anywhere_share=a.anywhere_share, device=device,
+                             precision=a.precision)
     except CoreDiffError as e:  # refused before training: nothing is written
         p.error(str(e))
     with atomic_path(a.out) as tmp:  # an interrupted save never leaves a truncated file at --out
