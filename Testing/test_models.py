@@ -381,6 +381,20 @@ def test_the_gpu_session_rehearses_refuses_what_would_fail_late_and_keeps_its_we
     assert proc.returncode == 130, log.read_text()
     assert "its weights are written all the same" in log.read_text()
     assert {"corediff-25-w8.part1.safetensors", "corediff-25-w8.part2.safetensors"} <= {p.name for p in out.iterdir()}
+    # joined here from a folder whose name holds "part1" (--merge replaced it there too, and failed)
+    back = tmp_path / "part1_back"
+    back.mkdir()
+    for part in ("part1", "part2"):
+        (out / f"corediff-25-w8.{part}.safetensors").rename(back / f"corediff-25-w8.{part}.safetensors")
+    merge = [sys.executable, str(scripts / "gpu_session.py"), "--merge"]
+    joined = subprocess.run(merge + [str(back / "corediff-25-w8.part1.safetensors"), str(tmp_path / "w8.safetensors")],
+                            capture_output=True, encoding="utf-8", timeout=120)
+    assert joined.returncode == 0, joined.stderr
+    assert load_model(tmp_path / "w8.safetensors", "cpu").config.width == 8
+    wrong = subprocess.run(merge + [str(back / "corediff-25-w8.part2.safetensors"), str(tmp_path / "x.safetensors")],
+                           capture_output=True, encoding="utf-8", timeout=120)
+    assert wrong.returncode == 2 and "ending in .part1.safetensors" in wrong.stderr
+    assert not (tmp_path / "x.safetensors").exists()
 
 
 def test_a_job_tarball_over_the_transfer_limit_comes_back_in_parts_that_join(tmp_path):

@@ -75,11 +75,19 @@ def save_shards(weights: Path, out: Path, stem: str) -> list[Path]:
 
 
 def merge_shards(first: Path, output: Path) -> str:
-    """Join the shards written by :func:`save_shards` into one weights file; returns its sha256."""
+    """Join the shards written by :func:`save_shards` into one weights file; returns its sha256.
+
+    ``first`` is the ``*.part1.safetensors`` file; its partner is found beside it by name.
+    """
     from safetensors import safe_open
+    suffix = f".{SHARDS[0]}.safetensors"
+    if not first.name.endswith(suffix):
+        raise ValueError(f"--merge {first}: give the first shard, the file ending in {suffix}")
     tensors, meta = {}, None
     for part in SHARDS:
-        p = Path(str(first).replace(SHARDS[0], part))
+        p = first.with_name(first.name[:-len(suffix)] + f".{part}.safetensors")  # the name only, not the folders
+        if not p.is_file():
+            raise ValueError(f"--merge: {p} is missing; both shards must lie in one folder")
         with safe_open(str(p), framework="pt") as f:
             meta = meta or f.metadata()
             tensors.update({k: f.get_tensor(k) for k in f.keys()})
@@ -230,7 +238,10 @@ def main() -> int:
         if getattr(a, name) is None:
             setattr(a, name, rehearsal if a.dry_run else full)
     if a.merge:
-        print(f"wrote {a.merge[1]} sha256 {merge_shards(Path(a.merge[0]), Path(a.merge[1]))}")
+        try:
+            print(f"wrote {a.merge[1]} sha256 {merge_shards(Path(a.merge[0]), Path(a.merge[1]))}")
+        except ValueError as e:
+            p.error(str(e))
         return 0
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
