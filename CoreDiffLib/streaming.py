@@ -70,6 +70,40 @@ def earlier_corediff_of_file(path) -> str | None:
     return _earlier_in(_image_header(path))
 
 
+_UNPACKED_PREFIX = "corediff-in-"
+
+
+def unpacked_input_file(suffix: str, temp_dir=None) -> tuple[int, str]:
+    """``mkstemp`` for an unpacked input, named after this host and process.
+
+    A run killed outright (SIGKILL, the out-of-memory killer) removes nothing, and its unpacked
+    input can be gigabytes: each new one first removes those of this host's processes that are gone.
+    """
+    import socket
+    folder = Path(temp_dir or tempfile.gettempdir())
+    host = socket.gethostname().replace("-", "_")
+    for leftover in folder.glob(f"{_UNPACKED_PREFIX}{host}.*-*"):
+        pid = leftover.name[len(_UNPACKED_PREFIX) + len(host) + 1:].split("-", 1)[0]
+        if pid.isdigit() and not _process_alive(int(pid)):
+            try:
+                leftover.unlink()
+            except OSError:  # another user's, or already gone
+                pass
+    return tempfile.mkstemp(suffix=suffix, prefix=f"{_UNPACKED_PREFIX}{host}.{os.getpid()}-", dir=folder)
+
+
+def _process_alive(pid: int) -> bool:
+    if os.name == "nt":  # os.kill(pid, 0) would end the process there: keep every file
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):  # another user's process (alive), or no way to tell: keep its file
+        return True
+    return True
+
+
 class VolumeSource:
     """A CT file read slab by slab: ``shape``, ``ndim``, ``dtype`` and ``src[a:b]`` -> (b-a, H, W).
 
@@ -127,6 +161,11 @@ class VolumeSource:
 
     @classmethod
     def open(cls, path, temp_dir=None) -> "VolumeSource | None":
+        """A reader of ``path`` by slabs, or None where the format is read whole.
+
+        A compressed input is unpacked to a temporary file in ``temp_dir`` (default: the
+        system's), removed by :meth:`close`.
+        """
         import SimpleITK as sitk
         p = Path(path)
         name = p.name.lower()
@@ -168,7 +207,7 @@ class VolumeSource:
                     _check_complete(p, p, least)
                 return cls(shape, dtype or np.float32, reader=reader, info=info)
             if name.endswith(".nii.gz") and _head_bytes(p, 2) == b"\x1f\x8b":  # else not compressed: ITK's own read
-                fd, tmp = tempfile.mkstemp(suffix=".nii", prefix="corediff-in-", dir=temp_dir)
+                fd, tmp = unpacked_input_file(".nii", temp_dir)
                 try:
                     with os.fdopen(fd, "wb") as f, gzip.open(p, "rb") as g:
                         shutil.copyfileobj(g, f, 1 << 22)
@@ -219,7 +258,7 @@ class VolumeSource:
 
     @classmethod
     def _inflate(cls, p, offset, shape, dtype, info, nbytes, temp_dir, kind):
-        fd, tmp = tempfile.mkstemp(suffix=".raw", prefix="corediff-in-", dir=temp_dir)
+        fd, tmp = unpacked_input_file(".raw", temp_dir)
         try:
             with os.fdopen(fd, "wb") as f, open(p, "rb") as src:
                 src.seek(offset)

@@ -1,6 +1,10 @@
 """Volume I/O: geometry and values survive a round trip; bad inputs are refused clearly."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -101,6 +105,31 @@ def test_an_interrupted_inflation_leaves_no_temporary_file(tmp_path, monkeypatch
     with pytest.raises(KeyboardInterrupt):
         VolumeSource.open(tmp_path / "v.nii.gz", temp_dir=tmp_path / "temp")
     assert list((tmp_path / "temp").iterdir()) == []
+
+
+def test_an_input_unpacked_by_a_killed_run_is_removed_by_the_next_one(tmp_path):
+    """SIGKILL (the out-of-memory killer) runs no cleanup: the unpacked input, gigabytes for a big
+    compressed scan, stayed in TMPDIR for good."""
+    import socket
+
+    from CoreDiffLib.streaming import VolumeSource
+    sitk.WriteImage(sitk.GetImageFromArray(synthetic_ct(3, 32).astype(np.int16)), str(tmp_path / "v.nii.gz"), True)
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    killed = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(killed.stdout)  # a process that has ended
+    host = socket.gethostname().replace("-", "_")
+    orphan = temp / f"corediff-in-{host}.{dead_pid}-abc.raw"
+    alive = temp / f"corediff-in-{host}.{os.getppid()}-def.raw"   # a run still going
+    elsewhere = temp / f"corediff-in-otherhost.{dead_pid}-ghi.raw"  # a container's, sharing the folder
+    unrelated = temp / "notes.raw"
+    for f in (orphan, alive, elsewhere, unrelated):
+        f.write_bytes(b"x")
+    with VolumeSource.open(tmp_path / "v.nii.gz", temp_dir=temp) as source:
+        assert np.array_equal(source[0:3], sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "v.nii.gz"))))
+        mine = [f for f in temp.iterdir() if f"{host}.{os.getpid()}-" in f.name]
+        assert len(mine) == 1  # its own unpacked input, named after it
+    assert sorted(f.name for f in temp.iterdir()) == sorted(f.name for f in (alive, elsewhere, unrelated))
 
 
 def test_dicom_rescaled_to_int32_is_written_as_int16_when_it_fits(tmp_path):
