@@ -517,3 +517,27 @@ def test_a_phantom_refuses_a_field_of_view_too_small_for_its_body():
     assert simulate_ldct(np.zeros((N, N), np.float32), 0.25, geometry=GEOM, window="Hann").shape == (N, N)
     with pytest.raises(ValueError, match="simulate_ldct: the image holds NaN"):
         simulate_ldct(np.full((N, N), np.nan, np.float32), 0.25, geometry=GEOM)
+
+
+def test_a_simulation_that_cannot_be_stored_names_the_output_folder_and_sizes_people_read(tmp_path, monkeypatch):
+    """A write failure named the hidden staging folder (.simulation.partial-*), removed by then;
+    a small run refused for room read 'about 0.0 GiB, more than the 0.0 GiB free'."""
+    import subprocess
+    import sys
+    script = ("import resource, signal, sys\n"
+              "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+              "resource.setrlimit(resource.RLIMIT_FSIZE, (2000, 2000))\n"  # stands in for a full disk
+              "from CoreDiffLib.cli import main\n"
+              "sys.exit(main(['simulate', '--dose', '0.25', '--out', sys.argv[1], '--size', '64', '--slices', '2',"
+              " '--progress', 'none']))\n")
+    out = tmp_path / "sim"
+    r = subprocess.run([sys.executable, "-c", script, str(out)], capture_output=True, encoding="utf-8", timeout=300)
+    assert r.returncode == 2 and f"could not write {out / 'case000_abdomen_ndct.nrrd'}" in r.stderr, r.stderr
+    assert ".simulation.partial" not in r.stderr and "no file was written" in r.stderr and not out.exists()
+
+    import shutil
+
+    from CoreDiffLib.simulation import dataset
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 2**19, 2**19))
+    with pytest.raises(ValueError, match=r"need about \d+\.\d MiB, more than the 0\.5 MiB free in"):
+        dataset._check_room(tmp_path, 1, 16, 256, 1)

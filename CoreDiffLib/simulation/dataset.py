@@ -22,6 +22,7 @@ from typing import Callable, List, Optional, Sequence, Union
 
 import numpy as np
 
+from .. import CoreDiffError
 from ..atomic import atomic_path, deferred_interrupts, partial_folder, write_text_atomic
 from ..io import dose_from_tag, dose_tag, write_image_file  # noqa: F401 (the file names' dose tags; imported from here too)
 from .noise import DEFAULT_ELECTRONIC_SIGMA, DEFAULT_I0, _check_dose, check_noise_settings, nested_dose_noise
@@ -120,7 +121,12 @@ def _check_room(out_dir: Path, count: int, n_slices: int, size: int, n_doses: in
     free = shutil.disk_usage(out_dir).free
     if disk_bytes > free:
         raise ValueError(f"{count} cases of {n_slices} x {size} x {size} voxels at {n_doses + 1} doses need about "
-                         f"{disk_bytes / 2**30:.1f} GiB, more than the {free / 2**30:.1f} GiB free in {out_dir}")
+                         f"{_amount(disk_bytes)}, more than the {_amount(free)} free in {out_dir}")
+
+
+def _amount(nbytes: float) -> str:
+    """Bytes as people read them: '3.2 GiB', '35 MiB' (a small run on a full disk read '0.0 GiB')."""
+    return f"{nbytes / 2**30:.1f} GiB" if nbytes >= 2**30 else f"{max(nbytes / 2**20, 0.1):.1f} MiB"
 
 
 def _validate(size, n_slices, kinds, geometry):
@@ -339,8 +345,12 @@ def simulate_dataset(out_dir: str, dose: Union[float, Sequence[float]] = 0.25, c
     try:
         _check_room(out, count, n_slices, size, len(doses))
         with partial_folder(out / "simulation") as stage:
-            written = _simulate_into(str(stage), doses, count, n_slices, size, int(seed), kinds, fmt, progress,
-                                     geometry, I0, electronic_sigma, window, slice_mm, workers)
+            try:
+                written = _simulate_into(str(stage), doses, count, n_slices, size, int(seed), kinds, fmt, progress,
+                                         geometry, I0, electronic_sigma, window, slice_mm, workers)
+            except CoreDiffError as exc:  # a writer named the hidden staging folder, which is removed now
+                raise CoreDiffError(str(exc).replace(f"{stage}{os.sep}", f"{out}{os.sep}")
+                                    + f"; no file was written to {out}") from None
             # complete: only now does the folder change, in milliseconds that Ctrl-C waits for;
             # the new files first (the manifest last), then what is left of the earlier simulation
             final = [str(out / os.path.basename(path)) for path in written]
