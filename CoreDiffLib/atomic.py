@@ -145,13 +145,19 @@ class StopRequests:
 
 
 @contextlib.contextmanager
-def deferred_interrupts() -> Iterator[None]:
+def deferred_interrupts(written: str = "the output") -> Iterator[None]:
     """Hold Ctrl-C (SIGINT) and SIGTERM (a cancel from Slicer, a scheduler) until the block ends,
     then deliver the first to its own handler: for the few renames that put a finished multi-file
-    output in place, which a signal halfway would leave mixed."""
+    output in place, which a signal halfway would leave mixed.
+
+    A held Ctrl-C with Python's own handler becomes a KeyboardInterrupt that says ``written`` is in
+    place (the CLI said "no output was written" of a complete output)."""
     with StopRequests((signal.SIGINT, signal.SIGTERM), second_stops=False) as stop:
         yield
     if stop.requested:
+        if stop.signum == signal.SIGINT and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            raise KeyboardInterrupt(f"interrupted once {written} was in place: it is complete; "
+                                    "what would have come after it was not done")
         signal.raise_signal(stop.signum)
 
 

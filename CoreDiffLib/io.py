@@ -563,7 +563,7 @@ def _write_detached(image: sitk.Image, out: Path) -> Path:
     with partial_folder(out) as tmpdir:
         header = tmpdir / out.name
         write_image_file(image, header, out)
-        with deferred_interrupts():  # a replaced header must not be left beside the new data
+        with deferred_interrupts(str(out)):  # a replaced header must not be left beside the new data
             for data in tmpdir.iterdir():
                 if data != header:
                     os.replace(data, out.parent / data.name)

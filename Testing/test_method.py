@@ -716,6 +716,31 @@ def test_sigterm_during_the_final_moves_waits_for_them_then_ends_the_run_as_its_
         signal.signal(signal.SIGTERM, previous)
 
 
+def test_ctrl_c_held_during_the_final_moves_says_the_output_is_complete(tmp_path):
+    """It was reported as "interrupted; no output was written" of an output that was in place."""
+    import os
+    import signal
+
+    from CoreDiffLib.atomic import deferred_interrupts
+    from CoreDiffLib.cli import _run
+
+    def write_then_ctrl_c(args):
+        with deferred_interrupts(str(tmp_path / "v.mhd")):
+            os.kill(os.getpid(), signal.SIGINT)
+            (tmp_path / "v.mhd").write_text("header")
+        return 0
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    import argparse
+    import contextlib
+    import io
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert _run(argparse.Namespace(func=write_then_ctrl_c)) == 130
+    assert (tmp_path / "v.mhd").read_text() == "header"
+    assert f"interrupted once {tmp_path / 'v.mhd'} was in place: it is complete" in err.getvalue()
+    assert "no output was written" not in err.getvalue()
+
+
 def test_a_run_started_with_ctrl_c_ignored_keeps_ignoring_it():
     """A job started with `cmd &` from a script ignores SIGINT; the training's handler replaced that."""
     import signal

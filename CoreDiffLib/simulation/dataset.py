@@ -354,7 +354,7 @@ def simulate_dataset(out_dir: str, dose: Union[float, Sequence[float]] = 0.25, c
             # complete: only now does the folder change, in milliseconds that Ctrl-C waits for;
             # the new files first (the manifest last), then what is left of the earlier simulation
             final = [str(out / os.path.basename(path)) for path in written]
-            with deferred_interrupts():
+            with deferred_interrupts(f"the simulation in {out}"):
                 if earlier_simulation(out) != earlier or _unlisted_lookalikes(out, earlier):
                     raise ValueError(f"another run wrote into {out} while this one simulated: kept its files "
                                      "and discarded this run's; simulate into a folder of its own")
