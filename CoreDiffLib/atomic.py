@@ -9,6 +9,7 @@ one, and a reader of a cache or a checkpoint cannot load garbage.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import secrets
 import shutil
@@ -167,3 +168,38 @@ def write_text_atomic(target: str | os.PathLike, text: str) -> Path:
     with atomic_path(target) as tmp:
         tmp.write_text(text, encoding="utf-8")
     return target
+
+
+@contextlib.contextmanager
+def sole_writer(targets: Iterable[str | os.PathLike], command: str) -> Iterator[None]:
+    """Refuse a second run that would write the same ``targets`` while this one runs.
+
+    Two training runs with one --out or checkpoint overwrote each other's files. The lock is an
+    OS lock (``flock``) on a small file in the temporary folder named after each target's full
+    path: it goes with the process however it ends, SIGKILL included, so it never goes stale.
+    Where locks are unavailable (Windows, an unwritable temporary folder) the run goes on unlocked.
+    """
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        yield
+        return
+    with contextlib.ExitStack() as held:
+        for target in targets:
+            full = str(Path(target).expanduser().resolve())
+            lock = Path(tempfile.gettempdir()) / f"corediff-lock-{hashlib.sha1(full.encode()).hexdigest()[:16]}"
+            try:
+                f = held.enter_context(open(lock, "a+", encoding="utf-8"))
+            except OSError:
+                continue
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                f.seek(0)
+                holder = f.read().strip() or "another process"
+                raise CoreDiffError(f"another {command} is writing {target} now ({holder}): wait for it to end, "
+                                    "or give this one another --out and --checkpoint") from None
+            f.truncate(0)
+            f.write(f"process {os.getpid()}")
+            f.flush()
+        yield

@@ -7,6 +7,7 @@ Every user-facing failure is a :class:`CoreDiffError` printed as one line,
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -17,7 +18,7 @@ from pathlib import Path
 from typing import Callable
 
 from . import CoreDiffError, __version__
-from .atomic import atomic_paths, check_output_file
+from .atomic import atomic_paths, check_output_file, sole_writer
 from .dose_estimate import AUTO_MODEL
 
 
@@ -266,51 +267,55 @@ def cmd_train(args: argparse.Namespace) -> int:
                    f"(its architecture: width {net_cfg.width}, "
                    f"CTX {net_cfg.use_context}, EMM {net_cfg.use_emm}, T={net_cfg.steps})")
     cfg.loss_terms.check_network(net_cfg)
-    if Path(args.output).expanduser().exists():  # a resumed run writes its --out again: said, not refused
-        info(args, f"note: {args.output} exists and is replaced when training ends")
-    listed = Path(args.data).is_file()
-    pairs = read_pair_list(args.data) if listed else find_pairs(args.data, args.dose_tag)
-    used_tag = None if listed else pairs_dose_tag(args.data, pairs)  # recorded: '10', not what was typed
-    info(args, f"{len(pairs)} NDCT/LDCT pairs")
-    slice_mm: list[float] = []
-    volumes = read_training_pairs(pairs, log=lambda m: info(args, m), slice_mm=slice_mm)
-    patch = patch_size_used(volumes, cfg.patch_size)
-    if patch != cfg.patch_size:
-        info(args, f"patches of {patch}x{patch} pixels" + (f" (--patch-size {cfg.patch_size}: the smallest slice and "
-                                                            "a multiple of 4 allow no more)" if cfg.patch_size else ""))
-    # what they were trained from, wherever the command was run
-    started_from = ({"init_weights": args.init_weights if args.init_weights in shipped_models() else init_file,
-                     "init_weights_sha256": init_sha256, "widen": args.widen} if args.init_weights else {})
-    progress = Progress(args.progress, unit="it", desc="train")
-    try:
-        ema, state = train(volumes, net_cfg, cfg, checkpoint=checkpoint, device=device,
-                           log=lambda m: info(args, m), init_state=init_state,
-                           inherit=("ema_start",) if args.ema_start is None else (), origin=started_from,
-                           consume_pairs=True,  # the HU copies are not needed again: half the memory
-                           progress=progress if int(os.environ.get("RANK", "0")) == 0 else None)
-    finally:
-        progress.close()
-    if state.origin is None:  # resumed from a checkpoint that predates this record
-        if args.init_weights:
-            info(args, "note: resumed run: --init-weights was not used; what its first leg started from is not "
-                       "recorded in its checkpoint")
-        started_from = {"init_weights": "unknown (resumed from a checkpoint that does not record it)"}
-    elif state.origin != started_from:
-        info(args, "note: resumed run: its weights descend from what its first leg started from "
-                   f"({state.origin.get('init_weights') or 'a fresh network'}), recorded as such"
-                   + (f"; --init-weights {args.init_weights} was not used" if args.init_weights else ""))
-        started_from = state.origin
-    if int(os.environ.get("RANK", "0")) == 0:
-        sha = save_weights(ema, args.output, {"iterations": state.iteration, "train_config": vars(cfg),
-                                              "patch_size_used": patch,
-                                              "data": [[str(Path(a).resolve()), str(Path(b).resolve())]
-                                                       for a, b in pairs],
-                                              "dose_tag": used_tag, **started_from,
-                                              # the farthest neighbours it learned: --context auto gives
-                                              # neighbours to slices that far apart (uses_neighbours)
-                                              "neighbour_mm": farthest_neighbour_mm(volumes, slice_mm,
-                                                                                    cfg.max_neighbour_gap)})
-        info(args, f"wrote {args.output} (sha256 {sha[:12]}…, {state.iteration} iterations)")
+    rank0 = int(os.environ.get("RANK", "0")) == 0  # under torchrun every rank runs this; rank 0 writes
+    with sole_writer((args.output, checkpoint), "corediff train") if rank0 else contextlib.nullcontext():
+        if Path(args.output).expanduser().exists():  # a resumed run writes its --out again: said, not refused
+            info(args, f"note: {args.output} exists and is replaced when training ends")
+        listed = Path(args.data).is_file()
+        pairs = read_pair_list(args.data) if listed else find_pairs(args.data, args.dose_tag)
+        used_tag = None if listed else pairs_dose_tag(args.data, pairs)  # recorded: '10', not what was typed
+        info(args, f"{len(pairs)} NDCT/LDCT pairs")
+        slice_mm: list[float] = []
+        volumes = read_training_pairs(pairs, log=lambda m: info(args, m), slice_mm=slice_mm)
+        patch = patch_size_used(volumes, cfg.patch_size)
+        if patch != cfg.patch_size:
+            info(args, f"patches of {patch}x{patch} pixels"
+                 + (f" (--patch-size {cfg.patch_size}: the smallest slice and a multiple of 4 allow no more)"
+                    if cfg.patch_size else ""))
+        # what they were trained from, wherever the command was run
+        started_from = ({"init_weights": args.init_weights if args.init_weights in shipped_models() else init_file,
+                         "init_weights_sha256": init_sha256, "widen": args.widen}
+                        if args.init_weights else {})
+        progress = Progress(args.progress, unit="it", desc="train")
+        try:
+            ema, state = train(volumes, net_cfg, cfg, checkpoint=checkpoint, device=device,
+                               log=lambda m: info(args, m), init_state=init_state,
+                               inherit=("ema_start",) if args.ema_start is None else (), origin=started_from,
+                               consume_pairs=True,  # the HU copies are not needed again: half the memory
+                               progress=progress if rank0 else None)
+        finally:
+            progress.close()
+        if state.origin is None:  # resumed from a checkpoint that predates this record
+            if args.init_weights:
+                info(args, "note: resumed run: --init-weights was not used; what its first leg started from "
+                           "is not recorded in its checkpoint")
+            started_from = {"init_weights": "unknown (resumed from a checkpoint that does not record it)"}
+        elif state.origin != started_from:
+            info(args, "note: resumed run: its weights descend from what its first leg started from "
+                       f"({state.origin.get('init_weights') or 'a fresh network'}), recorded as such"
+                       + (f"; --init-weights {args.init_weights} was not used" if args.init_weights else ""))
+            started_from = state.origin
+        if rank0:
+            sha = save_weights(ema, args.output, {"iterations": state.iteration, "train_config": vars(cfg),
+                                                  "patch_size_used": patch,
+                                                  "data": [[str(Path(a).resolve()), str(Path(b).resolve())]
+                                                           for a, b in pairs],
+                                                  "dose_tag": used_tag, **started_from,
+                                                  # the farthest neighbours it learned: --context auto gives
+                                                  # neighbours to slices that far apart (uses_neighbours)
+                                                  "neighbour_mm": farthest_neighbour_mm(volumes, slice_mm,
+                                                                                        cfg.max_neighbour_gap)})
+            info(args, f"wrote {args.output} (sha256 {sha[:12]}…, {state.iteration} iterations)")
     return 0
 
 

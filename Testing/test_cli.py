@@ -675,6 +675,34 @@ def test_train_command_writes_a_loadable_model(tmp_path):
     assert (tmp_path / "m.ckpt").exists()
 
 
+def test_a_second_train_run_writing_the_same_files_is_refused_while_the_first_runs(tmp_path):
+    """Two runs with one --out (or checkpoint) overwrote each other's checkpoints and weights."""
+    import signal
+    import time
+    data = _paired_training_folder(tmp_path)
+    out = tmp_path / "m.safetensors"
+    common = ("--width", "4", "--batch-size", "1", "--patch-size", "32", "--progress", "lines")
+    first = subprocess.Popen([sys.executable, "-m", "CoreDiffLib.cli", "train", str(data), "--out", str(out),
+                              "--iterations", "1000000", "--checkpoint-every", "1000000", *common],
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=REPO)
+    try:
+        for line in first.stdout:  # training has begun
+            if line.startswith("PROGRESS 1 "):
+                break
+        second = corediff("train", data, "--out", out, "--iterations", "2", *common)
+        assert second.returncode == 2 and f"another corediff train is writing {out} now (process {first.pid})" \
+            in second.stderr, second.stderr
+        other_ckpt = corediff("train", data, "--out", tmp_path / "n.safetensors", "--checkpoint", tmp_path / "m.ckpt",
+                              "--iterations", "2", *common)
+        assert other_ckpt.returncode == 2 and "m.ckpt now" in other_ckpt.stderr
+    finally:
+        first.send_signal(signal.SIGKILL)  # no cleanup at all: the lock goes with the process
+        first.wait(timeout=60)
+    time.sleep(0.1)
+    again = corediff("train", data, "--out", out, "--iterations", "2", *common)
+    assert again.returncode == 0 and out.exists(), again.stderr
+
+
 def test_train_shows_progress_takes_doses_as_simulate_writes_them_and_says_why_it_stopped(tmp_path):
     """From a journey through the commands: --progress showed nothing; --dose-tag 0.1 (as simulate
     takes doses) found 'no pairs' in a folder of ldct10 files; the weights recorded the tag as
