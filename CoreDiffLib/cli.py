@@ -307,6 +307,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             started_from = state.origin
         if rank0:
             sha = save_weights(ema, args.output, {"iterations": state.iteration, "train_config": vars(cfg),
+                                                  "legs": state.legs,  # a resumed run's every command
                                                   "patch_size_used": patch,
                                                   "data": [[str(Path(a).resolve()), str(Path(b).resolve())]
                                                            for a, b in pairs],

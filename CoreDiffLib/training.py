@@ -467,6 +467,21 @@ class TrainState:
     #: what the run started from (the starting weights' name and sha256), kept across resumes: a
     #: resumed run's weights descend from its first leg's start, whatever a later command gives
     origin: dict | None = None
+    #: one entry per leg (command run) of a resumed run: the iterations it trained and the settings
+    #: a resumed run may change (RESUMABLE_CHANGES), so the weights say how they were trained
+    legs: list[dict] = field(default_factory=list)
+
+    def begin_leg(self, cfg: "TrainConfig", device: str) -> None:
+        settings = {k: getattr(cfg, k) for k in RESUMABLE_CHANGES if k not in ("log_every", "checkpoint_every")}
+        self.legs.append({"from_iteration": self.iteration, "to_iteration": self.iteration, "device": device,
+                          "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **settings})
+
+    def end_leg_here(self) -> None:
+        """The last leg ends at the current iteration; one that trained nothing is not a leg."""
+        if self.legs:
+            self.legs[-1]["to_iteration"] = self.iteration
+            if self.iteration == self.legs[-1]["from_iteration"]:
+                self.legs.pop()
 
 
 def run_progress(iteration: int, iterations: int, elapsed_s: float = 0.0, time_limit_s: float = 0.0) -> float:
@@ -591,6 +606,7 @@ def save_checkpoint(path: Path, model: ClearNet, ema: ClearNet, optimizer: torch
             **({"sampler_rng": json.dumps(sampler_rng.bit_generator.state)} if sampler_rng is not None else {}),
             **({"data": data} if data else {}), "elapsed_s": float(elapsed_s),
             **({"origin": json.dumps(state.origin)} if state.origin is not None else {}),
+            "legs": json.dumps(state.legs),
         }, tmp)
 
 
@@ -632,6 +648,14 @@ def load_checkpoint(path: Path, device: str, net_cfg: NetworkConfig, cfg: TrainC
         raise CoreDiffError(f"checkpoint {path} was made with other settings ({'; '.join(changed)}): resume with "
                             "the same ones, or give a new --checkpoint path to start another run")
     return saved
+
+
+def _unrecorded_legs(saved: dict) -> list[dict]:
+    """What a checkpoint made before legs were recorded says of its run: its last settings."""
+    cfg = saved["train_config"]
+    return [{"from_iteration": 0, "to_iteration": int(saved["iteration"]),
+             "note": "legs not recorded separately (a checkpoint from before 2026-12-05): the last leg's settings",
+             **{k: cfg[k] for k in RESUMABLE_CHANGES if k in cfg and k not in ("log_every", "checkpoint_every")}}]
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -721,7 +745,8 @@ def _train(pairs: Sequence[tuple[np.ndarray, np.ndarray]], net_cfg: NetworkConfi
         for group in optimizer.param_groups:  # this run's --lr, not where a cosine run left it (~0)
             group["lr"] = cfg.lr
         state = TrainState(saved["iteration"], list(saved["losses"]),
-                           json.loads(saved["origin"]) if "origin" in saved else None)
+                           json.loads(saved["origin"]) if "origin" in saved else None,
+                           json.loads(saved["legs"]) if "legs" in saved else _unrecorded_legs(saved))
         step_rng.bit_generator.state = json.loads(saved["numpy_rng"])
         if "sampler_rng" in saved:  # (checkpoints before 2026-12-05 replay the first patches)
             data.rng.bit_generator.state = json.loads(saved["sampler_rng"])
@@ -763,7 +788,10 @@ def _train(pairs: Sequence[tuple[np.ndarray, np.ndarray]], net_cfg: NetworkConfi
         progress(state.iteration, cfg.iterations)
     since_log = state.iteration  # the iteration the rate is counted from
 
+    state.begin_leg(cfg, device)
+
     def save(path: Path) -> None:
+        state.end_leg_here()
         save_checkpoint(path, model, ema, optimizer, state, net_cfg, cfg, step_rng, data.rng, fingerprint,
                         time.time() - started)
 
@@ -843,6 +871,7 @@ def _train(pairs: Sequence[tuple[np.ndarray, np.ndarray]], net_cfg: NetworkConfi
                 raise TrainingInterrupted(f"interrupted at iteration {state.iteration}{where}")
     if not ema_averaging:  # a run too short to average: the EMA would be a stale copy (or the initial weights)
         ema.load_state_dict(model.state_dict())
+    state.end_leg_here()
     if world > 1:
         dist.barrier()
     if debug_dir:

@@ -670,9 +670,18 @@ def test_train_command_writes_a_loadable_model(tmp_path):
     assert load_model(out).trained_neighbour_mm == pytest.approx(2.5)  # write_image's slice spacing x gap 1
     # more iterations for the same run: the default --ema-start (iterations / 5) follows the checkpoint's
     r = corediff("train", data, "--out", out, "--iterations", "40", "--width", "8", "--batch-size", "2",
-                 "--patch-size", "32", "--progress", "lines", "--checkpoint-every", "10")
+                 "--patch-size", "32", "--progress", "lines", "--checkpoint-every", "10", "--lr", "1e-4")
     assert r.returncode == 0 and "resumed from" in r.stdout and "at iteration 20" in r.stdout, r.stderr
     assert (tmp_path / "m.ckpt").exists()
+    # each leg of the resumed run is recorded (the weights kept only the last leg's settings)
+    _, meta = read_weights_config(out)
+    legs = json.loads(meta["legs"])
+    assert [(leg["from_iteration"], leg["to_iteration"], leg["lr"]) for leg in legs] == [(0, 20, 2e-4), (20, 40, 1e-4)]
+    assert all(leg["device"] == "cpu" and leg["started_utc"].endswith("Z") for leg in legs)
+    r = corediff("train", data, "--out", out, "--iterations", "40", "--width", "8", "--batch-size", "2",
+                 "--patch-size", "32", "--progress", "none", "--checkpoint-every", "10")
+    assert r.returncode == 0 and "nothing left to train" in r.stderr, r.stderr
+    assert json.loads(read_weights_config(out)[1]["legs"]) == legs  # a leg that trained nothing is none
 
 
 def test_a_second_train_run_writing_the_same_files_is_refused_while_the_first_runs(tmp_path):

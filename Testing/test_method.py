@@ -828,3 +828,11 @@ def test_pairs_that_share_memory_are_not_converted_in_place_twice():
     data = PairedSlices([(nd, nd + 30), (nd, nd + 60)], 32, in_place=True)
     assert data.pairs[0][0].max() == pytest.approx((40.0 + 1024) / 4096)
     assert nd.max() == 40.0  # left as HU: the conversion made copies
+
+
+def test_a_checkpoint_from_before_legs_were_recorded_says_so_in_the_weights():
+    from CoreDiffLib.training import TrainConfig, _unrecorded_legs
+    from dataclasses import asdict
+    legs = _unrecorded_legs({"train_config": asdict(TrainConfig(lr=5e-4)), "iteration": 300})
+    assert len(legs) == 1 and legs[0]["from_iteration"] == 0 and legs[0]["to_iteration"] == 300
+    assert legs[0]["lr"] == 5e-4 and "not recorded separately" in legs[0]["note"]
