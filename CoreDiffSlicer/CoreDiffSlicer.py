@@ -256,7 +256,7 @@ class CoreDiffSlicerParameterNode:
     modelFile: pathlib.Path
     device: str = "auto"
     autoSteps: bool = True
-    steps: Annotated[int, WithinRange(1, 10)] = 10  # every shipped model has T = 10
+    steps: Annotated[int, WithinRange(1, 50)] = 10  # every shipped model has T = 10; the slider stops at the model's T
     batchSize: Annotated[int, WithinRange(0, 512)] = 0
     context: str = "auto"
     showComparison: bool = True
@@ -526,6 +526,7 @@ class CoreDiffSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._previewNode = None  # the one-slice preview volume, reused by the next preview of the same input
         self._previewInputID = None
         self._lastInputID = None  # the input the output selector was last checked against
+        self._modelFileSteps: dict = {}  # model file -> its T, the steps slider's top ("": the shipped models)
         self._osNameSource = None  # (low-dose volume ID, the adaptation name proposed from its name)
         self._flickerTimer = None
         self._flickerOn = False
@@ -658,6 +659,19 @@ class CoreDiffSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 bound[str(name)] = widget
         return bound
 
+    def _fitStepsToModel(self) -> None:
+        """The steps slider runs 1 to the chosen model's T: the shipped models' 10, or a model file's own
+        (a model of one's own with T = 20 could not be run with more than 10 steps here)."""
+        p = self._parameterNode
+        path = "" if p is None or str(p.modelFile) in ("", ".") else str(p.modelFile)
+        if path not in self._modelFileSteps:  # read once per file, not at every parameter change
+            self._modelFileSteps[path] = (self.logic.modelFileSteps(path) if path else None) or self.logic.SHIPPED_STEPS
+        top = min(self._modelFileSteps[path], 50)  # the parameter node's range
+        if self.ui.stepsSliderWidget.maximum != top:
+            self.ui.stepsSliderWidget.maximum = top
+        if p is not None and p.steps > top:
+            p.steps = top
+
     def _showManualBindings(self) -> None:
         """The name and model-file fields follow the parameter node only where they differ from it."""
         p = self._parameterNode
@@ -693,6 +707,7 @@ class CoreDiffSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 # the result of another scan stays as it is: this one gets its own ("Create new volume")
                 p.outputVolume = None
         self._showManualBindings()
+        self._fitStepsToModel()
         adaptation = bool(self._parameterNode and self._parameterNode.model.startswith("adaptation:"))
         # an adaptation weighs all T steps of its model: the steps are not the user's to choose
         self.ui.autoStepsCheckBox.enabled = not adaptation
@@ -1424,6 +1439,24 @@ class CoreDiffSlicerLogic(ScriptedLoadableModuleLogic):
             args += ["--adaptation", name]
         return args
 
+    #: T of every shipped model (the published setting): the steps slider's top unless a model file has another
+    SHIPPED_STEPS = 10
+
+    @staticmethod
+    def modelFileSteps(modelFile) -> int | None:
+        """T of a CoreDiff weights file, from its safetensors header (8 bytes of length, then JSON:
+        no PyTorch in Slicer's process); None when the file cannot tell."""
+        try:
+            with open(modelFile, "rb") as f:
+                length = int.from_bytes(f.read(8), "little")
+                if not 0 < length < 1 << 24:
+                    return None
+                header = json.loads(f.read(length))
+            steps = int(json.loads(header["__metadata__"]["config"])["steps"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        return steps if steps >= 1 else None
+
     # --- processes ---------------------------------------------------------------------------
 
     @staticmethod
@@ -2124,6 +2157,12 @@ class CoreDiffSlicerTest(ScriptedLoadableModuleTest):
         self.assertEqual(logic.modelArguments("adaptation:mine"), ["--adaptation", "mine"])
         self.assertEqual(logic.modelArguments("adaptation:mine", withAdaptation=False), [])
         self.assertEqual(logic.modelArguments("", modelFile="/m/own.safetensors"), ["--model", "/m/own.safetensors"])
+        header = json.dumps({"__metadata__": {"config": json.dumps({"steps": 20})}}).encode()
+        ownModel = os.path.join(slicer.app.temporaryPath, "CoreDiffSelfTest-t20.safetensors")
+        with open(ownModel, "wb") as f:  # the header the steps slider reads its top from
+            f.write(len(header).to_bytes(8, "little") + header)
+        self.assertEqual(logic.modelFileSteps(ownModel), 20)
+        os.remove(ownModel)
         self.assertEqual(logic.guiMessage("/run/input.nrrd: choose one with --model", {"/run/input.nrrd": "CT"}),
                          "'CT': choose one in the Model list")
         stats = {"voxels": 9, "where": "slice 0", "before": {"mean": 0.0, "std": 10.0},

@@ -91,6 +91,34 @@ def test_connectGui_finds_a_connector_for_every_binding(slicerEnv):  # noqa: F81
 
 
 
+def test_the_steps_slider_runs_to_the_chosen_model_files_own_t(slicerEnv, tmp_path):  # noqa: F811
+    """The slider stopped at 10 (the shipped models' T): a model of one's own with T = 20 could not
+    be run with more steps from Slicer."""
+    from CoreDiffLib.models import save_weights
+    from CoreDiffLib.network import ClearNet, NetworkConfig
+    slicer, module, _ = slicerEnv
+    widget = makeWidget(module)
+    p = widget._parameterNode
+    slider = widget.ui.stepsSliderWidget
+    assert slider.maximum == 10.0
+    own = tmp_path / "t20.safetensors"
+    save_weights(ClearNet(NetworkConfig(width=4, steps=20)), own, {"dose": "test"})
+    assert module.CoreDiffSlicerLogic.modelFileSteps(own) == 20
+    widget.ui.modelPathLineEdit.setProperty("currentPath", str(own))
+    assert slider.maximum == 20.0
+    p.steps = 18
+    assert slider.value == 18.0
+    few = tmp_path / "t4.safetensors"
+    save_weights(ClearNet(NetworkConfig(width=4, steps=4)), few, {"dose": "test"})
+    widget.ui.modelPathLineEdit.setProperty("currentPath", str(few))
+    assert slider.maximum == 4.0 and p.steps == 4  # more steps than the model has are not offered
+    (tmp_path / "junk.safetensors").write_bytes(b"\xff" * 64)  # unreadable: the shipped models' range
+    widget.ui.modelPathLineEdit.setProperty("currentPath", str(tmp_path / "junk.safetensors"))
+    assert slider.maximum == 10.0 and module.CoreDiffSlicerLogic.modelFileSteps(tmp_path / "junk.safetensors") is None
+    widget.ui.modelPathLineEdit.setProperty("currentPath", "")
+    assert slider.maximum == 10.0
+
+
 def test_gui_and_parameter_node_stay_in_sync(slicerEnv):  # noqa: F811
     slicer, module, _ = slicerEnv
     widget = makeWidget(module)
