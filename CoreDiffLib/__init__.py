@@ -16,9 +16,13 @@ few steps with a mean-preserving degradation operator. The package keeps one ide
 - :mod:`CoreDiffLib.runtime`     how the network runs on each device (precision, ONNX, compile)
 - :mod:`CoreDiffLib.streaming`   CT files read and written slab by slab
 - :mod:`CoreDiffLib.orientation` which way a volume's axial planes run (sagittal/coronal storage)
-- :mod:`CoreDiffLib.io`          volumes (NRRD, NIfTI, MHA, DICOM) via SimpleITK
+- :mod:`CoreDiffLib.io`          volumes (NRRD, NIfTI, MHA, DICOM) via SimpleITK; training pairs
+- :mod:`CoreDiffLib.dicom`       DICOM series: finding, checking and writing them
+- :mod:`CoreDiffLib.atomic`      outputs written whole or not at all; signals held while they land
 - :mod:`CoreDiffLib.metrics`     PSNR / SSIM / RMSE as the paper reports them
+- :mod:`CoreDiffLib.figures`     before/after figures with a zoomed region
 - :mod:`CoreDiffLib.baselines`   BM3D and RED-CNN, the quality benchmark's comparisons
+- :mod:`CoreDiffLib.benchmark`   ``corediff bench``: speed, memory and accuracy of each way to run
 - :mod:`CoreDiffLib.simulation`  phantoms and physically simulated low-dose CT
 - :mod:`CoreDiffLib.cli`         the ``corediff`` command
 

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from . import CoreDiffError
 from .intensity import hu_to_unit, unit_to_hu
-from .training import (LR_SCHEDULES, MSE_ONLY, PRECISIONS, LossTerms, PairedSlices, check_choice, cosine_lr,
+from .training import (LR_SCHEDULES, MSE_ONLY, TRAIN_PRECISIONS, LossTerms, PairedSlices, check_choice, cosine_lr,
                        restoration_loss, run_progress)
 
 
@@ -83,7 +83,7 @@ def train_redcnn(pairs: Sequence[tuple[np.ndarray, np.ndarray]], iterations: int
     the CPU.
     """
     check_choice("--lr-schedule", lr_schedule, LR_SCHEDULES)
-    check_choice("--precision", precision, PRECISIONS)
+    check_choice("--precision", precision, TRAIN_PRECISIONS)
     loss_terms.check_patch_size(patch_size)
     if loss_terms.context_noise_weight:
         raise CoreDiffError("RED-CNN sees one slice, not its neighbours: the context-noise term does not apply")

@@ -491,28 +491,3 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise CoreDiffError("the baseline variant failed; see the table")
     return 0
 
-
-def add_bench_parser(sub) -> None:
-    p = sub.add_parser("bench", help="measure speed, memory and accuracy of the ways to run a model")
-    p.add_argument("--model", action="append",
-                   help="shipped model name or .safetensors file (repeatable; default: the default model, "
-                        "unless --width is given)")
-    p.add_argument("--width", type=int, action="append",
-                   help="benchmark an untrained network of this width (repeatable; 64 = the paper)")
-    p.add_argument("--size", type=int, default=512, help="slice size in pixels (default 512)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
-    p.add_argument("--batch-sizes", default="1", help="comma list, e.g. 1,2,4")
-    p.add_argument("--precisions", default="fp32", help="comma list of fp32,tf32,bf16,fp16")
-    p.add_argument("--channels-last", nargs="?", const="both", default=None, choices=["both", "only"],
-                   help="also run channels-last variants ('--channels-last only': only those)")
-    p.add_argument("--compile", default="eager",
-                   help="comma list of back-ends: eager,compile,cudagraphs,onnx")
-    p.add_argument("--threads", default=None, help="CPU threads to try, comma list (default: physical cores)")
-    p.add_argument("--repeats", type=int, default=3, help="timed repeats after the warm-up (median)")
-    p.add_argument("--slices", type=int, default=None, help="slices per pass (default: largest batch)")
-    p.add_argument("--steps", type=int, default=None,
-                   help="sampling steps actually run (default T); fewer steps time fewer network "
-                        "evaluations and the table also scales s/slice to T")
-    p.add_argument("--json", default=None, help="write all rows as JSON")
-    p.add_argument("--markdown", default=None, help="write the table as Markdown")
-    p.set_defaults(func=cmd_bench, progress="none")

@@ -3,6 +3,9 @@
 Every user-facing failure is a :class:`CoreDiffError` printed as one line,
 ``corediff: error: <what is wrong and what to do>``, with exit code 2; nothing is written.
 ``--progress lines`` prints ``PROGRESS done total`` lines on stdout for GUIs (Slicer).
+Every command's parser is here; the handlers of ``oneshot`` and ``bench`` live with their
+method (:func:`CoreDiffLib.oneshot.cmd_oneshot`, :func:`CoreDiffLib.benchmark.cmd_bench`) and
+are imported when they run.
 """
 from __future__ import annotations
 
@@ -178,8 +181,11 @@ def slices_argument(text: str) -> tuple[int | None, int | None]:
                                          "B excluded, e.g. 40 or 40:60)") from None
 
 
+#: inference.CONTEXTS (not imported here: PyTorch, seconds at every start; a test keeps them equal)
+DENOISE_CONTEXTS = ("auto", "neighbours", "own")
+
+
 def add_denoise_parser(sub) -> None:
-    from .inference import CONTEXTS
     p = sub.add_parser("denoise", help="denoise a CT volume (file or DICOM folder)")
     p.add_argument("input", help="LDCT volume: .nrrd, .nii(.gz), .mha or a DICOM folder")
     p.add_argument("output", help="output file (.nrrd, .nii.gz, .mha) or a new DICOM folder")
@@ -197,7 +203,7 @@ def add_denoise_parser(sub) -> None:
     p.add_argument("--slices", type=slices_argument, default=None, metavar="K|A:B",
                    help="denoise only axial slice K, or slices A to B-1 (0-based), with their true neighbours "
                         "as context; the output holds just those, placed where they lie in the input")
-    p.add_argument("--context", choices=CONTEXTS, default="auto",
+    p.add_argument("--context", choices=DENOISE_CONTEXTS, default="auto",
                    help="what the network sees beside each slice: auto (default) its two neighbours when the "
                         "slices are less than 4 mm apart, the slice itself from 4 mm on (on clinical 5 mm "
                         "scans the neighbours cost 0.85-1.05 dB), or up to 1.25x the neighbour distance a "
@@ -567,7 +573,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
-#: simulation.phantom.KINDS, the default order (not imported here: scipy.ndimage at every start)
+#: simulation.phantom.KINDS, the default order (not imported here: scipy.ndimage at every start; a
+#: test keeps them equal)
 SIMULATION_KINDS = ("abdomen", "thorax", "head")
 
 
@@ -684,17 +691,74 @@ def add_info_parsers(sub) -> None:
     p.set_defaults(func=cmd_dose)
 
 
-# ----------------------------------------------------------------------------- bench
+# ----------------------------------------------------------------------------- oneshot, bench
+def _handler(module: str, name: str) -> Callable[[argparse.Namespace], int]:
+    """A sub-command whose code lives in its own module (one-shot learning, the benchmark), imported
+    when that command runs: both load PyTorch, and `corediff --help`, compare, simulate and dose
+    start without it."""
+    def run(args: argparse.Namespace) -> int:
+        import importlib
+        return getattr(importlib.import_module(f".{module}", __package__), name)(args)
+    return run
+
+
+def add_oneshot_parser(sub) -> None:
+    p = sub.add_parser("oneshot", help="adapt a model to a new dose level from one reference slice",
+                       description="Learn T step weights (one-shot learning) that adapt a trained model to a "
+                                   "new dose level or scanner from ONE reference LDCT slice and a normal-dose "
+                                   "slice: paired (--ndct, the same scan) or unpaired (--ndct-unpaired).")
+    p.add_argument("--model", default=AUTO_MODEL,
+                   help="base model: auto (default; the shipped model of the dose nearest the one --ldct looks "
+                        "like), a shipped model name, or a .safetensors file")
+    p.add_argument("--ldct", required=True, help="LDCT volume at the new dose (file or DICOM folder)")
+    p.add_argument("--slice", type=int, required=True, help="reference slice index (0-based) in --ldct")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--ndct", help="paired: the aligned normal-dose volume of the same scan")
+    g.add_argument("--ndct-unpaired", help="unpaired: a normal-dose volume, not aligned")
+    p.add_argument("--ndct-slice", type=int, default=None,
+                   help="unpaired: slice of --ndct-unpaired to use (default: --slice + 2, clamped)")
+    p.add_argument("--name", required=True, help="adaptation name (saved as NAME.json in the user folder)")
+    p.add_argument("--dose", default=None, help="dose label stored with the adaptation, e.g. 10%%")
+    p.add_argument("--out", default=None, help="write the adaptation to this .json instead")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing adaptation")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--iterations", type=int, default=600, help="optimisation steps (default 600)")
+    p.add_argument("--patch-size", type=int, default=96, help="patch size for the fit (default 96)")
+    p.add_argument("--ssim-weight", type=float, default=0.0, help="paired: add w*(1-SSIM) to the MSE")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    _add_progress(p)
+    p.set_defaults(func=_handler("oneshot", "cmd_oneshot"))
+
+
 def add_bench_parser(sub) -> None:
-    from .benchmark import add_bench_parser as add  # lazy: keeps `corediff --help` light
-    add(sub)
+    p = sub.add_parser("bench", help="measure speed, memory and accuracy of the ways to run a model")
+    p.add_argument("--model", action="append",
+                   help="shipped model name or .safetensors file (repeatable; default: the default model, "
+                        "unless --width is given)")
+    p.add_argument("--width", type=int, action="append",
+                   help="benchmark an untrained network of this width (repeatable; 64 = the paper)")
+    p.add_argument("--size", type=int, default=512, help="slice size in pixels (default 512)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    p.add_argument("--batch-sizes", default="1", help="comma list, e.g. 1,2,4")
+    p.add_argument("--precisions", default="fp32", help="comma list of fp32,tf32,bf16,fp16")
+    p.add_argument("--channels-last", nargs="?", const="both", default=None, choices=["both", "only"],
+                   help="also run channels-last variants ('--channels-last only': only those)")
+    p.add_argument("--compile", default="eager",
+                   help="comma list of back-ends: eager,compile,cudagraphs,onnx")
+    p.add_argument("--threads", default=None, help="CPU threads to try, comma list (default: physical cores)")
+    p.add_argument("--repeats", type=int, default=3, help="timed repeats after the warm-up (median)")
+    p.add_argument("--slices", type=int, default=None, help="slices per pass (default: largest batch)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="sampling steps actually run (default T); fewer steps time fewer network "
+                        "evaluations and the table also scales s/slice to T")
+    p.add_argument("--json", default=None, help="write all rows as JSON")
+    p.add_argument("--markdown", default=None, help="write the table as Markdown")
+    p.set_defaults(func=_handler("benchmark", "cmd_bench"), progress="none")
 
 
 # ----------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
-    """Every sub-command's parser. The one-shot module is imported here, not with this one: its
-    imports take seconds, and a Ctrl-C then is answered by :func:`main` in one line."""
-    from .oneshot import add_oneshot_parser
+    """Every sub-command's parser; each command's code is imported when it runs."""
     parser = argparse.ArgumentParser(prog="corediff", description="CoreDiff low-dose CT denoising: "
                                      "denoise scans, compare results, simulate, train and adapt models.")
     parser.add_argument("--version", action="version", version=f"corediff {__version__}")

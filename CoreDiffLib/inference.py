@@ -348,8 +348,8 @@ def denoise_volume(volume_hu, model: str | ClearNet | None = None,
     in the LPS layout the models learned from, so that one scan gives the same HU however its
     file stores it (None: the array is taken as it is).
     ``progress(done, total)`` is called after each batch; when ``cancel`` (a callable or a
-    ``threading.Event``) turns true, :class:`Cancelled` is raised between batches. On CUDA
-    out-of-memory the batch size halves and the run goes on; ``log(message)`` is told.
+    ``threading.Event``) turns true, :class:`Cancelled` is raised between batches. Out of
+    memory (GPU or CPU), the batch size halves and the run goes on; ``log(message)`` is told.
     """
     if isinstance(volume_hu, np.ndarray) or not hasattr(volume_hu, "shape"):
         volume_hu = np.asarray(volume_hu)
@@ -467,7 +467,8 @@ def axial_view(volume) -> tuple[np.ndarray, tuple[float, float]]:
     """A read :class:`~CoreDiffLib.io.Volume`'s axial planes in the LPS in-plane layout the models
     run them in, and their spacing (columns, rows) in mm, however it is stored: as
     ``denoise_file`` feeds the network, so that ``corediff oneshot`` fits its weights on the states
-    denoise will blend, and ``--model auto`` measures what it sees."""
+    denoise will blend, and ``--model auto`` measures what it sees. (:func:`CoreDiffLib.io.axial_volume`
+    keeps the stored in-plane layout and the geometry: a Volume, for comparing and training.)"""
     layout = axial_layout(volume.direction, volume.array.shape)
     if layout is not None:  # a reformat: its layout turns the planes in-plane too
         return layout.to_axial(volume.array), axial_spacing(volume.spacing, layout)[:2]
@@ -505,7 +506,7 @@ def denoise_file(input_path, output_path, denoiser, batch_size: int | None = Non
     below :data:`THICK_SLICE_MM` of slice spacing and each slice itself from there on.
     Returns (output path, shape of what was denoised, streamed). ``streamed`` is False when the
     input had to be read whole (DICOM folders and other non-streamable inputs); the output is
-    still written from a temporary memmap when its format allows. Nothing is left behind on
+    still collected in a temporary raw file and written slab by slab when its format allows. Nothing is left behind on
     error/cancel.
     """
     from .dicom import check_series_input
@@ -585,7 +586,7 @@ def denoise_file(input_path, output_path, denoiser, batch_size: int | None = Non
         # an axial file's planes in the models' LPS layout (a reformat's are made so by its layout)
         view = in_plane_view(info["direction"]) if layout is None else None
         name = Path(output_path).name.lower()
-        if layout is not None or not name.endswith((".mha", ".nrrd", ".nii", ".nii.gz")):  # DICOM, .mhd, .nhdr
+        if layout is not None or not name.endswith(StreamedOutput.FORMATS):  # DICOM, .mhd, .nhdr
             result = _denoise_range(data, den, first, last, batch_size, progress, cancel, None, log, neighbours,
                                     view)
             if layout is not None:

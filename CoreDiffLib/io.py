@@ -76,7 +76,9 @@ def axial_volume(volume: Volume) -> Volume:
 
     A series stored sagittally or coronally (:func:`~CoreDiffLib.orientation.axial_layout`) is
     transposed (a view, no copy); its spacing, direction columns and origin follow, so every
-    voxel keeps its place in the scanner's frame. Axial volumes come back as they are.
+    voxel keeps its place in the scanner's frame. Axial volumes come back as they are, in the
+    in-plane layout they were stored in (:func:`CoreDiffLib.inference.axial_view` gives the planes
+    in the LPS layout the network runs them in).
     """
     layout = axial_layout(volume.direction, volume.shape)
     if layout is None:

@@ -1034,31 +1034,3 @@ def cmd_oneshot(args) -> int:
     print(f"RESULT {path}", flush=True)
     return 0
 
-
-def add_oneshot_parser(sub) -> None:
-    from .cli import _add_progress
-    p = sub.add_parser("oneshot", help="adapt a model to a new dose level from one reference slice",
-                       description="Learn T step weights (one-shot learning) that adapt a trained model to a "
-                                   "new dose level or scanner from ONE reference LDCT slice and a normal-dose "
-                                   "slice: paired (--ndct, the same scan) or unpaired (--ndct-unpaired).")
-    p.add_argument("--model", default=AUTO_MODEL,
-                   help="base model: auto (default; the shipped model of the dose nearest the one --ldct looks "
-                        "like), a shipped model name, or a .safetensors file")
-    p.add_argument("--ldct", required=True, help="LDCT volume at the new dose (file or DICOM folder)")
-    p.add_argument("--slice", type=int, required=True, help="reference slice index (0-based) in --ldct")
-    g = p.add_mutually_exclusive_group(required=True)
-    g.add_argument("--ndct", help="paired: the aligned normal-dose volume of the same scan")
-    g.add_argument("--ndct-unpaired", help="unpaired: a normal-dose volume, not aligned")
-    p.add_argument("--ndct-slice", type=int, default=None,
-                   help="unpaired: slice of --ndct-unpaired to use (default: --slice + 2, clamped)")
-    p.add_argument("--name", required=True, help="adaptation name (saved as NAME.json in the user folder)")
-    p.add_argument("--dose", default=None, help="dose label stored with the adaptation, e.g. 10%%")
-    p.add_argument("--out", default=None, help="write the adaptation to this .json instead")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing adaptation")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--iterations", type=int, default=600, help="optimisation steps (default 600)")
-    p.add_argument("--patch-size", type=int, default=96, help="patch size for the fit (default 96)")
-    p.add_argument("--ssim-weight", type=float, default=0.0, help="paired: add w*(1-SSIM) to the MSE")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
-    _add_progress(p)
-    p.set_defaults(func=cmd_oneshot)

@@ -1,7 +1,7 @@
 """CT files read and written slab by slab, so a whole series never has to sit in memory.
 
 :class:`VolumeSource` reads slices of an NRRD, MetaImage or NIfTI file by index (raw data
-memory-mapped; gzip data inflated once into a temporary raw file); :class:`StreamedOutput`
+read slab by slab with plain file reads; gzip data inflated once into a temporary raw file); :class:`StreamedOutput`
 collects a result in a temporary raw file and writes the final file from it, renamed into
 place only when complete. ``inference.denoise_file`` joins the two.
 """
@@ -108,9 +108,10 @@ class VolumeSource:
     """A CT file read slab by slab: ``shape``, ``ndim``, ``dtype`` and ``src[a:b]`` -> (b-a, H, W).
 
     Uncompressed MHA and NIfTI are read in place through SimpleITK's streaming extraction;
-    raw NRRD is memory-mapped; gzip NRRD, compressed MHA and .nii.gz are first inflated
-    chunk by chunk into a temporary file (bounded memory, one pass). ``open`` returns None
-    for what cannot be streamed (DICOM folders, detached headers, big-endian data...).
+    raw NRRD is read slab by slab with plain file reads (:class:`RawSlabs`); gzip NRRD,
+    compressed MHA and .nii.gz are first inflated chunk by chunk into a temporary file (bounded
+    memory, one pass). ``open`` returns None for what cannot be streamed (DICOM folders,
+    detached headers, big-endian data...).
     """
 
     def __init__(self, shape, dtype, reader=None, array=None, info=None, temp_files=()):
@@ -444,11 +445,16 @@ class StreamedOutput:
 
     .mha (uncompressed), .nrrd (gzip) and .nii / .nii.gz are written as a header made by
     SimpleITK for one slice of the same geometry (with the slice count patched) followed by
-    the streamed voxels; other outputs (.mhd, .nhdr, DICOM) go through :func:`io.write_volume`.
+    the streamed voxels. Other outputs (.mhd, .nhdr, DICOM) are written whole by
+    :func:`io.write_volume` (``inference.denoise_file`` sends them there).
     """
+
+    FORMATS = (".mha", ".nrrd", ".nii", ".nii.gz")
 
     def __init__(self, path, shape, info: dict, dtype, metadata: dict[str, str] | None = None):
         self.path = Path(path).expanduser()
+        if not self.path.name.lower().endswith(self.FORMATS):
+            raise ValueError(f"StreamedOutput writes {', '.join(self.FORMATS)}, not {self.path.name}")
         self.shape, self.info, self.dtype = tuple(shape), info, np.dtype(dtype)
         self.metadata = metadata
         fd, self._raw = tempfile.mkstemp(prefix=f".{self.path.name}.partial-", suffix=".raw",
@@ -504,13 +510,6 @@ class StreamedOutput:
     def commit(self) -> Path:
         name = self.path.name.lower()
         try:
-            if not name.endswith((".mha", ".nrrd", ".nii", ".nii.gz")):
-                from .io import Volume, write_volume
-                vol = Volume(self.array[:].astype(np.float32), self.info["spacing"], self.info["origin"],
-                             self.info["direction"], str(self.dtype), dict(self.info.get("dicom_tags", {})),
-                             self.info.get("source", ""))
-                self.close()
-                return write_volume(vol, self.path, metadata=self.metadata)
             header = self._header()
             gz = name.endswith((".nrrd", ".nii.gz"))
             with atomic_path(self.path) as tmp, open(tmp, "wb") as f:

@@ -34,7 +34,7 @@ from .network import ClearNet, NetworkConfig
 
 LR_SCHEDULES = ("constant", "cosine")
 T_SAMPLINGS = ("uniform", "late")
-PRECISIONS = ("fp32", "bf16")
+TRAIN_PRECISIONS = ("fp32", "bf16")  # autocast in training; runtime.PRECISIONS are for running a model
 
 
 def check_share(flag: str, what: str, value: float) -> None:
@@ -114,7 +114,7 @@ class TrainConfig:
             raise CoreDiffError(f"--time-limit {self.time_limit_s / 60:g} min: give minutes >= 0 (0 = no limit)")
         check_choice("--lr-schedule", self.lr_schedule, LR_SCHEDULES)
         check_choice("--t-sampling", self.t_sampling, T_SAMPLINGS)
-        check_choice("--precision", self.precision, PRECISIONS)
+        check_choice("--precision", self.precision, TRAIN_PRECISIONS)
         check_share("--anywhere-share", "the share of patches drawn anywhere", self.anywhere_share)
         check_share("--own-slice-share", "the share of patches with their own slice as context",
                     self.own_slice_share)

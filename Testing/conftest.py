@@ -109,7 +109,8 @@ def _own_user_files(tmp_path_factory, tmp_path, monkeypatch):
 
 @pytest.fixture(scope="session")
 def tiny_model_path(tmp_path_factory) -> Path:
-    """A random-init width-8 CLEAR-Net weights file (fast; output is meaningless but shaped)."""
+    """A new width-8 CLEAR-Net weights file (fast). Its output layer starts at zero, so it returns its
+    input: use ``changing_model_path`` where a test must see the network change the image."""
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("models") / "tiny.safetensors"
     save_weights(ClearNet(NetworkConfig(width=8)), path)

@@ -964,3 +964,15 @@ def test_a_scan_denoised_twice_says_so_and_its_dicom_description_keeps_the_model
     assert r.returncode == 0 and "x.nrrd was already denoised by CoreDiff (identity, 1 of 10 steps)" in r.stdout
     header = sitk.ReadImage(str(tmp_path / "xx.nrrd"))
     assert header.GetMetaData("corediff_input_denoised_by") == "identity, 1 of 10 steps"
+
+
+def test_the_command_line_starts_without_pytorch_and_its_copied_choices_match_the_library():
+    """`corediff --help`, compare, simulate and dose loaded PyTorch (seconds) to build the parser."""
+    r = subprocess.run([sys.executable, "-c", "import sys; from CoreDiffLib.cli import build_parser; build_parser(); "
+                        "print('torch' in sys.modules, 'scipy.ndimage' in sys.modules)"],
+                       capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert r.stdout.split() == ["False", "False"], r.stdout + r.stderr
+    from CoreDiffLib.cli import DENOISE_CONTEXTS, SIMULATION_KINDS
+    from CoreDiffLib.inference import CONTEXTS
+    from CoreDiffLib.simulation.phantom import KINDS
+    assert DENOISE_CONTEXTS == CONTEXTS and SIMULATION_KINDS == tuple(KINDS)
