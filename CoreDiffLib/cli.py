@@ -18,11 +18,14 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from . import CoreDiffError, __version__
 from .atomic import atomic_paths, check_output_file, sole_writer
 from .dose_estimate import AUTO_MODEL
+
+if TYPE_CHECKING:  # imported when a command needs it: PyTorch takes seconds
+    from .inference import Denoiser
 
 
 # ----------------------------------------------------------------------------- progress
@@ -96,7 +99,7 @@ def cmd_denoise(args: argparse.Namespace) -> int:
     return 0
 
 
-def load_denoiser(args: argparse.Namespace, volume=None, spacing_xy=None):
+def load_denoiser(args: argparse.Namespace, volume=None, spacing_xy=None) -> "Denoiser":
     """The ``denoise`` command's Denoiser for the (axial) ``volume``: with ``--model auto`` (the
     default) the model trained at the dose the scan looks like; says so, and when ``--steps auto``
     chose one step. An adaptation without ``--model`` runs on the model it was learned for."""

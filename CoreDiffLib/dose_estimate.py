@@ -24,10 +24,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from . import CoreDiffError
+
+if TYPE_CHECKING:
+    from .streaming import SliceIndexable
 from .intensity import PADDING_THRESHOLD_HU
 
 #: the model name that asks for this choice (``denoise --model auto``, its default, and ``oneshot``)
@@ -97,7 +101,7 @@ def largest_region(mask: np.ndarray) -> np.ndarray:
     return labels == (int(np.argmax(sizes)) + 1)
 
 
-def measure(volume_hu, spacing_xy: tuple[float, float], max_slices: int = MAX_SLICES) -> ScanNoise:
+def measure(volume_hu: "SliceIndexable", spacing_xy: tuple[float, float], max_slices: int = MAX_SLICES) -> ScanNoise:
     """Noise index and water-equivalent diameter of an axial (slices, rows, cols) volume in HU.
 
     ``volume_hu`` may be any slice-indexable array (a :class:`~CoreDiffLib.streaming.VolumeSource`
@@ -190,7 +194,7 @@ def shipped_choice() -> tuple[DoseCalibration, dict[float, str]]:
     return calibration, {float(d): name for d, name in auto["models"].items()}
 
 
-def choose_model(volume_hu, spacing_xy: tuple[float, float]) -> tuple[str, ScanNoise, float]:
+def choose_model(volume_hu: "SliceIndexable", spacing_xy: tuple[float, float]) -> tuple[str, ScanNoise, float]:
     """(model name, measurements, estimated dose) for a scan, with the shipped calibration."""
     calibration, models = shipped_choice()
     scan = measure(volume_hu, spacing_xy)

@@ -20,7 +20,7 @@ import threading
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Union
+from typing import TYPE_CHECKING, Callable, Union
 
 import numpy as np
 import torch
@@ -33,11 +33,17 @@ from .network import ClearNet
 from .orientation import AxialLayout, InPlaneView, axial_layout, axial_spacing, in_plane_view  # noqa: F401 (also this module's API)
 from .runtime import (NON_FINITE_OUTPUT, PRECISIONS, RunSettings, auto_settings, build_net, check_applicable,
                       physical_cores)
-from .streaming import StreamedOutput, VolumeSource, earlier_corediff, earlier_corediff_of_file, output_dtype
+from .streaming import (SliceIndexable, StreamedOutput, VolumeSource, earlier_corediff, earlier_corediff_of_file,
+                        output_dtype)
+
+if TYPE_CHECKING:
+    from .oneshot import Adaptation
 
 ProgressFn = Callable[[int, int], None]
 LogFn = Callable[[str], None]
 CancelFlag = Union[Callable[[], bool], threading.Event, None]
+#: a one-shot adaptation: loaded, or its name / .json file
+AdaptationSpec = Union["Adaptation", str, os.PathLike, None]
 
 
 class Cancelled(CoreDiffError):
@@ -207,7 +213,7 @@ class Denoiser:
 
     @classmethod
     def load(cls, model: str | ClearNet | None = None, device: str = "auto",
-             steps: int | str | None = None, adaptation=None, precision: str | None = "auto",
+             steps: int | str | None = None, adaptation: AdaptationSpec = None, precision: str | None = "auto",
              channels_last: bool | None = None, runtime: str | None = "auto",
              threads: int | None = None) -> "Denoiser":
         """``steps`` None = the model's T, or ``"auto"`` (:func:`auto_steps`), or a number;
@@ -324,9 +330,9 @@ def check_batch_size(batch_size: int | None) -> None:
                             "(leave it out to have it chosen from the device's memory)")
 
 
-def denoise_volume(volume_hu, model: str | ClearNet | None = None,
+def denoise_volume(volume_hu: SliceIndexable, model: str | ClearNet | None = None,
                    device: str = "auto", batch_size: int | None = None, steps: int | str | None = None,
-                   adaptation=None, progress: ProgressFn | None = None,
+                   adaptation: AdaptationSpec = None, progress: ProgressFn | None = None,
                    cancel: CancelFlag = None, denoiser: Denoiser | None = None,
                    out: np.ndarray | None = None, log: LogFn | None = None,
                    precision: str | None = "auto", channels_last: bool | None = None,
@@ -488,9 +494,9 @@ def sub_volume_origin(info: dict, index_axis: int, start: int) -> tuple[float, f
     return tuple(float(o) for o in np.asarray(info["origin"], dtype=np.float64) + shift)
 
 
-def denoise_file(input_path, output_path, denoiser, batch_size: int | None = None,
-                 progress: ProgressFn | None = None, cancel: CancelFlag = None,
-                 log: LogFn | None = None, temp_dir=None,
+def denoise_file(input_path: str | os.PathLike, output_path: str | os.PathLike, denoiser: Denoiser,
+                 batch_size: int | None = None, progress: ProgressFn | None = None, cancel: CancelFlag = None,
+                 log: LogFn | None = None, temp_dir: str | os.PathLike | None = None,
                  slices: tuple[int | None, int | None] | None = None,
                  series: str | None = None, context: str = "auto") -> tuple[Path, tuple[int, int, int], bool]:
     """Denoise a volume file into ``output_path`` with memory bounded by the batch size.

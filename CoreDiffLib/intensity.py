@@ -8,9 +8,17 @@ Keeping the full bone range avoids clipping cortical bone and metal-free implant
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Union
+
 import numpy as np
 
 from . import CoreDiffError
+
+if TYPE_CHECKING:  # torch is not imported at run time: this module serves the torch-free paths too
+    import torch
+
+#: what the conversions take and give: a NumPy array (HU from a file) or a tensor (in the network)
+ArrayOrTensor = Union[np.ndarray, "torch.Tensor"]
 
 HU_MIN = -1024.0
 HU_MAX = 3072.0
@@ -24,14 +32,14 @@ PADDING_THRESHOLD_HU = -1500.0
 DISPLAY_WINDOW_HU = (-100.0, 200.0)
 
 
-def hu_to_unit(hu):
+def hu_to_unit(hu: ArrayOrTensor) -> ArrayOrTensor:
     """Clip HU to [-1024, 3072] and map to [0, 1]. Works on numpy arrays and torch tensors."""
     if hasattr(hu, "clamp"):  # torch tensor
         return (hu.clamp(HU_MIN, HU_MAX) - HU_MIN) / HU_RANGE
     return ((np.clip(np.asarray(hu, dtype=np.float32), HU_MIN, HU_MAX) - HU_MIN) / HU_RANGE).astype(np.float32)
 
 
-def unit_to_hu(x):
+def unit_to_hu(x: ArrayOrTensor) -> ArrayOrTensor:
     """Inverse of :func:`hu_to_unit` (values outside [0, 1] are mapped linearly)."""
     return x * HU_RANGE + HU_MIN
 

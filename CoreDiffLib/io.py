@@ -14,6 +14,7 @@ import shutil
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import SimpleITK as sitk
@@ -381,7 +382,8 @@ def _read_dicom_file(path: Path) -> tuple[sitk.Image, dict[str, str]]:
     return image, tags
 
 
-def read_volume(path: str | os.PathLike, series: str | None = None, log=None) -> Volume:
+def read_volume(path: str | os.PathLike, series: str | None = None,
+                log: Callable[[str], None] | None = None) -> Volume:
     """Read a CT volume in HU. Raises :class:`CoreDiffError` with an actionable message.
 
     A DICOM folder may hold several series (:func:`choose_dicom_series`): ``series`` picks
@@ -859,7 +861,7 @@ def _check_pair_noise(nd, ld, a: Volume, b: Volume) -> None:
                             "the wrong way round? A list file gives 'ndct_path,ldct_path' per line")
 
 
-def read_training_pairs(pairs: list[tuple[Path, Path]], log=None,
+def read_training_pairs(pairs: list[tuple[Path, Path]], log: Callable[[str], None] | None = None,
                         slice_mm: list[float] | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
     """The axial planes of each NDCT/LDCT pair, as denoise runs them, after checking that the two
     are scans of the same voxels (shape, spacing, origin, direction); ``log`` hears which were

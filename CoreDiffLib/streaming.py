@@ -14,6 +14,7 @@ import tempfile
 import warnings
 import zlib
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
@@ -68,6 +69,14 @@ def _earlier_in(reader) -> str | None:
 def earlier_corediff_of_file(path) -> str | None:
     """:func:`earlier_corediff` of an image file's header (None for a folder or an unreadable one)."""
     return _earlier_in(_image_header(path))
+
+
+class SliceIndexable(Protocol):
+    """What the denoisers and the dose estimate read a volume through: a NumPy array (or memmap),
+    a :class:`VolumeSource`, or anything with a shape that gives ``[a:b]`` -> (b-a, H, W)."""
+    shape: tuple[int, ...]
+
+    def __getitem__(self, key) -> np.ndarray: ...
 
 
 _UNPACKED_PREFIX = "corediff-in-"
