@@ -836,3 +836,31 @@ def test_a_checkpoint_from_before_legs_were_recorded_says_so_in_the_weights():
     legs = _unrecorded_legs({"train_config": asdict(TrainConfig(lr=5e-4)), "iteration": 300})
     assert len(legs) == 1 and legs[0]["from_iteration"] == 0 and legs[0]["to_iteration"] == 300
     assert legs[0]["lr"] == 5e-4 and "not recorded separately" in legs[0]["note"]
+
+
+def test_every_storage_of_a_volume_gives_planes_of_one_height_and_back_the_same_array():
+    """All 48 axis-aligned directions: the axial view's planes each lie at one height, rows run
+    posterior and columns to the patient's left (in-plane flips undone), and the way back returns
+    the stored array (a wrong inverse permutation passed for the self-inverse ones)."""
+    import itertools
+
+    from CoreDiffLib.orientation import axial_layout, in_plane_view
+    shape = (18, 20, 22)  # (k, j, i)
+    k, j, i = np.meshgrid(*(np.arange(n, dtype=np.float64) for n in shape), indexing="ij")
+    index = np.stack([i, j, k])  # ITK index order
+    for perm in itertools.permutations(range(3)):
+        for signs in itertools.product((1, -1), repeat=3):
+            d = np.zeros((3, 3))
+            for axis, (row, sign) in enumerate(zip(perm, signs)):
+                d[row, axis] = sign  # index axis `axis` runs along LPS axis `row`
+            x, y, z = np.tensordot(d, index, axes=1)
+            layout = axial_layout(d.ravel(), shape)
+            if layout is None:  # axial already: turned in-plane only
+                view = in_plane_view(d.ravel())
+                planes = {name: view.to_lps(c) for name, c in (("x", x), ("y", y), ("z", z))}
+                assert np.array_equal(view.from_lps(planes["x"]), x), (perm, signs)
+            else:
+                planes = {name: layout.to_axial(c) for name, c in (("x", x), ("y", y), ("z", z))}
+                assert np.array_equal(layout.from_axial(planes["x"]), x), (perm, signs)
+            assert np.ptp(planes["z"], axis=(1, 2)).max() == 0, (perm, signs)  # one height per plane
+            assert (np.diff(planes["y"], axis=1) > 0).all() and (np.diff(planes["x"], axis=2) > 0).all(), (perm, signs)
