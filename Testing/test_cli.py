@@ -516,6 +516,11 @@ def test_compare_writes_table_csv_and_figure(tmp_path):
     assert den_rmse == pytest.approx(10, rel=0.15) and ld_rmse == pytest.approx(40, rel=0.15)
     rows = (tmp_path / "m.csv").read_text().splitlines()
     assert rows[0].startswith("slice,denoised_psnr") and len(rows) == 4
+    # each mean is the mean of its own column (a mean PSNR printed as the SSIM passed above)
+    per_slice = np.array([[float(v) for v in row.split(",")[1:7]] for row in rows[1:]])
+    header = rows[0].split(",")[1:7]
+    assert header == ["denoised_psnr", "denoised_ssim", "denoised_rmse_hu", "ldct_psnr", "ldct_ssim", "ldct_rmse_hu"]
+    np.testing.assert_allclose(list(map(float, mean)), per_slice.mean(axis=0), atol=0.051)  # as printed, rounded
     assert (tmp_path / "fig.png").read_bytes()[:4] == b"\x89PNG"
 
 

@@ -74,9 +74,11 @@ class RecordingNet(ClearNet):
     def __init__(self):
         super().__init__(NetworkConfig(width=8))
         self.calls = []
+        self.xTs = []  # what the EMM is given as the LDCT, call by call
 
     def forward(self, x, t, x0_prev=None, xT=None):
         self.calls.append((x.clone(), t.clone(), None if x0_prev is None else x0_prev.clone()))
+        self.xTs.append(None if xT is None else xT.clone())
         return super().forward(x, t, x0_prev, xT)
 
 
@@ -100,8 +102,24 @@ def test_sampler_starts_from_the_ldct_and_returns_every_step():
         assert torch.equal(x[:, 0, :30, :34], stack[:, 0])    # neighbours stay raw LDCT
         assert torch.equal(x[:, 2, :30, :34], stack[:, 2])
         assert torch.equal(prev, outputs[k])                  # EMM sees the latest x0 estimate
+        assert torch.equal(net.xTs[k + 1][:, :, :30, :34], stack[:, 1:2])  # ... beside the LDCT, not x_t
     assert torch.allclose(result.final, result.steps[-1].clamp(0, 1))
     assert result.final.min() >= 0 and result.final.max() <= 1
+
+
+def test_the_emm_reads_the_previous_estimate_then_the_ldct_in_that_order():
+    """The shipped weights learned the EMM's input channels in this order (x0_prev, xT): swapped,
+    every model would read each as the other."""
+    from CoreDiffLib.network import ErrorModulation
+    torch.manual_seed(0)
+    emm = ErrorModulation(channels=8, width=8).eval()
+    with torch.no_grad():
+        emm.features[0].weight[:, 1] = 0  # blind to the second channel
+    x0_prev, xT = torch.rand(1, 1, 32, 32), torch.rand(1, 1, 32, 32)
+    with torch.no_grad():
+        gamma, beta = emm(x0_prev, xT)
+        assert torch.equal(torch.cat(emm(x0_prev, torch.rand(1, 1, 32, 32))), torch.cat([gamma, beta]))
+        assert not torch.equal(torch.cat(emm(torch.rand(1, 1, 32, 32), xT)), torch.cat([gamma, beta]))
 
 
 class OracleNet(ClearNet):
@@ -864,3 +882,44 @@ def test_every_storage_of_a_volume_gives_planes_of_one_height_and_back_the_same_
                 assert np.array_equal(layout.from_axial(planes["x"]), x), (perm, signs)
             assert np.ptp(planes["z"], axis=(1, 2)).max() == 0, (perm, signs)  # one height per plane
             assert (np.diff(planes["y"], axis=1) > 0).all() and (np.diff(planes["x"], axis=2) > 0).all(), (perm, signs)
+
+
+def test_the_output_stays_in_range_and_an_odd_sized_slice_is_padded_by_its_edge():
+    """An estimate past the HU range is clamped (1 = 3072 HU); a slice whose sides are not multiples of
+    4 is padded with its edge pixels (not zeros: -1024 HU beside tissue), then cropped back."""
+    x0 = torch.full((1, 1, 16, 16), 1.2)
+    stack = torch.rand(1, 3, 16, 16)
+    assert sample(OracleNet(x0).eval(), stack).final.max() <= 1.0
+
+    class EdgeNet(ClearNet):
+        """Records what it is given and returns its centre channel."""
+        def __init__(self):
+            super().__init__(NetworkConfig(width=8))
+            self.seen = []
+
+        def forward(self, x, t, x0_prev=None, xT=None):
+            self.seen.append(x.clone())
+            return x[:, 1:2]
+    torch.manual_seed(0)
+    odd = torch.rand(1, 3, 30, 34) * 0.5 + 0.25
+    net = EdgeNet().eval()
+    sample(net, odd, steps=1)
+    padded = net.seen[0]
+    assert padded.shape[-2:] == (32, 36)
+    assert torch.equal(padded[..., 30:, :34], odd[..., 29:30, :].expand(-1, -1, 2, -1))  # the last row, repeated
+    assert torch.equal(padded[..., :30, 34:], odd[..., :, 33:34].expand(-1, -1, -1, 2))
+
+
+def test_a_blank_reference_is_judged_in_the_metric_window_and_the_paired_interval_is_students():
+    from scipy import stats
+
+    from CoreDiffLib.metrics import blank_in_window, paired_difference
+    padding = np.full((8, 8), -3024.0)
+    padding[:4] = -1200.0  # two padding values: one value once clipped to [-1000, 1000]
+    assert blank_in_window(padding) and not blank_in_window(np.where(padding > -2000, -990.0, -1000.0))
+    a = np.array([50.1, 49.7, 51.2, 50.4, 49.9])
+    b = np.array([49.8, 49.9, 50.6, 50.0, 49.5])
+    result = paired_difference(a, b)
+    low, high = stats.t.interval(0.95, 4, loc=np.mean(a - b), scale=stats.sem(a - b))  # sample SD (ddof 1)
+    assert (result.low, result.high) == pytest.approx((low, high))
+    assert result.mean == pytest.approx(0.3) and result.a_better == 4 and result.n == 5

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import stat
 import subprocess
@@ -61,6 +62,8 @@ def test_a_modified_shipped_file_is_refused(tmp_path, monkeypatch):
         f.write(b"\x00" * 8)
     with pytest.raises(CoreDiffError, match="corrupt or was modified"):
         models.load_model("corediff-25")
+    with pytest.raises(CoreDiffError, match="corrupt or was modified"):  # by its path: the same check
+        models.load_model(str(weights / entry["file"]))
 
 
 def test_fp16_storage_halves_the_file_and_loads_as_fp32(tmp_path):
@@ -268,11 +271,19 @@ def test_a_weights_file_with_a_broken_config_is_refused_clearly(tmp_path):
     from CoreDiffLib.models import WEIGHTS_DIR, load_model
     source = WEIGHTS_DIR / "corediff-25.safetensors"
     tensors = load_file(str(source))
-    for i, config in enumerate(("{not json", "null", '{"width": "16"}')):
+    from CoreDiffLib.models import read_weights_config
+    no_steps = dict(read_weights_config(source)[0].to_dict(), steps=0)
+    for i, config in enumerate(("{not json", "null", '{"width": "16"}', json.dumps(no_steps))):
         path = tmp_path / f"bad{i}.safetensors"
         save_file(tensors, str(path), {"format": "corediff-clearnet-v1", "config": config})
         with pytest.raises(CoreDiffError, match="unreadable network config"):
             load_model(path)
+    # a file that lacks tensors its architecture has (the EMM's) is refused, not given random ones
+    path = tmp_path / "no_emm.safetensors"
+    save_file({k: v for k, v in tensors.items() if not k.startswith("emm.")}, str(path),
+              {"format": "corediff-clearnet-v1", "config": json.dumps(read_weights_config(source)[0].to_dict())})
+    with pytest.raises(CoreDiffError, match="does not match the CLEAR-Net architecture"):
+        load_model(path)
 
 
 def test_the_redcnn_script_takes_axial_planes_and_refuses_what_it_cannot_train(tmp_path):
@@ -317,10 +328,22 @@ def test_the_default_model_denoises_the_bundled_sample_as_the_readme_says():
     ldct = read_volume(data / "sample_abdomen_ldct25.nrrd").array
     ndct = read_volume(data / "sample_abdomen_ndct.nrrd").array
     before = np.mean([psnr(ldct[k], ndct[k]) for k in (3, 4)])
-    for steps in (1, 10):
+    reference = Path(__file__).resolve().parent / "data" / "default_model_sample_crop.npz"
+    crops = {}
+    for steps, expected_db in ((1, 50.070), (10, 50.106)):
         out = denoise_volume(ldct, model="corediff-25-w32", device="cpu", steps=steps, slices=(3, 5))
         after = np.mean([psnr(out[i], ndct[k]) for i, k in enumerate((3, 4))])
         assert after > before + 4.0, (steps, before, after)
+        # pinned, as measured when the weights were shipped: a normalisation off by 24 HU, a dropped
+        # skip connection or EMM inputs given unscaled each kept the 4 dB and moved these
+        assert after == pytest.approx(expected_db, abs=0.01), (steps, after)
+        crops[f"steps{steps}"] = out[:, 224:288, 224:288].astype(np.float16)
+    if os.environ.get("COREDIFF_REGENERATE_REFERENCE"):  # after shipping other weights, on purpose
+        reference.parent.mkdir(exist_ok=True)
+        np.savez_compressed(reference, **crops)
+    stored = np.load(reference)
+    for name, crop in crops.items():  # fp16-stored: 0.0078 HU steps at these values; CPUs and runtimes agree to 0.01
+        np.testing.assert_allclose(crop.astype(np.float32), stored[name].astype(np.float32), atol=0.5, err_msg=name)
 
 
 def test_weights_and_checkpoints_on_a_full_disk_are_one_clear_error_and_leave_nothing(tmp_path):
