@@ -645,6 +645,10 @@ def test_compare_scores_axial_planes_of_the_same_voxels_however_each_file_stores
                                 (origin[0] + 47 * spacing[0],) + origin[1:], (-1, 0, 0, 0, 1, 0, 0, 0, 1)),
         "sagittal": write_image(tmp_path / "sagittal.nrrd", ref.transpose(2, 1, 0), spacing[::-1], origin,
                                 (0, 0, 1, 0, 1, 0, 1, 0, 0)),
+        # rows run anterior: the origin is the other corner, which the axial view must move back to
+        "sagittal, y reversed": write_image(tmp_path / "sagittal_y.nrrd", ref.transpose(2, 1, 0)[:, ::-1],
+                                            spacing[::-1], (origin[0], origin[1] + 47 * spacing[1], origin[2]),
+                                            (0, 0, 1, 0, -1, 0, 1, 0, 0)),
     }
     tables = {}
     for name, path in stored.items():
@@ -654,7 +658,7 @@ def test_compare_scores_axial_planes_of_the_same_voxels_however_each_file_stores
         mean = [line for line in r.stdout.splitlines() if line.startswith("mean")][0].split()[1:]
         assert float(mean[0]) > 35 and float(mean[2]) == pytest.approx(10, rel=0.15), (name, mean)
         assert "1 slice left out of the means" in r.stderr
-    assert tables["mirrored"] == tables["sagittal"] == tables["axial"]
+    assert tables["mirrored"] == tables["sagittal"] == tables["sagittal, y reversed"] == tables["axial"]
     rows = tables["axial"].splitlines()
     assert len(rows) == 21 and rows[1] == "0,,," and rows[2].startswith("1,")
     # the same shape on another grid (another slice spacing here) is a different place: refused

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -356,12 +357,13 @@ def test_atomic_path_replaces_only_on_success_and_keeps_the_old_file_on_failure(
 
     target = tmp_path / "table.md"
     target.write_text("old")
-    with pytest.raises(RuntimeError):
-        with atomic_path(target) as tmp:
-            tmp.write_text("half a ta")
-            raise RuntimeError("writer failed")
-    assert target.read_text() == "old"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["table.md"]  # no partial left behind
+    for stop in (RuntimeError("writer failed"), KeyboardInterrupt(), SystemExit(143)):  # a failure, Ctrl-C, SIGTERM
+        with pytest.raises(type(stop)):
+            with atomic_path(target) as tmp:
+                tmp.write_text("half a ta")
+                raise stop
+        assert target.read_text() == "old"
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["table.md"]  # no partial left behind
     write_text_atomic(target, "new")
     assert target.read_text() == "new"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["table.md"]
@@ -859,3 +861,45 @@ def test_a_dicom_output_folder_given_as_a_symbolic_link_is_refused_before_any_wo
     for link in ("link", "dangling"):
         with pytest.raises(CoreDiffError, match="is a symbolic link: give a new folder's own path"):
             check_output_path(tmp_path / "in.nrrd", tmp_path / link)
+
+
+def test_whole_volume_writes_round_and_check_what_they_are_given(tmp_path):
+    """DICOM, .mhd and .nhdr outputs are written whole: HU are rounded (not truncated) to the
+    input's integer type; slice positions must match the slices; a folder is no file name; an
+    output inside the input DICOM folder is refused."""
+    from CoreDiffLib.atomic import check_output_file
+    from CoreDiffLib.io import Volume
+    values = np.full((2, 16, 16), 10.7, np.float32)
+    values[1] = -10.7
+    values[:, :4] = -1000.0  # air: a CT
+    out = write_volume(Volume(values, (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), pixel_type="int16"), tmp_path / "o.mhd")
+    assert sorted(np.unique(read_volume(out).array).tolist()) == [-1000, -11, 11]
+    with pytest.raises(CoreDiffError, match="3 slice positions for 2 slices"):
+        write_volume(Volume(values, (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), pixel_type="int16",
+                            slice_positions=((0, 0, 0), (0, 0, 1), (0, 0, 2))), tmp_path / "p.nrrd")
+    (tmp_path / "m.csv").mkdir()
+    with pytest.raises(CoreDiffError, match="is a folder"):
+        check_output_file("--csv", tmp_path / "m.csv", (".csv",), ())
+    series = write_dicom_series(tmp_path / "series", synthetic_ct(3, 32), "1.2.3.77")
+    with pytest.raises(CoreDiffError, match="inside the input DICOM folder"):
+        check_output_path(series, series / "x.nrrd")
+
+
+def test_multi_file_outputs_land_in_one_move_or_data_before_header(tmp_path, monkeypatch):
+    """A DICOM series moves into place as one folder (file by file, a crash would leave half a
+    series a PACS could import); a detached header moves after its data (never pointing at
+    missing data)."""
+    import os as os_module
+    vol = read_volume(write_image(tmp_path / "src.nrrd", synthetic_ct(3, 32)))
+    moves = []
+    real = os_module.replace
+
+    def recording(src, dst):
+        moves.append((Path(src), Path(dst)))
+        return real(src, dst)
+    monkeypatch.setattr(os_module, "replace", recording)
+    write_volume(vol, tmp_path / "dicom_out")
+    assert [dst for _, dst in moves] == [tmp_path / "dicom_out"] and moves[0][0].is_relative_to(tmp_path)
+    moves.clear()
+    write_volume(vol, tmp_path / "v.mhd")
+    assert [dst.name for _, dst in moves][-1] == "v.mhd" and len(moves) == 2  # the data file, then the header

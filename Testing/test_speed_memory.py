@@ -233,7 +233,7 @@ def test_an_untrained_bench_network_changes_its_input_so_precision_drift_can_sho
 @pytest.mark.parametrize("ext,compress", [(".nrrd", True), (".nrrd", False), (".mha", True), (".mha", False),
                                           (".nii.gz", True), (".nii", False)])
 def test_streamed_file_equals_in_memory_result(tmp_path, weights, ext, compress):
-    vol = synthetic_ct(7, 40, seed=3)
+    vol = np.ascontiguousarray(synthetic_ct(7, 40, seed=3)[:, :, 4:36])  # 40 rows, 32 columns: not square
     vol[:, :2] = -3024                               # outside-FOV padding is kept as is
     src = tmp_path / f"in{ext}"
     img = sitk.GetImageFromArray(vol.astype(np.int16))
@@ -246,8 +246,13 @@ def test_streamed_file_equals_in_memory_result(tmp_path, weights, ext, compress)
         assert np.array_equal(s[2:5], vol[2:5].astype(np.int16))
     den = Denoiser.load(str(weights), "cpu")
     out = tmp_path / f"out{ext}"
-    path, shape, streamed = denoise_file(src, out, den, batch_size=3)
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    path, shape, streamed = denoise_file(src, out, den, batch_size=3, temp_dir=temp)
     assert streamed and shape == vol.shape
+    assert list(temp.iterdir()) == []  # a compressed input's unpacked copy is gone
+    assert path.read_bytes()[:2] == b"\x1f\x8b" if ext == ".nii.gz" else True  # compressed, as named
+    assert b"encoding: gzip" in path.read_bytes()[:1000] if ext == ".nrrd" else True
     got, ref_in = read_volume(path), read_volume(src)
     want = denoise_volume(ref_in.array, denoiser=den, batch_size=2, direction=ref_in.direction)  # rows run -y
     assert np.abs(got.array - np.rint(want)).max() <= 1.0   # int16 output, rounding
@@ -255,7 +260,7 @@ def test_streamed_file_equals_in_memory_result(tmp_path, weights, ext, compress)
     assert got.pixel_type == "int16"
     assert got.spacing == pytest.approx(ref_in.spacing) and got.origin == pytest.approx(ref_in.origin)
     assert got.direction == pytest.approx(ref_in.direction)
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([src.name, out.name])  # no temp left
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([src.name, out.name, "temp"])  # no temp left
 
 
 def test_cancel_leaves_no_output(tmp_path, weights):
@@ -266,6 +271,69 @@ def test_cancel_leaves_no_output(tmp_path, weights):
         denoise_file(src, tmp_path / "out.nrrd", Denoiser.load(str(weights), "cpu"), batch_size=2,
                      progress=lambda d, n: calls.append(d), cancel=lambda: len(calls) > 1)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.mha"]
+
+
+def test_ctrl_c_or_sigterm_mid_run_leaves_only_the_input(tmp_path, weights):
+    """The collected result is a volume-sized hidden .raw beside the output: a Ctrl-C
+    (KeyboardInterrupt, not an Exception) or a SIGTERM must take it away too."""
+    import signal
+    src = write_image(tmp_path / "in.nrrd", synthetic_ct(6, 32))
+
+    def interrupt(done, total):
+        raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        denoise_file(src, tmp_path / "out.nrrd", Denoiser.load(str(weights), "cpu"), batch_size=2, progress=interrupt)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.nrrd"]
+    big = write_image(tmp_path / "big.nrrd", synthetic_ct(60, 64))
+    (tmp_path / "in.nrrd").unlink()
+    proc = subprocess.Popen([sys.executable, "-m", "CoreDiffLib.cli", "denoise", str(big), str(tmp_path / "o.nrrd"),
+                             "--model", str(weights), "--device", "cpu", "--batch-size", "1", "--steps", "4",
+                             "--progress", "lines"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if line.startswith("PROGRESS 1 "):
+            break
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.nrrd"]
+
+
+def test_a_streamed_output_that_fails_while_written_keeps_the_earlier_file(tmp_path, monkeypatch):
+    """.nrrd/.mha/.nii(.gz) outputs are written slab by slab from the collected result: a full disk
+    halfway must leave the file that was there (the writer goes through a temporary name)."""
+    import errno
+    import gzip
+
+    from CoreDiffLib.streaming import StreamedOutput
+    out = tmp_path / "out.nrrd"
+    out.write_bytes(b"an earlier result")
+    sink = StreamedOutput(out, (3, 16, 16), {"spacing": (1.0, 1.0, 1.0), "origin": (0.0, 0.0, 0.0),
+                                             "direction": (1, 0, 0, 0, 1, 0, 0, 0, 1)}, np.int16)
+    sink.array[:] = np.full((3, 16, 16), 5, np.int16)
+
+    def disk_full(self, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(gzip.GzipFile, "write", disk_full)
+    with pytest.raises(OSError):
+        sink.commit()
+    assert out.read_bytes() == b"an earlier result" and [p.name for p in tmp_path.iterdir()] == ["out.nrrd"]
+
+
+def test_an_interrupted_unpacking_of_a_gzip_nrrd_leaves_no_temporary_file(tmp_path, monkeypatch):
+    import zlib
+
+    src = tmp_path / "in.nrrd"
+    sitk.WriteImage(sitk.GetImageFromArray(synthetic_ct(3, 32).astype(np.int16)), str(src), True)
+    temp = tmp_path / "temp"
+    temp.mkdir()
+
+    class Interrupted:
+        def decompress(self, data):
+            raise KeyboardInterrupt
+    monkeypatch.setattr(zlib, "decompressobj", lambda *a: Interrupted())
+    with pytest.raises(KeyboardInterrupt):
+        VolumeSource.open(src, temp_dir=temp)
+    assert list(temp.iterdir()) == []
 
 
 _PEAK_SCRIPT = r"""
