@@ -288,7 +288,8 @@ def test_ctrl_c_or_sigterm_mid_run_leaves_only_the_input(tmp_path, weights):
     (tmp_path / "in.nrrd").unlink()
     proc = subprocess.Popen([sys.executable, "-m", "CoreDiffLib.cli", "denoise", str(big), str(tmp_path / "o.nrrd"),
                              "--model", str(weights), "--device", "cpu", "--batch-size", "1", "--steps", "4",
-                             "--progress", "lines"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             "--progress", "lines"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            text=True)
     for line in proc.stdout:
         if line.startswith("PROGRESS 1 "):
             break
