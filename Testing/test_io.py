@@ -903,3 +903,13 @@ def test_multi_file_outputs_land_in_one_move_or_data_before_header(tmp_path, mon
     moves.clear()
     write_volume(vol, tmp_path / "v.mhd")
     assert [dst.name for _, dst in moves][-1] == "v.mhd" and len(moves) == 2  # the data file, then the header
+
+
+def test_a_streamed_output_keeps_values_its_input_type_holds():
+    """int32 (ITK's type for int16 DICOM with an intercept) narrows to int16 only when the input's
+    values fit: padding of -33792 HU would be clipped to -32768 otherwise."""
+    from CoreDiffLib.streaming import output_dtype
+    assert output_dtype("int32", (-1024.0, 3071.0)) == np.int16
+    assert output_dtype("int32", (-33792.0, 3071.0)) == np.int32
+    assert output_dtype("int32", (-1024.0, 40000.0)) == np.int32
+    assert output_dtype("int16", (-1024.0, 3071.0)) == np.int16 and output_dtype("float64") == np.float32
