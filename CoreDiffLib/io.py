@@ -4,6 +4,10 @@ Arrays are (slices, rows, cols) float32 in HU — the same (K, J, I) order as Sl
 ``arrayFromVolume`` — and carry their geometry (spacing, origin, direction) so nothing is
 lost on the way back. Outputs are written atomically: a temporary sibling, then a rename,
 so a crash or a cancel never leaves a half-written file, and the input is never touched.
+
+Sections: the :class:`Volume` and its geometry (axial view, grids, slices), output paths and
+their checks, reading, writing (files, DICOM series), and the training data ("datasets": NDCT/LDCT
+pairs found by name or listed, dose tags in file names, the pairs' checks).
 """
 from __future__ import annotations
 
