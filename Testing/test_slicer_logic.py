@@ -1144,3 +1144,67 @@ def test_what_the_radiologist_sees_warnings_kept_words_not_flags_and_the_wizard_
     assert args[args.index("--device") + 1] == "cpu"
     widget.onOneShotAdapt()  # Cancel
     spin(slicer, lambda: not widget._oneShotJob.running, timeout=30)
+
+
+def test_what_the_widget_sends_and_where_a_result_lands_when_the_input_changes_mid_run(slicerEnv, tinyModel):  # noqa: F811,E501
+    """From a mutation review: a model chosen in the list beside a model file of one's own, the
+    device, batch size and automatic steps each reached the command line unchecked; the volume
+    handed to the CLI could have its spacing in another order (the library picks the context and
+    the dose model from it); and an input changed during a run could aim the next run at the
+    first patient's result."""
+    slicer, module, tempDir = slicerEnv
+    widget, p = widgetOnTinyModel(module, tinyModel)
+    a, _ = makeVolume((4, 48, 48), name="PatientA", seed=0)
+    b, _ = makeVolume((6, 40, 40), name="PatientB", seed=5)
+    p.inputVolume = a
+    p.model = "model:corediff-25-w32"  # the list's choice; the model file wins
+    p.batchSize = 3
+    p.autoSteps = True
+    widget.ui.applyButton.click()
+    args = [str(x) for x in H.launched[-1].args]
+    assert args.count("--model") == 1 and args[args.index("--model") + 1] == tinyModel
+    assert args[args.index("--device") + 1] == "cpu" and args[args.index("--batch-size") + 1] == "3"
+    assert "--steps" not in args  # automatic: the library's --steps auto
+    p.inputVolume = b  # while A runs
+    spin(slicer, lambda: not widget._job.running, timeout=120)
+    assert widget._job.succeeded, widget._job.errorMessage
+    resultA = slicer.mrmlScene.GetFirstNodeByName("PatientA denoised")
+    assert resultA is not None and p.inputVolume is b and p.outputVolume is None  # B gets its own result
+    # the volume written for the CLI: the node's spacing, in (x, y, z) order, and its LPS geometry
+    import SimpleITK as sitk
+    path = os.path.join(tempDir, "written.nrrd")
+    widget.logic.writeVolume(a, path)
+    image = sitk.ReadImage(path)
+    assert image.GetSpacing() == pytest.approx(a.GetSpacing())
+    ras = [0.0, 0.0, 0.0, 1.0]
+    ijkToRASOf(a).MultiplyPoint([3, 5, 2, 1], ras)
+    assert image.TransformIndexToPhysicalPoint((3, 5, 2)) == pytest.approx((-ras[0], -ras[1], ras[2]))
+
+
+def test_readouts_take_the_output_inside_the_roi_too_and_a_reference_half_a_millimetre_off_is_refused(slicerEnv):  # noqa: F811,E501
+    slicer, module, tempDir = slicerEnv
+    rng = np.random.default_rng(0)
+    before = rng.normal(0, 30, (3, 64, 64)).astype(np.int16)
+    after = (before // 3).astype(np.int16)
+    volume = slicer.util.addVolumeFromArray(before, name="flat")
+    denoised = slicer.util.addVolumeFromArray(after, name="flat denoised")
+    roi = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "tilted")
+    roi.SetCenter(31.0, 30.0, 1.0)
+    roi.SetSize(20.0, 10.0, 0.5)
+    angle = np.radians(30)
+    axes = roi.GetObjectToNodeMatrix()
+    for r, row in enumerate([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]]):
+        for c, value in enumerate(row):
+            axes.SetElement(r, c, value)
+    roi.Modified()
+    logic = module.CoreDiffSlicerLogic()
+    stats = logic.roiStatistics(volume, denoised, roi)
+    jj, ii = np.mgrid[0:64, 0:64]
+    u = (ii - 31.0) * np.cos(angle) + (jj - 30.0) * np.sin(angle)
+    v = -(ii - 31.0) * np.sin(angle) + (jj - 30.0) * np.cos(angle)
+    inside = (np.abs(u) <= 10.0) & (np.abs(v) <= 5.0)
+    assert stats["after"]["mean"] == pytest.approx(after[1][inside].mean())
+    assert stats["after"]["std"] == pytest.approx(after[1][inside].std())
+    shifted = slicer.util.addVolumeFromArray(before, name="half a millimetre off")
+    shifted.SetOrigin(0.5, 0.0, 0.0)
+    assert "is not on the voxel grid" in (logic.gridMismatch(shifted, volume) or "")
