@@ -351,13 +351,24 @@ def test_a_timeout_stops_the_run_and_a_reused_output_keeps_no_old_provenance(sli
     for _ in range(20):
         slicer.app.processEvents()
     assert slicer.mrmlScene.GetNumberOfNodes() == nodes
-    out = H.volumeFromArray(np.zeros((8, 64, 64), np.int16), m, "result")
+    # a reused node of another size, on an identity grid, under a transform of its own, with an
+    # earlier run's provenance: it takes the input's grid and transform, and none of what it had
+    out = H.volumeFromArray(np.zeros((3, 16, 16), np.int16), vtk.vtkMatrix4x4(), "result")
+    elsewhere = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "elsewhere")
+    out.SetAndObserveTransformNodeID(elsewhere.GetID())
     out.SetAttribute("CoreDiff.model_choice", "auto: from an earlier run")  # what an Automatic run leaves
     out.SetAttribute("CoreDiff.model", "corediff-25-w32")
+    out.SetAttribute("CoreDiff.adaptation", "an earlier adaptation")
     out.SetAttribute("Other.kept", "yes")
+    kept = slicer.util.arrayFromVolume(inputNode).copy()
     logic.denoise(inputNode, out, modelFile=tinyModel, device="cpu", timeout=120)
     assert out.GetAttribute("CoreDiff.model_choice") is None and out.GetAttribute("CoreDiff.model") == "tiny"
-    assert out.GetAttribute("Other.kept") == "yes"
+    assert out.GetAttribute("CoreDiff.adaptation") is None and out.GetAttribute("Other.kept") == "yes"
+    assert out.GetTransformNodeID() == inputNode.GetTransformNodeID()
+    grid = ijkToRASOf(out)
+    assert all(grid.GetElement(r, c) == pytest.approx(m.GetElement(r, c)) for r in range(4) for c in range(4))
+    assert slicer.util.arrayFromVolume(out).shape == (8, 64, 64)
+    np.testing.assert_array_equal(slicer.util.arrayFromVolume(inputNode), kept)
 
 
 def test_scene_close_or_a_deleted_volume_during_a_run_adds_nothing(slicerEnv, tinyModel):  # noqa: F811
@@ -584,8 +595,11 @@ def test_the_process_reader_survives_bad_bytes_and_a_kill_is_named(slicerEnv):  
               "out.write(b'a warning\\n'); out.flush()\n"
               "if sys.argv[1] == 'kill':\n"
               "    os.kill(os.getpid(), signal.SIGKILL)\n"
+              "if sys.argv[1] == 'crash':  # no 'corediff: error:' line: the last line is the cause\n"
+              "    out.write(b'Traceback (most recent call last):\\nRuntimeError: CUDA out of memory\\n'); sys.exit(1)\n"
               "out.write(b'corediff: error: the input is not CT\\n'); sys.exit(2)\n")
-    for how, message in (("error", "the input is not CT"), ("kill", "stopped by signal 9")):
+    for how, message in (("error", "the input is not CT"), ("kill", "stopped by signal 9"),
+                         ("crash", "RuntimeError: CUDA out of memory")):
         seen = []
         job = module.CoreDiffProcess([sys.executable, "-c", script, how], onProgress=lambda d, t: seen.append(d))
         job.start()

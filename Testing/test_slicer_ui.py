@@ -149,6 +149,9 @@ def test_gui_and_parameter_node_stay_in_sync(slicerEnv):  # noqa: F811
     assert str(p.modelFile) == "/tmp/my.safetensors"
     widget.ui.modelPathLineEdit.setProperty("currentPath", "")
     assert str(p.modelFile) == "." and widget.ui.modelPathLineEdit.property("currentPath") == ""
+    p.modelFile = __import__("pathlib").Path("/tmp/saved.safetensors")  # a scene loaded with its model file
+    assert widget.ui.modelPathLineEdit.property("currentPath") == "/tmp/saved.safetensors"
+    p.modelFile = __import__("pathlib").Path()
     edit = widget.ui.oneShotNameLineEdit
     p.osName = "LDCT_oneshot"
     assert edit.property("text") == "LDCT_oneshot"
