@@ -596,7 +596,8 @@ def test_the_process_reader_survives_bad_bytes_and_a_kill_is_named(slicerEnv):  
               "if sys.argv[1] == 'kill':\n"
               "    os.kill(os.getpid(), signal.SIGKILL)\n"
               "if sys.argv[1] == 'crash':  # no 'corediff: error:' line: the last line is the cause\n"
-              "    out.write(b'Traceback (most recent call last):\\nRuntimeError: CUDA out of memory\\n'); sys.exit(1)\n"
+              "    out.write(b'Traceback (most recent call last):\\nRuntimeError: CUDA out of memory\\n')\n"
+              "    sys.exit(1)\n"
               "out.write(b'corediff: error: the input is not CT\\n'); sys.exit(2)\n")
     for how, message in (("error", "the input is not CT"), ("kill", "stopped by signal 9"),
                          ("crash", "RuntimeError: CUDA out of memory")):
