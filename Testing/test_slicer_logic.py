@@ -39,6 +39,24 @@ def widgetOnTinyModel(module, modelPath):
     return widget, p
 
 
+def tiltedRoi(slicer):
+    """A 20 x 10 mm ROI at 30 degrees to a 64 x 64 volume's axes (IJK = RAS, 1 mm voxels), on slice 1,
+    and which voxels of a slice lie inside it."""
+    roi = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "tilted")
+    roi.SetCenter(31.0, 30.0, 1.0)
+    roi.SetSize(20.0, 10.0, 0.5)
+    angle = np.radians(30)
+    axes = roi.GetObjectToNodeMatrix()
+    for r, row in enumerate([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]]):
+        for c, value in enumerate(row):
+            axes.SetElement(r, c, value)
+    roi.Modified()
+    jj, ii = np.mgrid[0:64, 0:64]
+    u = (ii - 31.0) * np.cos(angle) + (jj - 30.0) * np.sin(angle)  # the voxel centres in the ROI's axes
+    v = -(ii - 31.0) * np.sin(angle) + (jj - 30.0) * np.cos(angle)
+    return roi, (np.abs(u) <= 10.0) & (np.abs(v) <= 5.0)
+
+
 def cliHas(subcommand):
     r = subprocess.run([sys.executable, "-m", "CoreDiffLib.cli", subcommand, "--help"], cwd=H.REPO_ROOT,
                        capture_output=True, encoding="utf-8")
@@ -642,20 +660,8 @@ def test_the_roi_readout_takes_only_the_voxels_inside_a_tilted_roi(slicerEnv):  
     rng = np.random.default_rng(0)
     array = rng.normal(0, 30, (3, 64, 64)).astype(np.int16)
     volume = slicer.util.addVolumeFromArray(array, name="flat")  # IJK = RAS, 1 mm voxels
-    roi = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "tilted")
-    roi.SetCenter(31.0, 30.0, 1.0)
-    roi.SetSize(20.0, 10.0, 0.5)
-    angle = np.radians(30)
-    axes = roi.GetObjectToNodeMatrix()
-    for r, row in enumerate([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]]):
-        for c, value in enumerate(row):
-            axes.SetElement(r, c, value)
-    roi.Modified()
+    roi, inside = tiltedRoi(slicer)
     stats = module.CoreDiffSlicerLogic().roiStatistics(volume, volume, roi)
-    jj, ii = np.mgrid[0:64, 0:64]
-    u = (ii - 31.0) * np.cos(angle) + (jj - 30.0) * np.sin(angle)  # the voxel centres in the ROI's axes
-    v = -(ii - 31.0) * np.sin(angle) + (jj - 30.0) * np.cos(angle)
-    inside = (np.abs(u) <= 10.0) & (np.abs(v) <= 5.0)
     assert stats["voxels"] == inside.sum()
     assert stats["before"]["mean"] == pytest.approx(array[1][inside].mean())
     assert stats["before"]["std"] == pytest.approx(array[1][inside].std())
@@ -1203,21 +1209,9 @@ def test_readouts_take_the_output_inside_the_roi_too_and_a_reference_half_a_mill
     after = (before // 3).astype(np.int16)
     volume = slicer.util.addVolumeFromArray(before, name="flat")
     denoised = slicer.util.addVolumeFromArray(after, name="flat denoised")
-    roi = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "tilted")
-    roi.SetCenter(31.0, 30.0, 1.0)
-    roi.SetSize(20.0, 10.0, 0.5)
-    angle = np.radians(30)
-    axes = roi.GetObjectToNodeMatrix()
-    for r, row in enumerate([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]]):
-        for c, value in enumerate(row):
-            axes.SetElement(r, c, value)
-    roi.Modified()
+    roi, inside = tiltedRoi(slicer)
     logic = module.CoreDiffSlicerLogic()
     stats = logic.roiStatistics(volume, denoised, roi)
-    jj, ii = np.mgrid[0:64, 0:64]
-    u = (ii - 31.0) * np.cos(angle) + (jj - 30.0) * np.sin(angle)
-    v = -(ii - 31.0) * np.sin(angle) + (jj - 30.0) * np.cos(angle)
-    inside = (np.abs(u) <= 10.0) & (np.abs(v) <= 5.0)
     assert stats["after"]["mean"] == pytest.approx(after[1][inside].mean())
     assert stats["after"]["std"] == pytest.approx(after[1][inside].std())
     shifted = slicer.util.addVolumeFromArray(before, name="half a millimetre off")
