@@ -176,8 +176,9 @@ def sole_writer(targets: Iterable[str | os.PathLike], command: str) -> Iterator[
 
     Two training runs with one --out or checkpoint overwrote each other's files. The lock is an
     OS lock (``flock``) on a small file in the temporary folder named after each target's full
-    path: it goes with the process however it ends, SIGKILL included, so it never goes stale.
-    Where locks are unavailable (Windows, an unwritable temporary folder) the run goes on unlocked.
+    path: it goes with the process however it ends, SIGKILL included, so it never goes stale, and
+    a run that ends normally removes its file. Where locks are unavailable (Windows, an unwritable
+    temporary folder) the run goes on unlocked.
     """
     try:
         import fcntl
@@ -188,18 +189,38 @@ def sole_writer(targets: Iterable[str | os.PathLike], command: str) -> Iterator[
         for target in targets:
             full = str(Path(target).expanduser().resolve())
             lock = Path(tempfile.gettempdir()) / f"corediff-lock-{hashlib.sha1(full.encode()).hexdigest()[:16]}"
-            try:
-                f = held.enter_context(open(lock, "a+", encoding="utf-8"))
-            except OSError:
+            while True:
+                try:
+                    f = open(lock, "a+", encoding="utf-8")
+                except OSError:
+                    f = None
+                    break
+                try:
+                    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError:
+                    f.seek(0)
+                    holder = f.read().strip() or "another process"
+                    f.close()
+                    raise CoreDiffError(f"another {command} is writing {target} now ({holder}): wait for it to "
+                                        "end, or give this one another --out and --checkpoint") from None
+                try:  # the file locked is still the one at that name (a run ending removes its own)
+                    if os.fstat(f.fileno()).st_ino == os.stat(lock).st_ino:
+                        break
+                except FileNotFoundError:
+                    pass
+                f.close()
+            if f is None:
                 continue
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                f.seek(0)
-                holder = f.read().strip() or "another process"
-                raise CoreDiffError(f"another {command} is writing {target} now ({holder}): wait for it to end, "
-                                    "or give this one another --out and --checkpoint") from None
+            held.callback(f.close)
+            held.callback(_remove_quietly, lock)  # runs first: removed while still locked
             f.truncate(0)
             f.write(f"process {os.getpid()}")
             f.flush()
         yield
+
+
+def _remove_quietly(path: Path) -> None:
+    try:
+        path.unlink()
+    except OSError:
+        pass

@@ -728,8 +728,11 @@ def test_a_second_train_run_writing_the_same_files_is_refused_while_the_first_ru
         first.send_signal(signal.SIGKILL)  # no cleanup at all: the lock goes with the process
         first.wait(timeout=60)
     time.sleep(0.1)
+    import tempfile
+    locks = set(Path(tempfile.gettempdir()).glob("corediff-lock-*"))
     again = corediff("train", data, "--out", out, "--iterations", "2", *common)
     assert again.returncode == 0 and out.exists(), again.stderr
+    assert set(Path(tempfile.gettempdir()).glob("corediff-lock-*")) <= locks  # a run that ends removes its own
 
 
 def test_train_shows_progress_takes_doses_as_simulate_writes_them_and_says_why_it_stopped(tmp_path):
