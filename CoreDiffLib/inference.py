@@ -512,8 +512,8 @@ def denoise_file(input_path: str | os.PathLike, output_path: str | os.PathLike, 
     below :data:`THICK_SLICE_MM` of slice spacing and each slice itself from there on.
     Returns (output path, shape of what was denoised, streamed). ``streamed`` is False when the
     input had to be read whole (DICOM folders and other non-streamable inputs); the output is
-    still collected in a temporary raw file and written slab by slab when its format allows. Nothing is left behind on
-    error/cancel.
+    still collected in a temporary raw file and written slab by slab when its format allows.
+    Nothing is left behind on error/cancel.
     """
     from .dicom import check_series_input
     from .io import check_grid_output, check_output_path, read_volume, slice_spacing_mm, write_volume

@@ -1,9 +1,9 @@
 """CT files read and written slab by slab, so a whole series never has to sit in memory.
 
 :class:`VolumeSource` reads slices of an NRRD, MetaImage or NIfTI file by index (raw data
-read slab by slab with plain file reads; gzip data inflated once into a temporary raw file); :class:`StreamedOutput`
-collects a result in a temporary raw file and writes the final file from it, renamed into
-place only when complete. ``inference.denoise_file`` joins the two.
+read slab by slab with plain file reads; gzip data inflated once into a temporary raw file);
+:class:`StreamedOutput` collects a result in a temporary raw file and writes the final file
+from it, renamed into place only when complete. ``inference.denoise_file`` joins the two.
 """
 from __future__ import annotations
 
@@ -108,7 +108,7 @@ def _process_alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except (PermissionError, OSError):  # another user's process (alive), or no way to tell: keep its file
+    except OSError:  # PermissionError: another user's process (alive); else no way to tell: keep its file
         return True
     return True
 

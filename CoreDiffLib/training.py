@@ -472,7 +472,7 @@ class TrainState:
     legs: list[dict] = field(default_factory=list)
 
     def begin_leg(self, cfg: "TrainConfig", device: str) -> None:
-        settings = {k: getattr(cfg, k) for k in RESUMABLE_CHANGES if k not in ("log_every", "checkpoint_every")}
+        settings = {k: getattr(cfg, k) for k in LEG_SETTINGS}
         self.legs.append({"from_iteration": self.iteration, "to_iteration": self.iteration, "device": device,
                           "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **settings})
 
@@ -550,6 +550,8 @@ def _update_ema(ema: ClearNet, model: ClearNet, decay: float) -> None:
 #: (e.g. a lower one for a last leg); any other difference would silently train another recipe
 RESUMABLE_CHANGES = ("iterations", "time_limit_s", "threads", "checkpoint_every", "log_every", "keep_every",
                      "lr", "lr_schedule")
+#: of those, what each leg of a resumed run records (how often it logged or saved does not shape the weights)
+LEG_SETTINGS = tuple(k for k in RESUMABLE_CHANGES if k not in ("log_every", "checkpoint_every"))
 
 
 def data_fingerprint(pairs: Sequence[tuple[np.ndarray, np.ndarray]]) -> str:
@@ -655,7 +657,7 @@ def _unrecorded_legs(saved: dict) -> list[dict]:
     cfg = saved["train_config"]
     return [{"from_iteration": 0, "to_iteration": int(saved["iteration"]),
              "note": "legs not recorded separately (a checkpoint from before 2026-12-05): the last leg's settings",
-             **{k: cfg[k] for k in RESUMABLE_CHANGES if k in cfg and k not in ("log_every", "checkpoint_every")}}]
+             **{k: cfg[k] for k in LEG_SETTINGS if k in cfg}}]
 
 
 class TrainingInterrupted(KeyboardInterrupt):

@@ -231,6 +231,10 @@ class CtkSliderWidgetToIntConnector(GuiConnector):
 # CoreDiffSlicerParameterNode
 #
 
+#: the most sampling steps the module offers: the slider stops at the chosen model's T, below this
+MOST_STEPS = 50
+
+
 @parameterNodeWrapper
 class CoreDiffSlicerParameterNode:
     """State of the module, saved with the scene.
@@ -256,7 +260,7 @@ class CoreDiffSlicerParameterNode:
     modelFile: pathlib.Path
     device: str = "auto"
     autoSteps: bool = True
-    steps: Annotated[int, WithinRange(1, 50)] = 10  # every shipped model has T = 10; the slider stops at the model's T
+    steps: Annotated[int, WithinRange(1, MOST_STEPS)] = 10  # every shipped model has T = 10
     batchSize: Annotated[int, WithinRange(0, 512)] = 0
     context: str = "auto"
     showComparison: bool = True
@@ -666,7 +670,7 @@ class CoreDiffSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         path = "" if p is None or str(p.modelFile) in ("", ".") else str(p.modelFile)
         if path not in self._modelFileSteps:  # read once per file, not at every parameter change
             self._modelFileSteps[path] = (self.logic.modelFileSteps(path) if path else None) or self.logic.SHIPPED_STEPS
-        top = min(self._modelFileSteps[path], 50)  # the parameter node's range
+        top = min(self._modelFileSteps[path], MOST_STEPS)  # the parameter node's range
         if self.ui.stepsSliderWidget.maximum != top:
             self.ui.stepsSliderWidget.maximum = top
         if p is not None and p.steps > top:

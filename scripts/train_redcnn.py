@@ -21,7 +21,7 @@ from CoreDiffLib import CoreDiffError  # noqa: E402
 from CoreDiffLib.atomic import atomic_path, check_output_file  # noqa: E402
 from CoreDiffLib.baselines import train_redcnn  # noqa: E402
 from CoreDiffLib.io import find_pairs, read_training_pairs  # noqa: E402
-from CoreDiffLib.training import LEVEL_WINDOWS, LR_SCHEDULES, LossTerms  # noqa: E402
+from CoreDiffLib.training import LEVEL_WINDOWS, LR_SCHEDULES, TRAIN_PRECISIONS, LossTerms  # noqa: E402
 
 
 def main() -> int:
@@ -54,7 +54,7 @@ def main() -> int:
                         "--anywhere-share` does")
     p.add_argument("--device", default="cpu",
                    help="cpu (default: the recipe of the shipped baselines), cuda, mps or auto")
-    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+    p.add_argument("--precision", choices=TRAIN_PRECISIONS, default="fp32",
                    help="bf16: autocast, as CoreDiff's GPU training (the GPU rounds' baselines)")
     p.add_argument("--out", required=True, help="weights file (.pt), for the quality benchmark's RED-CNN rows")
     a = p.parse_args()
