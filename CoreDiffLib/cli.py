@@ -227,7 +227,7 @@ CHECKPOINT_SUFFIXES = (".ckpt", ".pt", ".pth")
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .inference import pick_device
-    from .io import find_pairs, pairs_dose_tag, read_pair_list, read_training_pairs
+    from .pairs import find_pairs, pairs_dose_tag, read_pair_list, read_training_pairs
     from .models import WEIGHTS_DIR, resolve_model, save_weights, shipped_models
     from .network import NetworkConfig
     from .training import TrainConfig, farthest_neighbour_mm, patch_size_used, train

@@ -12,7 +12,8 @@ import SimpleITK as sitk
 
 from CoreDiffLib import CoreDiffError
 from CoreDiffLib.dicom import find_dicom_series
-from CoreDiffLib.io import check_output_path, find_pairs, read_pair_list, read_volume, write_volume
+from CoreDiffLib.io import check_output_path, read_volume, write_volume
+from CoreDiffLib.pairs import find_pairs, read_pair_list
 
 from conftest import dicom_positions, synthetic_ct, write_dicom_series, write_image, write_study_folder
 
@@ -155,7 +156,8 @@ def test_dicom_output_keeps_values_beyond_int16_with_an_intercept(tmp_path, extr
 
 
 def test_dicom_stored_values_keep_the_top_of_a_range_wider_than_16_bits_and_dose_tags_read_as_typed():
-    from CoreDiffLib.io import _dicom_stored_values, _series_description, as_dose_tag
+    from CoreDiffLib.io import _dicom_stored_values, _series_description
+    from CoreDiffLib.pairs import as_dose_tag
     stored, intercept = _dicom_stored_values(np.array([-40000.0, 0.0, 30000.0]))  # padding, water, metal
     assert intercept == 30000 - 32767 and stored.tolist() == [intercept - 32768, 0.0, 30000.0]  # padding clipped
     typed = {"25": "25", "0.25": "25", "25%": "25", "ldct25": "25", "12.5": "12p5", "12p5": "12p5", "0p5": "0p5",
@@ -325,7 +327,7 @@ def test_pairs_are_matched_by_name(tmp_path):
     for name in ["case000_abdomen_ndct.nrrd", "case000_abdomen_ldct25.nrrd", "case000_abdomen_ldct10.nrrd",
                  "case001_head_ndct.nrrd", "case001_head_ldct25.nrrd", "notes.nrrd"]:
         (tmp_path / name).write_bytes(b"")
-    pairs = find_pairs(tmp_path, dose_tag="25")
+    pairs = find_pairs(tmp_path, dose="25")
     assert [(a.name, b.name) for a, b in pairs] == [
         ("case000_abdomen_ndct.nrrd", "case000_abdomen_ldct25.nrrd"),
         ("case001_head_ndct.nrrd", "case001_head_ldct25.nrrd")]

@@ -303,7 +303,7 @@ def test_simulate_dataset_workers_match_serial(tmp_path):
 
 
 def test_dose_tags_in_file_names_read_back_as_their_doses():
-    from CoreDiffLib.simulation.dataset import dose_from_tag, dose_tag
+    from CoreDiffLib.pairs import dose_from_tag, dose_tag
     for dose, tag in ((0.25, "25"), (0.05, "5"), (0.125, "12p5"), (0.03, "3"), (1.0, "100")):
         assert dose_tag(dose) == tag and dose_from_tag(tag) == pytest.approx(dose)
 
@@ -366,7 +366,7 @@ def test_simulate_command_writes_pairs_and_keeps_an_earlier_simulation(tmp_path)
 def test_only_what_a_simulations_manifest_lists_is_replaced_and_its_odd_doses_pair_for_training(tmp_path):
     """--overwrite replaced any manifest.json and any file named like case007_liver_ndct.nii.gz,
     a user's real scans included; a 12.5 % scan (ldct12p5) could not be found for training."""
-    from CoreDiffLib.io import find_pairs
+    from CoreDiffLib.pairs import find_pairs
     common = dict(count=1, n_slices=1, size=N, geometry=GEOM, progress=False)
     for mine in ({"manifest.json": '{"study": "mine"}'},
                  {"case007_liver_ndct.nii.gz": "scan", "case007_liver_ldct25.nii.gz": "scan"}):

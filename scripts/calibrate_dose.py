@@ -23,7 +23,7 @@ from CoreDiffLib.atomic import write_text_atomic  # noqa: E402
 from CoreDiffLib.dose_estimate import DoseCalibration, measure, nearest_model  # noqa: E402
 from CoreDiffLib.io import read_volume  # noqa: E402
 from CoreDiffLib.models import MANIFEST, load_manifest, shipped_models  # noqa: E402
-from CoreDiffLib.simulation.dataset import dose_from_tag  # noqa: E402
+from CoreDiffLib.pairs import dose_from_tag  # noqa: E402
 
 _ROLE = re.compile(r"_(ndct|ldct([\dp]+))\.nrrd$")
 

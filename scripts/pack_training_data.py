@@ -42,7 +42,8 @@ def body_box(ndct: np.ndarray, margin: int, min_size: int) -> tuple[slice, slice
 
 def pack(folder: Path, dose_tags: Sequence[str], crop: bool, margin: int = 16, min_size: int = 256) -> bytes:
     """``NAME/ndct`` and ``NAME/ldct-TAG`` int16 arrays for every case, xz-compressed."""
-    from CoreDiffLib.io import find_pairs, read_volume
+    from CoreDiffLib.io import read_volume
+    from CoreDiffLib.pairs import find_pairs
     arrays, boxes = {}, {}
     for tag in dose_tags:
         for nd_path, ld_path in find_pairs(folder, tag):

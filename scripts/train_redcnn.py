@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from CoreDiffLib import CoreDiffError  # noqa: E402
 from CoreDiffLib.atomic import atomic_path, check_output_file  # noqa: E402
 from CoreDiffLib.baselines import train_redcnn  # noqa: E402
-from CoreDiffLib.io import find_pairs, read_training_pairs  # noqa: E402
+from CoreDiffLib.pairs import find_pairs, read_training_pairs  # noqa: E402
 from CoreDiffLib.training import LEVEL_WINDOWS, LR_SCHEDULES, TRAIN_PRECISIONS, LossTerms  # noqa: E402
 
 

@@ -24,7 +24,8 @@ import numpy as np
 
 from .. import CoreDiffError
 from ..atomic import atomic_path, deferred_interrupts, partial_folder, write_text_atomic
-from ..io import dose_from_tag, dose_tag, write_image_file  # noqa: F401 (the file names' dose tags; imported from here too)
+from ..io import write_image_file
+from ..pairs import dose_from_tag, dose_tag
 from .noise import DEFAULT_ELECTRONIC_SIGMA, DEFAULT_I0, _check_dose, check_noise_settings, nested_dose_noise
 from .phantom import DEFAULT_FOV_MM, KINDS, make_phantom, phantom_radius_mm
 from .projector import FanBeamGeometry, check_fits, fbp, forward_project, hu_to_mu, mu_to_hu

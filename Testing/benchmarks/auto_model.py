@@ -26,13 +26,13 @@ from CoreDiffLib.inference import Denoiser, denoise_volume  # noqa: E402
 from CoreDiffLib.io import Volume, read_volume, write_volume  # noqa: E402
 from CoreDiffLib.metrics import mean_metrics, volume_metrics  # noqa: E402
 from CoreDiffLib.models import load_manifest  # noqa: E402
-from CoreDiffLib.simulation.dataset import dose_from_tag  # noqa: E402
+from CoreDiffLib.pairs import dose_from_tag  # noqa: E402
 
 
 def simulate_unseen(folder: Path, doses: list[float]) -> None:
     """The test phantoms (seeds 9000-9002) at ``doses``, written as corediff simulate names them."""
     from CoreDiffLib.simulation import simulate_pair
-    from CoreDiffLib.simulation.dataset import dose_tag
+    from CoreDiffLib.pairs import dose_tag
     folder.mkdir(parents=True, exist_ok=True)
     for i, kind in enumerate(("abdomen", "thorax", "head")):
         name = f"test{9000 + i}_{kind}"

@@ -54,7 +54,7 @@ from CoreDiffLib.atomic import atomic_path, write_text_atomic  # noqa: E402
 from CoreDiffLib.baselines import bm3d_denoise, load_redcnn, redcnn_denoise  # noqa: E402
 from CoreDiffLib.inference import denoise_volume  # noqa: E402
 from CoreDiffLib.io import read_volume  # noqa: E402
-from CoreDiffLib.simulation.dataset import dose_tag  # noqa: E402
+from CoreDiffLib.pairs import dose_tag  # noqa: E402
 from CoreDiffLib.simulation.projector import MU_WATER_PER_MM, FanBeamGeometry, fbp, forward_project  # noqa: E402
 
 CASES = ("test9000_abdomen", "test9001_thorax", "test9002_head")

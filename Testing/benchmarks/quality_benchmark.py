@@ -75,7 +75,7 @@ def held_out(dose: float, cache: Path, kinds=("abdomen", "thorax", "head"), slic
     ``slice_mm``: the slice spacing (the shipped models were trained on 1 mm); each spacing is
     a held-out set of its own, in its own ``cache``."""
     from CoreDiffLib.simulation import noise_free_reconstruction, simulate_pair
-    from CoreDiffLib.simulation.dataset import dose_tag
+    from CoreDiffLib.pairs import dose_tag
     cache.mkdir(parents=True, exist_ok=True)
     doses = sorted(set(HELD_OUT_DOSES) | {dose}, reverse=True)
     cases = []
@@ -229,8 +229,8 @@ def row_cache(folder: str | None, label: str, identity: str, dose: float, slices
 
 
 def training_slices(train_dir: Path, dose: float, n: int = 3) -> tuple[np.ndarray, np.ndarray]:
-    from CoreDiffLib.io import find_pairs
-    from CoreDiffLib.simulation.dataset import dose_tag
+    from CoreDiffLib.pairs import find_pairs
+    from CoreDiffLib.pairs import dose_tag
     nd_path, ld_path = find_pairs(train_dir, dose_tag(dose))[0]
     nd, ld = read_volume(nd_path).array, read_volume(ld_path).array
     idx = np.linspace(0, nd.shape[0] - 1, n).astype(int)

@@ -51,7 +51,7 @@ from CoreDiffLib.dose_estimate import choose_model, measure  # noqa: E402
 from CoreDiffLib.figures import comparison_figure  # noqa: E402
 from CoreDiffLib.io import read_volume  # noqa: E402
 from CoreDiffLib.metrics import paired_difference, slice_metrics  # noqa: E402
-from CoreDiffLib.simulation.dataset import dose_tag  # noqa: E402
+from CoreDiffLib.pairs import dose_tag  # noqa: E402
 from CoreDiffLib.simulation.noise import add_projection_noise, nested_dose_noise  # noqa: E402
 from CoreDiffLib.simulation.projector import FanBeamGeometry, fbp, forward_project, hu_to_mu, mu_to_hu  # noqa: E402
 

@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from CoreDiffLib.baselines import load_redcnn, redcnn_denoise  # noqa: E402
 from CoreDiffLib.inference import Denoiser, denoise_volume  # noqa: E402
 from CoreDiffLib.metrics import mean_metrics, paired_difference, volume_metrics  # noqa: E402
-from CoreDiffLib.simulation.dataset import dose_tag  # noqa: E402
+from CoreDiffLib.pairs import dose_tag  # noqa: E402
 from quality_benchmark import default_cache, held_out  # noqa: E402
 
 KINDS = ("abdomen", "thorax", "head")
