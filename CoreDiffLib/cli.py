@@ -630,13 +630,13 @@ def cmd_models(args: argparse.Namespace) -> int:
 def cmd_dose(args: argparse.Namespace) -> int:
     """``corediff dose IN``: what ``--model auto`` measures on a scan and the model it would run."""
     from .dose_estimate import choose_model
-    from .inference import axial_view
     from .io import read_volume
+    from .manifest import default_model_name
+    from .orientation import axial_view
     volume = read_volume(args.input, args.series, note)
     try:
         model, scan, dose = choose_model(*axial_view(volume))
     except CoreDiffError as exc:  # what denoise then does (unless --model auto is given explicitly)
-        from .models import default_model_name
         model = default_model_name()
         why = (f"{exc}, so its dose cannot be estimated: denoise runs the default model {model} (and refuses "
                "the scan when --model auto is given explicitly)")

@@ -186,7 +186,7 @@ def nearest_model(dose: float, models_by_dose: dict[float, str]) -> str:
 
 def shipped_choice() -> tuple[DoseCalibration, dict[float, str]]:
     """The calibration and the models ``--model auto`` chooses from, as the manifest ships them."""
-    from .models import load_manifest
+    from .manifest import load_manifest
     auto = load_manifest().get("auto")
     if not auto:
         raise CoreDiffError("this installation ships no calibration for --model auto: choose one with --model")

@@ -30,7 +30,7 @@ from .diffusion import sample
 from .intensity import HU_MAX, HU_MIN, PADDING_THRESHOLD_HU, hu_to_unit, unit_to_hu, validate_ct_array
 from .models import DEFAULT_MODEL, load_model, sha256_of
 from .network import ClearNet
-from .orientation import AxialLayout, InPlaneView, axial_layout, axial_spacing, in_plane_view  # noqa: F401 (also this module's API)
+from .orientation import AxialLayout, InPlaneView, axial_layout, axial_spacing, axial_view, in_plane_view  # noqa: F401 (also this module's API)
 from .runtime import (NON_FINITE_OUTPUT, PRECISIONS, RunSettings, auto_settings, build_net, check_applicable,
                       physical_cores)
 from .streaming import (SliceIndexable, StreamedOutput, VolumeSource, earlier_corediff, earlier_corediff_of_file,
@@ -467,20 +467,6 @@ def uses_neighbours(slice_mm: float, context: str = "auto", trained_neighbour_mm
     if context != "auto":
         return context == "neighbours"
     return slice_mm < THICK_SLICE_MM or (trained_neighbour_mm is not None and slice_mm <= 1.25 * trained_neighbour_mm)
-
-
-def axial_view(volume) -> tuple[np.ndarray, tuple[float, float]]:
-    """A read :class:`~CoreDiffLib.io.Volume`'s axial planes in the LPS in-plane layout the models
-    run them in, and their spacing (columns, rows) in mm, however it is stored: as
-    ``denoise_file`` feeds the network, so that ``corediff oneshot`` fits its weights on the states
-    denoise will blend, and ``--model auto`` measures what it sees. (:func:`CoreDiffLib.io.axial_volume`
-    keeps the stored in-plane layout and the geometry: a Volume, for comparing and training.)"""
-    layout = axial_layout(volume.direction, volume.array.shape)
-    if layout is not None:  # a reformat: its layout turns the planes in-plane too
-        return layout.to_axial(volume.array), axial_spacing(volume.spacing, layout)[:2]
-    view = in_plane_view(volume.direction)
-    x_mm, y_mm = (float(volume.spacing[0]), float(volume.spacing[1]))
-    return view.to_lps(volume.array), ((y_mm, x_mm) if view.swap else (x_mm, y_mm))  # a view: no copy
 
 
 def sub_volume_origin(info: dict, index_axis: int, start: int) -> tuple[float, float, float]:

@@ -6,7 +6,6 @@ validation metrics. Names resolve to shipped files; anything else is treated as 
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -18,36 +17,9 @@ from safetensors.torch import load_file, save_file
 
 from . import CoreDiffError
 from .atomic import atomic_path
+from .manifest import (DEFAULT_MODEL, MANIFEST, WEIGHTS_DIR, default_model_name, load_manifest,  # noqa: F401 (also
+                       resolve_model, sha256_of, shipped_models)  # this module's API)
 from .network import ClearNet, NetworkConfig
-
-WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
-MANIFEST = WEIGHTS_DIR / "manifest.json"
-DEFAULT_MODEL = "default"
-
-
-def sha256_of(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def load_manifest() -> dict:
-    """{"default": name, "models": {name: {...}}}; empty when nothing is shipped yet."""
-    if not MANIFEST.exists():
-        return {"default": None, "models": {}}
-    return json.loads(MANIFEST.read_text())
-
-
-def default_model_name() -> str:
-    """The model a run without --model gets: the manifest's default, by name."""
-    return load_manifest().get("default") or DEFAULT_MODEL
-
-
-def shipped_models() -> dict[str, dict]:
-    return load_manifest().get("models", {})
-
 
 def save_weights(model: ClearNet, path: str | os.PathLike, metadata: dict | None = None,
                  storage_dtype: torch.dtype = torch.float32) -> str:
@@ -74,30 +46,6 @@ def save_weights(model: ClearNet, path: str | os.PathLike, metadata: dict | None
             raise CoreDiffError(f"could not write {path} ({exc}){full_disk_hint(Path(path).parent)}") from None
         os.chmod(tmp, 0o644)  # the writer creates 0600 files; shipped weights must be world-readable
     return sha256_of(path)
-
-
-def resolve_model(name_or_path: str | os.PathLike | None) -> tuple[Path, dict]:
-    """Map a shipped model name (or None = default) or a file path to (file, manifest entry)."""
-    manifest = load_manifest()
-    models = manifest.get("models", {})
-    name = str(name_or_path) if name_or_path is not None else DEFAULT_MODEL
-    if name == DEFAULT_MODEL:
-        name = manifest.get("default") or ""
-        if not name:
-            raise CoreDiffError("no trained model is shipped in this installation: pass --model FILE")
-    if name in models:
-        entry = models[name]
-        return WEIGHTS_DIR / entry["file"], entry
-    known = ", ".join(sorted(models)) or "none"
-    path = Path(name).expanduser()
-    if not name.strip() or path.is_dir():  # '' is '.', a folder: "not a readable safetensors file (os error)"
-        raise CoreDiffError(f"model '{name_or_path}' is not a model name ({known}) or a .safetensors file")
-    if path.exists():
-        for entry in models.values():  # a shipped file given by its path is checked as by its name
-            if path.resolve() == (WEIGHTS_DIR / entry["file"]).resolve():
-                return path, entry
-        return path, {}
-    raise CoreDiffError(f"model '{name_or_path}' is neither a shipped model ({known}) nor an existing file")
 
 
 def read_weights_config(path: str | os.PathLike) -> tuple[NetworkConfig, dict]:

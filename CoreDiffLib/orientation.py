@@ -117,3 +117,17 @@ def slice_at(positions, point, tolerance_mm: float = 0.5) -> int | None:
     distance = np.linalg.norm(np.asarray(positions, dtype=np.float64) - np.asarray(point, dtype=np.float64), axis=1)
     k = int(np.argmin(distance))
     return k if distance[k] <= tolerance_mm else None
+
+
+def axial_view(volume) -> tuple[np.ndarray, tuple[float, float]]:
+    """A read :class:`~CoreDiffLib.io.Volume`'s axial planes in the LPS in-plane layout the models
+    run them in, and their spacing (columns, rows) in mm, however it is stored: as
+    ``denoise_file`` feeds the network, so that ``corediff oneshot`` fits its weights on the states
+    denoise will blend, and ``--model auto`` measures what it sees. (:func:`CoreDiffLib.io.axial_volume`
+    keeps the stored in-plane layout and the geometry: a Volume, for comparing and training.)"""
+    layout = axial_layout(volume.direction, volume.array.shape)
+    if layout is not None:  # a reformat: its layout turns the planes in-plane too
+        return layout.to_axial(volume.array), axial_spacing(volume.spacing, layout)[:2]
+    view = in_plane_view(volume.direction)
+    x_mm, y_mm = (float(volume.spacing[0]), float(volume.spacing[1]))
+    return view.to_lps(volume.array), ((y_mm, x_mm) if view.swap else (x_mm, y_mm))  # a view: no copy

@@ -51,11 +51,12 @@ def test_pip_package_data_carries_every_shipped_model_and_the_sample():
 
 
 def test_a_modified_shipped_file_is_refused(tmp_path, monkeypatch):
+    import CoreDiffLib.manifest as manifest
     import CoreDiffLib.models as models
     weights = tmp_path / "weights"
     shutil.copytree(WEIGHTS_DIR, weights, ignore=shutil.ignore_patterns("checkpoints"))
-    monkeypatch.setattr(models, "WEIGHTS_DIR", weights)
-    monkeypatch.setattr(models, "MANIFEST", weights / "manifest.json")
+    monkeypatch.setattr(manifest, "WEIGHTS_DIR", weights)
+    monkeypatch.setattr(manifest, "MANIFEST", weights / "manifest.json")
     entry = shipped_models()["corediff-25"]
     with open(weights / entry["file"], "r+b") as f:
         f.seek(-8, 2)
