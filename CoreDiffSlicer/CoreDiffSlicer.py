@@ -1668,6 +1668,11 @@ class CoreDiffSlicerLogic(ScriptedLoadableModuleLogic):
                               onFinished=finished)
         job.inputNode = inputNode
         job.sliceIndex = sliceIndex
+        return self._launch(job, runDir)
+
+    def _launch(self, job, runDir) -> CoreDiffProcess:
+        """Start ``job``, which owns ``runDir``; a job that cannot start (no Python launcher, no
+        permission) takes its temporary copies of the scan with it."""
         job.runDir = runDir
         self._jobs.append(job)
         try:
@@ -1792,10 +1797,8 @@ class CoreDiffSlicerLogic(ScriptedLoadableModuleLogic):
 
         job = CoreDiffProcess(self.cliCommand(*args), cwd=coreDiffLibParentDir(),
                               onProgress=onProgress, onFinished=finished)
-        job.runDir = runDir
         job.adaptationName = name
-        self._jobs.append(job)
-        return job.start()
+        return self._launch(job, runDir)
 
     # --- views -------------------------------------------------------------------------------
 

@@ -120,7 +120,9 @@ def test_denoise_button_creates_new_node_with_input_geometry(slicerEnv, tinyMode
     yellow = lm.sliceWidget("Yellow").mrmlSliceCompositeNode()
     assert red.GetBackgroundVolumeID() == inputNode.GetID()
     assert yellow.GetBackgroundVolumeID() == outputNode.GetID()
+    # linked and hot-linked: the views pan, zoom and scroll together while the mouse drags, not after it
     assert red.GetLinkedControl() and yellow.GetLinkedControl()
+    assert red.GetHotLinkedControl() and yellow.GetHotLinkedControl()
     assert inputNode.GetDisplayNode().GetWindow() == 350.0
     assert os.listdir(tempDir) == []  # temp NRRDs removed
 
@@ -1020,13 +1022,13 @@ def test_unpaired_one_shot_leaves_the_normal_dose_slice_to_the_library_unless_ch
     spinBox = widget.ui.oneShotNdctSliceSpinBox
     assert spinBox.property("maximum") == 11 and p.osNdctSlice == -1
     assert spinBox.property("text") == "automatic"
-    for chosen in (-1, 5):
+    for chosen in (-1, 0, 5):  # 0, the first slice, is a choice too (not 'automatic')
         p.osNdctSlice = chosen
         widget.onOneShotAdapt()
         args = [str(a) for a in H.launched[-1].args]
         assert ("--ndct-slice" in args) == (chosen >= 0)
         if chosen >= 0:
-            assert args[args.index("--ndct-slice") + 1] == "5"
+            assert args[args.index("--ndct-slice") + 1] == str(chosen)
         widget.onOneShotAdapt()  # Cancel
         spin(slicer, lambda: not widget._oneShotJob.running, timeout=30)
     # a message about the module's temporary files names the volumes instead
@@ -1217,3 +1219,72 @@ def test_readouts_take_the_output_inside_the_roi_too_and_a_reference_half_a_mill
     shifted = slicer.util.addVolumeFromArray(before, name="half a millimetre off")
     shifted.SetOrigin(0.5, 0.0, 0.0)
     assert "is not on the voxel grid" in (logic.gridMismatch(shifted, volume) or "")
+
+
+def test_a_run_that_cannot_start_leaves_no_copy_of_the_scan_and_a_new_run_forgets_old_doubts(slicerEnv, tinyModel, monkeypatch):  # noqa: F811,E501
+    """A denoise or one-shot run whose process cannot start (no PythonSlicer, no permission) left
+    its NRRD copies of the scans in Slicer's temporary folder (one-shot) and was kept as running;
+    and a run's 'Done' must not repeat the doubts of the run before it."""
+    slicer, module, tempDir = slicerEnv
+    widget, p = widgetOnTinyModel(module, tinyModel)
+    inputNode, _ = makeVolume((4, 48, 48), name="LD")
+    ndct, _ = makeVolume((4, 48, 48), name="ND", seed=4, noiseSD=10)
+    p.inputVolume = inputNode
+    p.osLdctVolume, p.osNdctVolume, p.osSlice, p.osName = inputNode, ndct, 1, "cannot_start"
+    nodesBefore = slicer.mrmlScene.GetNumberOfNodes()
+    launch = slicer.util.launchConsoleProcess
+
+    def cannotStart(*args, **kwargs):
+        raise OSError("[Errno 2] No such file or directory: 'PythonSlicer'")
+
+    monkeypatch.setattr(slicer.util, "launchConsoleProcess", cannotStart)
+    widget.ui.applyButton.click()
+    assert widget._job is None and widget.logic._jobs == []
+    assert widget.ui.statusLabel.property("text").startswith("Failed to start: ")
+    assert widget.ui.applyButton.property("text") == "Denoise" and widget.ui.applyButton.property("enabled")
+    widget.onOneShotAdapt()
+    assert widget.ui.oneShotStatusLabel.property("text").startswith("Failed to start: ")
+    assert widget.logic._jobs == [] and widget.ui.oneShotAdaptButton.property("text") == "Adapt"
+    assert os.listdir(tempDir) == []  # neither run's copies of the scans stay behind
+    assert [kind for kind, _ in H.displayed] == ["error", "error"]
+    assert slicer.mrmlScene.GetNumberOfNodes() == nodesBefore
+    monkeypatch.setattr(slicer.util, "launchConsoleProcess", launch)
+    widget._runWarnings = ["a doubt about the last run's model"]
+    widget.ui.applyButton.click()
+    spin(slicer, lambda: not widget._job.running, timeout=90)
+    status = widget.ui.statusLabel.property("text")
+    assert status.startswith("Done") and "a doubt about the last run's model" not in status, status
+
+
+def test_the_wizard_counts_its_slice_in_the_low_dose_scan_and_rounds_to_the_nearest(slicerEnv, tinyModel):  # noqa: F811
+    """The wizard's slice is `oneshot --slice`: a slice of the low-dose scan it adapts on, which
+    need not be the volume being denoised (another grid: here 1.25 mm slices beside 2.5 mm), and the
+    Red view between two slices is at the nearer one."""
+    slicer, module, tempDir = slicerEnv
+    widget, p = widgetOnTinyModel(module, tinyModel)
+    other, m = makeVolume((8, 48, 48), name="Denoised input")
+    fine = vtk.vtkMatrix4x4()
+    fine.DeepCopy(m)
+    fine.SetElement(2, 2, 1.25)
+    fine.SetElement(2, 3, -137.5)
+    ldct = H.volumeFromArray(slicer.util.arrayFromVolume(other)[[0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5]], fine, "LD")
+    ndct = H.volumeFromArray(slicer.util.arrayFromVolume(ldct) // 2, fine, "ND")
+    p.inputVolume = other
+    p.osLdctVolume, p.osNdctVolume, p.osSlice, p.osName = ldct, ndct, 2, "counted"
+    logic = widget.logic
+    widget._setOneShotStep(1)
+    assert p.osSlice == 2 and logic.redSliceIndex(ldct) == 2
+    logic.setRedSliceIndex(ldct, 9)  # the Red view moves: the wizard follows, counting in the low-dose scan
+    assert p.osSlice == 9 and logic.redSliceIndex(other) != 9
+    widget.ui.oneShotSliceSlider.setProperty("value", 4)  # the slider moves the Red view to that slice
+    assert logic.redSliceIndex(ldct) == 4 and p.osSlice == 4
+    for k, nearest in ((6.8, 7), (6.3, 6), (-0.4, 0), (11.4, 11)):
+        logic.setRedSliceIndex(ldct, k)
+        assert logic.redSliceIndex(ldct) == nearest, k
+    logic.setRedSliceIndex(ldct, 11.6)  # past the last slice's half: on no slice
+    assert logic.redSliceIndex(ldct) is None
+    widget.onOneShotAdapt()
+    args = [str(a) for a in H.launched[-1].args]
+    assert args[args.index("--slice") + 1] == str(p.osSlice) == "11"
+    widget.onOneShotAdapt()  # Cancel
+    spin(slicer, lambda: not widget._oneShotJob.running, timeout=30)
