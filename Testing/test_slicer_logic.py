@@ -1288,3 +1288,25 @@ def test_the_wizard_counts_its_slice_in_the_low_dose_scan_and_rounds_to_the_near
     assert args[args.index("--slice") + 1] == str(p.osSlice) == "11"
     widget.onOneShotAdapt()  # Cancel
     spin(slicer, lambda: not widget._oneShotJob.running, timeout=30)
+
+
+def test_cancel_stops_what_a_launcher_started(slicerEnv):  # noqa: F811
+    """In Slicer the command runs under PythonSlicer, a launcher that starts the real Python as its
+    child: a Cancel that stopped the launcher alone left the run going, writing and holding memory."""
+    slicer, module, tempDir = slicerEnv
+    worker = ("import subprocess, sys, time\n"  # and it starts a helper of its own (a data loader, say)
+              "helper = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+              "for k in range(1, 1000):\n"
+              "    print('PROGRESS %d 1000' % k, flush=True); time.sleep(0.05)\n")
+    launcher = f"import subprocess, sys; sys.exit(subprocess.call([sys.executable, '-c', {worker!r}]))"
+    job = module.CoreDiffProcess([sys.executable, "-c", launcher]).start()
+    spin(slicer, lambda: job.done >= 2 or job.finished, timeout=30)
+    assert not job.finished
+    children = psutil.Process(job.proc.pid).children(recursive=True)
+    assert len(children) == 2
+    job.cancel()
+    assert job.finished and job.cancelled and not job.succeeded
+    for proc in [psutil.Process(job.proc.pid)] if psutil.pid_exists(job.proc.pid) else []:
+        assert proc.status() == psutil.STATUS_ZOMBIE
+    for child in children:
+        assert not child.is_running() or child.status() == psutil.STATUS_ZOMBIE, "the launched Python outlived Cancel"
