@@ -502,7 +502,8 @@ def denoise_file(input_path: str | os.PathLike, output_path: str | os.PathLike, 
     Nothing is left behind on error/cancel.
     """
     from .dicom import check_series_input
-    from .io import check_grid_output, check_output_path, read_volume, slice_spacing_mm, write_volume
+    from .io import (check_grid_output, check_output_dimensions, check_output_path, read_volume, slice_spacing_mm,
+                     write_volume)
     check_output_path(input_path, output_path)  # the CLI checks it too; a script calling this must not lose its input
     if context not in CONTEXTS:
         raise CoreDiffError(f"context must be one of {', '.join(CONTEXTS)}, not {context!r}")
@@ -525,6 +526,7 @@ def denoise_file(input_path: str | os.PathLike, output_path: str | os.PathLike, 
             data, streamed = layout.to_axial(np.asarray(data[0:data.shape[0]])), False
         n = data.shape[0]
         first, last = check_slice_range(slices, n)
+        check_output_dimensions(output_path, (last - first,) + tuple(data.shape[1:]))
         value_range = _validate_streamed(data, str(input_path), slices=(max(first - 1, 0), min(last + 1, n)))
         axial_axis = 2 - (layout.perm[0] if layout is not None else 0)  # ITK index axis of the axial slices
         spacing_xy = axial_spacing(info["spacing"], layout)[:2]

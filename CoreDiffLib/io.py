@@ -251,6 +251,19 @@ def check_output_path(input_path: str | os.PathLike | None, output_path: str | o
     check_output_place(out, f"output {output_path}")
 
 
+#: NIfTI-1, which SimpleITK writes, stores each dimension as a signed 16-bit number
+NIFTI_MOST_VOXELS_PER_AXIS = 32767
+
+
+def check_output_dimensions(output_path: str | os.PathLike, shape: tuple[int, ...]) -> None:
+    """Refuse, before any work, a volume the output's format cannot hold (found otherwise when the
+    result is written, at the end of the run)."""
+    name = Path(output_path).name
+    if name.lower().endswith((".nii", ".nii.gz")) and max(shape) > NIFTI_MOST_VOXELS_PER_AXIS:
+        raise CoreDiffError(f"{name}: NIfTI holds at most {NIFTI_MOST_VOXELS_PER_AXIS} voxels along an axis and "
+                            f"this volume has {max(shape)}: write .nrrd or .mha instead")
+
+
 # ----------------------------------------------------------------------------- reading
 def check_grid_output(positions, direction, output_path: str | os.PathLike, source: str) -> None:
     """Refuse a volume file (one slice spacing, no shear) for slices off such a grid: it would

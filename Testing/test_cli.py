@@ -1009,3 +1009,22 @@ def test_corediff_dose_measures_a_scan_without_loading_pytorch():
                        capture_output=True, text=True, cwd=REPO, timeout=120)
     assert r.returncode == 0 and "--model auto runs corediff-" in r.stdout, r.stdout + r.stderr
     assert r.stdout.strip().endswith("torch loaded: False"), r.stdout
+
+
+def test_a_volume_nifti_cannot_hold_is_refused_before_the_run(tmp_path, identity_model_path):
+    """NIfTI-1 stores each dimension in 16 bits: a 32768-slice result was denoised whole, then
+    refused by the writer at the end ('unexpected NIfTI header'), the run's hours lost."""
+    tall = np.full((32768, 16, 16), -1000, np.int16)
+    tall[:, 4:12, 4:12] = 40
+    sitk.WriteImage(sitk.GetImageFromArray(tall), str(tmp_path / "tall.nrrd"))
+    for name in ("out.nii", "out.nii.gz"):
+        r = corediff("denoise", tmp_path / "tall.nrrd", tmp_path / name, "--model", identity_model_path,
+                     "--progress", "none")
+        assert r.returncode == 2 and f"{name}: NIfTI holds at most 32767 voxels along an axis and this volume " \
+            "has 32768: write .nrrd or .mha instead" in r.stderr, r.stderr
+        assert "of 16x16" not in r.stdout + r.stderr  # refused before the run began
+    r = corediff("denoise", tmp_path / "tall.nrrd", tmp_path / "out.nii", "--slices", "5:7", "--model",
+                 identity_model_path, "--progress", "none")  # a part of it fits
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.nii", "tall.nrrd"]
+    assert read_volume(tmp_path / "out.nii").shape == (2, 16, 16)
