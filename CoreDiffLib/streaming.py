@@ -459,6 +459,8 @@ class StreamedOutput:
     """
 
     FORMATS = (".mha", ".nrrd", ".nii", ".nii.gz")
+    #: bytes of voxels written at a time: memory stays bounded whatever the volume's size
+    WRITE_CHUNK_BYTES = 1 << 24
 
     def __init__(self, path, shape, info: dict, dtype, metadata: dict[str, str] | None = None):
         self.path = Path(path).expanduser()
@@ -528,7 +530,7 @@ class StreamedOutput:
                 else:
                     f.write(header)
                     sink = gzip.GzipFile(fileobj=f, mode="wb", compresslevel=4) if gz else f
-                step = max(1, (1 << 24) // max(1, int(np.prod(self.shape[1:])) * self.dtype.itemsize))
+                step = max(1, self.WRITE_CHUNK_BYTES // max(1, int(np.prod(self.shape[1:])) * self.dtype.itemsize))
                 for k in range(0, self.shape[0], step):
                     sink.write(np.ascontiguousarray(self.array[k:k + step]).astype("<" + self.dtype.str[1:],
                                                                                      copy=False).tobytes())

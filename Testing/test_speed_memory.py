@@ -556,3 +556,21 @@ def test_the_gpu_benchmark_script_rehearses_on_the_cpu_and_returns_few_enough_fi
     report = (out / "gpu_benchmark.md").read_text()
     assert report.count("| model |") == 3 and "# Summary" in report and "fastest allowed" in report
     assert "== compiled" in (out / "log.txt").read_text()
+
+
+@pytest.mark.parametrize("ext", [".nrrd", ".mha", ".nii", ".nii.gz"])
+def test_a_streamed_output_written_in_many_chunks_reads_back_voxel_for_voxel(tmp_path, monkeypatch, ext):
+    """Real volumes are written 16 MB at a time; the small test volumes fit in one chunk, so here
+    a chunk holds 2 slices (whole slices: 2.5 rounds down): 7 slices in chunks of 2, 2, 2 and 1."""
+    from CoreDiffLib.streaming import StreamedOutput
+    monkeypatch.setattr(StreamedOutput, "WRITE_CHUNK_BYTES", int(2.5 * 12 * 10 * 2))
+    volume = np.random.default_rng(3).integers(-1024, 3000, (7, 12, 10)).astype(np.int16)
+    info = {"spacing": (0.7, 0.8, 2.5), "origin": (-3.0, 4.0, -50.0), "direction": (0, 1, 0, -1, 0, 0, 0, 0, 1)}
+    sink = StreamedOutput(tmp_path / f"out{ext}", volume.shape, info, np.int16)
+    sink.array[:] = volume
+    written = sink.commit()
+    back = sitk.ReadImage(str(written))
+    assert np.array_equal(sitk.GetArrayFromImage(back), volume)
+    assert back.GetSpacing() == pytest.approx(info["spacing"]) and back.GetOrigin() == pytest.approx(info["origin"])
+    assert back.GetDirection() == pytest.approx(info["direction"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"out{ext}"]
