@@ -607,14 +607,14 @@ def add_simulate_parser(sub) -> None:
 
 # ----------------------------------------------------------------------------- models / devices
 def cmd_models(args: argparse.Namespace) -> int:
-    from .models import WEIGHTS_DIR, load_manifest
+    from .manifest import WEIGHTS_DIR, load_manifest
     manifest = load_manifest()
     rows = [{"name": name, "path": str(WEIGHTS_DIR / e["file"]), "kind": "model",
              "description": e.get("description", ""), "dose": e.get("dose"),
              "default": name == manifest.get("default")}
             for name, e in manifest.get("models", {}).items()]
     try:
-        from .oneshot import list_adaptations
+        from .adaptations import list_adaptations
         rows += list_adaptations()
     except ImportError:
         pass

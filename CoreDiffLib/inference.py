@@ -37,7 +37,7 @@ from .streaming import (SliceIndexable, StreamedOutput, VolumeSource, earlier_co
                         output_dtype)
 
 if TYPE_CHECKING:
-    from .oneshot import Adaptation
+    from .adaptations import Adaptation
 
 ProgressFn = Callable[[int, int], None]
 LogFn = Callable[[str], None]
@@ -184,7 +184,7 @@ class Denoiser:
     model: ClearNet
     device: torch.device
     steps: int | None = None
-    adaptation: object | None = None  # a oneshot.Adaptation: combines per-step outputs
+    adaptation: object | None = None  # an adaptations.Adaptation: combines per-step outputs
     settings: RunSettings | None = None
     threads: int | None = None
     net: object | None = field(default=None, repr=False)
@@ -222,7 +222,7 @@ class Denoiser:
         ``model`` None: the default model, or an adaptation's own base model; a name is taken as given."""
         dev = pick_device(device)
         if model is None:
-            from .oneshot import Adaptation, adaptation_base_model, missing_base_message
+            from .adaptations import Adaptation, adaptation_base_model, missing_base_message
             model = adaptation_base_model(adaptation) if adaptation is not None else None  # its own base model
             if model is None and isinstance(adaptation, (str, os.PathLike, Adaptation)):
                 raise CoreDiffError(missing_base_message(adaptation))  # the default is not where it belongs
@@ -230,7 +230,7 @@ class Denoiser:
         net = model if isinstance(model, ClearNet) else load_model(model, dev)
         net = net.to(dev).eval()
         if adaptation is not None and not hasattr(adaptation, "combine"):
-            from .oneshot import load_adaptation
+            from .adaptations import load_adaptation
             adaptation = load_adaptation(adaptation, net)
         if steps == AUTO_STEPS:
             steps = auto_steps(net.config.steps, dev, adaptation is not None)

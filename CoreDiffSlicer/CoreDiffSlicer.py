@@ -905,15 +905,23 @@ class CoreDiffSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic.queryJson(["models", "--json"], self._onModelsListed)
         self.logic.queryJson(["devices", "--json"], self._onDevicesListed)
 
+    def _missingPackages(self, error) -> bool:
+        """Whether a listing failed for a package not installed yet (torch, or one the module installs
+        with it, such as safetensors): said in the status line, and the lists are made again once
+        Denoise has installed them. (``corediff models`` needs no PyTorch; ``devices`` does.)"""
+        if "No module named" not in str(error):
+            return False
+        self._listedWithoutPackages = True
+        self.ui.statusLabel.text = (
+            "PyTorch is not installed yet: Denoise offers to install it" if "No module named 'torch'" in str(error)
+            else "Python packages CoreDiff needs are not installed yet: Denoise offers to install them")
+        return True
+
     def _onModelsListed(self, entries, error) -> None:
         self.ui.refreshModelsButton.enabled = True
         if error:
-            # torch, or a package the module installs with it (safetensors, ...): Denoise installs them
-            self._listedWithoutPackages = "No module named" in str(error)
-            self.ui.statusLabel.text = (
-                "PyTorch is not installed yet: Denoise offers to install it" if "No module named 'torch'" in str(error)
-                else "Python packages CoreDiff needs are not installed yet: Denoise offers to install them"
-                if self._listedWithoutPackages else f"Could not list models: {error}")
+            if not self._missingPackages(error):
+                self.ui.statusLabel.text = f"Could not list models: {error}"
             entries = []
         # names a new adaptation may only take by replacing (an outdated one is replaced anyway)
         self._adaptationNames = {str(e.get("name")): "newer" if e.get("newer") else "damaged" if e.get("damaged")
@@ -944,6 +952,8 @@ class CoreDiffSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                               qt.Qt.ToolTipRole)
 
     def _onDevicesListed(self, entries, error) -> None:
+        if error:
+            self._missingPackages(error)
         items = [(AUTO_DEVICE_LABEL, "auto")]
         self._deviceEntries = entries or []
         hasGpu = False

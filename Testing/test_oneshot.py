@@ -25,8 +25,9 @@ from CoreDiffLib.intensity import hu_to_unit  # noqa: E402
 from CoreDiffLib.io import Volume, read_volume, write_volume  # noqa: E402
 from CoreDiffLib.models import load_model, save_weights, sha256_of  # noqa: E402
 from CoreDiffLib.network import ClearNet, NetworkConfig  # noqa: E402
-from CoreDiffLib.oneshot import (Adaptation, adapt, combine_steps, fit_step_weights,  # noqa: E402
-                                 list_adaptations, load_adaptation, texture_loss)
+from CoreDiffLib.adaptations import (Adaptation, adaptation_base_model, combine_steps,  # noqa: E402
+                                     list_adaptations, load_adaptation, model_identity, validate_name)
+from CoreDiffLib.oneshot import adapt, fit_step_weights, texture_loss  # noqa: E402
 
 T = 10
 
@@ -242,7 +243,7 @@ def test_adapt_runs_the_sampler_once_and_records_everything():
     assert len(calls) == T  # one T-step sampling of the reference slice, nothing more
     assert a.ndct_slice == 3 and a.reference_slice == 3  # 3 + 2 clamped to the last slice
     assert a.mode == "unpaired" and a.dose == "10%" and a.steps == T and len(a.weights) == T
-    assert a.base_sha256 == oneshot.model_identity(net)
+    assert a.base_sha256 == model_identity(net)
     assert seen[0] == (0, T + 20) and seen[-1] == (T + 20, T + 20)
     b = adapt(net, ldct, 3, ndct, mode="unpaired", name="u1", dose="10%", iterations=20, patch_size=64)
     assert a.weights == b.weights
@@ -252,7 +253,7 @@ def test_adapt_runs_the_sampler_once_and_records_everything():
 # ----------------------------------------------------------------------------- storage
 def test_save_load_round_trip_and_listing(user_home):
     net = tiny_model()
-    a = Adaptation("dose10", oneshot.model_identity(net), "10%", "paired", 4, 4, T,
+    a = Adaptation("dose10", model_identity(net), "10%", "paired", 4, 4, T,
                    [0.1 * k for k in range(T)], {"loss": "mse"})
     path = a.save()
     assert path == user_home / "adaptations" / "dose10.json"
@@ -274,12 +275,12 @@ def test_save_load_round_trip_and_listing(user_home):
 
 def test_refuses_another_model_or_another_T(tmp_path):
     net, other = tiny_model(0), tiny_model(1)
-    a = Adaptation("x", oneshot.model_identity(net), None, "paired", 0, 0, T, [0.0] * T)
+    a = Adaptation("x", model_identity(net), None, "paired", 0, 0, T, [0.0] * T)
     path = a.save(tmp_path / "x.json")
     with pytest.raises(CoreDiffError, match="another model"):
         load_adaptation(path, other)
     short = ClearNet(NetworkConfig(width=8, steps=5))
-    b = Adaptation("y", oneshot.model_identity(short), None, "paired", 0, 0, T, [0.0] * T)
+    b = Adaptation("y", model_identity(short), None, "paired", 0, 0, T, [0.0] * T)
     with pytest.raises(CoreDiffError, match="T=5"):
         load_adaptation(b.save(tmp_path / "y.json"), short)
     (tmp_path / "bad.json").write_text("{not json")
@@ -502,7 +503,6 @@ def test_an_adaptation_without_a_model_brings_its_own_base_model(files, capsys, 
     without --model, and one whose base is unknown is refused naming that base."""
     from CoreDiffLib.inference import Denoiser
     from CoreDiffLib.models import shipped_models
-    from CoreDiffLib.oneshot import adaptation_base_model
     other = load_model(files["other"])
     a = Adaptation("o", other.weights_sha256, None, "paired", 0, 0, T, [0.0] * T,
                    info={"model": str(files["other"]), "base_model": str(files["other"])})
@@ -555,7 +555,7 @@ def test_reference_slice_of_a_thick_series_is_its_own_context_as_denoise_runs_it
 
 def test_tampered_adaptations_are_refused_and_do_not_break_the_model_list(user_home, capsys):
     net = tiny_model()
-    good = Adaptation("good", oneshot.model_identity(net), "10%", "paired", 2, 2, T, [0.0] * T).to_dict()
+    good = Adaptation("good", model_identity(net), "10%", "paired", 2, 2, T, [0.0] * T).to_dict()
     folder = user_home / "adaptations"
     folder.mkdir(parents=True)
     tampered = {"big": {"weights": [1e39] + [0.0] * (T - 1)},        # float32 softmax: NaN, an all-0 HU output
@@ -573,7 +573,7 @@ def test_tampered_adaptations_are_refused_and_do_not_break_the_model_list(user_h
         with pytest.raises(CoreDiffError):
             Adaptation.read(folder / f"{name}.json")
     (folder / "base_number.json").write_text(json.dumps({**good, "base_sha256": "0" * 64, "info": {"base_model": 7}}))
-    assert oneshot.adaptation_base_model(folder / "base_number.json") is None  # a number is no file: no traceback
+    assert adaptation_base_model(folder / "base_number.json") is None  # a number is no file: no traceback
     (folder / "good.json").write_text(json.dumps(good))
     rc, out, _ = run_cli(capsys, "models", "--json")
     rows = [r for r in json.loads(out) if r["kind"] == "adaptation"]
@@ -585,7 +585,7 @@ def test_tampered_adaptations_are_refused_and_do_not_break_the_model_list(user_h
 
 def test_an_adaptation_saved_meanwhile_is_kept_and_an_explicit_model_is_kept(files, tmp_path):
     net = tiny_model()
-    a = Adaptation("race", oneshot.model_identity(net), None, "paired", 2, 2, T, [0.0] * T)
+    a = Adaptation("race", model_identity(net), None, "paired", 2, 2, T, [0.0] * T)
     out = tmp_path / "race.json"
     out.write_text("another run's adaptation")
     with pytest.raises(CoreDiffError, match="saved by another run meanwhile"):
@@ -623,7 +623,6 @@ def test_a_name_with_a_final_newline_is_refused_and_the_base_model_is_found_from
     given, so the adaptation could not find its model from another folder."""
     from CoreDiffLib.models import load_model, save_weights
     from CoreDiffLib.network import ClearNet, NetworkConfig
-    from CoreDiffLib.oneshot import validate_name
     with pytest.raises(CoreDiffError):
         validate_name("abc\n")
     assert validate_name("abc") == "abc"
@@ -715,7 +714,7 @@ def test_denoising_with_an_adaptation_applies_the_blend_it_fitted():
     torch.nn.init.normal_(net.out.weight, std=0.05)  # states that differ from step to step
     vol = noisy(phantom(3, 64, seed=4), 40, 3)
     logits = [float(k) / 3 for k in range(T)]  # weights rising with the step: not symmetric
-    a = Adaptation("order", oneshot.model_identity(net), None, "paired", 1, 1, T, logits)
+    a = Adaptation("order", model_identity(net), None, "paired", 1, 1, T, logits)
     den = Denoiser.load(net, "cpu", adaptation=a, runtime="eager", precision="fp32")
     got = den.denoise_batch(context_stack(vol, 0, 3))
     with torch.no_grad():

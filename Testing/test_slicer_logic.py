@@ -700,6 +700,13 @@ def test_without_pytorch_the_lists_say_so_and_are_made_again_once_it_is_installe
     assert widget.ui.statusLabel.property("text") == ("Python packages CoreDiff needs are not installed yet: "
                                                       "Denoise offers to install them")
     assert widget._dependenciesReady() and refreshed == [True, True]
+    # `corediff models` lists without PyTorch (the shipped models and adaptations are files): the
+    # devices list is the one that fails, and the lists are made again once PyTorch is installed
+    widget._onModelsListed([{"name": "corediff-25", "kind": "model", "dose": 0.25}], None)
+    widget._onDevicesListed(None, "ModuleNotFoundError: No module named 'torch'")
+    assert widget.ui.statusLabel.property("text") == "PyTorch is not installed yet: Denoise offers to install it"
+    assert widget.ui.modelComboBox.itemText(1) == "corediff-25 (25 % dose)"
+    assert widget._dependenciesReady() and refreshed == [True, True, True]
 
 
 def test_failing_run_shows_library_message(slicerEnv, tmp_path):  # noqa: F811

@@ -139,7 +139,7 @@ def test_device_defaults_and_overrides(monkeypatch):
 
 def test_automatic_steps_are_all_of_them_on_a_gpu_one_on_a_cpu_and_all_with_an_adaptation():
     from CoreDiffLib.inference import auto_steps
-    from CoreDiffLib.oneshot import Adaptation
+    from CoreDiffLib.adaptations import Adaptation
     T = 10
     assert auto_steps(T, torch.device("cpu")) == 1
     assert auto_steps(T, torch.device("cuda")) == T and auto_steps(T, torch.device("mps")) == T

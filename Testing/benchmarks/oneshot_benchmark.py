@@ -46,7 +46,8 @@ from CoreDiffLib.inference import Denoiser, denoise_volume  # noqa: E402
 from CoreDiffLib.intensity import unit_to_hu  # noqa: E402
 from CoreDiffLib.metrics import mean_metrics, volume_metrics  # noqa: E402
 from CoreDiffLib.models import load_model, shipped_models  # noqa: E402
-from CoreDiffLib.oneshot import adapt, combine_steps  # noqa: E402
+from CoreDiffLib.adaptations import combine_steps  # noqa: E402
+from CoreDiffLib.oneshot import adapt  # noqa: E402
 
 
 class _StepCapture:
