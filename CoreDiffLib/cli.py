@@ -607,17 +607,15 @@ def add_simulate_parser(sub) -> None:
 
 # ----------------------------------------------------------------------------- models / devices
 def cmd_models(args: argparse.Namespace) -> int:
+    """``corediff models``: the shipped models and the saved adaptations (files only: no PyTorch)."""
+    from .adaptations import list_adaptations
     from .manifest import WEIGHTS_DIR, load_manifest
     manifest = load_manifest()
     rows = [{"name": name, "path": str(WEIGHTS_DIR / e["file"]), "kind": "model",
              "description": e.get("description", ""), "dose": e.get("dose"),
              "default": name == manifest.get("default")}
             for name, e in manifest.get("models", {}).items()]
-    try:
-        from .adaptations import list_adaptations
-        rows += list_adaptations()
-    except ImportError:
-        pass
+    rows += list_adaptations()
     if args.json:
         print(json.dumps(rows, indent=1))
     else:

@@ -509,9 +509,11 @@ class StreamedOutput:
                 raise ValueError("unexpected NRRD header")
             return head.replace(f"sizes: {nx} {ny} 1\n", f"sizes: {nx} {ny} {nz}\n").encode("latin-1")
         import struct
+
+        from .io import NIFTI_MOST_VOXELS_PER_AXIS
         vox_offset = int(struct.unpack("<f", data[108:112])[0])
         dims = list(struct.unpack("<8h", data[40:56]))
-        if dims[:4] != [3, nx, ny, 1] or nz > 32767:
+        if dims[:4] != [3, nx, ny, 1] or nz > NIFTI_MOST_VOXELS_PER_AXIS:  # io.check_output_dimensions refuses it first
             raise ValueError("unexpected NIfTI header")
         dims[3] = nz
         head = bytearray(data[:vox_offset])
