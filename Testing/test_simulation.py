@@ -514,7 +514,7 @@ def test_a_phantom_refuses_a_field_of_view_too_small_for_its_body():
     """Only the body outline shrank to fit: the organs kept their size and lay outside it."""
     with pytest.raises(ValueError, match="too small for this abdomen phantom"):
         make_phantom("abdomen", 1, 128, pixel_mm=1.0)
-    assert simulate_ldct(np.zeros((N, N), np.float32), 0.25, geometry=GEOM, window="Hann").shape == (N, N)
+    assert simulate_ldct(np.full((N, N), -1000, np.float32), 0.25, geometry=GEOM, window="Hann").shape == (N, N)
     with pytest.raises(ValueError, match="simulate_ldct: the image holds NaN"):
         simulate_ldct(np.full((N, N), np.nan, np.float32), 0.25, geometry=GEOM)
 
@@ -541,3 +541,70 @@ def test_a_simulation_that_cannot_be_stored_names_the_output_folder_and_sizes_pe
     monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 2**19, 2**19))
     with pytest.raises(ValueError, match=r"need about \d+\.\d MiB, more than the 0\.5 MiB free in"):
         dataset._check_room(tmp_path, 1, 16, 256, 1)
+
+
+def test_simulate_ldct_refuses_a_pixel_size_that_is_no_size_and_content_beyond_the_field_of_view():
+    """A negative pixel size made the object vanish (-1000 HU everywhere), 0 was taken as the
+    default; and only the image's half-width was checked, so a body or table in the corners, seen
+    by some views only, came back hundreds of HU off (a water-filled square: +230 HU there)."""
+    yy, xx = np.mgrid[0:N, 0:N]
+    disc = np.where(np.hypot(yy - (N - 1) / 2, xx - (N - 1) / 2) < N / 3, 0.0, -1000.0).astype(np.float32)
+    for bad in (-5.9, 0.0, float("nan"), float("inf"), "3"):
+        with pytest.raises(ValueError, match="pixel_mm must be the pixel size in mm"):
+            simulate_ldct(disc, 0.25, geometry=GEOM, pixel_mm=bad)
+    default = simulate_ldct(disc, 0.25, geometry=GEOM, seed=3)  # 380 mm across, as the docstring says
+    assert np.array_equal(default, simulate_ldct(disc, 0.25, geometry=GEOM, pixel_mm=380.0 / N, seed=3))
+    assert np.array_equal(default, simulate_ldct(disc, 0.25, geometry=GEOM, seed=3))  # seeded: the same again
+    assert not np.array_equal(default, simulate_ldct(disc, 0.25, geometry=GEOM, seed=4))
+    with pytest.raises(ValueError, match=r"image content \(above -990 HU\) radius 268.7 mm exceeds the scan field"):
+        simulate_ldct(np.zeros((N, N), np.float32), 0.25, geometry=GEOM)
+    corner = disc.copy()
+    corner[0, 0] = 40.0  # one pixel of tissue in a corner is enough
+    with pytest.raises(ValueError, match="image content"):
+        simulate_ldct(corner, 0.25, geometry=GEOM)
+    narrow = FanBeamGeometry(n_detectors=200, n_views=360)  # a 70 mm field of view
+    with pytest.raises(ValueError, match="field of view"):
+        simulate_ldct(disc, 0.25, geometry=narrow)
+
+
+def test_the_scanner_and_noise_defaults_are_the_ones_the_models_and_the_dose_calibration_were_made_with():
+    """The tests run a small geometry, so a changed default scanner or photon count went unnoticed,
+    while every simulated '25 %' would then be another dose (and --model auto's calibration off)."""
+    from CoreDiffLib.simulation.noise import DEFAULT_ELECTRONIC_SIGMA, DEFAULT_I0
+    geometry = FanBeamGeometry().to_dict()
+    assert geometry == pytest.approx({"source_iso_mm": 595.0, "source_det_mm": 1085.6, "n_detectors": 736,
+                                      "detector_pitch_mm": 1.2858, "n_views": 1152, "start_angle_deg": 0.0,
+                                      "detector_offset": 0.0, "fov_radius_mm": 237.738}, abs=1e-3)
+    assert (DEFAULT_I0, DEFAULT_ELECTRONIC_SIGMA ** 2) == (4.0e5, pytest.approx(10.0))
+    # and they are what simulate_dataset and simulate_ldct use: a line integral of 3 (about 16 cm
+    # of water) at each dose has the variance of Poisson counts plus the electronic noise
+    line = np.full((300, 300), 3.0)
+    noisy = nested_dose_noise(line, [1.0, 0.25], rng=0)
+    for dose in (1.0, 0.25):
+        counts = DEFAULT_I0 * dose * np.exp(-3.0)
+        assert noisy[dose].var() == pytest.approx((counts + 10.0) / counts ** 2, rel=0.05), dose
+
+
+def test_every_case_of_a_simulation_is_its_own_and_its_manifest_says_how_it_was_made(tmp_path):
+    """Nothing checked that the cases differ (one seed for all would make duplicates, which leak
+    between training and held-out sets), or that the manifest and the files record the settings
+    asked for."""
+    import SimpleITK as sitk
+
+    def simulate(folder, seed):
+        simulate_dataset(str(folder), 0.25, count=3, n_slices=1, size=N, seed=seed, kinds=("head",),
+                         geometry=GEOM, progress=False, I0=2.0e5, electronic_sigma=2.0, slice_mm=2.5)
+        read = {tag: [sitk.ReadImage(str(folder / f"case{c:03d}_head_{tag}.nrrd")) for c in range(3)]
+                for tag in ("ndct", "ldct25")}
+        return read, json.loads((folder / "manifest.json").read_text())
+
+    (a, manifest), (b, _) = simulate(tmp_path / "a", 5), simulate(tmp_path / "b", 6)
+    ndct = [sitk.GetArrayFromImage(image).astype(np.float32) for image in a["ndct"]]
+    assert all(not np.array_equal(ndct[i], ndct[j]) for i, j in ((0, 1), (0, 2), (1, 2)))
+    assert [case["seed"] for case in manifest["cases"]] == [5 * 100003 + c for c in range(3)]
+    assert (manifest["I0"], manifest["electronic_sigma"], manifest["slice_mm"]) == (2.0e5, 2.0, 2.5)
+    assert a["ldct25"][0].GetSpacing()[2] == pytest.approx(2.5) and a["ndct"][2].GetSpacing()[2] == pytest.approx(2.5)
+    own, other = (make_phantom("head", 1, N, seed=manifest["cases"][c]["seed"], slice_mm=2.5)[0] for c in (1, 2))
+    mismatch = [np.abs(ndct[1] - phantom)[phantom > -500].mean() for phantom in (own, other)]
+    assert mismatch[0] < 0.5 * mismatch[1], mismatch  # the recorded seed makes that case's anatomy
+    assert not np.array_equal(sitk.GetArrayFromImage(b["ndct"][0]), ndct[0].astype(np.int16))  # --seed reaches it

@@ -108,6 +108,18 @@ def check_noise_settings(I0, electronic_sigma, window: str) -> None:
         raise ValueError(f"unknown FBP window {window!r}; choose one of {', '.join(_WINDOWS)}")
 
 
+def content_radius_mm(hu: np.ndarray, pixel_mm: float, air_hu: float = -990.0) -> float:
+    """How far from the rotation centre (the image centre) anything but air reaches in (B, N, N)
+    slices, in mm, to the far edge of the farthest such pixel."""
+    size = hu.shape[-1]
+    offset = (np.arange(size) - (size - 1) / 2.0) ** 2
+    r2 = offset[:, None] + offset[None, :]
+    occupied = (hu > air_hu).any(axis=0) if hu.ndim == 3 else hu > air_hu
+    if not occupied.any():
+        return 0.0
+    return float(np.sqrt(r2[occupied].max()) + np.sqrt(0.5)) * pixel_mm
+
+
 def simulate_ldct(ndct_hu_slices: np.ndarray, dose: Union[float, Iterable[float]],
                   geometry=None, pixel_mm: Optional[float] = None, seed: int = 0,
                   I0: float = DEFAULT_I0, electronic_sigma: float = DEFAULT_ELECTRONIC_SIGMA,
@@ -128,8 +140,15 @@ def simulate_ldct(ndct_hu_slices: np.ndarray, dose: Union[float, Iterable[float]
         raise ValueError("simulate_ldct: the image holds NaN or infinite values: fix or mask them first")
     size = hu.shape[-1]
     geometry = geometry or FanBeamGeometry()
-    pixel_mm = float(pixel_mm) if pixel_mm else 380.0 / size
+    if pixel_mm is None:
+        pixel_mm = 380.0 / size
+    elif not (isinstance(pixel_mm, (int, float, np.floating, np.integer)) and np.isfinite(pixel_mm) and pixel_mm > 0):
+        raise ValueError(f"pixel_mm must be the pixel size in mm, a number > 0, got {pixel_mm!r}")
+    pixel_mm = float(pixel_mm)
     check_fits(geometry, size * pixel_mm / 2.0 * 0.999, "image half-width")
+    # and its corners: what lies there beyond the field of view is seen by some views only, and
+    # comes back hundreds of HU off (a water-filled square: +230 HU there)
+    check_fits(geometry, content_radius_mm(hu, pixel_mm), "image content (above -990 HU)")
     single = np.isscalar(dose)
     doses = [_check_dose(dose)] if single else [_check_dose(d) for d in dose]
     if not doses:  # it would project and reconstruct for nothing
