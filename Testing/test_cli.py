@@ -1040,3 +1040,58 @@ def test_a_volume_nifti_cannot_hold_is_refused_before_the_run(tmp_path, identity
     assert r.returncode == 0, r.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.nii", "tall.nrrd"]
     assert read_volume(tmp_path / "out.nii").shape == (2, 16, 16)
+
+
+def test_compare_figure_shows_each_volume_in_its_own_panel_at_the_slice_it_names(tmp_path, identity_model_path,
+                                                                                  monkeypatch):
+    """Nothing looked inside the figure: the LDCT in the 'CoreDiff' panel, or the middle slice of a
+    `denoise --slices 4:7` part counted from 0 (refused as out of range 4..6), went unnoticed."""
+    import CoreDiffLib.figures as figures
+    from CoreDiffLib.cli import main
+    from CoreDiffLib.orientation import radiological_slice
+    drawn = []
+
+    def draw(panels, path, title="", **kwargs):
+        drawn.append((panels, title))
+        Path(path).write_bytes(b"a figure")
+    monkeypatch.setattr(figures, "comparison_figure", draw)
+    ref = synthetic_ct(10, 48, noise_hu=0)
+    ldct = ref + np.random.default_rng(0).normal(0, 40, ref.shape)
+    den = ref + np.random.default_rng(1).normal(0, 10, ref.shape)
+    paths = {n: write_image(tmp_path / f"{n}.nrrd", a) for n, a in (("ref", ref), ("ldct", ldct), ("den", den))}
+    assert main(["compare", str(paths["den"]), "--ldct", str(paths["ldct"]), "--reference", str(paths["ref"]),
+                 "--figure", str(tmp_path / "fig.png"), "--slice", "3"]) == 0
+    panels, title = drawn[-1]
+    assert title == "slice 3" and list(panels) == ["LDCT", "CoreDiff", "NDCT (reference)"]
+    direction = read_volume(paths["den"]).direction
+    for name, volume in (("LDCT", paths["ldct"]), ("CoreDiff", paths["den"]), ("NDCT (reference)", paths["ref"])):
+        np.testing.assert_array_equal(panels[name], radiological_slice(read_volume(volume).array[3], direction)[0])
+    assert corediff("denoise", paths["ldct"], tmp_path / "part.nrrd", "--model", identity_model_path,
+                    "--slices", "4:7", "--progress", "none").returncode == 0
+    assert main(["compare", str(tmp_path / "part.nrrd"), "--reference", str(paths["ref"]),
+                 "--figure", str(tmp_path / "part.png")]) == 0
+    panels, title = drawn[-1]
+    assert title == "slice 5"  # the part's middle, numbered as the scan numbers it
+    np.testing.assert_array_equal(panels["NDCT (reference)"],
+                                  radiological_slice(read_volume(paths["ref"]).array[5], direction)[0])
+
+
+def test_compare_refuses_a_reference_with_nothing_to_score(tmp_path):
+    padding = np.full((3, 48, 48), -3024.0)
+    paths = [write_image(tmp_path / f"{n}.nrrd", a) for n, a in (("ref", padding), ("den", synthetic_ct(3, 48)))]
+    r = corediff("compare", paths[1], "--reference", paths[0], "--csv", tmp_path / "m.csv")
+    assert r.returncode == 2 and "the reference holds nothing above -1000 HU (padding or air only)" in r.stderr
+    assert not (tmp_path / "m.csv").exists()
+
+
+def test_the_dose_is_said_in_per_cent_of_what_is_measured(tmp_path, identity_model_path):
+    """`corediff dose` and denoise's log printed the estimate; nothing tied the printed
+    percentage to the measured fraction (0.2 % instead of 22.7 % went unnoticed)."""
+    import re
+    sample = REPO / "CoreDiffLib" / "data" / "sample_abdomen_ldct25.nrrd"
+    measured = json.loads(corediff("dose", sample, "--json").stdout)["estimated_dose"]
+    said = re.search(r"looks like ([\d.]+) % of the simulated normal dose", corediff("dose", sample).stdout)
+    assert said and float(said.group(1)) == pytest.approx(100 * measured, abs=0.06)
+    r = corediff("denoise", sample, tmp_path / "out.nrrd", "--slices", "3", "--progress", "lines")
+    said = re.search(r"like (\d+) % of the simulated normal dose", r.stdout)
+    assert r.returncode == 0 and said and int(said.group(1)) == round(100 * measured), r.stdout
