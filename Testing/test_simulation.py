@@ -608,3 +608,34 @@ def test_every_case_of_a_simulation_is_its_own_and_its_manifest_says_how_it_was_
     mismatch = [np.abs(ndct[1] - phantom)[phantom > -500].mean() for phantom in (own, other)]
     assert mismatch[0] < 0.5 * mismatch[1], mismatch  # the recorded seed makes that case's anatomy
     assert not np.array_equal(sitk.GetArrayFromImage(b["ndct"][0]), ndct[0].astype(np.int16))  # --seed reaches it
+
+
+def test_a_quarter_detector_offset_reconstructs_as_well_on_both_back_projectors():
+    """Clinical scanners shift the detector by a quarter channel; no test set it, and a sign slip
+    in the one-slice back-projector cost it 3 HU of interior error and 64 HU against the batched one."""
+    import dataclasses
+    ph, sp = make_phantom("abdomen", 1, N, seed=2)
+    interior = _interior(ph[0])
+    for offset in (0.25, -0.25):
+        geometry = dataclasses.replace(GEOM, detector_offset=offset)
+        sino = forward_project(hu_to_mu(ph[0]), geometry, sp[0])
+        one = mu_to_hu(fbp(sino, geometry, N, sp[0]))
+        batched = mu_to_hu(fbp(np.stack([sino, sino]), geometry, N, sp[0]))[0]
+        assert np.abs(one - ph[0])[interior].mean() < 12.0, offset
+        assert np.abs(one - batched).max() < 0.5, offset
+
+
+def test_the_reconstruction_filter_asked_for_is_the_one_used():
+    """The manifest records the FBP window; nothing checked the files were reconstructed with it (a
+    sharp ramp, Ram-Lak, keeps much more noise than the default Hann)."""
+    spread = {}
+    for window in ("hann", "ram-lak"):
+        nd, ld, _ = simulate_pair("abdomen", 1, N, 0.25, seed=4, geometry=GEOM, window=window)
+        spread[window] = (ld[0] - nd[0])[_interior(nd[0])].std()
+    assert spread["ram-lak"] > 1.3 * spread["hann"], spread
+
+
+def _interior(hu):
+    """The body (above -500 HU) less a 3-pixel rim, where edges dominate the error."""
+    from scipy import ndimage
+    return ndimage.binary_erosion(hu > -500, iterations=3)
