@@ -175,3 +175,16 @@ def test_the_bundled_scans_measure_as_they_did_when_the_calibration_was_fitted()
     assert measure(*normal).noise_index_hu == pytest.approx(9.875, abs=0.15)
     assert choose_model(*low)[0] == "corediff-25-w32" and choose_model(*low)[2] == pytest.approx(0.227, abs=0.005)
     assert choose_model(*normal)[2] == pytest.approx(0.972, abs=0.01)
+
+
+def test_non_square_pixels_measure_the_same_patient_and_dose():
+    """Every test scan had square pixels: an area taken as the column spacing squared went unnoticed
+    (a 0.4 x 0.8 mm scan's patient measured 1/sqrt(2) the size, and its dose read wrong)."""
+    y = (np.arange(400) - 199.5) * 0.8  # rows 0.8 mm apart, columns 0.4 mm: the same 300 mm cylinder
+    x = (np.arange(800) - 399.5) * 0.4
+    image = np.where(np.hypot(*np.meshgrid(x, y)) < 150.0, 0.0, -1000.0)
+    wide = image[None] + np.random.default_rng(0).normal(0, 10.0, (3,) + image.shape)
+    scan = measure(wide, (0.4, 0.8))
+    assert scan.wed_mm == pytest.approx(300.0, rel=0.02) and scan.noise_index_hu == pytest.approx(10.0, rel=0.06)
+    assert choose_model(wide, (0.4, 0.8))[2] == pytest.approx(choose_model(water_cylinder(300.0, 10.0), (0.8, 0.8))[2],
+                                                              rel=0.05)
