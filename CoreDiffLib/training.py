@@ -484,6 +484,13 @@ class TrainState:
                 self.legs.pop()
 
 
+def _duration(seconds: float) -> str:
+    """'45 s', '12.5 min' or '3.2 h': a time limit and the time used, readable at every scale."""
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.1f} min" if seconds < 3600 else f"{seconds / 3600:.1f} h"
+
+
 def run_progress(iteration: int, iterations: int, elapsed_s: float = 0.0, time_limit_s: float = 0.0) -> float:
     """Fraction of a run done: by iterations, or by wall time when a time limit ends it first.
 
@@ -754,7 +761,7 @@ def _train(pairs: Sequence[tuple[np.ndarray, np.ndarray]], net_cfg: NetworkConfi
             data.rng.bit_generator.state = json.loads(saved["sampler_rng"])
         torch.set_rng_state(saved["torch_rng"])
         if rank == 0:
-            used = (f", {elapsed_before / 60:.1f} of the {cfg.time_limit_s / 60:g} min time limit used"
+            used = (f", {_duration(elapsed_before)} of the {_duration(cfg.time_limit_s)} time limit used"
                     if cfg.time_limit_s else "")
             log(f"resumed from {ckpt} at iteration {state.iteration}{used}"
                 + (f": nothing left to train for --iterations {cfg.iterations}" if state.iteration >= cfg.iterations
@@ -782,7 +789,7 @@ def _train(pairs: Sequence[tuple[np.ndarray, np.ndarray]], net_cfg: NetworkConfi
     ema_averaging = state.iteration // cfg.ema_every * cfg.ema_every >= max(cfg.ema_start, cfg.ema_every)
     stop_at = cfg.iterations if not (cfg.time_limit_s and elapsed_before >= cfg.time_limit_s) else state.iteration
     if rank == 0 and stop_at < cfg.iterations and state.iteration > 0:
-        log(f"the --time-limit of {cfg.time_limit_s / 60:g} min (all legs together) is used up: nothing left to "
+        log(f"the --time-limit of {_duration(cfg.time_limit_s)} (all legs together) is used up: nothing left to "
             f"train at iteration {state.iteration} of {cfg.iterations}; its weights are written as they are "
             "(a larger --time-limit goes on)")
     shown_at = 0.0  # when progress was last told

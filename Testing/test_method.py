@@ -926,3 +926,54 @@ def test_a_blank_reference_is_judged_in_the_metric_window_and_the_paired_interva
     low, high = stats.t.interval(0.95, 4, loc=np.mean(a - b), scale=stats.sem(a - b))  # sample SD (ddof 1)
     assert (result.low, result.high) == pytest.approx((low, high))
     assert result.mean == pytest.approx(0.3) and result.a_better == 4 and result.n == 5
+
+
+def _noisy_pair(seed: int = 3):
+    v = synthetic_ct(4, 32, seed=seed, noise_hu=5)
+    return [(v, v + 40 * np.random.default_rng(0).standard_normal(v.shape).astype(np.float32))]
+
+
+def test_the_averaged_weights_average_from_ema_start_and_are_what_a_stopped_run_and_its_snapshots_keep(tmp_path):
+    """From a mutation review: an EMA blended the wrong way round (the new weights at 99.5 %), an
+    --ema-start ignored, the live weights kept as a stopped run's result, and --keep-every
+    snapshots taken only at checkpoints all passed every test."""
+    from CoreDiffLib.training import _update_ema, weights_at_stop
+    torch.manual_seed(0)
+    ema, model = ClearNet(NetworkConfig(width=4, steps=2)), ClearNet(NetworkConfig(width=4, steps=2))
+    for p in list(ema.parameters()) + list(model.parameters()):
+        p.data.normal_()
+    before = [p.detach().clone() for p in ema.parameters()]
+    _update_ema(ema, model, 0.9)
+    for old, new, live in zip(before, ema.parameters(), model.parameters()):
+        torch.testing.assert_close(new.detach(), 0.9 * old + 0.1 * live.detach())
+    net = NetworkConfig(width=4, steps=2)
+    late = TrainConfig(iterations=20, batch_size=2, patch_size=16, log_every=5, checkpoint_every=100, ema_start=20,
+                       ema_every=1, keep_every=5)
+    train(_noisy_pair(), net, late, checkpoint=tmp_path / "late.ckpt", log=lambda m: None)
+    saved = torch.load(tmp_path / "late.ckpt", weights_only=True)
+    assert all(torch.equal(saved["ema"][k], saved["model"][k]) for k in saved["model"])  # nothing averaged before 20
+    assert sorted(p.name for p in tmp_path.glob("late.it*.ckpt")) == [f"late.it{n}.ckpt" for n in (10, 15, 20, 5)]
+    averaged = TrainConfig(iterations=12, batch_size=2, patch_size=16, log_every=4, checkpoint_every=100, ema_start=0,
+                           ema_every=1)
+    returned, _ = train(_noisy_pair(), net, averaged, checkpoint=tmp_path / "avg.ckpt", log=lambda m: None)
+    kept, state = weights_at_stop(tmp_path / "avg.ckpt", net)
+    saved = torch.load(tmp_path / "avg.ckpt", weights_only=True)
+    assert state.iteration == 12 and not all(torch.equal(saved["ema"][k], saved["model"][k]) for k in saved["model"])
+    assert all(torch.equal(a, b) for a, b in zip(kept.state_dict().values(), returned.state_dict().values()))
+
+
+def test_a_time_limit_counts_every_leg_and_a_time_limited_cosine_lowers_the_learning_rate(tmp_path):
+    """A resumed run that forgot the time its earlier legs used got a fresh budget, and a
+    time-limited cosine schedule started again at full --lr: no test resumed a timed run."""
+    cfg = TrainConfig(iterations=10**6, batch_size=2, patch_size=16, log_every=1, checkpoint_every=10**6,
+                      time_limit_s=1.0, lr_schedule="cosine", lr=1e-3)
+    net = NetworkConfig(width=4, steps=2)
+    _, first = train(_noisy_pair(), net, cfg, checkpoint=tmp_path / "t.ckpt", log=lambda m: None)
+    saved = torch.load(tmp_path / "t.ckpt", weights_only=True)
+    assert saved["elapsed_s"] >= 1.0
+    assert saved["optimizer"]["param_groups"][0]["lr"] < 0.9 * cfg.lr  # the schedule ran on the clock
+    logs = []
+    _, again = train(_noisy_pair(), net, cfg, checkpoint=tmp_path / "t.ckpt", log=logs.append)
+    assert again.iteration == first.iteration
+    assert any(re.search(r", \d+ s of the 1 s time limit used", m) for m in logs), logs
+    assert any("the --time-limit of 1 s (all legs together) is used up" in m for m in logs), logs
