@@ -152,6 +152,8 @@ def test_combine_is_the_weighted_sum_clamped():
     assert a.combine(steps).shape == (2, 1, 16, 16)
     with pytest.raises(CoreDiffError, match="weighs 10 steps"):
         a.combine(steps[:5])
+    for outside in (1.2, -0.2):  # the sampler's states are not clamped: a blend of them past [0, 1] is
+        assert a.combine(torch.full((T, 1, 1, 4, 4), outside)).sub(min(max(outside, 0), 1)).abs().max() == 0
 
 
 # ----------------------------------------------------------------------------- fitting
@@ -419,6 +421,7 @@ def one_error_line(err: str) -> str:
     ("moved", "different places"),
     ("same_file", "are the same file"),
     ("swapped", "not quieter than the low-dose slice"),
+    ("copied", "not quieter than the low-dose slice"),  # the low-dose scan again, under another name
     ("air_slice", "--slice 0 of"),
     ("iterations_0", "--iterations must be >= 1"),
     ("ssim_unpaired", "--ssim-weight is for paired mode"),
@@ -467,6 +470,10 @@ def test_cli_bad_input_fails_cleanly_and_writes_nothing(files, user_home, capsys
         args["--ndct"] = files["ldct"]
     elif case == "swapped":
         args.update({"--ldct": files["ndct"], "--ndct": files["ldct"]})
+    elif case == "copied":
+        copy = files["dir"] / "ldct_copy.nrrd"
+        copy.write_bytes(Path(files["ldct"]).read_bytes())
+        args["--ndct"] = copy
     elif case == "air_slice":
         args.update({"--ldct": files["ldct_air"], "--slice": 0})
     elif case == "iterations_0":
@@ -724,3 +731,25 @@ def test_denoising_with_an_adaptation_applies_the_blend_it_fitted():
     np.testing.assert_allclose(got, want, atol=1e-5)
     reversed_blend = torch.einsum("k,kbchw->bchw", probs.flip(0), steps).clamp(0, 1)[:, 0].numpy()
     assert np.abs(reversed_blend - want).max() > 1e-3  # the test can tell the order
+
+
+def test_the_ssim_term_and_the_seed_reach_the_fit_and_the_unpaired_slice_defaults_two_on(files, user_home, capsys):
+    """--ssim-weight and --seed silently dropped, or the unpaired normal-dose slice defaulting to the
+    next one (the reference code takes the slice two further on), passed every test."""
+    clean = phantom(1, 128, seed=5)[0]
+    steps = step_stack(clean, seed=1)
+    target = torch.from_numpy(hu_to_unit(clean)).float()
+    plain, with_ssim = (fit_step_weights(steps, target, "paired", iterations=30, seed=0, ssim_weight=w).logits
+                        for w in (0.0, 0.5))
+    assert np.abs(np.subtract(plain, with_ssim)).max() > 0.3  # 1.43 measured; 0.03 when the term is dropped
+    rc, _, err = run_cli(capsys, "oneshot", "--model", files["model"], "--ldct", files["ldct"], "--slice", 2,
+                         "--ndct", files["ndct"], "--name", "ssim3", "--iterations", 5, "--ssim-weight", 0.5,
+                         "--seed", 3, "--progress", "none")
+    assert rc == 0, err
+    info = Adaptation.read(user_home / "adaptations" / "ssim3.json").info
+    assert info["seed"] == 3 and "ssim" in str(info["loss"]).lower(), info
+    rc, _, err = run_cli(capsys, "oneshot", "--model", files["model"], "--ldct", files["ldct"], "--slice", 1,
+                         "--ndct-unpaired", files["ndct"], "--name", "next2", "--iterations", 5, "--patch-size", 64,
+                         "--progress", "none")
+    assert rc == 0, err
+    assert Adaptation.read(user_home / "adaptations" / "next2.json").ndct_slice == 3
