@@ -689,6 +689,7 @@ def test_train_command_writes_a_loadable_model(tmp_path):
     _, meta = read_weights_config(out)  # what it was trained from, wherever the command ran
     assert [Path(p).is_absolute() for p in json.loads(meta["data"])[0]] == [True, True]
     assert load_model(out).trained_neighbour_mm == pytest.approx(2.5)  # write_image's slice spacing x gap 1
+    assert json.loads(meta["train_config"])["ema_start"] == 4  # the default: averaging over the last 4/5
     # more iterations for the same run: the default --ema-start (iterations / 5) follows the checkpoint's
     r = corediff("train", data, "--out", out, "--iterations", "40", "--width", "8", "--batch-size", "2",
                  "--patch-size", "32", "--progress", "lines", "--checkpoint-every", "10", "--lr", "1e-4")

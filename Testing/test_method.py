@@ -977,3 +977,23 @@ def test_a_time_limit_counts_every_leg_and_a_time_limited_cosine_lowers_the_lear
     assert again.iteration == first.iteration
     assert any(re.search(r", \d+ s of the 1 s time limit used", m) for m in logs), logs
     assert any("the --time-limit of 1 s (all legs together) is used up" in m for m in logs), logs
+
+
+def test_uniform_time_sampling_trains_every_step_and_a_resume_before_ema_start_is_bit_for_bit(tmp_path, monkeypatch):
+    """t = 0, the sampler's last step, never drawn; or the EMA switched on early when a run was
+    resumed between --ema-start and the first EMA step after it: neither failed a test."""
+    monkeypatch.setenv("COREDIFF_DDP_DEBUG_DIR", str(tmp_path))  # records the t of every iteration
+    train(_noisy_pair(5), NetworkConfig(width=4), TrainConfig(iterations=200, batch_size=1, patch_size=16,
+                                                              log_every=100), log=lambda m: None)
+    ts = np.array(json.loads((tmp_path / "rank0.json").read_text())["ts"])
+    assert sorted(set(ts.tolist())) == list(range(10))
+    monkeypatch.delenv("COREDIFF_DDP_DEBUG_DIR")
+
+    def run(iterations, ckpt):
+        cfg = TrainConfig(iterations=iterations, batch_size=2, patch_size=16, log_every=5, checkpoint_every=5,
+                          ema_start=12, ema_every=10)
+        return train(_noisy_pair(), NetworkConfig(width=4, steps=2), cfg, checkpoint=ckpt, log=lambda m: None)[0]
+    straight = run(30, tmp_path / "a.ckpt")
+    run(15, tmp_path / "b.ckpt")  # past --ema-start 12, before the first EMA step at or after it (20)
+    resumed = run(30, tmp_path / "b.ckpt")
+    assert all(torch.equal(x, y) for x, y in zip(straight.state_dict().values(), resumed.state_dict().values()))
