@@ -753,3 +753,23 @@ def test_the_ssim_term_and_the_seed_reach_the_fit_and_the_unpaired_slice_default
                          "--progress", "none")
     assert rc == 0, err
     assert Adaptation.read(user_home / "adaptations" / "next2.json").ndct_slice == 3
+
+
+def test_the_command_fits_a_thick_series_on_the_states_denoise_blends(files, user_home, capsys, tmp_path, monkeypatch):
+    """Only the library was tested: `corediff oneshot` could fit 5 mm slices with neighbours as
+    context, states that `denoise`, which gives each such slice itself, never blends."""
+    contexts = []
+    real = oneshot.reference_step_outputs
+
+    def recorded(*args, **kwargs):
+        contexts.append(kwargs.get("neighbours", True))
+        return real(*args, **kwargs)
+    monkeypatch.setattr(oneshot, "reference_step_outputs", recorded)
+    clean = phantom(5, 64, seed=3)
+    thick = {key: write_volume(Volume(noisy(clean, sd, seed), (0.8, 0.8, 5.0)), tmp_path / f"{key}5mm.nrrd")
+             for key, sd, seed in (("ndct", 10, 1), ("ldct", 60, 2))}
+    for volumes, name in ((thick, "thick"), (files, "thin")):
+        rc, _, err = run_cli(capsys, "oneshot", "--model", files["model"], "--ldct", volumes["ldct"], "--slice", 2,
+                             "--ndct", volumes["ndct"], "--name", name, "--iterations", 3, "--progress", "none")
+        assert rc == 0, err
+    assert contexts == [False, True]  # 5 mm: each slice its own context; 2 mm: its neighbours
