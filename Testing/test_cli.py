@@ -1096,3 +1096,20 @@ def test_the_dose_is_said_in_per_cent_of_what_is_measured(tmp_path, identity_mod
     r = corediff("denoise", sample, tmp_path / "out.nrrd", "--slices", "3", "--progress", "lines")
     said = re.search(r"like (\d+) % of the simulated normal dose", r.stdout)
     assert r.returncode == 0 and said and int(said.group(1)) == round(100 * measured), r.stdout
+
+
+def test_every_default_a_help_line_states_is_the_default():
+    """A help line that says '(default 16)' while the parser's default moved on misleads silently
+    (a review changed simulate's --slices default and no test noticed)."""
+    import argparse
+    import re
+    from CoreDiffLib.cli import build_parser
+    subparsers = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    checked = []
+    for command, parser in subparsers.choices.items():
+        for action in parser._actions:
+            said = re.search(r"default:? (-?\d[\d.e+-]*)\b", action.help or "")
+            if said:
+                checked.append(f"{command} {action.option_strings[0]}")
+                assert float(said.group(1)) == action.default, (command, action.option_strings, action.default)
+    assert {"simulate --slices", "simulate --size", "simulate --count", "oneshot --iterations"} <= set(checked)
