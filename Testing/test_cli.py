@@ -704,6 +704,9 @@ def test_train_command_writes_a_loadable_model(tmp_path):
                  "--patch-size", "32", "--progress", "none", "--checkpoint-every", "10")
     assert r.returncode == 0 and "nothing left to train" in r.stderr, r.stderr
     assert json.loads(read_weights_config(out)[1]["legs"]) == legs  # a leg that trained nothing is none
+    r = corediff("train", data, "--out", out, "--iterations", "60", "--width", "8", "--batch-size", "2",
+                 "--patch-size", "32", "--progress", "none", "--checkpoint-every", "10", "--ema-start", "7")
+    assert r.returncode == 2 and "other settings (ema_start 4 -> 7)" in r.stderr, r.stderr  # asked, not swapped
 
 
 def test_a_second_train_run_writing_the_same_files_is_refused_while_the_first_runs(tmp_path):
