@@ -706,6 +706,11 @@ def cmd_oneshot(args) -> int:
         if not _same_spacing(ndct_xy, ldct_xy, rel=0.1):
             info(args, "note: the unpaired NDCT's pixel spacing differs from the LDCT's by more than 10 %; "
                        "texture statistics are compared per pixel")
+        if ndct.shape[1:] != ldct.shape[1:]:  # its patches are placed in proportion across it
+            info(args, f"note: the unpaired NDCT slice is {ndct.shape[2]}x{ndct.shape[1]} pixels and the LDCT's "
+                       f"{ldct.shape[2]}x{ldct.shape[1]}: its patches are read in proportion across it, and on "
+                       "phantoms such fits came out worse than no adaptation; prefer a normal-dose slice of the "
+                       "LDCT's size (or a paired one)")
     _check_reference_noise(args, ldct, ldct_xy, ndct[ndct_index], ndct_xy, paired)
     info(args, f"one-shot {'paired' if paired else 'unpaired'} adaptation '{name}': reference slice {args.slice}"
                f" of {Path(args.ldct).name}, NDCT slice {args.slice if paired else ndct_slice}, "
