@@ -135,6 +135,24 @@ def test_device_defaults_and_overrides(monkeypatch):
     den = Denoiser.load(tiny_net(), "cpu", precision="fp32", channels_last=False, runtime="eager")
     assert den.settings == RunSettings("fp32", False, "eager")
     assert den.threads >= 1 and torch.get_num_threads() == den.threads
+    monkeypatch.setenv("COREDIFF_RUNTIME", "compile")
+    assert auto_settings(torch.device("cpu"), 16).backend == "compile"
+    assert "layout" in check_applicable(RunSettings("fp32", True, "onnx"), torch.device("cpu"))
+
+
+def test_each_precision_runs_in_its_own_dtype_and_onnx_runtime_uses_the_threads_given():
+    """From a mutation review: bf16 and fp16 autocast swapped, or ONNX Runtime pinned to one thread
+    (the default CPU runtime: every CPU denoise single-threaded), passed every test."""
+    from CoreDiffLib.runtime import OnnxNet, precision_context
+    conv = torch.nn.Conv2d(1, 2, 3)
+    with precision_context("bf16", torch.device("cpu")):
+        assert conv(torch.randn(1, 1, 8, 8)).dtype == torch.bfloat16
+    with precision_context("fp32", torch.device("cpu")):
+        assert conv(torch.randn(1, 1, 8, 8)).dtype == torch.float32
+    pytest.importorskip("onnxruntime")
+    for threads in (1, 2):
+        sessions = OnnxNet(tiny_net(), threads=threads)._sessions.values()
+        assert {s.get_session_options().intra_op_num_threads for s in sessions} == {threads}
 
 
 def test_automatic_steps_are_all_of_them_on_a_gpu_one_on_a_cpu_and_all_with_an_adaptation():
