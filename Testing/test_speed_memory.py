@@ -592,3 +592,41 @@ def test_a_streamed_output_written_in_many_chunks_reads_back_voxel_for_voxel(tmp
     assert back.GetSpacing() == pytest.approx(info["spacing"]) and back.GetOrigin() == pytest.approx(info["origin"])
     assert back.GetDirection() == pytest.approx(info["direction"])
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"out{ext}"]
+
+
+def test_every_figure_a_bench_row_derives_is_what_its_timings_and_outputs_give(monkeypatch):
+    """Only that figures were positive was checked: a speed-up upside down, seconds per slice divided
+    by the batch, a drift's sign, a 1 dB loss passed as 'ok', the reference one slice off, or the
+    accuracy read from one slice all printed wrong with every test passing."""
+    import statistics
+
+    from CoreDiffLib import benchmark
+    from CoreDiffLib.intensity import unit_to_hu
+    from CoreDiffLib.metrics import psnr
+    seconds = {("eager/fp32", 1): 4.0, ("eager/fp32", 2): 2.0, ("eager/fp32/CL", 1): 8.0, ("eager/fp32/CL", 2): 1.0}
+    offsets = {("eager/fp32", 1): 0.0, ("eager/fp32", 2): 2.0, ("eager/fp32/CL", 1): -30.0, ("eager/fp32/CL", 2): 0.5}
+    passes = {}
+
+    def timed(v, stack, device):  # the LDCT back (an identity network), shifted by a variant's offset
+        key = (v.label(), v.batch)
+        passes[key] = passes.get(key, 0) + 1
+        return seconds[key] + 0.1 * passes[key], unit_to_hu(stack[:, 1]) + offsets[key]
+    monkeypatch.setattr(benchmark, "_run_pass", timed)
+    result = benchmark.run_benchmark(["w4"], size=32, device="cpu", batch_sizes=(1, 2), channels_last=(False, True),
+                                     repeats=3, steps=1, log=lambda m: None)
+    n = result["meta"]["slices"]
+    ldct, ndct, _ = benchmark.bench_input(32, n + 2, 0, log=lambda m: None)
+    rows = {(row["variant"], row["batch"]): row for row in result["rows"]}
+    base = rows[("eager/fp32", 1)]
+    assert base["baseline"] and len(rows) == 4
+    for key, row in rows.items():
+        times = [seconds[key] + 0.1 * k for k in (2, 3, 4)]  # the three timed passes after the warm-up
+        assert row["s_per_slice"] == pytest.approx(statistics.median(times) / n)
+        assert row["slices_per_s"] == pytest.approx(1 / row["s_per_slice"])
+        assert row["speedup"] == pytest.approx(base["s_per_slice"] / row["s_per_slice"])
+        expected = np.mean([psnr(a + offsets[key], b) for a, b in zip(ldct[1:n + 1], ndct[1:n + 1])])
+        assert row["psnr"] == pytest.approx(expected, abs=1e-6)  # every slice, against its own reference
+        assert row["psnr_drift_db"] == pytest.approx(row["psnr"] - base["psnr"])
+        assert row["allowed"] == (abs(row["psnr_drift_db"]) <= benchmark.MAX_DRIFT_DB)
+    assert rows[("eager/fp32/CL", 1)]["psnr_drift_db"] < -1 and not rows[("eager/fp32/CL", 1)]["allowed"]
+    assert rows[("eager/fp32/CL", 2)]["speedup"] == pytest.approx(4.3 / 1.3)  # medians of the timed passes
