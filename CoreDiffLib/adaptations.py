@@ -31,7 +31,6 @@ MODES = ("paired", "unpaired")
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,99}")  # fullmatch: '$' would let a final newline by
 
 
-
 # ----------------------------------------------------------------------------- storage
 def adaptations_dir() -> Path:
     """``$COREDIFF_HOME/adaptations`` (default ``~/.corediff/adaptations``); not created here."""

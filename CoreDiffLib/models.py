@@ -17,9 +17,11 @@ from safetensors.torch import load_file, save_file
 
 from . import CoreDiffError
 from .atomic import atomic_path
-from .manifest import (DEFAULT_MODEL, MANIFEST, WEIGHTS_DIR, default_model_name, load_manifest,  # noqa: F401 (also
-                       resolve_model, sha256_of, shipped_models)  # this module's API)
+# the manifest is read in .manifest (without PyTorch); its names stay importable from here
+from .manifest import (DEFAULT_MODEL, MANIFEST, WEIGHTS_DIR, default_model_name,  # noqa: F401
+                       load_manifest, resolve_model, sha256_of, shipped_models)
 from .network import ClearNet, NetworkConfig
+
 
 def save_weights(model: ClearNet, path: str | os.PathLike, metadata: dict | None = None,
                  storage_dtype: torch.dtype = torch.float32) -> str:
