@@ -630,3 +630,27 @@ def test_every_figure_a_bench_row_derives_is_what_its_timings_and_outputs_give(m
         assert row["allowed"] == (abs(row["psnr_drift_db"]) <= benchmark.MAX_DRIFT_DB)
     assert rows[("eager/fp32/CL", 1)]["psnr_drift_db"] < -1 and not rows[("eager/fp32/CL", 1)]["allowed"]
     assert rows[("eager/fp32/CL", 2)]["speedup"] == pytest.approx(4.3 / 1.3)  # medians of the timed passes
+
+
+def test_a_bench_pass_samples_the_steps_asked_for_at_each_variants_thread_count(monkeypatch):
+    """--steps ignored (every row timing all T steps) or one variant's thread count left for the
+    next passed every test: the timed pass was never looked into."""
+    from CoreDiffLib import benchmark
+    seen = []
+
+    def recording(net, x, steps, **kwargs):
+        seen.append((steps, torch.get_num_threads(), x.shape[0]))
+        return sample(net, x, steps, **kwargs)
+    monkeypatch.setattr(benchmark, "sample", recording)
+    threads = torch.get_num_threads()
+    try:
+        result = benchmark.run_benchmark(["w4"], size=32, device="cpu", batch_sizes=(2,), channels_last=(False,),
+                                         threads=(1, 2), repeats=1, steps=3, log=lambda m: None)
+    finally:
+        torch.set_num_threads(threads)
+    n = result["meta"]["slices"]
+    rows = result["rows"]  # the baseline (one slice at a time) and the grid: batches of 2 at 1 and 2 threads
+    assert [(row["batch"], row["threads"]) for row in rows[1:]] == [(2, 1), (2, 2)]
+    one_pass = [(row["threads"], row["batch"]) for row in rows for _ in range(n // row["batch"])]
+    assert {steps for steps, _, _ in seen} == {3}
+    assert [(used, batch) for _, used, batch in seen] == one_pass * 2  # the warm-up, then the timed repeat
