@@ -639,3 +639,22 @@ def _interior(hu):
     """The body (above -500 HU) less a 3-pixel rim, where edges dominate the error."""
     from scipy import ndimage
     return ndimage.binary_erosion(hu > -500, iterations=3)
+
+
+def test_a_simulation_nifti_cannot_hold_is_refused_before_any_work(tmp_path, monkeypatch):
+    """NIfTI-1 stores dimensions in 16 bits: 40,000 slices of 64 x 64 were simulated for over ten
+    minutes here before the writer refused them (as denoise did, until it checked first)."""
+    import CoreDiffLib.simulation.dataset as dataset
+
+    def started(*args, **kwargs):
+        raise AssertionError("the simulation started")
+    monkeypatch.setattr(dataset, "_simulate_into", started)
+    for fmt in ("nii", "nii.gz"):
+        with pytest.raises(ValueError, match=rf"case000_head_ndct.{fmt}: NIfTI holds at most 32767 voxels along an "
+                                             "axis and this volume has 32768: write .nrrd or .mha instead"):
+            simulate_dataset(str(tmp_path / "sim"), 0.25, count=1, n_slices=32768, size=64, kinds=("head",),
+                             fmt=fmt, geometry=GEOM, progress=False)
+    with pytest.raises(AssertionError, match="the simulation started"):  # .nrrd holds it: on it goes
+        simulate_dataset(str(tmp_path / "sim"), 0.25, count=1, n_slices=32768, size=64, kinds=("head",),
+                         fmt="nrrd", geometry=GEOM, progress=False)
+    assert not list(tmp_path.iterdir())

@@ -24,7 +24,7 @@ import numpy as np
 
 from .. import CoreDiffError
 from ..atomic import atomic_path, deferred_interrupts, partial_folder, write_text_atomic
-from ..io import write_image_file
+from ..io import check_output_dimensions, write_image_file
 from ..pairs import dose_from_tag, dose_tag
 from .noise import DEFAULT_ELECTRONIC_SIGMA, DEFAULT_I0, _check_dose, check_noise_settings, nested_dose_noise
 from .phantom import DEFAULT_FOV_MM, KINDS, make_phantom, phantom_radius_mm
@@ -321,6 +321,10 @@ def simulate_dataset(out_dir: str, dose: Union[float, Sequence[float]] = 0.25, c
     fmt = fmt.lower().lstrip(".")
     if fmt not in ("nrrd", "nii.gz", "nii", "mha"):
         raise ValueError(f"unsupported format {fmt!r}; use nrrd, nii.gz, nii or mha")
+    try:  # before any work: the writer refuses it only at the end
+        check_output_dimensions(f"case000_{kinds[0]}_ndct.{fmt}", (n_slices, size, size))
+    except CoreDiffError as exc:
+        raise ValueError(str(exc)) from None
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
     if not str(out_dir).strip():  # an unset variable in a script: it would write into the working folder
