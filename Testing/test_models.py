@@ -385,6 +385,9 @@ def test_the_gpu_session_rehearses_refuses_what_would_fail_late_and_keeps_its_we
     write_image(data / "case000_ldct25.nrrd", ndct + 20 * np.random.default_rng(1).standard_normal(ndct.shape))
     subprocess.run([sys.executable, str(scripts / "pack_training_data.py"), "--train", str(data), "--test", "",
                     "--out", str(packed)], check=True, capture_output=True)
+    scratch = tmp_path / "tmp"  # the session's temporary folder: its checkpoint and weights are removed at exit
+    scratch.mkdir()
+    env = dict(os.environ, TMPDIR=str(scratch))
     session = [sys.executable, str(scripts / "gpu_session.py"), "--data", str(packed), "--out", str(out),
                "--dry-run", "--width", "8", "--batch-size", "2", "--patch-size", "32", "--test-cases", "1"]
     for extra, message in ((["--stages", "train,score"], "missing " + str(packed / "test.npz.xz")),
@@ -394,7 +397,7 @@ def test_the_gpu_session_rehearses_refuses_what_would_fail_late_and_keeps_its_we
         r = subprocess.run(session + extra, capture_output=True, encoding="utf-8", timeout=120)
         assert r.returncode == 2 and message in (out / "session.log").read_text(), (extra, r.stdout)
     proc = subprocess.Popen(session + ["--stages", "train", "--train-minutes", "5"], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+                            stderr=subprocess.STDOUT, text=True, env=env)
     log = out / "session.log"
     deadline = time.time() + 120
     while "CLEAR-Net width 8" not in (log.read_text() if log.exists() else "") and time.time() < deadline:
@@ -405,6 +408,7 @@ def test_the_gpu_session_rehearses_refuses_what_would_fail_late_and_keeps_its_we
     assert proc.returncode == 130, log.read_text()
     assert "its weights are written all the same" in log.read_text()
     assert {"corediff-25-w8.part1.safetensors", "corediff-25-w8.part2.safetensors"} <= {p.name for p in out.iterdir()}
+    assert [p.name for p in scratch.glob("corediff-*")] == []  # each run left its checkpoint (1.5 MB) behind
     # joined here from a folder whose name holds "part1" (--merge replaced it there too, and failed)
     back = tmp_path / "part1_back"
     back.mkdir()

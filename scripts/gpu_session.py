@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -110,7 +111,7 @@ def stage_train(a, out: Path, log) -> Path:
                       seed=0, checkpoint_every=10**9, log_every=100, precision="bf16",
                       time_limit_s=60.0 * a.train_minutes)
     t0 = time.time()
-    ckpt = Path(tempfile.mkdtemp(prefix="corediff-train-")) / "train.ckpt"  # written only when stopped
+    ckpt = a.scratch / "train.ckpt"  # written only when stopped
     interrupted = None
     try:
         ema, state = train(pairs, net_cfg, cfg, checkpoint=ckpt, resume=False, device=a.device, log=log)
@@ -123,7 +124,7 @@ def stage_train(a, out: Path, log) -> Path:
     meta = {"iterations": state.iteration, "dose": 0.25, "train_seconds": round(seconds, 1),
             "device": device_name(a.device), "train_config": vars(cfg),
             "losses_every_100": state.losses}
-    weights = Path(f"/tmp/{a.stem}.safetensors")
+    weights = a.scratch / f"{a.stem}.safetensors"
     save_weights(ema.cpu(), weights, meta)
     if not a.no_shards:
         for p in save_shards(weights, out, a.stem):
@@ -172,13 +173,15 @@ def stage_score(a, weights: Path, out: Path, log) -> None:
 
 def stage_bench(a, weights: Path, out: Path, log) -> None:
     # the benchmark's input: the held-out slices, put where `corediff bench` caches its input
-    cache = Path(tempfile.mkdtemp(prefix="corediff-cache-"))  # this run's own: no earlier run's files
+    cache = a.scratch / "cache"  # this run's own: no earlier run's files
+    cache.mkdir()
     _, ndct, ldct = held_out(a)
     n = ldct.shape[0] - 2  # the benchmark reads one extra slice on each side (context)
     np.savez(cache / f"bench_input_512_{n + 2}_0.npz", ldct=ldct, ndct=ndct,
              kind=np.array("simulated 25% dose, held-out phantoms"))
     env = dict(os.environ, COREDIFF_CACHE=str(cache), PYTHONPATH=str(REPO))
-    bench = Path(tempfile.mkdtemp(prefix="corediff-bench-"))  # tarred into OUT: the transfer takes few files
+    bench = a.scratch / "bench"  # tarred into OUT: the transfer takes few files
+    bench.mkdir()
     runs = [("eager", ["--batch-sizes", f"1,{n}", "--precisions", "fp32,tf32,bf16,fp16",
                        "--channels-last", "--compile", "eager"]),
             ("cudagraphs", ["--batch-sizes", f"1,{n}", "--precisions", "tf32,bf16,fp16",
@@ -261,6 +264,15 @@ def main() -> int:
     if problem:  # before any work: device time is short
         log(f"refused: {problem}")
         return 2
+    a.scratch = Path(tempfile.mkdtemp(prefix="corediff-session-"))  # checkpoint, weights, bench input: removed at exit
+    try:
+        return run_stages(a, stages, weights, out, log)
+    finally:
+        shutil.rmtree(a.scratch, ignore_errors=True)
+
+
+def run_stages(a, stages: list[str], weights: Path | None, out: Path, log) -> int:
+    """Train, score and bench in turn; what each writes for the user goes to OUT as it comes."""
     failed = []
     for name, stage in (("train", stage_train), ("score", stage_score), ("bench", stage_bench)):
         if name not in stages:
