@@ -35,7 +35,8 @@ def test_torchrun_two_processes_identical_replicas(pair_folder, tmp_path):
     out = tmp_path / "ddp.safetensors"
     debug = tmp_path / "ranks"
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               COREDIFF_DDP_DEBUG_DIR=str(debug), OMP_NUM_THREADS="1")
+               COREDIFF_DDP_DEBUG_DIR=str(debug), OMP_NUM_THREADS="1",
+               TMPDIR=str(tmp_path))  # torchrun leaves a torchelastic_* folder in the temporary folder
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "CoreDiffLib.cli", "train", str(pair_folder), "--out", str(out),
            "--iterations", "200", "--lr", "1e-3", "--batch-size", "2", "--patch-size", "32", "--width", "8",
