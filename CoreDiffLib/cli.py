@@ -142,16 +142,14 @@ def _check_steps_for_auto(steps) -> None:
 def choose_dose_model(args: argparse.Namespace, volume, spacing_xy, explicit: bool) -> tuple[str, str]:
     """(model, why) for this scan (CoreDiffLib.dose_estimate), said in the log. A scan that
     cannot be measured is an error when ``--model auto`` was asked for, else the default model."""
-    from .dose_estimate import choose_model
-    from .models import default_model_name
-    try:
-        model, scan, dose = choose_model(volume, spacing_xy)
-    except CoreDiffError as exc:
+    from .dose_estimate import choose_model_or_default
+    choice = choose_model_or_default(volume, spacing_xy)
+    if choice.problem is not None:
         if explicit:
-            raise CoreDiffError(f"--model auto: {exc}: choose the model for its dose with --model") from None
-        model = default_model_name()
-        info(args, f"warning: {exc}; using the default model {model}")  # GUIs keep 'warning:' lines
-        return model, "auto: not measurable, the default model"
+            raise CoreDiffError(f"--model auto: {choice.problem}: choose the model for its dose with --model")
+        info(args, f"warning: {choice.problem}; using the default model {choice.model}")  # GUIs keep 'warning:' lines
+        return choice.model, "auto: not measurable, the default model"
+    model, scan, dose = choice.model, choice.scan, choice.dose
     info(args, f"model for this scan: {model} (noise index {scan.noise_index_hu:.1f} HU at a water-equivalent "
                f"diameter of {scan.wed_mm:.0f} mm, like {100 * dose:.0f} % of the simulated normal dose; "
                "--model NAME overrides)")
@@ -627,23 +625,21 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 def cmd_dose(args: argparse.Namespace) -> int:
     """``corediff dose IN``: what ``--model auto`` measures on a scan and the model it would run."""
-    from .dose_estimate import choose_model
+    from .dose_estimate import choose_model_or_default
     from .io import read_volume
-    from .manifest import default_model_name
     from .orientation import axial_view
     volume = read_volume(args.input, args.series, note)
-    try:
-        model, scan, dose = choose_model(*axial_view(volume))
-    except CoreDiffError as exc:  # what denoise then does (unless --model auto is given explicitly)
-        model = default_model_name()
-        why = (f"{exc}, so its dose cannot be estimated: denoise runs the default model {model} (and refuses "
-               "the scan when --model auto is given explicitly)")
+    choice = choose_model_or_default(*axial_view(volume))
+    if choice.problem is not None:  # what denoise then does (unless --model auto is given explicitly)
+        why = (f"{choice.problem}, so its dose cannot be estimated: denoise runs the default model {choice.model} "
+               "(and refuses the scan when --model auto is given explicitly)")
         if args.json:
-            print(json.dumps({"input": str(args.input), "estimated_dose": None, "model": model, "caveat": why},
-                             indent=1))
+            print(json.dumps({"input": str(args.input), "estimated_dose": None, "model": choice.model,
+                              "caveat": why}, indent=1))
         else:
             print(f"note: {why}")
         return 0
+    model, scan, dose = choice.model, choice.scan, choice.dose
     row = {"input": str(args.input), "noise_index_hu": round(scan.noise_index_hu, 2),
            "water_equivalent_diameter_mm": round(scan.wed_mm, 1), "slices_measured": scan.slices,
            "slices_cut_off": scan.cut_slices, "estimated_dose": round(dose, 4), "model": model,

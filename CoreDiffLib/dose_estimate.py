@@ -200,3 +200,24 @@ def choose_model(volume_hu: "SliceIndexable", spacing_xy: tuple[float, float]) -
     scan = measure(volume_hu, spacing_xy)
     dose = calibration.dose(scan)
     return nearest_model(dose, models), scan, dose
+
+
+@dataclass(frozen=True)
+class AutoChoice:
+    """What ``--model auto`` runs on a scan: the model for its estimated dose, or, when the scan
+    cannot be measured (no body, too little soft tissue, no calibration shipped), the default
+    model and why. ``denoise`` refuses the latter only when ``--model auto`` was asked for."""
+    model: str
+    scan: ScanNoise | None = None
+    dose: float | None = None
+    problem: str | None = None
+
+
+def choose_model_or_default(volume_hu: "SliceIndexable", spacing_xy: tuple[float, float]) -> AutoChoice:
+    """:func:`choose_model`, or the default model with the reason it could not be used."""
+    try:
+        model, scan, dose = choose_model(volume_hu, spacing_xy)
+    except CoreDiffError as exc:
+        from .manifest import default_model_name
+        return AutoChoice(default_model_name(), problem=str(exc))
+    return AutoChoice(model, scan, dose)
