@@ -654,3 +654,60 @@ def test_a_bench_pass_samples_the_steps_asked_for_at_each_variants_thread_count(
     one_pass = [(row["threads"], row["batch"]) for row in rows for _ in range(n // row["batch"])]
     assert {steps for steps, _, _ in seen} == {3}
     assert [(used, batch) for _, used, batch in seen] == one_pass * 2  # the warm-up, then the timed repeat
+
+
+@pytest.mark.parametrize("flag, grid", [([], (False,)), (["--channels-last"], (False, True)),
+                                        (["--channels-last", "only"], (True,))])
+def test_bench_channels_last_flag_picks_the_memory_formats_timed(monkeypatch, tmp_path, flag, grid):
+    """`--channels-last only` (the GPU script's cudagraphs and compiled runs) timed both formats or
+    neither with every test passing: the flag's three readings were never checked."""
+    from CoreDiffLib import benchmark
+    from CoreDiffLib.cli import main
+    asked = {}
+
+    def record(models, **kwargs):
+        asked.update(kwargs)
+        return {"meta": {"device_name": "cpu", "torch": "", "slices": 1, "size": 16, "repeats": 1, "input": "",
+                         "ldct_psnr": 0.0, "load_average_start": None, "load_average_end": None},
+                "rows": [{"model": "w4", "variant": "eager/fp32", "baseline": True}], "skipped": []}
+    monkeypatch.setattr(benchmark, "run_benchmark", record)
+    assert main(["bench", "--width", "4", "--size", "16", *flag]) == 0
+    assert asked["channels_last"] == grid
+
+
+def test_a_second_sigterm_ends_the_bench_at_once_with_143():
+    """The first SIGTERM lets the pass in hand finish (and the rows be written); a second is an
+    impatient scheduler: the run ends there, with the shell's code for SIGTERM."""
+    import signal
+    from CoreDiffLib.benchmark import _stop_on_sigterm
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as ended:
+        with _stop_on_sigterm() as stop:
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert stop.is_set()  # the first: asked to stop after this pass, nothing raised
+            os.kill(os.getpid(), signal.SIGTERM)
+    assert ended.value.code == 143
+    assert signal.getsignal(signal.SIGTERM) is before  # the caller's handler is back
+
+
+def test_the_peak_memory_column_is_in_mebibytes():
+    """A 256 MiB array made inside the measurement shows as about 256 in 'peak MB' (a unit off by
+    1,024 printed kilobytes or gigabytes with every test passing)."""
+    from CoreDiffLib.benchmark import PeakRSS
+    with PeakRSS() as rss:
+        block = np.ones(256 * 2**20 // 8)  # float64, every page touched
+    del block
+    assert 200 < rss.delta_mb < 600
+
+
+def test_cpu_threads_default_to_physical_cores_not_hyperthreads(monkeypatch):
+    """On an SMT machine the default thread count is the physical cores (two threads on one core
+    slow PyTorch's convolutions); a count psutil cannot give falls back to the logical CPUs."""
+    import psutil
+
+    from CoreDiffLib.runtime import physical_cores
+    monkeypatch.setattr(psutil, "cpu_count", lambda logical=True: 8 if logical else 4)
+    assert physical_cores() == 4
+    monkeypatch.setattr(psutil, "cpu_count", lambda logical=True: 8 if logical else None)
+    monkeypatch.setattr(os, "cpu_count", lambda: 6)
+    assert physical_cores() == 6
