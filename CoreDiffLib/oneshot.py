@@ -232,6 +232,29 @@ def paired_loss(output: torch.Tensor, target: torch.Tensor, ssim_weight: float =
 
 
 # ----------------------------------------------------------------------------- fitting
+def on_reference_grid(slice_hu: np.ndarray, slice_xy: Sequence[float], shape: Sequence[int],
+                      reference_xy: Sequence[float]) -> np.ndarray:
+    """An unpaired normal-dose slice resampled (linearly) to the reference's pixel size and
+    centred on its (H, W) grid, air (-1000 HU) beyond its own field of view.
+
+    The texture loss compares band energies at scales of 1-4 *pixels*, so a slice of another
+    pixel size shows another texture; and its patches meet the reference's at the same place
+    only when both are centred alike. Placing them in proportion across the slice instead fitted
+    blends worse than none on phantoms (a wider or narrower field of view, another matrix);
+    resampled and centred, they came within the range of a same-size slice (docs/benchmarks/oneshot_grid).
+    """
+    from scipy.ndimage import map_coordinates
+    slice_hu = np.asarray(slice_hu, dtype=np.float64)
+    h, w = (int(v) for v in shape)
+    if slice_hu.shape == (h, w) and _same_spacing(slice_xy, reference_xy):
+        return slice_hu.astype(np.float32)
+    # (slice_xy and reference_xy are (columns, rows) in mm, as axial_view gives them)
+    rows = (np.arange(h) - (h - 1) / 2) * reference_xy[1] / slice_xy[1] + (slice_hu.shape[0] - 1) / 2
+    cols = (np.arange(w) - (w - 1) / 2) * reference_xy[0] / slice_xy[0] + (slice_hu.shape[1] - 1) / 2
+    grid = np.meshgrid(rows, cols, indexing="ij")
+    return map_coordinates(slice_hu, grid, order=1, mode="constant", cval=-1000.0).astype(np.float32)
+
+
 @torch.no_grad()
 def reference_step_outputs(model: torch.nn.Module, ldct_hu: np.ndarray, slice_index: int,
                            progress: Callable[[], None] | None = None, neighbours: bool = True) -> torch.Tensor:
@@ -322,9 +345,9 @@ def fit_step_weights(steps: torch.Tensor, target_unit: torch.Tensor, mode: str =
     """Fit the T logits on random patches of cached per-step outputs.
 
     ``steps``: (T, 1, H, W) or (T, H, W) in [0, 1]; ``target_unit``: (H', W') or (1, H', W')
-    normal-dose slice in [0, 1]. Paired: H' = H and patches are co-located; loss
-    :func:`paired_loss`. Unpaired: :func:`texture_distance` on co-located patches (the
-    target may have another size: corners are mapped by relative position). Both losses are
+    normal-dose slice in [0, 1] on the reference's grid (H' = H: :func:`on_reference_grid` puts
+    an unpaired slice there). Paired: patches are co-located; loss :func:`paired_loss`.
+    Unpaired: :func:`texture_distance` on patches at the same place. Both losses are
     quadratic forms in the weights on a patch (the MSE of a blend; the band energy of a blend,
     since the filter bank is linear), so their matrices are precomputed once for up to
     ``pool_size`` random patches and every iteration is a few tiny matrix products on a
@@ -346,9 +369,10 @@ def fit_step_weights(steps: torch.Tensor, target_unit: torch.Tensor, mode: str =
     steps, target = steps.detach().float().cpu(), target.detach().float().cpu()
     T, H, W = steps.shape
     Ht, Wt = target.shape
-    if mode == "paired" and (Ht, Wt) != (H, W):
-        raise CoreDiffError(f"paired target {Ht}x{Wt} and reference slice {H}x{W} differ in size")
-    p = min(patch_size, H, W, Ht, Wt)
+    if (Ht, Wt) != (H, W):
+        raise CoreDiffError(f"{mode} target {Ht}x{Wt} and reference slice {H}x{W} differ in size"
+                            + (": put it on the reference's grid (on_reference_grid)" if mode == "unpaired" else ""))
+    p = min(patch_size, H, W)
     if mode == "unpaired" and p < UNPAIRED_MIN_PATCH:
         raise CoreDiffError(f"the unpaired texture loss needs slices and patches of at least "
                             f"{UNPAIRED_MIN_PATCH}x{UNPAIRED_MIN_PATCH} pixels")
@@ -356,15 +380,9 @@ def fit_step_weights(steps: torch.Tensor, target_unit: torch.Tensor, mode: str =
     corners = _patch_corners(_hu(guide).numpy(), p)
     rng = np.random.default_rng(seed)
 
-    def target_corners(cs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        ty = np.rint(cs[:, 0] * (Ht - p) / max(H - p, 1)).astype(int) if Ht != H else cs[:, 0]
-        tx = np.rint(cs[:, 1] * (Wt - p) / max(W - p, 1)).astype(int) if Wt != W else cs[:, 1]
-        return ty, tx
-
     if mode == "paired" and ssim_weight:
         def make_batch(cs: np.ndarray):
-            ty, tx = target_corners(cs)
-            return _crop(steps[:, None], cs[:, 0], cs[:, 1], p, dim=1), _crop(target[None], ty, tx, p)
+            return _crop(steps[:, None], cs[:, 0], cs[:, 1], p, dim=1), _crop(target[None], cs[:, 0], cs[:, 1], p)
 
         def batch_loss(batch, logits: torch.Tensor) -> tuple[torch.Tensor, int]:
             src, tgt = batch
@@ -394,11 +412,10 @@ def fit_step_weights(steps: torch.Tensor, target_unit: torch.Tensor, mode: str =
         tgt_resp = filter_responses(target[None, None])
         tgt_masks = soft_tissue_masks(target[None, None])
         pool = _pool(corners, pool_size, seed)
-        ty, tx = target_corners(pool)
         grams, tgt_energy, keep = [], [], []
         for level in range(LEVELS):
             q = (p >> level) - 2 * _RADIUS
-            ys, xs, tys, txs = pool[:, 0] >> level, pool[:, 1] >> level, ty >> level, tx >> level
+            ys, xs = pool[:, 0] >> level, pool[:, 1] >> level
             r = resp[level].double()                                       # (T, 3, h, w)
             m = out_masks[level][0, 0].double()
             area = _box_sums(m[None], ys, xs, q)                           # (N, 1)
@@ -406,8 +423,8 @@ def fit_step_weights(steps: torch.Tensor, target_unit: torch.Tensor, mode: str =
                              for k in range(T)], 2)                        # (N, T=l, T=k, 3)
             grams.append((g.permute(0, 3, 2, 1) / area.clamp_min(1.0)[:, :, None, None]).float())
             rt, mt = tgt_resp[level][0].double(), tgt_masks[level][0, 0].double()
-            area_t = _box_sums(mt[None], tys, txs, q)
-            e_t = _box_sums(rt.pow(2) * mt, tys, txs, q) / area_t.clamp_min(1.0)   # (N, 3)
+            area_t = _box_sums(mt[None], ys, xs, q)
+            e_t = _box_sums(rt.pow(2) * mt, ys, xs, q) / area_t.clamp_min(1.0)   # (N, 3)
             tgt_energy.append(torch.log(e_t + _ENERGY_EPS_HU2).float())
             keep.append(((area >= MIN_MASK_PIXELS) & (area_t >= MIN_MASK_PIXELS)).float()[:, 0])
         grams_all = torch.stack(grams, 1)                                  # (N, L, 3, T, T)
@@ -478,14 +495,17 @@ def adapt(model: torch.nn.Module, ldct_hu: np.ndarray, slice_index: int, ndct_hu
           dose: str | None = None, iterations: int = 600, patch_size: int = 96, batch_size: int = 8,
           lr: float = 0.05, seed: int = 0, ssim_weight: float = 0.0, fidelity_weight: float = 1.0,
           progress: ProgressFn | None = None, cancel: Callable[[], bool] | None = None,
-          info: dict | None = None, neighbours: bool = True) -> Adaptation:
+          info: dict | None = None, neighbours: bool = True,
+          ldct_spacing_xy: Sequence[float] | None = None, ndct_spacing_xy: Sequence[float] | None = None) -> Adaptation:
     """Learn an :class:`Adaptation` of ``model`` from one reference slice of a new dose.
 
     ``ldct_hu``: (S, H, W) LDCT volume in HU at the new dose; ``slice_index`` picks the
     reference slice (its neighbours are the context). ``ndct_hu``: (S', H', W') normal-dose
     volume in HU (or a single (H', W') slice). Paired: the NDCT of the same scan, aligned
     (slice ``slice_index`` is used). Unpaired: any normal-dose volume; ``ndct_slice``
-    defaults to ``slice_index + 2`` clamped to the volume, as in the paper's reference code.
+    defaults to ``slice_index + 2`` clamped to the volume, as in the paper's reference code;
+    it is put on the reference's grid (:func:`on_reference_grid`) with the two pixel sizes
+    ``ndct_spacing_xy`` and ``ldct_spacing_xy`` ((columns, rows) mm; left out: equal).
     ``progress(done, total)`` counts T network evaluations plus the fitting iterations.
     ``neighbours`` False: the reference slice is its own context (thick slices, as ``denoise``
     then runs them: :data:`~CoreDiffLib.inference.THICK_SLICE_MM`).
@@ -537,7 +557,15 @@ def adapt(model: torch.nn.Module, ldct_hu: np.ndarray, slice_index: int, ndct_hu
     if cancel is not None and cancel():
         from .inference import Cancelled
         raise Cancelled("cancelled by the user; no adaptation was written")
-    target = torch.from_numpy(((np.clip(ndct_hu[target_index], HU_MIN, HU_MIN + HU_RANGE) - HU_MIN)
+    target_hu, resampled = ndct_hu[target_index], None
+    if mode == "unpaired":
+        reference_xy = tuple(float(v) for v in (ldct_spacing_xy or (1.0, 1.0)))
+        target_xy = tuple(float(v) for v in (ndct_spacing_xy or reference_xy))
+        if target_hu.shape != ldct_hu.shape[1:] or not _same_spacing(target_xy, reference_xy):
+            resampled = {"ndct_pixels": list(target_hu.shape), "ndct_spacing_xy_mm": list(target_xy),
+                         "ldct_spacing_xy_mm": list(reference_xy)}
+        target_hu = on_reference_grid(target_hu, target_xy, ldct_hu.shape[1:], reference_xy)
+    target = torch.from_numpy(((np.clip(target_hu, HU_MIN, HU_MIN + HU_RANGE) - HU_MIN)
                                / HU_RANGE).astype(np.float32))
     guide = torch.from_numpy(((np.clip(ldct_hu[slice_index], HU_MIN, HU_MIN + HU_RANGE) - HU_MIN)
                               / HU_RANGE).astype(np.float32))
@@ -557,6 +585,8 @@ def adapt(model: torch.nn.Module, ldct_hu: np.ndarray, slice_index: int, ndct_hu
         "created": _dt.datetime.now().isoformat(timespec="seconds"),
         "base_model": getattr(model, "weights_path", None),
     }
+    if resampled:  # put on the LDCT's grid (on_reference_grid)
+        meta["ndct_resampled"] = resampled
     meta.update(info or {})
     return Adaptation(name=name, base_sha256=model_identity(model), dose=dose, mode=mode,
                       reference_slice=int(slice_index), ndct_slice=int(ndct_slice), steps=T,
@@ -564,6 +594,10 @@ def adapt(model: torch.nn.Module, ldct_hu: np.ndarray, slice_index: int, ndct_hu
 
 
 # ----------------------------------------------------------------------------- command line
+def _mm(spacing_xy: Sequence[float]) -> str:
+    return "x".join(f"{v:.3g}" for v in spacing_xy) + " mm"
+
+
 def _same_spacing(a: Sequence[float], b: Sequence[float], rel: float = 1e-3) -> bool:
     return all(abs(x - y) <= rel * max(abs(x), abs(y), 1e-6) for x, y in zip(a, b))
 
@@ -661,9 +695,9 @@ def cmd_oneshot(args) -> int:
     ndct_volume = read_volume(args.ndct if paired else args.ndct_unpaired, log=note)
     ndct, ndct_xy = axial_view(ndct_volume)
     if not paired:
+        # (the normal-dose slice is put on the LDCT's grid: what of it is usable, the fit's soft-tissue check says)
         for what, size in (("--patch-size", args.patch_size), (f"the --ldct slices ({ldct.shape[1]}x{ldct.shape[2]})",
-                                                                min(ldct.shape[1:])),
-                           (f"the --ndct-unpaired slices ({ndct.shape[1]}x{ndct.shape[2]})", min(ndct.shape[1:]))):
+                                                                min(ldct.shape[1:]))):
             if size < UNPAIRED_MIN_PATCH:
                 raise CoreDiffError(f"{what}: the unpaired texture loss needs at least {UNPAIRED_MIN_PATCH} pixels")
     if paired:
@@ -703,14 +737,10 @@ def cmd_oneshot(args) -> int:
         info(args, "note: unpaired weights are fitted without an aligned reference and can cost PSNR (on held-out "
                    "phantoms from +0.15 to -1.28 dB, docs/benchmarks/oneshot_states): compare the result with "
                    "the unadapted one; a paired slice is safer")
-        if not _same_spacing(ndct_xy, ldct_xy, rel=0.1):
-            info(args, "note: the unpaired NDCT's pixel spacing differs from the LDCT's by more than 10 %; "
-                       "texture statistics are compared per pixel")
-        if ndct.shape[1:] != ldct.shape[1:]:  # its patches are placed in proportion across it
-            info(args, f"note: the unpaired NDCT slice is {ndct.shape[2]}x{ndct.shape[1]} pixels and the LDCT's "
-                       f"{ldct.shape[2]}x{ldct.shape[1]}: its patches are read in proportion across it, and on "
-                       "phantoms such fits came out worse than no adaptation; prefer a normal-dose slice of the "
-                       "LDCT's size (or a paired one)")
+        if ndct.shape[1:] != ldct.shape[1:] or not _same_spacing(ndct_xy, ldct_xy):
+            info(args, f"the unpaired NDCT slice ({ndct.shape[2]}x{ndct.shape[1]} pixels of {_mm(ndct_xy)}) is "
+                       f"resampled to the LDCT's pixel size ({_mm(ldct_xy)}) and centred on its "
+                       f"{ldct.shape[2]}x{ldct.shape[1]} grid: texture is compared at one scale")
     _check_reference_noise(args, ldct, ldct_xy, ndct[ndct_index], ndct_xy, paired)
     info(args, f"one-shot {'paired' if paired else 'unpaired'} adaptation '{name}': reference slice {args.slice}"
                f" of {Path(args.ldct).name}, NDCT slice {args.slice if paired else ndct_slice}, "
@@ -727,7 +757,8 @@ def cmd_oneshot(args) -> int:
                            progress=progress,
                            info={"ldct": str(Path(args.ldct).resolve()),
                                  "ndct": str(Path(args.ndct if paired else args.ndct_unpaired).resolve()),
-                                 "model": str(model_name)}, neighbours=neighbours)
+                                 "model": str(model_name)}, neighbours=neighbours,
+                           ldct_spacing_xy=ldct_xy, ndct_spacing_xy=ndct_xy)
     finally:
         progress.close()
     path = adaptation.save(out, overwrite=args.overwrite, replace_outdated=True)

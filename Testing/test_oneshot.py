@@ -777,18 +777,64 @@ def test_the_command_fits_a_thick_series_on_the_states_denoise_blends(files, use
     assert contexts == [False, True]  # 5 mm: each slice its own context; 2 mm: its neighbours
 
 
-def test_an_unpaired_normal_dose_slice_of_another_matrix_gets_a_note(files, user_home, capsys, tmp_path):
-    """Its patches are placed in proportion across it: a 192-pixel field of view around a 128-pixel
-    reference's anatomy fitted a blend of 59.6 HU RMSE against the truth where no adaptation gave 43.4
-    (a same-size slice: 34.4). Said, so that the user can pick a slice of the same size."""
+def test_an_unpaired_normal_dose_slice_of_another_grid_is_put_on_the_low_dose_grid(files, user_home, capsys,
+                                                                                     tmp_path):
+    """Its patches were read in proportion across it at its own pixel size: on phantoms a 0.75x
+    matrix fitted a blend of 18.8 HU RMSE where no adaptation gave 10.6 (docs/benchmarks/oneshot_grid).
+    Now it is resampled to the LDCT's pixel size and centred, said in the log and recorded."""
     wide = np.full((5, 96, 96), -1000.0, np.float32)
     wide[:, 16:80, 16:80] = noisy(phantom(5, 64, seed=3), 10, 1)
-    path = write_volume(Volume(wide, (0.8, 0.8, 2.0)), tmp_path / "wide_ndct.nrrd")
-    notes = {}
+    path = write_volume(Volume(wide, (0.6, 0.6, 2.0)), tmp_path / "wide_ndct.nrrd")  # the LDCT's: 0.8 mm
+    said, recorded = {}, {}
     for key, ndct in (("wide", path), ("same", files["ndct"])):
-        rc, _, err = run_cli(capsys, "oneshot", "--model", files["model"], "--ldct", files["ldct"], "--slice", 2,
-                             "--ndct-unpaired", ndct, "--name", f"u_{key}", "--iterations", 3, "--patch-size", 64,
-                             "--progress", "none")
+        rc, out, err = run_cli(capsys, "oneshot", "--model", files["model"], "--ldct", files["ldct"], "--slice", 2,
+                               "--ndct-unpaired", ndct, "--name", f"u_{key}", "--iterations", 3, "--patch-size", 64,
+                               "--progress", "none")
         assert rc == 0, err
-        notes[key] = "the unpaired NDCT slice is 96x96 pixels and the LDCT's 64x64" in err
-    assert notes == {"wide": True, "same": False}
+        said[key] = "the unpaired NDCT slice (96x96 pixels of 0.6x0.6 mm) is resampled to the LDCT's pixel size" in err
+        recorded[key] = Adaptation.read(out.strip().splitlines()[-1].split(" ", 1)[1]).info.get("ndct_resampled")
+    assert said == {"wide": True, "same": False}
+    assert recorded["same"] is None
+    assert recorded["wide"]["ndct_pixels"] == [96, 96] and recorded["wide"]["ndct_spacing_xy_mm"] == [0.6, 0.6]
+
+
+def test_on_reference_grid_keeps_places_in_millimetres_about_the_centre():
+    """Resampled by each axis's own pixel size ((columns, rows) mm), centred, air beyond the slice."""
+    from CoreDiffLib.oneshot import on_reference_grid
+    same = np.arange(12.0).reshape(3, 4)
+    assert np.array_equal(on_reference_grid(same, (0.7, 0.7), (3, 4), (0.7, 0.7)), same)
+    block = np.zeros((40, 80))  # 40 mm x 40 mm: rows 1.0 mm, columns 0.5 mm
+    block[8:13, 56:65] = 100.0  # its centre 9.5 mm above and 10.25 mm right of the middle
+    out = on_reference_grid(block, (0.5, 1.0), (60, 60), (1.0, 1.0))
+    inside = out[10:50, 10:50]
+    rows, cols = np.nonzero(inside > 0)
+    weights = inside[rows, cols]
+    assert np.average(rows, weights=weights) == pytest.approx(10.0, abs=0.3)
+    assert np.average(cols, weights=weights) == pytest.approx(29.75, abs=0.3)
+    assert inside.sum() == pytest.approx(block.sum() / 2, rel=0.1)  # two source columns to a pixel
+    assert (out[:9] == -1000).all() and (out[:, 51:] == -1000).all()  # beyond its 40 mm: air
+    wide = on_reference_grid(np.pad(block, ((10, 10), (20, 20))), (0.5, 1.0), (40, 40), (1.0, 1.0))
+    assert np.allclose(wide, on_reference_grid(block, (0.5, 1.0), (40, 40), (1.0, 1.0)))  # a wider field: cropped
+
+
+def test_an_unpaired_slice_at_twice_the_matrix_fits_as_the_same_slice_on_the_grid():
+    """The same normal-dose texture given at twice the matrix over the same field fits (nearly) the
+    weights it fits at the LDCT's own size once put on the grid; read at its own pixel size its
+    noise looks finer and the fit chose other steps."""
+    from scipy.ndimage import zoom
+
+    from CoreDiffLib.oneshot import on_reference_grid
+    vol = phantom(6, 128, seed=7)
+    steps = step_stack(vol[2], seed=3)
+    target = noisy(vol, 10, 3)[4]
+    fine = zoom(target, 2, order=0)  # each pixel four: the same image at half the pixel size
+
+    def probabilities(slice_hu):
+        fit = fit_step_weights(steps, torch.from_numpy(hu_to_unit(slice_hu)), "unpaired", iterations=200,
+                               patch_size=64, seed=0)
+        return torch.softmax(torch.tensor(fit.logits), 0).numpy()
+    same = probabilities(target)
+    regridded = probabilities(on_reference_grid(fine, (0.5, 0.5), (128, 128), (1.0, 1.0)))
+    cropped = probabilities(fine[64:192, 64:192])  # at its own pixel size, the middle of it
+    assert np.abs(regridded - same).max() < 0.1, (same, regridded)
+    assert np.abs(cropped - same).max() > 2 * np.abs(regridded - same).max(), (same, regridded, cropped)
