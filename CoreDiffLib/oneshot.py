@@ -695,9 +695,12 @@ def cmd_oneshot(args) -> int:
     ndct_volume = read_volume(args.ndct if paired else args.ndct_unpaired, log=note)
     ndct, ndct_xy = axial_view(ndct_volume)
     if not paired:
-        # (the normal-dose slice is put on the LDCT's grid: what of it is usable, the fit's soft-tissue check says)
+        # the normal-dose slice is put on the LDCT's grid: its field of view counts in the LDCT's pixels
+        span = int(min(ndct.shape[1] * ndct_xy[1] / ldct_xy[1], ndct.shape[2] * ndct_xy[0] / ldct_xy[0]))
         for what, size in (("--patch-size", args.patch_size), (f"the --ldct slices ({ldct.shape[1]}x{ldct.shape[2]})",
-                                                                min(ldct.shape[1:]))):
+                                                                min(ldct.shape[1:])),
+                           (f"the --ndct-unpaired slices ({ndct.shape[1]}x{ndct.shape[2]} pixels of {_mm(ndct_xy)}: "
+                            f"{span} of the LDCT's {_mm(ldct_xy)} pixels across)", span)):
             if size < UNPAIRED_MIN_PATCH:
                 raise CoreDiffError(f"{what}: the unpaired texture loss needs at least {UNPAIRED_MIN_PATCH} pixels")
     if paired:

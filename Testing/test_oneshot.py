@@ -426,6 +426,8 @@ def one_error_line(err: str) -> str:
     ("iterations_0", "--iterations must be >= 1"),
     ("ssim_unpaired", "--ssim-weight is for paired mode"),
     ("unpaired_patch", "--patch-size: the unpaired texture loss needs at least 56 pixels"),
+    ("unpaired_small_field", "(64x64 pixels of 0.5x0.5 mm: 40 of the LDCT's 0.8x0.8 mm pixels across): the unpaired "
+                             "texture loss needs at least 56"),
 ])
 def test_cli_bad_input_fails_cleanly_and_writes_nothing(files, user_home, capsys, tmp_path, case, match):
     args = {"--model": files["model"], "--ldct": files["ldct"], "--slice": 2, "--ndct": files["ndct"],
@@ -482,6 +484,10 @@ def test_cli_bad_input_fails_cleanly_and_writes_nothing(files, user_home, capsys
         del args["--ndct"]
         args["--ndct-unpaired"] = files["ndct"]
         args.update({"--ssim-weight": 0.5} if case == "ssim_unpaired" else {"--patch-size": 32})
+    elif case == "unpaired_small_field":  # 32 mm across: on the LDCT's grid, too few pixels for the texture loss
+        del args["--ndct"]
+        small = read_volume(files["ndct"]).array
+        args["--ndct-unpaired"] = write_volume(Volume(small, (0.5, 0.5, 2.0)), files["dir"] / "ndct_small_field.nrrd")
     argv = ["oneshot"]
     for flag, value in args.items():
         argv += [flag] if value is None else [flag, str(value)]  # None: a switch
