@@ -145,14 +145,21 @@ def test_a_freshly_simulated_held_out_set_records_the_software_that_made_it(tmp_
     """Re-simulated on another machine a held-out set differs slightly; its manifest says by what."""
     import CoreDiffLib.simulation as sim
 
+    asked = {"pair": [], "noise-free": []}
+
     def fake_pair(kind, slices, size, doses, seed, slice_mm):
+        asked["pair"].append((kind, slices, size, seed, slice_mm))
         nd = np.full((slices, size, size), -1000.0, np.float32)
         return nd, {d: nd + 10.0 for d in doses}, (1.0, 1.0, slice_mm)
 
+    def fake_noise_free(kind, slices, size, seed, slice_mm):
+        asked["noise-free"].append((kind, slices, size, seed, slice_mm))
+        return np.full((slices, size, size), -1000.0, np.float32)
     monkeypatch.setattr(sim, "simulate_pair", fake_pair)
-    monkeypatch.setattr(sim, "noise_free_reconstruction",
-                        lambda kind, slices, size, seed, slice_mm: np.full((slices, size, size), -1000.0, np.float32))
+    monkeypatch.setattr(sim, "noise_free_reconstruction", fake_noise_free)
     cases = qb.held_out(0.25, tmp_path, kinds=("abdomen", "head"), slices=4, size=16)
+    # the noise-free truth is of the very phantoms simulated (the same kind, seed and slices)
+    assert asked["pair"] == asked["noise-free"] == [("abdomen", 4, 16, 9000, 1.0), ("head", 4, 16, 9001, 1.0)]
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert set(manifest["cases"]) == {"test9000_abdomen", "test9001_head"}
     case = manifest["cases"]["test9001_head"]
@@ -327,7 +334,8 @@ def test_rows_of_one_label_and_a_malformed_also_are_refused_before_any_work():
     """Two --redcnn files without labels were both timed, and the second's results replaced the
     first's in the table and the figure; --also without '=' failed after BM3D and RED-CNN ran."""
     from types import SimpleNamespace
-    args = dict(also=[], ablation=[], redcnn=[], baselines_only=False, model_label="CoreDiff")
+    args = dict(also=[], ablation=[], redcnn=[], baselines_only=False, model_label="CoreDiff", reference=None,
+                no_bm3d=False)
     qb.check_row_labels(SimpleNamespace(**dict(args, redcnn=["a.pt", "RED-CNN 2=b.pt"])))  # distinct: fine
     with pytest.raises(SystemExit, match="two rows would be named RED-CNN"):
         qb.check_row_labels(SimpleNamespace(**dict(args, redcnn=["a.pt", "b.pt"])))
@@ -335,3 +343,32 @@ def test_rows_of_one_label_and_a_malformed_also_are_refused_before_any_work():
         qb.check_row_labels(SimpleNamespace(**dict(args, also=["CoreDiff=corediff-25"])))
     with pytest.raises(SystemExit, match="--also corediff-25: give LABEL=MODEL"):
         qb.check_row_labels(SimpleNamespace(**dict(args, also=["corediff-25"])))
+    # --reference: refused before any work (it was after every row had been denoised)
+    qb.check_row_labels(SimpleNamespace(**dict(args, reference="CoreDiff T=1")))
+    qb.check_row_labels(SimpleNamespace(**dict(args, reference="BM3D (σ=35 HU)")))  # its sigma is tuned later
+    with pytest.raises(SystemExit, match="--reference 'CoreDif T=10' is not a row; rows: LDCT, CoreDiff T=1"):
+        qb.check_row_labels(SimpleNamespace(**dict(args, reference="CoreDif T=10")))
+    with pytest.raises(SystemExit, match="is not a row"):
+        qb.check_row_labels(SimpleNamespace(**dict(args, reference="BM3D (σ=35 HU)", no_bm3d=True)))
+
+
+def test_the_held_out_splits_use_phantom_seeds_of_their_own():
+    """Validation (which picks the shipped weights) and test phantoms must differ from each other
+    and from the training recipe's (`corediff simulate --seed 1`: case seeds 100003 + c)."""
+    kinds = 3
+    seeds = {name: set(range(first, first + kinds)) for name, (_, first, _) in qb.SPLITS.items()}
+    assert set(seeds) == {"test", "validation"} and not seeds["test"] & seeds["validation"]
+    training = {1 * 100003 + c for c in range(6)}
+    assert not (seeds["test"] | seeds["validation"]) & training
+
+
+def test_the_held_out_set_refuses_a_corediff_simulate_folder_before_simulating(tmp_path, monkeypatch):
+    """docs/models.md made data/test (the benchmark's default cache) with `corediff simulate`: its
+    manifest lists its own cases, and the benchmark crashed on it after writing its first case."""
+    import CoreDiffLib.simulation as sim
+    (tmp_path / "manifest.json").write_text(json.dumps({"cases": [{"name": "case000", "seed": 900000000}]}))
+    monkeypatch.setattr(sim, "simulate_pair", lambda *a, **k: pytest.fail("simulated into a simulate folder"))
+    with pytest.raises(SystemExit, match="holds a `corediff simulate` output"):
+        qb.held_out(0.25, tmp_path, kinds=("abdomen",), slices=4, size=16)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest.json"]
+

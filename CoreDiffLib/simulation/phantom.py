@@ -214,14 +214,36 @@ def _body_outline(S, A, z, r_scale):
     return a, b, cy
 
 
-def _spine(S, A, z, cx, cy, scale=1.0):
+def _vertebra(A) -> dict:
+    """The volume's vertebra (size, disc spacing, bone HU), drawn on first use."""
     r = A.params
     if "vert" not in r:
         rng = A.rng
         r["vert"] = dict(period=float(rng.uniform(26, 32)), phase=float(rng.uniform(0, 30)),
                          body_r=float(rng.uniform(16, 21)), trab=float(rng.uniform(200, 320)),
                          cort=float(rng.uniform(1000, 1400)))
-    v = r["vert"]
+    return r["vert"]
+
+
+#: how far behind the vertebral body's centre the spine (spinous process) and the paraspinal
+#: muscles reach, in mm, beyond its 0.85 x radius, and the fat kept between them and the skin
+_NEURAL_ARCH_MM, _PARASPINAL_MM, _FAT_BEHIND_SPINE_MM = 38.5, 53.0, 5.0
+
+
+def _spine_centre_y(A, cy: float, b: float, bi: float, usual_mm: float) -> float:
+    """y of the vertebral body's centre: ``usual_mm`` in front of the muscle wall's back edge
+    (``cy - bi``), or further forward in a thin patient, so that the spinous process and the
+    paraspinal muscles stay under the skin (the body outline's own bumps counted): with only
+    8-12 mm of fat they reached through it into the air behind the back."""
+    phi = -math.pi / 2 + np.linspace(-0.35, 0.35, 15)  # the back, across the spine and its muscles
+    radius = 1.0 + sum(am * np.cos(k * phi + ph) for k, am, ph in A.body_mods)
+    skin_y = cy - b * float(radius.min())
+    reach = max(0.85 * _vertebra(A)["body_r"] + _NEURAL_ARCH_MM, _PARASPINAL_MM)
+    return max(cy - bi + usual_mm, skin_y + reach + _FAT_BEHIND_SPINE_MM)
+
+
+def _spine(S, A, z, cx, cy, scale=1.0):
+    v = _vertebra(A)
     zz = (z + v["phase"]) % v["period"]
     disc = zz < 5.0
     br = v["body_r"] * scale
@@ -260,7 +282,7 @@ def _abdomen_slice(S, A, z):
             S.paint(900.0, rx, ry, 5.0, 7.5, theta=ang)
             S.paint(300.0, rx, ry, 3.0, 5.0, theta=ang)
     # spine + paraspinal + psoas muscles
-    scy = cy - bi + 48
+    scy = _spine_centre_y(A, cy, b, bi, 48.0)
     for sgn in (-1, 1):
         S.paint(50.0 + A.tex_soft, sgn * 30, scy - 30, 26, 22, theta=sgn * 0.3)
         S.paint(48.0 + A.tex_soft, sgn * 36, scy + 6, 14 + 0.08 * max(0, -zr), 16)
@@ -350,7 +372,7 @@ def _thorax_slice(S, A, z):
     else:
         S.paint(A.blood_hu, 0.02 * a + 20, cy + 0.30 * bi, 16, 16)   # ascending aorta
         S.paint(A.blood_hu - 30, 0.02 * a - 8, cy + 0.40 * bi, 14, 13)  # pulmonary trunk / SVC
-    scy = cy - bi + 45
+    scy = _spine_centre_y(A, cy, b, bi, 45.0)
     S.paint(A.blood_hu, 22, scy + 24, 12, 12)   # descending aorta
     S.paint(25.0, -6, scy + 40, 9, 7)           # oesophagus
     S.paint(-1000.0, -6, scy + 40, 3, 2.5)      # its lumen

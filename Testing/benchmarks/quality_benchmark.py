@@ -77,6 +77,9 @@ def held_out(dose: float, cache: Path, kinds=("abdomen", "thorax", "head"), slic
     from CoreDiffLib.simulation import noise_free_reconstruction, simulate_pair
     from CoreDiffLib.pairs import dose_tag
     cache.mkdir(parents=True, exist_ok=True)
+    manifest = cache / "manifest.json"
+    if manifest.exists() and not isinstance(json.loads(manifest.read_text()).get("cases"), dict):
+        raise SystemExit(not_a_held_out_cache(cache))
     doses = sorted(set(HELD_OUT_DOSES) | {dose}, reverse=True)
     cases = []
     prefix, first_seed, _ = SPLITS[split]
@@ -111,6 +114,13 @@ def held_out(dose: float, cache: Path, kinds=("abdomen", "thorax", "head"), slic
             write_volume(Volume(truth, nd.spacing, pixel_type="float32"), truth_path)
         cases.append((name, nd.array, read_volume(ld_paths[dose]).array, read_volume(truth_path).array))
     return cases
+
+
+def not_a_held_out_cache(cache: Path) -> str:
+    """Why ``cache`` cannot hold the held-out set: a ``corediff simulate`` output lists its own cases
+    (other seeds) in its manifest.json, which the benchmark's records would overwrite."""
+    return (f"{cache} holds a `corediff simulate` output (its manifest.json lists its own cases, of other seeds "
+            "than this benchmark's held-out phantoms): give the benchmark a folder of its own with --test-dir")
 
 
 def record_simulated_case(cache: Path, name: str, **recipe) -> None:
@@ -279,6 +289,11 @@ def check_row_labels(a) -> None:
     if twice:
         raise SystemExit(f"two rows would be named {', '.join(twice)}: give each --redcnn / --also / --ablation "
                          "its own LABEL=")
+    # the BM3D row's label holds the sigma tuned later: any "BM3D..." is taken on trust until then
+    bm3d = not a.no_bm3d and (a.reference or "").startswith("BM3D")
+    if a.reference is not None and a.reference not in labels and not bm3d:
+        raise SystemExit(f"--reference {a.reference!r} is not a row; rows: {', '.join(labels)}"
+                         + ("" if a.no_bm3d else ", BM3D (σ=... HU)"))
 
 
 def main() -> int:
