@@ -111,8 +111,9 @@ def test_redcnn_fine_tunes_from_given_weights_within_a_time_limit():
     assert all(torch.equal(a, b) for a, b in zip(start.state_dict().values(), same.state_dict().values()))
     messages: list[str] = []
     tuned = train_redcnn(pairs, 10**6, patch_size=24, filters=4, init_state=start.state_dict(),
-                         time_limit_s=0.5, lr_schedule="cosine", log=messages.append)
-    assert any("stopped at iteration" in m for m in messages)  # the limit ended it, not 10**6 its
+                         time_limit_s=2.0, lr_schedule="cosine", log=messages.append)
+    stopped = [m for m in messages if "stopped at iteration" in m]  # the limit ended it, not 10**6 its
+    assert stopped and int(stopped[0].split("iteration ")[1].split(":")[0]) > 1  # not at its first iteration
     assert not all(torch.equal(a, b) for a, b in zip(start.state_dict().values(), tuned.state_dict().values()))
     from CoreDiffLib import CoreDiffError
     with pytest.raises(CoreDiffError, match="--lr-schedule 'linear': give one of constant, cosine"):
@@ -123,6 +124,46 @@ def test_redcnn_fine_tunes_from_given_weights_within_a_time_limit():
     with pytest.raises(CoreDiffError, match="neighbours"):  # RED-CNN sees one slice
         train_redcnn(pairs, 1, patch_size=16, filters=4, loss_terms=LossTerms(context_noise_weight=1.0),
                      log=lambda m: None)
+
+
+def test_redcnn_learns_from_the_centre_slice_not_a_neighbour(monkeypatch):
+    """RED-CNN sees one slice: the one its target is the NDCT of (the neighbour went unnoticed)."""
+    import numpy as np
+    from CoreDiffLib import baselines
+    ndct = np.stack([np.full((32, 32), v, np.float32) for v in (-300, -100, 100, 300, 500)])
+    pairs = [(ndct, ndct + 8.0)]  # every LDCT slice 8 HU above its own NDCT, 200 HU from its neighbours
+    seen = []
+    forward = baselines.REDCNN.forward
+
+    def recording(self, x):
+        out = forward(self, x)
+        seen.append(x.detach().clone())
+        return out
+
+    def loss(output, target, terms):
+        seen.append(target.detach().clone())
+        return ((output - target) ** 2).mean()
+    monkeypatch.setattr(baselines.REDCNN, "forward", recording)
+    monkeypatch.setattr(baselines, "restoration_loss", loss)
+    baselines.train_redcnn(pairs, 3, batch_size=4, patch_size=24, filters=4, log=lambda m: None)
+    for x, target in zip(seen[0::2], seen[1::2]):
+        assert x.shape[1] == 1
+        gap_hu = (x.mean(dim=(1, 2, 3)) - target.mean(dim=(1, 2, 3))) * 4096.0
+        assert torch.allclose(gap_hu, torch.full_like(gap_hu, 8.0), atol=0.5), gap_hu
+
+
+def test_bm3d_tuning_keeps_the_best_sigma_and_takes_it_in_hu():
+    """The sigma that scores best is kept (max of the metric), and a sigma in HU is a sigma in HU."""
+    import numpy as np
+    from CoreDiffLib.baselines import bm3d_denoise, tune_bm3d_sigma
+    from CoreDiffLib.metrics import psnr
+    from CoreDiffLib.simulation import make_phantom
+    ndct, _ = make_phantom("abdomen", 1, 64, seed=1)
+    ldct = ndct + np.random.default_rng(0).normal(0, 30.0, ndct.shape).astype(np.float32)
+    best, scores = tune_bm3d_sigma(ldct, ndct, [3.0, 30.0, 300.0], psnr)
+    assert best == 30.0 and scores[30.0] == max(scores.values()), scores  # 300 blurs the anatomy, 3 keeps the noise
+    left = float(np.std(bm3d_denoise(ldct, 30.0) - ndct))
+    assert left < 20.0  # a 30 HU sigma on 30 HU of noise halves it (read in another unit: nearly none, or all)
 
 
 def test_cosine_lr_decays_from_the_base_rate_to_zero():

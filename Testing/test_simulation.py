@@ -120,6 +120,49 @@ def test_phantom_anatomy_stays_under_the_skin(monkeypatch):
     assert outside["bone"] == 0 and outside["tissue"] <= 2, outside  # a partial-volume pixel or two at the skin
 
 
+@pytest.mark.parametrize("kind", ["abdomen", "thorax", "head"])
+def test_phantom_body_stays_inside_its_default_field_of_view(kind):
+    """Shrunk to fit the image when it must: a body cut off at the image's edge would be simulated
+    as a truncated patient (and the smallest field of view it fits is refused, not cropped)."""
+    from CoreDiffLib.simulation.phantom import DEFAULT_FOV_MM
+    made = 0
+    for seed in range(8):
+        for share in (1.0, 0.94, 0.88, 0.82, 0.76, 0.7):  # down to where the body is shrunk, then refused
+            try:
+                hu, _ = make_phantom(kind, 1, 96, pixel_mm=share * DEFAULT_FOV_MM[kind] / 96, seed=seed)
+            except ValueError:
+                continue
+            made += share < 0.9
+            edge = np.concatenate([hu[0, 0], hu[0, -1], hu[0, :, 0], hu[0, :, -1]])
+            assert (edge < -900).all(), (kind, seed, share)
+    assert made  # some smaller fields of view were accepted, their bodies shrunk to fit
+    with pytest.raises(ValueError, match="too small"):
+        make_phantom(kind, 1, 96, pixel_mm=0.5 * DEFAULT_FOV_MM[kind] / 96)
+
+
+def test_phantom_texture_differs_by_seed_and_runs_on_across_slices():
+    """Soft-tissue texture: of its own for each seed, continuous from slice to slice (the context
+    the model reads), yet not one image repeated, and a few HU, as in a real liver or muscle."""
+    from scipy import ndimage
+
+    def texture(seed):  # two adjacent 2 mm slices, less their 7-pixel means, inside soft tissue away from edges
+        hu, _ = make_phantom("abdomen", 4, 128, seed=seed, slice_mm=2.0)
+        soft = (hu > 0) & (hu < 100)
+        inner = ndimage.binary_erosion(soft[1] & soft[2], iterations=4)
+        fine = [hu[k] - ndimage.uniform_filter(hu[k], 7) for k in (1, 2)]
+        return fine[0][inner], fine[1][inner], inner
+    a1, a2, inner = texture(3)
+    assert inner.sum() > 500
+    assert 0.4 < np.corrcoef(a1, a2)[0, 1] < 0.99, np.corrcoef(a1, a2)[0, 1]  # measured 0.82
+    assert 2.0 < a1.std() < 15.0, a1.std()  # measured 5.4 HU
+    b1, _, other = texture(4)
+    both = inner & other
+    assert both.sum() > 200
+    a_full, b_full = (make_phantom("abdomen", 4, 128, seed=s, slice_mm=2.0)[0][1] for s in (3, 4))
+    fa, fb = (im - ndimage.uniform_filter(im, 7) for im in (a_full, b_full))
+    assert abs(np.corrcoef(fa[both], fb[both])[0, 1]) < 0.3  # another patient, another texture
+
+
 def test_phantom_bad_kind():
     with pytest.raises(ValueError, match="kind"):
         make_phantom("elbow")
