@@ -264,10 +264,19 @@ def test_dose_reports_what_model_auto_measures_whatever_the_storage(tmp_path):
         assert r.returncode == 0, r.stderr
         reports.append(json.loads(r.stdout))
     assert reports[0]["model"] == "corediff-25-w32" and 0.17 < reports[0]["estimated_dose"] < 0.36
+    from CoreDiffLib.dose_estimate import measure
+    scan = measure(sample.array, sample.spacing[:2])  # each figure under its own name
+    assert reports[0]["noise_index_hu"] == pytest.approx(scan.noise_index_hu, abs=0.5)
+    assert reports[0]["water_equivalent_diameter_mm"] == pytest.approx(scan.wed_mm, abs=2.0)
+    assert reports[0]["caveat"] is None
     for key in ("noise_index_hu", "water_equivalent_diameter_mm", "estimated_dose", "model"):
         assert reports[1][key] == reports[0][key], key  # the same axial planes measured
     r = corediff("dose", axial)
     assert r.stdout.strip().endswith("--model auto runs corediff-25-w32")
+    cut = write_image(tmp_path / "cut.nrrd", volume[:, 150:350, 150:350], spacing=sample.spacing)  # body cut off
+    r, text = corediff("dose", cut, "--json"), corediff("dose", cut)
+    assert "reaches the edge of the image" in json.loads(r.stdout)["caveat"]
+    assert "note: the body reaches the edge of the image" in text.stdout
 
 
 def test_a_scan_auto_cannot_measure_gets_the_default_model_unless_auto_was_asked_for(tmp_path):
@@ -793,6 +802,14 @@ def test_models_and_devices_list_as_json():
     assert r.returncode == 0 and json.loads(r.stdout)[0]["name"] == "cpu"
     r = corediff("models", "--json")
     assert r.returncode == 0 and isinstance(json.loads(r.stdout), list)
+    from CoreDiffLib.manifest import default_model_name, load_manifest
+    rows = json.loads(r.stdout)
+    shipped = [row["name"] for row in rows if row["kind"] == "model"]
+    assert shipped == list(load_manifest()["models"])
+    assert [row["name"] for row in rows if row["default"]] == [default_model_name()]
+    text = corediff("models").stdout.splitlines()
+    assert [line.split()[1] for line in text if line.startswith("*")] == [default_model_name()]
+    assert {line.split()[0] for line in text if not line.startswith("*")} >= set(shipped) - {default_model_name()}
 
 
 def _fine_tune_shipped(tmp_path, *extra) -> tuple:
@@ -1081,6 +1098,54 @@ def test_compare_figure_shows_each_volume_in_its_own_panel_at_the_slice_it_names
     assert title == "slice 5"  # the part's middle, numbered as the scan numbers it
     np.testing.assert_array_equal(panels["NDCT (reference)"],
                                   radiological_slice(read_volume(paths["ref"]).array[5], direction)[0])
+
+
+def test_compare_figure_keeps_the_pixel_shape_shows_ldct_minus_corediff_and_takes_only_slices_it_has(
+        tmp_path, monkeypatch):
+    """Non-square pixels drawn square, the difference panel upside down in sign, or a --slice one
+    past the end accepted (and then failing inside the figure) all passed every test."""
+    import CoreDiffLib.figures as figures
+    from CoreDiffLib.cli import main
+    drawn = []
+
+    def draw(panels, path, title="", **kwargs):
+        drawn.append(kwargs)
+        Path(path).write_bytes(b"a figure")
+    monkeypatch.setattr(figures, "comparison_figure", draw)
+    ref = synthetic_ct(4, 32, noise_hu=0)
+    paths = {n: write_image(tmp_path / f"{n}.nrrd", ref + k, spacing=(0.5, 1.5, 2.0))
+             for k, n in ((0, "ref"), (30, "ldct"), (5, "den"))}
+    base = ["compare", str(paths["den"]), "--ldct", str(paths["ldct"]), "--reference", str(paths["ref"])]
+    assert main(base + ["--figure", str(tmp_path / "a.png"), "--slice", "3"]) == 0
+    assert drawn[-1]["difference"] == ("LDCT", "CoreDiff")  # LDCT - CoreDiff: what the denoiser removed
+    assert drawn[-1]["pixel_aspect"] == pytest.approx(1.5 / 0.5)  # rows 1.5 mm apart, columns 0.5 mm
+    assert main(base + ["--figure", str(tmp_path / "b.png"), "--slice", "4"]) == 2  # slices 0..3
+    assert not (tmp_path / "b.png").exists()
+
+
+def test_the_figure_zooms_where_its_box_is_and_draws_the_difference_a_minus_b(tmp_path, monkeypatch):
+    """The zoomed row is the boxed region of each panel (not its transpose), chosen where the
+    soft tissue is busiest, and the difference panel is a - b."""
+    from matplotlib.axes import Axes
+
+    from CoreDiffLib.figures import busiest_region, comparison_figure
+    rng = np.random.default_rng(0)
+    b = np.full((64, 64), 40.0)
+    b[40:56, 8:24] += rng.normal(0, 60.0, (16, 16))  # the only structure: rows 40-55, columns 8-23
+    a = b + 25.0
+    assert busiest_region(b, 16) == (40, 8)
+    shown = []
+    imshow = Axes.imshow
+    monkeypatch.setattr(Axes, "imshow", lambda self, img, *args, **kw: (shown.append((np.array(img), kw)),
+                                                                         imshow(self, img, *args, **kw))[1])
+    comparison_figure({"A": a, "B": b}, tmp_path / "f.png", difference=("A", "B"), zoom=16, pixel_aspect=2.0)
+    full = [img for img, _ in shown[0::2]]
+    zoomed = [img for img, _ in shown[1::2]]
+    np.testing.assert_array_equal(full[2], a - b)
+    for whole, crop in zip(full, zoomed):
+        np.testing.assert_array_equal(crop, whole[40:56, 8:24])
+    assert all(kw["aspect"] == 2.0 for _, kw in shown)
+    assert (tmp_path / "f.png").stat().st_size > 0
 
 
 def test_compare_refuses_a_reference_with_nothing_to_score(tmp_path):
