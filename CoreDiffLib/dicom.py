@@ -83,6 +83,17 @@ def _header_tags(file: str, keys: tuple[str, ...]) -> dict[str, str]:
     return {k: reader.GetMetaData(k).strip() if reader.HasMetaDataKey(k) else "" for k in keys}
 
 
+def _representative_tags(files: tuple[str, ...], keys: tuple[str, ...]) -> dict[str, str]:
+    """Header tags of a file that stands for its series: the middle one, else the first or the last
+    that is no localizer. A topogram may share the scan's series UID and sort first (PACS names
+    IM0001, IM0002...): judged by its first file the whole scan was taken for a localizer."""
+    for file in dict.fromkeys((files[len(files) // 2], files[0], files[-1])):
+        tags = _header_tags(file, keys)
+        if "LOCALIZER" not in tags["0008|0008"].upper():
+            break
+    return tags
+
+
 def find_dicom_series(folder: str | os.PathLike) -> list[DicomSeries]:
     """Every DICOM series in ``folder`` and its subfolders (PACS exports nest one folder per
     series), in a stable order: by subfolder, then series number. Reads headers only."""
@@ -106,7 +117,7 @@ def find_dicom_series(folder: str | os.PathLike) -> list[DicomSeries]:
         where = str(Path(dirpaths[0]).relative_to(root))
         if len(dirpaths) > 1:
             where += f" (and {len(dirpaths) - 1} more folder{'s' if len(dirpaths) > 2 else ''})"
-        number, *tags = _header_tags(files[0], keys).values()
+        number, *tags = _representative_tags(files, keys).values()
         order = int(number) if number.lstrip("-").isdigit() else 0
         found.append((where, order, DicomSeries(uid, files, where, *tags)))
     return [s for *_, s in sorted(found, key=lambda f: f[:2])]

@@ -21,7 +21,7 @@ from .orientation import axial_layout
 
 _NDCT_TOKENS = {"ndct", "full", "fulldose", "fd", "nd", "hd", "normal", "normaldose", "target"}
 _LDCT_PREFIXES = ("ldct", "quarter", "quarterdose", "qd", "ld", "low", "lowdose", "input")
-_DICOM_SUFFIXES = (".dcm", ".ima", "")
+_DICOM_SUFFIXES = (".dcm", ".ima")  # and files without a suffix that are DICOM: _is_dicom_file
 _DOSE_TAG = re.compile(r"(\d+(p\d+)?)?")  # '', '25', or '12p5' as simulate names a 12.5 % scan
 
 
@@ -33,7 +33,9 @@ def _role_and_key(rel: str) -> tuple[str, str, str] | None:
             name = name[: -len(suf)]
             break
     tokens = [t for t in re.split(r"[/\\_\-. ]+", name) if t]
-    for i, tok in enumerate(tokens):
+    # the role word nearest the file's own name: folders above may hold one too ('hd/', 'low_dose_study/')
+    for i in reversed(range(len(tokens))):
+        tok = tokens[i]
         rest = "_".join(tokens[:i] + tokens[i + 1:])
         if tok in _NDCT_TOKENS:
             return "ndct", rest, ""
@@ -43,14 +45,28 @@ def _role_and_key(rel: str) -> tuple[str, str, str] | None:
     return None
 
 
+def _is_dicom_file(path: Path) -> bool:
+    """A .dcm / .ima file, or one without a suffix (PACS exports name slices IM000001) that starts
+    as DICOM files do ('DICM' after a 128-byte preamble): a README in a folder is no slice."""
+    suffix = path.suffix.lower()
+    if suffix in _DICOM_SUFFIXES:
+        return True
+    if suffix:
+        return False
+    try:
+        with open(path, "rb") as f:
+            return f.read(132)[128:] == b"DICM"
+    except OSError:
+        return False
+
+
 def _volume_candidates(folder: Path) -> list[Path]:
     found = []
     for root, dirs, files in os.walk(folder):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         vis = [f for f in files if not f.startswith(".")]
         found += [Path(root) / f for f in sorted(vis) if is_file_path(f)]
-        if any(Path(f).suffix.lower() in _DICOM_SUFFIXES and not is_file_path(f) for f in vis) \
-                and Path(root) != folder:
+        if Path(root) != folder and any(not is_file_path(f) and _is_dicom_file(Path(root) / f) for f in vis):
             found.append(Path(root))
     return found
 
@@ -105,6 +121,11 @@ def find_pairs(folder: str | os.PathLike, dose: str | None = None) -> list[tuple
         if parsed is None:
             continue
         role, key, tag = parsed
+        twin = ndct.get(key) if role == "ndct" else next((p for t, p in ldct.get(key, []) if t == tag), None)
+        if twin is not None:  # one case saved twice (two formats): which to train on is the user's to say
+            raise CoreDiffError(f"{twin} and {path} are both the {'NDCT' if role == 'ndct' else 'LDCT'} of "
+                                f"{key}{f' (dose tag {tag})' if tag else ''}: keep one of them in {folder}, or "
+                                "pass a list file")
         if role == "ndct":
             ndct[key] = path
         else:
@@ -116,7 +137,7 @@ def find_pairs(folder: str | os.PathLike, dose: str | None = None) -> list[tuple
             continue
         chosen = [p for tag, p in options if wanted is None or tag == wanted]
         if dose is None and len(chosen) > 1:
-            tags = sorted(tag for tag, _ in options)
+            tags = sorted(tag or "(none)" for tag, _ in options)
             raise CoreDiffError(f"{key} has several LDCT doses ({', '.join(tags)}): choose one with "
                                 "--dose-tag")
         pairs += [(ndct[key], p) for p in chosen]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -344,6 +345,75 @@ def test_mayo_style_dicom_folders_pair_up(tmp_path):
         ("L067/full_1mm", "L067/quarter_1mm"), ("L096/full_1mm", "L096/quarter_1mm")]
 
 
+def test_pairs_are_found_by_their_file_names_whatever_their_folders_are_called(tmp_path):
+    """A role word in a folder above ('hd/', 'low_dose_study/', 'input_scans/') gave every file the
+    folder's role; names that differ after the role word are other scans; a dose tag is matched
+    whole ('--dose-tag 1' is not 10 %)."""
+    roles = tmp_path / "roles"
+    for folder in ("hd", "low_dose_study", "input_scans"):
+        (roles / folder).mkdir(parents=True)
+        for name in ("case1_ndct.nrrd", "case1_ldct.nrrd"):
+            (roles / folder / name).write_bytes(b"")
+    assert [(a.relative_to(roles).as_posix(), b.name) for a, b in find_pairs(roles)] == [
+        (f"{folder}/case1_ndct.nrrd", "case1_ldct.nrrd") for folder in ("hd", "input_scans", "low_dose_study")]
+    other = tmp_path / "other"
+    other.mkdir()
+    for name in ("case1_ndct_abdomen.nrrd", "case1_ldct_head.nrrd"):
+        (other / name).write_bytes(b"")
+    with pytest.raises(CoreDiffError, match="no NDCT/LDCT pairs found"):
+        find_pairs(other)
+    for name in ("case2_ndct.nrrd", "case2_ldct10.nrrd", "case2_ldct1.nrrd"):
+        (other / name).write_bytes(b"")
+    assert [(a.name, b.name) for a, b in find_pairs(other, dose="1")] == [("case2_ndct.nrrd", "case2_ldct1.nrrd")]
+    assert [(a.name, b.name) for a, b in find_pairs(other, dose="10")] == [("case2_ndct.nrrd", "case2_ldct10.nrrd")]
+
+
+def test_a_case_saved_twice_is_refused_and_only_dicom_makes_a_folder_a_series(tmp_path):
+    """Two formats of one case paired twice (or failed as 'several LDCT doses ( , )'); a README
+    without a suffix made its folder a DICOM series, and two such folders a pair."""
+    twice = tmp_path / "twice"
+    twice.mkdir()
+    for name in ("case1_ndct.nrrd", "case1_ldct25.nrrd", "case1_ldct25.nii.gz"):
+        (twice / name).write_bytes(b"")
+    with pytest.raises(CoreDiffError, match=r"case1_ldct25.nii.gz and .*case1_ldct25.nrrd are both the LDCT of "
+                                            r"case1 \(dose tag 25\): keep one"):
+        find_pairs(twice, dose="25")
+    (twice / "case1_ldct25.nii.gz").unlink()
+    (twice / "case1_ndct.mha").write_bytes(b"")
+    with pytest.raises(CoreDiffError, match="are both the NDCT of case1"):
+        find_pairs(twice)
+    notes = tmp_path / "notes"
+    for folder in ("ndct", "ldct"):
+        (notes / folder).mkdir(parents=True)
+        (notes / folder / "README").write_text("scans of 2026-12-01\n")
+        (notes / folder / "case1.nrrd").write_bytes(b"")
+    assert [(a.relative_to(notes).as_posix(), b.relative_to(notes).as_posix()) for a, b in find_pairs(notes)] == [
+        ("ndct/case1.nrrd", "ldct/case1.nrrd")]
+    pacs = tmp_path / "pacs"  # slices without a suffix, as PACS exports name them, are DICOM
+    for role, uid in (("full_1mm", "1.2.3.61"), ("quarter_1mm", "1.2.3.62")):
+        written = write_dicom_series(tmp_path / uid, synthetic_ct(2, 16), uid)
+        (pacs / "L001" / role).mkdir(parents=True)
+        for k, f in enumerate(sorted(written.iterdir())):
+            shutil.copy(f, pacs / "L001" / role / f"IM{k:06d}")
+    assert [(a.relative_to(pacs).as_posix(), b.relative_to(pacs).as_posix()) for a, b in find_pairs(pacs)] == [
+        ("L001/full_1mm", "L001/quarter_1mm")]
+
+
+def test_training_pairs_come_back_normal_dose_first_and_must_share_their_grid(tmp_path):
+    """The pair read back the wrong way round trained a model to add noise, with every train test
+    passing; a pair on two grids is refused."""
+    from CoreDiffLib.pairs import read_training_pairs
+    ndct = synthetic_ct(3, 48, noise_hu=5)
+    ldct = ndct + np.random.default_rng(0).normal(0, 40, ndct.shape)
+    nd, ld = write_image(tmp_path / "a_ndct.nrrd", ndct), write_image(tmp_path / "a_ldct.nrrd", ldct)
+    ((first, second),) = read_training_pairs([(nd, ld)])
+    assert np.std(second - first) > 30  # the second is the low-dose scan
+    np.testing.assert_array_equal(first, read_volume(nd).array)  # its axial planes, as stored
+    moved = write_image(tmp_path / "b_ldct.nrrd", ldct, spacing=(0.8, 0.8, 2.5))
+    with pytest.raises(CoreDiffError, match="differ in spacing, origin or direction"):
+        read_training_pairs([(nd, moved)])
+
+
 def test_pair_list_file(tmp_path):
     (tmp_path / "list.csv").write_text("ndct,ldct\na_nd.nrrd,a_ld.nrrd\n# comment\n/abs/b.nrrd, /abs/c.nrrd\n")
     pairs = read_pair_list(tmp_path / "list.csv")
@@ -532,6 +602,14 @@ def test_dicom_series_as_exports_store_them_split_with_copies_or_a_localizer(tmp
     shutil.copy(tmp_path / "topo" / "0.dcm", with_topogram / "topogram.dcm")
     notes.clear()
     np.testing.assert_array_equal(read_volume(with_topogram, log=notes.append).array, hu)
+    assert any("left out 1 localizer image" in n for n in notes)
+    pacs = tmp_path / "pacs"  # named as PACS exports do, the topogram first: the series was taken for a localizer
+    pacs.mkdir()
+    shutil.copy(tmp_path / "topo" / "0.dcm", pacs / "IM0001")
+    for k in range(8):
+        shutil.copy(whole / f"{k}.dcm", pacs / f"IM{k + 2:04d}")
+    notes.clear()
+    np.testing.assert_array_equal(read_volume(pacs, log=notes.append).array, hu)
     assert any("left out 1 localizer image" in n for n in notes)
     (with_topogram / "topogram.dcm").unlink()
     write_dicom_series(tmp_path / "cor", synthetic_ct(1, 32), "1.2.3.77.9",
