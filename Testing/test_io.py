@@ -412,6 +412,34 @@ def test_training_pairs_come_back_normal_dose_first_and_must_share_their_grid(tm
     moved = write_image(tmp_path / "b_ldct.nrrd", ldct, spacing=(0.8, 0.8, 2.5))
     with pytest.raises(CoreDiffError, match="differ in spacing, origin or direction"):
         read_training_pairs([(nd, moved)])
+    barely = write_image(tmp_path / "c_ndct.nrrd", ndct + np.random.default_rng(1).normal(0, 12, ndct.shape))
+    with pytest.raises(CoreDiffError, match="is no noisier than"):  # 'NDCT' a little noisier: swapped, or one dose
+        read_training_pairs([(barely, write_image(tmp_path / "c_ldct.nrrd", ndct + 0.9 * (read_volume(barely).array
+                                                                                            - ndct)))])
+    # stored sagittally, a pair's neighbours are its axial slices: the spacing recorded is theirs (2.5 mm)
+    spacing, sagittal = [], dict(spacing=(2.5, 0.8, 0.7), direction=(0, 0, 1, 0, 1, 0, 1, 0, 0))
+    read_training_pairs([(write_image(tmp_path / "s_ndct.nrrd", ndct.transpose(2, 1, 0), **sagittal),
+                          write_image(tmp_path / "s_ldct.nrrd", ldct.transpose(2, 1, 0), **sagittal))], slice_mm=spacing)
+    assert spacing == [pytest.approx(2.5)]
+
+
+def test_a_series_of_mixed_matrix_sizes_is_refused_and_an_oblique_series_measured_along_its_normal(tmp_path):
+    """Images of two matrix sizes under one series UID are no volume; and the slice gap and the
+    off-grid check read the slice normal (the direction's third column), not its third row."""
+    from CoreDiffLib.dicom import median_slice_gap, off_grid_slices
+    mixed = write_dicom_series(tmp_path / "mixed", synthetic_ct(3, 32), "1.2.3.91")
+    write_dicom_series(tmp_path / "small", synthetic_ct(1, 16), "1.2.3.91.7", {"0020|000e": "1.2.3.91"})
+    shutil.copy(tmp_path / "small" / "0.dcm", mixed / "small.dcm")
+    with pytest.raises(CoreDiffError, match="mixes images of different orientations or sizes"):
+        read_volume(mixed)
+    c, s = np.cos(np.radians(30)), np.sin(np.radians(30))
+    direction = (1, 0, 0, 0, c, -s, 0, s, c)  # tilted 30 degrees about x: its normal is (0, -s, c)
+    normal = np.array([0, -s, c])
+    positions = [tuple(2.0 * k * normal) for k in (0, 1, 2, 4, 5)]  # slice 3 missing
+    assert median_slice_gap(positions, direction) == pytest.approx(2.0)
+    found = off_grid_slices(positions, direction)
+    assert "a missing slice?" in found and "sheared" not in found
+    assert off_grid_slices([tuple(2.0 * k * normal) for k in range(5)], direction) is None
 
 
 def test_pair_list_file(tmp_path):
