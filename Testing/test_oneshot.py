@@ -844,3 +844,21 @@ def test_an_unpaired_slice_at_twice_the_matrix_fits_as_the_same_slice_on_the_gri
     cropped = probabilities(fine[64:192, 64:192])  # at its own pixel size, the middle of it
     assert np.abs(regridded - same).max() < 0.1, (same, regridded)
     assert np.abs(cropped - same).max() > 2 * np.abs(regridded - same).max(), (same, regridded, cropped)
+
+
+def test_the_listing_says_when_a_base_model_is_gone_and_a_saved_name_wins_over_a_file(user_home, tmp_path,
+                                                                                        monkeypatch):
+    """`corediff models` and the Slicer list warn of an adaptation whose base model is gone or has
+    changed; a saved adaptation's name is found before a file of that name in the working folder."""
+    from CoreDiffLib.adaptations import default_path, resolve_adaptation
+    from CoreDiffLib.manifest import default_model_name, load_manifest
+    shipped = load_manifest()["models"][default_model_name()]["sha256"]
+    for name, sha in (("gone", "0" * 64), ("kept", shipped)):
+        default_path(name).parent.mkdir(parents=True, exist_ok=True)
+        Adaptation(name, sha, None, "paired", 0, 0, T, [0.0] * T).save(default_path(name))
+    rows = {row["name"]: row for row in list_adaptations()}
+    assert rows["gone"]["base_found"] is False and "base model is missing or has changed" in rows["gone"]["description"]
+    assert rows["kept"]["base_found"] is True and "missing" not in rows["kept"]["description"]
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "kept").write_text("not an adaptation")
+    assert resolve_adaptation("kept") == default_path("kept")
