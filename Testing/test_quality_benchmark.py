@@ -372,3 +372,36 @@ def test_the_held_out_set_refuses_a_corediff_simulate_folder_before_simulating(t
         qb.held_out(0.25, tmp_path, kinds=("abdomen",), slices=4, size=16)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest.json"]
 
+
+
+def test_the_benchmark_table_scores_the_inner_slices_against_the_ndct_and_the_noise_free_image(tmp_path, monkeypatch):
+    """main() had no test: the margin slices scored, the noise-free column against the NDCT, or the
+    noise split against the NDCT instead of the LDCT would all have printed plausible tables."""
+    import sys
+
+    from CoreDiffLib.metrics import psnr
+    rng = np.random.default_rng(0)
+    truth = np.full((6, 48, 48), 40.0, np.float32)
+    truth[:, 14:34, 14:34] = 90.0
+    cases = []
+    for k in range(2):
+        ndct = truth + rng.normal(0, 5, truth.shape).astype(np.float32)
+        ldct = ndct + rng.normal(0, 20, truth.shape).astype(np.float32)
+        ldct[[0, -1]] += rng.normal(0, 300, (2, 48, 48)).astype(np.float32)  # the margins: nothing like the rest
+        cases.append((f"test{9000 + k}_abdomen", ndct, ldct, truth.copy()))
+    monkeypatch.setattr(qb, "held_out", lambda *args, **kwargs: cases)
+    monkeypatch.setattr(qb, "denoise_volume", lambda volume, model, device, steps=None: 0.5 * volume + 20.0)
+    monkeypatch.setattr(sys, "argv", ["quality_benchmark.py", "--no-bm3d", "--dose", "0.25", "--slices", "4",
+                                      "--margin", "1", "--test-dir", str(tmp_path / "cache"), "--out", str(tmp_path)])
+    assert qb.main() == 0
+    rows = {row["method"]: row for row in json.loads((tmp_path / "quality_25.json").read_text())}
+    inner = slice(1, 5)
+
+    def mean_psnr(images, reference):
+        return np.mean([psnr(a, b) for c, r in zip(images, reference) for a, b in zip(c[inner], r[inner])])
+    ldct, ndct = [c[2] for c in cases], [c[1] for c in cases]
+    assert rows["LDCT"]["psnr"] == pytest.approx(mean_psnr(ldct, ndct), abs=1e-6)
+    assert rows["LDCT"]["psnr_noisefree"] == pytest.approx(mean_psnr(ldct, [c[3] for c in cases]), abs=1e-6)
+    assert rows["CoreDiff T=10"]["psnr"] == pytest.approx(mean_psnr([0.5 * v + 20 for v in ldct], ndct), abs=1e-6)
+    assert rows["LDCT"]["noise_kept_k"] == pytest.approx(1.0, abs=1e-6)  # the LDCT passes all of its own noise
+    assert (tmp_path / "quality_25.md").exists() and (tmp_path / "quality_25.png").exists()
