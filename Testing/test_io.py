@@ -203,6 +203,16 @@ def test_a_folder_with_several_series_reads_the_scan_and_says_which(tmp_path):
         read_volume(write_image(tmp_path / "v.nrrd", scan), series="1")
 
 
+def test_a_series_without_a_modality_tag_is_read(tmp_path):
+    """Some anonymisers and converters drop Modality (0008,0060): such a series is still a scan."""
+    from CoreDiffLib.dicom import choose_dicom_series
+    folder = write_dicom_series(tmp_path / "anon", synthetic_ct(3, 32), "1.2.3.71", {"0008|0060": ""})
+    (series,) = find_dicom_series(folder)
+    assert series.modality == ""
+    assert choose_dicom_series([series], None, str(folder))[0] is series
+    assert read_volume(folder).shape == (3, 32, 32)
+
+
 def test_two_series_that_fit_equally_well_are_for_the_user_to_choose(tmp_path):
     """Soft and sharp kernels of one scan, or a Mayo case's full and quarter dose: same slices."""
     scan = synthetic_ct(4, 32, noise_hu=0)

@@ -76,6 +76,8 @@ def test_fp16_storage_halves_the_file_and_loads_as_fp32(tmp_path):
     save_weights(net, full)
     save_weights(net, half, storage_dtype=torch.float16)
     assert half.stat().st_size < 0.6 * full.stat().st_size
+    for saved in (full, half):  # readable by all (the writer makes 0600 files): shipped and shared weights
+        assert saved.stat().st_mode & 0o777 == 0o644
     a, b = load_model(full).eval(), load_model(half).eval()
     assert all(p.dtype == torch.float32 for p in b.parameters())
     x, t = torch.rand(1, 3, 32, 32) * 0.1 + 0.2, torch.tensor([5])
