@@ -812,6 +812,23 @@ def test_models_and_devices_list_as_json():
     assert {line.split()[0] for line in text if not line.startswith("*")} >= set(shipped) - {default_model_name()}
 
 
+def test_devices_lists_every_gpu_with_its_memory(monkeypatch, capsys):
+    """Checked on a CPU-only machine, the GPU rows (the Slicer module's device list) were never seen."""
+    import types
+
+    import torch
+
+    from CoreDiffLib.cli import main
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda i: types.SimpleNamespace(name=f"GPU {i}", total_memory=(80 + i) * 2**30))
+    assert main(["devices", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [(r["name"], r["memory_gb"]) for r in rows] == [("cpu", None), ("cuda:0", 80.0), ("cuda:1", 81.0)]
+    assert rows[1]["label"] == "GPU 0 (80 GiB)"
+
+
 def _fine_tune_shipped(tmp_path, *extra) -> tuple:
     """corediff-25 and what `train --init-weights corediff-25 EXTRA` at a negligible lr wrote."""
     data = _paired_training_folder(tmp_path)
