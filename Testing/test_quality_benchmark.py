@@ -64,6 +64,9 @@ def test_paired_comparison_sees_a_consistent_small_gain_that_slice_spread_hides(
     assert stats["coin"]["ci"][0] < 0 < stats["coin"]["ci"][1]
     assert len(stats["better"]["per_case"]) == 3 and all(0.15 < x < 0.25 for x in stats["better"]["per_case"])
     assert len(lines) == 4 and lines[2].startswith("| better | +0.2")
+    # each case's mean over its own slices only (a bound one slice long mixed in the next case's first)
+    _, stats = qb.paired_lines({"ref": [0.0] * 6, "cases": [1.0, 1.0, 1.0, 5.0, 5.0, 5.0]}, "ref", [3, 3])
+    assert stats["cases"]["per_case"] == [1.0, 5.0]
     # the same for SSIM: differences of 1e-4 need five decimals and keep the metric's name
     lines, stats = qb.paired_lines({"ref": [0.99] * 3, "up": [0.99012, 0.99011, 0.99013]}, "ref", [3],
                                    metric="SSIM", unit="", digits=5)
@@ -173,6 +176,9 @@ def test_a_freshly_simulated_held_out_set_records_the_software_that_made_it(tmp_
                                                                           slices=4, size=16))
     changed = [(n, nd, ld.copy(), t) for n, nd, ld, t in cases]
     changed[1][2][0, 0, 0] += 1.0
+    assert qb.held_out_fingerprint(changed) != key
+    changed = [(n, nd.copy(), ld, t) for n, nd, ld, t in cases]  # the reference too
+    changed[0][1][0, 0, 0] += 1.0
     assert qb.held_out_fingerprint(changed) != key
 
     (tmp_path / "manifest.json").unlink()  # a cache made before manifests existed
