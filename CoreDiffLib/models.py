@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from . import CoreDiffError
 from .atomic import atomic_path
@@ -40,14 +40,28 @@ def save_weights(model: ClearNet, path: str | os.PathLike, metadata: dict | None
     if bad:  # a diverged run (or an fp16 cast past 65504): a file nothing can use
         raise CoreDiffError(f"not saving {path}: {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''} hold NaN or "
                             f"infinite values{' in ' + str(storage_dtype) if storage_dtype != torch.float32 else ''}")
+    data = _metadata_in_order(save(state, metadata=meta))
     with atomic_path(path) as tmp:
         try:
-            save_file(state, str(tmp), metadata=meta)
-        except SafetensorError as exc:  # a full disk: one line, and the temporary file goes
+            tmp.write_bytes(data)
+        except OSError as exc:  # a full disk: one line, and the temporary file goes
             from .io import full_disk_hint
             raise CoreDiffError(f"could not write {path} ({exc}){full_disk_hint(Path(path).parent)}") from None
-        os.chmod(tmp, 0o644)  # the writer creates 0600 files; shipped weights must be world-readable
+        os.chmod(tmp, 0o644)  # readable by all (a temporary file is 0600): shipped weights must be
     return sha256_of(path)
+
+
+def _metadata_in_order(data: bytes) -> bytes:
+    """A safetensors file with its metadata keys sorted. The writer stores them in hash-map order,
+    which changes from process to process: the same weights saved twice got two sha256s, and an
+    adaptation, tied to its model's sha256, was refused on the model saved again."""
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + size])
+    header["__metadata__"] = dict(sorted(header.get("__metadata__", {}).items()))
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    if len(text) > size:  # not expected (the same keys and values, reordered): keep the writer's
+        return data
+    return data[:8] + text + b" " * (size - len(text)) + data[8 + size:]
 
 
 def read_weights_config(path: str | os.PathLike) -> tuple[NetworkConfig, dict]:

@@ -16,7 +16,8 @@ from safetensors.torch import load_file
 
 from CoreDiffLib import CoreDiffError
 from CoreDiffLib.baselines import REDCNN, load_redcnn
-from CoreDiffLib.models import MANIFEST, WEIGHTS_DIR, load_model, save_weights, shipped_models
+from CoreDiffLib.models import (MANIFEST, WEIGHTS_DIR, load_model, read_weights_config, save_weights, sha256_of,
+                                 shipped_models)
 from CoreDiffLib.network import ClearNet, NetworkConfig
 from CoreDiffLib.training import LossTerms, TrainConfig, train
 
@@ -388,6 +389,26 @@ def test_the_default_model_denoises_the_bundled_sample_as_the_readme_says():
     stored = np.load(reference)
     for name, crop in crops.items():  # fp16-stored: 0.0078 HU steps at these values; CPUs and runtimes agree to 0.01
         np.testing.assert_allclose(crop.astype(np.float32), stored[name].astype(np.float32), atol=0.5, err_msg=name)
+
+
+def test_the_same_weights_saved_by_two_processes_are_the_same_file(tmp_path):
+    """The metadata went out in hash-map order, which differs from process to process: one model
+    saved twice had two sha256s, and its adaptations were refused as 'the model has changed'."""
+    script = ("import sys, torch\n"
+              "from CoreDiffLib.models import save_weights\n"
+              "from CoreDiffLib.network import ClearNet, NetworkConfig\n"
+              "torch.manual_seed(0)\n"
+              "save_weights(ClearNet(NetworkConfig(width=4)), sys.argv[1], {'iterations': 2, 'dose': 0.25,\n"
+              "             'train_config': {'lr': 1e-4}, 'data': ['a', 'b'], 'note': 'é'})\n")
+    shas = set()
+    for k in range(4):
+        path = tmp_path / f"w{k}.safetensors"
+        subprocess.run([sys.executable, "-c", script, str(path)], check=True, timeout=120,
+                       env=dict(os.environ, PYTHONHASHSEED=str(k)))
+        shas.add(sha256_of(path))
+    assert len(shas) == 1
+    config, meta = read_weights_config(tmp_path / "w0.safetensors")
+    assert config.width == 4 and meta["note"] == "é" and json.loads(meta["iterations"]) == 2
 
 
 def test_weights_and_checkpoints_on_a_full_disk_are_one_clear_error_and_leave_nothing(tmp_path):
