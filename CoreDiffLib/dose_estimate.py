@@ -195,9 +195,16 @@ def shipped_choice() -> tuple[DoseCalibration, dict[float, str]]:
 
 
 def choose_model(volume_hu: "SliceIndexable", spacing_xy: tuple[float, float]) -> tuple[str, ScanNoise, float]:
-    """(model name, measurements, estimated dose) for a scan, with the shipped calibration."""
+    """(model name, measurements, estimated dose) for a scan, with the shipped calibration; a scan
+    whose body is cut off in most slices measured is refused (:func:`choose_model_or_default`
+    then gives the default model)."""
     calibration, models = shipped_choice()
     scan = measure(volume_hu, spacing_xy)
+    if 2 * scan.cut_slices > scan.slices:  # a crop of a scan: the patient's size is unknown
+        raise CoreDiffError(f"the body reaches the edge of the image in {scan.cut_slices} of {scan.slices} slices "
+                            "measured, so its size, and with it the dose, cannot be told (an image cropped inside "
+                            "the body looks like a far lower dose: a 25 % crop chose the 5 % model and came out "
+                            "worse than its input)")
     dose = calibration.dose(scan)
     return nearest_model(dose, models), scan, dose
 

@@ -135,6 +135,23 @@ def test_a_body_cut_off_by_the_image_edge_is_said_to_bias_the_estimate():
     assert measure(whole, (0.8, 0.8)).cut_slices == 0
 
 
+def test_a_scan_cut_off_in_most_slices_runs_the_default_model_not_a_guessed_one():
+    """A crop inside the body measures a small patient, so a low dose: a 25 % crop chose the 5 %
+    model and came out worse than its input. Cut off in most slices, its dose is not guessed."""
+    from CoreDiffLib.dose_estimate import choose_model_or_default
+    from CoreDiffLib.manifest import default_model_name
+    sample = read_volume(REPO / "CoreDiffLib" / "data" / "sample_abdomen_ldct25.nrrd")
+    crop = sample.array[:, 150:350, 150:350]
+    with pytest.raises(CoreDiffError, match="reaches the edge of the image in 8 of 8 slices measured"):
+        choose_model(crop, sample.spacing[:2])
+    choice = choose_model_or_default(crop, sample.spacing[:2])
+    assert choice.model == default_model_name() and "cannot be told" in choice.problem
+    few = sample.array.copy()
+    few[:3, :, :150] = few[:3, :, 150:151]  # 3 of 8 slices reach the edge: measured, with a caveat
+    name, scan, _ = choose_model(few, sample.spacing[:2])
+    assert scan.cut_slices == 3 and name == "corediff-25-w32" and "reaches the edge" in scan.caveat()
+
+
 def test_a_small_body_is_measured_and_a_table_is_not_taken_for_a_cut_body():
     """A wrist-sized body was refused once slices under 50 cm² were left out; a table touching
     the body at the edge of the field of view was reported as a body cut off."""
