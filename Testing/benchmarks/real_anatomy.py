@@ -47,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from lesion_benchmark import REPO, add_method_arguments, methods_for, write_results  # noqa: E402
 
 from CoreDiffLib.atomic import atomic_path  # noqa: E402
-from CoreDiffLib.dose_estimate import choose_model, measure  # noqa: E402
+from CoreDiffLib.dose_estimate import choose_model_or_default, measure  # noqa: E402
 from CoreDiffLib.figures import comparison_figure  # noqa: E402
 from CoreDiffLib.io import read_volume  # noqa: E402
 from CoreDiffLib.metrics import paired_difference, slice_metrics  # noqa: E402
@@ -155,6 +155,9 @@ def summary(result: dict) -> str:
             if c + OWN_SLICE in labels:
                 lines.append(paired_line(f"CoreDiff {steps}: neighbours − own slice", rows, c, c + OWN_SLICE))
         for case, auto in result["auto"][str(dose)].items():
+            if auto.get("problem"):  # not measurable: the default model, as denoise runs it
+                lines.append(f"\n`--model auto` on {case}'s LDCT: {auto['problem']} -> {auto['model']}")
+                continue
             lines.append(f"\n`--model auto` on {case}'s LDCT: looks like {100 * auto['dose']:.0f} % (noise index "
                          f"{auto['noise_index_hu']:.1f} HU, WED {auto['wed_mm']:.0f} mm) -> {auto['model']}")
     return "\n".join(lines)
@@ -198,9 +201,11 @@ def main() -> int:
         print(f"{case}: scan like {100 * scan_dose:.0f} %, LDCT simulated ({time.time() - t0:.0f} s)",
               file=sys.stderr, flush=True)
         for dose in a.doses:
-            model, scan, estimate = choose_model(ldct[dose], (pixel_mm, pixel_mm))
-            result["auto"][str(dose)][case] = {"model": model, "dose": estimate, "noise_index_hu": scan.noise_index_hu,
-                                               "wed_mm": scan.wed_mm}
+            choice = choose_model_or_default(ldct[dose], (pixel_mm, pixel_mm))  # as denoise's --model auto
+            scan = choice.scan
+            result["auto"][str(dose)][case] = {"model": choice.model, "dose": choice.dose, "problem": choice.problem,
+                                               "noise_index_hu": scan.noise_index_hu if scan else None,
+                                               "wed_mm": scan.wed_mm if scan else None}
             found = methods_for(a, dose)
             for label in [k for k in found if k.startswith("CoreDiff")]:  # 5 mm apart: are the neighbours any use?
                 found[label + OWN_SLICE] = lambda v, s, run=found[label]: run(v, s, neighbours=False)
