@@ -317,7 +317,7 @@ def _read_dicom_series(folder: Path, series: str | None = None, log=None
     if off_grid is None:
         return image, tags, None
     if log:
-        log(f"{folder}: {off_grid}; the denoised slices keep their positions in a DICOM output")
+        log(f"{folder}: {off_grid}; each slice is read at its own position")  # compare, dose, oneshot too
     return image, tags, positions
 
 
@@ -543,9 +543,11 @@ def write_volume(volume: Volume, path: str | os.PathLike, series_description: st
         return out
     with partial_folder(out) as tmpdir:
         model = (metadata or {}).get("corediff_model")  # in PACS lists, which model made the series
+        part = str((metadata or {}).get("corediff_slices", ""))  # 'first:last of n' for a --slices part
         _write_dicom_series(volume, pixels, tmpdir,
                             series_description or ("CoreDiff denoised" + (f" ({model})" if model else "")),
-                            provenance_summary(metadata) if metadata else None)
+                            provenance_summary(metadata) if metadata else None,
+                            first_instance=int(part.split(":")[0]) + 1 if part[:1].isdigit() else 1)
         if out.exists():
             out.rmdir()  # check_output_path guaranteed it is empty
         os.replace(tmpdir, out)
@@ -635,9 +637,11 @@ def _dicom_stored_values(hu: np.ndarray) -> tuple[np.ndarray, int]:
 
 
 def _write_dicom_series(volume: Volume, pixels: np.ndarray, folder: Path, description: str,
-                        comments: str | None = None) -> None:
+                        comments: str | None = None, first_instance: int = 1) -> None:
     """One file per slice; patient/study tags kept, a new series UID, DERIVED image type;
-    ``comments`` (what made it) go to ImageComments."""
+    ``comments`` (what made it) go to ImageComments. Slices are numbered from ``first_instance``
+    (a --slices part keeps its slices' numbers in the scan) and located along the slice normal
+    (SliceLocation, which viewers sort and label by)."""
     intercept = 0
     if pixels.dtype not in (np.int16, np.uint16):
         pixels, intercept = _dicom_stored_values(volume.array)
@@ -680,6 +684,7 @@ def _write_dicom_series(volume: Volume, pixels: np.ndarray, folder: Path, descri
     gap = median_slice_gap(volume.slice_positions, volume.direction)
     if gap:
         common["0018|0088"] = f"{gap:.6g}"
+    normal = np.reshape(np.asarray(volume.direction, dtype=np.float64), (3, 3))[:, 2]
     for k in range(image.GetDepth()):
         sl = image[:, :, k:k + 1]  # 3-D, one slice: ITK writes SpacingBetweenSlices from its spacing
         if gap:
@@ -689,7 +694,8 @@ def _write_dicom_series(volume: Volume, pixels: np.ndarray, folder: Path, descri
         pos = (volume.slice_positions[k] if volume.slice_positions is not None  # where the scanner put it
                else image.TransformIndexToPhysicalPoint((0, 0, k)))
         sl.SetMetaData("0020|0032", "\\".join(f"{p:.6f}" for p in pos))
-        sl.SetMetaData("0020|0013", str(k + 1))
+        sl.SetMetaData("0020|1041", f"{float(np.dot(pos, normal)):.6f}")
+        sl.SetMetaData("0020|0013", str(first_instance + k))
         sl.SetMetaData("0008|0018", f"{series_uid}.3.{k + 1}")
         writer.SetFileName(str(folder / f"slice_{k + 1:04d}.dcm"))
         try:

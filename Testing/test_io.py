@@ -67,6 +67,29 @@ def test_dicom_output_keeps_patient_tags_with_a_new_series(tmp_path):
     assert not instances & {src.dicom_tags["0020|000d"].strip(), src.dicom_tags["0020|0052"].strip()}
 
 
+def test_dicom_output_slices_are_numbered_as_in_the_scan_and_located_along_the_normal(tmp_path):
+    """A --slices part numbered its slices from 1, and no slice had a SliceLocation (viewers sort
+    and label slices by it): the input's had."""
+    vol = read_volume(write_image(tmp_path / "s.nrrd", synthetic_ct(5, 32), spacing=(0.7, 0.7, 2.0),
+                                  origin=(0.0, 0.0, -40.0), direction=(1, 0, 0, 0, 1, 0, 0, 0, 1)))
+
+    def tags(folder):
+        reader, out = sitk.ImageFileReader(), []
+        for f in sorted(folder.iterdir()):
+            reader.SetFileName(str(f))
+            reader.ReadImageInformation()
+            out.append((int(reader.GetMetaData("0020|0013")), float(reader.GetMetaData("0020|1041")),
+                        float(reader.GetMetaData("0020|0032").split("\\")[2])))
+        return out
+    whole = tags(write_volume(vol, tmp_path / "whole"))
+    assert [(n, loc) for n, loc, _ in whole] == [(k + 1, -40.0 + 2.0 * k) for k in range(5)]
+    assert all(loc == z for _, loc, z in whole)
+    part = vol.with_array(vol.array[2:4])
+    part.origin = tuple(np.add(vol.origin, (0.0, 0.0, 4.0)))
+    written = write_volume(part, tmp_path / "part", metadata={"corediff_slices": "2:4 of 5"})
+    assert [(n, loc) for n, loc, _ in tags(written)] == [(3, -36.0), (4, -34.0)]
+
+
 def test_dicom_text_in_iso_2022_sets_and_patient_position_are_kept(tmp_path):
     from CoreDiffLib.io import _dicom_text
     japanese = "Yamada^Tarou=\x1b$B;3ED\x1b(B^\x1b$BB@O:\x1b(B".encode("latin-1").decode("utf-8", "surrogateescape")
