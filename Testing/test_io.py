@@ -451,8 +451,9 @@ def test_training_pairs_come_back_normal_dose_first_and_must_share_their_grid(tm
                                                                                             - ndct)))])
     # stored sagittally, a pair's neighbours are its axial slices: the spacing recorded is theirs (2.5 mm)
     spacing, sagittal = [], dict(spacing=(2.5, 0.8, 0.7), direction=(0, 0, 1, 0, 1, 0, 1, 0, 0))
-    read_training_pairs([(write_image(tmp_path / "s_ndct.nrrd", ndct.transpose(2, 1, 0), **sagittal),
-                          write_image(tmp_path / "s_ldct.nrrd", ldct.transpose(2, 1, 0), **sagittal))], slice_mm=spacing)
+    stored = [write_image(tmp_path / f"s_{name}.nrrd", v.transpose(2, 1, 0), **sagittal)
+              for name, v in (("ndct", ndct), ("ldct", ldct))]
+    read_training_pairs([tuple(stored)], slice_mm=spacing)
     assert spacing == [pytest.approx(2.5)]
 
 
