@@ -482,15 +482,21 @@ def _to_image(volume: Volume, array: np.ndarray, metadata: dict[str, str] | None
     return image
 
 
-def provenance_summary(metadata: dict[str, str]) -> str:
-    """One line for the formats with a single free-text field (NIfTI descrip: 80 characters,
-    DICOM ImageComments): which model, how many steps, which adaptation."""
-    text = f"CoreDiff {metadata.get('corediff_model', '?')}, {metadata.get('corediff_steps', '?')} steps"
+def provenance_summary(metadata: dict[str, str], limit: int | None = None) -> str:
+    """One line for the formats with a single free-text field (DICOM ImageComments; NIfTI descrip,
+    ``limit`` 79 bytes): which model, how many steps, which adaptation, whether a second pass.
+    Cut to ``limit``, it keeps whole parts, and a second pass is said in two words."""
+    parts = [f"CoreDiff {metadata.get('corediff_model', '?')}", f"{metadata.get('corediff_steps', '?')} steps"]
     if metadata.get("corediff_adaptation"):
-        text += f", adaptation {metadata['corediff_adaptation']}"
-    if metadata.get("corediff_input_denoised_by"):
-        text += f", on a CoreDiff output ({metadata['corediff_input_denoised_by']})"
-    return text
+        parts.append(f"adaptation {metadata['corediff_adaptation']}")
+    earlier = metadata.get("corediff_input_denoised_by")
+    text = ", ".join(parts + ([f"on a CoreDiff output ({earlier})"] if earlier else []))
+    if limit is None or len(text.encode("utf-8")) <= limit:
+        return text
+    parts = ["second pass"] + parts if earlier else parts  # what matters most first
+    while len(parts) > 1 and len(", ".join(parts).encode("utf-8")) > limit:
+        parts.pop()
+    return ", ".join(parts).encode("utf-8")[:limit].decode("utf-8", "ignore")
 
 
 def set_provenance(image: sitk.Image, metadata: dict[str, str] | None) -> None:
@@ -499,8 +505,7 @@ def set_provenance(image: sitk.Image, metadata: dict[str, str] | None) -> None:
     for key, value in (metadata or {}).items():
         image.SetMetaData(key, str(value))
     if metadata:
-        notes = provenance_summary(metadata).encode("utf-8")[:79].decode("utf-8", "ignore")  # NIfTI: 79 bytes
-        image.SetMetaData("ITK_FileNotes", notes)
+        image.SetMetaData("ITK_FileNotes", provenance_summary(metadata, limit=79))  # NIfTI's descrip: 79 bytes
 
 
 def _cast_like_input(volume: Volume) -> np.ndarray:

@@ -90,6 +90,19 @@ def test_dicom_output_slices_are_numbered_as_in_the_scan_and_located_along_the_n
     assert [(n, loc) for n, loc, _ in tags(written)] == [(3, -36.0), (4, -34.0)]
 
 
+def test_a_nifti_header_says_what_made_it_in_whole_parts(tmp_path):
+    """NIfTI's descrip holds 79 bytes: a second pass's summary was cut mid-phrase there
+    ('..., on a CoreDiff output (corediff-25-w32,')."""
+    from CoreDiffLib.io import provenance_summary
+    once = {"corediff_model": "corediff-25-w32", "corediff_steps": "1 of 10"}
+    twice = dict(once, corediff_input_denoised_by="corediff-25-w32, 1 of 10 steps, onnx/fp32 on cpu")
+    assert provenance_summary(once, limit=79) == provenance_summary(once) == "CoreDiff corediff-25-w32, 1 of 10 steps"
+    assert provenance_summary(twice).endswith("on a CoreDiff output (corediff-25-w32, 1 of 10 steps, onnx/fp32 on cpu)")
+    vol = read_volume(write_image(tmp_path / "s.nrrd", synthetic_ct(2, 16)))
+    out = write_volume(vol, tmp_path / "twice.nii.gz", metadata=twice)
+    assert sitk.ReadImage(str(out)).GetMetaData("descrip") == "second pass, CoreDiff corediff-25-w32, 1 of 10 steps"
+
+
 def test_dicom_text_in_iso_2022_sets_and_patient_position_are_kept(tmp_path):
     from CoreDiffLib.io import _dicom_text
     japanese = "Yamada^Tarou=\x1b$B;3ED\x1b(B^\x1b$BB@O:\x1b(B".encode("latin-1").decode("utf-8", "surrogateescape")
