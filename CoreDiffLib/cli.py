@@ -169,6 +169,16 @@ def steps_argument(text: str) -> int | str:
         raise argparse.ArgumentTypeError(f"'{text}' is not 'auto' or a whole number of steps") from None
 
 
+def dose_fraction(text: str) -> float:
+    """``simulate --dose``: a fraction of the full dose (0.25) or a per cent (25%), as --dose-tag reads them."""
+    value = text.strip()
+    try:
+        return float(value[:-1]) / 100.0 if value.endswith("%") else float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a dose: give a fraction of the full dose (0.25) "
+                                         "or a per cent (25%)") from None
+
+
 def slices_argument(text: str) -> tuple[int | None, int | None]:
     """``--slices``: K (one slice) or A:B (slices A to B-1; either end may be left out), 0-based."""
     try:
@@ -581,9 +591,9 @@ SIMULATION_KINDS = ("abdomen", "thorax", "head")
 
 def add_simulate_parser(sub) -> None:
     p = sub.add_parser("simulate", help="simulate paired NDCT/LDCT volumes from phantoms")
-    p.add_argument("--dose", type=float, nargs="+", action="extend", required=True,
-                   help="low-dose fraction(s) of the full dose, in (0, 1), e.g. 0.25 0.1; several share one "
-                        "NDCT per case")
+    p.add_argument("--dose", type=dose_fraction, nargs="+", action="extend", required=True,
+                   help="low-dose fraction(s) of the full dose, in (0, 1), e.g. 0.25 0.1 (or 25%% 10%%); several "
+                        "share one NDCT per case")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--count", type=int, default=1, help="number of phantom volumes (cases; default 1)")
     p.add_argument("--slices", type=int, default=16, help="slices per volume, 1 mm apart (default 16)")

@@ -394,9 +394,11 @@ def test_simulate_command_writes_pairs_and_keeps_an_earlier_simulation(tmp_path)
     r = simulate("--dose", "0.1", "--out", out, "--seed", "4")
     assert r.returncode == 2 and "already holds a simulation" in r.stderr and "--overwrite" in r.stderr
     assert {f.name: f.read_bytes() for f in out.iterdir()} == kept
-    for bad in ("0", "1.5", "nan"):
+    for bad in ("0", "1.5", "nan", "150%", "ten"):
         r = simulate("--dose", bad, "--out", tmp_path / "bad")
         assert r.returncode == 2 and "--dose" in r.stderr and not (tmp_path / "bad").exists()
+    from CoreDiffLib.cli import dose_fraction  # a per cent, as train --dose-tag takes it
+    assert dose_fraction("10%") == dose_fraction("0.1") == 0.1 and dose_fraction(" 12.5% ") == 0.125
     r = simulate("--dose", "1", "--out", tmp_path / "full")  # an LDCT equal to the NDCT: train refuses it
     assert r.returncode == 2 and "(0, 1)" in r.stderr and not (tmp_path / "full").exists()
     r = simulate("--dose", "0.25", "--out", tmp_path / "neg", "--seed", "-1")
