@@ -199,7 +199,8 @@ DENOISE_CONTEXTS = ("auto", "neighbours", "own")
 def add_denoise_parser(sub) -> None:
     p = sub.add_parser("denoise", help="denoise a CT volume (file or DICOM folder)")
     p.add_argument("input", help="LDCT volume: .nrrd, .nii(.gz), .mha or a DICOM folder")
-    p.add_argument("output", help="output file (.nrrd, .nii.gz, .mha) or a new DICOM folder")
+    p.add_argument("output", help="output file (.nrrd, .nii.gz, .nii, .mha; .nhdr, .mhd with a data file beside) "
+                                  "or a new DICOM folder")
     p.add_argument("--model", default=None,
                    help="auto (default): the shipped model for the dose the scan looks like (its noise for the "
                         "patient's size); or a shipped model name ('default': corediff-25-w32), or a "

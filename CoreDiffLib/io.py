@@ -229,7 +229,7 @@ def check_output_path(input_path: str | os.PathLike | None, output_path: str | o
         # folder name ('Abd_1.0_B30f denoised', an existing empty folder) is a DICOM series' folder
         if re.fullmatch(r"\.[A-Za-z][A-Za-z0-9]{0,4}", out.suffix) and not out.is_dir():
             raise CoreDiffError(f"unknown output type '{out.suffix}': use .nrrd, .nii.gz, .mha or a "
-                                "folder name for a DICOM series")
+                                "folder name for a DICOM series (a name with a dot: make the empty folder first)")
         if given.is_symlink():  # the series is moved into place by renaming a folder onto it
             raise CoreDiffError(f"output folder {output_path} is a symbolic link: give a new folder's own path "
                                 "for the DICOM series")
