@@ -997,3 +997,52 @@ def test_uniform_time_sampling_trains_every_step_and_a_resume_before_ema_start_i
     run(15, tmp_path / "b.ckpt")  # past --ema-start 12, before the first EMA step at or after it (20)
     resumed = run(30, tmp_path / "b.ckpt")
     assert all(torch.equal(x, y) for x, y in zip(straight.state_dict().values(), resumed.state_dict().values()))
+
+
+# ----------------------------------------------------------------------------- inference wiring
+def test_context_stacks_hold_each_slice_between_its_neighbours_with_the_ends_replicated():
+    """Slice n-1 got its lower neighbour twice (not itself) with every test passing: they compared
+    the code with itself (whole run against parts, file against memory)."""
+    from CoreDiffLib.inference import context_stack
+    from CoreDiffLib.intensity import unit_to_hu
+    volume = np.arange(5, dtype=np.float32)[:, None, None] * 100.0 + np.zeros((5, 2, 2), np.float32)
+    stack = np.rint(unit_to_hu(context_stack(volume, 0, 5))[:, :, 0, 0] / 100.0).astype(int)
+    assert stack.tolist() == [[0, 0, 1], [0, 1, 2], [1, 2, 3], [2, 3, 4], [3, 4, 4]]
+    part = np.rint(unit_to_hu(context_stack(volume, 3, 5))[:, :, 0, 0] / 100.0).astype(int)
+    assert part.tolist() == [[2, 3, 4], [3, 4, 4]]
+    alone = np.rint(unit_to_hu(context_stack(volume, 1, 3, neighbours=False))[:, :, 0, 0] / 100.0).astype(int)
+    assert alone.tolist() == [[1, 1, 1], [2, 2, 2]]
+
+
+def test_a_model_without_context_denoises_each_slice_itself():
+    """A --no-context model given the previous slice instead of its own wrote that slice in its place."""
+    from CoreDiffLib.inference import Denoiser, denoise_volume
+    from CoreDiffLib.intensity import unit_to_hu
+    torch.manual_seed(0)
+    net = ClearNet(NetworkConfig(width=4, steps=3, use_context=False)).eval()
+    volume = synthetic_ct(3, 32, seed=2) + np.arange(3)[:, None, None] * 200.0  # slices far apart
+    out = denoise_volume(volume, denoiser=Denoiser(net, torch.device("cpu"), None, None, None, None))
+    with torch.no_grad():
+        alone = sample(net, torch.from_numpy(hu_to_unit(volume[1:2]))[:, None].float(), None).final[0, 0]
+    np.testing.assert_allclose(out[1], unit_to_hu(alone.numpy()), atol=0.5)
+
+
+def test_the_denoisers_settings_come_from_what_was_asked():
+    """--no-channels-last was dropped on its way from the command line; steps other than T with an
+    adaptation, an empty slice range and the 4 mm rule for neighbours each lacked a test."""
+    import argparse
+
+    from CoreDiffLib.cli import load_denoiser
+    from CoreDiffLib.inference import THICK_SLICE_MM, Denoiser, check_slice_range, uses_neighbours
+    torch.manual_seed(0)
+    net = ClearNet(NetworkConfig(width=4, steps=3)).eval()
+    for flag in (True, False):
+        args = argparse.Namespace(model="corediff-25-w32", adaptation=None, device="cpu", steps=1, precision="fp32",
+                                  channels_last=flag, progress="none", quiet=True)
+        assert load_denoiser(args).settings.channels_last is flag
+    with pytest.raises(CoreDiffError, match="a one-shot adaptation weighs all T steps"):
+        Denoiser.load(net, "cpu", steps=1, adaptation=type("Blend", (), {"combine": lambda self, s: s[-1]})())
+    with pytest.raises(CoreDiffError, match="slices 2:2 are not within"):
+        check_slice_range((2, 2), 5)
+    assert THICK_SLICE_MM == 4.0 and uses_neighbours(3.9) and not uses_neighbours(4.0)
+    assert uses_neighbours(6.0, trained_neighbour_mm=5.0) and not uses_neighbours(6.3, trained_neighbour_mm=5.0)
