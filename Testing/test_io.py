@@ -741,6 +741,12 @@ def test_a_big_endian_compressed_metaimage_is_read_by_the_full_reader(tmp_path):
     (tmp_path / "be.mha").write_bytes(header.encode() + data)
     assert VolumeSource.open(tmp_path / "be.mha") is None  # not the little-endian slab reader
     np.testing.assert_array_equal(read_volume(tmp_path / "be.mha").array, vol)
+    # a raw big-endian NRRD likewise (read by slabs as little-endian, it was garbage)
+    header = ("NRRD0004\ntype: short\ndimension: 3\nspace: left-posterior-superior\nsizes: 32 32 3\n"
+              "space directions: (1,0,0) (0,1,0) (0,0,1)\nendian: big\nencoding: raw\nspace origin: (0,0,0)\n\n")
+    (tmp_path / "be.nrrd").write_bytes(header.encode() + vol.astype(">i2").tobytes())
+    assert VolumeSource.open(tmp_path / "be.nrrd") is None
+    np.testing.assert_array_equal(read_volume(tmp_path / "be.nrrd").array, vol)
 
 
 def test_dicom_text_in_another_character_set_is_kept_and_monochrome1_is_refused(tmp_path):
