@@ -940,6 +940,16 @@ def test_train_keeps_the_installed_models_and_records_what_it_did(tmp_path):
     _, meta = read_weights_config(out)
     assert json.loads(meta["patch_size_used"]) == 48  # the 48-pixel slices allow no more
     assert json.loads(meta["neighbour_mm"]) == pytest.approx(2.5)  # 4 slices of 2.5 mm: only adjacent ones
+    tall = tmp_path / "tall"  # 7 slices show neighbours up to 3 apart: --max-neighbour-gap 2 learns 5 mm
+    tall.mkdir()
+    ref = synthetic_ct(7, 48, noise_hu=0)
+    write_image(tall / "c1_ndct.nrrd", ref)
+    write_image(tall / "c1_ldct.nrrd", ref + np.random.default_rng(0).normal(0, 40, ref.shape))
+    r = corediff("train", tall, "--out", tmp_path / "tall.safetensors", "--iterations", "2", "--width", "4",
+                 "--steps", "2", "--batch-size", "1", "--patch-size", "32", "--max-neighbour-gap", "2",
+                 "--progress", "none")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(read_weights_config(tmp_path / "tall.safetensors")[1]["neighbour_mm"]) == pytest.approx(5.0)
 
 
 def test_train_refuses_a_pair_of_one_scan_or_the_wrong_way_round(tmp_path):
