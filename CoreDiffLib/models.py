@@ -47,7 +47,7 @@ def save_weights(model: ClearNet, path: str | os.PathLike, metadata: dict | None
         except OSError as exc:  # a full disk: one line, and the temporary file goes
             from .io import full_disk_hint
             raise CoreDiffError(f"could not write {path} ({exc}){full_disk_hint(Path(path).parent)}") from None
-        os.chmod(tmp, 0o644)  # readable by all (a temporary file is 0600): shipped weights must be
+        os.chmod(tmp, 0o644)  # the temporary file is 0600; shipped and shared weights must be readable by all
     return sha256_of(path)
 
 

@@ -573,6 +573,10 @@ def test_truncated_or_incomplete_files_are_refused_not_filled_with_zeros(tmp_pat
             VolumeSource.open(tmp_path / ("cut_" + name))
         with pytest.raises(CoreDiffError, match="truncated"):  # compare, dose: the same refusal
             read_volume(tmp_path / ("cut_" + name))
+    data = (tmp_path / "v.mha").read_bytes()  # short by less than its header: counted with the header
+    (tmp_path / "cut_a_little.mha").write_bytes(data[:-8])
+    with pytest.raises(CoreDiffError, match="truncated"):
+        VolumeSource.open(tmp_path / "cut_a_little.mha")
     sitk.WriteImage(sitk.GetImageFromArray(vol), str(tmp_path / "d.mhd"), False)
     (tmp_path / "d.raw").unlink()
     with pytest.raises(CoreDiffError, match="data file d.raw is missing"):
@@ -627,6 +631,17 @@ def test_a_sagittally_stored_part_of_a_scan_is_read_and_found_in_its_axial_plane
     thin = read_volume(write_image(tmp_path / "thin.nrrd", scan[5:6], (0.7, 0.8, 1.0), (-10.0, 20.0, 30.0)))
     thick = read_volume(write_image(tmp_path / "thick.nrrd", scan[5:6], (0.7, 0.8, 5.0), (-10.0, 20.0, 30.0)))
     np.testing.assert_array_equal(on_grid_of(thick, thin)[0], scan[5:6])
+
+
+def test_an_unpacked_copy_of_another_users_live_run_is_kept(monkeypatch):
+    """Another user's process cannot be signalled (PermissionError): it is alive, and its unpacked
+    input in a shared temporary folder is not swept away (the error crashed every such run)."""
+    from CoreDiffLib import streaming
+
+    def kill(pid, signal):
+        raise {1: PermissionError, 2: ProcessLookupError, 3: OSError}[pid]()
+    monkeypatch.setattr(streaming.os, "kill", kill)
+    assert streaming._process_alive(1) and not streaming._process_alive(2) and streaming._process_alive(3)
 
 
 def test_a_scaled_nifti_is_read_in_hu_not_refused_as_truncated(tmp_path):
