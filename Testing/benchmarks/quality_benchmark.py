@@ -79,7 +79,10 @@ def held_out(dose: float, cache: Path, kinds=("abdomen", "thorax", "head"), slic
     cache.mkdir(parents=True, exist_ok=True)
     manifest = cache / "manifest.json"
     if manifest.exists() and not isinstance(json.loads(manifest.read_text()).get("cases"), dict):
-        raise SystemExit(not_a_held_out_cache(cache))
+        # a `corediff simulate` output: its manifest lists its own cases (other seeds), which this would overwrite
+        raise SystemExit(f"{cache} holds a `corediff simulate` output (its manifest.json lists its own cases, of "
+                         "other seeds than this benchmark's held-out phantoms): give the benchmark a folder of its "
+                         "own with --test-dir")
     doses = sorted(set(HELD_OUT_DOSES) | {dose}, reverse=True)
     cases = []
     prefix, first_seed, _ = SPLITS[split]
@@ -114,13 +117,6 @@ def held_out(dose: float, cache: Path, kinds=("abdomen", "thorax", "head"), slic
             write_volume(Volume(truth, nd.spacing, pixel_type="float32"), truth_path)
         cases.append((name, nd.array, read_volume(ld_paths[dose]).array, read_volume(truth_path).array))
     return cases
-
-
-def not_a_held_out_cache(cache: Path) -> str:
-    """Why ``cache`` cannot hold the held-out set: a ``corediff simulate`` output lists its own cases
-    (other seeds) in its manifest.json, which the benchmark's records would overwrite."""
-    return (f"{cache} holds a `corediff simulate` output (its manifest.json lists its own cases, of other seeds "
-            "than this benchmark's held-out phantoms): give the benchmark a folder of its own with --test-dir")
 
 
 def record_simulated_case(cache: Path, name: str, **recipe) -> None:
