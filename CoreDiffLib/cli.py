@@ -84,6 +84,8 @@ def cmd_denoise(args: argparse.Namespace) -> int:
     from .io import check_output_path
 
     check_output_path(args.input, args.output)
+    if not args.overwrite:
+        _refuse_existing_output(Path(args.output).expanduser())
     progress = Progress(args.progress, desc="denoising")
     t0 = time.perf_counter()
     try:  # streamed: memory bounded by the batch size, not by the number of slices
@@ -97,6 +99,19 @@ def cmd_denoise(args: argparse.Namespace) -> int:
     seconds = time.perf_counter() - t0
     info(args, f"wrote {out} ({seconds:.1f} s, {seconds / shape[0]:.2f} s/slice)")
     return 0
+
+
+def _refuse_existing_output(output: Path) -> None:
+    """An existing output file is kept unless --overwrite: ``denoise ldct.nrrd ndct.nrrd``, a slip
+    of the hand, must not replace the normal-dose scan. (A DICOM folder must be new or empty anyway.)"""
+    from .io import is_file_path, output_data_file
+    if not is_file_path(output):
+        return
+    for path in (output, output_data_file(output)):
+        if path is not None and (path.exists() or path.is_symlink()):
+            raise CoreDiffError(f"output {output} exists{'' if path == output else f' (its data file {path.name})'}: "
+                                "choose a new name, or give --overwrite to replace it (replaced only once the "
+                                "denoised volume is complete)")
 
 
 def load_denoiser(args: argparse.Namespace, volume=None, spacing_xy=None) -> "Denoiser":
@@ -225,6 +240,9 @@ def add_denoise_parser(sub) -> None:
                    help="network precision (auto: the fastest one known safe on the device)")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="channels-last activations (default: per device)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing output file (default: refuse, and keep it); the new volume "
+                        "replaces it only once complete")
     _add_progress(p)
     p.set_defaults(func=cmd_denoise)
 

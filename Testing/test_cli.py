@@ -55,6 +55,25 @@ def test_denoise_keeps_geometry_and_leaves_the_input_untouched(tmp_path, ct_file
     assert files_in(tmp_path) == {"ldct.nrrd", "den.nrrd"}
 
 
+def test_denoise_keeps_an_existing_output_unless_told_to_overwrite_it(tmp_path, ct_file, identity_model_path):
+    """``denoise ldct.nrrd ndct.nrrd``, a slip of the hand, must not replace the reference scan."""
+    reference = tmp_path / "ndct.nrrd"
+    reference.write_bytes(ct_file.read_bytes()[:-7] + b"REFDATA")  # not a volume this run could write
+    before = digest(reference)
+    r = corediff("denoise", ct_file, reference, "--model", identity_model_path)
+    assert r.returncode == 2 and "ndct.nrrd exists" in r.stderr and "--overwrite" in r.stderr, r.stderr
+    assert digest(reference) == before
+    header = tmp_path / "den.nhdr"  # a detached header's data file counts as the output
+    (tmp_path / "den.raw.gz").write_bytes(b"someone's data")
+    r = corediff("denoise", ct_file, header, "--model", identity_model_path)
+    assert r.returncode == 2 and "its data file den.raw.gz" in r.stderr, r.stderr
+    assert (tmp_path / "den.raw.gz").read_bytes() == b"someone's data" and not header.exists()
+    r = corediff("denoise", ct_file, reference, "--model", identity_model_path, "--overwrite")
+    assert r.returncode == 0, r.stderr
+    np.testing.assert_allclose(read_volume(reference).array, np.clip(read_volume(ct_file).array, -1024, 3072),
+                               atol=1.0)
+
+
 def test_steps_default_to_auto_one_on_a_cpu_and_a_number_overrides_it(tmp_path, ct_file, changing_model_path):
     model = changing_model_path
     outputs = {}

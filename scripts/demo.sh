@@ -8,7 +8,7 @@ scripts/setup_env.sh  # the library alone: what the demo runs needs no extra
 . .venv/bin/activate
 mkdir -p out
 sample=CoreDiffLib/data
-corediff denoise "$sample/sample_abdomen_ldct25.nrrd" out/sample_denoised.nrrd
+corediff denoise "$sample/sample_abdomen_ldct25.nrrd" out/sample_denoised.nrrd --overwrite  # a rerun replaces it
 corediff compare out/sample_denoised.nrrd --ldct "$sample/sample_abdomen_ldct25.nrrd" \
   --reference "$sample/sample_abdomen_ndct.nrrd" --csv out/sample_metrics.csv \
   --figure out/sample_before_after.png
