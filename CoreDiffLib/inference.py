@@ -588,7 +588,7 @@ def denoise_file(input_path: str | os.PathLike, output_path: str | os.PathLike, 
             from .io import Volume
             vol = Volume(result, info["spacing"], info["origin"], info["direction"], info["pixel_type"],
                          dict(info.get("dicom_tags", {})), info.get("source", ""), info.get("slice_positions"))
-            return write_volume(vol, output_path, metadata=metadata), shape, streamed
+            return write_volume(vol, output_path, metadata=metadata, first_slice=first), shape, streamed
         sink = StreamedOutput(output_path, shape, info, output_dtype(info["pixel_type"], value_range), metadata)
         try:
             _denoise_range(data, den, first, last, batch_size, progress, cancel, sink.array, log, neighbours, view)

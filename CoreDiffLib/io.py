@@ -529,11 +529,13 @@ def _cast_like_input(volume: Volume) -> np.ndarray:
 
 
 def write_volume(volume: Volume, path: str | os.PathLike, series_description: str | None = None,
-                 metadata: dict[str, str] | None = None) -> Path:
+                 metadata: dict[str, str] | None = None, first_slice: int = 0) -> Path:
     """Write atomically to a file (by extension) or a new DICOM series folder.
 
     ``metadata``: what made the volume (:meth:`inference.Denoiser.provenance`), kept in the
-    header (:func:`set_provenance`; DICOM: ImageComments)."""
+    header (:func:`set_provenance`; DICOM: ImageComments). ``first_slice``: where the volume's
+    first slice lies in the scan it was cut from (a ``--slices`` part), so that its DICOM slices
+    keep the scan's InstanceNumbers."""
     out = Path(path).expanduser()
     check_grid_output(volume.slice_positions, volume.direction, out, volume.source or "the volume")
     if volume.slice_positions is not None and len(volume.slice_positions) != volume.shape[0]:
@@ -548,11 +550,9 @@ def write_volume(volume: Volume, path: str | os.PathLike, series_description: st
         return out
     with partial_folder(out) as tmpdir:
         model = (metadata or {}).get("corediff_model")  # in PACS lists, which model made the series
-        part = str((metadata or {}).get("corediff_slices", ""))  # 'first:last of n' for a --slices part
         _write_dicom_series(volume, pixels, tmpdir,
                             series_description or ("CoreDiff denoised" + (f" ({model})" if model else "")),
-                            provenance_summary(metadata) if metadata else None,
-                            first_instance=int(part.split(":")[0]) + 1 if part[:1].isdigit() else 1)
+                            provenance_summary(metadata) if metadata else None, first_instance=first_slice + 1)
         if out.exists():
             out.rmdir()  # check_output_path guaranteed it is empty
         os.replace(tmpdir, out)

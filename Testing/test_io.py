@@ -86,7 +86,7 @@ def test_dicom_output_slices_are_numbered_as_in_the_scan_and_located_along_the_n
     assert all(loc == z for _, loc, z in whole)
     part = vol.with_array(vol.array[2:4])
     part.origin = tuple(np.add(vol.origin, (0.0, 0.0, 4.0)))
-    written = write_volume(part, tmp_path / "part", metadata={"corediff_slices": "2:4 of 5"})
+    written = write_volume(part, tmp_path / "part", metadata={"corediff_slices": "2:4 of 5"}, first_slice=2)
     assert [(n, loc) for n, loc, _ in tags(written)] == [(3, -36.0), (4, -34.0)]
 
 
