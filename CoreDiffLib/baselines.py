@@ -145,8 +145,16 @@ def redcnn_denoise(model: REDCNN, volume_hu: np.ndarray) -> np.ndarray:
 
 
 def bm3d_denoise(volume_hu: np.ndarray, sigma_hu: float) -> np.ndarray:
-    """Slice-wise BM3D in the [0, 1] network range with a noise level given in HU."""
-    import bm3d
+    """Slice-wise BM3D of a (slices, rows, cols) volume in the [0, 1] network range with a noise
+    level given in HU."""
+    if np.ndim(volume_hu) != 3:
+        raise CoreDiffError(f"bm3d_denoise takes a (slices, rows, cols) volume, not shape {np.shape(volume_hu)} "
+                            "(one slice: volume[None])")
+    try:
+        import bm3d
+    except ImportError:
+        raise CoreDiffError("the BM3D baseline needs the bm3d package: pip install 'bm3d>=4.0' (what the "
+                            "checkout's pip install '.[baselines]' adds)") from None
     out = np.empty(volume_hu.shape, np.float32)
     for k, sl in enumerate(volume_hu):
         out[k] = unit_to_hu(bm3d.bm3d(hu_to_unit(sl), sigma_psd=sigma_hu / 4096.0))

@@ -105,8 +105,10 @@ def measure(volume_hu: "SliceIndexable", spacing_xy: tuple[float, float], max_sl
     """Noise index and water-equivalent diameter of an axial (slices, rows, cols) volume in HU.
 
     ``volume_hu`` may be any slice-indexable array (a :class:`~CoreDiffLib.streaming.VolumeSource`
-    reads only the slices measured).
+    reads only the slices measured); a 2-D array is one slice.
     """
+    if len(volume_hu.shape) == 2:
+        volume_hu = np.asarray(volume_hu)[None]
     n = volume_hu.shape[0]
     picks = np.unique(np.linspace(0, n - 1, min(max_slices, n)).round().astype(int))
     # odd sides in pixels, (rows, cols): 6 mm along each axis, so non-square pixels give the same physical box
@@ -115,6 +117,9 @@ def measure(volume_hu: "SliceIndexable", spacing_xy: tuple[float, float], max_sl
     measured = []
     for k in picks:
         image = np.asarray(volume_hu[k:k + 1], dtype=np.float64)[0]
+        if not np.isfinite(image).all():  # one inf reads as a dose of 1e21, one NaN blanks its slice's noise
+            raise CoreDiffError(f"slice {k} holds NaN or infinite values: its noise cannot be measured "
+                                "(io.validate_ct_array says where)")
         region = largest_region(image > BODY_HU)
         measured.append((image, region, float(region.sum()) * pixel_area))
     largest = max(area for _, _, area in measured)

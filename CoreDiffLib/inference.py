@@ -15,6 +15,7 @@ is not installed) with one thread per physical core; on CUDA channels-last with 
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import threading
 import warnings
@@ -227,14 +228,15 @@ class Denoiser:
             if model is None and isinstance(adaptation, (str, os.PathLike, Adaptation)):
                 raise CoreDiffError(missing_base_message(adaptation))  # the default is not where it belongs
             model = model or DEFAULT_MODEL  # none, or an in-memory stand-in with its own combine()
-        net = model if isinstance(model, ClearNet) else load_model(model, dev)
+        # the caller's network is theirs: .to() and .eval() work in place, so move and switch a copy
+        net = copy.deepcopy(model) if isinstance(model, ClearNet) else load_model(model, dev)
         net = net.to(dev).eval()
         if adaptation is not None and not hasattr(adaptation, "combine"):
             from .adaptations import load_adaptation
             adaptation = load_adaptation(adaptation, net)
         if steps == AUTO_STEPS:
             steps = auto_steps(net.config.steps, dev, adaptation is not None)
-        if steps is not None and (isinstance(steps, str) or not 1 <= steps <= net.config.steps):
+        if steps is not None and (not _whole_number(steps) or not 1 <= steps <= net.config.steps):
             raise CoreDiffError(f"steps must be 'auto' or between 1 and {net.config.steps} (the model's T), "
                                 f"got {steps!r}")
         if adaptation is not None and steps not in (None, net.config.steps):
@@ -323,9 +325,14 @@ def _is_oom(exc: BaseException) -> bool:
         any(text in str(exc).lower() for text in _OOM_MESSAGES))
 
 
+def _whole_number(value) -> bool:
+    """An int (numpy's too), not a bool or a float: 2.0 slices would fail later, in slicing."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
 def check_batch_size(batch_size: int | None) -> None:
     """Refuse a batch size that is not a whole number of slices >= 1 (None: chosen from memory)."""
-    if batch_size is not None and (isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1):
+    if batch_size is not None and (not _whole_number(batch_size) or batch_size < 1):
         raise CoreDiffError(f"batch size must be a whole number of slices >= 1, not {batch_size} "
                             "(leave it out to have it chosen from the device's memory)")
 

@@ -12,10 +12,33 @@ from typing import Sequence
 import numpy as np
 from skimage.metrics import structural_similarity
 
+from . import CoreDiffError
 from .intensity import METRIC_WINDOW_HU
 
 _LO, _HI = METRIC_WINDOW_HU
 _SSIM_CROP = 5  # scikit-image averages the SSIM map without the (11 - 1) / 2 border pixels
+
+
+#: the largest |value| of an image that looks normalised ([0, 1] or [-1, 1]) rather than in HU
+_NORMALISED_MAX = 2.0
+
+
+def _windowed_pair(image_hu: np.ndarray, reference_hu: np.ndarray, slice_only: bool = False
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """Both images on the metric scale, once they are known to be comparable: numpy would
+    broadcast a slice against a volume, and normalised images would score ~116 dB, both silently."""
+    image, reference = np.asarray(image_hu), np.asarray(reference_hu)
+    if image.shape != reference.shape:
+        raise CoreDiffError(f"the image {image.shape} and its reference {reference.shape} differ in shape: "
+                            "score the same slices of the same scan")
+    if slice_only and image.ndim != 2:
+        raise CoreDiffError(f"SSIM takes one 2-D slice, not an array of shape {image.shape}: for a volume use "
+                            "volume_metrics, which scores each slice as the paper does")
+    if image.size and all(float(np.nanmax(np.abs(a))) <= _NORMALISED_MAX for a in (image, reference)) \
+            and np.ptp(image) + np.ptp(reference) > 0:
+        raise CoreDiffError("the metrics take images in HU, and these lie within ±2 (normalised?): convert "
+                            "them back to HU first (intensity.unit_to_hu)")
+    return _window(image), _window(reference)
 
 
 def _window(hu: np.ndarray) -> np.ndarray:
@@ -23,12 +46,14 @@ def _window(hu: np.ndarray) -> np.ndarray:
 
 
 def psnr(image_hu: np.ndarray, reference_hu: np.ndarray) -> float:
-    mse = float(np.mean((_window(image_hu) - _window(reference_hu)) ** 2))
+    image, reference = _windowed_pair(image_hu, reference_hu)
+    mse = float(np.mean((image - reference) ** 2))
     return float("inf") if mse == 0 else 10.0 * np.log10(1.0 / mse)
 
 
 def rmse_hu(image_hu: np.ndarray, reference_hu: np.ndarray) -> float:
-    return float(np.sqrt(np.mean((_window(image_hu) - _window(reference_hu)) ** 2)) * (_HI - _LO))
+    image, reference = _windowed_pair(image_hu, reference_hu)
+    return float(np.sqrt(np.mean((image - reference) ** 2)) * (_HI - _LO))
 
 
 def ssim(image_hu: np.ndarray, reference_hu: np.ndarray) -> float:
@@ -39,7 +64,7 @@ def ssim(image_hu: np.ndarray, reference_hu: np.ndarray) -> float:
 def ssim_map(image_hu: np.ndarray, reference_hu: np.ndarray) -> np.ndarray:
     """Per-pixel SSIM of one 2-D slice, cropped to where the 11x11 window fits, as :func:`ssim`
     averages it: to see which regions (air, lung, soft tissue, bone) a difference comes from."""
-    _, full = structural_similarity(_window(image_hu), _window(reference_hu), data_range=1.0,
+    _, full = structural_similarity(*_windowed_pair(image_hu, reference_hu, slice_only=True), data_range=1.0,
                                     gaussian_weights=True, sigma=1.5, use_sample_covariance=False, full=True)
     return full[_SSIM_CROP:-_SSIM_CROP, _SSIM_CROP:-_SSIM_CROP]
 
@@ -59,7 +84,7 @@ def ssim_terms(image_hu: np.ndarray, reference_hu: np.ndarray) -> tuple[np.ndarr
     luminance factor's constant C1 = 1e-4 is all that cushions it, so local means (of the clipped
     images) 1 HU apart cost ~0.0025 there, while the same error inside the body costs almost nothing.
     """
-    x, y = _window(image_hu), _window(reference_hu)
+    x, y = _windowed_pair(image_hu, reference_hu, slice_only=True)
     c1, c2 = 0.01 ** 2, 0.03 ** 2  # scikit-image's K1, K2 with data_range 1
     mean = ssim_local_mean
     mx, my = mean(x), mean(y)
@@ -84,8 +109,9 @@ def slice_metrics(image_hu: np.ndarray, reference_hu: np.ndarray) -> SliceMetric
 
 def volume_metrics(volume_hu: np.ndarray, reference_hu: np.ndarray) -> list[SliceMetrics]:
     """Per-slice metrics of two (slices, rows, cols) volumes."""
-    if volume_hu.shape != reference_hu.shape:
-        raise ValueError(f"shapes differ: {volume_hu.shape} vs {reference_hu.shape}")
+    if np.shape(volume_hu) != np.shape(reference_hu) or np.ndim(volume_hu) != 3:
+        raise CoreDiffError(f"volume_metrics takes two (slices, rows, cols) volumes of one shape, not "
+                            f"{np.shape(volume_hu)} and {np.shape(reference_hu)}")
     return [slice_metrics(a, b) for a, b in zip(volume_hu, reference_hu)]
 
 

@@ -124,4 +124,7 @@ def load_model(name_or_path: str | os.PathLike | None = None, device: str | torc
     model.weights_path = str(path.resolve())  # type: ignore[attr-defined]  # found again from any folder
     model.trained_neighbour_mm = _trained_neighbour_mm(meta)  # type: ignore[attr-defined]
     model.weights_sha256 = entry.get("sha256") or sha256_of(path)  # type: ignore[attr-defined]
+    if device == "auto":
+        from .inference import pick_device
+        device = pick_device(device)
     return model.eval().to(device)

@@ -18,6 +18,7 @@ and how far its output drifts from eager fp32 (allowed: at most 0.05 dB PSNR).
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import inspect
 import os
@@ -265,8 +266,8 @@ def export_onnx(model: ClearNet, folder: str | os.PathLike | None = None,
     import warnings
 
     folder = Path(folder) if folder else onnx_cache_dir()
-    folder.mkdir(parents=True, exist_ok=True)
-    model = model.cpu().float().eval().to(memory_format=torch.contiguous_format)
+    folder.mkdir(parents=True, exist_ok=True)  # a copy: the caller's network stays where and as it is
+    model = copy.deepcopy(model).cpu().float().eval().to(memory_format=torch.contiguous_format)
     key = _model_key(model)
     c = model.config.in_channels
     x, t = torch.rand(1, c, 32, 32), torch.tensor([3])

@@ -32,6 +32,20 @@ def test_noise_index_is_the_noise_sd_and_wed_the_diameter_of_a_water_cylinder():
     assert measure(water_cylinder(200.0, 10.0), (0.8, 0.8)).wed_mm == pytest.approx(200.0, rel=0.02)
 
 
+def test_a_single_slice_is_measured_and_values_that_are_not_numbers_are_refused():
+    """A 2-D slice failed in scipy ('structure and input must have equal rank'); one row of inf
+    read as a dose of 5e21 and chose a model silently; one NaN blanked its slice's noise."""
+    scan = water_cylinder(300.0, 20.0, slices=1)
+    assert measure(scan[0], (0.8, 0.8)) == measure(scan, (0.8, 0.8))
+    for bad in (np.inf, np.nan):
+        damaged = water_cylinder(300.0, 20.0)
+        damaged[1, 256, 100:110] = bad
+        with pytest.raises(CoreDiffError, match="slice 1 holds NaN or infinite values"):
+            measure(damaged, (0.8, 0.8))
+        with pytest.raises(CoreDiffError, match="slice 1 holds NaN or infinite values"):
+            choose_model(damaged, (0.8, 0.8))
+
+
 def test_the_table_under_the_patient_is_not_part_of_the_water_equivalent_diameter():
     scan = water_cylinder(250.0, 10.0)
     with_table = scan.copy()

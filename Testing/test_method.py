@@ -841,6 +841,33 @@ def test_psnr_and_rmse_are_the_papers_on_the_window_of_minus_1000_to_1000_hu():
     assert psnr(bone + 300.0, bone) == float("inf") and rmse_hu(bone + 300.0, bone) == 0.0  # both clip to 1000
 
 
+def test_the_metrics_refuse_what_would_give_a_number_that_means_nothing():
+    """numpy broadcast a slice against a volume (34.6 dB of nothing), scikit-image took a stack
+    of 11+ slices for one 3-D image, and [0, 1]-normalised images scored ~116 dB."""
+    from CoreDiffLib.metrics import psnr, rmse_hu, ssim, ssim_terms, volume_metrics
+    rng = np.random.default_rng(0)
+    volume = rng.normal(40.0, 20.0, (12, 32, 32))
+    volume[:, :4] = -1000.0
+    noisy = volume + rng.normal(0.0, 10.0, volume.shape)
+    for metric in (psnr, rmse_hu, ssim):
+        with pytest.raises(CoreDiffError, match=r"\(32, 32\) and its reference \(12, 32, 32\) differ in shape"):
+            metric(noisy[0], volume)
+        with pytest.raises(CoreDiffError, match=r"differ in shape"):
+            metric(noisy[0], volume[0, :1])  # one row: numpy would broadcast it down the slice
+    for metric in (ssim, ssim_terms):
+        with pytest.raises(CoreDiffError, match="one 2-D slice.*volume_metrics"):
+            metric(noisy, volume)
+    unit = lambda hu: (hu + 1024.0) / 4096.0  # noqa: E731
+    for metric in (psnr, rmse_hu, ssim):
+        with pytest.raises(CoreDiffError, match="in HU.*within ±2"):
+            metric(unit(noisy[0]), unit(volume[0]))
+    with pytest.raises(CoreDiffError, match=r"\(slices, rows, cols\) volumes of one shape"):
+        volume_metrics(noisy[0], volume[0])
+    per_slice = volume_metrics(noisy, volume)  # what a volume is scored with: slice by slice
+    assert [m.ssim for m in per_slice] == [ssim(a, b) for a, b in zip(noisy, volume)]
+    assert psnr(noisy[0], volume[0]) == pytest.approx(20 * np.log10(2000 / 10), abs=0.5)
+
+
 def test_pairs_that_share_memory_are_not_converted_in_place_twice():
     """One NDCT for two doses (the same array in two pairs): converting in place would convert it
     twice and squash the targets to 0.25."""

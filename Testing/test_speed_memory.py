@@ -172,6 +172,36 @@ def test_automatic_steps_are_all_of_them_on_a_gpu_one_on_a_cpu_and_all_with_an_a
         Denoiser.load(net, "cpu", steps="fast")
 
 
+def test_the_callers_network_is_left_as_it_was_and_counts_must_be_whole_numbers(tmp_path):
+    """Denoiser.load switched the caller's training network to eval mode in place (and would
+    have moved it to the GPU); 2.0 slices per batch and 1.5 steps got past the checks and then
+    failed in slicing and in torch.linspace; True was taken for one step."""
+    from CoreDiffLib.models import load_model
+    from CoreDiffLib.runtime import export_onnx
+    net = tiny_net().train()
+    first = next(net.parameters())
+    den = Denoiser.load(net, "cpu", runtime="eager")
+    assert net.training and not den.model.training and den.model is not net
+    assert next(net.parameters()) is first
+    volume = synthetic_ct(3, 32)
+    np.testing.assert_array_equal(denoise_volume(volume, model=net, device="cpu", steps=1),
+                                  denoise_volume(volume, denoiser=Denoiser.load(net, "cpu", steps=1)))
+    assert net.training
+    for steps in (1.5, True, 2.0):
+        with pytest.raises(CoreDiffError, match="'auto' or between 1 and"):
+            Denoiser.load(net, "cpu", steps=steps)
+    for batch in (2.0, True, 0):
+        with pytest.raises(CoreDiffError, match="whole number of slices >= 1"):
+            denoise_volume(volume, model=net, device="cpu", steps=1, batch_size=batch)
+    auto = next(load_model("corediff-25", device="auto").parameters()).device.type
+    assert auto == ("cuda" if torch.cuda.is_available() else "cpu")
+    pytest.importorskip("onnxruntime")  # the export works on a copy too: contiguous, in eval mode
+    net.to(memory_format=torch.channels_last)
+    export_onnx(net, tmp_path)
+    kernels = [p for p in net.parameters() if p.dim() == 4 and p.shape[-1] == 3]
+    assert kernels and all(k.is_contiguous(memory_format=torch.channels_last) for k in kernels)
+
+
 def test_bf16_autocast_is_really_used_and_bounded():
     vol = synthetic_ct(3, 48)
     ref = denoise_volume(vol, tiny_net(), "cpu", precision="fp32")
