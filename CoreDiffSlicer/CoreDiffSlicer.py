@@ -16,6 +16,7 @@ Qt properties are accessed as attributes (``button.enabled = False``), as Python
 
 import json
 import logging
+import math
 import os
 import pathlib
 import queue
@@ -865,6 +866,8 @@ class CoreDiffSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.ui.statusLabel.text = (f"Done in {formatDuration(seconds)}: {outputNode.GetName()}{ran}"
                                             + "".join(f"\nNote: {w}" for w in self._runWarnings))
                 self._lastPair = (job.inputNode, outputNode)
+                if outputNode is self._previewNode:  # it holds a whole result now: no preview may replace it
+                    self._previewNode = None
                 p = self._parameterNode
                 if p and p.inputVolume is job.inputNode and p.outputVolume is not outputNode:
                     # as Slicer's modules do: the output selector shows the result, a second run
@@ -1457,7 +1460,7 @@ class CoreDiffSlicerLogic(ScriptedLoadableModuleLogic):
     SHIPPED_STEPS = 10
 
     @staticmethod
-    def modelFileSteps(modelFile) -> int | None:
+    def modelFileSteps(modelFile) -> Optional[int]:
         """T of a CoreDiff weights file, from its safetensors header (8 bytes of length, then JSON:
         no PyTorch in Slicer's process); None when the file cannot tell."""
         try:
@@ -1539,6 +1542,10 @@ class CoreDiffSlicerLogic(ScriptedLoadableModuleLogic):
         ijkToRAS = vtk.vtkMatrix4x4()
         volumeNode.GetIJKToRASMatrix(ijkToRAS)
         spacing = [float(s) for s in volumeNode.GetSpacing()]
+        if not all(math.isfinite(s) and s > 0 for s in spacing):
+            given = ", ".join(f"{s:g}" for s in spacing)
+            raise ValueError(f"the volume '{volumeNode.GetName()}' has no valid voxel spacing ({given} mm): set its "
+                             "spacing in the Volumes module (Volume Information) first")
         direction = []
         for row in range(3):
             for col in range(3):

@@ -1317,3 +1317,62 @@ def test_cancel_stops_what_a_launcher_started(slicerEnv):  # noqa: F811
         assert proc.status() == psutil.STATUS_ZOMBIE
     for child in children:
         assert not child.is_running() or child.status() == psutil.STATUS_ZOMBIE, "the launched Python outlived Cancel"
+
+
+def test_a_preview_never_replaces_a_whole_result_in_the_node_it_once_used(slicerEnv, tinyModel):  # noqa: F811
+    """The preview node chosen as the output of a whole run: the next Preview put one slice back
+    into it, and the denoised volume was gone."""
+    slicer, module, tempDir = slicerEnv
+    widget, p = widgetOnTinyModel(module, tinyModel)
+    ct, _ = makeVolume((6, 48, 48), name="CT")
+    p.inputVolume = ct
+    widget.logic.setRedSliceIndex(ct, 2)
+    widget.ui.previewButton.click()
+    spin(slicer, lambda: not widget._job.running, timeout=120)
+    preview = widget._previewNode
+    p.outputVolume = preview  # listed in the output selector like any volume
+    widget.ui.applyButton.click()
+    spin(slicer, lambda: not widget._job.running, timeout=120)
+    assert widget._job.succeeded and slicer.util.arrayFromVolume(preview).shape == (6, 48, 48)
+    p.outputVolume = None  # the selector moved on: the node still holds the whole result
+    widget.logic.setRedSliceIndex(ct, 3)
+    widget.ui.previewButton.click()
+    spin(slicer, lambda: not widget._job.running, timeout=120)
+    assert widget._job.succeeded and widget._previewNode is not preview
+    assert slicer.util.arrayFromVolume(preview).shape == (6, 48, 48)  # the whole result, kept
+    assert slicer.util.arrayFromVolume(widget._previewNode).shape == (1, 48, 48)
+    again = widget._previewNode  # a preview node that holds a preview is still reused
+    widget.ui.previewButton.click()
+    spin(slicer, lambda: not widget._job.running, timeout=120)
+    assert widget._previewNode is again
+
+
+def test_a_volume_without_spacing_is_refused_in_words_and_cleanup_stops_a_run(slicerEnv, tinyModel):  # noqa: F811
+    """Zero spacing failed as 'float division by zero'; cleanup() (Slicer closing, the module
+    reloaded) must stop a run, which would otherwise call back into a widget that is gone; a copy
+    of the scan that cannot be written leaves no part of it in the temporary folder."""
+    slicer, module, tempDir = slicerEnv
+    flat = slicer.util.addVolumeFromArray(np.zeros((3, 32, 32), np.int16), name="flat")
+    flat.SetSpacing(0.7, 0.7, 0.0)
+    with pytest.raises(ValueError, match="'flat' has no valid voxel spacing \\(0.7, 0.7, 0 mm\\)"):
+        module.CoreDiffSlicerLogic.lpsGeometry(flat)
+    widget, p = widgetOnTinyModel(module, tinyModel)
+    ct, _ = makeVolume((6, 48, 48), name="CT")
+    p.inputVolume = ct
+    widget.ui.applyButton.click()
+    job = widget._job
+    assert job.running
+    widget.cleanup()
+    spin(slicer, lambda: not job.running, timeout=30)
+    assert job.cancelled and all(proc.poll() is not None for proc in H.launched)
+    assert slicer.mrmlScene.GetFirstNodeByName("CT denoised") is None
+
+    def failingCopy(node, path):
+        with open(path, "wb") as f:
+            f.write(b"NRRD0004\n")  # a part of the scan on disk, then the disk is full
+        raise OSError("No space left on device")
+    logic = module.CoreDiffSlicerLogic()
+    logic.writeVolume = failingCopy
+    with pytest.raises(OSError, match="No space left"):
+        logic.startDenoise(ct, modelArgs=("--model", tinyModel), device="cpu")
+    assert os.listdir(tempDir) == []

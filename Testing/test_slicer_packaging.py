@@ -211,3 +211,50 @@ def test_icon_and_screenshot():
     assert (icon.width(), icon.height()) == (128, 128)
     shot = QtGui.QImage(os.path.join(REPO, "CoreDiffSlicer", "Resources", "Screenshots", "CoreDiffSlicer-1.png"))
     assert shot.width() >= 1000 and shot.height() >= 600
+
+
+def _annotations_evaluated_at_definition(tree):
+    """Annotations Python evaluates when a def or class body runs (not a function's local ones)."""
+    import ast
+    found = []
+
+    def visit(node, inFunction):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            args = node.args
+            for a in args.posonlyargs + args.args + args.kwonlyargs + [args.vararg, args.kwarg]:
+                if a is not None and a.annotation is not None:
+                    found.append(a.annotation)
+            if node.returns is not None:
+                found.append(node.returns)
+            for child in node.body:
+                visit(child, True)
+            return
+        if isinstance(node, ast.AnnAssign) and not inFunction:
+            found.append(node.annotation)
+        for child in ast.iter_child_nodes(node):
+            visit(child, inFunction and not isinstance(node, ast.ClassDef))
+    visit(tree, False)
+    return found
+
+
+def test_the_module_and_the_library_load_on_the_python_39_of_slicer_56_to_58():
+    """Slicer 5.6-5.8 ship Python 3.9, and the module runs the library in Slicer's Python. An
+    ``int | None`` annotation evaluated at definition (no ``from __future__ import annotations``)
+    stopped the module from loading there: TypeError at class definition."""
+    import ast
+    files = [os.path.join(REPO, "CoreDiffSlicer", "CoreDiffSlicer.py")]
+    for root, _, names in os.walk(os.path.join(REPO, "CoreDiffLib")):
+        files += [os.path.join(root, n) for n in names if n.endswith(".py")]
+    problems = []
+    for path in files:
+        source = open(path, encoding="utf-8").read()
+        tree = ast.parse(source, feature_version=(3, 9))  # no 3.10 syntax (match, parenthesised with)
+        if any(isinstance(n, ast.ImportFrom) and n.module == "__future__"
+               and any(a.name == "annotations" for a in n.names) for n in tree.body):
+            continue  # annotations stay strings
+        for annotation in _annotations_evaluated_at_definition(tree):
+            if any(isinstance(n, ast.BinOp) and isinstance(n.op, ast.BitOr) for n in ast.walk(annotation)):
+                problems.append(f"{os.path.relpath(path, REPO)}:{annotation.lineno}")
+    assert problems == [], f"X | Y annotations evaluated on Python 3.9: {problems}"
+    assert _annotations_evaluated_at_definition(ast.parse("def f(a: int | None) -> str | None:\n    b: int | None = 1\n"
+                                                          "class C:\n    x: int | None\n"))  # the check sees them
