@@ -249,6 +249,11 @@ def _model_key(model: ClearNet) -> str:
     return h.hexdigest()[:16]
 
 
+#: how many models' exports the cache keeps, the most recently used: a script that denoises with
+#: each new state of a network in training exports a new pair (~9 MB at width 32) every time
+ONNX_CACHE_MODELS = 16
+
+
 def onnx_cache_dir() -> Path:
     base = os.environ.get("COREDIFF_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "corediff")
@@ -265,6 +270,7 @@ def export_onnx(model: ClearNet, folder: str | os.PathLike | None = None,
     """
     import warnings
 
+    cache = folder is None  # a folder of the caller's own is never pruned
     folder = Path(folder) if folder else onnx_cache_dir()
     folder.mkdir(parents=True, exist_ok=True)  # a copy: the caller's network stays where and as it is
     model = copy.deepcopy(model).cpu().float().eval().to(memory_format=torch.contiguous_format)
@@ -278,7 +284,10 @@ def export_onnx(model: ClearNet, folder: str | os.PathLike | None = None,
             paths[emm] = paths[False]
             continue
         path = folder / f"clearnet-{key}-{'emm' if emm else 'plain'}.onnx"
-        if not path.exists():
+        if path.exists():
+            with contextlib.suppress(OSError):  # a read-only cache is still used, only never pruned
+                os.utime(path)  # used now: the last to be pruned
+        else:
             exported.add(path)
             axes = {"x": {0: "b", 2: "h", 3: "w"}, "p": {0: "b", 2: "h", 3: "w"},
                     "xT": {0: "b", 2: "h", 3: "w"}, "t": {0: "b"}, "y": {0: "b", 2: "h", 3: "w"}}
@@ -301,8 +310,23 @@ def export_onnx(model: ClearNet, folder: str | os.PathLike | None = None,
                 raise
             for path in cached:
                 path.unlink(missing_ok=True)
-            return export_onnx(model, folder, check)
+            return export_onnx(model, None if cache else folder, check)
+    if exported and cache:
+        prune_onnx_cache(folder)
     return paths
+
+
+def prune_onnx_cache(folder: Path, keep: int = ONNX_CACHE_MODELS) -> None:
+    """Delete the exports of all but the ``keep`` models used last (a use renews a file's time)."""
+    last_used: dict[str, float] = {}
+    for path in folder.glob("clearnet-*-*.onnx"):
+        with contextlib.suppress(OSError):  # another process pruning at the same time
+            key = path.name.split("-")[1]
+            last_used[key] = max(last_used.get(key, 0.0), path.stat().st_mtime)
+    for key in sorted(last_used, key=last_used.get, reverse=True)[keep:]:
+        for path in folder.glob(f"clearnet-{key}-*.onnx"):
+            with contextlib.suppress(OSError):
+                path.unlink()
 
 
 def _check_export(model: ClearNet, paths: dict[bool, Path], inputs: tuple) -> None:

@@ -111,6 +111,34 @@ def test_a_damaged_cached_onnx_export_is_made_again(tmp_path):
     assert den.settings.backend == "onnx"
 
 
+def test_the_onnx_cache_keeps_the_exports_of_the_models_used_last(tmp_path, monkeypatch):
+    """A script denoising with each new state of a network in training exported a new pair of
+    files (~9 MB at width 32) every time, and the cache was never pruned."""
+    pytest.importorskip("onnxruntime")
+    from CoreDiffLib.runtime import ONNX_CACHE_MODELS, export_onnx, onnx_cache_dir
+    monkeypatch.setenv("COREDIFF_CACHE", str(tmp_path / "cache"))
+    cache, mine = onnx_cache_dir(), tmp_path / "mine"
+    for folder in (cache, mine):
+        folder.mkdir(parents=True)
+        for k in range(ONNX_CACHE_MODELS + 4):  # model k last used at time 1000 + k
+            for kind in ("plain", "emm"):
+                path = folder / f"clearnet-{k:016x}-{kind}.onnx"
+                path.write_bytes(b"an export")
+                os.utime(path, (1000 + k, 1000 + k))
+    os.utime(cache / f"clearnet-{0:016x}-emm.onnx", (5000, 5000))  # the oldest model, used again since
+    net = tiny_net()
+    paths = export_onnx(net)
+    key = paths[True].name.split("-")[1]
+    kept = {p.name.split("-")[1] for p in cache.glob("*.onnx")}
+    assert kept == {key, f"{0:016x}"} | {f"{k:016x}" for k in range(6, ONNX_CACHE_MODELS + 4)}
+    assert len(list(cache.glob("*.onnx"))) == 2 * ONNX_CACHE_MODELS  # a model's two files go together
+    for path in paths.values():
+        os.utime(path, (2000, 2000))
+    assert export_onnx(net) == paths and all(p.stat().st_mtime > 2000 for p in paths.values())  # used: renewed
+    export_onnx(net, mine)
+    assert len(list(mine.glob("*.onnx"))) == 2 * (ONNX_CACHE_MODELS + 4) + 2  # the caller's folder: all kept
+
+
 def test_inapplicable_combinations_are_explained():
     cpu = torch.device("cpu")
     assert "CUDA" in check_applicable(RunSettings("tf32", False, "eager"), cpu)
