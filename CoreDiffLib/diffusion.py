@@ -20,8 +20,9 @@ from .network import ClearNet
 
 @dataclass
 class SampleResult:
-    """``final``: (B, 1, H, W) in [0, 1]; ``steps``: (T, B, 1, H, W), the sampler's state x_{t-1}
-    after every step (the last is the final estimate, unclamped), as the reference code's OSL
+    """``final``: (B, 1, H, W) in [0, 1]; ``steps``: (S, B, 1, H, W), the sampler's state x_{t-1}
+    after each of the S steps run (S = T unless fewer were asked for; with ``keep_steps=False``
+    only ``final[None]``; the last is the final estimate, unclamped), as the reference code's OSL
     blends them; the per-step x0_hat are not kept: each is already fully denoised, so a blend
     of them cannot undo a model's over-smoothing at a dose it was not trained for."""
 

@@ -222,6 +222,12 @@ def test_loss_uses_both_stages_and_stage_one_only_at_t0():
     loss = corediff_loss(net, cfg, ctx, tgt, t=0)
     stage_one = torch.nn.functional.mse_loss(outputs[0], tgt)
     assert len(net.calls) == 1 and float(loss.detach()) == pytest.approx(float(stage_one))
+    net.calls.clear()
+    outputs.clear()
+    corediff_loss(net, cfg, ctx, tgt, t=1)  # stage 2 at t - 1 = 0: the sampler's last step, the one it returns
+    (x1, t1, prev1), (x2, t2, prev2) = net.calls
+    assert t1.tolist() == [1, 1] and t2.tolist() == [0, 0] and torch.equal(prev2, outputs[0])
+    assert torch.allclose(x2[:, 1:2], degrade(outputs[0], ctx[:, 1:2], a[0]))
 
 
 def test_the_training_ssim_is_the_reported_metric_and_has_a_gradient():
@@ -868,6 +874,24 @@ def test_the_metrics_refuse_what_would_give_a_number_that_means_nothing():
     assert psnr(noisy[0], volume[0]) == pytest.approx(20 * np.log10(2000 / 10), abs=0.5)
 
 
+def test_volume_figures_are_means_and_hu_helpers_clip_both_types_alike():
+    """mean_metrics and the torch branch of hu_to_unit were never pinned (a median, or no clamp
+    on tensors, passed every test); the CT check's limit sits far above metal's HU."""
+    from CoreDiffLib.intensity import validate_ct_array
+    from CoreDiffLib.metrics import SliceMetrics, mean_metrics
+    m = mean_metrics([SliceMetrics(40.0, 0.90, 10.0), SliceMetrics(42.0, 0.95, 12.0), SliceMetrics(50.0, 0.99, 30.0)])
+    assert (m.psnr, m.ssim, m.rmse_hu) == pytest.approx((44.0, 0.94666667, 17.3333333))
+    hu = np.array([-3000.0, -1024.0, 0.0, 3072.0, 5000.0], np.float32)
+    assert hu_to_unit(torch.from_numpy(hu)).tolist() == pytest.approx(hu_to_unit(hu).tolist())
+    assert hu_to_unit(hu)[[0, -1]].tolist() == [0.0, 1.0]
+    scan = np.full((1, 16, 16), -1000.0)
+    scan[0, 8, 8] = 30000.0  # dense metal on an extended HU scale
+    validate_ct_array(scan)
+    scan[0, 8, 8] = 50000.0
+    with pytest.raises(CoreDiffError, match="far beyond CT's HU range"):
+        validate_ct_array(scan)
+
+
 def test_pairs_that_share_memory_are_not_converted_in_place_twice():
     """One NDCT for two doses (the same array in two pairs): converting in place would convert it
     twice and squash the targets to 0.25."""
@@ -1016,14 +1040,17 @@ def test_uniform_time_sampling_trains_every_step_and_a_resume_before_ema_start_i
     assert sorted(set(ts.tolist())) == list(range(10))
     monkeypatch.delenv("COREDIFF_DDP_DEBUG_DIR")
 
-    def run(iterations, ckpt):
+    def run(iterations, ckpt, ema_start):
         cfg = TrainConfig(iterations=iterations, batch_size=2, patch_size=16, log_every=5, checkpoint_every=5,
-                          ema_start=12, ema_every=10)
+                          ema_start=ema_start, ema_every=10)
         return train(_noisy_pair(), NetworkConfig(width=4, steps=2), cfg, checkpoint=ckpt, log=lambda m: None)[0]
-    straight = run(30, tmp_path / "a.ckpt")
-    run(15, tmp_path / "b.ckpt")  # past --ema-start 12, before the first EMA step at or after it (20)
-    resumed = run(30, tmp_path / "b.ckpt")
-    assert all(torch.equal(x, y) for x, y in zip(straight.state_dict().values(), resumed.state_dict().values()))
+    # past --ema-start 12, before the first EMA step at or after it (20); and --ema-start 20, an EMA
+    # step itself (the defaults 2000 and 10 are so), resumed between it and the next
+    for ema_start, stop in ((12, 15), (20, 25)):
+        straight = run(30, tmp_path / f"a{ema_start}.ckpt", ema_start)
+        run(stop, tmp_path / f"b{ema_start}.ckpt", ema_start)
+        resumed = run(30, tmp_path / f"b{ema_start}.ckpt", ema_start)
+        assert all(torch.equal(x, y) for x, y in zip(straight.state_dict().values(), resumed.state_dict().values()))
 
 
 # ----------------------------------------------------------------------------- inference wiring
