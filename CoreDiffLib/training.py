@@ -578,9 +578,16 @@ def weights_at_stop(checkpoint: str | Path, net_cfg: NetworkConfig) -> tuple[Cle
     (:class:`TrainingInterrupted`): what a time-boxed GPU session keeps when its machine is
     taken back."""
     saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    ema = ClearNet(net_cfg)
-    ema.load_state_dict(saved["ema"])
+    cfg = saved.get("train_config", {})
+    averaging = _ema_averaging(saved["iteration"], cfg.get("ema_start", 0), cfg.get("ema_every", 1))
+    ema = ClearNet(net_cfg)  # stopped before the EMA averaged: the EMA is a stale copy, the live weights are the run
+    ema.load_state_dict(saved["ema"] if averaging else saved["model"])
     return ema, TrainState(saved["iteration"], list(saved["losses"]))
+
+
+def _ema_averaging(iteration: int, ema_start: int, ema_every: int) -> bool:
+    """Whether the EMA averages by ``iteration``: from its first step at or after ema_start on."""
+    return iteration // ema_every * ema_every >= max(ema_start, ema_every)
 
 
 @contextlib.contextmanager
@@ -785,8 +792,7 @@ def _train(pairs: Sequence[tuple[np.ndarray, np.ndarray]], net_cfg: NetworkConfi
     t0 = time.time()
     started = t0 - elapsed_before  # the time limit and a time-limited cosine count the earlier legs too
     window: list[torch.Tensor] = []
-    # the EMA averages from its first step at or after ema_start on: resumed, whether that step is past
-    ema_averaging = state.iteration // cfg.ema_every * cfg.ema_every >= max(cfg.ema_start, cfg.ema_every)
+    ema_averaging = _ema_averaging(state.iteration, cfg.ema_start, cfg.ema_every)  # resumed: is that step past
     stop_at = cfg.iterations if not (cfg.time_limit_s and elapsed_before >= cfg.time_limit_s) else state.iteration
     if rank == 0 and stop_at < cfg.iterations and state.iteration > 0:
         log(f"the --time-limit of {_duration(cfg.time_limit_s)} (all legs together) is used up: nothing left to "

@@ -1011,6 +1011,16 @@ def test_the_averaged_weights_average_from_ema_start_and_are_what_a_stopped_run_
     saved = torch.load(tmp_path / "avg.ckpt", weights_only=True)
     assert state.iteration == 12 and not all(torch.equal(saved["ema"][k], saved["model"][k]) for k in saved["model"])
     assert all(torch.equal(a, b) for a, b in zip(kept.state_dict().values(), returned.state_dict().values()))
+    # stopped before the EMA averaged (Ctrl-C, a GPU session's machine taken back): the EMA is the
+    # initial weights or a copy ema_every - 1 iterations old, so the live weights are what it kept
+    early = TrainConfig(iterations=20, batch_size=2, patch_size=16, log_every=5, checkpoint_every=100, ema_start=30,
+                        ema_every=10, keep_every=5)
+    train(_noisy_pair(), net, early, checkpoint=tmp_path / "early.ckpt", log=lambda m: None)
+    for n in (5, 15):
+        saved = torch.load(tmp_path / f"early.it{n}.ckpt", weights_only=True)
+        assert not all(torch.equal(saved["ema"][k], saved["model"][k]) for k in saved["model"])
+        kept, _ = weights_at_stop(tmp_path / f"early.it{n}.ckpt", net)
+        assert all(torch.equal(kept.state_dict()[k], saved["model"][k]) for k in saved["model"])
 
 
 def test_a_time_limit_counts_every_leg_and_a_time_limited_cosine_lowers_the_learning_rate(tmp_path):
