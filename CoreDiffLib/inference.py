@@ -558,7 +558,8 @@ def denoise_file(input_path: str | os.PathLike, output_path: str | os.PathLike, 
                     "again smooths it further; denoise the original scan")
         uses_context = den.model.config.use_context
         if uses_context:
-            metadata["corediff_context"] = "adjacent slices" if neighbours else "each slice itself"
+            # one slice has no neighbours: it stands in for them
+            metadata["corediff_context"] = "adjacent slices" if neighbours and n > 1 else "each slice itself"
         if partial:
             metadata["corediff_slices"] = f"{first}:{last} of {n}"
         if log:

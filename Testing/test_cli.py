@@ -229,6 +229,8 @@ def test_slices_4_mm_apart_or_more_are_their_own_context_unless_asked(tmp_path, 
     np.testing.assert_allclose(denoise_volume(voxels, model=str(changing_model_path), device="cpu", steps=1,
                                               neighbours=False, direction=stored.direction), alone, atol=1e-3)
     assert digest(thick) == before
+    single = write_image(tmp_path / "single.nrrd", ct[:1], spacing=(0.7, 0.7, 1.0))
+    assert run(single)[2] == "each slice itself"  # no neighbours: the slice stands in for them (said otherwise before)
 
 
 def test_a_model_trained_on_thick_slices_keeps_their_neighbours_as_context(tmp_path):
