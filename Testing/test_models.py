@@ -169,6 +169,18 @@ def test_bm3d_tuning_keeps_the_best_sigma_and_takes_it_in_hu():
     assert left < 20.0  # a 30 HU sigma on 30 HU of noise halves it (read in another unit: nearly none, or all)
 
 
+def test_bm3d_asks_for_a_volume_and_says_how_to_install_it(monkeypatch):
+    """A 2-D slice was read as rows (bm3d: 'z must be either 2D or 3D!'); without the package the
+    error was a bare ModuleNotFoundError."""
+    from CoreDiffLib import CoreDiffError
+    from CoreDiffLib.baselines import bm3d_denoise
+    with pytest.raises(CoreDiffError, match=r"\(slices, rows, cols\) volume, not shape \(64, 64\).*volume\[None\]"):
+        bm3d_denoise(np.zeros((64, 64)), 30.0)
+    monkeypatch.setitem(sys.modules, "bm3d", None)  # import bm3d then raises ImportError
+    with pytest.raises(CoreDiffError, match=r"needs the bm3d package: pip install 'bm3d>=4.0'"):
+        bm3d_denoise(np.zeros((1, 64, 64)), 30.0)
+
+
 def test_cosine_lr_decays_from_the_base_rate_to_zero():
     from CoreDiffLib.training import cosine_lr
     assert cosine_lr(2e-4, 0.0) == pytest.approx(2e-4)
