@@ -61,4 +61,7 @@ def resolve_model(name_or_path: str | os.PathLike | None) -> tuple[Path, dict]:
             if path.resolve() == (WEIGHTS_DIR / entry["file"]).resolve():
                 return path, entry
         return path, {}
+    if name == "auto":  # the CLI's default, chosen per scan before a model is loaded
+        raise CoreDiffError("model 'auto' is chosen per scan: dose_estimate.choose_model(volume, spacing_xy) names "
+                            f"the shipped model for its dose (one of {known})")
     raise CoreDiffError(f"model '{name_or_path}' is neither a shipped model ({known}) nor an existing file")

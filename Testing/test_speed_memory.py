@@ -223,6 +223,8 @@ def test_the_callers_network_is_left_as_it_was_and_counts_must_be_whole_numbers(
             denoise_volume(volume, model=net, device="cpu", steps=1, batch_size=batch)
     auto = next(load_model("corediff-25", device="auto").parameters()).device.type
     assert auto == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(CoreDiffError, match=r"'auto' is chosen per scan: dose_estimate.choose_model"):
+        denoise_volume(volume, model="auto", device="cpu")  # the CLI's default is no model name here
     pytest.importorskip("onnxruntime")  # the export works on a copy too: contiguous, in eval mode
     net.to(memory_format=torch.channels_last)
     export_onnx(net, tmp_path)
