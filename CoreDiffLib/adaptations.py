@@ -65,6 +65,8 @@ def resolve_adaptation(name_or_path: str | os.PathLike) -> Path:
     path = Path(text).expanduser()
     if path.is_file():
         return path
+    if looks_like_name and text.lower().endswith(".json") and (adaptations_dir() / text).is_file():
+        return adaptations_dir() / text  # a saved adaptation by its file's name (d10.json for d10)
     if looks_like_name and not text.lower().endswith(".json"):
         known = ", ".join(r["name"] for r in list_adaptations()) or "none saved yet"
         raise CoreDiffError(f"adaptation '{text}' is neither a file nor a saved adaptation in "

@@ -750,7 +750,9 @@ def add_oneshot_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--iterations", type=int, default=600, help="optimisation steps (default 600)")
     p.add_argument("--patch-size", type=int, default=96, help="patch size for the fit (default 96)")
-    p.add_argument("--ssim-weight", type=float, default=0.0, help="paired: add w*(1-SSIM) to the MSE")
+    p.add_argument("--ssim-weight", type=float, default=0.0,
+                   help="paired: add w*(1-SSIM) to the MSE, which is on the [0, 1] scale (~1e-4 for a good "
+                        "denoiser): w of 1e-4 to 1e-3 balances the two, 0.05 and more lets SSIM decide alone")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     _add_progress(p)
     p.set_defaults(func=_handler("oneshot", "cmd_oneshot"))

@@ -559,7 +559,8 @@ def adapt(model: torch.nn.Module, ldct_hu: np.ndarray, slice_index: int, ndct_hu
         raise Cancelled("cancelled by the user; no adaptation was written")
     target_hu, resampled = ndct_hu[target_index], None
     if mode == "unpaired":
-        reference_xy = tuple(float(v) for v in (ldct_spacing_xy or (1.0, 1.0)))
+        # a pixel size left out is the other one's: only two given sizes can differ
+        reference_xy = tuple(float(v) for v in (ldct_spacing_xy or ndct_spacing_xy or (1.0, 1.0)))
         target_xy = tuple(float(v) for v in (ndct_spacing_xy or reference_xy))
         if target_hu.shape != ldct_hu.shape[1:] or not _same_spacing(target_xy, reference_xy):
             resampled = {"ndct_pixels": list(target_hu.shape), "ndct_spacing_xy_mm": list(target_xy),

@@ -33,6 +33,7 @@ def test_every_shipped_model_loads_verified_and_is_world_readable():
         model = load_model(name)  # checks the sha256 against the manifest
         assert model.config == NetworkConfig.from_dict(entry["architecture"])
         assert all(p.dtype == torch.float32 for p in model.parameters())
+        assert model.weights_sha256 == entry["sha256"]  # the identity adaptations are tied to: all of it
 
 
 def test_pip_package_data_carries_every_shipped_model_and_the_sample():

@@ -862,3 +862,44 @@ def test_the_listing_says_when_a_base_model_is_gone_and_a_saved_name_wins_over_a
     monkeypatch.chdir(tmp_path)
     (tmp_path / "kept").write_text("not an adaptation")
     assert resolve_adaptation("kept") == default_path("kept")
+    assert resolve_adaptation("kept.json") == default_path("kept")  # by its file's name (was 'does not exist')
+    (tmp_path / "kept.json").write_text("{}")
+    assert resolve_adaptation("kept.json").resolve() == tmp_path / "kept.json"  # a file given by its path comes first
+    with pytest.raises(CoreDiffError, match="adaptation file other.json does not exist"):
+        resolve_adaptation("other.json")
+
+
+def test_adapt_hands_the_fit_the_reference_its_options_and_the_ndct_on_the_ldct_grid(monkeypatch):
+    """From a mutation review: adapt() could drop --ssim-weight, --seed or --patch-size on the way
+    to the fit, take the guide and fidelity anchor from slice 0, swap the two pixel sizes when
+    regridding, or hand the fit the sampler states in reverse order, and every test passed. With
+    only the NDCT's pixel size given, the LDCT's was taken as 1 mm (the docstring says: equal)."""
+    from CoreDiffLib.diffusion import sample
+    from CoreDiffLib.inference import context_stack
+    from CoreDiffLib.oneshot import on_reference_grid, reference_step_outputs
+    seen = {}
+    real = oneshot.fit_step_weights
+
+    def spy(steps, target, mode, **options):
+        seen.update(options, steps=steps, target=target)
+        return real(steps, target, mode, **dict(options, iterations=1))
+    monkeypatch.setattr(oneshot, "fit_step_weights", spy)
+    net = tiny_model()
+    volume = phantom(4, 64, seed=1)
+    ldct = noisy(volume, 60, 1)
+    other_grid = noisy(phantom(4, 48, seed=3), 10, 2)  # 48 pixels of 1.25 mm: the LDCT's 60 mm field of view
+    adapt(net, ldct, 1, other_grid, mode="unpaired", iterations=3, patch_size=56, seed=7,
+          ldct_spacing_xy=(1.0, 1.0), ndct_spacing_xy=(1.25, 1.25))
+    assert (seen["iterations"], seen["patch_size"], seen["seed"]) == (3, 56, 7)
+    assert torch.equal(seen["guide_unit"], torch.from_numpy(hu_to_unit(ldct[1])))
+    assert seen["anchor_unit"] is seen["guide_unit"]
+    regridded = on_reference_grid(other_grid[3], (1.25, 1.25), (64, 64), (1.0, 1.0))  # slice 1 + 2
+    assert torch.allclose(seen["target"], torch.from_numpy(hu_to_unit(regridded)), atol=1e-6)
+    stack = torch.from_numpy(context_stack(ldct, 1, 2))
+    assert torch.equal(seen["steps"], reference_step_outputs(net, ldct, 1))
+    sampled = sample(net, stack, None, keep_steps=True).steps[:, 0]
+    assert torch.allclose(seen["steps"], sampled)  # in the order combine() blends them
+    adapt(net, ldct, 1, noisy(volume, 10, 2), mode="paired", iterations=1, ssim_weight=0.5)
+    assert seen["ssim_weight"] == 0.5
+    same = adapt(net, ldct, 1, noisy(volume, 10, 2), mode="unpaired", iterations=1, ndct_spacing_xy=(0.8, 0.8))
+    assert "ndct_resampled" not in same.info
