@@ -903,3 +903,19 @@ def test_adapt_hands_the_fit_the_reference_its_options_and_the_ndct_on_the_ldct_
     assert seen["ssim_weight"] == 0.5
     same = adapt(net, ldct, 1, noisy(volume, 10, 2), mode="unpaired", iterations=1, ndct_spacing_xy=(0.8, 0.8))
     assert "ndct_resampled" not in same.info
+
+
+def test_the_ssim_term_rewards_likeness_and_a_same_pixel_size_slice_of_another_matrix_is_centred():
+    """Mutation survivors: the SSIM term with its sign flipped (the fit then maximised
+    dissimilarity), and a slice of the LDCT's pixel size but another matrix returned as it was
+    (the fit then failed on slices of two sizes)."""
+    from CoreDiffLib.oneshot import on_reference_grid, paired_loss
+    target = torch.from_numpy(hu_to_unit(phantom(1, 64, seed=2)[0]))[None, None]
+    noisy_output = target + 0.01 * torch.randn_like(target)
+    assert float(paired_loss(target, target, ssim_weight=0.5)) == pytest.approx(0.0, abs=1e-6)
+    mse = float(paired_loss(noisy_output, target))
+    assert float(paired_loss(noisy_output, target, ssim_weight=0.5)) > mse + 0.01
+    small = phantom(1, 48, seed=3)[0]
+    placed = on_reference_grid(small, (0.8, 0.8), (64, 64), (0.8, 0.8))
+    np.testing.assert_allclose(placed[8:56, 8:56], small, atol=1e-3)
+    assert placed.shape == (64, 64) and (placed[:8] == -1000.0).all() and (placed[:, 56:] == -1000.0).all()
