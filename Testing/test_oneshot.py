@@ -919,3 +919,19 @@ def test_the_ssim_term_rewards_likeness_and_a_same_pixel_size_slice_of_another_m
     placed = on_reference_grid(small, (0.8, 0.8), (64, 64), (0.8, 0.8))
     np.testing.assert_allclose(placed[8:56, 8:56], small, atol=1e-3)
     assert placed.shape == (64, 64) and (placed[:8] == -1000.0).all() and (placed[:, 56:] == -1000.0).all()
+
+
+def test_fit_patches_are_drawn_where_the_reference_is_soft_tissue():
+    """The unpaired loss compares soft-tissue texture: its patches come from where the LDCT is
+    soft tissue, then body, then anywhere. Widening the soft-tissue range to all HU, accepting any
+    corner, or never preferring soft tissue all passed every test."""
+    from CoreDiffLib.oneshot import _patch_corners
+    guide = np.full((128, 128), -1000.0, np.float32)
+    guide[:, :64] = 1000.0  # bone on the left, soft tissue on the right
+    guide[:, 64:] = 40.0
+    corners = _patch_corners(guide, 32)
+    assert len(corners) >= 16 and corners[:, 1].min() >= 64 - 16 and corners[:, 1].max() == 128 - 32
+    guide[:, 64:] = 1000.0  # no soft tissue: the body (above -500 HU), here everywhere
+    assert len(_patch_corners(guide, 32)) == (128 - 32 + 1) ** 2
+    guide[:] = -1000.0  # air only: anywhere
+    assert len(_patch_corners(guide, 32)) == (128 - 32 + 1) ** 2
