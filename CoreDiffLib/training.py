@@ -626,15 +626,17 @@ def save_checkpoint(path: Path, model: ClearNet, ema: ClearNet, optimizer: torch
         }, tmp)
 
 
-def load_checkpoint(path: Path, device: str, net_cfg: NetworkConfig, cfg: TrainConfig,
+def load_checkpoint(path: Path, net_cfg: NetworkConfig, cfg: TrainConfig,
                     data: str | None = None, inherit: Sequence[str] = ()) -> dict:
     """A checkpoint to resume, refused with a clear message when it is damaged, not ours, was
     made by another recipe than this run's (see RESUMABLE_CHANGES) or on other data (``data``,
     a :func:`data_fingerprint`). ``inherit``: settings the user left at their defaults, taken
     from the checkpoint (the default ``ema_start`` follows ``iterations``, which a resumed run
-    may raise)."""
+    may raise). Read onto the CPU: load_state_dict copies weights and optimizer state to the
+    training device, and torch.set_rng_state takes only a CPU tensor (a state read onto a GPU
+    stopped every resumed GPU run before its first iteration)."""
     try:
-        saved = torch.load(path, map_location=device, weights_only=True)
+        saved = torch.load(path, map_location="cpu", weights_only=True)
         saved_net, saved_cfg = saved["network_config"], saved["train_config"]
         keys = ("model", "ema", "optimizer", "iteration", "losses", "numpy_rng", "torch_rng")
         if not isinstance(saved_cfg, dict) or not all(k in saved for k in keys):
@@ -750,7 +752,7 @@ def _train(pairs: Sequence[tuple[np.ndarray, np.ndarray]], net_cfg: NetworkConfi
 
     elapsed_before = 0.0  # training time of the earlier legs of a resumed run
     if ckpt and resume and ckpt.exists():
-        saved = load_checkpoint(ckpt, device, net_cfg, cfg, fingerprint, inherit)
+        saved = load_checkpoint(ckpt, net_cfg, cfg, fingerprint, inherit)
         elapsed_before = float(saved.get("elapsed_s", 0.0))
         if fingerprint and not saved.get("data") and rank == 0:  # made before checkpoints recorded their data
             log(f"note: {ckpt} records no fingerprint of its training data, so whether these are the same data "

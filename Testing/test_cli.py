@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -809,6 +810,8 @@ def test_train_shows_progress_takes_doses_as_simulate_writes_them_and_says_why_i
     assert "time limit of 0.002 min reached at iteration" in r.stderr and "of 100000" in r.stderr
     _, meta = read_weights_config(tmp_path / "t.safetensors")
     assert meta["init_weights"] == str((tmp_path / "m.safetensors").resolve()) and meta["dose_tag"] == "25"
+    stopped_at = int(re.search(r"reached at iteration (\d+)", r.stderr).group(1))
+    assert int(meta["iterations"]) == stopped_at < 100000  # what it trained, not what was asked for
 
 
 def test_train_takes_the_axial_planes_of_a_sagittally_stored_pair(tmp_path):

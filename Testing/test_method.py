@@ -302,6 +302,42 @@ def test_a_resumed_run_continues_the_same_run_bit_for_bit_or_is_refused(tmp_path
             run(10, tmp_path / "d.ckpt")
 
 
+def test_patches_come_from_every_slice_and_reach_the_last_rows_and_columns():
+    """Mutation survivors: the last slice never a patch's centre (so its replicated upper
+    neighbour never trained), and the bottom row and right column of patch positions never drawn."""
+    s, h = 4, 20
+    ndct = np.zeros((s, h, h), np.float32) + (np.arange(s, dtype=np.float32) * 100.0)[:, None, None]
+    ndct[:, h - 1, h - 1] += 50.0  # a mark only a patch at the last row and column holds
+    data = PairedSlices([(ndct, ndct.copy())], patch_size=h - 1, seed=0)
+    _, _, clean = data.batch_with_clean_context(300)
+    levels = np.rint((clean.numpy().min(axis=(2, 3)) * 4096.0 - 1024.0) / 100.0).astype(int)  # slice of each
+    centres = {tuple(row) for row in levels.tolist()}
+    assert {(0, 0, 1), (1, 2, 3), (2, 3, 3)} <= centres  # the ends replicated, as at inference
+    assert (clean.numpy().max(axis=(2, 3)) * 4096.0 - 1024.0 - levels * 100.0 > 40.0).any()  # the corner mark
+
+
+def test_a_resume_may_change_only_how_long_and_how_fast_and_never_the_data(tmp_path):
+    """From a mutation review: any recipe option (seed, air share, neighbour gap, t sampling, SSIM
+    weight) could be made resumable, or --time-limit, --keep-every and --threads not, and the LDCT
+    dropped from the data's fingerprint (a resume on another dose of the same NDCT), all unnoticed."""
+    from dataclasses import replace
+    from CoreDiffLib.training import data_fingerprint, load_checkpoint
+    pairs = _noisy_pair()
+    net = NetworkConfig(width=4, steps=2)
+    cfg = TrainConfig(iterations=2, batch_size=1, patch_size=16, log_every=1)
+    train(pairs, net, cfg, checkpoint=tmp_path / "r.ckpt", log=lambda m: None)
+    for change in ({"seed": 1}, {"anywhere_share": 0.5}, {"max_neighbour_gap": 2}, {"t_sampling": "late"},
+                   {"ssim_weight": 0.1}, {"patch_size": 32}):
+        with pytest.raises(CoreDiffError, match=f"other settings \\({next(iter(change))} "):
+            load_checkpoint(tmp_path / "r.ckpt", net, replace(cfg, **change))
+    for change in ({"iterations": 9}, {"time_limit_s": 60.0}, {"keep_every": 5}, {"threads": 1}, {"lr": 1e-3},
+                   {"lr_schedule": "cosine"}):
+        load_checkpoint(tmp_path / "r.ckpt", net, replace(cfg, **change))
+    ndct, ldct = pairs[0]
+    other_dose = [(ndct, ndct + 10 * np.random.default_rng(5).standard_normal(ndct.shape).astype(np.float32))]
+    assert data_fingerprint(other_dose) != data_fingerprint(pairs) == data_fingerprint(_noisy_pair())
+
+
 def test_ctrl_c_saves_the_checkpoint_and_the_run_resumes_where_it_stopped(tmp_path):
     """Ctrl-C (or a scheduler's SIGTERM) lost everything since the last checkpoint; an EMA step
     at ema_start then a resume before the next one restarted the average; other data resumed
@@ -1038,6 +1074,18 @@ def test_a_time_limit_counts_every_leg_and_a_time_limited_cosine_lowers_the_lear
     assert again.iteration == first.iteration
     assert any(re.search(r", \d+ s of the 1 s time limit used", m) for m in logs), logs
     assert any("the --time-limit of 1 s (all legs together) is used up" in m for m in logs), logs
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none here: runs on a GPU CI)")
+def test_a_run_resumes_on_a_gpu(tmp_path):
+    """The checkpoint was read onto the training device, and torch.set_rng_state takes only a CPU
+    tensor: found by reading (a review without a GPU), so every resumed GPU run would have stopped."""
+    def run(iterations):
+        cfg = TrainConfig(iterations=iterations, batch_size=2, patch_size=16, log_every=5, checkpoint_every=5)
+        return train(_noisy_pair(), NetworkConfig(width=4, steps=2), cfg, checkpoint=tmp_path / "gpu.ckpt",
+                     device="cuda", log=lambda m: None)[1]
+    run(5)
+    assert run(10).iteration == 10
 
 
 def test_uniform_time_sampling_trains_every_step_and_a_resume_before_ema_start_is_bit_for_bit(tmp_path, monkeypatch):
