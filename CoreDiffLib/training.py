@@ -660,8 +660,10 @@ def load_checkpoint(path: Path, net_cfg: NetworkConfig, cfg: TrainConfig,
         if key in saved_cfg:
             setattr(cfg, key, saved_cfg[key])
     now = asdict(cfg)
-    changed = [f"{k} {saved_cfg[k]!r} -> {now[k]!r}" for k in now
-               if k in saved_cfg and saved_cfg[k] != now[k] and k not in RESUMABLE_CHANGES]
+    # an option newer than the checkpoint: its run trained with that option's default
+    then = {**asdict(TrainConfig()), **saved_cfg}
+    changed = [f"{k} {then[k]!r}{'' if k in saved_cfg else ' (its default, older than the option)'} -> {now[k]!r}"
+               for k in now if then[k] != now[k] and k not in RESUMABLE_CHANGES]
     if changed:
         raise CoreDiffError(f"checkpoint {path} was made with other settings ({'; '.join(changed)}): resume with "
                             "the same ones, or give a new --checkpoint path to start another run")

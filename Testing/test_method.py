@@ -333,6 +333,12 @@ def test_a_resume_may_change_only_how_long_and_how_fast_and_never_the_data(tmp_p
     for change in ({"iterations": 9}, {"time_limit_s": 60.0}, {"keep_every": 5}, {"threads": 1}, {"lr": 1e-3},
                    {"lr_schedule": "cosine"}):
         load_checkpoint(tmp_path / "r.ckpt", net, replace(cfg, **change))
+    older = torch.load(tmp_path / "r.ckpt", weights_only=True)  # a checkpoint from before --anywhere-share
+    del older["train_config"]["anywhere_share"]
+    torch.save(older, tmp_path / "older.ckpt")
+    load_checkpoint(tmp_path / "older.ckpt", net, cfg)  # it trained with the default: the same recipe
+    with pytest.raises(CoreDiffError, match=r"anywhere_share 0.0 \(its default, older than the option\) -> 0.5"):
+        load_checkpoint(tmp_path / "older.ckpt", net, replace(cfg, anywhere_share=0.5))
     ndct, ldct = pairs[0]
     other_dose = [(ndct, ndct + 10 * np.random.default_rng(5).standard_normal(ndct.shape).astype(np.float32))]
     assert data_fingerprint(other_dose) != data_fingerprint(pairs) == data_fingerprint(_noisy_pair())
