@@ -578,8 +578,8 @@ def weights_at_stop(checkpoint: str | Path, net_cfg: NetworkConfig) -> tuple[Cle
     (:class:`TrainingInterrupted`): what a time-boxed GPU session keeps when its machine is
     taken back."""
     saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    cfg = saved.get("train_config", {})
-    averaging = _ema_averaging(saved["iteration"], cfg.get("ema_start", 0), cfg.get("ema_every", 1))
+    cfg = {**asdict(TrainConfig()), **saved.get("train_config", {})}  # an older checkpoint: the defaults
+    averaging = _ema_averaging(saved["iteration"], cfg["ema_start"], cfg["ema_every"])
     ema = ClearNet(net_cfg)  # stopped before the EMA averaged: the EMA is a stale copy, the live weights are the run
     ema.load_state_dict(saved["ema"] if averaging else saved["model"])
     return ema, TrainState(saved["iteration"], list(saved["losses"]))
