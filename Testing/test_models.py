@@ -302,6 +302,7 @@ def test_gpu_equal_budget_round_rehearses_on_the_cpu_and_returns_loadable_weight
     summary = json.loads((out / "summary.json").read_text())
     assert all(job["iterations"] > 0 for job in summary["jobs"].values())
     assert [summary["jobs"][name]["anywhere_share"] for name in ("cd-25", "rc-10")] == [0.5, 0.0]
+    assert (work / "checkpoints" / "cd-25.ckpt").is_file()  # in --work, not /tmp (left there by every run)
     safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}  # Python >= 3.11.4
     for name in ("cd-25", "rc-10"):  # one tarball per job, each holding that job's files only
         with tarfile.open(out / f"{name}.tar.gz") as tar:

@@ -101,7 +101,7 @@ def run_job(job: Job, a: argparse.Namespace, work: Path) -> dict:
                           lr_schedule="cosine", ema_decay=0.995, ema_every=10, ema_start=500, seed=a.seed,
                           checkpoint_every=10**9, log_every=100, precision=a.precision,
                           time_limit_s=seconds, anywhere_share=job.anywhere_share)
-        ckpt = Path(f"/tmp/{job.name}.ckpt")
+        ckpt = work / "checkpoints" / f"{job.name}.ckpt"  # beside the job's files, not in its tarball
         try:
             ema, state = train(pairs, start.config, cfg, checkpoint=ckpt, resume=False, device=a.device,
                                log=log, init_state=start.state_dict())
