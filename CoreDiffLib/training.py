@@ -578,11 +578,17 @@ def weights_at_stop(checkpoint: str | Path, net_cfg: NetworkConfig) -> tuple[Cle
     (:class:`TrainingInterrupted`): what a time-boxed GPU session keeps when its machine is
     taken back."""
     saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    cfg = {**asdict(TrainConfig()), **saved.get("train_config", {})}  # an older checkpoint: the defaults
+    cfg = _trained_config(saved)
     averaging = _ema_averaging(saved["iteration"], cfg["ema_start"], cfg["ema_every"])
     ema = ClearNet(net_cfg)  # stopped before the EMA averaged: the EMA is a stale copy, the live weights are the run
     ema.load_state_dict(saved["ema"] if averaging else saved["model"])
     return ema, TrainState(saved["iteration"], list(saved["losses"]))
+
+
+def _trained_config(saved: dict) -> dict:
+    """The settings a checkpoint's run trained with: an option newer than the checkpoint had its
+    default then."""
+    return {**asdict(TrainConfig()), **saved.get("train_config", {})}
 
 
 def _ema_averaging(iteration: int, ema_start: int, ema_every: int) -> bool:
@@ -659,9 +665,7 @@ def load_checkpoint(path: Path, net_cfg: NetworkConfig, cfg: TrainConfig,
     for key in inherit:
         if key in saved_cfg:
             setattr(cfg, key, saved_cfg[key])
-    now = asdict(cfg)
-    # an option newer than the checkpoint: its run trained with that option's default
-    then = {**asdict(TrainConfig()), **saved_cfg}
+    now, then = asdict(cfg), _trained_config(saved)
     changed = [f"{k} {then[k]!r}{'' if k in saved_cfg else ' (its default, older than the option)'} -> {now[k]!r}"
                for k in now if then[k] != now[k] and k not in RESUMABLE_CHANGES]
     if changed:
