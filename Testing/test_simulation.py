@@ -530,9 +530,11 @@ def test_without_astra_the_simulation_says_how_to_install_it(tmp_path, monkeypat
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", no_astra)
+    shown = []  # the progress display: it was drawn, at 0 of N slices, before the error
     with pytest.raises(CoreDiffError, match=r"needs astra-toolbox: pip install 'astra-toolbox>=2.1'"):
-        simulate_dataset(str(tmp_path / "s"), 0.25, 1, 1, size=N, geometry=GEOM, progress=False)
+        simulate_dataset(str(tmp_path / "s"), 0.25, 1, 1, size=N, geometry=GEOM, progress=lambda *a: shown.append(a))
     assert not (tmp_path / "s").exists()
+    assert shown == []
 
 
 def test_ctrl_c_while_the_finished_simulation_moves_in_waits_for_the_moves(tmp_path, monkeypatch):

@@ -28,7 +28,7 @@ from ..io import check_output_dimensions, write_image_file
 from ..pairs import dose_from_tag, dose_tag
 from .noise import DEFAULT_ELECTRONIC_SIGMA, DEFAULT_I0, _check_dose, check_noise_settings, nested_dose_noise
 from .phantom import DEFAULT_FOV_MM, KINDS, make_phantom, phantom_radius_mm
-from .projector import FanBeamGeometry, check_fits, fbp, forward_project, hu_to_mu, mu_to_hu
+from .projector import FanBeamGeometry, check_fits, fbp, forward_project, hu_to_mu, import_astra, mu_to_hu
 
 MIN_SIZE = 64
 DEFAULT_KINDS = ("abdomen", "thorax", "head")
@@ -345,6 +345,7 @@ def simulate_dataset(out_dir: str, dose: Union[float, Sequence[float]] = 0.25, c
         raise ValueError(f"{out} already holds a simulation ({files}): choose a new folder, or replace it "
                          "(--overwrite): two simulations mixed in one folder "
                          "would pair scans of different draws")
+    import_astra()  # missing: said before a folder is made or a progress bar drawn
     created = [folder for folder in (out, *out.parents) if not folder.exists()]  # deepest first
     out.mkdir(parents=True, exist_ok=True)
     try:

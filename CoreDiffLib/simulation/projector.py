@@ -148,7 +148,7 @@ def check_fits(geometry: FanBeamGeometry, radius_mm: float, what: str = "object"
 # forward projection (astra, CPU)
 # ---------------------------------------------------------------------------------------
 
-def _import_astra():
+def import_astra():
     """astra-toolbox, imported when first needed: an optional dependency (``[simulation]``)."""
     try:
         import astra
@@ -161,7 +161,7 @@ def _import_astra():
 
 
 def _astra_geoms(geometry: FanBeamGeometry, size: int, pixel_mm: float):
-    astra = _import_astra()
+    astra = import_astra()
 
     vec = geometry.vectors_mm() / pixel_mm  # astra works in pixel units here
     vol = astra.create_vol_geom(size, size)
@@ -186,7 +186,7 @@ def forward_project(mu_image: np.ndarray, geometry: FanBeamGeometry, pixel_mm: f
     Returns a float32 sinogram (n_views, n_detectors) or (B, n_views, n_detectors),
     dimensionless (mu x mm).
     """
-    astra = _import_astra()
+    astra = import_astra()
 
     arr, squeeze = as_square_batch(mu_image, "forward_project")
     size = arr.shape[-1]
