@@ -52,6 +52,30 @@ def test_pip_package_data_carries_every_shipped_model_and_the_sample():
     assert len(wanted) > 3 and wanted <= shipped, f"not in the pip package: {sorted(wanted - shipped)}"
 
 
+def test_the_pypi_description_links_into_the_repository():
+    """PyPI shows the README's text alone: its relative links to docs/, figures and LICENSE led
+    nowhere there. setup.py makes each one absolute, to a file that exists in the repository."""
+    import importlib.util
+    import re
+    root = WEIGHTS_DIR.parents[1]
+    spec = importlib.util.spec_from_file_location("corediff_setup", root / "setup.py")
+    setup = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(setup)  # not as __main__: setup() is not run
+    readme = (root / "README.md").read_text(encoding="utf-8")
+    text = setup.pypi_readme(readme)
+    targets = re.findall(r"(!?)\[[^\]]*\]\(([^)\s]+)\)", text)
+    assert len(targets) == len(re.findall(r"!?\[[^\]]*\]\([^)\s]+\)", readme)) > 20
+    relative = [t for _, t in targets if not t.startswith(("https://", "http://", "#"))]
+    assert relative == []
+    for image, target in targets:
+        for base in (setup.FILES, setup.RAW_FILES):
+            if target.startswith(base):
+                assert base == (setup.RAW_FILES if image else setup.FILES), target  # figures shown, files linked
+                assert (root / target[len(base):]).exists(), target
+    assert f"]({setup.RAW_FILES}docs/benchmarks/sample_before_after.png)" in text
+    assert f"]({setup.FILES}LICENSE)" in text
+
+
 def test_a_modified_shipped_file_is_refused(tmp_path, monkeypatch):
     import CoreDiffLib.manifest as manifest
     import CoreDiffLib.models as models
