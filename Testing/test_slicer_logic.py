@@ -767,17 +767,23 @@ def test_one_shot_wizard_produces_an_adaptation(slicerEnv, tinyModel, tmp_path, 
     devices = [ui.deviceComboBox.itemData(i) for i in range(ui.deviceComboBox.property("count"))]
     assert devices[0] == "auto" and "cpu" in devices  # from `corediff devices --json`
     assert ui.refreshModelsButton.property("enabled")
-    # ... and one click applies it to the whole volume
+    # ... and one click applies it to the whole volume: into a new volume, not the output selected
+    # for Denoise, and with all of its model's steps whatever steps were chosen there
+    earlier, _ = makeVolume((4, 64, 64), name="an earlier result", seed=3)
+    earlierArray = matrixOf(earlier).copy()
+    p.outputVolume = earlier
+    p.autoSteps, p.steps = False, 1
     ui.oneShotApplyButton.click()
-    args = H.launched[-1].args
+    args = [str(a) for a in H.launched[-1].args]
     assert args[3] == "denoise" and "--adaptation" in args and "test_dose10" in args
     assert ["--model", tinyModel] == args[args.index("--model"):args.index("--model") + 2]
     assert "--steps" not in args  # an adaptation weighs all of its model's steps
     spin(slicer, lambda: not widget._job.running, timeout=90)
     assert widget._job.succeeded, widget._job.errorMessage
     out = slicer.mrmlScene.GetFirstNodeByName("LDCT10 denoised")
-    assert out is not None
+    assert out is not None and out.GetID() != earlier.GetID() and p.outputVolume.GetID() == out.GetID()
     np.testing.assert_array_equal(matrixOf(out), matrixOf(ldct))
+    np.testing.assert_array_equal(matrixOf(earlier), earlierArray)
     assert os.listdir(tempDir) == []
     # another reference slice under the same name: asked before the saved one is replaced
     waitIdle(slicer, widget, timeout=90)
@@ -1375,4 +1381,48 @@ def test_a_volume_without_spacing_is_refused_in_words_and_cleanup_stops_a_run(sl
     logic.writeVolume = failingCopy
     with pytest.raises(OSError, match="No space left"):
         logic.startDenoise(ct, modelArgs=("--model", tinyModel), device="cpu")
+    assert os.listdir(tempDir) == []
+
+
+def test_edges_a_red_view_past_the_last_slice_an_roi_past_the_volume_and_no_comparison(slicerEnv, tinyModel):  # noqa: F811,E501
+    """Three edges no test reached: the Red view one slice beyond the volume shows none of it (a
+    preview of 'slice N' was sent and failed in the library); an ROI beyond the volume along one
+    axis only is outside it; with the comparison off, the result still gets the reader's window."""
+    slicer, module, tempDir = slicerEnv
+    widget, p = widgetOnTinyModel(module, tinyModel)
+    logic = widget.logic
+    node, _ = makeVolume((4, 64, 64), name="LDCT")
+    p.inputVolume = node
+    assert logic.axialAxis(node) == 2
+    for k, shown in ((3, 3), (4, None), (0, 0), (-1, None)):
+        logic.setRedSliceIndex(node, k)
+        assert logic.redSliceIndex(node) == shown
+    started = len(H.launched)
+    widget.ui.previewButton.click()  # the Red view is one slice before the first
+    assert len(H.launched) == started
+    assert "The Red view does not show the input volume" in widget.ui.statusLabel.property("text")
+
+    flat = slicer.util.addVolumeFromArray(np.zeros((3, 64, 64), np.int16), name="flat")  # IJK = RAS, 1 mm
+    roi = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "above")
+    roi.SetSize(20.0, 20.0, 1.0)
+    roi.SetCenter(30.0, 30.0, 1.0)
+    assert logic.roiStatistics(flat, flat, roi)["voxels"] == 21 * 21  # inside: the sizes' edges count
+    roi.SetCenter(30.0, 30.0, 4.0)  # over the slices' range in x and y, beyond the last slice in z
+    with pytest.raises(ValueError, match="The ROI is outside the volume"):
+        logic.roiStatistics(flat, flat, roi)
+
+    lm = slicer.app.layoutManager()
+    layout = lm.layout
+    node.CreateDefaultDisplayNodes()
+    node.GetDisplayNode().SetAutoWindowLevel(False)
+    node.GetDisplayNode().SetWindowLevel(1500.0, -600.0)  # the reader's lung window
+    p.showComparison = False
+    widget.ui.applyButton.click()
+    spin(slicer, lambda: not widget._job.running, timeout=90)
+    assert widget._job.succeeded, widget._job.errorMessage
+    out = slicer.mrmlScene.GetFirstNodeByName("LDCT denoised")
+    d = out.GetDisplayNode()
+    assert (d.GetWindow(), d.GetLevel(), d.GetAutoWindowLevel()) == (1500.0, -600.0, 0)
+    assert lm.layout == layout != slicer.vtkMRMLLayoutNode.SlicerLayoutSideBySideView
+    assert lm.sliceWidget("Yellow").mrmlSliceCompositeNode().GetBackgroundVolumeID() != out.GetID()
     assert os.listdir(tempDir) == []
