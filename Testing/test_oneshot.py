@@ -935,3 +935,49 @@ def test_fit_patches_are_drawn_where_the_reference_is_soft_tissue():
     assert len(_patch_corners(guide, 32)) == (128 - 32 + 1) ** 2
     guide[:] = -1000.0  # air only: anywhere
     assert len(_patch_corners(guide, 32)) == (128 - 32 + 1) ** 2
+
+
+def test_the_unpaired_fit_minimises_the_texture_loss_written_out_patch_by_patch():
+    """The fit computes the unpaired loss in closed form (band energies as quadratic forms in the
+    weights, over a pool of patches). Written out here the plain way, on the blend itself: per
+    patch and scale, the log band energies of the blend inside the *guide's* soft-tissue mask
+    against those of the normal-dose slice inside *its own* mask, a pair counting only where both
+    masks hold 32 pixels or more; plus the fidelity, the blend's Gaussian low-pass (sigma 4 px)
+    against the anchor's, in units of 10 HU. Which mask, the both-masks rule and the low-pass
+    scale each survived every other test."""
+    vol = phantom(6, 128, seed=9)
+    steps = step_stack(vol[2], seed=6)[:, 0]
+    guide = torch.from_numpy(hu_to_unit(noisy(vol[2:3], 60, 7)[0]))
+    target = torch.from_numpy(hu_to_unit(np.roll(noisy(vol, 10, 8)[3], (9, -7), (0, 1))))  # another slice, moved
+    p, seed, batch = 64, 3, 8
+    fit = fit_step_weights(steps, target, "unpaired", iterations=1, patch_size=p, seed=seed, batch_size=batch,
+                           guide_unit=guide, anchor_unit=guide, fidelity_weight=0.5)
+
+    pool = oneshot._pool(oneshot._patch_corners(oneshot._hu(guide).numpy(), p), 256, seed)
+    corners = pool[np.random.default_rng(seed + 7919).integers(len(pool), size=max(32, batch))]
+    blend = steps.mean(0)  # the uniform weights the fit starts from
+    responses = oneshot.filter_responses(blend[None, None])
+    target_responses = oneshot.filter_responses(target[None, None])
+    guide_masks = oneshot.soft_tissue_masks(guide[None, None])
+    target_masks = oneshot.soft_tissue_masks(target[None, None])
+    squares, terms, one_mask_only = 0.0, 0, 0
+    for y, x in corners:
+        for level in range(oneshot.LEVELS):
+            q, ys, xs = (p >> level) - 2 * oneshot._RADIUS, y >> level, x >> level
+            window = (slice(ys, ys + q), slice(xs, xs + q))
+            mo, mt = guide_masks[level][0, 0][window].double(), target_masks[level][0, 0][window].double()
+            ro = responses[level][0][(slice(None), *window)].double()
+            rt = target_responses[level][0][(slice(None), *window)].double()
+            if (mo.sum() >= 32) != (mt.sum() >= 32):
+                one_mask_only += 1
+            if mo.sum() < 32 or mt.sum() < 32:
+                continue
+            eo = (ro ** 2 * mo).sum(dim=(1, 2)) / mo.sum()
+            et = (rt ** 2 * mt).sum(dim=(1, 2)) / mt.sum()
+            squares += float(((torch.log(eo + 1.0) - torch.log(et + 1.0)) ** 2).sum())
+            terms += 3
+    lowpass = [ndi.gaussian_filter(oneshot._hu(x).double().numpy(), 4.0, mode="nearest", truncate=3.0)
+               for x in (blend, guide)]
+    fidelity = np.mean([(((lowpass[0] - lowpass[1])[y:y + p, x:x + p] / 10.0) ** 2).mean() for y, x in corners])
+    assert terms > 0 and one_mask_only > 0  # the case exercises both rules
+    assert fit.loss_uniform == pytest.approx(squares / terms + 0.5 * fidelity, rel=1e-4)
