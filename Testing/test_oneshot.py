@@ -856,9 +856,17 @@ def test_the_listing_says_when_a_base_model_is_gone_and_a_saved_name_wins_over_a
     for name, sha in (("gone", "0" * 64), ("kept", shipped)):
         default_path(name).parent.mkdir(parents=True, exist_ok=True)
         Adaptation(name, sha, None, "paired", 0, 0, T, [0.0] * T).save(default_path(name))
+    own = tmp_path / "own.safetensors"  # a model of one's own, found by the path the fit recorded ...
+    Adaptation("own", save_weights(tiny_model(), own), None, "paired", 0, 0, T, [0.0] * T,
+               info={"base_model": str(own)}).save(default_path("own"))
     rows = {row["name"]: row for row in list_adaptations()}
     assert rows["gone"]["base_found"] is False and "base model is missing or has changed" in rows["gone"]["description"]
     assert rows["kept"]["base_found"] is True and "missing" not in rows["kept"]["description"]
+    assert rows["own"]["base_found"] is True and adaptation_base_model("own") == str(own)
+    save_weights(tiny_model(seed=1), own)  # ... unless another model is at that path now
+    rows = {row["name"]: row for row in list_adaptations()}
+    assert rows["own"]["base_found"] is False and "has changed since the fit" in rows["own"]["description"]
+    assert adaptation_base_model("own") is None
     monkeypatch.chdir(tmp_path)
     (tmp_path / "kept").write_text("not an adaptation")
     assert resolve_adaptation("kept") == default_path("kept")
@@ -981,3 +989,26 @@ def test_the_unpaired_fit_minimises_the_texture_loss_written_out_patch_by_patch(
     fidelity = np.mean([(((lowpass[0] - lowpass[1])[y:y + p, x:x + p] / 10.0) ** 2).mean() for y, x in corners])
     assert terms > 0 and one_mask_only > 0  # the case exercises both rules
     assert fit.loss_uniform == pytest.approx(squares / terms + 0.5 * fidelity, rel=1e-4)
+
+
+def test_the_command_keeps_an_adaptation_another_run_saved_under_its_name_meanwhile(files, user_home, capsys, tmp_path,
+                                                                                     monkeypatch):
+    """The name is checked free before the fit; another run may save under it during the fit, and
+    its file is kept (without --overwrite), not replaced by this run's."""
+    out = tmp_path / "race.json"
+    real_adapt = oneshot.adapt
+
+    def adapt_while_another_run_saves(*args, **kwargs):
+        adaptation = real_adapt(*args, **kwargs)
+        out.write_text("another run's adaptation")
+        return adaptation
+
+    monkeypatch.setattr(oneshot, "adapt", adapt_while_another_run_saves)
+    command = ("oneshot", "--model", files["model"], "--ldct", files["ldct"], "--slice", 2, "--ndct", files["ndct"],
+               "--name", "race", "--out", out, "--iterations", 5, "--progress", "none")
+    rc, _, err = run_cli(capsys, *command)
+    assert rc == 2 and "was saved by another run meanwhile; kept it" in err
+    assert out.read_text() == "another run's adaptation" and sorted(p.name for p in tmp_path.iterdir()) == ["race.json"]
+    rc, _, err = run_cli(capsys, *command, "--overwrite")
+    assert rc == 0, err
+    assert Adaptation.read(out).reference_slice == 2
