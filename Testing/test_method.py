@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 
 import numpy as np
 import pytest
@@ -1080,6 +1081,36 @@ def test_a_time_limit_counts_every_leg_and_a_time_limited_cosine_lowers_the_lear
     assert again.iteration == first.iteration
     assert any(re.search(r", \d+ s of the 1 s time limit used", m) for m in logs), logs
     assert any("the --time-limit of 1 s (all legs together) is used up" in m for m in logs), logs
+
+
+def test_a_leg_stopped_halfway_through_its_time_limit_goes_on_for_the_time_left(tmp_path, monkeypatch):
+    """A run stopped before its --time-limit (its --iterations reached, or Ctrl-C) and resumed
+    with the same limit trains for the time left, not for a fresh limit. On a clock that ticks
+    once per reading, so that every leg's time is its own count of readings."""
+    import types
+
+    from CoreDiffLib import training
+    clock = [0.0]
+
+    def tick():
+        clock[0] += 1.0
+        return clock[0]
+
+    monkeypatch.setattr(training, "time", types.SimpleNamespace(time=tick, strftime=time.strftime,
+                                                                 gmtime=time.gmtime))
+
+    def run(iterations, ckpt):
+        cfg = TrainConfig(iterations=iterations, batch_size=1, patch_size=16, log_every=5, checkpoint_every=10**6,
+                          time_limit_s=50.0)
+        return train(_noisy_pair(), NetworkConfig(width=4, steps=2), cfg, checkpoint=tmp_path / ckpt,
+                     log=lambda m: None)[1]
+
+    whole = run(10**6, "whole.ckpt").iteration  # one leg, stopped by the limit
+    assert 20 < whole < 50
+    assert run(whole // 2, "legs.ckpt").iteration == whole // 2  # stopped halfway, by --iterations
+    resumed = run(10**6, "legs.ckpt").iteration
+    assert abs(resumed - whole) <= 3, (whole, resumed)  # a fresh limit: about 1.5 x whole
+    assert torch.load(tmp_path / "legs.ckpt", weights_only=True)["elapsed_s"] == pytest.approx(50.0, abs=5.0)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none here: runs on a GPU CI)")
