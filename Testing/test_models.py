@@ -471,6 +471,16 @@ def test_weights_and_checkpoints_on_a_full_disk_are_one_clear_error_and_leave_no
     lines = r.stdout.splitlines()
     assert len(lines) == 2 and all(line.startswith("REFUSED could not write") for line in lines), (r.stdout, r.stderr)
     assert "no checkpoint was saved" in lines[1] and list(out.iterdir()) == []
+    # the checkpoint of a run going on: the last complete one stays as it was (written in place, it
+    # was cut short, and the run could not be resumed)
+    earlier = script.replace("resource.setrlimit", "save_checkpoint(sys.argv[1] + '/c.ckpt', net, net, "
+                             "torch.optim.Adam(net.parameters()), TrainState(7), net.config, TrainConfig(), "
+                             "np.random.default_rng(0))\nresource.setrlimit")
+    r = subprocess.run([sys.executable, "-c", earlier, str(out)], capture_output=True, encoding="utf-8", timeout=120)
+    lines = r.stdout.splitlines()
+    assert len(lines) == 2 and "the checkpoint there is the last one written" in lines[1], (r.stdout, r.stderr)
+    assert [p.name for p in out.iterdir()] == ["c.ckpt"]
+    assert torch.load(out / "c.ckpt", weights_only=True)["iteration"] == 7
 
 
 def test_the_gpu_session_rehearses_refuses_what_would_fail_late_and_keeps_its_weights_when_stopped(tmp_path):
