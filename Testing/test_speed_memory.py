@@ -637,7 +637,8 @@ def test_the_gpu_benchmark_script_rehearses_on_the_cpu_and_returns_few_enough_fi
     assert "== compiled" in (out / "log.txt").read_text()
     # the speed-up quoted is the fastest row's over the baseline printed beside it (it was another
     # stage's: 12.0x beside a baseline 5.9 times as slow)
-    base_run, base = re.search(r"baseline \(eager fp32, batch 1, measured in (\w+)\): ([\d.]+) s/slice", report).groups()
+    base_run, base = re.search(r"baseline \(eager fp32, batch 1, measured in (\w+)\): ([\d.]+) s/slice",
+                               report).groups()
     best_run, best, ratio = re.search(r"fastest allowed: .*\((\w+)\): ([\d.]+) s/slice \(\d+ slices/s, ([\d.]+)x",
                                       report).groups()
     assert base_run == best_run and float(ratio) == pytest.approx(float(base) / float(best), abs=0.06)
