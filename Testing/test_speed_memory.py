@@ -616,6 +616,35 @@ def test_a_bench_stopped_before_it_starts_timing_keeps_nothing_half_made():
     assert "0 of 3 timed repeats" in result["meta"]["stopped_early"]
 
 
+def test_the_benchmark_caches_a_simulated_input_and_never_a_synthetic_stand_in(tmp_path, monkeypatch):
+    """Made while the simulator was missing, the synthetic phantom was cached under the same name
+    as a simulation, and stood in for it after astra-toolbox had been installed."""
+    pytest.importorskip("astra")
+    from CoreDiffLib import CoreDiffError, benchmark, simulation
+    from CoreDiffLib.simulation import dataset
+    monkeypatch.setenv("COREDIFF_CACHE", str(tmp_path))
+    simulate_pair = dataset.simulate_pair
+
+    def missing(*args, **kwargs):
+        raise CoreDiffError("simulation needs astra-toolbox")
+
+    for module in (simulation, dataset):
+        monkeypatch.setattr(module, "simulate_pair", missing)
+    notes = []
+    _, _, kind = benchmark.bench_input(64, 3, 0, log=notes.append)
+    assert kind.startswith("synthetic") and "simulate_pair unavailable" in notes[0]
+    assert list(tmp_path.rglob("*bench_input*")) == []
+    for module in (simulation, dataset):
+        monkeypatch.setattr(module, "simulate_pair", simulate_pair)
+    ldct, ndct, kind = benchmark.bench_input(64, 3, 0, log=notes.append)
+    assert kind.startswith("simulated") and ldct.shape == ndct.shape == (3, 64, 64)
+    assert [p.name for p in tmp_path.rglob("*bench_input*")] == ["bench_input_64_3_0.npz"]
+    for module in (simulation, dataset):
+        monkeypatch.setattr(module, "simulate_pair", missing)
+    again, _, kind = benchmark.bench_input(64, 3, 0, log=notes.append)  # from the cache
+    assert kind.startswith("simulated") and np.array_equal(again, ldct)
+
+
 def test_the_gpu_benchmark_script_rehearses_on_the_cpu_and_returns_few_enough_files(tmp_path):
     """It wrote 13 files (the device machine returns 8) and had never run before a GPU was lent."""
     out = tmp_path / "out"
