@@ -366,12 +366,14 @@ def add_train_parser(sub) -> None:
     p.add_argument("data", help="folder of NDCT/LDCT pairs matched by name, or a 'ndct,ldct' list file")
     p.add_argument("--out", dest="output", required=True, help="output weights (.safetensors)")
     p.add_argument("--dose-tag", default=None, help="LDCT dose tag to use when several exist (e.g. 25)")
-    p.add_argument("--iterations", type=int, default=20000)
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--iterations", type=int, default=20000,
+                   help="iterations to train, a total over a run's resumed legs (default 20000)")
+    p.add_argument("--batch-size", type=int, default=8, help="patches per iteration (default 8)")
     p.add_argument("--patch-size", type=int, default=64,
-                   help="training patch size (0 = square crops as large as the smallest slice)")
-    p.add_argument("--width", type=int, default=64, help="network width (64 = the paper)")
-    p.add_argument("--steps", type=int, default=10, help="T, sampling steps")
+                   help="training patch size in pixels (default 64; 0 = square crops as large as the smallest "
+                        "slice)")
+    p.add_argument("--width", type=int, default=64, help="network width (default 64, the paper's)")
+    p.add_argument("--steps", type=int, default=10, help="T, sampling steps (default 10, the paper's)")
     p.add_argument("--no-context", action="store_true", help="ablation: no adjacent slices")
     p.add_argument("--no-emm", action="store_true", help="ablation: no error-modulated module")
     p.add_argument("--init-weights", default=None, metavar="MODEL",
@@ -380,11 +382,12 @@ def add_train_parser(sub) -> None:
     p.add_argument("--widen", type=int, default=0, metavar="K",
                    help="start from the --init-weights model made K times wider, computing the same "
                         "function (e.g. a trained width-16 model as the start of a width-32 one)")
-    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--lr", type=float, default=2e-4, help="Adam's learning rate (default 2e-4, the paper's)")
     p.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant",
-                   help="cosine: decay to 0 by the last iteration (or by --time-limit, if sooner)")
+                   help="constant (default), or cosine: decay to 0 by the last iteration (or by --time-limit, "
+                        "if sooner)")
     p.add_argument("--t-sampling", choices=("uniform", "late"), default="uniform",
-                   help="how often each time index is trained: uniform (the paper) or late "
+                   help="how often each time index is trained: uniform (default, the paper's) or late "
                         "(p(t) ∝ t+1, more updates on the LDCT-like states)")
     p.add_argument("--ssim-weight", type=float, default=0.0, metavar="W",
                    help="add W x (1 - SSIM on the metric window) to the paper's MSE loss (default 0: "
@@ -412,20 +415,24 @@ def add_train_parser(sub) -> None:
     p.add_argument("--own-slice-share", type=float, default=0.0, metavar="S",
                    help="share of training patches whose context is the slice itself, as `denoise` runs "
                         "series of 4 mm slices or thicker (default 0: always the real neighbours)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--checkpoint", default=None, help="resumable checkpoint (default: OUT.ckpt)")
-    p.add_argument("--checkpoint-every", type=int, default=500)
+    p.add_argument("--seed", type=int, default=0,
+                   help="weight initialisation and patch draws: the same seed, data and options train the same "
+                        "weights on one machine (default 0)")
+    p.add_argument("--checkpoint", default=None,
+                   help="resumable checkpoint: the same command goes on from it (default: OUT with .ckpt)")
+    p.add_argument("--checkpoint-every", type=int, default=500, help="iterations between checkpoints (default 500)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = all)")
     p.add_argument("--ema-start", type=int, default=None,
                    help="iteration where the EMA starts averaging (default: min(2000, iterations/5), or the "
                         "resumed checkpoint's)")
-    p.add_argument("--keep-every", type=int, default=0, help="also keep a snapshot checkpoint every N iterations")
+    p.add_argument("--keep-every", type=int, default=0,
+                   help="also keep a snapshot checkpoint every N iterations (default 0: none)")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
-                   help="bf16 autocast (for GPUs: about 2-3x faster training there)")
+                   help="fp32 (default), or bf16 autocast (for GPUs: about 2-3x faster training there)")
     p.add_argument("--time-limit", type=float, default=0.0, metavar="MINUTES",
                    help="stop after this much training time (checkpoint and weights are still written); like "
-                        "--iterations, a total over a run's resumed legs: raise it to go on")
-    p.add_argument("--device", default="auto")
+                        "--iterations, a total over a run's resumed legs: raise it to go on (default 0: no limit)")
+    p.add_argument("--device", default="auto", help="auto (default: a GPU if there is one), cpu, cuda, cuda:N or mps")
     _add_progress(p)
     p.set_defaults(func=cmd_train)
 
@@ -609,7 +616,11 @@ SIMULATION_KINDS = ("abdomen", "thorax", "head")
 
 
 def add_simulate_parser(sub) -> None:
-    p = sub.add_parser("simulate", help="simulate paired NDCT/LDCT volumes from phantoms")
+    p = sub.add_parser("simulate", help="simulate paired NDCT/LDCT volumes from phantoms",
+                       description="Simulate paired normal-dose / low-dose CT volumes: seeded anthropomorphic "
+                                   "phantoms (abdomen, thorax, head) scanned in a fan-beam geometry like a clinical "
+                                   "scanner's, with Poisson and electronic noise at each dose and filtered "
+                                   "back-projection. Needs astra-toolbox (pip install '.[simulation]').")
     p.add_argument("--dose", type=dose_fraction, nargs="+", action="extend", required=True,
                    help="low-dose fraction(s) of the full dose, in (0, 1), e.g. 0.25 0.1 (or 25%% 10%%); several "
                         "share one NDCT per case")
@@ -704,16 +715,16 @@ def cmd_devices(args: argparse.Namespace) -> int:
 
 def add_info_parsers(sub) -> None:
     p = sub.add_parser("models", help="list shipped models and saved one-shot adaptations")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="one JSON list, for scripts (the Slicer module reads it)")
     p.set_defaults(func=cmd_models)
     p = sub.add_parser("devices", help="list compute devices PyTorch can use")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="one JSON list, for scripts (the Slicer module reads it)")
     p.set_defaults(func=cmd_devices)
     p = sub.add_parser("dose", help="the dose a scan looks like (noise for its size) and the model --model auto "
                                     "runs on it")
     p.add_argument("input", help="CT volume (file or DICOM folder)")
     _add_series(p)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="the estimate as one JSON object, for scripts")
     p.set_defaults(func=cmd_dose)
 
 
@@ -747,7 +758,8 @@ def add_oneshot_parser(sub) -> None:
     p.add_argument("--dose", default=None, help="dose label stored with the adaptation, e.g. 10%%")
     p.add_argument("--out", default=None, help="write the adaptation to this .json instead")
     p.add_argument("--overwrite", action="store_true", help="replace an existing adaptation")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="the fit's patch draws: the same seed and inputs give the same weights (default 0)")
     p.add_argument("--iterations", type=int, default=600, help="optimisation steps (default 600)")
     p.add_argument("--patch-size", type=int, default=96, help="patch size for the fit (default 96)")
     p.add_argument("--ssim-weight", type=float, default=0.0,
@@ -766,15 +778,15 @@ def add_bench_parser(sub) -> None:
     p.add_argument("--width", type=int, action="append",
                    help="benchmark an untrained network of this width (repeatable; 64 = the paper)")
     p.add_argument("--size", type=int, default=512, help="slice size in pixels (default 512)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
-    p.add_argument("--batch-sizes", default="1", help="comma list, e.g. 1,2,4")
-    p.add_argument("--precisions", default="fp32", help="comma list of fp32,tf32,bf16,fp16")
+    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda or mps")
+    p.add_argument("--batch-sizes", default="1", help="comma list, e.g. 1,2,4 (default 1)")
+    p.add_argument("--precisions", default="fp32", help="comma list of fp32,tf32,bf16,fp16 (default fp32)")
     p.add_argument("--channels-last", nargs="?", const="both", default=None, choices=["both", "only"],
                    help="also run channels-last variants ('--channels-last only': only those)")
     p.add_argument("--compile", default="eager",
-                   help="comma list of back-ends: eager,compile,cudagraphs,onnx")
+                   help="comma list of back-ends: eager,compile,cudagraphs,onnx (default eager)")
     p.add_argument("--threads", default=None, help="CPU threads to try, comma list (default: physical cores)")
-    p.add_argument("--repeats", type=int, default=3, help="timed repeats after the warm-up (median)")
+    p.add_argument("--repeats", type=int, default=3, help="timed repeats after the warm-up (their median; default 3)")
     p.add_argument("--slices", type=int, default=None, help="slices per pass (default: largest batch)")
     p.add_argument("--steps", type=int, default=None,
                    help="sampling steps actually run (default T); fewer steps time fewer network "

@@ -783,6 +783,9 @@ def _train(pairs: Sequence[tuple[np.ndarray, np.ndarray]], net_cfg: NetworkConfi
                    else "")
                 + "".join(f"; {k} {saved['train_config'][k]!r} -> {getattr(cfg, k)!r}" for k in ("lr", "lr_schedule")
                           if saved["train_config"].get(k, getattr(cfg, k)) != getattr(cfg, k)))
+    elif ckpt and rank == 0:  # where a stopped run goes on from: said at its start, not only when stopped
+        log(f"checkpoint {ckpt} every {cfg.checkpoint_every} iterations and at the end: the same command "
+            "resumes from it")
 
     loss_fn = _LossModule(model, net_cfg, terms)
     if world > 1:

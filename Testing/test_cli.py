@@ -798,6 +798,8 @@ def test_train_shows_progress_takes_doses_as_simulate_writes_them_and_says_why_i
                  *common, "--progress", "lines")
     assert r.returncode == 0, r.stderr
     assert "PROGRESS 0 3" in r.stdout.splitlines() and "PROGRESS 3 3" in r.stdout.splitlines()
+    assert f"checkpoint {tmp_path / 'm.ckpt'} every 100 iterations and at the end: the same command resumes" \
+        in r.stdout + r.stderr
     _, meta = read_weights_config(tmp_path / "m.safetensors")
     assert meta["dose_tag"] == "10"
     r = corediff("train", data, "--out", tmp_path / "n.safetensors", "--dose-tag", "5%", *common)
@@ -1237,8 +1239,10 @@ def test_every_default_a_help_line_states_is_the_default():
     checked = []
     for command, parser in subparsers.choices.items():
         for action in parser._actions:
+            assert action.help, f"corediff {command} {action.option_strings or action.dest} has no help text"
             said = re.search(r"default:? (-?\d[\d.e+-]*)\b", action.help or "")
             if said:
                 checked.append(f"{command} {action.option_strings[0]}")
-                assert float(said.group(1)) == action.default, (command, action.option_strings, action.default)
-    assert {"simulate --slices", "simulate --size", "simulate --count", "oneshot --iterations"} <= set(checked)
+                assert float(said.group(1)) == float(action.default), (command, action.option_strings, action.default)
+    assert {"simulate --slices", "simulate --size", "simulate --count", "oneshot --iterations", "train --iterations",
+            "train --batch-size", "train --lr", "train --checkpoint-every", "bench --repeats"} <= set(checked)
