@@ -80,12 +80,13 @@ def _add_progress(p: argparse.ArgumentParser) -> None:
 
 # ----------------------------------------------------------------------------- denoise
 def cmd_denoise(args: argparse.Namespace) -> int:
-    from .inference import denoise_file
+    from .inference import denoise_file, pick_device
     from .io import check_output_path
 
     check_output_path(args.input, args.output)
     if not args.overwrite:
         _refuse_existing_output(Path(args.output).expanduser())
+    pick_device(args.device)  # an unavailable device is refused now, not after the scan is read and measured
     progress = Progress(args.progress, desc="denoising")
     t0 = time.perf_counter()
     try:  # streamed: memory bounded by the batch size, not by the number of slices

@@ -309,6 +309,9 @@ def check_slice_range(slices: tuple[int | None, int | None] | None, n: int) -> t
     start, stop = slices if slices is not None else (None, None)
     start = 0 if start is None else start
     stop = n if stop is None else stop
+    if 0 <= start and stop <= n and start >= stop:
+        raise CoreDiffError(f"slices {start}:{stop} hold no slice: A:B means slices A to B-1, with A < B "
+                            f"(this volume has 0 to {n - 1})")
     if not 0 <= start < stop <= n:
         raise CoreDiffError(f"slices {start}:{stop} are not within this volume's 0:{n} "
                             f"(give K for one slice, 0 to {n - 1}, or A:B for slices A to B-1)")

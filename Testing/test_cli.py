@@ -488,7 +488,8 @@ def _mismatched_tensors(tmp_path: Path) -> Path:
     ("bad_steps", "steps must be 'auto' or between 1 and 10"),
     ("word_steps", "'fast' is not 'auto' or a whole number of steps"),
     ("slice_beyond_the_end", "slices 6:7 are not within this volume's 0:6"),
-    ("empty_slice_range", "slices 4:2 are not within this volume's 0:6"),
+    ("empty_slice_range", "slices 4:2 hold no slice: A:B means slices A to B-1, with A < B (this volume has 0 to 5)"),
+    ("unknown_device", "unknown device 'tpu'"),
     ("malformed_slices", "'2-4' is not K or A:B"),
     ("auto_model_with_an_adaptation", "--model auto chooses a dose model; an adaptation brings its own"),
     ("series_of_a_file", "--series picks a series in a DICOM folder"),
@@ -534,13 +535,15 @@ def test_bad_input_gets_one_clear_line_and_writes_nothing(tmp_path, ct_file, tin
         extra = ["--series", "2"]
     elif case == "zero_batch":
         extra = ["--batch-size", "0"]
+    elif case == "unknown_device":  # refused before the scan is measured for --model auto, which takes seconds
+        model, extra = "auto", ["--device", "tpu"]
     before = {p.name: digest(p) for p in tmp_path.iterdir() if p.is_file()}
     r = corediff("denoise", inp, out, "--model", model, "--progress", "none", *extra)
     assert r.returncode == 2
     last = r.stderr.strip().splitlines()[-1]
     # argparse's own refusals (a malformed option) name the subcommand
     assert last.startswith(("corediff: error: ", "corediff denoise: error: ")) and message in last, r.stderr
-    assert "Traceback" not in r.stderr
+    assert "Traceback" not in r.stderr and "model for this scan" not in r.stderr
     assert {p.name: digest(p) for p in tmp_path.iterdir() if p.is_file()} == before
 
 
