@@ -444,8 +444,7 @@ def read_volume(path: str | os.PathLike, series: str | None = None,
                                                source.info["direction"], {}, str(p), None)
                 image, tags, positions = sitk.ReadImage(str(p)), {}, None
     except RuntimeError as exc:  # SimpleITK's reader errors
-        first = str(exc).strip().splitlines()[-1] if str(exc).strip() else "unreadable"
-        raise CoreDiffError(f"cannot read {path}: {first}") from None
+        raise CoreDiffError(_reader_failure(path, str(exc))) from None
 
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise CoreDiffError(f"{path} has {image.GetNumberOfComponentsPerPixel()} components per voxel "
@@ -457,6 +456,21 @@ def read_volume(path: str | os.PathLike, series: str | None = None,
         image = sitk.JoinSeries(image)
     return _checked_volume(sitk.GetArrayFromImage(image), image.GetSpacing(), image.GetOrigin(),
                            image.GetDirection(), tags, str(p), positions)
+
+
+def _reader_failure(path, text: str) -> str:
+    """SimpleITK's reader error in words: its NRRD reader says "fread got only 6094 2-sized things,
+    not 9216" of a cut file, and every reader "Unable to determine ImageIO reader" of an empty one."""
+    last = text.strip().splitlines()[-1] if text.strip() else "unreadable"
+    short = re.search(r"fread got only .*\((\d+(?:\.\d+)?)% of expected\)|expected \d+ bytes but received \d+", last)
+    if short:
+        held = f": it holds {float(short.group(1)):.0f} % of the data its header describes" if short.group(1) else ""
+        return f"{path} is truncated{held}: copy or export it again"
+    if "Unable to determine ImageIO reader" in last:
+        size = Path(path).expanduser().stat().st_size
+        return (f"cannot read {path}: " + ("it is empty (0 bytes)" if size == 0 else
+                f"no image reader recognises it ({size} bytes): is it really a {Path(path).suffix} file?"))
+    return f"cannot read {path}: {last}"
 
 
 def _checked_volume(array: np.ndarray, spacing, origin, direction, tags: dict[str, str], source: str,

@@ -577,6 +577,19 @@ def test_truncated_or_incomplete_files_are_refused_not_filled_with_zeros(tmp_pat
     (tmp_path / "cut_a_little.mha").write_bytes(data[:-8])
     with pytest.raises(CoreDiffError, match="truncated"):
         VolumeSource.open(tmp_path / "cut_a_little.mha")
+    for compress in (False, True):  # NRRD: SimpleITK's reader refuses it, in its words ("fread got only...")
+        sitk.WriteImage(sitk.GetImageFromArray(vol), str(tmp_path / "v.nrrd"), compress)
+        data = (tmp_path / "v.nrrd").read_bytes()
+        (tmp_path / "cut.nrrd").write_bytes(data[:len(data) * 2 // 3])
+        with pytest.raises(CoreDiffError, match=r"cut.nrrd is truncated(: it holds 6\d % of the data its header "
+                                                r"describes)?: copy or export it again$"):
+            read_volume(tmp_path / "cut.nrrd")
+    (tmp_path / "empty.nrrd").write_bytes(b"")
+    with pytest.raises(CoreDiffError, match=r"empty.nrrd: it is empty \(0 bytes\)$"):
+        read_volume(tmp_path / "empty.nrrd")
+    (tmp_path / "notes.nrrd").write_text("not an image")
+    with pytest.raises(CoreDiffError, match=r"no image reader recognises it \(12 bytes\): is it really a .nrrd file"):
+        read_volume(tmp_path / "notes.nrrd")
     sitk.WriteImage(sitk.GetImageFromArray(vol), str(tmp_path / "d.mhd"), False)
     (tmp_path / "d.raw").unlink()
     with pytest.raises(CoreDiffError, match="data file d.raw is missing"):
