@@ -669,8 +669,14 @@ def cmd_dose(args: argparse.Namespace) -> int:
     from .dose_estimate import choose_model_or_default
     from .io import read_volume
     from .orientation import axial_view
+    from .streaming import earlier_corediff, earlier_corediff_of_file
     volume = read_volume(args.input, args.series, note)
     choice = choose_model_or_default(*axial_view(volume))
+    # a CoreDiff output has little noise left: it reads as a dose far above the one it was scanned at
+    denoised = earlier_corediff_of_file(args.input) or earlier_corediff(volume.dicom_tags)
+    if denoised:
+        note(f"note: {args.input} was denoised by CoreDiff ({denoised}): what follows measures the denoised "
+             "scan, not the dose it was scanned at; measure the original scan")
     if choice.problem is not None:  # what denoise then does (unless --model auto is given explicitly)
         why = (f"{choice.problem}, so its dose cannot be estimated: denoise runs the default model {choice.model} "
                "(and refuses the scan when --model auto is given explicitly)")
@@ -684,7 +690,7 @@ def cmd_dose(args: argparse.Namespace) -> int:
     row = {"input": str(args.input), "noise_index_hu": round(scan.noise_index_hu, 2),
            "water_equivalent_diameter_mm": round(scan.wed_mm, 1), "slices_measured": scan.slices,
            "slices_cut_off": scan.cut_slices, "estimated_dose": round(dose, 4), "model": model,
-           "caveat": scan.caveat() or None}
+           "caveat": scan.caveat() or None, "denoised_by_corediff": denoised}
     if args.json:
         print(json.dumps(row, indent=1))
     else:

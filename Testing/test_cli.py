@@ -1224,12 +1224,18 @@ def test_the_dose_is_said_in_per_cent_of_what_is_measured(tmp_path, identity_mod
     percentage to the measured fraction (0.2 % instead of 22.7 % went unnoticed)."""
     import re
     sample = REPO / "CoreDiffLib" / "data" / "sample_abdomen_ldct25.nrrd"
-    measured = json.loads(corediff("dose", sample, "--json").stdout)["estimated_dose"]
+    row = json.loads(corediff("dose", sample, "--json").stdout)
+    measured = row["estimated_dose"]
+    assert row["denoised_by_corediff"] is None
     said = re.search(r"looks like ([\d.]+) % of the simulated normal dose", corediff("dose", sample).stdout)
     assert said and float(said.group(1)) == pytest.approx(100 * measured, abs=0.06)
-    r = corediff("denoise", sample, tmp_path / "out.nrrd", "--slices", "3", "--progress", "lines")
+    r = corediff("denoise", sample, tmp_path / "out.nrrd", "--slices", "2:5", "--progress", "lines")
     said = re.search(r"like (\d+) % of the simulated normal dose", r.stdout)
     assert r.returncode == 0 and said and int(said.group(1)) == round(100 * measured), r.stdout
+    # a denoised scan reads as a far higher dose: said to be one, not measured as if it were a scan
+    r = corediff("dose", tmp_path / "out.nrrd", "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["denoised_by_corediff"].startswith("corediff-25-w32, ")
+    assert "out.nrrd was denoised by CoreDiff (corediff-25-w32, " in r.stderr and "measure the original scan" in r.stderr
 
 
 def test_every_default_a_help_line_states_is_the_default():
