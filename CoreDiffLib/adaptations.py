@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 
 from . import CoreDiffError
-from .atomic import partial_path, write_text_atomic
+from .atomic import OutputAppeared, atomic_path, write_text_atomic
 
 if TYPE_CHECKING:
     import torch
@@ -190,22 +190,14 @@ class Adaptation:
         text = json.dumps(self.to_dict(), indent=1) + "\n"
         if overwrite:
             return write_text_atomic(out, text)
-        tmp = partial_path(out)
         try:
-            tmp.write_text(text, encoding="utf-8")
-            try:
-                os.link(tmp, out)  # fails if out exists: no window between the check and the write
-            except FileExistsError:
-                if not (replace_outdated and is_outdated(out)):
-                    raise CoreDiffError(f"{out} was saved by another run meanwhile; kept it. Run again with "
-                                        "another --name/--out, or --overwrite") from None
-                os.replace(tmp, out)
-            except OSError:  # a file system without hard links
-                if out.exists():
-                    raise CoreDiffError(f"{out} was saved by another run meanwhile; kept it") from None
-                os.replace(tmp, out)
-        finally:
-            tmp.unlink(missing_ok=True)
+            with atomic_path(out, replace=False) as tmp:  # checked and written in one step
+                tmp.write_text(text, encoding="utf-8")
+        except OutputAppeared:
+            if not (replace_outdated and is_outdated(out)):
+                raise CoreDiffError(f"{out} was saved by another run meanwhile; kept it. Run again with "
+                                    "another --name/--out, or --overwrite") from None
+            write_text_atomic(out, text)
         return out
 
     @classmethod

@@ -69,18 +69,44 @@ def check_output_place(resolved: Path, label: str) -> None:
                             "choose a folder you can write to")
 
 
+class OutputAppeared(CoreDiffError):
+    """A file appeared at an output's path while the run worked, and was kept (:func:`publish`)."""
+
+
+def publish(done: Path, target: str | os.PathLike, replace: bool = True) -> None:
+    """Put the finished file ``done`` at ``target``. With ``replace`` False a file that appeared at
+    ``target`` while the run worked (another program, a second run with the same output) is kept
+    and :class:`OutputAppeared` raised: checked and placed in one step (a hard link), with no moment
+    between the two for it to appear in. ``done`` is left for the caller to remove."""
+    if replace:
+        os.replace(done, target)
+        return
+    try:
+        os.link(done, target)
+        return
+    except FileExistsError:
+        pass
+    except OSError:  # a file system without hard links (FAT, some network drives): checked, then moved
+        if not os.path.lexists(target):
+            os.replace(done, target)
+            return
+    raise OutputAppeared(f"{target} appeared while this run worked (another program or run wrote it): kept it, "
+                         "and discarded this run's result")
+
+
 @contextlib.contextmanager
-def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
+def atomic_path(target: str | os.PathLike, replace: bool = True) -> Iterator[Path]:
     """Yield a temporary path to write; rename it onto ``target`` if the block succeeds.
 
     If the block raises (or is interrupted), the temporary file is deleted and ``target`` is
     left exactly as it was. The writer creates the file itself, so it gets the usual
-    permissions (the umask), not a private temp file's.
+    permissions (the umask), not a private temp file's. ``replace`` False: a file that appeared
+    at ``target`` meanwhile is kept (:func:`publish`).
     """
     tmp = partial_path(target)
     try:
         yield tmp
-        os.replace(tmp, target)
+        publish(tmp, target, replace)
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()

@@ -94,7 +94,7 @@ def cmd_denoise(args: argparse.Namespace) -> int:
             args.input, args.output,
             lambda volume, spacing_xy: load_denoiser(args, volume, spacing_xy),
             batch_size=args.batch_size, progress=progress, log=lambda m: info(args, m), slices=args.slices,
-            series=args.series, context=args.context)
+            series=args.series, context=args.context, replace=args.overwrite)
     finally:
         progress.close()
     seconds = time.perf_counter() - t0

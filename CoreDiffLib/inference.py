@@ -494,7 +494,8 @@ def denoise_file(input_path: str | os.PathLike, output_path: str | os.PathLike, 
                  batch_size: int | None = None, progress: ProgressFn | None = None, cancel: CancelFlag = None,
                  log: LogFn | None = None, temp_dir: str | os.PathLike | None = None,
                  slices: tuple[int | None, int | None] | None = None,
-                 series: str | None = None, context: str = "auto") -> tuple[Path, tuple[int, int, int], bool]:
+                 series: str | None = None, context: str = "auto",
+                 replace: bool = True) -> tuple[Path, tuple[int, int, int], bool]:
     """Denoise a volume file into ``output_path`` with memory bounded by the batch size.
 
     ``denoiser`` is a :class:`Denoiser` or a callable returning one, given the axial slices and
@@ -506,6 +507,8 @@ def denoise_file(input_path: str | os.PathLike, output_path: str | os.PathLike, 
     ``series`` picks one series of a DICOM folder that holds several (:func:`io.read_volume`).
     ``context`` (one of :data:`CONTEXTS`): "auto" gives the network the adjacent slices as context
     below :data:`THICK_SLICE_MM` of slice spacing and each slice itself from there on.
+    ``replace`` False keeps a file that appeared at ``output_path`` while the volume was denoised
+    (:class:`atomic.OutputAppeared`; ``corediff denoise`` without ``--overwrite``).
     Returns (output path, shape of what was denoised, streamed). ``streamed`` is False when the
     input had to be read whole (DICOM folders and other non-streamable inputs); the output is
     still collected in a temporary raw file and written slab by slab when its format allows.
@@ -599,11 +602,12 @@ def denoise_file(input_path: str | os.PathLike, output_path: str | os.PathLike, 
             from .io import Volume
             vol = Volume(result, info["spacing"], info["origin"], info["direction"], info["pixel_type"],
                          dict(info.get("dicom_tags", {})), info.get("source", ""), info.get("slice_positions"))
-            return write_volume(vol, output_path, metadata=metadata, first_slice=first), shape, streamed
+            return (write_volume(vol, output_path, metadata=metadata, first_slice=first, replace=replace), shape,
+                    streamed)
         sink = StreamedOutput(output_path, shape, info, output_dtype(info["pixel_type"], value_range), metadata)
         try:
             _denoise_range(data, den, first, last, batch_size, progress, cancel, sink.array, log, neighbours, view)
-            path = sink.commit()
+            path = sink.commit(replace)
         except BaseException:
             sink.close()
             raise

@@ -24,7 +24,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from . import CoreDiffError
-from .atomic import atomic_path, check_output_place, deferred_interrupts, partial_folder
+from .atomic import OutputAppeared, atomic_path, check_output_place, deferred_interrupts, partial_folder, publish
 from .dicom import (check_series_input, choose_dicom_series, find_dicom_series, itk_warnings_off, median_slice_gap,
                     off_grid_slices, series_slices)
 from .intensity import PADDING_THRESHOLD_HU, validate_ct_array  # noqa: F401  (re-exported)
@@ -543,13 +543,15 @@ def _cast_like_input(volume: Volume) -> np.ndarray:
 
 
 def write_volume(volume: Volume, path: str | os.PathLike, series_description: str | None = None,
-                 metadata: dict[str, str] | None = None, first_slice: int = 0) -> Path:
+                 metadata: dict[str, str] | None = None, first_slice: int = 0, replace: bool = True) -> Path:
     """Write atomically to a file (by extension) or a new DICOM series folder.
 
     ``metadata``: what made the volume (:meth:`inference.Denoiser.provenance`), kept in the
     header (:func:`set_provenance`; DICOM: ImageComments). ``first_slice``: where the volume's
     first slice lies in the scan it was cut from (a ``--slices`` part), so that its DICOM slices
-    keep the scan's InstanceNumbers."""
+    keep the scan's InstanceNumbers. ``replace`` False: a file that appeared at ``path`` while the
+    volume was made is kept (:class:`atomic.OutputAppeared`); a DICOM folder must be new or empty
+    either way."""
     out = Path(path).expanduser()
     check_grid_output(volume.slice_positions, volume.direction, out, volume.source or "the volume")
     if volume.slice_positions is not None and len(volume.slice_positions) != volume.shape[0]:
@@ -557,9 +559,9 @@ def write_volume(volume: Volume, path: str | os.PathLike, series_description: st
                             "a volume cut from a series off a regular grid needs its positions cut the same way")
     pixels = _cast_like_input(volume)
     if out.name.lower().endswith(DETACHED_SUFFIXES):
-        return _write_detached(_to_image(volume, pixels, metadata), out)
+        return _write_detached(_to_image(volume, pixels, metadata), out, replace)
     if is_file_path(out):
-        with atomic_path(out) as tmp:
+        with atomic_path(out, replace) as tmp:
             write_image_file(_to_image(volume, pixels, metadata), tmp, out)
         return out
     with partial_folder(out) as tmpdir:
@@ -607,21 +609,30 @@ def writer_failure(exc: RuntimeError, folder: Path) -> str:
     return f" ({reason})"
 
 
-def _write_detached(image: sitk.Image, out: Path) -> Path:
+def _write_detached(image: sitk.Image, out: Path, replace: bool = True) -> Path:
     """.mhd / .nhdr: a header plus a data file the header names (v.zraw, v.raw.gz).
 
     Written under a temporary name, the header would point to a temporary data file name;
     so both are written with their final names in a hidden folder beside the target, and
     moved out data first, header last: no header ever points to missing or partial data.
+    ``replace`` False: if either file appeared meanwhile, both are kept as they are, and nothing
+    of this run's stays.
     """
     with partial_folder(out) as tmpdir:
         header = tmpdir / out.name
         write_image_file(image, header, out)
+        placed: list[Path] = []
         with deferred_interrupts(str(out)):  # a replaced header must not be left beside the new data
-            for data in tmpdir.iterdir():
-                if data != header:
-                    os.replace(data, out.parent / data.name)
-            os.replace(header, out)
+            try:
+                for data in tmpdir.iterdir():
+                    if data != header:
+                        publish(data, out.parent / data.name, replace)
+                        placed.append(out.parent / data.name)
+                publish(header, out, replace)
+            except OutputAppeared:
+                for path in placed:  # this run's own data file, without its header
+                    path.unlink()
+                raise
     return out
 
 

@@ -520,18 +520,22 @@ class StreamedOutput:
         head[40:56] = struct.pack("<8h", *dims)
         return bytes(head)
 
-    def commit(self) -> Path:
+    def commit(self, replace: bool = True) -> Path:
+        """Write the file; ``replace`` False keeps one that appeared at its path meanwhile
+        (:class:`atomic.OutputAppeared`)."""
         name = self.path.name.lower()
         try:
             header = self._header()
             gz = name.endswith((".nrrd", ".nii.gz"))
-            with atomic_path(self.path) as tmp, open(tmp, "wb") as f:
+            with atomic_path(self.path, replace) as tmp, open(tmp, "wb") as f:
+                # no file name in the gzip header (it was the temporary one) and no time: the same
+                # volume gives the same bytes
                 if name.endswith(".nii.gz"):
-                    sink = gzip.GzipFile(fileobj=f, mode="wb", compresslevel=4)
+                    sink = gzip.GzipFile(filename="", fileobj=f, mode="wb", compresslevel=4, mtime=0)
                     sink.write(header)
                 else:
                     f.write(header)
-                    sink = gzip.GzipFile(fileobj=f, mode="wb", compresslevel=4) if gz else f
+                    sink = gzip.GzipFile(filename="", fileobj=f, mode="wb", compresslevel=4, mtime=0) if gz else f
                 step = max(1, self.WRITE_CHUNK_BYTES // max(1, int(np.prod(self.shape[1:])) * self.dtype.itemsize))
                 for k in range(0, self.shape[0], step):
                     sink.write(np.ascontiguousarray(self.array[k:k + step]).astype("<" + self.dtype.str[1:],

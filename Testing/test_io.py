@@ -1102,3 +1102,43 @@ def test_a_streamed_output_keeps_values_its_input_type_holds():
     assert output_dtype("int32", (-33792.0, 3071.0)) == np.int32
     assert output_dtype("int32", (-1024.0, 40000.0)) == np.int32
     assert output_dtype("int16", (-1024.0, 3071.0)) == np.int16 and output_dtype("float64") == np.float32
+
+
+@pytest.mark.parametrize("name, appears", [("out.nrrd", "out.nrrd"), ("out.nii.gz", "out.nii.gz"),
+                                           ("out.mha", "out.mha"), ("out.nhdr", "out.raw.gz"),
+                                           ("out.nhdr", "out.nhdr")])
+def test_an_output_that_appears_during_the_run_is_kept_unless_replacing(tmp_path, ct_file, identity_model_path,
+                                                                         name, appears):
+    """`corediff denoise` checks that its output is free before it starts; a file another program
+    wrote there during the run was replaced all the same (only oneshot placed its result with a
+    hard link, in one step with the check)."""
+    from CoreDiffLib.atomic import OutputAppeared
+    from CoreDiffLib.inference import Denoiser, denoise_file
+
+    def denoiser_while_another_program_writes(volume, spacing_xy):  # called once the input is read
+        (tmp_path / appears).write_text("another program's file")
+        return Denoiser.load(str(identity_model_path), device="cpu")
+
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(OutputAppeared, match=f"{appears} appeared while this run worked .*: kept it"):
+        denoise_file(ct_file, tmp_path / name, denoiser_while_another_program_writes, replace=False)
+    assert (tmp_path / appears).read_text() == "another program's file"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(before + [appears])  # nothing of this run's
+    denoise_file(ct_file, tmp_path / name, denoiser_while_another_program_writes)  # replace: the default
+    assert read_volume(tmp_path / name).shape == read_volume(ct_file).shape
+
+
+def test_a_compressed_output_names_no_temporary_file_and_no_time(tmp_path, ct_file, identity_model_path):
+    """The gzip stream of a .nrrd / .nii.gz output carried the temporary file's name (FNAME) and the
+    time it was written: two runs on the same scan differed in those bytes."""
+    from CoreDiffLib.inference import Denoiser, denoise_file
+    den = Denoiser.load(str(identity_model_path), device="cpu")
+    for name in ("a.nrrd", "b.nrrd", "a.nii.gz"):
+        denoise_file(ct_file, tmp_path / name, den)
+    for name in ("a.nrrd", "a.nii.gz"):
+        data = (tmp_path / name).read_bytes()
+        stream = data[data.index(b"\n\n") + 2:] if name.endswith(".nrrd") else data
+        assert stream[:3] == b"\x1f\x8b\x08" and stream[3] & 0x08 == 0 and stream[4:8] == bytes(4)
+        assert b"partial" not in data
+    a, b = ((tmp_path / n).read_bytes() for n in ("a.nrrd", "b.nrrd"))
+    assert a[a.index(b"\n\n"):] == b[b.index(b"\n\n"):]  # the same voxels, the same bytes
