@@ -528,7 +528,7 @@ def denoise_file(input_path: str | os.PathLike, output_path: str | os.PathLike, 
             volume = read_volume(input_path, series, log)
             info = {"spacing": volume.spacing, "origin": volume.origin, "direction": volume.direction,
                     "pixel_type": volume.pixel_type, "source": volume.source, "dicom_tags": volume.dicom_tags,
-                    "slice_positions": volume.slice_positions,
+                    "slice_positions": volume.slice_positions, "instance_numbers": volume.instance_numbers,
                     "earlier_corediff": earlier_corediff_of_file(input_path)}  # .nhdr, compressed .mhd...
             check_grid_output(volume.slice_positions, volume.direction, output_path, str(input_path))
             data, streamed = volume.array, False
@@ -552,6 +552,9 @@ def denoise_file(input_path: str | os.PathLike, output_path: str | os.PathLike, 
                     raise CoreDiffError(f"{input_path}: {layout.storage} slices off a regular grid: "
                                         "--slices cannot cut them axially; denoise the whole series")
                 info["slice_positions"] = info["slice_positions"][first:last]
+            if info.get("instance_numbers") is not None:  # the part's own numbers in the scan (stored slices:
+                # cut along another axis they number no axial part; then counted from first_slice)
+                info["instance_numbers"] = info["instance_numbers"][first:last] if layout is None else None
         den = denoiser if isinstance(denoiser, Denoiser) else denoiser(data, tuple(spacing_xy))
         trained_mm = getattr(den.model, "trained_neighbour_mm", None)
         neighbours = uses_neighbours(slice_mm, context, trained_mm)
@@ -601,7 +604,8 @@ def denoise_file(input_path: str | os.PathLike, output_path: str | os.PathLike, 
                 result = np.ascontiguousarray(layout.from_axial(result))
             from .io import Volume
             vol = Volume(result, info["spacing"], info["origin"], info["direction"], info["pixel_type"],
-                         dict(info.get("dicom_tags", {})), info.get("source", ""), info.get("slice_positions"))
+                         dict(info.get("dicom_tags", {})), info.get("source", ""), info.get("slice_positions"),
+                         info.get("instance_numbers"))
             return (write_volume(vol, output_path, metadata=metadata, first_slice=first, replace=replace), shape,
                     streamed)
         sink = StreamedOutput(output_path, shape, info, output_dtype(info["pixel_type"], value_range), metadata)

@@ -59,6 +59,10 @@ class Volume:
     #: each slice's ImagePositionPatient when a DICOM series' slices are off a regular grid (a
     #: missing slice, a gantry tilt): the grid misplaces them, so a DICOM output writes these instead
     slice_positions: tuple[tuple[float, float, float], ...] | None = None
+    #: each slice's InstanceNumber in the DICOM series it was read from: scanners number head to
+    #: foot, ITK orders the slices by rising position, so a DICOM output numbered in array order
+    #: gave "image 3" of the two series different places
+    instance_numbers: tuple[int, ...] | None = None
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -73,7 +77,8 @@ class Volume:
     def with_array(self, array: np.ndarray) -> "Volume":
         """Same geometry and tags, new voxels (used for outputs)."""
         return Volume(np.asarray(array, dtype=np.float32), self.spacing, self.origin, self.direction,
-                      self.pixel_type, dict(self.dicom_tags), self.source, self.slice_positions)
+                      self.pixel_type, dict(self.dicom_tags), self.source, self.slice_positions,
+                      self.instance_numbers)
 
 
 def axial_volume(volume: Volume) -> Volume:
@@ -276,7 +281,10 @@ def check_grid_output(positions, direction, output_path: str | os.PathLike, sour
 
 
 def _read_dicom_series(folder: Path, series: str | None = None, log=None
-                       ) -> tuple[sitk.Image, dict[str, str], tuple[tuple[float, float, float], ...] | None]:
+                       ) -> tuple[sitk.Image, dict[str, str], tuple[tuple[float, float, float], ...] | None,
+                                  tuple[int, ...] | None]:
+    """The series' image in HU, its first slice's tags, each slice's position when they lie off a
+    regular grid (else None), and each slice's InstanceNumber when every slice has its own."""
     found = find_dicom_series(folder)
     if not found:
         raise CoreDiffError(f"{folder} holds no DICOM series: point to a folder of .dcm slices "
@@ -290,7 +298,7 @@ def _read_dicom_series(folder: Path, series: str | None = None, log=None
             log(f"{folder}: {line}")
     if len(files) == 1:  # one file: a single slice, or an enhanced CT holding every frame
         image, tags = _read_dicom_file(Path(files[0]))
-        return image, tags, None
+        return image, tags, None, None
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
     reader.MetaDataDictionaryArrayUpdateOn()
@@ -313,12 +321,23 @@ def _read_dicom_series(folder: Path, series: str | None = None, log=None
                           for k in range(image.GetDepth()))
     except (RuntimeError, ValueError):  # a slice without a readable ImagePositionPatient
         positions = None
+    numbers = _instance_numbers(reader, image.GetDepth())
     off_grid = off_grid_slices(positions, image.GetDirection())
     if off_grid is None:
-        return image, tags, None
+        return image, tags, None, numbers
     if log:
         log(f"{folder}: {off_grid}; each slice is read at its own position")  # compare, dose, oneshot too
-    return image, tags, positions
+    return image, tags, positions, numbers
+
+
+def _instance_numbers(reader: sitk.ImageSeriesReader, depth: int) -> tuple[int, ...] | None:
+    """Each slice's InstanceNumber, in the reader's (position) order; None unless every slice has
+    one of its own."""
+    try:
+        numbers = tuple(int(reader.GetMetaData(k, "0020|0013").strip()) for k in range(depth))
+    except (RuntimeError, ValueError):  # missing, or not a whole number
+        return None
+    return numbers if len(set(numbers)) == depth and min(numbers) >= 0 else None
 
 
 def _is_whole(text: str) -> bool:
@@ -423,14 +442,14 @@ def read_volume(path: str | os.PathLike, series: str | None = None,
     check_series_input(p, series)
     try:
         if p.is_dir():
-            image, tags, positions = _read_dicom_series(p, series, log)
+            image, tags, positions, numbers = _read_dicom_series(p, series, log)
         else:
             if not is_file_path(p) and p.suffix.lower() != ".dcm":
                 raise CoreDiffError(f"unsupported input type '{p.suffix}': use .nrrd, .nii(.gz), .mha, "
                                     "or a DICOM folder")
             if p.suffix.lower() == ".dcm":  # its patient and study tags travel to a DICOM output
                 image, tags = _read_dicom_file(p)
-                positions = None
+                positions = numbers = None
             else:
                 if p.name.lower().endswith((".nii", ".nii.gz", ".mha", ".mhd")):
                     # the streamed reader's checks refuse truncated data, which SimpleITK reads as
@@ -442,7 +461,7 @@ def read_volume(path: str | os.PathLike, series: str | None = None,
                             array = source[0:len(source)]
                         return _checked_volume(array, source.info["spacing"], source.info["origin"],
                                                source.info["direction"], {}, str(p), None)
-                image, tags, positions = sitk.ReadImage(str(p)), {}, None
+                image, tags, positions, numbers = sitk.ReadImage(str(p)), {}, None, None
     except RuntimeError as exc:  # SimpleITK's reader errors
         raise CoreDiffError(_reader_failure(path, str(exc))) from None
 
@@ -455,7 +474,7 @@ def read_volume(path: str | os.PathLike, series: str | None = None,
     if image.GetDimension() == 2:
         image = sitk.JoinSeries(image)
     return _checked_volume(sitk.GetArrayFromImage(image), image.GetSpacing(), image.GetOrigin(),
-                           image.GetDirection(), tags, str(p), positions)
+                           image.GetDirection(), tags, str(p), positions, numbers)
 
 
 def _reader_failure(path, text: str) -> str:
@@ -474,7 +493,7 @@ def _reader_failure(path, text: str) -> str:
 
 
 def _checked_volume(array: np.ndarray, spacing, origin, direction, tags: dict[str, str], source: str,
-                    positions) -> Volume:
+                    positions, numbers: tuple[int, ...] | None = None) -> Volume:
     """The read voxels as float32 HU, refused unless they look like CT."""
     if array.ndim != 3:
         raise CoreDiffError(f"{source} has shape {array.shape}: expected (slices, rows, cols)")
@@ -483,7 +502,7 @@ def _checked_volume(array: np.ndarray, spacing, origin, direction, tags: dict[st
     layout = axial_layout(direction, array.shape)  # the planes CoreDiff works on must be big enough
     validate_ct_array(layout.to_axial(array) if layout is not None else array, source)
     return Volume(array, tuple(float(s) for s in spacing), tuple(float(o) for o in origin),
-                  tuple(float(d) for d in direction), pixel_type, tags, source, positions)
+                  tuple(float(d) for d in direction), pixel_type, tags, source, positions, numbers)
 
 
 # ----------------------------------------------------------------------------- writing
@@ -669,8 +688,9 @@ def _dicom_stored_values(hu: np.ndarray) -> tuple[np.ndarray, int]:
 def _write_dicom_series(volume: Volume, pixels: np.ndarray, folder: Path, description: str,
                         comments: str | None = None, first_instance: int = 1) -> None:
     """One file per slice; patient/study tags kept, a new series UID, DERIVED image type;
-    ``comments`` (what made it) go to ImageComments. Slices are numbered from ``first_instance``
-    (a --slices part keeps its slices' numbers in the scan) and located along the slice normal
+    ``comments`` (what made it) go to ImageComments. Slices keep the scan's InstanceNumbers
+    (``volume.instance_numbers``), else are numbered from ``first_instance`` (a --slices part
+    keeps its slices' numbers in the scan), and are located along the slice normal
     (SliceLocation, which viewers sort and label by)."""
     intercept = 0
     if pixels.dtype not in (np.int16, np.uint16):
@@ -715,6 +735,8 @@ def _write_dicom_series(volume: Volume, pixels: np.ndarray, folder: Path, descri
     if gap:
         common["0018|0088"] = f"{gap:.6g}"
     normal = np.reshape(np.asarray(volume.direction, dtype=np.float64), (3, 3))[:, 2]
+    numbers = volume.instance_numbers if volume.instance_numbers is not None \
+        and len(volume.instance_numbers) == image.GetDepth() else None  # the scan's own, where known
     for k in range(image.GetDepth()):
         sl = image[:, :, k:k + 1]  # 3-D, one slice: ITK writes SpacingBetweenSlices from its spacing
         if gap:
@@ -725,7 +747,7 @@ def _write_dicom_series(volume: Volume, pixels: np.ndarray, folder: Path, descri
                else image.TransformIndexToPhysicalPoint((0, 0, k)))
         sl.SetMetaData("0020|0032", "\\".join(f"{p:.6f}" for p in pos))
         sl.SetMetaData("0020|1041", f"{float(np.dot(pos, normal)):.6f}")
-        sl.SetMetaData("0020|0013", str(first_instance + k))
+        sl.SetMetaData("0020|0013", str(numbers[k] if numbers is not None else first_instance + k))
         sl.SetMetaData("0008|0018", f"{series_uid}.3.{k + 1}")
         writer.SetFileName(str(folder / f"slice_{k + 1:04d}.dcm"))
         try:

@@ -1142,3 +1142,30 @@ def test_a_compressed_output_names_no_temporary_file_and_no_time(tmp_path, ct_fi
         assert b"partial" not in data
     a, b = ((tmp_path / n).read_bytes() for n in ("a.nrrd", "b.nrrd"))
     assert a[a.index(b"\n\n"):] == b[b.index(b"\n\n"):]  # the same voxels, the same bytes
+
+
+def test_a_dicom_output_keeps_the_instance_numbers_of_a_series_numbered_head_to_foot(tmp_path, identity_model_path):
+    """Scanners number slices head to foot (z falling); ITK orders them by rising position, and the
+    output was numbered in that order: its image 1 lay where the scan's image 8 did, and a viewer
+    that sorts by number scrolled it backwards."""
+    from CoreDiffLib.inference import Denoiser, denoise_file
+    folder = write_dicom_series(tmp_path / "scan", synthetic_ct(6, 32), "1.2.3.77", slice_mm=-2.0)  # IM1 at z=0
+
+    def numbers(series):
+        reader, out = sitk.ImageFileReader(), {}
+        for f in series.iterdir():
+            reader.SetFileName(str(f))
+            reader.ReadImageInformation()
+            out[float(reader.GetMetaData("0020|0032").split("\\")[2])] = int(reader.GetMetaData("0020|0013"))
+        return out
+    scan = numbers(folder)
+    assert scan == {-2.0 * k: k + 1 for k in range(6)}
+    volume = read_volume(folder)
+    assert volume.instance_numbers == (6, 5, 4, 3, 2, 1)  # in ITK's order, rising z
+    den = Denoiser.load(str(identity_model_path), device="cpu")
+    denoise_file(folder, tmp_path / "whole", den)
+    assert numbers(tmp_path / "whole") == scan
+    denoise_file(folder, tmp_path / "part", den, slices=(1, 3))  # axial slices 1, 2: z = -8, -6
+    assert numbers(tmp_path / "part") == {-8.0: 5, -6.0: 4}
+    assert write_volume(volume.with_array(volume.array), tmp_path / "again").is_dir()
+    assert numbers(tmp_path / "again") == scan
