@@ -55,6 +55,12 @@ def test_dicom_output_keeps_patient_tags_with_a_new_series(tmp_path):
     assert out.dicom_tags["0020|000d"] == src.dicom_tags["0020|000d"]
     assert "CoreDiff" in out.dicom_tags["0008|103e"]
     assert out.dicom_tags["0008|0008"].strip() == "DERIVED\\SECONDARY\\AXIAL"  # value 3: the slices' plane
+    # listed after the scan's own series, not with its number; SliceThickness (type 2) kept, or empty
+    assert int(out.dicom_tags["0020|0011"]) == int(src.dicom_tags["0020|0011"]) + 1000 >= 1000
+    assert out.dicom_tags["0018|0050"].strip() == src.dicom_tags.get("0018|0050", "").strip() == ""  # present
+    src.dicom_tags["0018|0050"] = "1.5"
+    third = read_volume(write_volume(src.with_array(src.array), tmp_path / "third"))
+    assert third.dicom_tags["0018|0050"].strip() == "1.5"
     # a study and frame of reference made for a non-DICOM input share no UID with any slice
     reader = sitk.ImageFileReader()
     instances = set()
@@ -247,6 +253,12 @@ def test_a_series_without_a_modality_tag_is_read(tmp_path):
     assert series.modality == ""
     assert choose_dicom_series([series], None, str(folder))[0] is series
     assert read_volume(folder).shape == (3, 32, 32)
+    # a series that says it is another modality is not read as CT (an MR's grey levels are no HU)
+    folder = write_dicom_series(tmp_path / "mr", synthetic_ct(3, 32), "1.2.3.72", {"0008|0060": "MR"})
+    with pytest.raises(CoreDiffError, match=r"holds no CT series CoreDiff can denoise .* \(3 slices, MR;"):
+        read_volume(folder)
+    with pytest.raises(CoreDiffError, match=r"0.dcm is a MR series, not CT: CoreDiff denoises CT in HU only"):
+        read_volume(folder / "0.dcm")  # one file, read without choosing among series
 
 
 def test_two_series_that_fit_equally_well_are_for_the_user_to_choose(tmp_path):
@@ -1169,3 +1181,62 @@ def test_a_dicom_output_keeps_the_instance_numbers_of_a_series_numbered_head_to_
     assert numbers(tmp_path / "part") == {-8.0: 5, -6.0: 4}
     assert write_volume(volume.with_array(volume.array), tmp_path / "again").is_dir()
     assert numbers(tmp_path / "again") == scan
+
+
+def test_an_oblique_dicom_output_reads_back_in_place_with_slice_locations_along_its_normal(tmp_path):
+    """Every DICOM output test had an axis-aligned direction: ImageOrientationPatient written from
+    the direction's rows instead of its columns, or SliceLocation as z instead of the position
+    along the slice normal, passed them all (an oblique series then read back up to 5,000 HU off)."""
+    a, b = np.radians(20), np.radians(-12)
+    rx = np.array([[1, 0, 0], [0, np.cos(a), -np.sin(a)], [0, np.sin(a), np.cos(a)]])
+    rz = np.array([[np.cos(b), -np.sin(b), 0], [np.sin(b), np.cos(b), 0], [0, 0, 1]])
+    direction = tuple((rz @ rx).ravel())
+    volume = read_volume(write_image(tmp_path / "oblique.nrrd", synthetic_ct(4, 32), spacing=(0.7, 0.8, 2.5),
+                                     origin=(-10.0, 20.0, 30.0), direction=direction))
+    back = read_volume(write_volume(volume, tmp_path / "dcm"))
+    np.testing.assert_allclose(back.direction, direction, atol=1e-5)
+    np.testing.assert_allclose(back.origin, volume.origin, atol=1e-4)
+    np.testing.assert_allclose(back.spacing, volume.spacing, atol=1e-4)
+    np.testing.assert_array_equal(back.array, volume.array)
+    normal = (rz @ rx)[:, 2]
+    reader = sitk.ImageFileReader()
+    for f in (tmp_path / "dcm").iterdir():
+        reader.SetFileName(str(f))
+        reader.ReadImageInformation()
+        position = [float(v) for v in reader.GetMetaData("0020|0032").split("\\")]
+        assert float(reader.GetMetaData("0020|1041")) == pytest.approx(float(np.dot(position, normal)), abs=1e-4)
+        assert reader.GetMetaData("0008|0008").strip() == "DERIVED\\SECONDARY\\AXIAL"  # 20 degrees off: axial
+    # the image type's AXIAL: slices whose normal runs head-foot, either way; not a sagittal stack
+    for name, turned, axial in (("feet", (1, 0, 0, 0, -1, 0, 0, 0, -1), True),
+                                ("side", (0, 0, 1, 1, 0, 0, 0, 1, 0), False)):
+        again = volume.with_array(volume.array)
+        again.direction = turned
+        folder = write_volume(again, tmp_path / name)
+        reader.SetFileName(str(next(folder.iterdir())))
+        reader.ReadImageInformation()
+        assert reader.GetMetaData("0008|0008").strip().endswith("AXIAL") == axial, name
+
+
+def test_the_grid_tolerances_tell_a_shift_from_an_export_rounding(tmp_path):
+    """How far apart two grids may lie and still be one scan's: loosened tenfold, each went
+    through every test (a sub-voxel shift scored by compare as the same places, a pair 5 mm apart
+    trained on as one scan, slices 10 % unevenly spaced written to a one-spacing file)."""
+    from CoreDiffLib.dicom import off_grid_slices
+    from CoreDiffLib.io import on_grid_of, voxel_grid_difference
+    volume = read_volume(write_image(tmp_path / "v.nrrd", synthetic_ct(3, 16), spacing=(0.7, 0.7, 2.0)))
+
+    def moved(mm):
+        other = volume.with_array(volume.array)
+        other.origin = tuple(np.add(volume.origin, (mm, 0.0, 0.0)))
+        return other
+    assert on_grid_of(volume, moved(0.0005)) is not None  # rounding in an export: the same voxels
+    assert on_grid_of(volume, moved(0.05)) is None  # a twentieth of a millimetre: other places
+    assert voxel_grid_difference(volume, moved(0.3)) is None
+    assert voxel_grid_difference(volume, moved(1.0)) == "place"
+    axial = (1, 0, 0, 0, 1, 0, 0, 0, 1)
+    even = [(0.0, 0.0, 2.0 * k) for k in range(5)]
+    assert off_grid_slices(even, axial) is None
+    assert off_grid_slices([(0.0, 0.0, z + (0.01 if k == 2 else 0.0)) for k, (_, _, z) in enumerate(even)],
+                           axial) is None  # 0.5 % off: within what a grid holds
+    uneven = off_grid_slices([(0.0, 0.0, z + (0.06 if k == 2 else 0.0)) for k, (_, _, z) in enumerate(even)], axial)
+    assert uneven is not None and "not evenly spaced" in uneven  # 3 % off
