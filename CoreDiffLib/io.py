@@ -472,9 +472,63 @@ def read_volume(path: str | os.PathLike, series: str | None = None,
         raise CoreDiffError(f"{path} is {image.GetDimension()}-D: give one 3-D CT volume "
                             "(split time series into separate volumes)")
     if image.GetDimension() == 2:
+        placement = _nifti_placement(p) if p.name.lower().endswith((".nii", ".nii.gz")) else None
+        spacing_xy = image.GetSpacing()
         image = sitk.JoinSeries(image)
+        if placement is not None:  # ITK drops a 2-D NIfTI slice's place in the scanner (its z, its tilt)
+            origin, direction, slice_mm = placement
+            image.SetOrigin(origin)
+            image.SetDirection(direction)
+            image.SetSpacing((*spacing_xy, slice_mm))
     return _checked_volume(sitk.GetArrayFromImage(image), image.GetSpacing(), image.GetOrigin(),
                            image.GetDirection(), tags, str(p), positions, numbers)
+
+
+def _nifti_placement(path: Path) -> tuple[tuple[float, ...], tuple[float, ...], float] | None:
+    """(origin, direction, spacing along the normal), in ITK's LPS, of a NIfTI file's voxel grid,
+    from its sform (when set and free of shear) or else its qform; None without either.
+
+    For 2-D files: SimpleITK reads them as 2-D images, with the in-plane part of the placement
+    only, and a denoised slice came out at z = 0 instead of where it lies."""
+    import gzip
+    import struct
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    try:
+        with opener(path, "rb") as f:
+            head = f.read(348)
+    except OSError:
+        return None
+    order = next((o for o in "<>" if len(head) == 348 and struct.unpack(o + "i", head[:4])[0] == 348), None)
+    if order is None:  # not NIfTI-1 (NIfTI-2 files are 3-D in practice)
+        return None
+    pixdim = struct.unpack(order + "8f", head[76:108])
+    qform_code, sform_code = struct.unpack(order + "2h", head[252:256])
+    affine = None
+    if sform_code > 0:
+        affine = np.array(struct.unpack(order + "12f", head[280:328]), dtype=np.float64).reshape(3, 4)
+        columns = affine[:, :3] / np.maximum(np.linalg.norm(affine[:, :3], axis=0), 1e-12)
+        if not np.allclose(columns.T @ columns, np.eye(3), atol=1e-4):
+            affine = None  # sheared (a tilt kept in the header): as ITK, the qform
+    if affine is None and qform_code > 0:
+        b, c, d = struct.unpack(order + "3f", head[256:268])
+        a = np.sqrt(max(0.0, 1.0 - (b * b + c * c + d * d)))
+        rotation = np.array([[a * a + b * b - c * c - d * d, 2 * (b * c - a * d), 2 * (b * d + a * c)],
+                             [2 * (b * c + a * d), a * a + c * c - b * b - d * d, 2 * (c * d - a * b)],
+                             [2 * (b * d - a * c), 2 * (c * d + a * b), a * a + d * d - c * c - b * b]])
+        rotation[:, 2] *= -1.0 if pixdim[0] < 0 else 1.0  # qfac
+        offset = np.array(struct.unpack(order + "3f", head[268:280]), dtype=np.float64)
+        affine = np.hstack([rotation * np.abs(pixdim[1:4]), offset[:, None]])
+    if affine is None:
+        return None
+    affine = np.diag([-1.0, -1.0, 1.0]) @ affine  # RAS (NIfTI) -> LPS (ITK)
+    lengths = np.linalg.norm(affine[:, :3], axis=0)
+    if lengths[0] <= 0 or lengths[1] <= 0:
+        return None
+    direction = affine[:, :3] / np.where(lengths > 0, lengths, 1.0)
+    if lengths[2] <= 0:  # a slice without a thickness along its normal: the normal is that of its plane
+        direction[:, 2] = np.cross(direction[:, 0], direction[:, 1])
+    return (tuple(float(v) for v in affine[:, 3]), tuple(float(v) for v in direction.ravel()),
+            float(lengths[2]) if lengths[2] > 0 else 1.0)
 
 
 def _reader_failure(path, text: str) -> str:

@@ -1240,3 +1240,36 @@ def test_the_grid_tolerances_tell_a_shift_from_an_export_rounding(tmp_path):
                            axial) is None  # 0.5 % off: within what a grid holds
     uneven = off_grid_slices([(0.0, 0.0, z + (0.06 if k == 2 else 0.0)) for k, (_, _, z) in enumerate(even)], axial)
     assert uneven is not None and "not evenly spaced" in uneven  # 3 % off
+
+
+@pytest.mark.parametrize("name, handed", [("slice.nii", 1.0), ("slice.nii.gz", 1.0), ("slice.nii", -1.0)])
+def test_a_2d_nifti_slice_is_denoised_where_it_lies(tmp_path, name, handed, identity_model_path):
+    """SimpleITK reads a 2-D NIfTI file as a 2-D image, with the in-plane part of its placement
+    only: the denoised slice was written at z = 0, not where the slice lies (here 50 mm below, in a
+    scan turned 30 degrees about the head-foot axis)."""
+    import gzip
+    import struct
+    from CoreDiffLib.inference import Denoiser, denoise_file
+    c, s = np.cos(np.radians(30)), np.sin(np.radians(30))
+    direction = (c, -s, 0.0, s, c, 0.0, 0.0, 0.0, handed)  # -1: a left-handed grid (qfac -1 in its qform)
+    image = sitk.GetImageFromArray(synthetic_ct(1, 32).astype(np.int16))
+    image.SetOrigin((-10.0, 20.0, -50.0))
+    image.SetSpacing((0.7, 0.8, 2.5))
+    image.SetDirection(direction)
+    sitk.WriteImage(image, str(tmp_path / "one.nii"))
+    head = bytearray((tmp_path / "one.nii").read_bytes())
+    head[40:42] = struct.pack("<h", 2)  # the same file, as a 2-D one (its sform and qform kept)
+    (tmp_path / name).write_bytes(gzip.compress(bytes(head)) if name.endswith(".gz") else bytes(head))
+    assert sitk.ReadImage(str(tmp_path / name)).GetDimension() == 2
+    for source in ("sform", "qform"):
+        if source == "qform":  # qform only
+            data = bytearray(head)
+            data[254:256] = struct.pack("<h", 0)
+            (tmp_path / name).write_bytes(gzip.compress(bytes(data)) if name.endswith(".gz") else bytes(data))
+        volume = read_volume(tmp_path / name)
+        assert volume.shape == (1, 32, 32)
+        np.testing.assert_allclose(volume.origin, (-10.0, 20.0, -50.0), atol=1e-4)
+        np.testing.assert_allclose(volume.direction, direction, atol=1e-5)
+        np.testing.assert_allclose(volume.spacing, (0.7, 0.8, 2.5), atol=1e-5)
+    out = denoise_file(tmp_path / name, tmp_path / "den.nrrd", Denoiser.load(str(identity_model_path), device="cpu"))[0]
+    np.testing.assert_allclose(read_volume(out).origin, (-10.0, 20.0, -50.0), atol=1e-4)
