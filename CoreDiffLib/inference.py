@@ -515,8 +515,8 @@ def denoise_file(input_path: str | os.PathLike, output_path: str | os.PathLike, 
     Nothing is left behind on error/cancel.
     """
     from .dicom import check_series_input
-    from .io import (check_grid_output, check_output_dimensions, check_output_path, read_volume, slice_spacing_mm,
-                     write_volume)
+    from .io import (check_grid_output, check_output_dimensions, check_output_path, nifti_shear_warning, read_volume,
+                     slice_spacing_mm, write_volume)
     check_output_path(input_path, output_path)  # the CLI checks it too; a script calling this must not lose its input
     if context not in CONTEXTS:
         raise CoreDiffError(f"context must be one of {', '.join(CONTEXTS)}, not {context!r}")
@@ -534,6 +534,9 @@ def denoise_file(input_path: str | os.PathLike, output_path: str | os.PathLike, 
             data, streamed = volume.array, False
         else:
             info, data, streamed = src.info, src, True
+            shear = nifti_shear_warning(input_path)  # (read_volume says it of what it reads)
+            if shear and log:
+                log(shear)
         layout = axial_layout(info["direction"], data.shape)
         if layout is not None:  # stored sagittally / coronally: denoise its axial planes, in memory
             data, streamed = layout.to_axial(np.asarray(data[0:data.shape[0]])), False

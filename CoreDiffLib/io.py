@@ -451,6 +451,9 @@ def read_volume(path: str | os.PathLike, series: str | None = None,
                 image, tags = _read_dicom_file(p)
                 positions = numbers = None
             else:
+                shear = nifti_shear_warning(p)
+                if shear and log:
+                    log(shear)
                 if p.name.lower().endswith((".nii", ".nii.gz", ".mha", ".mhd")):
                     # the streamed reader's checks refuse truncated data, which SimpleITK reads as
                     # zeros (NIfTI) or fails on halfway through; what it opened (a compressed file
@@ -461,7 +464,8 @@ def read_volume(path: str | os.PathLike, series: str | None = None,
                             array = source[0:len(source)]
                         return _checked_volume(array, source.info["spacing"], source.info["origin"],
                                                source.info["direction"], {}, str(p), None)
-                image, tags, positions, numbers = sitk.ReadImage(str(p)), {}, None, None
+                with itk_warnings_off():
+                    image, tags, positions, numbers = sitk.ReadImage(str(p)), {}, None, None
     except RuntimeError as exc:  # SimpleITK's reader errors
         raise CoreDiffError(_reader_failure(path, str(exc))) from None
 
@@ -484,12 +488,9 @@ def read_volume(path: str | os.PathLike, series: str | None = None,
                            image.GetDirection(), tags, str(p), positions, numbers)
 
 
-def _nifti_placement(path: Path) -> tuple[tuple[float, ...], tuple[float, ...], float] | None:
-    """(origin, direction, spacing along the normal), in ITK's LPS, of a NIfTI file's voxel grid,
-    from its sform (when set and free of shear) or else its qform; None without either.
-
-    For 2-D files: SimpleITK reads them as 2-D images, with the in-plane part of the placement
-    only, and a denoised slice came out at z = 0 instead of where it lies."""
+def _nifti_affines(path: Path) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """A NIfTI-1 file's sform and qform (3 x 4, voxel index -> mm in NIfTI's RAS), each None where
+    its code says unset (or the file is no NIfTI-1: NIfTI-2 files are 3-D in practice)."""
     import gzip
     import struct
     opener = gzip.open if path.name.lower().endswith(".gz") else open
@@ -497,19 +498,16 @@ def _nifti_placement(path: Path) -> tuple[tuple[float, ...], tuple[float, ...], 
         with opener(path, "rb") as f:
             head = f.read(348)
     except OSError:
-        return None
+        return None, None
     order = next((o for o in "<>" if len(head) == 348 and struct.unpack(o + "i", head[:4])[0] == 348), None)
-    if order is None:  # not NIfTI-1 (NIfTI-2 files are 3-D in practice)
-        return None
+    if order is None:
+        return None, None
     pixdim = struct.unpack(order + "8f", head[76:108])
     qform_code, sform_code = struct.unpack(order + "2h", head[252:256])
-    affine = None
-    if sform_code > 0:
-        affine = np.array(struct.unpack(order + "12f", head[280:328]), dtype=np.float64).reshape(3, 4)
-        columns = affine[:, :3] / np.maximum(np.linalg.norm(affine[:, :3], axis=0), 1e-12)
-        if not np.allclose(columns.T @ columns, np.eye(3), atol=1e-4):
-            affine = None  # sheared (a tilt kept in the header): as ITK, the qform
-    if affine is None and qform_code > 0:
+    sform = (np.array(struct.unpack(order + "12f", head[280:328]), dtype=np.float64).reshape(3, 4)
+             if sform_code > 0 else None)
+    qform = None
+    if qform_code > 0:
         b, c, d = struct.unpack(order + "3f", head[256:268])
         a = np.sqrt(max(0.0, 1.0 - (b * b + c * c + d * d)))
         rotation = np.array([[a * a + b * b - c * c - d * d, 2 * (b * c - a * d), 2 * (b * d + a * c)],
@@ -517,7 +515,24 @@ def _nifti_placement(path: Path) -> tuple[tuple[float, ...], tuple[float, ...], 
                              [2 * (b * d - a * c), 2 * (c * d + a * b), a * a + d * d - c * c - b * b]])
         rotation[:, 2] *= -1.0 if pixdim[0] < 0 else 1.0  # qfac
         offset = np.array(struct.unpack(order + "3f", head[268:280]), dtype=np.float64)
-        affine = np.hstack([rotation * np.abs(pixdim[1:4]), offset[:, None]])
+        qform = np.hstack([rotation * np.abs(pixdim[1:4]), offset[:, None]])
+    return sform, qform
+
+
+def _sheared(affine: np.ndarray) -> bool:
+    columns = affine[:, :3] / np.maximum(np.linalg.norm(affine[:, :3], axis=0), 1e-12)
+    return not np.allclose(columns.T @ columns, np.eye(3), atol=1e-4)
+
+
+def _nifti_placement(path: Path) -> tuple[tuple[float, ...], tuple[float, ...], float] | None:
+    """(origin, direction, spacing along the normal), in ITK's LPS, of a NIfTI file's voxel grid,
+    from its sform (when set and free of shear) or else its qform, as ITK chooses; None without
+    either.
+
+    For 2-D files: SimpleITK reads them as 2-D images, with the in-plane part of the placement
+    only, and a denoised slice came out at z = 0 instead of where it lies."""
+    sform, qform = _nifti_affines(path)
+    affine = sform if sform is not None and not _sheared(sform) else qform
     if affine is None:
         return None
     affine = np.diag([-1.0, -1.0, 1.0]) @ affine  # RAS (NIfTI) -> LPS (ITK)
@@ -529,6 +544,21 @@ def _nifti_placement(path: Path) -> tuple[tuple[float, ...], tuple[float, ...], 
         direction[:, 2] = np.cross(direction[:, 0], direction[:, 1])
     return (tuple(float(v) for v in affine[:, 3]), tuple(float(v) for v in direction.ravel()),
             float(lengths[2]) if lengths[2] > 0 else 1.0)
+
+
+def nifti_shear_warning(path: str | os.PathLike) -> str | None:
+    """What is lost when a NIfTI file's sform holds a shear (a gantry tilt kept in the header):
+    ITK cannot represent it and places the volume by its qform, without the tilt, and so every
+    output made from it; ITK itself printed four lines of "unexpected scales in sform"."""
+    p = Path(path)
+    if not p.name.lower().endswith((".nii", ".nii.gz")) or not p.is_file():
+        return None
+    sform, _ = _nifti_affines(p)
+    if sform is None or not _sheared(sform):
+        return None
+    return (f"warning: {p.name}'s sform holds a shear (slices shifted in-plane one from the next, as a gantry "
+            "tilt is stored), which cannot be read here: it is placed by its qform, without the shear, and so is "
+            "the output; resample it onto a regular grid first where the shear matters")
 
 
 def _reader_failure(path, text: str) -> str:

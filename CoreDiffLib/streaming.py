@@ -46,6 +46,12 @@ def earlier_corediff(header: dict[str, str]) -> str | None:
     return None
 
 
+def _itk_quiet():
+    """:func:`dicom.itk_warnings_off`, imported when first used (SimpleITK loads with it)."""
+    from .dicom import itk_warnings_off
+    return itk_warnings_off()
+
+
 def _image_header(path):
     """SimpleITK's reader of an image file with its header read, or None (a folder, or a file
     it cannot read: the full reader then says why)."""
@@ -55,7 +61,8 @@ def _image_header(path):
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     try:
-        reader.ReadImageInformation()
+        with _itk_quiet():  # e.g. a NIfTI's sheared sform: said in words (io.nifti_shear_warning)
+            reader.ReadImageInformation()
     except RuntimeError:
         return None
     return reader
@@ -148,7 +155,8 @@ class VolumeSource:
         self._reader.SetExtractIndex((0, 0, a))
         self._reader.SetExtractSize((self.shape[2], self.shape[1], b - a))
         try:
-            return sitk.GetArrayFromImage(self._reader.Execute())
+            with _itk_quiet():
+                return sitk.GetArrayFromImage(self._reader.Execute())
         except RuntimeError as exc:  # a file damaged past its header
             last = str(exc).strip().splitlines()[-1] if str(exc).strip() else "unreadable"
             raise CoreDiffError(f"cannot read slices {a}:{b} of {self.info.get('source', 'the input')} ({last}): "
@@ -233,7 +241,8 @@ class VolumeSource:
                     raise
                 r2 = sitk.ImageFileReader()
                 r2.SetFileName(tmp)
-                r2.ReadImageInformation()
+                with _itk_quiet():
+                    r2.ReadImageInformation()
                 return cls(shape, dtype or np.float32, reader=r2, info=info, temp_files=[tmp])
         except (OSError, ValueError):
             return None

@@ -1273,3 +1273,37 @@ def test_a_2d_nifti_slice_is_denoised_where_it_lies(tmp_path, name, handed, iden
         np.testing.assert_allclose(volume.spacing, (0.7, 0.8, 2.5), atol=1e-5)
     out = denoise_file(tmp_path / name, tmp_path / "den.nrrd", Denoiser.load(str(identity_model_path), device="cpu"))[0]
     np.testing.assert_allclose(read_volume(out).origin, (-10.0, 20.0, -50.0), atol=1e-4)
+
+
+def test_a_nifti_whose_sform_holds_a_shear_is_read_by_its_qform_and_said_so(tmp_path, identity_model_path, capfd):
+    """A tilt kept as a shear in the sform: ITK places the volume by its qform and printed four
+    lines of "unexpected scales in sform" to stderr, while CoreDiff said nothing."""
+    import struct
+    from CoreDiffLib.inference import Denoiser, denoise_file
+    image = sitk.GetImageFromArray(synthetic_ct(3, 32).astype(np.int16))
+    image.SetOrigin((-10.0, 20.0, -50.0))
+    image.SetSpacing((0.7, 0.8, 2.5))
+    sitk.WriteImage(image, str(tmp_path / "plain.nii"))
+    data = bytearray((tmp_path / "plain.nii").read_bytes())
+    assert struct.unpack("<2h", data[252:256]) == (1, 1)  # qform and sform both set
+    srow_y = list(struct.unpack("<4f", data[296:312]))
+    srow_y[2] = 0.6  # each slice 0.6 mm further along y: a gantry tilt of 13.5 degrees
+    data[296:312] = struct.pack("<4f", *srow_y)
+    (tmp_path / "tilted.nii").write_bytes(bytes(data))
+    capfd.readouterr()
+    lines = []
+    volume = read_volume(tmp_path / "tilted.nii", log=lines.append)
+    np.testing.assert_allclose(volume.origin, (-10.0, 20.0, -50.0), atol=1e-4)  # the qform's place
+    np.testing.assert_allclose(volume.direction, (1, 0, 0, 0, 1, 0, 0, 0, 1), atol=1e-6)
+    assert len(lines) == 1 and "tilted.nii's sform holds a shear" in lines[0] and "placed by its qform" in lines[0]
+    denoise_file(tmp_path / "tilted.nii", tmp_path / "den.nii", Denoiser.load(str(identity_model_path), device="cpu"),
+                 log=lines.append)
+    assert sum("sform holds a shear" in line for line in lines) == 2
+    assert "sform" not in capfd.readouterr().err  # ITK's own lines are not shown
+    said = len(lines)
+    read_volume(tmp_path / "plain.nii", log=lines.append)  # no shear: nothing to say
+    assert lines[said:] == []
+    data[40:42] = struct.pack("<h", 2)  # one slice of it, as a 2-D file: placed by the qform as well
+    (tmp_path / "tilted_slice.nii").write_bytes(bytes(data[:352 + 32 * 32 * 2]))
+    np.testing.assert_allclose(read_volume(tmp_path / "tilted_slice.nii").direction, (1, 0, 0, 0, 1, 0, 0, 0, 1),
+                               atol=1e-6)
