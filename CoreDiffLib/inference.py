@@ -576,7 +576,7 @@ def denoise_file(input_path: str | os.PathLike, output_path: str | os.PathLike, 
             metadata["corediff_slices"] = f"{first}:{last} of {n}"
         if log:
             cfg = den.model.config
-            which = f"slices {first}:{last} of {n}" if partial else f"{n} slices"
+            which = f"slices {first}:{last} of {n}" if partial else f"{n} slice{'' if n == 1 else 's'}"
             log(f"{Path(input_path).name}: {which} of {data.shape[1]}x{data.shape[2]}, "
                 f"model width {cfg.width}, {den.steps or cfg.steps} of T={cfg.steps} steps, device {den.device}, "
                 f"{den.settings.label()}, {'streamed' if streamed else 'read whole'}")

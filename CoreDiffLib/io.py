@@ -275,9 +275,9 @@ def check_grid_output(positions, direction, output_path: str | os.PathLike, sour
     misplace them silently. A DICOM folder keeps each slice's position."""
     off_grid = off_grid_slices(positions, direction)
     if off_grid is not None and is_file_path(output_path):
-        raise CoreDiffError(f"{source}: {off_grid}; a {Path(output_path).name} volume has one slice spacing and would "
-                            "misplace them: write a DICOM folder (an output name without extension), which keeps "
-                            "each slice's position")
+        raise CoreDiffError(f"{source}: {off_grid}; a volume file ({Path(output_path).name}) has one slice spacing "
+                            "and would misplace them: write a DICOM folder (an output name without extension), "
+                            "which keeps each slice's position")
 
 
 def _read_dicom_series(folder: Path, series: str | None = None, log=None
