@@ -120,6 +120,9 @@ def test_dicom_text_in_iso_2022_sets_and_patient_position_are_kept(tmp_path):
                        "\\ISO 2022 IR 87") == "Suzuki^Ichiro=五十嵐^一郎"
     katakana = b"\xd4\xcf\xc0\xde^\xc0\xdb\xb3".decode("utf-8", "surrogateescape")  # PS3.5 H.3.1's example
     assert _dicom_text(katakana, "ISO 2022 IR 13\\ISO 2022 IR 87") == "ﾔﾏﾀﾞ^ﾀﾛｳ"
+    # a single-byte set designated after ASCII (the last one): Cyrillic, not Latin-1
+    cyrillic = (b"Lyubimov^Pavel=\x1b-L" + "Любимов^Павел".encode("iso8859_5")).decode("utf-8", "surrogateescape")
+    assert _dicom_text(cyrillic, "ISO 2022 IR 6\\ISO 2022 IR 144") == "Lyubimov^Pavel=Любимов^Павел"
     folder = write_dicom_series(tmp_path / "ffs", synthetic_ct(3, 32), "1.2.3.44",
                                 {"0018|5100": "FFS", "0018|0015": "ABDOMEN"})
     out = read_volume(write_volume(read_volume(folder), tmp_path / "out"))
@@ -210,6 +213,13 @@ def test_dicom_stored_values_keep_the_top_of_a_range_wider_than_16_bits_and_dose
     assert _series_description("CoreDiff denoised (a)", "CoreDiff denoised (b)") == "CoreDiff denoised (b)"
     assert _series_description("Abdomen - CoreDiff denoised (a)", "CoreDiff denoised (b)") == \
         "Abdomen - CoreDiff denoised (b)"
+    # within DICOM's 64 characters the model's name stays whole; the source's is shortened, or left out
+    # where fewer than 8 of its characters would fit
+    long_source = "Abdomen arterial phase 1.0 mm B30f soft tissue kernel iDose level 4"
+    made = _series_description(long_source, "CoreDiff denoised (corediff-25-w32)")
+    assert len(made) <= 64 and made.endswith(" - CoreDiff denoised (corediff-25-w32)") and made.startswith("Abdomen")
+    wordy = "CoreDiff denoised (my-own-model-trained-on-site-data-v12)"  # 57 characters: room for 4
+    assert _series_description(long_source, wordy) == wordy
 
 
 def test_dicom_rescale_slope_and_intercept_are_honoured(tmp_path):
