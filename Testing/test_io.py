@@ -298,8 +298,8 @@ def test_a_series_with_a_missing_slice_keeps_its_slice_positions(tmp_path):
     vol = read_volume(folder, log=notes.append)
     assert [p[2] for p in vol.slice_positions] == [0, 2, 4, 8, 10]
     assert "not evenly spaced (2 to 4 mm apart; 4 mm between slices 2 and 3: a missing slice?)" in notes[0]
-    with pytest.raises(CoreDiffError, match=r"a volume file \(out.nrrd\) has one slice spacing and would misplace them: "
-                                            "write a DICOM folder"):
+    with pytest.raises(CoreDiffError, match=r"a volume file \(out.nrrd\) has one slice spacing and would misplace "
+                                            "them: write a DICOM folder"):
         write_volume(vol, tmp_path / "out.nrrd")
     assert not (tmp_path / "out.nrrd").exists()
     out = write_volume(vol.with_array(vol.array + 1), tmp_path / "out_dicom")
