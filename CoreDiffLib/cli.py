@@ -507,7 +507,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         if all(blank):
             raise CoreDiffError("the reference holds nothing above -1000 HU (padding or air only): no slice to score")
         table = {name: volume_metrics(v.array, ref.array) for name, v in series}
-        lines.append(f"{'slice':>5} " + " ".join(f"{n + ' PSNR':>14} {n + ' SSIM':>14} {n + ' RMSE':>14}"
+        lines.append(f"{'slice':>5} " + " ".join(f"{n + ' PSNR dB':>16} {n + ' SSIM':>14} {n + ' RMSE HU':>16}"
                                                  for n, _ in series))
         for k in range(denoised.shape[0]):
             row = {"slice": first + k}
@@ -516,11 +516,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
                 row.update({f"{name}_psnr": m.psnr, f"{name}_ssim": m.ssim, f"{name}_rmse_hu": m.rmse_hu}
                            if not blank[k] else {f"{name}_psnr": "", f"{name}_ssim": "", f"{name}_rmse_hu": ""})
             rows.append(row)
-            lines.append(f"{first + k:>5} " + (" ".join(f"{row[f'{n}_psnr']:>14.2f} {row[f'{n}_ssim']:>14.4f} "
-                                                        f"{row[f'{n}_rmse_hu']:>14.1f}" for n, _ in series)
+            lines.append(f"{first + k:>5} " + (" ".join(f"{row[f'{n}_psnr']:>16.2f} {row[f'{n}_ssim']:>14.4f} "
+                                                        f"{row[f'{n}_rmse_hu']:>16.1f}" for n, _ in series)
                                                if not blank[k] else "  (the reference is blank here: not scored)"))
         lines.append("mean  " + " ".join(
-            f"{m.psnr:>14.2f} {m.ssim:>14.4f} {m.rmse_hu:>14.1f}"
+            f"{m.psnr:>16.2f} {m.ssim:>14.4f} {m.rmse_hu:>16.1f}"
             for m in (mean_metrics([x for x, b in zip(table[n], blank) if not b]) for n, _ in series)))
         if any(blank):
             info(args, f"{sum(blank)} slice{'s' if sum(blank) > 1 else ''} left out of the means: the reference "
