@@ -433,27 +433,32 @@ def _counts(text: str, flag: str) -> list[int]:
 
 
 @contextlib.contextmanager
-def _stop_on_sigterm():
-    """SIGTERM (``timeout``, a batch scheduler) ends the run after the pass in hand, not mid-write.
+def _stop_on_signals():
+    """Ctrl-C (SIGINT) and SIGTERM (``timeout``, a batch scheduler) end the run after the pass in
+    hand, not mid-write, and the rows measured so far are written.
 
-    Yields the event the handler sets; a second SIGTERM stops at once (nothing written). Outside
-    the main thread signals cannot be caught and the event is simply never set.
+    Yields the event the handler sets, with ``signum``, the first signal, on it; a second signal
+    stops at once (nothing written), with the shell's code for it. Outside the main thread
+    signals cannot be caught and the event is simply never set.
     """
     stop = threading.Event()
+    stop.signum = None
 
-    def on_sigterm(signum, frame):
+    def on_signal(signum, frame):
         if stop.is_set():
             raise SystemExit(128 + signum)
+        stop.signum = signum
         stop.set()
 
-    previous = None
+    previous = {}
     if threading.current_thread() is threading.main_thread():
-        previous = signal.signal(signal.SIGTERM, on_sigterm)
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            previous[signum] = signal.signal(signum, on_signal)
     try:
         yield stop
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -478,7 +483,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         check_output_file("--markdown", args.markdown, (".md",), args.model or ())
     cl = {None: (False,), "both": (False, True), "only": (True,)}[args.channels_last]
     log = (lambda m: print(m, file=sys.stderr, flush=True))
-    with _stop_on_sigterm() as stop:
+    with _stop_on_signals() as stop:
         result = run_benchmark(models, size=args.size, device=args.device,
                                batch_sizes=batch_sizes, precisions=_csv(args.precisions),
                                channels_last=cl, backends=backends, threads=threads, repeats=args.repeats,
@@ -493,8 +498,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if written:
             log(f"wrote {written}")
     if "stopped_early" in result["meta"]:
-        log("stopped by SIGTERM: the rows above are what was measured before it came")
-        return 1
+        log(f"stopped by {signal.Signals(stop.signum).name}: the rows above are what was measured before it came")
+        return 128 + stop.signum
     if any(r.get("baseline") and r.get("error") for r in result["rows"]):
         raise CoreDiffError("the baseline variant failed; see the table")
     return 0
