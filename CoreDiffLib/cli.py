@@ -856,7 +856,7 @@ def _run(args: argparse.Namespace) -> int:
         return 2
     except KeyboardInterrupt as exc:  # a training run says where it saved its checkpoint
         print(f"corediff: error: {str(exc) or 'interrupted; no output was written'}", file=sys.stderr, flush=True)
-        return 130
+        return 128 + int(getattr(exc, "signum", signal.SIGINT))  # 130 for Ctrl-C; a training run's SIGTERM: 143
     except BrokenPipeError:  # stdout's reader left (| head): what was said to be written is complete
         _drop_stdout()
         print("corediff: error: stdout was closed (its reader left); the outputs reported as written are "

@@ -14,6 +14,7 @@ import hashlib
 import json
 import math
 import os
+import signal
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -683,7 +684,12 @@ def _unrecorded_legs(saved: dict) -> list[dict]:
 
 
 class TrainingInterrupted(KeyboardInterrupt):
-    """Ctrl-C or SIGTERM during :func:`train`, after the checkpoint was saved (the message says where)."""
+    """Ctrl-C or SIGTERM during :func:`train`, after the checkpoint was saved (the message says where);
+    ``signum`` is the signal that asked (the CLI exits with the shell's code for it)."""
+
+    def __init__(self, message: str, signum: int = signal.SIGINT):
+        super().__init__(message)
+        self.signum = signum
 
 
 def train(pairs: Sequence[tuple[np.ndarray, np.ndarray]], net_cfg: NetworkConfig, cfg: TrainConfig,
@@ -894,7 +900,8 @@ def _train(pairs: Sequence[tuple[np.ndarray, np.ndarray]], net_cfg: NetworkConfi
             if stop.requested:
                 where = (f"; {ckpt} holds the run so far: run the same command to go on, or with --iterations "
                          f"{state.iteration} to write its weights as they are" if ckpt and rank == 0 else "")
-                raise TrainingInterrupted(f"interrupted at iteration {state.iteration}{where}")
+                raise TrainingInterrupted(f"interrupted at iteration {state.iteration}{where}",
+                                          stop.signum or signal.SIGINT)
     if not ema_averaging:  # a run too short to average: the EMA would be a stale copy (or the initial weights)
         ema.load_state_dict(model.state_dict())
     state.end_leg_here()

@@ -336,6 +336,26 @@ def test_main_called_in_process_leaves_sigterm_and_the_warning_format_as_it_foun
     assert (signal.getsignal(signal.SIGTERM), warnings.formatwarning) == before
 
 
+def test_an_interrupted_command_exits_with_the_shells_code_for_the_signal(capsys):
+    """A training run stopped by SIGTERM (a scheduler's limit) exited 130, Ctrl-C's code; every
+    other command exits 143 for it."""
+    import argparse
+    import signal
+
+    from CoreDiffLib.cli import _run
+    from CoreDiffLib.training import TrainingInterrupted
+
+    def stopped(exc):
+        def func(args):
+            raise exc
+        return argparse.Namespace(func=func)
+    assert _run(stopped(TrainingInterrupted("interrupted at iteration 7; c.ckpt holds it", signal.SIGTERM))) == 143
+    assert "interrupted at iteration 7; c.ckpt holds it" in capsys.readouterr().err
+    assert _run(stopped(TrainingInterrupted("interrupted at iteration 7"))) == 130
+    assert _run(stopped(KeyboardInterrupt())) == 130
+    assert "interrupted; no output was written" in capsys.readouterr().err
+
+
 def test_progress_none_hides_the_progress_not_the_model_choice_or_the_caveats(tmp_path):
     """--progress none silenced every message: a script lost the model chosen for its scan and
     the dose and geometry caveats, with exit code 0."""

@@ -366,8 +366,10 @@ def test_ctrl_c_saves_the_checkpoint_and_the_run_resumes_where_it_stopped(tmp_pa
     def interrupt_at_21(message):
         if message.startswith("iter 21/"):
             os.kill(os.getpid(), signal.SIGTERM)
-    with pytest.raises(TrainingInterrupted, match=r"interrupted at iteration 21; .*b.ckpt holds the run so far"):
+    with pytest.raises(TrainingInterrupted, match=r"interrupted at iteration 21; .*b.ckpt holds the run so far") \
+            as stopped:
         run(30, tmp_path / "b.ckpt", log=interrupt_at_21)
+    assert stopped.value.signum == signal.SIGTERM  # `corediff train` exits 143 for it, as the others do
     assert torch.load(tmp_path / "b.ckpt", weights_only=True)["iteration"] == 21
     resumed = run(30, tmp_path / "b.ckpt")
     assert all(torch.equal(x, y) for x, y in zip(straight.state_dict().values(), resumed.state_dict().values()))
