@@ -665,6 +665,9 @@ def cmd_models(args: argparse.Namespace) -> int:
         for r in rows:
             star = "*" if r.get("default") else " "
             print(f"{star} {r['name']:<24} {r['kind']:<10} {r.get('description', '')}")
+        if any(r.get("default") for r in rows):
+            print("(* = the model run where --model auto, the default, cannot measure a scan's dose; it picks "
+                  "the model of the dose each scan looks like)")
     return 0
 
 
@@ -708,7 +711,8 @@ def cmd_dose(args: argparse.Namespace) -> int:
 
 def cmd_devices(args: argparse.Namespace) -> int:
     import torch
-    rows = [{"name": "cpu", "label": f"CPU ({torch.get_num_threads()} threads)", "memory_gb": None}]
+    threads = torch.get_num_threads()
+    rows = [{"name": "cpu", "label": f"CPU ({threads} thread{'' if threads == 1 else 's'})", "memory_gb": None}]
     for i in range(torch.cuda.device_count() if torch.cuda.is_available() else 0):
         prop = torch.cuda.get_device_properties(i)
         gb = prop.total_memory / 2**30

@@ -866,6 +866,7 @@ def test_models_and_devices_list_as_json():
     text = corediff("models").stdout.splitlines()
     assert [line.split()[1] for line in text if line.startswith("*")] == [default_model_name()]
     assert {line.split()[0] for line in text if not line.startswith("*")} >= set(shipped) - {default_model_name()}
+    assert text[-1].startswith("(* = the model run where --model auto, the default, cannot measure")  # the legend
 
 
 def test_devices_lists_every_gpu_with_its_memory(monkeypatch, capsys):
