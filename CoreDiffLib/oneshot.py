@@ -771,6 +771,8 @@ def cmd_oneshot(args) -> int:
     info(args, f"step weights (first..last step): {probs}")
     info(args, f"loss {meta['loss_uniform']:.4g} (uniform) -> {meta['loss_final']:.4g}; "
                f"sampling {meta['seconds_sampling']:.1f} s, fitting {meta['seconds_fitting']:.1f} s")
+    use = adaptation.name if args.out is None else path  # a saved name is found by name; a file by its path
+    info(args, f"wrote {path}: corediff denoise IN OUT --adaptation {use} applies it")
     print(f"RESULT {path}", flush=True)
     return 0
 

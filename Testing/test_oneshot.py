@@ -307,6 +307,7 @@ def test_cli_end_to_end(files, user_home, capsys, tmp_path):
     lines = out.strip().splitlines()
     saved = user_home / "adaptations" / "d10.json"
     assert lines[-1] == f"RESULT {saved}"
+    assert f"INFO wrote {saved}: corediff denoise IN OUT --adaptation d10 applies it" in lines
     progress = [tuple(map(int, line.split()[1:])) for line in lines if line.startswith("PROGRESS ")]
     assert progress[0] == (0, T + 40) and progress[-1] == (T + 40, T + 40)
     a = Adaptation.read(saved)
