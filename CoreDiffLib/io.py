@@ -12,9 +12,11 @@ data (NDCT/LDCT pairs, dose tags in file names) is :mod:`CoreDiffLib.pairs`.
 from __future__ import annotations
 
 import datetime as _dt
+import gzip
 import os
 import re
 import shutil
+import struct
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -491,8 +493,6 @@ def read_volume(path: str | os.PathLike, series: str | None = None,
 def _nifti_affines(path: Path) -> tuple[np.ndarray | None, np.ndarray | None]:
     """A NIfTI-1 file's sform and qform (3 x 4, voxel index -> mm in NIfTI's RAS), each None where
     its code says unset (or the file is no NIfTI-1: NIfTI-2 files are 3-D in practice)."""
-    import gzip
-    import struct
     opener = gzip.open if path.name.lower().endswith(".gz") else open
     try:
         with opener(path, "rb") as f:
