@@ -10,6 +10,7 @@
 """
 from __future__ import annotations
 
+import signal
 import time
 from pathlib import Path
 from typing import Callable, Sequence
@@ -20,6 +21,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from . import CoreDiffError
+from .atomic import StopRequests
 from .intensity import hu_to_unit, unit_to_hu
 from .training import (LR_SCHEDULES, MSE_ONLY, TRAIN_PRECISIONS, LossTerms, PairedSlices, check_choice, cosine_lr,
                        restoration_loss, run_progress)
@@ -103,22 +105,29 @@ def train_redcnn(pairs: Sequence[tuple[np.ndarray, np.ndarray]], iterations: int
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     data = PairedSlices(pairs, patch_size, seed=seed, anywhere_share=anywhere_share, multiple=1)  # no pooling
     t0 = time.time()
-    for it in range(1, iterations + 1):
-        if lr_schedule == "cosine":
-            for group in opt.param_groups:
-                group["lr"] = cosine_lr(lr, run_progress(it, iterations, time.time() - t0, time_limit_s))
-        ctx, tgt = data.batch(batch_size)
-        with autocast:
-            loss = restoration_loss(model(ctx[:, 1:2].to(device)).float(), tgt.to(device), loss_terms)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if it % 100 == 0:
-            log(f"RED-CNN iter {it}/{iterations} loss {float(loss.detach()):.3e} "
-                f"({it / (time.time() - t0):.2f} it/s)")
-        if time_limit_s and time.time() - t0 > time_limit_s:
-            log(f"RED-CNN stopped at iteration {it}: time limit {time_limit_s / 60:.1f} min")
-            break
+    # Ctrl-C / SIGTERM (a lent machine's limit): the iteration in hand ends and the weights so far come
+    # back, as CoreDiff's training keeps its own (an equal-budget round came back with one side only)
+    with StopRequests() as stop:
+        for it in range(1, iterations + 1):
+            if lr_schedule == "cosine":
+                for group in opt.param_groups:
+                    group["lr"] = cosine_lr(lr, run_progress(it, iterations, time.time() - t0, time_limit_s))
+            ctx, tgt = data.batch(batch_size)
+            with autocast:
+                loss = restoration_loss(model(ctx[:, 1:2].to(device)).float(), tgt.to(device), loss_terms)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if it % 100 == 0:
+                log(f"RED-CNN iter {it}/{iterations} loss {float(loss.detach()):.3e} "
+                    f"({it / (time.time() - t0):.2f} it/s)")
+            if stop.requested:
+                log(f"RED-CNN stopped at iteration {it}: interrupted ({signal.Signals(stop.signum).name}); "
+                    "the weights so far are kept")
+                break
+            if time_limit_s and time.time() - t0 > time_limit_s:
+                log(f"RED-CNN stopped at iteration {it}: time limit {time_limit_s / 60:.1f} min")
+                break
     return model.cpu().eval()
 
 

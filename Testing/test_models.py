@@ -143,6 +143,20 @@ def test_redcnn_fine_tunes_from_given_weights_within_a_time_limit():
     stopped = [m for m in messages if "stopped at iteration" in m]  # the limit ended it, not 10**6 its
     assert stopped and int(stopped[0].split("iteration ")[1].split(":")[0]) > 1  # not at its first iteration
     assert not all(torch.equal(a, b) for a, b in zip(start.state_dict().values(), tuned.state_dict().values()))
+    # a SIGTERM (the lent machine's limit) ends the iteration in hand; the weights so far come back
+    import os
+    import signal
+
+    def stop_at_100(message):
+        messages.append(message)
+        if message.startswith("RED-CNN iter 100/"):
+            os.kill(os.getpid(), signal.SIGTERM)
+    before = signal.getsignal(signal.SIGTERM)
+    kept = train_redcnn(pairs, 10**6, batch_size=1, patch_size=24, filters=4, init_state=start.state_dict(),
+                        log=stop_at_100)
+    assert messages[-1] == "RED-CNN stopped at iteration 100: interrupted (SIGTERM); the weights so far are kept"
+    assert not all(torch.equal(a, b) for a, b in zip(start.state_dict().values(), kept.state_dict().values()))
+    assert signal.getsignal(signal.SIGTERM) is before
     from CoreDiffLib import CoreDiffError
     with pytest.raises(CoreDiffError, match="--lr-schedule 'linear': give one of constant, cosine"):
         train_redcnn(pairs, 1, filters=4, lr_schedule="linear", log=lambda m: None)
@@ -481,6 +495,25 @@ def test_weights_and_checkpoints_on_a_full_disk_are_one_clear_error_and_leave_no
     assert len(lines) == 2 and "the checkpoint there is the last one written" in lines[1], (r.stdout, r.stderr)
     assert [p.name for p in out.iterdir()] == ["c.ckpt"]
     assert torch.load(out / "c.ckpt", weights_only=True)["iteration"] == 7
+
+
+def test_the_gpu_session_stops_a_bench_at_its_budget_with_sigterm_so_that_its_rows_are_written():
+    """subprocess.run's timeout killed `corediff bench` with SIGKILL: none of its measured rows came back."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("gpu_session", Path(__file__).resolve().parents[1] / "scripts"
+                                                  / "gpu_session.py")
+    session = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(session)
+    writes_on_sigterm = ("import signal, sys, time\n"
+                         "signal.signal(signal.SIGTERM, lambda *a: (print('rows so far'), sys.exit(143)))\n"
+                         "print('started', flush=True)\ntime.sleep(60)\n")
+    rc, out, _, stopped = session.run_within([sys.executable, "-c", writes_on_sigterm], dict(os.environ), 3.0)
+    assert (rc, stopped) == (143, True) and out.split() == ["started", "rows", "so", "far"]
+    ignores = "import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\ntime.sleep(60)\n"
+    rc, _, _, stopped = session.run_within([sys.executable, "-c", ignores], dict(os.environ), 2.0, grace=1.0)
+    assert (rc, stopped) == (-9, True)  # then killed
+    rc, out, _, stopped = session.run_within([sys.executable, "-c", "print('done')"], dict(os.environ), 30.0)
+    assert (rc, out.strip(), stopped) == (0, "done", False)
 
 
 def test_the_gpu_session_rehearses_refuses_what_would_fail_late_and_keeps_its_weights_when_stopped(tmp_path):

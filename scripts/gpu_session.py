@@ -198,17 +198,33 @@ def stage_bench(a, weights: Path, out: Path, log) -> None:
                "--device", a.device, "--slices", str(n), "--repeats", "3",
                "--json", str(bench / f"{name}.json"), "--markdown", str(bench / f"{name}.md"), *extra]
         t0 = time.time()
-        try:
-            r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=left)
-            (bench / f"{name}.log").write_text(r.stdout + "\n" + r.stderr)
-            log(f"bench {name}: exit {r.returncode} in {time.time() - t0:.0f} s\n{r.stdout[-3000:]}"
-                f"{r.stderr[-1500:] if r.returncode else ''}")
-        except subprocess.TimeoutExpired as exc:
+        rc, stdout, stderr, stopped = run_within(cmd, env, left)
+        if stopped:
             log(f"bench {name}: stopped at the {left:.0f} s budget")
-            text = [t.decode(errors="replace") if isinstance(t, bytes) else (t or "") for t in (exc.stdout, exc.stderr)]
-            (bench / f"{name}.log").write_text("\n".join(text))
+        (bench / f"{name}.log").write_text(stdout + "\n" + stderr)
+        log(f"bench {name}: exit {rc} in {time.time() - t0:.0f} s\n{stdout[-3000:]}"
+            f"{stderr[-1500:] if rc else ''}")
         with tarfile.open(out / "bench.tar.gz", "w:gz") as tar:
             tar.add(bench, arcname="bench")
+
+
+def run_within(cmd: list[str], env: dict, seconds: float, grace: float = 20.0) -> tuple[int, str, str, bool]:
+    """(exit code, stdout, stderr, stopped) of ``cmd`` given ``seconds``: at the budget it gets a
+    SIGTERM, on which ``corediff bench`` ends the pass in hand and writes the rows it has, marked
+    INCOMPLETE (subprocess.run's timeout sent SIGKILL, and every row measured was lost); a SIGKILL
+    only if it has not ended ``grace`` seconds later."""
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=seconds)
+        return proc.returncode, stdout, stderr, False
+    except subprocess.TimeoutExpired:
+        proc.terminate()
+    try:
+        stdout, stderr = proc.communicate(timeout=grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        stdout, stderr = proc.communicate()
+    return proc.returncode, stdout, stderr, True
 
 
 def main() -> int:
