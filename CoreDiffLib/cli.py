@@ -330,13 +330,19 @@ def cmd_train(args: argparse.Namespace) -> int:
         started_from = ({"init_weights": args.init_weights if args.init_weights in shipped_models() else init_file,
                          "init_weights_sha256": init_sha256, "widen": args.widen}
                         if args.init_weights else {})
+        record = {"patch_size_used": patch,
+                  "data": [[str(Path(a).resolve()), str(Path(b).resolve())] for a, b in pairs],
+                  "dose_tag": used_tag,
+                  # the farthest neighbours it learned: --context auto gives neighbours to slices that far
+                  # apart (uses_neighbours)
+                  "neighbour_mm": farthest_neighbour_mm(volumes, slice_mm, cfg.max_neighbour_gap)}
         progress = Progress(args.progress, unit="it", desc="train")
         try:
             ema, state = train(volumes, net_cfg, cfg, checkpoint=checkpoint, device=device,
                                log=lambda m: info(args, m), init_state=init_state,
                                inherit=("ema_start",) if args.ema_start is None else (), origin=started_from,
                                consume_pairs=True,  # the HU copies are not needed again: half the memory
-                               progress=progress if rank0 else None)
+                               progress=progress if rank0 else None, record=record)
         finally:
             progress.close()
         if state.origin is None:  # resumed from a checkpoint that predates this record
@@ -352,14 +358,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         if rank0:
             sha = save_weights(ema, args.output, {"iterations": state.iteration, "train_config": vars(cfg),
                                                   "legs": state.legs,  # a resumed run's every command
-                                                  "patch_size_used": patch,
-                                                  "data": [[str(Path(a).resolve()), str(Path(b).resolve())]
-                                                           for a, b in pairs],
-                                                  "dose_tag": used_tag, **started_from,
-                                                  # the farthest neighbours it learned: --context auto gives
-                                                  # neighbours to slices that far apart (uses_neighbours)
-                                                  "neighbour_mm": farthest_neighbour_mm(volumes, slice_mm,
-                                                                                        cfg.max_neighbour_gap)})
+                                                  **record, **started_from})
             info(args, f"wrote {args.output} (sha256 {sha[:12]}…, {state.iteration} iterations)")
     return 0
 

@@ -471,6 +471,10 @@ class TrainState:
     #: one entry per leg (command run) of a resumed run: the iterations it trained and the settings
     #: a resumed run may change (RESUMABLE_CHANGES), so the weights say how they were trained
     legs: list[dict] = field(default_factory=list)
+    #: what the weights record of their data (``corediff train``: the files, dose tag, patch size,
+    #: farthest neighbours), kept in the checkpoint: weights exported from it (scripts/ship_model.py)
+    #: carried none of it, and a model that learned 5 mm neighbours lost them on 5 mm scans
+    record: dict | None = None
 
     def begin_leg(self, cfg: "TrainConfig", device: str) -> None:
         settings = {k: getattr(cfg, k) for k in LEG_SETTINGS}
@@ -630,6 +634,7 @@ def save_checkpoint(path: Path, model: ClearNet, ema: ClearNet, optimizer: torch
             **({"data": data} if data else {}), "elapsed_s": float(elapsed_s),
             **({"origin": json.dumps(state.origin)} if state.origin is not None else {}),
             "legs": json.dumps(state.legs),
+            **({"record": json.dumps(state.record)} if state.record else {}),
         }, tmp)
 
 
@@ -698,17 +703,20 @@ def train(pairs: Sequence[tuple[np.ndarray, np.ndarray]], net_cfg: NetworkConfig
           init_state: dict[str, torch.Tensor] | None = None,
           inherit: Sequence[str] = (), origin: dict | None = None,
           consume_pairs: bool = False,
-          progress: Callable[[int, int], None] | None = None) -> tuple[ClearNet, TrainState]:
+          progress: Callable[[int, int], None] | None = None,
+          record: dict | None = None) -> tuple[ClearNet, TrainState]:
     """Train (or resume) a model on HU volume pairs: see :func:`_train`. ``cfg.threads`` applies
     to this run only: torch's thread count is restored after it, for the rest of the process.
     ``origin``: what ``init_state`` is (recorded in the checkpoint; a resumed run keeps its own).
+    ``record``: what the weights record of their data (:attr:`TrainState.record`), kept in the
+    checkpoint (this command's: the data are the checkpoint's, checked by their fingerprint).
     ``consume_pairs``: float32 pairs are turned into the network's range in place (half the
     memory; the caller must not use them as HU afterwards). ``progress(iteration, iterations)``
     hears where the run is, about once a second."""
     before = torch.get_num_threads()
     try:
         return _train(pairs, net_cfg, cfg, checkpoint, resume, device, log, init_state, inherit, origin,
-                      consume_pairs, progress)
+                      consume_pairs, progress, record)
     finally:
         torch.set_num_threads(before)
 
@@ -717,7 +725,8 @@ def _train(pairs: Sequence[tuple[np.ndarray, np.ndarray]], net_cfg: NetworkConfi
            checkpoint: str | Path | None, resume: bool, device: str, log: Callable[[str], None],
            init_state: dict[str, torch.Tensor] | None, inherit: Sequence[str],
            origin: dict | None = None, consume_pairs: bool = False,
-           progress: Callable[[int, int], None] | None = None) -> tuple[ClearNet, TrainState]:
+           progress: Callable[[int, int], None] | None = None,
+           record: dict | None = None) -> tuple[ClearNet, TrainState]:
     """Train (or resume) a model on HU volume pairs. Returns the EMA model and the state.
 
     ``init_state`` starts from given weights (fine-tuning a shipped model on new data, or
@@ -759,7 +768,7 @@ def _train(pairs: Sequence[tuple[np.ndarray, np.ndarray]], net_cfg: NetworkConfi
     data = PairedSlices(pairs, cfg.patch_size, seed=cfg.seed + 1000 * rank, anywhere_share=cfg.anywhere_share,
                         max_neighbour_gap=cfg.max_neighbour_gap, own_slice_share=cfg.own_slice_share,
                         in_place=consume_pairs)
-    state = TrainState(origin=origin)
+    state = TrainState(origin=origin, record=record)
     step_rng = np.random.default_rng(cfg.seed + 7)  # same t on every rank each iteration
 
     elapsed_before = 0.0  # training time of the earlier legs of a resumed run
@@ -776,7 +785,8 @@ def _train(pairs: Sequence[tuple[np.ndarray, np.ndarray]], net_cfg: NetworkConfi
             group["lr"] = cfg.lr
         state = TrainState(saved["iteration"], list(saved["losses"]),
                            json.loads(saved["origin"]) if "origin" in saved else None,
-                           json.loads(saved["legs"]) if "legs" in saved else _unrecorded_legs(saved))
+                           json.loads(saved["legs"]) if "legs" in saved else _unrecorded_legs(saved),
+                           record or (json.loads(saved["record"]) if "record" in saved else None))
         step_rng.bit_generator.state = json.loads(saved["numpy_rng"])
         if "sampler_rng" in saved:  # (checkpoints before 2026-12-05 replay the first patches)
             data.rng.bit_generator.state = json.loads(saved["sampler_rng"])

@@ -828,6 +828,10 @@ def test_train_shows_progress_takes_doses_as_simulate_writes_them_and_says_why_i
         in r.stdout + r.stderr
     _, meta = read_weights_config(tmp_path / "m.safetensors")
     assert meta["dose_tag"] == "10"
+    import torch  # the checkpoint keeps the same record: weights exported from it (ship_model.py) carry it
+    kept = json.loads(torch.load(tmp_path / "m.ckpt", weights_only=True)["record"])
+    assert kept["dose_tag"] == "10" and kept["neighbour_mm"] == json.loads(meta["neighbour_mm"]) > 0
+    assert kept["data"] == json.loads(meta["data"]) and kept["patch_size_used"] == 32
     r = corediff("train", data, "--out", tmp_path / "n.safetensors", "--dose-tag", "5%", *common)
     assert r.returncode == 2 and "no LDCT of dose tag '5' beside its NDCT" in r.stderr
     assert "the tags there are 10, 25" in r.stderr

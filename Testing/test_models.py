@@ -232,8 +232,11 @@ def test_ship_model_exports_ema_or_final_weights_without_touching_the_manifest(t
     v = synthetic_ct(4, 32, seed=3, noise_hu=5)
     pairs = [(v, v + 40 * np.random.default_rng(0).standard_normal(v.shape).astype(np.float32))]
     ckpt = tmp_path / "c.ckpt"
+    record = {"data": [["/d/a_ndct.nrrd", "/d/a_ldct.nrrd"]], "dose_tag": "25", "neighbour_mm": 5.0,
+              "patch_size_used": 32}  # what `corediff train` records of its data
     train(pairs, NetworkConfig(width=8), TrainConfig(iterations=12, batch_size=2, patch_size=32, ema_start=2,
-                                                     ema_every=1, checkpoint_every=12), checkpoint=ckpt, log=lambda m: None)
+                                                     ema_every=1, checkpoint_every=12), checkpoint=ckpt,
+          log=lambda m: None, record=record, origin={"init_weights": "corediff-25", "widen": 2})
     saved = torch.load(ckpt, map_location="cpu", weights_only=True)
     manifest_before = MANIFEST.read_bytes()
     script = Path(__file__).resolve().parents[1] / "scripts" / "ship_model.py"
@@ -245,6 +248,13 @@ def test_ship_model_exports_ema_or_final_weights_without_touching_the_manifest(t
         assert all(torch.equal(exported[k], saved[key][k].float()) for k in exported)
     assert not torch.equal(load_file(tmp_path / "ema.safetensors")["out.weight"],
                            load_file(tmp_path / "raw.safetensors")["out.weight"])
+    from CoreDiffLib.models import load_model
+    exported_meta = read_weights_config(tmp_path / "ema.safetensors")[1]  # from a checkpoint, it lost all of it
+    assert {k: json.loads(exported_meta[k]) if k in ("data", "neighbour_mm", "patch_size_used", "widen")
+            else exported_meta[k] for k in (*record, "init_weights", "widen")} == {**record, "init_weights":
+                                                                                    "corediff-25", "widen": 2}
+    assert [leg["to_iteration"] for leg in json.loads(exported_meta["legs"])] == [12]
+    assert load_model(tmp_path / "ema.safetensors").trained_neighbour_mm == 5.0  # what --context auto reads
     refused = subprocess.run([sys.executable, str(script), str(tmp_path / "ema.safetensors"), "--name", "x",
                               "--dose", "0.25", "--weights", "raw", "--export-only", str(tmp_path / "r.safetensors")],
                              capture_output=True, encoding="utf-8")
@@ -258,8 +268,7 @@ def test_ship_model_exports_ema_or_final_weights_without_touching_the_manifest(t
     escaping = subprocess.run([sys.executable, str(script), str(ckpt), "--name", "../../elsewhere", "--dose", "0.25",
                                "--export-only", str(tmp_path / "e.safetensors")], capture_output=True, encoding="utf-8")
     assert escaping.returncode == 2 and "letters, digits" in escaping.stderr  # it wrote outside weights/
-    from CoreDiffLib.models import read_weights_config  # a weights file's provenance is carried over
-    trained = tmp_path / "trained.safetensors"
+    trained = tmp_path / "trained.safetensors"  # a weights file's provenance is carried over
     save_weights(ClearNet(NetworkConfig(width=8)), trained, {"data": [["/d/a_ndct.nrrd", "/d/a_ldct.nrrd"]],
                                                               "dose_tag": "12p5", "neighbour_mm": 6.0})
     subprocess.run([sys.executable, str(script), str(trained), "--name", "x", "--dose", "0.25", "--weights", "raw",

@@ -70,6 +70,12 @@ def main() -> int:
         config = NetworkConfig.from_dict(ckpt["network_config"])
         model = ClearNet(config)
         model.load_state_dict(ckpt["ema" if a.weights == "ema" else "model"])
+        # what `corediff train --out` records, from the checkpoint: its data (the farthest neighbours,
+        # which --context auto reads), what it started from, and each leg of a resumed run
+        for key in ("record", "origin"):
+            provenance.update(json.loads(ckpt[key]) if key in ckpt else {})
+        if "legs" in ckpt:
+            provenance["legs"] = json.loads(ckpt["legs"])
     iterations = int(ckpt["iteration"])
     file = f"{a.name}.safetensors"
     sha = save_weights(model, Path(a.export_only) if a.export_only else WEIGHTS_DIR / file,
