@@ -85,6 +85,11 @@ def test_a_dose_not_in_the_cached_nested_set_is_refused_rather_than_redrawn(tmp_
     with pytest.raises(SystemExit, match="simulated together"):
         qb.held_out(0.5, tmp_path, kinds=("abdomen",))
     assert (tmp_path / "test9000_abdomen_ndct.nrrd").read_bytes() == b"cached"
+    # nor is it drawn into a new set unless that set is its own (--test-dir): with the held-out doses
+    # it redraws them all, and the first run at 15 % made the set every later table was scored on
+    with pytest.raises(SystemExit, match=r"dose 0.15 is not one of the held-out set's \(0.25, 0.1, 0.05\)"):
+        qb.held_out(0.15, tmp_path / "fresh", kinds=("abdomen",))
+    assert list((tmp_path / "fresh").iterdir()) == []
 
 
 def test_a_cached_set_of_another_slice_count_is_refused_and_kept(tmp_path):

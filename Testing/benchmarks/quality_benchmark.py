@@ -68,12 +68,16 @@ def default_cache(split: str, volume_slices: int) -> Path:
 
 
 def held_out(dose: float, cache: Path, kinds=("abdomen", "thorax", "head"), slices: int = 4,
-             size: int = 512, split: str = "test",
-             slice_mm: float = 1.0) -> list[tuple[str, np.ndarray, np.ndarray, np.ndarray]]:
+             size: int = 512, split: str = "test", slice_mm: float = 1.0,
+             other_doses: bool = False) -> list[tuple[str, np.ndarray, np.ndarray, np.ndarray]]:
     """(name, ndct, ldct, noise-free) for each held-out case, simulated once and cached as NRRD.
 
     ``slice_mm``: the slice spacing (the shipped models were trained on 1 mm); each spacing is
-    a held-out set of its own, in its own ``cache``."""
+    a held-out set of its own, in its own ``cache``. The doses of a set are drawn together (the
+    low-dose photons a subset of the normal dose's), so a dose outside :data:`HELD_OUT_DOSES`
+    draws other noise for all of them, the NDCT's included: it is simulated only into a folder of
+    its own (``other_doses``, ``--test-dir``). A first run at 15 % in the default folder made the
+    set every later table was scored on, silently unlike the committed ones."""
     from CoreDiffLib.simulation import noise_free_reconstruction, simulate_pair
     from CoreDiffLib.pairs import dose_tag
     cache.mkdir(parents=True, exist_ok=True)
@@ -98,6 +102,11 @@ def held_out(dose: float, cache: Path, kinds=("abdomen", "thorax", "head"), slic
                              f"simulated together ({', '.join(f'{d:g}' for d in HELD_OUT_DOSES)}); pick "
                              "one of those, or move the folder away to simulate a new set")
         if not nd_path.exists():
+            if dose not in HELD_OUT_DOSES and not other_doses:
+                standard = ", ".join(f"{d:g}" for d in HELD_OUT_DOSES)
+                raise SystemExit(f"dose {dose:g} is not one of the held-out set's ({standard}), which are drawn "
+                                 "together: simulated with them it redraws the whole set, the NDCT's noise too: "
+                                 "give it a --test-dir of its own")
             nd, lds, spacing = simulate_pair(kind, slices, size, list(doses), seed=seed, slice_mm=slice_mm)
             write_volume(Volume(nd, spacing, pixel_type="int16"), nd_path)
             for d, path in ld_paths.items():
@@ -332,7 +341,7 @@ def main() -> int:
     check_row_labels(a)  # before minutes of BM3D and RED-CNN
     volume_slices = a.slices + 2 * a.margin
     cache = Path(a.test_dir or default_cache(a.split, volume_slices))
-    cases = held_out(a.dose, cache, slices=volume_slices, split=a.split)
+    cases = held_out(a.dose, cache, slices=volume_slices, split=a.split, other_doses=a.test_dir is not None)
     scored = slice(a.margin, a.margin + a.slices)
     ndct = np.concatenate([c[1][scored] for c in cases])
     # every method denoises whole volumes (CoreDiff reads the margin slices as context); the
