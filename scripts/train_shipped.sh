@@ -5,7 +5,7 @@
 #            (6 phantoms: abdomen/thorax/head x2, 72 slices of 512², fan-beam, Poisson + electronic noise)
 #   model  : CLEAR-Net width 16 (313 k parameters), T = 10, CTX + EMM
 #   train  : 64² patches, batch 8, Adam 2e-4 cosine-decayed to 0 over ITERS, EMA 0.995 every 10 its
-#            from iteration 1000, 1 CPU thread (~80 min of one core for 13,000 iterations)
+#            from iteration 1000, 1 CPU thread (~85 min of one core for 13,000 iterations)
 #   ablation: EXTRA=--no-context NAME=noctx-25 scripts/train_shipped.sh (same iterations and seed)
 #   device : the CPU, also where a GPU is present (DEVICE=cuda trains there: not the shipped recipe,
 #            whose figures are for one CPU thread; the GPU recipe is scripts/gpu_session.py)

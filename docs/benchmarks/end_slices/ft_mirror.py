@@ -1,4 +1,5 @@
-"""The mirrored end-slice experiment's training run (README.md here): `corediff train` with the
+"""The mirrored end-slice experiment's training run (docs/benchmarks/quality_record.md, "Tried on the
+CPU and not shipped"; its tables beside this file): `corediff train` with the
 patch sampler's edge rule replaced -- a volume's first/last slice gets its one real neighbour on
 both sides instead of itself. Run from the repository root at 944b919:
 
