@@ -678,6 +678,9 @@ def test_every_case_of_a_simulation_is_its_own_and_its_manifest_says_how_it_was_
     mismatch = [np.abs(ndct[1] - phantom)[phantom > -500].mean() for phantom in (own, other)]
     assert mismatch[0] < 0.5 * mismatch[1], mismatch  # the recorded seed makes that case's anatomy
     assert not np.array_equal(sitk.GetArrayFromImage(b["ndct"][0]), ndct[0].astype(np.int16))  # --seed reaches it
+    ldct = [sitk.GetArrayFromImage(image).astype(np.float32) for image in a["ldct25"]]
+    noise = [(ld - nd)[0] for ld, nd in zip(ldct, ndct)]  # each case draws noise of its own
+    assert all(abs(_noise_correlation(noise[i], noise[j])) < 0.2 for i, j in ((0, 1), (0, 2), (1, 2)))
 
 
 def test_a_quarter_detector_offset_reconstructs_as_well_on_both_back_projectors():
@@ -728,3 +731,48 @@ def test_a_simulation_nifti_cannot_hold_is_refused_before_any_work(tmp_path, mon
         simulate_dataset(str(tmp_path / "sim"), 0.25, count=1, n_slices=32768, size=64, kinds=("head",),
                          fmt="nrrd", geometry=GEOM, progress=False)
     assert not list(tmp_path.iterdir())
+
+
+def test_each_fbp_window_apodises_the_ramp_as_named_and_the_cutoff_is_a_fraction_of_nyquist():
+    """Only Ram-Lak against the default Hann was pinned: Hann computed as Hamming passed every test."""
+    from CoreDiffLib.simulation.projector import ramp_filter_response
+    ramp, n_fft = ramp_filter_response(368, 1.0, "ram-lak")
+    f = np.fft.rfftfreq(n_fft)
+    half, nyquist = int(np.argmin(np.abs(f - 0.25))), len(f) - 1  # half Nyquist, Nyquist
+    expected = {"hann": (0.5, 0.0), "hamming": (0.54, 0.08), "cosine": (np.cos(np.pi / 4), 0.0),
+                "shepp-logan": (np.sinc(0.25), np.sinc(0.5)), "ramp": (1.0, 1.0)}
+    for window, (at_half, at_nyquist) in expected.items():
+        response, _ = ramp_filter_response(368, 1.0, window)
+        assert response[half] / ramp[half] == pytest.approx(at_half, abs=1e-9), window
+        assert response[nyquist] / ramp[nyquist] == pytest.approx(at_nyquist, abs=1e-9), window
+    halved, _ = ramp_filter_response(368, 1.0, "ram-lak", cutoff=0.5)
+    assert halved[half] == pytest.approx(ramp[half]) and halved[half + 1:].max() == 0.0
+    for cutoff in (0.0, 1.5):
+        with pytest.raises(ValueError, match="cutoff must be a fraction of Nyquist"):
+            ramp_filter_response(368, 1.0, cutoff=cutoff)
+
+
+def test_a_ray_that_no_photon_crosses_reads_as_the_count_floor():
+    """Photon starvation (metal, or a very low dose): no count reaches the detector, and the log
+    must take the floor of one count, not zero (-> inf) or a fraction of one."""
+    line_integrals = np.array([0.0, 60.0])  # open air, and a ray no photon survives
+    out = add_projection_noise(line_integrals, dose=0.1, I0=1e5, electronic_sigma=0.0, rng=0)
+    assert np.isfinite(out).all()
+    assert out[1] == pytest.approx(np.log(1e5 * 0.1), rel=1e-6)  # log(I0 x dose / 1 count)
+
+
+def _noise_correlation(a: np.ndarray, b: np.ndarray) -> float:
+    """Correlation of two noise images (LDCT - NDCT) where both have any."""
+    both = (np.abs(a) > 0) & (np.abs(b) > 0)
+    return float(np.corrcoef(a[both], b[both])[0, 1])
+
+
+def test_the_noise_of_each_seed_is_its_own_and_files_hold_values_rounded(tmp_path):
+    """A seed that did not reach the noise passed the tests (they compared the anatomy, which the
+    phantom's seed makes different anyway); so did files holding values cut toward zero."""
+    import SimpleITK as sitk
+    from CoreDiffLib.simulation.dataset import _write
+    (nd3, ld3), (nd4, ld4) = (simulate_pair("head", 1, N, 0.25, seed=s, geometry=GEOM)[:2] for s in (3, 4))
+    assert abs(_noise_correlation(ld3[0] - nd3[0], ld4[0] - nd4[0])) < 0.2
+    _write(np.array([[[0.6, -0.6, 1.4, -1.4]]], np.float32), (1.0, 1.0, 1.0), str(tmp_path / "r.nrrd"))
+    assert sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "r.nrrd"))).ravel().tolist() == [1, -1, 1, -1]

@@ -220,6 +220,8 @@ def ramp_filter_response(n_det: int, ds: float, window: str = "hann", cutoff: fl
     window = window.lower()
     if window not in _WINDOWS:
         raise ValueError(f"unknown FBP window {window!r}; choose one of {_WINDOWS}")
+    if not 0.0 < cutoff <= 1.0:  # 0 divided by zero; above 1 the window reached past Nyquist
+        raise ValueError(f"cutoff must be a fraction of Nyquist in (0, 1], got {cutoff!r}")
     n_fft = int(2 ** math.ceil(math.log2(2 * n_det)))
     n = np.concatenate([np.arange(0, n_fft // 2 + 1), np.arange(-(n_fft // 2) + 1, 0)])
     h = np.zeros(n_fft, np.float64)
