@@ -641,8 +641,8 @@ def add_simulate_parser(sub) -> None:
     p.add_argument("--format", default="nrrd", choices=("nrrd", "nii.gz", "nii", "mha"),
                    help="file format (default nrrd)")
     p.add_argument("--seed", type=int, default=0,
-                   help="anatomy and noise: the same seed, doses and settings give the same files "
-                        "(default 0)")
+                   help="anatomy and noise: the same seed, doses and settings give the same files; another "
+                        "--size or --slices draws other details of the patient (default 0)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a simulation already in --out: its cases and manifest are removed once the new "
                         "one is complete (default: refuse, and keep it)")

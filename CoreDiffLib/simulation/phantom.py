@@ -519,6 +519,11 @@ def make_phantom(kind: str = "abdomen", n_slices: int = 16, size: int = 512,
     (z, y, x) order, row 0 anterior; ``spacing`` = (x, y, z) in mm.
     ``pixel_mm`` defaults to a kind-specific field of view (abdomen 380 mm, thorax 400 mm,
     head 250 mm) divided by ``size``.
+
+    A seed fixes the anatomy for one ``size`` and ``n_slices``: the fat's HU, the vertebrae and
+    the lesions' places are drawn after the texture, whose number of draws follows the volume's
+    shape, so another size or slice count gives another patient. Kept so: every training set and
+    held-out table was simulated this way, and a fresh checkout must simulate them again to the bit.
     """
     kind = str(kind).lower()
     if kind not in KINDS:

@@ -31,6 +31,18 @@ physics), no focal-spot / detector-aperture blur beyond the pixel footprint, no 
 spot, no quarter-detector offset by default (``detector_offset`` exposes it), no bowtie filter
 (the incident fluence is flat across the fan).  HU <-> linear attenuation uses
 ``mu = mu_water * (1 + HU/1000)`` with ``mu_water = 0.0192 /mm`` (water at ~70 keV).
+Also (a physics review, 2026-12-06):
+
+* the flat detector's fan covers a 475 mm field of view; a curved one of the same angular pitch
+  would cover about 502 mm, the 500 mm of the Mayo data's scanner class;
+* ``I0`` is photons per view and channel, so the noise at a dose depends on the number of views
+  and the channel pitch: the ~10 HU of the full dose hold for the default geometry only (the
+  tests' ``FanBeamGeometry.small()`` is noisier at "dose 1");
+* each slice is an ideal thin plane (no slice sensitivity profile, no partial volume in z);
+* pixels outside the field of view (the corners of a 512^2 image over 380-400 mm) are
+  reconstructed, not blanked as a scanner does: about 3-6 % of the pixels, air near -965 HU;
+* a ray that no photon crosses reads as one count (no adaptive filtering of starved rays; at the
+  default I0 the fewest counts at 5 % dose are about 50).
 """
 from __future__ import annotations
 
