@@ -1193,7 +1193,9 @@ def test_the_denoisers_settings_come_from_what_was_asked():
         assert load_denoiser(args).settings.channels_last is flag
     with pytest.raises(CoreDiffError, match="a one-shot adaptation weighs all T steps"):
         Denoiser.load(net, "cpu", steps=1, adaptation=type("Blend", (), {"combine": lambda self, s: s[-1]})())
-    with pytest.raises(CoreDiffError, match="slices 2:2 are not within"):
+    with pytest.raises(CoreDiffError, match="slices 2:2 hold no slice: A:B means slices A to B-1"):
         check_slice_range((2, 2), 5)
+    with pytest.raises(CoreDiffError, match="slices 4:6 are not within this volume's 0:5"):
+        check_slice_range((4, 6), 5)
     assert THICK_SLICE_MM == 4.0 and uses_neighbours(3.9) and not uses_neighbours(4.0)
     assert uses_neighbours(6.0, trained_neighbour_mm=5.0) and not uses_neighbours(6.3, trained_neighbour_mm=5.0)
