@@ -371,6 +371,23 @@ def test_gpu_equal_budget_round_rehearses_on_the_cpu_and_returns_loadable_weight
     assert not (tmp_path / "bad").exists() and not (tmp_path / "badwork").exists()  # refused before anything was written
 
 
+def test_an_equal_budget_job_owns_only_the_files_it_named(tmp_path, monkeypatch):
+    """Job rc's tarball (and its stale-file clean-up) took job rc-25's files too: a glob of rc[.-]*."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("gpu_equal_budget", Path(__file__).resolve().parents[1]
+                                                  / "scripts" / "gpu_equal_budget.py")
+    budget = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "gpu_equal_budget", budget)  # its dataclass looks itself up there
+    spec.loader.exec_module(budget)
+    for name in ("rc.log", "rc.json", "rc.pt", "rc-25.log", "rc-25.json", "rc-25.pt", "cd-raw.safetensors",
+                 "cd-ema.safetensors", "cd-25-raw.safetensors", "cd.log"):
+        (tmp_path / name).write_text(name)
+    assert [p.name for p in budget.job_files(tmp_path, "rc")] == ["rc.log", "rc.json", "rc.pt"]
+    assert [p.name for p in budget.job_files(tmp_path, "rc-25")] == ["rc-25.log", "rc-25.json", "rc-25.pt"]
+    assert [p.name for p in budget.job_files(tmp_path, "cd")] == ["cd.log", "cd-raw.safetensors",
+                                                                  "cd-ema.safetensors"]
+
+
 def test_a_weights_file_with_a_broken_config_is_refused_clearly(tmp_path):
     from safetensors.torch import load_file, save_file
 

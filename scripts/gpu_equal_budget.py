@@ -60,6 +60,16 @@ class Job:
         return cls(parts[0], parts[1], parts[2], parts[3], float(parts[4]), share)
 
 
+#: what a job writes into the work folder, after its name
+JOB_FILES = (".log", ".json", ".pt", "-raw.safetensors", "-ema.safetensors")
+
+
+def job_files(work: Path, name: str) -> list[Path]:
+    """The files job ``name`` wrote: its own names only (a glob of NAME[.-]* took job rc-25's files for
+    job rc's as well, into its tarball or out of the folder as stale)."""
+    return [work / f"{name}{ending}" for ending in JOB_FILES if (work / f"{name}{ending}").exists()]
+
+
 def run_job(job: Job, a: argparse.Namespace, work: Path) -> dict:
     """Train one model in this process; write its weights and return its figures."""
     import torch
@@ -178,7 +188,7 @@ def main() -> int:
         p.error("--minutes must be > 0 (0 would mean no time limit)")
     work.mkdir(parents=True, exist_ok=True)  # only once the jobs are known to be sound
     for job in jobs:  # an earlier run's files of the same name would travel back as this run's
-        for stale in work.glob(f"{job.name}[.-]*"):
+        for stale in job_files(work, job.name):
             stale.unlink()
     out.mkdir(parents=True, exist_ok=True)
     import torch
@@ -215,7 +225,7 @@ def main() -> int:
     for name in procs:  # one tarball per job: a transfer returns files of up to 16 MB each
         tarball = out / f"{name}.tar.gz"
         with tarfile.open(tarball, "w:gz") as tar:
-            for path in sorted(work.glob(f"{name}[.-]*")):
+            for path in job_files(work, name):
                 tar.add(path, arcname=f"equal_budget/{path.name}")
         split_for_transfer(tarball)
     return 0 if all(proc.returncode == 0 for proc in procs.values()) else 1
