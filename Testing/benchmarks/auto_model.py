@@ -36,12 +36,18 @@ def simulate_unseen(folder: Path, doses: list[float]) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     for i, kind in enumerate(("abdomen", "thorax", "head")):
         name = f"test{9000 + i}_{kind}"
-        if (folder / f"{name}_ndct.nrrd").exists():
+        ndct_path = folder / f"{name}_ndct.nrrd"
+        ldct_paths = [folder / f"{name}_ldct{dose_tag(d)}.nrrd" for d in doses]
+        if ndct_path.exists():
+            missing = [p.name for p in ldct_paths if not p.exists()]
+            if missing:  # the doses of a case are drawn together: one more would redraw them all
+                raise SystemExit(f"{folder} holds {ndct_path.name} but not {', '.join(missing)} (a run stopped "
+                                 "halfway, or other --simulate doses): move the folder away to simulate it again")
             continue
         ndct, ldcts, spacing = simulate_pair(kind, 6, 512, sorted(doses, reverse=True), seed=9000 + i)
-        write_volume(Volume(ndct, spacing, pixel_type="int16"), folder / f"{name}_ndct.nrrd")
-        for dose, ldct in ldcts.items():
+        for dose, ldct in ldcts.items():  # the NDCT last: it marks the case complete
             write_volume(Volume(ldct, spacing, pixel_type="int16"), folder / f"{name}_ldct{dose_tag(dose)}.nrrd")
+        write_volume(Volume(ndct, spacing, pixel_type="int16"), ndct_path)
         print(f"simulated {name} at {', '.join(f'{d:g}' for d in doses)}", flush=True)
 
 
@@ -58,6 +64,8 @@ def main() -> int:
     default = load_manifest()["default"]
     denoisers = {name: Denoiser.load(name, "cpu", args.steps) for name in models.values()}
     rows = []
+    if not any(args.data.glob("*_ndct.nrrd")):  # it wrote empty tables over the committed ones
+        raise SystemExit(f"{args.data} holds no *_ndct.nrrd scans: simulate them (--simulate DOSE ...) or give --data")
     for ndct_path in sorted(args.data.glob("*_ndct.nrrd")):
         reference = read_volume(ndct_path).array
         ldct_paths = {dose_from_tag(re.search(r"_ldct([\dp]+)\.nrrd$", path.name).group(1)): path
