@@ -76,7 +76,7 @@ def main() -> int:
                     outs = oriented_outputs(fn, stack, ORIENTATIONS)  # the first is the plain output
                     scores.setdefault(label, []).append(psnr(unit_to_hu(outs[0, 0, 0].numpy()), ndct[i]))
                     scores.setdefault(f"{label} + 8-fold ensemble", []).append(psnr(ensemble(outs), ndct[i]))
-            print(f"{name}: {time.time() - t0:.0f} s", flush=True)
+            print(f"{name}: {time.time() - t0:.0f} s", file=sys.stderr, flush=True)  # progress: not in the table
     n = len(scores["RED-CNN"])
     print(f"\n{a.split} set, {tag} % dose, {n} inner slices, PSNR vs NDCT (dB); "
           "gap = method - RED-CNN without ensemble, paired per slice\n")
