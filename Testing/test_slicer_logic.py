@@ -822,6 +822,17 @@ def test_the_self_test_says_it_skips_denoising_where_pytorch_is_missing(slicerEn
     assert any("denoising tests are skipped" in text for text in shown)
     assert "Checking the module's geometry, arguments and messages" in shown  # what needs no PyTorch ran
     assert shown[shown.index("Checking the module's geometry, arguments and messages") + 1] == "Test passed"
+    # ctest (slicer.testing.runUnitTest) loads the test_ methods and runs each on its own, not runTest:
+    # the denoising ones failed there (RuntimeError, no torch) instead of being skipped
+    import unittest
+    monkeypatch.setattr(module.CoreDiffSlicerLogic, "startDenoise",
+                        lambda *a, **k: pytest.fail("started denoising without its dependencies"))
+    suite = unittest.TestLoader().loadTestsFromTestCase(module.CoreDiffSlicerTest)
+    assert suite.countTestCases() == 5
+    result = unittest.TestResult()
+    suite.run(result)
+    assert (result.testsRun, result.failures, result.errors) == (5, [], [])
+    assert len(result.skipped) == 4 and all("PyTorch" in why for _, why in result.skipped)
 
 
 def test_a_failed_package_install_is_a_message_not_a_traceback(slicerEnv, monkeypatch):  # noqa: F811
