@@ -573,6 +573,9 @@ class CoreDiffSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.oneShotSliceSlider.valueChanged.connect(self.onOneShotSliceChanged)
         self.ui.oneShotNameLineEdit.textChanged.connect(self._onNameEdited)
         self.ui.modelPathLineEdit.currentPathChanged.connect(self._onModelPathChanged)
+        # CTK's path field says nothing when it is emptied (its validator refuses an empty path), so
+        # clearing it by hand kept the file: this button goes back to the Model list
+        self.ui.clearModelFileButton.clicked.connect(self._onClearModelFile)
 
         self.ui.progressBar.visible = False
         self.ui.oneShotProgressBar.visible = False
@@ -688,6 +691,7 @@ class CoreDiffSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         path = "" if str(p.modelFile) in ("", ".") else str(p.modelFile)
         if self.ui.modelPathLineEdit.currentPath != path:
             self.ui.modelPathLineEdit.currentPath = path
+        self.ui.clearModelFileButton.enabled = bool(path)
 
     def _onNameEdited(self, text) -> None:
         if self._parameterNode is not None and self._parameterNode.osName != text:
@@ -696,6 +700,10 @@ class CoreDiffSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _onModelPathChanged(self, path) -> None:
         if self._parameterNode is not None and str(self._parameterNode.modelFile) != (path or "."):
             self._parameterNode.modelFile = pathlib.Path(path) if path else pathlib.Path()
+
+    def _onClearModelFile(self) -> None:
+        self.ui.modelPathLineEdit.currentPath = ""
+        self._onModelPathChanged("")
 
     def _onParameterNodeModified(self, caller=None, event=None) -> None:
         p = self._parameterNode

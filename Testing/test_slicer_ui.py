@@ -20,7 +20,8 @@ EXPECTED_CLASSES = {
     "oneShotNdctSelector": "qMRMLNodeComboBox",
     "modelComboBox": "ctkComboBox", "deviceComboBox": "ctkComboBox",
     "contextComboBox": "ctkComboBox",
-    "modelPathLineEdit": "ctkPathLineEdit", "stepsSliderWidget": "ctkSliderWidget",
+    "modelPathLineEdit": "ctkPathLineEdit", "clearModelFileButton": "QToolButton",
+    "stepsSliderWidget": "ctkSliderWidget",
     "autoStepsCheckBox": "QCheckBox",
     "batchSizeSpinBox": "QSpinBox", "showComparisonCheckBox": "QCheckBox",
     "applyButton": "QPushButton", "previewButton": "QPushButton", "progressBar": "QProgressBar", "statusLabel": "QLabel",
@@ -147,8 +148,13 @@ def test_gui_and_parameter_node_stay_in_sync(slicerEnv):  # noqa: F811
     assert widget.ui.modelPathLineEdit.property("currentPath") == "" and str(p.modelFile) == "."
     widget.ui.modelPathLineEdit.setProperty("currentPath", "/tmp/my.safetensors")
     assert str(p.modelFile) == "/tmp/my.safetensors"
-    widget.ui.modelPathLineEdit.setProperty("currentPath", "")
+    assert widget.ui.clearModelFileButton.property("enabled")
+    widget.ui.modelPathLineEdit.setProperty("currentPath", "")  # emptied by hand: CTK's field says nothing
+    assert str(p.modelFile) == "/tmp/my.safetensors"
+    widget.ui.modelPathLineEdit.setProperty("currentPath", "/tmp/my.safetensors")
+    widget.ui.clearModelFileButton.click()  # the way back to the Model list
     assert str(p.modelFile) == "." and widget.ui.modelPathLineEdit.property("currentPath") == ""
+    assert not widget.ui.clearModelFileButton.property("enabled")
     p.modelFile = __import__("pathlib").Path("/tmp/saved.safetensors")  # a scene loaded with its model file
     assert widget.ui.modelPathLineEdit.property("currentPath") == "/tmp/saved.safetensors"
     p.modelFile = __import__("pathlib").Path()

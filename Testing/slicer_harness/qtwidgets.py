@@ -176,7 +176,8 @@ class ctkSliderWidget(QtWidgets.QWidget):
 
 class ctkPathLineEdit(QtWidgets.QWidget):
     """Mirrors ``ctkPathLineEdit``: properties ``currentPath`` (str), ``nameFilters`` (QStringList);
-    signal ``currentPathChanged(QString)``."""
+    signal ``currentPathChanged(QString)``, emitted, as CTK's, only for a path its validator accepts
+    (one that matches a name filter; with none, any non-empty path): never for an emptied field."""
 
     currentPathChanged = QtCore.Signal(str)
 
@@ -190,7 +191,14 @@ class ctkPathLineEdit(QtWidgets.QWidget):
         layout.addWidget(self._edit, 1)
         layout.addWidget(self._button)
         self._nameFilters = []
-        self._edit.textChanged.connect(self.currentPathChanged.emit)
+        self._edit.textChanged.connect(self._onTextChanged)
+
+    def _onTextChanged(self, text):
+        import fnmatch
+        import re as _re
+        patterns = [p for f in self._nameFilters for p in (_re.findall(r"\(([^)]*)\)", f) or [f])[0].split()]
+        if text and (not patterns or any(fnmatch.fnmatch(text, p) for p in patterns)):
+            self.currentPathChanged.emit(text)
 
     def _getCurrentPath(self):
         return self._edit.text()
