@@ -835,6 +835,18 @@ def test_the_self_test_says_it_skips_denoising_where_pytorch_is_missing(slicerEn
     assert len(result.skipped) == 4 and all("PyTorch" in why for _, why in result.skipped)
 
 
+def test_without_its_library_the_module_shows_a_dialog_only_when_asked_interactively(slicerEnv, monkeypatch):  # noqa: F811,E501
+    """ctest asks non-interactively: a dialog there waits for no one to close it."""
+    slicer, module, tempDir = slicerEnv
+    monkeypatch.setattr(module, "coreDiffLibParentDir", lambda: None)
+    logic = module.CoreDiffSlicerLogic()
+    shown = len(H.displayed)
+    assert logic.checkDependencies(interactive=False) is False and len(H.displayed) == shown
+    monkeypatch.setattr(module.CoreDiffSlicerLogic, "_speedupsOffered", True)  # no optional-package question
+    assert logic.checkDependencies(interactive=True) is False
+    assert "CoreDiffLib package was not found" in H.displayed[-1][1]
+
+
 def test_a_failed_package_install_is_a_message_not_a_traceback(slicerEnv, monkeypatch):  # noqa: F811
     """Offline hospital machines: slicer.util.pip_install raises CalledProcessError when pip fails."""
     slicer, module, tempDir = slicerEnv
