@@ -53,7 +53,7 @@ def comparison_figure(panels: dict[str, np.ndarray], path: str | os.PathLike, ti
         diff = (f"{a} − {b}", panels[a] - panels[b])
     n = len(images) + (diff is not None)
     h, w = images[0].shape
-    zoom = zoom or max(min(h, w) // 4, 16)
+    zoom = min(zoom or max(min(h, w) // 4, 16), h, w)  # the box frames the crop: neither beyond the image
     y, x = busiest_region(images[-1], zoom)
     fig, axes = plt.subplots(2, n, figsize=(3.2 * n, 6.6), squeeze=False)
     lo, hi = DISPLAY_WINDOW_HU

@@ -1212,6 +1212,12 @@ def test_compare_figure_keeps_the_pixel_shape_shows_ldct_minus_corediff_and_take
     assert drawn[-1]["pixel_aspect"] == pytest.approx(1.5 / 0.5)  # rows 1.5 mm apart, columns 0.5 mm
     assert main(base + ["--figure", str(tmp_path / "b.png"), "--slice", "4"]) == 2  # slices 0..3
     assert not (tmp_path / "b.png").exists()
+    # stored with its in-plane axes swapped (rows along x): drawn turned, the aspect turns with it
+    swapped = {n: write_image(tmp_path / f"{n}_t.nrrd", ref + k, spacing=(0.5, 1.5, 2.0),
+                              direction=(0, 1, 0, 1, 0, 0, 0, 0, 1)) for k, n in ((0, "ref"), (30, "ldct"), (5, "den"))}
+    assert main(["compare", str(swapped["den"]), "--ldct", str(swapped["ldct"]), "--reference", str(swapped["ref"]),
+                 "--figure", str(tmp_path / "c.png")]) == 0
+    assert drawn[-1]["pixel_aspect"] == pytest.approx(0.5 / 1.5)
 
 
 def test_the_figure_zooms_where_its_box_is_and_draws_the_difference_a_minus_b(tmp_path, monkeypatch):
@@ -1237,6 +1243,31 @@ def test_the_figure_zooms_where_its_box_is_and_draws_the_difference_a_minus_b(tm
         np.testing.assert_array_equal(crop, whole[40:56, 8:24])
     assert all(kw["aspect"] == 2.0 for _, kw in shown)
     assert (tmp_path / "f.png").stat().st_size > 0
+    # what the figure says is what it draws: each panel's label and window, the box over the zoomed
+    # pixels, the windows in the title (each of these could change and every test passed)
+    import CoreDiffLib.figures as figures
+    from CoreDiffLib.intensity import DISPLAY_WINDOW_HU
+    drawn = []
+    close = figures.plt.close
+    monkeypatch.setattr(figures.plt, "close", drawn.append)
+    comparison_figure({"A": a, "B": b}, tmp_path / "g.png", difference=("A", "B"), zoom=16)
+    fig = drawn[0]
+    top, bottom = fig.axes[:3], fig.axes[3:]
+    assert [ax.get_title() for ax in top] == ["A", "B", "A − B"]
+    windows = [tuple(DISPLAY_WINDOW_HU)] * 2 + [(-100, 100)]
+    for row in (top, bottom):
+        assert [tuple(ax.get_images()[0].get_clim()) for ax in row] == windows
+    for ax in top:
+        (box,) = ax.patches
+        assert (box.get_xy(), box.get_width(), box.get_height()) == ((8 - 0.5, 40 - 0.5), 16, 16)
+    lo, hi = DISPLAY_WINDOW_HU
+    assert fig._suptitle.get_text() == f"window [{lo:.0f}, {hi:.0f}] HU, difference [-100, 100] HU"
+    close(fig)
+    comparison_figure({"A": a}, tmp_path / "h.png", title="slice 3", zoom=200)  # a zoom beyond the image
+    fig = drawn[1]
+    assert fig._suptitle.get_text() == f"slice 3 · window [{lo:.0f}, {hi:.0f}] HU"
+    assert fig.axes[0].patches[0].get_width() == 64 == fig.axes[1].get_images()[0].get_array().shape[1]
+    close(fig)
 
 
 def test_compare_refuses_a_reference_with_nothing_to_score(tmp_path):
