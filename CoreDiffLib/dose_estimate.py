@@ -84,6 +84,29 @@ class ScanNoise:
         return spacing if self.wed_mm < HUMAN_WED_MM[0] else ""
 
 
+#: estimates outside these (fractions of the simulated normal dose) are no dose the calibration
+#: knows: the scan's noise was changed by more than its dose (see :func:`estimate_caveat`)
+PLAUSIBLE_DOSE = (0.02, 1.5)
+
+
+def estimate_caveat(dose: float) -> str:
+    """A sentence for the log when an estimated dose is beyond what a dose alone explains, else ''.
+
+    The noise index reads a smooth kernel, thick slices or an earlier denoising as a high dose (a
+    denoised scan read as 1,000 %), and a sharp kernel, or a contrast-enhanced scan whose soft tissue
+    lies above 100 HU (its local SD then taken at edges), as a very low one (0.6 % for a 10 % scan);
+    the model chosen may then be too mild or too strong."""
+    if dose > PLAUSIBLE_DOSE[1]:
+        return (f"the scan looks like {100 * dose:.0f} % of the normal dose, less noise than any dose explains: a "
+                "smooth kernel, thick slices or an earlier denoising; if the result looks over-smoothed, or the "
+                "scan needs no denoising, choose the model with --model")
+    if dose < PLAUSIBLE_DOSE[0]:
+        return (f"the scan looks like {100 * dose:.1f} % of the normal dose, more noise than the models were "
+                "trained for: a sharp kernel, or strong contrast in the soft tissue, reads so too; if the result "
+                "looks too smooth, choose the model with --model")
+    return ""
+
+
 def _local_sd(image: np.ndarray, box: int | tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
     from scipy import ndimage
     mean = ndimage.uniform_filter(image, box)

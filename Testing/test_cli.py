@@ -1297,6 +1297,7 @@ def test_the_dose_is_said_in_per_cent_of_what_is_measured(tmp_path, identity_mod
     # a denoised scan reads as a far higher dose: said to be one, not measured as if it were a scan
     r = corediff("dose", tmp_path / "out.nrrd", "--json")
     assert r.returncode == 0 and json.loads(r.stdout)["denoised_by_corediff"].startswith("corediff-25-w32, ")
+    assert "less noise than any dose explains" in json.loads(r.stdout)["caveat"]
     assert "out.nrrd was denoised by CoreDiff (corediff-25-w32, " in r.stderr
     assert "measure the original scan" in r.stderr
 

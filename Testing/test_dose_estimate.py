@@ -219,3 +219,13 @@ def test_non_square_pixels_measure_the_same_patient_and_dose():
     assert scan.wed_mm == pytest.approx(300.0, rel=0.02) and scan.noise_index_hu == pytest.approx(10.0, rel=0.06)
     assert choose_model(wide, (0.4, 0.8))[2] == pytest.approx(choose_model(water_cylinder(300.0, 10.0), (0.8, 0.8))[2],
                                                               rel=0.05)
+
+
+def test_an_estimate_beyond_what_a_dose_explains_is_said_to_be_so():
+    """A denoised scan read as 1,000 % and a contrast-enhanced one as 0.6 % chose a model without a
+    word (a dose/figure review): both are said, with what else makes a scan read so."""
+    from CoreDiffLib.dose_estimate import PLAUSIBLE_DOSE, estimate_caveat
+    assert PLAUSIBLE_DOSE == (0.02, 1.5)
+    assert estimate_caveat(0.25) == estimate_caveat(0.03) == estimate_caveat(1.2) == ""
+    assert "looks like 1010 % of the normal dose, less noise than any dose explains" in estimate_caveat(10.1)
+    assert "looks like 0.6 % of the normal dose, more noise than the models were trained for" in estimate_caveat(0.006)
