@@ -12,7 +12,9 @@ attenuation the beam crosses, so the scan is measured twice:
 - the patient's **water-equivalent diameter** (AAPM Report 220): 2 sqrt(sum (1 + HU/1000) dA / pi)
   over the body: the largest connected region above -500 HU (so the table and cables, apart
   from it, do not count), the median over the slices measured that hold a body (air beyond the
-  patient would count as 0 mm). A body cut off by the image or the field of view measures too
+  patient would count as 0 mm). Unlike Report 220, the lungs and bowel gas inside the outline
+  are left out, not counted at their own HU (a thorax measures about 4 % smaller, an abdomen the
+  same); the calibration was fitted on diameters measured this way, so it is kept. A body cut off by the image or the field of view measures too
   small, so the dose too low: the log says so (:meth:`ScanNoise.caveat`).
 
 A calibration fitted on the training phantoms, log(noise) = a + b WED + c log(dose), inverts to
