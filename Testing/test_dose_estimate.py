@@ -219,6 +219,17 @@ def test_non_square_pixels_measure_the_same_patient_and_dose():
     assert scan.wed_mm == pytest.approx(300.0, rel=0.02) and scan.noise_index_hu == pytest.approx(10.0, rel=0.06)
     assert choose_model(wide, (0.4, 0.8))[2] == pytest.approx(choose_model(water_cylinder(300.0, 10.0), (0.8, 0.8))[2],
                                                               rel=0.05)
+    # the noise box is 6 mm along each axis: (rows, columns) = (6 / 0.8, 6 / 0.4) pixels, made odd (white
+    # noise, as above, reads the same in any box: the box's axes swapped passed)
+    import CoreDiffLib.dose_estimate as dose_estimate
+    boxes = []
+    local_sd = dose_estimate._local_sd
+    try:
+        dose_estimate._local_sd = lambda image, box: (boxes.append(box), local_sd(image, box))[1]
+        measure(wide, (0.4, 0.8))
+    finally:
+        dose_estimate._local_sd = local_sd
+    assert set(boxes) == {(9, 15)}  # 7.5 rows round to 8, odd: 9
 
 
 def test_an_estimate_beyond_what_a_dose_explains_is_said_to_be_so():
