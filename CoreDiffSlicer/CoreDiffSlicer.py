@@ -2034,6 +2034,11 @@ class CoreDiffSlicerLogic(ScriptedLoadableModuleLogic):
         after = slicer.util.arrayFromVolume(outputNode)
         nk, nj, ni = before.shape
         if roiNode is not None:
+            size = [0.0, 0.0, 0.0]
+            roiNode.GetSize(size)
+            if not all(s > 0 for s in size):  # "Create new ROI" makes one unplaced, of no size
+                raise ValueError(f"The ROI '{roiNode.GetName()}' has no size yet: place it in a slice view "
+                                 "(click and drag), or pick another one.")
             bounds = [0.0] * 6
             roiNode.GetRASBounds(bounds)
             rasToIJK = vtk.vtkMatrix4x4()

@@ -1433,6 +1433,9 @@ def test_edges_a_red_view_past_the_last_slice_an_roi_past_the_volume_and_no_comp
     roi.SetCenter(30.0, 30.0, 4.0)  # over the slices' range in x and y, beyond the last slice in z
     with pytest.raises(ValueError, match="The ROI is outside the volume"):
         logic.roiStatistics(flat, flat, roi)
+    unplaced = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "new")  # as "Create new ROI" makes it
+    with pytest.raises(ValueError, match="The ROI 'new' has no size yet: place it in a slice view"):
+        logic.roiStatistics(flat, flat, unplaced)
 
     lm = slicer.app.layoutManager()
     layout = lm.layout
