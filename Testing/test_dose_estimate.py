@@ -240,3 +240,22 @@ def test_an_estimate_beyond_what_a_dose_explains_is_said_to_be_so():
     assert estimate_caveat(0.25) == estimate_caveat(0.03) == estimate_caveat(1.2) == ""
     assert "looks like 1010 % of the normal dose, less noise than any dose explains" in estimate_caveat(10.1)
     assert "looks like 0.6 % of the normal dose, more noise than the models were trained for" in estimate_caveat(0.006)
+
+
+def test_which_slices_count_and_how_much_edge_contact_is_a_cut():
+    """Three thresholds no test reached (each changed and every test passed): a slice counts when its
+    body holds a quarter of the largest one's area; a body under 5 cm² is none; a body touching the
+    image's edge over more than 10 mm is cut off."""
+    from CoreDiffLib import CoreDiffError
+    big = water_cylinder(300.0, 10.0, pixel_mm=1.0, size=400, slices=1)[0]
+    thirty = water_cylinder(300.0 * np.sqrt(0.30), 10.0, pixel_mm=1.0, size=400, slices=1, seed=1)[0]
+    twenty = water_cylinder(300.0 * np.sqrt(0.20), 10.0, pixel_mm=1.0, size=400, slices=1, seed=2)[0]
+    assert measure(np.stack([big, thirty, twenty]), (1.0, 1.0)).slices == 2  # 30 % of the area counts, 20 % not
+    tiny = water_cylinder(24.0, 10.0, pixel_mm=1.0, size=400, slices=1)  # 4.5 cm²
+    with pytest.raises(CoreDiffError, match="no body found in this scan"):
+        measure(tiny, (1.0, 1.0))
+    # a 300 mm body whose top reaches just past the image's edge
+    r = np.hypot(*np.meshgrid(np.arange(400) - 199.5, np.arange(400) - 199.5 + 49.9))  # 22 mm of contact
+    touching = np.where(r < 150.0, 0.0, -1000.0)[None] + np.random.default_rng(3).normal(0, 10.0, (1, 400, 400))
+    assert measure(touching, (1.0, 1.0)).cut_slices == 1
+    assert measure(big[None], (1.0, 1.0)).cut_slices == 0
