@@ -419,7 +419,8 @@ def main() -> int:
     split_name = "validation phantoms" if a.split == "validation" else "phantoms"
     inside = (f" inside {volume_slices}-slice volumes, so each has both neighbours as in a scan (the "
               "volumes' end slices are scored apart, below)" if a.margin else "")
-    lines = [f"Held-out {split_name} ({len(cases)} cases × {a.slices} slices{inside}, 512², {pct} % dose); "
+    size = f"{ndct.shape[-2]}²" if ndct.shape[-2] == ndct.shape[-1] else f"{ndct.shape[-2]}×{ndct.shape[-1]}"
+    lines = [f"Held-out {split_name} ({len(cases)} cases × {a.slices} slices{inside}, {size}, {pct} % dose); "
              "metrics on [-1000, 1000] HU, mean over slices; against the NDCT (the paper's protocol) "
              "and against the noise-free reconstruction of the same phantom.", "",
              held_out_provenance(cache, [c[0] for c in cases]) + f" Data fingerprint {data_key} (sha256 of "
