@@ -35,12 +35,13 @@ def partial_path(target: str | os.PathLike) -> Path:
 
 
 def check_output_file(flag: str, path: str | os.PathLike, suffixes: Sequence[str],
-                      inputs: Iterable[str | os.PathLike | None] = ()) -> Path:
+                      inputs: Iterable[str | os.PathLike | None] = (), replace: bool = True) -> Path:
     """Refuse an output file before any work is done, with a message naming ``flag``.
 
     The type must be what is written there (``suffixes``), so that a table or weights cannot
     land on a volume named by mistake; it must not be one of the command's ``inputs`` (they
-    are never overwritten); and its folder must exist, or the finished work could not be saved.
+    are never overwritten); its folder must exist, or the finished work could not be saved;
+    and with ``replace`` False it must not exist yet (the command's ``--overwrite`` allows it).
     """
     out = Path(path).expanduser()
     if not out.name.lower().endswith(tuple(s.lower() for s in suffixes)):
@@ -51,6 +52,8 @@ def check_output_file(flag: str, path: str | os.PathLike, suffixes: Sequence[str
             raise CoreDiffError(f"{flag} {path} is also an input: write it elsewhere (inputs are never overwritten)")
     if resolved.is_dir():
         raise CoreDiffError(f"{flag} {path} is a folder: give a file name")
+    if not replace and os.path.lexists(out):
+        raise CoreDiffError(f"{flag} {path} exists: choose a new name, or give --overwrite to replace it")
     check_output_place(resolved, f"{flag} {path}")
     return out
 
@@ -113,11 +116,28 @@ def atomic_path(target: str | os.PathLike, replace: bool = True) -> Iterator[Pat
 
 
 @contextlib.contextmanager
-def atomic_paths(*targets: str | os.PathLike | None) -> Iterator[list[Path | None]]:
+def atomic_paths(*targets: str | os.PathLike | None, replace: bool = True) -> Iterator[list[Path | None]]:
     """:func:`atomic_path` for several outputs that are all written or none: a temporary path per
-    target (None for a None target), every one renamed into place only when the block succeeds."""
-    with contextlib.ExitStack() as stack:
-        yield [stack.enter_context(atomic_path(t)) if t else None for t in targets]
+    target (None for a None target), every one put into place only when the block succeeds.
+    ``replace`` False: if a file appeared at one target meanwhile, it is kept and the targets
+    already placed are taken back (they were new: nothing of anyone else's is lost)."""
+    temporaries = [partial_path(t) if t else None for t in targets]
+    placed: list[Path] = []
+    try:
+        yield temporaries
+        for tmp, target in zip(temporaries, targets):
+            if tmp is not None:
+                publish(tmp, target, replace)
+                placed.append(Path(target))
+    except OutputAppeared:
+        for target in placed:
+            target.unlink()
+        raise
+    finally:
+        for tmp in temporaries:
+            if tmp is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    tmp.unlink()
 
 
 @contextlib.contextmanager

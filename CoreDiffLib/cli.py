@@ -462,9 +462,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if args.csv:
         if not args.reference:
             raise CoreDiffError("--csv writes the metrics, which need --reference (the normal-dose volume)")
-        check_output_file("--csv", args.csv, (".csv",), inputs)
+        check_output_file("--csv", args.csv, (".csv",), inputs, replace=args.overwrite)
     if args.figure:
-        check_output_file("--figure", args.figure, FIGURE_SUFFIXES, inputs)
+        check_output_file("--figure", args.figure, FIGURE_SUFFIXES, inputs, replace=args.overwrite)
     elif args.slice is not None:
         raise CoreDiffError("--slice picks the figure's slice: give --figure FILE too")
     elif not args.reference:
@@ -534,7 +534,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
                        "holds nothing above -1000 HU there")
     else:
         info(args, "no --reference: metrics need a normal-dose volume; writing the figure only")
-    with atomic_paths(args.csv, args.figure) as (csv_tmp, figure_tmp):  # both files or neither
+    with atomic_paths(args.csv, args.figure, replace=args.overwrite) as (csv_tmp, figure_tmp):  # both or neither
         if csv_tmp:
             with open(csv_tmp, "w", newline="") as f:
                 writer = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -585,6 +585,9 @@ def add_compare_parser(sub) -> None:
     p.add_argument("--csv", help="write per-slice metrics to this CSV")
     p.add_argument("--figure", help="write a side-by-side figure here (.png, or .pdf, .svg, .jpg, .tif)")
     p.add_argument("--slice", type=int, default=None, help="slice for the figure (default: middle)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --csv or --figure file (by default an existing one is kept and "
+                        "the run refused)")
     p.set_defaults(func=cmd_compare, progress="bar")
 
 

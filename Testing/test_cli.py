@@ -689,7 +689,7 @@ def test_compare_scores_a_slices_output_against_the_matching_slices_of_the_scan(
     assert r.returncode == 0 and "count part.nrrd's own slices from 0 (give --ldct" in r.stderr, r.stderr
     assert [int(row.split(",")[0]) for row in (tmp_path / "f.csv").read_text().splitlines()[1:]] == [0, 1, 2]
     r = corediff("compare", tmp_path / "part.nrrd", "--reference", flipped, "--ldct", ldct_path,
-                 "--csv", tmp_path / "f.csv")
+                 "--csv", tmp_path / "f.csv", "--overwrite")
     assert r.returncode == 0 and "own slices" not in r.stderr
     assert [int(row.split(",")[0]) for row in (tmp_path / "f.csv").read_text().splitlines()[1:]] == [4, 5, 6]
     elsewhere = write_image(tmp_path / "elsewhere.nrrd", ldct[4:7], origin=(-10.0, 20.0, 31.0))  # not on a slice
@@ -1218,6 +1218,43 @@ def test_compare_figure_keeps_the_pixel_shape_shows_ldct_minus_corediff_and_take
     assert main(["compare", str(swapped["den"]), "--ldct", str(swapped["ldct"]), "--reference", str(swapped["ref"]),
                  "--figure", str(tmp_path / "c.png")]) == 0
     assert drawn[-1]["pixel_aspect"] == pytest.approx(0.5 / 1.5)
+
+
+def test_compare_keeps_an_existing_csv_or_figure_unless_overwrite_and_writes_both_or_neither(tmp_path, monkeypatch,
+                                                                                              capsys):
+    """compare replaced an existing --csv or --figure without a word (a results.csv of one's own
+    given by a slip of the hand); a figure that appears while the CSV is placed is kept, and the
+    CSV, new, taken back: both files or neither."""
+    import CoreDiffLib.figures as figures
+    from CoreDiffLib.cli import main
+    monkeypatch.setattr(figures, "comparison_figure", lambda panels, path, **kwargs: Path(path).write_bytes(b"fig"))
+    ref = synthetic_ct(3, 32, noise_hu=0)
+    paths = {n: write_image(tmp_path / f"{n}.nrrd", ref + k) for k, n in ((0, "ref"), (20, "den"))}
+    csv, fig = tmp_path / "mine.csv", tmp_path / "mine.png"
+    base = ["compare", str(paths["den"]), "--reference", str(paths["ref"]), "--csv", str(csv), "--figure", str(fig)]
+    for existing in (csv, fig):
+        existing.write_text("my own results")
+        assert main(base) == 2  # refused before anything is read, by name
+        assert f"{existing} exists: choose a new name, or give --overwrite" in capsys.readouterr().err
+        assert existing.read_text() == "my own results" and [p.name for p in tmp_path.iterdir() if
+                                                             p.name.startswith(".")] == []
+        assert not (fig if existing == csv else csv).exists()  # neither written
+        existing.unlink()
+    csv.write_text("my own results")
+    assert main(base + ["--overwrite"]) == 0
+    assert csv.read_text().startswith("slice,denoised_psnr") and fig.read_bytes() == b"fig"
+    csv.unlink(), fig.unlink()
+    import CoreDiffLib.atomic as atomic
+    real = atomic.publish
+
+    def figure_appears(done, target, replace=True):
+        if Path(target) == fig:
+            fig.write_text("another program's figure")
+        return real(done, target, replace)
+    monkeypatch.setattr(atomic, "publish", figure_appears)
+    assert main(base) == 2  # OutputAppeared, said as an error
+    assert fig.read_text() == "another program's figure" and not csv.exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
 def test_the_figure_zooms_where_its_box_is_and_draws_the_difference_a_minus_b(tmp_path, monkeypatch):

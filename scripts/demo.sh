@@ -11,5 +11,5 @@ sample=CoreDiffLib/data
 corediff denoise "$sample/sample_abdomen_ldct25.nrrd" out/sample_denoised.nrrd --overwrite  # a rerun replaces it
 corediff compare out/sample_denoised.nrrd --ldct "$sample/sample_abdomen_ldct25.nrrd" \
   --reference "$sample/sample_abdomen_ndct.nrrd" --csv out/sample_metrics.csv \
-  --figure out/sample_before_after.png
+  --figure out/sample_before_after.png --overwrite  # a rerun replaces them
 echo "Denoised volume: out/sample_denoised.nrrd   figure: out/sample_before_after.png"
