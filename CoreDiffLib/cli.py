@@ -18,7 +18,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from . import CoreDiffError, __version__
 from .atomic import atomic_paths, check_output_file, sole_writer
@@ -50,6 +50,37 @@ class Progress:
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
+
+
+class PhasedProgress:
+    """One (done, total) count made of phases that run at different speeds (one-shot: T slow
+    network evaluations, then hundreds of fast fitting iterations), shown as a bar per phase so
+    that the first phase's rate does not set the next one's ETA; 'lines' mode reports the
+    whole count, as before."""
+
+    def __init__(self, mode: str, phases: Sequence[tuple[str, int, str]]):
+        self.mode, self.sizes = mode, [n for _, n, _ in phases]  # phases: (description, count, unit)
+        self.bars = [Progress(mode, unit=unit, desc=desc) for desc, _, unit in phases]
+        self._whole = Progress(mode)
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.mode != "bar":
+            self._whole(done, total)
+            return
+        start = 0
+        for k, (bar, size) in enumerate(zip(self.bars, self.sizes)):
+            last = k == len(self.bars) - 1
+            if done >= start + size and not last:  # this phase is over: shown complete, then closed
+                bar(size, size)
+                bar.close()
+            elif done >= start:
+                bar(min(done - start, size), size)
+                return
+            start += size
+
+    def close(self) -> None:
+        for bar in self.bars:
+            bar.close()
 
 
 def info(args: argparse.Namespace, message: str) -> None:

@@ -630,7 +630,7 @@ def _check_reference_noise(args, ldct, ldct_xy, ndct_slice_hu, ndct_xy, paired: 
 
 def cmd_oneshot(args) -> int:
     """``corediff oneshot``: learn and save an adaptation; last stdout line ``RESULT <path>``."""
-    from .cli import Progress, info, note
+    from .cli import PhasedProgress, info, note
     from .inference import axial_layout, axial_view, pick_device, uses_neighbours
     from .io import read_volume, slice_of, voxel_grid_difference
     from .models import load_model
@@ -753,7 +753,9 @@ def cmd_oneshot(args) -> int:
     if not neighbours:
         info(args, f"slices {slice_mm:g} mm apart: the reference slice is its own context, as "
                    "`corediff denoise --context auto` runs them with this model")
-    progress = Progress(args.progress, unit="it", desc="one-shot")
+    # the T network evaluations take seconds each, the fit's iterations milliseconds: a bar each
+    progress = PhasedProgress(args.progress, [("one-shot: sampling", model.config.steps, "step"),
+                                              ("one-shot: fitting", args.iterations, "it")])
     try:
         adaptation = adapt(model, ldct, args.slice, ndct, mode="paired" if paired else "unpaired",
                            ndct_slice=ndct_slice, name=name, dose=args.dose, iterations=args.iterations,

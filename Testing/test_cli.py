@@ -807,6 +807,27 @@ def test_a_second_train_run_writing_the_same_files_is_refused_while_the_first_ru
     assert set(Path(tempfile.gettempdir()).glob("corediff-lock-*")) <= locks  # a run that ends removes its own
 
 
+def test_one_shot_progress_shows_a_bar_per_phase_so_the_sampling_does_not_set_the_fits_eta(capsys):
+    """One bar counted 10 network evaluations of seconds each and 600 fitting iterations of
+    milliseconds as one unit: its first ETA was minutes for a fit of seconds. 'lines' keeps the
+    whole count a GUI parses."""
+    from CoreDiffLib.cli import PhasedProgress
+    bars = PhasedProgress("bar", [("one-shot: sampling", 3, "step"), ("one-shot: fitting", 5, "it")])
+    seen = []
+    for done in range(9):
+        bars(done, 8)
+        seen.append([(b._bar.n, b._bar.total) if b._bar is not None else None for b in bars.bars])
+    bars.close()
+    assert seen[0] == [(0, 3), None] and seen[2] == [(2, 3), None]
+    assert seen[3] == [(3, 3), (0, 5)] and seen[5] == [(3, 3), (2, 5)] and seen[8] == [(3, 3), (5, 5)]
+    err = capsys.readouterr().err
+    assert "one-shot: sampling: 100%" in err and "3/3" in err and "one-shot: fitting: 100%" in err and "5/5" in err
+    lines = PhasedProgress("lines", [("one-shot: sampling", 3, "step"), ("one-shot: fitting", 5, "it")])
+    for done in (0, 3, 8):
+        lines(done, 8)
+    assert capsys.readouterr().out.split("\n")[:3] == ["PROGRESS 0 8", "PROGRESS 3 8", "PROGRESS 8 8"]
+
+
 def test_train_shows_progress_takes_doses_as_simulate_writes_them_and_says_why_it_stopped(tmp_path):
     """From a journey through the commands: --progress showed nothing; --dose-tag 0.1 (as simulate
     takes doses) found 'no pairs' in a folder of ldct10 files; the weights recorded the tag as
