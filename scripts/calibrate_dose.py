@@ -46,12 +46,23 @@ def main() -> int:
     p.add_argument("--check", nargs="*", type=Path, default=[])
     p.add_argument("--dry-run", action="store_true", help="print, do not write the manifest")
     args = p.parse_args()
-    models = {float(d): name for d, name in (item.split("=", 1) for item in args.models)}
+    try:
+        models = {float(d): name for d, name in (item.split("=", 1) for item in args.models)}
+    except ValueError:
+        p.error(f"--models {' '.join(args.models)}: give DOSE=NAME pairs, e.g. 0.25=corediff-25-w32")
     unknown = set(models.values()) - set(shipped_models())
     if unknown:
         p.error(f"not shipped: {', '.join(sorted(unknown))}")
+    for folder in (args.data, *args.check):
+        if not folder.is_dir():
+            p.error(f"{folder} is not a folder: give one that corediff simulate wrote")
 
     measured = list(scans(args.data))
+    doses = {d for _, d, _ in measured}
+    if len(measured) < 3 or len(doses) < 2:  # three coefficients; the dose's needs two doses
+        p.error(f"{args.data} holds {len(measured)} volumes at {len(doses)} dose(s) (*_ndct.nrrd, "
+                "*_ldct<percent>.nrrd): the fit needs three or more at two doses or more, as corediff "
+                "simulate writes them")
     calibration = DoseCalibration.fit([s for _, _, s in measured], [d for _, d, _ in measured])
     print(f"log(noise index) = {calibration.a:.4f} + {calibration.b:.6f} WED + {calibration.c:.4f} log(dose)")
     errors = []
