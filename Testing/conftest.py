@@ -2,13 +2,25 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
+
+# torch makes its compiler's cache folder (/tmp/torchinductor_<user>) when a test loads the
+# compiler, and leaves it: the tests get one of their own, removed when they end
+_COMPILER_CACHE = tempfile.mkdtemp(prefix="corediff-tests-inductor-")
+os.environ["TORCHINDUCTOR_CACHE_DIR"] = _COMPILER_CACHE
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    shutil.rmtree(_COMPILER_CACHE, ignore_errors=True)
+
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
