@@ -120,6 +120,8 @@ dose reduction the models scored below the simpler RED-CNN and BM3D baselines
 (docs/benchmarks/real_anatomy); with the shipped models slices 4 mm or more apart are each
 denoised without their neighbours, which cost ~1 dB there (Advanced > Context overrides). Intensities are assumed to be
 in Hounsfield units.
+<p>More in the <a href="https://github.com/CoreDiffSlicer/CoreDiffSlicer#readme">documentation</a>
+(the command line, the benchmarks, training and adapting models).</p>
 """
         self.parent.acknowledgementText = """
 Based on CoreDiff: Q. Gao, Z. Li, J. Zhang, Y. Zhang, H. Shan, "CoreDiff: Contextual
@@ -710,15 +712,18 @@ class CoreDiffSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         inputID = p.inputVolume.GetID() if p and p.inputVolume else None
         if inputID != self._lastInputID:
             self._lastInputID = inputID
+            if self.ui.statusLabel.text.startswith("Failed"):  # about the scan selected before
+                self.ui.statusLabel.text = ""
             out = p.outputVolume if p else None
             source = out.GetNodeReferenceID(self.logic.SOURCE_REFERENCE) if out else None
             # a result from before results named their scan: judged by its grid
             legacy = out is not None and source is None and out.GetAttribute("CoreDiff.model") is not None \
                 and p.inputVolume is not None and p.inputVolume.GetImageData() is not None
-            if inputID and ((source and source != inputID)
+            if inputID and (out is None or (source and source != inputID)
                             or (legacy and self.logic.gridMismatch(out, p.inputVolume))):
-                # the result of another scan stays as it is: this one gets its own ("Create new volume")
-                p.outputVolume = None
+                # the result of another scan stays as it is: this one gets its own earlier result, which
+                # the next Denoise replaces, or "Create new volume"
+                p.outputVolume = self.logic.resultOf(p.inputVolume)
         self._showManualBindings()
         self._fitStepsToModel()
         adaptation = bool(self._parameterNode and self._parameterNode.model.startswith("adaptation:"))
@@ -991,11 +996,13 @@ class CoreDiffSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # --- Compare -----------------------------------------------------------------------------
 
     def _comparisonPair(self):
-        """What the selectors name (what the user sees), else the last run's pair."""
+        """What the selectors name (what the user sees), else the last run's pair if it is of the
+        selected input: another patient's must not be measured or shown under this one's name."""
         p = self._parameterNode
         if p and p.inputVolume and p.outputVolume and p.outputVolume.GetID() != p.inputVolume.GetID():
             return (p.inputVolume, p.outputVolume)
-        if self._lastPair and all(slicer.mrmlScene.IsNodePresent(n) for n in self._lastPair):
+        if self._lastPair and all(slicer.mrmlScene.IsNodePresent(n) for n in self._lastPair) and (
+                not p or not p.inputVolume or self._lastPair[0] is p.inputVolume):
             return self._lastPair
         return None
 
@@ -1024,14 +1031,18 @@ class CoreDiffSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._stopFlicker()
 
     def _flickerStep(self) -> None:
+        if not all(slicer.mrmlScene.IsNodePresent(n) for n in self._flickerPair):  # one was deleted: stop
+            self._stopFlicker()
+            return
         self._flickerOn = not self._flickerOn
         self.logic.setFlicker(self._flickerPair[0], self._flickerPair[1], showOutput=self._flickerOn)
 
     def _stopFlicker(self) -> None:
         if self._flickerTimer is not None and self._flickerTimer.active:
             self._flickerTimer.stop()
-            if all(slicer.mrmlScene.IsNodePresent(n) for n in self._flickerPair):
-                self.logic.setFlicker(self._flickerPair[0], self._flickerPair[1], showOutput=None)
+            inputNode = self._flickerPair[0]  # the foreground is cleared even if a volume was deleted
+            self.logic.setFlicker(inputNode if slicer.mrmlScene.IsNodePresent(inputNode) else None, None,
+                                  showOutput=None)
         wasBlocked = self.ui.flickerButton.blockSignals(True)  # the button says what the view does
         self.ui.flickerButton.checked = False
         self.ui.flickerButton.blockSignals(wasBlocked)
@@ -1046,7 +1057,7 @@ class CoreDiffSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         except ValueError as e:
             self.ui.roiResultsLabel.text = str(e)
             return
-        self.ui.roiResultsLabel.text = formatRoiStatistics(stats)
+        self.ui.roiResultsLabel.text = formatRoiStatistics(stats, (pair[0].GetName(), pair[1].GetName()))
 
     def onQualityButton(self) -> None:
         pair = self._comparisonPair()
@@ -1065,7 +1076,7 @@ class CoreDiffSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         except ValueError as e:
             self.ui.qualityResultsLabel.text = str(e)
             return
-        self.ui.qualityResultsLabel.text = formatSliceQuality(quality)
+        self.ui.qualityResultsLabel.text = formatSliceQuality(quality, (pair[0].GetName(), pair[1].GetName()))
 
     # --- One-shot wizard ---------------------------------------------------------------------
 
@@ -1298,20 +1309,27 @@ def formatDuration(seconds) -> str:
     return f"{seconds // 3600} h {(seconds % 3600) // 60:02d} min"
 
 
-def formatRoiStatistics(stats) -> str:
+def _named(label: str, names, k: int) -> str:
+    """'Before (chest CT)': a readout says which volumes it measured."""
+    return f"{label} ({names[k]})" if names else label
+
+
+def formatRoiStatistics(stats, names=None) -> str:
+    """``names``: (input, result) volume names, shown with their figures."""
     b, a = stats["before"], stats["after"]
     drop = (1.0 - a["std"] / b["std"]) * 100.0 if b["std"] > 0 else 0.0
     return (f"ROI ({stats['voxels']} voxels, {stats['where']})\n"
-            f"Before: mean {b['mean']:.1f} HU, SD {b['std']:.1f} HU\n"
-            f"After:  mean {a['mean']:.1f} HU, SD {a['std']:.1f} HU\n"
+            f"{_named('Before', names, 0)}: mean {b['mean']:.1f} HU, SD {b['std']:.1f} HU\n"
+            f"{_named('After', names, 1)}:  mean {a['mean']:.1f} HU, SD {a['std']:.1f} HU\n"
             + (f"Noise (SD) reduced by {drop:.0f} %" if drop >= 0 else f"Noise (SD) increased by {-drop:.0f} %"))
 
 
-def formatSliceQuality(quality) -> str:
+def formatSliceQuality(quality, names=None) -> str:
+    """``names``: (input, result) volume names, shown with their figures."""
     lines = [f"Slice {quality['slice']} against {quality['reference']} (window -1000..1000 HU, as in the paper)"]
-    for label, key in (("Input", "input"), ("Result", "output")):
+    for k, (label, key) in enumerate((("Input", "input"), ("Result", "output"))):
         m = quality[key]
-        lines.append(f"{label}: PSNR {m.psnr:.2f} dB, SSIM {m.ssim:.4f}, RMSE {m.rmse_hu:.1f} HU")
+        lines.append(f"{_named(label, names, k)}: PSNR {m.psnr:.2f} dB, SSIM {m.ssim:.4f}, RMSE {m.rmse_hu:.1f} HU")
     return "\n".join(lines)
 
 
@@ -1520,7 +1538,11 @@ class CoreDiffSlicerLogic(ScriptedLoadableModuleLogic):
         job.cancel()
 
     #: the command line's words for what the module's controls set, as the user sees them
-    _GUI_WORDS = ((re.compile(r"--device (\S+)"), r"Device '\1'"),
+    _GUI_WORDS = ((re.compile(r"--device (\w+(?::\d+)?)"), r"Device '\1'"),  # not the comma in 'cpu,'
+                  (re.compile(r"run 'corediff oneshot'(?: again| first| for this model)?(?: to refit it)?"
+                              r"(?: \(the same --name replaces it\))?"),
+                   "adapt again in the One-shot adaptation section"),
+                  (re.compile(r"give that model with --model"), "choose that model in the Model list"),
                   (re.compile(r"(choose (?:one|the model(?: for its dose)?)) with --model"), r"\1 in the Model list"),
                   (re.compile(r"--model NAME overrides"), "the Model list overrides it"),
                   (re.compile(r"--model auto"), "the Automatic model"),
@@ -1671,13 +1693,13 @@ class CoreDiffSlicerLogic(ScriptedLoadableModuleLogic):
                 self._jobs.remove(job)
             resultNode, message = None, None
             try:
-                gone = [name for name, node in (("input", inputNode), ("output", outputNode))
-                        if node is not None and not slicer.mrmlScene.IsNodePresent(node)]
-                if job.succeeded and gone:  # deleted, or the scene closed, during the run
-                    message = (f"the {' and '.join(gone)} volume was removed from the scene during the run; "
-                               "nothing was added")
+                if job.succeeded and not slicer.mrmlScene.IsNodePresent(inputNode):  # deleted, or the scene closed
+                    message = "the input volume was removed from the scene during the run; nothing was added"
                 elif job.succeeded:
-                    resultNode = self._importResult(inputNode, outputNode, outputPath, preview)
+                    # an output volume deleted during the run (the selector then shows "Create new
+                    # volume"): the finished work goes into a new one
+                    present = outputNode is not None and slicer.mrmlScene.IsNodePresent(outputNode)
+                    resultNode = self._importResult(inputNode, outputNode if present else None, outputPath, preview)
                 elif not job.cancelled:
                     message = self.guiMessage(job.errorMessage, {inputPath: inputNode.GetName()})
             except Exception as e:
@@ -1744,6 +1766,8 @@ class CoreDiffSlicerLogic(ScriptedLoadableModuleLogic):
         for key, value in self.readProvenance(outputPath).items():  # saved with the scene
             outputNode.SetAttribute(f"CoreDiff.{key}", value)
         outputNode.SetNodeReferenceID(self.SOURCE_REFERENCE, inputNode.GetID())  # whose result it is
+        if preview is not None:  # one slice: no whole result for the next Denoise to replace (resultOf)
+            outputNode.SetAttribute("CoreDiff.preview", str(start))
         if outputNode.GetDisplayNode() is None:
             outputNode.CreateDefaultDisplayNodes()
         window, level = self.displayWindowLevel(inputNode)
@@ -1916,10 +1940,12 @@ class CoreDiffSlicerLogic(ScriptedLoadableModuleLogic):
         self.setRedSliceIndex(volumeNode, k)
 
     def setFlicker(self, inputNode, outputNode, showOutput) -> None:
-        """Red view: input as background, output as foreground at opacity 0 or 1 (None: restore)."""
+        """Red view: input as background, output as foreground at opacity 0 or 1 (None: restore,
+        keeping the background if ``inputNode`` is None)."""
         self._ensureRedView()
         composite = self._compositeNode("Red")
-        composite.SetBackgroundVolumeID(inputNode.GetID())
+        if inputNode is not None:
+            composite.SetBackgroundVolumeID(inputNode.GetID())
         if showOutput is None:
             composite.SetForegroundVolumeID(None)
             composite.SetForegroundOpacity(0.0)
@@ -1976,6 +2002,13 @@ class CoreDiffSlicerLogic(ScriptedLoadableModuleLogic):
             return point
         transform = transformNode.GetTransformToWorld() if inverse else transformNode.GetTransformFromWorld()
         return list(transform.TransformPoint(point))
+
+    def resultOf(self, inputNode):
+        """The scene's latest whole CoreDiff result of ``inputNode`` (not a one-slice preview), or None."""
+        results = [node for node in slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode")
+                   if node.GetNodeReferenceID(self.SOURCE_REFERENCE) == inputNode.GetID()
+                   and node.GetAttribute("CoreDiff.preview") is None]
+        return results[-1] if results else None
 
     @staticmethod
     def gridMismatch(node, inputNode) -> Optional[str]:
