@@ -171,8 +171,8 @@ def load_denoiser(args: argparse.Namespace, volume=None, spacing_xy=None) -> "De
         base = getattr(den.model, "weights_path", None)
         info(args, f"adaptation {args.adaptation} on the model it was learned for: {Path(base).name if base else '?'}")
     if args.steps == AUTO_STEPS and den.steps is not None and den.steps < trained:
-        from .manifest import shipped_models
-        shipped = getattr(den.model, "weights_sha256", None) in {e.get("sha256") for e in shipped_models().values()}
+        from .models import is_shipped
+        shipped = is_shipped(den.model)
         info(args, f"one sampling step on the CPU (--steps auto): 1/{trained} of the time of all {trained}, and "
                    + ("0.03-0.06 dB below them for the -w32 models on held-out phantoms"
                       if shipped else "for a model of your own, measure what it costs")

@@ -29,7 +29,7 @@ import torch
 from . import CoreDiffError
 from .diffusion import sample
 from .intensity import HU_MAX, HU_MIN, PADDING_THRESHOLD_HU, hu_to_unit, unit_to_hu, validate_ct_array
-from .models import DEFAULT_MODEL, load_model, sha256_of
+from .models import DEFAULT_MODEL, is_shipped, load_model, sha256_of
 from .network import ClearNet
 from .orientation import AxialLayout, InPlaneView, axial_layout, axial_spacing, axial_view, in_plane_view  # noqa: F401 (also this module's API)
 from .runtime import (NON_FINITE_OUTPUT, PRECISIONS, RunSettings, auto_settings, build_net, check_applicable,
@@ -466,6 +466,28 @@ WIDE_SLICE_MM = 2.0
 THICK_SLICE_MM = 4.0
 #: ``denoise_file``'s context choices: by the slice spacing, the neighbours, or the slice itself
 CONTEXTS = ("auto", "neighbours", "own")
+#: The pixel sizes the shipped models learned from: their phantoms' 250-400 mm fields of view on
+#: 512² grids. The noise's grain is counted in pixels, so coarser pixels show another texture.
+TRAINED_PIXEL_MM = (0.49, 0.78)
+#: Pixels from this size get a caveat with a shipped model: on simulated 25 % scans its gain over
+#: the input was 0.1-1.2 dB lower at 1 mm than at the trained size, 1.3-2.2 dB lower at 1.5 mm, and
+#: at 2-3 mm it made two of three phantoms worse than the input (docs/benchmarks/pixel_size).
+COARSE_PIXEL_MM = 1.2
+
+
+def pixel_size_caveat(spacing_xy, model) -> str | None:
+    """Why a shipped ``model`` may do less on pixels of ``spacing_xy`` (mm), or None; a model of
+    one's own learned from pixels this library does not know."""
+    if not is_shipped(model):
+        return None
+    coarsest = max(float(v) for v in spacing_xy)
+    if coarsest < COARSE_PIXEL_MM:
+        return None
+    low, high = TRAINED_PIXEL_MM
+    return (f"pixels of {coarsest:.2g} mm, coarser than the {low:g}-{high:g} mm the shipped models learned from: "
+            "they remove less of the noise, and from about 2 mm can add error (simulated 25 % scans, gain over the "
+            "input: abdomen +4.7 dB at 0.74 mm, +3.4 at 1.5 mm, +1.4 at 3 mm; thorax +2.5, +0.2, -3.1 dB; "
+            "docs/benchmarks/pixel_size): compare the result with the input, or reconstruct on a finer grid")
 
 
 def uses_neighbours(slice_mm: float, context: str = "auto", trained_neighbour_mm: float | None = None) -> bool:
@@ -596,6 +618,9 @@ def denoise_file(input_path: str | os.PathLike, output_path: str | os.PathLike, 
                     + ", and neighbour "
                     "context helps less the further apart the slices are (held-out phantoms, 25 %: "
                     "+0.82 dB at 1 mm, +0.32 at 3 mm, +0.02 at 5 mm; docs/benchmarks/spacing)")
+            caveat = pixel_size_caveat(spacing_xy, den.model)
+            if caveat:
+                log(f"warning: {caveat}")
         shape = (last - first,) + tuple(data.shape[1:])
         # an axial file's planes in the models' LPS layout (a reformat's are made so by its layout)
         view = in_plane_view(info["direction"]) if layout is None else None

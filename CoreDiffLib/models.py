@@ -97,6 +97,12 @@ def _trained_neighbour_mm(meta: dict) -> float | None:
     return value if math.isfinite(value) and value > 0 else None
 
 
+def is_shipped(model: torch.nn.Module) -> bool:
+    """Whether ``model`` holds shipped weights (by their sha256, also copied elsewhere): the
+    figures the docs measured are theirs, not a model of one's own."""
+    return getattr(model, "weights_sha256", None) in {e.get("sha256") for e in shipped_models().values()}
+
+
 def load_model(name_or_path: str | os.PathLike | None = None, device: str | torch.device = "cpu",
                verify: bool = True) -> ClearNet:
     """Build CLEAR-Net from a shipped name or a weights file; checks sha256 for shipped models."""

@@ -237,6 +237,31 @@ def test_slices_4_mm_apart_or_more_are_their_own_context_unless_asked(tmp_path, 
     assert run(single)[2] == "each slice itself"  # no neighbours: the slice stands in for them (said otherwise before)
 
 
+def test_coarse_pixels_get_a_caveat_with_a_shipped_model_only(tmp_path, identity_model_path):
+    """A scan of 3 mm pixels (a 128² reconstruction) was denoised without a word; the shipped
+    models learned from 0.49-0.78 mm pixels and remove much less noise there. A model of one's
+    own learned from pixels the library does not know: no caveat."""
+    import shutil
+
+    from CoreDiffLib.inference import COARSE_PIXEL_MM, Denoiser, denoise_file
+    from CoreDiffLib.models import resolve_model
+    ct = synthetic_ct(3, 48)
+    copy = tmp_path / "shipped-copy.safetensors"  # the shipped weights under another name: still theirs
+    shutil.copy(resolve_model("corediff-25")[0], copy)
+    for spacing, model, warned in (((2.97, 2.97, 1.0), "corediff-25", True), ((0.7, 1.25, 1.0), str(copy), True),
+                                   ((0.7, 1.15, 1.0), "corediff-25", False),
+                                   ((2.97, 2.97, 1.0), identity_model_path, False)):
+        src = write_image(tmp_path / f"in_{spacing[1]}.nrrd", ct, spacing=spacing)
+        log: list[str] = []
+        denoise_file(src, tmp_path / "out.nrrd", Denoiser.load(model, "cpu", 1), log=log.append)
+        caveats = [m for m in log if "coarser than the 0.49-0.78 mm the shipped models learned from" in m]
+        assert len(caveats) == warned, (spacing, model, log)
+        if warned:
+            assert caveats[0].startswith(f"warning: pixels of {max(spacing[:2]):.2g} mm") and \
+                "docs/benchmarks/pixel_size" in caveats[0]
+    assert 1.15 < COARSE_PIXEL_MM <= 1.25
+
+
 def test_a_model_trained_on_thick_slices_keeps_their_neighbours_as_context(tmp_path):
     """--context auto took each 5 mm slice as its own context whatever the model, so a model
     fine-tuned on 5 mm pairs met a context it had never seen; it now follows the spacing the
