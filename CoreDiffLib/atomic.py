@@ -163,17 +163,22 @@ def partial_folder(target: str | os.PathLike) -> Iterator[Path]:
 class StopRequests:
     """While active, ``signals`` ask the work to stop at a point where it is safe to (``requested``
     turns true) instead of stopping it wherever it is; with ``second_stops`` a second one stops it
-    at once (KeyboardInterrupt). Only in the main thread, where Python handles signals; a signal
-    the process ignores (Ctrl-C in a job started in the background) stays ignored."""
+    at once (KeyboardInterrupt, or with ``second_exits`` SystemExit with the shell's code for the
+    signal, 128 + its number: nothing more is written). Only in the main thread, where Python
+    handles signals; a signal the process ignores (Ctrl-C in a job started in the background)
+    stays ignored."""
 
-    def __init__(self, signals: Sequence[int] = (signal.SIGINT, signal.SIGTERM), second_stops: bool = True):
+    def __init__(self, signals: Sequence[int] = (signal.SIGINT, signal.SIGTERM), second_stops: bool = True,
+                 second_exits: bool = False):
         self.requested = False
         self.signum: int | None = None  # the first signal that asked
-        self._signals, self._second_stops = tuple(signals), second_stops
+        self._signals, self._second_stops, self._second_exits = tuple(signals), second_stops, second_exits
         self._previous: dict[int, object] = {}
 
     def _ask(self, signum, frame) -> None:
         if self.requested and self._second_stops:
+            if self._second_exits:
+                raise SystemExit(128 + signum)
             raise KeyboardInterrupt
         self.requested = True
         self.signum = self.signum or signum

@@ -16,7 +16,6 @@ and goes hits every variant alike and the ratios stay meaningful on a busy machi
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import json
 import os
@@ -32,7 +31,7 @@ import numpy as np
 import torch
 
 from . import CoreDiffError
-from .atomic import atomic_path, atomic_paths, check_output_file
+from .atomic import StopRequests, atomic_path, atomic_paths, check_output_file
 from .diffusion import sample
 from .inference import context_stack, pick_device
 from .intensity import unit_to_hu
@@ -432,35 +431,6 @@ def _counts(text: str, flag: str) -> list[int]:
     return values
 
 
-@contextlib.contextmanager
-def _stop_on_signals():
-    """Ctrl-C (SIGINT) and SIGTERM (``timeout``, a batch scheduler) end the run after the pass in
-    hand, not mid-write, and the rows measured so far are written.
-
-    Yields the event the handler sets, with ``signum``, the first signal, on it; a second signal
-    stops at once (nothing written), with the shell's code for it. Outside the main thread
-    signals cannot be caught and the event is simply never set.
-    """
-    stop = threading.Event()
-    stop.signum = None
-
-    def on_signal(signum, frame):
-        if stop.is_set():
-            raise SystemExit(128 + signum)
-        stop.signum = signum
-        stop.set()
-
-    previous = {}
-    if threading.current_thread() is threading.main_thread():
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            previous[signum] = signal.signal(signum, on_signal)
-    try:
-        yield stop
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-
-
 def cmd_bench(args: argparse.Namespace) -> int:
     models = list(args.model or []) + [f"w{w}" for w in (args.width or [])]
     if not models:  # what denoise runs by default, not an untrained network
@@ -483,11 +453,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
         check_output_file("--markdown", args.markdown, (".md",), args.model or ())
     cl = {None: (False,), "both": (False, True), "only": (True,)}[args.channels_last]
     log = (lambda m: print(m, file=sys.stderr, flush=True))
-    with _stop_on_signals() as stop:
+    # Ctrl-C / SIGTERM (`timeout`, a scheduler): the pass in hand ends and the rows measured are
+    # written; a second signal ends the run at once
+    with StopRequests(second_exits=True) as stop:
         result = run_benchmark(models, size=args.size, device=args.device,
                                batch_sizes=batch_sizes, precisions=_csv(args.precisions),
                                channels_last=cl, backends=backends, threads=threads, repeats=args.repeats,
-                               slices=args.slices, steps=args.steps, log=log, should_stop=stop.is_set)
+                               slices=args.slices, steps=args.steps, log=log, should_stop=lambda: stop.requested)
     print(format_table(result))
     with atomic_paths(args.json, args.markdown) as (json_tmp, markdown_tmp):  # both files or neither
         if json_tmp:
