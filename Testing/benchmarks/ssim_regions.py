@@ -111,7 +111,9 @@ def main() -> int:
           + " | ".join(f"{v - overall[0]:+.5f}" for v in overall[1:]) + " |")
 
     print(f"\nRMSE against the NDCT on the window {METRIC_WINDOW_HU} HU by region (HU), and each region's "
-          "share of the slice's mean squared error (HU²), whose total gives PSNR and RMSE.\n")
+          "share of the slice's mean squared error (HU²), whose total gives PSNR and RMSE. The 'all' row "
+          "pools every pixel of the slices (inside the SSIM map's border), so it differs a little from "
+          "the quality tables' mean of per-slice RMSE.\n")
 
     def region_table(left: str, right: str, left_cell, right_cell) -> None:
         """One row per region: ``left_cell(acc, n)`` for every method, then ``right_cell``."""
