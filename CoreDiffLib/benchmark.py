@@ -88,7 +88,8 @@ def _make_bench_input(size: int, slices: int, seed: int, log) -> tuple[np.ndarra
             ndct, ldct, _ = simulate_pair("abdomen", n_slices=slices, size=size, dose=0.25, seed=seed)
             return np.asarray(ldct, np.float32), np.asarray(ndct, np.float32), f"{SIMULATED} 25% dose (abdomen)"
         except Exception as exc:  # simulator missing a dependency (astra) or failing
-            log(f"note: simulate_pair unavailable ({type(exc).__name__}: {str(exc)[:80]}); "
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""  # whole, not cut mid-word
+            log(f"note: simulate_pair unavailable ({type(exc).__name__}: {first}); "
                 "using a synthetic phantom with image-domain noise")
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[:size, :size] / size - 0.5

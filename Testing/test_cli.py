@@ -1385,6 +1385,17 @@ def test_the_dose_is_said_in_per_cent_of_what_is_measured(tmp_path, identity_mod
     assert "measure the original scan" in r.stderr
 
 
+def test_python_m_corediff_lib_is_the_corediff_command():
+    """Where pip's `corediff` script is not on the PATH (a venv not activated, Slicer's Python),
+    `python -m CoreDiffLib` failed: the package had no __main__."""
+    r = subprocess.run([sys.executable, "-m", "CoreDiffLib", "--version"], capture_output=True, encoding="utf-8",
+                       cwd=REPO, timeout=120)
+    assert r.returncode == 0 and r.stdout.startswith("corediff "), r.stderr
+    r = subprocess.run([sys.executable, "-m", "CoreDiffLib", "nonsense"], capture_output=True, encoding="utf-8",
+                       cwd=REPO, timeout=120)
+    assert r.returncode == 2 and "corediff: error: argument command: invalid choice: 'nonsense'" in r.stderr
+
+
 def test_every_default_a_help_line_states_is_the_default():
     """A help line that says '(default 16)' while the parser's default moved on misleads silently
     (a review changed simulate's --slices default and no test noticed)."""

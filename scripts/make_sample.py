@@ -32,8 +32,9 @@ def main() -> int:
     p.add_argument("--out", required=True, type=Path,
                    help="folder for the two files (CoreDiffLib/data replaces the bundled sample)")
     out = p.parse_args().out
-    if not out.is_dir():
-        p.error(f"--out {out} is not a folder")
+    if out.exists() and not out.is_dir():
+        p.error(f"--out {out} is a file, not a folder")
+    out.mkdir(parents=True, exist_ok=True)
     ndct, ldct, spacing = simulate_pair("abdomen", SLICES, SIZE, DOSE, seed=SEED)
     write_volume(Volume(ndct, spacing, pixel_type="int16"), out / "sample_abdomen_ndct.nrrd")
     write_volume(Volume(ldct, spacing, pixel_type="int16"), out / "sample_abdomen_ldct25.nrrd")

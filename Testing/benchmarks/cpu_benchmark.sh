@@ -4,7 +4,7 @@
 # with EMM) and the table scales s/slice linearly to T=10 (column s/slice@T). Ratios are
 # measured within one run with interleaved repeats, so they hold on a loaded machine;
 # absolute seconds do not (note the load average printed in each table's title).
-#   bash Testing/benchmarks/cpu_benchmark.sh [OUT]
+#   bash Testing/benchmarks/cpu_benchmark.sh [OUT]   (OUT defaults to the committed results: they are replaced)
 set -eu
 cd "$(dirname "$0")/../.."
 OUT="${1:-Testing/benchmarks/results}"
