@@ -444,6 +444,15 @@ def test_readouts_stay_with_the_selected_scan_and_a_flicker_stops_when_its_volum
     assert results["PatientB"].GetName() == "PatientB denoised" and widget._lastPair[0] is b
     p.inputVolume = a  # its own earlier result is selected again: the next Denoise replaces it
     assert p.outputVolume is results["PatientA"] and widget._comparisonPair() == (a, results["PatientA"])
+    p.outputVolume = None  # "Create new volume": a second result of A, which is then A's latest
+    widget.ui.applyButton.click()
+    spin(slicer, lambda: not widget._job.running, timeout=120)
+    second = p.outputVolume
+    assert second.GetName() == "PatientA denoised_1" and widget.logic.resultOf(a) is second
+    p.inputVolume = b
+    p.inputVolume = a
+    assert p.outputVolume is second
+    slicer.mrmlScene.RemoveNode(second)
     preview = slicer.util.addVolumeFromArray(np.zeros((1, 64, 64), np.int16), name="PatientA preview")
     preview.SetNodeReferenceID("CoreDiffInput", a.GetID())
     preview.SetAttribute("CoreDiff.preview", "2")
