@@ -788,7 +788,10 @@ def _train(pairs: Sequence[tuple[np.ndarray, np.ndarray]], net_cfg: NetworkConfi
                            json.loads(saved["legs"]) if "legs" in saved else _unrecorded_legs(saved),
                            record or (json.loads(saved["record"]) if "record" in saved else None))
         step_rng.bit_generator.state = json.loads(saved["numpy_rng"])
-        if "sampler_rng" in saved:  # (checkpoints before 2026-12-05 replay the first patches)
+        if rank > 0:  # the checkpoint holds rank 0's sampler (rank 0 writes it): loaded here, every rank
+            # would draw rank 0's patches; each draws its own stream, fixed by seed, rank and iteration
+            data.rng = np.random.default_rng([cfg.seed + 1000 * rank, state.iteration])
+        elif "sampler_rng" in saved:  # (checkpoints before 2026-12-05 replay the first patches)
             data.rng.bit_generator.state = json.loads(saved["sampler_rng"])
         torch.set_rng_state(saved["torch_rng"])
         if rank == 0:

@@ -58,3 +58,28 @@ def test_torchrun_two_processes_identical_replicas(pair_folder, tmp_path):
     assert out.with_suffix(".ckpt").exists()
     print(f"DDP: {len(ranks[0]['losses'])} iterations/rank, loss {np.mean(ranks[0]['losses'][:20]):.3e} -> "
           f"{np.mean(ranks[0]['losses'][-20:]):.3e}, replicas identical (sha256 {ranks[0]['model_sha256'][:12]})")
+
+
+def test_a_resumed_run_keeps_each_rank_on_its_own_patches(pair_folder, tmp_path):
+    """The checkpoint holds rank 0's patch sampler (rank 0 writes it); every rank loaded it on
+    resume and drew rank 0's patches from then on: the effective batch fell from ranks x batch to
+    one batch without a word. Resumed as rank 0 and as rank 1 (one process each, as torchrun
+    numbers them), the two draw different patches, and rank 0 still resumes where it was."""
+    import shutil
+    base = ["-m", "CoreDiffLib.cli", "train", str(pair_folder), "--batch-size", "2", "--patch-size", "32",
+            "--width", "4", "--threads", "1", "--checkpoint-every", "1", "--device", "cpu", "--progress", "none"]
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    first = subprocess.run([sys.executable, *base, "--out", str(tmp_path / "m.safetensors"), "--iterations", "2"],
+                           env=env, capture_output=True, encoding="utf-8", timeout=300, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-2000:]
+    losses = {}
+    for rank in (1, 0):
+        run = tmp_path / f"rank{rank}"
+        run.mkdir()
+        shutil.copy(tmp_path / "m.ckpt", run / "m.ckpt")
+        r = subprocess.run([sys.executable, *base, "--out", str(run / "m.safetensors"), "--iterations", "5"],
+                           env=dict(env, RANK=str(rank), WORLD_SIZE="1", COREDIFF_DDP_DEBUG_DIR=str(run)),
+                           capture_output=True, encoding="utf-8", timeout=300, cwd=tmp_path)
+        assert r.returncode == 0, r.stderr[-2000:]
+        losses[rank] = json.loads((run / f"rank{rank}.json").read_text())["losses"]
+    assert len(losses[0]) == len(losses[1]) == 3 and losses[0] != losses[1]
