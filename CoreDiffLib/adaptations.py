@@ -115,6 +115,8 @@ class Adaptation:
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise CoreDiffError(f"adaptation mode '{self.mode}' is not one of {', '.join(MODES)}")
+        if self.steps < 1:  # a blend of no steps has no probabilities: the model list crashed on one
+            raise CoreDiffError(f"adaptation '{self.name}' weighs T={self.steps} steps: it is corrupt")
         if len(self.weights) != self.steps:
             raise CoreDiffError(f"adaptation '{self.name}' has {len(self.weights)} weights for T={self.steps}")
         if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in self.weights):
@@ -203,7 +205,7 @@ class Adaptation:
     @classmethod
     def read(cls, path: str | os.PathLike) -> "Adaptation":
         try:
-            d = json.loads(Path(path).read_text())
+            d = json.loads(Path(path).read_text(encoding="utf-8"))  # as written, whatever the locale
         except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:  # ValueError: bad JSON
             raise CoreDiffError(f"cannot read adaptation {path}: {type(exc).__name__}: {exc}"[:300]) from None
         return cls.from_dict(d, str(path))

@@ -577,7 +577,8 @@ def test_tampered_adaptations_are_refused_and_do_not_break_the_model_list(user_h
                 "text": {"weights": "0123456789"}, "bools": {"weights": [True] * T},
                 "steps_text": {"steps": "10"}, "steps_float": {"steps": 10.9}, "no_name": {"name": None},
                 "big_unshown": {"weights": [1e39] + [0.0] * (T - 1), "probabilities": None},  # no check to trip
-                "no_format": {"format": None}}  # any JSON with these fields is not an adaptation
+                "no_format": {"format": None},  # any JSON with these fields is not an adaptation
+                "no_steps": {"steps": 0, "weights": [], "probabilities": None}}  # crashed the list (no max)
     for name, change in tampered.items():
         (folder / f"{name}.json").write_text(json.dumps({**good, **change}))
         with pytest.raises(CoreDiffError):
