@@ -311,6 +311,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     check_output_file("--out", args.output, (".safetensors",), (init_file, args.data))
     checkpoint = args.checkpoint or str(Path(args.output).with_suffix(".ckpt"))
     check_output_file("--checkpoint", checkpoint, CHECKPOINT_SUFFIXES, (args.output, init_file, args.data))
+    if Path(args.output).expanduser().exists() and not Path(checkpoint).expanduser().exists() and not args.overwrite:
+        # not a run going on (its checkpoint would be there): another model, which hours later would be gone
+        raise CoreDiffError(f"--out {args.output} exists and there is no checkpoint {checkpoint} to resume: choose "
+                            "a new name, or give --overwrite to replace it when training ends")
     for flag, path in (("--out", args.output), ("--checkpoint", checkpoint)):
         if Path(path).expanduser().resolve().is_relative_to(WEIGHTS_DIR):
             raise CoreDiffError(f"{flag} {path} lies in the installed models folder ({WEIGHTS_DIR}), whose files the "
@@ -404,6 +408,9 @@ def add_train_parser(sub) -> None:
     p = sub.add_parser("train", help="train CLEAR-Net on paired NDCT/LDCT volumes")
     p.add_argument("data", help="folder of NDCT/LDCT pairs matched by name, or a 'ndct,ldct' list file")
     p.add_argument("--out", dest="output", required=True, help="output weights (.safetensors)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --out that no checkpoint of this run goes on from (by default it is "
+                        "kept and the run refused; a resumed run writes its own --out again)")
     p.add_argument("--dose-tag", default=None, help="LDCT dose tag to use when several exist (e.g. 25)")
     p.add_argument("--iterations", type=int, default=20000,
                    help="iterations to train, a total over a run's resumed legs (default 20000)")

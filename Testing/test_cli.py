@@ -1010,6 +1010,25 @@ def test_train_refuses_bad_options_and_outputs_before_reading_the_data(tmp_path)
     assert not (tmp_path / "x.safetensors").exists() and not (tmp_path / "x.ckpt").exists()
 
 
+def test_train_keeps_an_existing_out_that_no_checkpoint_goes_on_from(tmp_path):
+    """A fresh `train` (its checkpoint deleted, or --checkpoint elsewhere) onto last week's model
+    said 'is replaced when training ends' and replaced it hours later; a resumed run writes its
+    own --out again, and --overwrite replaces another."""
+    data = _paired_training_folder(tmp_path)
+    out = tmp_path / "last_week.safetensors"
+    out.write_bytes(b"last week's model")
+    base = ["train", data, "--out", out, "--iterations", "2", "--width", "4", "--batch-size", "2", "--patch-size", "32",
+            "--progress", "none"]
+    r = corediff(*base)
+    assert r.returncode == 2 and f"--out {out} exists and there is no checkpoint" in r.stderr and "--overwrite" in r.stderr
+    assert out.read_bytes() == b"last week's model" and not out.with_suffix(".ckpt").exists()
+    r = corediff(*base, "--overwrite")
+    assert r.returncode == 0, r.stderr
+    assert out.read_bytes() != b"last week's model" and out.with_suffix(".ckpt").exists()
+    r = corediff(*base[:4], "--iterations", "3", *base[6:])  # its own run goes on: no --overwrite needed
+    assert r.returncode == 0 and "resumed from" in r.stderr, r.stderr
+
+
 def test_ctrl_c_says_so(monkeypatch, capsys):
     from CoreDiffLib import cli
 
