@@ -231,6 +231,37 @@ def test_loss_uses_both_stages_and_stage_one_only_at_t0():
     assert torch.allclose(x2[:, 1:2], degrade(outputs[0], ctx[:, 1:2], a[0]))
 
 
+def test_stage_two_trains_stage_one_through_its_input_and_takes_the_same_loss_terms():
+    """Two survivors of a mutation review: stage 2's input built from a detached stage-1 estimate
+    (the paper trains both stages end to end: its error then teaches stage 1 nothing), and stage
+    2 scored by the plain MSE while stage 1 took --ssim-weight / --level-weight."""
+    from CoreDiffLib.training import restoration_loss
+    torch.manual_seed(0)
+    cfg = NetworkConfig(width=8, use_emm=False)  # stage 2 then reaches stage 1 through its input alone
+    net = ClearNet(cfg)
+    torch.nn.init.normal_(net.out.weight, std=0.05)
+    ctx, tgt = torch.rand(2, 3, 16, 16), torch.rand(2, 1, 16, 16)
+    outputs = []
+
+    def keep(module, inputs, output):
+        output.retain_grad()
+        outputs.append(output)
+    handle = net.register_forward_hook(keep)
+    corediff_loss(net, cfg, ctx, tgt, t=5).backward()
+    stage_one_alone = (outputs[0] - tgt).detach() / tgt.numel()  # d(0.5 MSE(x0_hat, x0)) / d x0_hat
+    assert not torch.allclose(outputs[0].grad, stage_one_alone, atol=1e-9)
+    handle.remove()
+    terms = LossTerms(ssim_weight=0.5, level_weight=2.0)
+    outputs.clear()
+    net.register_forward_hook(lambda m, i, o: outputs.append(o.detach().clone()))
+    with torch.no_grad():
+        loss = corediff_loss(net, cfg, ctx, tgt, 5, terms)
+    want = 0.5 * restoration_loss(outputs[0], tgt, terms) + 0.5 * restoration_loss(outputs[1], tgt, terms)
+    assert float(loss) == pytest.approx(float(want), rel=1e-6)
+    assert float(want) != pytest.approx(float(0.5 * restoration_loss(outputs[0], tgt, terms)
+                                              + 0.5 * restoration_loss(outputs[1], tgt)), rel=1e-3)
+
+
 def test_the_training_ssim_is_the_reported_metric_and_has_a_gradient():
     ndct = synthetic_ct(2, 96, seed=3, noise_hu=5)
     noisy = ndct + np.random.default_rng(0).normal(0, 40, ndct.shape).astype(np.float32)
@@ -1068,9 +1099,22 @@ def test_the_averaged_weights_average_from_ema_start_and_are_what_a_stopped_run_
         assert all(torch.equal(kept.state_dict()[k], saved["model"][k]) for k in saved["model"])
 
 
-def test_a_time_limit_counts_every_leg_and_a_time_limited_cosine_lowers_the_learning_rate(tmp_path):
+def test_a_time_limit_counts_every_leg_and_a_time_limited_cosine_lowers_the_learning_rate(tmp_path, monkeypatch):
     """A resumed run that forgot the time its earlier legs used got a fresh budget, and a
-    time-limited cosine schedule started again at full --lr: no test resumed a timed run."""
+    time-limited cosine schedule started again at full --lr: no test resumed a timed run. On a
+    clock that ticks 0.02 s per reading (on the real one a loaded machine's first iteration took
+    the whole second, and the schedule had no time to lower the rate)."""
+    import types
+
+    from CoreDiffLib import training
+    clock = [0.0]
+
+    def tick():
+        clock[0] += 0.02
+        return clock[0]
+
+    monkeypatch.setattr(training, "time", types.SimpleNamespace(time=tick, strftime=time.strftime,
+                                                                gmtime=time.gmtime))
     cfg = TrainConfig(iterations=10**6, batch_size=2, patch_size=16, log_every=1, checkpoint_every=10**6,
                       time_limit_s=1.0, lr_schedule="cosine", lr=1e-3)
     net = NetworkConfig(width=4, steps=2)
