@@ -407,12 +407,32 @@ def test_padding_outside_the_field_of_view_and_metal_beyond_the_networks_range_a
     arr[:, :4, :] = -3024
     arr[:, 20:24, 20:24] = 8000  # metal on an extended HU scale: the network sees it clipped to 3072
     arr[:, 30, 30] = 3500
+    arr[:, 26, 26], arr[:, 27, 27], arr[:, 28, 28] = -1100, -1500, -1600  # denoised (air) / kept (padding)
     src = write_image(tmp_path / "pad.nrrd", arr)
     out = tmp_path / "o.nrrd"
     assert corediff("denoise", src, out, "--model", identity_model_path, "--progress", "none").returncode == 0
     result = read_volume(out).array
     assert (result[:, :4, :] == -3024).all()
     assert (result[:, 20:24, 20:24] == 8000).all() and (result[:, 30, 30] == 3500).all()
+    # padding starts at -1500 HU: air below -1024 is denoised (the identity gives it back clipped)
+    assert (result[:, 26, 26] == -1024).all() and (result[:, 27, 27] == -1500).all()
+    assert (result[:, 28, 28] == -1600).all()
+    # the identity's float HU come back as the input's integers
+    stored = read_volume(src).array
+    inside = (stored > -1024) & (stored <= 3072)
+    np.testing.assert_array_equal(result[inside], stored[inside])
+
+
+def test_an_integer_output_array_gets_rounded_hu_not_hu_cut_toward_zero(changing_model_path):
+    """denoise_volume into an int16 array (what the streamed writer hands it): truncation would
+    pull every voxel up to 1 HU toward 0, a bias no file test saw (the file writers round too)."""
+    from CoreDiffLib.inference import denoise_volume
+    ct = synthetic_ct(3, 48)
+    exact = denoise_volume(ct, model=str(changing_model_path), device="cpu", steps=1)
+    assert np.abs(exact - np.rint(exact)).max() > 0.3  # fractional HU to round
+    as_int = denoise_volume(ct, model=str(changing_model_path), device="cpu", steps=1,
+                            out=np.empty(ct.shape, np.int16))
+    np.testing.assert_array_equal(as_int, np.rint(exact).astype(np.int16))
 
 
 def test_a_model_that_returns_nan_is_an_error_not_a_volume_of_zeros(tmp_path, ct_file):
