@@ -767,8 +767,13 @@ class CoreDiffSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if p and p.outputVolume and p.inputVolume and p.outputVolume.GetID() == p.inputVolume.GetID():
             self.ui.statusLabel.text = reason
 
+    #: a Cancel click this soon after Denoise started is the second click of a double-click
+    DOUBLE_CLICK_S = 0.5
+
     def onApplyButton(self) -> None:
         if self._job is not None and self._job.running:
+            if self._job.startTime is not None and time.time() - self._job.startTime < self.DOUBLE_CLICK_S:
+                return  # Denoise became Cancel under the pointer: a double-click must not stop the run it started
             self.onCancel()
             return
         p = self._parameterNode

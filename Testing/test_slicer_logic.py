@@ -511,6 +511,9 @@ def test_one_run_at_a_time_and_the_wizard_follows_the_scene(slicerEnv, tinyModel
     widget.onPreviewButton()
     assert widget._job is first and widget._oneShotJob is None
     assert sum(1 for proc in H.launched if proc.poll() is None) == 1
+    ui.applyButton.click()  # at once: a double-click's second click on Denoise-become-Cancel
+    assert first.running and not first.cancelled
+    first.startTime -= 1.0  # a moment later
     ui.applyButton.click()  # Cancel
     assert first.cancelled and ui.oneShotApplyButton.property("enabled")
     # the low-dose volume deleted: the wizard cannot apply to it
