@@ -621,6 +621,10 @@ def denoise_file(input_path: str | os.PathLike, output_path: str | os.PathLike, 
             caveat = pixel_size_caveat(spacing_xy, den.model)
             if caveat:
                 log(f"warning: {caveat}")
+            if den.settings.precision == "bf16" and den.device.type == "cpu":  # asked for: allowed, but said
+                log("note: bf16 on a CPU without bf16 units (most) is slower than fp32: 5-25x for the width-16 "
+                    "network on this project's test machine (Testing/benchmarks/results/cpu_bf16_w16_256.md); "
+                    "fp32, the CPU default, is faster there and full precision")
         shape = (last - first,) + tuple(data.shape[1:])
         # an axial file's planes in the models' LPS layout (a reformat's are made so by its layout)
         view = in_plane_view(info["direction"]) if layout is None else None
