@@ -72,44 +72,58 @@ def check_output_place(resolved: Path, label: str) -> None:
                             "choose a folder you can write to")
 
 
+#: the outputs :func:`publish` put in place in this process, in order: a command interrupted or
+#: failing after one of them says it is complete, not that nothing was written
+published: list[str] = []
+
+
 class OutputAppeared(CoreDiffError):
     """A file appeared at an output's path while the run worked, and was kept (:func:`publish`)."""
 
 
-def publish(done: Path, target: str | os.PathLike, replace: bool = True) -> None:
+def _placed(target: str | os.PathLike, output: bool) -> None:
+    if output:
+        published.append(str(target))
+
+
+def publish(done: Path, target: str | os.PathLike, replace: bool = True, output: bool = True) -> None:
     """Put the finished file ``done`` at ``target``. With ``replace`` False a file that appeared at
     ``target`` while the run worked (another program, a second run with the same output) is kept
     and :class:`OutputAppeared` raised: checked and placed in one step (a hard link), with no moment
-    between the two for it to appear in. ``done`` is left for the caller to remove."""
+    between the two for it to appear in. ``done`` is left for the caller to remove. ``output``
+    False: a cache of the library's own, not recorded in :data:`published`."""
     if replace:
         os.replace(done, target)
+        _placed(target, output)
         return
     try:
         os.link(done, target)
+        _placed(target, output)
         return
     except FileExistsError:
         pass
     except OSError:  # a file system without hard links (FAT, some network drives): checked, then moved
         if not os.path.lexists(target):
             os.replace(done, target)
+            _placed(target, output)
             return
     raise OutputAppeared(f"{target} appeared while this run worked (another program or run wrote it): kept it, "
                          "and discarded this run's result")
 
 
 @contextlib.contextmanager
-def atomic_path(target: str | os.PathLike, replace: bool = True) -> Iterator[Path]:
+def atomic_path(target: str | os.PathLike, replace: bool = True, output: bool = True) -> Iterator[Path]:
     """Yield a temporary path to write; rename it onto ``target`` if the block succeeds.
 
     If the block raises (or is interrupted), the temporary file is deleted and ``target`` is
     left exactly as it was. The writer creates the file itself, so it gets the usual
     permissions (the umask), not a private temp file's. ``replace`` False: a file that appeared
-    at ``target`` meanwhile is kept (:func:`publish`).
+    at ``target`` meanwhile is kept (:func:`publish`); ``output`` False: a cache (see there).
     """
     tmp = partial_path(target)
     try:
         yield tmp
-        publish(tmp, target, replace)
+        publish(tmp, target, replace, output)
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
@@ -118,26 +132,41 @@ def atomic_path(target: str | os.PathLike, replace: bool = True) -> Iterator[Pat
 @contextlib.contextmanager
 def atomic_paths(*targets: str | os.PathLike | None, replace: bool = True) -> Iterator[list[Path | None]]:
     """:func:`atomic_path` for several outputs that are all written or none: a temporary path per
-    target (None for a None target), every one put into place only when the block succeeds.
-    ``replace`` False: if a file appeared at one target meanwhile, it is kept and the targets
-    already placed are taken back (they were new: nothing of anyone else's is lost)."""
+    target (None for a None target), every one put into place only when the block succeeds. If
+    placing one fails (a file appeared there with ``replace`` False, a folder in the way, a
+    signal), those already placed are taken back: a new one removed, a replaced one's former
+    file put back (kept aside as a hard link until all are placed)."""
     temporaries = [partial_path(t) if t else None for t in targets]
+    asides: dict[Path, Path] = {}  # target -> its former file, while the others are placed
     placed: list[Path] = []
     try:
         yield temporaries
         for tmp, target in zip(temporaries, targets):
-            if tmp is not None:
-                publish(tmp, target, replace)
-                placed.append(Path(target))
-    except OutputAppeared:
-        for target in placed:
-            target.unlink()
+            if tmp is None:
+                continue
+            target = Path(target)
+            if replace and os.path.lexists(target):
+                aside = partial_path(target)
+                with contextlib.suppress(OSError):  # no hard links here: replaced without a way back
+                    os.link(target, aside, follow_symlinks=False)
+                    asides[target] = aside
+            publish(tmp, target, replace)
+            placed.append(target)
+    except BaseException:
+        for target in reversed(placed):
+            with contextlib.suppress(OSError):
+                if target in asides:
+                    os.replace(asides.pop(target), target)
+                else:
+                    target.unlink()
+            with contextlib.suppress(ValueError):
+                published.remove(str(target))
         raise
     finally:
-        for tmp in temporaries:
-            if tmp is not None:
+        for leftover in [*temporaries, *asides.values()]:
+            if leftover is not None:
                 with contextlib.suppress(FileNotFoundError):
-                    tmp.unlink()
+                    leftover.unlink()
 
 
 @contextlib.contextmanager

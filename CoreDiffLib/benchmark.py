@@ -68,7 +68,7 @@ def bench_input(size: int, slices: int, seed: int = 0, log=print) -> tuple[np.nd
         return ldct, ndct, kind
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(cache) as tmp:
+        with atomic_path(cache, output=False) as tmp:
             np.savez(tmp, ldct=ldct, ndct=ndct, kind=np.array(kind))
     except OSError:
         pass

@@ -886,7 +886,23 @@ def _format_warning(message, category, filename, lineno, line=None) -> str:
     return f"corediff: warning: {message}\n"
 
 
+def _not_utf8(given: list[str]) -> str | None:
+    """The first argument that is not valid UTF-8 (a file name from another system's encoding,
+    which Python keeps as surrogates): SimpleITK aborts on it, the file system calls raise."""
+    for text in given:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            return os.fsencode(text).decode("utf-8", "backslashreplace")  # its bytes: M\xfcller.nrrd
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
+    bad = _not_utf8(sys.argv[1:] if argv is None else list(argv))
+    if bad is not None:
+        print(f"corediff: error: {bad} is not valid UTF-8 (a name in another system's encoding?): rename the file "
+              "or folder to a UTF-8 name", file=sys.stderr, flush=True)
+        return 2
     sigterm = signal.signal(signal.SIGTERM, _terminate)
     python_format, warnings.formatwarning = warnings.formatwarning, _format_warning
     try:
@@ -903,13 +919,15 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     """The subcommand, with every user-facing failure as one line and exit code 2."""
+    from . import atomic
+    atomic.published.clear()
     try:
         return int(args.func(args) or 0)
     except CoreDiffError as exc:
         print(f"corediff: error: {exc}", file=sys.stderr, flush=True)
         return 2
     except KeyboardInterrupt as exc:  # a training run says where it saved its checkpoint
-        print(f"corediff: error: {str(exc) or 'interrupted; no output was written'}", file=sys.stderr, flush=True)
+        print(f"corediff: error: {str(exc) or 'interrupted; ' + _written()}", file=sys.stderr, flush=True)
         return 128 + int(getattr(exc, "signum", signal.SIGINT))  # 130 for Ctrl-C; a training run's SIGTERM: 143
     except BrokenPipeError:  # stdout's reader left (| head): what was said to be written is complete
         _drop_stdout()
@@ -918,8 +936,20 @@ def _run(args: argparse.Namespace) -> int:
         return 2
     except OSError as exc:  # a full disk, a permission changed mid-run...: outputs are written atomically
         where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
-        print(f"corediff: error: {exc.strerror or exc}{where}; no output was written", file=sys.stderr, flush=True)
+        print(f"corediff: error: {exc.strerror or exc}{where}; {_written()}", file=sys.stderr, flush=True)
         return 2
+
+
+def _written() -> str:
+    """What an interrupted or failed command left: nothing, or the outputs it had completed (a
+    signal just after an output was put in place must not call a complete output unwritten)."""
+    from .atomic import published
+    # a file written inside another output's temporary file or folder is no output of its own
+    done = [p for p in dict.fromkeys(published) if ".partial-" not in p and os.path.lexists(p)]
+    if not done:
+        return "no output was written"
+    return (f"{', '.join(done)} {'was' if len(done) == 1 else 'were'} written (complete); "
+            "what would have come after was not done")
 
 if __name__ == "__main__":
     sys.exit(main())

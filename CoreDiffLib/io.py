@@ -26,7 +26,8 @@ import numpy as np
 import SimpleITK as sitk
 
 from . import CoreDiffError
-from .atomic import OutputAppeared, atomic_path, check_output_place, deferred_interrupts, partial_folder, publish
+from .atomic import (OutputAppeared, atomic_path, check_output_place, deferred_interrupts, partial_folder, publish,
+                     published)
 from .dicom import (check_series_input, choose_dicom_series, find_dicom_series, itk_warnings_off, median_slice_gap,
                     off_grid_slices, series_slices)
 from .intensity import PADDING_THRESHOLD_HU, validate_ct_array  # noqa: F401  (re-exported)
@@ -675,6 +676,7 @@ def write_volume(volume: Volume, path: str | os.PathLike, series_description: st
         if out.exists():
             out.rmdir()  # check_output_path guaranteed it is empty
         os.replace(tmpdir, out)
+        published.append(str(out))  # complete from here: an interrupted command says so
     return out
 
 

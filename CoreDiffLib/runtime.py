@@ -293,7 +293,7 @@ def export_onnx(model: ClearNet, folder: str | os.PathLike | None = None,
                     "xT": {0: "b", 2: "h", 3: "w"}, "t": {0: "b"}, "y": {0: "b", 2: "h", 3: "w"}}
             # the TorchScript exporter; torch < 2.5 has no `dynamo` switch and uses it anyway
             legacy = {"dynamo": False} if "dynamo" in inspect.signature(torch.onnx.export).parameters else {}
-            with warnings.catch_warnings(), torch.no_grad(), atomic_path(path) as tmp:
+            with warnings.catch_warnings(), torch.no_grad(), atomic_path(path, output=False) as tmp:
                 warnings.simplefilter("ignore")
                 torch.onnx.export(_Forward(model, emm), (x, t, p, xT), str(tmp),
                                   input_names=["x", "t", "p", "xT"], output_names=["y"],

@@ -1066,6 +1066,43 @@ def test_ctrl_c_says_so(monkeypatch, capsys):
     assert capsys.readouterr().err.strip() == "corediff: error: interrupted; no output was written"
 
 
+def test_a_signal_just_after_an_output_is_in_place_does_not_call_it_unwritten(tmp_path, monkeypatch, capsys,
+                                                                               identity_model_path):
+    """Ctrl-C (or a failure) right after the output was renamed into place said "no output was
+    written" of a complete output: a GUI took the run as failed, and a rerun was refused since
+    the output existed."""
+    import CoreDiffLib.atomic as atomic
+    from CoreDiffLib.cli import main
+    src = write_image(tmp_path / "in.nrrd", synthetic_ct(2, 32))
+    real = atomic.publish
+
+    out = tmp_path / "out.nrrd"
+
+    def then_interrupted(done, target, *args):
+        real(done, target, *args)
+        if Path(target) == out:  # not a cache the library writes on the way (an ONNX export)
+            raise KeyboardInterrupt
+    monkeypatch.setattr(atomic, "publish", then_interrupted)
+    assert main(["denoise", str(src), str(out), "--model", str(identity_model_path), "--progress", "none"]) == 130
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == f"corediff: error: interrupted; {out} was written (complete); what would have come after was not done"
+    assert read_volume(out).shape == (2, 32, 32)
+
+
+def test_a_file_name_that_is_not_utf8_is_refused_in_one_line_not_a_crash(tmp_path, capsys):
+    """A Latin-1 name (bytes that are no UTF-8; Python keeps them as surrogates) gave a Python
+    traceback for an output and a C++ abort (SimpleITK) for an input."""
+    from CoreDiffLib.cli import main
+    bad = os.fsdecode(b"M\xfcller.nrrd")  # the bytes a Latin-1 system writes for "Müller"
+    for argv in (["denoise", str(tmp_path / bad), str(tmp_path / "o.nrrd")],
+                 ["denoise", str(tmp_path / "i.nrrd"), str(tmp_path / bad)], ["dose", bad]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("corediff: error: ") and "M\\xfcller.nrrd is not valid UTF-8" in err, err
+        assert "rename" in err and len(err.splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_train_keeps_the_installed_models_and_records_what_it_did(tmp_path):
     """A shipped name given to --init-weights is that file (an --out of it was not an input, so
     it was overwritten); the installed models folder takes no output (its checkpoints had no data
@@ -1339,13 +1376,26 @@ def test_compare_keeps_an_existing_csv_or_figure_unless_overwrite_and_writes_bot
     import CoreDiffLib.atomic as atomic
     real = atomic.publish
 
-    def figure_appears(done, target, replace=True):
+    def figure_appears(done, target, *args):
         if Path(target) == fig:
             fig.write_text("another program's figure")
-        return real(done, target, replace)
+        return real(done, target, *args)
     monkeypatch.setattr(atomic, "publish", figure_appears)
     assert main(base) == 2  # OutputAppeared, said as an error
     assert fig.read_text() == "another program's figure" and not csv.exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+    def figure_fails(done, target, *args):  # a folder in the way, a permission: any failure
+        if Path(target) == fig:
+            raise PermissionError(13, "Permission denied", str(fig))
+        return real(done, target, *args)
+    monkeypatch.setattr(atomic, "publish", figure_fails)
+    fig.unlink()
+    assert main(base) == 2 and not csv.exists() and not fig.exists()  # the new CSV taken back
+    csv.write_text("my old table")
+    fig.write_text("my old figure")
+    assert main(base + ["--overwrite"]) == 2  # the replaced CSV is put back: both old, not one new
+    assert csv.read_text() == "my old table" and fig.read_text() == "my old figure"
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
