@@ -512,6 +512,16 @@ def sub_volume_origin(info: dict, index_axis: int, start: int) -> tuple[float, f
     return tuple(float(o) for o in np.asarray(info["origin"], dtype=np.float64) + shift)
 
 
+def _file_identity(path: str | os.PathLike) -> tuple[int, int, int, int] | None:
+    """(device, inode, size, modification time) of a file, None for a folder or what cannot be
+    read: the same tuple later means the same bytes were there throughout."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return None if os.path.isdir(path) else (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
 def denoise_file(input_path: str | os.PathLike, output_path: str | os.PathLike, denoiser: Denoiser,
                  batch_size: int | None = None, progress: ProgressFn | None = None, cancel: CancelFlag = None,
                  log: LogFn | None = None, temp_dir: str | os.PathLike | None = None,
@@ -544,7 +554,15 @@ def denoise_file(input_path: str | os.PathLike, output_path: str | os.PathLike, 
         raise CoreDiffError(f"context must be one of {', '.join(CONTEXTS)}, not {context!r}")
     check_batch_size(batch_size)
     check_series_input(input_path, series)  # before a file is streamed, where read_volume would refuse it
+    before = _file_identity(input_path)
     src = VolumeSource.open(input_path, temp_dir=temp_dir)
+
+    def check_input_unchanged() -> None:
+        """A streamed input is read slab by slab: a file put in its place meanwhile (a re-export,
+        rsync, a save) would mix two scans in one output."""
+        if src is not None and _file_identity(input_path) != before:
+            raise CoreDiffError(f"{input_path} changed while it was being read (another program wrote it): "
+                                "nothing was written; denoise it again once it is complete")
     try:
         if src is None:
             volume = read_volume(input_path, series, log)
@@ -632,6 +650,7 @@ def denoise_file(input_path: str | os.PathLike, output_path: str | os.PathLike, 
         if layout is not None or not name.endswith(StreamedOutput.FORMATS):  # DICOM, .mhd, .nhdr
             result = _denoise_range(data, den, first, last, batch_size, progress, cancel, None, log, neighbours,
                                     view)
+            check_input_unchanged()
             if layout is not None:
                 result = np.ascontiguousarray(layout.from_axial(result))
             from .io import Volume
@@ -643,6 +662,7 @@ def denoise_file(input_path: str | os.PathLike, output_path: str | os.PathLike, 
         sink = StreamedOutput(output_path, shape, info, output_dtype(info["pixel_type"], value_range), metadata)
         try:
             _denoise_range(data, den, first, last, batch_size, progress, cancel, sink.array, log, neighbours, view)
+            check_input_unchanged()
             path = sink.commit(replace)
         except BaseException:
             sink.close()

@@ -429,6 +429,25 @@ def test_padding_outside_the_field_of_view_and_metal_beyond_the_networks_range_a
     np.testing.assert_array_equal(result[inside], stored[inside])
 
 
+def test_an_input_replaced_while_it_is_read_mixes_nothing_into_an_output(tmp_path, identity_model_path):
+    """A streamed input is read slab by slab: a re-export or rsync that put another scan in its
+    place mid-run gave an output of two scans, and exit 0."""
+    from CoreDiffLib.inference import Denoiser, denoise_file
+    for suffix in (".nrrd", ".mha"):
+        src = write_image(tmp_path / f"in{suffix}", synthetic_ct(6, 32, seed=1))
+        other = write_image(tmp_path / f"other{suffix}", synthetic_ct(6, 32, seed=2))
+        out = tmp_path / f"out{suffix}"
+        swapped = []
+
+        def swap_once(done, total):
+            if done >= 2 and not swapped:  # mid-run, as another program saves over it
+                os.replace(other, src)
+                swapped.append(done)
+        with pytest.raises(CoreDiffError, match="changed while it was being read .*nothing was written"):
+            denoise_file(src, out, Denoiser.load(identity_model_path, "cpu", 1), batch_size=1, progress=swap_once)
+        assert swapped and not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
 def test_an_integer_output_array_gets_rounded_hu_not_hu_cut_toward_zero(changing_model_path):
     """denoise_volume into an int16 array (what the streamed writer hands it): truncation would
     pull every voxel up to 1 HU toward 0, a bias no file test saw (the file writers round too)."""
