@@ -711,6 +711,9 @@ def writer_failure(exc: RuntimeError, folder: Path) -> str:
         return hint
     reason = str(exc).strip().splitlines()[-1].strip() if str(exc).strip() else "the writer failed"
     reason = re.sub(r"^ITK ERROR: [A-Za-z]+\(0x[0-9a-f]+\):\s*", "", reason)
+    if "does not support this component type" in reason:  # GDCM's words for any failed write: the types
+        # written here are ones DICOM takes, so it was the disk (a quota, a file size limit, an I/O error)
+        return " (the file could not be written: a disk quota, a file size limit or an I/O error)"
     return f" ({reason})"
 
 
