@@ -487,8 +487,11 @@ def read_volume(path: str | os.PathLike, series: str | None = None,
             image.SetOrigin(origin)
             image.SetDirection(direction)
             image.SetSpacing((*spacing_xy, slice_mm))
-    return _checked_volume(sitk.GetArrayFromImage(image), image.GetSpacing(), image.GetOrigin(),
-                           image.GetDirection(), tags, str(p), positions, numbers)
+    grid = image.GetSpacing(), image.GetOrigin(), image.GetDirection()
+    voxels = sitk.GetArrayFromImage(image)
+    del image  # before the float32 copy: two copies of a long series at a time, not three (a DICOM one
+    # is read whole, as int32 when rescaled)
+    return _checked_volume(voxels, *grid, tags, str(p), positions, numbers)
 
 
 def _nifti_affines(path: Path) -> tuple[np.ndarray | None, np.ndarray | None]:
