@@ -9,6 +9,7 @@ one, and a reader of a cache or a checkpoint cannot load garbage.
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import os
 import secrets
@@ -32,6 +33,33 @@ def partial_path(target: str | os.PathLike) -> Path:
     target = Path(target)
     suffix = "".join(target.suffixes[-2:]) if target.name.lower().endswith(".gz") else target.suffix
     return target.with_name(f".{target.name}.partial-{os.getpid()}-{secrets.token_hex(3)}{suffix}")
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (on this machine); True where that cannot be told."""
+    if os.name == "nt":  # os.kill(pid, 0) would end the process there: keep every file
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: another user's process (alive); else no way to tell: keep its file
+        return True
+    return True
+
+
+def left_by_killed_runs(target: str | os.PathLike) -> list[Path]:
+    """``target``'s hidden partial files and folders (:func:`partial_path`, :func:`partial_folder`,
+    a streamed output's raw data) whose process is gone: a run killed outright (SIGKILL, the
+    out-of-memory killer) removes nothing, and a streamed volume's raw data is its whole size."""
+    target = Path(target)
+    prefix = f".{target.name}.partial-"
+    found = []
+    for path in target.parent.glob(glob.escape(prefix) + "*"):
+        pid = path.name[len(prefix):].split("-", 1)[0]
+        if pid.isdigit() and not process_alive(int(pid)):
+            found.append(path)
+    return sorted(found)
 
 
 def check_output_file(flag: str, path: str | os.PathLike, suffixes: Sequence[str],
@@ -177,7 +205,7 @@ def partial_folder(target: str | os.PathLike) -> Iterator[Path]:
     caller writes them here and moves them into place itself, in an order that is safe.
     """
     target = Path(target)
-    folder = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    folder = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-{os.getpid()}-", dir=target.parent))
     # mkdtemp makes it private (0700): a DICOM series renamed into place from it would stay
     # unreadable to other users and PACS senders; give it what a new folder gets (the umask's)
     umask = os.umask(0o022)

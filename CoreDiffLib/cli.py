@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
 from . import CoreDiffError, __version__
-from .atomic import atomic_paths, check_output_file, sole_writer
+from .atomic import atomic_paths, check_output_file, left_by_killed_runs, sole_writer
 from .dose_estimate import AUTO_MODEL
 
 if TYPE_CHECKING:  # imported when a command needs it: PyTorch takes seconds
@@ -121,6 +121,9 @@ def cmd_denoise(args: argparse.Namespace) -> int:
     if not args.overwrite:
         _refuse_existing_output(Path(args.output).expanduser())
     pick_device(args.device)  # an unavailable device is refused now, not after the scan is read and measured
+    for left in left_by_killed_runs(Path(args.output).expanduser()):  # can be the whole volume's size
+        info(args, f"note: {left} was left by an earlier run into {Path(args.output).name} that was killed (out of "
+                   "memory?): delete it")
     progress = Progress(args.progress, desc="denoising")
     t0 = time.perf_counter()
     try:  # streamed: memory bounded by the batch size, not by the number of slices

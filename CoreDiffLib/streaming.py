@@ -19,7 +19,7 @@ from typing import Protocol
 import numpy as np
 
 from . import CoreDiffError
-from .atomic import atomic_path
+from .atomic import atomic_path, process_alive
 
 
 #: numpy dtypes of the SimpleITK scalar pixel types a CT file can hold
@@ -100,24 +100,12 @@ def unpacked_input_file(suffix: str, temp_dir=None) -> tuple[int, str]:
     host = socket.gethostname().replace("-", "_")
     for leftover in folder.glob(f"{_UNPACKED_PREFIX}{host}.*-*"):
         pid = leftover.name[len(_UNPACKED_PREFIX) + len(host) + 1:].split("-", 1)[0]
-        if pid.isdigit() and not _process_alive(int(pid)):
+        if pid.isdigit() and not process_alive(int(pid)):
             try:
                 leftover.unlink()
             except OSError:  # another user's, or already gone
                 pass
     return tempfile.mkstemp(suffix=suffix, prefix=f"{_UNPACKED_PREFIX}{host}.{os.getpid()}-", dir=folder)
-
-
-def _process_alive(pid: int) -> bool:
-    if os.name == "nt":  # os.kill(pid, 0) would end the process there: keep every file
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # PermissionError: another user's process (alive); else no way to tell: keep its file
-        return True
-    return True
 
 
 class VolumeSource:
@@ -477,8 +465,8 @@ class StreamedOutput:
             raise ValueError(f"StreamedOutput writes {', '.join(self.FORMATS)}, not {self.path.name}")
         self.shape, self.info, self.dtype = tuple(shape), info, np.dtype(dtype)
         self.metadata = metadata
-        fd, self._raw = tempfile.mkstemp(prefix=f".{self.path.name}.partial-", suffix=".raw",
-                                         dir=self.path.parent)
+        fd, self._raw = tempfile.mkstemp(prefix=f".{self.path.name}.partial-{os.getpid()}-", suffix=".raw",
+                                         dir=self.path.parent)  # the pid: a killed run's is told apart
         os.close(fd)
         try:
             self.array = RawSlabs(self._raw, self.shape, self.dtype, mode="w+")

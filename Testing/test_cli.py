@@ -448,6 +448,22 @@ def test_an_input_replaced_while_it_is_read_mixes_nothing_into_an_output(tmp_pat
         assert swapped and not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
+def test_denoise_names_what_a_killed_run_into_the_same_output_left(tmp_path, identity_model_path):
+    """A denoise killed outright (the out-of-memory killer) leaves its hidden raw data, the
+    volume's size, beside the output; no later run said so. One of a live run is not named."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    src = write_image(tmp_path / "in.nrrd", synthetic_ct(2, 32))
+    killed = tmp_path / f".out.nrrd.partial-{dead.pid}-x1y2z3.raw"
+    live = tmp_path / f".out.nrrd.partial-{os.getpid()}-a1b2c3.raw"
+    for leftover in (killed, live):
+        leftover.write_bytes(b"\0" * 1000)
+    r = corediff("denoise", src, tmp_path / "out.nrrd", "--model", identity_model_path, "--progress", "none")
+    assert r.returncode == 0, r.stderr
+    assert f"note: {killed} was left by an earlier run into out.nrrd that was killed" in r.stderr, r.stderr
+    assert live.name not in r.stderr and killed.exists() and live.exists()  # said, not deleted
+
+
 def test_an_integer_output_array_gets_rounded_hu_not_hu_cut_toward_zero(changing_model_path):
     """denoise_volume into an int16 array (what the streamed writer hands it): truncation would
     pull every voxel up to 1 HU toward 0, a bias no file test saw (the file writers round too)."""

@@ -676,7 +676,7 @@ def test_an_unpacked_copy_of_another_users_live_run_is_kept(monkeypatch):
     def kill(pid, signal):
         raise {1: PermissionError, 2: ProcessLookupError, 3: OSError}[pid]()
     monkeypatch.setattr(streaming.os, "kill", kill)
-    assert streaming._process_alive(1) and not streaming._process_alive(2) and streaming._process_alive(3)
+    assert streaming.process_alive(1) and not streaming.process_alive(2) and streaming.process_alive(3)
 
 
 def test_a_scaled_nifti_is_read_in_hu_not_refused_as_truncated(tmp_path):
