@@ -655,10 +655,10 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     volumes = sum(1 for p in paths if not p.endswith(".json"))
     out = Path(paths[-1]).parent
     info(args, f"wrote {volumes} volumes and their manifest to {out}")
-    leftovers = sorted(p.name for p in out.glob(".simulation.partial-*"))
+    leftovers = [p.name for p in left_by_killed_runs(out / "simulation")]  # its staging folders' name
     if leftovers:  # a run killed (SIGKILL, out of memory) before it could remove its staging folder
         info(args, f"note: {out} also holds {', '.join(leftovers)}, left by a simulation that was killed: "
-                   "delete it unless a simulation into this folder is running now")
+                   "delete it")
     return 0
 
 

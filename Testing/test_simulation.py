@@ -414,11 +414,15 @@ def test_simulate_command_writes_pairs_and_keeps_an_earlier_simulation(tmp_path)
     assert sorted(f.name for f in (home / "sim").iterdir()) == [
         "case000_head_ldct10.nii.gz", "case000_head_ldct25.nii.gz", "case000_head_ndct.nii.gz", "manifest.json"]
     assert not (tmp_path / "~").exists()
-    (home / "sim" / ".simulation.partial-x1y2").mkdir()  # left by a run killed with SIGKILL
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (home / "sim" / f".simulation.partial-{dead.pid}-x1y2").mkdir()  # left by a run killed with SIGKILL
+    (home / "sim" / f".simulation.partial-{os.getpid()}-a1b2").mkdir()  # a live run's: not named
     r = subprocess.run([sys.executable, "-m", "CoreDiffLib.cli", "simulate", "--dose", "0.25", "--out=~/sim",
                         "--slices", "1", "--size", "64", "--progress", "none", "--overwrite"],
                        capture_output=True, encoding="utf-8", timeout=300, env=dict(os.environ, HOME=str(home)))
-    assert r.returncode == 0 and ".simulation.partial-x1y2, left by a simulation that was killed" in r.stderr
+    assert r.returncode == 0 and f".simulation.partial-{dead.pid}-x1y2, left by a simulation that was killed" \
+        in r.stderr and "a1b2" not in r.stderr
     # --overwrite replaces the whole earlier simulation: no 25 % scan of seed 3 is left to pair
     # with the new NDCT; lines mode speaks the protocol GUIs read
     (out / "notes.txt").write_text("mine")
