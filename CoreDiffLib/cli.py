@@ -938,7 +938,10 @@ def _run(args: argparse.Namespace) -> int:
               "complete, the others were not written", file=sys.stderr, flush=True)
         return 2
     except OSError as exc:  # a full disk, a permission changed mid-run...: outputs are written atomically
-        where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+        name = str(getattr(exc, "filename", None) or "")
+        # a hidden temporary file means nothing to the user: the folder the output was written in does
+        where = (f" (writing in {Path(name).parent})" if ".partial-" in Path(name).name or ".corediff-" in name
+                 else f" ({name})" if name else "")
         print(f"corediff: error: {exc.strerror or exc}{where}; {_written()}", file=sys.stderr, flush=True)
         return 2
 

@@ -710,6 +710,13 @@ def test_compare_writes_both_its_files_or_neither(tmp_path, monkeypatch, capsys)
     assert "No space left on device; no output was written" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["den.nrrd", "ref.nrrd"]
 
+    def full_disk_on_the_temporary_file(panels, path, **kwargs):  # names what the user never sees
+        raise OSError(28, "No space left on device", str(path))
+    monkeypatch.setattr(figures, "comparison_figure", full_disk_on_the_temporary_file)
+    assert main(["compare", str(paths[1]), "--reference", str(paths[0]), "--figure", str(tmp_path / "f.png")]) == 2
+    err = capsys.readouterr().err
+    assert f"No space left on device (writing in {tmp_path}); no output was written" in err and ".partial-" not in err
+
 
 def test_radiological_slice_shows_the_same_anatomy_however_the_file_stores_the_plane():
     """The compare figure turns each axial slice so patient left is on the image's right and anterior
