@@ -449,9 +449,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if value is not None and value < 1:
             raise CoreDiffError(f"{flag} {value}: give a whole number >= 1")
     if args.json:  # checked now, not after minutes of timing
-        check_output_file("--json", args.json, (".json",), args.model or ())
+        args.json = check_output_file("--json", args.json, (".json",), args.model or ())  # ~ expanded
     if args.markdown:
-        check_output_file("--markdown", args.markdown, (".md",), args.model or ())
+        args.markdown = check_output_file("--markdown", args.markdown, (".md",), args.model or ())
     cl = {None: (False,), "both": (False, True), "only": (True,)}[args.channels_last]
     log = (lambda m: print(m, file=sys.stderr, flush=True))
     # Ctrl-C / SIGTERM (`timeout`, a scheduler): the pass in hand ends and the rows measured are

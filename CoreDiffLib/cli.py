@@ -503,9 +503,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if args.csv:
         if not args.reference:
             raise CoreDiffError("--csv writes the metrics, which need --reference (the normal-dose volume)")
-        check_output_file("--csv", args.csv, (".csv",), inputs, replace=args.overwrite)
+        args.csv = check_output_file("--csv", args.csv, (".csv",), inputs, replace=args.overwrite)  # ~ expanded
     if args.figure:
-        check_output_file("--figure", args.figure, FIGURE_SUFFIXES, inputs, replace=args.overwrite)
+        args.figure = check_output_file("--figure", args.figure, FIGURE_SUFFIXES, inputs, replace=args.overwrite)
     elif args.slice is not None:
         raise CoreDiffError("--slice picks the figure's slice: give --figure FILE too")
     elif not args.reference:

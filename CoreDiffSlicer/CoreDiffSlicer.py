@@ -98,9 +98,9 @@ restores each axial slice using its two neighbours as context.
 <ul>
 <li><b>Denoise</b>: pick the CT volume, a model and a device, press Denoise. <i>Automatic</i>
 (the default model) measures the scan's noise for the patient's size and runs the model trained
-for the dose it looks like; the status line names it. The result is a new volume (the input is
-never modified) with exactly the input's geometry. Work runs in a separate process: Slicer stays
-responsive and Cancel stops it at once.</li>
+for the dose it looks like; the status line names it. The result goes into a new volume, or
+replaces that scan's earlier result (the input is never modified), with exactly the input's
+geometry. Work runs in a separate process: Slicer stays responsive and Cancel stops it at once.</li>
 <li><b>Preview slice</b>: denoises only the slice under the Red view, in a few seconds on a
 CPU, to judge a model or a number of steps before the whole volume.</li>
 <li><b>Compare</b>: input and result side by side with linked slices and the same window/level,
@@ -772,7 +772,8 @@ class CoreDiffSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onApplyButton(self) -> None:
         if self._job is not None and self._job.running:
-            if self._job.startTime is not None and time.time() - self._job.startTime < self.DOUBLE_CLICK_S:
+            if (self._job.sliceIndex is None and self._job.startTime is not None  # (Preview is another button)
+                    and time.time() - self._job.startTime < self.DOUBLE_CLICK_S):
                 return  # Denoise became Cancel under the pointer: a double-click must not stop the run it started
             self.onCancel()
             return
@@ -1544,7 +1545,8 @@ class CoreDiffSlicerLogic(ScriptedLoadableModuleLogic):
 
     #: the command line's words for what the module's controls set, as the user sees them
     _GUI_WORDS = ((re.compile(r"--device (\w+(?::\d+)?)"), r"Device '\1'"),  # not the comma in 'cpu,'
-                  (re.compile(r"run 'corediff oneshot'(?: again| first| for this model)?(?: to refit it)?"
+                  (re.compile(r"run 'corediff oneshot' first"), "make one in the One-shot adaptation section"),
+                  (re.compile(r"run 'corediff oneshot'(?: again| for this model)?(?: to refit it)?"
                               r"(?: \(the same --name replaces it\))?"),
                    "adapt again in the One-shot adaptation section"),
                   (re.compile(r"give that model with --model"), "choose that model in the Model list"),
@@ -1771,8 +1773,6 @@ class CoreDiffSlicerLogic(ScriptedLoadableModuleLogic):
         for key, value in self.readProvenance(outputPath).items():  # saved with the scene
             outputNode.SetAttribute(f"CoreDiff.{key}", value)
         outputNode.SetNodeReferenceID(self.SOURCE_REFERENCE, inputNode.GetID())  # whose result it is
-        if preview is not None:  # one slice: no whole result for the next Denoise to replace (resultOf)
-            outputNode.SetAttribute("CoreDiff.preview", str(start))
         if outputNode.GetDisplayNode() is None:
             outputNode.CreateDefaultDisplayNodes()
         window, level = self.displayWindowLevel(inputNode)
@@ -2012,7 +2012,7 @@ class CoreDiffSlicerLogic(ScriptedLoadableModuleLogic):
         """The scene's latest whole CoreDiff result of ``inputNode`` (not a one-slice preview), or None."""
         results = [node for node in slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode")
                    if node.GetNodeReferenceID(self.SOURCE_REFERENCE) == inputNode.GetID()
-                   and node.GetAttribute("CoreDiff.preview") is None]
+                   and node.GetAttribute("CoreDiff.slices") is None]  # a preview's provenance names its slice
         return results[-1] if results else None
 
     @staticmethod

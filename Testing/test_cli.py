@@ -1439,6 +1439,11 @@ def test_compare_keeps_an_existing_csv_or_figure_unless_overwrite_and_writes_bot
     assert main(base + ["--overwrite"]) == 2  # the replaced CSV is put back: both old, not one new
     assert csv.read_text() == "my old table" and fig.read_text() == "my old figure"
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    monkeypatch.setattr(atomic, "publish", real)
+    monkeypatch.setenv("HOME", str(tmp_path))  # ~ is the user's folder, as the shell would have expanded it
+    assert main(["compare", str(paths["den"]), "--reference", str(paths["ref"]), "--csv", "~/home.csv",
+                 "--figure", "~/home.png"]) == 0
+    assert (tmp_path / "home.csv").exists() and (tmp_path / "home.png").exists()
 
 
 def test_the_figure_zooms_where_its_box_is_and_draws_the_difference_a_minus_b(tmp_path, monkeypatch):

@@ -83,3 +83,11 @@ def test_a_resumed_run_keeps_each_rank_on_its_own_patches(pair_folder, tmp_path)
         assert r.returncode == 0, r.stderr[-2000:]
         losses[rank] = json.loads((run / f"rank{rank}.json").read_text())["losses"]
     assert len(losses[0]) == len(losses[1]) == 3 and losses[0] != losses[1]
+    # rank 0 goes on exactly where it was: as one uninterrupted run of 5 iterations
+    whole = tmp_path / "whole"
+    whole.mkdir()
+    r = subprocess.run([sys.executable, *base, "--out", str(whole / "m.safetensors"), "--iterations", "5"],
+                       env=dict(env, COREDIFF_DDP_DEBUG_DIR=str(whole)), capture_output=True, encoding="utf-8",
+                       timeout=300, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads((whole / "rank0.json").read_text())["losses"][2:] == losses[0]

@@ -455,11 +455,12 @@ def test_readouts_stay_with_the_selected_scan_and_a_flicker_stops_when_its_volum
     slicer.mrmlScene.RemoveNode(second)
     preview = slicer.util.addVolumeFromArray(np.zeros((1, 64, 64), np.int16), name="PatientA preview")
     preview.SetNodeReferenceID("CoreDiffInput", a.GetID())
-    preview.SetAttribute("CoreDiff.preview", "2")
+    preview.SetAttribute("CoreDiff.slices", "2:3 of 4")  # the provenance a preview's file gives it
     assert widget.logic.resultOf(a) is results["PatientA"]  # a one-slice preview is no result to replace
     slicer.mrmlScene.RemoveNode(results["PatientA"])
     p.inputVolume = b
     p.inputVolume = a  # no result of A any more: "Create new volume", and nothing to compare
+    widget._lastPair = (b, results["PatientB"])  # as when B's was the last run: still not A's
     assert p.outputVolume is None and widget._comparisonPair() is None
     widget.ui.measureButton.click()  # refused (an error dialog), not B's noise under A's name
     assert "PatientB" not in (widget.ui.roiResultsLabel.property("text") or "")
@@ -1237,7 +1238,7 @@ def test_what_the_radiologist_sees_warnings_kept_words_not_flags_and_the_wizard_
                          "this model", "not this one (tiny, sha256 ab…): use it with its own model, or adapt again "
                          "in the One-shot adaptation section"),
                         ("no adaptation 'x' in /h (known: none); run 'corediff oneshot' first",
-                         "no adaptation 'x' in /h (known: none); adapt again in the One-shot adaptation section"),
+                         "no adaptation 'x' in /h (known: none); make one in the One-shot adaptation section"),
                         ("not installed here or has changed since the fit: give that model with --model, or run "
                          "'corediff oneshot' again", "not installed here or has changed since the fit: choose that "
                          "model in the Model list, or adapt again in the One-shot adaptation section")):

@@ -793,6 +793,24 @@ def test_a_second_sigterm_ends_the_bench_at_once_with_143():
     assert signal.getsignal(signal.SIGTERM) is before  # the caller's handler is back
 
 
+def test_the_bench_command_takes_its_signals_so(monkeypatch):
+    """cmd_bench's own stop requests: a second signal must exit with its code (143), not be a
+    Ctrl-C's KeyboardInterrupt (130, 'no output was written')."""
+    from CoreDiffLib import benchmark
+    from CoreDiffLib.atomic import StopRequests
+    from CoreDiffLib.cli import main
+    made = []
+
+    class Recording(StopRequests):
+        def __init__(self, *args, **kwargs):
+            made.append(kwargs)
+            super().__init__(*args, **kwargs)
+    monkeypatch.setattr(benchmark, "StopRequests", Recording)
+    assert main(["bench", "--width", "4", "--size", "16", "--repeats", "1", "--steps", "1", "--batch-sizes", "1",
+                 "--compile", "eager"]) == 0
+    assert made == [{"second_exits": True}]
+
+
 def test_the_peak_memory_column_is_in_mebibytes():
     """A 256 MiB array made inside the measurement shows as about 256 in 'peak MB' (a unit off by
     1,024 printed kilobytes or gigabytes with every test passing)."""
