@@ -1099,22 +1099,27 @@ def test_the_averaged_weights_average_from_ema_start_and_are_what_a_stopped_run_
         assert all(torch.equal(kept.state_dict()[k], saved["model"][k]) for k in saved["model"])
 
 
-def test_a_time_limit_counts_every_leg_and_a_time_limited_cosine_lowers_the_learning_rate(tmp_path, monkeypatch):
-    """A resumed run that forgot the time its earlier legs used got a fresh budget, and a
-    time-limited cosine schedule started again at full --lr: no test resumed a timed run. On a
-    clock that ticks 0.02 s per reading (on the real one a loaded machine's first iteration took
-    the whole second, and the schedule had no time to lower the rate)."""
+def _fake_training_clock(monkeypatch, seconds_per_reading: float) -> None:
+    """training's time.time() as a clock that moves ``seconds_per_reading`` at each reading: a
+    time limit then counts readings, whatever the machine's load."""
     import types
 
     from CoreDiffLib import training
     clock = [0.0]
 
-    def tick():
-        clock[0] += 0.02
+    def tick() -> float:
+        clock[0] += seconds_per_reading
         return clock[0]
-
     monkeypatch.setattr(training, "time", types.SimpleNamespace(time=tick, strftime=time.strftime,
                                                                 gmtime=time.gmtime))
+
+
+def test_a_time_limit_counts_every_leg_and_a_time_limited_cosine_lowers_the_learning_rate(tmp_path, monkeypatch):
+    """A resumed run that forgot the time its earlier legs used got a fresh budget, and a
+    time-limited cosine schedule started again at full --lr: no test resumed a timed run. On a
+    clock that ticks 0.02 s per reading (on the real one a loaded machine's first iteration took
+    the whole second, and the schedule had no time to lower the rate)."""
+    _fake_training_clock(monkeypatch, 0.02)
     cfg = TrainConfig(iterations=10**6, batch_size=2, patch_size=16, log_every=1, checkpoint_every=10**6,
                       time_limit_s=1.0, lr_schedule="cosine", lr=1e-3)
     net = NetworkConfig(width=4, steps=2)
@@ -1133,17 +1138,7 @@ def test_a_leg_stopped_halfway_through_its_time_limit_goes_on_for_the_time_left(
     """A run stopped before its --time-limit (its --iterations reached, or Ctrl-C) and resumed
     with the same limit trains for the time left, not for a fresh limit. On a clock that ticks
     once per reading, so that every leg's time is its own count of readings."""
-    import types
-
-    from CoreDiffLib import training
-    clock = [0.0]
-
-    def tick():
-        clock[0] += 1.0
-        return clock[0]
-
-    monkeypatch.setattr(training, "time", types.SimpleNamespace(time=tick, strftime=time.strftime,
-                                                                 gmtime=time.gmtime))
+    _fake_training_clock(monkeypatch, 1.0)
 
     def run(iterations, ckpt):
         cfg = TrainConfig(iterations=iterations, batch_size=1, patch_size=16, log_every=5, checkpoint_every=10**6,
