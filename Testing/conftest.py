@@ -2,25 +2,13 @@
 from __future__ import annotations
 
 import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-
-# torch makes its compiler's cache folder (/tmp/torchinductor_<user>) when a test loads the
-# compiler, and leaves it: the tests get one of their own, removed when they end
-_COMPILER_CACHE = tempfile.mkdtemp(prefix="corediff-tests-inductor-")
-os.environ["TORCHINDUCTOR_CACHE_DIR"] = _COMPILER_CACHE
-
-
-def pytest_sessionfinish(session, exitstatus) -> None:
-    shutil.rmtree(_COMPILER_CACHE, ignore_errors=True)
-
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -151,6 +139,14 @@ def identity_model_path(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("models") / "identity.safetensors"
     save_weights(net, path)
     return path
+
+
+@pytest.fixture(scope="session", autouse=True)
+def compiler_cache_of_the_tests(tmp_path_factory):
+    """torch makes its compiler's cache folder (/tmp/torchinductor_<user>) when a test (or a CLI
+    it starts) loads the compiler, and leaves it: the tests' is in pytest's own temporary folder,
+    which pytest keeps for its last three runs only, however a run ended."""
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(tmp_path_factory.mktemp("torchinductor"))
 
 
 @pytest.fixture()
