@@ -199,7 +199,7 @@ def _check_steps_for_auto(steps) -> None:
 def choose_dose_model(args: argparse.Namespace, volume, spacing_xy, explicit: bool) -> tuple[str, str]:
     """(model, why) for this scan (CoreDiffLib.dose_estimate), said in the log. A scan that
     cannot be measured is an error when ``--model auto`` was asked for, else the default model."""
-    from .dose_estimate import choose_model_or_default, estimate_caveat
+    from .dose_estimate import caveats, choose_model_or_default
     choice = choose_model_or_default(volume, spacing_xy)
     if choice.problem is not None:
         if explicit:
@@ -210,9 +210,8 @@ def choose_dose_model(args: argparse.Namespace, volume, spacing_xy, explicit: bo
     info(args, f"model for this scan: {model} (noise index {scan.noise_index_hu:.1f} HU at a water-equivalent "
                f"diameter of {scan.wed_mm:.0f} mm, like {100 * dose:.0f} % of the simulated normal dose; "
                "--model NAME overrides)")
-    for caveat in (scan.caveat(), estimate_caveat(dose)):
-        if caveat:
-            info(args, f"warning: {caveat}")
+    for caveat in caveats(scan, dose):
+        info(args, f"warning: {caveat}")
     return model, (f"auto: noise index {scan.noise_index_hu:.1f} HU, water-equivalent diameter "
                    f"{scan.wed_mm:.0f} mm, estimated dose {dose:.3f}")
 
@@ -720,7 +719,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 def cmd_dose(args: argparse.Namespace) -> int:
     """``corediff dose IN``: what ``--model auto`` measures on a scan and the model it would run."""
-    from .dose_estimate import choose_model_or_default, estimate_caveat
+    from .dose_estimate import caveats, choose_model_or_default
     from .io import read_volume
     from .orientation import axial_view
     from .streaming import earlier_corediff, earlier_corediff_of_file
@@ -744,7 +743,7 @@ def cmd_dose(args: argparse.Namespace) -> int:
     row = {"input": str(args.input), "noise_index_hu": round(scan.noise_index_hu, 2),
            "water_equivalent_diameter_mm": round(scan.wed_mm, 1), "slices_measured": scan.slices,
            "slices_cut_off": scan.cut_slices, "estimated_dose": round(dose, 4), "model": model,
-           "caveat": "; ".join(c for c in (scan.caveat(), estimate_caveat(dose)) if c) or None,
+           "caveat": "; ".join(caveats(scan, dose)) or None,
            "denoised_by_corediff": denoised}
     if args.json:
         print(json.dumps(row, indent=1))
@@ -752,9 +751,8 @@ def cmd_dose(args: argparse.Namespace) -> int:
         print(f"noise index {scan.noise_index_hu:.1f} HU (mode of the 6 mm local SD over soft tissue, "
               f"{scan.slices} slices)\nwater-equivalent diameter {scan.wed_mm:.0f} mm (median over those slices)\n"
               f"looks like {100 * dose:.1f} % of the simulated normal dose\n--model auto runs {model}")
-        for caveat in (scan.caveat(), estimate_caveat(dose)):
-            if caveat:
-                print(f"note: {caveat}")
+        for caveat in caveats(scan, dose):
+            print(f"note: {caveat}")
     return 0
 
 

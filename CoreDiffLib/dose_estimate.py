@@ -14,8 +14,9 @@ attenuation the beam crosses, so the scan is measured twice:
   from it, do not count), the median over the slices measured that hold a body (air beyond the
   patient would count as 0 mm). Unlike Report 220, the lungs and bowel gas inside the outline
   are left out, not counted at their own HU (a thorax measures about 4 % smaller, an abdomen the
-  same); the calibration was fitted on diameters measured this way, so it is kept. A body cut off by the image or the field of view measures too
-  small, so the dose too low: the log says so (:meth:`ScanNoise.caveat`).
+  same); the calibration was fitted on diameters measured this way, so it is kept. A body cut
+  off by the image or the field of view measures too small, so the dose too low: the log says so
+  (:meth:`ScanNoise.caveat`).
 
 A calibration fitted on the training phantoms, log(noise) = a + b WED + c log(dose), inverts to
 a dose, relative to the simulated normal dose; the model trained at the nearest dose (in log)
@@ -107,6 +108,11 @@ def estimate_caveat(dose: float) -> str:
                 "trained for: a sharp kernel, or strong contrast in the soft tissue, reads so too; if the result "
                 "looks too smooth, choose the model with --model")
     return ""
+
+
+def caveats(scan: ScanNoise, dose: float) -> list[str]:
+    """Every doubt about a scan's measurement and its estimated dose, for a log (empty: none)."""
+    return [c for c in (scan.caveat(), estimate_caveat(dose)) if c]
 
 
 def _local_sd(image: np.ndarray, box: int | tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:

@@ -26,8 +26,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from . import CoreDiffError
-from .atomic import (OutputAppeared, atomic_path, check_output_place, deferred_interrupts, partial_folder, publish,
-                     published)
+from .atomic import OutputAppeared, atomic_path, check_output_place, deferred_interrupts, partial_folder, publish
 from .dicom import (check_series_input, choose_dicom_series, find_dicom_series, itk_warnings_off, median_slice_gap,
                     off_grid_slices, series_slices)
 from .intensity import PADDING_THRESHOLD_HU, validate_ct_array  # noqa: F401  (re-exported)
@@ -678,8 +677,7 @@ def write_volume(volume: Volume, path: str | os.PathLike, series_description: st
                             provenance_summary(metadata) if metadata else None, first_instance=first_slice + 1)
         if out.exists():
             out.rmdir()  # check_output_path guaranteed it is empty
-        os.replace(tmpdir, out)
-        published.append(str(out))  # complete from here: an interrupted command says so
+        publish(tmpdir, out)  # moved whole, and recorded as complete (an interrupted command says so)
     return out
 
 
