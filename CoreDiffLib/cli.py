@@ -872,8 +872,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _terminate(signum, frame):  # SIGTERM -> unwind normally so temporary files are removed
-    raise SystemExit(128 + signum)
+class _Terminated(SystemExit):
+    """SIGTERM (Slicer's Cancel, `timeout`, a scheduler), unwinding like Ctrl-C so that temporary
+    files are removed, and said like it: a log must tell a stopped run from a finished one."""
+
+
+def _terminate(signum, frame):
+    raise _Terminated(128 + signum)
 
 
 def _drop_stdout() -> None:
@@ -927,6 +932,9 @@ def _run(args: argparse.Namespace) -> int:
     except CoreDiffError as exc:
         print(f"corediff: error: {exc}", file=sys.stderr, flush=True)
         return 2
+    except _Terminated as exc:
+        print(f"corediff: error: stopped by SIGTERM; {_written()}", file=sys.stderr, flush=True)
+        return int(exc.code)
     except KeyboardInterrupt as exc:  # a training run says where it saved its checkpoint
         print(f"corediff: error: {str(exc) or 'interrupted; ' + _written()}", file=sys.stderr, flush=True)
         return 128 + int(getattr(exc, "signum", signal.SIGINT))  # 130 for Ctrl-C; a training run's SIGTERM: 143

@@ -1108,6 +1108,24 @@ def test_ctrl_c_says_so(monkeypatch, capsys):
     assert capsys.readouterr().err.strip() == "corediff: error: interrupted; no output was written"
 
 
+def test_sigterm_says_so_like_ctrl_c(monkeypatch, capsys):
+    """SIGTERM (Slicer's Cancel, `timeout`) ended a command with exit code 143 and not a word: a
+    log could not tell a stopped run from one that had nothing to say."""
+    import os
+    import signal
+
+    from CoreDiffLib import cli
+
+    def terminated(args):
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise AssertionError("SIGTERM did not stop the command")
+    monkeypatch.setattr(cli, "cmd_models", terminated)
+    before = signal.getsignal(signal.SIGTERM)
+    assert cli.main(["models"]) == 143
+    assert capsys.readouterr().err.strip() == "corediff: error: stopped by SIGTERM; no output was written"
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
 def test_a_signal_just_after_an_output_is_in_place_does_not_call_it_unwritten(tmp_path, monkeypatch, capsys,
                                                                                identity_model_path):
     """Ctrl-C (or a failure) right after the output was renamed into place said "no output was
