@@ -12,6 +12,7 @@ data (NDCT/LDCT pairs, dose tags in file names) is :mod:`CoreDiffLib.pairs`.
 from __future__ import annotations
 
 import datetime as _dt
+import errno
 import gzip
 import os
 import re
@@ -675,9 +676,15 @@ def write_volume(volume: Volume, path: str | os.PathLike, series_description: st
         _write_dicom_series(volume, pixels, tmpdir,
                             series_description or ("CoreDiff denoised" + (f" ({model})" if model else "")),
                             provenance_summary(metadata) if metadata else None, first_instance=first_slice + 1)
-        if out.exists():
-            out.rmdir()  # check_output_path guaranteed it is empty
-        publish(tmpdir, out)  # moved whole, and recorded as complete (an interrupted command says so)
+        try:
+            if out.exists():
+                out.rmdir()  # check_output_path guaranteed it was empty
+            publish(tmpdir, out)  # moved whole, and recorded as complete (an interrupted command says so)
+        except OSError as exc:  # filled meanwhile: another program, or a second run into the same folder
+            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+            raise OutputAppeared(f"{out} was filled while this run worked (another program or run wrote it): kept "
+                                 "it, and discarded this run's result") from None
     return out
 
 

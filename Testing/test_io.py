@@ -1152,6 +1152,24 @@ def test_an_output_that_appears_during_the_run_is_kept_unless_replacing(tmp_path
     assert read_volume(tmp_path / name).shape == read_volume(ct_file).shape
 
 
+def test_a_dicom_folder_filled_during_the_run_is_kept(tmp_path, ct_file, identity_model_path):
+    """Two runs into one new DICOM folder: the second to finish failed with a raw "Directory not
+    empty" and no word on whose series the folder holds."""
+    from CoreDiffLib.atomic import OutputAppeared
+    from CoreDiffLib.inference import Denoiser, denoise_file
+    out = tmp_path / "series"
+
+    def denoiser_while_another_run_writes(volume, spacing_xy):  # called once the input is read
+        out.mkdir()
+        (out / "IM1.dcm").write_text("another run's slice")
+        return Denoiser.load(str(identity_model_path), device="cpu")
+
+    with pytest.raises(OutputAppeared, match=f"{out} was filled while this run worked .*: kept it"):
+        denoise_file(ct_file, out, denoiser_while_another_run_writes)
+    assert [p.name for p in out.iterdir()] == ["IM1.dcm"] and (out / "IM1.dcm").read_text() == "another run's slice"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([ct_file.name, "series"])  # no partial folder
+
+
 def test_a_compressed_output_names_no_temporary_file_and_no_time(tmp_path, ct_file, identity_model_path):
     """The gzip stream of a .nrrd / .nii.gz output carried the temporary file's name (FNAME) and the
     time it was written: two runs on the same scan differed in those bytes."""
