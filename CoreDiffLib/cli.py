@@ -35,10 +35,12 @@ class Progress:
     def __init__(self, mode: str, unit: str = "slice", desc: str = ""):
         self.mode, self.unit, self.desc, self._bar = mode, unit, desc, None
         self.started: float | None = None  # when the work began (its first report), for its rate
+        self.last: float | None = None  # its latest report: what follows the last one is not the work's
 
     def __call__(self, done: int, total: int) -> None:
+        self.last = time.perf_counter()
         if self.started is None:
-            self.started = time.perf_counter()
+            self.started = self.last
         if self.mode == "lines":
             print(f"PROGRESS {done} {total}", flush=True)
         elif self.mode == "bar":
@@ -135,8 +137,10 @@ def cmd_denoise(args: argparse.Namespace) -> int:
     finally:
         progress.close()
     now = time.perf_counter()
-    seconds, denoising = now - t0, now - (progress.started or t0)  # all, and the slices' own (no loading)
-    info(args, f"wrote {out} ({seconds:.1f} s; denoising {denoising / shape[0]:.2f} s/slice)")
+    # the slices' own rate (no model loading, no scan measuring), and the output's writing after them
+    started, finished = progress.started or t0, progress.last or now
+    info(args, f"wrote {out} ({now - t0:.1f} s; denoising {(finished - started) / shape[0]:.2f} s/slice, "
+               f"writing {now - finished:.1f} s)")
     return 0
 
 
