@@ -178,8 +178,8 @@ class CtkComboBoxItemDataToStrConnector(GuiConnector):
     def write(self, value) -> None:
         index = self._widget.findData(value)
         if index < 0:
-            # Value not (yet) in the list, e.g. the model list is still loading: show it as is.
-            self._widget.addItem(value or "(default)", value)
+            # Value not (yet) in the list, e.g. the model list is still loading: show it by name.
+            self._widget.addItem(savedChoiceLabel(value), value)
             index = self._widget.findData(value)
         self._widget.currentIndex = index
 
@@ -1288,6 +1288,14 @@ CONTEXT_CHOICES = [
 ]
 
 
+def savedChoiceLabel(data) -> str:
+    """A list value as the user knows it: "model:corediff-25-w32" is corediff-25-w32."""
+    if not data:
+        return "(default)"
+    kind, _, name = str(data).partition(":")
+    return {"model": name, "adaptation": "One-shot: " + name}.get(kind, str(data))  # a device: cuda:1
+
+
 def fillComboBox(comboBox, items, currentData) -> None:
     """Replace the items (label, data) of a combo box, keeping ``currentData`` selected."""
     wasBlocked = comboBox.blockSignals(True)
@@ -1296,8 +1304,9 @@ def fillComboBox(comboBox, items, currentData) -> None:
         for label, data in items:
             comboBox.addItem(label, data)
         index = comboBox.findData(currentData)
-        if index < 0:
-            comboBox.addItem(currentData or "(default)", currentData)
+        if index < 0:  # a choice saved in a scene from another computer: kept, and said to be missing here
+            comboBox.addItem(savedChoiceLabel(currentData) + (" (not found here)" if currentData else ""),
+                             currentData)
             index = comboBox.findData(currentData)
         comboBox.currentIndex = index
     finally:

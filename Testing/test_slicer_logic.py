@@ -1199,6 +1199,22 @@ def test_a_result_from_an_older_scene_is_not_given_another_scans_voxels(slicerEn
     assert p.outputVolume is None
 
 
+def test_a_saved_choice_missing_here_is_kept_and_named_not_shown_as_a_raw_key(slicerEnv):  # noqa: F811
+    """A scene saved on another computer chose an adaptation and a GPU this one lacks: the lists
+    showed 'adaptation:liver-10' and 'cuda:1', keys no one had typed, as if they were offered."""
+    slicer, module, tempDir = slicerEnv
+    widget = makeWidget(module)
+    ui, p = widget.ui, widget._parameterNode
+    p.model, p.device = "adaptation:liver-10", "cuda:1"
+    widget._onModelsListed([{"name": "corediff-25", "kind": "model", "dose": 0.25}], None)
+    widget._onDevicesListed([{"name": "cpu"}], None)
+    assert ui.modelComboBox.currentText == "One-shot: liver-10 (not found here)"
+    assert ui.deviceComboBox.currentText == "cuda:1 (not found here)"
+    assert (p.model, p.device) == ("adaptation:liver-10", "cuda:1")  # kept: the choice is the user's to change
+    p.model = "model:corediff-5-w64"  # set before the list has it (it is still loading): named, not keyed
+    assert ui.modelComboBox.currentText == "corediff-5-w64"
+
+
 def test_what_the_radiologist_sees_warnings_kept_words_not_flags_and_the_wizard_on_its_scan(slicerEnv, tinyModel):  # noqa: F811,E501
     """From a review in the user's seat: a doubt on Automatic's model flashed by and was gone at
     Done, and named a command-line flag; the status line showed temporary paths; the wizard ignored
