@@ -2,9 +2,9 @@
 
 Every output CoreDiff writes (denoised volumes, weights, checkpoints, manifests, figures,
 tables, caches) goes first to a hidden temporary sibling and is renamed over the target only
-once it is complete. ``os.replace`` within one folder is atomic, so a crash, a cancel, a full
-disk or an exception in the writer leaves either the old file or none at all, never a torn
-one, and a reader of a cache or a checkpoint cannot load garbage.
+once it is complete (and flushed to the disk). ``os.replace`` within one folder is atomic, so a
+crash, a cancel, a full disk or an exception in the writer leaves either the old file or none at
+all, never a torn one, and a reader of a cache or a checkpoint cannot load garbage.
 """
 from __future__ import annotations
 
@@ -114,12 +114,50 @@ def _placed(target: str | os.PathLike, output: bool) -> None:
         published.append(str(target))
 
 
+def _fsync(path: str | os.PathLike) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def flush_to_disk(done: Path) -> None:
+    """Make the finished file (or a folder's files) durable before it is renamed into place. The
+    rename can reach the disk before the data does: after a power cut or a crash of the machine,
+    the output's name would hold an empty or torn file, the very thing the rename is there to
+    prevent (a checkpoint that cannot be resumed from, a series with blank slices)."""
+    if os.name == "nt":  # no fsync through a read-only handle there; NTFS journals the rename
+        return
+    if done.is_dir():
+        for part in done.iterdir():
+            if part.is_file():
+                _fsync(part)
+        _flush_folder(done)
+    else:
+        _fsync(done)
+
+
+def _flush_folder(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (its entry); best effort: some file systems refuse it."""
+    if os.name != "nt":
+        with contextlib.suppress(OSError):
+            _fsync(folder)
+
+
 def publish(done: Path, target: str | os.PathLike, replace: bool = True, output: bool = True) -> None:
-    """Put the finished file ``done`` at ``target``. With ``replace`` False a file that appeared at
-    ``target`` while the run worked (another program, a second run with the same output) is kept
-    and :class:`OutputAppeared` raised: checked and placed in one step (a hard link), with no moment
-    between the two for it to appear in. ``done`` is left for the caller to remove. ``output``
-    False: a cache of the library's own, not recorded in :data:`published`."""
+    """Put the finished file ``done`` at ``target``, flushed to the disk first (:func:`flush_to_disk`).
+    With ``replace`` False a file that appeared at ``target`` while the run worked (another program,
+    a second run with the same output) is kept and :class:`OutputAppeared` raised: checked and
+    placed in one step (a hard link), with no moment between the two for it to appear in. ``done``
+    is left for the caller to remove. ``output`` False: a cache of the library's own, not recorded
+    in :data:`published`."""
+    flush_to_disk(done)
+    _place(done, target, replace, output)
+    _flush_folder(Path(target).parent)
+
+
+def _place(done: Path, target: str | os.PathLike, replace: bool, output: bool) -> None:
     if replace:
         os.replace(done, target)
         _placed(target, output)

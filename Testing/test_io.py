@@ -542,6 +542,37 @@ def test_atomic_path_replaces_only_on_success_and_keeps_the_old_file_on_failure(
     assert partial_path(target) != partial_path(target)  # concurrent writers never collide
 
 
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="names an open file through /proc (Linux)")
+@pytest.mark.parametrize("name", ["out.nrrd", "out.nhdr", "series"])
+def test_an_output_is_on_the_disk_before_its_name_is(tmp_path, monkeypatch, ct_file, identity_model_path, name):
+    """The rename that puts an output in place can reach the disk before its data: after a power
+    cut the output's name held an empty or torn file (a checkpoint, a series with blank slices)."""
+    import os
+
+    from CoreDiffLib.inference import Denoiser, denoise_file
+    synced, replaced = [], []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        synced.append(Path(os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src, dst):  # everything placed, once placed, was flushed first (a folder: its files)
+        flushed = [p for p in synced if p == Path(src) or p.parent == Path(src)]
+        if Path(dst).parent == tmp_path:  # (not the library's ONNX cache, flushed as well)
+            replaced.append((Path(dst).name, len(flushed)))
+        real_replace(src, dst)
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    out = tmp_path / name
+    denoise_file(ct_file, out, Denoiser.load(str(identity_model_path), device="cpu"))
+    slices = read_volume(ct_file).shape[0]
+    expected = {"out.nrrd": [("out.nrrd", 1)], "out.nhdr": [("out.raw.gz", 1), ("out.nhdr", 1)],
+                "series": [("series", slices + 1)]}[name]  # a DICOM folder: each slice, and the folder
+    assert replaced == expected
+    assert synced[-1] == tmp_path  # and the rename itself
+
+
 def test_atomic_outputs_get_ordinary_permissions_not_a_private_temp_files(tmp_path):
     import os
     import stat
