@@ -1324,9 +1324,10 @@ def formatDuration(seconds) -> str:
     return f"{seconds // 3600} h {(seconds % 3600) // 60:02d} min"
 
 
-def _named(label: str, names, k: int) -> str:
-    """'Before (chest CT)': a readout says which volumes it measured."""
-    return f"{label} ({names[k]})" if names else label
+def _named(names, k: int) -> str:
+    """' (chest CT)': a readout says which volumes it measured, after the figures, so that the
+    Before and After figures still stand one above the other."""
+    return f" ({names[k]})" if names else ""
 
 
 def formatRoiStatistics(stats, names=None) -> str:
@@ -1334,17 +1335,17 @@ def formatRoiStatistics(stats, names=None) -> str:
     b, a = stats["before"], stats["after"]
     drop = (1.0 - a["std"] / b["std"]) * 100.0 if b["std"] > 0 else 0.0
     return (f"ROI ({stats['voxels']} voxels, {stats['where']})\n"
-            f"{_named('Before', names, 0)}: mean {b['mean']:.1f} HU, SD {b['std']:.1f} HU\n"
-            f"{_named('After', names, 1)}:  mean {a['mean']:.1f} HU, SD {a['std']:.1f} HU\n"
+            f"Before: mean {b['mean']:.1f} HU, SD {b['std']:.1f} HU{_named(names, 0)}\n"
+            f"After:  mean {a['mean']:.1f} HU, SD {a['std']:.1f} HU{_named(names, 1)}\n"
             + (f"Noise (SD) reduced by {drop:.0f} %" if drop >= 0 else f"Noise (SD) increased by {-drop:.0f} %"))
 
 
 def formatSliceQuality(quality, names=None) -> str:
     """``names``: (input, result) volume names, shown with their figures."""
     lines = [f"Slice {quality['slice']} against {quality['reference']} (window -1000..1000 HU, as in the paper)"]
-    for k, (label, key) in enumerate((("Input", "input"), ("Result", "output"))):
+    for k, (label, key) in enumerate((("Input: ", "input"), ("Result:", "output"))):
         m = quality[key]
-        lines.append(f"{_named(label, names, k)}: PSNR {m.psnr:.2f} dB, SSIM {m.ssim:.4f}, RMSE {m.rmse_hu:.1f} HU")
+        lines.append(f"{label} PSNR {m.psnr:.2f} dB, SSIM {m.ssim:.4f}, RMSE {m.rmse_hu:.1f} HU{_named(names, k)}")
     return "\n".join(lines)
 
 

@@ -149,7 +149,9 @@ def test_denoise_button_creates_new_node_with_input_geometry(slicerEnv, tinyMode
     assert widget._parameterNode.roi is roi
     widget.ui.measureButton.click()
     text = widget.ui.roiResultsLabel.property("text")
-    assert "Before (LDCT): mean" in text and "After (LDCT denoised):" in text and "noise ROI" in text
+    beforeLine, afterLine = text.splitlines()[1:3]
+    assert beforeLine.startswith("Before: mean") and beforeLine.endswith(" HU (LDCT)") and "noise ROI" in text
+    assert afterLine.startswith("After:  mean") and afterLine.endswith(" HU (LDCT denoised)")  # figures line up
     stats = widget.logic.roiStatistics(inputNode, outputNode, roi)
     assert stats["ijkMin"][2] == stats["ijkMax"][2] == 2
     k0, j0, i0 = stats["ijkMin"][2], stats["ijkMin"][1], stats["ijkMin"][0]
@@ -469,7 +471,7 @@ def test_readouts_stay_with_the_selected_scan_and_a_flicker_stops_when_its_volum
     assert p.outputVolume is results["PatientB"]
     widget.ui.measureButton.click()
     text = widget.ui.roiResultsLabel.property("text")
-    assert "Before (PatientB):" in text and "After (PatientB denoised):" in text, text
+    assert text.splitlines()[1].endswith("(PatientB)") and text.splitlines()[2].endswith("(PatientB denoised)"), text
     # a flicker whose result is deleted stops, and leaves no foreground behind
     red = slicer.app.layoutManager().sliceWidget("Red").mrmlSliceCompositeNode()
     widget.ui.flickerButton.setProperty("checked", True)
@@ -571,7 +573,8 @@ def test_quality_against_a_reference_scan_scores_the_red_slice(slicerEnv):  # no
     quality = widget.logic.sliceQuality(inputNode, outputNode, referenceNode)
     want = slice_metrics(slicer.util.arrayFromVolume(outputNode)[3], clean[3])
     assert quality["slice"] == 3 and quality["output"] == want
-    assert f"Result (LDCT denoised): PSNR {want.psnr:.2f} dB, SSIM {want.ssim:.4f}, RMSE {want.rmse_hu:.1f} HU" in text
+    assert f"Result: PSNR {want.psnr:.2f} dB, SSIM {want.ssim:.4f}, RMSE {want.rmse_hu:.1f} HU (LDCT denoised)" in text
+    assert text.splitlines()[1].startswith("Input:  PSNR ") and text.splitlines()[1].endswith(" HU (LDCT)")
     assert quality["output"].psnr > quality["input"].psnr + 6  # a quarter of the noise SD: +12 dB
     # a reference on another grid is refused with what to do
     shifted = vtk.vtkMatrix4x4()
