@@ -180,7 +180,7 @@ def load_denoiser(args: argparse.Namespace, volume=None, spacing_xy=None) -> "De
     if args.steps == AUTO_STEPS and den.steps is not None and den.steps < trained:
         from .models import is_shipped
         shipped = is_shipped(den.model)
-        info(args, f"one sampling step on the CPU (--steps auto): 1/{trained} of the time of all {trained}, and "
+        info(args, f"one sampling step on the CPU (--steps auto): 1/{trained} of the network's work of all {trained}, and "
                    + ("0.03-0.06 dB below them for the -w32 models on held-out phantoms"
                       if shipped else "for a model of your own, measure what it costs")
                    + f"; --steps {trained} runs the paper's full sampler")
@@ -259,7 +259,7 @@ DENOISE_CONTEXTS = ("auto", "neighbours", "own")
 
 def add_denoise_parser(sub) -> None:
     p = sub.add_parser("denoise", help="denoise a CT volume (file or DICOM folder)")
-    p.add_argument("input", help="LDCT volume: .nrrd, .nii(.gz), .mha or a DICOM folder")
+    p.add_argument("input", help="LDCT volume: .nrrd, .nhdr, .nii(.gz), .mha, .mhd or a DICOM folder")
     p.add_argument("output", help="output file (.nrrd, .nii.gz, .nii, .mha; .nhdr, .mhd with a data file beside) "
                                   "or a new DICOM folder")
     p.add_argument("--model", default=None,
@@ -267,12 +267,13 @@ def add_denoise_parser(sub) -> None:
                         "patient's size); or a shipped model name ('default': corediff-25-w32), or a "
                         ".safetensors file")
     p.add_argument("--adaptation", default=None, help="one-shot adaptation name or file")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    p.add_argument("--device", default="auto", help="auto (default: a GPU if there is one), cpu, cuda, cuda:N or mps")
     p.add_argument("--batch-size", type=int, default=None,
                    help="slices per batch, >= 1 (default: chosen from the device's memory)")
     p.add_argument("--steps", type=steps_argument, default="auto",
                    help="sampling steps, 1 to the model's T (10), or auto (default): all T on a GPU, one on "
-                        "a CPU, where it is ten times faster and 0.03-0.06 dB below T for the -w32 models")
+                        "a CPU, where a run is 7-10 times faster (one network evaluation per slice, not T) and 0.03-0.06 dB "
+                        "below T for the -w32 models")
     p.add_argument("--slices", type=slices_argument, default=None, metavar="K|A:B",
                    help="denoise only axial slice K, or slices A to B-1 (0-based), with their true neighbours "
                         "as context; the output holds just those, placed where they lie in the input")
@@ -831,7 +832,7 @@ def add_oneshot_parser(sub) -> None:
     p.add_argument("--ssim-weight", type=float, default=0.0,
                    help="paired: add w*(1-SSIM) to the MSE, which is on the [0, 1] scale (~1e-4 for a good "
                         "denoiser): w of 1e-4 to 1e-3 balances the two, 0.05 and more lets SSIM decide alone")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    p.add_argument("--device", default="auto", help="auto (default: a GPU if there is one), cpu, cuda, cuda:N or mps")
     _add_progress(p)
     p.set_defaults(func=_handler("oneshot", "cmd_oneshot"))
 
@@ -844,7 +845,7 @@ def add_bench_parser(sub) -> None:
     p.add_argument("--width", type=int, action="append",
                    help="benchmark an untrained network of this width (repeatable; 64 = the paper)")
     p.add_argument("--size", type=int, default=512, help="slice size in pixels (default 512)")
-    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda or mps")
+    p.add_argument("--device", default="auto", help="auto (default: a GPU if there is one), cpu, cuda, cuda:N or mps")
     p.add_argument("--batch-sizes", default="1", help="comma list, e.g. 1,2,4 (default 1)")
     p.add_argument("--precisions", default="fp32", help="comma list of fp32,tf32,bf16,fp16 (default fp32)")
     p.add_argument("--channels-last", nargs="?", const="both", default=None, choices=["both", "only"],

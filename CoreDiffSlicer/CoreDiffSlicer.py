@@ -94,7 +94,8 @@ class CoreDiffSlicer(ScriptedLoadableModule):
         self.parent.contributors = ["CoreDiffSlicer contributors"]
         self.parent.helpText = """
 Reduces noise in low-dose CT volumes with CoreDiff, a generalized diffusion model that
-restores each axial slice using its two neighbours as context.
+restores each axial slice using its two neighbours as context (slices less than 4 mm apart;
+from 4 mm on each slice alone).
 <ul>
 <li><b>Denoise</b>: pick the CT volume, a model and a device, press Denoise. <i>Automatic</i>
 (the default model) measures the scan's noise for the patient's size and runs the model trained
@@ -760,7 +761,7 @@ class CoreDiffSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         elif self._oneShotJob is not None and self._oneShotJob.running:
             reason = "A one-shot adaptation is running"
         self.ui.applyButton.enabled = reason is None
-        self.ui.applyButton.toolTip = reason or "Denoise the input volume into a new volume"
+        self.ui.applyButton.toolTip = reason or DENOISE_TOOLTIP
         self.ui.previewButton.enabled = reason is None
         self.ui.previewButton.toolTip = reason or ("Denoise only the slice shown in the Red view, in seconds, "
                                                    "to judge the settings")
@@ -1286,6 +1287,10 @@ CONTEXT_CHOICES = [
     ("Adjacent slices", "neighbours"),
     ("Each slice alone", "own"),
 ]
+
+
+#: the Output selector decides: "Create new volume", or the selected (earlier) result is replaced
+DENOISE_TOOLTIP = "Denoise the input volume into the Output volume: a new one, or the selected result, replaced"
 
 
 def savedChoiceLabel(data) -> str:
