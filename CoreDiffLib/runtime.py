@@ -265,8 +265,9 @@ def export_onnx(model: ClearNet, folder: str | os.PathLike | None = None,
     """Export the forward pass (EMM off and on) with dynamic batch / height / width.
 
     Files are cached by a hash of the weights, so each model is exported once (~5 s).
-    With ``check``, ONNX Runtime must reproduce PyTorch on a random input to 1e-4; a cached
-    file that does not (damaged: a full disk, a copy cut short) is exported again, once.
+    With ``check``, ONNX Runtime must reproduce PyTorch on a fixed random input to 1e-4 (PyTorch's
+    output is kept beside the export); a cached file that does not (damaged: a full disk, a copy
+    cut short) is exported again, once.
     """
     import warnings
 
@@ -276,8 +277,9 @@ def export_onnx(model: ClearNet, folder: str | os.PathLike | None = None,
     model = copy.deepcopy(model).cpu().float().eval().to(memory_format=torch.contiguous_format)
     key = _model_key(model)
     c = model.config.in_channels
-    x, t = torch.rand(1, c, 32, 32), torch.tensor([3])
-    p, xT = torch.rand(1, 1, 32, 32), torch.rand(1, 1, 32, 32)
+    g = torch.Generator().manual_seed(0)  # the same check input every run: its expected output is kept
+    x, t = torch.rand(1, c, 32, 32, generator=g), torch.tensor([3])
+    p, xT = torch.rand(1, 1, 32, 32, generator=g), torch.rand(1, 1, 32, 32, generator=g)
     paths, exported = {}, set()
     for emm in (False, True):
         if emm and not model.config.use_emm:
@@ -310,6 +312,7 @@ def export_onnx(model: ClearNet, folder: str | os.PathLike | None = None,
                 raise
             for path in cached:
                 path.unlink(missing_ok=True)
+                _expected_path(path).unlink(missing_ok=True)
             return export_onnx(model, None if cache else folder, check)
     if exported and cache:
         prune_onnx_cache(folder)
@@ -324,9 +327,30 @@ def prune_onnx_cache(folder: Path, keep: int = ONNX_CACHE_MODELS) -> None:
             key = path.name.split("-")[1]
             last_used[key] = max(last_used.get(key, 0.0), path.stat().st_mtime)
     for key in sorted(last_used, key=last_used.get, reverse=True)[keep:]:
-        for path in folder.glob(f"clearnet-{key}-*.onnx"):
+        for path in folder.glob(f"clearnet-{key}-*"):  # its exports and their expected outputs
             with contextlib.suppress(OSError):
                 path.unlink()
+
+
+def _expected_path(export: Path) -> Path:
+    return export.with_name(export.name[:-len(".onnx")] + ".expected.npy")
+
+
+def _expected_output(model: ClearNet, export: Path, emm: bool, inputs: tuple) -> torch.Tensor:
+    """PyTorch's output on the check's fixed ``inputs``, kept beside the export: computing it
+    again every run cost the first eager forward pass, 0.7 s on 2 cores (1-1.5 s under load), in
+    runs that otherwise never run PyTorch's network. A cache that cannot be written computes it."""
+    kept = _expected_path(export)
+    with contextlib.suppress(OSError, ValueError):
+        return torch.from_numpy(np.load(kept, allow_pickle=False))
+    x, t, p, xT = inputs
+    with torch.no_grad():
+        want = model(x, t, p if emm else None, xT if emm else None)
+    if not torch.isfinite(want).all():
+        raise CoreDiffError(NON_FINITE_OUTPUT)
+    with contextlib.suppress(OSError), atomic_path(kept, output=False) as tmp:
+        np.save(tmp, want.numpy())
+    return want
 
 
 def _check_export(model: ClearNet, paths: dict[bool, Path], inputs: tuple) -> None:
@@ -335,10 +359,8 @@ def _check_export(model: ClearNet, paths: dict[bool, Path], inputs: tuple) -> No
     net = OnnxNet(model, paths=paths)
     with torch.no_grad():
         for emm in (False, True):
-            want = model(x, t, p if emm else None, xT if emm else None)
+            want = _expected_output(model, paths[emm], emm, inputs)
             got = net(x, t, p if emm else None, xT if emm else None)
-            if not torch.isfinite(want).all():
-                raise CoreDiffError(NON_FINITE_OUTPUT)
             err = float((want - got).abs().max())
             if not err <= 1e-4:  # NaN compares False with everything; not a CoreDiffError: the
                 # Denoiser falls back to eager PyTorch, with a warning, as for any ONNX failure

@@ -112,6 +112,29 @@ def test_a_damaged_cached_onnx_export_is_made_again(tmp_path):
     assert den.settings.backend == "onnx"
 
 
+def test_a_cached_onnx_export_is_checked_without_running_pytorchs_network(tmp_path, monkeypatch):
+    """Every CPU run checked its cached ONNX export against PyTorch's forward pass, whose first
+    call alone cost 0.7 s on 2 cores, in a run that otherwise never runs PyTorch's network."""
+    pytest.importorskip("onnxruntime")
+    from CoreDiffLib.network import ClearNet
+    from CoreDiffLib.runtime import export_onnx
+    net = tiny_net()
+    paths = export_onnx(net, tmp_path)
+    kept = sorted(p.name for p in tmp_path.glob("*.expected.npy"))
+    assert kept == sorted(p.name.replace(".onnx", ".expected.npy") for p in paths.values())
+
+    def no_pytorch(*args, **kwargs):
+        raise AssertionError("PyTorch's network ran")
+    monkeypatch.setattr(ClearNet, "forward", no_pytorch)
+    assert export_onnx(net, tmp_path) == paths
+    monkeypatch.undo()
+    # a kept output that no longer matches (damaged, or the export is): exported and computed again
+    np.save(tmp_path / kept[0], np.zeros((1, 1, 32, 32), np.float32))
+    assert export_onnx(net, tmp_path) == paths
+    den = Denoiser.load(net, "cpu", precision="fp32", runtime="onnx")
+    assert den.settings.backend == "onnx"
+
+
 def test_the_onnx_cache_keeps_the_exports_of_the_models_used_last(tmp_path, monkeypatch):
     """A script denoising with each new state of a network in training exported a new pair of
     files (~9 MB at width 32) every time, and the cache was never pruned."""
@@ -126,6 +149,7 @@ def test_the_onnx_cache_keeps_the_exports_of_the_models_used_last(tmp_path, monk
                 path = folder / f"clearnet-{k:016x}-{kind}.onnx"
                 path.write_bytes(b"an export")
                 os.utime(path, (1000 + k, 1000 + k))
+                path.with_name(path.name.replace(".onnx", ".expected.npy")).write_bytes(b"its output")
     os.utime(cache / f"clearnet-{0:016x}-emm.onnx", (5000, 5000))  # the oldest model, used again since
     net = tiny_net()
     paths = export_onnx(net)
@@ -133,6 +157,7 @@ def test_the_onnx_cache_keeps_the_exports_of_the_models_used_last(tmp_path, monk
     kept = {p.name.split("-")[1] for p in cache.glob("*.onnx")}
     assert kept == {key, f"{0:016x}"} | {f"{k:016x}" for k in range(6, ONNX_CACHE_MODELS + 4)}
     assert len(list(cache.glob("*.onnx"))) == 2 * ONNX_CACHE_MODELS  # a model's two files go together
+    assert {p.name.split("-")[1] for p in cache.glob("*.expected.npy")} == kept  # and their expected outputs
     for path in paths.values():
         os.utime(path, (2000, 2000))
     assert export_onnx(net) == paths and all(p.stat().st_mtime > 2000 for p in paths.values())  # used: renewed
