@@ -180,7 +180,8 @@ def load_denoiser(args: argparse.Namespace, volume=None, spacing_xy=None) -> "De
     if args.steps == AUTO_STEPS and den.steps is not None and den.steps < trained:
         from .models import is_shipped
         shipped = is_shipped(den.model)
-        info(args, f"one sampling step on the CPU (--steps auto): 1/{trained} of the network's work of all {trained}, and "
+        info(args, f"one sampling step on the CPU (--steps auto): 1/{trained} of the network's work of all "
+                   f"{trained}, and "
                    + ("0.03-0.06 dB below them for the -w32 models on held-out phantoms"
                       if shipped else "for a model of your own, measure what it costs")
                    + f"; --steps {trained} runs the paper's full sampler")
@@ -272,8 +273,8 @@ def add_denoise_parser(sub) -> None:
                    help="slices per batch, >= 1 (default: chosen from the device's memory)")
     p.add_argument("--steps", type=steps_argument, default="auto",
                    help="sampling steps, 1 to the model's T (10), or auto (default): all T on a GPU, one on "
-                        "a CPU, where a run is 7-10 times faster (one network evaluation per slice, not T) and 0.03-0.06 dB "
-                        "below T for the -w32 models")
+                        "a CPU, where a run is 7-10 times faster (one network evaluation per slice, not T) and "
+                        "0.03-0.06 dB below T for the -w32 models")
     p.add_argument("--slices", type=slices_argument, default=None, metavar="K|A:B",
                    help="denoise only axial slice K, or slices A to B-1 (0-based), with their true neighbours "
                         "as context; the output holds just those, placed where they lie in the input")
