@@ -147,6 +147,8 @@ def test_a_volume_stored_sagittally_or_coronally_is_denoised_in_its_axial_planes
                      "--progress", "lines")
         assert r.returncode == 0, r.stderr
         assert ("its slices are not axial" in r.stdout) == (not name.startswith("axial")), r.stdout
+        for storage in ("sagittal", "coronal"):
+            assert (f"({storage} storage)" in r.stdout) == name.startswith(storage), r.stdout
         assert "slice spacing 2.5 mm" in r.stdout  # the head-foot axis's, whatever the storage
         assert digest(src) == before
         out = read_volume(tmp_path / f"{name}_out.nrrd")

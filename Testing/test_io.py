@@ -637,6 +637,12 @@ def test_truncated_or_incomplete_files_are_refused_not_filled_with_zeros(tmp_pat
         with pytest.raises(CoreDiffError, match=r"cut.nrrd is truncated(: it holds 6\d % of the data its header "
                                                 r"describes)?: copy or export it again$"):
             read_volume(tmp_path / "cut.nrrd")
+    for name in ("v.nrrd", "v.mha"):  # compressed: refused as it is unpacked, before any work (streamed)
+        sitk.WriteImage(sitk.GetImageFromArray(vol), str(tmp_path / name), True)
+        data = (tmp_path / name).read_bytes()
+        (tmp_path / ("cut_" + name)).write_bytes(data[:len(data) * 2 // 3])
+        with pytest.raises(CoreDiffError, match="is truncated or damaged \\(its compressed data end early\\)"):
+            VolumeSource.open(tmp_path / ("cut_" + name))
     (tmp_path / "empty.nrrd").write_bytes(b"")
     with pytest.raises(CoreDiffError, match=r"empty.nrrd: it is empty \(0 bytes\)$"):
         read_volume(tmp_path / "empty.nrrd")
@@ -1042,6 +1048,52 @@ def test_a_single_slice_is_found_in_its_volume_whichever_way_its_normal_points()
     assert slice_of(vol, Volume(np.zeros((1, 8, 8), np.float32), (0.7, 0.7, 1.0), (10.0, 20.0, 40.0), flipped)) == 4
     assert slice_of(vol, Volume(np.zeros((1, 8, 8), np.float32), (0.7, 0.7, 1.0), (10.0, 20.0, 41.0))) is None
     assert slice_of(vol, Volume(np.zeros((1, 8, 8), np.float32), (0.8, 0.7, 1.0), (10.0, 20.0, 40.0))) is None
+    # at the slice's place, its rows reversed: a mirrored slice, no pair for a one-shot fit
+    rows_flipped = (1, 0, 0, 0, -1, 0, 0, 0, 1)
+    assert slice_of(vol, Volume(np.zeros((1, 8, 8), np.float32), (0.7, 0.7, 1.0), (10.0, 20.0, 40.0),
+                                rows_flipped)) is None
+
+
+def test_values_written_are_rounded_and_kept_whatever_the_volumes_type(tmp_path):
+    """From a mutation review: a float volume written as DICOM (a float NIfTI denoised, a series
+    with a fractional rescale slope) would be cut toward 0 HU without the rounding, and a
+    uint16 volume holding negative HU would wrap around; no test saw either."""
+    from CoreDiffLib.io import Volume
+    hu = np.full((3, 32, 32), -1000.0, np.float32)
+    hu[:, 10:20, 10:20] = 40.6
+    hu[:, 20:25, 20:25] = -40.6
+    for pixel_type in ("float32", "uint16"):
+        out = write_volume(Volume(hu, (0.7, 0.7, 2.5), (0.0, 0.0, 0.0), pixel_type=pixel_type),
+                           tmp_path / f"dicom_{pixel_type}")
+        back = read_volume(out).array
+        assert back[1, 15, 15] == 41 and back[1, 22, 22] == -41 and back[1, 0, 0] == -1000, pixel_type
+        back = read_volume(write_volume(Volume(hu, (0.7, 0.7, 2.5), (0.0, 0.0, 0.0), pixel_type=pixel_type),
+                                        tmp_path / f"{pixel_type}.nrrd")).array
+        assert back[1, 0, 0] == -1000 and back[1, 22, 22] == pytest.approx(-40.6 if pixel_type == "float32" else -41)
+
+
+def test_a_thin_sagittal_slab_is_denoised_as_stored(tmp_path, identity_model_path):
+    """A slab of 10 sagittal slices has axial planes 10 pixels wide, too narrow to denoise: it
+    is denoised in its stored planes (a limit of 4 pixels sent it to the 16-pixel refusal)."""
+    from CoreDiffLib.inference import Denoiser, denoise_file
+    slab = synthetic_ct(48, 48).transpose(2, 1, 0)[:10]  # stored sagittally: (x, y, z), 10 x positions
+    src = write_image(tmp_path / "slab.nrrd", slab, spacing=(2.5, 0.8, 0.7), direction=(0, 0, 1, 0, 1, 0, 1, 0, 0))
+    notes = []
+    denoise_file(src, tmp_path / "out.nrrd", Denoiser.load(str(identity_model_path), device="cpu"), log=notes.append)
+    out = read_volume(tmp_path / "out.nrrd")
+    assert out.shape == slab.shape and out.direction == pytest.approx((0, 0, 1, 0, 1, 0, 1, 0, 0))
+    assert not any("not axial" in n for n in notes)
+
+
+def test_the_file_standing_for_a_series_is_no_localizer(tmp_path):
+    """A topogram under the scan's series UID sorting into the middle of its files made the whole
+    series a localizer ("holds no CT series")."""
+    from CoreDiffLib.dicom import _representative_tags
+    write_dicom_series(tmp_path / "ct", synthetic_ct(2, 32), "1.2.3.5")
+    write_dicom_series(tmp_path / "topo", synthetic_ct(1, 32), "1.2.3.5", {"0008|0008": "ORIGINAL\\PRIMARY\\LOCALIZER"})
+    files = (str(tmp_path / "ct" / "0.dcm"), str(tmp_path / "topo" / "0.dcm"), str(tmp_path / "ct" / "1.dcm"))
+    assert "LOCALIZER" not in _representative_tags(files, ("0008|0008",))["0008|0008"].upper()
+    assert "LOCALIZER" in _representative_tags(files[1:2], ("0008|0008",))["0008|0008"].upper()
 
 
 @pytest.mark.parametrize("name", ["v.nii.gz", "v.nii", "v.mha", "dicom_out"])
