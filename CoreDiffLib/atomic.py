@@ -9,6 +9,7 @@ all, never a torn one, and a reader of a cache or a checkpoint cannot load garba
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import hashlib
 import os
@@ -115,9 +116,14 @@ def _placed(target: str | os.PathLike, output: bool) -> None:
 
 
 def _fsync(path: str | os.PathLike) -> None:
+    """fsync ``path``; a file system that has no fsync (some FUSE and network mounts say EINVAL
+    or ENOTSUP) is let be, but a failed write-back (EIO, ENOSPC) is the run's failure."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.ENOSYS, errno.EBADF):
+            raise
     finally:
         os.close(fd)
 

@@ -573,6 +573,26 @@ def test_an_output_is_on_the_disk_before_its_name_is(tmp_path, monkeypatch, ct_f
     assert synced[-1] == tmp_path  # and the rename itself
 
 
+def test_a_file_system_without_fsync_still_gets_its_output_a_failed_write_back_none(tmp_path, monkeypatch):
+    """Some FUSE and network mounts answer fsync with EINVAL or ENOTSUP: that is no reason to
+    fail a finished run; EIO (the data did not reach the disk) is."""
+    import errno
+    import os
+
+    from CoreDiffLib.atomic import write_text_atomic
+
+    def fsync_says(code):
+        def fsync(fd):
+            raise OSError(code, os.strerror(code))
+        return fsync
+    monkeypatch.setattr(os, "fsync", fsync_says(errno.EINVAL))
+    assert write_text_atomic(tmp_path / "t.csv", "a\n").read_text() == "a\n"
+    monkeypatch.setattr(os, "fsync", fsync_says(errno.EIO))
+    with pytest.raises(OSError, match="Input/output error"):
+        write_text_atomic(tmp_path / "u.csv", "a\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.csv"]  # no partial file, no output
+
+
 def test_atomic_outputs_get_ordinary_permissions_not_a_private_temp_files(tmp_path):
     import os
     import stat
