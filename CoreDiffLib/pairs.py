@@ -219,7 +219,7 @@ def read_pair_list(path: str | os.PathLike) -> list[tuple[Path, Path]]:
         if not line or line.startswith("#"):
             continue
         parts = [p.strip() for p in line.replace("\t", ",").split(",")]
-        if n == 1 and [p.lower() for p in parts] == ["ndct", "ldct"]:  # the header line
+        if not pairs and [p.lower() for p in parts] == ["ndct", "ldct"]:  # a header, after any comments
             continue
         if len(parts) != 2:
             raise CoreDiffError(f"{path}:{n}: expected 'ndct_path,ldct_path', got '{line}'")

@@ -519,6 +519,20 @@ def test_pair_list_file(tmp_path):
     (tmp_path / "bad.csv").write_text("only_one_column\n")
     with pytest.raises(CoreDiffError, match="expected"):
         read_pair_list(tmp_path / "bad.csv")
+    # the header after a comment or a blank line is still the header, not a pair of files named ndct and ldct
+    (tmp_path / "commented.csv").write_text("# my training set\n\nNDCT,LDCT\na_nd.nrrd,a_ld.nrrd\n")
+    assert read_pair_list(tmp_path / "commented.csv") == [(tmp_path / "a_nd.nrrd", tmp_path / "a_ld.nrrd")]
+
+
+def test_the_dose_tag_a_model_records_is_the_one_its_pairs_carry_or_none():
+    """From a mutation review: untagged LDCT names (c_ldct.nrrd) would record the tag "" in the
+    trained weights instead of none, unnoticed."""
+    from CoreDiffLib.pairs import pairs_dose_tag
+    d = Path("/data")
+    assert pairs_dose_tag(d, [(d / "a_ndct.nrrd", d / "a_ldct10.nrrd"), (d / "b_ndct.nrrd", d / "b_ldct10.nrrd")]) == "10"
+    assert pairs_dose_tag(d, [(d / "a_ndct.nrrd", d / "a_ldct10.nrrd"), (d / "b_ndct.nrrd", d / "b_ldct25.nrrd")]) is None
+    assert pairs_dose_tag(d, [(d / "c_ndct.nrrd", d / "c_ldct.nrrd")]) is None
+    assert pairs_dose_tag(d, [(d / "ndct" / "c.nrrd", d / "ldct" / "c.nrrd")]) is None
 
 
 def test_atomic_path_replaces_only_on_success_and_keeps_the_old_file_on_failure(tmp_path):
