@@ -529,8 +529,9 @@ def test_the_dose_tag_a_model_records_is_the_one_its_pairs_carry_or_none():
     trained weights instead of none, unnoticed."""
     from CoreDiffLib.pairs import pairs_dose_tag
     d = Path("/data")
-    assert pairs_dose_tag(d, [(d / "a_ndct.nrrd", d / "a_ldct10.nrrd"), (d / "b_ndct.nrrd", d / "b_ldct10.nrrd")]) == "10"
-    assert pairs_dose_tag(d, [(d / "a_ndct.nrrd", d / "a_ldct10.nrrd"), (d / "b_ndct.nrrd", d / "b_ldct25.nrrd")]) is None
+    a10 = (d / "a_ndct.nrrd", d / "a_ldct10.nrrd")
+    assert pairs_dose_tag(d, [a10, (d / "b_ndct.nrrd", d / "b_ldct10.nrrd")]) == "10"
+    assert pairs_dose_tag(d, [a10, (d / "b_ndct.nrrd", d / "b_ldct25.nrrd")]) is None
     assert pairs_dose_tag(d, [(d / "c_ndct.nrrd", d / "c_ldct.nrrd")]) is None
     assert pairs_dose_tag(d, [(d / "ndct" / "c.nrrd", d / "ldct" / "c.nrrd")]) is None
 
