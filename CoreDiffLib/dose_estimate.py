@@ -141,6 +141,8 @@ def measure(volume_hu: "SliceIndexable", spacing_xy: tuple[float, float], max_sl
     if len(volume_hu.shape) == 2:
         volume_hu = np.asarray(volume_hu)[None]
     n = volume_hu.shape[0]
+    if n == 0:  # (read_volume never gives one; an array from the API can)
+        raise CoreDiffError("the scan has no slices to measure its noise in")
     picks = np.unique(np.linspace(0, n - 1, min(max_slices, n)).round().astype(int))
     # odd sides in pixels, (rows, cols): 6 mm along each axis, so non-square pixels give the same physical box
     box = tuple(max(3, int(round(NOISE_BOX_MM / float(spacing_xy[axis]))) | 1) for axis in (1, 0))

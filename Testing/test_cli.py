@@ -326,7 +326,11 @@ def test_dose_reports_what_model_auto_measures_whatever_the_storage(tmp_path):
     scan = measure(sample.array, sample.spacing[:2])  # each figure under its own name
     assert reports[0]["noise_index_hu"] == pytest.approx(scan.noise_index_hu, abs=0.5)
     assert reports[0]["water_equivalent_diameter_mm"] == pytest.approx(scan.wed_mm, abs=2.0)
-    assert reports[0]["caveat"] is None
+    assert reports[0]["caveat"] is None and reports[0]["slices_measured"] == scan.slices
+    few = sample.array.copy()
+    few[:3, :, :150] = few[:3, :, 150:151]  # 3 of its 8 slices reach the image's edge: measured, and counted
+    row = json.loads(corediff("dose", write_image(tmp_path / "few.nrrd", few, spacing=sample.spacing), "--json").stdout)
+    assert (row["slices_measured"], row["slices_cut_off"], row["model"]) == (8, 3, "corediff-25-w32")
     for key in ("noise_index_hu", "water_equivalent_diameter_mm", "estimated_dose", "model"):
         assert reports[1][key] == reports[0][key], key  # the same axial planes measured
     r = corediff("dose", axial)

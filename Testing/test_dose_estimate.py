@@ -164,6 +164,9 @@ def test_a_scan_cut_off_in_most_slices_runs_the_default_model_not_a_guessed_one(
     few[:3, :, :150] = few[:3, :, 150:151]  # 3 of 8 slices reach the edge: measured, with a caveat
     name, scan, _ = choose_model(few, sample.spacing[:2])
     assert scan.cut_slices == 3 and name == "corediff-25-w32" and "reaches the edge" in scan.caveat()
+    few[3, :, :150] = few[3, :, 150:151]  # half of them: still measured ("most" is more than half)
+    name, scan, _ = choose_model(few, sample.spacing[:2])
+    assert scan.cut_slices == 4 and scan.slices == 8 and name == "corediff-25-w32"
 
 
 def test_a_small_body_is_measured_and_a_table_is_not_taken_for_a_cut_body():
@@ -254,6 +257,12 @@ def test_which_slices_count_and_how_much_edge_contact_is_a_cut():
     tiny = water_cylinder(24.0, 10.0, pixel_mm=1.0, size=400, slices=1)  # 4.5 cm²
     with pytest.raises(CoreDiffError, match="no body found in this scan"):
         measure(tiny, (1.0, 1.0))
+    # a small body's end under 5 cm² is no body either, though a quarter of the largest slice's area
+    wrist = water_cylinder(36.0, 10.0, pixel_mm=0.5, size=200, slices=1)[0]  # 10 cm²
+    its_end = water_cylinder(22.0, 10.0, pixel_mm=0.5, size=200, slices=1, seed=1)[0]  # 3.8 cm²
+    assert measure(np.stack([wrist, its_end]), (0.5, 0.5)).slices == 1
+    with pytest.raises(CoreDiffError, match="no slices"):  # an empty array from the API: said, not max()'s error
+        measure(np.empty((0, 64, 64)), (1.0, 1.0))
     # a 300 mm body whose top reaches just past the image's edge
     r = np.hypot(*np.meshgrid(np.arange(400) - 199.5, np.arange(400) - 199.5 + 49.9))  # 22 mm of contact
     touching = np.where(r < 150.0, 0.0, -1000.0)[None] + np.random.default_rng(3).normal(0, 10.0, (1, 400, 400))
