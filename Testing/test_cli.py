@@ -791,6 +791,12 @@ def test_compare_scores_a_slices_output_against_the_matching_slices_of_the_scan(
                  "--csv", tmp_path / "f.csv", "--overwrite")
     assert r.returncode == 0 and "own slices" not in r.stderr
     assert [int(row.split(",")[0]) for row in (tmp_path / "f.csv").read_text().splitlines()[1:]] == [4, 5, 6]
+    # the reference cut to the same part (its own slice 0) and the whole LDCT: still the scan's numbers
+    part_ref = write_image(tmp_path / "part_ref.nrrd", ref[4:7], origin=(-10.0, 20.0, 30.0 + 4 * 2.5))
+    r = corediff("compare", tmp_path / "part.nrrd", "--ldct", ldct_path, "--reference", part_ref,
+                 "--csv", tmp_path / "f.csv", "--overwrite")
+    assert r.returncode == 0, r.stderr
+    assert [int(row.split(",")[0]) for row in (tmp_path / "f.csv").read_text().splitlines()[1:]] == [4, 5, 6]
     elsewhere = write_image(tmp_path / "elsewhere.nrrd", ldct[4:7], origin=(-10.0, 20.0, 31.0))  # not on a slice
     r = corediff("compare", elsewhere, "--reference", ref_path)
     assert r.returncode == 2 and "differ in shape" in r.stderr
