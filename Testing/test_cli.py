@@ -1526,6 +1526,39 @@ def test_the_figure_zooms_where_its_box_is_and_draws_the_difference_a_minus_b(tm
     close(fig)
 
 
+def test_the_zoom_box_lands_on_the_references_soft_tissue_structure(tmp_path, monkeypatch):
+    """From a mutation review: the box chosen on the noisy LDCT instead of the reference, a bone
+    edge or the body's outline winning over soft-tissue structure, a coarser search that misses it,
+    and the default zoom's size each passed every test."""
+    import CoreDiffLib.figures as figures
+    from CoreDiffLib.figures import busiest_region, comparison_figure
+    rng = np.random.default_rng(1)
+    checker = np.indices((16, 16)).sum(axis=0) % 2
+    tissue = np.full((64, 64), 40.0)
+    tissue[44:60, 12:28] = np.where(checker, 100.0, -20.0)  # soft-tissue structure, SD 60 HU
+    assert busiest_region(tissue, 16) == (44, 12)  # found where it is, not on a coarser grid's nearest point
+    bone = tissue.copy()
+    bone[:, 44:] = 1000.0  # a bone edge: outside the window it is no brighter than 200 HU
+    bone[44:60, 12:28] = np.where(checker, 190.0, -90.0)  # structure of SD 140 HU inside the window
+    assert busiest_region(bone, 16) == (44, 12)
+    outline = tissue.copy()
+    outline[:, 40:] = -1000.0  # air beside the body: its edge is no structure
+    assert busiest_region(outline, 16) == (44, 12)
+    drawn = []
+    close = figures.plt.close
+    monkeypatch.setattr(figures.plt, "close", drawn.append)
+    noisy = 40.0 + rng.normal(0, 60.0, (64, 64))  # noise everywhere, the reference's structure in one place
+    comparison_figure({"LDCT": noisy, "NDCT": tissue}, tmp_path / "f.png")  # the default zoom: a quarter
+    for ax in drawn[0].axes[:2]:
+        (box,) = ax.patches
+        assert (box.get_xy(), box.get_width()) == ((12 - 0.5, 44 - 0.5), 16)
+    close(drawn[0])
+    tall = np.full((128, 64), 40.0)
+    comparison_figure({"A": tall}, tmp_path / "g.png", zoom=100)  # capped at the narrower side
+    assert drawn[1].axes[0].patches[0].get_width() == 64 == drawn[1].axes[1].get_images()[0].get_array().shape[1]
+    close(drawn[1])
+
+
 def test_compare_refuses_a_reference_with_nothing_to_score(tmp_path):
     padding = np.full((3, 48, 48), -3024.0)
     paths = [write_image(tmp_path / f"{n}.nrrd", a) for n, a in (("ref", padding), ("den", synthetic_ct(3, 48)))]
