@@ -1053,6 +1053,7 @@ def test_a_blank_reference_is_judged_in_the_metric_window_and_the_paired_interva
     low, high = stats.t.interval(0.95, 4, loc=np.mean(a - b), scale=stats.sem(a - b))  # sample SD (ddof 1)
     assert (result.low, result.high) == pytest.approx((low, high))
     assert result.mean == pytest.approx(0.3) and result.a_better == 4 and result.n == 5
+    assert paired_difference(a, np.where(a > 50.3, a, b)).a_better == 2  # a tie is no win
 
 
 def _noisy_pair(seed: int = 3):
