@@ -184,6 +184,27 @@ def _place(done: Path, target: str | os.PathLike, replace: bool, output: bool) -
 
 
 @contextlib.contextmanager
+def folder_lock(folder: str | os.PathLike) -> Iterator[None]:
+    """Hold an exclusive advisory lock on ``folder`` while several files are put in place as one
+    output (a header and its data file): two runs replacing the same .mhd could otherwise pair
+    one's header with the other's data. Where no lock can be had (Windows, some network
+    mounts) the files are placed without one, as before."""
+    try:
+        import fcntl
+        fd = os.open(folder, os.O_RDONLY)
+    except (ImportError, OSError):
+        fd = None
+    try:
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)  # (releases the lock)
+
+
+@contextlib.contextmanager
 def atomic_path(target: str | os.PathLike, replace: bool = True, output: bool = True) -> Iterator[Path]:
     """Yield a temporary path to write; rename it onto ``target`` if the block succeeds.
 

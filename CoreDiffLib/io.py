@@ -27,7 +27,8 @@ import numpy as np
 import SimpleITK as sitk
 
 from . import CoreDiffError
-from .atomic import OutputAppeared, atomic_path, check_output_place, deferred_interrupts, partial_folder, publish
+from .atomic import (OutputAppeared, atomic_path, check_output_place, deferred_interrupts, folder_lock, partial_folder,
+                     publish)
 from .dicom import (check_series_input, choose_dicom_series, find_dicom_series, itk_warnings_off, median_slice_gap,
                     off_grid_slices, series_slices)
 from .intensity import PADDING_THRESHOLD_HU, validate_ct_array  # noqa: F401  (re-exported)
@@ -738,7 +739,8 @@ def _write_detached(image: sitk.Image, out: Path, replace: bool = True) -> Path:
         header = tmpdir / out.name
         write_image_file(image, header, out)
         placed: list[Path] = []
-        with deferred_interrupts(str(out)):  # a replaced header must not be left beside the new data
+        # a replaced header must not be left beside the new data, nor another run's header beside this one's
+        with deferred_interrupts(str(out)), folder_lock(out.parent):
             try:
                 for data in tmpdir.iterdir():
                     if data != header:

@@ -1236,6 +1236,34 @@ def test_multi_file_outputs_land_in_one_move_or_data_before_header(tmp_path, mon
     assert [dst.name for _, dst in moves][-1] == "v.mhd" and len(moves) == 2  # the data file, then the header
 
 
+@pytest.mark.skipif(os.name == "nt", reason="flock is POSIX")
+def test_a_header_and_its_data_are_placed_under_one_lock(tmp_path, monkeypatch):
+    """Two runs replacing one .mhd placed their data files and headers interleaved: one's header
+    could end up beside the other's data."""
+    import fcntl
+
+    import CoreDiffLib.io as io_module
+    vol = read_volume(write_image(tmp_path / "src.nrrd", synthetic_ct(3, 32)))
+    real, held = io_module.publish, []
+
+    def placing(done, target, *args):
+        fd = os.open(tmp_path, os.O_RDONLY)
+        try:  # another run's attempt to place its pair now must wait
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            held.append(False)
+        except BlockingIOError:
+            held.append(True)
+        finally:
+            os.close(fd)
+        real(done, target, *args)
+    monkeypatch.setattr(io_module, "publish", placing)
+    write_volume(vol, tmp_path / "v.mhd")
+    assert held == [True, True]  # the data file, then the header
+    fd = os.open(tmp_path, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # and released once both are in place
+    os.close(fd)
+
+
 def test_a_streamed_output_keeps_values_its_input_type_holds():
     """int32 (ITK's type for int16 DICOM with an intercept) narrows to int16 only when the input's
     values fit: padding of -33792 HU would be clipped to -32768 otherwise."""
