@@ -1357,6 +1357,18 @@ def test_a_dicom_output_keeps_the_instance_numbers_of_a_series_numbered_head_to_
     assert numbers(tmp_path / "part") == {-8.0: 5, -6.0: 4}
     assert write_volume(volume.with_array(volume.array), tmp_path / "again").is_dir()
     assert numbers(tmp_path / "again") == scan
+    # numbers that do not tell the slices apart (every one 1, as some exports write) are not kept:
+    # the output is numbered 1..n along the scan
+    ones = write_dicom_series(tmp_path / "ones", synthetic_ct(6, 32), "1.2.3.78")
+    for f in ones.iterdir():  # (the helper numbers each slice itself)
+        image = sitk.ReadImage(str(f))
+        image.SetMetaData("0020|0013", "1")
+        writer = sitk.ImageFileWriter()
+        writer.KeepOriginalImageUIDOn()
+        writer.SetFileName(str(f))
+        writer.Execute(image)
+    assert read_volume(ones).instance_numbers is None
+    assert sorted(numbers(write_volume(read_volume(ones), tmp_path / "renumbered")).values()) == [1, 2, 3, 4, 5, 6]
 
 
 def test_an_oblique_dicom_output_reads_back_in_place_with_slice_locations_along_its_normal(tmp_path):
