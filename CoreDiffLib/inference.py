@@ -35,7 +35,7 @@ from .orientation import AxialLayout, InPlaneView, axial_layout, axial_spacing, 
 from .runtime import (NON_FINITE_OUTPUT, PRECISIONS, RunSettings, auto_settings, build_net, check_applicable,
                       physical_cores)
 from .streaming import (SliceIndexable, StreamedOutput, VolumeSource, earlier_corediff, earlier_corediff_of_file,
-                        output_dtype)
+                        header_data_file, output_dtype)
 
 if TYPE_CHECKING:
     from .adaptations import Adaptation
@@ -522,6 +522,17 @@ def _file_identity(path: str | os.PathLike) -> tuple[int, int, int, int] | None:
     return None if os.path.isdir(path) else (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
+def _input_identity(path: str | os.PathLike) -> tuple:
+    """:func:`_file_identity` of an input file and, for a detached header (.mhd, .nhdr), of the
+    data file it names: a streamed .mhd is read from its .raw, which can be replaced alone."""
+    found = [_file_identity(path)]
+    if found[0] is not None and Path(path).name.lower().endswith((".mhd", ".nhdr")):
+        data = header_data_file(path)
+        if data is not None and data != Path(path):
+            found.append(_file_identity(data))
+    return tuple(found)
+
+
 def denoise_file(input_path: str | os.PathLike, output_path: str | os.PathLike, denoiser: Denoiser,
                  batch_size: int | None = None, progress: ProgressFn | None = None, cancel: CancelFlag = None,
                  log: LogFn | None = None, temp_dir: str | os.PathLike | None = None,
@@ -554,13 +565,13 @@ def denoise_file(input_path: str | os.PathLike, output_path: str | os.PathLike, 
         raise CoreDiffError(f"context must be one of {', '.join(CONTEXTS)}, not {context!r}")
     check_batch_size(batch_size)
     check_series_input(input_path, series)  # before a file is streamed, where read_volume would refuse it
-    before = _file_identity(input_path)
+    before = _input_identity(input_path)
     src = VolumeSource.open(input_path, temp_dir=temp_dir)
 
     def check_input_unchanged() -> None:
         """A streamed input is read slab by slab: a file put in its place meanwhile (a re-export,
         rsync, a save) would mix two scans in one output."""
-        if src is not None and _file_identity(input_path) != before:
+        if src is not None and _input_identity(input_path) != before:
             raise CoreDiffError(f"{input_path} changed while it was being read (another program wrote it): "
                                 "nothing was written; denoise it again once it is complete")
     try:

@@ -439,15 +439,18 @@ def test_an_input_replaced_while_it_is_read_mixes_nothing_into_an_output(tmp_pat
     """A streamed input is read slab by slab: a re-export or rsync that put another scan in its
     place mid-run gave an output of two scans, and exit 0."""
     from CoreDiffLib.inference import Denoiser, denoise_file
-    for suffix in (".nrrd", ".mha"):
+    for suffix in (".nrrd", ".mha", ".mhd"):
         src = write_image(tmp_path / f"in{suffix}", synthetic_ct(6, 32, seed=1))
         other = write_image(tmp_path / f"other{suffix}", synthetic_ct(6, 32, seed=2))
-        out = tmp_path / f"out{suffix}"
+        out = tmp_path / f"out{suffix.replace('.mhd', '.nrrd')}"
         swapped = []
 
         def swap_once(done, total):
             if done >= 2 and not swapped:  # mid-run, as another program saves over it
-                os.replace(other, src)
+                if suffix == ".mhd":  # a .mhd is streamed from its .raw, which can be replaced alone
+                    os.replace(tmp_path / "other.raw", tmp_path / "in.raw")
+                else:
+                    os.replace(other, src)
                 swapped.append(done)
         with pytest.raises(CoreDiffError, match="changed while it was being read .*nothing was written"):
             denoise_file(src, out, Denoiser.load(identity_model_path, "cpu", 1), batch_size=1, progress=swap_once)
