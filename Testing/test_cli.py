@@ -433,6 +433,26 @@ def test_padding_outside_the_field_of_view_and_metal_beyond_the_networks_range_a
     stored = read_volume(src).array
     inside = (stored > -1024) & (stored <= 3072)
     np.testing.assert_array_equal(result[inside], stored[inside])
+    # a part (--slices) keeps its own slices' metal, not the metal of the slices the volume starts with
+    arr = synthetic_ct(5, 48)
+    arr[2, 20:24, 20:24] = 5000
+    r = corediff("denoise", write_image(tmp_path / "metal.nrrd", arr), tmp_path / "part.nrrd", "--model",
+                 identity_model_path, "--slices", "2:4", "--progress", "none")
+    assert r.returncode == 0, r.stderr
+    part = read_volume(tmp_path / "part.nrrd").array
+    assert (part[0, 20:24, 20:24] == 5000).all() and (part[1, 20:24, 20:24] <= 3072).all()
+
+
+def test_nan_in_a_neighbour_of_a_part_is_said_to_be_the_inputs(tmp_path, identity_model_path):
+    """A NaN in the slice next to a --slices part reached the network as context: the run said the
+    weights were damaged or the precision overflowed, not that the input holds NaN."""
+    from CoreDiffLib.inference import Denoiser, denoise_file
+    arr = synthetic_ct(5, 32).astype(np.float32)
+    arr[1, 10, 10] = np.nan
+    src = write_image(tmp_path / "nan.nrrd", arr, dtype=np.float32)
+    with pytest.raises(CoreDiffError, match="contains 1 NaN/inf voxels"):
+        denoise_file(src, tmp_path / "out.nrrd", Denoiser.load(identity_model_path, "cpu", 1), slices=(2, 4))
+    assert not (tmp_path / "out.nrrd").exists()
 
 
 def test_an_input_replaced_while_it_is_read_mixes_nothing_into_an_output(tmp_path, identity_model_path):

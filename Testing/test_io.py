@@ -608,6 +608,52 @@ def test_a_file_system_without_fsync_still_gets_its_output_a_failed_write_back_n
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t.csv"]  # no partial file, no output
 
 
+def test_outputs_placed_without_hard_links_or_taken_back_are_kept_and_said_right(tmp_path, monkeypatch):
+    """From a mutation review: on a file system without hard links (FAT, some network drives) a
+    file that appeared at a new output's path would be replaced; an output taken back when its
+    partner failed would still be reported as written; a killed run's leftover beside an output
+    named with brackets would never be found."""
+    import errno
+    import os
+    import subprocess
+    import sys
+
+    import CoreDiffLib.atomic as atomic
+    from CoreDiffLib.atomic import OutputAppeared, atomic_paths, left_by_killed_runs, publish
+    done, target = tmp_path / "done.csv", tmp_path / "t.csv"
+    done.write_text("this run's")
+    target.write_text("another program's")
+
+    def no_links(*args, **kwargs):
+        raise OSError(errno.EPERM, "no hard links here")
+    with monkeypatch.context() as m:
+        m.setattr(os, "link", no_links)
+        with pytest.raises(OutputAppeared):
+            publish(done, target, replace=False)
+        assert target.read_text() == "another program's"
+        target.unlink()
+        publish(done, target, replace=False)  # free: moved into place
+        assert target.read_text() == "this run's"
+    atomic.published.clear()
+    real = atomic.publish
+
+    def second_fails(tmp, dest, *args, **kwargs):
+        if Path(dest).name == "b.png":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(tmp, dest, *args, **kwargs)
+    monkeypatch.setattr(atomic, "publish", second_fails)
+    with pytest.raises(OSError):
+        with atomic_paths(tmp_path / "a.csv", tmp_path / "b.png") as (a, b):
+            a.write_text("rows")
+            b.write_bytes(b"figure")
+    assert atomic.published == [] and not (tmp_path / "a.csv").exists()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    left = tmp_path / f".scan[1].nrrd.partial-{dead.pid}-abc123.raw"
+    left.write_bytes(b"\0")
+    assert left_by_killed_runs(tmp_path / "scan[1].nrrd") == [left]
+
+
 def test_atomic_outputs_get_ordinary_permissions_not_a_private_temp_files(tmp_path):
     import os
     import stat

@@ -180,6 +180,7 @@ def test_fewer_steps_skip_through_the_trained_schedule():
     assert step_indices(10) == list(range(9, -1, -1))
     assert step_indices(10, 1) == [9]
     assert step_indices(10, 4) == [9, 6, 3, 0] and step_indices(10, 2) == [9, 0]
+    assert step_indices(10, 5) == [9, 7, 4, 2, 0]  # rounded to the nearest trained step, not cut down
     with pytest.raises(ValueError):
         step_indices(10, 11)
     # the states walk the degradation path at the skipped schedule's own a (an oracle network)

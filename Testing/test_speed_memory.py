@@ -98,6 +98,28 @@ def test_an_onnx_runtime_that_disagrees_with_pytorch_falls_back_to_eager_with_a_
     assert den.settings.backend == "eager"
 
 
+def test_onnx_exports_are_told_apart_by_their_weights_and_a_nan_export_falls_back_to_eager(tmp_path, monkeypatch):
+    """From a mutation review: exports named by the configuration alone (two models' weights
+    sharing one export and its kept output, the check passing), an export giving NaN taken as a
+    match (NaN compares False), and ONNX Runtime asked for bf16 (it runs fp32; the header would
+    say bf16) each passed every test."""
+    pytest.importorskip("onnxruntime")
+    from CoreDiffLib import runtime
+    from CoreDiffLib.runtime import OnnxNet, export_onnx
+    a, b = tiny_net(seed=0), tiny_net(seed=1)
+    paths_a, paths_b = export_onnx(a, tmp_path), export_onnx(b, tmp_path)
+    assert set(paths_a.values()).isdisjoint(paths_b.values())
+    x, t = torch.rand(1, 3, 32, 32), torch.tensor([2])
+    with torch.no_grad():
+        for net, paths in ((a, paths_a), (b, paths_b)):
+            assert torch.allclose(OnnxNet(net, paths=paths)(x, t), net(x, t), atol=1e-4)
+    monkeypatch.setattr(runtime.OnnxNet, "__call__", lambda self, *args: torch.full((1, 1, 32, 32), float("nan")))
+    with pytest.warns(UserWarning, match="onnx/fp32 unavailable .*differs from PyTorch's.*using eager"):
+        den = Denoiser.load(a, "cpu", precision="fp32", runtime="onnx")
+    assert den.settings.backend == "eager"
+    assert "fp32 only" in check_applicable(RunSettings("bf16", False, "onnx"), torch.device("cpu"))
+
+
 def test_a_damaged_cached_onnx_export_is_made_again(tmp_path):
     """A truncated cache file sent every later run to eager PyTorch (4x slower), for good."""
     pytest.importorskip("onnxruntime")
