@@ -572,7 +572,7 @@ def test_ctrl_c_while_the_finished_simulation_moves_in_waits_for_the_moves(tmp_p
 
 
 @pytest.mark.parametrize("settings, message", [
-    (dict(kinds=()), "kinds is empty"), (dict(I0=-1), "I0"), (dict(I0=float("nan")), "I0"),
+    (dict(kinds=()), "kinds is empty"), (dict(I0=-1), "I0"), (dict(I0=0), "I0"), (dict(I0=float("nan")), "I0"),
     (dict(electronic_sigma=float("nan")), "electronic_sigma"),  # it passed as no electronic noise
     (dict(slice_mm=float("nan")), "slice_mm"), (dict(window="hanning"), "unknown FBP window"),
     (dict(out=""), "output folder (--out) is empty")])
@@ -582,6 +582,21 @@ def test_simulate_dataset_refuses_nonsense_settings_before_any_work(tmp_path, mo
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         simulate_dataset(out, 0.25, count=1, n_slices=1, size=N, geometry=GEOM, progress=False, **settings)
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("settings", [dict(I0=0.0), dict(electronic_sigma=float("nan")), dict(electronic_sigma=-5.0)])
+def test_an_in_memory_pair_refuses_the_noise_settings_a_dataset_refuses(settings):
+    """simulate_pair (the benchmarks' and `corediff bench`'s simulator) skipped the checks: a NaN
+    or negative sigma gave a pair without electronic noise, I0 = 0 non-finite images."""
+    with pytest.raises(ValueError, match="I0|electronic_sigma"):
+        simulate_pair("head", 1, N, 0.25, seed=1, geometry=GEOM, **settings)
+
+
+def test_padding_below_air_is_no_negative_attenuation():
+    """A real scan's padding (-3024 or -2000 HU, below the content check's -990) would project as
+    negative attenuation without the clip at 0: the simulated low dose of a padded scan changed."""
+    from CoreDiffLib.simulation.projector import hu_to_mu
+    assert float(np.min(hu_to_mu(np.array([-3024.0, -2000.0, -1000.0])))) == 0.0
 
 
 def test_a_phantom_refuses_a_field_of_view_too_small_for_its_body():

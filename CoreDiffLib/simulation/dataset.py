@@ -203,6 +203,7 @@ def simulate_pair(kind: str = "abdomen", n_slices: int = 3, size: int = 512,
     geometry = geometry or FanBeamGeometry()
     doses = _doses(dose)
     size, n_slices, _ = _validate(size, n_slices, (kind,), geometry)
+    check_noise_settings(I0, electronic_sigma, window)  # a NaN sigma would pass as no electronic noise
     hu, spacing = make_phantom(kind, n_slices, size, slice_mm=slice_mm, seed=seed)
     rng = np.random.default_rng([int(seed), 7919])
     rec = _Recon(geometry, spacing[0], size, doses, I0, electronic_sigma, window, rng).run(hu)
