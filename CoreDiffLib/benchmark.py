@@ -16,16 +16,20 @@ and goes hits every variant alike and the ratios stay meaningful on a busy machi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import hashlib
 import json
 import os
 import platform
+import re
 import signal
 import statistics
 import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -46,16 +50,31 @@ MAX_DRIFT_DB = 0.05
 SIMULATED = "simulated"  # how the kind of a simulated benchmark input begins
 
 
+def _simulator_version() -> str:
+    """A short hash of the simulation code: a bench input cached by other phantoms or another
+    noise model (an I0 recalibrated) is simulated again, not shown as today's 25 % dose scan."""
+    h = hashlib.sha256()
+    for path in sorted((Path(__file__).parent / "simulation").glob("*.py")):
+        h.update(path.read_bytes())
+    return h.hexdigest()[:10]
+
+
 def bench_input(size: int, slices: int, seed: int = 0, log=print) -> tuple[np.ndarray, np.ndarray, str]:
     """(ldct_hu, ndct_hu, kind): a simulated pair when the simulator runs here, else synthetic.
 
-    A simulated pair is cached under $COREDIFF_CACHE (default ~/.cache/corediff): simulating
-    512x512 slices costs tens of seconds and every ``corediff bench`` run on the same size reuses
-    it. A synthetic one is made in milliseconds and never cached: cached, it stood in for the
-    simulation after the simulator had been installed.
+    A simulated pair is cached under $COREDIFF_CACHE (default ~/.cache/corediff), named by the
+    simulator's version: simulating 512x512 slices costs tens of seconds and every ``corediff
+    bench`` run on the same size reuses it; one of an earlier simulator is deleted. A synthetic
+    one is made in milliseconds and never cached: cached, it stood in for the simulation after
+    the simulator had been installed.
     """
     from .runtime import onnx_cache_dir
-    cache = onnx_cache_dir().parent / f"bench_input_{size}_{slices}_{seed}.npz"
+    stem = f"bench_input_{size}_{slices}_{seed}"
+    cache = onnx_cache_dir().parent / f"{stem}_{_simulator_version()}.npz"
+    for stale in cache.parent.glob(f"{stem}*.npz"):  # an earlier simulator's (or unversioned) input
+        if stale != cache and re.fullmatch(rf"{stem}(_[0-9a-f]{{10}})?\.npz", stale.name):
+            with contextlib.suppress(OSError):
+                stale.unlink()
     if cache.exists():
         try:
             d = np.load(cache)

@@ -690,11 +690,28 @@ def test_the_benchmark_caches_a_simulated_input_and_never_a_synthetic_stand_in(t
         monkeypatch.setattr(module, "simulate_pair", simulate_pair)
     ldct, ndct, kind = benchmark.bench_input(64, 3, 0, log=notes.append)
     assert kind.startswith("simulated") and ldct.shape == ndct.shape == (3, 64, 64)
-    assert [p.name for p in tmp_path.rglob("*bench_input*")] == ["bench_input_64_3_0.npz"]
+    cached = [p.name for p in tmp_path.rglob("*bench_input*")]
+    assert cached == [f"bench_input_64_3_0_{benchmark._simulator_version()}.npz"]
     for module in (simulation, dataset):
         monkeypatch.setattr(module, "simulate_pair", missing)
     again, _, kind = benchmark.bench_input(64, 3, 0, log=notes.append)  # from the cache
     assert kind.startswith("simulated") and np.array_equal(again, ldct)
+    # an input an earlier simulator made (an I0 recalibrated since) is not shown as today's scan
+    for module in (simulation, dataset):
+        monkeypatch.setattr(module, "simulate_pair", simulate_pair)
+    (tmp_path / cached[0]).unlink()
+    old = np.zeros_like(ldct)  # cached before inputs were named by their simulator
+    np.savez(tmp_path / "bench_input_64_3_0.npz", ldct=old, ndct=old, kind=np.array("simulated 25% dose (abdomen)"))
+    other_seed = "bench_input_64_3_10_0123456789.npz"
+    np.savez(tmp_path / other_seed, kind=np.array("simulated"))
+    fresh, _, kind = benchmark.bench_input(64, 3, 0, log=notes.append)
+    assert np.array_equal(fresh, ldct)  # simulated again (the same seed: the same scan), not the old one
+    assert sorted(p.name for p in tmp_path.rglob("*bench_input*")) == sorted(cached + [other_seed])
+    monkeypatch.setattr(benchmark, "_simulator_version", lambda: "fedcba9876")  # the simulator changed
+    calls = []
+    monkeypatch.setattr(benchmark, "_make_bench_input", lambda *a: calls.append(a) or (ldct, ldct, "simulated x"))
+    benchmark.bench_input(64, 3, 0, log=notes.append)
+    assert calls and not (tmp_path / cached[0]).exists()
 
 
 def test_the_gpu_benchmark_script_rehearses_on_the_cpu_and_returns_few_enough_files(tmp_path):
