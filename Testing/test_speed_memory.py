@@ -796,6 +796,21 @@ def test_every_figure_a_bench_row_derives_is_what_its_timings_and_outputs_give(m
         assert row["allowed"] == (abs(row["psnr_drift_db"]) <= benchmark.MAX_DRIFT_DB)
     assert rows[("eager/fp32/CL", 1)]["psnr_drift_db"] < -1 and not rows[("eager/fp32/CL", 1)]["allowed"]
     assert rows[("eager/fp32/CL", 2)]["speedup"] == pytest.approx(4.3 / 1.3)  # medians of the timed passes
+    # the "(best)" column: each variant's fastest pass against the baseline's fastest (a review's survivors)
+    for key, row in rows.items():
+        assert row["best_s_per_slice"] == pytest.approx((seconds[key] + 0.2) / n)
+        assert row["speedup_best"] == pytest.approx(base["best_s_per_slice"] / row["best_s_per_slice"])
+    assert result["meta"]["ldct_psnr"] == pytest.approx(np.mean([psnr(a, b) for a, b in zip(ldct[1:n + 1],
+                                                                                             ndct[1:n + 1])]))
+    table = benchmark.format_table(result)
+    lines = {" ".join(line.split()[2:4]): line for line in table.splitlines()
+             if line.startswith("w4 ")}  # "w4 untrained", variant, batch
+    assert "not allowed" in lines["eager/fp32/CL 1"] and lines["eager/fp32/CL 2"].rstrip().endswith(" ok")
+    # slices are whole batches of the largest size: 3 slices at batches 1 and 2 time 4, not 2
+    passes.clear()
+    odd = benchmark.run_benchmark(["w4"], size=32, device="cpu", batch_sizes=(1, 2), repeats=1, steps=1,
+                                  slices=3, log=lambda m: None)
+    assert odd["meta"]["slices"] == 4
 
 
 def test_a_bench_pass_samples_the_steps_asked_for_at_each_variants_thread_count(monkeypatch):
