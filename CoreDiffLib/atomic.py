@@ -33,7 +33,13 @@ def partial_path(target: str | os.PathLike) -> Path:
     """
     target = Path(target)
     suffix = "".join(target.suffixes[-2:]) if target.name.lower().endswith(".gz") else target.suffix
-    return target.with_name(f".{target.name}.partial-{os.getpid()}-{secrets.token_hex(3)}{suffix}")
+    return target.with_name(f"{partial_prefix(target)}{secrets.token_hex(3)}{suffix}")
+
+
+def partial_prefix(target: str | os.PathLike) -> str:
+    """The hidden name this process's partial files and folders of ``target`` begin with; the
+    process id in it tells a killed run's leftovers from a live run's (:func:`left_by_killed_runs`)."""
+    return f".{Path(target).name}.partial-{os.getpid()}-"
 
 
 def process_alive(pid: int) -> bool:
@@ -118,6 +124,8 @@ def _placed(target: str | os.PathLike, output: bool) -> None:
 def _fsync(path: str | os.PathLike) -> None:
     """fsync ``path``; a file system that has no fsync (some FUSE and network mounts say EINVAL
     or ENOTSUP) is let be, but a failed write-back (EIO, ENOSPC) is the run's failure."""
+    if os.name == "nt":  # no fsync through a read-only handle there; NTFS journals the rename
+        return
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -133,8 +141,6 @@ def flush_to_disk(done: Path) -> None:
     rename can reach the disk before the data does: after a power cut or a crash of the machine,
     the output's name would hold an empty or torn file, the very thing the rename is there to
     prevent (a checkpoint that cannot be resumed from, a series with blank slices)."""
-    if os.name == "nt":  # no fsync through a read-only handle there; NTFS journals the rename
-        return
     if done.is_dir():
         for part in done.iterdir():
             if part.is_file():
@@ -146,9 +152,8 @@ def flush_to_disk(done: Path) -> None:
 
 def _flush_folder(folder: Path) -> None:
     """Make a rename in ``folder`` durable (its entry); best effort: some file systems refuse it."""
-    if os.name != "nt":
-        with contextlib.suppress(OSError):
-            _fsync(folder)
+    with contextlib.suppress(OSError):
+        _fsync(folder)
 
 
 def publish(done: Path, target: str | os.PathLike, replace: bool = True, output: bool = True) -> None:
@@ -270,7 +275,7 @@ def partial_folder(target: str | os.PathLike) -> Iterator[Path]:
     caller writes them here and moves them into place itself, in an order that is safe.
     """
     target = Path(target)
-    folder = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-{os.getpid()}-", dir=target.parent))
+    folder = Path(tempfile.mkdtemp(prefix=partial_prefix(target), dir=target.parent))
     # mkdtemp makes it private (0700): a DICOM series renamed into place from it would stay
     # unreadable to other users and PACS senders; give it what a new folder gets (the umask's)
     umask = os.umask(0o022)

@@ -35,7 +35,7 @@ from .orientation import AxialLayout, InPlaneView, axial_layout, axial_spacing, 
 from .runtime import (NON_FINITE_OUTPUT, PRECISIONS, RunSettings, auto_settings, build_net, check_applicable,
                       physical_cores)
 from .streaming import (SliceIndexable, StreamedOutput, VolumeSource, earlier_corediff, earlier_corediff_of_file,
-                        header_data_file, output_dtype)
+                        detached_data_file, output_dtype)
 
 if TYPE_CHECKING:
     from .adaptations import Adaptation
@@ -525,12 +525,8 @@ def _file_identity(path: str | os.PathLike) -> tuple[int, int, int, int] | None:
 def _input_identity(path: str | os.PathLike) -> tuple:
     """:func:`_file_identity` of an input file and, for a detached header (.mhd, .nhdr), of the
     data file it names: a streamed .mhd is read from its .raw, which can be replaced alone."""
-    found = [_file_identity(path)]
-    if found[0] is not None and Path(path).name.lower().endswith((".mhd", ".nhdr")):
-        data = header_data_file(path)
-        if data is not None and data != Path(path):
-            found.append(_file_identity(data))
-    return tuple(found)
+    data = detached_data_file(path)
+    return (_file_identity(path),) + ((_file_identity(data),) if data is not None else ())
 
 
 def denoise_file(input_path: str | os.PathLike, output_path: str | os.PathLike, denoiser: Denoiser,

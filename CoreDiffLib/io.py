@@ -33,11 +33,9 @@ from .dicom import (check_series_input, choose_dicom_series, find_dicom_series, 
                     off_grid_slices, series_slices)
 from .intensity import PADDING_THRESHOLD_HU, validate_ct_array  # noqa: F401  (re-exported)
 from .orientation import axial_layout, axial_spacing, slice_at
-from .streaming import VolumeSource, header_data_file
+from .streaming import DETACHED_SUFFIXES, VolumeSource, detached_data_file
 
 FILE_SUFFIXES = (".nrrd", ".nhdr", ".nii", ".nii.gz", ".mha", ".mhd")
-#: formats whose header names a separate data file
-DETACHED_SUFFIXES = (".nhdr", ".mhd")
 #: DICOM tags copied from the source series to a denoised series (patient / study level).
 _COPIED_TAGS = (
     "0010|0010", "0010|0020", "0010|0030", "0010|0040", "0010|1010",  # patient
@@ -221,7 +219,7 @@ def check_output_path(input_path: str | os.PathLike | None, output_path: str | o
                                 "(the input is never overwritten)")
         if src.is_dir() and src in out.parents:
             raise CoreDiffError(f"output {output_path} is inside the input DICOM folder: write it elsewhere")
-        src_data = header_data_file(src) if src.is_file() and src.name.lower().endswith(DETACHED_SUFFIXES) else None
+        src_data = detached_data_file(src)
         data = output_data_file(out)
         if data is not None and data.resolve() in {p.resolve() for p in (src, src_data) if p is not None}:
             raise CoreDiffError(f"output {output_path} would write its data to {data.name}, which the input uses: "

@@ -19,7 +19,7 @@ from typing import Protocol
 import numpy as np
 
 from . import CoreDiffError
-from .atomic import atomic_path, process_alive
+from .atomic import atomic_path, partial_prefix, process_alive
 
 
 #: numpy dtypes of the SimpleITK scalar pixel types a CT file can hold
@@ -333,6 +333,19 @@ def _head_bytes(p: Path, n: int) -> bytes:
         return f.read(n)
 
 
+#: headers whose voxels lie in a data file they name
+DETACHED_SUFFIXES = (".nhdr", ".mhd")
+
+
+def detached_data_file(path: str | os.PathLike) -> Path | None:
+    """The data file a detached header (.nhdr, .mhd) names, other than itself; None for other files."""
+    p = Path(path)
+    if not (p.name.lower().endswith(DETACHED_SUFFIXES) and p.is_file()):
+        return None
+    data = header_data_file(p)
+    return None if data == p else data
+
+
 def header_data_file(header: str | os.PathLike, text: str | None = None) -> Path | None:
     """The file holding the pixels a MetaImage (.mha / .mhd) or detached NRRD (.nhdr) header
     names: the header itself for embedded data (LOCAL), None for a list of files or a pattern
@@ -465,7 +478,7 @@ class StreamedOutput:
             raise ValueError(f"StreamedOutput writes {', '.join(self.FORMATS)}, not {self.path.name}")
         self.shape, self.info, self.dtype = tuple(shape), info, np.dtype(dtype)
         self.metadata = metadata
-        fd, self._raw = tempfile.mkstemp(prefix=f".{self.path.name}.partial-{os.getpid()}-", suffix=".raw",
+        fd, self._raw = tempfile.mkstemp(prefix=partial_prefix(self.path), suffix=".raw",
                                          dir=self.path.parent)  # the pid: a killed run's is told apart
         os.close(fd)
         try:
